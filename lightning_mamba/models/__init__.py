@@ -1,0 +1,7 @@
+"""Mamba-2: config, pure-PyTorch SSD, the mixer, the LM and the kernel switch."""
+
+from .config import ConfigError, MambaConfig
+from .lm import MambaLM, State
+from .mixer import LayerState, Mamba2
+
+__all__ = ["ConfigError", "LayerState", "Mamba2", "MambaConfig", "MambaLM", "State"]

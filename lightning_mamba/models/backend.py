@@ -1,0 +1,83 @@
+"""The one kernel switch: pure torch everywhere, mamba_ssm's Triton SSD on CUDA when installed."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import types
+
+import torch
+from torch import Tensor
+
+from .config import ConfigError
+from .ssd import ssd_chunked
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_scan():
+    """Import ``mamba_chunk_scan_combined``; returns (function or None, reason it is missing)."""
+
+    if not torch.cuda.is_available():
+        return None, "CUDA is not available"
+    try:
+        import selective_scan_cuda  # noqa: F401
+    except ImportError:
+        # mamba-ssm 2.3.2 imports its Mamba-1 CUDA extension eagerly; Mamba-2 never calls it, and the
+        # pure-Python build (MAMBA_SKIP_CUDA_BUILD) lacks it. An empty placeholder lets the import run.
+        sys.modules["selective_scan_cuda"] = types.ModuleType("selective_scan_cuda")
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except Exception as e:  # ImportError, or a broken install
+        return None, f"mamba_ssm does not import ({type(e).__name__}: {e})"
+    return mamba_chunk_scan_combined, ""
+
+
+def check_backend(name: str) -> None:
+    """Fail early, with what to change, for an unknown or unavailable backend."""
+    if name not in BACKENDS:
+        raise ConfigError(f"unknown backend {name!r}: use one of {', '.join(BACKENDS)}")
+    if name == "triton":
+        fn, why = _triton_scan()
+        if fn is None:
+            raise ConfigError(
+                f"backend 'triton' needs CUDA and mamba-ssm ({why}): install the cuda extra as the README says, "
+                "or use --model.backend torch"
+            )
+
+
+def uses_triton(name: str, x: Tensor) -> bool:
+    if name == "torch" or not x.is_cuda:
+        if name == "triton":
+            raise ConfigError("backend 'triton' needs the model on a CUDA device: move it to a GPU or use backend torch")
+        return False
+    fn, _ = _triton_scan()
+    if fn is None and name == "triton":
+        check_backend(name)
+    return fn is not None
+
+
+def ssd(
+    backend: str,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int,
+    initial_state: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """SSD scan with the chosen backend. Arguments as :func:`ssd.ssd_chunked` (dt already positive)."""
+    if uses_triton(backend, x):
+        fn, _ = _triton_scan()
+        y, final_state = fn(
+            x, dt, A, B, C, chunk_size,
+            initial_states=initial_state,
+            seq_idx=None if seq_idx is None else seq_idx.to(torch.int32).contiguous(),
+            dt_softplus=False,
+            return_final_states=True,
+        )
+        return y, final_state
+    return ssd_chunked(x, dt, A, B, C, chunk_size, initial_state=initial_state, seq_idx=seq_idx)

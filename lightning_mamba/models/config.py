@@ -1,0 +1,137 @@
+"""Model config with the fields of the official ``config.json`` (mamba_ssm ``MambaConfig``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# Defaults of the official Mamba2 mixer; ssm_cfg only needs to hold what differs.
+MIXER_DEFAULTS: dict[str, Any] = {
+    "d_state": 128,
+    "d_conv": 4,
+    "expand": 2,
+    "headdim": 64,
+    "ngroups": 1,
+    "A_init_range": (1.0, 16.0),
+    "dt_min": 0.001,
+    "dt_max": 0.1,
+    "dt_init_floor": 1e-4,
+    "dt_limit": (0.0, float("inf")),
+    "bias": False,
+    "conv_bias": True,
+    "chunk_size": 256,
+    "rmsnorm": True,
+    "norm_before_gate": False,
+}
+# Official keys that only concern fused kernels; accepted and ignored.
+IGNORED_MIXER_KEYS = {"layer", "use_mem_eff_path", "D_has_hdim", "d_ssm", "sequence_parallel", "conv_init", "learnable_init_states", "activation"}
+
+
+class ConfigError(ValueError):
+    """A model setting that cannot work; the message says what to change."""
+
+
+@dataclass
+class MambaConfig:
+    d_model: int = 768
+    d_intermediate: int = 0
+    n_layer: int = 24
+    vocab_size: int = 50277
+    ssm_cfg: dict = field(default_factory=lambda: {"layer": "Mamba2"})
+    attn_layer_idx: list = field(default_factory=list)
+    attn_cfg: dict = field(default_factory=dict)
+    rms_norm: bool = True
+    residual_in_fp32: bool = True
+    fused_add_norm: bool = True
+    pad_vocab_size_multiple: int = 8
+    tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---- derived sizes -------------------------------------------------
+    @property
+    def mixer(self) -> dict[str, Any]:
+        """Mixer kwargs: official defaults overridden by ``ssm_cfg``."""
+        cfg = dict(MIXER_DEFAULTS)
+        cfg.update({k: v for k, v in self.ssm_cfg.items() if k not in IGNORED_MIXER_KEYS})
+        return cfg
+
+    @property
+    def d_inner(self) -> int:
+        return self.mixer["expand"] * self.d_model
+
+    @property
+    def nheads(self) -> int:
+        return self.d_inner // self.mixer["headdim"]
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_size_multiple
+        return self.vocab_size + (-self.vocab_size) % m
+
+    def state_size(self, ssm_only: bool = False) -> int:
+        """The paper's N_S for the whole model: L * (H*P*N + conv_dim*(d_conv-1)).
+
+        ``ssm_only=True`` leaves the convolution state out (L*H*P*N)."""
+        m = self.mixer
+        ssm = self.d_inner * m["d_state"]
+        conv = (self.d_inner + 2 * m["ngroups"] * m["d_state"]) * (m["d_conv"] - 1)
+        return self.n_layer * (ssm if ssm_only else ssm + conv)
+
+    # ---- checks ----------------------------------------------------------
+    def validate(self) -> None:
+        m = self.mixer
+        layer = self.ssm_cfg.get("layer", "Mamba2")
+        if layer != "Mamba2":
+            raise ConfigError(f"ssm_cfg.layer={layer!r} is not supported: this project implements Mamba2 layers only")
+        if self.d_intermediate:
+            raise ConfigError("d_intermediate must be 0 (MLP blocks are not implemented; pure Mamba-2 stacks only)")
+        if self.attn_layer_idx:
+            raise ConfigError("attn_layer_idx must be empty (hybrid attention layers are not implemented)")
+        for name in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        for name in ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size"):
+            if m[name] < 1:
+                raise ConfigError(f"{name} must be >= 1 (got {m[name]})")
+        if self.d_inner % m["headdim"]:
+            raise ConfigError(
+                f"headdim={m['headdim']} must divide d_inner = expand*d_model = {self.d_inner}: pick a headdim such as "
+                f"{_divisor_hint(self.d_inner)}"
+            )
+        if self.nheads % m["ngroups"]:
+            raise ConfigError(f"ngroups={m['ngroups']} must divide the number of heads ({self.nheads})")
+        if not m["rmsnorm"] or m["norm_before_gate"]:
+            raise ConfigError("only rmsnorm=True, norm_before_gate=False (the official Mamba-2 setting) is implemented")
+
+    # ---- io --------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MambaConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def save(self, directory: str) -> None:
+        path = os.path.join(directory, "config.json")
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, directory_or_file: str) -> "MambaConfig":
+        path = directory_or_file
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+
+def _divisor_hint(n: int) -> str:
+    divs = [d for d in (16, 32, 64, 128) if n % d == 0]
+    return " or ".join(map(str, divs)) if divs else "a divisor of it"

@@ -1,0 +1,43 @@
+"""Depthwise causal convolution with a carried state and document boundaries."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def causal_conv1d(
+    u: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    conv_state: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """u (b, l, d); weight (d, 1, k); conv_state (b, d, k-1): the k-1 inputs before u (zeros if None).
+
+    Returns the convolution (b, l, d), before any activation, and the new conv_state (the last k-1
+    inputs). With ``seq_idx`` (b, l) a tap that would reach into an earlier document is dropped,
+    and the carried state is taken to belong to the document at position 0.
+    """
+    b, l, d = u.shape
+    k = weight.size(-1)
+    ut = u.transpose(1, 2)
+    if conv_state is None:
+        conv_state = ut.new_zeros(b, d, k - 1)
+    full = torch.cat([conv_state.to(ut.dtype), ut], dim=-1)  # (b, d, k-1+l)
+    if seq_idx is None:
+        out = F.conv1d(full, weight.to(ut.dtype), None if bias is None else bias.to(ut.dtype), groups=d)
+        new_state = full[:, :, full.size(-1) - (k - 1):]
+        return out.transpose(1, 2), new_state
+
+    seq_full = torch.cat([seq_idx[:, :1].expand(b, k - 1), seq_idx], dim=1)
+    out = torch.zeros_like(ut) if bias is None else bias.to(ut.dtype)[None, :, None].expand_as(ut)
+    for lag in range(k):  # tap k-1-lag looks `lag` steps back (conv1d is a cross-correlation)
+        start = k - 1 - lag
+        same_doc = (seq_full[:, start:start + l] == seq_idx)[:, None, :]
+        out = out + weight[:, 0, k - 1 - lag].to(ut.dtype)[None, :, None] * full[:, :, start:start + l] * same_doc
+    new_state = full[:, :, full.size(-1) - (k - 1):]
+    # Keep only inputs of the last document, so a continuation never mixes documents.
+    new_state = new_state * (seq_full[:, seq_full.size(1) - (k - 1):] == seq_idx[:, -1:])[:, None, :]
+    return out.transpose(1, 2), new_state

@@ -1,0 +1,112 @@
+"""Mamba-2 language model with the official ``MambaLMHeadModel`` layout and state_dict keys."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .config import MambaConfig
+from .mixer import LayerState, Mamba2
+from .norm import RMSNorm
+
+State = list[LayerState]  # one LayerState per layer
+
+
+class Block(nn.Module):
+    """residual += h; h = mixer(norm(residual)). The residual stream is kept in fp32."""
+
+    def __init__(self, config: MambaConfig, layer_idx: int, backend: str):
+        super().__init__()
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = RMSNorm(config.d_model)
+        self.mixer = Mamba2(config.d_model, layer_idx=layer_idx, backend=backend, **config.mixer)
+
+    def _residual(self, h: Tensor, residual: Tensor | None) -> Tensor:
+        residual = h if residual is None else h + residual
+        return residual.to(torch.promote_types(residual.dtype, torch.float32)) if self.residual_in_fp32 else residual
+
+    def forward(self, h, residual, state=None, seq_idx=None, record=None):
+        residual = self._residual(h, residual)
+        h, state = self.mixer(self.norm(residual.to(self.norm.weight.dtype)), state, seq_idx, record)
+        return h, residual, state
+
+    def step(self, h, residual, state):
+        residual = self._residual(h, residual)
+        h, state = self.mixer.step(self.norm(residual.to(self.norm.weight.dtype)), state)
+        return h, residual, state
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: MambaConfig, backend: str):
+        super().__init__()
+        self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config, i, backend) for i in range(config.n_layer))
+        self.norm_f = RMSNorm(config.d_model)
+
+
+class MambaLM(nn.Module):
+    """``forward(input_ids, state, seq_idx)`` -> (logits, final state); ``step`` decodes one token."""
+
+    def __init__(self, config: MambaConfig, backend: str = "auto"):
+        super().__init__()
+        self.config = config
+        self.backbone = Backbone(config, backend)
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.backbone.embedding.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # The official _init_weights: zero linear biases, N(0, 0.02) embeddings, and out_proj
+        # re-initialised then scaled by 1/sqrt(n_layer) (one residual branch per layer).
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, Mamba2):
+            nn.init.kaiming_uniform_(module.out_proj.weight, a=math.sqrt(5))
+            with torch.no_grad():
+                module.out_proj.weight /= math.sqrt(self.config.n_layer)
+
+    @property
+    def mixers(self) -> list[Mamba2]:
+        return [layer.mixer for layer in self.backbone.layers]
+
+    def set_backend(self, backend: str) -> None:
+        for m in self.mixers:
+            m.backend = backend
+
+    def empty_state(self, batch: int, device=None, dtype=torch.float32) -> State:
+        return [m.empty_state(batch, device, dtype) for m in self.mixers]
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        state: State | None = None,
+        seq_idx: Tensor | None = None,
+        record: list[dict] | None = None,
+    ) -> tuple[Tensor, State]:
+        """input_ids (b, l) -> logits (b, l, padded_vocab) and the state after the last token.
+
+        ``record``: a list that receives one dict per layer (per-step dt, A) for analysis."""
+        h, residual, new_state = self.backbone.embedding(input_ids), None, []
+        for i, layer in enumerate(self.backbone.layers):
+            rec = None
+            if record is not None:
+                rec = {}
+                record.append(rec)
+            h, residual, s = layer(h, residual, None if state is None else state[i], seq_idx, rec)
+            new_state.append(s)
+        h = self.backbone.norm_f((h + residual).to(self.backbone.norm_f.weight.dtype))
+        return self.lm_head(h), new_state
+
+    def step(self, input_ids: Tensor, state: State) -> tuple[Tensor, State]:
+        """input_ids (b,) -> logits (b, padded_vocab) and the new state."""
+        h, residual, new_state = self.backbone.embedding(input_ids), None, []
+        for layer, s in zip(self.backbone.layers, state):
+            h, residual, s = layer.step(h, residual, s)
+            new_state.append(s)
+        h = self.backbone.norm_f((h + residual).to(self.backbone.norm_f.weight.dtype))
+        return self.lm_head(h), new_state

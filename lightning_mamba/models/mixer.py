@@ -1,0 +1,140 @@
+"""The Mamba-2 mixer, with the official parameter names, shapes, init and math (../shared/mamba2-spec.md)."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import backend as kernels
+from .conv import causal_conv1d
+from .norm import RMSNormGated
+from .ssd import ssd_step
+
+
+class LayerState(NamedTuple):
+    """What a layer carries between pieces of a sequence."""
+
+    conv: Tensor  # (b, conv_dim, d_conv - 1): the last inputs of the convolution
+    ssm: Tensor  # (b, nheads, headdim, d_state), fp32
+
+
+class Mamba2(nn.Module):
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 128,
+        d_conv: int = 4,
+        expand: int = 2,
+        headdim: int = 64,
+        ngroups: int = 1,
+        A_init_range: tuple[float, float] = (1.0, 16.0),
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        dt_limit: tuple[float, float] = (0.0, float("inf")),
+        bias: bool = False,
+        conv_bias: bool = True,
+        chunk_size: int = 256,
+        rmsnorm: bool = True,
+        norm_before_gate: bool = False,
+        layer_idx: int | None = None,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        self.d_model, self.d_state, self.d_conv, self.headdim, self.ngroups = d_model, d_state, d_conv, headdim, ngroups
+        self.d_inner = expand * d_model
+        self.nheads = self.d_inner // headdim
+        self.conv_dim = self.d_inner + 2 * ngroups * d_state
+        self.dt_limit = tuple(dt_limit)
+        self.chunk_size = chunk_size
+        self.layer_idx = layer_idx
+        self.backend = backend
+        # Eval-time interventions (mitigations) may rewrite dt, A and B; None = the model as trained.
+        self.intervention = None
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * ngroups * d_state + self.nheads, bias=bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv - 1, bias=conv_bias)
+
+        dt = torch.exp(torch.rand(self.nheads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = torch.clamp(dt, min=dt_init_floor)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.dt_bias._no_weight_decay = True
+        A = torch.empty(self.nheads).uniform_(*A_init_range)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(self.nheads))
+        self.D._no_weight_decay = True
+        self.norm = RMSNormGated(self.d_inner, group_size=self.d_inner // ngroups)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+
+    # ---- pieces shared by the parallel and the recurrent form -----------------
+    def _split(self, zxbcdt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+
+    def _ssm_params(self, xBC: Tensor, dt_raw: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """After the conv: x, B, C, dt = softplus(dt_raw + dt_bias) and A = -exp(A_log), both fp32."""
+        x, B, C = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        x = x.unflatten(-1, (self.nheads, self.headdim))
+        B = B.unflatten(-1, (self.ngroups, self.d_state))
+        C = C.unflatten(-1, (self.ngroups, self.d_state))
+        ct = torch.promote_types(dt_raw.dtype, torch.float32)  # fp32 (fp64 in exactness tests)
+        dt = F.softplus(dt_raw.to(ct) + self.dt_bias.to(ct))  # threshold 20, as the kernels
+        if self.dt_limit != (0.0, float("inf")):
+            dt = dt.clamp(*self.dt_limit)
+        A = -torch.exp(self.A_log.to(ct))
+        if self.intervention is not None:
+            dt, A, B = self.intervention(self, dt, A, B)
+        return x, B, C, dt, A
+
+    def _finish(self, y: Tensor, x: Tensor, z: Tensor) -> Tensor:
+        y = y + x * self.D.to(x.dtype)[:, None]  # D skip before the gated norm
+        y = self.norm(y.flatten(-2), z)
+        return self.out_proj(y)
+
+    # ---- forward ---------------------------------------------------------------
+    def forward(
+        self,
+        u: Tensor,
+        state: LayerState | None = None,
+        seq_idx: Tensor | None = None,
+        record: dict | None = None,
+    ) -> tuple[Tensor, LayerState]:
+        """u (b, l, d_model) -> (out (b, l, d_model), final LayerState).
+
+        ``state`` continues from an earlier piece; ``seq_idx`` (b, l) restarts the state (SSM and conv)
+        where it changes; ``record``, if given, receives per-step ``dt`` (b, l, h) and ``A`` (h) for analysis.
+        """
+        z, xBC, dt_raw = self._split(self.in_proj(u))
+        xBC, conv_state = causal_conv1d(
+            xBC, self.conv1d.weight, self.conv1d.bias, None if state is None else state.conv, seq_idx
+        )
+        x, B, C, dt, A = self._ssm_params(F.silu(xBC), dt_raw)
+        if record is not None:
+            record["dt"], record["A"] = dt.detach(), A.detach()
+        y, ssm_state = kernels.ssd(
+            self.backend, x, dt, A, B, C, self.chunk_size,
+            initial_state=None if state is None else state.ssm,
+            seq_idx=seq_idx,
+        )
+        return self._finish(y, x, z), LayerState(conv_state, ssm_state)
+
+    def step(self, u: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
+        """One token: u (b, d_model) -> (out (b, d_model), new state). Same math as forward."""
+        z, xBC, dt_raw = self._split(self.in_proj(u))
+        window = torch.cat([state.conv.to(xBC.dtype), xBC[:, :, None]], dim=-1)  # (b, conv_dim, d_conv)
+        conv = (window * self.conv1d.weight[:, 0].to(xBC.dtype)).sum(-1)
+        if self.conv1d.bias is not None:
+            conv = conv + self.conv1d.bias.to(xBC.dtype)
+        x, B, C, dt, A = self._ssm_params(F.silu(conv), dt_raw)
+        y, ssm_state = ssd_step(state.ssm, x, dt, A, B, C)
+        return self._finish(y, x, z), LayerState(window[:, :, 1:], ssm_state)
+
+    def empty_state(self, batch: int, device=None, dtype=torch.float32) -> LayerState:
+        return LayerState(
+            torch.zeros(batch, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype),
+            torch.zeros(batch, self.nheads, self.headdim, self.d_state, device=device, dtype=torch.float32),
+        )

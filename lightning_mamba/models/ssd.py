@@ -1,0 +1,145 @@
+"""State space duality (SSD) in pure PyTorch: the chunked scan and the one-step recurrence.
+
+Per head h, with alpha_t = exp(dt_t * A_h):
+    state_t = alpha_t * state_{t-1} + dt_t * outer(x_t, B_t)      (headdim P x d_state N)
+    y_t     = state_t @ C_t
+The chunked form (Dao & Gu, 2024; official ``ssd_minimal.py``) computes the same thing with matmuls.
+Document resets: where ``seq_idx`` changes the state restarts from zero. A carried ``initial_state``
+belongs to the document at position 0. Everything is computed in fp32 at least (the paper analyses in
+fp32); float64 inputs stay float64, which the tests use for tight comparisons.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def segsum(x: Tensor) -> Tensor:
+    """out[..., i, j] = sum_{k=j+1..i} x[..., k] for j <= i, -inf above the diagonal (stable form)."""
+    T = x.size(-1)
+    x = x[..., None].expand(*x.shape, T)  # [..., i, j] = x_i
+    below = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device), diagonal=-1)
+    x = x.masked_fill(~below, 0.0)
+    out = torch.cumsum(x, dim=-2)
+    on_or_below = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device), diagonal=0)
+    return out.masked_fill(~on_or_below, float("-inf"))
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _heads(t: Tensor, nheads: int) -> Tensor:
+    """Expand group tensors (b, l, g, n) to per-head (b, l, h, n): head h uses group h // (h/g)."""
+    return t.repeat_interleave(nheads // t.size(2), dim=2)
+
+
+def ssd_chunked(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int,
+    initial_state: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Chunked SSD scan.
+
+    x (b, l, h, p); dt (b, l, h), already positive; A (h,), negative; B, C (b, l, g, n);
+    initial_state (b, h, p, n); seq_idx (b, l) non-decreasing ints.
+    Returns y (b, l, h, p) in x's dtype (without the D skip) and the final state (b, h, p, n) in fp32.
+    """
+    b, l, h, p = x.shape
+    out_dtype = x.dtype
+    pad = (-l) % chunk_size
+    # Padding with dt = 0 means alpha = 1 and no input: states and outputs are unchanged.
+    ct = _compute_dtype(x)
+    x, dt, B, C = (F.pad(t.to(ct), (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
+    if seq_idx is not None and pad:
+        seq_idx = torch.cat([seq_idx, seq_idx[:, -1:].expand(b, pad)], dim=1)
+    L = l + pad
+    c, s = L // chunk_size, chunk_size
+    B, C = _heads(B, h), _heads(C, h)
+    n = B.size(-1)
+
+    X = (x * dt[..., None]).view(b, c, s, h, p)
+    B = B.view(b, c, s, h, n)
+    C = C.view(b, c, s, h, n)
+    dA = (dt * A.to(ct)).view(b, c, s, h).permute(0, 3, 1, 2)  # (b, h, c, s): log alpha
+    dA_cs = torch.cumsum(dA, dim=-1)
+
+    if seq_idx is not None:
+        sc = seq_idx.view(b, c, s)
+        # Document of each state index: 0 = the initial state (doc at position 0), z = end of chunk z-1.
+        ends = torch.cat([sc[:, :1, 0], sc[:, :, -1]], dim=1)  # (b, c+1)
+
+    # 1. Within chunks: y_i = sum_{j<=i} (C_i . B_j) alpha_{j+1..i} X_j
+    decay = torch.exp(segsum(dA))  # (b, h, c, s, s)
+    if seq_idx is not None:
+        decay = decay * (sc[:, :, :, None] == sc[:, :, None, :]).unsqueeze(1)
+    scores = torch.einsum("bclhn,bcshn->bhcls", C, B) * decay
+    y = torch.einsum("bhcls,bcshp->bclhp", scores, X)
+
+    # 2. The state each chunk adds, as seen at its end.
+    decay_to_end = torch.exp(dA_cs[..., -1:] - dA_cs)  # (b, h, c, s)
+    if seq_idx is not None:
+        decay_to_end = decay_to_end * (sc == sc[:, :, -1:]).unsqueeze(1)
+    chunk_states = torch.einsum("bclhn,bhcl,bclhp->bchpn", B, decay_to_end, X)
+
+    # 3. Pass states across chunks.
+    if initial_state is None:
+        initial_state = x.new_zeros(b, h, p, n)
+    states = torch.cat([initial_state.to(ct)[:, None], chunk_states], dim=1)  # (b, c+1, h, p, n)
+    chunk_decay = torch.exp(segsum(F.pad(dA_cs[..., -1], (1, 0))))  # (b, h, c+1, c+1)
+    if seq_idx is not None:
+        chunk_decay = chunk_decay * (ends[:, :, None] == ends[:, None, :]).unsqueeze(1)
+    states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)
+    states, final_state = states[:, :-1], states[:, -1]
+
+    # 4. What the carried-in state contributes to each position.
+    decay_from_start = torch.exp(dA_cs)  # (b, h, c, s)
+    if seq_idx is not None:
+        decay_from_start = decay_from_start * (sc == ends[:, :-1, None]).unsqueeze(1)
+    y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", C, states, decay_from_start)
+
+    return y.reshape(b, L, h, p)[:, :l].to(out_dtype), final_state
+
+
+def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
+    """One recurrent step. state (b, h, p, n), fp32 or wider; x (b, h, p); dt (b, h); B, C (b, g, n).
+
+    Returns y (b, h, p) in x's dtype and the new state."""
+    h, ct = x.size(1), _compute_dtype(x)
+    B = B.to(ct).repeat_interleave(h // B.size(1), dim=1)
+    C = C.to(ct).repeat_interleave(h // C.size(1), dim=1)
+    dt = dt.to(ct)
+    alpha = torch.exp(dt * A.to(ct))  # (b, h)
+    state = alpha[..., None, None] * state.to(ct) + (dt[..., None] * x.to(ct))[..., None] * B[:, :, None, :]
+    y = torch.einsum("bhpn,bhn->bhp", state, C)
+    return y.to(x.dtype), state
+
+
+def ssd_recurrent(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    initial_state: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Token-by-token reference of :func:`ssd_chunked` (same arguments, minus chunk_size). Slow; for tests."""
+    b, l, h, p = x.shape
+    ct = _compute_dtype(x)
+    state = x.new_zeros(b, h, p, B.size(-1), dtype=ct) if initial_state is None else initial_state.to(ct)
+    ys = []
+    for t in range(l):
+        if seq_idx is not None and t > 0:
+            keep = (seq_idx[:, t] == seq_idx[:, t - 1]).to(state.dtype)
+            state = state * keep[:, None, None, None]
+        y, state = ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t])
+        ys.append(y)
+    return torch.stack(ys, dim=1), state

@@ -1,0 +1,94 @@
+"""The official layout: state_dict keys and shapes, parameter count, N_S, and clear config errors."""
+
+import math
+
+import pytest
+import torch
+
+from lightning_mamba.models import ConfigError, MambaConfig, MambaLM
+
+
+def official_shapes(d_model, n_layer, vocab, d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1, pad=8):
+    """Keys and shapes of mamba_ssm's MambaLMHeadModel, derived from ../shared/mamba2-spec.md."""
+    d_inner = expand * d_model
+    nheads = d_inner // headdim
+    conv_dim = d_inner + 2 * ngroups * d_state
+    V = math.ceil(vocab / pad) * pad
+    shapes = {"backbone.embedding.weight": (V, d_model), "backbone.norm_f.weight": (d_model,), "lm_head.weight": (V, d_model)}
+    for i in range(n_layer):
+        p = f"backbone.layers.{i}."
+        shapes |= {
+            p + "norm.weight": (d_model,),
+            p + "mixer.dt_bias": (nheads,),
+            p + "mixer.A_log": (nheads,),
+            p + "mixer.D": (nheads,),
+            p + "mixer.in_proj.weight": (2 * d_inner + 2 * ngroups * d_state + nheads, d_model),
+            p + "mixer.conv1d.weight": (conv_dim, 1, d_conv),
+            p + "mixer.conv1d.bias": (conv_dim,),
+            p + "mixer.norm.weight": (d_inner,),
+            p + "mixer.out_proj.weight": (d_model, d_inner),
+        }
+    return shapes
+
+
+@pytest.mark.parametrize(
+    "d_model,n_layer,vocab,ssm,pad",
+    [(64, 2, 1000, {"d_state": 16, "headdim": 32}, 8), (96, 3, 257, {"d_state": 8, "headdim": 16, "ngroups": 2, "d_conv": 3}, 8)],
+)
+def test_state_dict_matches_official_layout(d_model, n_layer, vocab, ssm, pad):
+    cfg = MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab, ssm_cfg={"layer": "Mamba2", **ssm}, pad_vocab_size_multiple=pad)
+    sd = MambaLM(cfg).state_dict()
+    expected = official_shapes(d_model, n_layer, vocab, pad=pad, **ssm)
+    assert {k: tuple(v.shape) for k, v in sd.items()} == expected
+
+
+def test_official_130m_config():
+    cfg = MambaConfig(d_model=768, n_layer=24, vocab_size=50277, pad_vocab_size_multiple=16)
+    with torch.device("meta"):
+        model = MambaLM(cfg)
+    sd = model.state_dict()
+    assert len(sd) == 219
+    assert {k: tuple(v.shape) for k, v in sd.items()} == official_shapes(768, 24, 50277, pad=16)
+    assert sum(p.numel() for p in model.parameters()) == 128_989_632  # 128.99M, embeddings tied
+    assert cfg.padded_vocab_size == 50288
+    assert round(cfg.state_size() / 1e6, 1) == 4.8 and cfg.state_size(ssm_only=True) == 24 * 1536 * 128
+
+
+@pytest.mark.parametrize("n_layer,d_model,n_s", [(6, 512, 0.8), (12, 512, 1.6), (12, 768, 2.4), (48, 1024, 12.9), (48, 1536, 19.3)])
+def test_state_size_reproduces_paper_table2(n_layer, d_model, n_s):
+    # the paper truncates to one decimal (780M: 19.35M is printed as 19.3)
+    assert abs(MambaConfig(d_model=d_model, n_layer=n_layer).state_size() / 1e6 - n_s) < 0.06
+
+
+def test_init_follows_official():
+    torch.manual_seed(0)
+    cfg = MambaConfig(d_model=64, n_layer=4, vocab_size=100, ssm_cfg={"d_state": 16, "headdim": 16})
+    m = MambaLM(cfg).backbone.layers[0].mixer
+    A = torch.exp(m.A_log)
+    assert A.min() >= 1 and A.max() <= 16
+    dt = torch.nn.functional.softplus(m.dt_bias)
+    assert dt.min() >= 1e-4 - 1e-7 and dt.max() <= 0.1 + 1e-6
+    assert torch.all(m.D == 1) and torch.all(m.norm.weight == 1)
+    bound = 1 / math.sqrt(m.d_inner) / math.sqrt(4)  # kaiming_uniform(a=sqrt 5) bound = 1/sqrt(fan_in), / sqrt(n_layer)
+    assert m.out_proj.weight.abs().max() <= bound + 1e-7
+
+
+@pytest.mark.parametrize(
+    "kwargs,fragment",
+    [
+        ({"d_model": 100, "ssm_cfg": {"headdim": 64}}, "headdim=64 must divide d_inner"),
+        ({"d_model": 64, "ssm_cfg": {"headdim": 16, "ngroups": 3}}, "ngroups=3 must divide"),
+        ({"d_intermediate": 128}, "d_intermediate must be 0"),
+        ({"ssm_cfg": {"layer": "Mamba1"}}, "Mamba2 layers only"),
+        ({"ssm_cfg": {"d_state": 0}}, "d_state must be >= 1"),
+    ],
+)
+def test_bad_config_says_what_to_change(kwargs, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        MambaConfig(**kwargs)
+
+
+def test_config_json_round_trip(tmp_path):
+    cfg = MambaConfig(d_model=64, n_layer=2, vocab_size=300, ssm_cfg={"layer": "Mamba2", "d_state": 16})
+    cfg.save(str(tmp_path))
+    assert MambaConfig.load(str(tmp_path)) == cfg
