@@ -1,0 +1,57 @@
+"""``lightning-mamba``: the LightningCLI (fit / validate / test / predict) plus the study's own commands."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+
+from .data import DataError, TextDataModule
+from .lit import MambaLitModule
+from .models import ConfigError
+
+# Commands beyond Lightning's: name -> module with a ``main(argv)``.
+COMMANDS = {
+    "export": "lightning_mamba.commands.export",
+    "analyze": "lightning_mamba.commands.analyze",
+    "passkey": "lightning_mamba.commands.passkey",
+    "sweep": "lightning_mamba.commands.sweep",
+}
+
+
+class MambaCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        # The model's vocabulary is the tokenizer's: one setting, not two that can disagree.
+        parser.link_arguments("data.vocab_size_for_model", "model.init_args.vocab_size" if self.subclass_mode_model
+                              else "model.vocab_size", apply_on="instantiate")
+
+
+def lightning_cli(args=None, run: bool = True) -> MambaCLI:
+    return MambaCLI(
+        MambaLitModule,
+        TextDataModule,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": "Train and study Mamba-2 LMs. Extra commands: " + ", ".join(COMMANDS)
+                       + " (run `lightning-mamba COMMAND --help`)."},
+        args=args,
+        run=run,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in COMMANDS:
+        try:
+            module = importlib.import_module(COMMANDS[argv[0]])
+        except ModuleNotFoundError:
+            sys.exit(f"lightning-mamba: the '{argv[0]}' command is not available in this version")
+        sys.exit(module.main(argv[1:]))
+    try:
+        lightning_cli(argv)
+    except (ConfigError, DataError) as e:  # bad settings: one line that says what to change, no traceback
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""The LightningModule: next-token loss, AdamW groups, warm-up + WSD/cosine schedule, metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric, MinMetric
+
+from .models import MambaConfig, MambaLM
+from .models.backend import check_backend
+from .schedule import SCHEDULES, lr_factor
+
+
+class MambaLitModule(L.LightningModule):
+    """A Mamba-2 language model trained with next-token cross-entropy.
+
+    Args:
+        d_model: Width of the residual stream.
+        n_layer: Number of Mamba-2 blocks.
+        d_state: SSM state size N per head (the study's STATE).
+        headdim: Head dimension P; must divide expand * d_model.
+        expand: d_inner = expand * d_model.
+        d_conv: Width of the causal depthwise convolution.
+        ngroups: Number of B/C groups shared by the heads.
+        chunk_size: Chunk length of the SSD scan (speed only; results do not depend on it).
+        vocab_size: Tokenizer vocabulary; the CLI links it from the data module.
+        pad_vocab_size_multiple: The embedding is padded to a multiple of this (official: 8, checkpoints 16).
+        tie_embeddings: Share the embedding and the LM head weights.
+        backend: SSD kernels: 'auto' (Triton on CUDA when mamba-ssm imports, else torch), 'torch' or 'triton'.
+        pretrained: Directory with an official-layout config.json + pytorch_model.bin to start from; its
+            config replaces the shape arguments above.
+        lr: Peak learning rate.
+        weight_decay: AdamW weight decay (not applied to A_log, dt_bias, D, norms and biases).
+        betas: AdamW betas.
+        schedule: 'wsd' (warm-up, stable, linear decay at the end), 'cosine' or 'constant'.
+        warmup_steps: Linear warm-up steps.
+        decay_fraction: Share of the steps in the final decay of the WSD schedule.
+        min_lr_ratio: Final learning rate as a fraction of the peak.
+    """
+
+    def __init__(
+        self,
+        d_model: int = 256,
+        n_layer: int = 4,
+        d_state: int = 64,
+        headdim: int = 64,
+        expand: int = 2,
+        d_conv: int = 4,
+        ngroups: int = 1,
+        chunk_size: int = 256,
+        vocab_size: int = 8192,
+        pad_vocab_size_multiple: int = 8,
+        tie_embeddings: bool = True,
+        backend: str = "auto",
+        pretrained: str | None = None,
+        lr: float = 2e-3,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        schedule: str = "wsd",
+        warmup_steps: int = 100,
+        decay_fraction: float = 0.1,
+        min_lr_ratio: float = 0.0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        check_backend(backend)
+        if schedule not in SCHEDULES:
+            raise ValueError(f"model.schedule={schedule!r} is unknown: use one of {', '.join(SCHEDULES)}")
+        if lr <= 0:
+            raise ValueError(f"model.lr must be > 0 (got {lr})")
+        if pretrained:
+            from .models.checkpoint import load_pretrained
+
+            self.model = load_pretrained(pretrained, backend=backend)
+        else:
+            config = MambaConfig(
+                d_model=d_model,
+                n_layer=n_layer,
+                vocab_size=vocab_size,
+                ssm_cfg={"layer": "Mamba2", "d_state": d_state, "d_conv": d_conv, "expand": expand,
+                         "headdim": headdim, "ngroups": ngroups, "chunk_size": chunk_size},
+                pad_vocab_size_multiple=pad_vocab_size_multiple,
+                tie_embeddings=tie_embeddings,
+            )
+            self.model = MambaLM(config, backend=backend)
+        self.train_loss = MeanMetric()
+        self.val_loss = MeanMetric()
+        self.val_loss_best = MinMetric()
+
+    @property
+    def config(self) -> MambaConfig:
+        return self.model.config
+
+    def forward(self, input_ids: torch.Tensor, **kwargs: Any):
+        return self.model(input_ids, **kwargs)
+
+    # ---- one step shared by train / val / test --------------------------------------
+    def model_step(self, batch: dict) -> torch.Tensor:
+        logits, _ = self.model(batch["input_ids"], seq_idx=batch.get("seq_idx"))
+        return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten())
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.model_step(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss = self.model_step(batch)
+        self.val_loss.update(loss, weight=batch["labels"].numel())
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        if self.trainer.sanity_checking:
+            return
+        self.val_loss_best.update(loss)
+        self.log_dict({"val/loss": loss, "val/ppl": torch.exp(loss), "val/loss_best": self.val_loss_best.compute()},
+                      prog_bar=True, sync_dist=True)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        loss = self.model_step(batch)
+        self.log("test/loss", loss, sync_dist=True)
+
+    # ---- optimizer -------------------------------------------------------------------
+    def parameter_groups(self) -> list[dict]:
+        """AdamW groups: no weight decay on A_log, dt_bias, D (marked _no_weight_decay), norms and biases."""
+        decay, no_decay = [], []
+        for _, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if getattr(p, "_no_weight_decay", False) or p.ndim < 2 else decay).append(p)
+        return [{"params": decay, "weight_decay": self.hparams.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self.parameter_groups(), lr=hp.lr, betas=tuple(hp.betas),
+                                      fused=self.device.type == "cuda")
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = min(hp.warmup_steps, max(0, total - 1))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, total, warmup, hp.schedule, hp.decay_fraction, hp.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- throughput --------------------------------------------------------------------
+    @property
+    def flops_per_batch(self) -> int | None:
+        """Estimated training FLOPs of the current batch shape (for MFU): 6 x matmul params x tokens + the SSD."""
+        shape = getattr(self, "_last_batch_shape", None)
+        if shape is None:
+            return None
+        b, l = shape
+        cfg, m = self.config, self.config.mixer
+        params = sum(p.numel() for n, p in self.model.named_parameters() if n.endswith("proj.weight")) \
+            + cfg.d_model * cfg.padded_vocab_size
+        H, P, N, Q = cfg.nheads, m["headdim"], m["d_state"], m["chunk_size"]
+        ssd = cfg.n_layer * H * (Q * (N + P) + 6 * P * N)  # causal half of the intra-chunk matmuls + state terms
+        return 6 * b * l * params + 3 * b * l * ssd
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        self._last_batch_shape = tuple(batch["input_ids"].shape)
+
+    # ---- checkpoint metadata -------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Everything needed to use the checkpoint without the run's data module: the official config,
+        # the tokenizer and the training length.
+        meta = {"mamba_config": self.config.to_dict()}
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None:
+            meta["seq_len"] = dm.hparams.seq_len
+            meta["tokenizer"] = dm.tokenizer.to_spec()
+        checkpoint["lightning_mamba"] = meta
