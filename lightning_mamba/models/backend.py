@@ -73,9 +73,10 @@ def ssd(
     if uses_triton(backend, x):
         fn, _ = _triton_scan()
         y, final_state = fn(
-            x, dt, A, B, C, chunk_size,
+            x.contiguous(), dt.contiguous(), A, B.contiguous(), C.contiguous(), chunk_size,
             initial_states=initial_state,
-            seq_idx=None if seq_idx is None else seq_idx.to(torch.int32).contiguous(),
+            # the kernel ties a carried-in state to document 0: number each row's documents from 0
+            seq_idx=None if seq_idx is None else (seq_idx - seq_idx[:, :1]).to(torch.int32).contiguous(),
             dt_softplus=False,
             return_final_states=True,
         )
