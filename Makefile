@@ -17,7 +17,7 @@ BATCH = $(shell echo $$(( $(strip $(TOKENS_PER_BATCH)) / $(strip $(LEN)) > 0 ? $
 HAS_GPU = $(shell $(BIN)/python -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null)
 PRECISION = $(if $(filter 1,$(HAS_GPU)),bf16-mixed,32-true)
 
-.PHONY: help venv train test tensorboard clean
+.PHONY: help venv train test tensorboard clean bench
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -52,3 +52,6 @@ tensorboard: $(STAMP) ## Open TensorBoard on runs/ (http://localhost:6006)
 clean: ## Remove runs, caches and the venv
 	rm -rf runs lightning_logs .pytest_cache $(VENV)
 	find data -mindepth 1 ! -name README.md -delete 2>/dev/null || true
+
+bench: $(STAMP) ## Training-throughput benchmark (GPU: vs mamba_ssm; CPU: vs our bare loop and HF Mamba2)
+	$(BIN)/python benchmarks/train_throughput.py $(if $(filter 1,$(HAS_GPU)),--config small,--config cpu-small --device cpu)

@@ -137,14 +137,25 @@ class MambaLitModule(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.AdamW(self.parameter_groups(), lr=hp.lr, betas=tuple(hp.betas),
-                                      fused=self.device.type == "cuda")
+        fused = self.device.type == "cuda" and self.trainer.precision != "16-mixed"  # fp16 needs a grad scaler
+        optimizer = torch.optim.AdamW(self.parameter_groups(), lr=hp.lr, betas=tuple(hp.betas), fused=fused)
         total = int(self.trainer.estimated_stepping_batches)
         warmup = min(hp.warmup_steps, max(0, total - 1))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, total, warmup, hp.schedule, hp.decay_fraction, hp.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Lightning refuses to clip for fused optimizers under mixed precision, because of fp16's grad scaler.
+        # Without a scaler (fp32, bf16-mixed) the gradients are the true ones: clip them directly.
+        if self.trainer.precision == "16-mixed":
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm":
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+            self.log("train/grad_norm", grad_norm)
+        elif gradient_clip_val:
+            torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
 
     # ---- throughput --------------------------------------------------------------------
     @property
