@@ -34,6 +34,17 @@ def _triton_scan():
     return mamba_chunk_scan_combined, ""
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_norms():
+    """mamba_ssm's fused Triton norms (add + RMSNorm, gated RMSNorm), or None."""
+    if _triton_scan()[0] is None:
+        return None
+    from mamba_ssm.ops.triton.layer_norm import rms_norm_fn
+    from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+
+    return rms_norm_fn, rmsnorm_fn
+
+
 def check_backend(name: str) -> None:
     """Fail early, with what to change, for an unknown or unavailable backend."""
     if name not in BACKENDS:
@@ -82,3 +93,23 @@ def ssd(
         )
         return y, final_state
     return ssd_chunked(x, dt, A, B, C, chunk_size, initial_state=initial_state, seq_idx=seq_idx)
+
+
+def add_rmsnorm(backend: str, h: Tensor, residual: Tensor | None, norm, residual_in_fp32: bool) -> tuple[Tensor, Tensor]:
+    """residual = h + residual (kept in fp32 when asked); returns (norm(residual), residual)."""
+    if uses_triton(backend, h):
+        rms_norm_fn, _ = _triton_norms()
+        return rms_norm_fn(h, norm.weight, None, residual=residual, prenorm=True, residual_in_fp32=residual_in_fp32,
+                           eps=norm.eps)
+    residual = h if residual is None else h + residual
+    if residual_in_fp32:
+        residual = residual.to(torch.promote_types(residual.dtype, torch.float32))
+    return norm(residual.to(norm.weight.dtype)), residual
+
+
+def gated_rmsnorm(backend: str, y: Tensor, z: Tensor, norm) -> Tensor:
+    """norm(y * silu(z)) per group (norm_before_gate=False)."""
+    if uses_triton(backend, y):
+        _, rmsnorm_fn = _triton_norms()
+        return rmsnorm_fn(y, norm.weight, None, z=z, eps=norm.eps, group_size=norm.group_size, norm_before_gate=False)
+    return norm(y, z)

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from . import backend as kernels
 from .config import MambaConfig
 from .mixer import LayerState, Mamba2
 from .norm import RMSNorm
@@ -23,18 +24,17 @@ class Block(nn.Module):
         self.norm = RMSNorm(config.d_model)
         self.mixer = Mamba2(config.d_model, layer_idx=layer_idx, backend=backend, **config.mixer)
 
-    def _residual(self, h: Tensor, residual: Tensor | None) -> Tensor:
-        residual = h if residual is None else h + residual
-        return residual.to(torch.promote_types(residual.dtype, torch.float32)) if self.residual_in_fp32 else residual
+    def _add_norm(self, h: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+        return kernels.add_rmsnorm(self.mixer.backend, h, residual, self.norm, self.residual_in_fp32)
 
     def forward(self, h, residual, state=None, seq_idx=None, record=None):
-        residual = self._residual(h, residual)
-        h, state = self.mixer(self.norm(residual.to(self.norm.weight.dtype)), state, seq_idx, record)
+        h, residual = self._add_norm(h, residual)
+        h, state = self.mixer(h, state, seq_idx, record)
         return h, residual, state
 
     def step(self, h, residual, state):
-        residual = self._residual(h, residual)
-        h, state = self.mixer.step(self.norm(residual.to(self.norm.weight.dtype)), state)
+        h, residual = self._add_norm(h, residual)
+        h, state = self.mixer.step(h, state)
         return h, residual, state
 
 
@@ -99,8 +99,10 @@ class MambaLM(nn.Module):
                 record.append(rec)
             h, residual, s = layer(h, residual, None if state is None else state[i], seq_idx, rec)
             new_state.append(s)
-        h = self.backbone.norm_f((h + residual).to(self.backbone.norm_f.weight.dtype))
-        return self.lm_head(h), new_state
+        return self.lm_head(self._final_norm(h, residual)), new_state
+
+    def _final_norm(self, h: Tensor, residual: Tensor) -> Tensor:
+        return kernels.add_rmsnorm(self.mixers[0].backend, h, residual, self.backbone.norm_f, self.config.residual_in_fp32)[0]
 
     def step(self, input_ids: Tensor, state: State) -> tuple[Tensor, State]:
         """input_ids (b,) -> logits (b, padded_vocab) and the new state."""
@@ -108,5 +110,4 @@ class MambaLM(nn.Module):
         for layer, s in zip(self.backbone.layers, state):
             h, residual, s = layer.step(h, residual, s)
             new_state.append(s)
-        h = self.backbone.norm_f((h + residual).to(self.backbone.norm_f.weight.dtype))
-        return self.lm_head(h), new_state
+        return self.lm_head(self._final_norm(h, residual)), new_state

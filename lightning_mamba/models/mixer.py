@@ -92,7 +92,7 @@ class Mamba2(nn.Module):
 
     def _finish(self, y: Tensor, x: Tensor, z: Tensor) -> Tensor:
         y = y + x * self.D.to(x.dtype)[:, None]  # D skip before the gated norm
-        y = self.norm(y.flatten(-2), z)
+        y = kernels.gated_rmsnorm(self.backend, y.flatten(-2), z, self.norm)
         return self.out_proj(y)
 
     # ---- forward ---------------------------------------------------------------

@@ -1,0 +1,59 @@
+"""``lightning-mamba export``: a training checkpoint -> the official directory layout.
+
+Writes config.json + pytorch_model.bin (what mamba_ssm's ``MambaLMHeadModel.from_pretrained(DIR)`` reads), the
+tokenizer (tokenizer.json when it is a tokenizers-library one) and lightning_mamba.json (tokenizer spec, seq_len).
+
+    lightning-mamba export --ckpt runs/state64_len512/version_0/checkpoints/last.ckpt --out exports/state64_len512
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Literal
+
+import torch
+from jsonargparse import ArgumentParser
+
+from ..models import ConfigError
+from ..models.checkpoint import load_model, save_pretrained
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="lightning-mamba export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", type=str, required=True, help="A Lightning .ckpt of this project (or a checkpoint "
+                   "directory, e.g. HF transformers' Mamba2 layout, to convert).")
+    p.add_argument("--out", type=str, required=True, help="Output directory (created if needed; files are replaced).")
+    p.add_argument("--dtype", type=Literal["float32", "bfloat16", "float16"], default="float32",
+                   help="Precision of the saved weights.")
+    return p
+
+
+def export(ckpt: str, out: str, dtype: str = "float32") -> list[str]:
+    """Load ``ckpt``, write it to ``out``; returns the paths written."""
+    if not os.path.exists(ckpt):
+        raise ConfigError(f"--ckpt {ckpt} does not exist")
+    model, meta = load_model(ckpt, backend="torch", dtype=DTYPES[dtype])
+    extra = {k: v for k, v in meta.items() if k not in ("mamba_config", "tokenizer")}
+    return save_pretrained(model, out, tokenizer_spec=meta.get("tokenizer"), extra=extra)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        paths = export(args.ckpt, args.out, args.dtype)
+    except (ConfigError, OSError) as e:
+        print(f"export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {args.ckpt} ({args.dtype}) to {args.out}:")
+    for path in paths:
+        print(f"  {os.path.basename(path)} ({os.path.getsize(path) / 1e6:.2f} MB)")
+    print("load with lightning_mamba.models.checkpoint.load_pretrained(DIR) or "
+          "mamba_ssm's MambaLMHeadModel.from_pretrained(DIR)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""The data layer: documents (embedded corpus, local files, hub) -> tokenizer -> cached token streams ->
+packed fixed-length samples, behind one LightningDataModule (``--data.*`` on the CLI)."""
+
+from .cache import fingerprint, load_or_build, open_token_cache, token_dtype, write_token_cache
+from .corpus import default_corpus_documents
+from .datamodule import TextDataModule
+from .errors import DataError
+from .packed import PackedTextDataset, document_index, encode_documents, split_documents
+from .sources import load_documents, source_identity
+from .tokenization import (
+    BPETokenizer,
+    ByteTokenizer,
+    FileTokenizer,
+    HFTokenizer,
+    Tokenizer,
+    build_tokenizer,
+    load_tokenizer,
+    tokenizer_from_spec,
+)
+
+__all__ = [
+    "BPETokenizer", "ByteTokenizer", "DataError", "FileTokenizer", "HFTokenizer", "PackedTextDataset",
+    "TextDataModule", "Tokenizer", "build_tokenizer", "default_corpus_documents", "document_index",
+    "encode_documents", "fingerprint", "load_documents", "load_or_build", "load_tokenizer", "open_token_cache",
+    "source_identity", "split_documents", "token_dtype", "tokenizer_from_spec", "write_token_cache",
+]

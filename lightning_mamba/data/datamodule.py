@@ -1,0 +1,209 @@
+"""``TextDataModule``: documents -> tokenizer -> cached token streams -> packed training samples.
+
+``prepare_data`` does the slow work once (load documents, train the BPE, tokenize, write the caches under
+``cache_dir``); later runs with the same source, tokenizer and split open the caches as memory maps and
+skip all of it. ``seq_len``, ``batch_size`` and ``val_max_tokens`` do not key the caches: changing them
+costs nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from .cache import fingerprint, load_or_build, token_dtype
+from .errors import DataError
+from .packed import PACKING_VERSION, PackedTextDataset, encode_documents, split_documents
+from .sources import load_documents, source_identity
+from .tokenization import MIN_BPE_VOCAB, Tokenizer, build_tokenizer, check_tokenizer_spec
+
+SPLITS = ("train", "val")
+
+
+class TextDataModule(L.LightningDataModule):
+    """Language-modelling data: fixed-length samples packed from a tokenized, document-split corpus.
+
+    Args:
+        source: ``default`` (the embedded Shakespeare + King James Bible corpus), a local file or directory
+            (.txt/.md: one document per file; .jsonl/.json/.parquet: one per record), or a Hugging Face hub
+            dataset ``name[:config]`` (needs the network).
+        tokenizer: ``byte`` (vocabulary 257), ``bpe`` (byte-level BPE trained on the training split and
+            cached), or the path of a ``tokenizer.json`` file.
+        vocab_size: Vocabulary size of the ``bpe`` tokenizer (ignored otherwise); the model's vocabulary
+            follows the tokenizer's.
+        seq_len: Training length in tokens (T_train): the state is carried over this span and starts from
+            zero at each sample.
+        batch_size: Samples per batch.
+        val_fraction: Fraction of the documents held out for validation (at least one document each side).
+        val_max_tokens: Cap on the validation tokens used by ``val_dataloader`` (null: all of them).
+        reset_at_document_boundaries: Also restart the state after each EOS inside a sample (adds
+            ``seq_idx`` to the batches). The paper trains without such resets.
+        num_workers: DataLoader worker processes (0: load in the main process; samples are cheap slices).
+        cache_dir: Folder for the trained tokenizer and the token caches (safe to delete).
+        seed: Seed of the train/val document split and of the training-sample shuffle.
+        text_field: Field holding the text in .jsonl/.json/.parquet files and hub datasets.
+    """
+
+    def __init__(
+        self,
+        source: str = "default",
+        tokenizer: str = "bpe",
+        vocab_size: int = 8192,
+        seq_len: int = 2048,
+        batch_size: int = 8,
+        val_fraction: float = 0.05,
+        val_max_tokens: int | None = None,
+        reset_at_document_boundaries: bool = False,
+        num_workers: int = 0,
+        cache_dir: str = "data",
+        seed: int = 0,
+        text_field: str = "text",
+    ) -> None:
+        super().__init__()
+        # Python callers (the analysis) may pass a Tokenizer object; the CLI passes a string.
+        self._tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else None
+        check_settings(tokenizer if self._tokenizer is None else None, vocab_size, seq_len, batch_size,
+                       val_fraction, val_max_tokens, num_workers)
+        self.save_hyperparameters(ignore=["tokenizer"])
+        self.hparams.tokenizer = tokenizer if self._tokenizer is None else self._tokenizer.name
+        self._documents: dict[str, list[str]] | None = None
+        self._streams: dict[str, np.ndarray] | None = None
+
+    # ---- what the model and the analysis read ---------------------------------------------------------
+    @property
+    def vocab_size_for_model(self) -> int:
+        """The model's vocabulary: the tokenizer's, known without tokenizing (or training) anything."""
+        if self._tokenizer is None and self.hparams.tokenizer == "bpe":
+            return self.hparams.vocab_size  # the trained BPE has at most this many ids
+        return self.tokenizer.vocab_size
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer, built on first use (training the BPE only if no cached one fits)."""
+        if self._tokenizer is None:
+            self._tokenizer = build_tokenizer(self.hparams.tokenizer, self.hparams.vocab_size,
+                                              train_docs=lambda: self.documents["train"],
+                                              cache_dir=self.hparams.cache_dir, cache_key=self.split_key)
+        return self._tokenizer
+
+    @property
+    def eos_id(self) -> int:
+        return self.tokenizer.eos_id
+
+    def train_tokens(self) -> np.ndarray:
+        """The training split as one flat token stream (``doc EOS doc EOS ...``, memory-mapped)."""
+        return self.streams["train"]
+
+    def val_tokens(self) -> np.ndarray:
+        """The held-out split as one flat token stream (all of it: ``val_max_tokens`` is not applied)."""
+        return self.streams["val"]
+
+    # ---- caches -------------------------------------------------------------------------------------
+    @cached_property
+    def split_key(self) -> str:
+        """Fingerprint of the documents on each side of the split (what the BPE and the caches depend on)."""
+        h = self.hparams
+        return fingerprint(source_identity(h.source, h.text_field), h.val_fraction, h.seed)
+
+    @cached_property
+    def stream_key(self) -> str:
+        """Fingerprint of the token streams: the split's documents and the tokenizer's ids."""
+        return fingerprint(self.split_key, self.tokenizer.fingerprint, PACKING_VERSION)
+
+    def cache_path(self, split: str) -> str:
+        return os.path.join(self.hparams.cache_dir, f"tokens-{self.stream_key}-{split}.npy")
+
+    @property
+    def documents(self) -> dict[str, list[str]]:
+        """The source's documents, split by document into ``train`` and ``val`` (loaded on first use)."""
+        if self._documents is None:
+            h = self.hparams
+            # datasets' Arrow copy of local files lives with our caches; hub data stays in the HF cache
+            local = os.path.exists(os.path.expanduser(h.source))
+            docs = load_documents(h.source, h.text_field,
+                                  hf_cache_dir=os.path.join(h.cache_dir, "hf_datasets") if local else None)
+            train, val = split_documents(len(docs), h.val_fraction, h.seed)
+            self._documents = {"train": [docs[i] for i in train], "val": [docs[i] for i in val]}
+        return self._documents
+
+    def build_streams(self) -> dict[str, np.ndarray]:
+        """Open the token caches, first (re)building any that are missing, stale or damaged."""
+        dtype = token_dtype(self.tokenizer.vocab_size)
+
+        def tokenize(split: str) -> np.ndarray:  # only runs for a cache that is not there (or not valid)
+            return encode_documents(self.tokenizer, self.documents[split], dtype, desc=f"tokenizing {split}")
+
+        streams = {split: load_or_build(self.cache_path(split), self.stream_key, lambda: tokenize(split))
+                   for split in SPLITS}
+        self._documents = None  # the text is in the caches now; free it
+        return streams
+
+    @property
+    def streams(self) -> dict[str, np.ndarray]:
+        if self._streams is None:
+            self._streams = self.build_streams()
+        return self._streams
+
+    # ---- Lightning hooks ----------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Build the tokenizer and the token caches (once per node; later runs find them)."""
+        self.build_streams()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Open the token caches as memory maps (building them if ``prepare_data`` was skipped)."""
+        self.streams
+
+    def train_dataloader(self) -> DataLoader:
+        h = self.hparams
+        tokens = self.train_tokens()
+        if len(tokens) < h.seq_len + 1:
+            raise DataError(f"data.seq_len={h.seq_len} is larger than the training split ({len(tokens)} tokens): "
+                            f"use a smaller seq_len or a larger corpus")
+        dataset = self.dataset(tokens)
+        if len(dataset) < h.batch_size:
+            raise DataError(f"data.batch_size={h.batch_size} is larger than the {len(dataset)} training samples of "
+                            f"seq_len={h.seq_len}: use a smaller batch_size or seq_len, or a larger corpus")
+        return DataLoader(dataset, batch_size=h.batch_size, shuffle=True, drop_last=True,
+                          generator=torch.Generator().manual_seed(h.seed), **self.loader_options())
+
+    def val_dataloader(self) -> DataLoader:
+        h = self.hparams
+        tokens = self.val_tokens()[:h.val_max_tokens]  # [:None] keeps all
+        if len(tokens) < h.seq_len + 1:
+            raise DataError(f"data.seq_len={h.seq_len} is larger than the validation split ({len(tokens)} tokens): "
+                            f"use a smaller seq_len, a larger val_fraction or val_max_tokens, or a larger corpus")
+        return DataLoader(self.dataset(tokens), batch_size=h.batch_size, shuffle=False, **self.loader_options())
+
+    def dataset(self, tokens: np.ndarray) -> PackedTextDataset:
+        h = self.hparams
+        return PackedTextDataset(tokens, h.seq_len, emit_seq_idx=h.reset_at_document_boundaries,
+                                 eos_id=self.eos_id)
+
+    def loader_options(self) -> dict:
+        workers = self.hparams.num_workers
+        return {"num_workers": workers, "persistent_workers": workers > 0}
+
+
+def check_settings(tokenizer: str | None, vocab_size: int, seq_len: int, batch_size: int, val_fraction: float,
+                   val_max_tokens: int | None, num_workers: int) -> None:
+    """Reject settings that cannot work, with one line naming the setting and the fix."""
+    if tokenizer is not None:
+        check_tokenizer_spec(tokenizer)
+        if tokenizer == "bpe" and vocab_size < MIN_BPE_VOCAB:
+            raise DataError(f"data.vocab_size must be >= {MIN_BPE_VOCAB} for the bpe tokenizer (got {vocab_size})")
+    if seq_len < 2:
+        raise DataError(f"data.seq_len must be >= 2 (got {seq_len})")
+    if batch_size < 1:
+        raise DataError(f"data.batch_size must be >= 1 (got {batch_size})")
+    if not 0 < val_fraction < 1:
+        raise DataError(f"data.val_fraction must be between 0 and 1, exclusive (got {val_fraction})")
+    if val_max_tokens is not None and val_max_tokens < seq_len + 1:
+        raise DataError(f"data.val_max_tokens={val_max_tokens} holds no sample of seq_len={seq_len}: "
+                        f"use at least seq_len + 1, or null for the whole validation split")
+    if num_workers < 0:
+        raise DataError(f"data.num_workers must be >= 0 (got {num_workers})")

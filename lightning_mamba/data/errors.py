@@ -1,0 +1,7 @@
+"""The one exception the data layer raises for bad settings or inputs."""
+
+
+class DataError(ValueError):
+    """A data setting or input that cannot work; the message is one line that says what to change.
+
+    The CLI prints it as ``error: ...`` without a traceback."""

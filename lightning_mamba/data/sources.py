@@ -1,0 +1,138 @@
+"""Where documents come from: the embedded corpus, local files, or a Hugging Face hub dataset.
+
+``data.source`` is one string:
+- ``default``: the embedded corpus (:mod:`.corpus`);
+- a local file or directory (searched recursively): ``.txt``/``.md``/``.text`` files are one document each,
+  ``.jsonl``/``.json``/``.parquet`` files hold one document per record in ``text_field``; ``.gz`` works too;
+- otherwise a hub dataset ``name`` or ``name:config`` (its ``train`` split), which needs the network.
+Local files go through HF ``datasets`` like hub data, so both behave the same; bytes that are not UTF-8 are
+replaced (U+FFFD), not fatal.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from urllib.parse import urlparse
+
+from .corpus import default_corpus_documents, default_corpus_identity
+from .errors import DataError
+
+# suffix -> HF datasets builder
+FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_COMPRESSED = (".gz",)
+
+
+def file_format(path: str) -> str | None:
+    name = path.lower()
+    for suffix in _COMPRESSED:
+        name = name.removesuffix(suffix)
+    return FORMATS.get(os.path.splitext(name)[1])
+
+
+def looks_like_path(source: str) -> bool:
+    """A hub name is ``name`` or ``org/name[:config]``; anything else that names no file is a missing path."""
+    return source.startswith(("/", ".", "~")) or source.count("/") > 1 or file_format(source) is not None
+
+
+def local_files(path: str) -> list[str]:
+    """The loadable files at ``path``: itself, or those under it (recursively, sorted, hidden ones skipped)."""
+    if os.path.isfile(path):
+        return [path]  # named explicitly: loaded as text unless its suffix says otherwise
+    files = []
+    for folder, dirs, names in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files += [os.path.join(folder, n) for n in sorted(names) if not n.startswith(".") and file_format(n)]
+    if not files:
+        raise DataError(f"data.source {path}: no {'/'.join(FORMATS)} files in this directory")
+    return files
+
+
+def _texts(dataset, text_field: str, where: str) -> list[str]:
+    if text_field not in dataset.column_names:
+        raise DataError(f"{where} has no '{text_field}' field (it has: {', '.join(dataset.column_names)}): "
+                        f"set data.text_field")
+    return [t for t in dataset[text_field] if isinstance(t, str) and t.strip()]
+
+
+def load_local(path: str, text_field: str = "text", hf_cache_dir: str | None = None) -> list[str]:
+    """Documents from local files, grouped by format (text, json, parquet), files in sorted order."""
+    import datasets
+
+    groups: dict[str, list[str]] = {}
+    for f in local_files(path):
+        groups.setdefault(file_format(f) or "text", []).append(f)
+    documents = []
+    for builder in ("text", "json", "parquet"):
+        if builder not in groups:
+            continue
+        options = {"text": {"sample_by": "document", "encoding_errors": "replace"},
+                   "json": {"encoding_errors": "replace"}, "parquet": {}}[builder]
+        try:
+            dataset = datasets.load_dataset(builder, data_files=groups[builder], split="train",
+                                            cache_dir=hf_cache_dir, **options)
+        except Exception as e:  # malformed json/parquet: name the files, keep the reason
+            raise DataError(f"data.source {path}: cannot read its {builder} files "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+        field = "text" if builder == "text" else text_field
+        documents += _texts(dataset, field, f"data.source {path}")
+    return documents
+
+
+def hub_reachable() -> bool:
+    """A cheap check before ``load_dataset``, which offline retries for ~25 s before failing."""
+    from huggingface_hub import constants
+
+    try:
+        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
+        return True
+    except OSError:
+        return False
+
+
+def load_hub(source: str, text_field: str = "text") -> list[str]:
+    """The ``train`` split of hub dataset ``name[:config]``."""
+    import datasets
+    from huggingface_hub import constants
+
+    name, _, config = source.partition(":")
+    hint = "give a local file or directory as data.source instead"
+    if not constants.HF_HUB_OFFLINE and not hub_reachable():
+        raise DataError(f"data.source '{source}' is not a local path, and the Hugging Face hub cannot be reached "
+                        f"(this machine is offline): {hint} (or set HF_HUB_OFFLINE=1 to use a cached copy)")
+    try:
+        dataset = datasets.load_dataset(name, config or None, split="train")
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"data.source '{source}': cannot load it from the Hugging Face hub ({reason}): {hint}") from e
+    return _texts(dataset, text_field, f"hub dataset '{source}'")
+
+
+def load_documents(source: str, text_field: str = "text", hf_cache_dir: str | None = None) -> list[str]:
+    """The documents of ``source`` (see the module docstring), in a deterministic order, empty ones dropped.
+
+    ``hf_cache_dir`` is where ``datasets`` keeps its Arrow copy of local files (None: its default)."""
+    if source == "default":
+        documents = default_corpus_documents()
+    elif os.path.exists(os.path.expanduser(source)):
+        documents = load_local(os.path.expanduser(source), text_field, hf_cache_dir)
+    elif looks_like_path(source):
+        raise DataError(f"data.source {source} does not exist: give an existing file or directory, "
+                        f"'default', or a hub dataset name")
+    else:
+        documents = load_hub(source, text_field)
+    if not documents:
+        raise DataError(f"data.source {source} holds no non-empty documents")
+    return documents
+
+
+def source_identity(source: str, text_field: str = "text") -> dict:
+    """What the documents depend on, for cache fingerprints: package versions for the embedded corpus,
+    each file's path, size and modification time for local data, the name for hub data."""
+    if source == "default":
+        return default_corpus_identity()
+    path = os.path.expanduser(source)
+    if os.path.exists(path):
+        stats = [(os.path.abspath(f), os.stat(f)) for f in local_files(path)]
+        return {"files": [[f, s.st_size, s.st_mtime_ns] for f, s in stats], "text_field": text_field}
+    return {"hub": source, "text_field": text_field}  # no revision known offline; delete the cache to refresh

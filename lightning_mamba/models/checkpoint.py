@@ -1,0 +1,263 @@
+"""Moving weights in and out: the official directory layout, HF transformers' Mamba2 layout, Lightning .ckpt.
+
+A checkpoint directory in the official layout (what ``mamba_ssm``'s ``MambaLMHeadModel.from_pretrained`` reads):
+``config.json`` (the official ``MambaConfig`` fields) + ``pytorch_model.bin`` (``torch.save`` of the state_dict,
+``lm_head.weight`` included even when tied). This project adds ``lightning_mamba.json`` (tokenizer spec, seq_len)
+and, for a tokenizers-library tokenizer, ``tokenizer.json``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from .config import ConfigError, MambaConfig
+from .lm import MambaLM
+
+CONFIG, WEIGHTS, SAFETENSORS, META, TOKENIZER = (
+    "config.json", "pytorch_model.bin", "model.safetensors", "lightning_mamba.json", "tokenizer.json")
+# The fields of the official MambaConfig (mamba_ssm/models/config_mamba.py): from_pretrained does
+# MambaConfig(**config_json), so config.json must hold these and nothing else.
+OFFICIAL_FIELDS = ("d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg", "attn_layer_idx", "attn_cfg",
+                   "rms_norm", "residual_in_fp32", "fused_add_norm", "pad_vocab_size_multiple", "tie_embeddings")
+# HF transformers' Mamba2Config defaults, for fields a config.json leaves out.
+HF_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 4096, "num_hidden_layers": 64, "vocab_size": 32768, "num_heads": 128, "head_dim": 64,
+    "state_size": 128, "expand": 2, "n_groups": 8, "conv_kernel": 4, "chunk_size": 256, "use_bias": False,
+    "use_conv_bias": True, "residual_in_fp32": True, "tie_word_embeddings": False, "layer_norm_epsilon": 1e-5,
+    "hidden_act": "silu", "time_step_min": 0.001, "time_step_max": 0.1, "time_step_floor": 1e-4,
+    "time_step_limit": (0.0, float("inf")),
+}
+HF_RENAMES = {"backbone.embeddings.weight": "backbone.embedding.weight"}
+
+
+# ---- writing ----------------------------------------------------------------------------------------
+def _write_atomic(path: str, write: Callable[[Any], None]) -> None:
+    """Write through a temp file in the same directory, then rename: readers never see half a file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _write_json(path: str, obj: Any) -> None:
+    _write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+def official_config(config: MambaConfig) -> dict[str, Any]:
+    """config.json as the official MambaConfig would dump it (``layer`` made explicit: its default is Mamba1)."""
+    d = config.to_dict()
+    d = {k: d[k] for k in OFFICIAL_FIELDS}
+    d["ssm_cfg"] = {"layer": "Mamba2", **d["ssm_cfg"]}
+    return d
+
+
+def save_pretrained(model: MambaLM, directory: str, tokenizer_spec: dict | None = None,
+                    extra: dict | None = None) -> list[str]:
+    """Write ``model`` in the official layout (+ tokenizer, lightning_mamba.json); returns the paths written."""
+    os.makedirs(directory, exist_ok=True)
+    paths = [os.path.join(directory, name) for name in (CONFIG, WEIGHTS)]
+    _write_json(paths[0], official_config(model.config))
+    # Tied weights stay one shared tensor under two keys, as the official torch.save(state_dict()) has them.
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _write_atomic(paths[1], lambda f: torch.save(state, f))
+    spec = tokenizer_spec
+    if spec is not None and spec.get("kind") == "json" and "json" in spec:
+        # The tokenizer lives in tokenizer.json (where HF tools look for it); the spec points at it.
+        text = spec["json"] if isinstance(spec["json"], str) else json.dumps(spec["json"])
+        paths.append(os.path.join(directory, TOKENIZER))
+        _write_atomic(paths[-1], lambda f: f.write(text.encode()))
+        spec = {**{k: v for k, v in spec.items() if k != "json"}, "file": TOKENIZER}
+    paths.append(os.path.join(directory, META))
+    _write_json(paths[-1], {"tokenizer": spec, **(extra or {})})
+    return paths
+
+
+# ---- reading ----------------------------------------------------------------------------------------
+def _read_json(path: str) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e})") from e
+
+
+def _hf_floats(x: Any) -> Any:
+    """transformers >= 5 writes non-finite floats as {"__float__": "Infinity"} (older versions: bare Infinity)."""
+    if isinstance(x, dict):
+        return float(x["__float__"]) if set(x) == {"__float__"} else {k: _hf_floats(v) for k, v in x.items()}
+    return [_hf_floats(v) for v in x] if isinstance(x, list) else x
+
+
+def _config_from_hf(raw: dict[str, Any], path: str) -> MambaConfig:
+    """HF transformers' Mamba2Config -> ours. HF pads nothing: its vocab_size is the embedding's row count."""
+    c = {**HF_DEFAULTS, **_hf_floats(raw)}
+    if c["hidden_size"] * c["expand"] != c["num_heads"] * c["head_dim"]:
+        raise ConfigError(f"{path}: hidden_size * expand ({c['hidden_size'] * c['expand']}) must equal "
+                          f"num_heads * head_dim ({c['num_heads'] * c['head_dim']})")
+    if c["hidden_act"] != "silu" or abs(c["layer_norm_epsilon"] - 1e-5) > 1e-12:
+        raise ConfigError(f"{path}: hidden_act={c['hidden_act']!r}, layer_norm_epsilon={c['layer_norm_epsilon']} "
+                          "are not supported (this implementation uses silu and RMSNorm eps 1e-5)")
+    ssm_cfg = {"layer": "Mamba2", "d_state": c["state_size"], "d_conv": c["conv_kernel"], "expand": int(c["expand"]),
+               "headdim": c["head_dim"], "ngroups": c["n_groups"], "chunk_size": c["chunk_size"],
+               "bias": c["use_bias"], "conv_bias": c["use_conv_bias"], "dt_min": c["time_step_min"],
+               "dt_max": c["time_step_max"], "dt_init_floor": c["time_step_floor"]}
+    if tuple(c["time_step_limit"]) != (0.0, float("inf")):
+        ssm_cfg["dt_limit"] = tuple(c["time_step_limit"])
+    return MambaConfig(d_model=c["hidden_size"], n_layer=c["num_hidden_layers"], vocab_size=c["vocab_size"],
+                       ssm_cfg=ssm_cfg, residual_in_fp32=c["residual_in_fp32"], pad_vocab_size_multiple=1,
+                       tie_embeddings=c["tie_word_embeddings"])
+
+
+def read_config(directory: str) -> tuple[MambaConfig, dict[str, str]]:
+    """The model config of a checkpoint directory (official or HF layout) and the key renames its weights need."""
+    if not os.path.isdir(directory):
+        raise ConfigError(f"{directory}: no such checkpoint directory")
+    path = os.path.join(directory, CONFIG)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path} is missing: a checkpoint directory holds config.json + pytorch_model.bin "
+                          "(or model.safetensors)")
+    raw = _read_json(path)
+    model_type = raw.get("model_type")
+    if model_type == "mamba2":
+        return _config_from_hf(raw, path), HF_RENAMES
+    if model_type is not None:
+        raise ConfigError(f"{path}: model_type {model_type!r} is not supported (Mamba-2 checkpoints only)")
+    layer = (raw.get("ssm_cfg") or {}).get("layer", "Mamba1")  # the official default
+    if layer != "Mamba2":
+        raise ConfigError(f"{path}: ssm_cfg.layer is {layer!r}: this is not a Mamba-2 checkpoint "
+                          "(only Mamba-2 layers are implemented)")
+    return MambaConfig.from_dict(raw), {}
+
+
+def _load_file(path: str) -> dict[str, Tensor]:
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError as e:
+            raise ConfigError(f"{path} needs the safetensors package: pip install safetensors") from e
+        return load_file(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        raise ConfigError(f"{path} cannot be read as a state_dict ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+
+
+def read_weights(directory: str) -> dict[str, Tensor]:
+    """pytorch_model.bin (the official file), else model.safetensors, else a sharded index of either."""
+    for name in (WEIGHTS, SAFETENSORS):
+        if os.path.isfile(os.path.join(directory, name)):
+            return _load_file(os.path.join(directory, name))
+    for name in (WEIGHTS, SAFETENSORS):
+        index = os.path.join(directory, f"{name}.index.json")
+        if os.path.isfile(index):
+            state: dict[str, Tensor] = {}
+            for shard in sorted(set(_read_json(index)["weight_map"].values())):
+                state.update(_load_file(os.path.join(directory, shard)))
+            return state
+    raise ConfigError(f"{directory}: no weights found (expected {WEIGHTS} or {SAFETENSORS})")
+
+
+def load_weights(model: MambaLM, state: dict[str, Tensor], source: str) -> MambaLM:
+    """Strict load: every key present with its shape, nothing extra (a tied ``lm_head.weight`` may be absent)."""
+    expected = model.state_dict()
+    state = dict(state)
+    if model.config.tie_embeddings and "backbone.embedding.weight" in state:
+        state["lm_head.weight"] = state["backbone.embedding.weight"]  # one tensor; the embedding decides
+    hint = ("check that its config (d_model, n_layer, vocab_size, pad_vocab_size_multiple, ssm_cfg: d_state, headdim, "
+            "expand, ngroups, d_conv) is the one it was trained with")
+    for key, want in expected.items():
+        got = state.get(key)
+        if got is None or got.shape != want.shape:
+            found = "missing from the checkpoint" if got is None else f"{tuple(got.shape)} in the checkpoint"
+            raise ConfigError(f"{source}: this checkpoint was saved for a different model shape: {key} is {found} "
+                              f"but {tuple(want.shape)} in the model; {hint}")
+    for key, got in state.items():
+        if key not in expected:
+            raise ConfigError(f"{source}: this checkpoint was saved for a different model shape: unexpected key "
+                              f"{key} {tuple(got.shape)} (absent from the model); {hint}")
+    model.load_state_dict(state, strict=True)  # copy_ casts to the model's dtype
+    return model
+
+
+def load_pretrained(directory: str, backend: str = "auto", dtype: torch.dtype = torch.float32) -> MambaLM:
+    """A MambaLM from an official-layout or HF-transformers-layout directory, cast to ``dtype``."""
+    config, renames = read_config(directory)
+    state = {renames.get(k, k): v for k, v in read_weights(directory).items()}
+    return load_weights(MambaLM(config, backend=backend).to(dtype), state, directory)
+
+
+def load_tokenizer_spec(directory: str) -> dict | None:
+    """The tokenizer spec lightning_mamba.json records, else tokenizer.json (e.g. NeoX's next to an official download)."""
+    meta_path, tok_path = os.path.join(directory, META), os.path.join(directory, TOKENIZER)
+    spec = _read_json(meta_path).get("tokenizer") if os.path.isfile(meta_path) else None
+    if spec and spec.get("kind") == "json" and "json" not in spec:
+        file = os.path.join(directory, spec.get("file", TOKENIZER))
+        if not os.path.isfile(file):
+            raise ConfigError(f"{meta_path} names the tokenizer file {file}, which is missing")
+        with open(file, encoding="utf-8") as f:
+            spec = {**{k: v for k, v in spec.items() if k != "file"}, "json": f.read()}
+    if spec:
+        return spec
+    if os.path.isfile(tok_path):
+        with open(tok_path, encoding="utf-8") as f:
+            return {"kind": "json", "json": f.read()}
+    return None
+
+
+# ---- one entry point for the analysis commands ------------------------------------------------------
+def _model_from_hparams(hparams: dict | None, backend: str, path: str) -> MambaLM:
+    """Checkpoints without our metadata: rebuild through the LightningModule's own arguments."""
+    from ..lit import MambaLitModule
+
+    if not hparams:
+        raise ConfigError(f"{path} records neither lightning_mamba.mamba_config nor hyper_parameters: "
+                          "cannot rebuild the model")
+    accepted = inspect.signature(MambaLitModule.__init__).parameters
+    kwargs = {k: v for k, v in hparams.items() if k in accepted}
+    return MambaLitModule(**{**kwargs, "backend": backend}).model
+
+
+def load_model(path: str, backend: str = "auto", dtype: torch.dtype = torch.float32) -> tuple[MambaLM, dict]:
+    """A Lightning .ckpt of this project or a checkpoint directory -> (model, meta).
+
+    meta: ``mamba_config`` and, where recorded, ``seq_len`` and ``tokenizer`` (a spec dict)."""
+    if os.path.isfile(path) and os.path.basename(path) in (CONFIG, WEIGHTS, SAFETENSORS):
+        path = os.path.dirname(path) or "."
+    if os.path.isdir(path):
+        model = load_pretrained(path, backend, dtype)
+        meta_path = os.path.join(path, META)
+        meta = dict(_read_json(meta_path)) if os.path.isfile(meta_path) else {}
+        meta.pop("tokenizer", None)
+        spec = load_tokenizer_spec(path)
+        if spec is not None:
+            meta["tokenizer"] = spec
+    elif os.path.isfile(path):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise ConfigError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+        if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+            raise ConfigError(f"{path} is not a Lightning checkpoint (no state_dict): pass a .ckpt or a directory "
+                              "with config.json")
+        meta = dict(ckpt.get("lightning_mamba") or {})
+        if "mamba_config" in meta:
+            model = MambaLM(MambaConfig.from_dict(meta["mamba_config"]), backend=backend)
+        else:
+            model = _model_from_hparams(ckpt.get("hyper_parameters"), backend, path)
+        # The LightningModule holds the MambaLM as self.model; other entries are metrics' buffers.
+        state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+        load_weights(model.to(dtype), state, path)
+    else:
+        raise ConfigError(f"{path} does not exist")
+    meta.setdefault("mamba_config", model.config.to_dict())
+    return model, meta

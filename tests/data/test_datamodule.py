@@ -1,0 +1,138 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+from jsonargparse import ArgumentParser
+
+from lightning_mamba.data import ByteTokenizer, DataError, TextDataModule
+
+
+def make(text_dir, tmp_path, **kw) -> TextDataModule:
+    settings = dict(source=text_dir, tokenizer="byte", seq_len=64, batch_size=4, val_fraction=0.2,
+                    cache_dir=str(tmp_path / "cache"))
+    return TextDataModule(**{**settings, **kw})
+
+
+def ready(dm: TextDataModule) -> TextDataModule:
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def cache_files(dm) -> list[str]:
+    return sorted(f for f in os.listdir(dm.hparams.cache_dir) if f.startswith("tokens-"))
+
+
+def test_byte_end_to_end(text_dir, tmp_path, sample_documents):
+    dm = ready(make(text_dir, tmp_path))
+    assert dm.vocab_size_for_model == 257 and dm.eos_id == 256
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape == batch["labels"].shape == (4, 64)
+    assert batch["input_ids"].dtype == torch.long and "seq_idx" not in batch
+    assert torch.equal(batch["input_ids"][:, 1:], batch["labels"][:, :-1])
+    val = next(iter(dm.val_dataloader()))
+    assert val["input_ids"].shape[1] == 64
+    # the two streams are the documents of each side, EOS-joined: together, all documents, once each
+    train, held_out = dm.train_tokens(), dm.val_tokens()
+    assert train[-1] == held_out[-1] == 256
+    assert (train == 256).sum() + (held_out == 256).sum() == len(sample_documents)
+    train_docs = set(ByteTokenizer().decode(train).split("<|endoftext|>"))
+    val_docs = set(ByteTokenizer().decode(held_out).split("<|endoftext|>"))
+    assert (train_docs - {""}).isdisjoint(val_docs - {""})
+    assert (train_docs | val_docs) - {""} == set(sample_documents)
+
+
+def test_bpe_end_to_end_and_cache_reuse(text_dir, tmp_path):
+    dm = make(text_dir, tmp_path, tokenizer="bpe", vocab_size=600, reset_at_document_boundaries=True)
+    assert dm.vocab_size_for_model == 600
+    assert not os.path.exists(dm.hparams.cache_dir)  # known without training or tokenizing anything
+    ready(dm)
+    assert dm.tokenizer.vocab_size <= 600
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].max() < 600 and batch["seq_idx"].dtype == torch.int32
+    assert dm.train_tokens().dtype == np.uint16
+    files = cache_files(dm)
+    stamps = {f: os.stat(os.path.join(dm.hparams.cache_dir, f)).st_mtime_ns for f in files}
+
+    again = ready(make(text_dir, tmp_path, tokenizer="bpe", vocab_size=600, seq_len=32, batch_size=2))
+    assert again._documents is None  # nothing was loaded: tokenizer and caches came from disk
+    assert cache_files(again) == files  # seq_len and batch_size do not key the caches
+    assert {f: os.stat(os.path.join(dm.hparams.cache_dir, f)).st_mtime_ns for f in files} == stamps
+    np.testing.assert_array_equal(again.val_tokens(), dm.val_tokens())
+
+
+def test_settings_that_change_tokens_change_the_cache(text_dir, tmp_path):
+    base = make(text_dir, tmp_path)
+    assert make(text_dir, tmp_path, seq_len=128, batch_size=1).stream_key == base.stream_key
+    for change in ({"tokenizer": "bpe", "vocab_size": 300}, {"seed": 1}, {"val_fraction": 0.3}):
+        assert make(text_dir, tmp_path, **change).stream_key != base.stream_key, change
+    with open(os.path.join(text_dir, "part1", "doc00.txt"), "a") as f:
+        f.write("An edit.\n")
+    assert make(text_dir, tmp_path).stream_key != base.stream_key  # a changed file changes the source
+
+
+def test_damaged_cache_is_rebuilt(text_dir, tmp_path):
+    dm = ready(make(text_dir, tmp_path))
+    expected = np.array(dm.train_tokens())
+    path = dm.cache_path("train")
+    os.truncate(path, os.path.getsize(path) // 2)
+    again = ready(make(text_dir, tmp_path))
+    np.testing.assert_array_equal(again.train_tokens(), expected)
+
+
+def test_val_max_tokens_caps_validation_only(text_dir, tmp_path):
+    dm = ready(make(text_dir, tmp_path, val_max_tokens=200))
+    assert len(dm.val_dataloader().dataset) == (200 - 1) // 64
+    assert len(dm.val_tokens()) > 200  # the evaluation stream stays whole
+
+
+def test_tokenizer_object_is_accepted(text_dir, tmp_path):
+    dm = ready(make(text_dir, tmp_path, tokenizer=ByteTokenizer()))
+    assert dm.hparams.tokenizer == "byte" and dm.vocab_size_for_model == 257
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"seq_len": 1}, r"data\.seq_len must be >= 2 \(got 1\)"),
+    ({"batch_size": 0}, r"data\.batch_size must be >= 1 \(got 0\)"),
+    ({"val_fraction": 1.0}, r"data\.val_fraction must be between 0 and 1"),
+    ({"tokenizer": "gpt2"}, r"unknown tokenizer 'gpt2': use 'byte', 'bpe' or a path to a tokenizer\.json file"),
+    ({"tokenizer": "bpe", "vocab_size": 100}, r"data\.vocab_size must be >= 257"),
+    ({"val_max_tokens": 10}, r"data\.val_max_tokens=10 holds no sample of seq_len=64"),
+])
+def test_bad_settings_fail_at_construction(text_dir, tmp_path, settings, message):
+    with pytest.raises(DataError, match=message):
+        make(text_dir, tmp_path, **settings)
+
+
+def test_seq_len_larger_than_the_corpus_names_the_fix(text_dir, tmp_path):
+    dm = ready(make(text_dir, tmp_path, seq_len=10_000_000))
+    with pytest.raises(DataError, match=r"data\.seq_len=10000000 is larger than the training split \(\d+ tokens\): "
+                                        r"use a smaller seq_len or a larger corpus"):
+        dm.train_dataloader()
+    with pytest.raises(DataError, match="larger than the validation split"):
+        dm.val_dataloader()
+
+
+def test_too_few_documents(tmp_path):
+    (tmp_path / "one.txt").write_text("a single document")
+    with pytest.raises(DataError, match="needs at least 2"):
+        ready(make(str(tmp_path / "one.txt"), tmp_path))
+
+
+def test_training_order_is_seeded(text_dir, tmp_path):
+    first = [b["input_ids"] for b in ready(make(text_dir, tmp_path)).train_dataloader()]
+    second = [b["input_ids"] for b in ready(make(text_dir, tmp_path)).train_dataloader()]
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_every_setting_is_documented_for_the_cli():
+    parser = ArgumentParser()
+    parser.add_class_arguments(TextDataModule, "data")
+    help_text = parser.format_help()
+    for name in ("source", "tokenizer", "vocab_size", "seq_len", "batch_size", "val_fraction", "val_max_tokens",
+                 "reset_at_document_boundaries", "num_workers", "cache_dir", "seed", "text_field"):
+        assert f"--data.{name}" in help_text
+    assert "Training length in tokens" in help_text and "held out for validation" in help_text
+    cfg = parser.parse_args(["--data.seq_len", "256", "--data.val_max_tokens", "null"])
+    assert cfg.data.seq_len == 256 and cfg.data.val_max_tokens is None and cfg.data.tokenizer == "bpe"
