@@ -34,7 +34,7 @@ class TextDataModule(L.LightningDataModule):
             dataset ``name[:config]`` (needs the network).
         tokenizer: ``byte`` (vocabulary 257), ``bpe`` (byte-level BPE trained on the training split and
             cached), or the path of a ``tokenizer.json`` file.
-        vocab_size: Vocabulary size of the ``bpe`` tokenizer (ignored otherwise); the model's vocabulary
+        bpe_vocab_size: Vocabulary size of the ``bpe`` tokenizer (ignored otherwise); the model's vocabulary
             follows the tokenizer's.
         seq_len: Training length in tokens (T_train): the state is carried over this span and starts from
             zero at each sample.
@@ -53,7 +53,7 @@ class TextDataModule(L.LightningDataModule):
         self,
         source: str = "default",
         tokenizer: str = "bpe",
-        vocab_size: int = 8192,
+        bpe_vocab_size: int = 8192,
         seq_len: int = 2048,
         batch_size: int = 8,
         val_fraction: float = 0.05,
@@ -67,7 +67,7 @@ class TextDataModule(L.LightningDataModule):
         super().__init__()
         # Python callers (the analysis) may pass a Tokenizer object; the CLI passes a string.
         self._tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else None
-        check_settings(tokenizer if self._tokenizer is None else None, vocab_size, seq_len, batch_size,
+        check_settings(tokenizer if self._tokenizer is None else None, bpe_vocab_size, seq_len, batch_size,
                        val_fraction, val_max_tokens, num_workers)
         self.save_hyperparameters(ignore=["tokenizer"])
         self.hparams.tokenizer = tokenizer if self._tokenizer is None else self._tokenizer.name
@@ -79,14 +79,14 @@ class TextDataModule(L.LightningDataModule):
     def vocab_size_for_model(self) -> int:
         """The model's vocabulary: the tokenizer's, known without tokenizing (or training) anything."""
         if self._tokenizer is None and self.hparams.tokenizer == "bpe":
-            return self.hparams.vocab_size  # the trained BPE has at most this many ids
+            return self.hparams.bpe_vocab_size  # the trained BPE has at most this many ids
         return self.tokenizer.vocab_size
 
     @property
     def tokenizer(self) -> Tokenizer:
         """The tokenizer, built on first use (training the BPE only if no cached one fits)."""
         if self._tokenizer is None:
-            self._tokenizer = build_tokenizer(self.hparams.tokenizer, self.hparams.vocab_size,
+            self._tokenizer = build_tokenizer(self.hparams.tokenizer, self.hparams.bpe_vocab_size,
                                               train_docs=lambda: self.documents["train"],
                                               cache_dir=self.hparams.cache_dir, cache_key=self.split_key)
         return self._tokenizer
@@ -195,7 +195,7 @@ def check_settings(tokenizer: str | None, vocab_size: int, seq_len: int, batch_s
     if tokenizer is not None:
         check_tokenizer_spec(tokenizer)
         if tokenizer == "bpe" and vocab_size < MIN_BPE_VOCAB:
-            raise DataError(f"data.vocab_size must be >= {MIN_BPE_VOCAB} for the bpe tokenizer (got {vocab_size})")
+            raise DataError(f"data.bpe_vocab_size must be >= {MIN_BPE_VOCAB} for the bpe tokenizer (got {vocab_size})")
     if seq_len < 2:
         raise DataError(f"data.seq_len must be >= 2 (got {seq_len})")
     if batch_size < 1:

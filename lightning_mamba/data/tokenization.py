@@ -96,7 +96,7 @@ class ByteTokenizer(Tokenizer):
         return "".join(pieces) + current.decode("utf-8", errors="replace")
 
     def to_spec(self) -> dict:
-        return {"type": "byte"}
+        return {"kind": "byte"}
 
     def to_hf(self) -> tokenizers.Tokenizer:
         hf = tokenizers.Tokenizer(models.BPE(vocab={s: b for b, s in enumerate(byte_symbols())}, merges=[]))
@@ -132,7 +132,7 @@ class HFTokenizer(Tokenizer):
         return self.hf.decode(list(ids), skip_special_tokens=False)
 
     def to_spec(self) -> dict:
-        return {"type": "tokenizer.json", "name": self.name, "json": self.hf.to_str()}
+        return {"kind": "json", "name": self.name, "json": self.hf.to_str()}
 
     @property
     def fingerprint(self) -> str:
@@ -223,9 +223,9 @@ def build_tokenizer(spec: str | Tokenizer, vocab_size: int = 8192,
 
 def tokenizer_from_spec(spec: dict) -> Tokenizer:
     """Inverse of :meth:`Tokenizer.to_spec` (checkpoints record the spec so they need no data folder)."""
-    kind = spec.get("type")
+    kind = spec.get("kind")
     if kind == "byte":
         return ByteTokenizer()
-    if kind == "tokenizer.json":
+    if kind == "json" and "json" in spec:
         return HFTokenizer(tokenizers.Tokenizer.from_str(spec["json"]), spec.get("name", "tokenizer.json"))
-    raise DataError(f"unknown tokenizer spec type {kind!r} (expected 'byte' or 'tokenizer.json')")
+    raise DataError(f"unknown tokenizer spec {kind!r} (expected kind 'byte', or 'json' with the tokenizer.json text)")

@@ -44,7 +44,7 @@ def test_byte_end_to_end(text_dir, tmp_path, sample_documents):
 
 
 def test_bpe_end_to_end_and_cache_reuse(text_dir, tmp_path):
-    dm = make(text_dir, tmp_path, tokenizer="bpe", vocab_size=600, reset_at_document_boundaries=True)
+    dm = make(text_dir, tmp_path, tokenizer="bpe", bpe_vocab_size=600, reset_at_document_boundaries=True)
     assert dm.vocab_size_for_model == 600
     assert not os.path.exists(dm.hparams.cache_dir)  # known without training or tokenizing anything
     ready(dm)
@@ -55,7 +55,7 @@ def test_bpe_end_to_end_and_cache_reuse(text_dir, tmp_path):
     files = cache_files(dm)
     stamps = {f: os.stat(os.path.join(dm.hparams.cache_dir, f)).st_mtime_ns for f in files}
 
-    again = ready(make(text_dir, tmp_path, tokenizer="bpe", vocab_size=600, seq_len=32, batch_size=2))
+    again = ready(make(text_dir, tmp_path, tokenizer="bpe", bpe_vocab_size=600, seq_len=32, batch_size=2))
     assert again._documents is None  # nothing was loaded: tokenizer and caches came from disk
     assert cache_files(again) == files  # seq_len and batch_size do not key the caches
     assert {f: os.stat(os.path.join(dm.hparams.cache_dir, f)).st_mtime_ns for f in files} == stamps
@@ -65,7 +65,7 @@ def test_bpe_end_to_end_and_cache_reuse(text_dir, tmp_path):
 def test_settings_that_change_tokens_change_the_cache(text_dir, tmp_path):
     base = make(text_dir, tmp_path)
     assert make(text_dir, tmp_path, seq_len=128, batch_size=1).stream_key == base.stream_key
-    for change in ({"tokenizer": "bpe", "vocab_size": 300}, {"seed": 1}, {"val_fraction": 0.3}):
+    for change in ({"tokenizer": "bpe", "bpe_vocab_size": 300}, {"seed": 1}, {"val_fraction": 0.3}):
         assert make(text_dir, tmp_path, **change).stream_key != base.stream_key, change
     with open(os.path.join(text_dir, "part1", "doc00.txt"), "a") as f:
         f.write("An edit.\n")
@@ -97,7 +97,7 @@ def test_tokenizer_object_is_accepted(text_dir, tmp_path):
     ({"batch_size": 0}, r"data\.batch_size must be >= 1 \(got 0\)"),
     ({"val_fraction": 1.0}, r"data\.val_fraction must be between 0 and 1"),
     ({"tokenizer": "gpt2"}, r"unknown tokenizer 'gpt2': use 'byte', 'bpe' or a path to a tokenizer\.json file"),
-    ({"tokenizer": "bpe", "vocab_size": 100}, r"data\.vocab_size must be >= 257"),
+    ({"tokenizer": "bpe", "bpe_vocab_size": 100}, r"data\.bpe_vocab_size must be >= 257"),
     ({"val_max_tokens": 10}, r"data\.val_max_tokens=10 holds no sample of seq_len=64"),
 ])
 def test_bad_settings_fail_at_construction(text_dir, tmp_path, settings, message):
@@ -130,7 +130,7 @@ def test_every_setting_is_documented_for_the_cli():
     parser = ArgumentParser()
     parser.add_class_arguments(TextDataModule, "data")
     help_text = parser.format_help()
-    for name in ("source", "tokenizer", "vocab_size", "seq_len", "batch_size", "val_fraction", "val_max_tokens",
+    for name in ("source", "tokenizer", "bpe_vocab_size", "seq_len", "batch_size", "val_fraction", "val_max_tokens",
                  "reset_at_document_boundaries", "num_workers", "cache_dir", "seed", "text_field"):
         assert f"--data.{name}" in help_text
     assert "Training length in tokens" in help_text and "held out for validation" in help_text

@@ -1,0 +1,98 @@
+"""The CLI end to end: `lightning-mamba fit` writes events, config and checkpoint; make train's line parses."""
+
+import glob
+import os
+import shlex
+import subprocess
+
+import pytest
+import torch
+
+from lightning_mamba.cli import lightning_cli, main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    d = tmp_path / "texts"
+    d.mkdir()
+    words = "the quick brown fox jumps over the lazy dog and then it rests a while".split()
+    g = torch.Generator().manual_seed(0)
+    for i in range(12):
+        idx = torch.randint(0, len(words), (400,), generator=g).tolist()
+        (d / f"doc{i}.txt").write_text(" ".join(words[j] for j in idx) + ".\n")
+    return str(d)
+
+
+def tiny_args(tmp_path, corpus):
+    return [
+        "--config", os.path.join(ROOT, "configs/train.yaml"),
+        "--model.d_model", "32", "--model.n_layer", "2", "--model.d_state", "16", "--model.headdim", "16",
+        "--model.chunk_size", "32", "--model.backend", "torch", "--model.warmup_steps", "2",
+        "--data.source", corpus, "--data.tokenizer", "byte", "--data.seq_len", "64", "--data.batch_size", "4",
+        "--data.cache_dir", str(tmp_path / "cache"),
+        "--trainer.max_steps", "6", "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2",
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.logger.init_args.name", "tiny",
+        "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "2",
+    ]
+
+
+def test_fit_writes_events_config_and_checkpoint(tmp_path, corpus):
+    main(["fit", *tiny_args(tmp_path, corpus)])
+    run = tmp_path / "runs" / "tiny" / "version_0"
+    assert glob.glob(str(run / "events.out.tfevents.*"))
+    assert (run / "config.yaml").exists()
+    ckpts = glob.glob(str(run / "checkpoints" / "*.ckpt"))
+    assert any(c.endswith("last.ckpt") for c in ckpts)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 6
+    meta = ckpt["lightning_mamba"]
+    assert meta["seq_len"] == 64 and meta["tokenizer"]["kind"] == "byte" and meta["mamba_config"]["vocab_size"] == 257
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"train/loss", "val/loss", "val/ppl"} <= set(tags)
+
+
+def make_train_line(**knobs) -> list[str]:
+    """The command `make train` would run, as argv for the CLI (without the program name and subcommand)."""
+    env = {k: str(v) for k, v in knobs.items()}
+    out = subprocess.run(["make", "-n", "-s", "train", *(f"{k}={v}" for k, v in env.items())], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    line = next(l for l in out.replace("\\\n", " ").splitlines() if "lightning-mamba fit" in l)
+    argv = shlex.split(line)
+    return argv[argv.index("fit") + 1:]
+
+
+def test_make_train_line_parses_with_state_and_len():
+    argv = make_train_line(STATE=32, LEN=256, STEPS=7)
+    argv = [a if not a.startswith("configs/") else os.path.join(ROOT, a) for a in argv]
+    cli = lightning_cli(argv, run=False)
+    assert cli.model.hparams.d_state == 32
+    assert cli.datamodule.hparams.seq_len == 256
+    assert cli.datamodule.hparams.batch_size == 4096 // 256
+    assert cli.trainer.max_steps == 7
+    assert cli.model.hparams.vocab_size == cli.datamodule.vocab_size_for_model
+
+
+@pytest.mark.parametrize(
+    "override,fragment",
+    [
+        (["--data.seq_len", "1"], "data.seq_len must be >= 2"),
+        (["--data.source", "/nonexistent/texts"], "/nonexistent/texts"),
+        (["--model.headdim", "24"], "headdim=24 must divide"),
+        (["--data.tokenizer", "wordpiece"], "unknown tokenizer"),
+        (["--model.backend", "tpu"], "unknown backend"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tmp_path, corpus, capsys, override, fragment):
+    with pytest.raises(SystemExit) as e:
+        main(["fit", *tiny_args(tmp_path, corpus), *override])
+    message = str(e.value.code) if not isinstance(e.value.code, int) else capsys.readouterr().err
+    assert fragment in message
+    assert "Traceback" not in message
+    assert not glob.glob(str(tmp_path / "cache" / "*.tmp*"))  # no half-written cache
