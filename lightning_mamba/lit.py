@@ -86,7 +86,6 @@ class MambaLitModule(L.LightningModule):
                 tie_embeddings=tie_embeddings,
             )
             self.model = MambaLM(config, backend=backend)
-        self.train_loss = MeanMetric()
         self.val_loss = MeanMetric()
         self.val_loss_best = MinMetric()
 

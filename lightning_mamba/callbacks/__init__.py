@@ -1,5 +1,7 @@
 """Callbacks that log what training does and what the model forgets."""
 
+from .length_generalization import LengthGeneralizationCallback
+from .state_stats import StateStatsCallback
 from .throughput import TokenThroughputMonitor
 
-__all__ = ["TokenThroughputMonitor"]
+__all__ = ["LengthGeneralizationCallback", "StateStatsCallback", "TokenThroughputMonitor"]

@@ -1,0 +1,12 @@
+"""Observation: does the model learn to forget? Loss vs position far past T_train, the paper's criterion,
+state and retention statistics, and their figures (used by the callbacks and `lightning-mamba analyze`)."""
+
+from .criterion import ForgettingVerdict, default_bucket, forgetting_verdict, judge_forgetting
+from .evaluator import bucket_curve, eval_rows, iter_pieces, token_losses, window_mean
+from .state_stats import StateStats, head_state_stats, newline_probe, state_statistics
+
+__all__ = [
+    "ForgettingVerdict", "StateStats", "bucket_curve", "default_bucket", "eval_rows", "forgetting_verdict",
+    "head_state_stats", "iter_pieces", "judge_forgetting", "newline_probe", "state_statistics", "token_losses",
+    "window_mean",
+]

@@ -1,0 +1,166 @@
+"""Loss far past the training length, during training: the paper's forgetting test as a callback."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from typing import Any
+
+import lightning as L
+import numpy as np
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
+
+from ..analysis import plots
+from ..analysis.criterion import default_bucket, forgetting_verdict
+from ..analysis.evaluator import bucket_curve, eval_rows, token_losses, window_mean
+
+
+class PeriodicAnalysis(L.Callback):
+    """Runs ``analyze`` on rank 0 after every ``every_n_validations``-th validation (not the sanity check)
+    and once at the end of fit (unless the last validation already covered that step), with the model in
+    eval mode; reads T_train and held-out tokens from ``trainer.datamodule`` and logs to every logger."""
+
+    name = "analysis"
+
+    def __init__(self, every_n_validations: int = 1):
+        if every_n_validations < 1:
+            raise ValueError(f"every_n_validations must be >= 1 (got {every_n_validations})")
+        self.every_n_validations = every_n_validations
+        self._validations = 0
+        self._last_step: int | None = None
+        self._disabled = False
+
+    def analyze(self, trainer: L.Trainer, model, data: Any, step: int) -> None:
+        raise NotImplementedError
+
+    # ---- cadence -------------------------------------------------------------------------
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self._validations += 1
+        if self._validations % self.every_n_validations == 0:
+            self._run(trainer, pl_module)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._last_step != trainer.global_step:
+            self._run(trainer, pl_module)
+
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_step = trainer.global_step
+        if self._disabled or not trainer.is_global_zero:
+            return
+        data = getattr(trainer, "datamodule", None)
+        missing = [a for a in ("hparams", "val_tokens", "tokenizer") if not hasattr(data, a)]
+        if data is None or missing:
+            rank_zero_warn(f"{type(self).__name__} is off: the data module must provide hparams.seq_len, "
+                           f"val_tokens() and tokenizer (missing: {', '.join(missing) or 'the data module'})")
+            self._disabled = True
+            return
+        model = pl_module.model
+        was_training = model.training
+        model.eval()
+        try:
+            self.analyze(trainer, model, data, trainer.global_step)
+        finally:
+            model.train(was_training)
+
+    # ---- output ----------------------------------------------------------------------------
+    @staticmethod
+    def log_scalars(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
+        metrics = {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    @staticmethod
+    def log_figure(trainer: L.Trainer, tag: str, fig, step: int) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_figure(tag, fig, global_step=step, close=False)
+        plots.close(fig)
+
+    def out_dir(self, trainer: L.Trainer) -> str:
+        path = os.path.join(trainer.log_dir or trainer.default_root_dir, self.name)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+
+class LengthGeneralizationCallback(PeriodicAnalysis):
+    """Loss vs position on held-out text out to ``max(multiples)`` x T_train, and the forgetting verdict.
+
+    Args:
+        every_n_validations: Run after every N-th validation (and at the end of fit).
+        multiples: Context lengths, in units of T_train, to log a loss for. ``lengthgen/loss@{m}x`` is the mean
+            loss over positions (mT/2, mT] (for 1x: (T/2, T], the second half of the training window).
+        n_rows: Held-out rows (documents joined with EOS, no reset) of max(multiples) x T_train tokens.
+        bucket: Positions per bucket of the curve the criterion sees (default T_train // 8, at least 16).
+        piece_len: Tokens per forward; the state is carried between pieces (default 2048 on GPU, 512 on CPU,
+            where smaller pieces are faster).
+        max_eval_tokens: Cap on the evaluated length (multiples beyond it are skipped).
+        dtype: float32 (the paper's analysis precision) or bfloat16.
+        threshold: The criterion's factor: fails if a bucket exceeds threshold x the max within T_train.
+
+    Logs ``lengthgen/loss@{m}x``, ``lengthgen/forgets`` (1/0), ``lengthgen/blowup_position`` (-1 if none),
+    ``lengthgen/ratio_4_16x`` (mean[4T,16T] / mean[T/2,T], when evaluated to 16T), the figure
+    ``lengthgen/loss_vs_position``, and ``<log_dir>/lengthgen/step_<step>.json`` (verdict, bucket curve,
+    per-position curve) and ``.csv`` (position, loss averaged over rows).
+    """
+
+    name = "lengthgen"
+
+    def __init__(
+        self,
+        every_n_validations: int = 1,
+        multiples: tuple[int, ...] | list[int] = (1, 2, 4, 8, 16),
+        n_rows: int = 2,
+        bucket: int | None = None,
+        piece_len: int | None = None,
+        max_eval_tokens: int | None = None,
+        dtype: str = "float32",
+        threshold: float = 2.0,
+    ):
+        super().__init__(every_n_validations)
+        if not multiples or min(multiples) < 1:
+            raise ValueError(f"multiples must be positive integers (got {multiples})")
+        self.multiples = tuple(sorted(int(m) for m in multiples))
+        self.n_rows, self.bucket, self.piece_len = n_rows, bucket, piece_len
+        self.max_eval_tokens, self.dtype, self.threshold = max_eval_tokens, dtype, threshold
+
+    def analyze(self, trainer: L.Trainer, model, data: Any, step: int) -> None:
+        t0 = time.perf_counter()
+        T = int(data.hparams.seq_len)
+        length = max(self.multiples) * T
+        if self.max_eval_tokens:
+            length = min(length, int(self.max_eval_tokens))
+        rows, info = eval_rows(data.val_tokens(), length + 1, self.n_rows, getattr(data.tokenizer, "eos_id", None))
+        if info["note"]:
+            rank_zero_warn(f"lengthgen: {info['note']}")
+        piece_len = self.piece_len or (2048 if next(model.parameters()).is_cuda else 512)
+        losses = token_losses(model, rows, piece_len, self.dtype)
+        bucket = self.bucket or default_bucket(T)
+        verdict = forgetting_verdict(losses, T, bucket, self.threshold)
+        metrics = {f"lengthgen/loss@{m}x": window_mean(losses, m * T // 2, m * T) for m in self.multiples}
+        metrics.update({"lengthgen/forgets": float(verdict.forgets),
+                        "lengthgen/blowup_position": -1 if verdict.blowup_position is None else verdict.blowup_position,
+                        "lengthgen/ratio_4_16x": verdict.ratio_long_over_in})
+        self.log_scalars(trainer, metrics, step)
+
+        positions, curve = bucket_curve(losses, bucket)
+        fig = plots.plot_loss_curve(positions, curve, T, self.threshold * verdict.max_in_window,
+                                    title=f"step {step}: " + ("forgets" if verdict.forgets else
+                                                              f"blows up at {verdict.blowup_position}"))
+        self.log_figure(trainer, "lengthgen/loss_vs_position", fig, step)
+
+        per_position = losses.double().mean(0).numpy()
+        out = os.path.join(self.out_dir(trainer), f"step_{step}")
+        with open(out + ".json", "w") as f:
+            json.dump({"step": step, "seq_len": T, "bucket": bucket, "rows": info, "dtype": self.dtype,
+                       "verdict": verdict.to_dict(), "metrics": {k: v for k, v in metrics.items()},
+                       "bucket_positions": positions.tolist(), "bucket_loss": curve.tolist(),
+                       "per_position_loss": per_position.tolist(), "seconds": time.perf_counter() - t0}, f)
+        with open(out + ".csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["position", "loss"])
+            w.writerows(zip(range(1, len(per_position) + 1), (f"{x:.6g}" for x in per_position)))

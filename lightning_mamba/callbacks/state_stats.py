@@ -1,0 +1,114 @@
+"""State norms, outlier channels and forget-gate retention along a long input, during training."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
+
+from ..analysis import plots
+from ..analysis.criterion import default_bucket
+from ..analysis.evaluator import eval_rows
+from ..analysis.state_stats import newline_probe, state_statistics
+from .length_generalization import PeriodicAnalysis
+
+PROBES = ("text", "newlines")
+
+
+class StateStatsCallback(PeriodicAnalysis):
+    """Per layer and head: state RMS / mean / variance / outlier share every ``stride`` tokens, and the first
+    token's retention alpha_{1:T_train}, on held-out text and (optionally) the newline token repeated.
+
+    Args:
+        every_n_validations: Run after every N-th validation (and at the end of fit).
+        multiples: ``state/norm_max@{m}x`` is the max state RMS over heads and positions in (mT/2, mT]
+            ((0, T] for 1x); the input is max(multiples) x T_train tokens long.
+        n_rows: Held-out text rows (the newline probe uses one row: it is the same for every row).
+        stride: Tokens between state samples (default T_train // 8, at least 16).
+        probes: ``text`` (held-out text) and/or ``newlines`` (skipped, with a warning, when '\\n' is not one token).
+        max_eval_tokens: Cap on the evaluated length.
+        dtype: float32 (the paper's analysis precision) or bfloat16.
+        retention_threshold: A head "never forgets the first token" when alpha_{1:T_train} exceeds this.
+        top_fraction: Outlier channels = this top share of a head's state entries.
+
+    Logs (text probe) ``state/norm_max@1x``, ``state/norm_max@{max}x``, ``state/norm_growth`` (largest per-head
+    ratio of the max RMS beyond T_train to the max within), ``state/var_growth``, ``state/outlier_share``
+    (largest per-head variance share of the top entries, at the last position),
+    ``retention/frac_heads_above_{threshold}``, ``retention/max_first_token``; the newline probe logs the same
+    under ``state_newlines/`` and ``retention_newlines/``. Figures ``state/norm_vs_position`` and
+    ``retention/heatmap`` (and ``state_newlines/norm_vs_position``); raw arrays in ``<log_dir>/state_stats/``.
+    """
+
+    name = "state_stats"
+
+    def __init__(
+        self,
+        every_n_validations: int = 1,
+        multiples: tuple[int, ...] | list[int] = (1, 16),
+        n_rows: int = 1,
+        stride: int | None = None,
+        probes: tuple[str, ...] | list[str] = PROBES,
+        max_eval_tokens: int | None = None,
+        dtype: str = "float32",
+        retention_threshold: float = 0.99,
+        top_fraction: float = 0.01,
+    ):
+        super().__init__(every_n_validations)
+        unknown = set(probes) - set(PROBES)
+        if unknown:
+            raise ValueError(f"unknown probes {sorted(unknown)}: use {', '.join(PROBES)}")
+        self.multiples = tuple(sorted(int(m) for m in multiples))
+        self.n_rows, self.stride, self.probes = n_rows, stride, tuple(probes)
+        self.max_eval_tokens, self.dtype = max_eval_tokens, dtype
+        self.retention_threshold, self.top_fraction = retention_threshold, top_fraction
+
+    def _inputs(self, data: Any, probe: str, length: int):
+        if probe == "text":
+            rows, info = eval_rows(data.val_tokens(), length, self.n_rows, getattr(data.tokenizer, "eos_id", None))
+            if info["note"]:
+                rank_zero_warn(f"state_stats: {info['note']}")
+            return rows
+        try:
+            return newline_probe(data.tokenizer, length)
+        except ValueError as e:
+            rank_zero_warn(f"state_stats: newline probe skipped from now on ({e})")
+            self.probes = tuple(p for p in self.probes if p != "newlines")
+            return None
+
+    def analyze(self, trainer: L.Trainer, model, data: Any, step: int) -> None:
+        t0 = time.perf_counter()
+        T = int(data.hparams.seq_len)
+        length = max(self.multiples) * T
+        if self.max_eval_tokens:
+            length = min(length, int(self.max_eval_tokens))
+        stride = self.stride or default_bucket(T)
+        dump: dict = {"step": step, "seq_len": T, "stride": stride, "dtype": self.dtype}
+        for probe in self.probes:
+            rows = self._inputs(data, probe, length)
+            if rows is None:
+                continue
+            stats = state_statistics(model, rows, T, stride, self.dtype, top_fraction=self.top_fraction, probe=probe)
+            summary = stats.summary(self.multiples, self.retention_threshold)
+            s, r = ("state", "retention") if probe == "text" else ("state_newlines", "retention_newlines")
+            top = max(self.multiples)
+            metrics = {f"{s}/norm_max@{m}x": summary.get(f"norm_max@{m}x") for m in {1, top}}
+            metrics.update({f"{s}/norm_growth": summary.get("norm_growth"), f"{s}/var_growth": summary.get("var_growth"),
+                            f"{s}/outlier_share": summary["outlier_share"],
+                            f"{r}/frac_heads_above_{self.retention_threshold}":
+                                summary.get(f"frac_heads_above_{self.retention_threshold}"),
+                            f"{r}/max_first_token": summary.get("max_first_token")})
+            self.log_scalars(trainer, metrics, step)
+            self.log_figure(trainer, f"{s}/norm_vs_position",
+                            plots.plot_state_norm(stats.positions, stats.rms, T, title=f"{probe}: state RMS, step {step}"),
+                            step)
+            if stats.retention_T is not None:
+                self.log_figure(trainer, f"{r}/heatmap", plots.plot_retention_heatmap(
+                    stats.retention_T, T, title=f"{probe}: alpha_(1:{T}), step {step}"), step)
+            dump[probe] = {"summary": summary, "stats": stats.to_dict()}
+        dump["seconds"] = time.perf_counter() - t0
+        with open(os.path.join(self.out_dir(trainer), f"step_{step}.json"), "w") as f:
+            json.dump(dump, f)

@@ -1,0 +1,112 @@
+"""`lightning-mamba analyze` end to end: on a stubbed tiny model, and on real checkpoints (.ckpt, exported dir)."""
+
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_mamba.commands import analyze as cmd
+from lightning_mamba.data import ByteTokenizer, TextDataModule
+from lightning_mamba.lit import MambaLitModule
+from lightning_mamba.models.checkpoint import save_pretrained
+
+from .conftest import tiny_lm
+
+
+@pytest.fixture
+def stubbed(monkeypatch, tmp_path):
+    meta = {"seq_len": 32}
+    monkeypatch.setattr(cmd, "load_checkpoint", lambda path, backend: (tiny_lm(vocab_size=257), dict(meta)))
+    monkeypatch.setattr(cmd, "load_tokenizer", lambda name, meta: ByteTokenizer())
+    ckpt = tmp_path / "run" / "last.ckpt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"")
+    text = tmp_path / "held_out.txt"
+    text.write_text("Now is the winter of our discontent.\n" * 5)  # ~190 bytes < 16 x 32: repeated
+    return ckpt, text, meta
+
+
+def test_analyze_writes_verdict_curve_stats_and_pngs(stubbed, capsys):
+    ckpt, text, _ = stubbed
+    assert cmd.main(["--ckpt", str(ckpt), "--text", str(text), "--tensorboard"]) == 0
+    out = ckpt.parent / "analysis"
+    printed = capsys.readouterr()
+    assert "verdict:" in printed.out and "ratio mean[4T,16T]" in printed.out and "repeated" in printed.err
+    r = json.loads((out / "verdict.json").read_text())
+    assert r["seq_len"] == 32 and r["length"] == 512 and r["bucket"] == 16
+    assert set(r["verdict"]) >= {"forgets", "blowup_position", "max_in_window", "ratio_long_over_in"}
+    assert r["verdict"]["ratio_long_over_in"] is not None and set(r["metrics"]) == {f"loss@{m}x" for m in (1, 2, 4, 8, 16)}
+    assert {"text", "newlines"} == set(r["state"])
+    assert len((out / "curve.csv").read_text().splitlines()) == 513
+    for name in ("loss_vs_position", "state_norm_text", "retention_heatmap_text", "log_retention_newlines"):
+        assert (out / f"{name}.png").exists()
+    assert list((out / "tensorboard").iterdir())
+
+
+def test_analyze_needs_a_training_length(stubbed, capsys):
+    ckpt, text, meta = stubbed
+    del meta["seq_len"]
+    assert cmd.main(["--ckpt", str(ckpt), "--text", str(text)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("analyze: error:") and "--seq_len" in err and "\n" not in err
+    out = stubbed[0].parent / "custom"
+    assert cmd.main(["--ckpt", str(ckpt), "--text", str(text), "--seq_len", "16", "--length", "64",
+                     "--out", str(out), "--probes", "[text]"]) == 0
+    r = json.loads((out / "verdict.json").read_text())
+    assert r["seq_len"] == 16 and r["verdict"]["ratio_long_over_in"] is None and set(r["state"]) == {"text"}
+    assert "n/a" in capsys.readouterr().out
+
+
+def test_missing_inputs_are_one_line_errors(stubbed, capsys, tmp_path):
+    ckpt, _, _ = stubbed
+    assert cmd.main(["--ckpt", str(tmp_path / "nope.ckpt")]) == 2
+    assert cmd.main(["--ckpt", str(ckpt), "--text", str(tmp_path / "nope.txt")]) == 2
+    errs = capsys.readouterr().err.strip().splitlines()
+    assert len(errs) == 2 and "does not exist" in errs[0] and "nope.txt" in errs[1]
+
+
+def test_tokenizer_from_flag_or_checkpoint(tmp_path):
+    load = cmd.__dict__["load_tokenizer"]
+    assert isinstance(load("byte", {}), ByteTokenizer)
+    assert isinstance(load(None, {"tokenizer": {"kind": "byte"}}), ByteTokenizer)
+    hf_json = ByteTokenizer().to_hf().to_str()  # a tokenizer.json next to an exported/official checkpoint
+    assert load(None, {"tokenizer": {"kind": "json", "json": hf_json}}).encode("ab") == [97, 98]
+    with pytest.raises(cmd.AnalyzeError, match="--tokenizer"):
+        load(None, {})
+    with pytest.raises(ValueError, match="tok.json"):
+        load(str(tmp_path / "tok.json"), {})
+
+
+def test_analyze_real_checkpoint_and_export(tmp_path, capsys):
+    """A .ckpt saved by a Trainer records seq_len and the tokenizer: analyze needs nothing else. The same
+    weights exported to the official layout need --seq_len and give the same curve."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for d in range(6):
+        (corpus / f"doc{d}.txt").write_text(f"document {d}: " + "the quick brown fox jumps over the lazy dog. " * 8)
+    dm = TextDataModule(source=str(corpus), tokenizer="byte", seq_len=16, batch_size=2,
+                        val_fraction=0.3, cache_dir=str(tmp_path / "cache"))
+    module = MambaLitModule(d_model=32, n_layer=2, d_state=16, headdim=16, chunk_size=16, vocab_size=257,
+                            backend="torch", warmup_steps=1)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=dm)
+    ckpt = tmp_path / "ckpts" / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    text = tmp_path / "held_out.txt"
+    text.write_text("a held-out document about foxes and dogs. " * 30)
+
+    args = ["--text", str(text), "--length", "128", "--probes", "[text]"]
+    assert cmd.main(["--ckpt", str(ckpt), *args]) == 0
+    r = json.loads((tmp_path / "ckpts" / "analysis" / "verdict.json").read_text())
+    assert r["seq_len"] == 16 and r["rows"]["rows"] == 2 and r["verdict"]["evaluated_to"] == 128
+
+    export = tmp_path / "export"
+    save_pretrained(module.model, str(export), tokenizer_spec=ByteTokenizer().to_spec())
+    assert cmd.main(["--ckpt", str(export), *args]) == 2  # an exported dir does not know T_train
+    assert "--seq_len" in capsys.readouterr().err
+    assert cmd.main(["--ckpt", str(export), "--seq_len", "16", *args]) == 0
+    r2 = json.loads((export / "analysis" / "verdict.json").read_text())
+    assert r2["metrics"] == pytest.approx(r["metrics"], rel=1e-5)
+    torch.testing.assert_close(torch.tensor(r2["verdict"]["max_in_window"]), torch.tensor(r["verdict"]["max_in_window"]))

@@ -1,0 +1,48 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_mamba.analysis import bucket_curve, eval_rows, token_losses, window_mean
+
+
+@pytest.mark.parametrize("piece_len,length", [(1, 20), (7, 96), (16, 96), (50, 96), (95, 96), (200, 96)])
+def test_piecewise_losses_equal_one_forward(lm, piece_len, length):
+    tokens = torch.randint(0, 64, (2, length))
+    with torch.no_grad():
+        logits, _ = lm(tokens[:, :-1])
+    full = F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
+    got = token_losses(lm, tokens, piece_len=piece_len)
+    assert got.shape == (2, length - 1) and got.dtype == torch.float32
+    torch.testing.assert_close(got, full, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(token_losses(lm, tokens, piece_len=piece_len, batch_size=1), full, atol=2e-5, rtol=1e-5)
+
+
+def test_bf16_option_runs_close_to_fp32(lm):
+    tokens = torch.randint(0, 64, (1, 40))
+    fp32 = token_losses(lm, tokens, piece_len=16)
+    bf16 = token_losses(lm, tokens, piece_len=16, dtype="bfloat16")
+    assert torch.isfinite(bf16).all() and (bf16 - fp32).abs().mean() < 0.1
+    with pytest.raises(ValueError, match="dtype"):
+        token_losses(lm, tokens, dtype="int8")
+
+
+def test_bucket_curve_averages_rows_then_buckets():
+    losses = torch.tensor([[1.0, 2, 3, 4, 5], [3.0, 4, 5, 6, 7]])  # row mean: 2,3,4,5,6
+    pos, curve = bucket_curve(losses, 2)
+    assert pos.tolist() == [2, 4, 5]  # each bucket at its last position; the short last bucket kept
+    np.testing.assert_allclose(curve, [2.5, 4.5, 6.0])
+    assert window_mean(losses, 2, 4) == pytest.approx(4.5)  # positions 3, 4
+    assert window_mean(losses, 2, 6) is None
+
+
+def test_eval_rows_windows_and_repetition():
+    stream = np.arange(10)
+    rows, info = eval_rows(stream, 4, 2)
+    assert rows.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]] and info["repeated"] == 1 and not info["note"]
+    rows, info = eval_rows(stream, 4, 5)
+    assert rows.shape == (2, 4) and "only 2 of 5" in info["note"]
+    rows, info = eval_rows(np.array([5, 6, 7]), 9, 1, eos_id=0)  # too short: repeated, EOS between copies
+    assert rows.tolist() == [[5, 6, 7, 0, 5, 6, 7, 0, 5]] and info["repeated"] == 3 and "repeated" in info["note"]
+    rows, _ = eval_rows(np.array([5, 6, 0]), 5, 1, eos_id=0)  # already ends with EOS: no doubled EOS
+    assert rows.tolist() == [[5, 6, 0, 5, 6]]

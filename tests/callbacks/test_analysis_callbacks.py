@@ -1,0 +1,69 @@
+"""The forgetting callbacks inside a real Trainer: TensorBoard tags, files, cadence, finite curves."""
+
+import json
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_mamba.callbacks import LengthGeneralizationCallback, StateStatsCallback
+from lightning_mamba.lit import MambaLitModule
+
+from lightning_mamba.data import TextDataModule
+
+SEQ_LEN = 32
+
+
+def text_data(tmp_path, seq_len=SEQ_LEN) -> TextDataModule:
+    """The project's data module over a small corpus of 12 documents, byte tokenizer."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for d in range(12):
+        (corpus / f"doc{d:02d}.txt").write_text("".join(f"{d} line {i}: the cat sat on the mat.\n" for i in range(40)))
+    return TextDataModule(source=str(corpus), tokenizer="byte", seq_len=seq_len, batch_size=4,
+                          val_fraction=0.2, cache_dir=str(tmp_path / "cache"))
+
+
+def test_callbacks_log_tags_and_files(tmp_path):
+    torch.manual_seed(0)
+    module = MambaLitModule(d_model=32, n_layer=2, d_state=16, headdim=16, chunk_size=32, vocab_size=257,
+                            backend="torch", warmup_steps=1)
+    lengthgen = LengthGeneralizationCallback(every_n_validations=1, piece_len=256)
+    stats = StateStatsCallback(every_n_validations=2, stride=64)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=5, val_check_interval=2, limit_val_batches=1,
+                        num_sanity_val_steps=1, logger=TensorBoardLogger(tmp_path, name="run"),
+                        callbacks=[lengthgen, stats], enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, log_every_n_steps=1)
+    trainer.fit(module, datamodule=text_data(tmp_path))
+
+    acc = EventAccumulator(trainer.log_dir, size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    scalars, images = set(acc.Tags()["scalars"]), set(acc.Tags()["images"])
+    assert {f"lengthgen/loss@{m}x" for m in (1, 2, 4, 8, 16)} <= scalars
+    assert {"lengthgen/forgets", "lengthgen/blowup_position", "lengthgen/ratio_4_16x"} <= scalars
+    assert {"state/norm_max@1x", "state/norm_max@16x", "state/norm_growth", "state/outlier_share",
+            "retention/frac_heads_above_0.99", "retention/max_first_token", "state_newlines/norm_growth"} <= scalars
+    assert {"lengthgen/loss_vs_position", "state/norm_vs_position", "retention/heatmap",
+            "state_newlines/norm_vs_position"} <= images
+    # after the validations at steps 2 and 4 (not the sanity check) and at the end of fit (step 5)
+    assert [e.step for e in acc.Scalars("lengthgen/loss@16x")] == [2, 4, 5]
+    assert [e.step for e in acc.Scalars("state/norm_growth")] == [4, 5]  # every 2nd validation, and the end
+
+    out = tmp_path / "run" / "version_0"
+    record = json.loads((out / "lengthgen" / "step_5.json").read_text())
+    assert record["seq_len"] == SEQ_LEN and record["rows"]["rows"] == 2
+    per_pos = np.array(record["per_position_loss"])
+    assert per_pos.shape == (16 * SEQ_LEN,) and np.isfinite(per_pos).all()
+    assert len(record["bucket_loss"]) == 16 * SEQ_LEN // 16 and np.isfinite(record["bucket_loss"]).all()
+    assert record["per_position_loss"][-1] < np.log(257) + 1  # a trained-a-little model, not garbage
+    csv_lines = (out / "lengthgen" / "step_5.csv").read_text().splitlines()
+    assert csv_lines[0] == "position,loss" and len(csv_lines) == 16 * SEQ_LEN + 1
+    st = json.loads((out / "state_stats" / "step_5.json").read_text())
+    assert np.array(st["text"]["stats"]["rms"]).shape == (1 + 16 * SEQ_LEN // 64, 2, 4)  # T_train, then every 64
+    assert np.isfinite(np.array(st["newlines"]["stats"]["log_retention"])).all()
+
+    module.model.train()  # the callbacks hand the model back in the mode they found it
+    lengthgen._run(trainer, module)
+    assert module.model.training
