@@ -31,6 +31,7 @@ def lightning_cli(args=None, run: bool = True) -> MambaCLI:
     return MambaCLI(
         MambaLitModule,
         TextDataModule,
+        subclass_mode_data=True,  # TextDataModule by default; experiments may pick e.g. PasskeyDataModule
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"description": "Train and study Mamba-2 LMs. Extra commands: " + ", ".join(COMMANDS)
                        + " (run `lightning-mamba COMMAND --help`)."},
@@ -49,8 +50,22 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(module.main(argv[1:]))
     try:
         lightning_cli(argv)
-    except (ConfigError, DataError) as e:  # bad settings: one line that says what to change, no traceback
-        sys.exit(f"error: {e}")
+    except Exception as e:
+        cause = user_error(e)
+        if cause is None:
+            raise
+        sys.exit(f"error: {cause}")  # bad settings: one line that says what to change, no traceback
+
+
+def user_error(e: BaseException) -> BaseException | None:
+    """The ConfigError/DataError behind ``e`` (jsonargparse wraps errors raised while instantiating classes)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, (ConfigError, DataError)):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 if __name__ == "__main__":

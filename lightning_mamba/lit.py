@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric, MinMetric
 
+from .checkpoint_io import check_model_shape, check_tokenizer
 from .models import MambaConfig, MambaLM
 from .models.backend import check_backend
 from .schedule import SCHEDULES, lr_factor
@@ -184,3 +185,10 @@ class MambaLitModule(L.LightningModule):
             meta["seq_len"] = dm.hparams.seq_len
             meta["tokenizer"] = dm.tokenizer.to_spec()
         checkpoint["lightning_mamba"] = meta
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Before Lightning loads the weights (--ckpt_path): one line naming what differs, not a size-mismatch dump.
+        trainer = self._trainer
+        path = (trainer.ckpt_path if trainer is not None else None) or "(given)"
+        check_tokenizer(checkpoint, getattr(trainer, "datamodule", None), path)
+        check_model_shape(checkpoint, self, path)

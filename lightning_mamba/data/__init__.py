@@ -5,6 +5,7 @@ from .cache import fingerprint, load_or_build, open_token_cache, token_dtype, wr
 from .corpus import default_corpus_documents
 from .datamodule import TextDataModule
 from .errors import DataError
+from .passkey import PasskeyDataModule, PasskeyError, PasskeyGenerator, PasskeySample, PasskeyTemplate, passkey_grid
 from .packed import PackedTextDataset, document_index, encode_documents, split_documents
 from .sources import load_documents, source_identity
 from .tokenization import (
@@ -20,6 +21,7 @@ from .tokenization import (
 
 __all__ = [
     "BPETokenizer", "ByteTokenizer", "DataError", "FileTokenizer", "HFTokenizer", "PackedTextDataset",
+    "PasskeyDataModule", "PasskeyError", "PasskeyGenerator", "PasskeySample", "PasskeyTemplate", "passkey_grid",
     "TextDataModule", "Tokenizer", "build_tokenizer", "default_corpus_documents", "document_index",
     "encode_documents", "fingerprint", "load_documents", "load_or_build", "load_tokenizer", "open_token_cache",
     "source_identity", "split_documents", "token_dtype", "tokenizer_from_spec", "write_token_cache",

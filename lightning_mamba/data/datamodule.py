@@ -4,21 +4,26 @@
 ``cache_dir``); later runs with the same source, tokenizer and split open the caches as memory maps and
 skip all of it. ``seq_len``, ``batch_size`` and ``val_max_tokens`` do not key the caches: changing them
 costs nothing.
+
+The training order is a :class:`~.sampler.ResumableSampler`; its position (epoch, samples trained on) is
+the module's ``state_dict``, which Lightning stores in every checkpoint, so a resumed run continues with the
+very batches the interrupted one would have trained on next.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from functools import cached_property
 
 import lightning as L
 import numpy as np
-import torch
 from torch.utils.data import DataLoader
 
 from .cache import fingerprint, load_or_build, token_dtype
 from .errors import DataError
 from .packed import PACKING_VERSION, PackedTextDataset, encode_documents, split_documents
+from .sampler import ResumableSampler
 from .sources import load_documents, source_identity
 from .tokenization import MIN_BPE_VOCAB, Tokenizer, build_tokenizer, check_tokenizer_spec
 
@@ -73,6 +78,8 @@ class TextDataModule(L.LightningDataModule):
         self.hparams.tokenizer = tokenizer if self._tokenizer is None else self._tokenizer.name
         self._documents: dict[str, list[str]] | None = None
         self._streams: dict[str, np.ndarray] | None = None
+        self._sampler: ResumableSampler | None = None  # the training order, once train_dataloader made it
+        self._sampler_state: dict | None = None  # a checkpoint's position, until then
 
     # ---- what the model and the analysis read ---------------------------------------------------------
     @property
@@ -168,8 +175,18 @@ class TextDataModule(L.LightningDataModule):
         if len(dataset) < h.batch_size:
             raise DataError(f"data.batch_size={h.batch_size} is larger than the {len(dataset)} training samples of "
                             f"seq_len={h.seq_len}: use a smaller batch_size or seq_len, or a larger corpus")
-        return DataLoader(dataset, batch_size=h.batch_size, shuffle=True, drop_last=True,
-                          generator=torch.Generator().manual_seed(h.seed), **self.loader_options())
+        return self.train_loader(dataset)
+
+    def train_loader(self, dataset) -> DataLoader:
+        """Batches of ``dataset`` in the resumable seeded order (subclasses that wrap the dataset use this too)."""
+        h, trainer = self.hparams, self.trainer
+        state = self._sampler.state_dict() if self._sampler is not None else self._sampler_state
+        self._sampler = ResumableSampler(len(dataset), seed=h.seed, num_replicas=trainer.world_size if trainer else 1,
+                                         rank=trainer.global_rank if trainer else 0)
+        if state is not None:
+            self._sampler.load_state_dict(state)
+        return DataLoader(dataset, batch_size=h.batch_size, sampler=self._sampler, drop_last=True,
+                          **self.loader_options())
 
     def val_dataloader(self) -> DataLoader:
         h = self.hparams
@@ -178,6 +195,25 @@ class TextDataModule(L.LightningDataModule):
             raise DataError(f"data.seq_len={h.seq_len} is larger than the validation split ({len(tokens)} tokens): "
                             f"use a smaller seq_len, a larger val_fraction or val_max_tokens, or a larger corpus")
         return DataLoader(self.dataset(tokens), batch_size=h.batch_size, shuffle=False, **self.loader_options())
+
+    # ---- resuming: the training position is part of every checkpoint ----------------------------------
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        # Count a batch when it reaches the training step, not when the DataLoader fetches it (it runs ahead):
+        # at any checkpoint, ``consumed`` is what the trainer has trained on.
+        if self._sampler is not None and self.trainer is not None and self.trainer.training:
+            self._sampler.advance(self.hparams.batch_size)
+        return batch
+
+    def state_dict(self) -> dict:
+        state = self._sampler.state_dict() if self._sampler is not None else self._sampler_state
+        return {"train_sampler": state} if state is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._sampler_state = state_dict.get("train_sampler")
+        if self._sampler is not None and self._sampler_state is not None:
+            self._sampler.load_state_dict(self._sampler_state)
+        # Lightning warns that a plain DataLoader cannot resume mid-epoch; this one can
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
 
     def dataset(self, tokens: np.ndarray) -> PackedTextDataset:
         h = self.hparams

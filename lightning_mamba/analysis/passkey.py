@@ -1,0 +1,197 @@
+"""Passkey retrieval scoring: exact match of the greedily decoded answer, over a lengths x depths grid.
+
+Greedy decoding of the answer is right iff, at every answer position, the argmax given the *true* previous
+answer tokens is the true token (by induction: while it is right, greedy's prefix is the true prefix). So
+one teacher-forced forward over prompt + answer scores it exactly: :func:`score_samples`. It runs in
+pieces with the state carried (:func:`~lightning_mamba.analysis.evaluator.iter_pieces`), so memory does not
+grow with the prompt (64K-1M tokens work); ``predicted`` equals greedy decoding's tokens up to and including
+its first mistake. :func:`greedy_generate` is the step-by-step reference the tests compare it with.
+
+The answer is the key's tokens as the tokenizer encodes them after the question (see
+``lightning_mamba.data.passkey``); a sample is correct when all of them are predicted. Argmax is over the
+model's real vocabulary (``config.vocab_size``), not the padding rows, as the official generation does.
+
+T_recall (paper): the longest length whose accuracy over all depths and samples is > 95%.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from ..data.passkey import PasskeyGenerator, PasskeySample, passkey_grid
+from . import plots  # noqa: F401  (selects the Agg backend before pyplot is imported)
+from .evaluator import iter_pieces, precision_context, resolve_dtype
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+@dataclass
+class SampleScore:
+    correct: bool
+    token_acc: float  # share of answer tokens predicted right (teacher-forced)
+    predicted: list[int]  # teacher-forced argmax at each answer position
+    answer: list[int]
+
+
+def _vocab(model) -> int:
+    return int(getattr(getattr(model, "config", None), "vocab_size", 0)) or None
+
+
+def score_samples(model: torch.nn.Module, samples: list[PasskeySample], piece_len: int = 2048,
+                  dtype: str | torch.dtype = torch.float32, device=None, batch_size: int = 8) -> list[SampleScore]:
+    """Score each sample with one teacher-forced forward over prompt + answer[:-1] (see the module docstring).
+
+    Samples with prompts of equal length go through the model together, ``batch_size`` at a time; answers of
+    different lengths are right-padded (padding comes after the scored positions, so it changes nothing)."""
+    vocab = _vocab(model)
+    scores: list[SampleScore | None] = [None] * len(samples)
+    groups: dict[int, list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault(s.length, []).append(i)
+    for length, idx in groups.items():
+        for b in range(0, len(idx), batch_size):
+            batch = [samples[i] for i in idx[b:b + batch_size]]
+            n_ans = max(len(s.answer_ids) for s in batch)
+            rows = torch.zeros(len(batch), length + n_ans, dtype=torch.long)
+            for r, s in enumerate(batch):
+                rows[r, :length] = torch.from_numpy(s.input_ids)
+                rows[r, length:length + len(s.answer_ids)] = torch.from_numpy(s.answer_ids)
+            # logits at input index j predict token j + 1: the answer is predicted at length-1 .. length+n_ans-2
+            preds = torch.empty(len(batch), n_ans, dtype=torch.long)
+            for p in iter_pieces(model, rows[:, :-1], piece_len, dtype, device, extra_ends=(length - 1,)):
+                lo, hi = max(p.start, length - 1), p.end
+                if lo < hi:
+                    logits = p.logits[:, lo - p.start:hi - p.start]
+                    preds[:, lo - (length - 1):hi - (length - 1)] = logits[..., :vocab].argmax(-1).cpu()
+            for r, s in enumerate(batch):
+                pred = preds[r, :len(s.answer_ids)].tolist()
+                hits = [a == b for a, b in zip(pred, s.answer_ids.tolist())]
+                scores[idx[b + r]] = SampleScore(all(hits), sum(hits) / len(hits), pred, s.answer_ids.tolist())
+    return scores
+
+
+@torch.no_grad()
+def greedy_generate(model: torch.nn.Module, prompt: torch.Tensor, n_tokens: int, piece_len: int = 2048,
+                    dtype: str | torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """Real greedy decoding: the prompt (b, L) in pieces, then ``model.step`` one token at a time -> (b, n_tokens)."""
+    vocab = _vocab(model)
+    *_, last = iter_pieces(model, prompt, piece_len, dtype, device)
+    token = last.logits[:, -1, :vocab].argmax(-1)
+    state, out = last.state, [token]
+    with precision_context(token.device, resolve_dtype(dtype)):
+        for _ in range(n_tokens - 1):
+            logits, state = model.step(token, state)
+            token = logits[:, :vocab].argmax(-1)
+            out.append(token)
+    return torch.stack(out, 1).cpu()
+
+
+# ---- the grid --------------------------------------------------------------------------------------------
+def t_recall(lengths: Iterable[int], accuracy: Iterable[float], threshold: float = 0.95) -> int | None:
+    """The paper's T_recall: the longest length whose accuracy is > ``threshold`` (None if none is)."""
+    passing = [int(n) for n, a in zip(lengths, accuracy) if a > threshold]
+    return max(passing) if passing else None
+
+
+@dataclass
+class PasskeyGrid:
+    """Results of a lengths x depths grid; arrays are (depths, lengths, samples)."""
+
+    lengths: list[int]
+    depths: list[float]
+    correct: np.ndarray
+    token_acc: np.ndarray
+    keys: list = field(default_factory=list)  # [depth][length] -> keys of the cell
+    seconds: float = 0.0
+
+    @property
+    def accuracy(self) -> np.ndarray:
+        """(depths, lengths): share of exact matches per cell."""
+        return self.correct.mean(-1)
+
+    @property
+    def accuracy_by_length(self) -> np.ndarray:
+        """(lengths,): over all depths and samples at that length."""
+        return self.correct.mean((0, 2))
+
+    def t_recall(self, threshold: float = 0.95) -> int | None:
+        return t_recall(self.lengths, self.accuracy_by_length, threshold)
+
+    def to_dict(self, threshold: float = 0.95) -> dict:
+        return {"lengths": self.lengths, "depths": self.depths, "samples_per_cell": int(self.correct.shape[-1]),
+                "accuracy": self.accuracy.tolist(), "accuracy_by_length": self.accuracy_by_length.tolist(),
+                "token_accuracy": self.token_acc.mean(-1).tolist(), "t_recall": self.t_recall(threshold),
+                "t_recall_threshold": threshold, "correct": self.correct.astype(int).tolist(), "keys": self.keys,
+                "seconds": self.seconds}
+
+
+def evaluate_passkey(model: torch.nn.Module, generator: PasskeyGenerator, lengths, depths, n_per_cell: int = 4,
+                     seed: int = 0, piece_len: int = 2048, dtype: str | torch.dtype = torch.float32, device=None,
+                     batch_size: int = 8) -> PasskeyGrid:
+    """Score ``n_per_cell`` samples in each (length, depth) cell; samples are built one cell at a time."""
+    t0 = time.perf_counter()
+    lengths, depths = [int(n) for n in lengths], [float(d) for d in depths]
+    correct = np.zeros((len(depths), len(lengths), n_per_cell), dtype=bool)
+    token_acc = np.zeros(correct.shape)
+    keys = [[None] * len(lengths) for _ in depths]
+    for li, di, samples in passkey_grid(generator, lengths, depths, n_per_cell, seed):
+        scores = score_samples(model, samples, piece_len, dtype, device, batch_size)
+        correct[di, li] = [s.correct for s in scores]
+        token_acc[di, li] = [s.token_acc for s in scores]
+        keys[di][li] = [s.key for s in samples]
+    return PasskeyGrid(lengths, depths, correct, token_acc, keys, time.perf_counter() - t0)
+
+
+# ---- figures ---------------------------------------------------------------------------------------------
+def _tokens(n: float) -> str:
+    for div, unit in ((2**20, "M"), (2**10, "K")):
+        if n >= div and n % (div // 16) == 0:
+            return f"{n / div:g}{unit}"
+    return f"{int(n)}"
+
+
+def plot_passkey_heatmap(grid: PasskeyGrid, seq_len: int | None = None, title: str = ""):
+    """Accuracy per cell, depth (rows) x length (columns); T_train's column is marked."""
+    acc = grid.accuracy
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * len(grid.lengths) + 2), max(2.8, 0.35 * len(grid.depths) + 1.6)))
+    im = ax.imshow(acc, aspect="auto", cmap="RdYlGn", vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_xticks(range(len(grid.lengths)), [_tokens(n) for n in grid.lengths], rotation=45, fontsize=8)
+    ax.set_yticks(range(len(grid.depths)), [f"{d:.2f}" for d in grid.depths], fontsize=8)
+    if seq_len in grid.lengths:
+        ax.axvline(grid.lengths.index(seq_len) + 0.5, color="k", linestyle="--", linewidth=1)
+    if acc.size <= 200:
+        for (r, c), a in np.ndenumerate(acc):
+            ax.text(c, r, f"{a:.2f}".lstrip("0") if a < 1 else "1", ha="center", va="center", fontsize=7)
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("needle depth")
+    ax.set_title(title or "passkey accuracy")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    return fig
+
+
+def plot_passkey_curve(grid: PasskeyGrid, seq_len: int | None = None, threshold: float = 0.95, title: str = ""):
+    """Accuracy over all depths vs length (log x), with T_train and the T_recall threshold marked."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    ax.plot(grid.lengths, grid.accuracy_by_length, marker="o", linewidth=1.2, label="exact match")
+    ax.plot(grid.lengths, grid.token_acc.mean((0, 2)), marker=".", linewidth=1, linestyle=":",
+            label="answer tokens right")
+    if seq_len:
+        ax.axvline(seq_len, color="k", linestyle="--", linewidth=1, label=f"T_train = {seq_len}")
+    ax.axhline(threshold, color="r", linestyle=":", linewidth=1, label=f"{threshold:.0%} (T_recall)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(grid.lengths, [_tokens(n) for n in grid.lengths], fontsize=8)
+    ax.minorticks_off()
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("accuracy")
+    t = grid.t_recall(threshold)
+    ax.set_title(title or f"passkey accuracy vs length (T_recall = {t if t is not None else 'none'})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,100 @@
+"""Passkey retrieval during training: accuracy within and beyond the training length (paper claims 11-12)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
+
+from ..analysis.passkey import evaluate_passkey, plot_passkey_curve, plot_passkey_heatmap
+from ..data.passkey import PasskeyGenerator, default_depths
+from .length_generalization import PeriodicAnalysis
+
+
+class PasskeyEvalCallback(PeriodicAnalysis):
+    """Passkey accuracy on a grid of prompt lengths (multiples of T_train) x needle depths.
+
+    Args:
+        every_n_validations: Run after every N-th validation (and at the end of fit).
+        multiples: Prompt lengths in units of T_train (``data.seq_len``). Lengths shorter than the template
+            (with the run's tokenizer) are skipped with a warning.
+        n_depths: Depths (i + 0.5) / n_depths, evenly spaced as in the paper.
+        n_samples: Prompts per (length, depth) cell (keys drawn from ``seed``; the same ones every run).
+        threshold: T_recall is the longest length with accuracy > threshold (the paper: 0.95).
+        piece_len: Tokens per forward; the state is carried between pieces (default 2048 on GPU, 512 on CPU).
+        batch_size: Prompts per forward.
+        dtype: float32 (the paper's analysis precision) or bfloat16.
+        seed: Seed of the keys.
+
+    The prompts come from the data module's ``passkey_generator`` when it has one (its template), else the
+    paper's template with the data module's tokenizer. Logs ``passkey/acc@{m}x`` per multiple,
+    ``passkey/t_recall`` (tokens; 0 when no length passes), the figures ``passkey/accuracy_heatmap``
+    (depth x length) and ``passkey/accuracy_vs_length``, and ``<log_dir>/passkey/step_<step>.json``.
+    """
+
+    name = "passkey"
+
+    def __init__(
+        self,
+        every_n_validations: int = 1,
+        multiples: tuple[float, ...] | list[float] = (0.5, 1, 2, 4, 8),
+        n_depths: int = 5,
+        n_samples: int = 4,
+        threshold: float = 0.95,
+        piece_len: int | None = None,
+        batch_size: int = 8,
+        dtype: str = "float32",
+        seed: int = 0,
+    ):
+        super().__init__(every_n_validations)
+        if not multiples or min(multiples) <= 0:
+            raise ValueError(f"multiples must be positive (got {multiples})")
+        if n_samples < 1 or n_depths < 1:
+            raise ValueError(f"n_samples and n_depths must be >= 1 (got {n_samples}, {n_depths})")
+        self.multiples = tuple(sorted(float(m) for m in multiples))
+        self.depths = default_depths(n_depths)
+        self.n_samples, self.threshold, self.piece_len = n_samples, threshold, piece_len
+        self.batch_size, self.dtype, self.seed = batch_size, dtype, seed
+        self._warned = False
+
+    @staticmethod
+    def tag(m: float) -> str:
+        return f"passkey/acc@{m:g}x"
+
+    def generator(self, data: Any) -> PasskeyGenerator:
+        gen = getattr(data, "passkey_generator", None)
+        return gen if isinstance(gen, PasskeyGenerator) else PasskeyGenerator(data.tokenizer)
+
+    def analyze(self, trainer: L.Trainer, model, data: Any, step: int) -> None:
+        t0 = time.perf_counter()
+        T = int(data.hparams.seq_len)
+        gen = self.generator(data)
+        lengths = {m: int(round(m * T)) for m in self.multiples}
+        usable = {m: n for m, n in lengths.items() if n >= gen.min_length}
+        if len(usable) < len(lengths) and not self._warned:
+            self._warned = True
+            rank_zero_warn(f"passkey: lengths {sorted(set(lengths.values()) - set(usable.values()))} are shorter than "
+                           f"the template ({gen.min_length} tokens with this tokenizer) and are skipped")
+        if not usable:
+            return
+        device = next(model.parameters()).device
+        piece_len = self.piece_len or (2048 if device.type == "cuda" else 512)
+        order = sorted(set(usable.values()))
+        grid = evaluate_passkey(model, gen, order, self.depths, self.n_samples, self.seed, piece_len, self.dtype,
+                                device, self.batch_size)
+        by_length = dict(zip(order, grid.accuracy_by_length.tolist()))
+        t_recall = grid.t_recall(self.threshold)
+        metrics = {self.tag(m): by_length[n] for m, n in usable.items()}
+        metrics["passkey/t_recall"] = float(t_recall or 0)
+        self.log_scalars(trainer, metrics, step)
+        self.log_figure(trainer, "passkey/accuracy_heatmap",
+                        plot_passkey_heatmap(grid, T, title=f"step {step}: passkey accuracy"), step)
+        self.log_figure(trainer, "passkey/accuracy_vs_length", plot_passkey_curve(grid, T, self.threshold), step)
+        with open(os.path.join(self.out_dir(trainer), f"step_{step}.json"), "w") as f:
+            json.dump({"step": step, "seq_len": T, "metrics": metrics, "dtype": self.dtype,
+                       "template_tokens": gen.min_length, "canonical_tokenization": gen.canonical,
+                       **grid.to_dict(self.threshold), "seconds": time.perf_counter() - t0}, f)

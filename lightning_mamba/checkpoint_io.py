@@ -1,0 +1,80 @@
+"""Lightning checkpoints (.ckpt): written atomically, and checked against the run before they are loaded.
+
+Lightning 2.6's own ``TorchCheckpointIO`` serializes to memory, writes a temporary file in the system temp
+folder, then ``shutil.move``s it over the target. When that folder is on another file system than the run
+(a local /tmp, runs on a network file system: the usual cluster setup) the move is a copy straight into
+``last.ckpt``, and a crash, kill or full disk during the copy leaves a truncated file where the previous
+checkpoint was; nothing is fsync'ed either. :class:`AtomicCheckpointIO` writes the temporary file next to
+the target, fsyncs it and renames it (``data.cache.atomic_write``): the previous checkpoint stays whole
+until the new one is complete and durable.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.plugins import TorchCheckpointIO
+
+from .data.cache import atomic_write
+from .data.errors import DataError
+from .data.tokenization import tokenizer_from_spec
+from .models import ConfigError
+
+# the model settings that change a weight's shape (CLI names: model.<name>)
+SHAPE_SETTINGS = ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple", "tie_embeddings")
+SSM_SHAPE_SETTINGS = ("d_state", "headdim", "expand", "d_conv", "ngroups")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` whose local saves go to a temporary file beside the target, fsync'ed, then renamed
+    over it; remote paths (s3://, ...) keep Lightning's behaviour."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "file" not in get_filesystem(path).protocol:
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_write(str(path), lambda f: torch.save(checkpoint, f))
+
+
+# ---- does a checkpoint fit this run? ------------------------------------------------------------------
+def _shape_settings(mamba_config: dict) -> dict:
+    ssm = mamba_config.get("ssm_cfg") or {}
+    return {**{k: mamba_config.get(k) for k in SHAPE_SETTINGS}, **{k: ssm.get(k) for k in SSM_SHAPE_SETTINGS}}
+
+
+def check_tokenizer(checkpoint: dict, datamodule: Any, path: str) -> None:
+    """The run's tokenizer must be the one the checkpoint was trained with (same ids for the same text)."""
+    spec = (checkpoint.get("lightning_mamba") or {}).get("tokenizer")
+    mine = getattr(datamodule, "tokenizer", None) if datamodule is not None else None
+    if spec is None or mine is None:
+        return
+    theirs = tokenizer_from_spec(spec)
+    if theirs.fingerprint != mine.fingerprint:
+        raise DataError(f"checkpoint {path} was trained with the tokenizer {theirs.name} (vocabulary "
+                        f"{theirs.vocab_size}), but data.tokenizer gives {mine.name} (vocabulary {mine.vocab_size}): "
+                        f"set data.tokenizer (and data.bpe_vocab_size, data.source) to what the checkpoint's run used")
+
+
+def _first_mismatch(state: dict, mine: dict) -> str | None:
+    for key, want in mine.items():
+        got = state.get(key)
+        if got is None or got.shape != want.shape:
+            return f"{key} is {'absent' if got is None else tuple(got.shape)} there, {tuple(want.shape)} here"
+    extra = sorted(state.keys() - mine.keys())
+    return f"{extra[0]} is {tuple(state[extra[0]].shape)} there, absent here" if extra else None
+
+
+def check_model_shape(checkpoint: dict, module: torch.nn.Module, path: str) -> None:
+    """Every weight of ``module`` must be in the checkpoint with its shape, and nothing else."""
+    mismatch = _first_mismatch(checkpoint.get("state_dict", {}), module.state_dict())
+    if mismatch is None:
+        return
+    theirs = (checkpoint.get("lightning_mamba") or {}).get("mamba_config")
+    settings = ""
+    if theirs is not None and hasattr(module, "config"):
+        a, b = _shape_settings(theirs), _shape_settings(module.config.to_dict())
+        settings = ", ".join(f"model.{k}={a[k]} there, {b[k]} here" for k in a if a[k] != b[k])
+    detail = f"{settings} ({mismatch})" if settings else mismatch
+    raise ConfigError(f"checkpoint {path} was saved for a different model shape: {detail}: use the model "
+                      f"settings it was trained with, or start without --ckpt_path")

@@ -1,0 +1,72 @@
+"""``lightning-mamba sweep``: the T_forget study. One model per (STATE, LEN) with the same token budget, each judged
+with the paper's criterion far past LEN; then T_forget per state size and the paper's laws fitted.
+
+    lightning-mamba sweep --config configs/experiment/forget_threshold.yaml
+    lightning-mamba sweep --config configs/experiment/forget_threshold.yaml --states [16,64] --lens [256,1024]
+    CUDA_VISIBLE_DEVICES=1 lightning-mamba sweep --config ... --shard 1/4      # one process per GPU
+    lightning-mamba sweep --config ... --summarize_only true                    # after every shard is done
+
+Re-running the same command skips finished cells and resumes a killed one from its last.ckpt. See docs/study.md.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import fields
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from ..analysis.sweep import Study, SweepError, cell_args, make_cells, run_study, shard_cells
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="lightning-mamba sweep", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", action=ActionConfigFile, help="A study config (YAML), e.g. "
+                   "configs/experiment/forget_threshold.yaml; later arguments override it.")
+    p.add_class_arguments(Study)
+    p.add_argument("--summarize_only", type=bool, default=False, help="Only (re)write the summary from the cells' "
+                   "result.json files (e.g. after all shards finished).")
+    p.add_argument("--dry_run", type=bool, default=False, help="Print this shard's cells and their `lightning-mamba "
+                   "fit` arguments, run nothing.")
+    p.add_argument("--tensorboard", type=bool, default=True, help="Also write the summary as a TensorBoard run "
+                   "<out>/summary.")
+    return p
+
+
+def study_from(args) -> Study:
+    return Study(**{f.name: args[f.name] for f in fields(Study)})
+
+
+def is_rank_zero() -> bool:
+    """False in the extra processes of a multi-device cell (they run this command too, started by Lightning)."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    study = study_from(args)
+    from ..analysis.study import summarize, summary_lines
+
+    try:
+        study.validate()
+        if args.dry_run:
+            for cell in shard_cells(make_cells(study), study.shard):
+                print(f"{cell.name}: lightning-mamba fit " + " ".join(repr(a) if not a or " " in a else a
+                                                                       for a in cell_args(study, cell)))
+            return 0
+        if not args.summarize_only:
+            run_study(study)
+        if not is_rank_zero():
+            return 0
+        summary = summarize(study.out, tensorboard=args.tensorboard)
+    except (SweepError, OSError, ValueError) as e:  # includes ConfigError and DataError: one line each
+        print(f"sweep: error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(summary_lines(summary)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

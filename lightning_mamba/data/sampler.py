@@ -1,0 +1,67 @@
+"""The training order: a seeded shuffle per epoch that a resumed run continues exactly where it stopped.
+
+Epoch ``e`` visits the samples in a permutation drawn from ``(seed, e)`` alone, so any process can recompute
+it. The sampler's state is ``(epoch, consumed)``: how many samples of that permutation the trainer has
+already trained on (counted by the data module as batches reach the training step, not as the DataLoader
+fetches them, which runs ahead). A sampler loaded with that state yields exactly the rest of the epoch.
+
+With several processes (DDP), rank ``r`` of ``R`` takes positions ``r, r + R, r + 2R, ...`` of the remaining
+permutation; ``consumed`` counts samples of all ranks. It subclasses ``DistributedSampler`` only so that
+Lightning uses it as it is instead of wrapping it in one of its own.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DistributedSampler
+
+
+class ResumableSampler(DistributedSampler):
+    """Seeded, epoch-aware shuffle of ``range(num_samples)`` that resumes mid-epoch (see the module docstring).
+
+    Each rank gets ``num_samples // num_replicas`` samples per epoch (the tail that does not fill a round of
+    all ranks is left out, a different tail each epoch)."""
+
+    def __init__(self, num_samples: int, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+        super().__init__(range(num_samples), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
+                         drop_last=True)
+        self.size = num_samples
+        self.per_rank = num_samples // num_replicas
+        self.consumed = 0  # samples of this epoch's permutation trained on, all ranks together
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The permutation of epoch ``epoch`` (the same in every process and every run)."""
+        return np.random.default_rng([self.seed, epoch]).permutation(self.size)
+
+    def __iter__(self) -> Iterator[int]:
+        start, stop = self.consumed, self.per_rank * self.num_replicas
+        yield from self.order(self.epoch)[start + self.rank:stop:self.num_replicas].tolist()
+
+    def __len__(self) -> int:
+        return self.per_rank  # a whole epoch, also when resuming: Lightning counts the batches already done
+
+    def set_epoch(self, epoch: int) -> None:
+        """Lightning calls this at each epoch start, also the resumed one, which must keep its position."""
+        if epoch != self.epoch:
+            self.epoch, self.consumed = epoch, 0
+
+    def advance(self, local_samples: int) -> None:
+        """Record that this rank trained on ``local_samples`` more samples (and every other rank as many)."""
+        self.consumed += local_samples * self.num_replicas
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed, "num_samples": self.size, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        if (state.get("num_samples"), state.get("seed")) != (self.size, self.seed):
+            # another order: the saved position means nothing in it, so the interrupted epoch starts over
+            rank_zero_warn(f"the training data changed since the checkpoint ({state.get('num_samples')} samples, "
+                           f"seed {state.get('seed')} then; {self.size} samples, seed {self.seed} now): epoch "
+                           f"{self.epoch} restarts from its first sample")
+            self.consumed = 0
+        else:
+            self.consumed = int(state["consumed"])
