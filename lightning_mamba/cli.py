@@ -41,6 +41,7 @@ def lightning_cli(args=None, run: bool = True) -> MambaCLI:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from_shell = argv is None  # LightningCLI then reads sys.argv itself (and does not warn about args)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in COMMANDS:
         try:
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"lightning-mamba: the '{argv[0]}' command is not available in this version")
         sys.exit(module.main(argv[1:]))
     try:
-        lightning_cli(argv)
+        lightning_cli(None if from_shell else argv)
     except Exception as e:
         cause = user_error(e)
         if cause is None:
