@@ -21,7 +21,9 @@ from jsonargparse import ActionYesNo, ArgumentParser
 from ..analysis import plots
 from ..analysis.criterion import default_bucket, forgetting_verdict
 from ..analysis.evaluator import bucket_curve, eval_rows, resolve_dtype, token_losses, window_mean
+from ..analysis.mitigation import add_intervention_args, interventions_from_args
 from ..analysis.state_stats import newline_probe, state_statistics
+from ..models.interventions import apply_interventions
 
 
 class AnalyzeError(Exception):
@@ -57,6 +59,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--backend", type=Literal["auto", "torch", "triton"], default="auto", help="SSD kernels.")
     p.add_argument("--tensorboard", action=ActionYesNo, default=False, help="Also write the scalars and figures as "
                    "TensorBoard events under <out>/tensorboard.")
+    add_intervention_args(p)  # --rri, --dt_scale, --window, --state_norm: training-free mitigations
     return p
 
 
@@ -142,12 +145,29 @@ def analyze(args) -> dict:
     if info["note"]:
         print(f"note: {info['note']}", file=sys.stderr)
 
-    losses = token_losses(model, rows, args.piece_len, dtype, device, args.batch_size)
+    mitigations, intervention = interventions_from_args(args, model, rows, T, dtype, device, args.batch_size)
+    with apply_interventions(model, **mitigations):  # everything below the model as mitigated, if asked
+        losses, stats = _evaluate(args, model, rows, tokenizer, T, length, stride, dtype, device)
     verdict = forgetting_verdict(losses, T, bucket, args.threshold)
     positions, curve = bucket_curve(losses, bucket)
     multiples = [m for m in (1, 2, 4, 8, 16, 32, 64, 128, 256) if m * T <= length]
     metrics = {f"loss@{m}x": window_mean(losses, m * T // 2, m * T) for m in multiples}
 
+    cfg = model.config
+    result = {
+        "ckpt": os.path.abspath(args.ckpt), "seq_len": T, "length": length, "bucket": bucket, "stride": stride,
+        "dtype": str(dtype).replace("torch.", ""), "rows": info,
+        "state_size": cfg.state_size(), "state_size_ssm_only": cfg.state_size(ssm_only=True),
+        "verdict": verdict.to_dict(), "metrics": metrics, "intervention": intervention if intervention["tag"] else None,
+        "state": {p: s.summary(tuple(multiples)) for p, s in stats.items()},
+        "seconds": time.perf_counter() - t0,
+    }
+    write_outputs(args, result, losses, positions, curve, stats)
+    return result
+
+
+def _evaluate(args, model, rows, tokenizer, T: int, length: int, stride: int, dtype, device):
+    losses = token_losses(model, rows, args.piece_len, dtype, device, args.batch_size)
     stats = {}
     for probe in args.probes:
         if probe == "text":
@@ -159,23 +179,14 @@ def analyze(args) -> dict:
                 print(f"note: newline probe skipped ({e})", file=sys.stderr)
                 continue
         stats[probe] = state_statistics(model, inputs, T, stride, dtype, device, probe=probe, batch_size=args.batch_size)
-
-    cfg = model.config
-    result = {
-        "ckpt": os.path.abspath(args.ckpt), "seq_len": T, "length": length, "bucket": bucket, "stride": stride,
-        "dtype": str(dtype).replace("torch.", ""), "rows": info,
-        "state_size": cfg.state_size(), "state_size_ssm_only": cfg.state_size(ssm_only=True),
-        "verdict": verdict.to_dict(), "metrics": metrics,
-        "state": {p: s.summary(tuple(multiples)) for p, s in stats.items()},
-        "seconds": time.perf_counter() - t0,
-    }
-    write_outputs(args, result, losses, positions, curve, stats)
-    return result
+    return losses, stats
 
 
 def write_outputs(args, result: dict, losses, positions, curve, stats: dict) -> None:
     ckpt = os.path.abspath(args.ckpt)
-    out = result["out"] = args.out or os.path.join(os.path.dirname(ckpt) if os.path.isfile(ckpt) else ckpt, "analysis")
+    # a mitigated run gets its own directory, so it never overwrites the plain analysis
+    name = "analysis" + (f"-{result['intervention']['tag']}" if result.get("intervention") else "")
+    out = result["out"] = args.out or os.path.join(os.path.dirname(ckpt) if os.path.isfile(ckpt) else ckpt, name)
     os.makedirs(out, exist_ok=True)
     T, v = result["seq_len"], result["verdict"]
     per_position = losses.double().mean(0).numpy()
@@ -223,6 +234,9 @@ def summary_lines(r: dict) -> list[str]:
     T, v = r["seq_len"], r["verdict"]
     lines = [f"checkpoint: {r['ckpt']}  (T_train={T}, N_S={r['state_size'] / 1e6:.3f}M, "
              f"{r['rows']['rows']} rows x {r['length']} positions, {r['dtype']})"]
+    if r.get("intervention"):
+        lines.append(f"intervention: {r['intervention']['tag']} (training-free mitigation; the model as trained is "
+                     "not what is measured here)")
     if v["forgets"]:
         lines.append(f"verdict: forgets (no bucket of {r['bucket']} above {v['threshold']} x {v['max_in_window']:.3f} "
                      f"up to position {v['evaluated_to']})")

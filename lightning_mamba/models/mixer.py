@@ -53,8 +53,13 @@ class Mamba2(nn.Module):
         self.chunk_size = chunk_size
         self.layer_idx = layer_idx
         self.backend = backend
-        # Eval-time interventions (mitigations) may rewrite dt, A and B; None = the model as trained.
+        # Eval-time interventions (models/interventions.py); None = the model as trained.
+        # intervention(mixer, dt, A, B) -> (dt, A, B) or (dt, A, B, log_decay_offset): rewrites the SSM parameters.
         self.intervention = None
+        # state_hook(mixer, LayerState) -> LayerState: applied to the state a forward/step hands on.
+        self.state_hook = None
+        # forward_override(mixer, u, state, seq_idx, record): replaces forward (the sliding window, models/window.py).
+        self.forward_override = None
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * ngroups * d_state + self.nheads, bias=bias)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv - 1, bias=conv_bias)
@@ -75,8 +80,9 @@ class Mamba2(nn.Module):
     def _split(self, zxbcdt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
 
-    def _ssm_params(self, xBC: Tensor, dt_raw: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """After the conv: x, B, C, dt = softplus(dt_raw + dt_bias) and A = -exp(A_log), both fp32."""
+    def _ssm_params(self, xBC: Tensor, dt_raw: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """After the conv: x, B, C, dt = softplus(dt_raw + dt_bias), A = -exp(A_log) (both fp32) and x_scan, the x
+        the scan multiplies by dt (x itself unless an intervention shifts the decay only)."""
         x, B, C = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         x = x.unflatten(-1, (self.nheads, self.headdim))
         B = B.unflatten(-1, (self.ngroups, self.d_state))
@@ -86,9 +92,15 @@ class Mamba2(nn.Module):
         if self.dt_limit != (0.0, float("inf")):
             dt = dt.clamp(*self.dt_limit)
         A = -torch.exp(self.A_log.to(ct))
+        x_scan = x
         if self.intervention is not None:
-            dt, A, B = self.intervention(self, dt, A, B)
-        return x, B, C, dt, A
+            dt, A, B, *offset = self.intervention(self, dt, A, B)
+            if offset and offset[0]:
+                # log alpha += offset with the input X = x * dt kept: dt' = dt + offset / A, x' = x * dt / dt'
+                dt_decay = dt + offset[0] / A
+                x_scan = x.to(ct) * (dt / dt_decay)[..., None]
+                dt = dt_decay
+        return x, B, C, dt, A, x_scan
 
     def _finish(self, y: Tensor, x: Tensor, z: Tensor) -> Tensor:
         y = y + x * self.D.to(x.dtype)[:, None]  # D skip before the gated norm
@@ -106,32 +118,41 @@ class Mamba2(nn.Module):
         """u (b, l, d_model) -> (out (b, l, d_model), final LayerState).
 
         ``state`` continues from an earlier piece; ``seq_idx`` (b, l) restarts the state (SSM and conv)
-        where it changes; ``record``, if given, receives per-step ``dt`` (b, l, h) and ``A`` (h) for analysis.
+        where it changes; ``record``, if given, receives per-step ``dt`` (b, l, h) and ``A`` (h) for analysis
+        (dt * A is the log decay actually used, interventions included).
         """
+        if self.forward_override is not None:
+            return self.forward_override(self, u, state, seq_idx, record)
         z, xBC, dt_raw = self._split(self.in_proj(u))
         xBC, conv_state = causal_conv1d(
             xBC, self.conv1d.weight, self.conv1d.bias, None if state is None else state.conv, seq_idx
         )
-        x, B, C, dt, A = self._ssm_params(F.silu(xBC), dt_raw)
+        x, B, C, dt, A, x_scan = self._ssm_params(F.silu(xBC), dt_raw)
         if record is not None:
             record["dt"], record["A"] = dt.detach(), A.detach()
         y, ssm_state = kernels.ssd(
-            self.backend, x, dt, A, B, C, self.chunk_size,
+            self.backend, x_scan, dt, A, B, C, self.chunk_size,
             initial_state=None if state is None else state.ssm,
             seq_idx=seq_idx,
         )
-        return self._finish(y, x, z), LayerState(conv_state, ssm_state)
+        return self._finish(y.to(x.dtype), x, z), self._hand_on(LayerState(conv_state, ssm_state))
+
+    def _hand_on(self, state: LayerState) -> LayerState:
+        return state if self.state_hook is None else self.state_hook(self, state)
 
     def step(self, u: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
         """One token: u (b, d_model) -> (out (b, d_model), new state). Same math as forward."""
+        if self.forward_override is not None:
+            out, state = self.forward_override(self, u[:, None], state, None, None)
+            return out[:, 0], state
         z, xBC, dt_raw = self._split(self.in_proj(u))
         window = torch.cat([state.conv.to(xBC.dtype), xBC[:, :, None]], dim=-1)  # (b, conv_dim, d_conv)
         conv = (window * self.conv1d.weight[:, 0].to(xBC.dtype)).sum(-1)
         if self.conv1d.bias is not None:
             conv = conv + self.conv1d.bias.to(xBC.dtype)
-        x, B, C, dt, A = self._ssm_params(F.silu(conv), dt_raw)
-        y, ssm_state = ssd_step(state.ssm, x, dt, A, B, C)
-        return self._finish(y, x, z), LayerState(window[:, :, 1:], ssm_state)
+        x, B, C, dt, A, x_scan = self._ssm_params(F.silu(conv), dt_raw)
+        y, ssm_state = ssd_step(state.ssm, x_scan, dt, A, B, C)
+        return self._finish(y.to(x.dtype), x, z), self._hand_on(LayerState(window[:, :, 1:], ssm_state))
 
     def empty_state(self, batch: int, device=None, dtype=torch.float32) -> LayerState:
         return LayerState(
