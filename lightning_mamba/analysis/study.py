@@ -18,7 +18,7 @@ import numpy as np
 
 from . import plots
 from .fits import N_S_UNIT, PAPER_T_FORGET, PAPER_T_RECALL, T_UNIT, fit_exponential, fit_linear
-from .sweep import clean, write_json
+from .sweep import SweepError, clean, write_json
 
 import matplotlib.pyplot as plt  # noqa: E402  (plots selected the Agg backend)
 
@@ -113,8 +113,9 @@ def fits_of(rows: list[dict]) -> dict:
     for key, label in (("n_s", "paper_convention"), ("n_s_ssm_only", "ssm_only")):
         x = [r[key] / N_S_UNIT for r in measured]
         out["t_forget"][label] = fit_entry(fit_linear(x, y), len(x), PAPER_T_FORGET, 2)
-    out["t_forget"]["lower_bounds"] = [{"row": r["row"], "n_s": r.get("n_s"), "t_forget_above": r["t_forget_lower_bound"]}
-                                       for r in rows if r["t_forget_lower_bound"] is not None]
+    out["t_forget"]["lower_bounds"] = [
+        {"row": r["row"], "n_s": r.get("n_s"), "t_forget_above": r["t_forget_lower_bound"]}
+        for r in rows if r["t_forget_lower_bound"] is not None]
     recall = [r for r in rows if r["t_recall"] is not None and "n_s" in r]
     if any(r["passkey_ran"] for r in rows):
         yr = [r["t_recall"] / T_UNIT for r in recall]
@@ -196,7 +197,7 @@ def plot_passkey_grid(results: list[dict], rows: list[dict]) -> plt.Figure | Non
             ax.imshow(np.asarray(pk["accuracy"]), aspect="auto", cmap="RdYlGn", vmin=0, vmax=1, interpolation="nearest")
             ax.set_xticks(range(len(pk["lengths"])), [str(n) for n in pk["lengths"]], rotation=60, fontsize=6)
             ax.set_yticks(range(len(pk["depths"])), [f"{d:.2f}" for d in pk["depths"]], fontsize=6)
-            ax.set_title(f"{name} LEN {t}: T_recall {pk['t_recall']}", fontsize=8)
+            ax.set_title(f"{name} LEN {t}: T_recall {pk['t_recall'] or 'none'}", fontsize=8)
     fig.supxlabel("prompt length (tokens)", fontsize=9)
     fig.supylabel("needle depth", fontsize=9)
     fig.tight_layout()
@@ -208,6 +209,8 @@ def summarize(out: str, tensorboard: bool = True) -> dict:
     """Write results.csv, summary.json, PNGs and (optionally) the TensorBoard run ``<out>/summary``."""
     plan = load_plan(out)
     results = load_results(out)
+    if plan is None and not results:
+        raise SweepError(f"no study under {out}: neither study.json nor cells/*/result.json (wrong --out?)")
     rows = rows_of(results, plan)
     order = {r["row"]: i for i, r in enumerate(rows)}
     results.sort(key=lambda r: (order[r["row"]], r["seq_len"]))

@@ -22,7 +22,6 @@ from typing import Any, Callable
 
 import torch
 
-PAPER_AXIS = ("states", "models")
 
 
 class SweepError(ValueError):
@@ -102,7 +101,8 @@ class Study:
         return self.eval_tokens or self.eval_multiple * seq_len
 
     def validate(self) -> None:
-        check(bool(self.lens) and all(t >= 2 for t in self.lens), f"lens must be non-empty, each >= 2 (got {self.lens})")
+        check(bool(self.lens) and all(t >= 2 for t in self.lens),
+              f"lens must be non-empty, each >= 2 (got {self.lens})")
         if self.axis == "states":
             check(bool(self.states) and all(n >= 1 for n in self.states), f"states must be non-empty, each >= 1 "
                   f"(got {self.states})")
@@ -260,8 +260,9 @@ def run_cell(study: Study, cell: Cell, log: Callable[[str], None] = print) -> di
     trainer, lit, dm = cli.trainer, cli.model, cli.datamodule
     last = os.path.join(folder, "checkpoints", "last.ckpt")
     resume = last if os.path.exists(last) else None
-    log(f"sweep: {cell.name}: training {study.steps} steps of {study.tokens_per_batch} tokens "
-        f"(batch {study.tokens_per_batch // cell.seq_len} x {cell.seq_len})" + (f", resuming from {resume}" if resume else ""))
+    devices = f" on each of {trainer.world_size} devices" if trainer.world_size > 1 else ""
+    log(f"sweep: {cell.name}: training {study.steps} steps of {study.tokens_per_batch} tokens (batch "
+        f"{dm.hparams.batch_size} x {cell.seq_len}{devices})" + (f", resuming from {resume}" if resume else ""))
     t0 = time.perf_counter()
     trainer.fit(lit, datamodule=dm, ckpt_path=resume)
     if trainer.global_step < study.steps:
@@ -301,10 +302,12 @@ def evaluate_cell(study: Study, cell: Cell, model, dm, log: Callable[[str], None
     cfg = model.config
     result = {
         "cell": cell.name, "row": cell.row, "axis": study.axis, "model_overrides": dict(cell.model),
-        "d_state": cfg.mixer["d_state"], "n_layer": cfg.n_layer, "d_model": cfg.d_model, "headdim": cfg.mixer["headdim"],
+        "d_state": cfg.mixer["d_state"], "n_layer": cfg.n_layer, "d_model": cfg.d_model,
+        "headdim": cfg.mixer["headdim"],
         "seq_len": T, "n_s": cfg.state_size(), "n_s_ssm_only": cfg.state_size(ssm_only=True),
         "params": sum(p.numel() for p in model.parameters()),
-        "steps": study.steps, "tokens_per_batch": study.tokens_per_batch, "tokens": study.steps * study.tokens_per_batch,
+        "steps": study.steps, "tokens_per_batch": study.tokens_per_batch,
+        "tokens": study.steps * study.tokens_per_batch,
         "batch_size": study.tokens_per_batch // T, "seed": study.seed,
         "eval": {"length": length, "bucket": bucket, "threshold": study.threshold, "dtype": "float32", "rows": info},
         "verdict": verdict.to_dict(),

@@ -82,7 +82,9 @@ class PeriodicAnalysis(L.Callback):
         plots.close(fig)
 
     def out_dir(self, trainer: L.Trainer) -> str:
-        path = os.path.join(trainer.log_dir or trainer.default_root_dir, self.name)
+        # Only rank 0 gets here: trainer.log_dir broadcasts across ranks (and would hang), the logger's does not.
+        log_dir = trainer.loggers[0].log_dir if trainer.loggers else None
+        path = os.path.join(log_dir or trainer.default_root_dir, self.name)
         os.makedirs(path, exist_ok=True)
         return path
 

@@ -4,6 +4,7 @@ with the paper's criterion far past LEN; then T_forget per state size and the pa
     lightning-mamba sweep --config configs/experiment/forget_threshold.yaml
     lightning-mamba sweep --config configs/experiment/forget_threshold.yaml --states [16,64] --lens [256,1024]
     CUDA_VISIBLE_DEVICES=1 lightning-mamba sweep --config ... --shard 1/4      # one process per GPU
+    lightning-mamba sweep --config ... --prepare_only true                      # tokenizer + caches, once
     lightning-mamba sweep --config ... --summarize_only true                    # after every shard is done
 
 Re-running the same command skips finished cells and resumes a killed one from its last.ckpt. See docs/study.md.
@@ -16,7 +17,7 @@ from dataclasses import fields
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from ..analysis.sweep import Study, SweepError, cell_args, make_cells, run_study, shard_cells
+from ..analysis.sweep import Study, SweepError, build_cli, cell_args, make_cells, run_study, shard_cells
 
 
 def build_parser() -> ArgumentParser:
@@ -28,13 +29,16 @@ def build_parser() -> ArgumentParser:
                    "result.json files (e.g. after all shards finished).")
     p.add_argument("--dry_run", type=bool, default=False, help="Print this shard's cells and their `lightning-mamba "
                    "fit` arguments, run nothing.")
+    p.add_argument("--prepare_only", type=bool, default=False, help="Only build the tokenizer and token caches the "
+                   "cells share (run once before starting several shards, so they do not all build them).")
     p.add_argument("--tensorboard", type=bool, default=True, help="Also write the summary as a TensorBoard run "
                    "<out>/summary.")
     return p
 
 
 def study_from(args) -> Study:
-    return Study(**{f.name: args[f.name] for f in fields(Study)})
+    values = args.as_dict()  # plain dicts all the way down (nested class_path dicts parse as Namespaces)
+    return Study(**{f.name: values[f.name] for f in fields(Study)})
 
 
 def is_rank_zero() -> bool:
@@ -55,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
             for cell in shard_cells(make_cells(study), study.shard):
                 print(f"{cell.name}: lightning-mamba fit " + " ".join(repr(a) if not a or " " in a else a
                                                                        for a in cell_args(study, cell)))
+            return 0
+        if args.prepare_only:
+            dm = build_cli(study, make_cells(study)[0]).datamodule
+            dm.prepare_data()
+            print(f"sweep: tokenizer and token caches ready under {dm.hparams.cache_dir}")
             return 0
         if not args.summarize_only:
             run_study(study)

@@ -1,0 +1,156 @@
+"""`lightning-mamba sweep` end to end on the CPU: a micro study (2 states x 2 lengths, a few steps) writes every
+output; a re-run skips finished cells; a cell killed mid-training resumes from its last.ckpt. The shipped study
+configs validate and their cells build."""
+
+import json
+import os
+import shlex
+import subprocess
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_mamba.analysis.sweep import build_cli, make_cells
+from lightning_mamba.cli import lightning_cli
+from lightning_mamba.commands import sweep as cmd
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MICRO = os.path.join(ROOT, "configs", "experiment", "forget_threshold_cpu.yaml")
+GPU = os.path.join(ROOT, "configs", "experiment", "forget_threshold.yaml")
+TRAIN = os.path.join(ROOT, "configs", "train.yaml")
+
+
+class Crash(L.Callback):
+    """Stands in for a killed job: raises once training reaches ``at_step``."""
+
+    def __init__(self, at_step: int = 5):
+        self.at_step = at_step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.at_step:
+            raise RuntimeError("simulated kill")
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    d = tmp_path / "texts"
+    d.mkdir()
+    words = "the quick brown fox jumps over the lazy dog and then it rests a while".split()
+    g = torch.Generator().manual_seed(0)
+    for i in range(12):
+        idx = torch.randint(0, len(words), (400,), generator=g).tolist()
+        (d / f"doc{i}.txt").write_text(" ".join(words[j] for j in idx) + ".\n")
+    return str(d)
+
+
+def micro_args(tmp_path, corpus, out, *extra):
+    data = {"tokenizer": "byte", "source": corpus, "cache_dir": str(tmp_path / "cache")}
+    return ["--config", MICRO, "--base_config", json.dumps([TRAIN]), "--out", str(out),
+            "--data_overrides", json.dumps(data), *extra]
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+def test_micro_study_writes_everything_and_a_rerun_skips_finished_cells(tmp_path, corpus, capsys):
+    out = tmp_path / "study"
+    assert cmd.main(micro_args(tmp_path, corpus, out)) == 0
+    printed = capsys.readouterr().out
+    assert "paper: a = 5.172, b = -4.469" in printed and "| state8 |" in printed
+    names = ["state8_len32", "state8_len64", "state16_len32", "state16_len64"]
+    for name in names:
+        cell = out / "cells" / name
+        r = json.loads((cell / "result.json").read_text())
+        assert r["cell"] == name and r["steps"] == 8 and r["tokens"] == 2048 and r["eval"]["length"] == 4 * r["seq_len"]
+        assert r["n_s"] > r["n_s_ssm_only"] > 0 and set(r["verdict"]) >= {"forgets", "blowup_position"}
+        assert (cell / "config.yaml").exists() and (cell / "checkpoints" / "last.ckpt").exists()
+        assert list(cell.glob("events.out.tfevents.*"))
+    # the run directory's config is a normal one: `lightning-mamba fit --config <cell>/config.yaml` would take it
+    cli = lightning_cli(["--config", str(out / "cells" / "state16_len64" / "config.yaml")], run=False)
+    assert cli.model.hparams.d_state == 16 and cli.datamodule.hparams.seq_len == 64
+    assert cli.datamodule.hparams.batch_size == 4 and cli.trainer.max_steps == 8
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["row"] for r in summary["rows"]] == ["state8", "state16"] and summary["cells_done"] == 4
+    assert len((out / "results.csv").read_text().splitlines()) == 5
+    for png in ("t_forget_vs_state_size", "loss_curves"):
+        assert (out / f"{png}.png").stat().st_size > 0
+    assert list((out / "summary").glob("events.out.tfevents.*"))
+
+    mtimes = {n: (out / "cells" / n / "result.json").stat().st_mtime_ns for n in names}
+    assert cmd.main(micro_args(tmp_path, corpus, out)) == 0
+    printed = capsys.readouterr().out
+    assert sum(f"{n}: done already" in printed for n in names) == 4 and "training" not in printed
+    assert mtimes == {n: (out / "cells" / n / "result.json").stat().st_mtime_ns for n in names}
+
+    assert cmd.main(micro_args(tmp_path, corpus, out, "--summarize_only", "true")) == 0
+    assert "written to" in capsys.readouterr().out
+
+
+def test_a_killed_cell_resumes_from_its_last_checkpoint(tmp_path, corpus, capsys):
+    out = tmp_path / "study"
+    checkpoint = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                  "init_args": {"save_last": True, "every_n_train_steps": 2}}
+    crash = {"class_path": f"{__name__}.Crash", "init_args": {"at_step": 5}}
+    trainer = {"enable_progress_bar": False, "enable_model_summary": False, "limit_val_batches": 0}
+    one_cell = ["--states", "[8]", "--lens", "[32]"]
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        cmd.main(micro_args(tmp_path, corpus, out, *one_cell,
+                            "--trainer_overrides", json.dumps({**trainer, "callbacks": [checkpoint, crash]})))
+    cell = out / "cells" / "state8_len32"
+    assert not (cell / "result.json").exists()
+    assert torch.load(cell / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+
+    assert cmd.main(micro_args(tmp_path, corpus, out, *one_cell,
+                               "--trainer_overrides", json.dumps({**trainer, "callbacks": [checkpoint]}))) == 0
+    assert "resuming from" in capsys.readouterr().out
+    r = json.loads((cell / "result.json").read_text())
+    assert r["resumed_from"].endswith("last.ckpt") and r["steps"] == 8
+    assert torch.load(cell / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 8
+
+
+def test_bad_settings_are_one_line_errors(tmp_path, corpus, capsys):
+    assert cmd.main(micro_args(tmp_path, corpus, tmp_path / "o", "--tokens_per_batch", "100")) == 2
+    assert "sweep: error: tokens_per_batch=100 must be a multiple of every LEN" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", [MICRO, GPU])
+def test_shipped_study_configs_validate_and_their_cells_build(path, tmp_path, capsys):
+    args = cmd.build_parser().parse_args(["--config", path, "--out", str(tmp_path / "o"),
+                                          "--base_config", json.dumps([TRAIN])])
+    study = cmd.study_from(args)
+    study.validate()
+    study.data_overrides["cache_dir"] = str(tmp_path / "cache")
+    cells = make_cells(study)
+    assert len(cells) == len(study.states) * len(study.lens)
+    cli = build_cli(study, cells[-1])  # the largest state at the longest length
+    assert cli.model.hparams.d_state == study.states[-1] and cli.datamodule.hparams.seq_len == study.lens[-1]
+    assert cli.datamodule.hparams.batch_size * study.lens[-1] == study.tokens_per_batch
+    assert cli.trainer.max_steps == study.steps
+    assert cmd.main(["--config", path, "--dry_run", "true", "--shard", "1/2"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == len(cells) // 2
+
+
+def test_the_gpu_study_fits_its_stated_budget():
+    study = cmd.study_from(cmd.build_parser().parse_args(["--config", GPU]))
+    assert study.steps == 512 and study.tokens_per_cell == 2**25
+    total = study.tokens_per_cell * len(study.states) * len(study.lens)
+    assert 15 <= total / 600e3 / 60 <= 20  # GPU-minutes of training at ~600K tokens/s (the config's comment)
+
+
+def make_sweep_line(makefile="Makefile", **knobs) -> list[str]:
+    """The command `make sweep` would run, as argv for `lightning-mamba sweep`; skips until the target exists."""
+    r = subprocess.run(["make", "-f", makefile, "-n", "-s", "sweep", *(f"{k}={v}" for k, v in knobs.items())],
+                       cwd=ROOT, capture_output=True, text=True)
+    if "No rule to make target" in r.stderr:
+        pytest.skip("the Makefile has no sweep target")
+    line = next(l for l in r.stdout.replace("\\\n", " ").splitlines() if "lightning-mamba sweep" in l)
+    argv = shlex.split(line)
+    return [os.path.join(ROOT, a) if a.startswith("configs/") else a for a in argv[argv.index("sweep") + 1:]]
+
+
+def test_make_sweep_line_parses_with_states_lens_and_shard():
+    study = cmd.study_from(cmd.build_parser().parse_args(
+        make_sweep_line(STATES="16 64", LENS="256 1024", SHARD="1/4", ARGS="--tokens_per_cell 1048576")))
+    assert study.states == [16, 64] and study.lens == [256, 1024] and study.shard == "1/4"
+    assert study.tokens_per_cell == 1048576
+    default = cmd.study_from(cmd.build_parser().parse_args(make_sweep_line()))
+    assert default.states == [16, 32, 64, 128] and default.lens == [128, 256, 512, 1024, 2048]
