@@ -11,11 +11,15 @@ until the new one is complete and durable.
 
 from __future__ import annotations
 
+import contextlib
+import glob
+import os
 from typing import Any
 
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_warn
 
 from .data.cache import atomic_write
 from .data.errors import DataError
@@ -34,7 +38,29 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None or "file" not in get_filesystem(path).protocol:
             return super().save_checkpoint(checkpoint, path, storage_options)
+        remove_stale_temporaries(str(path))
         atomic_write(str(path), lambda f: torch.save(checkpoint, f))
+
+
+def remove_stale_temporaries(path: str) -> None:
+    """Delete the temporary files that killed saves of ``path`` left behind (each as large as a checkpoint):
+    ``atomic_write``'s ``.<name>.<pid>.<random>.tmp`` whose process is gone."""
+    folder, name = os.path.split(os.path.abspath(path))
+    for tmp in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.*.tmp")):
+        pid = tmp[len(os.path.join(folder, name)) + 2:].split(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass  # exists, owned by someone else
+    return True
 
 
 # ---- does a checkpoint fit this run? ------------------------------------------------------------------
@@ -78,3 +104,42 @@ def check_model_shape(checkpoint: dict, module: torch.nn.Module, path: str) -> N
     detail = f"{settings} ({mismatch})" if settings else mismatch
     raise ConfigError(f"checkpoint {path} was saved for a different model shape: {detail}: use the model "
                       f"settings it was trained with, or start without --ckpt_path")
+
+
+# ---- fit/validate/test --ckpt_path, before LightningCLI reads it ---------------------------------------
+LIGHTNING_CKPT_ALIASES = ("last", "best", "hpc", "registry")
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def check_resume(path: str, given: dict) -> None:
+    """``--ckpt_path`` must be a readable checkpoint of a model with the shape the run's settings give.
+
+    LightningCLI replaces the model settings by those saved in the checkpoint: without this check a
+    different shape given on the command line or in a config would be dropped silently. Other model
+    settings (lr, schedule, backend, ...) are still taken from the checkpoint, with a warning naming them."""
+    if path.split(":")[0] in LIGHTNING_CKPT_ALIASES or "://" in path:
+        return  # resolved by Lightning itself
+    if not os.path.isfile(path):
+        raise ConfigError(f"checkpoint {path} does not exist: give a .ckpt written by a run "
+                          f"(e.g. runs/<name>/version_<n>/checkpoints/last.ckpt)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's own messages talk about weights_only and zip files: not the point here
+        raise ConfigError(f"checkpoint {path} cannot be read ({type(e).__name__}): it is truncated, damaged or not a "
+                          f"PyTorch checkpoint; resume from another one (e.g. a step=*.ckpt beside it)") from e
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ConfigError(f"checkpoint {path} is not a Lightning checkpoint (no state_dict): give a .ckpt written "
+                          f"by lightning-mamba fit")
+    saved = checkpoint.get("hyper_parameters") or {}
+    shape = [k for k in (*SHAPE_SETTINGS, *SSM_SHAPE_SETTINGS, "pretrained") if k != "vocab_size"]
+    differ = [k for k in given if k in saved and k != "vocab_size" and _plain(given[k]) != _plain(saved[k])]
+    if any(k in shape for k in differ):
+        detail = ", ".join(f"model.{k}={saved[k]} there, {given[k]} here" for k in differ if k in shape)
+        raise ConfigError(f"checkpoint {path} was saved for a different model shape: {detail}: use the model "
+                          f"settings it was trained with (its run's config.yaml), or start without --ckpt_path")
+    if differ:
+        rank_zero_warn("resuming from " + path + ": the checkpoint's model settings replace those given here: "
+                       + ", ".join(f"model.{k}={saved[k]} (not {given[k]})" for k in differ))

@@ -7,6 +7,10 @@ import sys
 
 from lightning.pytorch.cli import LightningCLI
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+from .callbacks.nan_guard import NanGuard, NonFiniteError
+from .checkpoint_io import check_resume
 from .data import DataError, TextDataModule
 from .lit import MambaLitModule
 from .models import ConfigError
@@ -21,7 +25,17 @@ COMMANDS = {
 
 
 class MambaCLI(LightningCLI):
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI replaces the model settings by the checkpoint's: refuse a different shape instead of
+        # silently dropping what the user asked for.
+        sub = self.config.get("subcommand")
+        if sub and self.config[sub].get("ckpt_path"):
+            check_resume(self.config[sub].ckpt_path, self.config[sub].model.as_dict())
+        super()._parse_ckpt_path()
+
     def add_arguments_to_parser(self, parser) -> None:
+        # NaN/Inf guard on every run: --nan_guard.on_nonfinite stop|skip
+        parser.add_lightning_class_args(NanGuard, "nan_guard")
         # The model's vocabulary is the tokenizer's: one setting, not two that can disagree.
         parser.link_arguments("data.vocab_size_for_model", "model.init_args.vocab_size" if self.subclass_mode_model
                               else "model.vocab_size", apply_on="instantiate")
@@ -59,10 +73,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def user_error(e: BaseException) -> BaseException | None:
-    """The ConfigError/DataError behind ``e`` (jsonargparse wraps errors raised while instantiating classes)."""
+    """The user-facing error (bad setting, non-finite step) behind ``e`` (jsonargparse wraps errors raised while instantiating classes)."""
     seen = set()
     while e is not None and id(e) not in seen:
-        if isinstance(e, (ConfigError, DataError)):
+        if isinstance(e, (ConfigError, DataError, NonFiniteError, MisconfigurationException)):
             return e
         seen.add(id(e))
         e = e.__cause__ or e.__context__

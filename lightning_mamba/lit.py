@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric, MinMetric
 
 from .checkpoint_io import check_model_shape, check_tokenizer
-from .models import MambaConfig, MambaLM
+from .models import ConfigError, MambaConfig, MambaLM
 from .models.backend import check_backend
 from .schedule import SCHEDULES, lr_factor
 
@@ -69,9 +69,10 @@ class MambaLitModule(L.LightningModule):
         self.save_hyperparameters()
         check_backend(backend)
         if schedule not in SCHEDULES:
-            raise ValueError(f"model.schedule={schedule!r} is unknown: use one of {', '.join(SCHEDULES)}")
+            raise ConfigError(f"model.schedule={schedule!r} is unknown: use one of {', '.join(SCHEDULES)}")
         if lr <= 0:
-            raise ValueError(f"model.lr must be > 0 (got {lr})")
+            raise ConfigError(f"model.lr must be > 0 (got {lr})")
+        check_optimizer_settings(weight_decay, betas, warmup_steps, decay_fraction, min_lr_ratio)
         if pretrained:
             from .models.checkpoint import load_pretrained
 
@@ -192,3 +193,18 @@ class MambaLitModule(L.LightningModule):
         path = (trainer.ckpt_path if trainer is not None else None) or "(given)"
         check_tokenizer(checkpoint, getattr(trainer, "datamodule", None), path)
         check_model_shape(checkpoint, self, path)
+
+
+def check_optimizer_settings(weight_decay: float, betas, warmup_steps: int, decay_fraction: float,
+                             min_lr_ratio: float) -> None:
+    """Reject optimizer settings that cannot work, with one line naming the setting (before any training)."""
+    if weight_decay < 0:
+        raise ConfigError(f"model.weight_decay must be >= 0 (got {weight_decay})")
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ConfigError(f"model.betas must be two numbers in [0, 1), e.g. [0.9, 0.95] (got {list(betas)})")
+    if warmup_steps < 0:
+        raise ConfigError(f"model.warmup_steps must be >= 0 (got {warmup_steps})")
+    if not 0 <= decay_fraction <= 1:
+        raise ConfigError(f"model.decay_fraction must be in [0, 1] (got {decay_fraction})")
+    if not 0 <= min_lr_ratio <= 1:
+        raise ConfigError(f"model.min_lr_ratio must be in [0, 1] (got {min_lr_ratio})")

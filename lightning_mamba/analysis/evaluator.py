@@ -10,7 +10,6 @@ which gives the same numbers as one forward over the whole row (the pieces are e
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Iterator
 

@@ -63,7 +63,7 @@ class NanGuard(L.Callback):
         first = None
         for name, p in pl_module.named_parameters():
             if not p.isfinite().all():
-                first = f"parameter {name} holds {int((~p.isfinite()).sum())} non-finite values"
+                first = f"parameter {name} has {int((~p.isfinite()).sum())}/{p.numel()} non-finite values"
                 break
         bad_loss = next((loss for loss in losses if not loss.isfinite()), None)
         if first is None and bad_loss is not None:
@@ -71,7 +71,8 @@ class NanGuard(L.Callback):
         if first is None and check_grads:
             for name, p in pl_module.named_parameters():
                 if p.grad is not None and not p.grad.isfinite().all():
-                    first = f"the gradient of {name} holds {int((~p.grad.isfinite()).sum())} non-finite values"
+                    bad = int((~p.grad.isfinite()).sum())
+                    first = f"the gradient of {name} has {bad}/{p.numel()} non-finite values"
                     break
         loss = ", ".join(f"{x.item():.4g}" for x in losses) or "n/a"
         norm = f"{grad_norm.item():.4g}" if grad_norm is not None else "n/a"

@@ -7,6 +7,7 @@ from .datamodule import TextDataModule
 from .errors import DataError
 from .passkey import PasskeyDataModule, PasskeyError, PasskeyGenerator, PasskeySample, PasskeyTemplate, passkey_grid
 from .packed import PackedTextDataset, document_index, encode_documents, split_documents
+from .sampler import ResumableSampler
 from .sources import load_documents, source_identity
 from .tokenization import (
     BPETokenizer,
@@ -20,7 +21,7 @@ from .tokenization import (
 )
 
 __all__ = [
-    "BPETokenizer", "ByteTokenizer", "DataError", "FileTokenizer", "HFTokenizer", "PackedTextDataset",
+    "BPETokenizer", "ByteTokenizer", "DataError", "FileTokenizer", "HFTokenizer", "PackedTextDataset", "ResumableSampler",
     "PasskeyDataModule", "PasskeyError", "PasskeyGenerator", "PasskeySample", "PasskeyTemplate", "passkey_grid",
     "TextDataModule", "Tokenizer", "build_tokenizer", "default_corpus_documents", "document_index",
     "encode_documents", "fingerprint", "load_documents", "load_or_build", "load_tokenizer", "open_token_cache",

@@ -351,5 +351,4 @@ class PasskeyDataModule(TextDataModule):
         h = self.hparams
         dataset = PasskeyMixDataset(text_loader.dataset, self.passkey_generator, h.passkey_ratio, h.passkey_loss,
                                     h.passkey_min_length, h.seed)
-        return DataLoader(dataset, batch_size=h.batch_size, shuffle=True, drop_last=True,
-                          generator=torch.Generator().manual_seed(h.seed), **self.loader_options())
+        return self.train_loader(dataset)  # the resumable seeded order, as the text data module

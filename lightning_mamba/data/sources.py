@@ -11,6 +11,8 @@ replaced (U+FFFD), not fatal.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import socket
 from urllib.parse import urlparse
@@ -55,6 +57,17 @@ def _texts(dataset, text_field: str, where: str) -> list[str]:
     return [t for t in dataset[text_field] if isinstance(t, str) and t.strip()]
 
 
+@contextlib.contextmanager
+def _quiet_datasets_errors():
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def load_local(path: str, text_field: str = "text", hf_cache_dir: str | None = None) -> list[str]:
     """Documents from local files, grouped by format (text, json, parquet), files in sorted order."""
     import datasets
@@ -69,8 +82,9 @@ def load_local(path: str, text_field: str = "text", hf_cache_dir: str | None = N
         options = {"text": {"sample_by": "document", "encoding_errors": "replace"},
                    "json": {"encoding_errors": "replace"}, "parquet": {}}[builder]
         try:
-            dataset = datasets.load_dataset(builder, data_files=groups[builder], split="train",
-                                            cache_dir=hf_cache_dir, **options)
+            with _quiet_datasets_errors():  # a malformed file is reported once, as our one-line DataError
+                dataset = datasets.load_dataset(builder, data_files=groups[builder], split="train",
+                                                cache_dir=hf_cache_dir, **options)
         except Exception as e:  # malformed json/parquet: name the files, keep the reason
             raise DataError(f"data.source {path}: cannot read its {builder} files "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e

@@ -1,0 +1,189 @@
+"""The bad-input matrix, driven through `lightning-mamba` as a user would: each case ends with one line that
+names the setting and the fix, no traceback, and nothing already on disk (checkpoint, corpus, caches) lost.
+
+Cases with a "wiring" entry need a hook in cli.py, and are xfailed until it is there: "ckpt_path", a
+``MambaCLI._parse_ckpt_path`` that calls ``checkpoint_io.check_resume`` before LightningCLI replaces the model
+settings by the checkpoint's; "MisconfigurationException", Lightning's Trainer errors printed by ``cli.main``
+as one line like ConfigError and DataError (``cli.user_error``)."""
+
+import glob
+import hashlib
+import inspect
+import os
+
+import pytest
+import torch
+
+from lightning_mamba import cli
+from lightning_mamba.cli import main
+from lightning_mamba.lit import MambaLitModule
+from lightning_mamba.models import ConfigError
+
+from .conftest import run_config, write_corpus
+
+
+def digest(paths) -> dict[str, str]:
+    return {p: hashlib.sha256(open(p, "rb").read()).hexdigest() for p in sorted(paths) if os.path.isfile(p)}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, corpus, cache_dir):
+    """A finished tiny run (its last.ckpt), a config for another, and bad inputs of every kind on disk."""
+    root = tmp_path_factory.mktemp("bad")
+    main(["fit", "--config", run_config(root / "done", corpus, cache_dir, 2)])
+    bad = root / "inputs"
+    (bad / "empty").mkdir(parents=True)
+    (bad / "empty" / "a.txt").write_text("  \n")
+    (bad / "empty" / "b.txt").write_text("")
+    (bad / "no_text_files").mkdir()
+    (bad / "no_text_files" / "table.csv").write_text("a,b\n")
+    (bad / "broken_parquet").mkdir()
+    (bad / "broken_parquet" / "a.parquet").write_bytes(b"not parquet at all")
+    (bad / "no_text_field").mkdir()
+    (bad / "no_text_field" / "a.jsonl").write_text('{"body": "one"}\n{"body": "two"}\n')
+    (bad / "one_doc.txt").write_text("a single document")
+    (bad / "garbage.ckpt").write_bytes(b"this is not a checkpoint" * 10)
+    (bad / "truncated.ckpt").write_bytes((root / "done" / "ckpt" / "last.ckpt").read_bytes()[:5000])
+    write_corpus(bad / "non_utf8", n_docs=3)
+    for i in range(3):
+        with open(bad / "non_utf8" / f"doc{i:02d}.txt", "ab") as f:
+            f.write(b"caf\xe9 \xff\xfe latin-1 bytes\n" * 100)
+    return {"root": root, "ckpt": str(root / "done" / "ckpt" / "last.ckpt"), "bad": bad, "corpus": corpus,
+            "cache_dir": cache_dir, "config": run_config(root / "next", corpus, cache_dir, 2)}
+
+
+def wired(what: str) -> bool:
+    if what == "ckpt_path":
+        return "_parse_ckpt_path" in cli.MambaCLI.__dict__
+    return what in inspect.getsource(cli)
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    """Run the CLI; it must exit with an error: return the message (the exit's, else stderr's error line)."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if isinstance(e.value.code, str):
+        assert "\n" not in e.value.code and "Traceback" not in e.value.code
+        return e.value.code
+    assert e.value.code != 0
+    lines = [line for line in err.splitlines() if "error:" in line]  # argument parser: usage, then "error: ..."
+    assert lines, err
+    return err[err.index(lines[0]):]
+
+
+B = "{bad}"
+CASES = [  # (id, arguments after `fit --config CONFIG`, fragment of the message, wiring needed)
+    # model group: types and ranges
+    ("model-type", ["--model.d_state", "abc"], 'model.d_state', None),
+    ("model-unknown-key", ["--model.dstate", "3"], "unrecognized arguments: --model.dstate", None),
+    ("model-lr", ["--model.lr", "-1"], "model.lr must be > 0 (got -1.0)", None),
+    ("model-schedule", ["--model.schedule", "step"], "model.schedule='step' is unknown: use one of wsd", None),
+    ("model-betas", ["--model.betas", "[2, 0.9]"], "model.betas must be two numbers in [0, 1)", None),
+    ("model-warmup", ["--model.warmup_steps", "-1"], "model.warmup_steps must be >= 0", None),
+    ("model-n_layer", ["--model.n_layer", "0"], "n_layer must be >= 1", None),
+    ("model-headdim", ["--model.headdim", "24"], "headdim=24 must divide", None),
+    ("unknown-backend", ["--model.backend", "tpu"], "unknown backend 'tpu': use one of auto, torch, triton", None),
+    # data group: types and ranges
+    ("data-type", ["--data.batch_size", "many"], "batch_size', val='many'", None),  # jsonargparse names it thus
+    ("data-seq_len", ["--data.seq_len", "1"], "data.seq_len must be >= 2 (got 1)", None),
+    ("data-batch_size", ["--data.batch_size", "0"], "data.batch_size must be >= 1 (got 0)", None),
+    ("data-val_fraction", ["--data.val_fraction", "1.5"], "data.val_fraction must be between 0 and 1", None),
+    ("data-num_workers", ["--data.num_workers", "-1"], "data.num_workers must be >= 0", None),
+    ("data-tokenizer", ["--data.tokenizer", "wordpiece"], "unknown tokenizer 'wordpiece': use 'byte', 'bpe'", None),
+    ("data-tokenizer-file", ["--data.tokenizer", "/nonexistent/tokenizer.json"],
+     "data.tokenizer /nonexistent/tokenizer.json does not exist", None),
+    # trainer group: types and ranges
+    ("trainer-type", ["--trainer.max_steps", "x"], "trainer.max_steps", None),
+    ("trainer-choice", ["--trainer.precision", "13"], "trainer.precision", None),
+    ("trainer-range", ["--trainer.max_steps", "-5"], "max_steps` must be a non-negative integer or -1",
+     "MisconfigurationException"),
+    ("missing-config", ["--config", "/nonexistent/run.yaml"], "/nonexistent/run.yaml", None),
+    # files and documents
+    ("missing-source", ["--data.source", "/nonexistent/texts"], "data.source /nonexistent/texts does not exist", None),
+    ("empty-documents", ["--data.source", B + "/empty"], "holds no non-empty documents", None),
+    ("no-text-files", ["--data.source", B + "/no_text_files"], "no .txt/.text/.md/.jsonl/.json/.parquet files", None),
+    ("unreadable-parquet", ["--data.source", B + "/broken_parquet"], "cannot read its parquet files", None),
+    ("no-text-field", ["--data.source", B + "/no_text_field"], "has no 'text' field (it has: body): set "
+                                                              "data.text_field", None),
+    ("one-document", ["--data.source", B + "/one_doc.txt"], "needs at least 2", None),
+    ("len-larger-than-corpus", ["--data.seq_len", "100000"], "data.seq_len=100000 is larger than the training split",
+     None),
+    ("batch-larger-than-corpus", ["--data.batch_size", "5000"], "data.batch_size=5000 is larger than the", None),
+    # checkpoints
+    ("tokenizer-vs-checkpoint", ["--ckpt_path", "{ckpt}", "--data.tokenizer", "bpe", "--data.bpe_vocab_size", "300"],
+     "was trained with the tokenizer byte (vocabulary 257), but data.tokenizer gives bpe-300", None),
+    ("shape-vs-checkpoint", ["--ckpt_path", "{ckpt}", "--model.d_state", "32"],
+     "was saved for a different model shape: model.d_state=16 there, 32 here", "ckpt_path"),
+    ("missing-checkpoint", ["--ckpt_path", "/nonexistent/last.ckpt"], "checkpoint /nonexistent/last.ckpt does not "
+                                                                       "exist", "ckpt_path"),
+    ("garbage-checkpoint", ["--ckpt_path", B + "/garbage.ckpt"], "garbage.ckpt cannot be read", "ckpt_path"),
+    ("truncated-checkpoint", ["--ckpt_path", B + "/truncated.ckpt"], "truncated.ckpt cannot be read", "ckpt_path"),
+]
+
+
+@pytest.mark.parametrize("args,fragment,wiring", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clear_line(setup, capsys, args, fragment, wiring):
+    if wiring and not wired(wiring):
+        pytest.xfail(f"needs the CLI wiring for {wiring} (see the module docstring)")
+    args = [a.replace(B, str(setup["bad"])).replace("{ckpt}", setup["ckpt"]) for a in args]
+    kept = digest([setup["ckpt"], *glob.glob(os.path.join(setup["corpus"], "*")),
+                   *glob.glob(os.path.join(setup["cache_dir"], "*"))])
+    message = one_line_error(capsys, ["fit", "--config", setup["config"], *args])
+    assert fragment in message
+    assert digest(kept) == kept  # nothing lost or rewritten
+    assert not glob.glob(os.path.join(setup["cache_dir"], "*.tmp"))
+
+
+def test_unreadable_file_is_named(setup, capsys, tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root reads files whatever their permissions")
+    folder = write_corpus(tmp_path / "texts", n_docs=3)
+    os.chmod(os.path.join(folder, "doc01.txt"), 0)
+    message = one_line_error(capsys, ["fit", "--config", setup["config"], "--data.source", folder])
+    assert folder in message
+
+
+def test_non_utf8_bytes_are_replaced_and_the_run_trains(setup, tmp_path):
+    cfg = run_config(tmp_path, str(setup["bad"] / "non_utf8"), str(tmp_path / "cache"), 1)
+    main(["fit", "--config", cfg])
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["global_step"] == 1
+
+
+def test_truncated_token_cache_is_rebuilt_not_used(setup, tmp_path):
+    cache = tmp_path / "cache"
+    main(["fit", "--config", run_config(tmp_path / "a", setup["corpus"], str(cache), 1)])
+    (train,) = glob.glob(str(cache / "tokens-*-train.npy"))
+    whole = open(train, "rb").read()
+    os.truncate(train, len(whole) // 2)
+    main(["fit", "--config", run_config(tmp_path / "b", setup["corpus"], str(cache), 1)])
+    assert open(train, "rb").read() == whole
+
+
+def test_different_shape_checkpoint_in_python_is_one_line(setup):
+    """Without the CLI (which takes the model settings from the checkpoint): the module's own check."""
+    import lightning as L
+
+    from lightning_mamba.data import TextDataModule
+
+    dm = TextDataModule(source=setup["corpus"], tokenizer="byte", seq_len=64, batch_size=4,
+                        cache_dir=setup["cache_dir"])
+    model = MambaLitModule(d_model=32, n_layer=2, d_state=32, headdim=16, chunk_size=32, vocab_size=257,
+                           backend="torch")
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    with pytest.raises(ConfigError, match=r"checkpoint .*last\.ckpt was saved for a different model shape: "
+                                          r"model\.d_state=16 there, 32 here \(model\.backbone\.layers\.0\.mixer\."
+                                          r"in_proj\.weight is \(\d+, 32\) there, \(\d+, 32\) here\): use the model "
+                                          r"settings it was trained with"):
+        trainer.fit(model, dm, ckpt_path=setup["ckpt"])
+
+
+def test_passkey_lengths_shorter_than_the_template(setup, capsys):
+    pytest.importorskip("lightning_mamba.commands.passkey")
+    with pytest.raises(SystemExit) as e:
+        main(["passkey", "--ckpt", setup["ckpt"], "--lengths", "10", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert "passkey lengths [10] are shorter than the template" in err and len(err.strip().splitlines()) == 1
