@@ -19,3 +19,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A small local text corpus (12 documents of random words) for end-to-end CLI runs."""
+    d = tmp_path / "texts"
+    d.mkdir()
+    words = "the quick brown fox jumps over the lazy dog and then it rests a while".split()
+    g = torch.Generator().manual_seed(0)
+    for i in range(12):
+        idx = torch.randint(0, len(words), (400,), generator=g).tolist()
+        (d / f"doc{i}.txt").write_text(" ".join(words[j] for j in idx) + ".\n")
+    return str(d)

@@ -13,18 +13,6 @@ from lightning_mamba.cli import lightning_cli, main
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture
-def corpus(tmp_path):
-    d = tmp_path / "texts"
-    d.mkdir()
-    words = "the quick brown fox jumps over the lazy dog and then it rests a while".split()
-    g = torch.Generator().manual_seed(0)
-    for i in range(12):
-        idx = torch.randint(0, len(words), (400,), generator=g).tolist()
-        (d / f"doc{i}.txt").write_text(" ".join(words[j] for j in idx) + ".\n")
-    return str(d)
-
-
 def tiny_args(tmp_path, corpus):
     return [
         "--config", os.path.join(ROOT, "configs/train.yaml"),

@@ -32,18 +32,6 @@ class Crash(L.Callback):
             raise RuntimeError("simulated kill")
 
 
-@pytest.fixture
-def corpus(tmp_path):
-    d = tmp_path / "texts"
-    d.mkdir()
-    words = "the quick brown fox jumps over the lazy dog and then it rests a while".split()
-    g = torch.Generator().manual_seed(0)
-    for i in range(12):
-        idx = torch.randint(0, len(words), (400,), generator=g).tolist()
-        (d / f"doc{i}.txt").write_text(" ".join(words[j] for j in idx) + ".\n")
-    return str(d)
-
-
 def micro_args(tmp_path, corpus, out, *extra):
     data = {"tokenizer": "byte", "source": corpus, "cache_dir": str(tmp_path / "cache")}
     return ["--config", MICRO, "--base_config", json.dumps([TRAIN]), "--out", str(out),
