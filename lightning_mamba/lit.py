@@ -125,6 +125,12 @@ class MambaLitModule(L.LightningModule):
         loss = self.model_step(batch)
         self.log("test/loss", loss, sync_dist=True)
 
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        """Per-token next-token losses (b, seq_len) of a batch: `lightning-mamba predict` returns them."""
+        logits, _ = self.model(batch["input_ids"], seq_idx=batch.get("seq_idx"))
+        losses = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), reduction="none")
+        return {"token_losses": losses.view_as(batch["labels"]).cpu()}
+
     # ---- optimizer -------------------------------------------------------------------
     def parameter_groups(self) -> list[dict]:
         """AdamW groups: no weight decay on A_log, dt_bias, D (marked _no_weight_decay), norms and biases."""

@@ -84,3 +84,13 @@ def test_bad_input_is_one_clear_line(tmp_path, corpus, capsys, override, fragmen
     assert fragment in message
     assert "Traceback" not in message
     assert not glob.glob(str(tmp_path / "cache" / "*.tmp*"))  # no half-written cache
+
+
+def test_validate_test_and_predict_run_on_a_checkpoint(tmp_path, corpus):
+    main(["fit", *tiny_args(tmp_path, corpus)])
+    ckpt = str(tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt")
+    for sub in ("validate", "test"):
+        main([sub, *tiny_args(tmp_path, corpus), "--ckpt_path", ckpt])
+    cli = lightning_cli(["predict", *tiny_args(tmp_path, corpus), "--ckpt_path", ckpt, "--trainer.limit_predict_batches", "1"])
+    out = cli.trainer.predict_loop.predictions
+    assert out and out[0]["token_losses"].shape == (4, 64) and torch.isfinite(out[0]["token_losses"]).all()

@@ -196,6 +196,13 @@ class TextDataModule(L.LightningDataModule):
                             f"use a smaller seq_len, a larger val_fraction or val_max_tokens, or a larger corpus")
         return DataLoader(self.dataset(tokens), batch_size=h.batch_size, shuffle=False, **self.loader_options())
 
+    def test_dataloader(self) -> DataLoader:
+        """The held-out split (there is no separate test split: the corpus is split train/val by document)."""
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
     # ---- resuming: the training position is part of every checkpoint ----------------------------------
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         # Count a batch when it reaches the training step, not when the DataLoader fetches it (it runs ahead):
