@@ -16,15 +16,54 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+_MASKS: dict = {}
+
+
+def _tril_masks(T: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(on or above the diagonal, strictly above it) boolean masks (the complements of strictly below /
+    on or below), cached by (T, device)."""
+    key = (T, device)
+    m = _MASKS.get(key)
+    if m is None:
+        m = (
+            ~torch.tril(torch.ones(T, T, dtype=torch.bool, device=device), diagonal=-1),
+            ~torch.tril(torch.ones(T, T, dtype=torch.bool, device=device), diagonal=0),
+        )
+        _MASKS[key] = m
+    return m
+
+
 def segsum(x: Tensor) -> Tensor:
     """out[..., i, j] = sum_{k=j+1..i} x[..., k] for j <= i, -inf above the diagonal (stable form)."""
     T = x.size(-1)
+    not_below, above = _tril_masks(T, x.device)
     x = x[..., None].expand(*x.shape, T)  # [..., i, j] = x_i
-    below = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device), diagonal=-1)
-    x = x.masked_fill(~below, 0.0)
+    x = torch.where(not_below, x.new_zeros(()), x)
     out = torch.cumsum(x, dim=-2)
-    on_or_below = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device), diagonal=0)
-    return out.masked_fill(~on_or_below, float("-inf"))
+    return out.masked_fill_(above, float("-inf"))  # in place: cumsum's backward does not need its output
+
+
+class _SegsumExp(torch.autograd.Function):
+    """exp(segsum(x)) (stable form, zero above the diagonal) with a hand-written backward.
+
+    d exp(S[i, j]) / d x[k] = exp(S[i, j]) for j < k <= i, so with M = grad * out the gradient is
+    grad_x[k] = sum_{i >= k} sum_{j < k} M[i, j]: one row cumsum and one masked column sum."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            out = segsum(x).exp_()
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (out,) = ctx.saved_tensors
+        T = out.size(-1)
+        not_below, _ = _tril_masks(T, out.device)
+        cs = torch.cumsum(grad * out, dim=-1)  # cs[i, m] = sum_{j <= m} M[i, j]; grad_x[m + 1] sums i > m
+        g = cs.masked_fill_(not_below, 0.0).sum(-2)
+        return F.pad(g[..., :-1], (1, 0))
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -57,17 +96,22 @@ def ssd_chunked(
     pad = (-l) % chunk_size
     # Padding with dt = 0 means alpha = 1 and no input: states and outputs are unchanged.
     ct = _compute_dtype(x)
-    x, dt, B, C = (F.pad(t.to(ct), (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
+
+    def prep(t: Tensor) -> Tensor:
+        t = t.to(ct)
+        return F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) if pad else t
+
+    x, dt, B, C = (prep(t) for t in (x, dt, B, C))
     if seq_idx is not None and pad:
         seq_idx = torch.cat([seq_idx, seq_idx[:, -1:].expand(b, pad)], dim=1)
     L = l + pad
     c, s = L // chunk_size, chunk_size
-    B, C = _heads(B, h), _heads(C, h)
-    n = B.size(-1)
+    g, n = B.size(2), B.size(-1)
+    r = h // g  # heads per group: head h uses group h // r
 
-    X = (x * dt[..., None]).view(b, c, s, h, p)
-    B = B.view(b, c, s, h, n)
-    C = C.view(b, c, s, h, n)
+    X = (x * dt[..., None]).view(b, c, s, g, r, p)
+    B = B.reshape(b, c, s, g, n)
+    C = C.reshape(b, c, s, g, n)
     dA = (dt * A.to(ct)).view(b, c, s, h).permute(0, 3, 1, 2)  # (b, h, c, s): log alpha
     dA_cs = torch.cumsum(dA, dim=-1)
 
@@ -77,17 +121,19 @@ def ssd_chunked(
         ends = torch.cat([sc[:, :1, 0], sc[:, :, -1]], dim=1)  # (b, c+1)
 
     # 1. Within chunks: y_i = sum_{j<=i} (C_i . B_j) alpha_{j+1..i} X_j
-    decay = torch.exp(segsum(dA))  # (b, h, c, s, s)
+    decay = _SegsumExp.apply(dA.transpose(1, 2).contiguous())  # (b, c, h, s, s): chunk-major for the bmm
     if seq_idx is not None:
-        decay = decay * (sc[:, :, :, None] == sc[:, :, None, :]).unsqueeze(1)
-    scores = torch.einsum("bclhn,bcshn->bhcls", C, B) * decay
-    y = torch.einsum("bhcls,bcshp->bclhp", scores, X)
+        decay = decay * (sc[:, :, :, None] == sc[:, :, None, :]).unsqueeze(2)
+    CB = torch.einsum("bclgn,bcsgn->bcgls", C, B)  # once per group, shared by its heads
+    scores = decay.view(b, c, g, r, s, s) * CB[:, :, :, None]  # (b, c, g, r, l, s)
+    y = torch.einsum("bcgrls,bcsgrp->bclgrp", scores, X)
 
     # 2. The state each chunk adds, as seen at its end.
     decay_to_end = torch.exp(dA_cs[..., -1:] - dA_cs)  # (b, h, c, s)
     if seq_idx is not None:
         decay_to_end = decay_to_end * (sc == sc[:, :, -1:]).unsqueeze(1)
-    chunk_states = torch.einsum("bclhn,bhcl,bclhp->bchpn", B, decay_to_end, X)
+    Xd = X * decay_to_end.permute(0, 2, 3, 1).reshape(b, c, s, g, r, 1)
+    chunk_states = torch.einsum("bclgn,bclgrp->bcgrpn", B, Xd).reshape(b, c, h, p, n)
 
     # 3. Pass states across chunks.
     if initial_state is None:
@@ -103,9 +149,13 @@ def ssd_chunked(
     decay_from_start = torch.exp(dA_cs)  # (b, h, c, s)
     if seq_idx is not None:
         decay_from_start = decay_from_start * (sc == ends[:, :-1, None]).unsqueeze(1)
-    y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", C, states, decay_from_start)
+    y_off = torch.einsum("bclgn,bcgrpn->bclgrp", C, states.reshape(b, c, g, r, p, n))
+    y = y + y_off * decay_from_start.permute(0, 2, 3, 1).reshape(b, c, s, g, r, 1)
 
-    return y.reshape(b, L, h, p)[:, :l].to(out_dtype), final_state
+    y = y.reshape(b, L, h, p)
+    if pad:
+        y = y[:, :l]
+    return y.to(out_dtype), final_state
 
 
 def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:

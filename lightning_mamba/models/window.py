@@ -40,6 +40,7 @@ from torch import Tensor
 
 from . import backend as kernels
 from .mixer import Mamba2
+from .ssd import _heads
 
 
 class WindowState(NamedTuple):
@@ -93,10 +94,6 @@ def _conv_taps(raw: Tensor, docs: Tensor, weight: Tensor, bias: Tensor | None, l
         same = (docs[:, lo - lag:hi - lag] == docs[:, lo:hi])[..., None]
         out = out + w[:, k - 1 - lag] * raw[:, lo - lag:hi - lag] * same
     return out
-
-
-def _heads(t: Tensor, nheads: int) -> Tensor:
-    return t.repeat_interleave(nheads // t.size(2), dim=2)
 
 
 def windowed_forward(mixer: Mamba2, u: Tensor, r: int, state: WindowState | None = None,
