@@ -82,7 +82,7 @@ class PasskeyEvalCallback(PeriodicAnalysis):
         if not usable:
             return
         device = next(model.parameters()).device
-        piece_len = self.piece_len or (2048 if device.type == "cuda" else 512)
+        piece_len = self.piece_len or self.default_piece_len(model)
         order = sorted(set(usable.values()))
         grid = evaluate_passkey(model, gen, order, self.depths, self.n_samples, self.seed, piece_len, self.dtype,
                                 device, self.batch_size)

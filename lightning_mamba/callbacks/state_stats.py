@@ -82,9 +82,7 @@ class StateStatsCallback(PeriodicAnalysis):
     def analyze(self, trainer: L.Trainer, model, data: Any, step: int) -> None:
         t0 = time.perf_counter()
         T = int(data.hparams.seq_len)
-        length = max(self.multiples) * T
-        if self.max_eval_tokens:
-            length = min(length, int(self.max_eval_tokens))
+        length = self.eval_length(T)
         stride = self.stride or default_bucket(T)
         dump: dict = {"step": step, "seq_len": T, "stride": stride, "dtype": self.dtype}
         for probe in self.probes:
