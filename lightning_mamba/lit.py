@@ -27,6 +27,10 @@ class MambaLitModule(L.LightningModule):
         d_conv: Width of the causal depthwise convolution.
         ngroups: Number of B/C groups shared by the heads.
         chunk_size: Chunk length of the SSD scan (speed only; results do not depend on it).
+        dt_min: Initial step sizes dt are log-uniform in [dt_min, dt_max] (official init). Small values start
+            every head with a slow decay, a model that remembers far and must learn to forget.
+        dt_max: See dt_min.
+        A_init_range: Initial A = -uniform(A_init_range) per head (official: 1 to 16).
         vocab_size: Tokenizer vocabulary; the CLI links it from the data module.
         pad_vocab_size_multiple: The embedding is padded to a multiple of this (official: 8, checkpoints 16).
         tie_embeddings: Share the embedding and the LM head weights.
@@ -52,6 +56,9 @@ class MambaLitModule(L.LightningModule):
         d_conv: int = 4,
         ngroups: int = 1,
         chunk_size: int = 256,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        A_init_range: tuple[float, float] = (1.0, 16.0),
         vocab_size: int = 8192,
         pad_vocab_size_multiple: int = 8,
         tie_embeddings: bool = True,
@@ -83,7 +90,8 @@ class MambaLitModule(L.LightningModule):
                 n_layer=n_layer,
                 vocab_size=vocab_size,
                 ssm_cfg={"layer": "Mamba2", "d_state": d_state, "d_conv": d_conv, "expand": expand,
-                         "headdim": headdim, "ngroups": ngroups, "chunk_size": chunk_size},
+                         "headdim": headdim, "ngroups": ngroups, "chunk_size": chunk_size,
+                         "dt_min": dt_min, "dt_max": dt_max, "A_init_range": tuple(A_init_range)},
                 pad_vocab_size_multiple=pad_vocab_size_multiple,
                 tie_embeddings=tie_embeddings,
             )

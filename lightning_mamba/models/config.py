@@ -104,6 +104,11 @@ class MambaConfig:
             )
         if self.nheads % m["ngroups"]:
             raise ConfigError(f"ngroups={m['ngroups']} must divide the number of heads ({self.nheads})")
+        if not 0 < m["dt_min"] <= m["dt_max"]:
+            raise ConfigError(f"dt_min={m['dt_min']} and dt_max={m['dt_max']} must satisfy 0 < dt_min <= dt_max")
+        lo, hi = m["A_init_range"]
+        if not 0 < lo <= hi:
+            raise ConfigError(f"A_init_range={list(m['A_init_range'])} must be [low, high] with 0 < low <= high")
         if not m["rmsnorm"] or m["norm_before_gate"]:
             raise ConfigError("only rmsnorm=True, norm_before_gate=False (the official Mamba-2 setting) is implemented")
 
