@@ -71,3 +71,26 @@ def test_bf16_autocast_matches(models):
     lt, _ = run(tri, ids, dtype=torch.bfloat16)
     l32, _ = run(ref, ids)
     assert rel_err(lt, l32) < 3e-2 and rel_err(lt, lr) < 3e-2
+
+
+def test_export_loads_in_official_mamba_ssm(tmp_path):
+    """`save_pretrained` output loads with mamba_ssm's own MambaLMHeadModel.from_pretrained: same logits."""
+    if _triton_scan()[0] is None:
+        pytest.skip(f"mamba_ssm unavailable: {_triton_scan()[1]}")
+    pytest.importorskip("transformers")  # mamba_ssm's config loader uses transformers' hub helpers
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+    from lightning_mamba.models.checkpoint import save_pretrained
+
+    torch.manual_seed(0)
+    cfg = MambaConfig(d_model=128, n_layer=2, vocab_size=500, ssm_cfg={"layer": "Mamba2", "d_state": 32, "headdim": 32,
+                                                                          "chunk_size": 64})
+    ours = MambaLM(cfg, backend="triton").cuda().eval()
+    save_pretrained(ours, str(tmp_path))
+    official = MambaLMHeadModel.from_pretrained(str(tmp_path), device="cuda", dtype=torch.float32).eval()
+    ids = torch.randint(0, 500, (2, 200), device="cuda")
+    with torch.no_grad():
+        ours_logits, _ = ours(ids)
+        official_logits = official(ids).logits
+    assert official_logits.shape == ours_logits.shape
+    assert rel_err(official_logits, ours_logits) < 1e-3
