@@ -161,3 +161,39 @@ def test_a_row_that_fails_above_its_t_forget_is_flagged(tmp_path):
     s = summarize(str(tmp_path), tensorboard=False)
     assert s["rows"][0]["t_forget"] == 1024 and s["rows"][0]["fails_above_t_forget"] == [4096]
     assert not (tmp_path / "summary").exists()
+
+
+# ---- a cell on several devices (DDP per cell: trainer_overrides devices/strategy) --------------------------
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_cell_args_split_the_global_batch_over_the_devices(world_size):
+    study = Study(states=[16], lens=[64, 128, 256], tokens_per_batch=4096, tokens_per_cell=2**16)
+    for cell in make_cells(study):
+        args = cell_args(study, cell, world_size=world_size)
+        per_device = int(args[args.index("--data.batch_size") + 1])
+        assert per_device * world_size * cell.seq_len == 4096  # the tokens per optimizer step do not change
+        assert args[args.index("--trainer.max_steps") + 1] == "16"
+
+
+def test_a_batch_that_does_not_split_over_the_devices_is_refused():
+    study = Study(states=[16], lens=[64, 256], tokens_per_batch=512)
+    short, long = make_cells(study)
+    args = cell_args(study, short, world_size=8)
+    assert args[args.index("--data.batch_size") + 1] == "1"  # 8 samples of 64: one per device
+    with pytest.raises(SweepError, match="a batch of 2 samples does not split over 8 devices.*multiple of 2048"):
+        cell_args(study, long, world_size=8)
+
+
+def test_a_cell_on_several_devices_is_built_with_its_batch_split(tmp_path):
+    from lightning_mamba.analysis.sweep import build_cli
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    study = Study(states=[8], lens=[32, 64], tokens_per_batch=256, tokens_per_cell=2048, out=str(tmp_path),
+                  base_config=[os.path.join(root, "configs", "train.yaml")],
+                  model_overrides={"d_model": 32, "n_layer": 1, "headdim": 16, "backend": "torch"},
+                  data_overrides={"tokenizer": "byte", "cache_dir": str(tmp_path / "cache")},
+                  trainer_overrides={"accelerator": "cpu", "devices": 2, "strategy": "ddp"}, precision="32-true")
+    for cell in make_cells(study):
+        cli = build_cli(study, cell)  # the Trainer is built, not launched: no processes start here
+        assert cli.trainer.world_size == 2 and type(cli.trainer.strategy).__name__ == "DDPStrategy"
+        assert cli.datamodule.hparams.batch_size * 2 * cell.seq_len == 256
+        assert cli.trainer.max_steps == 8
