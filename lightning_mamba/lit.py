@@ -7,9 +7,11 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric, MinMetric
 
 from .checkpoint_io import check_model_shape, check_tokenizer
+from .initial_states import NEEDS_LANES, InitialStates
 from .models import ConfigError, MambaConfig, MambaLM
 from .models.backend import check_backend
 from .schedule import SCHEDULES, lr_factor
@@ -35,8 +37,10 @@ class MambaLitModule(L.LightningModule):
         pad_vocab_size_multiple: The embedding is padded to a multiple of this (official: 8, checkpoints 16).
         tie_embeddings: Share the embedding and the LM head weights.
         backend: SSD kernels: 'auto' (Triton on CUDA when mamba-ssm imports, else torch), 'torch' or 'triton'.
-        pretrained: Directory with an official-layout config.json + pytorch_model.bin to start from; its
-            config replaces the shape arguments above.
+        pretrained: Weights to start from (fine-tuning): a directory with an official-layout config.json +
+            pytorch_model.bin, or a training checkpoint (.ckpt) of this project (its weights only: not its optimizer,
+            schedule or data position; to resume a run use --ckpt_path). Its config replaces the shape arguments
+            above, and the data's tokenizer must be the one it was trained with.
         lr: Peak learning rate.
         weight_decay: AdamW weight decay (not applied to A_log, dt_bias, D, norms and biases).
         betas: AdamW betas.
@@ -44,6 +48,14 @@ class MambaLitModule(L.LightningModule):
         warmup_steps: Linear warm-up steps.
         decay_fraction: Share of the steps in the final decay of the WSD schedule.
         min_lr_ratio: Final learning rate as a fraction of the peak.
+        initial_state: What each training sample's state starts from (Buitrago Ruiz & Gu, 2025): 'zero' (as in
+            Stuffed Mamba), 'passed' (the previous batch's final state of the same row, detached: truncated BPTT;
+            needs data.state_passing; kept in checkpoints) or 'noise' (Gaussian SSM states, zero conv states).
+            Validation and testing always start from zero.
+        noise_scale: 'noise': standard deviation per (layer, head), in units of the RMS of the model's own final
+            SSM states on training samples started from zero.
+        noise_calibrate_every: 'noise': measure that RMS at the first step and every this many steps (a forward
+            pass without gradients on the step's batch).
     """
 
     def __init__(
@@ -71,6 +83,9 @@ class MambaLitModule(L.LightningModule):
         warmup_steps: int = 100,
         decay_fraction: float = 0.1,
         min_lr_ratio: float = 0.0,
+        initial_state: str = "zero",
+        noise_scale: float = 1.0,
+        noise_calibrate_every: int = 50,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -80,10 +95,12 @@ class MambaLitModule(L.LightningModule):
         if lr <= 0:
             raise ConfigError(f"model.lr must be > 0 (got {lr})")
         check_optimizer_settings(weight_decay, betas, warmup_steps, decay_fraction, min_lr_ratio)
+        self.initial_states = InitialStates(initial_state, noise_scale, noise_calibrate_every)
+        self._pretrained_meta: dict | None = None
         if pretrained:
-            from .models.checkpoint import load_pretrained
+            from .models.checkpoint import load_model
 
-            self.model = load_pretrained(pretrained, backend=backend)
+            self.model, self._pretrained_meta = load_model(pretrained, backend=backend)
         else:
             config = MambaConfig(
                 d_model=d_model,
@@ -106,15 +123,44 @@ class MambaLitModule(L.LightningModule):
     def forward(self, input_ids: torch.Tensor, **kwargs: Any):
         return self.model(input_ids, **kwargs)
 
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule
+        if self._pretrained_meta is not None:
+            check_tokenizer({"lightning_mamba": self._pretrained_meta}, dm, self.hparams.pretrained)
+        if stage != "fit" or dm is None:
+            return
+        lanes = getattr(dm.hparams, "state_passing", False)
+        if self.initial_states.mode == "passed" and not lanes:
+            raise ConfigError(NEEDS_LANES)
+        if lanes and self.initial_states.mode != "passed":
+            rank_zero_warn(f"data.state_passing is on but model.initial_state={self.initial_states.mode}: the batches "
+                           f"continue each other, the states are not passed on (set model.initial_state passed)")
+
     # ---- one step shared by train / val / test --------------------------------------
     def model_step(self, batch: dict) -> torch.Tensor:
         logits, _ = self.model(batch["input_ids"], seq_idx=batch.get("seq_idx"))
-        return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten())
+        return next_token_loss(logits, batch["labels"])
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.model_step(batch)
+        if self.initial_states.mode == "zero":
+            loss = self.model_step(batch)
+        else:
+            loss = self.stateful_step(batch)
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def stateful_step(self, batch: dict) -> torch.Tensor:
+        """The training loss from the sample's initial state (``initial_state`` passed or noise); keeps the final."""
+        trainer = self._trainer
+        reduce = None
+        if trainer is not None and trainer.world_size > 1:
+            reduce = lambda t: trainer.strategy.reduce(t, reduce_op="mean")  # noqa: E731
+        start = self.initial_states.start(self.model, batch, self.global_step, self.global_rank, reduce)
+        logits, final = self.model(batch["input_ids"], state=start, seq_idx=batch.get("seq_idx"))
+        self.initial_states.finish(final)
+        rms = 0.0 if start is None else torch.stack([s.ssm.pow(2).mean() for s in start]).mean().sqrt()
+        self.log("train/initial_state_rms", rms)  # SSM state RMS the step started from, over layers and heads
+        return next_token_loss(logits, batch["labels"])
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss = self.model_step(batch)
@@ -200,6 +246,9 @@ class MambaLitModule(L.LightningModule):
             meta["seq_len"] = dm.hparams.seq_len
             meta["tokenizer"] = dm.tokenizer.to_spec()
         checkpoint["lightning_mamba"] = meta
+        if self.initial_states.mode != "zero":  # the carried state of every process (DDP: a gather on each rank)
+            world = self.trainer.world_size if self._trainer is not None else 1
+            checkpoint["initial_states"] = self.initial_states.state_dict(self.all_gather, world)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Before Lightning loads the weights (--ckpt_path): one line naming what differs, not a size-mismatch dump.
@@ -207,6 +256,14 @@ class MambaLitModule(L.LightningModule):
         path = (trainer.ckpt_path if trainer is not None else None) or "(given)"
         check_tokenizer(checkpoint, getattr(trainer, "datamodule", None), path)
         check_model_shape(checkpoint, self, path)
+        if "initial_states" in checkpoint:
+            rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+            self.initial_states.load_state_dict(checkpoint["initial_states"], rank, world)
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits (b, l, vocab) against labels (b, l) (-100: no loss)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
 
 
 def check_optimizer_settings(weight_decay: float, betas, warmup_steps: int, decay_fraction: float,

@@ -9,6 +9,7 @@ from .passkey import PasskeyDataModule, PasskeyError, PasskeyGenerator, PasskeyS
 from .packed import PackedTextDataset, document_index, encode_documents, split_documents
 from .sampler import ResumableSampler
 from .sources import load_documents, source_identity
+from .streams import LaneSampler, TextLanes
 from .tokenization import (
     BPETokenizer,
     ByteTokenizer,
@@ -21,7 +22,8 @@ from .tokenization import (
 )
 
 __all__ = [
-    "BPETokenizer", "ByteTokenizer", "DataError", "FileTokenizer", "HFTokenizer", "PackedTextDataset", "ResumableSampler",
+    "BPETokenizer", "ByteTokenizer", "DataError", "FileTokenizer", "HFTokenizer", "LaneSampler", "PackedTextDataset",
+    "ResumableSampler", "TextLanes",
     "PasskeyDataModule", "PasskeyError", "PasskeyGenerator", "PasskeySample", "PasskeyTemplate", "passkey_grid",
     "TextDataModule", "Tokenizer", "build_tokenizer", "default_corpus_documents", "document_index",
     "encode_documents", "fingerprint", "load_documents", "load_or_build", "load_tokenizer", "open_token_cache",

@@ -7,7 +7,9 @@ costs nothing.
 
 The training order is a :class:`~.sampler.ResumableSampler`; its position (epoch, samples trained on) is
 the module's ``state_dict``, which Lightning stores in every checkpoint, so a resumed run continues with the
-very batches the interrupted one would have trained on next.
+very batches the interrupted one would have trained on next. With ``state_passing`` the order is instead
+:class:`~.streams.LaneSampler`'s: contiguous lanes of the stream, read a chunk per batch, so that each sample
+can start from the previous one's final state.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .cache import fingerprint, load_or_build, token_dtype
 from .errors import DataError
 from .packed import PACKING_VERSION, PackedTextDataset, encode_documents, split_documents
 from .sampler import ResumableSampler
+from .streams import LaneSampler, TextLanes
 from .sources import load_documents, source_identity
 from .tokenization import MIN_BPE_VOCAB, Tokenizer, build_tokenizer, check_tokenizer_spec
 
@@ -48,6 +51,11 @@ class TextDataModule(L.LightningDataModule):
         val_max_tokens: Cap on the validation tokens used by ``val_dataloader`` (null: all of them).
         reset_at_document_boundaries: Also restart the state after each EOS inside a sample (adds
             ``seq_idx`` to the batches). The paper trains without such resets.
+        state_passing: Train on contiguous lanes of the training stream instead of shuffled samples (for
+            ``model.initial_state passed``, truncated BPTT): the stream is cut into ``batch_size`` lanes per process
+            and row i of batch k + 1 continues row i of batch k exactly; an epoch is one pass over the lanes.
+            Batches then carry ``state_reset`` (b,): True where a row starts afresh (each epoch start, and with
+            reset_at_document_boundaries where a chunk starts a new document). Validation is unchanged.
         num_workers: DataLoader worker processes (0: load in the main process; samples are cheap slices).
         cache_dir: Folder for the trained tokenizer and the token caches (safe to delete).
         seed: Seed of the train/val document split and of the training-sample shuffle.
@@ -64,6 +72,7 @@ class TextDataModule(L.LightningDataModule):
         val_fraction: float = 0.05,
         val_max_tokens: int | None = None,
         reset_at_document_boundaries: bool = False,
+        state_passing: bool = False,
         num_workers: int = 0,
         cache_dir: str = "data",
         seed: int = 0,
@@ -171,6 +180,10 @@ class TextDataModule(L.LightningDataModule):
         if len(tokens) < h.seq_len + 1:
             raise DataError(f"data.seq_len={h.seq_len} is larger than the training split ({len(tokens)} tokens): "
                             f"use a smaller seq_len or a larger corpus")
+        if h.state_passing:
+            world = self.trainer.world_size if self.trainer else 1
+            return self.train_loader(TextLanes(tokens, h.seq_len, world * h.batch_size,
+                                               emit_seq_idx=h.reset_at_document_boundaries, eos_id=self.eos_id))
         dataset = self.dataset(tokens)
         if len(dataset) < h.batch_size:
             raise DataError(f"data.batch_size={h.batch_size} is larger than the {len(dataset)} training samples of "
@@ -178,11 +191,19 @@ class TextDataModule(L.LightningDataModule):
         return self.train_loader(dataset)
 
     def train_loader(self, dataset) -> DataLoader:
-        """Batches of ``dataset`` in the resumable seeded order (subclasses that wrap the dataset use this too)."""
+        """Batches of ``dataset`` in the resumable seeded order (subclasses that wrap the dataset use this too),
+        or, with ``state_passing``, lane by lane (``dataset`` must then be the :class:`TextLanes` of the stream)."""
         h, trainer = self.hparams, self.trainer
         state = self._sampler.state_dict() if self._sampler is not None else self._sampler_state
-        self._sampler = ResumableSampler(len(dataset), seed=h.seed, num_replicas=trainer.world_size if trainer else 1,
-                                         rank=trainer.global_rank if trainer else 0)
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        if not h.state_passing:
+            self._sampler = ResumableSampler(len(dataset), seed=h.seed, num_replicas=replicas, rank=rank)
+        elif isinstance(dataset, TextLanes):
+            self._sampler = LaneSampler(h.batch_size, dataset.chunks, num_replicas=replicas, rank=rank)
+        else:
+            raise DataError(f"data.state_passing needs the training batches to be lanes of the text stream, but "
+                            f"{type(self).__name__} trains on {type(dataset).__name__} samples: set data.state_passing "
+                            f"false")
         if state is not None:
             self._sampler.load_state_dict(state)
         return DataLoader(dataset, batch_size=h.batch_size, sampler=self._sampler, drop_last=True,
