@@ -73,12 +73,16 @@ def rows_of(results: list[dict], plan: dict | None) -> list[dict]:
         entry = {"row": name, "lens": lens, "missing_lens": [t for t in lens if t not in cells],
                  "passes": {str(t): cells[t]["verdict"]["forgets"] for t in lens if t in cells},
                  "blowup_over_len": {str(t): blowup_over_len(cells[t]) for t in lens if t in cells},
-                 "t_forget": None, "t_forget_lower_bound": None, "status": "incomplete"}
+                 "t_forget": None, "t_forget_lower_bound": None, "t_forget_upper_bound": None, "status": "incomplete"}
         if first is not None:
             entry.update({k: first[k] for k in ("d_state", "n_layer", "d_model", "n_s", "n_s_ssm_only", "params")})
         for t in lens:
             if t not in cells:
                 break  # a smaller LEN is not done yet: T_forget cannot be named
+            if cells[t]["verdict"]["forgets"] and t == lens[0]:
+                # the grid's shortest LEN already forgets: T_forget is at most t, the grid cannot say more
+                entry.update(t_forget_upper_bound=t, status="at_or_below_min_len")
+                break
             if cells[t]["verdict"]["forgets"]:
                 entry.update(t_forget=t, status="measured")
                 break
@@ -90,6 +94,7 @@ def rows_of(results: list[dict], plan: dict | None) -> list[dict]:
             entry["fails_above_t_forget"] = later
         entry["t_forget_text"] = (str(entry["t_forget"]) if entry["t_forget"] is not None else
                                   f"> {entry['t_forget_lower_bound']}" if entry["t_forget_lower_bound"] else
+                                  f"<= {entry['t_forget_upper_bound']}" if entry["t_forget_upper_bound"] else
                                   "incomplete (missing LEN " + ", ".join(map(str, entry["missing_lens"])) + ")")
         recalls = [(cells[t].get("passkey") or {}).get("t_recall") for t in cells if cells[t].get("passkey")]
         entry["t_recall"] = max((x for x in recalls if x is not None), default=None) if recalls else None
@@ -116,6 +121,9 @@ def fits_of(rows: list[dict]) -> dict:
     out["t_forget"]["lower_bounds"] = [
         {"row": r["row"], "n_s": r.get("n_s"), "t_forget_above": r["t_forget_lower_bound"]}
         for r in rows if r["t_forget_lower_bound"] is not None]
+    out["t_forget"]["upper_bounds"] = [
+        {"row": r["row"], "n_s": r.get("n_s"), "t_forget_at_most": r["t_forget_upper_bound"]}
+        for r in rows if r["t_forget_upper_bound"] is not None]
     recall = [r for r in rows if r["t_recall"] is not None and "n_s" in r]
     if any(r["passkey_ran"] for r in rows):
         yr = [r["t_recall"] / T_UNIT for r in recall]
@@ -136,6 +144,10 @@ def plot_t_forget(rows: list[dict], fits: dict) -> plt.Figure:
     if lb:
         ax.plot([r["n_s"] / N_S_UNIT for r in lb], [r["t_forget_lower_bound"] / T_UNIT for r in lb], "^", color="C3",
                 label="> max LEN (lower bound)")
+    ub = [r for r in rows if r["t_forget_upper_bound"] is not None and "n_s" in r]
+    if ub:
+        ax.plot([r["n_s"] / N_S_UNIT for r in ub], [r["t_forget_upper_bound"] / T_UNIT for r in ub], "v", color="C2",
+                label="<= min LEN (upper bound: the shortest LEN forgets)")
     f = fits["t_forget"]["paper_convention"]["fit"]
     if f is not None:
         xs = np.linspace(0, max(r["n_s"] for r in rows if "n_s" in r) / N_S_UNIT * 1.05, 50)
@@ -219,6 +231,9 @@ def summarize(out: str, tensorboard: bool = True) -> dict:
     notes = []
     if len(budgets) > 1:
         notes.append(f"cells trained on different budgets {budgets}: the rows are not comparable")
+    if rows and all(r["status"] == "at_or_below_min_len" for r in rows):
+        notes.append("every row already forgets at the shortest LEN: T_forget is below the grid, no law can be fitted "
+                     "(shorter lens or far more training per cell would be needed to find it)")
     missing = [c for c in (plan or {}).get("cells", []) if c not in {r["cell"] for r in results}]
     if missing:
         notes.append(f"{len(missing)} planned cell(s) have no result yet: {', '.join(missing)}")

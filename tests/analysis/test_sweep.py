@@ -90,7 +90,7 @@ def fake_result(row, T, forgets, n_s, blowup=None, t_recall=None):
     return r
 
 
-LENS = [1024, 2048, 4096, 8192]
+LENS = [512, 1024, 2048, 4096, 8192]  # the shortest passes nowhere: T_forget is measured
 ROWS = {  # row -> (N_S, first passing LEN or None); T_forget = 5 N_S(M) + 1 (K tokens) for the measured rows
     "state16": (0.0e6, 1024), "state32": (0.2e6, 2048), "state64": (0.6e6, 4096), "state128": (1.2e6, None)}
 
@@ -116,7 +116,7 @@ def test_summary_t_forget_lower_bounds_and_the_linear_fit(tmp_path):
     rows = {r["row"]: r for r in s["rows"]}
     assert [r["row"] for r in s["rows"]] == list(ROWS)  # plan order
     assert rows["state16"]["t_forget"] == 1024 and rows["state64"]["t_forget"] == 4096
-    assert rows["state64"]["passes"] == {"1024": False, "2048": False, "4096": True, "8192": True}
+    assert rows["state64"]["passes"] == {"512": False, "1024": False, "2048": False, "4096": True, "8192": True}
     assert rows["state128"]["t_forget"] is None and rows["state128"]["t_forget_text"] == "> 8192"
     fit = s["fits"]["t_forget"]["paper_convention"]
     assert fit["n_points"] == 3  # the lower bound is left out
@@ -126,7 +126,7 @@ def test_summary_t_forget_lower_bounds_and_the_linear_fit(tmp_path):
     assert s["fits"]["t_recall"]["paper_convention"]["n_points"] == 4  # T_recall: best cell of each row
     with open(tmp_path / "results.csv") as f:
         table = list(csv.DictReader(f))
-    assert len(table) == 16 and table[0]["cell"] == "state16_len1024" and table[0]["val_loss"] == ""
+    assert len(table) == 20 and table[0]["cell"] == "state16_len512" and table[0]["val_loss"] == ""
     for png in ("t_forget_vs_state_size", "loss_curves", "passkey_heatmaps"):
         assert (tmp_path / f"{png}.png").stat().st_size > 0
     assert len(list((tmp_path / "summary").glob("events.out.tfevents.*"))) == 1
@@ -197,3 +197,21 @@ def test_a_cell_on_several_devices_is_built_with_its_batch_split(tmp_path):
         assert cli.trainer.world_size == 2 and type(cli.trainer.strategy).__name__ == "DDPStrategy"
         assert cli.datamodule.hparams.batch_size * 2 * cell.seq_len == 256
         assert cli.trainer.max_steps == 8
+
+
+def test_a_row_passing_at_the_shortest_len_is_an_upper_bound_not_a_measurement():
+    from lightning_mamba.analysis.study import fits_of, rows_of
+
+    def result(row, n_s, t, forgets):
+        return {"cell": f"{row}_len{t}", "row": row, "seq_len": t, "d_state": 16, "n_layer": 4, "d_model": 256,
+                "n_s": n_s, "n_s_ssm_only": n_s, "params": 1, "verdict": {"forgets": forgets, "blowup_position": None}}
+
+    results = [result("state16", 1e5, 128, True), result("state16", 1e5, 256, True),
+               result("state64", 4e5, 128, False), result("state64", 4e5, 256, True)]
+    rows = {r["row"]: r for r in rows_of(results, None)}
+    assert rows["state16"]["t_forget"] is None and rows["state16"]["t_forget_text"] == "<= 128"
+    assert rows["state16"]["status"] == "at_or_below_min_len"
+    assert rows["state64"]["t_forget"] == 256 and rows["state64"]["status"] == "measured"
+    fits = fits_of(list(rows.values()))
+    assert fits["t_forget"]["upper_bounds"] == [{"row": "state16", "n_s": 1e5, "t_forget_at_most": 128}]
+    assert fits["t_forget"]["paper_convention"]["n_points"] == 1  # the upper bound stays out of the fit
