@@ -33,6 +33,8 @@ class MambaLitModule(L.LightningModule):
             every head with a slow decay, a model that remembers far and must learn to forget.
         dt_max: See dt_min.
         A_init_range: Initial A = -uniform(A_init_range) per head (official: 1 to 16).
+        dt_limit: dt is clamped to [low, high] in every forward (official; default no limit). A small high
+            keeps every head's decay slow for good: a model that cannot learn to forget (an ablation).
         vocab_size: Tokenizer vocabulary; the CLI links it from the data module.
         pad_vocab_size_multiple: The embedding is padded to a multiple of this (official: 8, checkpoints 16).
         tie_embeddings: Share the embedding and the LM head weights.
@@ -71,6 +73,7 @@ class MambaLitModule(L.LightningModule):
         dt_min: float = 0.001,
         dt_max: float = 0.1,
         A_init_range: tuple[float, float] = (1.0, 16.0),
+        dt_limit: tuple[float, float] = (0.0, float("inf")),
         vocab_size: int = 8192,
         pad_vocab_size_multiple: int = 8,
         tie_embeddings: bool = True,
@@ -108,7 +111,7 @@ class MambaLitModule(L.LightningModule):
                 vocab_size=vocab_size,
                 ssm_cfg={"layer": "Mamba2", "d_state": d_state, "d_conv": d_conv, "expand": expand,
                          "headdim": headdim, "ngroups": ngroups, "chunk_size": chunk_size,
-                         "dt_min": dt_min, "dt_max": dt_max, "A_init_range": tuple(A_init_range)},
+                         "dt_min": dt_min, "dt_max": dt_max, "A_init_range": tuple(A_init_range), "dt_limit": tuple(dt_limit)},
                 pad_vocab_size_multiple=pad_vocab_size_multiple,
                 tie_embeddings=tie_embeddings,
             )

@@ -109,6 +109,8 @@ class MambaConfig:
         lo, hi = m["A_init_range"]
         if not 0 < lo <= hi:
             raise ConfigError(f"A_init_range={list(m['A_init_range'])} must be [low, high] with 0 < low <= high")
+        if not 0 <= m["dt_limit"][0] < m["dt_limit"][1]:
+            raise ConfigError(f"dt_limit={list(m['dt_limit'])} must be [low, high] with 0 <= low < high")
         if not m["rmsnorm"] or m["norm_before_gate"]:
             raise ConfigError("only rmsnorm=True, norm_before_gate=False (the official Mamba-2 setting) is implemented")
 
