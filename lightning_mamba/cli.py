@@ -21,6 +21,7 @@ COMMANDS = {
     "analyze": "lightning_mamba.commands.analyze",
     "passkey": "lightning_mamba.commands.passkey",
     "sweep": "lightning_mamba.commands.sweep",
+    "mitigate": "lightning_mamba.commands.mitigate",
 }
 
 

@@ -123,3 +123,77 @@ def interventions_from_args(args, model, rows: Tensor, seq_len: int, dtype, devi
         desc["state_norm_thresholds"] = kw["state_norm"].tolist()
     desc["tag"] = describe(**kw)
     return kw, desc
+
+
+# ---- the comparison: each mitigation at its searched setting, on the same held-out rows -------------------
+def default_grid(method: str, seq_len: int) -> list[dict]:
+    """The settings ``compare_mitigations`` searches per method; ``{}`` (as trained) is always among them, so a
+    method that does not help keeps the model unchanged."""
+    if method == "rri":
+        return [{}] + [{"rri": (a, b)} for a in (1.0, 0.9999, 0.999, 0.99) for b in (1.0, 0.75, 0.5) if (a, b) != (1.0, 1.0)]
+    if method == "dt_scale":
+        return [{}] + [{"dt_scale": c} for c in (1.5, 2.0, 4.0, 8.0, 16.0, 64.0)]
+    if method == "window":
+        return [{}] + [{"window": r} for r in sorted({max(1, seq_len // 4), max(1, seq_len // 2), seq_len})]
+    raise ValueError(f"unknown mitigation {method!r}: use rri, dt_scale, window or state_norm")
+
+
+def curve_metrics(losses: Tensor, seq_len: int, bucket: int, threshold: float = 2.0) -> dict:
+    """The numbers a mitigation is judged by: in-window loss (T/2, T], loss@4x, mean over (4T, end], verdict."""
+    from .criterion import forgetting_verdict
+
+    n = losses.size(1)
+    v = forgetting_verdict(losses, seq_len, bucket, threshold)
+    in_window = window_mean(losses, seq_len // 2, seq_len)
+    beyond = window_mean(losses, 4 * seq_len, n) if n > 4 * seq_len else None
+    return {"loss_in_window": in_window, "loss@4x": window_mean(losses, 2 * seq_len, 4 * seq_len) if n >= 4 * seq_len else None,
+            "loss_beyond_4x": beyond, "ratio": beyond / in_window if beyond and in_window else None,
+            "forgets": v.forgets, "blowup_position": v.blowup_position, "max_in_window": v.max_in_window}
+
+
+def compare_mitigations(model, rows: Tensor, seq_len: int, bucket: int, methods=("rri", "dt_scale", "window", "state_norm"),
+                        others: dict | None = None, at_multiple: int = 4, threshold: float = 2.0, piece_len: int = 2048,
+                        dtype: str | torch.dtype = torch.float32, device=None, batch_size: int | None = None,
+                        log=lambda msg: None) -> list[dict]:
+    """The model as trained, then each method at the setting :func:`search` picks (loss at ``at_multiple`` x T on
+    the first at_multiple x T positions of ``rows``), then ``others`` ({name: model}, e.g. a fine-tune) as they are;
+    every entry evaluated on all of ``rows``. Returns entries with setting, search table, metrics and curve."""
+    from .evaluator import bucket_curve
+
+    kw = {"dtype": dtype, "device": device, "batch_size": batch_size}
+    entries = []
+
+    def add(name, m, setting, search_table=None, pl=piece_len):
+        losses = evaluate_with(m, rows, seq_len, pl, **kw, **setting)
+        positions, curve = bucket_curve(losses, bucket)
+        entries.append({"name": name, "setting": describe(**setting) or "none", "search": search_table,
+                        "metrics": curve_metrics(losses, seq_len, bucket, threshold),
+                        "positions": positions.tolist(), "curve": curve.tolist()})
+        log(f"{name}: {entries[-1]['setting']}")
+
+    add("as trained", model, {})
+    for method in methods:
+        if method == "state_norm":  # nothing to search: thresholds from the norms within T_train
+            add("state norm", model, {"state_norm": "calibrate"}, pl=max(1, min(piece_len, seq_len // 4)))
+            continue
+        result = search(model, rows, seq_len, default_grid(method, seq_len), at_multiple, piece_len, **kw)
+        setting = {k: v for k, v in result.best.items() if k not in ("tag", "loss")}
+        add({"rri": "RRI", "dt_scale": "dt scaling", "window": "sliding window"}[method], model, setting,
+            [{"setting": r["tag"], "loss": r["loss"]} for r in result.table])
+    for name, other in (others or {}).items():
+        add(name, other, {})
+    return entries
+
+
+def markdown_table(entries: list[dict], seq_len: int) -> list[str]:
+    def f(x):
+        return "-" if x is None else f"{x:.3f}"
+
+    lines = [f"| model | setting (searched by loss at 4 x T) | loss (T/2, T] | loss@4x | loss (4T, end] | ratio | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    for e in entries:
+        m = e["metrics"]
+        verdict = "forgets" if m["forgets"] else f"FAILS at {m['blowup_position']} ({m['blowup_position'] / seq_len:.1f} T)"
+        lines.append(f"| {e['name']} | {e['setting']} | {f(m['loss_in_window'])} | {f(m['loss@4x'])} | "
+                     f"{f(m['loss_beyond_4x'])} | {f(m['ratio'])} | {verdict} |")
+    return lines

@@ -118,3 +118,18 @@ def save_png(fig: Figure, path: str, close: bool = True) -> str:
 
 def close(fig: Figure) -> None:
     plt.close(fig)
+
+
+def plot_loss_curves(curves: dict, seq_len: int, title: str = "") -> Figure:
+    """Several bucket-averaged loss curves ({label: (positions, curve)}) on one log-x axis, T_train marked."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label, (positions, curve) in curves.items():
+        ax.plot(positions, curve, linewidth=1.2, label=label)
+    _mark_train_len(ax, seq_len)
+    _log_positions(ax)
+    ax.set_xlabel("position (tokens)")
+    ax.set_ylabel("next-token loss (bucket mean)")
+    ax.set_title(title or "loss vs position")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,60 @@
+"""`lightning-mamba mitigate`: every fix at its searched setting, the model as trained and other checkpoints, on
+the same held-out rows; the searched setting is the table's best and never worse than the model as trained."""
+
+import json
+
+import pytest
+
+from lightning_mamba.commands import mitigate as cmd
+from lightning_mamba.data import ByteTokenizer
+from lightning_mamba.models.checkpoint import save_pretrained
+from tests.analysis.conftest import tiny_lm
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    path = tmp_path / "model"
+    save_pretrained(tiny_lm(vocab_size=257), str(path), tokenizer_spec=ByteTokenizer().to_spec())
+    text = tmp_path / "held_out.txt"
+    text.write_text("To be, or not to be, that is the question. " * 40)
+    return path, text
+
+
+def run_args(path, text, out, *extra):
+    return ["--ckpt", str(path), "--seq_len", "16", "--text", str(text), "--length", "256", "--n_rows", "2",
+            "--out", str(out), *extra]
+
+
+def test_mitigate_compares_every_fix_on_the_same_rows(checkpoint, tmp_path, capsys):
+    path, text = checkpoint
+    out = tmp_path / "out"
+    assert cmd.main(run_args(path, text, out, "--compare", json.dumps({"same weights": str(path)}))) == 0
+    printed = capsys.readouterr().out
+    assert "| RRI |" in printed and "| sliding window |" in printed
+    r = json.loads((out / "mitigation.json").read_text())
+    by = {e["name"]: e for e in r["entries"]}
+    assert list(by) == ["as trained", "RRI", "dt scaling", "sliding window", "state norm", "same weights"]
+    assert by["same weights"]["metrics"] == by["as trained"]["metrics"]  # same weights, same rows: same numbers
+    base = by["as trained"]["metrics"]["loss@4x"]
+    for name in ("RRI", "dt scaling", "sliding window"):
+        e = by[name]
+        best = min(e["search"], key=lambda row: row["loss"])
+        assert e["setting"] == best["setting"]
+        # the search scores exactly the evaluation's loss@4x (causal model, same rows), and "none" is a candidate
+        assert e["metrics"]["loss@4x"] == pytest.approx(best["loss"], rel=1e-6)
+        assert e["metrics"]["loss@4x"] <= base + 1e-9
+        assert any(row["setting"] == "none" for row in e["search"])
+    assert by["state norm"]["setting"] == "statenorm"
+    assert len(by["as trained"]["curve"]) == len(by["as trained"]["positions"]) > 0
+    assert (out / "loss_vs_position.png").stat().st_size > 0
+    assert (out / "mitigation.md").read_text().startswith("| model |")
+
+
+def test_mitigate_bad_inputs_are_one_line_errors(checkpoint, tmp_path, capsys):
+    path, text = checkpoint
+    assert cmd.main(run_args(path, text, tmp_path / "a", "--length", "32")) == 2  # below the search's 4 x T
+    assert cmd.main(run_args(path, text, tmp_path / "b", "--compare", '{"x": "/no/such/ckpt"}')) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("mitigate: error:") for line in err)
+    assert "4 x T_train" in err[0] and "/no/such/ckpt" in err[1]
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
