@@ -15,6 +15,7 @@ from .initial_states import NEEDS_LANES, InitialStates
 from .models import ConfigError, MambaConfig, MambaLM
 from .models.backend import check_backend
 from .schedule import SCHEDULES, lr_factor
+from .sharding import fsdp_root, unwrapped_name
 
 
 class MambaLitModule(L.LightningModule):
@@ -116,6 +117,13 @@ class MambaLitModule(L.LightningModule):
                 tie_embeddings=tie_embeddings,
             )
             self.model = MambaLM(config, backend=backend)
+        # Read off the model as built: under FSDP the parameters become flat 1-D shards, which tell neither
+        # their shape nor their size (parameter_groups, flops_per_batch).
+        self._no_decay_names = frozenset(n for n, p in self.model.named_parameters()
+                                         if getattr(p, "_no_weight_decay", False) or p.ndim < 2)
+        cfg = self.model.config
+        self._matmul_params = sum(p.numel() for n, p in self.model.named_parameters() if n.endswith("proj.weight")) \
+            + cfg.d_model * cfg.padded_vocab_size
         self.val_loss = MeanMetric()
         self.val_loss_best = MinMetric()
 
@@ -192,10 +200,10 @@ class MambaLitModule(L.LightningModule):
     def parameter_groups(self) -> list[dict]:
         """AdamW groups: no weight decay on A_log, dt_bias, D (marked _no_weight_decay), norms and biases."""
         decay, no_decay = [], []
-        for _, p in self.model.named_parameters():
+        for name, p in self.model.named_parameters():  # by name: FSDP's shards are all 1-D
             if not p.requires_grad:
                 continue
-            (no_decay if getattr(p, "_no_weight_decay", False) or p.ndim < 2 else decay).append(p)
+            (no_decay if unwrapped_name(name) in self._no_decay_names else decay).append(p)
         return [{"params": decay, "weight_decay": self.hparams.weight_decay},
                 {"params": no_decay, "weight_decay": 0.0}]
 
@@ -211,6 +219,12 @@ class MambaLitModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        root = fsdp_root(self._trainer)
+        if root is not None and gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm":
+            # FSDP: each rank holds a shard of the gradients; the root's clip takes the norm over all of them
+            # (Lightning's FSDP precision refuses norm clipping for want of the root).
+            self.log("train/grad_norm", root.clip_grad_norm_(gradient_clip_val))
+            return
         # Lightning refuses to clip for fused optimizers under mixed precision, because of fp16's grad scaler.
         # Without a scaler (fp32, bf16-mixed) the gradients are the true ones: clip them directly.
         if self.trainer.precision == "16-mixed":
@@ -230,11 +244,9 @@ class MambaLitModule(L.LightningModule):
             return None
         b, l = shape
         cfg, m = self.config, self.config.mixer
-        params = sum(p.numel() for n, p in self.model.named_parameters() if n.endswith("proj.weight")) \
-            + cfg.d_model * cfg.padded_vocab_size
         H, P, N, Q = cfg.nheads, m["headdim"], m["d_state"], m["chunk_size"]
         ssd = cfg.n_layer * H * (Q * (N + P) + 6 * P * N)  # causal half of the intra-chunk matmuls + state terms
-        return 6 * b * l * params + 3 * b * l * ssd
+        return 6 * b * l * self._matmul_params + 3 * b * l * ssd
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         self._last_batch_shape = tuple(batch["input_ids"].shape)

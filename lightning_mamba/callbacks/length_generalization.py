@@ -16,12 +16,14 @@ from lightning.pytorch.utilities import rank_zero_warn
 from ..analysis import plots
 from ..analysis.criterion import default_bucket, forgetting_verdict
 from ..analysis.evaluator import bucket_curve, eval_rows, token_losses, window_mean
+from ..sharding import fsdp_root, unsharded_copy
 
 
 class PeriodicAnalysis(L.Callback):
     """Runs ``analyze`` on rank 0 after every ``every_n_validations``-th validation (not the sanity check)
     and once at the end of fit (unless the last validation already covered that step), with the model in
-    eval mode; reads T_train and held-out tokens from ``trainer.datamodule`` and logs to every logger."""
+    eval mode; reads T_train and held-out tokens from ``trainer.datamodule`` and logs to every logger.
+    Under FSDP every rank gathers the parameters and rank 0 analyses an unsharded copy of the model."""
 
     name = "analysis"
 
@@ -50,16 +52,30 @@ class PeriodicAnalysis(L.Callback):
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_step = trainer.global_step
-        if self._disabled or not trainer.is_global_zero:
+        if self._disabled:
             return
-        data = getattr(trainer, "datamodule", None)
+        data = getattr(trainer, "datamodule", None)  # the same on every rank: all ranks agree on running
         missing = [a for a in ("hparams", "val_tokens", "tokenizer") if not hasattr(data, a)]
         if data is None or missing:
             rank_zero_warn(f"{type(self).__name__} is off: the data module must provide hparams.seq_len, "
                            f"val_tokens() and tokenizer (missing: {', '.join(missing) or 'the data module'})")
             self._disabled = True
             return
-        model = pl_module.model
+        root = fsdp_root(trainer)
+        if root is None:
+            if trainer.is_global_zero:
+                self._analyze(trainer, pl_module.model, data)
+            return
+        # FSDP: the parameters are sharded. Gathering them is collective (every rank enters); rank 0 then
+        # evaluates a plain copy, as FSDP's own forward would gather again, on rank 0 alone (a hang).
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(root, writeback=False, rank0_only=True):
+            model = unsharded_copy(pl_module.model) if trainer.is_global_zero else None
+        if model is not None:
+            self._analyze(trainer, model, data)
+
+    def _analyze(self, trainer: L.Trainer, model, data: Any) -> None:
         was_training = model.training
         model.eval()
         try:

@@ -18,9 +18,10 @@ class NanGuard(L.Callback):
     """Checks every optimizer step that the loss and the gradients are finite.
 
     One check per step: the losses of the step's batches and the total gradient norm are tested together
-    (a single host sync). Only when that fails are the tensors searched for the first non-finite one, in the
-    order they were computed: a parameter (a NaN weight), then the loss, then a gradient. Under fp16 mixed
-    precision the gradient check is left to the grad scaler, which skips overflowing steps itself.
+    (a single host sync), and all processes share the verdict (one fails: all stop or skip). Only when that fails
+    are the tensors searched for the first non-finite one, in the order they were computed: a parameter (a NaN
+    weight), then the loss, then a gradient. Under fp16 mixed precision the gradient check is left to the grad
+    scaler, which skips overflowing steps itself.
 
     Args:
         on_nonfinite: 'stop': raise :class:`NonFiniteError` naming the global step and the first non-finite
@@ -53,7 +54,10 @@ class NanGuard(L.Callback):
         grad_norm = torch.nn.utils.get_total_norm(grads) if grads and check_grads else None
         if grad_norm is not None:
             checks.append(grad_norm.isfinite())
-        if not checks or torch.stack([c.to(pl_module.device) for c in checks]).all():
+        bad = bool(checks) and not torch.stack([c.to(pl_module.device) for c in checks]).all()
+        # Each rank sees its own losses (and under FSDP its own shard of the gradients): one rank's non-finite
+        # step is every rank's, so that all stop or skip together.
+        if not trainer.strategy.reduce_boolean_decision(bad, all=False):
             self._in_a_row = 0
         else:
             self._handle(pl_module, self._describe(pl_module, losses, grad_norm, check_grads))
@@ -74,6 +78,8 @@ class NanGuard(L.Callback):
                     bad = int((~p.grad.isfinite()).sum())
                     first = f"the gradient of {name} has {bad}/{p.numel()} non-finite values"
                     break
+        if first is None:
+            first = "another process's loss or gradients are not finite"
         loss = ", ".join(f"{x.item():.4g}" for x in losses) or "n/a"
         norm = f"{grad_norm.item():.4g}" if grad_norm is not None else "n/a"
         return f"non-finite values at {self._where}: {first} (loss {loss}, grad norm {norm})"

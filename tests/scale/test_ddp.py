@@ -4,8 +4,6 @@ the second process by re-running the command), checked against one process train
 the data sharding over a whole epoch, checked on the data module's own DataLoaders for several world sizes."""
 
 import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,25 +13,13 @@ import torch.distributed as dist
 
 from lightning_mamba.data import TextDataModule
 from tests.robust.conftest import write_corpus
-from tests.scale.helpers import write_config
+from tests.scale.helpers import ROOT, fit, write_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DDP_CPU = os.path.join(ROOT, "configs", "trainer", "ddp_cpu.yaml")
 PER_RANK_BATCH, STEPS = 4, 4
 
 needs_gloo = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="needs torch.distributed with the gloo backend")
-
-# A launcher's or cluster's variables would make Lightning think the processes are started for it.
-LAUNCH_VARS = {"LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-               "MASTER_PORT", "TORCHELASTIC_RUN_ID", "PL_GLOBAL_SEED"}
-
-
-def fit(*args: str) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith(("SLURM_", "PMI_"))}
-    run = subprocess.run([sys.executable, "-m", "lightning_mamba.cli", "fit", *args], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """The shipped multi-device trainer configs: DDP on CPU builds a 2-process gloo trainer; the GPU configs (ddp,
 fsdp) compose with the default run and build their strategies (Lightning refuses FSDP without a GPU, so the
-FSDP wrapping itself is checked with torch's FSDP on CPU: 2 gloo processes, one unit per Mamba-2 Block)."""
+FSDP wrapping itself is checked with torch's FSDP on CPU: 2 gloo processes, one unit per Mamba-2 Block; a whole
+Lightning FSDP run on CPU is in test_fsdp.py)."""
 
 import os
 import socket
@@ -60,10 +61,11 @@ def test_fsdp_config_wraps_each_block_for_the_large_models(monkeypatch):
     config = parsed(monkeypatch, "--model", os.path.join(ROOT, "configs", "model", "mamba2_130m.yaml"),
                     "--trainer", os.path.join(TRAINER, "fsdp.yaml"))
     assert config.model.d_model == 768 and config.trainer.accelerator == "gpu"
-    assert config.trainer.precision == "bf16-mixed" and config.trainer.gradient_clip_val is None
-    # the rank-0 observers cannot run on sharded parameters: the config's list replaces the default one
+    # the run's clip (FSDP's global norm) and the default run's callbacks, the forgetting observers among them
+    assert config.trainer.precision == "bf16-mixed" and config.trainer.gradient_clip_val == 1.0
     assert [c.class_path.rsplit(".", 1)[1] for c in config.trainer.callbacks] == [
-        "ModelCheckpoint", "LearningRateMonitor", "TokenThroughputMonitor"]
+        "ModelCheckpoint", "LearningRateMonitor", "TokenThroughputMonitor", "LengthGeneralizationCallback",
+        "StateStatsCallback"]
     assert config.trainer.strategy.class_path == "lightning.pytorch.strategies.FSDPStrategy"
     strategy = build_strategy(config.trainer.strategy.as_dict())
     assert isinstance(strategy, FSDPStrategy) and strategy._state_dict_type == "full"
