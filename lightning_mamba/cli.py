@@ -79,6 +79,9 @@ def user_error(e: BaseException) -> BaseException | None:
     while e is not None and id(e) not in seen:
         if isinstance(e, (ConfigError, DataError, NonFiniteError, MisconfigurationException)):
             return e
+        if isinstance(e, ModuleNotFoundError) and str(e).startswith("Requirement "):
+            # Lightning's accelerators and strategies name the package they lack, e.g. tpu -> torch_xla
+            return ModuleNotFoundError(f"{e} (needed by the chosen trainer.accelerator / trainer.strategy)")
         seen.add(id(e))
         e = e.__cause__ or e.__context__
     return None

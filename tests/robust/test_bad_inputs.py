@@ -99,6 +99,8 @@ CASES = [  # (id, arguments after `fit --config CONFIG`, fragment of the message
     ("trainer-choice", ["--trainer.precision", "13"], "trainer.precision", None),
     ("trainer-range", ["--trainer.max_steps", "-5"], "max_steps` must be a non-negative integer or -1",
      "MisconfigurationException"),
+    ("accelerator-missing-package", ["--trainer.accelerator", "tpu"], "needed by the chosen trainer.accelerator",
+     None),
     ("missing-config", ["--config", "/nonexistent/run.yaml"], "/nonexistent/run.yaml", None),
     # files and documents
     ("missing-source", ["--data.source", "/nonexistent/texts"], "data.source /nonexistent/texts does not exist", None),
