@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -31,6 +32,7 @@ class PeriodicAnalysis(L.Callback):
         if every_n_validations < 1:
             raise ValueError(f"every_n_validations must be >= 1 (got {every_n_validations})")
         self.every_n_validations = every_n_validations
+        self._published: dict[str, float] = {}  # this run's scalars, for trainer.callback_metrics
         self._validations = 0
         self._last_step: int | None = None
         self._disabled = False
@@ -54,6 +56,14 @@ class PeriodicAnalysis(L.Callback):
         self._last_step = trainer.global_step
         if self._disabled:
             return
+        self._published = {}
+        self._analyze_on_rank_zero(trainer, pl_module)
+        # Every rank gets rank 0's scalars in callback_metrics, so that ModelCheckpoint(monitor=...) and
+        # EarlyStopping can use them (e.g. monitor="lengthgen/ratio_4_16x") and all ranks decide alike.
+        published = trainer.strategy.broadcast(self._published, src=0) if trainer.world_size > 1 else self._published
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in published.items()})
+
+    def _analyze_on_rank_zero(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         data = getattr(trainer, "datamodule", None)  # the same on every rank: all ranks agree on running
         missing = [a for a in ("hparams", "val_tokens", "tokenizer") if not hasattr(data, a)]
         if data is None or missing:
@@ -95,9 +105,9 @@ class PeriodicAnalysis(L.Callback):
         return 2048 if next(model.parameters()).is_cuda else 512
 
     # ---- output ----------------------------------------------------------------------------
-    @staticmethod
-    def log_scalars(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
+    def log_scalars(self, trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
         metrics = {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
+        self._published.update(metrics)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 

@@ -67,3 +67,22 @@ def test_callbacks_log_tags_and_files(tmp_path):
     module.model.train()  # the callbacks hand the model back in the mode they found it
     lengthgen._run(trainer, module)
     assert module.model.training
+
+
+def test_observer_scalars_can_drive_model_checkpoint(tmp_path):
+    """lengthgen/* reach trainer.callback_metrics, so ModelCheckpoint can keep the checkpoint that forgets best."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    torch.manual_seed(0)
+    module = MambaLitModule(d_model=32, n_layer=2, d_state=16, headdim=16, chunk_size=32, vocab_size=257,
+                            backend="torch", warmup_steps=1)
+    best = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="lengthgen/ratio_4_16x", mode="min", save_top_k=1)
+    lengthgen = LengthGeneralizationCallback(every_n_validations=1, piece_len=256)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=4, val_check_interval=2, limit_val_batches=1,
+                        num_sanity_val_steps=0, logger=False, callbacks=[best, lengthgen],  # checkpoint listed first
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=text_data(tmp_path))
+    ratio = trainer.callback_metrics["lengthgen/ratio_4_16x"]
+    assert best.best_model_score is not None and torch.isfinite(best.best_model_score)
+    assert best.best_model_score <= ratio + 1e-6 and best.best_model_path.endswith(".ckpt")
+    assert "lengthgen/forgets" in trainer.callback_metrics
