@@ -5,7 +5,7 @@ folder, then ``shutil.move``s it over the target. When that folder is on another
 (a local /tmp, runs on a network file system: the usual cluster setup) the move is a copy straight into
 ``last.ckpt``, and a crash, kill or full disk during the copy leaves a truncated file where the previous
 checkpoint was; nothing is fsync'ed either. :class:`AtomicCheckpointIO` writes the temporary file next to
-the target, fsyncs it and renames it (``data.cache.atomic_write``): the previous checkpoint stays whole
+the target, fsyncs it and renames it (``atomic.atomic_write``): the previous checkpoint stays whole
 until the new one is complete and durable.
 """
 
@@ -21,7 +21,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
-from .data.cache import atomic_write
+from .atomic import atomic_write
 from .data.errors import DataError
 from .data.tokenization import tokenizer_from_spec
 from .models import ConfigError

@@ -44,3 +44,18 @@ def test_triton_backend_without_cuda_is_a_clear_error():
         pytest.skip("CUDA present")
     with pytest.raises(ConfigError, match="backend 'triton' needs CUDA and mamba-ssm"):
         tiny(backend="triton")
+
+
+def test_init_knobs_reach_the_mixers():
+    import torch.nn.functional as F
+
+    module = MambaLitModule(d_model=32, n_layer=2, d_state=8, headdim=16, chunk_size=16, vocab_size=64,
+                            dt_min=1e-4, dt_max=2e-4, A_init_range=(1.0, 1.5), dt_limit=(0.0, 1e-3), backend="torch")
+    for block in module.model.backbone.layers:
+        mixer = block.mixer
+        dt0 = F.softplus(mixer.dt_bias)
+        assert ((dt0 > 0.9e-4) & (dt0 < 2.1e-4)).all()
+        A = torch.exp(mixer.A_log)
+        assert ((A >= 1.0 - 1e-6) & (A <= 1.5 + 1e-6)).all()
+        assert mixer.dt_limit == (0.0, 1e-3)
+    assert module.config.mixer["dt_limit"] == (0.0, 1e-3)  # recorded in the checkpoint's config too

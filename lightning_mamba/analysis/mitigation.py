@@ -138,12 +138,13 @@ def default_grid(method: str, seq_len: int) -> list[dict]:
     raise ValueError(f"unknown mitigation {method!r}: use rri, dt_scale, window or state_norm")
 
 
-def curve_metrics(losses: Tensor, seq_len: int, bucket: int, threshold: float = 2.0) -> dict:
-    """The numbers a mitigation is judged by: in-window loss (T/2, T], loss@4x, mean over (4T, end], verdict."""
-    from .criterion import forgetting_verdict
+def curve_metrics(losses: Tensor, positions, curve, seq_len: int, bucket: int, threshold: float = 2.0) -> dict:
+    """The numbers a mitigation is judged by: in-window loss (T/2, T], loss@4x, mean over (4T, end], and the
+    verdict on the bucket curve (positions, curve) of ``losses``."""
+    from .criterion import judge_forgetting
 
     n = losses.size(1)
-    v = forgetting_verdict(losses, seq_len, bucket, threshold)
+    v = judge_forgetting(positions, curve, seq_len, threshold, bucket)
     in_window = window_mean(losses, seq_len // 2, seq_len)
     beyond = window_mean(losses, 4 * seq_len, n) if n > 4 * seq_len else None
     return {"loss_in_window": in_window, "loss@4x": window_mean(losses, 2 * seq_len, 4 * seq_len) if n >= 4 * seq_len else None,
@@ -167,7 +168,7 @@ def compare_mitigations(model, rows: Tensor, seq_len: int, bucket: int, methods=
         losses = evaluate_with(m, rows, seq_len, pl, **kw, **setting)
         positions, curve = bucket_curve(losses, bucket)
         entries.append({"name": name, "setting": describe(**setting) or "none", "search": search_table,
-                        "metrics": curve_metrics(losses, seq_len, bucket, threshold),
+                        "metrics": curve_metrics(losses, positions, curve, seq_len, bucket, threshold),
                         "positions": positions.tolist(), "curve": curve.tolist()})
         log(f"{name}: {entries[-1]['setting']}")
 

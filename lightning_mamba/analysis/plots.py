@@ -37,14 +37,19 @@ def plot_loss_curve(positions, curve, seq_len: int, threshold_line: float | None
     """Bucket-averaged loss vs position (log x) with T_train marked; ``threshold_line`` e.g. 2 x max in window."""
     fig, ax = plt.subplots(figsize=(6, 3.8))
     ax.plot(positions, curve, marker=".", linewidth=1.2, label="loss (bucket mean)")
-    _mark_train_len(ax, seq_len)
     if threshold_line is not None and np.isfinite(threshold_line):
         ax.axhline(threshold_line, color="r", linestyle=":", linewidth=1, label="failure threshold")
+    return _finish_loss_plot(fig, ax, seq_len, "next-token loss", title, legend_size=8)
+
+
+def _finish_loss_plot(fig: Figure, ax, seq_len: int, ylabel: str, title: str, legend_size: int) -> Figure:
+    """T_train marked, log-x positions, labels, legend: the common part of the loss-vs-position figures."""
+    _mark_train_len(ax, seq_len)
     _log_positions(ax)
     ax.set_xlabel("position (tokens)")
-    ax.set_ylabel("next-token loss")
+    ax.set_ylabel(ylabel)
     ax.set_title(title or "loss vs position")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=legend_size)
     fig.tight_layout()
     return fig
 
@@ -125,11 +130,4 @@ def plot_loss_curves(curves: dict, seq_len: int, title: str = "") -> Figure:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for label, (positions, curve) in curves.items():
         ax.plot(positions, curve, linewidth=1.2, label=label)
-    _mark_train_len(ax, seq_len)
-    _log_positions(ax)
-    ax.set_xlabel("position (tokens)")
-    ax.set_ylabel("next-token loss (bucket mean)")
-    ax.set_title(title or "loss vs position")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    return _finish_loss_plot(fig, ax, seq_len, "next-token loss (bucket mean)", title, legend_size=7)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import json
 import os
 
@@ -18,6 +19,7 @@ import numpy as np
 
 from . import plots
 from .fits import N_S_UNIT, PAPER_T_FORGET, PAPER_T_RECALL, T_UNIT, fit_exponential, fit_linear
+from ..atomic import atomic_write_text
 from .sweep import SweepError, clean, write_json
 
 import matplotlib.pyplot as plt  # noqa: E402  (plots selected the Agg backend)
@@ -243,12 +245,11 @@ def summarize(out: str, tensorboard: bool = True) -> dict:
     os.makedirs(out, exist_ok=True)
     summary = clean(summary)
     write_json(os.path.join(out, "summary.json"), summary)
-    tmp = os.path.join(out, f"results.csv.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        w.writeheader()
-        w.writerows(clean([csv_row(r) for r in results]))
-    os.replace(tmp, os.path.join(out, "results.csv"))
+    table = io.StringIO(newline="")
+    w = csv.DictWriter(table, fieldnames=CSV_FIELDS)
+    w.writeheader()
+    w.writerows(clean([csv_row(r) for r in results]))
+    atomic_write_text(os.path.join(out, "results.csv"), table.getvalue())
     if results:
         write_figures(out, results, rows, fits, tensorboard)
     return summary

@@ -22,6 +22,8 @@ from typing import Any, Callable
 
 import torch
 
+from ..atomic import atomic_write_text
+
 
 
 class SweepError(ValueError):
@@ -214,11 +216,8 @@ def cell_args(study: Study, cell: Cell, world_size: int = 1) -> list[str]:
 
 # ---- running --------------------------------------------------------------------------------------------
 def write_json(path: str, obj: Any) -> None:
-    """Atomic: a temporary file in the same folder, then os.replace (a killed run leaves no half file)."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(clean(obj), f, indent=1)
-    os.replace(tmp, path)
+    """Atomic (a killed run leaves no half file)."""
+    atomic_write_text(path, json.dumps(clean(obj), indent=1))
 
 
 def clean(obj: Any) -> Any:

@@ -1,2 +1,20 @@
 """The study's own commands beyond Lightning's fit/validate/test: each module has ``main(argv) -> int``
 (dispatched by ``lightning_mamba.cli``)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Iterable
+
+
+def run_command(name: str, work: Callable[[], Iterable[str]], errors: tuple[type[BaseException], ...]) -> int:
+    """Run ``work`` and print the lines it returns (exit 0); a bad argument or input among ``errors`` becomes one
+    line on stderr, ``<name>: error: ...``, and exit status 2."""
+    try:
+        lines = list(work())
+    except errors as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    if lines:
+        print("\n".join(lines))
+    return 0

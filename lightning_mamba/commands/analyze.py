@@ -12,7 +12,8 @@ import json
 import os
 import sys
 import time
-from typing import Literal
+from dataclasses import dataclass
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -24,17 +25,18 @@ from ..analysis.evaluator import bucket_curve, eval_rows, resolve_dtype, token_l
 from ..analysis.mitigation import add_intervention_args, interventions_from_args
 from ..analysis.state_stats import newline_probe, state_statistics
 from ..models.interventions import apply_interventions
+from . import run_command
 
 
 class AnalyzeError(Exception):
     """A bad argument or input; main() prints it as one line."""
 
 
-def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="lightning-mamba analyze", description=__doc__.split("\n\n")[0])
+def add_input_args(p: ArgumentParser, out_name: str, n_rows: int) -> None:
+    """The checkpoint, held-out text and evaluation settings that analyze and mitigate share."""
     p.add_argument("--ckpt", type=str, required=True, help="A Lightning .ckpt of this project, or an exported/official "
                    "checkpoint directory (config.json + weights).")
-    p.add_argument("--out", type=str | None, default=None, help="Output directory (default: <checkpoint dir>/analysis).")
+    p.add_argument("--out", type=str | None, default=None, help=f"Output directory (default: <checkpoint dir>/{out_name}).")
     p.add_argument("--seq_len", type=int | None, default=None, help="T_train; default: the one the checkpoint records "
                    "(required for official checkpoints, e.g. 8192 for the Mamba-2 release).")
     p.add_argument("--text", type=str | None, default=None, help="Held-out text: a file or a directory of .txt/.md files, "
@@ -43,20 +45,25 @@ def build_parser() -> ArgumentParser:
                    "checkpoint records.")
     p.add_argument("--cache_dir", type=str, default="data", help="Token caches of the default corpus (as data.cache_dir).")
     p.add_argument("--length", type=int | None, default=None, help="Positions to evaluate (default 16 x T_train).")
-    p.add_argument("--n_rows", type=int, default=2, help="Rows (prompts) averaged; the paper used 128.")
+    p.add_argument("--n_rows", type=int, default=n_rows, help="Rows (prompts) averaged; the paper used 128.")
     p.add_argument("--bucket", type=int | None, default=None, help="Positions per bucket for the criterion "
                    "(default T_train // 8, at least 16).")
     p.add_argument("--threshold", type=float, default=2.0, help="Fails if a bucket exceeds threshold x the max "
                    "within T_train.")
-    p.add_argument("--stride", type=int | None, default=None, help="Tokens between state samples (default: the bucket).")
     p.add_argument("--piece_len", type=int, default=2048, help="Tokens per forward (the state is carried).")
     p.add_argument("--batch_size", type=int, default=8, help="Rows per forward (logits: batch_size x piece_len x vocab).")
-    p.add_argument("--probes", type=list[Literal["text", "newlines"]], default=["text", "newlines"],
-                   help="State-statistics probes: held-out text, the newline token repeated.")
     p.add_argument("--dtype", type=Literal["float32", "bfloat16"], default="float32",
                    help="float32 (the paper's analysis precision) or bfloat16.")
     p.add_argument("--device", type=str | None, default=None, help="Default: cuda when available, else cpu.")
     p.add_argument("--backend", type=Literal["auto", "torch", "triton"], default="auto", help="SSD kernels.")
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="lightning-mamba analyze", description=__doc__.split("\n\n")[0])
+    add_input_args(p, "analysis", n_rows=2)
+    p.add_argument("--stride", type=int | None, default=None, help="Tokens between state samples (default: the bucket).")
+    p.add_argument("--probes", type=list[Literal["text", "newlines"]], default=["text", "newlines"],
+                   help="State-statistics probes: held-out text, the newline token repeated.")
     p.add_argument("--tensorboard", action=ActionYesNo, default=False, help="Also write the scalars and figures as "
                    "TensorBoard events under <out>/tensorboard.")
     add_intervention_args(p)  # --rri, --dt_scale, --window, --state_norm: training-free mitigations
@@ -116,8 +123,25 @@ def default_stream(tokenizer, seq_len: int, cache_dir: str) -> np.ndarray:
 
 
 # ---- the analysis ---------------------------------------------------------------------------------
-def analyze(args) -> dict:
-    t0 = time.perf_counter()
+@dataclass
+class Inputs:
+    """What analyze and mitigate read before evaluating: the model (eval mode, on ``device``), its metadata,
+    T_train, the tokenizer and the held-out rows of ``length + 1`` tokens."""
+
+    model: torch.nn.Module
+    meta: dict
+    seq_len: int
+    length: int
+    tokenizer: object
+    rows: torch.Tensor
+    rows_info: dict
+    dtype: torch.dtype
+    device: torch.device
+
+
+def load_inputs(args, length_error: Callable[[int, int], str | None]) -> Inputs:
+    """Checks and loads --ckpt, --text, --seq_len, --tokenizer and the held-out rows; ``length_error(length, T_train)``
+    says what is wrong with ``--length`` (default 16 x T_train) for the caller, or None."""
     dtype = resolve_dtype(args.dtype)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if not os.path.exists(args.ckpt):
@@ -132,10 +156,8 @@ def analyze(args) -> dict:
                            "(8192 for the official Mamba-2 checkpoints)")
     T = int(T)
     length = args.length or 16 * T
-    bucket = args.bucket or default_bucket(T)
-    stride = args.stride or bucket
-    if length <= T:
-        raise AnalyzeError(f"--length {length} must exceed T_train={T} to say anything about forgetting")
+    if length_error(length, T):
+        raise AnalyzeError(length_error(length, T))
     tokenizer = load_tokenizer(args.tokenizer, meta)
     if tokenizer.vocab_size > model.config.padded_vocab_size:
         raise AnalyzeError(f"the tokenizer ({tokenizer!r}) has more ids than the model's embedding "
@@ -144,6 +166,18 @@ def analyze(args) -> dict:
     rows, info = eval_rows(stream, length + 1, args.n_rows, getattr(tokenizer, "eos_id", None))
     if info["note"]:
         print(f"note: {info['note']}", file=sys.stderr)
+    return Inputs(model, dict(meta), T, length, tokenizer, rows, info, dtype, device)
+
+
+def analyze(args) -> dict:
+    t0 = time.perf_counter()
+    inp = load_inputs(args, lambda length, T: f"--length {length} must exceed T_train={T} to say anything about "
+                      "forgetting" if length <= T else None)
+    model, T, length, tokenizer, rows, dtype, device = (inp.model, inp.seq_len, inp.length, inp.tokenizer, inp.rows,
+                                                        inp.dtype, inp.device)
+    bucket = args.bucket or default_bucket(T)
+    stride = args.stride or bucket
+    info = inp.rows_info
 
     mitigations, intervention = interventions_from_args(args, model, rows, T, dtype, device, args.batch_size)
     with apply_interventions(model, **mitigations):  # everything below the model as mitigated, if asked
@@ -256,14 +290,8 @@ def summary_lines(r: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        result = analyze(args)
-    except (AnalyzeError, OSError, ValueError) as e:  # includes ConfigError and DataError: one line each
-        print(f"analyze: error: {e}", file=sys.stderr)
-        return 2
-    print("\n".join(summary_lines(result)))
-    return 0
+    args = build_parser().parse_args(argv)  # ValueError includes ConfigError and DataError
+    return run_command("analyze", lambda: summary_lines(analyze(args)), (AnalyzeError, OSError, ValueError))
 
 
 if __name__ == "__main__":

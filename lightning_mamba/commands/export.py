@@ -17,6 +17,7 @@ from jsonargparse import ArgumentParser
 
 from ..models import ConfigError
 from ..models.checkpoint import load_model, save_pretrained
+from . import run_command
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -42,17 +43,15 @@ def export(ckpt: str, out: str, dtype: str = "float32") -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def work() -> list[str]:
         paths = export(args.ckpt, args.out, args.dtype)
-    except (ConfigError, OSError) as e:
-        print(f"export: error: {e}", file=sys.stderr)
-        return 2
-    print(f"exported {args.ckpt} ({args.dtype}) to {args.out}:")
-    for path in paths:
-        print(f"  {os.path.basename(path)} ({os.path.getsize(path) / 1e6:.2f} MB)")
-    print("load with lightning_mamba.models.checkpoint.load_pretrained(DIR) or "
-          "mamba_ssm's MambaLMHeadModel.from_pretrained(DIR)")
-    return 0
+        return [f"exported {args.ckpt} ({args.dtype}) to {args.out}:",
+                *(f"  {os.path.basename(path)} ({os.path.getsize(path) / 1e6:.2f} MB)" for path in paths),
+                "load with lightning_mamba.models.checkpoint.load_pretrained(DIR) or "
+                "mamba_ssm's MambaLMHeadModel.from_pretrained(DIR)"]
+
+    return run_command("export", work, (ConfigError, OSError))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from jsonargparse import ArgumentParser
 from ..analysis import plots
 from ..analysis.evaluator import resolve_dtype
 from ..analysis.passkey import evaluate_passkey, plot_passkey_curve, plot_passkey_heatmap
+from . import run_command
 from ..data.passkey import PasskeyError, PasskeyGenerator, PasskeyTemplate, check_depth, check_lengths, default_depths
 
 DEFAULT_MULTIPLES = (0.5, 1, 2, 4, 8, 16)
@@ -143,14 +144,9 @@ def summary_lines(r: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        result = run(args)
-    except (PasskeyCommandError, PasskeyError, OSError, ValueError) as e:  # ConfigError, DataError too: one line
-        print(f"passkey: error: {e}", file=sys.stderr)
-        return 2
-    print("\n".join(summary_lines(result)))
-    return 0
+    args = build_parser().parse_args(argv)  # ValueError includes ConfigError and DataError
+    return run_command("passkey", lambda: summary_lines(run(args)),
+                       (PasskeyCommandError, PasskeyError, OSError, ValueError))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from dataclasses import fields
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from . import run_command
 from ..analysis.sweep import Study, SweepError, build_cli, cell_args, make_cells, run_study, shard_cells
 
 
@@ -53,28 +54,24 @@ def main(argv: list[str] | None = None) -> int:
     study = study_from(args)
     from ..analysis.study import summarize, summary_lines
 
-    try:
+    def work() -> list[str]:
         study.validate()
         if args.dry_run:
-            for cell in shard_cells(make_cells(study), study.shard):
-                print(f"{cell.name}: lightning-mamba fit " + " ".join(repr(a) if not a or " " in a else a
-                                                                       for a in cell_args(study, cell)))
-            return 0
+            return [f"{cell.name}: lightning-mamba fit " + " ".join(repr(a) if not a or " " in a else a
+                                                                     for a in cell_args(study, cell))
+                    for cell in shard_cells(make_cells(study), study.shard)]
         if args.prepare_only:
             dm = build_cli(study, make_cells(study)[0]).datamodule
             dm.prepare_data()
-            print(f"sweep: tokenizer and token caches ready under {dm.hparams.cache_dir}")
-            return 0
+            return [f"sweep: tokenizer and token caches ready under {dm.hparams.cache_dir}"]
         if not args.summarize_only:
             run_study(study)
         if not is_rank_zero():
-            return 0
-        summary = summarize(study.out, tensorboard=args.tensorboard)
-    except (SweepError, OSError, ValueError) as e:  # includes ConfigError and DataError: one line each
-        print(f"sweep: error: {e}", file=sys.stderr)
-        return 2
-    print("\n".join(summary_lines(summary)))
-    return 0
+            return []
+        return summary_lines(summarize(study.out, tensorboard=args.tensorboard))
+
+    # ValueError includes ConfigError and DataError: one line each
+    return run_command("sweep", work, (SweepError, OSError, ValueError))
 
 
 if __name__ == "__main__":

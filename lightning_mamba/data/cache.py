@@ -11,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
-from typing import BinaryIO, Callable
+from typing import Callable
 
 import numpy as np
+
+from ..atomic import atomic_write
 
 CACHE_FORMAT = 1
 # The checksum covers the first and last MiB of the token bytes, not all of them: a full hash would read
@@ -33,33 +34,6 @@ def fingerprint(*parts) -> str:
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 while every id (< vocab_size) fits, else uint32: half the disk and page cache."""
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
-
-
-def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
-    """Write ``path`` through ``write(file)`` so that readers only ever see a complete file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    # a unique name next to the target (os.replace is atomic only within one file system); opened with
-    # open(), not mkstemp, so the file gets the usual umask permissions rather than 0600
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable; not every platform lets a folder be opened
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
 
 
 def sidecar_path(path: str) -> str:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import inspect
 import json
 import os
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..atomic import atomic_write
 from .config import ConfigError, MambaConfig
 from .lm import MambaLM
 
@@ -37,20 +38,8 @@ HF_RENAMES = {"backbone.embeddings.weight": "backbone.embedding.weight"}
 
 
 # ---- writing ----------------------------------------------------------------------------------------
-def _write_atomic(path: str, write: Callable[[Any], None]) -> None:
-    """Write through a temp file in the same directory, then rename: readers never see half a file."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _write_json(path: str, obj: Any) -> None:
-    _write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
 def official_config(config: MambaConfig) -> dict[str, Any]:
@@ -69,13 +58,13 @@ def save_pretrained(model: MambaLM, directory: str, tokenizer_spec: dict | None 
     _write_json(paths[0], official_config(model.config))
     # Tied weights stay one shared tensor under two keys, as the official torch.save(state_dict()) has them.
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _write_atomic(paths[1], lambda f: torch.save(state, f))
+    atomic_write(paths[1], lambda f: torch.save(state, f))
     spec = tokenizer_spec
     if spec is not None and spec.get("kind") == "json" and "json" in spec:
         # The tokenizer lives in tokenizer.json (where HF tools look for it); the spec points at it.
         text = spec["json"] if isinstance(spec["json"], str) else json.dumps(spec["json"])
         paths.append(os.path.join(directory, TOKENIZER))
-        _write_atomic(paths[-1], lambda f: f.write(text.encode()))
+        atomic_write(paths[-1], lambda f: f.write(text.encode()))
         spec = {**{k: v for k, v in spec.items() if k != "json"}, "file": TOKENIZER}
     paths.append(os.path.join(directory, META))
     _write_json(paths[-1], {"tokenizer": spec, **(extra or {})})

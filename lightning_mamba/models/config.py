@@ -124,11 +124,9 @@ class MambaConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def save(self, directory: str) -> None:
-        path = os.path.join(directory, "config.json")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-        os.replace(tmp, path)
+        from ..atomic import atomic_write_text
+
+        atomic_write_text(os.path.join(directory, "config.json"), json.dumps(self.to_dict(), indent=2))
 
     @classmethod
     def load(cls, directory_or_file: str) -> "MambaConfig":

@@ -92,3 +92,15 @@ def test_config_json_round_trip(tmp_path):
     cfg = MambaConfig(d_model=64, n_layer=2, vocab_size=300, ssm_cfg={"layer": "Mamba2", "d_state": 16})
     cfg.save(str(tmp_path))
     assert MambaConfig.load(str(tmp_path)) == cfg
+
+
+@pytest.mark.parametrize("ssm_cfg,fragment", [
+    ({"dt_min": 0.1, "dt_max": 0.01}, "0 < dt_min <= dt_max"),
+    ({"dt_min": 0.0}, "0 < dt_min <= dt_max"),
+    ({"A_init_range": (4.0, 2.0)}, "0 < low <= high"),
+    ({"A_init_range": (0.0, 2.0)}, "0 < low <= high"),
+    ({"dt_limit": (0.01, 0.001)}, "0 <= low < high"),
+])
+def test_init_ranges_are_checked(ssm_cfg, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        MambaConfig(d_model=32, n_layer=1, vocab_size=16, ssm_cfg={"layer": "Mamba2", "headdim": 16, **ssm_cfg})

@@ -1,0 +1,38 @@
+"""Atomic file writes: readers (and a run killed mid-write) only ever see the old file or the whole new one."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import BinaryIO, Callable
+
+
+def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` through ``write(file)`` so that readers only ever see a complete file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    # a unique name next to the target (os.replace is atomic only within one file system); opened with
+    # open(), not mkstemp, so the file gets the usual umask permissions rather than 0600
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename itself durable; not every platform lets a folder be opened
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
