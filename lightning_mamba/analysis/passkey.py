@@ -98,6 +98,13 @@ def t_recall(lengths: Iterable[int], accuracy: Iterable[float], threshold: float
     return max(passing) if passing else None
 
 
+DISTANCE_EDGES = (1, 2, 4, 8)  # needle-to-question distance buckets, in units of the training length
+
+
+def distance_label(lo: float, hi: float | None) -> str:
+    return f"{lo:g}-{hi:g}x" if hi is not None else f"{lo:g}x+"
+
+
 @dataclass
 class PasskeyGrid:
     """Results of a lengths x depths grid; arrays are (depths, lengths, samples)."""
@@ -122,8 +129,24 @@ class PasskeyGrid:
     def t_recall(self, threshold: float = 0.95) -> int | None:
         return t_recall(self.lengths, self.accuracy_by_length, threshold)
 
-    def to_dict(self, threshold: float = 0.95) -> dict:
-        return {"lengths": self.lengths, "depths": self.depths, "samples_per_cell": int(self.correct.shape[-1]),
+    def accuracy_by_distance(self, seq_len: int, edges=DISTANCE_EDGES) -> dict[str, tuple[float, int]]:
+        """{bucket: (accuracy, prompts)} by how far the needle sits before the question, (1 - depth) x length, in
+        units of ``seq_len``: buckets 0-1x, 1-2x, ... and the last edge upwards; empty buckets are left out.
+        Forgetting shows here directly: near needles are found at every prompt length, far ones are lost."""
+        distance = np.outer(1.0 - np.asarray(self.depths), np.asarray(self.lengths)) / seq_len  # (depths, lengths)
+        bounds = [0.0, *edges, None]
+        out = {}
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            cells = (distance > lo) & (distance <= hi if hi is not None else True)
+            if cells.any():
+                hits = self.correct[cells]  # (cells, samples)
+                out[distance_label(lo, hi)] = (float(hits.mean()), int(hits.size))
+        return out
+
+    def to_dict(self, threshold: float = 0.95, seq_len: int | None = None) -> dict:
+        by_distance = {} if not seq_len else {
+            "accuracy_by_distance": {k: {"accuracy": a, "prompts": n} for k, (a, n) in self.accuracy_by_distance(seq_len).items()}}
+        return {**by_distance, "lengths": self.lengths, "depths": self.depths, "samples_per_cell": int(self.correct.shape[-1]),
                 "accuracy": self.accuracy.tolist(), "accuracy_by_length": self.accuracy_by_length.tolist(),
                 "token_accuracy": self.token_acc.mean(-1).tolist(), "t_recall": self.t_recall(threshold),
                 "t_recall_threshold": threshold, "correct": self.correct.astype(int).tolist(), "keys": self.keys,

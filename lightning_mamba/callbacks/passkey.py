@@ -90,6 +90,7 @@ class PasskeyEvalCallback(PeriodicAnalysis):
         t_recall = grid.t_recall(self.threshold)
         metrics = {self.tag(m): by_length[n] for m, n in usable.items()}
         metrics["passkey/t_recall"] = float(t_recall or 0)
+        metrics.update({f"passkey/by_distance/{k}": a for k, (a, _) in grid.accuracy_by_distance(T).items()})
         self.log_scalars(trainer, metrics, step)
         self.log_figure(trainer, "passkey/accuracy_heatmap",
                         plot_passkey_heatmap(grid, T, title=f"step {step}: passkey accuracy"), step)
@@ -97,4 +98,4 @@ class PasskeyEvalCallback(PeriodicAnalysis):
         with open(os.path.join(self.out_dir(trainer), f"step_{step}.json"), "w") as f:
             json.dump({"step": step, "seq_len": T, "metrics": metrics, "dtype": self.dtype,
                        "template_tokens": gen.min_length, "canonical_tokenization": gen.canonical,
-                       **grid.to_dict(self.threshold), "seconds": time.perf_counter() - t0}, f)
+                       **grid.to_dict(self.threshold, T), "seconds": time.perf_counter() - t0}, f)

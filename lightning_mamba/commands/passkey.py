@@ -124,7 +124,7 @@ def run(args) -> dict:
               "template": dataclasses.asdict(template), "template_tokens": generator.min_length,
               "canonical_tokenization": generator.canonical,
               "dtype": args.dtype, "seed": args.seed, "state_size": model.config.state_size(),
-              **grid.to_dict(args.threshold), "out": out}
+              **grid.to_dict(args.threshold, T), "out": out}
     with open(os.path.join(out, "passkey.json"), "w") as f:
         json.dump(result, f, indent=2)
     plots.save_png(plot_passkey_heatmap(grid, T), os.path.join(out, "passkey_heatmap.png"))
@@ -136,6 +136,9 @@ def summary_lines(r: dict) -> list[str]:
     lines = [f"checkpoint: {r['ckpt']}  (T_train={r['seq_len']}, tokenizer {r['tokenizer']}, "
              f"{len(r['depths'])} depths x {r['samples_per_cell']} samples per length, {r['dtype']})"]
     lines += [f"  length {n:>8}: accuracy {a:.3f}" for n, a in zip(r["lengths"], r["accuracy_by_length"])]
+    if r.get("accuracy_by_distance"):
+        lines.append("  by the needle's distance before the question, in units of T_train: " + ", ".join(
+            f"{k} {v['accuracy']:.2f} (n={v['prompts']})" for k, v in r["accuracy_by_distance"].items()))
     t = r["t_recall"]
     lines.append(f"T_recall (longest length with accuracy > {r['t_recall_threshold']}): "
                  + (f"{t} tokens" if t is not None else "none of the lengths"))

@@ -99,6 +99,53 @@ def test_grid_accuracy_and_t_recall_on_a_copier_with_limited_reach():
     assert d["t_recall"] == 640 and np.array(d["correct"]).shape == (3, 5, 2) and len(d["keys"][0][0]) == 2
 
 
+class ForgettingCopier(InductionLM):
+    """An induction copier that only remembers what it saw in the last ``window`` tokens: it forgets."""
+
+    def __init__(self, window: int, context: int = 12):
+        super().__init__(reach=10**9, context=context)
+        self.window = window
+
+    def forward(self, input_ids, state=None, record=None):
+        logits, states = [], []
+        for r in range(input_ids.size(0)):
+            table, recent, pos = state[r] if state is not None else ({}, (), 0)
+            table, preds = dict(table), []
+            for t in input_ids[r].tolist():
+                if len(recent) == self.context:
+                    table[recent] = (t, pos)  # context `recent` was followed by t, at position pos
+                recent, pos = (recent + (t,))[-self.context:], pos + 1
+                seen = table.get(recent)
+                preds.append(seen[0] if seen is not None and pos - seen[1] <= self.window else 0)
+            logits.append(nn.functional.one_hot(torch.tensor(preds), 264).float())
+            states.append((table, recent, pos))
+        return torch.stack(logits) + 0 * self.dummy, states
+
+
+def test_accuracy_by_needle_distance_shows_forgetting():
+    gen = PasskeyGenerator(ByteTokenizer())
+    grid = evaluate_passkey(ForgettingCopier(window=400), gen, [300, 600, 1200], default_depths(4), 2, piece_len=256)
+    by_distance = grid.accuracy_by_distance(seq_len=300)
+    # nominal distances (1 - depth) x length / 300: 0.12-0.88 (length 300), 0.25-1.75 (600), 0.5-3.5 (1200)
+    assert list(by_distance) == ["0-1x", "1-2x", "2-4x"]
+    assert by_distance["0-1x"] == (1.0, 14)  # near needles are found at every length, 7 cells x 2 keys
+    assert by_distance["2-4x"] == (0.0, 4)  # needles 750 and 1050 tokens back are forgotten
+    assert by_distance["1-2x"][0] < 1.0
+    assert grid.accuracy_by_length[0] == 1.0 and grid.accuracy_by_length[-1] < 1.0  # by length alone: no reason
+    d = json.loads(json.dumps(grid.to_dict(seq_len=300)))
+    assert d["accuracy_by_distance"]["0-1x"] == {"accuracy": 1.0, "prompts": 14}
+    assert "accuracy_by_distance" not in grid.to_dict()  # unknown training length: no buckets
+
+
+def test_accuracy_by_distance_buckets():
+    correct = np.array([[[1, 1], [1, 0], [0, 0]],   # depth 0.0: distances 1, 2, 4 x 100 tokens
+                        [[1, 1], [1, 1], [1, 1]]])  # depth 0.9: distances 0.1, 0.2, 0.4
+    grid = PasskeyGrid([100, 200, 400], [0.0, 0.9], correct.astype(bool), np.zeros(correct.shape))
+    got = grid.accuracy_by_distance(100)
+    assert got["0-1x"] == (1.0, 8) and got["1-2x"] == (0.5, 2) and got["2-4x"] == (0.0, 2) and len(got) == 3
+    assert grid.accuracy_by_distance(100, edges=(3,)) == {"0-3x": (0.9, 10), "3x+": (0.0, 2)}
+
+
 def test_t_recall_rule():
     lengths = [1024, 2048, 4096, 8192]
     assert t_recall(lengths, [1.0, 0.96, 0.5, 0.0]) == 2048

@@ -55,6 +55,10 @@ def test_callback_logs_scalars_figures_and_json(tmp_path):
     assert record["depths"] == [0.25, 0.75] and record["samples_per_cell"] == 2
     assert len(record["accuracy"]) == 2 and len(record["accuracy"][0]) == 4 and record["canonical_tokenization"]
     assert record["metrics"]["passkey/t_recall"] == (record["t_recall"] or 0)
+    # needle distances (1 - depth) x length / LEN: 0.25, 0.75, 0.5, 1.5, 1, 3, 2, 6
+    assert list(record["accuracy_by_distance"]) == ["0-1x", "1-2x", "2-4x", "4-8x"]
+    assert [record["accuracy_by_distance"][k]["prompts"] for k in ("0-1x", "1-2x", "2-4x", "4-8x")] == [8, 4, 2, 2]
+    assert {f"passkey/by_distance/{k}" for k in record["accuracy_by_distance"]} <= scalars
 
     module.model.train()
     passkey._run(trainer, module)  # the model goes back in the mode it came in
