@@ -7,9 +7,11 @@ import sys
 import types
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .config import ConfigError
+from .conv import causal_conv1d
 from .ssd import ssd_chunked
 
 BACKENDS = ("auto", "torch", "triton")
@@ -79,12 +81,15 @@ def ssd(
     chunk_size: int,
     initial_state: Tensor | None = None,
     seq_idx: Tensor | None = None,
+    D: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """SSD scan with the chosen backend. Arguments as :func:`ssd.ssd_chunked` (dt already positive)."""
+    """SSD scan with the chosen backend. Arguments as :func:`ssd.ssd_chunked` (dt already positive); ``D`` (heads),
+    if given, adds the skip ``D * x`` to y (in x's dtype), inside the kernel on the Triton path."""
     if uses_triton(backend, x):
         fn, _ = _triton_scan()
+        # The kernel takes strided views as long as the last dimension is contiguous: no copies of x, B, C.
         y, final_state = fn(
-            x.contiguous(), dt.contiguous(), A, B.contiguous(), C.contiguous(), chunk_size,
+            x, dt.contiguous(), A, B, C, chunk_size, D=D,
             initial_states=initial_state,
             # the kernel ties a carried-in state to document 0: number each row's documents from 0
             seq_idx=None if seq_idx is None else (seq_idx - seq_idx[:, :1]).to(torch.int32).contiguous(),
@@ -92,7 +97,25 @@ def ssd(
             return_final_states=True,
         )
         return y, final_state
-    return ssd_chunked(x, dt, A, B, C, chunk_size, initial_state=initial_state, seq_idx=seq_idx)
+    y, final_state = ssd_chunked(x, dt, A, B, C, chunk_size, initial_state=initial_state, seq_idx=seq_idx)
+    if D is not None:
+        y = y.to(x.dtype) + x * D.to(x.dtype)[:, None]
+    return y, final_state
+
+
+def conv1d_silu(
+    backend: str, u: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """silu(depthwise causal conv(u)) and the new conv state (:func:`conv.causal_conv1d`); on the Triton path one
+    fused kernel that reads u in its (b, l, d) layout (models/conv_triton.py), unless a carried conv state needs a
+    gradient, which only the torch path gives."""
+    if uses_triton(backend, u) and not (conv_state is not None and conv_state.requires_grad and torch.is_grad_enabled()):
+        from .conv_triton import causal_conv1d_silu
+
+        return causal_conv1d_silu(u, weight, bias, conv_state, seq_idx)
+    out, new_state = causal_conv1d(u, weight, bias, conv_state, seq_idx)
+    return F.silu(out), new_state
 
 
 def add_rmsnorm(backend: str, h: Tensor, residual: Tensor | None, norm, residual_in_fp32: bool) -> tuple[Tensor, Tensor]:

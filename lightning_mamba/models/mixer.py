@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import backend as kernels
-from .conv import causal_conv1d
 from .norm import RMSNormGated
 from .ssd import ssd_step
 
@@ -102,8 +101,9 @@ class Mamba2(nn.Module):
                 dt = dt_decay
         return x, B, C, dt, A, x_scan
 
-    def _finish(self, y: Tensor, x: Tensor, z: Tensor) -> Tensor:
-        y = y + x * self.D.to(x.dtype)[:, None]  # D skip before the gated norm
+    def _finish(self, y: Tensor, x: Tensor, z: Tensor, add_skip: bool = True) -> Tensor:
+        if add_skip:  # D skip before the gated norm (unless the scan already added it)
+            y = y + x * self.D.to(x.dtype)[:, None]
         y = kernels.gated_rmsnorm(self.backend, y.flatten(-2), z, self.norm)
         return self.out_proj(y)
 
@@ -124,18 +124,20 @@ class Mamba2(nn.Module):
         if self.forward_override is not None:
             return self.forward_override(self, u, state, seq_idx, record)
         z, xBC, dt_raw = self._split(self.in_proj(u))
-        xBC, conv_state = causal_conv1d(
-            xBC, self.conv1d.weight, self.conv1d.bias, None if state is None else state.conv, seq_idx
+        xBC, conv_state = kernels.conv1d_silu(
+            self.backend, xBC, self.conv1d.weight, self.conv1d.bias, None if state is None else state.conv, seq_idx
         )
-        x, B, C, dt, A, x_scan = self._ssm_params(F.silu(xBC), dt_raw)
+        x, B, C, dt, A, x_scan = self._ssm_params(xBC, dt_raw)
         if record is not None:
             record["dt"], record["A"] = dt.detach(), A.detach()
+        skip_in_scan = x_scan is x  # an intervention that rescales x_scan needs D * x added afterwards
         y, ssm_state = kernels.ssd(
             self.backend, x_scan, dt, A, B, C, self.chunk_size,
             initial_state=None if state is None else state.ssm,
             seq_idx=seq_idx,
+            D=self.D if skip_in_scan else None,
         )
-        return self._finish(y.to(x.dtype), x, z), self._hand_on(LayerState(conv_state, ssm_state))
+        return self._finish(y.to(x.dtype), x, z, add_skip=not skip_in_scan), self._hand_on(LayerState(conv_state, ssm_state))
 
     def _hand_on(self, state: LayerState) -> LayerState:
         return state if self.state_hook is None else self.state_hook(self, state)
