@@ -149,8 +149,7 @@ class MambaLitModule(L.LightningModule):
 
     # ---- one step shared by train / val / test --------------------------------------
     def model_step(self, batch: dict) -> torch.Tensor:
-        logits, _ = self.model(batch["input_ids"], seq_idx=batch.get("seq_idx"))
-        return next_token_loss(logits, batch["labels"])
+        return self.model.loss(batch["input_ids"], batch["labels"], seq_idx=batch.get("seq_idx"))[0]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if self.initial_states.mode == "zero":
@@ -167,11 +166,11 @@ class MambaLitModule(L.LightningModule):
         if trainer is not None and trainer.world_size > 1:
             reduce = lambda t: trainer.strategy.reduce(t, reduce_op="mean")  # noqa: E731
         start = self.initial_states.start(self.model, batch, self.global_step, self.global_rank, reduce)
-        logits, final = self.model(batch["input_ids"], state=start, seq_idx=batch.get("seq_idx"))
+        loss, final = self.model.loss(batch["input_ids"], batch["labels"], state=start, seq_idx=batch.get("seq_idx"))
         self.initial_states.finish(final)
         rms = 0.0 if start is None else torch.stack([s.ssm.pow(2).mean() for s in start]).mean().sqrt()
         self.log("train/initial_state_rms", rms)  # SSM state RMS the step started from, over layers and heads
-        return next_token_loss(logits, batch["labels"])
+        return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss = self.model_step(batch)
@@ -274,11 +273,6 @@ class MambaLitModule(L.LightningModule):
         if "initial_states" in checkpoint:
             rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
             self.initial_states.load_state_dict(checkpoint["initial_states"], rank, world)
-
-
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of logits (b, l, vocab) against labels (b, l) (-100: no loss)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
 
 
 def check_optimizer_settings(weight_decay: float, betas, warmup_steps: int, decay_fraction: float,

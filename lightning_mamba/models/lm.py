@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from . import backend as kernels
 from .config import MambaConfig
+from .loss import linear_cross_entropy
 from .mixer import LayerState, Mamba2
 from .norm import RMSNorm
 
@@ -91,6 +92,17 @@ class MambaLM(nn.Module):
         """input_ids (b, l) -> logits (b, l, padded_vocab) and the state after the last token.
 
         ``record``: a list that receives one dict per layer (per-step dt, A) for analysis."""
+        h, new_state = self.hidden_states(input_ids, state, seq_idx, record)
+        return self.lm_head(h), new_state
+
+    def hidden_states(
+        self,
+        input_ids: Tensor,
+        state: State | None = None,
+        seq_idx: Tensor | None = None,
+        record: list[dict] | None = None,
+    ) -> tuple[Tensor, State]:
+        """As :meth:`forward`, but the final-norm hidden states (b, l, d_model) instead of the logits."""
         h, residual, new_state = self.backbone.embedding(input_ids), None, []
         for i, layer in enumerate(self.backbone.layers):
             rec = None
@@ -99,7 +111,15 @@ class MambaLM(nn.Module):
                 record.append(rec)
             h, residual, s = layer(h, residual, None if state is None else state[i], seq_idx, rec)
             new_state.append(s)
-        return self.lm_head(self._final_norm(h, residual)), new_state
+        return self._final_norm(h, residual), new_state
+
+    def loss(
+        self, input_ids: Tensor, labels: Tensor, state: State | None = None, seq_idx: Tensor | None = None
+    ) -> tuple[Tensor, State]:
+        """Mean next-token cross-entropy against ``labels`` (-100: no loss) and the final state, without ever
+        materialising the logits (models/loss.py)."""
+        h, new_state = self.hidden_states(input_ids, state, seq_idx)
+        return linear_cross_entropy(h, self.lm_head.weight, labels), new_state
 
     def _final_norm(self, h: Tensor, residual: Tensor) -> Tensor:
         return kernels.add_rmsnorm(self.mixers[0].backend, h, residual, self.backbone.norm_f, self.config.residual_in_fp32)[0]
