@@ -48,7 +48,7 @@ class Piece:
 
     start: int
     end: int
-    logits: Tensor  # (b, end-start, padded_vocab)
+    logits: Tensor | None  # (b, end-start, padded_vocab); None when the run skips the output layer
     state: list  # the carried state after position ``end`` (list of LayerState)
     record: list[dict] | None  # per layer {"dt": (b, l, h), "A": (h,)} when asked for
 
@@ -61,10 +61,12 @@ def iter_pieces(
     device: torch.device | str | None = None,
     record: bool = False,
     extra_ends: tuple[int, ...] = (),
+    logits: bool = True,
 ) -> Iterator[Piece]:
     """Run ``model`` over ``input_ids`` (b, L) ``piece_len`` tokens at a time, carrying the state.
 
     Pieces also end at each of ``extra_ends`` (e.g. T_train, so a state is seen exactly there).
+    ``logits=False`` skips the output layer (most of a small model's work) for callers that only read states.
     Yields after each piece; nothing of earlier pieces is kept, so memory does not grow with L."""
     if piece_len < 1:
         raise ValueError(f"piece_len must be >= 1 (got {piece_len})")
@@ -77,8 +79,12 @@ def iter_pieces(
         for end in ends:
             ids = input_ids[:, start:end].to(device)
             rec = [] if record else None
-            logits, state = model(ids, state=state, record=rec)
-            yield Piece(start, end, logits, state, rec)
+            if logits:
+                out, state = model(ids, state=state, record=rec)
+            else:
+                _, state = model.hidden_states(ids, state=state, record=rec)
+                out = None
+            yield Piece(start, end, out, state, rec)
             start = end
 
 

@@ -154,7 +154,8 @@ def calibrate_state_norms(model, tokens: Tensor, seq_len: int, stride: int = 16,
     rows = tokens[:, :seq_len].long()
     best = None
     for r in range(0, rows.size(0), batch_size or rows.size(0)):
-        for p in iter_pieces(model, rows[r:r + (batch_size or rows.size(0))], stride, dtype, device):
+        for p in iter_pieces(model, rows[r:r + (batch_size or rows.size(0))], stride, dtype, device,
+                             logits=False):
             m = state_head_norms(p.state).amax(0).cpu()
             best = m if best is None else torch.maximum(best, m)
     return best

@@ -111,3 +111,15 @@ def test_rows_in_batches_give_the_same_statistics(lm):
     b = state_statistics(lm, tokens, seq_len=20, stride=16, batch_size=2)
     for k in ("rms", "var", "outlier_share", "log_retention", "log_retention_T", "mean_alpha", "mean_alpha_in"):
         np.testing.assert_allclose(getattr(b, k), getattr(a, k), rtol=1e-5, atol=1e-9)
+
+
+def test_iter_pieces_without_logits_carries_the_same_states(lm):
+    ids = torch.randint(0, 64, (2, 30))
+    with_logits = list(iter_pieces(lm, ids, 8, record=True, extra_ends=(12,)))
+    states_only = list(iter_pieces(lm, ids, 8, record=True, extra_ends=(12,), logits=False))
+    assert [(p.start, p.end) for p in states_only] == [(0, 8), (8, 12), (12, 16), (16, 24), (24, 30)]
+    for a, b in zip(with_logits, states_only):
+        assert a.logits.shape[:2] == (2, a.end - a.start) and b.logits is None
+        for sa, sb in zip(a.state, b.state):
+            torch.testing.assert_close(sb.ssm, sa.ssm, rtol=0, atol=0)
+        torch.testing.assert_close(b.record[0]["dt"], a.record[0]["dt"], rtol=0, atol=0)
