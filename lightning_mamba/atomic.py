@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from typing import BinaryIO, Callable
@@ -36,3 +37,7 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
 
 def atomic_write_text(path: str, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def atomic_write_json(path: str, obj, indent: int | None = None) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=indent))

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..atomic import atomic_write_text
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -174,3 +176,9 @@ def eval_rows(
         info["note"] = (info["note"] + "; " if info["note"] else "") + f"only {n} of {n_rows} rows fit in the stream"
     rows = torch.from_numpy(s[: n * length].reshape(n, length).copy())
     return rows, info
+
+
+def write_position_losses_csv(path: str, per_position) -> None:
+    """``position,loss`` rows (position 1 = the loss of predicting the second token), written atomically."""
+    lines = ["position,loss"] + [f"{i},{x:.6g}" for i, x in enumerate(per_position, start=1)]
+    atomic_write_text(path, "\n".join(lines) + "\n")

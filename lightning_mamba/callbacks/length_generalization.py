@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import time
 from typing import Any
@@ -18,6 +16,8 @@ from ..analysis import plots
 from ..analysis.criterion import default_bucket, forgetting_verdict
 from ..analysis.evaluator import bucket_curve, eval_rows, token_losses, window_mean
 from ..sharding import fsdp_root, unsharded_copy
+from ..atomic import atomic_write_json
+from ..analysis.evaluator import write_position_losses_csv
 
 
 class PeriodicAnalysis(L.Callback):
@@ -192,12 +192,9 @@ class LengthGeneralizationCallback(PeriodicAnalysis):
 
         per_position = losses.double().mean(0).numpy()
         out = os.path.join(self.out_dir(trainer), f"step_{step}")
-        with open(out + ".json", "w") as f:
-            json.dump({"step": step, "seq_len": T, "bucket": bucket, "rows": info, "dtype": self.dtype,
-                       "verdict": verdict.to_dict(), "metrics": {k: v for k, v in metrics.items()},
-                       "bucket_positions": positions.tolist(), "bucket_loss": curve.tolist(),
-                       "per_position_loss": per_position.tolist(), "seconds": time.perf_counter() - t0}, f)
-        with open(out + ".csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["position", "loss"])
-            w.writerows(zip(range(1, len(per_position) + 1), (f"{x:.6g}" for x in per_position)))
+        atomic_write_json(out + ".json", {
+            "step": step, "seq_len": T, "bucket": bucket, "rows": info, "dtype": self.dtype,
+            "verdict": verdict.to_dict(), "metrics": {k: v for k, v in metrics.items()},
+            "bucket_positions": positions.tolist(), "bucket_loss": curve.tolist(),
+            "per_position_loss": per_position.tolist(), "seconds": time.perf_counter() - t0})
+        write_position_losses_csv(out + ".csv", per_position)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -13,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from ..analysis.passkey import evaluate_passkey, plot_passkey_curve, plot_passkey_heatmap
 from ..data.passkey import PasskeyGenerator, default_depths
 from .length_generalization import PeriodicAnalysis
+from ..atomic import atomic_write_json
 
 
 class PasskeyEvalCallback(PeriodicAnalysis):
@@ -95,7 +95,7 @@ class PasskeyEvalCallback(PeriodicAnalysis):
         self.log_figure(trainer, "passkey/accuracy_heatmap",
                         plot_passkey_heatmap(grid, T, title=f"step {step}: passkey accuracy"), step)
         self.log_figure(trainer, "passkey/accuracy_vs_length", plot_passkey_curve(grid, T, self.threshold), step)
-        with open(os.path.join(self.out_dir(trainer), f"step_{step}.json"), "w") as f:
-            json.dump({"step": step, "seq_len": T, "metrics": metrics, "dtype": self.dtype,
+        atomic_write_json(os.path.join(self.out_dir(trainer), f"step_{step}.json"),
+                          {"step": step, "seq_len": T, "metrics": metrics, "dtype": self.dtype,
                        "template_tokens": gen.min_length, "canonical_tokenization": gen.canonical,
-                       **grid.to_dict(self.threshold, T), "seconds": time.perf_counter() - t0}, f)
+                       **grid.to_dict(self.threshold, T), "seconds": time.perf_counter() - t0})

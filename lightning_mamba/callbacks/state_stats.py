@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -15,6 +14,7 @@ from ..analysis.criterion import default_bucket
 from ..analysis.evaluator import eval_rows
 from ..analysis.state_stats import newline_probe, state_statistics
 from .length_generalization import PeriodicAnalysis
+from ..atomic import atomic_write_json
 
 PROBES = ("text", "newlines")
 
@@ -108,5 +108,4 @@ class StateStatsCallback(PeriodicAnalysis):
                     stats.retention_T, T, title=f"{probe}: alpha_(1:{T}), step {step}"), step)
             dump[probe] = {"summary": summary, "stats": stats.to_dict()}
         dump["seconds"] = time.perf_counter() - t0
-        with open(os.path.join(self.out_dir(trainer), f"step_{step}.json"), "w") as f:
-            json.dump(dump, f)
+        atomic_write_json(os.path.join(self.out_dir(trainer), f"step_{step}.json"), dump)

@@ -7,8 +7,6 @@ retention statistics, as PNG + JSON (and optionally TensorBoard) next to the che
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import sys
 import time
@@ -26,6 +24,8 @@ from ..analysis.mitigation import add_intervention_args, interventions_from_args
 from ..analysis.state_stats import newline_probe, state_statistics
 from ..models.interventions import apply_interventions
 from . import run_command
+from ..atomic import atomic_write_json
+from ..analysis.evaluator import write_position_losses_csv
 
 
 class AnalyzeError(Exception):
@@ -224,16 +224,12 @@ def write_outputs(args, result: dict, losses, positions, curve, stats: dict) -> 
     os.makedirs(out, exist_ok=True)
     T, v = result["seq_len"], result["verdict"]
     per_position = losses.double().mean(0).numpy()
-    with open(os.path.join(out, "verdict.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.join(out, "curve.json"), "w") as f:
-        json.dump({"bucket": result["bucket"], "positions": positions.tolist(), "bucket_loss": curve.tolist()}, f)
-    with open(os.path.join(out, "curve.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["position", "loss"])
-        w.writerows(zip(range(1, len(per_position) + 1), (f"{x:.6g}" for x in per_position)))
-    with open(os.path.join(out, "state_stats.json"), "w") as f:
-        json.dump({p: {"summary": result["state"][p], "stats": s.to_dict()} for p, s in stats.items()}, f)
+    atomic_write_json(os.path.join(out, "verdict.json"), result, indent=2)
+    atomic_write_json(os.path.join(out, "curve.json"),
+                      {"bucket": result["bucket"], "positions": positions.tolist(), "bucket_loss": curve.tolist()})
+    write_position_losses_csv(os.path.join(out, "curve.csv"), per_position)
+    atomic_write_json(os.path.join(out, "state_stats.json"),
+                      {p: {"summary": result["state"][p], "stats": s.to_dict()} for p, s in stats.items()})
 
     figures = {"loss_vs_position": plots.plot_loss_curve(positions, curve, T, args.threshold * v["max_in_window"])}
     for p, s in stats.items():

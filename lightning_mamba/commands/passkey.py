@@ -9,7 +9,6 @@ its T_recall, as PNG + JSON.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 from typing import Literal
@@ -22,6 +21,7 @@ from ..analysis.evaluator import resolve_dtype
 from ..analysis.passkey import evaluate_passkey, plot_passkey_curve, plot_passkey_heatmap
 from . import run_command
 from ..data.passkey import PasskeyError, PasskeyGenerator, PasskeyTemplate, check_depth, check_lengths, default_depths
+from ..atomic import atomic_write_json
 
 DEFAULT_MULTIPLES = (0.5, 1, 2, 4, 8, 16)
 UNITS = {"k": 2**10, "m": 2**20}
@@ -125,8 +125,7 @@ def run(args) -> dict:
               "canonical_tokenization": generator.canonical,
               "dtype": args.dtype, "seed": args.seed, "state_size": model.config.state_size(),
               **grid.to_dict(args.threshold, T), "out": out}
-    with open(os.path.join(out, "passkey.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    atomic_write_json(os.path.join(out, "passkey.json"), result, indent=2)
     plots.save_png(plot_passkey_heatmap(grid, T), os.path.join(out, "passkey_heatmap.png"))
     plots.save_png(plot_passkey_curve(grid, T, args.threshold), os.path.join(out, "passkey_vs_length.png"))
     return result

@@ -26,6 +26,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
+from ..atomic import atomic_write_json
 from .mixer import LayerState, Mamba2
 
 
@@ -162,8 +163,7 @@ def calibrate_state_norms(model, tokens: Tensor, seq_len: int, stride: int = 16,
 
 
 def save_state_norms(path: str, thresholds: Tensor, **meta) -> None:
-    with open(path, "w") as f:
-        json.dump({**meta, "shape": list(thresholds.shape), "thresholds": thresholds.tolist()}, f, indent=1)
+    atomic_write_json(path, {**meta, "shape": list(thresholds.shape), "thresholds": thresholds.tolist()}, indent=1)
 
 
 def load_state_norms(path: str) -> Tensor:

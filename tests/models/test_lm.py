@@ -1,6 +1,5 @@
 """The LM: pieces equal the whole, the recurrent step equals the parallel forward, document resets."""
 
-import pytest
 import torch
 
 from lightning_mamba.models import MambaConfig, MambaLM
