@@ -65,16 +65,17 @@ def test_callback_logs_scalars_figures_and_json(tmp_path):
     assert module.model.training
 
 
-def test_passkey_experiment_config_overlays_the_default_run():
+@pytest.mark.parametrize("config", ["passkey.yaml", "passkey_keep.yaml"])
+def test_passkey_experiment_config_overlays_the_default_run(config):
     from lightning_mamba.cli import MambaCLI
 
     args = ["--config", os.path.join(ROOT, "configs/train.yaml"),
-            "--config", os.path.join(ROOT, "configs/experiment/passkey.yaml"), "--trainer.logger", "false"]
+            "--config", os.path.join(ROOT, "configs/experiment", config), "--trainer.logger", "false"]
     # the data class is chosen by the config: the CLI's data argument in subclass mode
     cli = MambaCLI(MambaLitModule, TextDataModule, subclass_mode_data=True, args=args, run=False)
     dm = cli.datamodule
     assert isinstance(dm, PasskeyDataModule) and dm.hparams.tokenizer == "bpe"  # the rest comes from train.yaml
-    assert 0 < dm.hparams.passkey_ratio < 1 and dm.hparams.passkey_loss in ("all", "answer")
+    assert 0 < dm.hparams.passkey_ratio <= 1 and dm.hparams.passkey_loss in ("all", "answer")
     assert cli.model.hparams.vocab_size == dm.vocab_size_for_model
     names = [type(c).__name__ for c in cli.trainer.callbacks]
     assert "PasskeyEvalCallback" in names and "LengthGeneralizationCallback" in names  # appended, not replaced
