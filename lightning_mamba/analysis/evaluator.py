@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..atomic import atomic_write_text
+from ..models.mixer import LayerState
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -88,6 +89,46 @@ def iter_pieces(
                 out = None
             yield Piece(start, end, out, state, rec)
             start = end
+
+
+def iter_state_samples(
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    stride: int,
+    dtype: str | torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    extra_ends: tuple[int, ...] = (),
+) -> Iterator[Piece]:
+    """The pieces :func:`iter_pieces` yields with ``record=True, logits=False`` (state after every ``stride`` tokens
+    and at ``extra_ends``; per-step dt and A of the piece), computed in one pass when possible: the scan keeps its
+    state every ``stride`` tokens (``Mamba2.states_every``). Pieces then carry only the SSM state (conv None).
+    Falls back to the piecewise run when a mixer rewrites its carried state or its forward (interventions,
+    sliding window) or an extra end is not a multiple of ``stride``."""
+    n = input_ids.size(1)
+    mixers = getattr(model, "mixers", None)
+    one_pass = (
+        stride >= 1 and mixers is not None
+        and all(m.state_hook is None and m.forward_override is None for m in mixers)
+        and all(e % stride == 0 for e in extra_ends if 0 < e < n)
+    )
+    if not one_pass:
+        yield from iter_pieces(model, input_ids, stride, dtype, device, record=True, extra_ends=extra_ends, logits=False)
+        return
+    dtype = resolve_dtype(dtype)
+    device = torch.device(device) if device is not None else _model_device(model)
+    records: list[dict] = []
+    try:
+        for m in mixers:
+            m.states_every = stride
+        with torch.no_grad(), precision_context(device, dtype):
+            model.hidden_states(input_ids.to(device), record=records)
+    finally:
+        for m in mixers:
+            m.states_every = None
+    for k, start in enumerate(range(0, n, stride)):
+        end = min(start + stride, n)
+        yield Piece(start, end, None, [LayerState(None, r["states"][:, k]) for r in records],
+                    [{"dt": r["dt"][:, start:end], "A": r["A"]} for r in records])
 
 
 def token_losses(

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .evaluator import iter_pieces
+from .evaluator import iter_state_samples
 
 
 @dataclass
@@ -128,7 +128,7 @@ def _collect(model, tokens: Tensor, seq_len: int, stride: int, dtype, device, to
     positions: list[int] = []
     cum = first_log_alpha = log_ret_T = None
     alpha_sum = alpha_sum_in = None
-    for p in iter_pieces(model, tokens, stride, dtype, device, record=True, extra_ends=(seq_len,), logits=False):
+    for p in iter_state_samples(model, tokens, stride, dtype, device, extra_ends=(seq_len,)):
         log_alpha = torch.stack([(r["dt"].double() * r["A"].double()) for r in p.record], dim=1)  # (b, L, l, H)
         if cum is None:
             b, n_layer, _, h = log_alpha.shape

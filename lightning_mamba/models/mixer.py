@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from . import backend as kernels
 from .norm import RMSNormGated
-from .ssd import ssd_step
+from .ssd import ssd_chunked, ssd_step
 
 
 class LayerState(NamedTuple):
@@ -59,6 +59,9 @@ class Mamba2(nn.Module):
         self.state_hook = None
         # forward_override(mixer, u, state, seq_idx, record): replaces forward (the sliding window, models/window.py).
         self.forward_override = None
+        # Analysis: with a record, also keep the SSM state every N tokens in record["states"] (pure-torch scan in
+        # chunks of N; same math), so one pass samples the state along a long input (analysis/evaluator.py).
+        self.states_every: int | None = None
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * ngroups * d_state + self.nheads, bias=bias)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv - 1, bias=conv_bias)
@@ -130,6 +133,18 @@ class Mamba2(nn.Module):
         x, B, C, dt, A, x_scan = self._ssm_params(xBC, dt_raw)
         if record is not None:
             record["dt"], record["A"] = dt.detach(), A.detach()
+        if record is not None and self.states_every:
+            every, chunk = self.states_every, self.states_every
+            while chunk > self.chunk_size and chunk % 2 == 0:  # the scan's L x L blocks stay small
+                chunk //= 2
+            y, ssm_state, ends = ssd_chunked(
+                x_scan, dt, A, B, C, chunk, initial_state=None if state is None else state.ssm,
+                seq_idx=seq_idx, return_chunk_states=True,
+            )
+            # states at multiples of `every` and at the last position (ends[i] is the state after chunk i)
+            keep = [i for i in range(ends.size(1)) if ((i + 1) * chunk) % every == 0 or i == ends.size(1) - 1]
+            record["states"] = ends[:, keep]
+            return self._finish(y.to(x.dtype), x, z), self._hand_on(LayerState(conv_state, ssm_state))
         skip_in_scan = x_scan is x  # an intervention that rescales x_scan needs D * x added afterwards
         y, ssm_state = kernels.ssd(
             self.backend, x_scan, dt, A, B, C, self.chunk_size,

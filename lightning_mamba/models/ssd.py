@@ -87,12 +87,15 @@ def ssd_chunked(
     chunk_size: int,
     initial_state: Tensor | None = None,
     seq_idx: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+    return_chunk_states: bool = False,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """Chunked SSD scan.
 
     x (b, l, h, p); dt (b, l, h), already positive; A (h,), negative; B, C (b, l, g, n);
     initial_state (b, h, p, n); seq_idx (b, l) non-decreasing ints.
-    Returns y (b, l, h, p) in x's dtype (without the D skip) and the final state (b, h, p, n) in fp32.
+    Returns y (b, l, h, p) in x's dtype (without the D skip) and the final state (b, h, p, n) in fp32;
+    with ``return_chunk_states`` also the state at the end of every chunk (b, ceil(l / chunk_size), h, p, n),
+    the last one being the final state (analysis: states every chunk_size tokens from one pass).
     """
     b, l, h, p = x.shape
     out_dtype = x.dtype
@@ -146,6 +149,7 @@ def ssd_chunked(
     if seq_idx is not None:
         chunk_decay = chunk_decay * (ends[:, :, None] == ends[:, None, :]).unsqueeze(1)
     states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)
+    chunk_end_states = states[:, 1:] if return_chunk_states else None
     states, final_state = states[:, :-1], states[:, -1]
 
     # 4. What the carried-in state contributes to each position.
@@ -158,6 +162,8 @@ def ssd_chunked(
     y = y.reshape(b, L, h, p)
     if pad:
         y = y[:, :l]
+    if return_chunk_states:
+        return y.to(out_dtype), final_state, chunk_end_states
     return y.to(out_dtype), final_state
 
 

@@ -123,3 +123,58 @@ def test_iter_pieces_without_logits_carries_the_same_states(lm):
         for sa, sb in zip(a.state, b.state):
             torch.testing.assert_close(sb.ssm, sa.ssm, rtol=0, atol=0)
         torch.testing.assert_close(b.record[0]["dt"], a.record[0]["dt"], rtol=0, atol=0)
+
+
+def test_one_pass_state_samples_equal_the_piecewise_run(lm, monkeypatch):
+    from lightning_mamba.analysis import evaluator, state_stats as stats_module
+
+    ids = torch.randint(0, 64, (2, 70))  # 70: the last piece is short
+    one = list(evaluator.iter_state_samples(lm, ids, 8, extra_ends=(24,)))
+    ref = list(iter_pieces(lm, ids, 8, record=True, extra_ends=(24,), logits=False))
+    assert [(p.start, p.end) for p in one] == [(p.start, p.end) for p in ref] and len(one) == 9
+    for a, b in zip(one, ref):
+        for sa, sb in zip(a.state, b.state):
+            assert sa.conv is None
+            torch.testing.assert_close(sa.ssm, sb.ssm, rtol=1e-4, atol=1e-6)
+        for ra, rb in zip(a.record, b.record):
+            torch.testing.assert_close(ra["dt"], rb["dt"], rtol=1e-6, atol=1e-7)
+    assert all(m.states_every is None for m in lm.mixers)  # the request is withdrawn after the pass
+
+    fast = state_statistics(lm, ids, seq_len=24, stride=8)
+    monkeypatch.setattr(stats_module, "iter_state_samples", lambda model, tokens, stride, dtype, device, extra_ends:
+                        iter_pieces(model, tokens, stride, dtype, device, record=True, extra_ends=extra_ends,
+                                    logits=False))
+    slow = state_statistics(lm, ids, seq_len=24, stride=8)
+    for name in ("positions", "rms", "var", "outlier_share", "log_retention", "log_retention_T", "mean_alpha"):
+        np.testing.assert_allclose(getattr(fast, name), getattr(slow, name), rtol=1e-4, atol=1e-7, err_msg=name)
+
+
+def test_state_samples_fall_back_to_pieces_when_a_mixer_rewrites_its_state(lm):
+    from lightning_mamba.analysis.evaluator import iter_state_samples
+
+    ids = torch.randint(0, 64, (1, 40))
+    halve = lambda mixer, state: state._replace(ssm=state.ssm * 0.5)  # noqa: E731
+    for m in lm.mixers:
+        m.state_hook = halve
+    try:
+        hooked = list(iter_state_samples(lm, ids, 8))
+        ref = list(iter_pieces(lm, ids, 8, record=True, logits=False))
+    finally:
+        for m in lm.mixers:
+            m.state_hook = None
+    assert hooked[0].state[0].conv is not None  # the piecewise run: the hook acted at every piece boundary
+    for a, b in zip(hooked, ref):
+        torch.testing.assert_close(a.state[0].ssm, b.state[0].ssm, rtol=0, atol=0)
+    assert list(iter_state_samples(lm, ids, 8, extra_ends=(12,)))[1].end == 12  # 12 is no multiple of 8: pieces
+
+
+def test_one_pass_with_a_stride_above_the_chunk_size(lm):
+    from lightning_mamba.analysis.evaluator import iter_state_samples
+
+    assert all(m.chunk_size < 24 for m in lm.mixers)  # 24 = 3 x 8: the scan runs in chunks of <= chunk_size
+    ids = torch.randint(0, 64, (1, 100))
+    one = list(iter_state_samples(lm, ids, 24))
+    ref = list(iter_pieces(lm, ids, 24, record=True, logits=False))
+    assert [p.end for p in one] == [p.end for p in ref] == [24, 48, 72, 96, 100]
+    for a, b in zip(one, ref):
+        torch.testing.assert_close(a.state[-1].ssm, b.state[-1].ssm, rtol=1e-4, atol=1e-6)
