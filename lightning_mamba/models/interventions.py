@@ -148,15 +148,14 @@ def calibrate_state_norms(model, tokens: Tensor, seq_len: int, stride: int = 16,
     """Per (layer, head) maximum state norm within T_train = ``seq_len``: over rows ``tokens`` (b, >= 1) and over the
     states after every ``stride`` tokens up to ``seq_len`` (and at seq_len). Run it on the model as trained (outside
     :func:`apply_interventions`) and on held-out text. Returns (n_layer, nheads) fp32 on CPU."""
-    from ..analysis.evaluator import iter_pieces
+    from ..analysis.evaluator import iter_state_samples
 
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be (batch, length); got shape {tuple(tokens.shape)}")
     rows = tokens[:, :seq_len].long()
     best = None
     for r in range(0, rows.size(0), batch_size or rows.size(0)):
-        for p in iter_pieces(model, rows[r:r + (batch_size or rows.size(0))], stride, dtype, device,
-                             logits=False):
+        for p in iter_state_samples(model, rows[r:r + (batch_size or rows.size(0))], stride, dtype, device):
             m = state_head_norms(p.state).amax(0).cpu()
             best = m if best is None else torch.maximum(best, m)
     return best

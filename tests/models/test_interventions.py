@@ -100,6 +100,8 @@ def test_state_norm_caps_handed_on_states_and_restores():
     model, ids = tiny(), torch.randint(0, 50, (2, 40))
     thr = calibrate_state_norms(model, ids, seq_len=16, stride=4)
     assert thr.shape == (2, model.mixers[0].nheads) and torch.all(thr > 0)
+    by_pieces = torch.stack([state_head_norms(p.state).amax(0) for p in iter_pieces(model, ids[:, :16], 4)]).amax(0)
+    torch.testing.assert_close(thr, by_pieces.float(), rtol=1e-6, atol=0)  # the one-pass states are the same
     base = model(ids)[0]
     low = thr * 0.5
     with apply_interventions(model, state_norm=low):
