@@ -28,8 +28,7 @@ def causal_conv1d(
     full = torch.cat([conv_state.to(ut.dtype), ut], dim=-1)  # (b, d, k-1+l)
     if seq_idx is None:
         out = F.conv1d(full, weight.to(ut.dtype), None if bias is None else bias.to(ut.dtype), groups=d)
-        new_state = full[:, :, full.size(-1) - (k - 1):]
-        return out.transpose(1, 2), new_state
+        return out.transpose(1, 2), carried_inputs(u, conv_state, None, k)
 
     seq_full = torch.cat([seq_idx[:, :1].expand(b, k - 1), seq_idx], dim=1)
     out = torch.zeros_like(ut) if bias is None else bias.to(ut.dtype)[None, :, None].expand_as(ut)
@@ -37,7 +36,19 @@ def causal_conv1d(
         start = k - 1 - lag
         same_doc = (seq_full[:, start:start + l] == seq_idx)[:, None, :]
         out = out + weight[:, 0, k - 1 - lag].to(ut.dtype)[None, :, None] * full[:, :, start:start + l] * same_doc
-    new_state = full[:, :, full.size(-1) - (k - 1):]
-    # Keep only inputs of the last document, so a continuation never mixes documents.
-    new_state = new_state * (seq_full[:, seq_full.size(1) - (k - 1):] == seq_idx[:, -1:])[:, None, :]
-    return out.transpose(1, 2), new_state
+    return out.transpose(1, 2), carried_inputs(u, conv_state, seq_idx, k)
+
+
+def carried_inputs(u: Tensor, conv_state: Tensor | None, seq_idx: Tensor | None, k: int) -> Tensor:
+    """The conv state after u (b, l, d): its last k-1 inputs (b, d, k-1), reaching into ``conv_state`` when
+    l < k-1; with ``seq_idx`` only the last document's inputs (zeros elsewhere), so a continuation never mixes
+    documents."""
+    b, l, d = u.shape
+    state = u[:, max(l - (k - 1), 0):].transpose(1, 2)
+    if l < k - 1:
+        before = u.new_zeros(b, d, k - 1) if conv_state is None else conv_state.to(u.dtype)
+        state = torch.cat([before[:, :, l:], state], dim=-1)
+    if seq_idx is not None:
+        seq_full = torch.cat([seq_idx[:, :1].expand(b, k - 1), seq_idx], dim=1)
+        state = state * (seq_full[:, seq_full.size(1) - (k - 1):] == seq_idx[:, -1:])[:, None, :]
+    return state.contiguous()

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .conv import carried_inputs
+
 try:  # CI machines have no triton: the module must still import
     import triton
     import triton.language as tl
@@ -391,20 +393,6 @@ class _CausalConv1dSiLU(torch.autograd.Function):
         return grad_u, grad_w, grad_b, None, None
 
 
-def _new_state(u: Tensor, conv_state: Tensor | None, seq_idx: Tensor | None, k: int) -> Tensor:
-    """The last k-1 inputs (b, d, k-1), as conv.causal_conv1d: from conv_state when l < k-1, and only the last
-    document's inputs when seq_idx is given (zeros elsewhere)."""
-    b, l, d = u.shape
-    state = u[:, max(l - (k - 1), 0):].transpose(1, 2)
-    if l < k - 1:
-        before = u.new_zeros(b, d, k - 1) if conv_state is None else conv_state
-        state = torch.cat([before[:, :, l:], state], dim=-1)
-    if seq_idx is not None:
-        seq_full = torch.cat([seq_idx[:, :1].expand(b, k - 1), seq_idx], dim=1)
-        state = state * (seq_full[:, seq_full.size(1) - (k - 1):] == seq_idx[:, -1:])[:, None, :]
-    return state.contiguous()
-
-
 def causal_conv1d_silu(
     u: Tensor,
     weight: Tensor,
@@ -431,4 +419,4 @@ def causal_conv1d_silu(
     if conv_state is not None:
         conv_state = conv_state.to(u.dtype)  # earlier inputs: rounded as u is, as the torch path does
     out = _CausalConv1dSiLU.apply(u, weight, bias, conv_state, seq_idx)
-    return out, _new_state(u, conv_state, seq_idx, k)
+    return out, carried_inputs(u, conv_state, seq_idx, k)

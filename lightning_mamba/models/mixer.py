@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from . import backend as kernels
 from .norm import RMSNormGated
-from .ssd import ssd_chunked, ssd_step
+from .ssd import ssd_sampling_states, ssd_step
 
 
 class LayerState(NamedTuple):
@@ -133,25 +133,19 @@ class Mamba2(nn.Module):
         x, B, C, dt, A, x_scan = self._ssm_params(xBC, dt_raw)
         if record is not None:
             record["dt"], record["A"] = dt.detach(), A.detach()
-        if record is not None and self.states_every:
-            every, chunk = self.states_every, self.states_every
-            while chunk > self.chunk_size and chunk % 2 == 0:  # the scan's L x L blocks stay small
-                chunk //= 2
-            y, ssm_state, ends = ssd_chunked(
-                x_scan, dt, A, B, C, chunk, initial_state=None if state is None else state.ssm,
-                seq_idx=seq_idx, return_chunk_states=True,
+        sample_states = record is not None and bool(self.states_every)
+        # D * x is added inside the scan, except after an intervention rescaled x_scan or when sampling states
+        skip_in_scan = x_scan is x and not sample_states
+        initial = None if state is None else state.ssm
+        if sample_states:
+            y, ssm_state, record["states"] = ssd_sampling_states(
+                x_scan, dt, A, B, C, self.states_every, self.chunk_size, initial_state=initial, seq_idx=seq_idx
             )
-            # states at multiples of `every` and at the last position (ends[i] is the state after chunk i)
-            keep = [i for i in range(ends.size(1)) if ((i + 1) * chunk) % every == 0 or i == ends.size(1) - 1]
-            record["states"] = ends[:, keep]
-            return self._finish(y.to(x.dtype), x, z), self._hand_on(LayerState(conv_state, ssm_state))
-        skip_in_scan = x_scan is x  # an intervention that rescales x_scan needs D * x added afterwards
-        y, ssm_state = kernels.ssd(
-            self.backend, x_scan, dt, A, B, C, self.chunk_size,
-            initial_state=None if state is None else state.ssm,
-            seq_idx=seq_idx,
-            D=self.D if skip_in_scan else None,
-        )
+        else:
+            y, ssm_state = kernels.ssd(
+                self.backend, x_scan, dt, A, B, C, self.chunk_size, initial_state=initial, seq_idx=seq_idx,
+                D=self.D if skip_in_scan else None,
+            )
         return self._finish(y.to(x.dtype), x, z, add_skip=not skip_in_scan), self._hand_on(LayerState(conv_state, ssm_state))
 
     def _hand_on(self, state: LayerState) -> LayerState:

@@ -167,6 +167,31 @@ def ssd_chunked(
     return y.to(out_dtype), final_state
 
 
+def ssd_sampling_states(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    every: int,
+    max_chunk: int,
+    initial_state: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`ssd_chunked` that also returns the state after every ``every`` tokens and after the last one
+    (b, ceil(l / every), h, p, n): one pass instead of one scan per piece. The scan's chunk is ``every``, halved
+    while above ``max_chunk`` so its L x L blocks stay small (the result does not depend on the chunk)."""
+    chunk = every
+    while chunk > max_chunk and chunk % 2 == 0:
+        chunk //= 2
+    y, final_state, ends = ssd_chunked(x, dt, A, B, C, chunk, initial_state=initial_state, seq_idx=seq_idx,
+                                       return_chunk_states=True)
+    per = every // chunk  # ends[i] is the state after chunk i: keep every per-th, and the last
+    last = ends.size(1) - 1
+    keep = [i for i in range(ends.size(1)) if (i + 1) % per == 0 or i == last]
+    return y, final_state, ends[:, keep]
+
+
 def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
     """One recurrent step. state (b, h, p, n), fp32 or wider; x (b, h, p); dt (b, h); B, C (b, g, n).
 
