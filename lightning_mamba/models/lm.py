@@ -119,7 +119,8 @@ class MambaLM(nn.Module):
         """Mean next-token cross-entropy against ``labels`` (-100: no loss) and the final state, without ever
         materialising the logits (models/loss.py)."""
         h, new_state = self.hidden_states(input_ids, state, seq_idx)
-        return linear_cross_entropy(h, self.lm_head.weight, labels), new_state
+        fused = kernels.uses_triton(self.mixers[0].backend, h)  # the one kernel switch decides the loss's too
+        return linear_cross_entropy(h, self.lm_head.weight, labels, fused=fused), new_state
 
     def _final_norm(self, h: Tensor, residual: Tensor) -> Tensor:
         return kernels.add_rmsnorm(self.mixers[0].backend, h, residual, self.backbone.norm_f, self.config.residual_in_fp32)[0]

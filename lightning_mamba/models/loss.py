@@ -4,13 +4,17 @@ At the official 130M size a batch of 16 x 2048 tokens has 33M x 50K logits: 3.3 
 the fp32 copy the loss is computed from, plus their gradients. Here each chunk of rows gets its logits, its
 loss and, when a gradient is wanted, its gradients with respect to the hidden states and the output weight
 right away (the chunk's logits are then dropped); backward only scales the stored gradients. Same math as
-``F.cross_entropy((h @ W.T).float(), labels)`` with the matmul in the autocast dtype when autocast is on.
+``F.cross_entropy((h @ W.T).float(), labels)`` with the matmul in the autocast dtype when autocast is on. With
+``fused`` (the Triton backend) each chunk's loss and gradient come from one kernel that overwrites the chunk's
+logits with their gradient (models/loss_triton.py) instead of five torch passes over an fp32 copy.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from . import loss_triton
 
 IGNORE_INDEX = -100
 CHUNK_BYTES = 2**30  # fp32 logits per chunk: 1 GiB
@@ -26,7 +30,7 @@ def _matmul_dtype(h: Tensor) -> torch.dtype:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk_rows: int) -> Tensor:
+    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk_rows: int, fused: bool) -> Tensor:
         dtype = _matmul_dtype(hidden)
         acc = torch.promote_types(dtype, torch.float32)  # the loss's dtype: fp32 (fp64 in exactness tests)
         w = weight.to(dtype)
@@ -39,14 +43,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.size(0), chunk_rows):
             rows = slice(start, start + chunk_rows)
             h, y, ok = hidden[rows].to(dtype), labels[rows], valid[rows]
-            logits = (h @ w.t()).to(acc)
-            target = y.clamp_min(0)[:, None]
-            lse = torch.logsumexp(logits, dim=-1)
-            total += ((lse - logits.gather(1, target)[:, 0]) * ok).sum()
+            if fused:  # the kernel leaves d loss_sum / d logits in the logits' place
+                grad = h @ w.t()
+                total += loss_triton.cross_entropy_rows_(grad, y, want_grad, IGNORE_INDEX).sum()
+            else:
+                logits = (h @ w.t()).to(acc)
+                target = y.clamp_min(0)[:, None]
+                lse = torch.logsumexp(logits, dim=-1)
+                total += ((lse - logits.gather(1, target)[:, 0]) * ok).sum()
+                if want_grad:
+                    # d loss_sum / d logits = softmax - onehot(target) on rows that count; in place: one chunk in memory
+                    keep = ok[:, None].to(logits.dtype)
+                    grad = logits.sub_(lse[:, None]).exp_().mul_(keep).scatter_add_(1, target, -keep).to(dtype)
             if want_grad:
-                # d loss_sum / d logits = softmax - onehot(target), on rows that count; in place: one chunk in memory
-                keep = ok[:, None].to(logits.dtype)
-                grad = logits.sub_(lse[:, None]).exp_().mul_(keep).scatter_add_(1, target, -keep).to(dtype)
                 grad_hidden[rows] = (grad @ w).to(hidden.dtype)
                 grad_weight += grad.t() @ h
         ctx.save_for_backward(grad_hidden, grad_weight, n_valid)
@@ -61,14 +70,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dw = None
         if grad_weight is not None and ctx.needs_input_grad[1]:
             dw = (grad_weight * scale).to(ctx.weight_dtype)
-        return dh, dw, None, None
+        return dh, dw, None, None, None
 
 
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_rows: int | None = None) -> Tensor:
+def linear_cross_entropy(
+    hidden: Tensor, weight: Tensor, labels: Tensor, chunk_rows: int | None = None, fused: bool | None = None
+) -> Tensor:
     """Mean cross-entropy of ``hidden @ weight.T`` (hidden (..., d), weight (vocab, d)) against ``labels`` (...),
     ignoring label -100, without materialising the logits. ``chunk_rows``: rows per chunk (default: 1 GiB of
-    fp32 logits)."""
+    fp32 logits). ``fused``: each chunk's loss and gradient by the Triton kernel (default: on CUDA when triton
+    imports; never for fp64)."""
     hidden = hidden.reshape(-1, hidden.size(-1))
     labels = labels.reshape(-1)
     rows = chunk_rows or max(1, CHUNK_BYTES // (4 * weight.size(0)))
-    return _LinearCrossEntropy.apply(hidden, weight, labels, rows)
+    if fused is None:
+        fused = hidden.is_cuda and loss_triton.available()
+    fused = fused and _matmul_dtype(hidden) in (torch.float32, torch.float16, torch.bfloat16)
+    return _LinearCrossEntropy.apply(hidden, weight, labels, rows, fused)

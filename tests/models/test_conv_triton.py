@@ -4,8 +4,6 @@ Runs on CUDA when available, else on CPU through Triton's interpreter when TRITO
 else skips.
 """
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,22 +12,7 @@ from lightning_mamba.models import conv_triton
 from lightning_mamba.models.conv import causal_conv1d
 from lightning_mamba.models.conv_triton import causal_conv1d_silu
 
-
-def _device() -> tuple[str | None, str]:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return None, "triton is not installed"
-    if torch.cuda.is_available():
-        return "cuda", ""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return "cpu", ""
-    return None, "no CUDA, and TRITON_INTERPRET=1 is not set for Triton's CPU interpreter"
-
-
-DEVICE, WHY_NOT = _device()
-needs_triton = pytest.mark.skipif(DEVICE is None, reason=WHY_NOT or "")
-needs_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="the realistic shape runs on CUDA only")
+from .triton_env import DEVICE, needs_cuda, needs_triton
 
 
 @pytest.fixture(params=["fused", "split"])

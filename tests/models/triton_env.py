@@ -1,0 +1,24 @@
+"""Where the Triton-kernel tests run: CUDA when available, else Triton's CPU interpreter when TRITON_INTERPRET=1
+(small shapes), else they skip (CI has no triton)."""
+
+import os
+
+import pytest
+import torch
+
+
+def _device() -> tuple[str | None, str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return None, "triton is not installed"
+    if torch.cuda.is_available():
+        return "cuda", ""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "cpu", ""
+    return None, "no CUDA, and TRITON_INTERPRET=1 is not set for Triton's CPU interpreter"
+
+
+DEVICE, WHY_NOT = _device()
+needs_triton = pytest.mark.skipif(DEVICE is None, reason=WHY_NOT or "")
+needs_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="runs on CUDA only (realistic shapes, mamba_ssm)")
