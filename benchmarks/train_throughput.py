@@ -31,7 +31,8 @@ def model_flops_per_token(d_model, n_layer, d_state, vocab, headdim, chunk=256):
     return 6 * proj + 3 * ssd
 
 
-def bare_loop(model, batch, seq_len, vocab, steps, warmup, device, dtype, forward):
+def bare_loop(model, batch, seq_len, vocab, steps, warmup, device, dtype, loss_fn):
+    """Seconds per step of a plain AdamW loop; ``loss_fn(model, input_ids, labels)`` runs under autocast."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
     ids = torch.randint(0, vocab, (batch, seq_len + 1), device=device)
     for i in range(warmup + steps):
@@ -39,8 +40,7 @@ def bare_loop(model, batch, seq_len, vocab, steps, warmup, device, dtype, forwar
             _sync(device)
             t0 = time.perf_counter()
         with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
-            logits = forward(model, ids[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+            loss = loss_fn(model, ids[:, :-1], ids[:, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -125,8 +125,8 @@ def main():
             if c == "lightning":
                 dt = lightning_run(args, cfg, device, "bf16-mixed" if gpu else "32-true")
             else:
-                model, fwd = build_bare(c, cfg, device)
-                dt = bare_loop(model, batch, seq_len, vocab, args.steps, args.warmup, device, dtype, fwd)
+                model, loss_fn = build_bare(c, cfg, device)
+                dt = bare_loop(model, batch, seq_len, vocab, args.steps, args.warmup, device, dtype, loss_fn)
                 del model
         except ImportError as e:
             print(f"{c:>10}: skipped ({e})")
@@ -144,7 +144,19 @@ def main():
         print(f"ratio lightning/ours: {results['ours'] / results['lightning']:.3f}")
 
 
+def logits_loss(logits_of):
+    """The loss of a model that returns logits: cross-entropy on their fp32 upcast (what mamba_ssm's and HF's
+    training scripts do)."""
+    def loss_fn(model, ids, labels):
+        logits = logits_of(model, ids)
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+    return loss_fn
+
+
 def build_bare(kind, cfg, device):
+    """(model, loss_fn) of a bare-loop contender: ``ours`` (our MambaLM and its own training loss,
+    MambaLM.loss), ``mamba_ssm`` (MambaLMHeadModel) or ``hf`` (transformers' Mamba2ForCausalLM)."""
     d_model, n_layer, d_state, vocab, batch, seq_len, headdim = cfg
     torch.manual_seed(0)
     if kind == "ours":
@@ -152,7 +164,7 @@ def build_bare(kind, cfg, device):
 
         mc = MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab,
                          ssm_cfg={"layer": "Mamba2", "d_state": d_state, "headdim": headdim})
-        return MambaLM(mc).to(device), lambda m, x: m(x)[0]
+        return MambaLM(mc).to(device), lambda m, x, y: m.loss(x, y)[0]
     if kind == "mamba_ssm":
         from lightning_mamba.models.backend import _triton_scan
 
@@ -162,13 +174,13 @@ def build_bare(kind, cfg, device):
 
         oc = OfficialConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab, fused_add_norm=False,
                             ssm_cfg={"layer": "Mamba2", "d_state": d_state, "headdim": headdim, "use_mem_eff_path": False})
-        return MambaLMHeadModel(oc, device=device), lambda m, x: m(x).logits
+        return MambaLMHeadModel(oc, device=device), logits_loss(lambda m, x: m(x).logits)
     if kind == "hf":
         from transformers import Mamba2Config, Mamba2ForCausalLM
 
         hc = Mamba2Config(hidden_size=d_model, num_hidden_layers=n_layer, state_size=d_state, head_dim=headdim,
                           num_heads=2 * d_model // headdim, expand=2, n_groups=1, vocab_size=vocab, chunk_size=256)
-        return Mamba2ForCausalLM(hc).to(device), lambda m, x: m(x).logits
+        return Mamba2ForCausalLM(hc).to(device), logits_loss(lambda m, x: m(x).logits)
     raise ValueError(f"unknown contender {kind!r}")
 
 

@@ -31,7 +31,7 @@ except ImportError:
 # Tile sizes (time x channels); channels are the contiguous dimension of u.
 FWD_BLOCK_L, FWD_BLOCK_D, FWD_WARPS = 64, 128, 8
 BWD_BLOCK_L, BWD_BLOCK_D, BWD_WARPS, BWD_BLOCKS = 32, 64, 4, 4  # BWD_BLOCKS time blocks per program
-# BWD_SPLIT: the backward as two small kernels (_bwd_g_kernel, then _bwd_du_kernel) instead of _bwd_kernel; off
+# BWD_SPLIT: the backward as two small kernels (_conv_bwd_g_kernel, then _conv_bwd_du_kernel) instead of _conv_bwd_kernel; off
 # until timed on the GPU. Tiles of the first, with SPLIT_BLOCKS time blocks per program (1: ~75 registers for bf16,
 # k 4; a loop over blocks costs ~50 more), and of the second. SPLIT_G_FP32: the intermediate g = dy * silu'(pre) is
 # kept in fp32 (else in u's dtype: 4 of the 14 bytes per element less traffic, one more rounding of grad u only).
@@ -155,7 +155,7 @@ if triton is not None:
         tl.store(dw_part_ptr + dw_offs, dw, mask=(taps < K)[:, None] & chan_ok[None, :])
 
     @triton.jit
-    def _fwd_kernel(
+    def _conv_fwd_kernel(
         u_ptr, w_ptr, bias_ptr, state_ptr, seq_ptr, out_ptr, l, d,
         su_b, su_l, ss_b, sq_b, sq_l,
         K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_SEQ: tl.constexpr, U_UNIT: tl.constexpr,
@@ -176,7 +176,7 @@ if triton is not None:
         tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=(times < l)[:, None] & (chans < d)[None, :])
 
     @triton.jit
-    def _bwd_kernel(
+    def _conv_bwd_kernel(
         u_ptr, w_ptr, bias_ptr, state_ptr, seq_ptr, dy_ptr, du_ptr, dw_part_ptr, db_part_ptr, l, d,
         su_b, su_l, ss_b, sq_b, sq_l, sy_b, sy_l,
         K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_SEQ: tl.constexpr, U_UNIT: tl.constexpr,
@@ -226,17 +226,17 @@ if triton is not None:
         _store_wb_sums(dw_part_ptr, db_part_ptr, dw, db, pid_b, chans, d, K, K_POW2)
 
     @triton.jit
-    def _bwd_g_kernel(
+    def _conv_bwd_g_kernel(
         u_ptr, w_ptr, bias_ptr, state_ptr, seq_ptr, dy_ptr, g_ptr, dw_part_ptr, db_part_ptr, l, d,
         su_b, su_l, ss_b, sq_b, sq_l, sy_b, sy_l,
         K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_SEQ: tl.constexpr, U_UNIT: tl.constexpr,
         BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCKS: tl.constexpr, K_POW2: tl.constexpr,
     ):
         """Split backward, first kernel: g = dy * silu'(pre) on BLOCKS consecutive time blocks, written to g
-        (contiguous (b, l, d)), and this program's partial sums of grad weight and bias (as _bwd_kernel's).
+        (contiguous (b, l, d)), and this program's partial sums of grad weight and bias (as _conv_bwd_kernel's).
 
         pre is recomputed at the block's own times only: a block has K input loads (which the weight sums share),
-        not _bwd_kernel's 2K - 1 loads and K convolutions."""
+        not _conv_bwd_kernel's 2K - 1 loads and K convolutions."""
         su_b, su_l = su_b * U_UNIT, su_l * U_UNIT  # see _u_stride_unit
         pid_b = tl.program_id(2).to(tl.int64)
         chans = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -263,7 +263,7 @@ if triton is not None:
         _store_wb_sums(dw_part_ptr, db_part_ptr, dw, db, pid_b, chans, d, K, K_POW2)
 
     @triton.jit
-    def _bwd_du_kernel(
+    def _conv_bwd_du_kernel(
         g_ptr, w_ptr, seq_ptr, du_ptr, l, d, sq_b, sq_l,
         K: tl.constexpr, HAS_SEQ: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
@@ -332,16 +332,16 @@ def _forward(u, weight, bias, conv_state, seq_idx) -> Tensor:
         return out
     ptrs, strides, flags = _kernel_args(u, weight, bias, conv_state, seq_idx)
     grid = (triton.cdiv(l, FWD_BLOCK_L), triton.cdiv(d, FWD_BLOCK_D), b)
-    _fwd_kernel[grid](
+    _conv_fwd_kernel[grid](
         *ptrs, out, l, d, *strides, **flags, BLOCK_L=FWD_BLOCK_L, BLOCK_D=FWD_BLOCK_D, num_warps=FWD_WARPS
     )
     return out
 
 
 def _backward(grad_out, u, weight, bias, conv_state, seq_idx) -> tuple[Tensor, Tensor, Tensor | None]:
-    """grad u, weight, bias: by _bwd_kernel, or when BWD_SPLIT by two streaming kernels with few registers that pass
-    g = dy * silu'(pre) through a (b, l, d) buffer: _bwd_g_kernel writes g and the partial sums of grad weight and
-    bias, _bwd_du_kernel grad u from g. Either way the partial sums are summed here."""
+    """grad u, weight, bias: by _conv_bwd_kernel, or when BWD_SPLIT by two streaming kernels with few registers that pass
+    g = dy * silu'(pre) through a (b, l, d) buffer: _conv_bwd_g_kernel writes g and the partial sums of grad weight and
+    bias, _conv_bwd_du_kernel grad u from g. Either way the partial sums are summed here."""
     b, l, d = u.shape
     k = weight.size(-1)
     if grad_out.stride(-1) != 1:
@@ -357,18 +357,18 @@ def _backward(grad_out, u, weight, bias, conv_state, seq_idx) -> tuple[Tensor, T
         dy_strides = grad_out.stride(0), grad_out.stride(1)
         if BWD_SPLIT:
             g = torch.empty(b, l, d, device=u.device, dtype=torch.float32 if SPLIT_G_FP32 else u.dtype)
-            _bwd_g_kernel[(n_parts, triton.cdiv(d, SPLIT_BLOCK_D), b)](
+            _conv_bwd_g_kernel[(n_parts, triton.cdiv(d, SPLIT_BLOCK_D), b)](
                 *ptrs, grad_out, g, dw_part, db_part, l, d, *strides, *dy_strides,
                 **flags, BLOCK_L=SPLIT_BLOCK_L, BLOCK_D=SPLIT_BLOCK_D, BLOCKS=SPLIT_BLOCKS,
                 K_POW2=triton.next_power_of_2(k), num_warps=SPLIT_WARPS,
             )
             (_, taps, _, _, seq), (_, _, _, sq_b, sq_l) = ptrs, strides
-            _bwd_du_kernel[(triton.cdiv(l, SPLIT_DU_BLOCK_L), triton.cdiv(d, SPLIT_DU_BLOCK_D), b)](
+            _conv_bwd_du_kernel[(triton.cdiv(l, SPLIT_DU_BLOCK_L), triton.cdiv(d, SPLIT_DU_BLOCK_D), b)](
                 g, taps, seq, grad_u, l, d, sq_b, sq_l, K=k, HAS_SEQ=flags["HAS_SEQ"],
                 BLOCK_L=SPLIT_DU_BLOCK_L, BLOCK_D=SPLIT_DU_BLOCK_D, num_warps=SPLIT_DU_WARPS,
             )
         else:
-            _bwd_kernel[(n_parts, triton.cdiv(d, BWD_BLOCK_D), b)](
+            _conv_bwd_kernel[(n_parts, triton.cdiv(d, BWD_BLOCK_D), b)](
                 *ptrs, grad_out, grad_u, dw_part, db_part, l, d, *strides, *dy_strides,
                 **flags, BLOCK_L=BWD_BLOCK_L, BLOCK_D=BWD_BLOCK_D, BLOCKS=BWD_BLOCKS,
                 K_POW2=triton.next_power_of_2(k), num_warps=BWD_WARPS,

@@ -17,7 +17,7 @@ from .triton_env import DEVICE, needs_cuda, needs_triton
 
 @pytest.fixture(params=["fused", "split"])
 def backward(request, monkeypatch):
-    """Each backward in turn: the one kernel (_bwd_kernel), and the two of BWD_SPLIT (_bwd_g_kernel, _bwd_du_kernel)."""
+    """Each backward in turn: the one kernel (_conv_bwd_kernel), and the two of BWD_SPLIT (_conv_bwd_g_kernel, _conv_bwd_du_kernel)."""
     monkeypatch.setattr(conv_triton, "BWD_SPLIT", request.param == "split")
     return request.param
 
