@@ -7,12 +7,10 @@ grad-input and grad-weight kernels) and transposes back, which costs ~20-25% of 
 an H200. Here one kernel reads u in place in its (b, l, d) layout (any row stride, so the column slice of
 in_proj's output needs no copy) and writes silu(conv). Backward saves u, not the output: one kernel recomputes
 the pre-activation, writes grad u, and writes fp32 partial sums of grad weight and grad bias, one per (batch row,
-program's time range), that torch then sums (deterministic, no atomics). That kernel is latency bound (K
-convolutions per tile, 255 registers); with BWD_SPLIT the backward is instead two streaming kernels: one writes
-g = dy * silu'(pre) (recomputed at each tile's own times) to an fp32 (b, l, d) buffer and the same partial sums,
-the other grad u, the transposed convolution of g. Numerics: accumulation is fp32 with weight and bias read in
-fp32, while the torch path first casts them to u's dtype (for bf16 u the results differ at the level of bf16
-rounding). Gradients flow to u, weight and bias; conv_state and seq_idx get none.
+program's time range), that torch then sums (deterministic, no atomics). (A two-kernel backward passing
+g = dy * silu'(pre) through memory, with far fewer registers, was 22% slower on an H200 and was removed.)
+Numerics: accumulation is fp32 with weight and bias read in fp32, while the torch path first casts them to u's
+dtype (for bf16 u the results differ at the level of bf16 rounding). Gradients flow to u, weight and bias; conv_state and seq_idx get none.
 """
 
 from __future__ import annotations
@@ -31,14 +29,6 @@ except ImportError:
 # Tile sizes (time x channels); channels are the contiguous dimension of u.
 FWD_BLOCK_L, FWD_BLOCK_D, FWD_WARPS = 64, 128, 8
 BWD_BLOCK_L, BWD_BLOCK_D, BWD_WARPS, BWD_BLOCKS = 32, 64, 4, 4  # BWD_BLOCKS time blocks per program
-# BWD_SPLIT: the backward as two small kernels (_conv_bwd_g_kernel, then _conv_bwd_du_kernel) instead of _conv_bwd_kernel; off
-# until timed on the GPU. Tiles of the first, with SPLIT_BLOCKS time blocks per program (1: ~75 registers for bf16,
-# k 4; a loop over blocks costs ~50 more), and of the second. SPLIT_G_FP32: the intermediate g = dy * silu'(pre) is
-# kept in fp32 (else in u's dtype: 4 of the 14 bytes per element less traffic, one more rounding of grad u only).
-BWD_SPLIT = False
-SPLIT_BLOCK_L, SPLIT_BLOCK_D, SPLIT_WARPS, SPLIT_BLOCKS = 32, 64, 8, 1
-SPLIT_DU_BLOCK_L, SPLIT_DU_BLOCK_D, SPLIT_DU_WARPS = 32, 64, 8
-SPLIT_G_FP32 = True
 
 
 def available() -> bool:
@@ -225,73 +215,6 @@ if triton is not None:
             tl.store(du_ptr + offs, du.to(du_ptr.dtype.element_ty), mask=(times < l)[:, None] & chan_ok[None, :])
         _store_wb_sums(dw_part_ptr, db_part_ptr, dw, db, pid_b, chans, d, K, K_POW2)
 
-    @triton.jit
-    def _conv_bwd_g_kernel(
-        u_ptr, w_ptr, bias_ptr, state_ptr, seq_ptr, dy_ptr, g_ptr, dw_part_ptr, db_part_ptr, l, d,
-        su_b, su_l, ss_b, sq_b, sq_l, sy_b, sy_l,
-        K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_SEQ: tl.constexpr, U_UNIT: tl.constexpr,
-        BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCKS: tl.constexpr, K_POW2: tl.constexpr,
-    ):
-        """Split backward, first kernel: g = dy * silu'(pre) on BLOCKS consecutive time blocks, written to g
-        (contiguous (b, l, d)), and this program's partial sums of grad weight and bias (as _conv_bwd_kernel's).
-
-        pre is recomputed at the block's own times only: a block has K input loads (which the weight sums share),
-        not _conv_bwd_kernel's 2K - 1 loads and K convolutions."""
-        su_b, su_l = su_b * U_UNIT, su_l * U_UNIT  # see _u_stride_unit
-        pid_b = tl.program_id(2).to(tl.int64)
-        chans = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        chan_ok = chans < d
-        u_row0, state_row0, seq_row0 = u_ptr + pid_b * su_b, state_ptr + pid_b * ss_b, seq_ptr + pid_b * sq_b
-        dw = tl.zeros((K_POW2, BLOCK_D), dtype=tl.float32)
-        db = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        for block in range(BLOCKS):
-            start = (tl.program_id(0) * BLOCKS + block) * BLOCK_L
-            times = start + tl.arange(0, BLOCK_L)
-            ok = (times < l)[:, None] & chan_ok[None, :]
-            pre = _conv_at(
-                u_row0, w_ptr, bias_ptr, state_row0, seq_row0, start, 0, chans, l, d,
-                su_l, sq_l, K, HAS_BIAS, HAS_STATE, HAS_SEQ, BLOCK_L, BLOCK_D,
-            )
-            dy_offs = pid_b * sy_b + times.to(tl.int64)[:, None] * sy_l + chans[None, :]
-            g = _silu_grad(pre, tl.load(dy_ptr + dy_offs, mask=ok, other=0.0).to(tl.float32))  # 0 past the end
-            dw, db = _add_wb_sums(
-                g, dw, db, u_row0, state_row0, seq_row0, start, chans, l, d, su_l, sq_l,
-                K, HAS_STATE, HAS_SEQ, BLOCK_L, K_POW2,
-            )
-            offs = (pid_b * l + times.to(tl.int64))[:, None] * d + chans[None, :]
-            tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=ok)  # after the loads: see _add_wb_sums
-        _store_wb_sums(dw_part_ptr, db_part_ptr, dw, db, pid_b, chans, d, K, K_POW2)
-
-    @triton.jit
-    def _conv_bwd_du_kernel(
-        g_ptr, w_ptr, seq_ptr, du_ptr, l, d, sq_b, sq_l,
-        K: tl.constexpr, HAS_SEQ: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
-    ):
-        """Split backward, second kernel: one (time block, channel block, batch row) tile of grad u,
-        grad_u(t) = sum_lag w[K-1-lag] * g(t+lag) over t + lag < l in the document of t. g, du contiguous (b, l, d).
-        (The carried state gets no gradient, so no state here.)"""
-        pid_b = tl.program_id(2).to(tl.int64)
-        start = tl.program_id(0) * BLOCK_L
-        times = start + tl.arange(0, BLOCK_L)
-        chans = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        chan_ok = chans < d
-        g_row0, seq_row0 = g_ptr + pid_b * l * d, seq_ptr + pid_b * sq_b
-        if HAS_SEQ:
-            doc_now = _doc_at(seq_row0, start, 0, l, sq_l, BLOCK_L)
-        du = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
-        for lag in tl.static_range(K):
-            later = times + lag
-            ok = later < l
-            if HAS_SEQ:
-                if lag > 0:
-                    ok &= _doc_at(seq_row0, start, lag, l, sq_l, BLOCK_L) == doc_now
-            g_offs = later.to(tl.int64)[:, None] * d + chans[None, :]
-            g = tl.load(g_row0 + g_offs, mask=ok[:, None] & chan_ok[None, :], other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + (K - 1 - lag) * d + chans, mask=chan_ok, other=0.0)
-            du += w[None, :] * g
-        offs = (pid_b * l + times.to(tl.int64))[:, None] * d + chans[None, :]
-        tl.store(du_ptr + offs, du.to(du_ptr.dtype.element_ty), mask=(times < l)[:, None] & chan_ok[None, :])
-
 
 def _u_stride_unit(u: Tensor) -> int:
     """Largest power of two, up to 16 bytes' worth of elements, dividing u's batch and row strides.
@@ -339,15 +262,12 @@ def _forward(u, weight, bias, conv_state, seq_idx) -> Tensor:
 
 
 def _backward(grad_out, u, weight, bias, conv_state, seq_idx) -> tuple[Tensor, Tensor, Tensor | None]:
-    """grad u, weight, bias: by _conv_bwd_kernel, or when BWD_SPLIT by two streaming kernels with few registers that pass
-    g = dy * silu'(pre) through a (b, l, d) buffer: _conv_bwd_g_kernel writes g and the partial sums of grad weight and
-    bias, _conv_bwd_du_kernel grad u from g. Either way the partial sums are summed here."""
+    """grad u, weight, bias by _conv_bwd_kernel; its per-program partial sums of grad weight and bias summed here."""
     b, l, d = u.shape
     k = weight.size(-1)
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
-    block_l, blocks = (SPLIT_BLOCK_L, SPLIT_BLOCKS) if BWD_SPLIT else (BWD_BLOCK_L, BWD_BLOCKS)
-    n_parts = triton.cdiv(l, block_l * blocks)  # programs along time, each with its partial sums
+    n_parts = triton.cdiv(l, BWD_BLOCK_L * BWD_BLOCKS)  # programs along time, each with its partial sums
     grad_u = torch.empty(b, l, d, device=u.device, dtype=u.dtype)
     # every program writes its whole slot (zeros for its times past l), so no fill
     dw_part = torch.empty(b * n_parts, k, d, device=u.device, dtype=torch.float32)
@@ -355,24 +275,11 @@ def _backward(grad_out, u, weight, bias, conv_state, seq_idx) -> tuple[Tensor, T
     if grad_u.numel() > 0:
         ptrs, strides, flags = _kernel_args(u, weight, bias, conv_state, seq_idx)
         dy_strides = grad_out.stride(0), grad_out.stride(1)
-        if BWD_SPLIT:
-            g = torch.empty(b, l, d, device=u.device, dtype=torch.float32 if SPLIT_G_FP32 else u.dtype)
-            _conv_bwd_g_kernel[(n_parts, triton.cdiv(d, SPLIT_BLOCK_D), b)](
-                *ptrs, grad_out, g, dw_part, db_part, l, d, *strides, *dy_strides,
-                **flags, BLOCK_L=SPLIT_BLOCK_L, BLOCK_D=SPLIT_BLOCK_D, BLOCKS=SPLIT_BLOCKS,
-                K_POW2=triton.next_power_of_2(k), num_warps=SPLIT_WARPS,
-            )
-            (_, taps, _, _, seq), (_, _, _, sq_b, sq_l) = ptrs, strides
-            _conv_bwd_du_kernel[(triton.cdiv(l, SPLIT_DU_BLOCK_L), triton.cdiv(d, SPLIT_DU_BLOCK_D), b)](
-                g, taps, seq, grad_u, l, d, sq_b, sq_l, K=k, HAS_SEQ=flags["HAS_SEQ"],
-                BLOCK_L=SPLIT_DU_BLOCK_L, BLOCK_D=SPLIT_DU_BLOCK_D, num_warps=SPLIT_DU_WARPS,
-            )
-        else:
-            _conv_bwd_kernel[(n_parts, triton.cdiv(d, BWD_BLOCK_D), b)](
-                *ptrs, grad_out, grad_u, dw_part, db_part, l, d, *strides, *dy_strides,
-                **flags, BLOCK_L=BWD_BLOCK_L, BLOCK_D=BWD_BLOCK_D, BLOCKS=BWD_BLOCKS,
-                K_POW2=triton.next_power_of_2(k), num_warps=BWD_WARPS,
-            )
+        _conv_bwd_kernel[(n_parts, triton.cdiv(d, BWD_BLOCK_D), b)](
+            *ptrs, grad_out, grad_u, dw_part, db_part, l, d, *strides, *dy_strides,
+            **flags, BLOCK_L=BWD_BLOCK_L, BLOCK_D=BWD_BLOCK_D, BLOCKS=BWD_BLOCKS,
+            K_POW2=triton.next_power_of_2(k), num_warps=BWD_WARPS,
+        )
     grad_w = dw_part.sum(0).t().reshape(d, 1, k).to(weight.dtype)
     grad_b = None if bias is None else db_part.sum(0).to(bias.dtype)
     return grad_u, grad_w, grad_b
