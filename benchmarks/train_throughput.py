@@ -2,6 +2,7 @@
 
     python benchmarks/train_throughput.py --config small            # GPU: vs mamba_ssm's MambaLMHeadModel
     python benchmarks/train_throughput.py --config cpu-small --device cpu   # CPU: vs our bare model and HF Mamba2
+    python benchmarks/train_throughput.py --config 130m --contenders lightning,lightning_graph,ours,mamba_ssm
 
 Every contender trains the same config, batch and precision on random tokens (speed does not depend
 on the text). Prints tokens/s, peak memory, MFU and each ratio against the named baseline.
@@ -49,14 +50,14 @@ def bare_loop(model, batch, seq_len, vocab, steps, warmup, device, dtype, loss_f
     return (time.perf_counter() - t0) / steps
 
 
-def lightning_run(args, cfg, device, precision):
+def lightning_run(args, cfg, device, precision, cuda_graph=False):
     import lightning as L
 
     from lightning_mamba.lit import MambaLitModule
 
     d_model, n_layer, d_state, vocab, batch, seq_len, headdim = cfg
     module = MambaLitModule(d_model=d_model, n_layer=n_layer, d_state=d_state, headdim=headdim, vocab_size=vocab,
-                            backend="auto", warmup_steps=1, schedule="constant", lr=1e-4)
+                            backend="auto", warmup_steps=1, schedule="constant", lr=1e-4, cuda_graph=cuda_graph)
 
     class Random(torch.utils.data.Dataset):
         def __len__(self):
@@ -108,7 +109,8 @@ def main():
     p.add_argument("--seq_len", type=int)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--contenders", default=None, help="comma list of: lightning, ours, mamba_ssm, hf")
+    p.add_argument("--contenders", default=None, help="comma list of: lightning, "
+                   "lightning_graph (the same with model.cuda_graph), ours, mamba_ssm, hf")
     p.add_argument("--loader_workers", type=int, default=2, help="the Lightning run's DataLoader workers (0: in the "
                    "main process, no pinned-memory thread)")
     args = p.parse_args()
@@ -134,8 +136,8 @@ def main():
         if gpu:
             torch.cuda.reset_peak_memory_stats()
         try:
-            if c == "lightning":
-                dt = lightning_run(args, cfg, device, "bf16-mixed" if gpu else "32-true")
+            if c in ("lightning", "lightning_graph"):
+                dt = lightning_run(args, cfg, device, "bf16-mixed" if gpu else "32-true", c == "lightning_graph")
             else:
                 model, loss_fn = build_bare(c, cfg, device)
                 dt = bare_loop(model, batch, seq_len, vocab, args.steps, args.warmup, device, dtype, loss_fn)

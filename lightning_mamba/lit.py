@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric, MinMetric
 
 from .checkpoint_io import check_model_shape, check_tokenizer
+from .cuda_graph import GraphedLoss
 from .initial_states import NEEDS_LANES, InitialStates
 from .models import ConfigError, MambaConfig, MambaLM
 from .models.backend import check_backend
@@ -59,6 +60,10 @@ class MambaLitModule(L.LightningModule):
             SSM states on training samples started from zero.
         noise_calibrate_every: 'noise': measure that RMS at the first step and every this many steps (a forward
             pass without gradients on the step's batch).
+        cuda_graph: Capture the training loss's forward and backward as CUDA graphs at the first training step and
+            replay them at every later one (lightning_mamba/cuda_graph.py): removes the CPU cost of launching the
+            step's kernels, which bounds the step time of small and mid-size models on a GPU. One CUDA device,
+            zero initial states; a batch of another shape runs eagerly.
     """
 
     def __init__(
@@ -90,6 +95,7 @@ class MambaLitModule(L.LightningModule):
         initial_state: str = "zero",
         noise_scale: float = 1.0,
         noise_calibrate_every: int = 50,
+        cuda_graph: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -126,6 +132,10 @@ class MambaLitModule(L.LightningModule):
             + cfg.d_model * cfg.padded_vocab_size
         self.val_loss = MeanMetric()
         self.val_loss_best = MinMetric()
+        if cuda_graph and initial_state != "zero":
+            raise ConfigError(f"model.cuda_graph needs model.initial_state zero (got {initial_state!r}): the graphs "
+                              f"capture a step from zero states; drop one of the two")
+        self._graphed_loss = GraphedLoss(self.model) if cuda_graph else None
 
     @property
     def config(self) -> MambaConfig:
@@ -138,6 +148,8 @@ class MambaLitModule(L.LightningModule):
         dm = self.trainer.datamodule
         if self._pretrained_meta is not None:
             check_tokenizer({"lightning_mamba": self._pretrained_meta}, dm, self.hparams.pretrained)
+        if stage == "fit" and self._graphed_loss is not None:
+            self._check_cuda_graph()
         if stage != "fit" or dm is None:
             return
         lanes = getattr(dm.hparams, "state_passing", False)
@@ -147,12 +159,23 @@ class MambaLitModule(L.LightningModule):
             rank_zero_warn(f"data.state_passing is on but model.initial_state={self.initial_states.mode}: the batches "
                            f"continue each other, the states are not passed on (set model.initial_state passed)")
 
+    def _check_cuda_graph(self) -> None:
+        trainer = self.trainer
+        if trainer.strategy.root_device.type != "cuda":
+            raise ConfigError(f"model.cuda_graph needs a CUDA device (the trainer runs on "
+                              f"{trainer.strategy.root_device.type}): use --trainer.accelerator gpu or drop it")
+        if trainer.world_size > 1:
+            raise ConfigError(f"model.cuda_graph works on one device ({trainer.world_size} processes here): "
+                              f"use --trainer.devices 1 or drop model.cuda_graph")
+
     # ---- one step shared by train / val / test --------------------------------------
     def model_step(self, batch: dict) -> torch.Tensor:
         return self.model.loss(batch["input_ids"], batch["labels"], seq_idx=batch.get("seq_idx"))[0]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        if self.initial_states.mode == "zero":
+        if self._graphed_loss is not None:
+            loss = self._graphed_loss(batch["input_ids"], batch["labels"], batch.get("seq_idx"))
+        elif self.initial_states.mode == "zero":
             loss = self.model_step(batch)
         else:
             loss = self.stateful_step(batch)
