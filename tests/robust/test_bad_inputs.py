@@ -85,6 +85,9 @@ CASES = [  # (id, arguments after `fit --config CONFIG`, fragment of the message
     ("model-n_layer", ["--model.n_layer", "0"], "n_layer must be >= 1", None),
     ("model-headdim", ["--model.headdim", "24"], "headdim=24 must divide", None),
     ("unknown-backend", ["--model.backend", "tpu"], "unknown backend 'tpu': use one of auto, torch, triton", None),
+    ("cuda-graph-on-cpu", ["--model.cuda_graph", "true"], "model.cuda_graph needs a CUDA device", None),
+    ("cuda-graph-with-noise", ["--model.cuda_graph", "true", "--model.initial_state", "noise"],
+     "model.cuda_graph needs model.initial_state zero", None),
     # data group: types and ranges
     ("data-type", ["--data.batch_size", "many"], "batch_size', val='many'", None),  # jsonargparse names it thus
     ("data-seq_len", ["--data.seq_len", "1"], "data.seq_len must be >= 2 (got 1)", None),
