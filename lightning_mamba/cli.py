@@ -20,6 +20,7 @@ COMMANDS = {
     "export": "lightning_mamba.commands.export",
     "analyze": "lightning_mamba.commands.analyze",
     "passkey": "lightning_mamba.commands.passkey",
+    "passkey-trend": "lightning_mamba.commands.passkey_trend",
     "sweep": "lightning_mamba.commands.sweep",
     "mitigate": "lightning_mamba.commands.mitigate",
 }

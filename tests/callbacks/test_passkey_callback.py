@@ -60,6 +60,15 @@ def test_callback_logs_scalars_figures_and_json(tmp_path):
     assert [record["accuracy_by_distance"][k]["prompts"] for k in ("0-1x", "1-2x", "2-4x", "4-8x")] == [8, 4, 2, 2]
     assert {f"passkey/by_distance/{k}" for k in record["accuracy_by_distance"]} <= scalars
 
+    # the run's evaluations along training, as `lightning-mamba passkey-trend --run <log dir>` reads them
+    from lightning_mamba.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["passkey-trend", "--run", trainer.log_dir])
+    assert e.value.code == 0
+    assert os.path.getsize(os.path.join(trainer.log_dir, "passkey", "trend.png")) > 0
+    trend = json.loads((tmp_path / "run" / "version_0" / "passkey" / "trend.json").read_text())
+    assert trend["steps"] == [2, 3] and trend["lengths"] == [256, 512, 1024, 2048]
+
     module.model.train()
     passkey._run(trainer, module)  # the model goes back in the mode it came in
     assert module.model.training

@@ -1,0 +1,171 @@
+"""Passkey accuracy along training, from the ``<run>/passkey/step_N.json`` files PasskeyEvalCallback writes: does
+retrieval beyond the training length fall as training goes on (paper claim 10 on the passkey task)?
+
+The test is fixed in advance, not chosen by looking at the curve: once in-window accuracy (all lengths <= T_train)
+first reaches the threshold, the first ``window`` evaluations are pooled into an early sample and the last
+``window`` evaluations into a late one; each length beyond T_train and each needle-distance bucket beyond 1 x T_train
+gets a two-proportion z statistic, (early - late) / SE with the pooled SE. ``falls`` when z >= z_crit, ``rises``
+when z <= -z_crit, else ``flat``.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import re
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .passkey import DISTANCE_EDGES, distance_label  # noqa: E402
+
+
+class PasskeyTrendError(Exception):
+    """A run without passkey evaluations, or unusable ones; the command prints it as one line."""
+
+
+def passkey_dir(run: str) -> str:
+    """The directory of step_N.json files: ``run`` itself, or ``run``/passkey."""
+    for d in (run, os.path.join(run, "passkey")):
+        if glob.glob(os.path.join(d, "step_*.json")):
+            return d
+    raise PasskeyTrendError(f"{run} holds no passkey evaluations (step_N.json, written by PasskeyEvalCallback "
+                            f"under <run>/passkey/): pass a run directory such as runs/NAME/version_0")
+
+
+def load_history(run: str) -> list[dict]:
+    """The run's evaluations, by step; every one must share the first one's grid (lengths, depths, samples)."""
+    d = passkey_dir(run)
+    records = []
+    for path in glob.glob(os.path.join(d, "step_*.json")):
+        if re.fullmatch(r"step_\d+\.json", os.path.basename(path)):
+            try:
+                with open(path) as f:
+                    records.append(json.load(f))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise PasskeyTrendError(f"{path} is not a passkey evaluation ({e}): remove or restore it") from None
+    if not records:
+        raise PasskeyTrendError(f"{d} holds no step_N.json passkey evaluations")
+    records.sort(key=lambda r: r["step"])
+    first = records[0]
+    for r in records[1:]:
+        if (r["lengths"], r["depths"], r["samples_per_cell"], r["seq_len"]) != (
+                first["lengths"], first["depths"], first["samples_per_cell"], first["seq_len"]):
+            raise PasskeyTrendError(f"{d}: step {r['step']} scored another grid than step {first['step']} (lengths, "
+                                    f"depths, samples or T_train differ): compare evaluations of one configuration")
+    return records
+
+
+def _correct(record: dict) -> np.ndarray:
+    return np.asarray(record["correct"], dtype=float)  # (depths, lengths, samples)
+
+
+def _distance_cells(record: dict) -> dict[str, np.ndarray]:
+    """{bucket: (depths, lengths) mask} of needle-to-question distances in units of T_train (as
+    PasskeyGrid.accuracy_by_distance)."""
+    distance = np.outer(1.0 - np.asarray(record["depths"]), np.asarray(record["lengths"])) / record["seq_len"]
+    bounds = [0.0, *DISTANCE_EDGES, None]
+    cells = {}
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        mask = (distance > lo) & (distance <= hi if hi is not None else True)
+        if mask.any():
+            cells[distance_label(lo, hi)] = mask
+    return cells
+
+
+def _z(early: np.ndarray, late: np.ndarray) -> tuple[float, float, float]:
+    """(early accuracy, late accuracy, z) of two samples of 0/1 outcomes."""
+    p1, p2 = early.mean(), late.mean()
+    pooled = np.concatenate([early, late]).mean()
+    se = math.sqrt(pooled * (1 - pooled) * (1 / early.size + 1 / late.size))
+    z = 0.0 if se == 0 else (p1 - p2) / se
+    return float(p1), float(p2), float(z)
+
+
+def trend(records: list[dict], threshold: float = 0.95, window: int = 2, z_crit: float = 2.0) -> dict:
+    """Accuracy by length and by distance at every step, and the early-vs-late test (module docstring)."""
+    T = records[0]["seq_len"]
+    lengths = records[0]["lengths"]
+    inside = [i for i, n in enumerate(lengths) if n <= T]
+    steps = [r["step"] for r in records]
+    by_length = [_correct(r).mean((0, 2)).tolist() for r in records]
+    by_distance = [{k: float(_correct(r)[m].mean()) for k, m in _distance_cells(r).items()} for r in records]
+    out = {"seq_len": T, "lengths": lengths, "steps": steps, "accuracy_by_length": by_length,
+           "accuracy_by_distance": by_distance, "threshold": threshold, "window": window, "z_crit": z_crit,
+           "saturated_at": None, "tests": []}
+    if not inside:
+        out["note"] = f"no evaluated length is within T_train={T}: in-window saturation is undefined"
+        return out
+    saturated = next((i for i, acc in enumerate(by_length) if min(acc[j] for j in inside) >= threshold), None)
+    if saturated is None:
+        out["note"] = f"in-window accuracy never reached {threshold}: nothing to compare yet"
+        return out
+    out["saturated_at"] = steps[saturated]
+    if len(records) - saturated < 2 * window:
+        out["note"] = (f"{len(records) - saturated} evaluations from saturation (step {steps[saturated]}) on: "
+                       f"the test needs {2 * window} (two windows of {window}); train longer or evaluate more often")
+        return out
+    early, late = records[saturated:saturated + window], records[-window:]
+    out["early_steps"], out["late_steps"] = [r["step"] for r in early], [r["step"] for r in late]
+
+    def pooled(rs, select) -> np.ndarray:
+        return np.concatenate([select(_correct(r), r).ravel() for r in rs])
+
+    cases = [(f"{n / T:g}x ({n})", lambda c, r, j=j: c[:, j, :]) for j, n in enumerate(lengths) if n > T]
+    cases += [(f"distance {k}", lambda c, r, k=k: c[_distance_cells(r)[k]])
+              for k in _distance_cells(records[0]) if not k.startswith("0-")]
+    for name, select in cases:
+        a, b = pooled(early, select), pooled(late, select)
+        p1, p2, z = _z(a, b)
+        verdict = "falls" if z >= z_crit else "rises" if z <= -z_crit else "flat"
+        out["tests"].append({"what": name, "early": p1, "late": p2, "prompts": [int(a.size), int(b.size)], "z": z,
+                             "verdict": verdict})
+    return out
+
+
+def summary_lines(t: dict) -> list[str]:
+    T, lengths = t["seq_len"], t["lengths"]
+    head = " | ".join(f"{n / T:g}x ({n})" for n in lengths)
+    lines = [f"passkey accuracy by prompt length (T_train={T}), per evaluation:", f"| step | {head} |",
+             "|---|" + "---|" * len(lengths)]
+    lines += [f"| {s} | " + " | ".join(f"{a:.2f}" for a in acc) + " |" for s, acc in zip(t["steps"], t["accuracy_by_length"])]
+    buckets = list(dict.fromkeys(k for d in t["accuracy_by_distance"] for k in d))
+    lines += ["", "by the needle's distance before the question (units of T_train):",
+              "| step | " + " | ".join(buckets) + " |", "|---|" + "---|" * len(buckets)]
+    lines += [f"| {s} | " + " | ".join(f"{d[k]:.2f}" if k in d else "-" for k in buckets) + " |"
+              for s, d in zip(t["steps"], t["accuracy_by_distance"])]
+    lines.append("")
+    if t.get("note"):
+        lines.append(f"early vs late: {t['note']}")
+        return lines
+    lines.append(f"in-window accuracy >= {t['threshold']} from step {t['saturated_at']}; early steps "
+                 f"{t['early_steps']} vs late steps {t['late_steps']} (|z| >= {t['z_crit']} decides):")
+    lines += [f"  {c['what']:>18}: {c['early']:.2f} -> {c['late']:.2f} (n={c['prompts'][0]}/{c['prompts'][1]}, "
+              f"z={c['z']:+.1f}) {c['verdict']}" for c in t["tests"]]
+    falls = [c["what"] for c in t["tests"] if c["verdict"] == "falls"]
+    lines.append("beyond-window accuracy falls along training at: " + (", ".join(falls) if falls else "none"))
+    return lines
+
+
+def plot_trend(t: dict):
+    """Accuracy vs training step, one line per prompt length (dashed: within T_train)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    acc = np.asarray(t["accuracy_by_length"])
+    for j, n in enumerate(t["lengths"]):
+        ax.plot(t["steps"], acc[:, j], marker=".", linestyle="--" if n <= t["seq_len"] else "-",
+                label=f"{n / t['seq_len']:g}x ({n})")
+    if t.get("early_steps"):
+        for s in (t["early_steps"][0], t["late_steps"][0]):
+            ax.axvline(s, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("passkey accuracy")
+    ax.set_title(f"passkey accuracy along training (T_train = {t['seq_len']})")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
