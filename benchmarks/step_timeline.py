@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import CONFIGS, bare_loop, build_bare  # noqa: E402
+from train_throughput import CONFIGS, bare_loop, build_bare, train_step  # noqa: E402
 
 
 def main():
@@ -40,12 +40,7 @@ def main():
     for _ in range(args.steps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = loss_fn(model, ids[:, :-1], ids[:, 1:])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(model, opt, ids, "cuda", torch.bfloat16, loss_fn)
         enqueue.append(time.perf_counter() - t0)
         torch.cuda.synchronize()
         wall.append(time.perf_counter() - t0)

@@ -40,14 +40,19 @@ def bare_loop(model, batch, seq_len, vocab, steps, warmup, device, dtype, loss_f
         if i == warmup:
             _sync(device)
             t0 = time.perf_counter()
-        with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
-            loss = loss_fn(model, ids[:, :-1], ids[:, 1:])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(model, opt, ids, device, dtype, loss_fn)
     _sync(device)
     return (time.perf_counter() - t0) / steps
+
+
+def train_step(model, opt, ids, device, dtype, loss_fn) -> None:
+    """One bare-loop step: loss under autocast, backward, clip to 1.0, AdamW, zero the gradients."""
+    with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+        loss = loss_fn(model, ids[:, :-1], ids[:, 1:])
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
 def lightning_run(args, cfg, device, precision, cuda_graph=False):

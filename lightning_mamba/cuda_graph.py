@@ -53,10 +53,7 @@ class GraphedLoss:
         if not input_ids.is_cuda or not torch.is_grad_enabled():
             return self.model.loss(input_ids, labels, seq_idx=seq_idx)[0]
         signature = _signature(args)
-        if self._graphed is None:
-            if torch.is_autocast_enabled("cuda") and torch.is_autocast_cache_enabled():
-                # the capture would hold casts cached outside the graph (Lightning turns the cache off)
-                raise RuntimeError("a CUDA-graphed loss needs autocast(cache_enabled=False)")
+        if self._graphed is None:  # (autocast must run with cache_enabled=False, as Lightning's does)
             self._graphed = torch.cuda.make_graphed_callables(
                 _Loss(self.model), tuple(a.detach().clone() for a in args),
                 num_warmup_iters=self.warmup_iters, allow_unused_input=True,

@@ -105,6 +105,19 @@ def distance_label(lo: float, hi: float | None) -> str:
     return f"{lo:g}-{hi:g}x" if hi is not None else f"{lo:g}x+"
 
 
+def distance_buckets(depths, lengths, seq_len: int, edges=DISTANCE_EDGES) -> dict[str, np.ndarray]:
+    """{bucket: (depths, lengths) mask} by how far the needle sits before the question, (1 - depth) x length, in
+    units of ``seq_len``: buckets 0-1x, 1-2x, ... and the last edge upwards; empty buckets are left out."""
+    distance = np.outer(1.0 - np.asarray(depths), np.asarray(lengths)) / seq_len  # (depths, lengths)
+    bounds = [0.0, *edges, None]
+    out = {}
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        cells = (distance > lo) & (distance <= hi if hi is not None else True)
+        if cells.any():
+            out[distance_label(lo, hi)] = cells
+    return out
+
+
 @dataclass
 class PasskeyGrid:
     """Results of a lengths x depths grid; arrays are (depths, lengths, samples)."""
@@ -130,17 +143,12 @@ class PasskeyGrid:
         return t_recall(self.lengths, self.accuracy_by_length, threshold)
 
     def accuracy_by_distance(self, seq_len: int, edges=DISTANCE_EDGES) -> dict[str, tuple[float, int]]:
-        """{bucket: (accuracy, prompts)} by how far the needle sits before the question, (1 - depth) x length, in
-        units of ``seq_len``: buckets 0-1x, 1-2x, ... and the last edge upwards; empty buckets are left out.
-        Forgetting shows here directly: near needles are found at every prompt length, far ones are lost."""
-        distance = np.outer(1.0 - np.asarray(self.depths), np.asarray(self.lengths)) / seq_len  # (depths, lengths)
-        bounds = [0.0, *edges, None]
+        """{bucket: (accuracy, prompts)} over the :func:`distance_buckets` of the grid. Forgetting shows here
+        directly: near needles are found at every prompt length, far ones are lost."""
         out = {}
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
-            cells = (distance > lo) & (distance <= hi if hi is not None else True)
-            if cells.any():
-                hits = self.correct[cells]  # (cells, samples)
-                out[distance_label(lo, hi)] = (float(hits.mean()), int(hits.size))
+        for label, cells in distance_buckets(self.depths, self.lengths, seq_len, edges).items():
+            hits = self.correct[cells]  # (cells, samples)
+            out[label] = (float(hits.mean()), int(hits.size))
         return out
 
     def to_dict(self, threshold: float = 0.95, seq_len: int | None = None) -> dict:

@@ -22,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .passkey import DISTANCE_EDGES, distance_label  # noqa: E402
+from .passkey import distance_buckets  # noqa: E402
 
 
 class PasskeyTrendError(Exception):
@@ -65,19 +65,6 @@ def _correct(record: dict) -> np.ndarray:
     return np.asarray(record["correct"], dtype=float)  # (depths, lengths, samples)
 
 
-def _distance_cells(record: dict) -> dict[str, np.ndarray]:
-    """{bucket: (depths, lengths) mask} of needle-to-question distances in units of T_train (as
-    PasskeyGrid.accuracy_by_distance)."""
-    distance = np.outer(1.0 - np.asarray(record["depths"]), np.asarray(record["lengths"])) / record["seq_len"]
-    bounds = [0.0, *DISTANCE_EDGES, None]
-    cells = {}
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        mask = (distance > lo) & (distance <= hi if hi is not None else True)
-        if mask.any():
-            cells[distance_label(lo, hi)] = mask
-    return cells
-
-
 def _z(early: np.ndarray, late: np.ndarray) -> tuple[float, float, float]:
     """(early accuracy, late accuracy, z) of two samples of 0/1 outcomes."""
     p1, p2 = early.mean(), late.mean()
@@ -89,12 +76,13 @@ def _z(early: np.ndarray, late: np.ndarray) -> tuple[float, float, float]:
 
 def trend(records: list[dict], threshold: float = 0.95, window: int = 2, z_crit: float = 2.0) -> dict:
     """Accuracy by length and by distance at every step, and the early-vs-late test (module docstring)."""
-    T = records[0]["seq_len"]
-    lengths = records[0]["lengths"]
+    T, lengths = records[0]["seq_len"], records[0]["lengths"]
     inside = [i for i, n in enumerate(lengths) if n <= T]
     steps = [r["step"] for r in records]
-    by_length = [_correct(r).mean((0, 2)).tolist() for r in records]
-    by_distance = [{k: float(_correct(r)[m].mean()) for k, m in _distance_cells(r).items()} for r in records]
+    correct = [_correct(r) for r in records]  # one grid for all (load_history checks it)
+    buckets = distance_buckets(records[0]["depths"], lengths, T)
+    by_length = [c.mean((0, 2)).tolist() for c in correct]
+    by_distance = [{k: float(c[m].mean()) for k, m in buckets.items()} for c in correct]
     out = {"seq_len": T, "lengths": lengths, "steps": steps, "accuracy_by_length": by_length,
            "accuracy_by_distance": by_distance, "threshold": threshold, "window": window, "z_crit": z_crit,
            "saturated_at": None, "tests": []}
@@ -110,15 +98,14 @@ def trend(records: list[dict], threshold: float = 0.95, window: int = 2, z_crit:
         out["note"] = (f"{len(records) - saturated} evaluations from saturation (step {steps[saturated]}) on: "
                        f"the test needs {2 * window} (two windows of {window}); train longer or evaluate more often")
         return out
-    early, late = records[saturated:saturated + window], records[-window:]
-    out["early_steps"], out["late_steps"] = [r["step"] for r in early], [r["step"] for r in late]
+    early, late = correct[saturated:saturated + window], correct[-window:]
+    out["early_steps"], out["late_steps"] = steps[saturated:saturated + window], steps[-window:]
 
-    def pooled(rs, select) -> np.ndarray:
-        return np.concatenate([select(_correct(r), r).ravel() for r in rs])
+    def pooled(cs, select) -> np.ndarray:
+        return np.concatenate([select(c).ravel() for c in cs])
 
-    cases = [(f"{n / T:g}x ({n})", lambda c, r, j=j: c[:, j, :]) for j, n in enumerate(lengths) if n > T]
-    cases += [(f"distance {k}", lambda c, r, k=k: c[_distance_cells(r)[k]])
-              for k in _distance_cells(records[0]) if not k.startswith("0-")]
+    cases = [(f"{n / T:g}x ({n})", lambda c, j=j: c[:, j, :]) for j, n in enumerate(lengths) if n > T]
+    cases += [(f"distance {k}", lambda c, m=m: c[m]) for k, m in buckets.items() if not k.startswith("0-")]
     for name, select in cases:
         a, b = pooled(early, select), pooled(late, select)
         p1, p2, z = _z(a, b)
