@@ -63,7 +63,7 @@ class MambaLitModule(L.LightningModule):
         cuda_graph: Capture the training loss's forward and backward as CUDA graphs at the first training step and
             replay them at every later one (lightning_mamba/cuda_graph.py): removes the CPU cost of launching the
             step's kernels, which bounds the step time of small and mid-size models on a GPU. One CUDA device,
-            zero initial states; a batch of another shape runs eagerly.
+            zero initial states, no gradient accumulation; a batch of another shape runs eagerly.
     """
 
     def __init__(
@@ -161,6 +161,11 @@ class MambaLitModule(L.LightningModule):
 
     def _check_cuda_graph(self) -> None:
         trainer = self.trainer
+        if trainer.accumulate_grad_batches > 1:
+            # the replayed backward hands autograd its static gradient buffers, which a parameter's .grad may then
+            # alias (autograd steals them): the next replay would overwrite the gradient being accumulated
+            raise ConfigError(f"model.cuda_graph needs --trainer.accumulate_grad_batches 1 (got "
+                              f"{trainer.accumulate_grad_batches}): raise data.batch_size instead, or drop it")
         if trainer.strategy.root_device.type != "cuda":
             raise ConfigError(f"model.cuda_graph needs a CUDA device (the trainer runs on "
                               f"{trainer.strategy.root_device.type}): use --trainer.accelerator gpu or drop it")

@@ -44,6 +44,14 @@ def test_fit_on_cpu_is_refused_before_training(tmp_path):
         trainer.fit(tiny_module(cuda_graph=True), loader)
 
 
+def test_gradient_accumulation_is_refused(tmp_path):
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, accumulate_grad_batches=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    loader = torch.utils.data.DataLoader(RandomTokens(), batch_size=4)
+    with pytest.raises(ConfigError, match="needs --trainer.accumulate_grad_batches 1 \\(got 2\\)"):
+        trainer.fit(tiny_module(cuda_graph=True), loader)
+
+
 def test_cpu_inputs_run_eagerly():
     torch.manual_seed(0)
     model = MambaLM(MambaConfig(d_model=32, n_layer=2, vocab_size=64, ssm_cfg={"d_state": 16, "headdim": 16,
