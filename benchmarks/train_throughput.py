@@ -2,7 +2,7 @@
 
     python benchmarks/train_throughput.py --config small            # GPU: vs mamba_ssm's MambaLMHeadModel
     python benchmarks/train_throughput.py --config cpu-small --device cpu   # CPU: vs our bare model and HF Mamba2
-    python benchmarks/train_throughput.py --config 130m --contenders lightning,lightning_graph,ours,ours_graph,mamba_ssm
+    python benchmarks/train_throughput.py --config 130m --contenders lightning_graph,lightning,ours,mamba_ssm
 
 Every contender trains the same config, batch and precision on random tokens (speed does not depend
 on the text). Prints tokens/s, peak memory, MFU and each ratio against the named baseline.
@@ -115,7 +115,7 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--contenders", default=None, help="comma list of: lightning, "
-                   "lightning_graph (the same with model.cuda_graph), ours, ours_graph, mamba_ssm, hf")
+                   "lightning_graph (the same with model.cuda_graph), ours, mamba_ssm, hf")
     p.add_argument("--loader_workers", type=int, default=2, help="the Lightning run's DataLoader workers (0: in the "
                    "main process, no pinned-memory thread)")
     args = p.parse_args()
@@ -127,7 +127,7 @@ def main():
     device = args.device
     gpu = device == "cuda"
     dtype = torch.bfloat16 if gpu else None
-    contenders = (args.contenders or ("lightning,mamba_ssm" if gpu else "lightning,ours,hf")).split(",")
+    contenders = (args.contenders or ("lightning_graph,lightning,mamba_ssm" if gpu else "lightning,ours,hf")).split(",")
     baseline = "mamba_ssm" if gpu else "hf"
     tokens = batch * seq_len
     flops = model_flops_per_token(d_model, n_layer, d_state, vocab, headdim) * tokens
@@ -175,7 +175,7 @@ def logits_loss(logits_of):
 
 def build_bare(kind, cfg, device):
     """(model, loss_fn) of a bare-loop contender: ``ours`` (our MambaLM and its own training loss,
-    MambaLM.loss), ``ours_graph`` (the same through CUDA graphs, GPU), ``mamba_ssm`` (MambaLMHeadModel) or ``hf``
+    MambaLM.loss), ``mamba_ssm`` (MambaLMHeadModel) or ``hf``
     (transformers' Mamba2ForCausalLM)."""
     d_model, n_layer, d_state, vocab, batch, seq_len, headdim = cfg
     torch.manual_seed(0)
@@ -185,17 +185,6 @@ def build_bare(kind, cfg, device):
         mc = MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab,
                          ssm_cfg={"layer": "Mamba2", "d_state": d_state, "headdim": headdim})
         return MambaLM(mc).to(device), lambda m, x, y: m.loss(x, y)[0]
-    if kind == "ours_graph":  # the same, its loss's forward and backward replayed from CUDA graphs
-        from lightning_mamba.cuda_graph import GraphedLoss
-
-        model, _ = build_bare("ours", cfg, device)
-        graphed = GraphedLoss(model)
-
-        def graphed_loss(m, x, y):
-            with torch.autocast(device, dtype=torch.bfloat16, cache_enabled=False):  # graphs take no autocast cache
-                return graphed(x, y)
-
-        return model, graphed_loss
     if kind == "mamba_ssm":
         from lightning_mamba.models.backend import _triton_scan
 

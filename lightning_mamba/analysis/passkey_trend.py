@@ -6,6 +6,12 @@ first reaches the threshold, the first ``window`` evaluations are pooled into an
 ``window`` evaluations into a late one; each length beyond T_train and each needle-distance bucket beyond 1 x T_train
 gets a two-proportion z statistic, (early - late) / SE with the pooled SE. ``falls`` when z >= z_crit, ``rises``
 when z <= -z_crit, else ``flat``.
+
+The z statistic counts prompts as independent draws, so it only measures sampling noise. Beside it, every case gets
+the least-squares slope of its per-evaluation accuracy over all evaluations from saturation on (per 1000 steps),
+with a standard error from the evaluations' own scatter around the line, and that scatter against the binomial
+one: when evaluations scatter more than their prompts can explain (the model's beyond-window skill moves from
+checkpoint to checkpoint), the slope's t is the statistic to read.
 """
 
 from __future__ import annotations
@@ -74,6 +80,25 @@ def _z(early: np.ndarray, late: np.ndarray) -> tuple[float, float, float]:
     return float(p1), float(p2), float(z)
 
 
+def _slope(steps: list[int], acc: np.ndarray, prompts: int) -> dict:
+    """Least-squares slope of accuracy per 1000 steps, its t from the residual scatter, and that scatter (SD)
+    next to the binomial SD of one evaluation's ``prompts`` prompts."""
+    x, n = np.asarray(steps, dtype=float) / 1000, len(steps)
+    p = float(acc.mean())
+    out = {"slope_per_1k": None, "slope_t": None, "scatter_sd": None, "binomial_sd": math.sqrt(p * (1 - p) / prompts)}
+    if n < 3 or np.ptp(x) == 0:
+        return out
+    slope, intercept = np.polyfit(x, acc, 1)
+    resid_sd = math.sqrt(float(((acc - (slope * x + intercept)) ** 2).sum()) / (n - 2))
+    se = resid_sd / math.sqrt(float(((x - x.mean()) ** 2).sum()))
+    if se < 1e-12:  # evaluations exactly on the line (rounding aside): no scatter to compare with
+        t = 0.0 if abs(slope) < 1e-12 else math.copysign(math.inf, slope)
+    else:
+        t = float(slope / se)
+    out.update(slope_per_1k=float(slope), scatter_sd=resid_sd, slope_t=t)
+    return out
+
+
 def trend(records: list[dict], threshold: float = 0.95, window: int = 2, z_crit: float = 2.0) -> dict:
     """Accuracy by length and by distance at every step, and the early-vs-late test (module docstring)."""
     T, lengths = records[0]["seq_len"], records[0]["lengths"]
@@ -110,8 +135,10 @@ def trend(records: list[dict], threshold: float = 0.95, window: int = 2, z_crit:
         a, b = pooled(early, select), pooled(late, select)
         p1, p2, z = _z(a, b)
         verdict = "falls" if z >= z_crit else "rises" if z <= -z_crit else "flat"
+        per_eval = np.array([select(c).mean() for c in correct[saturated:]])
         out["tests"].append({"what": name, "early": p1, "late": p2, "prompts": [int(a.size), int(b.size)], "z": z,
-                             "verdict": verdict})
+                             "verdict": verdict,
+                             **_slope(steps[saturated:], per_eval, select(correct[0]).size)})
     return out
 
 
@@ -133,10 +160,21 @@ def summary_lines(t: dict) -> list[str]:
     lines.append(f"in-window accuracy >= {t['threshold']} from step {t['saturated_at']}; early steps "
                  f"{t['early_steps']} vs late steps {t['late_steps']} (|z| >= {t['z_crit']} decides):")
     lines += [f"  {c['what']:>18}: {c['early']:.2f} -> {c['late']:.2f} (n={c['prompts'][0]}/{c['prompts'][1]}, "
-              f"z={c['z']:+.1f}) {c['verdict']}" for c in t["tests"]]
+              f"z={c['z']:+.1f}) {c['verdict']}" + _slope_text(c) for c in t["tests"]]
     falls = [c["what"] for c in t["tests"] if c["verdict"] == "falls"]
     lines.append("beyond-window accuracy falls along training at: " + (", ".join(falls) if falls else "none"))
+    noisy = [c["what"] for c in t["tests"] if c["scatter_sd"] is not None and c["scatter_sd"] > 1.5 * c["binomial_sd"]]
+    if noisy:
+        lines.append("evaluations scatter more than 1.5 x their sampling noise at: " + ", ".join(noisy) +
+                     " (read the slope's t there, not z)")
     return lines
+
+
+def _slope_text(c: dict) -> str:
+    if c["slope_per_1k"] is None:
+        return ""
+    return (f"; slope {c['slope_per_1k']:+.3f}/1K steps (t={c['slope_t']:+.1f}), scatter SD {c['scatter_sd']:.2f} "
+            f"vs binomial {c['binomial_sd']:.2f}")
 
 
 def plot_trend(t: dict):

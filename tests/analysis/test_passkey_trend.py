@@ -102,3 +102,19 @@ def test_a_run_without_evaluations_or_with_mixed_grids_is_refused(tmp_path, fall
     (falling_run / "passkey" / "step_700.json").write_text(json.dumps(record))
     with pytest.raises(PasskeyTrendError, match="step 700 scored another grid"):
         load_history(str(falling_run))
+
+
+def test_slope_over_all_evaluations_uses_their_scatter(falling_run):
+    """Beside z: the least-squares slope per 1000 steps over every evaluation from saturation on, with its t from the
+    evaluations' residual scatter, and that scatter against one evaluation's binomial SD."""
+    tests = {c["what"]: c for c in trend(load_history(str(falling_run)))["tests"]}
+    x = np.array([0.2, 0.3, 0.4, 0.5, 0.6])  # steps 200..600 in thousands
+    for what, hits in (("4x (400)", [30, 31, 20, 9, 8]), ("2x (200)", [36, 36, 35, 36, 36])):
+        y = np.array(hits) / 40
+        slope = ((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum()
+        sd = np.sqrt(((y - y.mean() - slope * (x - x.mean())) ** 2).sum() / 3)
+        c = tests[what]
+        assert c["slope_per_1k"] == pytest.approx(slope, abs=1e-12) and c["scatter_sd"] == pytest.approx(sd)
+        assert c["slope_t"] == pytest.approx(slope / (sd / np.sqrt(((x - x.mean()) ** 2).sum())), abs=1e-9)
+        assert c["binomial_sd"] == pytest.approx(np.sqrt(y.mean() * (1 - y.mean()) / 40))
+    assert tests["4x (400)"]["slope_t"] < -3 and abs(tests["2x (200)"]["slope_t"]) < 1e-9  # falls; level (symmetric dip)
