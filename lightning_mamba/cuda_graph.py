@@ -11,9 +11,16 @@ Limits: one batch shape per graph (a batch of another shape or dtype, such as a 
 zero initial states, one device (no DDP/FSDP), gradients set to None between steps (as `zero_grad` does by
 default) and no gradient accumulation (a parameter's .grad may alias the graph's static gradient buffer), and the capture holds the step's activations in a private memory
 pool for the rest of the run.
+
+The capture runs in CUDA's "thread_local" mode, not torch's default "global": under "global" a CUDA call from any
+other thread invalidates the capture, and a DataLoader with ``pin_memory=True`` keeps a thread that allocates and
+queries pinned host memory while the first batch's capture runs (cudaErrorStreamCaptureInvalidated, at random).
+That thread never touches the captured stream, so its calls have no place in the graph either way.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +37,25 @@ class _Loss(nn.Module):
 
     def forward(self, input_ids: Tensor, labels: Tensor, seq_idx: Tensor | None = None) -> Tensor:
         return self.model.loss(input_ids, labels, seq_idx=seq_idx)[0]
+
+
+class _ThreadLocalGraph(torch.cuda.graph):
+    """torch.cuda.graph that always captures in "thread_local" mode (module docstring)."""
+
+    def __init__(self, cuda_graph, pool=None, stream=None, capture_error_mode="thread_local", **kwargs):
+        super().__init__(cuda_graph, pool=pool, stream=stream, capture_error_mode="thread_local", **kwargs)
+
+
+@contextlib.contextmanager
+def thread_local_capture():
+    """While open, ``torch.cuda.graph`` (which make_graphed_callables calls for its captures and exposes no mode
+    for) is _ThreadLocalGraph."""
+    original = torch.cuda.graph
+    torch.cuda.graph = _ThreadLocalGraph
+    try:
+        yield
+    finally:
+        torch.cuda.graph = original
 
 
 def _signature(args: tuple[Tensor, ...]) -> tuple:
@@ -55,10 +81,11 @@ class GraphedLoss:
             return self.model.loss(input_ids, labels, seq_idx=seq_idx)[0]
         signature = _signature(args)
         if self._graphed is None:  # (autocast must run with cache_enabled=False, as Lightning's does)
-            self._graphed = torch.cuda.make_graphed_callables(
-                _Loss(self.model), tuple(a.detach().clone() for a in args),
-                num_warmup_iters=self.warmup_iters, allow_unused_input=True,
-            )
+            with thread_local_capture():
+                self._graphed = torch.cuda.make_graphed_callables(
+                    _Loss(self.model), tuple(a.detach().clone() for a in args),
+                    num_warmup_iters=self.warmup_iters, allow_unused_input=True,
+                )
             self.signature = signature
         if signature != self.signature:
             return self.model.loss(input_ids, labels, seq_idx=seq_idx)[0]

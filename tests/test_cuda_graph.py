@@ -2,12 +2,14 @@
 model; bad settings fail with one line. The graph tests need CUDA (run on the GPU machine)."""
 
 import copy
+import inspect
+import threading
 
 import lightning as L
 import pytest
 import torch
 
-from lightning_mamba.cuda_graph import GraphedLoss
+from lightning_mamba.cuda_graph import GraphedLoss, thread_local_capture
 from lightning_mamba.lit import MambaLitModule
 from lightning_mamba.models import ConfigError, MambaConfig, MambaLM
 
@@ -50,6 +52,26 @@ def test_gradient_accumulation_is_refused(tmp_path):
     loader = torch.utils.data.DataLoader(RandomTokens(), batch_size=4)
     with pytest.raises(ConfigError, match="needs --trainer.accumulate_grad_batches 1 \\(got 2\\)"):
         trainer.fit(tiny_module(cuda_graph=True), loader)
+
+
+def test_thread_local_capture_reaches_make_graphed_callables(monkeypatch):
+    """make_graphed_callables exposes no capture mode; GraphedLoss swaps torch.cuda.graph while it runs. That only
+    works while make_graphed_callables captures through torch.cuda.graph(...): checked here, so a torch that
+    changes this fails on CPU too."""
+    source = inspect.getsource(torch.cuda.make_graphed_callables)
+    assert source.count("torch.cuda.graph(") >= 2  # the forward and the backward capture
+    original = torch.cuda.graph
+    modes = []
+    monkeypatch.setattr(original, "__init__", lambda self, cuda_graph, **kw: modes.append(kw["capture_error_mode"]))
+    with thread_local_capture():
+        assert torch.cuda.graph is not original and issubclass(torch.cuda.graph, original)
+        torch.cuda.graph(None)  # as make_graphed_callables calls it
+        torch.cuda.graph(None, pool=None, capture_error_mode="global")  # whatever a caller asks for
+    assert modes == ["thread_local", "thread_local"]
+    assert torch.cuda.graph is original
+    with pytest.raises(RuntimeError), thread_local_capture():
+        raise RuntimeError("restored on errors too")
+    assert torch.cuda.graph is original
 
 
 def test_cpu_inputs_run_eagerly():
@@ -121,3 +143,47 @@ def test_trainer_fit_with_cuda_graph_matches_eager(tmp_path):
         if flag:
             assert module._graphed_loss.replays == 6
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=2e-3, atol=2e-3)
+
+
+@needs_cuda
+def test_capture_survives_another_threads_cuda_calls():
+    """While the first batch is captured, another thread keeps making CUDA calls that stream capture forbids
+    process-wide in torch's default "global" mode (event queries; fresh pinned allocations, as a DataLoader's
+    pin-memory thread makes): GraphedLoss captures in "thread_local" mode, so the capture and the thread both
+    survive and the graphed loss equals the eager one."""
+    torch.manual_seed(0)
+    config = MambaConfig(d_model=64, n_layer=2, vocab_size=128, ssm_cfg={"d_state": 16, "headdim": 16, "chunk_size": 32})
+    model = MambaLM(config).cuda()
+    ids = torch.randint(0, 128, (4, 65), device="cuda")
+    event = torch.cuda.Event()
+    event.record()
+    torch.cuda.synchronize()
+    stop, errors, calls = threading.Event(), [], [0]
+
+    def busy():
+        pinned = []
+        try:
+            while not stop.is_set():
+                event.query()
+                pinned.append(torch.empty(4096 + len(pinned)).pin_memory())  # a new size: a new pinned block
+                pinned = pinned[-64:]
+                calls[0] += 1
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    thread = threading.Thread(target=busy)
+    thread.start()
+    try:
+        graphed = GraphedLoss(model)
+        losses = []
+        for _ in range(3):
+            loss = graphed(ids[:, :-1], ids[:, 1:])
+            loss.backward()
+            losses.append(loss.detach().clone())
+            model.zero_grad(set_to_none=True)
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors, errors
+    assert calls[0] > 0 and graphed.replays == 3
+    torch.testing.assert_close(losses[-1], model.loss(ids[:, :-1], ids[:, 1:])[0])
