@@ -8,9 +8,9 @@ also let Triton compile and autotune), and replays them with the next batch copi
 tensors; parameters are read in place, so optimizer updates between replays are seen.
 
 Limits: one batch shape per graph (a batch of another shape or dtype, such as a short last batch, runs eagerly),
-zero initial states, one device (no DDP/FSDP), gradients set to None between steps (as `zero_grad` does by
-default) and no gradient accumulation (a parameter's .grad may alias the graph's static gradient buffer), and the capture holds the step's activations in a private memory
-pool for the rest of the run.
+zero initial states, one device (no DDP/FSDP), gradients set to None between steps (as ``zero_grad`` does by
+default) and no gradient accumulation (a parameter's .grad may alias the graph's static gradient buffer); the
+capture holds the step's activations in a private memory pool for the rest of the run.
 
 The capture runs in CUDA's "thread_local" mode, not torch's default "global": under "global" a CUDA call from any
 other thread invalidates the capture, and a DataLoader with ``pin_memory=True`` keeps a thread that allocates and
