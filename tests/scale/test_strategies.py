@@ -113,6 +113,7 @@ def fsdp_worker(rank: int, port: int, out: str) -> None:
             result["full_params_equal"] = all(torch.allclose(p, q) for p, q in
                                               zip(inner.parameters(), ref.model.parameters()))
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    dist.barrier()  # neither rank tears the group (and rank 0 its TCP store) down under the other
     dist.destroy_process_group()
 
 
