@@ -42,12 +42,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=acc, device=hidden.device)
         for start in range(0, hidden.size(0), chunk_rows):
             rows = slice(start, start + chunk_rows)
-            h, y, ok = hidden[rows].to(dtype), labels[rows], valid[rows]
+            h, y = hidden[rows].to(dtype), labels[rows]
             if fused:  # the kernel leaves d loss_sum / d logits in the logits' place
                 grad = h @ w.t()
                 total += loss_triton.cross_entropy_rows_(grad, y, want_grad, IGNORE_INDEX).sum()
             else:
-                logits = (h @ w.t()).to(acc)
+                logits, ok = (h @ w.t()).to(acc), valid[rows]
                 target = y.clamp_min(0)[:, None]
                 lse = torch.logsumexp(logits, dim=-1)
                 total += ((lse - logits.gather(1, target)[:, 0]) * ok).sum()
