@@ -11,14 +11,26 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
-    """Tiny models on a 2-core machine: one intra-op thread avoids OpenMP threads spin-waiting on each other
-    when other processes compete (measured ~7x faster then), and is no slower otherwise."""
+    """One intra-op thread for the whole session, set before any fixture of a narrower scope runs.
+
+    Why session scope: pytest builds module-scoped fixtures (the exact-resume tests' uninterrupted reference runs)
+    before function-scoped ones, so a per-test setting left those references on the host's default thread count
+    while the runs compared with them used one thread. A CPU kernel splits a reduction by thread count, so the two
+    differed in the last bit on some hosts. One thread also keeps tiny models fast on a 2-core machine when other
+    processes compete (OpenMP threads spin-waiting on each other were measured ~7x slower)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def thread_count_restored():
+    """A test that changes the thread count hands the next one the session's single thread back."""
+    yield
+    torch.set_num_threads(1)
 
 
 @pytest.fixture

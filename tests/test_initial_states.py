@@ -191,15 +191,12 @@ def test_passed_without_lanes_is_a_one_line_error(tmp_path, corpus, cache_dir):
 @pytest.fixture(scope="module")
 def references(tmp_path_factory, corpus, cache_dir) -> dict[str, dict[int, float]]:
     """The uninterrupted runs' losses per step, with passed and with noise initial states."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the tests (conftest's one_torch_thread, which starts after module fixtures)
     out = {}
     for name, extra in (("passed", PASSED), ("noise", NOISE)):
         folder = tmp_path_factory.mktemp(name)
         fit(folder, corpus, cache_dir, extra)
         out[name] = logged_losses(folder)
         assert sorted(out[name]) == list(range(STEPS))
-    torch.set_num_threads(threads)
     return out
 
 

@@ -33,7 +33,9 @@ def latest_losses(folder) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, corpus, cache_dir) -> dict[int, float]:
-    """The uninterrupted run's loss at each step."""
+    """The uninterrupted run's loss at each step, with the thread count the resumed runs use (a CPU reduction splits
+    by thread count, so another count may change the last bit)."""
+    assert torch.get_num_threads() == 1, "the reference must run with the tests' single thread (tests/conftest.py)"
     folder = tmp_path_factory.mktemp("reference")
     main(["fit", "--config", run_config(folder, corpus, cache_dir, STEPS, batch_size=BATCH)])
     losses = logged_losses(folder)
