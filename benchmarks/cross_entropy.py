@@ -31,7 +31,7 @@ def main():
     from triton.testing import do_bench
 
     from lightning_mamba.models import loss as lm_loss
-    from lightning_mamba.models import loss_triton
+    from lightning_mamba.models.kernels import loss_triton
 
     torch.manual_seed(0)
     hidden = torch.randn(args.tokens, args.d_model, device="cuda", dtype=torch.bfloat16, requires_grad=True)

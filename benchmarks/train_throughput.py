@@ -58,7 +58,7 @@ def train_step(model, opt, ids, device, dtype, loss_fn) -> None:
 def lightning_run(args, cfg, device, precision, cuda_graph=False):
     import lightning as L
 
-    from lightning_mamba.lit import MambaLitModule
+    from lightning_mamba.training.module import MambaLitModule
 
     d_model, n_layer, d_state, vocab, batch, seq_len, headdim = cfg
     module = MambaLitModule(d_model=d_model, n_layer=n_layer, d_state=d_state, headdim=headdim, vocab_size=vocab,
@@ -186,7 +186,7 @@ def build_bare(kind, cfg, device):
                          ssm_cfg={"layer": "Mamba2", "d_state": d_state, "headdim": headdim})
         return MambaLM(mc).to(device), lambda m, x, y: m.loss(x, y)[0]
     if kind == "mamba_ssm":
-        from lightning_mamba.models.backend import _triton_scan
+        from lightning_mamba.models.kernels.backend import _triton_scan
 
         _triton_scan()  # installs the placeholder for the Mamba-1 extension if needed
         from mamba_ssm.models.config_mamba import MambaConfig as OfficialConfig

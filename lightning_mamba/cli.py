@@ -5,15 +5,12 @@ from __future__ import annotations
 import importlib
 import sys
 
-from lightning.pytorch.cli import LightningCLI
-
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-from .callbacks.nan_guard import NanGuard, NonFiniteError
-from .checkpoint_io import check_resume
-from .data import DataError, TextDataModule
-from .lit import MambaLitModule
+from .data import DataError
 from .models import ConfigError
+from .training.cli import MambaCLI, lightning_cli
+from .training.nan_guard import NonFiniteError
 
 # Commands beyond Lightning's: name -> module with a ``main(argv)``.
 COMMANDS = {
@@ -25,48 +22,20 @@ COMMANDS = {
     "mitigate": "lightning_mamba.commands.mitigate",
 }
 
+DESCRIPTION = ("Train and study Mamba-2 LMs. Extra commands: " + ", ".join(COMMANDS)
+               + " (run `lightning-mamba COMMAND --help`).")
 
-class MambaCLI(LightningCLI):
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI replaces the model settings by the checkpoint's: refuse a different shape instead of
-        # silently dropping what the user asked for.
-        sub = self.config.get("subcommand")
-        if sub and self.config[sub].get("ckpt_path"):
-            check_resume(self.config[sub].ckpt_path, self.config[sub].model.as_dict())
-        super()._parse_ckpt_path()
-
-    def add_arguments_to_parser(self, parser) -> None:
-        # NaN/Inf guard on every run: --nan_guard.on_nonfinite stop|skip
-        parser.add_lightning_class_args(NanGuard, "nan_guard")
-        # The model's vocabulary is the tokenizer's: one setting, not two that can disagree.
-        parser.link_arguments("data.vocab_size_for_model", "model.init_args.vocab_size" if self.subclass_mode_model
-                              else "model.vocab_size", apply_on="instantiate")
-
-
-def lightning_cli(args=None, run: bool = True) -> MambaCLI:
-    return MambaCLI(
-        MambaLitModule,
-        TextDataModule,
-        subclass_mode_data=True,  # TextDataModule by default; experiments may pick e.g. PasskeyDataModule
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": "Train and study Mamba-2 LMs. Extra commands: " + ", ".join(COMMANDS)
-                       + " (run `lightning-mamba COMMAND --help`)."},
-        args=args,
-        run=run,
-    )
+__all__ = ["COMMANDS", "MambaCLI", "lightning_cli", "main", "user_error"]
 
 
 def main(argv: list[str] | None = None) -> None:
     from_shell = argv is None  # LightningCLI then reads sys.argv itself (and does not warn about args)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in COMMANDS:
-        try:
-            module = importlib.import_module(COMMANDS[argv[0]])
-        except ModuleNotFoundError:
-            sys.exit(f"lightning-mamba: the '{argv[0]}' command is not available in this version")
+        module = importlib.import_module(COMMANDS[argv[0]])
         sys.exit(module.main(argv[1:]))
     try:
-        lightning_cli(None if from_shell else argv)
+        lightning_cli(None if from_shell else argv, description=DESCRIPTION)
     except Exception as e:
         cause = user_error(e)
         if cause is None:

@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from tests.tiny import tiny_lm
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
@@ -44,3 +46,9 @@ def corpus(tmp_path):
         idx = torch.randint(0, len(words), (400,), generator=g).tolist()
         (d / f"doc{i}.txt").write_text(" ".join(words[j] for j in idx) + ".\n")
     return str(d)
+
+
+@pytest.fixture
+def lm():
+    """A tiny seeded Mamba-2 LM (tests/tiny.py)."""
+    return tiny_lm()

@@ -1,9 +1,8 @@
 """Callbacks that log what training does and what the model forgets."""
 
 from .length_generalization import LengthGeneralizationCallback
-from .nan_guard import NanGuard, NonFiniteError
 from .passkey import PasskeyEvalCallback
 from .state_stats import StateStatsCallback
 from .throughput import TokenThroughputMonitor
 
-__all__ = ["LengthGeneralizationCallback", "NanGuard", "NonFiniteError", "PasskeyEvalCallback", "StateStatsCallback", "TokenThroughputMonitor"]
+__all__ = ["LengthGeneralizationCallback", "PasskeyEvalCallback", "StateStatsCallback", "TokenThroughputMonitor"]

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from ..analysis import plots
 from ..analysis.criterion import default_bucket, forgetting_verdict
 from ..analysis.evaluator import bucket_curve, eval_rows, token_losses, window_mean
-from ..sharding import fsdp_root, unsharded_copy
+from ..training.sharding import fsdp_root, unsharded_copy
 from ..atomic import atomic_write_json
 from ..analysis.evaluator import write_position_losses_csv
 

@@ -20,9 +20,9 @@ from jsonargparse import ActionYesNo, ArgumentParser
 from ..analysis import plots
 from ..analysis.criterion import default_bucket, forgetting_verdict
 from ..analysis.evaluator import bucket_curve, eval_rows, resolve_dtype, token_losses, window_mean
-from ..analysis.mitigation import add_intervention_args, interventions_from_args
+from ..mitigations.search import add_intervention_args, interventions_from_args
 from ..analysis.state_stats import newline_probe, state_statistics
-from ..models.interventions import apply_interventions
+from ..mitigations.interventions import apply_interventions
 from . import run_command
 from ..atomic import atomic_write_json
 from ..analysis.evaluator import write_position_losses_csv
@@ -73,7 +73,7 @@ def build_parser() -> ArgumentParser:
 # ---- inputs -------------------------------------------------------------------------------------
 def load_checkpoint(path: str, backend: str):
     try:
-        from ..models.checkpoint import load_model
+        from ..training.checkpoint_io import load_model
     except ImportError as e:
         raise AnalyzeError(f"checkpoint loading is not available in this version ({e})") from e
     model, meta = load_model(path, backend=backend, dtype=torch.float32)

@@ -16,7 +16,8 @@ import torch
 from jsonargparse import ArgumentParser
 
 from ..models import ConfigError
-from ..models.checkpoint import load_model, save_pretrained
+from ..models.checkpoint import save_pretrained
+from ..training.checkpoint_io import load_model
 from . import run_command
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

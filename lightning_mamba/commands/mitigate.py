@@ -22,7 +22,7 @@ from jsonargparse import ArgumentParser
 
 from ..analysis import plots
 from ..analysis.criterion import default_bucket
-from ..analysis.mitigation import compare_mitigations, markdown_table
+from ..mitigations.search import compare_mitigations, markdown_table
 from ..atomic import atomic_write_text
 from . import run_command
 from .analyze import AnalyzeError, add_input_args, load_checkpoint, load_inputs

@@ -13,7 +13,7 @@ import sys
 from jsonargparse import ArgumentParser
 
 from ..analysis import plots
-from ..analysis.passkey_trend import PasskeyTrendError, load_history, passkey_dir, plot_trend, summary_lines, trend
+from ..study.passkey_trend import PasskeyTrendError, load_history, passkey_dir, plot_trend, summary_lines, trend
 from ..atomic import atomic_write_json
 from . import run_command
 

@@ -18,7 +18,7 @@ from dataclasses import fields
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from . import run_command
-from ..analysis.sweep import Study, SweepError, build_cli, cell_args, make_cells, run_study, shard_cells
+from ..study.sweep import Study, SweepError, build_cli, cell_args, make_cells, run_study, shard_cells
 
 
 def build_parser() -> ArgumentParser:
@@ -52,7 +52,7 @@ def is_rank_zero() -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     study = study_from(args)
-    from ..analysis.study import summarize, summary_lines
+    from ..study.summary import summarize, summary_lines
 
     def work() -> list[str]:
         study.validate()

@@ -1,4 +1,5 @@
-"""Moving weights in and out: the official directory layout, HF transformers' Mamba2 layout, Lightning .ckpt.
+"""Moving weights in and out of checkpoint directories: the official layout and HF transformers' Mamba2 layout.
+(Lightning .ckpt files are read by ``training.checkpoint_io.load_model``.)
 
 A checkpoint directory in the official layout (what ``mamba_ssm``'s ``MambaLMHeadModel.from_pretrained`` reads):
 ``config.json`` (the official ``MambaConfig`` fields) + ``pytorch_model.bin`` (``torch.save`` of the state_dict,
@@ -8,7 +9,6 @@ and, for a tokenizers-library tokenizer, ``tokenizer.json``.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from typing import Any
@@ -72,7 +72,7 @@ def save_pretrained(model: MambaLM, directory: str, tokenizer_spec: dict | None 
 
 
 # ---- reading ----------------------------------------------------------------------------------------
-def _read_json(path: str) -> Any:
+def read_json(path: str) -> Any:
     try:
         with open(path) as f:
             return json.load(f)
@@ -115,7 +115,7 @@ def read_config(directory: str) -> tuple[MambaConfig, dict[str, str]]:
     if not os.path.isfile(path):
         raise ConfigError(f"{path} is missing: a checkpoint directory holds config.json + pytorch_model.bin "
                           "(or model.safetensors)")
-    raw = _read_json(path)
+    raw = read_json(path)
     model_type = raw.get("model_type")
     if model_type == "mamba2":
         return _config_from_hf(raw, path), HF_RENAMES
@@ -150,7 +150,7 @@ def read_weights(directory: str) -> dict[str, Tensor]:
         index = os.path.join(directory, f"{name}.index.json")
         if os.path.isfile(index):
             state: dict[str, Tensor] = {}
-            for shard in sorted(set(_read_json(index)["weight_map"].values())):
+            for shard in sorted(set(read_json(index)["weight_map"].values())):
                 state.update(_load_file(os.path.join(directory, shard)))
             return state
     raise ConfigError(f"{directory}: no weights found (expected {WEIGHTS} or {SAFETENSORS})")
@@ -188,7 +188,7 @@ def load_pretrained(directory: str, backend: str = "auto", dtype: torch.dtype = 
 def load_tokenizer_spec(directory: str) -> dict | None:
     """The tokenizer spec lightning_mamba.json records, else tokenizer.json (e.g. NeoX's next to an official download)."""
     meta_path, tok_path = os.path.join(directory, META), os.path.join(directory, TOKENIZER)
-    spec = _read_json(meta_path).get("tokenizer") if os.path.isfile(meta_path) else None
+    spec = read_json(meta_path).get("tokenizer") if os.path.isfile(meta_path) else None
     if spec and spec.get("kind") == "json" and "json" not in spec:
         file = os.path.join(directory, spec.get("file", TOKENIZER))
         if not os.path.isfile(file):
@@ -201,52 +201,3 @@ def load_tokenizer_spec(directory: str) -> dict | None:
         with open(tok_path, encoding="utf-8") as f:
             return {"kind": "json", "json": f.read()}
     return None
-
-
-# ---- one entry point for the analysis commands ------------------------------------------------------
-def _model_from_hparams(hparams: dict | None, backend: str, path: str) -> MambaLM:
-    """Checkpoints without our metadata: rebuild through the LightningModule's own arguments."""
-    from ..lit import MambaLitModule
-
-    if not hparams:
-        raise ConfigError(f"{path} records neither lightning_mamba.mamba_config nor hyper_parameters: "
-                          "cannot rebuild the model")
-    accepted = inspect.signature(MambaLitModule.__init__).parameters
-    kwargs = {k: v for k, v in hparams.items() if k in accepted}
-    return MambaLitModule(**{**kwargs, "backend": backend}).model
-
-
-def load_model(path: str, backend: str = "auto", dtype: torch.dtype = torch.float32) -> tuple[MambaLM, dict]:
-    """A Lightning .ckpt of this project or a checkpoint directory -> (model, meta).
-
-    meta: ``mamba_config`` and, where recorded, ``seq_len`` and ``tokenizer`` (a spec dict)."""
-    if os.path.isfile(path) and os.path.basename(path) in (CONFIG, WEIGHTS, SAFETENSORS):
-        path = os.path.dirname(path) or "."
-    if os.path.isdir(path):
-        model = load_pretrained(path, backend, dtype)
-        meta_path = os.path.join(path, META)
-        meta = dict(_read_json(meta_path)) if os.path.isfile(meta_path) else {}
-        meta.pop("tokenizer", None)
-        spec = load_tokenizer_spec(path)
-        if spec is not None:
-            meta["tokenizer"] = spec
-    elif os.path.isfile(path):
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise ConfigError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from e
-        if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-            raise ConfigError(f"{path} is not a Lightning checkpoint (no state_dict): pass a .ckpt or a directory "
-                              "with config.json")
-        meta = dict(ckpt.get("lightning_mamba") or {})
-        if "mamba_config" in meta:
-            model = MambaLM(MambaConfig.from_dict(meta["mamba_config"]), backend=backend)
-        else:
-            model = _model_from_hparams(ckpt.get("hyper_parameters"), backend, path)
-        # The LightningModule holds the MambaLM as self.model; other entries are metrics' buffers.
-        state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-        load_weights(model.to(dtype), state, path)
-    else:
-        raise ConfigError(f"{path} does not exist")
-    meta.setdefault("mamba_config", model.config.to_dict())
-    return model, meta

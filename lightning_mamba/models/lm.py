@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from . import backend as kernels
+from .kernels import backend as kernels
 from .config import MambaConfig
 from .loss import linear_cross_entropy
 from .mixer import LayerState, Mamba2

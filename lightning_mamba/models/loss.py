@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import loss_triton
+from .kernels import loss_triton
 
 IGNORE_INDEX = -100
 CHUNK_BYTES = 2**30  # fp32 logits per chunk: 1 GiB

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import backend as kernels
+from .kernels import backend as kernels
 from .norm import RMSNormGated
 from .ssd import ssd_sampling_states, ssd_step
 

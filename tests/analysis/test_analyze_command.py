@@ -8,10 +8,10 @@ import torch
 
 from lightning_mamba.commands import analyze as cmd
 from lightning_mamba.data import ByteTokenizer, TextDataModule
-from lightning_mamba.lit import MambaLitModule
+from lightning_mamba.training.module import MambaLitModule
 from lightning_mamba.models.checkpoint import save_pretrained
 
-from .conftest import tiny_lm
+from tests.tiny import tiny_lm
 
 
 @pytest.fixture

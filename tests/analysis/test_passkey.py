@@ -20,7 +20,7 @@ from lightning_mamba.analysis.passkey import (
 from lightning_mamba.data.passkey import PasskeyGenerator, default_depths, grid_samples
 from lightning_mamba.data.tokenization import ByteTokenizer
 
-from .conftest import tiny_lm
+from tests.tiny import tiny_lm
 
 
 def first_mismatch(a: list, b: list) -> int:

@@ -9,7 +9,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_mamba.callbacks import LengthGeneralizationCallback, StateStatsCallback
-from lightning_mamba.lit import MambaLitModule
+from lightning_mamba.training.module import MambaLitModule
 
 from lightning_mamba.data import TextDataModule
 

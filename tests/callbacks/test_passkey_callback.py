@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lightning_mamba.callbacks.passkey import PasskeyEvalCallback
 from lightning_mamba.data.datamodule import TextDataModule
 from lightning_mamba.data.passkey import PasskeyDataModule
-from lightning_mamba.lit import MambaLitModule
+from lightning_mamba.training.module import MambaLitModule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SEQ_LEN = 256  # the byte tokenizer needs >= ~190 tokens for the paper's template and answer

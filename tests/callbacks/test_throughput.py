@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_mamba.callbacks import TokenThroughputMonitor
-from lightning_mamba.lit import MambaLitModule
+from lightning_mamba.training.module import MambaLitModule
 
 
 class Tokens(torch.utils.data.Dataset):

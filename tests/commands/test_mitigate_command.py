@@ -8,7 +8,7 @@ import pytest
 from lightning_mamba.commands import mitigate as cmd
 from lightning_mamba.data import ByteTokenizer
 from lightning_mamba.models.checkpoint import save_pretrained
-from tests.analysis.conftest import tiny_lm
+from tests.tiny import tiny_lm
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from lightning_mamba.commands.passkey import main, parse_length
 from lightning_mamba.data.corpus import default_corpus_documents
 from lightning_mamba.data.datamodule import TextDataModule
 from lightning_mamba.data.tokenization import BPETokenizer
-from lightning_mamba.lit import MambaLitModule
+from lightning_mamba.training.module import MambaLitModule
 from lightning_mamba.models.checkpoint import save_pretrained
 
 SEQ_LEN = 64
@@ -66,7 +66,7 @@ def test_lengths_depths_and_out(ckpt, tmp_path):
 def test_official_layout_directory_with_its_tokenizer_json(tmp_path, capsys):
     """As an official Mamba-2 download: config.json + pytorch_model.bin + tokenizer.json (a byte-level BPE like
     GPT-NeoX's), no training length recorded."""
-    from tests.analysis.conftest import tiny_lm
+    from tests.tiny import tiny_lm
 
     bpe = BPETokenizer.train([d[:10_000] for d in default_corpus_documents()[::6][:10]], 400)
     model = tiny_lm(vocab_size=bpe.vocab_size)

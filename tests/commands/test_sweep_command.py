@@ -11,7 +11,7 @@ import lightning as L
 import pytest
 import torch
 
-from lightning_mamba.analysis.sweep import build_cli, make_cells
+from lightning_mamba.study.sweep import build_cli, make_cells
 from lightning_mamba.cli import lightning_cli
 from lightning_mamba.commands import sweep as cmd
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_mamba.lit import MambaLitModule
+from lightning_mamba.training.module import MambaLitModule
 from lightning_mamba.models.loss import linear_cross_entropy
 
 

@@ -16,7 +16,7 @@ import torch
 
 from lightning_mamba import cli
 from lightning_mamba.cli import main
-from lightning_mamba.lit import MambaLitModule
+from lightning_mamba.training.module import MambaLitModule
 from lightning_mamba.models import ConfigError
 
 from .conftest import run_config, write_corpus

@@ -9,12 +9,12 @@ import time
 import pytest
 import torch
 
-from lightning_mamba.checkpoint_io import AtomicCheckpointIO
+from lightning_mamba.training.checkpoint_io import AtomicCheckpointIO
 from lightning_mamba.cli import main
 
 from .conftest import run_config
 
-ATOMIC = [{"class_path": "lightning_mamba.checkpoint_io.AtomicCheckpointIO"}]
+ATOMIC = [{"class_path": "lightning_mamba.training.checkpoint_io.AtomicCheckpointIO"}]
 
 
 @pytest.mark.parametrize("plugins", [None, ATOMIC], ids=["lightning-default", "AtomicCheckpointIO"])
@@ -34,7 +34,7 @@ def test_failed_save_keeps_the_previous_last_ckpt(tmp_path, corpus, cache_dir, p
 
 SAVE_LOOP = """
 import sys, torch
-from lightning_mamba.checkpoint_io import AtomicCheckpointIO
+from lightning_mamba.training.checkpoint_io import AtomicCheckpointIO
 io, step = AtomicCheckpointIO(), 0
 while True:
     step += 1

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lightning_mamba.callbacks.nan_guard import NanGuard, NonFiniteError
+from lightning_mamba.training.nan_guard import NanGuard, NonFiniteError
 from lightning_mamba.cli import lightning_cli
 
 from .conftest import logged_losses, run_config

@@ -129,7 +129,7 @@ class RecordSharded(L.Callback):
         self.flops.append(pl_module.flops_per_batch)
 
     def on_train_end(self, trainer, pl_module):
-        from lightning_mamba.callbacks import NanGuard
+        from lightning_mamba.training.nan_guard import NanGuard
 
         os.makedirs(self.out, exist_ok=True)
         guard = next(c for c in trainer.callbacks if isinstance(c, NanGuard))

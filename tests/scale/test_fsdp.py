@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from lightning_mamba.lit import MambaLitModule
-from lightning_mamba.sharding import unsharded_copy, unwrapped_name
+from lightning_mamba.training.module import MambaLitModule
+from lightning_mamba.training.sharding import unsharded_copy, unwrapped_name
 from tests.robust.conftest import write_corpus
 from tests.scale.helpers import ROOT, fit, write_config
 

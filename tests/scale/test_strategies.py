@@ -84,7 +84,7 @@ def fsdp_worker(rank: int, port: int, out: str) -> None:
     import torch.nn.functional as F
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    from lightning_mamba.lit import MambaLitModule
+    from lightning_mamba.training.module import MambaLitModule
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     torch.set_num_threads(1)

@@ -1,0 +1,200 @@
+"""Evaluate with training-free mitigations (:mod:`..models.interventions`) and pick their settings the paper's way:
+by the loss at ``at_multiple`` x T_train (default 4) on held-out text, i.e. the mean loss over positions
+(m T/2, m T] (the ``loss@{m}x`` metric of ``analyze``).
+
+    losses = evaluate_with(model, rows, seq_len, rri=(0.9999, 0.75))
+    result = search_rri(model, rows, seq_len, m_alphas=[1.0, 0.9999, 0.999], m_bs=[1.0, 0.75, 0.5])
+    result.best  # {"rri": (0.9999, 0.75), "loss": ...}; result.table: every setting with its loss
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .interventions import apply_interventions, calibrate_state_norms, describe, load_state_norms, parse_rri
+from ..analysis.evaluator import token_losses, window_mean
+
+CALIBRATION_STRIDE = 16  # tokens between the states whose norms set the thresholds
+
+
+def evaluate_with(
+    model,
+    tokens: Tensor,
+    seq_len: int | None = None,
+    piece_len: int = 2048,
+    dtype: str | torch.dtype = torch.float32,
+    device=None,
+    batch_size: int | None = None,
+    *,
+    rri: tuple[float, float] | None = None,
+    dt_scale: float | None = None,
+    window: int | None = None,
+    state_norm: Tensor | str | None = None,
+) -> Tensor:
+    """Per-position losses (b, L-1) of :func:`.evaluator.token_losses` with the given mitigations on.
+
+    ``state_norm``: thresholds (n_layer, nheads), a JSON file of them, or ``"calibrate"`` to take them from the first
+    ``seq_len`` tokens of ``tokens`` (max norm within T_train, states every 16 tokens). The normalization checks
+    the carried state every ``piece_len`` tokens (use a small piece_len for a finer check)."""
+    state_norm = resolve_state_norm(model, state_norm, tokens, seq_len, dtype, device, batch_size)
+    with apply_interventions(model, rri=rri, dt_scale=dt_scale, window=window, state_norm=state_norm):
+        return token_losses(model, tokens, piece_len, dtype, device, batch_size)
+
+
+def resolve_state_norm(model, state_norm, tokens, seq_len, dtype=torch.float32, device=None, batch_size=None):
+    if isinstance(state_norm, str):
+        if state_norm != "calibrate":
+            return load_state_norms(state_norm)
+        if not seq_len:
+            raise ValueError("state_norm='calibrate' needs seq_len (T_train): the thresholds are the norms within it")
+        return calibrate_state_norms(model, tokens, seq_len, CALIBRATION_STRIDE, dtype, device, batch_size)
+    return state_norm
+
+
+@dataclass
+class SearchResult:
+    best: dict  # the setting with the lowest loss, and its "loss"
+    table: list[dict] = field(default_factory=list)  # every setting with "loss" (mean over (m T/2, m T])
+    at_multiple: int = 4
+
+    def to_dict(self) -> dict:
+        return {"at_multiple": self.at_multiple, "best": self.best, "table": self.table}
+
+
+def search(model, tokens: Tensor, seq_len: int, grid: list[dict], at_multiple: int = 4, piece_len: int = 2048,
+           dtype: str | torch.dtype = torch.float32, device=None, batch_size: int | None = None) -> SearchResult:
+    """Evaluate each setting of ``grid`` (keyword arguments of :func:`evaluate_with`) on ``tokens`` cut to
+    at_multiple x seq_len positions and return the one with the lowest loss over (m T/2, m T]. A setting whose loss
+    is not finite never wins. Put ``{}`` in the grid to compare against the model as trained."""
+    hi = at_multiple * seq_len
+    if tokens.size(1) < hi + 1:
+        raise ValueError(f"the search scores the loss at {at_multiple} x T_train: tokens need >= {hi + 1} per row "
+                         f"(got {tokens.size(1)})")
+    if not grid:
+        raise ValueError("empty search grid")
+    rows = tokens[:, :hi + 1]
+    table = []
+    for setting in grid:
+        losses = evaluate_with(model, rows, seq_len, piece_len, dtype, device, batch_size, **setting)
+        loss = window_mean(losses, hi // 2, hi)
+        table.append({**setting, "tag": describe(**setting) or "none", "loss": loss})
+    finite = [row for row in table if row["loss"] is not None and math.isfinite(row["loss"])]
+    best = min(finite, key=lambda row: row["loss"]) if finite else table[0]
+    return SearchResult(best=best, table=table, at_multiple=at_multiple)
+
+
+def search_rri(model, tokens, seq_len, m_alphas, m_bs, at_multiple: int = 4, **kw) -> SearchResult:
+    """RRI over the grid m_alphas x m_bs (the paper chose m_alpha=0.9999, m_b=0.75 for the 370M model this way)."""
+    return search(model, tokens, seq_len, [{"rri": (float(a), float(b))} for a in m_alphas for b in m_bs], at_multiple, **kw)
+
+
+def search_window(model, tokens, seq_len, windows, at_multiple: int = 4, **kw) -> SearchResult:
+    return search(model, tokens, seq_len, [{"window": int(r)} for r in windows], at_multiple, **kw)
+
+
+def search_dt_scale(model, tokens, seq_len, scales, at_multiple: int = 4, **kw) -> SearchResult:
+    return search(model, tokens, seq_len, [{"dt_scale": float(c)} for c in scales], at_multiple, **kw)
+
+
+# ---- command-line switches (used by ``lightning-mamba analyze``) -----------------------------------------
+def add_intervention_args(parser) -> None:
+    parser.add_argument("--rri", type=str | None, default=None, help="Evaluate with RRI 'm_alpha,m_b': alpha' = m_alpha "
+                        "* alpha, B' = m_b * B (the paper's 370M: 0.9999,0.75).")
+    parser.add_argument("--dt_scale", type=float | None, default=None, help="Evaluate with dt' = c * dt (LongMamba-style).")
+    parser.add_argument("--window", type=int | None, default=None, help="Evaluate with an exact sliding window of r "
+                        "tokens per layer (state difference).")
+    parser.add_argument("--state_norm", type=str | None, default=None, help="Evaluate with state normalization: a "
+                        "thresholds JSON, or 'calibrate' (max norms within T_train on the evaluation text); the state "
+                        "is checked every --piece_len tokens.")
+
+
+def interventions_from_args(args, model, rows: Tensor, seq_len: int, dtype, device, batch_size=None) -> tuple[dict, dict]:
+    """(keyword arguments for apply_interventions, a JSON-able description including the tag)."""
+    kw = {"rri": parse_rri(args.rri), "dt_scale": args.dt_scale, "window": args.window,
+          "state_norm": resolve_state_norm(model, args.state_norm, rows, seq_len, dtype, device, batch_size)}
+    kw = {k: v for k, v in kw.items() if v is not None}
+    desc = {k: v for k, v in kw.items() if k != "state_norm"}
+    if "state_norm" in kw:
+        desc["state_norm"] = args.state_norm
+        desc["state_norm_thresholds"] = kw["state_norm"].tolist()
+    desc["tag"] = describe(**kw)
+    return kw, desc
+
+
+# ---- the comparison: each mitigation at its searched setting, on the same held-out rows -------------------
+def default_grid(method: str, seq_len: int) -> list[dict]:
+    """The settings ``compare_mitigations`` searches per method; ``{}`` (as trained) is always among them, so a
+    method that does not help keeps the model unchanged."""
+    if method == "rri":
+        return [{}] + [{"rri": (a, b)} for a in (1.0, 0.9999, 0.999, 0.99) for b in (1.0, 0.75, 0.5) if (a, b) != (1.0, 1.0)]
+    if method == "dt_scale":
+        return [{}] + [{"dt_scale": c} for c in (1.5, 2.0, 4.0, 8.0, 16.0, 64.0)]
+    if method == "window":
+        return [{}] + [{"window": r} for r in sorted({max(1, seq_len // 4), max(1, seq_len // 2), seq_len})]
+    raise ValueError(f"unknown mitigation {method!r}: use rri, dt_scale, window or state_norm")
+
+
+def curve_metrics(losses: Tensor, positions, curve, seq_len: int, bucket: int, threshold: float = 2.0) -> dict:
+    """The numbers a mitigation is judged by: in-window loss (T/2, T], loss@4x, mean over (4T, end], and the
+    verdict on the bucket curve (positions, curve) of ``losses``."""
+    from ..analysis.criterion import judge_forgetting
+
+    n = losses.size(1)
+    v = judge_forgetting(positions, curve, seq_len, threshold, bucket)
+    in_window = window_mean(losses, seq_len // 2, seq_len)
+    beyond = window_mean(losses, 4 * seq_len, n) if n > 4 * seq_len else None
+    return {"loss_in_window": in_window, "loss@4x": window_mean(losses, 2 * seq_len, 4 * seq_len) if n >= 4 * seq_len else None,
+            "loss_beyond_4x": beyond, "ratio": beyond / in_window if beyond and in_window else None,
+            "forgets": v.forgets, "blowup_position": v.blowup_position, "max_in_window": v.max_in_window}
+
+
+def compare_mitigations(model, rows: Tensor, seq_len: int, bucket: int, methods=("rri", "dt_scale", "window", "state_norm"),
+                        others: dict | None = None, at_multiple: int = 4, threshold: float = 2.0, piece_len: int = 2048,
+                        dtype: str | torch.dtype = torch.float32, device=None, batch_size: int | None = None,
+                        log=lambda msg: None) -> list[dict]:
+    """The model as trained, then each method at the setting :func:`search` picks (loss at ``at_multiple`` x T on
+    the first at_multiple x T positions of ``rows``), then ``others`` ({name: model}, e.g. a fine-tune) as they are;
+    every entry evaluated on all of ``rows``. Returns entries with setting, search table, metrics and curve."""
+    from ..analysis.evaluator import bucket_curve
+
+    kw = {"dtype": dtype, "device": device, "batch_size": batch_size}
+    entries = []
+
+    def add(name, m, setting, search_table=None, pl=piece_len):
+        losses = evaluate_with(m, rows, seq_len, pl, **kw, **setting)
+        positions, curve = bucket_curve(losses, bucket)
+        entries.append({"name": name, "setting": describe(**setting) or "none", "search": search_table,
+                        "metrics": curve_metrics(losses, positions, curve, seq_len, bucket, threshold),
+                        "positions": positions.tolist(), "curve": curve.tolist()})
+        log(f"{name}: {entries[-1]['setting']}")
+
+    add("as trained", model, {})
+    for method in methods:
+        if method == "state_norm":  # nothing to search: thresholds from the norms within T_train
+            add("state norm", model, {"state_norm": "calibrate"}, pl=max(1, min(piece_len, seq_len // 4)))
+            continue
+        result = search(model, rows, seq_len, default_grid(method, seq_len), at_multiple, piece_len, **kw)
+        setting = {k: v for k, v in result.best.items() if k not in ("tag", "loss")}
+        add({"rri": "RRI", "dt_scale": "dt scaling", "window": "sliding window"}[method], model, setting,
+            [{"setting": r["tag"], "loss": r["loss"]} for r in result.table])
+    for name, other in (others or {}).items():
+        add(name, other, {})
+    return entries
+
+
+def markdown_table(entries: list[dict], seq_len: int) -> list[str]:
+    def f(x):
+        return "-" if x is None else f"{x:.3f}"
+
+    lines = ["| model | setting (searched by loss at 4 x T) | loss (T/2, T] | loss@4x | loss (4T, end] | ratio | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    for e in entries:
+        m = e["metrics"]
+        verdict = "forgets" if m["forgets"] else f"FAILS at {m['blowup_position']} ({m['blowup_position'] / seq_len:.1f} T)"
+        lines.append(f"| {e['name']} | {e['setting']} | {f(m['loss_in_window'])} | {f(m['loss@4x'])} | "
+                     f"{f(m['loss_beyond_4x'])} | {f(m['ratio'])} | {verdict} |")
+    return lines

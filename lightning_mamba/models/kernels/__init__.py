@@ -1,0 +1,1 @@
+"""The one backend switch (``backend.py``: torch reference or Triton/mamba_ssm kernels) and our Triton kernels."""

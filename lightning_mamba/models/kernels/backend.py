@@ -1,0 +1,138 @@
+"""The one kernel switch: pure torch everywhere, mamba_ssm's Triton SSD on CUDA when installed."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..config import ConfigError
+from ..conv import causal_conv1d
+from ..ssd import ssd_chunked
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_scan():
+    """Import ``mamba_chunk_scan_combined``; returns (function or None, reason it is missing)."""
+
+    if not torch.cuda.is_available():
+        return None, "CUDA is not available"
+    try:
+        import selective_scan_cuda  # noqa: F401
+    except ImportError:
+        # mamba-ssm 2.3.2 imports its Mamba-1 CUDA extension eagerly; Mamba-2 never calls it, and the
+        # pure-Python build (MAMBA_SKIP_CUDA_BUILD) lacks it. An empty placeholder lets the import run.
+        sys.modules["selective_scan_cuda"] = types.ModuleType("selective_scan_cuda")
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except Exception as e:  # ImportError, or a broken install
+        return None, f"mamba_ssm does not import ({type(e).__name__}: {e})"
+    return mamba_chunk_scan_combined, ""
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_norms():
+    """mamba_ssm's fused Triton norms (add + RMSNorm, gated RMSNorm), or None."""
+    if _triton_scan()[0] is None:
+        return None
+    from mamba_ssm.ops.triton.layer_norm import rms_norm_fn
+    from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+
+    return rms_norm_fn, rmsnorm_fn
+
+
+def check_backend(name: str) -> None:
+    """Fail early, with what to change, for an unknown or unavailable backend."""
+    if name not in BACKENDS:
+        raise ConfigError(f"unknown backend {name!r}: use one of {', '.join(BACKENDS)}")
+    if name == "triton":
+        fn, why = _triton_scan()
+        if fn is None:
+            raise ConfigError(
+                f"backend 'triton' needs CUDA and mamba-ssm ({why}): install the cuda extra as the README says, "
+                "or use --model.backend torch"
+            )
+
+
+def uses_triton(name: str, x: Tensor) -> bool:
+    if name == "torch" or not x.is_cuda:
+        if name == "triton":
+            raise ConfigError("backend 'triton' needs the model on a CUDA device: move it to a GPU or use backend torch")
+        return False
+    fn, _ = _triton_scan()
+    if fn is None and name == "triton":
+        check_backend(name)
+    return fn is not None
+
+
+def ssd(
+    backend: str,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int,
+    initial_state: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+    D: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """SSD scan with the chosen backend. Arguments as :func:`ssd.ssd_chunked` (dt already positive); ``D`` (heads),
+    if given, adds the skip ``D * x`` to y (in x's dtype), inside the kernel on the Triton path."""
+    if uses_triton(backend, x):
+        fn, _ = _triton_scan()
+        # The kernel takes strided views as long as the last dimension is contiguous: no copies of x, B, C.
+        y, final_state = fn(
+            x, dt.contiguous(), A, B, C, chunk_size, D=D,
+            initial_states=initial_state,
+            # the kernel ties a carried-in state to document 0: number each row's documents from 0
+            seq_idx=None if seq_idx is None else (seq_idx - seq_idx[:, :1]).to(torch.int32).contiguous(),
+            dt_softplus=False,
+            return_final_states=True,
+        )
+        return y, final_state
+    y, final_state = ssd_chunked(x, dt, A, B, C, chunk_size, initial_state=initial_state, seq_idx=seq_idx)
+    if D is not None:
+        y = y.to(x.dtype) + x * D.to(x.dtype)[:, None]
+    return y, final_state
+
+
+def conv1d_silu(
+    backend: str, u: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """silu(depthwise causal conv(u)) and the new conv state (:func:`conv.causal_conv1d`); on the Triton path one
+    fused kernel that reads u in its (b, l, d) layout (models/conv_triton.py), unless a carried conv state needs a
+    gradient, which only the torch path gives."""
+    if uses_triton(backend, u) and not (conv_state is not None and conv_state.requires_grad and torch.is_grad_enabled()):
+        from .conv_triton import causal_conv1d_silu
+
+        return causal_conv1d_silu(u, weight, bias, conv_state, seq_idx)
+    out, new_state = causal_conv1d(u, weight, bias, conv_state, seq_idx)
+    return F.silu(out), new_state
+
+
+def add_rmsnorm(backend: str, h: Tensor, residual: Tensor | None, norm, residual_in_fp32: bool) -> tuple[Tensor, Tensor]:
+    """residual = h + residual (kept in fp32 when asked); returns (norm(residual), residual)."""
+    if uses_triton(backend, h):
+        rms_norm_fn, _ = _triton_norms()
+        return rms_norm_fn(h, norm.weight, None, residual=residual, prenorm=True, residual_in_fp32=residual_in_fp32,
+                           eps=norm.eps)
+    residual = h if residual is None else h + residual
+    if residual_in_fp32:
+        residual = residual.to(torch.promote_types(residual.dtype, torch.float32))
+    return norm(residual.to(norm.weight.dtype)), residual
+
+
+def gated_rmsnorm(backend: str, y: Tensor, z: Tensor, norm) -> Tensor:
+    """norm(y * silu(z)) per group (norm_before_gate=False)."""
+    if uses_triton(backend, y):
+        _, rmsnorm_fn = _triton_norms()
+        return rmsnorm_fn(y, norm.weight, None, z=z, eps=norm.eps, group_size=norm.group_size, norm_before_gate=False)
+    return norm(y, z)

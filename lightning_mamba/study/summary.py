@@ -1,0 +1,319 @@
+"""A study's summary from its cells' result.json files: T_forget per state size, the paper's laws fitted, figures.
+
+``summarize(out)`` reads ``<out>/cells/*/result.json`` (and the plan in ``<out>/study.json`` when there) and writes
+``results.csv`` (one row per cell), ``summary.json`` (per row of the grid: N_S both ways, passes per LEN,
+T_forget or a lower bound; the fits beside the paper's constants), PNG figures and a TensorBoard run
+``<out>/summary``. It can run at any time, e.g. after every shard has finished; a row with cells still missing
+is reported as incomplete rather than guessed.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import os
+
+import numpy as np
+
+from ..analysis import plots
+from ..analysis.fits import N_S_UNIT, PAPER_T_FORGET, PAPER_T_RECALL, T_UNIT, fit_exponential, fit_linear
+from ..atomic import atomic_write_text
+from .sweep import SweepError, clean, write_json
+
+import matplotlib.pyplot as plt  # noqa: E402  (plots selected the Agg backend)
+
+CSV_FIELDS = ("cell", "row", "d_state", "n_layer", "d_model", "seq_len", "batch_size", "steps", "tokens", "params",
+              "n_s", "n_s_ssm_only", "forgets", "blowup_position", "blowup_over_len", "max_in_window",
+              "ratio_4_16x", "evaluated_to", "val_loss", "t_recall", "train_seconds", "eval_seconds")
+
+
+def load_results(out: str) -> list[dict]:
+    results = []
+    for path in sorted(glob.glob(os.path.join(out, "cells", "*", "result.json"))):
+        with open(path) as f:
+            results.append(json.load(f))
+    return results
+
+
+def load_plan(out: str) -> dict | None:
+    path = os.path.join(out, "study.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def blowup_over_len(r: dict) -> float | None:
+    pos = r["verdict"]["blowup_position"]
+    return None if pos is None else pos / r["seq_len"]
+
+
+def csv_row(r: dict) -> dict:
+    v = r["verdict"]
+    pk = r.get("passkey") or {}
+    return {**{k: r.get(k) for k in CSV_FIELDS}, "forgets": int(v["forgets"]), "blowup_position": v["blowup_position"],
+            "blowup_over_len": blowup_over_len(r),
+            "max_in_window": v["max_in_window"], "ratio_4_16x": v["ratio_long_over_in"],
+            "evaluated_to": v["evaluated_to"], "t_recall": pk.get("t_recall")}
+
+
+def rows_of(results: list[dict], plan: dict | None) -> list[dict]:
+    """One entry per row of the grid (a state size, or a model), in plan order: T_forget = smallest passing LEN."""
+    order = list(dict.fromkeys([c.rsplit("_len", 1)[0] for c in (plan or {}).get("cells", [])]
+                               + [r["row"] for r in results]))
+    planned = {}
+    for c in (plan or {}).get("cells", []):
+        row, t = c.rsplit("_len", 1)
+        planned.setdefault(row, []).append(int(t))
+    rows = []
+    for name in order:
+        cells = {r["seq_len"]: r for r in results if r["row"] == name}
+        lens = sorted(set(planned.get(name, [])) | set(cells))
+        first = next(iter(cells.values()), None)
+        entry = {"row": name, "lens": lens, "missing_lens": [t for t in lens if t not in cells],
+                 "passes": {str(t): cells[t]["verdict"]["forgets"] for t in lens if t in cells},
+                 "blowup_over_len": {str(t): blowup_over_len(cells[t]) for t in lens if t in cells},
+                 "t_forget": None, "t_forget_lower_bound": None, "t_forget_upper_bound": None, "status": "incomplete"}
+        if first is not None:
+            entry.update({k: first[k] for k in ("d_state", "n_layer", "d_model", "n_s", "n_s_ssm_only", "params")})
+        for t in lens:
+            if t not in cells:
+                break  # a smaller LEN is not done yet: T_forget cannot be named
+            if cells[t]["verdict"]["forgets"] and t == lens[0]:
+                # the grid's shortest LEN already forgets: T_forget is at most t, the grid cannot say more
+                entry.update(t_forget_upper_bound=t, status="at_or_below_min_len")
+                break
+            if cells[t]["verdict"]["forgets"]:
+                entry.update(t_forget=t, status="measured")
+                break
+        else:
+            if lens:
+                entry.update(t_forget_lower_bound=max(lens), status="above_max_len")
+        if entry["t_forget"] is not None:  # the paper's law assumes every longer LEN passes too
+            later = [t for t in lens if t > entry["t_forget"] and t in cells and not cells[t]["verdict"]["forgets"]]
+            entry["fails_above_t_forget"] = later
+        entry["t_forget_text"] = (str(entry["t_forget"]) if entry["t_forget"] is not None else
+                                  f"> {entry['t_forget_lower_bound']}" if entry["t_forget_lower_bound"] else
+                                  f"<= {entry['t_forget_upper_bound']}" if entry["t_forget_upper_bound"] else
+                                  "incomplete (missing LEN " + ", ".join(map(str, entry["missing_lens"])) + ")")
+        recalls = [(cells[t].get("passkey") or {}).get("t_recall") for t in cells if cells[t].get("passkey")]
+        entry["t_recall"] = max((x for x in recalls if x is not None), default=None) if recalls else None
+        entry["passkey_ran"] = bool(recalls)
+        rows.append(entry)
+    return rows
+
+
+def fit_entry(fit, n: int, paper: dict, min_points: int) -> dict:
+    if fit is None:
+        return {"fit": None, "n_points": n, "reason": f"no fit: {n} finite point(s), needs at least {min_points} "
+                "with different N_S", "paper": paper}
+    return {"fit": fit._asdict(), "n_points": n, "paper": paper}
+
+
+def fits_of(rows: list[dict]) -> dict:
+    """T_forget (K tokens) vs N_S (M), both N_S conventions; T_recall likewise when passkey ran."""
+    measured = [r for r in rows if r["t_forget"] is not None and "n_s" in r]
+    out = {"units": {"n_s": "millions (1e6)", "t": f"K tokens (1K = {T_UNIT})"}, "t_forget": {}, "t_recall": {}}
+    y = [r["t_forget"] / T_UNIT for r in measured]
+    for key, label in (("n_s", "paper_convention"), ("n_s_ssm_only", "ssm_only")):
+        x = [r[key] / N_S_UNIT for r in measured]
+        out["t_forget"][label] = fit_entry(fit_linear(x, y), len(x), PAPER_T_FORGET, 2)
+    out["t_forget"]["lower_bounds"] = [
+        {"row": r["row"], "n_s": r.get("n_s"), "t_forget_above": r["t_forget_lower_bound"]}
+        for r in rows if r["t_forget_lower_bound"] is not None]
+    out["t_forget"]["upper_bounds"] = [
+        {"row": r["row"], "n_s": r.get("n_s"), "t_forget_at_most": r["t_forget_upper_bound"]}
+        for r in rows if r["t_forget_upper_bound"] is not None]
+    recall = [r for r in rows if r["t_recall"] is not None and "n_s" in r]
+    if any(r["passkey_ran"] for r in rows):
+        yr = [r["t_recall"] / T_UNIT for r in recall]
+        for key, label in (("n_s", "paper_convention"), ("n_s_ssm_only", "ssm_only")):
+            xr = [r[key] / N_S_UNIT for r in recall]
+            out["t_recall"][label] = fit_entry(fit_exponential(xr, yr), len(xr), PAPER_T_RECALL, 3)
+    else:
+        out["t_recall"] = {"fit": None, "reason": "passkey did not run (study.passkey: false)", "paper": PAPER_T_RECALL}
+    return out
+
+
+# ---- figures ----------------------------------------------------------------------------------------------
+def plot_t_forget(rows: list[dict], fits: dict) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    m = [r for r in rows if r["t_forget"] is not None and "n_s" in r]
+    lb = [r for r in rows if r["t_forget_lower_bound"] is not None and "n_s" in r]
+    ax.plot([r["n_s"] / N_S_UNIT for r in m], [r["t_forget"] / T_UNIT for r in m], "o", label="T_forget (measured)")
+    if lb:
+        ax.plot([r["n_s"] / N_S_UNIT for r in lb], [r["t_forget_lower_bound"] / T_UNIT for r in lb], "^", color="C3",
+                label="> max LEN (lower bound)")
+    ub = [r for r in rows if r["t_forget_upper_bound"] is not None and "n_s" in r]
+    if ub:
+        ax.plot([r["n_s"] / N_S_UNIT for r in ub], [r["t_forget_upper_bound"] / T_UNIT for r in ub], "v", color="C2",
+                label="<= min LEN (upper bound: the shortest LEN forgets)")
+    f = fits["t_forget"]["paper_convention"]["fit"]
+    if f is not None:
+        xs = np.linspace(0, max(r["n_s"] for r in rows if "n_s" in r) / N_S_UNIT * 1.05, 50)
+        ax.plot(xs, f["a"] * xs + f["b"], "-", color="C0", alpha=0.6,
+                label=f"fit {f['a']:.3g} N_S {f['b']:+.3g} (R^2 {f['r2']:.3f})")
+    ax.set_xlabel("N_S (millions, paper convention)")
+    ax.set_ylabel(f"T_forget (K tokens, 1K = {T_UNIT})")
+    ax.set_title(f"T_forget vs state size (paper: {PAPER_T_FORGET['a']} N_S - {-PAPER_T_FORGET['b']})", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _grid(results: list[dict], rows: list[dict]):
+    lens = sorted({r["seq_len"] for r in results})
+    names = [r["row"] for r in rows if any(x["row"] == r["row"] for x in results)]
+    fig, axes = plt.subplots(len(names), len(lens), figsize=(2.6 * len(lens) + 0.5, 2.1 * len(names) + 0.5),
+                             squeeze=False, sharey="row")
+    by = {(r["row"], r["seq_len"]): r for r in results}
+    return fig, axes, names, lens, by
+
+
+def plot_curve_grid(results: list[dict], rows: list[dict]) -> plt.Figure:
+    """Loss vs position for every cell (rows: state sizes, columns: LEN), LEN and the failure line marked."""
+    fig, axes, names, lens, by = _grid(results, rows)
+    for i, name in enumerate(names):
+        for j, t in enumerate(lens):
+            ax = axes[i][j]
+            r = by.get((name, t))
+            if r is None:
+                ax.set_axis_off()
+                continue
+            v = r["verdict"]
+            ax.plot(r["curve"]["positions"], r["curve"]["loss"], linewidth=1, color="C0" if v["forgets"] else "C3")
+            ax.axvline(t, color="k", linestyle="--", linewidth=0.8)
+            ax.axhline(v["threshold"] * v["max_in_window"], color="r", linestyle=":", linewidth=0.8)
+            plots._log_positions(ax)
+            ax.set_title(f"{name} LEN {t}: {'pass' if v['forgets'] else 'FAIL'}", fontsize=8)
+            ax.tick_params(labelsize=7)
+    fig.supxlabel("position (tokens)", fontsize=9)
+    fig.supylabel("loss (bucket mean)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_passkey_grid(results: list[dict], rows: list[dict]) -> plt.Figure | None:
+    """Passkey accuracy heatmaps (depth x prompt length) for every cell that ran it."""
+    results = [r for r in results if r.get("passkey")]
+    if not results:
+        return None
+    fig, axes, names, lens, by = _grid(results, rows)
+    for i, name in enumerate(names):
+        for j, t in enumerate(lens):
+            ax = axes[i][j]
+            pk = (by.get((name, t)) or {}).get("passkey")
+            if not pk:
+                ax.set_axis_off()
+                continue
+            ax.imshow(np.asarray(pk["accuracy"]), aspect="auto", cmap="RdYlGn", vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks(range(len(pk["lengths"])), [str(n) for n in pk["lengths"]], rotation=60, fontsize=6)
+            ax.set_yticks(range(len(pk["depths"])), [f"{d:.2f}" for d in pk["depths"]], fontsize=6)
+            ax.set_title(f"{name} LEN {t}: T_recall {pk['t_recall'] or 'none'}", fontsize=8)
+    fig.supxlabel("prompt length (tokens)", fontsize=9)
+    fig.supylabel("needle depth", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+# ---- the summary ------------------------------------------------------------------------------------------
+def summarize(out: str, tensorboard: bool = True) -> dict:
+    """Write results.csv, summary.json, PNGs and (optionally) the TensorBoard run ``<out>/summary``."""
+    plan = load_plan(out)
+    results = load_results(out)
+    if plan is None and not results:
+        raise SweepError(f"no study under {out}: neither study.json nor cells/*/result.json (wrong --out?)")
+    rows = rows_of(results, plan)
+    order = {r["row"]: i for i, r in enumerate(rows)}
+    results.sort(key=lambda r: (order[r["row"]], r["seq_len"]))
+    fits = fits_of(rows)
+    budgets = sorted({r["tokens"] for r in results})
+    notes = []
+    if len(budgets) > 1:
+        notes.append(f"cells trained on different budgets {budgets}: the rows are not comparable")
+    if rows and all(r["status"] == "at_or_below_min_len" for r in rows):
+        notes.append("every row already forgets at the shortest LEN: T_forget is below the grid, no law can be fitted "
+                     "(shorter lens or far more training per cell would be needed to find it)")
+    missing = [c for c in (plan or {}).get("cells", []) if c not in {r["cell"] for r in results}]
+    if missing:
+        notes.append(f"{len(missing)} planned cell(s) have no result yet: {', '.join(missing)}")
+    summary = {"out": os.path.abspath(out), "cells_done": len(results), "cells_missing": missing,
+               "tokens_per_cell": budgets, "axis": "models" if (plan or {}).get("models") else "states",
+               "rows": rows, "fits": fits, "notes": notes}
+    os.makedirs(out, exist_ok=True)
+    summary = clean(summary)
+    write_json(os.path.join(out, "summary.json"), summary)
+    table = io.StringIO(newline="")
+    w = csv.DictWriter(table, fieldnames=CSV_FIELDS)
+    w.writeheader()
+    w.writerows(clean([csv_row(r) for r in results]))
+    atomic_write_text(os.path.join(out, "results.csv"), table.getvalue())
+    if results:
+        write_figures(out, results, rows, fits, tensorboard)
+    return summary
+
+
+def write_figures(out: str, results: list[dict], rows: list[dict], fits: dict, tensorboard: bool) -> None:
+    figures = {"t_forget_vs_state_size": plot_t_forget(rows, fits), "loss_curves": plot_curve_grid(results, rows)}
+    pk = plot_passkey_grid(results, rows)
+    if pk is not None:
+        figures["passkey_heatmaps"] = pk
+    writer = None
+    if tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        folder = os.path.join(out, "summary")
+        for old in glob.glob(os.path.join(folder, "events.out.tfevents.*")):
+            os.unlink(old)  # a summary replaces the previous one
+        writer = SummaryWriter(folder)
+        for r in rows:  # x axis: N_S in thousands, so TensorBoard draws T_forget vs N_S
+            if "n_s" not in r:
+                continue
+            step = int(round(r["n_s"] / 1000))
+            if r["t_forget"] is not None:
+                writer.add_scalar("study/t_forget", r["t_forget"], step)
+            if r["t_forget_lower_bound"] is not None:
+                writer.add_scalar("study/t_forget_lower_bound", r["t_forget_lower_bound"], step)
+            if r["t_recall"] is not None:
+                writer.add_scalar("study/t_recall", r["t_recall"], step)
+        writer.add_text("study/summary", "\n".join(markdown_table(rows)), 0)
+    for name, fig in figures.items():
+        if writer is not None:
+            writer.add_figure(f"study/{name}", fig, 0, close=False)
+        plots.save_png(fig, os.path.join(out, f"{name}.png"))
+    if writer is not None:
+        writer.close()
+
+
+def markdown_table(rows: list[dict]) -> list[str]:
+    lines = ["| row | N_S (M) | N_S SSM-only (M) | T_forget | passes per LEN |", "|---|---|---|---|---|"]
+    for r in rows:
+        ns = f"{r['n_s'] / N_S_UNIT:.3f}" if "n_s" in r else "-"
+        ssm = f"{r['n_s_ssm_only'] / N_S_UNIT:.3f}" if "n_s" in r else "-"
+        passes = " ".join(f"{t}:{'pass' if p else 'FAIL'}" for t, p in r["passes"].items())
+        lines.append(f"| {r['row']} | {ns} | {ssm} | {r['t_forget_text']} | {passes} |")
+    return lines
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """What the command prints: the table, the fits with the paper's numbers beside ours, the notes."""
+    lines = markdown_table(summary["rows"])
+    for law, paper_text in (("t_forget", f"paper: a = {PAPER_T_FORGET['a']}, b = {PAPER_T_FORGET['b']}"),
+                            ("t_recall", f"paper: a = {PAPER_T_RECALL['a']}, b = {PAPER_T_RECALL['b']}, "
+                                         f"c = {PAPER_T_RECALL['c']}")):
+        entry = summary["fits"][law]
+        form = "T_forget = a N_S + b" if law == "t_forget" else "T_recall = b (a^N_S - 1) + c"
+        fit = entry.get("paper_convention", entry)
+        if fit.get("fit") is None:
+            lines.append(f"{form}: {fit['reason']}  ({paper_text})")
+            continue
+        f = fit["fit"]
+        ours = ", ".join(f"{k} = {f[k]:.4g}" for k in ("a", "b", "c") if k in f)
+        r2 = "n/a" if f["r2"] is None else f"{f['r2']:.4f}"
+        lines.append(f"{form} (N_S in M, T in K tokens): ours {ours}, R^2 = {r2} over {fit['n_points']} points  "
+                     f"({paper_text})")
+    lines += [f"note: {n}" for n in summary["notes"]]
+    lines.append(f"written to {summary['out']} (results.csv, summary.json, *.png, summary/)")
+    return lines

@@ -1,0 +1,356 @@
+"""The forgetting study as a list of cells: one model per (STATE, LEN), same token budget, same everything else.
+
+A cell trains through the path a user's run takes (``lightning_cli(args, run=False)`` from the base config plus
+the study's overrides, then ``trainer.fit``), so its run directory ``<out>/cells/<cell>/`` holds a normal
+``config.yaml``, TensorBoard events and ``checkpoints/last.ckpt``. The final model is then evaluated in fp32 on
+held-out text to ``eval_multiple x LEN`` positions (or ``eval_tokens``) and judged with the paper's criterion;
+``result.json`` (written atomically) marks the cell done. Re-running skips done cells and resumes a killed one
+from its ``last.ckpt``. ``shard="i/n"`` keeps cells k with k % n == i: one process per GPU or node.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..atomic import atomic_write_text
+
+
+
+class SweepError(ValueError):
+    """A study setting that cannot work; the message says what to change."""
+
+
+@dataclass
+class Study:
+    """A T_forget study: the grid, the budget, the evaluation and where it all goes.
+
+    Args:
+        states: STATE axis: the d_state values (one model per state and length).
+        lens: LEN axis: the training lengths in tokens.
+        models: The paper's axis instead of d_state: a list of model overrides, e.g. {n_layer: 12, d_model: 768}
+            (an optional key 'name' names the row). When given, ``states`` is not used.
+        tokens_per_cell: Training budget of every cell in tokens (steps = tokens_per_cell // tokens_per_batch).
+            The paper's failure needs much more training than small pilots get (see docs/study.md).
+        tokens_per_batch: Tokens per optimizer step, the same for every cell: batch size = tokens_per_batch / LEN
+            (split over the devices when a cell trains on several). Must be a multiple of every LEN.
+        eval_multiple: Evaluate each model to eval_multiple x LEN positions.
+        eval_tokens: Evaluate to this many positions instead (e.g. 1048576, the paper's 1M); null: eval_multiple.
+        eval_n_rows: Held-out rows (prompts) averaged; the paper used 128.
+        bucket: Positions per bucket of the criterion's curve; null: LEN // 8 (at least 16).
+        threshold: The paper's criterion: fails if a bucket exceeds threshold x the max within LEN.
+        passkey: Also score passkey retrieval (lengths passkey_multiples x LEN) for T_recall.
+        passkey_multiples: Passkey prompt lengths in units of LEN.
+        passkey_depths: Evenly spaced needle depths (i + 0.5) / n.
+        passkey_samples: Keys per (length, depth) cell.
+        out: The study directory: cells/, results.csv, summary.json, figures, summary/ (TensorBoard).
+        base_config: LightningCLI config file(s) every cell starts from (as `lightning-mamba fit --config`).
+        model_overrides: model.* settings applied to every cell (e.g. {d_model: 256, n_layer: 4}).
+        data_overrides: data.* settings applied to every cell (seq_len and batch_size are the study's).
+        trainer_overrides: trainer.* settings applied to every cell (max_steps, precision, logger are the study's).
+        precision: Training precision of every cell; auto: bf16-mixed on CUDA, else 32-true.
+        shard: 'i/n': run only cells k with k % n == i (one process per GPU or node; see docs/study.md).
+        seed: seed_everything of every cell.
+        piece_len: Evaluation: tokens per forward (the state is carried, memory stays constant).
+        eval_batch_size: Evaluation: rows per forward.
+        device: Evaluation device; null: the one the cell trained on (cuda when available, else cpu).
+    """
+
+    states: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    lens: list[int] = field(default_factory=lambda: [128, 256, 512, 1024, 2048])
+    models: list[dict] | None = None
+    tokens_per_cell: int = 2**25
+    tokens_per_batch: int = 2**16
+    eval_multiple: int = 16
+    eval_tokens: int | None = None
+    eval_n_rows: int = 8
+    bucket: int | None = None
+    threshold: float = 2.0
+    passkey: bool = False
+    passkey_multiples: list[float] = field(default_factory=lambda: [0.5, 1, 2, 4, 8, 16])
+    passkey_depths: int = 5
+    passkey_samples: int = 4
+    out: str = "runs/study/forget_threshold"
+    base_config: list[str] = field(default_factory=lambda: ["configs/train.yaml"])
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    data_overrides: dict[str, Any] = field(default_factory=dict)
+    trainer_overrides: dict[str, Any] = field(default_factory=dict)
+    precision: str = "auto"
+    shard: str = "0/1"
+    seed: int = 0
+    piece_len: int = 2048
+    eval_batch_size: int = 8
+    device: str | None = None
+
+    @property
+    def axis(self) -> str:
+        return "models" if self.models else "states"
+
+    @property
+    def steps(self) -> int:
+        return self.tokens_per_cell // self.tokens_per_batch
+
+    def eval_length(self, seq_len: int) -> int:
+        return self.eval_tokens or self.eval_multiple * seq_len
+
+    def validate(self) -> None:
+        check(bool(self.lens) and all(t >= 2 for t in self.lens),
+              f"lens must be non-empty, each >= 2 (got {self.lens})")
+        if self.axis == "states":
+            check(bool(self.states) and all(n >= 1 for n in self.states), f"states must be non-empty, each >= 1 "
+                  f"(got {self.states})")
+            check("d_state" not in self.model_overrides, "model_overrides.d_state conflicts with states: remove one")
+        bad = [t for t in self.lens if self.tokens_per_batch % t]
+        check(not bad, f"tokens_per_batch={self.tokens_per_batch} must be a multiple of every LEN (not of {bad}), so "
+              f"every cell sees the same tokens per step: use e.g. {math.lcm(*self.lens)}")
+        check(self.steps >= 1, f"tokens_per_cell={self.tokens_per_cell} is less than one step of "
+              f"tokens_per_batch={self.tokens_per_batch}")
+        for name in ("eval_n_rows", "passkey_depths", "passkey_samples", "piece_len", "eval_batch_size"):
+            check(getattr(self, name) >= 1, f"{name} must be >= 1 (got {getattr(self, name)})")
+        check(self.eval_length(max(self.lens)) > max(self.lens), "the evaluation must go past LEN: use "
+              f"eval_multiple >= 2 or eval_tokens > {max(self.lens)}")
+        check(self.bucket is None or 1 <= self.bucket <= min(self.lens), f"bucket={self.bucket} must be between 1 and "
+              f"the smallest LEN ({min(self.lens)})")
+        check(self.threshold > 0, f"threshold must be > 0 (got {self.threshold})")
+        for key, what in (("seq_len", "lens"), ("batch_size", "tokens_per_batch")):
+            check(key not in self.data_overrides, f"data_overrides.{key} is set by the study ({what}): remove it")
+        for key, what in (("max_steps", "tokens_per_cell"), ("precision", "precision"), ("logger", "out")):
+            check(key not in self.trainer_overrides, f"trainer_overrides.{key} is set by the study ({what}): remove it")
+        shard_of(self.shard)
+        names = [c.name for c in make_cells(self)]
+        check(len(set(names)) == len(names), f"two cells share a name ({names}): give each model a distinct 'name'")
+
+
+def check(ok: bool, message: str) -> None:
+    if not ok:
+        raise SweepError(message)
+
+
+def shard_of(text: str) -> tuple[int, int]:
+    """'i/n' -> (i, n) with 0 <= i < n."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not m or not int(m[2]) >= 1 or not int(m[1]) < int(m[2]):
+        raise SweepError(f"shard={text!r} must be 'i/n' with 0 <= i < n, e.g. 0/4 (SLURM: "
+                         f"$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)")
+    return int(m[1]), int(m[2])
+
+
+# ---- cells ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Cell:
+    row: str  # the axis value as a name: state16, or the model's name
+    seq_len: int
+    model: tuple  # the cell's own model overrides, as sorted (key, value) pairs
+
+    @property
+    def name(self) -> str:
+        return f"{self.row}_len{self.seq_len}"
+
+
+def model_tag(spec: dict) -> str:
+    if "name" in spec:
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(spec["name"]))
+    return "_".join(f"{k}{v}" for k, v in sorted(spec.items())) or "base"
+
+
+def make_cells(study: Study) -> list[Cell]:
+    """The whole grid, row-major (rows: states or models; columns: lens)."""
+    if study.axis == "models":
+        rows = [(model_tag(m), tuple(sorted((k, v) for k, v in m.items() if k != "name"))) for m in study.models]
+    else:
+        rows = [(f"state{n}", (("d_state", n),)) for n in study.states]
+    return [Cell(tag, int(t), spec) for tag, spec in rows for t in study.lens]
+
+
+def shard_cells(cells: list[Cell], shard: str) -> list[Cell]:
+    i, n = shard_of(shard)
+    return [c for k, c in enumerate(cells) if k % n == i]
+
+
+def cell_dir(study: Study, cell: Cell) -> str:
+    return os.path.join(study.out, "cells", cell.name)
+
+
+def _value(v: Any) -> str:
+    """A value as the CLI parses it (YAML): strings as they are, the rest as JSON."""
+    return v if isinstance(v, str) else json.dumps(v)
+
+
+def resolve_precision(precision: str) -> str:
+    if precision == "auto":
+        return "bf16-mixed" if torch.cuda.is_available() else "32-true"
+    return precision
+
+
+def cell_args(study: Study, cell: Cell, world_size: int = 1) -> list[str]:
+    """The LightningCLI arguments of a cell: what `lightning-mamba fit` would be given for it."""
+    per_device = study.tokens_per_batch // cell.seq_len
+    if per_device % world_size:
+        raise SweepError(f"{cell.name}: a batch of {per_device} samples does not split over {world_size} devices: "
+                         f"use a tokens_per_batch that is a multiple of {cell.seq_len * world_size}")
+    args = [a for path in study.base_config for a in ("--config", path)]
+    args += ["--seed_everything", str(study.seed)]
+    for k, v in {**study.model_overrides, **dict(cell.model)}.items():
+        args += [f"--model.{k}", _value(v)]
+    for k, v in study.data_overrides.items():
+        args += [f"--data.{k}", _value(v)]
+    args += ["--data.seq_len", str(cell.seq_len), "--data.batch_size", str(per_device // world_size)]
+    for k, v in study.trainer_overrides.items():
+        args += [f"--trainer.{k}", _value(v)]
+    args += ["--trainer.max_steps", str(study.steps), "--trainer.precision", resolve_precision(study.precision),
+             "--trainer.logger.class_path", "lightning.pytorch.loggers.TensorBoardLogger",
+             "--trainer.logger.init_args.save_dir", os.path.join(study.out, "cells"),
+             "--trainer.logger.init_args.name", cell.name,
+             "--trainer.logger.init_args.version", ""]  # events, config.yaml, checkpoints/ right in the cell's folder
+    return args
+
+
+# ---- running --------------------------------------------------------------------------------------------
+def write_json(path: str, obj: Any) -> None:
+    """Atomic (a killed run leaves no half file)."""
+    atomic_write_text(path, json.dumps(clean(obj), indent=1))
+
+
+def clean(obj: Any) -> Any:
+    """JSON-safe: NaN/inf -> None, numpy scalars -> Python, tuples -> lists."""
+    if isinstance(obj, dict):
+        return {str(k): clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def build_cli(study: Study, cell: Cell):
+    """The cell's LightningCLI (not run). A cell on several devices is built again with its batch split."""
+    from ..training.cli import lightning_cli
+
+    with warnings.catch_warnings():  # "args and command line arguments": the command line is the sweep's
+        warnings.filterwarnings("ignore", message=".*args parameter is intended")
+        cli = lightning_cli(cell_args(study, cell), run=False)
+        if cli.trainer.world_size > 1:
+            cli = lightning_cli(cell_args(study, cell, cli.trainer.world_size), run=False)
+    return cli
+
+
+def run_cell(study: Study, cell: Cell, log: Callable[[str], None] = print) -> dict | None:
+    """Train, evaluate and record one cell; a cell with a result.json is skipped, a killed one resumed.
+
+    Returns the result (None on ranks other than 0 of a multi-device cell)."""
+    folder = cell_dir(study, cell)
+    done = os.path.join(folder, "result.json")
+    if os.path.exists(done):
+        log(f"sweep: {cell.name}: done already ({done}), skipped")
+        with open(done) as f:
+            return json.load(f)
+    cli = build_cli(study, cell)
+    trainer, lit, dm = cli.trainer, cli.model, cli.datamodule
+    last = os.path.join(folder, "checkpoints", "last.ckpt")
+    resume = last if os.path.exists(last) else None
+    devices = f" on each of {trainer.world_size} devices" if trainer.world_size > 1 else ""
+    log(f"sweep: {cell.name}: training {study.steps} steps of {study.tokens_per_batch} tokens (batch "
+        f"{dm.hparams.batch_size} x {cell.seq_len}{devices})" + (f", resuming from {resume}" if resume else ""))
+    t0 = time.perf_counter()
+    trainer.fit(lit, datamodule=dm, ckpt_path=resume)
+    if trainer.global_step < study.steps:
+        raise SweepError(f"{cell.name}: training stopped at step {trainer.global_step} of {study.steps} (a max_epochs "
+                         f"or max_time in the base config?); re-run to resume it")
+    train_seconds = time.perf_counter() - t0
+    result = None
+    if trainer.is_global_zero:
+        val = trainer.callback_metrics.get("val/loss")
+        result = evaluate_cell(study, cell, lit.model, dm, log)
+        result.update(train_seconds=train_seconds, val_loss=None if val is None else float(val),
+                      world_size=trainer.world_size, resumed_from=resume)
+        write_json(done, result)
+        log(f"sweep: {cell.name}: {'forgets' if result['verdict']['forgets'] else 'FAILS to forget'} "
+            f"(evaluated to {result['eval']['length']}), written {done}")
+    trainer.strategy.barrier()  # the other ranks wait while rank 0 evaluates
+    return result
+
+
+def evaluate_cell(study: Study, cell: Cell, model, dm, log: Callable[[str], None] = print) -> dict:
+    """The final model on held-out text, fp32, no resets: loss vs position, the paper's verdict, passkey."""
+    from ..analysis.criterion import default_bucket, forgetting_verdict
+    from ..analysis.evaluator import bucket_curve, eval_rows, token_losses, window_mean
+
+    t0 = time.perf_counter()
+    T = cell.seq_len
+    device = torch.device(study.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = model.eval().float().to(device)
+    length = study.eval_length(T)
+    rows, info = eval_rows(dm.val_tokens(), length + 1, study.eval_n_rows, dm.eos_id)
+    if info["note"]:
+        log(f"sweep: {cell.name}: note: {info['note']}")
+    losses = token_losses(model, rows, study.piece_len, torch.float32, device, study.eval_batch_size)
+    bucket = study.bucket or default_bucket(T)
+    verdict = forgetting_verdict(losses, T, bucket, study.threshold)
+    positions, curve = bucket_curve(losses, bucket)
+    cfg = model.config
+    result = {
+        "cell": cell.name, "row": cell.row, "axis": study.axis, "model_overrides": dict(cell.model),
+        "d_state": cfg.mixer["d_state"], "n_layer": cfg.n_layer, "d_model": cfg.d_model,
+        "headdim": cfg.mixer["headdim"],
+        "seq_len": T, "n_s": cfg.state_size(), "n_s_ssm_only": cfg.state_size(ssm_only=True),
+        "params": sum(p.numel() for p in model.parameters()),
+        "steps": study.steps, "tokens_per_batch": study.tokens_per_batch,
+        "tokens": study.steps * study.tokens_per_batch,
+        "batch_size": study.tokens_per_batch // T, "seed": study.seed,
+        "eval": {"length": length, "bucket": bucket, "threshold": study.threshold, "dtype": "float32", "rows": info},
+        "verdict": verdict.to_dict(),
+        "metrics": {f"loss@{m}x": window_mean(losses, m * T // 2, m * T)
+                    for m in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if m * T <= length},
+        "curve": {"positions": positions.tolist(), "loss": curve.tolist()},
+    }
+    if study.passkey:
+        result["passkey"] = passkey_cell(study, cell, model, dm, device, log)
+    result["eval_seconds"] = time.perf_counter() - t0
+    return result
+
+
+def passkey_cell(study: Study, cell: Cell, model, dm, device, log) -> dict | None:
+    """Passkey grid at passkey_multiples x LEN (lengths shorter than the template are left out); None when the
+    passkey evaluator is not in this version."""
+    try:
+        from ..data.passkey import PasskeyGenerator, default_depths
+        from ..analysis.passkey import evaluate_passkey
+    except ImportError as e:
+        log(f"sweep: {cell.name}: passkey skipped: the passkey evaluator is not available ({e})")
+        return None
+    gen = PasskeyGenerator(dm.tokenizer)
+    lengths = sorted({int(m * cell.seq_len) for m in study.passkey_multiples if m * cell.seq_len >= gen.min_length})
+    if not lengths:
+        log(f"sweep: {cell.name}: passkey skipped: every length is shorter than the template ({gen.min_length} tokens)")
+        return None
+    grid = evaluate_passkey(model, gen, lengths, default_depths(study.passkey_depths), study.passkey_samples,
+                            study.seed, study.piece_len, torch.float32, device, study.eval_batch_size)
+    return grid.to_dict()
+
+
+def run_study(study: Study, log: Callable[[str], None] = print) -> list[dict]:
+    """Every cell of this shard, in order; writes the plan to <out>/study.json first."""
+    study.validate()
+    os.makedirs(os.path.join(study.out, "cells"), exist_ok=True)
+    cells = make_cells(study)
+    write_json(os.path.join(study.out, "study.json"), {**asdict(study), "cells": [c.name for c in cells]})
+    mine = shard_cells(cells, study.shard)
+    log(f"sweep: {len(cells)} cells in the grid, {len(mine)} in shard {study.shard}; study directory {study.out}")
+    results = []
+    for cell in mine:
+        r = run_cell(study, cell, log)
+        if r is not None:
+            results.append(r)
+    sys.stdout.flush()
+    return results

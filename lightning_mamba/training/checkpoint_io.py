@@ -1,0 +1,198 @@
+"""Lightning checkpoints (.ckpt): written atomically, checked against the run before they are loaded, and read into
+a model (``load_model``, which also takes a checkpoint directory).
+
+Lightning 2.6's own ``TorchCheckpointIO`` serializes to memory, writes a temporary file in the system temp
+folder, then ``shutil.move``s it over the target. When that folder is on another file system than the run
+(a local /tmp, runs on a network file system: the usual cluster setup) the move is a copy straight into
+``last.ckpt``, and a crash, kill or full disk during the copy leaves a truncated file where the previous
+checkpoint was; nothing is fsync'ed either. :class:`AtomicCheckpointIO` writes the temporary file next to
+the target, fsyncs it and renames it (``atomic.atomic_write``): the previous checkpoint stays whole
+until the new one is complete and durable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import inspect
+import os
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.plugins import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_warn
+
+from ..atomic import atomic_write
+from ..data.errors import DataError
+from ..data.tokenization import tokenizer_from_spec
+from ..models import ConfigError, MambaConfig, MambaLM
+from ..models.checkpoint import (CONFIG, META, SAFETENSORS, WEIGHTS, read_json, load_pretrained, load_tokenizer_spec,
+                                 load_weights)
+
+# the model settings that change a weight's shape (CLI names: model.<name>)
+SHAPE_SETTINGS = ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple", "tie_embeddings")
+SSM_SHAPE_SETTINGS = ("d_state", "headdim", "expand", "d_conv", "ngroups")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` whose local saves go to a temporary file beside the target, fsync'ed, then renamed
+    over it; remote paths (s3://, ...) keep Lightning's behaviour."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "file" not in get_filesystem(path).protocol:
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        remove_stale_temporaries(str(path))
+        atomic_write(str(path), lambda f: torch.save(checkpoint, f))
+
+
+def remove_stale_temporaries(path: str) -> None:
+    """Delete the temporary files that killed saves of ``path`` left behind (each as large as a checkpoint):
+    ``atomic_write``'s ``.<name>.<pid>.<random>.tmp`` whose process is gone."""
+    folder, name = os.path.split(os.path.abspath(path))
+    for tmp in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.*.tmp")):
+        pid = tmp[len(os.path.join(folder, name)) + 2:].split(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass  # exists, owned by someone else
+    return True
+
+
+# ---- does a checkpoint fit this run? ------------------------------------------------------------------
+def _shape_settings(mamba_config: dict) -> dict:
+    ssm = mamba_config.get("ssm_cfg") or {}
+    return {**{k: mamba_config.get(k) for k in SHAPE_SETTINGS}, **{k: ssm.get(k) for k in SSM_SHAPE_SETTINGS}}
+
+
+def check_tokenizer(checkpoint: dict, datamodule: Any, path: str) -> None:
+    """The run's tokenizer must be the one the checkpoint was trained with (same ids for the same text)."""
+    spec = (checkpoint.get("lightning_mamba") or {}).get("tokenizer")
+    mine = getattr(datamodule, "tokenizer", None) if datamodule is not None else None
+    if spec is None or mine is None:
+        return
+    theirs = tokenizer_from_spec(spec)
+    if theirs.fingerprint != mine.fingerprint:
+        raise DataError(f"checkpoint {path} was trained with the tokenizer {theirs.name} (vocabulary "
+                        f"{theirs.vocab_size}), but data.tokenizer gives {mine.name} (vocabulary {mine.vocab_size}): "
+                        f"set data.tokenizer (and data.bpe_vocab_size, data.source) to what the checkpoint's run used")
+
+
+def _first_mismatch(state: dict, mine: dict) -> str | None:
+    for key, want in mine.items():
+        got = state.get(key)
+        if got is None or got.shape != want.shape:
+            return f"{key} is {'absent' if got is None else tuple(got.shape)} there, {tuple(want.shape)} here"
+    extra = sorted(state.keys() - mine.keys())
+    return f"{extra[0]} is {tuple(state[extra[0]].shape)} there, absent here" if extra else None
+
+
+def check_model_shape(checkpoint: dict, module: torch.nn.Module, path: str) -> None:
+    """Every weight of ``module`` must be in the checkpoint with its shape, and nothing else."""
+    mismatch = _first_mismatch(checkpoint.get("state_dict", {}), module.state_dict())
+    if mismatch is None:
+        return
+    theirs = (checkpoint.get("lightning_mamba") or {}).get("mamba_config")
+    settings = ""
+    if theirs is not None and hasattr(module, "config"):
+        a, b = _shape_settings(theirs), _shape_settings(module.config.to_dict())
+        settings = ", ".join(f"model.{k}={a[k]} there, {b[k]} here" for k in a if a[k] != b[k])
+    detail = f"{settings} ({mismatch})" if settings else mismatch
+    raise ConfigError(f"checkpoint {path} was saved for a different model shape: {detail}: use the model "
+                      f"settings it was trained with, or start without --ckpt_path")
+
+
+# ---- fit/validate/test --ckpt_path, before LightningCLI reads it ---------------------------------------
+LIGHTNING_CKPT_ALIASES = ("last", "best", "hpc", "registry")
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def check_resume(path: str, given: dict) -> None:
+    """``--ckpt_path`` must be a readable checkpoint of a model with the shape the run's settings give.
+
+    LightningCLI replaces the model settings by those saved in the checkpoint: without this check a
+    different shape given on the command line or in a config would be dropped silently. Other model
+    settings (lr, schedule, backend, ...) are still taken from the checkpoint, with a warning naming them."""
+    if path.split(":")[0] in LIGHTNING_CKPT_ALIASES or "://" in path:
+        return  # resolved by Lightning itself
+    if not os.path.isfile(path):
+        raise ConfigError(f"checkpoint {path} does not exist: give a .ckpt written by a run "
+                          f"(e.g. runs/<name>/version_<n>/checkpoints/last.ckpt)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's own messages talk about weights_only and zip files: not the point here
+        raise ConfigError(f"checkpoint {path} cannot be read ({type(e).__name__}): it is truncated, damaged or not a "
+                          f"PyTorch checkpoint; resume from another one (e.g. a step=*.ckpt beside it)") from e
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ConfigError(f"checkpoint {path} is not a Lightning checkpoint (no state_dict): give a .ckpt written "
+                          f"by lightning-mamba fit")
+    saved = checkpoint.get("hyper_parameters") or {}
+    shape = [k for k in (*SHAPE_SETTINGS, *SSM_SHAPE_SETTINGS, "pretrained") if k != "vocab_size"]
+    differ = [k for k in given if k in saved and k != "vocab_size" and _plain(given[k]) != _plain(saved[k])]
+    if any(k in shape for k in differ):
+        detail = ", ".join(f"model.{k}={saved[k]} there, {given[k]} here" for k in differ if k in shape)
+        raise ConfigError(f"checkpoint {path} was saved for a different model shape: {detail}: use the model "
+                          f"settings it was trained with (its run's config.yaml), or start without --ckpt_path")
+    if differ:
+        rank_zero_warn("resuming from " + path + ": the checkpoint's model settings replace those given here: "
+                       + ", ".join(f"model.{k}={saved[k]} (not {given[k]})" for k in differ))
+
+
+# ---- one entry point for the commands and --model.pretrained: a .ckpt or a checkpoint directory ------------------------------------------------------
+def _model_from_hparams(hparams: dict | None, backend: str, path: str) -> MambaLM:
+    """Checkpoints without our metadata: rebuild through the LightningModule's own arguments."""
+    from .module import MambaLitModule
+
+    if not hparams:
+        raise ConfigError(f"{path} records neither lightning_mamba.mamba_config nor hyper_parameters: "
+                          "cannot rebuild the model")
+    accepted = inspect.signature(MambaLitModule.__init__).parameters
+    kwargs = {k: v for k, v in hparams.items() if k in accepted}
+    return MambaLitModule(**{**kwargs, "backend": backend}).model
+
+
+def load_model(path: str, backend: str = "auto", dtype: torch.dtype = torch.float32) -> tuple[MambaLM, dict]:
+    """A Lightning .ckpt of this project or a checkpoint directory -> (model, meta).
+
+    meta: ``mamba_config`` and, where recorded, ``seq_len`` and ``tokenizer`` (a spec dict)."""
+    if os.path.isfile(path) and os.path.basename(path) in (CONFIG, WEIGHTS, SAFETENSORS):
+        path = os.path.dirname(path) or "."
+    if os.path.isdir(path):
+        model = load_pretrained(path, backend, dtype)
+        meta_path = os.path.join(path, META)
+        meta = dict(read_json(meta_path)) if os.path.isfile(meta_path) else {}
+        meta.pop("tokenizer", None)
+        spec = load_tokenizer_spec(path)
+        if spec is not None:
+            meta["tokenizer"] = spec
+    elif os.path.isfile(path):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise ConfigError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+        if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+            raise ConfigError(f"{path} is not a Lightning checkpoint (no state_dict): pass a .ckpt or a directory "
+                              "with config.json")
+        meta = dict(ckpt.get("lightning_mamba") or {})
+        if "mamba_config" in meta:
+            model = MambaLM(MambaConfig.from_dict(meta["mamba_config"]), backend=backend)
+        else:
+            model = _model_from_hparams(ckpt.get("hyper_parameters"), backend, path)
+        # The LightningModule holds the MambaLM as self.model; other entries are metrics' buffers.
+        state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+        load_weights(model.to(dtype), state, path)
+    else:
+        raise ConfigError(f"{path} does not exist")
+    meta.setdefault("mamba_config", model.config.to_dict())
+    return model, meta

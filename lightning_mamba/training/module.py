@@ -1,0 +1,318 @@
+"""The LightningModule: next-token loss, AdamW groups, warm-up + WSD/cosine schedule, metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
+from torchmetrics import MeanMetric, MinMetric
+
+from .checkpoint_io import check_model_shape, check_tokenizer
+from .cuda_graph import GraphedLoss
+from .initial_states import NEEDS_LANES, InitialStates
+from ..models import ConfigError, MambaConfig, MambaLM
+from ..models.kernels.backend import check_backend
+from .schedule import SCHEDULES, lr_factor
+from .sharding import fsdp_root, unwrapped_name
+
+
+class MambaLitModule(L.LightningModule):
+    """A Mamba-2 language model trained with next-token cross-entropy.
+
+    Args:
+        d_model: Width of the residual stream.
+        n_layer: Number of Mamba-2 blocks.
+        d_state: SSM state size N per head (the study's STATE).
+        headdim: Head dimension P; must divide expand * d_model.
+        expand: d_inner = expand * d_model.
+        d_conv: Width of the causal depthwise convolution.
+        ngroups: Number of B/C groups shared by the heads.
+        chunk_size: Chunk length of the SSD scan (speed only; results do not depend on it).
+        dt_min: Initial step sizes dt are log-uniform in [dt_min, dt_max] (official init). Small values start
+            every head with a slow decay, a model that remembers far and must learn to forget.
+        dt_max: See dt_min.
+        A_init_range: Initial A = -uniform(A_init_range) per head (official: 1 to 16).
+        dt_limit: dt is clamped to [low, high] in every forward (official; default no limit). A small high
+            keeps every head's decay slow for good: a model that cannot learn to forget (an ablation).
+        vocab_size: Tokenizer vocabulary; the CLI links it from the data module.
+        pad_vocab_size_multiple: The embedding is padded to a multiple of this (official: 8, checkpoints 16).
+        tie_embeddings: Share the embedding and the LM head weights.
+        backend: SSD kernels: 'auto' (Triton on CUDA when mamba-ssm imports, else torch), 'torch' or 'triton'.
+        pretrained: Weights to start from (fine-tuning): a directory with an official-layout config.json +
+            pytorch_model.bin, or a training checkpoint (.ckpt) of this project (its weights only: not its optimizer,
+            schedule or data position; to resume a run use --ckpt_path). Its config replaces the shape arguments
+            above, and the data's tokenizer must be the one it was trained with.
+        lr: Peak learning rate.
+        weight_decay: AdamW weight decay (not applied to A_log, dt_bias, D, norms and biases).
+        betas: AdamW betas.
+        schedule: 'wsd' (warm-up, stable, linear decay at the end), 'cosine' or 'constant'.
+        warmup_steps: Linear warm-up steps.
+        decay_fraction: Share of the steps in the final decay of the WSD schedule.
+        min_lr_ratio: Final learning rate as a fraction of the peak.
+        initial_state: What each training sample's state starts from (Buitrago Ruiz & Gu, 2025): 'zero' (as in
+            Stuffed Mamba), 'passed' (the previous batch's final state of the same row, detached: truncated BPTT;
+            needs data.state_passing; kept in checkpoints) or 'noise' (Gaussian SSM states, zero conv states).
+            Validation and testing always start from zero.
+        noise_scale: 'noise': standard deviation per (layer, head), in units of the RMS of the model's own final
+            SSM states on training samples started from zero.
+        noise_calibrate_every: 'noise': measure that RMS at the first step and every this many steps (a forward
+            pass without gradients on the step's batch).
+        cuda_graph: Capture the training loss's forward and backward as CUDA graphs at the first training step and
+            replay them at every later one (lightning_mamba/cuda_graph.py): removes the CPU cost of launching the
+            step's kernels, which bounds the step time of small and mid-size models on a GPU. One CUDA device,
+            zero initial states, no gradient accumulation; a batch of another shape runs eagerly.
+    """
+
+    def __init__(
+        self,
+        d_model: int = 256,
+        n_layer: int = 4,
+        d_state: int = 64,
+        headdim: int = 64,
+        expand: int = 2,
+        d_conv: int = 4,
+        ngroups: int = 1,
+        chunk_size: int = 256,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        A_init_range: tuple[float, float] = (1.0, 16.0),
+        dt_limit: tuple[float, float] = (0.0, float("inf")),
+        vocab_size: int = 8192,
+        pad_vocab_size_multiple: int = 8,
+        tie_embeddings: bool = True,
+        backend: str = "auto",
+        pretrained: str | None = None,
+        lr: float = 2e-3,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        schedule: str = "wsd",
+        warmup_steps: int = 100,
+        decay_fraction: float = 0.1,
+        min_lr_ratio: float = 0.0,
+        initial_state: str = "zero",
+        noise_scale: float = 1.0,
+        noise_calibrate_every: int = 50,
+        cuda_graph: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        check_backend(backend)
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"model.schedule={schedule!r} is unknown: use one of {', '.join(SCHEDULES)}")
+        if lr <= 0:
+            raise ConfigError(f"model.lr must be > 0 (got {lr})")
+        check_optimizer_settings(weight_decay, betas, warmup_steps, decay_fraction, min_lr_ratio)
+        self.initial_states = InitialStates(initial_state, noise_scale, noise_calibrate_every)
+        self._pretrained_meta: dict | None = None
+        if pretrained:
+            from .checkpoint_io import load_model
+
+            self.model, self._pretrained_meta = load_model(pretrained, backend=backend)
+        else:
+            config = MambaConfig(
+                d_model=d_model,
+                n_layer=n_layer,
+                vocab_size=vocab_size,
+                ssm_cfg={"layer": "Mamba2", "d_state": d_state, "d_conv": d_conv, "expand": expand,
+                         "headdim": headdim, "ngroups": ngroups, "chunk_size": chunk_size,
+                         "dt_min": dt_min, "dt_max": dt_max, "A_init_range": tuple(A_init_range), "dt_limit": tuple(dt_limit)},
+                pad_vocab_size_multiple=pad_vocab_size_multiple,
+                tie_embeddings=tie_embeddings,
+            )
+            self.model = MambaLM(config, backend=backend)
+        # Read off the model as built: under FSDP the parameters become flat 1-D shards, which tell neither
+        # their shape nor their size (parameter_groups, flops_per_batch).
+        self._no_decay_names = frozenset(n for n, p in self.model.named_parameters()
+                                         if getattr(p, "_no_weight_decay", False) or p.ndim < 2)
+        cfg = self.model.config
+        self._matmul_params = sum(p.numel() for n, p in self.model.named_parameters() if n.endswith("proj.weight")) \
+            + cfg.d_model * cfg.padded_vocab_size
+        self.val_loss = MeanMetric()
+        self.val_loss_best = MinMetric()
+        if cuda_graph and initial_state != "zero":
+            raise ConfigError(f"model.cuda_graph needs model.initial_state zero (got {initial_state!r}): the graphs "
+                              f"capture a step from zero states; drop one of the two")
+        self._graphed_loss = GraphedLoss(self.model) if cuda_graph else None
+
+    @property
+    def config(self) -> MambaConfig:
+        return self.model.config
+
+    def forward(self, input_ids: torch.Tensor, **kwargs: Any):
+        return self.model(input_ids, **kwargs)
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule
+        if self._pretrained_meta is not None:
+            check_tokenizer({"lightning_mamba": self._pretrained_meta}, dm, self.hparams.pretrained)
+        if stage == "fit" and self._graphed_loss is not None:
+            self._check_cuda_graph()
+        if stage != "fit" or dm is None:
+            return
+        lanes = getattr(dm.hparams, "state_passing", False)
+        if self.initial_states.mode == "passed" and not lanes:
+            raise ConfigError(NEEDS_LANES)
+        if lanes and self.initial_states.mode != "passed":
+            rank_zero_warn(f"data.state_passing is on but model.initial_state={self.initial_states.mode}: the batches "
+                           f"continue each other, the states are not passed on (set model.initial_state passed)")
+
+    def _check_cuda_graph(self) -> None:
+        trainer = self.trainer
+        if trainer.accumulate_grad_batches > 1:
+            # the replayed backward hands autograd its static gradient buffers, which a parameter's .grad may then
+            # alias (autograd steals them): the next replay would overwrite the gradient being accumulated
+            raise ConfigError(f"model.cuda_graph needs --trainer.accumulate_grad_batches 1 (got "
+                              f"{trainer.accumulate_grad_batches}): raise data.batch_size instead, or drop it")
+        if trainer.strategy.root_device.type != "cuda":
+            raise ConfigError(f"model.cuda_graph needs a CUDA device (the trainer runs on "
+                              f"{trainer.strategy.root_device.type}): use --trainer.accelerator gpu or drop it")
+        if trainer.world_size > 1:
+            raise ConfigError(f"model.cuda_graph works on one device ({trainer.world_size} processes here): "
+                              f"use --trainer.devices 1 or drop model.cuda_graph")
+
+    # ---- one step shared by train / val / test --------------------------------------
+    def model_step(self, batch: dict) -> torch.Tensor:
+        return self.model.loss(batch["input_ids"], batch["labels"], seq_idx=batch.get("seq_idx"))[0]
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self._graphed_loss is not None:
+            loss = self._graphed_loss(batch["input_ids"], batch["labels"], batch.get("seq_idx"))
+        elif self.initial_states.mode == "zero":
+            loss = self.model_step(batch)
+        else:
+            loss = self.stateful_step(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def stateful_step(self, batch: dict) -> torch.Tensor:
+        """The training loss from the sample's initial state (``initial_state`` passed or noise); keeps the final."""
+        trainer = self._trainer
+        reduce = None
+        if trainer is not None and trainer.world_size > 1:
+            reduce = lambda t: trainer.strategy.reduce(t, reduce_op="mean")  # noqa: E731
+        start = self.initial_states.start(self.model, batch, self.global_step, self.global_rank, reduce)
+        loss, final = self.model.loss(batch["input_ids"], batch["labels"], state=start, seq_idx=batch.get("seq_idx"))
+        self.initial_states.finish(final)
+        rms = 0.0 if start is None else torch.stack([s.ssm.pow(2).mean() for s in start]).mean().sqrt()
+        self.log("train/initial_state_rms", rms)  # SSM state RMS the step started from, over layers and heads
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss = self.model_step(batch)
+        self.val_loss.update(loss, weight=batch["labels"].numel())
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        if self.trainer.sanity_checking:
+            return
+        self.val_loss_best.update(loss)
+        self.log_dict({"val/loss": loss, "val/ppl": torch.exp(loss), "val/loss_best": self.val_loss_best.compute()},
+                      prog_bar=True, sync_dist=True)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        loss = self.model_step(batch)
+        self.log("test/loss", loss, sync_dist=True)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        """Per-token next-token losses (b, seq_len) of a batch: `lightning-mamba predict` returns them."""
+        logits, _ = self.model(batch["input_ids"], seq_idx=batch.get("seq_idx"))
+        losses = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), reduction="none")
+        return {"token_losses": losses.view_as(batch["labels"]).cpu()}
+
+    # ---- optimizer -------------------------------------------------------------------
+    def parameter_groups(self) -> list[dict]:
+        """AdamW groups: no weight decay on A_log, dt_bias, D (marked _no_weight_decay), norms and biases."""
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():  # by name: FSDP's shards are all 1-D
+            if not p.requires_grad:
+                continue
+            (no_decay if unwrapped_name(name) in self._no_decay_names else decay).append(p)
+        return [{"params": decay, "weight_decay": self.hparams.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        fused = self.device.type == "cuda" and self.trainer.precision != "16-mixed"  # fp16 needs a grad scaler
+        optimizer = torch.optim.AdamW(self.parameter_groups(), lr=hp.lr, betas=tuple(hp.betas), fused=fused)
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = min(hp.warmup_steps, max(0, total - 1))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, total, warmup, hp.schedule, hp.decay_fraction, hp.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        root = fsdp_root(self._trainer)
+        if root is not None and gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm":
+            # FSDP: each rank holds a shard of the gradients; the root's clip takes the norm over all of them
+            # (Lightning's FSDP precision refuses norm clipping for want of the root).
+            self.log("train/grad_norm", root.clip_grad_norm_(gradient_clip_val))
+            return
+        # Lightning refuses to clip for fused optimizers under mixed precision, because of fp16's grad scaler.
+        # Without a scaler (fp32, bf16-mixed) the gradients are the true ones: clip them directly.
+        if self.trainer.precision == "16-mixed":
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm":
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+            self.log("train/grad_norm", grad_norm)
+        elif gradient_clip_val:
+            torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
+
+    # ---- throughput --------------------------------------------------------------------
+    @property
+    def flops_per_batch(self) -> int | None:
+        """Estimated training FLOPs of the current batch shape (for MFU): 6 x matmul params x tokens + the SSD."""
+        shape = getattr(self, "_last_batch_shape", None)
+        if shape is None:
+            return None
+        b, l = shape
+        cfg, m = self.config, self.config.mixer
+        H, P, N, Q = cfg.nheads, m["headdim"], m["d_state"], m["chunk_size"]
+        ssd = cfg.n_layer * H * (Q * (N + P) + 6 * P * N)  # causal half of the intra-chunk matmuls + state terms
+        return 6 * b * l * self._matmul_params + 3 * b * l * ssd
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        self._last_batch_shape = tuple(batch["input_ids"].shape)
+
+    # ---- checkpoint metadata -------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Everything needed to use the checkpoint without the run's data module: the official config,
+        # the tokenizer and the training length.
+        meta = {"mamba_config": self.config.to_dict()}
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None:
+            meta["seq_len"] = dm.hparams.seq_len
+            meta["tokenizer"] = dm.tokenizer.to_spec()
+        checkpoint["lightning_mamba"] = meta
+        if self.initial_states.mode != "zero":  # the carried state of every process (DDP: a gather on each rank)
+            world = self.trainer.world_size if self._trainer is not None else 1
+            checkpoint["initial_states"] = self.initial_states.state_dict(self.all_gather, world)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Before Lightning loads the weights (--ckpt_path): one line naming what differs, not a size-mismatch dump.
+        trainer = self._trainer
+        path = (trainer.ckpt_path if trainer is not None else None) or "(given)"
+        check_tokenizer(checkpoint, getattr(trainer, "datamodule", None), path)
+        check_model_shape(checkpoint, self, path)
+        if "initial_states" in checkpoint:
+            rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+            self.initial_states.load_state_dict(checkpoint["initial_states"], rank, world)
+
+
+def check_optimizer_settings(weight_decay: float, betas, warmup_steps: int, decay_fraction: float,
+                             min_lr_ratio: float) -> None:
+    """Reject optimizer settings that cannot work, with one line naming the setting (before any training)."""
+    if weight_decay < 0:
+        raise ConfigError(f"model.weight_decay must be >= 0 (got {weight_decay})")
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ConfigError(f"model.betas must be two numbers in [0, 1), e.g. [0.9, 0.95] (got {list(betas)})")
+    if warmup_steps < 0:
+        raise ConfigError(f"model.warmup_steps must be >= 0 (got {warmup_steps})")
+    if not 0 <= decay_fraction <= 1:
+        raise ConfigError(f"model.decay_fraction must be in [0, 1] (got {decay_fraction})")
+    if not 0 <= min_lr_ratio <= 1:
+        raise ConfigError(f"model.min_lr_ratio must be in [0, 1] (got {min_lr_ratio})")

@@ -1,0 +1,154 @@
+"""The fused Triton conv1d + SiLU equals silu(conv.causal_conv1d) and its new state, values and gradients.
+
+Runs on CUDA when available, else on CPU through Triton's interpreter when TRITON_INTERPRET=1 (small shapes),
+else skips.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_mamba.models.kernels import conv_triton
+from lightning_mamba.models.conv import causal_conv1d
+from lightning_mamba.models.kernels.conv_triton import causal_conv1d_silu
+
+from .triton_env import DEVICE, needs_cuda, needs_triton
+
+
+def make_inputs(b, l, d, k, dtype, bias=True, state=False, seq=None, strided=False, width=None, seed=0):
+    """u (b, l, d) (if `strided`, columns 7.. of a (b, l, width) tensor: odd row stride and offset by default),
+    weight, bias, conv_state, seq_idx on DEVICE."""
+    g = torch.Generator().manual_seed(seed)
+    wide = torch.randn(b, l, width or d + 23, generator=g).to(DEVICE, dtype)
+    u = wide[:, :, 7:7 + d] if strided else wide[:, :, :d].contiguous()
+    weight = (0.5 * torch.randn(d, 1, k, generator=g)).to(DEVICE)
+    b_ = torch.randn(d, generator=g).to(DEVICE) if bias else None
+    conv_state = torch.randn(b, d, k - 1, generator=g).to(DEVICE, dtype) if state else None
+    seq_idx = None if seq is None else seq.to(DEVICE)
+    return u, weight, b_, conv_state, seq_idx
+
+
+def docs(l, *starts, dtype=torch.int64):
+    """One seq_idx row of length l whose documents start at `starts`."""
+    row = torch.zeros(l, dtype=dtype)
+    for s in starts:
+        row[s:] += 1
+    return row
+
+
+def run(fn, u, weight, bias, conv_state, seq_idx, grad_out):
+    """(out, new_state, grad u, grad weight, grad bias) of fn with leaf copies of u, weight, bias."""
+    u = u.detach().requires_grad_()
+    weight = weight.detach().requires_grad_()
+    bias = None if bias is None else bias.detach().requires_grad_()
+    out, state = fn(u, weight, bias, conv_state, seq_idx)
+    grads = torch.autograd.grad(out, [u, weight] + ([] if bias is None else [bias]), grad_out.to(out.dtype))
+    return out, state, *grads
+
+
+def reference(u, weight, bias, conv_state, seq_idx):
+    out, state = causal_conv1d(u, weight, bias, conv_state, seq_idx)
+    return F.silu(out), state
+
+
+def assert_rel_close(actual, expected, tol, what):
+    """max |actual - expected| <= tol * max |expected| (tol * 1 if expected is all zero)."""
+    actual, expected = actual.double(), expected.double()
+    assert actual.shape == expected.shape, what
+    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    scale = max(expected.abs().max().item(), 1.0) if expected.numel() else 1.0
+    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol} * {scale:.3g}"
+
+
+def check(inputs, tol, grad_out=None):
+    """Ours on `inputs` against the torch reference on the same values in fp64 (fp32 for fp16/bf16 inputs)."""
+    u, weight, bias, conv_state, seq_idx = inputs
+    if grad_out is None:
+        grad_out = torch.randn(u.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    ref_dtype = torch.float64 if u.dtype == torch.float32 else torch.float32
+    to_ref = lambda t: None if t is None else t.to(ref_dtype)  # noqa: E731
+    ours = run(causal_conv1d_silu, u, weight, bias, conv_state, seq_idx, grad_out)
+    ref = run(reference, to_ref(u), to_ref(weight), to_ref(bias), to_ref(conv_state), seq_idx, grad_out.to(ref_dtype))
+    assert ours[0].dtype == u.dtype and ours[0].is_contiguous() and ours[1].dtype == u.dtype
+    assert ours[2].dtype == u.dtype and ours[3].dtype == weight.dtype
+    names = ["out", "new_state", "grad u", "grad weight", "grad bias"]
+    for name, a, e in zip(names, ours, ref):
+        assert_rel_close(a, e, 0.0 if name == "new_state" else tol, name)
+
+
+FP32 = 1e-5
+SMALL_CASES = {  # name: (b, l, d, k, bias, state, seq_idx rows or None, strided)
+    "plain": (2, 130, 40, 4, True, False, None, False),
+    "no_bias_state_d200": (1, 5, 200, 4, False, True, None, True),
+    "l1_state_seq": (2, 1, 40, 4, True, True, [docs(1), docs(1)], False),
+    "l3_state_seq": (2, 3, 40, 4, True, True, [docs(3, 2), docs(3, 1)], True),
+    # boundaries inside the first k-1 positions, at block and program edges (32, 64, 128), and two in a row
+    "docs_strided": (2, 130, 40, 4, True, True, [docs(130, 2, 32, 64, 65, 128), docs(130, 1, 100)], True),
+    "k2_docs": (2, 130, 40, 2, False, True, [docs(130, 1, 64), docs(130, 129)], True),
+    "k8_docs": (1, 20, 40, 8, True, True, [docs(20, 3, 9)], False),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("case", SMALL_CASES)
+def test_matches_torch_fp32(case):
+    b, l, d, k, bias, state, seq, strided = SMALL_CASES[case]
+    seq_idx = None if seq is None else torch.stack(seq)
+    check(make_inputs(b, l, d, k, torch.float32, bias, state, seq_idx, strided), FP32)
+
+
+@needs_triton
+def test_matches_torch_bf16_int32_seq_idx_and_strided_grad():
+    seq_idx = torch.stack([docs(70, 2, 64, dtype=torch.int32), docs(70, 33, dtype=torch.int32)])
+    inputs = make_inputs(2, 70, 200, 4, torch.bfloat16, True, True, seq_idx, strided=True)
+    grad_out = torch.randn(2, 200, 70).to(DEVICE).transpose(1, 2)  # channel stride != 1
+    check(inputs, 1e-2, grad_out)
+
+
+@needs_triton
+@pytest.mark.parametrize("blocks", [2, 3])
+def test_backward_programs_of_several_blocks(blocks, monkeypatch):
+    """The backward with BWD_BLOCKS time blocks of 32 per program, so that short inputs span several programs
+    (program edges at multiples of 64 or 96, some on document boundaries; blocks wholly past the end)."""
+    monkeypatch.setattr(conv_triton, "BWD_BLOCK_L", 32)
+    monkeypatch.setattr(conv_triton, "BWD_BLOCKS", blocks)
+    b, l, d, k, bias, state, seq, strided = SMALL_CASES["docs_strided"]
+    check(make_inputs(b, l, d, k, torch.float32, bias, state, torch.stack(seq), strided), FP32)
+    seq_idx = torch.stack([docs(70, 2, 64, dtype=torch.int32), docs(70, 33, dtype=torch.int32)])
+    check(make_inputs(2, 70, 200, 4, torch.bfloat16, True, True, seq_idx, strided=True), 1e-2)
+
+
+@needs_triton
+def test_state_of_another_dtype_and_no_grad():
+    """A fp32 conv_state with fp16 u is taken as u's values; under no_grad the output needs no graph."""
+    u, weight, bias, conv_state, _ = make_inputs(1, 9, 40, 4, torch.float16, state=True)
+    with torch.no_grad():
+        out, state = causal_conv1d_silu(u, weight, bias, conv_state.float())
+        ref_out, ref_state = reference(u.float(), weight, bias, conv_state.float(), None)
+    assert not out.requires_grad
+    assert_rel_close(out, ref_out, 1e-2, "out")
+    assert_rel_close(state, ref_state, 0.0, "new_state")
+
+
+@needs_triton
+def test_conv_state_requiring_grad_is_refused():
+    u, weight, bias, conv_state, _ = make_inputs(1, 8, 40, 4, torch.float32, state=True)
+    with pytest.raises(ValueError, match="conv_state"):
+        causal_conv1d_silu(u, weight, bias, conv_state.requires_grad_())
+    with torch.no_grad():  # no graph, so nothing to refuse
+        causal_conv1d_silu(u, weight, bias, conv_state)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_torch_realistic_shape(dtype):
+    seq_idx = torch.stack([docs(2048, 2, 700, 1024), docs(2048, 1500)])
+    # the model's layout: xBC is a column slice of in_proj's output, 3352 wide (a multiple of 8, not of 16)
+    inputs = make_inputs(2, 2048, 1792, 4, dtype, True, True, seq_idx, strided=True, width=3352)
+    check(inputs, FP32 if dtype == torch.float32 else 1e-2)
+
+
+def test_module_imports_without_triton_or_cuda():
+    assert isinstance(conv_triton.available(), bool)
+    if DEVICE != "cuda":
+        assert not conv_triton.available()

@@ -1,0 +1,189 @@
+"""model.cuda_graph: the training loss's forward and backward replayed from CUDA graphs train exactly like the eager
+model; bad settings fail with one line. The graph tests need CUDA (run on the GPU machine)."""
+
+import copy
+import inspect
+import threading
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_mamba.training.cuda_graph import GraphedLoss, thread_local_capture
+from lightning_mamba.training.module import MambaLitModule
+from lightning_mamba.models import ConfigError, MambaConfig, MambaLM
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+
+
+class RandomTokens(torch.utils.data.Dataset):
+    def __init__(self, vocab=64, seq_len=32, n=64):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, vocab, (n, seq_len + 1), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i, :-1], "labels": self.ids[i, 1:]}
+
+
+def tiny_module(**kwargs):
+    return MambaLitModule(d_model=32, n_layer=2, d_state=16, headdim=16, vocab_size=64, chunk_size=16,
+                          warmup_steps=1, **kwargs)
+
+
+def test_needs_zero_initial_states():
+    with pytest.raises(ConfigError, match="model.cuda_graph needs model.initial_state zero"):
+        tiny_module(cuda_graph=True, initial_state="noise")
+
+
+def test_fit_on_cpu_is_refused_before_training(tmp_path):
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, default_root_dir=tmp_path)
+    loader = torch.utils.data.DataLoader(RandomTokens(), batch_size=4)
+    with pytest.raises(ConfigError, match="needs a CUDA device .*--trainer.accelerator gpu"):
+        trainer.fit(tiny_module(cuda_graph=True), loader)
+
+
+def test_gradient_accumulation_is_refused(tmp_path):
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, accumulate_grad_batches=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    loader = torch.utils.data.DataLoader(RandomTokens(), batch_size=4)
+    with pytest.raises(ConfigError, match="needs --trainer.accumulate_grad_batches 1 \\(got 2\\)"):
+        trainer.fit(tiny_module(cuda_graph=True), loader)
+
+
+def test_thread_local_capture_reaches_make_graphed_callables(monkeypatch):
+    """make_graphed_callables exposes no capture mode; GraphedLoss swaps torch.cuda.graph while it runs. That only
+    works while make_graphed_callables captures through torch.cuda.graph(...): checked here, so a torch that
+    changes this fails on CPU too."""
+    source = inspect.getsource(torch.cuda.make_graphed_callables)
+    assert source.count("torch.cuda.graph(") >= 2  # the forward and the backward capture
+    original = torch.cuda.graph
+    modes = []
+    monkeypatch.setattr(original, "__init__", lambda self, cuda_graph, **kw: modes.append(kw["capture_error_mode"]))
+    with thread_local_capture():
+        assert torch.cuda.graph is not original and issubclass(torch.cuda.graph, original)
+        torch.cuda.graph(None)  # as make_graphed_callables calls it
+        torch.cuda.graph(None, pool=None, capture_error_mode="global")  # whatever a caller asks for
+    assert modes == ["thread_local", "thread_local"]
+    assert torch.cuda.graph is original
+    with pytest.raises(RuntimeError), thread_local_capture():
+        raise RuntimeError("restored on errors too")
+    assert torch.cuda.graph is original
+
+
+def test_cpu_inputs_run_eagerly():
+    torch.manual_seed(0)
+    model = MambaLM(MambaConfig(d_model=32, n_layer=2, vocab_size=64, ssm_cfg={"d_state": 16, "headdim": 16,
+                                                                              "chunk_size": 16}))
+    ids = torch.randint(0, 64, (2, 33))
+    graphed = GraphedLoss(model)
+    torch.testing.assert_close(graphed(ids[:, :-1], ids[:, 1:]), model.loss(ids[:, :-1], ids[:, 1:])[0])
+    assert graphed.replays == 0
+
+
+def _train(model, batches, loss_fn, autocast):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for ids in batches:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast, cache_enabled=False):
+            loss = loss_fn(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_graphed_training_equals_eager(backend, autocast):
+    """Four optimizer steps on different batches: the graphed and the eager model see the same losses and end with
+    the same weights (the replays read the updated parameters and the new inputs); a short batch runs eagerly."""
+    torch.manual_seed(0)
+    config = MambaConfig(d_model=64, n_layer=2, vocab_size=128, ssm_cfg={"d_state": 16, "headdim": 16, "chunk_size": 32})
+    eager = MambaLM(config, backend=backend).cuda()
+    graphed_model = copy.deepcopy(eager)
+    batches = [torch.randint(0, 128, (4, 65), device="cuda") for _ in range(4)]
+    graphed = GraphedLoss(graphed_model)
+    want = _train(eager, batches, lambda x, y: eager.loss(x, y)[0], autocast)
+    got = _train(graphed_model, batches, graphed, autocast)
+    assert graphed.replays == 4
+    tol = 1e-5 if not autocast else 2e-3
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=tol, atol=tol)
+    for (name, a), b in zip(graphed_model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(a, b, rtol=10 * tol, atol=10 * tol, msg=name)
+    short = torch.randint(0, 128, (3, 65), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast, cache_enabled=False):
+        loss = graphed(short[:, :-1], short[:, 1:])
+        ref = graphed_model.loss(short[:, :-1], short[:, 1:])[0]
+    assert graphed.replays == 4
+    torch.testing.assert_close(loss, ref)
+
+
+@needs_cuda
+def test_trainer_fit_with_cuda_graph_matches_eager(tmp_path):
+    """A real Trainer (bf16-mixed, grad clipping, the WSD schedule): same losses as without the graphs."""
+    losses = {}
+    for flag in (False, True):
+        torch.manual_seed(0)
+        module = tiny_module(cuda_graph=flag)
+
+        class Record(L.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, *_):
+                losses.setdefault(flag, []).append(outputs["loss"].item())
+
+        trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=6, gradient_clip_val=1.0,
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[Record()],
+                            default_root_dir=tmp_path)
+        trainer.fit(module, torch.utils.data.DataLoader(RandomTokens(), batch_size=8))
+        if flag:
+            assert module._graphed_loss.replays == 6
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=2e-3, atol=2e-3)
+
+
+@needs_cuda
+def test_capture_survives_another_threads_cuda_calls():
+    """While the first batch is captured, another thread keeps making CUDA calls that stream capture forbids
+    process-wide in torch's default "global" mode (event queries; fresh pinned allocations, as a DataLoader's
+    pin-memory thread makes): GraphedLoss captures in "thread_local" mode, so the capture and the thread both
+    survive and the graphed loss equals the eager one."""
+    torch.manual_seed(0)
+    config = MambaConfig(d_model=64, n_layer=2, vocab_size=128, ssm_cfg={"d_state": 16, "headdim": 16, "chunk_size": 32})
+    model = MambaLM(config).cuda()
+    ids = torch.randint(0, 128, (4, 65), device="cuda")
+    event = torch.cuda.Event()
+    event.record()
+    torch.cuda.synchronize()
+    stop, errors, calls = threading.Event(), [], [0]
+
+    def busy():
+        pinned = []
+        try:
+            while not stop.is_set():
+                event.query()
+                pinned.append(torch.empty(4096 + len(pinned)).pin_memory())  # a new size: a new pinned block
+                pinned = pinned[-64:]
+                calls[0] += 1
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    thread = threading.Thread(target=busy)
+    thread.start()
+    try:
+        graphed = GraphedLoss(model)
+        losses = []
+        for _ in range(3):
+            loss = graphed(ids[:, :-1], ids[:, 1:])
+            loss.backward()
+            losses.append(loss.detach().clone())
+            model.zero_grad(set_to_none=True)
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors, errors
+    assert calls[0] > 0 and graphed.replays == 3
+    torch.testing.assert_close(losses[-1], model.loss(ids[:, :-1], ids[:, 1:])[0])

@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+from lightning_mamba.training.module import MambaLitModule
+from lightning_mamba.models import ConfigError
+
+
+def tiny(**kw):
+    args = dict(d_model=32, n_layer=2, d_state=8, headdim=16, chunk_size=16, vocab_size=64, backend="torch")
+    return MambaLitModule(**{**args, **kw})
+
+
+def test_no_weight_decay_on_ssm_params_norms_and_biases():
+    module = tiny(weight_decay=0.1)
+    decay, no_decay = module.parameter_groups()
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    no_decay_names = {names[id(p)].split(".")[-2] + "." + names[id(p)].split(".")[-1] for p in no_decay["params"]}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert {"mixer.A_log", "mixer.dt_bias", "mixer.D", "norm.weight", "conv1d.bias", "norm_f.weight"} <= no_decay_names
+    assert all(n.endswith(("in_proj.weight", "out_proj.weight", "conv1d.weight", "embedding.weight")) for n in decay_names)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    n_params = sum(1 for _ in module.model.parameters())
+    assert len(decay["params"]) + len(no_decay["params"]) == n_params  # each (tied) parameter once
+
+
+def test_model_step_is_next_token_cross_entropy():
+    module = tiny()
+    ids = torch.randint(0, 64, (2, 17))
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+    logits, _ = module.model(batch["input_ids"])
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), batch["labels"].reshape(-1))
+    torch.testing.assert_close(module.model_step(batch), expected)
+
+
+@pytest.mark.parametrize("kw,fragment", [({"backend": "cuda"}, "unknown backend"), ({"schedule": "step"}, "model.schedule"),
+                                         ({"headdim": 24}, "headdim=24 must divide")])
+def test_bad_settings_say_what_to_change(kw, fragment):
+    with pytest.raises((ConfigError, ValueError), match=fragment):
+        tiny(**kw)
+
+
+def test_triton_backend_without_cuda_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(ConfigError, match="backend 'triton' needs CUDA and mamba-ssm"):
+        tiny(backend="triton")
+
+
+def test_init_knobs_reach_the_mixers():
+    import torch.nn.functional as F
+
+    module = MambaLitModule(d_model=32, n_layer=2, d_state=8, headdim=16, chunk_size=16, vocab_size=64,
+                            dt_min=1e-4, dt_max=2e-4, A_init_range=(1.0, 1.5), dt_limit=(0.0, 1e-3), backend="torch")
+    for block in module.model.backbone.layers:
+        mixer = block.mixer
+        dt0 = F.softplus(mixer.dt_bias)
+        assert ((dt0 > 0.9e-4) & (dt0 < 2.1e-4)).all()
+        A = torch.exp(mixer.A_log)
+        assert ((A >= 1.0 - 1e-6) & (A <= 1.5 + 1e-6)).all()
+        assert mixer.dt_limit == (0.0, 1e-3)
+    assert module.config.mixer["dt_limit"] == (0.0, 1e-3)  # recorded in the checkpoint's config too
