@@ -7,10 +7,8 @@ import sys
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-from .data import DataError
-from .models import ConfigError
+from .errors import UserError
 from .training.cli import MambaCLI, lightning_cli
-from .training.nan_guard import NonFiniteError
 
 # Commands beyond Lightning's: name -> module with a ``main(argv)``.
 COMMANDS = {
@@ -47,7 +45,7 @@ def user_error(e: BaseException) -> BaseException | None:
     """The user-facing error (bad setting, non-finite step) behind ``e`` (jsonargparse wraps errors raised while instantiating classes)."""
     seen = set()
     while e is not None and id(e) not in seen:
-        if isinstance(e, (ConfigError, DataError, NonFiniteError, MisconfigurationException)):
+        if isinstance(e, (UserError, MisconfigurationException)):
             return e
         if isinstance(e, ModuleNotFoundError) and str(e).startswith("Requirement "):
             # Lightning's accelerators and strategies name the package they lack, e.g. tpu -> torch_xla

@@ -25,10 +25,11 @@ from ..analysis.state_stats import newline_probe, state_statistics
 from ..mitigations.interventions import apply_interventions
 from . import run_command
 from ..atomic import atomic_write_json
+from ..errors import UserError
 from ..analysis.evaluator import write_position_losses_csv
 
 
-class AnalyzeError(Exception):
+class AnalyzeError(UserError):
     """A bad argument or input; main() prints it as one line."""
 
 

@@ -22,12 +22,13 @@ from ..analysis.passkey import evaluate_passkey, plot_passkey_curve, plot_passke
 from . import run_command
 from ..data.passkey import PasskeyError, PasskeyGenerator, PasskeyTemplate, check_depth, check_lengths, default_depths
 from ..atomic import atomic_write_json
+from ..errors import UserError
 
 DEFAULT_MULTIPLES = (0.5, 1, 2, 4, 8, 16)
 UNITS = {"k": 2**10, "m": 2**20}
 
 
-class PasskeyCommandError(Exception):
+class PasskeyCommandError(UserError):
     """A bad argument or input; main() prints it as one line."""
 
 

@@ -7,6 +7,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..errors import UserError
+
 # Defaults of the official Mamba2 mixer; ssm_cfg only needs to hold what differs.
 MIXER_DEFAULTS: dict[str, Any] = {
     "d_state": 128,
@@ -29,7 +31,7 @@ MIXER_DEFAULTS: dict[str, Any] = {
 IGNORED_MIXER_KEYS = {"layer", "use_mem_eff_path", "D_has_hdim", "d_ssm", "sequence_parallel", "conv_init", "learnable_init_states", "activation"}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A model setting that cannot work; the message says what to change."""
 
 

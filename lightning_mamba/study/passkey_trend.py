@@ -29,9 +29,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ..analysis.passkey import distance_buckets  # noqa: E402
+from ..errors import UserError  # noqa: E402
 
 
-class PasskeyTrendError(Exception):
+class PasskeyTrendError(UserError):
     """A run without passkey evaluations, or unusable ones; the command prints it as one line."""
 
 

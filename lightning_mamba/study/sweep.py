@@ -23,10 +23,11 @@ from typing import Any, Callable
 import torch
 
 from ..atomic import atomic_write_text
+from ..errors import UserError
 
 
 
-class SweepError(ValueError):
+class SweepError(UserError, ValueError):
     """A study setting that cannot work; the message says what to change."""
 
 

@@ -6,11 +6,13 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from ..errors import UserError
+
 MODES = ("stop", "skip")
 FIX = "lower model.lr or set trainer.gradient_clip_val and resume from the last checkpoint"
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UserError, RuntimeError):
     """The loss or a gradient is NaN/Inf; the message is one line naming the step and the first such tensor."""
 
 
