@@ -13,8 +13,6 @@ from lightning_mamba.training.cuda_graph import GraphedLoss, thread_local_captur
 from lightning_mamba.training.module import MambaLitModule
 from lightning_mamba.models import ConfigError, MambaConfig, MambaLM
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
-
 
 class RandomTokens(torch.utils.data.Dataset):
     def __init__(self, vocab=64, seq_len=32, n=64):
@@ -97,7 +95,7 @@ def _train(model, batches, loss_fn, autocast):
     return losses
 
 
-@needs_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_graphed_training_equals_eager(backend, autocast):
@@ -124,7 +122,7 @@ def test_graphed_training_equals_eager(backend, autocast):
     torch.testing.assert_close(loss, ref)
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_trainer_fit_with_cuda_graph_matches_eager(tmp_path):
     """A real Trainer (bf16-mixed, grad clipping, the WSD schedule): same losses as without the graphs."""
     losses = {}
@@ -145,7 +143,7 @@ def test_trainer_fit_with_cuda_graph_matches_eager(tmp_path):
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=2e-3, atol=2e-3)
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_capture_survives_another_threads_cuda_calls():
     """While the first batch is captured, another thread keeps making CUDA calls that stream capture forbids
     process-wide in torch's default "global" mode (event queries; fresh pinned allocations, as a DataLoader's

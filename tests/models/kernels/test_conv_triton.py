@@ -12,7 +12,7 @@ from lightning_mamba.models.kernels import conv_triton
 from lightning_mamba.models.conv import causal_conv1d
 from lightning_mamba.models.kernels.conv_triton import causal_conv1d_silu
 
-from .triton_env import DEVICE, needs_cuda, needs_triton
+from .triton_env import DEVICE, needs_triton
 
 
 def make_inputs(b, l, d, k, dtype, bias=True, state=False, seq=None, strided=False, width=None, seed=0):
@@ -139,7 +139,8 @@ def test_conv_state_requiring_grad_is_refused():
         causal_conv1d_silu(u, weight, bias, conv_state)
 
 
-@needs_cuda
+@pytest.mark.gpu  # realistic shapes, mamba_ssm: CUDA only
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matches_torch_realistic_shape(dtype):
     seq_idx = torch.stack([docs(2048, 2, 700, 1024), docs(2048, 1500)])

@@ -13,7 +13,7 @@ from lightning_mamba.models.loss import linear_cross_entropy
 from lightning_mamba.models.kernels.loss_triton import cross_entropy_rows_
 
 from ..test_loss import loss_and_grads, unfused
-from .triton_env import DEVICE, needs_cuda, needs_triton
+from .triton_env import DEVICE, needs_triton
 
 
 @pytest.fixture
@@ -76,7 +76,8 @@ def test_fused_linear_cross_entropy_matches_the_unfused_loss(small_blocks, chunk
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-@needs_cuda
+@pytest.mark.gpu  # realistic shapes, mamba_ssm: CUDA only
+@needs_triton
 def test_fused_loss_at_the_130m_shape_under_bf16_autocast():
     """2 x 2048 tokens, d_model 768, the official padded vocabulary (50280): loss and gradients as the unfused
     bf16 path (lm_head in bf16, cross_entropy on the fp32 upcast)."""
@@ -93,7 +94,8 @@ def test_fused_loss_at_the_130m_shape_under_bf16_autocast():
         assert ((a - b).norm() / b.norm()).item() < 1e-2
 
 
-@needs_cuda
+@pytest.mark.gpu  # realistic shapes, mamba_ssm: CUDA only
+@needs_triton
 def test_the_model_loss_takes_the_kernel_on_the_triton_backend_only(monkeypatch):
     from lightning_mamba.models.kernels.backend import _triton_scan
     from lightning_mamba.models.config import MambaConfig

@@ -1,5 +1,6 @@
 """Where the Triton-kernel tests run: CUDA when available, else Triton's CPU interpreter when TRITON_INTERPRET=1
-(small shapes), else they skip (CI has no triton)."""
+(small shapes), else they skip (CI has no triton). The CUDA-only ones (realistic shapes, mamba_ssm) carry
+``pytest.mark.gpu`` besides ``needs_triton``: tests/conftest.py skips them without CUDA."""
 
 import os
 
@@ -21,4 +22,3 @@ def _device() -> tuple[str | None, str]:
 
 DEVICE, WHY_NOT = _device()
 needs_triton = pytest.mark.skipif(DEVICE is None, reason=WHY_NOT or "")
-needs_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="runs on CUDA only (realistic shapes, mamba_ssm)")
