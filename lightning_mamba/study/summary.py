@@ -20,6 +20,7 @@ import numpy as np
 from ..analysis import plots
 from ..analysis.fits import N_S_UNIT, PAPER_T_FORGET, PAPER_T_RECALL, T_UNIT, fit_exponential, fit_linear
 from ..atomic import atomic_write_text
+from .onset import onset_summary
 from .sweep import SweepError, clean, write_json
 
 import matplotlib.pyplot as plt  # noqa: E402  (plots selected the Agg backend)
@@ -219,6 +220,29 @@ def plot_passkey_grid(results: list[dict], rows: list[dict]) -> plt.Figure | Non
 
 
 # ---- the summary ------------------------------------------------------------------------------------------
+def cells_of(plan: dict | None, results: list[dict]) -> dict[str, tuple[str, int]]:
+    """Every planned or finished cell -> (row, LEN); cell names are ``<row>_len<LEN>``."""
+    names = list(dict.fromkeys([*(plan or {}).get("cells", []), *(r["cell"] for r in results)]))
+    return {name: (name.rsplit("_len", 1)[0], int(name.rsplit("_len", 1)[1])) for name in names}
+
+
+def onset_lines(onset: dict) -> list[str]:
+    """Where the failure set in along training: per cell the first failing evaluation, per row T_forget by step."""
+    lines = []
+    for name, cell in onset["cells"].items():
+        o = cell["onset"]
+        if o["step"] is not None:
+            tokens = f" ({o['tokens'] / 1e6:.1f}M tokens)" if o["tokens"] is not None else ""
+            still = "still fails at its last evaluation" if o["fails_at_end"] else "forgets again by its last"
+            lines.append(f"onset: {name} fails first at step {o['step']}{tokens}; {still} (step {o['last_step']})")
+    for row, series in onset["t_forget_by_step"].items():
+        if series:
+            steps = ", ".join(f"{e['step']}: {e['t_forget'] if e['t_forget'] is not None else e['bound']}"
+                              for e in series)
+            lines.append(f"T_forget along training, {row}: {steps}")
+    return lines
+
+
 def summarize(out: str, tensorboard: bool = True) -> dict:
     """Write results.csv, summary.json, PNGs and (optionally) the TensorBoard run ``<out>/summary``."""
     plan = load_plan(out)
@@ -241,7 +265,9 @@ def summarize(out: str, tensorboard: bool = True) -> dict:
         notes.append(f"{len(missing)} planned cell(s) have no result yet: {', '.join(missing)}")
     summary = {"out": os.path.abspath(out), "cells_done": len(results), "cells_missing": missing,
                "tokens_per_cell": budgets, "axis": "models" if (plan or {}).get("models") else "states",
-               "rows": rows, "fits": fits, "notes": notes}
+               "rows": rows, "fits": fits, "notes": notes,
+               "onset": onset_summary(os.path.join(out, "cells"), cells_of(plan, results),
+                                      (plan or {}).get("tokens_per_batch"))}
     os.makedirs(out, exist_ok=True)
     summary = clean(summary)
     write_json(os.path.join(out, "summary.json"), summary)
@@ -314,6 +340,7 @@ def summary_lines(summary: dict) -> list[str]:
         r2 = "n/a" if f["r2"] is None else f"{f['r2']:.4f}"
         lines.append(f"{form} (N_S in M, T in K tokens): ours {ours}, R^2 = {r2} over {fit['n_points']} points  "
                      f"({paper_text})")
+    lines += onset_lines(summary.get("onset") or {"cells": {}, "t_forget_by_step": {}})
     lines += [f"note: {n}" for n in summary["notes"]]
     lines.append(f"written to {summary['out']} (results.csv, summary.json, *.png, summary/)")
     return lines

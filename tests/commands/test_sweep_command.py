@@ -58,6 +58,13 @@ def test_micro_study_writes_everything_and_a_rerun_skips_finished_cells(tmp_path
     assert cli.datamodule.hparams.batch_size == 4 and cli.trainer.max_steps == 8
     summary = json.loads((out / "summary.json").read_text())
     assert [r["row"] for r in summary["rows"]] == ["state8", "state16"] and summary["cells_done"] == 4
+    # onset tracking reads the evaluations the observers wrote along each cell's training (the base config's
+    # LengthGeneralizationCallback and StateStatsCallback)
+    for name in names:
+        history = summary["onset"]["cells"][name]["history"]
+        assert history and history[-1]["step"] == 8 and history[-1]["tokens"] == 2048
+        assert history[-1]["forgets"] in (True, False) and history[-1]["heads_alpha_T_above"] is not None
+    assert set(summary["onset"]["t_forget_by_step"]) == {"state8", "state16"}
     assert len((out / "results.csv").read_text().splitlines()) == 5
     for png in ("t_forget_vs_state_size", "loss_curves"):
         assert (out / f"{png}.png").stat().st_size > 0

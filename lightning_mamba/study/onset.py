@@ -1,0 +1,127 @@
+"""When does the failure to forget set in? Every cell's evaluations along training, read back from its run folder.
+
+The forgetting observers write one JSON per evaluation into the cell's log directory: ``lengthgen/step_N.json``
+(the verdict and ratios) and ``state_stats/step_N.json`` (state RMS, variance growth past T_train, first-token
+retention). From them, per cell: the history (step, tokens, verdict, ratio, heads whose alpha over T exceeds the
+retention threshold, state growth past T) and the onset, the step and token count of the first failing evaluation.
+Per row of the grid: T_forget at every evaluation step (the smallest LEN that still forgets at that step), so a
+study shows the law forming along training, not only at the end.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import re
+from typing import Any
+
+STEP_FILE = re.compile(r"step_(\d+)\.json$")
+
+
+def _read_steps(folder: str) -> dict[int, dict]:
+    """step -> parsed JSON of ``folder/step_N.json`` (files that do not parse are skipped: a killed write leaves
+    none, as they are written atomically, but a user may have edited one)."""
+    out = {}
+    for path in glob.glob(os.path.join(folder, "step_*.json")):
+        match = STEP_FILE.search(path)
+        if not match:
+            continue
+        try:
+            with open(path) as f:
+                out[int(match.group(1))] = json.load(f)
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _retention(state: dict | None) -> dict[str, Any]:
+    """Heads that never forget the first token, and state growth past T_train, from one state_stats JSON."""
+    summary = ((state or {}).get("text") or {}).get("summary") or {}
+    stats = ((state or {}).get("text") or {}).get("stats") or {}
+    frac = next((v for k, v in summary.items() if k.startswith("frac_heads_above_")), None)
+    threshold = next((float(k.rsplit("_", 1)[1]) for k in summary if k.startswith("frac_heads_above_")), 0.99)
+    log_retention = stats.get("log_retention_T")  # (layers, heads) log alpha over T_train
+    heads = None
+    if log_retention is not None:
+        heads = sum(1 for layer in log_retention for r in layer if r is not None and math.exp(r) > threshold)
+    return {"heads_alpha_T_above": heads, "frac_heads_alpha_T_above": frac,
+            "max_first_token": summary.get("max_first_token"), "state_norm_growth": summary.get("norm_growth"),
+            "state_var_growth": summary.get("var_growth")}
+
+
+def cell_history(cell_folder: str, tokens_per_batch: int | None = None) -> list[dict]:
+    """The cell's evaluations in step order: step, tokens, forgets, ratios and retention/state figures."""
+    lengthgen = _read_steps(os.path.join(cell_folder, "lengthgen"))
+    states = _read_steps(os.path.join(cell_folder, "state_stats"))
+    history = []
+    for step in sorted(lengthgen):
+        entry = lengthgen[step]
+        verdict = entry.get("verdict") or {}
+        metrics = entry.get("metrics") or {}
+        row = {"step": step, "tokens": None if tokens_per_batch is None else step * tokens_per_batch,
+               "forgets": verdict.get("forgets"), "blowup_position": verdict.get("blowup_position"),
+               "evaluated_to": verdict.get("evaluated_to")}
+        for key in ("ratio_16_64x", "ratio_16_64x_lo", "ratio_16_64x_hi", "ratio_long_over_in"):
+            if key in verdict:
+                row[key] = verdict[key]
+        row.update({k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("lengthgen/ratio")})
+        row.update(_retention(states.get(step)))
+        history.append(row)
+    return history
+
+
+def onset_of(history: list[dict]) -> dict[str, Any]:
+    """The first failing evaluation (step, tokens), whether the cell still fails at its last evaluation, and how
+    many evaluations there were. ``step`` is None when no evaluation failed."""
+    failing = [h for h in history if h.get("forgets") is False]
+    first = failing[0] if failing else None
+    return {"step": None if first is None else first["step"], "tokens": None if first is None else first["tokens"],
+            "evaluations": len(history), "fails_at_end": bool(history) and history[-1].get("forgets") is False,
+            "last_step": history[-1]["step"] if history else None}
+
+
+def t_forget_by_step(histories: dict[str, list[dict]], rows_of_cells: dict[str, tuple[str, int]]) -> dict:
+    """T_forget per row at every evaluation step that all of the row's cells reached.
+
+    ``histories``: cell -> history; ``rows_of_cells``: cell -> (row, LEN). At a step, T_forget is the smallest LEN
+    of the row whose cell forgets there, provided every shorter LEN fails there (else it is not named); a row
+    whose shortest LEN forgets has T_forget <= that LEN, one that fails at every LEN has T_forget > the longest."""
+    by_row: dict[str, dict[int, dict[int, bool]]] = {}
+    for cell, history in histories.items():
+        row, seq_len = rows_of_cells[cell]
+        for h in history:
+            if h.get("forgets") is not None:
+                by_row.setdefault(row, {}).setdefault(h["step"], {})[seq_len] = bool(h["forgets"])
+    lens_of_row: dict[str, list[int]] = {}
+    for row, seq_len in rows_of_cells.values():
+        lens_of_row.setdefault(row, []).append(seq_len)
+    out: dict[str, list[dict]] = {}
+    for row, steps in by_row.items():
+        lens = sorted(set(lens_of_row[row]))
+        series = []
+        for step in sorted(steps):
+            passes = steps[step]
+            if any(t not in passes for t in lens):
+                continue  # some LEN has no evaluation at this step
+            entry = {"step": step, "t_forget": None, "bound": None}
+            first_pass = next((t for t in lens if passes[t]), None)
+            if first_pass is None:
+                entry["bound"] = f"> {lens[-1]}"
+            elif first_pass == lens[0]:
+                entry["bound"] = f"<= {lens[0]}"
+            else:
+                entry["t_forget"] = first_pass
+            entry["passes"] = {str(t): passes[t] for t in lens}
+            series.append(entry)
+        out[row] = series
+    return out
+
+
+def onset_summary(cells_folder: str, cells: dict[str, tuple[str, int]], tokens_per_batch: int | None) -> dict:
+    """Per cell: history and onset; per row: T_forget along training. ``cells``: name -> (row, LEN)."""
+    histories = {name: cell_history(os.path.join(cells_folder, name), tokens_per_batch) for name in cells}
+    return {"cells": {name: {"row": cells[name][0], "seq_len": cells[name][1], "onset": onset_of(h), "history": h}
+                      for name, h in histories.items()},
+            "t_forget_by_step": t_forget_by_step(histories, cells)}

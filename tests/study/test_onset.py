@@ -1,0 +1,65 @@
+"""Onset tracking: the first failing evaluation per cell and T_forget per row at each evaluation step, read from
+the JSON files the forgetting observers write along training."""
+
+import json
+import math
+import os
+
+from lightning_mamba.study.onset import cell_history, onset_of, onset_summary, t_forget_by_step
+
+
+def write_eval(cell_folder, step: int, forgets: bool, log_retention=None, ratio: float = 1.0):
+    os.makedirs(os.path.join(cell_folder, "lengthgen"), exist_ok=True)
+    with open(os.path.join(cell_folder, "lengthgen", f"step_{step}.json"), "w") as f:
+        json.dump({"step": step, "verdict": {"forgets": forgets, "blowup_position": None if forgets else 640,
+                                             "evaluated_to": 4096},
+                   "metrics": {"lengthgen/ratio_4_16x": ratio}}, f)
+    if log_retention is not None:
+        os.makedirs(os.path.join(cell_folder, "state_stats"), exist_ok=True)
+        with open(os.path.join(cell_folder, "state_stats", f"step_{step}.json"), "w") as f:
+            json.dump({"step": step, "text": {"summary": {"frac_heads_above_0.99": 0.25, "norm_growth": 3.0},
+                                              "stats": {"log_retention_T": log_retention}}}, f)
+
+
+def test_the_first_failing_evaluation_is_the_onset(tmp_path):
+    cell = str(tmp_path / "d_state256_len64")
+    write_eval(cell, 500, True)
+    write_eval(cell, 1000, True)
+    write_eval(cell, 1500, False, log_retention=[[math.log(0.999), math.log(0.5)], [math.log(0.995), -30.0]],
+               ratio=2.5)
+    write_eval(cell, 2000, False)
+    history = cell_history(cell, tokens_per_batch=16384)
+    assert [h["step"] for h in history] == [500, 1000, 1500, 2000]  # numeric order, not text order
+    assert history[2]["heads_alpha_T_above"] == 2 and history[2]["ratio_4_16x"] == 2.5
+    assert history[2]["state_norm_growth"] == 3.0 and history[0]["heads_alpha_T_above"] is None
+    onset = onset_of(history)
+    assert onset == {"step": 1500, "tokens": 1500 * 16384, "evaluations": 4, "fails_at_end": True, "last_step": 2000}
+
+
+def test_a_cell_that_always_forgets_has_no_onset(tmp_path):
+    cell = str(tmp_path / "c")
+    for step in (100, 200):
+        write_eval(cell, step, True)
+    assert onset_of(cell_history(cell))["step"] is None
+    assert onset_of([])["step"] is None and onset_of([])["fails_at_end"] is False
+
+
+def test_t_forget_is_named_at_each_step_all_lens_reached():
+    # row r: at step 100 every LEN forgets (T_forget <= 32); at 200 LEN 32 fails, 64 forgets (T_forget 64);
+    # at 300 all fail (> 128); step 400 lacks LEN 128 and is left out
+    cells = {"r_len32": ("r", 32), "r_len64": ("r", 64), "r_len128": ("r", 128)}
+    forgets = {"r_len32": [True, False, False, False], "r_len64": [True, True, False, False],
+               "r_len128": [True, True, False]}
+    histories = {c: [{"step": 100 * (i + 1), "forgets": f} for i, f in enumerate(v)] for c, v in forgets.items()}
+    series = t_forget_by_step(histories, cells)["r"]
+    assert [(e["step"], e["t_forget"], e["bound"]) for e in series] == [
+        (100, None, "<= 32"), (200, 64, None), (300, None, "> 128")]
+
+
+def test_the_summary_reads_every_planned_cell(tmp_path):
+    cells_folder = tmp_path / "cells"
+    write_eval(str(cells_folder / "s_len32"), 10, False)
+    write_eval(str(cells_folder / "s_len64"), 10, True)
+    out = onset_summary(str(cells_folder), {"s_len32": ("s", 32), "s_len64": ("s", 64), "s_len128": ("s", 128)}, 8)
+    assert out["cells"]["s_len32"]["onset"]["step"] == 10 and out["cells"]["s_len128"]["history"] == []
+    assert out["t_forget_by_step"]["s"] == []  # LEN 128 never evaluated: T_forget cannot be named
