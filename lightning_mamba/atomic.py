@@ -40,4 +40,7 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 def atomic_write_json(path: str, obj, indent: int | None = None) -> None:
+    """The package's one JSON file writer: ``json.dumps(obj, indent=indent)``, written atomically. NaN/inf are
+    written as ``NaN``/``Infinity`` as json does; a writer that must be strict JSON cleans first
+    (``study.sweep.write_json``)."""
     atomic_write_text(path, json.dumps(obj, indent=indent))

@@ -12,7 +12,6 @@ loss_vs_position.png.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -23,7 +22,7 @@ from jsonargparse import ArgumentParser
 from ..analysis import plots
 from ..analysis.criterion import default_bucket
 from ..mitigations.search import compare_mitigations, markdown_table
-from ..atomic import atomic_write_text
+from ..atomic import atomic_write_json, atomic_write_text
 from . import run_command
 from .analyze import AnalyzeError, add_input_args, load_checkpoint, load_inputs
 
@@ -74,7 +73,7 @@ def write_outputs(result: dict) -> None:
     out = result["out"]
     os.makedirs(out, exist_ok=True)
     T = result["seq_len"]
-    atomic_write_text(os.path.join(out, "mitigation.json"), json.dumps(result, indent=1))
+    atomic_write_json(os.path.join(out, "mitigation.json"), result, indent=1)
     atomic_write_text(os.path.join(out, "mitigation.md"), "\n".join(markdown_table(result["entries"], T)) + "\n")
     curves = {f"{e['name']} ({e['setting']})" if e["setting"] != "none" else e["name"]: (e["positions"], e["curve"])
               for e in result["entries"]}

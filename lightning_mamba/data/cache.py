@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..atomic import atomic_write
+from ..atomic import atomic_write, atomic_write_json
 
 CACHE_FORMAT = 1
 # The checksum covers the first and last MiB of the token bytes, not all of them: a full hash would read
@@ -58,7 +58,7 @@ def write_token_cache(path: str, tokens: np.ndarray, key: str) -> None:
     atomic_write(path, lambda f: np.save(f, tokens, allow_pickle=False))
     meta = {"format": CACHE_FORMAT, "fingerprint": key, "dtype": tokens.dtype.str, "tokens": int(len(tokens)),
             "checksum": sample_checksum(tokens), "checksum_covers": f"first and last {CHECKSUM_SPAN} bytes"}
-    atomic_write(sidecar_path(path), lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    atomic_write_json(sidecar_path(path), meta, indent=1)
 
 
 def read_sidecar(path: str) -> dict | None:

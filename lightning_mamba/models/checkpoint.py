@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..atomic import atomic_write
+from ..atomic import atomic_write, atomic_write_json
 from .config import ConfigError, MambaConfig
 from .lm import MambaLM
 
@@ -38,10 +38,6 @@ HF_RENAMES = {"backbone.embeddings.weight": "backbone.embedding.weight"}
 
 
 # ---- writing ----------------------------------------------------------------------------------------
-def _write_json(path: str, obj: Any) -> None:
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
-
-
 def official_config(config: MambaConfig) -> dict[str, Any]:
     """config.json as the official MambaConfig would dump it (``layer`` made explicit: its default is Mamba1)."""
     d = config.to_dict()
@@ -55,7 +51,7 @@ def save_pretrained(model: MambaLM, directory: str, tokenizer_spec: dict | None 
     """Write ``model`` in the official layout (+ tokenizer, lightning_mamba.json); returns the paths written."""
     os.makedirs(directory, exist_ok=True)
     paths = [os.path.join(directory, name) for name in (CONFIG, WEIGHTS)]
-    _write_json(paths[0], official_config(model.config))
+    atomic_write_json(paths[0], official_config(model.config), indent=2)
     # Tied weights stay one shared tensor under two keys, as the official torch.save(state_dict()) has them.
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(paths[1], lambda f: torch.save(state, f))
@@ -67,7 +63,7 @@ def save_pretrained(model: MambaLM, directory: str, tokenizer_spec: dict | None 
         atomic_write(paths[-1], lambda f: f.write(text.encode()))
         spec = {**{k: v for k, v in spec.items() if k != "json"}, "file": TOKENIZER}
     paths.append(os.path.join(directory, META))
-    _write_json(paths[-1], {"tokenizer": spec, **(extra or {})})
+    atomic_write_json(paths[-1], {"tokenizer": spec, **(extra or {})}, indent=2)
     return paths
 
 

@@ -126,9 +126,9 @@ class MambaConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def save(self, directory: str) -> None:
-        from ..atomic import atomic_write_text
+        from ..atomic import atomic_write_json
 
-        atomic_write_text(os.path.join(directory, "config.json"), json.dumps(self.to_dict(), indent=2))
+        atomic_write_json(os.path.join(directory, "config.json"), self.to_dict(), indent=2)
 
     @classmethod
     def load(cls, directory_or_file: str) -> "MambaConfig":

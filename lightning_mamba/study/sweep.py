@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..atomic import atomic_write_text
+from ..atomic import atomic_write_json
 from ..errors import UserError
 
 
@@ -217,8 +217,8 @@ def cell_args(study: Study, cell: Cell, world_size: int = 1) -> list[str]:
 
 # ---- running --------------------------------------------------------------------------------------------
 def write_json(path: str, obj: Any) -> None:
-    """Atomic (a killed run leaves no half file)."""
-    atomic_write_text(path, json.dumps(clean(obj), indent=1))
+    """JSON-safe (:func:`clean`) and atomic (a killed run leaves no half file)."""
+    atomic_write_json(path, clean(obj), indent=1)
 
 
 def clean(obj: Any) -> Any:
