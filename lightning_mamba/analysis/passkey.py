@@ -24,10 +24,8 @@ import numpy as np
 import torch
 
 from ..data.passkey import PasskeyGenerator, PasskeySample, passkey_grid
-from . import plots  # noqa: F401  (selects the Agg backend before pyplot is imported)
 from .evaluator import iter_pieces, precision_context, resolve_dtype
-
-import matplotlib.pyplot as plt  # noqa: E402
+from .plots import plt
 
 
 @dataclass

@@ -1,4 +1,7 @@
-"""Matplotlib figures (Agg, no display) for TensorBoard's ``add_figure`` and for PNG files."""
+"""Matplotlib figures (Agg, no display) for TensorBoard's ``add_figure`` and for PNG files.
+
+The package's one choice of matplotlib backend: every module that draws takes pyplot from here
+(``from ..analysis.plots import plt``), so Agg is selected before pyplot is first imported."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import os
 
 import matplotlib
 
-matplotlib.use("Agg")
+matplotlib.use("Agg")  # headless: figures go to PNG files and TensorBoard
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib import ticker  # noqa: E402

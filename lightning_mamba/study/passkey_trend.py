@@ -22,14 +22,11 @@ import math
 import os
 import re
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from ..analysis.passkey import distance_buckets  # noqa: E402
-from ..errors import UserError  # noqa: E402
+from ..analysis.passkey import distance_buckets
+from ..analysis.plots import plt
+from ..errors import UserError
 
 
 class PasskeyTrendError(UserError):

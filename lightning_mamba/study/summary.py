@@ -18,12 +18,11 @@ import os
 import numpy as np
 
 from ..analysis import plots
+from ..analysis.plots import plt
 from ..analysis.fits import N_S_UNIT, PAPER_T_FORGET, PAPER_T_RECALL, T_UNIT, fit_exponential, fit_linear
 from ..atomic import atomic_write_text
 from .onset import onset_summary
 from .sweep import SweepError, clean, write_json
-
-import matplotlib.pyplot as plt  # noqa: E402  (plots selected the Agg backend)
 
 CSV_FIELDS = ("cell", "row", "d_state", "n_layer", "d_model", "seq_len", "batch_size", "steps", "tokens", "params",
               "n_s", "n_s_ssm_only", "forgets", "blowup_position", "blowup_over_len", "max_in_window",
