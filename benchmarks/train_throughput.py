@@ -23,13 +23,15 @@ CONFIGS = {  # name: (d_model, n_layer, d_state, vocab, batch, seq_len, headdim)
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0}
 
 
-def model_flops_per_token(d_model, n_layer, d_state, vocab, headdim, chunk=256):
-    """6 x matmul params + the SSD terms (same estimate as MambaLitModule.flops_per_batch)."""
-    d_inner = 2 * d_model
-    nheads = d_inner // headdim
-    proj = n_layer * (d_model * (2 * d_inner + 2 * d_state + nheads) + d_inner * d_model) + d_model * vocab
-    ssd = n_layer * nheads * (chunk * (d_state + headdim) + 6 * headdim * d_state)
-    return 6 * proj + 3 * ssd
+def model_flops_per_token(d_model, n_layer, d_state, vocab, headdim):
+    """The project's estimate (models/flops.py, also MambaLitModule.flops_per_batch) for the model every contender
+    trains: the mixer's other settings at their defaults, the vocabulary padded as ours pads it."""
+    from lightning_mamba.models import MambaConfig
+    from lightning_mamba.models.flops import train_flops_per_token
+
+    config = MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab,
+                         ssm_cfg={"layer": "Mamba2", "d_state": d_state, "headdim": headdim})
+    return train_flops_per_token(config)
 
 
 def bare_loop(model, batch, seq_len, vocab, steps, warmup, device, dtype, loss_fn):

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..atomic import atomic_write, atomic_write_json
-from .config import ConfigError, MambaConfig
+from .config import MIXER_DEFAULTS, NO_DT_LIMIT, SHAPE_FIELDS, SSM_SHAPE_FIELDS, ConfigError, MambaConfig
 from .lm import MambaLM
 
 CONFIG, WEIGHTS, SAFETENSORS, META, TOKENIZER = (
@@ -26,13 +26,17 @@ CONFIG, WEIGHTS, SAFETENSORS, META, TOKENIZER = (
 # MambaConfig(**config_json), so config.json must hold these and nothing else.
 OFFICIAL_FIELDS = ("d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg", "attn_layer_idx", "attn_cfg",
                    "rms_norm", "residual_in_fp32", "fused_add_norm", "pad_vocab_size_multiple", "tie_embeddings")
-# HF transformers' Mamba2Config defaults, for fields a config.json leaves out.
+# HF transformers' Mamba2Config names of the mixer settings -> ours (ssm_cfg).
+HF_SSM_NAMES = {"state_size": "d_state", "conv_kernel": "d_conv", "expand": "expand", "head_dim": "headdim",
+                "n_groups": "ngroups", "chunk_size": "chunk_size", "use_bias": "bias", "use_conv_bias": "conv_bias",
+                "time_step_min": "dt_min", "time_step_max": "dt_max", "time_step_floor": "dt_init_floor",
+                "time_step_limit": "dt_limit"}
+# HF transformers' Mamba2Config defaults, for fields a config.json leaves out: for the mixer settings they are the
+# official ones (models/config.py) except n_groups.
 HF_DEFAULTS: dict[str, Any] = {
-    "hidden_size": 4096, "num_hidden_layers": 64, "vocab_size": 32768, "num_heads": 128, "head_dim": 64,
-    "state_size": 128, "expand": 2, "n_groups": 8, "conv_kernel": 4, "chunk_size": 256, "use_bias": False,
-    "use_conv_bias": True, "residual_in_fp32": True, "tie_word_embeddings": False, "layer_norm_epsilon": 1e-5,
-    "hidden_act": "silu", "time_step_min": 0.001, "time_step_max": 0.1, "time_step_floor": 1e-4,
-    "time_step_limit": (0.0, float("inf")),
+    **{hf: MIXER_DEFAULTS[ours] for hf, ours in HF_SSM_NAMES.items()}, "n_groups": 8,
+    "hidden_size": 4096, "num_hidden_layers": 64, "vocab_size": 32768, "num_heads": 128, "residual_in_fp32": True,
+    "tie_word_embeddings": False, "layer_norm_epsilon": 1e-5, "hidden_act": "silu",
 }
 HF_RENAMES = {"backbone.embeddings.weight": "backbone.embedding.weight"}
 
@@ -92,12 +96,11 @@ def _config_from_hf(raw: dict[str, Any], path: str) -> MambaConfig:
     if c["hidden_act"] != "silu" or abs(c["layer_norm_epsilon"] - 1e-5) > 1e-12:
         raise ConfigError(f"{path}: hidden_act={c['hidden_act']!r}, layer_norm_epsilon={c['layer_norm_epsilon']} "
                           "are not supported (this implementation uses silu and RMSNorm eps 1e-5)")
-    ssm_cfg = {"layer": "Mamba2", "d_state": c["state_size"], "d_conv": c["conv_kernel"], "expand": int(c["expand"]),
-               "headdim": c["head_dim"], "ngroups": c["n_groups"], "chunk_size": c["chunk_size"],
-               "bias": c["use_bias"], "conv_bias": c["use_conv_bias"], "dt_min": c["time_step_min"],
-               "dt_max": c["time_step_max"], "dt_init_floor": c["time_step_floor"]}
-    if tuple(c["time_step_limit"]) != (0.0, float("inf")):
-        ssm_cfg["dt_limit"] = tuple(c["time_step_limit"])
+    ssm_cfg = {"layer": "Mamba2", **{ours: c[hf] for hf, ours in HF_SSM_NAMES.items()}}
+    ssm_cfg["expand"] = int(ssm_cfg["expand"])
+    ssm_cfg["dt_limit"] = tuple(ssm_cfg["dt_limit"])
+    if ssm_cfg["dt_limit"] == NO_DT_LIMIT:
+        del ssm_cfg["dt_limit"]  # the default: config.json stays free of Infinity
     return MambaConfig(d_model=c["hidden_size"], n_layer=c["num_hidden_layers"], vocab_size=c["vocab_size"],
                        ssm_cfg=ssm_cfg, residual_in_fp32=c["residual_in_fp32"], pad_vocab_size_multiple=1,
                        tie_embeddings=c["tie_word_embeddings"])
@@ -158,8 +161,8 @@ def load_weights(model: MambaLM, state: dict[str, Tensor], source: str) -> Mamba
     state = dict(state)
     if model.config.tie_embeddings and "backbone.embedding.weight" in state:
         state["lm_head.weight"] = state["backbone.embedding.weight"]  # one tensor; the embedding decides
-    hint = ("check that its config (d_model, n_layer, vocab_size, pad_vocab_size_multiple, ssm_cfg: d_state, headdim, "
-            "expand, ngroups, d_conv) is the one it was trained with")
+    hint = (f"check that its config ({', '.join(SHAPE_FIELDS)}, ssm_cfg: {', '.join(SSM_SHAPE_FIELDS)}) is the one "
+            f"it was trained with")
     for key, want in expected.items():
         got = state.get(key)
         if got is None or got.shape != want.shape:

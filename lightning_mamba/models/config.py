@@ -9,24 +9,53 @@ from typing import Any
 
 from ..errors import UserError
 
-# Defaults of the official Mamba2 mixer; ssm_cfg only needs to hold what differs.
-MIXER_DEFAULTS: dict[str, Any] = {
-    "d_state": 128,
-    "d_conv": 4,
-    "expand": 2,
-    "headdim": 64,
-    "ngroups": 1,
-    "A_init_range": (1.0, 16.0),
-    "dt_min": 0.001,
-    "dt_max": 0.1,
-    "dt_init_floor": 1e-4,
-    "dt_limit": (0.0, float("inf")),
-    "bias": False,
-    "conv_bias": True,
-    "chunk_size": 256,
-    "rmsnorm": True,
-    "norm_before_gate": False,
-}
+NO_DT_LIMIT = (0.0, float("inf"))  # dt_limit that clamps nothing
+
+
+@dataclass(frozen=True)
+class SSMConfig:
+    """The Mamba2 mixer's settings (``ssm_cfg``) with the official mamba_ssm ``Mamba2`` defaults: the one place
+    they are written. ``Mamba2`` and ``MambaLitModule`` take their defaults from :data:`SSM_DEFAULTS`, and an
+    official config.json's ``ssm_cfg`` only holds what differs from these, so they must stay the official ones."""
+
+    d_state: int = 128
+    d_conv: int = 4
+    expand: int = 2
+    headdim: int = 64
+    ngroups: int = 1
+    A_init_range: tuple[float, float] = (1.0, 16.0)
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    dt_limit: tuple[float, float] = NO_DT_LIMIT
+    bias: bool = False
+    conv_bias: bool = True
+    chunk_size: int = 256
+    rmsnorm: bool = True
+    norm_before_gate: bool = False
+
+
+SSM_DEFAULTS = SSMConfig()
+MIXER_DEFAULTS: dict[str, Any] = asdict(SSM_DEFAULTS)
+
+
+@dataclass(frozen=True)
+class TrainDefaults:
+    """Where the model ``lightning-mamba fit`` builds when nothing is given (``MambaLitModule``'s defaults) departs
+    from the official one: a small model that trains on a CPU, with the d_state of ``make train`` (STATE=64)."""
+
+    d_model: int = 256
+    n_layer: int = 4
+    d_state: int = 64
+    vocab_size: int = 8192
+
+
+TRAIN_DEFAULTS = TrainDefaults()
+
+# The settings that fix the weights' shapes, keys and sharing: MambaConfig fields, then ssm_cfg (SSMConfig) fields.
+SHAPE_FIELDS = ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple", "tie_embeddings")
+SSM_SHAPE_FIELDS = ("d_state", "headdim", "expand", "d_conv", "ngroups", "bias", "conv_bias")
+
 # Official keys that only concern fused kernels; accepted and ignored.
 IGNORED_MIXER_KEYS = {"layer", "use_mem_eff_path", "D_has_hdim", "d_ssm", "sequence_parallel", "conv_init", "learnable_init_states", "activation"}
 

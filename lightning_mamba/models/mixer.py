@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import NO_DT_LIMIT, SSM_DEFAULTS
 from .kernels import backend as kernels
 from .norm import RMSNormGated
 from .ssd import ssd_sampling_states, ssd_step
@@ -25,21 +26,21 @@ class Mamba2(nn.Module):
     def __init__(
         self,
         d_model: int,
-        d_state: int = 128,
-        d_conv: int = 4,
-        expand: int = 2,
-        headdim: int = 64,
-        ngroups: int = 1,
-        A_init_range: tuple[float, float] = (1.0, 16.0),
-        dt_min: float = 0.001,
-        dt_max: float = 0.1,
-        dt_init_floor: float = 1e-4,
-        dt_limit: tuple[float, float] = (0.0, float("inf")),
-        bias: bool = False,
-        conv_bias: bool = True,
-        chunk_size: int = 256,
-        rmsnorm: bool = True,
-        norm_before_gate: bool = False,
+        d_state: int = SSM_DEFAULTS.d_state,
+        d_conv: int = SSM_DEFAULTS.d_conv,
+        expand: int = SSM_DEFAULTS.expand,
+        headdim: int = SSM_DEFAULTS.headdim,
+        ngroups: int = SSM_DEFAULTS.ngroups,
+        A_init_range: tuple[float, float] = SSM_DEFAULTS.A_init_range,
+        dt_min: float = SSM_DEFAULTS.dt_min,
+        dt_max: float = SSM_DEFAULTS.dt_max,
+        dt_init_floor: float = SSM_DEFAULTS.dt_init_floor,
+        dt_limit: tuple[float, float] = SSM_DEFAULTS.dt_limit,
+        bias: bool = SSM_DEFAULTS.bias,
+        conv_bias: bool = SSM_DEFAULTS.conv_bias,
+        chunk_size: int = SSM_DEFAULTS.chunk_size,
+        rmsnorm: bool = SSM_DEFAULTS.rmsnorm,
+        norm_before_gate: bool = SSM_DEFAULTS.norm_before_gate,
         layer_idx: int | None = None,
         backend: str = "auto",
     ):
@@ -91,7 +92,7 @@ class Mamba2(nn.Module):
         C = C.unflatten(-1, (self.ngroups, self.d_state))
         ct = torch.promote_types(dt_raw.dtype, torch.float32)  # fp32 (fp64 in exactness tests)
         dt = F.softplus(dt_raw.to(ct) + self.dt_bias.to(ct))  # threshold 20, as the kernels
-        if self.dt_limit != (0.0, float("inf")):
+        if self.dt_limit != NO_DT_LIMIT:
             dt = dt.clamp(*self.dt_limit)
         A = -torch.exp(self.A_log.to(ct))
         x_scan = x

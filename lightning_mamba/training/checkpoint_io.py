@@ -29,10 +29,10 @@ from ..data.tokenization import tokenizer_from_spec
 from ..models import ConfigError, MambaConfig, MambaLM
 from ..models.checkpoint import (CONFIG, META, SAFETENSORS, WEIGHTS, read_json, load_pretrained, load_tokenizer_spec,
                                  load_weights)
+from ..models.config import SHAPE_FIELDS, SSM_SHAPE_FIELDS
 
-# the model settings that change a weight's shape (CLI names: model.<name>)
-SHAPE_SETTINGS = ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple", "tie_embeddings")
-SSM_SHAPE_SETTINGS = ("d_state", "headdim", "expand", "d_conv", "ngroups")
+# the model settings that change a weight's shape (CLI names: model.<name>), as models/config.py lists them
+SHAPE_SETTINGS, SSM_SHAPE_SETTINGS = SHAPE_FIELDS, SSM_SHAPE_FIELDS
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -14,6 +14,8 @@ from .checkpoint_io import check_model_shape, check_tokenizer
 from .cuda_graph import GraphedLoss
 from .initial_states import NEEDS_LANES, InitialStates
 from ..models import ConfigError, MambaConfig, MambaLM
+from ..models.config import SSM_DEFAULTS, TRAIN_DEFAULTS
+from ..models.flops import train_flops_per_token
 from ..models.kernels.backend import check_backend
 from .schedule import SCHEDULES, lr_factor
 from .sharding import fsdp_root, unwrapped_name
@@ -25,7 +27,8 @@ class MambaLitModule(L.LightningModule):
     Args:
         d_model: Width of the residual stream.
         n_layer: Number of Mamba-2 blocks.
-        d_state: SSM state size N per head (the study's STATE).
+        d_state: SSM state size N per head (the study's STATE). The default is this project's training one; a
+            config.json that leaves d_state out means the official Mamba2 default (models/config.py holds both).
         headdim: Head dimension P; must divide expand * d_model.
         expand: d_inner = expand * d_model.
         d_conv: Width of the causal depthwise convolution.
@@ -68,21 +71,22 @@ class MambaLitModule(L.LightningModule):
 
     def __init__(
         self,
-        d_model: int = 256,
-        n_layer: int = 4,
-        d_state: int = 64,
-        headdim: int = 64,
-        expand: int = 2,
-        d_conv: int = 4,
-        ngroups: int = 1,
-        chunk_size: int = 256,
-        dt_min: float = 0.001,
-        dt_max: float = 0.1,
-        A_init_range: tuple[float, float] = (1.0, 16.0),
-        dt_limit: tuple[float, float] = (0.0, float("inf")),
-        vocab_size: int = 8192,
-        pad_vocab_size_multiple: int = 8,
-        tie_embeddings: bool = True,
+        # model defaults: models/config.py (the official ones, and where the trained model departs from them)
+        d_model: int = TRAIN_DEFAULTS.d_model,
+        n_layer: int = TRAIN_DEFAULTS.n_layer,
+        d_state: int = TRAIN_DEFAULTS.d_state,
+        headdim: int = SSM_DEFAULTS.headdim,
+        expand: int = SSM_DEFAULTS.expand,
+        d_conv: int = SSM_DEFAULTS.d_conv,
+        ngroups: int = SSM_DEFAULTS.ngroups,
+        chunk_size: int = SSM_DEFAULTS.chunk_size,
+        dt_min: float = SSM_DEFAULTS.dt_min,
+        dt_max: float = SSM_DEFAULTS.dt_max,
+        A_init_range: tuple[float, float] = SSM_DEFAULTS.A_init_range,
+        dt_limit: tuple[float, float] = SSM_DEFAULTS.dt_limit,
+        vocab_size: int = TRAIN_DEFAULTS.vocab_size,
+        pad_vocab_size_multiple: int = MambaConfig.pad_vocab_size_multiple,
+        tie_embeddings: bool = MambaConfig.tie_embeddings,
         backend: str = "auto",
         pretrained: str | None = None,
         lr: float = 2e-3,
@@ -124,12 +128,9 @@ class MambaLitModule(L.LightningModule):
             )
             self.model = MambaLM(config, backend=backend)
         # Read off the model as built: under FSDP the parameters become flat 1-D shards, which tell neither
-        # their shape nor their size (parameter_groups, flops_per_batch).
+        # their shape nor their size (parameter_groups).
         self._no_decay_names = frozenset(n for n, p in self.model.named_parameters()
                                          if getattr(p, "_no_weight_decay", False) or p.ndim < 2)
-        cfg = self.model.config
-        self._matmul_params = sum(p.numel() for n, p in self.model.named_parameters() if n.endswith("proj.weight")) \
-            + cfg.d_model * cfg.padded_vocab_size
         self.val_loss = MeanMetric()
         self.val_loss_best = MinMetric()
         if cuda_graph and initial_state != "zero":
@@ -265,15 +266,12 @@ class MambaLitModule(L.LightningModule):
     # ---- throughput --------------------------------------------------------------------
     @property
     def flops_per_batch(self) -> int | None:
-        """Estimated training FLOPs of the current batch shape (for MFU): 6 x matmul params x tokens + the SSD."""
+        """Estimated training FLOPs of the current batch shape (for MFU): models/flops.py per token x tokens."""
         shape = getattr(self, "_last_batch_shape", None)
         if shape is None:
             return None
         b, l = shape
-        cfg, m = self.config, self.config.mixer
-        H, P, N, Q = cfg.nheads, m["headdim"], m["d_state"], m["chunk_size"]
-        ssd = cfg.n_layer * H * (Q * (N + P) + 6 * P * N)  # causal half of the intra-chunk matmuls + state terms
-        return 6 * b * l * self._matmul_params + 3 * b * l * ssd
+        return b * l * train_flops_per_token(self.config)
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         self._last_batch_shape = tuple(batch["input_ids"].shape)

@@ -1,11 +1,16 @@
-"""The official layout: state_dict keys and shapes, parameter count, N_S, and clear config errors."""
+"""The official layout: state_dict keys and shapes, parameter count, N_S, clear config errors; defaults declared
+once; the FLOPs estimate."""
 
+import dataclasses
+import inspect
 import math
 
 import pytest
 import torch
 
-from lightning_mamba.models import ConfigError, MambaConfig, MambaLM
+from lightning_mamba.models import ConfigError, Mamba2, MambaConfig, MambaLM
+from lightning_mamba.models.config import SHAPE_FIELDS, SSM_DEFAULTS, SSM_SHAPE_FIELDS, SSMConfig
+from lightning_mamba.models.flops import matmul_params, train_flops_per_token
 
 
 def official_shapes(d_model, n_layer, vocab, d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1, pad=8):
@@ -104,3 +109,74 @@ def test_config_json_round_trip(tmp_path):
 def test_init_ranges_are_checked(ssm_cfg, fragment):
     with pytest.raises(ConfigError, match=fragment):
         MambaConfig(d_model=32, n_layer=1, vocab_size=16, ssm_cfg={"layer": "Mamba2", "headdim": 16, **ssm_cfg})
+
+
+# ---- every model default declared once (models/config.py) ----------------------------------------------------------
+def test_mixer_takes_its_defaults_from_the_config():
+    """Mamba2's signature holds SSM_DEFAULTS' own objects, not copies: a literal (an int aside, which Python
+    shares) fails ``is``, so the defaults cannot drift apart."""
+    params = inspect.signature(Mamba2.__init__).parameters
+    settings = {f.name for f in dataclasses.fields(SSMConfig)}
+    assert settings == set(params) - {"self", "d_model", "layer_idx", "backend"}  # every mixer setting declared
+    for name in settings:
+        want = getattr(SSM_DEFAULTS, name)
+        assert params[name].default == want, name
+        if not isinstance(want, int):
+            assert params[name].default is want, name
+
+
+def test_an_empty_ssm_cfg_builds_the_default_mixer():
+    cfg = MambaConfig(d_model=64, n_layer=1, vocab_size=16, ssm_cfg={"layer": "Mamba2", "headdim": 16})
+    mixer = MambaLM(cfg).backbone.layers[0].mixer
+    assert cfg.mixer == {**dataclasses.asdict(SSM_DEFAULTS), "headdim": 16}
+    assert (mixer.d_state, mixer.d_conv, mixer.ngroups, mixer.chunk_size, mixer.dt_limit) == (
+        SSM_DEFAULTS.d_state, SSM_DEFAULTS.d_conv, SSM_DEFAULTS.ngroups, SSM_DEFAULTS.chunk_size, SSM_DEFAULTS.dt_limit)
+
+
+def test_shape_fields_are_config_fields():
+    assert set(SHAPE_FIELDS) <= {f.name for f in dataclasses.fields(MambaConfig)}
+    assert set(SSM_SHAPE_FIELDS) <= {f.name for f in dataclasses.fields(SSMConfig)}
+
+
+# a valid other value of every mixer setting outside SSM_SHAPE_FIELDS (rmsnorm, norm_before_gate: fixed by validate)
+OTHER_VALUES = {"A_init_range": (2.0, 3.0), "dt_min": 0.01, "dt_max": 0.05, "dt_init_floor": 1e-3,
+                "dt_limit": (0.0, 1.0), "chunk_size": 8}
+
+
+def test_settings_outside_the_shape_lists_change_no_weight():
+    """SHAPE_FIELDS/SSM_SHAPE_FIELDS (checkpoint_io's shape check, load_weights' hint) must name every setting that
+    changes a state_dict key or shape; a new mixer setting must be sorted into one of the two."""
+    fixed = {"rmsnorm", "norm_before_gate"}
+    assert set(OTHER_VALUES) == {f.name for f in dataclasses.fields(SSMConfig)} - set(SSM_SHAPE_FIELDS) - fixed
+
+    def shapes(**ssm):
+        cfg = MambaConfig(d_model=32, n_layer=1, vocab_size=16, ssm_cfg={"layer": "Mamba2", "headdim": 16, **ssm})
+        return {k: tuple(v.shape) for k, v in MambaLM(cfg).state_dict().items()}
+
+    base = shapes()
+    for name, value in OTHER_VALUES.items():
+        assert shapes(**{name: value}) == base, name
+    for name, value in {"d_state": 8, "headdim": 8, "expand": 3, "d_conv": 3, "ngroups": 2, "bias": True,
+                        "conv_bias": False}.items():
+        assert shapes(**{name: value}) != base, name
+
+
+# ---- FLOPs estimate -----------------------------------------------------------------------------------------------
+def test_train_flops_per_token_matches_a_hand_count():
+    # d_model 4, expand 2 -> d_inner 8, headdim 2 -> 4 heads, d_state 2, 1 group, chunk 4, vocab 5 -> padded 8
+    cfg = MambaConfig(d_model=4, n_layer=1, vocab_size=5, ssm_cfg={"layer": "Mamba2", "d_state": 2, "headdim": 2,
+                                                                  "chunk_size": 4})
+    in_proj = 4 * (2 * 8 + 2 * 2 + 4)  # z, x, B, C, dt
+    out_proj = 8 * 4
+    lm_head = 8 * 4
+    assert matmul_params(cfg) == in_proj + out_proj + lm_head == 160
+    ssd = 4 * (4 * (2 + 2) + 6 * 2 * 2)  # per head: Q (N + P) + 6 P N
+    assert train_flops_per_token(cfg) == 6 * 160 + 3 * ssd == 1440
+
+
+@pytest.mark.parametrize("ssm", [{"d_state": 16, "headdim": 16}, {"d_state": 8, "headdim": 8, "ngroups": 2, "expand": 3}])
+def test_matmul_params_are_the_built_models(ssm):
+    cfg = MambaConfig(d_model=48, n_layer=2, vocab_size=100, ssm_cfg={"layer": "Mamba2", **ssm})
+    model = MambaLM(cfg)
+    proj = sum(p.numel() for n, p in model.named_parameters() if n.endswith("proj.weight"))
+    assert matmul_params(cfg) == proj + model.lm_head.weight.numel()

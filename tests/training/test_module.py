@@ -1,8 +1,13 @@
+import dataclasses
+import inspect
+
 import pytest
 import torch
 
 from lightning_mamba.training.module import MambaLitModule
-from lightning_mamba.models import ConfigError
+from lightning_mamba.models import ConfigError, MambaConfig
+from lightning_mamba.models.config import SHAPE_FIELDS, SSM_DEFAULTS, TRAIN_DEFAULTS, SSMConfig, TrainDefaults
+from lightning_mamba.models.flops import train_flops_per_token
 
 
 def tiny(**kw):
@@ -59,3 +64,57 @@ def test_init_knobs_reach_the_mixers():
         assert ((A >= 1.0 - 1e-6) & (A <= 1.5 + 1e-6)).all()
         assert mixer.dt_limit == (0.0, 1e-3)
     assert module.config.mixer["dt_limit"] == (0.0, 1e-3)  # recorded in the checkpoint's config too
+
+
+# ---- model defaults: declared once in models/config.py --------------------------------------------------------------
+def test_model_defaults_are_the_configs():
+    """Each model argument's default is the config's own object (TRAIN_DEFAULTS where training departs from the
+    official model, else SSM_DEFAULTS / MambaConfig): a literal (an int aside, which Python shares) fails ``is``."""
+    params = inspect.signature(MambaLitModule.__init__).parameters
+    train = {f.name for f in dataclasses.fields(TrainDefaults)}
+    ssm = {f.name for f in dataclasses.fields(SSMConfig)}
+    top = {f.name for f in dataclasses.fields(MambaConfig)}
+    model_args = [n for n in params if n in train | ssm | top]
+    assert set(model_args) >= train | set(SHAPE_FIELDS) | {"d_state", "chunk_size", "dt_min", "dt_max", "A_init_range"}
+    for name in model_args:
+        owner = TRAIN_DEFAULTS if name in train else SSM_DEFAULTS if name in ssm else MambaConfig
+        want = getattr(owner, name)
+        assert params[name].default == want, name
+        if not isinstance(want, int):
+            assert params[name].default is want, name
+
+
+def test_training_defaults_only_hold_departures():
+    """A TrainDefaults field equal to the official default would write that value twice."""
+    official = {**dataclasses.asdict(SSM_DEFAULTS), **{f.name: f.default for f in dataclasses.fields(MambaConfig)}}
+    for f in dataclasses.fields(TrainDefaults):
+        assert getattr(TRAIN_DEFAULTS, f.name) != official[f.name], f.name
+
+
+def test_the_default_module_builds_the_declared_model():
+    config = MambaLitModule(backend="torch").config
+    assert (config.d_model, config.n_layer, config.vocab_size) == (
+        TRAIN_DEFAULTS.d_model, TRAIN_DEFAULTS.n_layer, TRAIN_DEFAULTS.vocab_size)
+    assert config.mixer == {**dataclasses.asdict(SSM_DEFAULTS), "d_state": TRAIN_DEFAULTS.d_state}
+    assert config.pad_vocab_size_multiple == MambaConfig.pad_vocab_size_multiple
+
+
+def test_help_shows_the_declared_defaults(capsys):
+    from lightning_mamba.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    entry = lambda name: text[text.rindex(f"--model.{name} "):][:400]  # noqa: E731  (the last: below the usage)
+    assert f"(type: int, default: {TRAIN_DEFAULTS.d_state})" in entry("d_state")
+    assert f"default: {SSM_DEFAULTS.chunk_size})" in entry("chunk_size")
+    assert f"default: {SSM_DEFAULTS.dt_min})" in entry("dt_min")
+
+
+def test_flops_per_batch_is_tokens_times_the_estimate():
+    module = tiny()
+    assert module.flops_per_batch is None  # no batch seen yet
+    ids = torch.randint(0, 64, (3, 40))
+    module.on_train_batch_start({"input_ids": ids, "labels": ids}, 0)
+    assert module.flops_per_batch == 3 * 40 * train_flops_per_token(module.config)
