@@ -70,7 +70,7 @@ wheelhouse: $(STAMP) ## Wheels an offline GPU node needs: the project, mamba-ssm
 	@ls -1 wheelhouse
 
 # ---- the T_forget study (docs/study.md) ----
-STUDY ?= configs/experiment/forget_threshold.yaml
+STUDY ?= configs/study/forget_threshold.yaml
 STATES ?=                       # sweep: d_state values, e.g. "16 32 64 128" (default: the study config's)
 LENS ?=                         # sweep: training lengths, e.g. "128 256 512 1024 2048" (default: the config's)
 SHARD ?= 0/1                    # sweep: run cells k with k % n == i (one process per GPU or node)
@@ -85,4 +85,4 @@ sweep: $(STAMP) ## The T_forget study, one model per (STATE, LEN): make sweep ST
 		$(if $(strip $(LENS)),--lens '$(call json_list,$(LENS))') --shard $(strip $(SHARD)) $(ARGS)
 
 sweep-cpu: $(STAMP) ## The study in miniature on the CPU (2 states x 2 lengths, a few steps: the machinery only)
-	$(BIN)/lightning-mamba sweep --config configs/experiment/forget_threshold_cpu.yaml $(ARGS)
+	$(BIN)/lightning-mamba sweep --config configs/study/forget_threshold_cpu.yaml $(ARGS)

@@ -8,6 +8,7 @@ import torch
 import yaml
 
 from lightning_mamba.cli import MambaCLI, lightning_cli
+from lightning_mamba.commands import sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "configs", "train.yaml")
@@ -46,3 +47,27 @@ def test_default_run_config_validates(tmp_path):
     cli = lightning_cli(["--config", TRAIN, "--trainer.logger.init_args.save_dir", str(tmp_path)], run=False)
     names = {type(c).__name__ for c in cli.trainer.callbacks}
     assert {"LengthGeneralizationCallback", "StateStatsCallback", "TokenThroughputMonitor", "ModelCheckpoint"} <= names
+
+
+# configs/experiment/ holds overlays of a whole `fit` run; configs/study/ holds the files `sweep --config` reads.
+# Each folder's files parse with their own reader and are refused by the other one.
+@pytest.mark.parametrize("path", group_files("experiment"), ids=os.path.basename)
+def test_experiment_overlays_are_fit_configs(path, tmp_path):
+    cli = lightning_cli(["--config", TRAIN, "--config", path, "--trainer.logger", "false"], run=False)
+    assert cli.model is not None and cli.datamodule is not None and cli.trainer is not None
+    with pytest.raises(SystemExit):
+        sweep.build_parser().parse_args(["--config", path])
+
+
+@pytest.mark.parametrize("path", group_files("study"), ids=os.path.basename)
+def test_study_files_are_sweep_configs(path, capsys):
+    study = sweep.study_from(sweep.build_parser().parse_args(["--config", path]))
+    study.validate()
+    for base in study.base_config:  # repo-relative, as `make sweep` runs from the repo root
+        assert os.path.isfile(os.path.join(ROOT, base)), base
+    with pytest.raises(SystemExit):
+        lightning_cli(["--config", TRAIN, "--config", path, "--trainer.logger", "false"], run=False)
+
+
+def test_each_config_folder_has_files():
+    assert group_files("experiment") and group_files("study")

@@ -1,8 +1,8 @@
 """``lightning-mamba sweep``: the T_forget study. One model per (STATE, LEN) with the same token budget, each judged
 with the paper's criterion far past LEN; then T_forget per state size and the paper's laws fitted.
 
-    lightning-mamba sweep --config configs/experiment/forget_threshold.yaml
-    lightning-mamba sweep --config configs/experiment/forget_threshold.yaml --states [16,64] --lens [256,1024]
+    lightning-mamba sweep --config configs/study/forget_threshold.yaml
+    lightning-mamba sweep --config configs/study/forget_threshold.yaml --states [16,64] --lens [256,1024]
     CUDA_VISIBLE_DEVICES=1 lightning-mamba sweep --config ... --shard 1/4      # one process per GPU
     lightning-mamba sweep --config ... --prepare_only true                      # tokenizer + caches, once
     lightning-mamba sweep --config ... --summarize_only true                    # after every shard is done
@@ -24,7 +24,7 @@ from ..study.sweep import Study, SweepError, build_cli, cell_args, make_cells, r
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="lightning-mamba sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", action=ActionConfigFile, help="A study config (YAML), e.g. "
-                   "configs/experiment/forget_threshold.yaml; later arguments override it.")
+                   "configs/study/forget_threshold.yaml; later arguments override it.")
     p.add_class_arguments(Study)
     p.add_argument("--summarize_only", type=bool, default=False, help="Only (re)write the summary from the cells' "
                    "result.json files (e.g. after all shards finished).")

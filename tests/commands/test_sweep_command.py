@@ -16,8 +16,8 @@ from lightning_mamba.cli import lightning_cli
 from lightning_mamba.commands import sweep as cmd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-MICRO = os.path.join(ROOT, "configs", "experiment", "forget_threshold_cpu.yaml")
-GPU = os.path.join(ROOT, "configs", "experiment", "forget_threshold.yaml")
+MICRO = os.path.join(ROOT, "configs", "study", "forget_threshold_cpu.yaml")
+GPU = os.path.join(ROOT, "configs", "study", "forget_threshold.yaml")
 TRAIN = os.path.join(ROOT, "configs", "train.yaml")
 
 
