@@ -73,10 +73,7 @@ def build_parser() -> ArgumentParser:
 
 # ---- inputs -------------------------------------------------------------------------------------
 def load_checkpoint(path: str, backend: str):
-    try:
-        from ..training.checkpoint_io import load_model
-    except ImportError as e:
-        raise AnalyzeError(f"checkpoint loading is not available in this version ({e})") from e
+    from ..training.checkpoint_io import load_model
     model, meta = load_model(path, backend=backend, dtype=torch.float32)
     return model.eval(), dict(meta or {})
 

@@ -322,14 +322,11 @@ def evaluate_cell(study: Study, cell: Cell, model, dm, log: Callable[[str], None
 
 
 def passkey_cell(study: Study, cell: Cell, model, dm, device, log) -> dict | None:
-    """Passkey grid at passkey_multiples x LEN (lengths shorter than the template are left out); None when the
-    passkey evaluator is not in this version."""
-    try:
-        from ..data.passkey import PasskeyGenerator, default_depths
-        from ..analysis.passkey import evaluate_passkey
-    except ImportError as e:
-        log(f"sweep: {cell.name}: passkey skipped: the passkey evaluator is not available ({e})")
-        return None
+    """Passkey grid at passkey_multiples x LEN (lengths shorter than the template are left out); None when every
+    length is shorter than the template."""
+    from ..analysis.passkey import evaluate_passkey
+    from ..data.passkey import PasskeyGenerator, default_depths
+
     gen = PasskeyGenerator(dm.tokenizer)
     lengths = sorted({int(m * cell.seq_len) for m in study.passkey_multiples if m * cell.seq_len >= gen.min_length})
     if not lengths:

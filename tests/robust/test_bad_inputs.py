@@ -1,20 +1,17 @@
 """The bad-input matrix, driven through `lightning-mamba` as a user would: each case ends with one line that
 names the setting and the fix, no traceback, and nothing already on disk (checkpoint, corpus, caches) lost.
 
-Cases with a "wiring" entry need a hook in cli.py, and are xfailed until it is there: "ckpt_path", a
-``MambaCLI._parse_ckpt_path`` that calls ``checkpoint_io.check_resume`` before LightningCLI replaces the model
-settings by the checkpoint's; "MisconfigurationException", Lightning's Trainer errors printed by ``cli.main``
-as one line like ConfigError and DataError (``cli.user_error``)."""
+Checkpoint cases go through ``MambaCLI._parse_ckpt_path`` (``checkpoint_io.check_resume`` before LightningCLI
+replaces the model settings by the checkpoint's); Lightning's Trainer errors (MisconfigurationException) are
+printed by ``cli.main`` as one line like the package's UserErrors (``cli.user_error``)."""
 
 import glob
 import hashlib
-import inspect
 import os
 
 import pytest
 import torch
 
-from lightning_mamba import cli
 from lightning_mamba.cli import main
 from lightning_mamba.training.module import MambaLitModule
 from lightning_mamba.models import ConfigError
@@ -52,12 +49,6 @@ def setup(tmp_path_factory, corpus, cache_dir):
             "cache_dir": cache_dir, "config": run_config(root / "next", corpus, cache_dir, 2)}
 
 
-def wired(what: str) -> bool:
-    if what == "ckpt_path":
-        return "_parse_ckpt_path" in cli.MambaCLI.__dict__
-    return what in inspect.getsource(cli)
-
-
 def one_line_error(capsys, argv: list[str]) -> str:
     """Run the CLI; it must exit with an error: return the message (the exit's, else stderr's error line)."""
     with pytest.raises(SystemExit) as e:
@@ -74,64 +65,59 @@ def one_line_error(capsys, argv: list[str]) -> str:
 
 
 B = "{bad}"
-CASES = [  # (id, arguments after `fit --config CONFIG`, fragment of the message, wiring needed)
+CASES = [  # (id, arguments after `fit --config CONFIG`, fragment of the message)
     # model group: types and ranges
-    ("model-type", ["--model.d_state", "abc"], 'model.d_state', None),
-    ("model-unknown-key", ["--model.dstate", "3"], "unrecognized arguments: --model.dstate", None),
-    ("model-lr", ["--model.lr", "-1"], "model.lr must be > 0 (got -1.0)", None),
-    ("model-schedule", ["--model.schedule", "step"], "model.schedule='step' is unknown: use one of wsd", None),
-    ("model-betas", ["--model.betas", "[2, 0.9]"], "model.betas must be two numbers in [0, 1)", None),
-    ("model-warmup", ["--model.warmup_steps", "-1"], "model.warmup_steps must be >= 0", None),
-    ("model-n_layer", ["--model.n_layer", "0"], "n_layer must be >= 1", None),
-    ("model-headdim", ["--model.headdim", "24"], "headdim=24 must divide", None),
-    ("unknown-backend", ["--model.backend", "tpu"], "unknown backend 'tpu': use one of auto, torch, triton", None),
-    ("cuda-graph-on-cpu", ["--model.cuda_graph", "true"], "model.cuda_graph needs a CUDA device", None),
+    ("model-type", ["--model.d_state", "abc"], 'model.d_state'),
+    ("model-unknown-key", ["--model.dstate", "3"], "unrecognized arguments: --model.dstate"),
+    ("model-lr", ["--model.lr", "-1"], "model.lr must be > 0 (got -1.0)"),
+    ("model-schedule", ["--model.schedule", "step"], "model.schedule='step' is unknown: use one of wsd"),
+    ("model-betas", ["--model.betas", "[2, 0.9]"], "model.betas must be two numbers in [0, 1)"),
+    ("model-warmup", ["--model.warmup_steps", "-1"], "model.warmup_steps must be >= 0"),
+    ("model-n_layer", ["--model.n_layer", "0"], "n_layer must be >= 1"),
+    ("model-headdim", ["--model.headdim", "24"], "headdim=24 must divide"),
+    ("unknown-backend", ["--model.backend", "tpu"], "unknown backend 'tpu': use one of auto, torch, triton"),
+    ("cuda-graph-on-cpu", ["--model.cuda_graph", "true"], "model.cuda_graph needs a CUDA device"),
     ("cuda-graph-with-noise", ["--model.cuda_graph", "true", "--model.initial_state", "noise"],
-     "model.cuda_graph needs model.initial_state zero", None),
+     "model.cuda_graph needs model.initial_state zero"),
     # data group: types and ranges
-    ("data-type", ["--data.batch_size", "many"], "batch_size', val='many'", None),  # jsonargparse names it thus
-    ("data-seq_len", ["--data.seq_len", "1"], "data.seq_len must be >= 2 (got 1)", None),
-    ("data-batch_size", ["--data.batch_size", "0"], "data.batch_size must be >= 1 (got 0)", None),
-    ("data-val_fraction", ["--data.val_fraction", "1.5"], "data.val_fraction must be between 0 and 1", None),
-    ("data-num_workers", ["--data.num_workers", "-1"], "data.num_workers must be >= 0", None),
-    ("data-tokenizer", ["--data.tokenizer", "wordpiece"], "unknown tokenizer 'wordpiece': use 'byte', 'bpe'", None),
+    ("data-type", ["--data.batch_size", "many"], "batch_size', val='many'"),  # jsonargparse names it thus
+    ("data-seq_len", ["--data.seq_len", "1"], "data.seq_len must be >= 2 (got 1)"),
+    ("data-batch_size", ["--data.batch_size", "0"], "data.batch_size must be >= 1 (got 0)"),
+    ("data-val_fraction", ["--data.val_fraction", "1.5"], "data.val_fraction must be between 0 and 1"),
+    ("data-num_workers", ["--data.num_workers", "-1"], "data.num_workers must be >= 0"),
+    ("data-tokenizer", ["--data.tokenizer", "wordpiece"], "unknown tokenizer 'wordpiece': use 'byte', 'bpe'"),
     ("data-tokenizer-file", ["--data.tokenizer", "/nonexistent/tokenizer.json"],
-     "data.tokenizer /nonexistent/tokenizer.json does not exist", None),
+     "data.tokenizer /nonexistent/tokenizer.json does not exist"),
     # trainer group: types and ranges
-    ("trainer-type", ["--trainer.max_steps", "x"], "trainer.max_steps", None),
-    ("trainer-choice", ["--trainer.precision", "13"], "trainer.precision", None),
-    ("trainer-range", ["--trainer.max_steps", "-5"], "max_steps` must be a non-negative integer or -1",
-     "MisconfigurationException"),
-    ("accelerator-missing-package", ["--trainer.accelerator", "tpu"], "needed by the chosen trainer.accelerator",
-     None),
-    ("missing-config", ["--config", "/nonexistent/run.yaml"], "/nonexistent/run.yaml", None),
+    ("trainer-type", ["--trainer.max_steps", "x"], "trainer.max_steps"),
+    ("trainer-choice", ["--trainer.precision", "13"], "trainer.precision"),
+    ("trainer-range", ["--trainer.max_steps", "-5"], "max_steps` must be a non-negative integer or -1"),
+    ("accelerator-missing-package", ["--trainer.accelerator", "tpu"], "needed by the chosen trainer.accelerator"),
+    ("missing-config", ["--config", "/nonexistent/run.yaml"], "/nonexistent/run.yaml"),
     # files and documents
-    ("missing-source", ["--data.source", "/nonexistent/texts"], "data.source /nonexistent/texts does not exist", None),
-    ("empty-documents", ["--data.source", B + "/empty"], "holds no non-empty documents", None),
-    ("no-text-files", ["--data.source", B + "/no_text_files"], "no .txt/.text/.md/.jsonl/.json/.parquet files", None),
-    ("unreadable-parquet", ["--data.source", B + "/broken_parquet"], "cannot read its parquet files", None),
+    ("missing-source", ["--data.source", "/nonexistent/texts"], "data.source /nonexistent/texts does not exist"),
+    ("empty-documents", ["--data.source", B + "/empty"], "holds no non-empty documents"),
+    ("no-text-files", ["--data.source", B + "/no_text_files"], "no .txt/.text/.md/.jsonl/.json/.parquet files"),
+    ("unreadable-parquet", ["--data.source", B + "/broken_parquet"], "cannot read its parquet files"),
     ("no-text-field", ["--data.source", B + "/no_text_field"], "has no 'text' field (it has: body): set "
-                                                              "data.text_field", None),
-    ("one-document", ["--data.source", B + "/one_doc.txt"], "needs at least 2", None),
-    ("len-larger-than-corpus", ["--data.seq_len", "100000"], "data.seq_len=100000 is larger than the training split",
-     None),
-    ("batch-larger-than-corpus", ["--data.batch_size", "5000"], "data.batch_size=5000 is larger than the", None),
+                                                              "data.text_field"),
+    ("one-document", ["--data.source", B + "/one_doc.txt"], "needs at least 2"),
+    ("len-larger-than-corpus", ["--data.seq_len", "100000"], "data.seq_len=100000 is larger than the training split"),
+    ("batch-larger-than-corpus", ["--data.batch_size", "5000"], "data.batch_size=5000 is larger than the"),
     # checkpoints
     ("tokenizer-vs-checkpoint", ["--ckpt_path", "{ckpt}", "--data.tokenizer", "bpe", "--data.bpe_vocab_size", "300"],
-     "was trained with the tokenizer byte (vocabulary 257), but data.tokenizer gives bpe-300", None),
+     "was trained with the tokenizer byte (vocabulary 257), but data.tokenizer gives bpe-300"),
     ("shape-vs-checkpoint", ["--ckpt_path", "{ckpt}", "--model.d_state", "32"],
-     "was saved for a different model shape: model.d_state=16 there, 32 here", "ckpt_path"),
+     "was saved for a different model shape: model.d_state=16 there, 32 here"),
     ("missing-checkpoint", ["--ckpt_path", "/nonexistent/last.ckpt"], "checkpoint /nonexistent/last.ckpt does not "
-                                                                       "exist", "ckpt_path"),
-    ("garbage-checkpoint", ["--ckpt_path", B + "/garbage.ckpt"], "garbage.ckpt cannot be read", "ckpt_path"),
-    ("truncated-checkpoint", ["--ckpt_path", B + "/truncated.ckpt"], "truncated.ckpt cannot be read", "ckpt_path"),
+                                                                       "exist"),
+    ("garbage-checkpoint", ["--ckpt_path", B + "/garbage.ckpt"], "garbage.ckpt cannot be read"),
+    ("truncated-checkpoint", ["--ckpt_path", B + "/truncated.ckpt"], "truncated.ckpt cannot be read"),
 ]
 
 
-@pytest.mark.parametrize("args,fragment,wiring", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_is_one_clear_line(setup, capsys, args, fragment, wiring):
-    if wiring and not wired(wiring):
-        pytest.xfail(f"needs the CLI wiring for {wiring} (see the module docstring)")
+@pytest.mark.parametrize("args,fragment", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clear_line(setup, capsys, args, fragment):
     args = [a.replace(B, str(setup["bad"])).replace("{ckpt}", setup["ckpt"]) for a in args]
     kept = digest([setup["ckpt"], *glob.glob(os.path.join(setup["corpus"], "*")),
                    *glob.glob(os.path.join(setup["cache_dir"], "*"))])
@@ -186,7 +172,6 @@ def test_different_shape_checkpoint_in_python_is_one_line(setup):
 
 
 def test_passkey_lengths_shorter_than_the_template(setup, capsys):
-    pytest.importorskip("lightning_mamba.commands.passkey")
     with pytest.raises(SystemExit) as e:
         main(["passkey", "--ckpt", setup["ckpt"], "--lengths", "10", "--device", "cpu"])
     err = capsys.readouterr().err

@@ -1,8 +1,6 @@
 """Same seed, same run: on CPU two runs give bit-identical losses (model init from seed_everything, data order
 from data.seed, DataLoader workers or not); passkey prompts depend on their seed only."""
 
-import pytest
-
 from lightning_mamba.cli import main
 
 from .conftest import logged_losses, run_config
@@ -22,8 +20,7 @@ def test_same_seed_gives_identical_losses(tmp_path, corpus, cache_dir):
 
 
 def test_passkey_prompts_depend_on_the_seed_only():
-    passkey = pytest.importorskip("lightning_mamba.data.passkey")
-    from lightning_mamba.data import ByteTokenizer
+    from lightning_mamba.data import ByteTokenizer, passkey
 
     generator = passkey.PasskeyGenerator(ByteTokenizer())
     length = generator.min_length + 40
