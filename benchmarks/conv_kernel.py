@@ -1,4 +1,4 @@
-"""The fused Triton causal conv1d + SiLU (models/conv_triton.py) against the torch path it replaces (GPU).
+"""The fused Triton causal conv1d + SiLU (models/kernels/conv_triton.py) against the torch path it replaces (GPU).
 
     python benchmarks/conv_kernel.py                 # the 130M model's conv: b 16, l 2048, d 1792, k 4, bf16
     python benchmarks/conv_kernel.py --sweep         # also try other tile sizes

@@ -6,7 +6,7 @@
 (a) the baseline, what the bare mamba_ssm loop in train_throughput.py does: lm_head in bf16, then
     F.cross_entropy on the fp32 upcast of the whole logits tensor;
 (b) models/loss.py's chunked linear cross-entropy with torch ops per chunk (fused=False);
-(c) the same with the Triton kernel per chunk (fused=True, models/loss_triton.py), what training on CUDA uses.
+(c) the same with the Triton kernel per chunk (fused=True, models/kernels/loss_triton.py), what training on CUDA uses.
 Prints ms (triton.testing.do_bench), peak memory above the inputs, and the ratio baseline / each.
 """
 

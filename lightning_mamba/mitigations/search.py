@@ -1,4 +1,4 @@
-"""Evaluate with training-free mitigations (:mod:`..models.interventions`) and pick their settings the paper's way:
+"""Evaluate with training-free mitigations (:mod:`.interventions`) and pick their settings the paper's way:
 by the loss at ``at_multiple`` x T_train (default 4) on held-out text, i.e. the mean loss over positions
 (m T/2, m T] (the ``loss@{m}x`` metric of ``analyze``).
 

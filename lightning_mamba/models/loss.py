@@ -6,7 +6,7 @@ loss and, when a gradient is wanted, its gradients with respect to the hidden st
 right away (the chunk's logits are then dropped); backward only scales the stored gradients. Same math as
 ``F.cross_entropy((h @ W.T).float(), labels)`` with the matmul in the autocast dtype when autocast is on. With
 ``fused`` (the Triton backend) each chunk's loss and gradient come from one kernel that overwrites the chunk's
-logits with their gradient (models/loss_triton.py) instead of five torch passes over an fp32 copy.
+logits with their gradient (models/kernels/loss_triton.py) instead of five torch passes over an fp32 copy.
 """
 
 from __future__ import annotations

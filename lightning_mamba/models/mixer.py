@@ -53,12 +53,12 @@ class Mamba2(nn.Module):
         self.chunk_size = chunk_size
         self.layer_idx = layer_idx
         self.backend = backend
-        # Eval-time interventions (models/interventions.py); None = the model as trained.
+        # Eval-time interventions (mitigations/interventions.py); None = the model as trained.
         # intervention(mixer, dt, A, B) -> (dt, A, B) or (dt, A, B, log_decay_offset): rewrites the SSM parameters.
         self.intervention = None
         # state_hook(mixer, LayerState) -> LayerState: applied to the state a forward/step hands on.
         self.state_hook = None
-        # forward_override(mixer, u, state, seq_idx, record): replaces forward (the sliding window, models/window.py).
+        # forward_override(mixer, u, state, seq_idx, record): replaces forward (the sliding window, mitigations/window.py).
         self.forward_override = None
         # Analysis: with a record, also keep the SSM state every N tokens in record["states"] (pure-torch scan in
         # chunks of N; same math), so one pass samples the state along a long input (analysis/evaluator.py).

@@ -64,7 +64,7 @@ class MambaLitModule(L.LightningModule):
         noise_calibrate_every: 'noise': measure that RMS at the first step and every this many steps (a forward
             pass without gradients on the step's batch).
         cuda_graph: Capture the training loss's forward and backward as CUDA graphs at the first training step and
-            replay them at every later one (lightning_mamba/cuda_graph.py): removes the CPU cost of launching the
+            replay them at every later one (training/cuda_graph.py): removes the CPU cost of launching the
             step's kernels, which bounds the step time of small and mid-size models on a GPU. One CUDA device,
             zero initial states, no gradient accumulation; a batch of another shape runs eagerly.
     """
