@@ -1,7 +1,8 @@
-"""The data layer: documents (embedded corpus, local files, hub) -> tokenizer -> cached token streams ->
-packed fixed-length samples, behind one LightningDataModule (``--data.*`` on the CLI)."""
+"""The data layer: documents (embedded corpus, installed packages' code, local files, hub) -> tokenizer -> cached
+token streams -> packed fixed-length samples, behind one LightningDataModule (``--data.*``)."""
 
 from .cache import fingerprint, load_or_build, open_token_cache, token_dtype, write_token_cache
+from .code_corpus import CodeCorpus, CodeSettings, load_code_corpus
 from .corpus import default_corpus_documents
 from .datamodule import TextDataModule
 from .errors import DataError
@@ -22,8 +23,9 @@ from .tokenization import (
 )
 
 __all__ = [
-    "BPETokenizer", "ByteTokenizer", "DataError", "FileTokenizer", "HFTokenizer", "LaneSampler", "PackedTextDataset",
-    "ResumableSampler", "TextLanes",
+    "BPETokenizer", "ByteTokenizer", "CodeCorpus", "CodeSettings", "DataError", "FileTokenizer", "HFTokenizer",
+    "LaneSampler", "PackedTextDataset",
+    "ResumableSampler", "TextLanes", "load_code_corpus",
     "PasskeyDataModule", "PasskeyError", "PasskeyGenerator", "PasskeySample", "PasskeyTemplate", "passkey_grid",
     "TextDataModule", "Tokenizer", "build_tokenizer", "default_corpus_documents", "document_index",
     "encode_documents", "fingerprint", "load_documents", "load_or_build", "load_tokenizer", "open_token_cache",

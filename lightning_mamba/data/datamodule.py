@@ -10,10 +10,17 @@ the module's ``state_dict``, which Lightning stores in every checkpoint, so a re
 very batches the interrupted one would have trained on next. With ``state_passing`` the order is instead
 :class:`~.streams.LaneSampler`'s: contiguous lanes of the stream, read a chunk per batch, so that each sample
 can start from the previous one's final state.
+
+``source code`` reads the Python source of the interpreter's installed packages (:mod:`.code_corpus`), split
+by package; it differs by machine, so a manifest of what was read is written next to the token caches
+(``tokens-<key>-corpus.json``), exposed as :attr:`TextDataModule.corpus_manifest`, stored in checkpoints
+(with the data position), logged as the logger's ``corpus/*`` hyperparameters and written to
+``corpus_manifest.json`` in the run directory.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from functools import cached_property
@@ -22,7 +29,10 @@ import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader
 
+from ..atomic import atomic_write_json
 from .cache import fingerprint, load_or_build, token_dtype
+from .code_corpus import MAX_FILE_BYTES, MIN_FILE_BYTES, SOURCE as CODE_SOURCE, CodeSettings, code_identity, \
+    load_code_corpus, manifest_summary
 from .errors import DataError
 from .packed import PACKING_VERSION, PackedTextDataset, encode_documents, split_documents
 from .sampler import ResumableSampler
@@ -31,15 +41,18 @@ from .sources import load_documents, source_identity
 from .tokenization import MIN_BPE_VOCAB, Tokenizer, build_tokenizer, check_tokenizer_spec
 
 SPLITS = ("train", "val")
+MANIFEST_FILE = "corpus_manifest.json"  # in the run directory
 
 
 class TextDataModule(L.LightningDataModule):
     """Language-modelling data: fixed-length samples packed from a tokenized, document-split corpus.
 
     Args:
-        source: ``default`` (the embedded Shakespeare + King James Bible corpus), a local file or directory
-            (.txt/.md: one document per file; .jsonl/.json/.parquet: one per record), or a Hugging Face hub
-            dataset ``name[:config]`` (needs the network).
+        source: ``default`` (the embedded Shakespeare + King James Bible corpus), ``code`` (the Python source
+            of this interpreter's installed packages, split by package: see the ``code_*`` settings; use it with
+            ``tokenizer byte``), a local file or directory (.txt/.md: one document per file; .jsonl/.json/.parquet:
+            one per record; a folder named ``code`` is ``./code``), or a Hugging Face hub dataset
+            ``name[:config]`` (needs the network).
         tokenizer: ``byte`` (vocabulary 257), ``bpe`` (byte-level BPE trained on the training split and
             cached), or the path of a ``tokenizer.json`` file.
         bpe_vocab_size: Vocabulary size of the ``bpe`` tokenizer (ignored otherwise); the model's vocabulary
@@ -47,7 +60,9 @@ class TextDataModule(L.LightningDataModule):
         seq_len: Training length in tokens (T_train): the state is carried over this span and starts from
             zero at each sample.
         batch_size: Samples per batch.
-        val_fraction: Fraction of the documents held out for validation (at least one document each side).
+        val_fraction: Fraction of the documents held out for validation (at least one document each side); for
+            ``source code``, the share of packages held out (by a seeded hash of their names) and, with
+            ``code_max_bytes``, the share of that cap given to them.
         val_max_tokens: Cap on the validation tokens used by ``val_dataloader`` (null: all of them).
         reset_at_document_boundaries: Also restart the state after each EOS inside a sample (adds
             ``seq_idx`` to the batches). The paper trains without such resets.
@@ -60,6 +75,14 @@ class TextDataModule(L.LightningDataModule):
         cache_dir: Folder for the trained tokenizer and the token caches (safe to delete).
         seed: Seed of the train/val document split and of the training-sample shuffle.
         text_field: Field holding the text in .jsonl/.json/.parquet files and hub datasets.
+        code_packages: ``source code``: the distributions (or import names) to read, e.g. ``[numpy, torch]``;
+            pins the corpus. Default: every installed distribution except editable installs.
+        code_val_packages: ``source code``: the distributions held out for validation (added to
+            ``code_packages``). Default: a seeded hash of the names holds out ``val_fraction`` of them.
+        code_min_file_bytes: ``source code``: smaller .py files are skipped.
+        code_max_file_bytes: ``source code``: larger .py files are skipped (mostly generated tables).
+        code_max_bytes: ``source code``: cap on the corpus' total bytes (files taken in a seeded order that mixes
+            the packages); null: all of it.
     """
 
     def __init__(
@@ -77,18 +100,33 @@ class TextDataModule(L.LightningDataModule):
         cache_dir: str = "data",
         seed: int = 0,
         text_field: str = "text",
+        code_packages: list[str] | None = None,
+        code_val_packages: list[str] | None = None,
+        code_min_file_bytes: int = MIN_FILE_BYTES,
+        code_max_file_bytes: int = MAX_FILE_BYTES,
+        code_max_bytes: int | None = None,
     ) -> None:
         super().__init__()
         # Python callers (the analysis) may pass a Tokenizer object; the CLI passes a string.
         self._tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else None
         check_settings(tokenizer if self._tokenizer is None else None, bpe_vocab_size, seq_len, batch_size,
                        val_fraction, val_max_tokens, num_workers)
+        if source != CODE_SOURCE:
+            given = [n for n, v in (("code_packages", code_packages), ("code_val_packages", code_val_packages),
+                                    ("code_max_bytes", code_max_bytes)) if v is not None]
+            if given:
+                raise DataError(f"data.{given[0]} applies to data.source code only (source is {source!r}): "
+                                f"set data.source code, or drop it")
+        self._code_settings = CodeSettings(
+            code_packages, code_val_packages, code_min_file_bytes, code_max_file_bytes, code_max_bytes, val_fraction,
+            seed) if source == CODE_SOURCE else None  # checks the code_* settings
         self.save_hyperparameters(ignore=["tokenizer"])
         self.hparams.tokenizer = tokenizer if self._tokenizer is None else self._tokenizer.name
         self._documents: dict[str, list[str]] | None = None
         self._streams: dict[str, np.ndarray] | None = None
         self._sampler: ResumableSampler | None = None  # the training order, once train_dataloader made it
         self._sampler_state: dict | None = None  # a checkpoint's position, until then
+        self._manifest: dict | None = None  # source code: what the corpus holds (see corpus_manifest)
 
     # ---- what the model and the analysis read ---------------------------------------------------------
     @property
@@ -124,6 +162,8 @@ class TextDataModule(L.LightningDataModule):
     def split_key(self) -> str:
         """Fingerprint of the documents on each side of the split (what the BPE and the caches depend on)."""
         h = self.hparams
+        if self._code_settings is not None:
+            return fingerprint(code_identity(self._code_settings))  # val_fraction and seed are in its settings
         return fingerprint(source_identity(h.source, h.text_field), h.val_fraction, h.seed)
 
     @cached_property
@@ -137,6 +177,9 @@ class TextDataModule(L.LightningDataModule):
     @property
     def documents(self) -> dict[str, list[str]]:
         """The source's documents, split by document into ``train`` and ``val`` (loaded on first use)."""
+        if self._documents is None and self._code_settings is not None:
+            corpus = load_code_corpus(self._code_settings)  # split by package, not by document
+            self._documents, self._manifest = corpus.documents, corpus.manifest
         if self._documents is None:
             h = self.hparams
             # datasets' Arrow copy of local files lives with our caches; hub data stays in the HF cache
@@ -156,8 +199,39 @@ class TextDataModule(L.LightningDataModule):
 
         streams = {split: load_or_build(self.cache_path(split), self.stream_key, lambda: tokenize(split))
                    for split in SPLITS}
+        if self._code_settings is not None:
+            self._manifest = self._load_or_write_manifest(streams)
         self._documents = None  # the text is in the caches now; free it
         return streams
+
+    def manifest_path(self) -> str:
+        return os.path.join(self.hparams.cache_dir, f"tokens-{self.stream_key}-corpus.json")
+
+    def _load_or_write_manifest(self, streams: dict[str, np.ndarray]) -> dict:
+        """The manifest next to the token caches: read back when it vouches for them, else (re)written."""
+        path = self.manifest_path()
+        try:
+            with open(path, encoding="utf-8") as f:
+                saved = json.load(f)
+            if isinstance(saved, dict) and saved.get("fingerprint") == self.stream_key:
+                return saved
+        except (OSError, ValueError):
+            pass
+        if self._manifest is None:
+            self.documents  # the caches were there but not their manifest: read the corpus again for it
+        manifest = {**self._manifest, "tokenizer": self.tokenizer.name, "fingerprint": self.stream_key,
+                    "tokens": {split: int(len(streams[split])) for split in SPLITS}}
+        atomic_write_json(path, manifest, indent=1)
+        return manifest
+
+    @property
+    def corpus_manifest(self) -> dict | None:
+        """``source code``: what the corpus holds on this machine (distributions with versions, files, bytes, a
+        content hash per side, what was skipped, tokens per split); record it with results. None otherwise."""
+        if self._code_settings is None:
+            return None
+        self.streams  # builds or opens the caches, and with them the manifest
+        return self._manifest
 
     @property
     def streams(self) -> dict[str, np.ndarray]:
@@ -171,8 +245,22 @@ class TextDataModule(L.LightningDataModule):
         self.build_streams()
 
     def setup(self, stage: str | None = None) -> None:
-        """Open the token caches as memory maps (building them if ``prepare_data`` was skipped)."""
+        """Open the token caches as memory maps (building them if ``prepare_data`` was skipped); on fit, record
+        the code corpus' manifest with the run."""
         self.streams
+        if stage == "fit" and self._code_settings is not None and self.trainer is not None:
+            self._record_manifest()
+
+    def _record_manifest(self) -> None:
+        """The manifest as ``corpus/*`` hyperparameters of every logger and as a file in the run directory."""
+        trainer = self.trainer
+        if not trainer.is_global_zero or not trainer.loggers:
+            return
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"corpus": manifest_summary(self._manifest)})
+        log_dir = trainer.loggers[0].log_dir  # the logger's: trainer.log_dir would broadcast from rank 0 alone
+        if log_dir:
+            atomic_write_json(os.path.join(log_dir, MANIFEST_FILE), self._manifest, indent=1)
 
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
@@ -234,7 +322,10 @@ class TextDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict:
         state = self._sampler.state_dict() if self._sampler is not None else self._sampler_state
-        return {"train_sampler": state} if state is not None else {}
+        out = {"train_sampler": state} if state is not None else {}
+        if self._manifest is not None:
+            out["corpus_manifest"] = self._manifest  # what the run trained on, in every checkpoint
+        return out
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._sampler_state = state_dict.get("train_sampler")
@@ -271,3 +362,4 @@ def check_settings(tokenizer: str | None, vocab_size: int, seq_len: int, batch_s
                         f"use at least seq_len + 1, or null for the whole validation split")
     if num_workers < 0:
         raise DataError(f"data.num_workers must be >= 0 (got {num_workers})")
+

@@ -2,6 +2,8 @@
 
 ``data.source`` is one string:
 - ``default``: the embedded corpus (:mod:`.corpus`);
+- ``code``: the Python source of the installed packages (:mod:`.code_corpus`; here with its default settings,
+  training and held-out files together: ``TextDataModule`` splits it by package);
 - a local file or directory (searched recursively): ``.txt``/``.md``/``.text`` files are one document each,
   ``.jsonl``/``.json``/``.parquet`` files hold one document per record in ``text_field``; ``.gz`` works too;
 - otherwise a hub dataset ``name`` or ``name:config`` (its ``train`` split), which needs the network.
@@ -17,6 +19,7 @@ import os
 import socket
 from urllib.parse import urlparse
 
+from .code_corpus import SOURCE as CODE_SOURCE, CodeSettings, code_identity, load_code_corpus
 from .corpus import default_corpus_documents, default_corpus_identity
 from .errors import DataError
 
@@ -128,6 +131,9 @@ def load_documents(source: str, text_field: str = "text", hf_cache_dir: str | No
     ``hf_cache_dir`` is where ``datasets`` keeps its Arrow copy of local files (None: its default)."""
     if source == "default":
         documents = default_corpus_documents()
+    elif source == CODE_SOURCE:
+        corpus = load_code_corpus(CodeSettings())
+        documents = corpus.documents["train"] + corpus.documents["val"]
     elif os.path.exists(os.path.expanduser(source)):
         documents = load_local(os.path.expanduser(source), text_field, hf_cache_dir)
     elif looks_like_path(source):
@@ -145,6 +151,8 @@ def source_identity(source: str, text_field: str = "text") -> dict:
     each file's path, size and modification time for local data, the name for hub data."""
     if source == "default":
         return default_corpus_identity()
+    if source == CODE_SOURCE:
+        return code_identity(CodeSettings())
     path = os.path.expanduser(source)
     if os.path.exists(path):
         stats = [(os.path.abspath(f), os.stat(f)) for f in local_files(path)]
