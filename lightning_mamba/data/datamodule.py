@@ -9,7 +9,8 @@ The training order is a :class:`~.sampler.ResumableSampler`; its position (epoch
 the module's ``state_dict``, which Lightning stores in every checkpoint, so a resumed run continues with the
 very batches the interrupted one would have trained on next. With ``state_passing`` the order is instead
 :class:`~.streams.LaneSampler`'s: contiguous lanes of the stream, read a chunk per batch, so that each sample
-can start from the previous one's final state.
+can start from the previous one's final state. With ``sampling random_windows`` each step instead trains on
+windows at fresh random offsets of the stream (:class:`~.sampler.RandomWindowSampler`), resumable the same way.
 
 ``source code`` reads the Python source of the interpreter's installed packages (:mod:`.code_corpus`), split
 by package; it differs by machine, so a manifest of what was read is written next to the token caches
@@ -34,13 +35,14 @@ from .cache import fingerprint, load_or_build, token_dtype
 from .code_corpus import MAX_FILE_BYTES, MIN_FILE_BYTES, SOURCE as CODE_SOURCE, CodeSettings, code_identity, \
     load_code_corpus, manifest_summary
 from .errors import DataError
-from .packed import PACKING_VERSION, PackedTextDataset, encode_documents, split_documents
-from .sampler import ResumableSampler
+from .packed import PACKING_VERSION, PackedTextDataset, WindowTextDataset, encode_documents, split_documents
+from .sampler import RandomWindowSampler, ResumableSampler
 from .streams import LaneSampler, TextLanes
 from .sources import load_documents, source_identity
 from .tokenization import MIN_BPE_VOCAB, Tokenizer, build_tokenizer, check_tokenizer_spec
 
 SPLITS = ("train", "val")
+SAMPLINGS = ("blocks", "random_windows")
 MANIFEST_FILE = "corpus_manifest.json"  # in the run directory
 
 
@@ -75,6 +77,11 @@ class TextDataModule(L.LightningDataModule):
         cache_dir: Folder for the trained tokenizer and the token caches (safe to delete).
         seed: Seed of the train/val document split and of the training-sample shuffle.
         text_field: Field holding the text in .jsonl/.json/.parquet files and hub datasets.
+        sampling: ``blocks``: an epoch is a seeded shuffle of the stream's fixed non-overlapping seq_len + 1 blocks.
+            ``random_windows``: every sample is the seq_len + 1 tokens at an offset drawn uniformly over the
+            training stream, fresh at every step (no window repeats bar chance), seeded and resumable.
+        windows_per_epoch: ``random_windows``: samples per epoch (all processes together), which sets Lightning's
+            epoch length (default: training tokens // seq_len, as many as ``blocks`` has).
         code_packages: ``source code``: the distributions (or import names) to read, e.g. ``[numpy, torch]``;
             pins the corpus. Default: every installed distribution except editable installs.
         code_val_packages: ``source code``: the distributions held out for validation (added to
@@ -100,6 +107,8 @@ class TextDataModule(L.LightningDataModule):
         cache_dir: str = "data",
         seed: int = 0,
         text_field: str = "text",
+        sampling: str = "blocks",
+        windows_per_epoch: int | None = None,
         code_packages: list[str] | None = None,
         code_val_packages: list[str] | None = None,
         code_min_file_bytes: int = MIN_FILE_BYTES,
@@ -111,6 +120,7 @@ class TextDataModule(L.LightningDataModule):
         self._tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else None
         check_settings(tokenizer if self._tokenizer is None else None, bpe_vocab_size, seq_len, batch_size,
                        val_fraction, val_max_tokens, num_workers)
+        check_sampling(sampling, windows_per_epoch, state_passing)
         if source != CODE_SOURCE:
             given = [n for n, v in (("code_packages", code_packages), ("code_val_packages", code_val_packages),
                                     ("code_max_bytes", code_max_bytes)) if v is not None]
@@ -272,6 +282,9 @@ class TextDataModule(L.LightningDataModule):
             world = self.trainer.world_size if self.trainer else 1
             return self.train_loader(TextLanes(tokens, h.seq_len, world * h.batch_size,
                                                emit_seq_idx=h.reset_at_document_boundaries, eos_id=self.eos_id))
+        if h.sampling == "random_windows":
+            return self.train_loader(WindowTextDataset(tokens, h.seq_len, emit_seq_idx=h.reset_at_document_boundaries,
+                                                       eos_id=self.eos_id))
         dataset = self.dataset(tokens)
         if len(dataset) < h.batch_size:
             raise DataError(f"data.batch_size={h.batch_size} is larger than the {len(dataset)} training samples of "
@@ -280,11 +293,22 @@ class TextDataModule(L.LightningDataModule):
 
     def train_loader(self, dataset) -> DataLoader:
         """Batches of ``dataset`` in the resumable seeded order (subclasses that wrap the dataset use this too),
-        or, with ``state_passing``, lane by lane (``dataset`` must then be the :class:`TextLanes` of the stream)."""
+        or, with ``state_passing``, lane by lane (``dataset`` must then be the :class:`TextLanes` of the stream),
+        or, with ``sampling random_windows``, at random offsets (``dataset`` must be a :class:`WindowTextDataset`)."""
         h, trainer = self.hparams, self.trainer
         state = self._sampler.state_dict() if self._sampler is not None else self._sampler_state
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
-        if not h.state_passing:
+        if h.sampling == "random_windows":
+            if not isinstance(dataset, WindowTextDataset):
+                raise DataError(f"data.sampling random_windows trains on windows of the text stream, but "
+                                f"{type(self).__name__} trains on {type(dataset).__name__} samples: set data.sampling "
+                                f"blocks")
+            per_epoch = h.windows_per_epoch or len(dataset.tokens) // h.seq_len
+            if per_epoch < replicas * h.batch_size:
+                raise DataError(f"data.windows_per_epoch={per_epoch} is less than one batch of data.batch_size="
+                                f"{h.batch_size} on each of {replicas} process(es): raise it")
+            self._sampler = RandomWindowSampler(len(dataset), per_epoch, seed=h.seed, num_replicas=replicas, rank=rank)
+        elif not h.state_passing:
             self._sampler = ResumableSampler(len(dataset), seed=h.seed, num_replicas=replicas, rank=rank)
         elif isinstance(dataset, TextLanes):
             self._sampler = LaneSampler(h.batch_size, dataset.chunks, num_replicas=replicas, rank=rank)
@@ -363,3 +387,13 @@ def check_settings(tokenizer: str | None, vocab_size: int, seq_len: int, batch_s
     if num_workers < 0:
         raise DataError(f"data.num_workers must be >= 0 (got {num_workers})")
 
+
+def check_sampling(sampling: str, windows_per_epoch: int | None, state_passing: bool) -> None:
+    if sampling not in SAMPLINGS:
+        raise DataError(f"data.sampling={sampling!r} is unknown: use one of {', '.join(SAMPLINGS)}")
+    if windows_per_epoch is not None and (sampling != "random_windows" or windows_per_epoch < 1):
+        raise DataError(f"data.windows_per_epoch={windows_per_epoch} needs data.sampling random_windows and a value "
+                        f">= 1: fix it, or set it null")
+    if sampling == "random_windows" and state_passing:
+        raise DataError("data.sampling random_windows and data.state_passing exclude each other (lanes continue "
+                        "each other, random windows do not): drop one")

@@ -77,12 +77,27 @@ class PackedTextDataset(Dataset):
     def __len__(self) -> int:
         return (len(self.tokens) - 1) // self.seq_len
 
+    def start(self, i: int) -> int:
+        """Where sample ``i`` starts in the stream."""
+        return i * self.seq_len
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not 0 <= i < len(self):
             raise IndexError(f"sample {i} out of range for {len(self)} samples")
-        start = i * self.seq_len
+        start = self.start(i)
         block = np.array(self.tokens[start:start + self.seq_len + 1], dtype=np.int64)  # a copy: torch wants it writable
         sample = {"input_ids": torch.from_numpy(block[:-1]), "labels": torch.from_numpy(block[1:])}
         if self.emit_seq_idx:
             sample["seq_idx"] = torch.from_numpy(document_index(block[:-1], self.eos_id))
         return sample
+
+
+class WindowTextDataset(PackedTextDataset):
+    """Every ``seq_len + 1``-token window of a flat token array, indexed by its start offset (``data.sampling
+    random_windows``: :class:`~.sampler.RandomWindowSampler` draws the offsets). Samples as PackedTextDataset's."""
+
+    def __len__(self) -> int:
+        return len(self.tokens) - self.seq_len  # offsets 0 .. len - seq_len - 1: the window's last token exists
+
+    def start(self, i: int) -> int:
+        return i

@@ -8,6 +8,11 @@ fetches them, which runs ahead). A sampler loaded with that state yields exactly
 With several processes (DDP), rank ``r`` of ``R`` takes positions ``r, r + R, r + 2R, ...`` of the remaining
 permutation; ``consumed`` counts samples of all ranks. It subclasses ``DistributedSampler`` only so that
 Lightning uses it as it is instead of wrapping it in one of its own.
+
+:class:`RandomWindowSampler` (``data.sampling random_windows``) keeps all of that but draws, instead of a
+permutation of fixed blocks, ``windows_per_epoch`` window offsets uniformly over the training stream from
+``(seed, epoch)``: no window is trained on twice (bar chance), and a resumed run draws exactly the windows the
+uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ class ResumableSampler(DistributedSampler):
         self.per_rank = num_samples // num_replicas
         self.consumed = 0  # samples of this epoch's permutation trained on, all ranks together
 
+    kind = "blocks"  # what the indices mean: a checkpoint of another kind of sampler does not resume this one
+
     def order(self, epoch: int) -> np.ndarray:
         """The permutation of epoch ``epoch`` (the same in every process and every run)."""
         return np.random.default_rng([self.seed, epoch]).permutation(self.size)
@@ -53,15 +60,46 @@ class ResumableSampler(DistributedSampler):
         self.consumed += local_samples * self.num_replicas
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "consumed": self.consumed, "num_samples": self.size, "seed": self.seed}
+        state = {"epoch": self.epoch, "consumed": self.consumed, "num_samples": self.size, "seed": self.seed}
+        return state if self.kind == "blocks" else {**state, "kind": self.kind}  # blocks: the format of old checkpoints
+
+    def identity(self) -> dict:
+        """What the order depends on besides the epoch (a state saved under other values does not resume it)."""
+        return {"kind": self.kind, "num_samples": self.size, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = int(state["epoch"])
-        if (state.get("num_samples"), state.get("seed")) != (self.size, self.seed):
+        saved = {k: state.get(k, "blocks" if k == "kind" else None) for k in self.identity()}
+        if saved != self.identity():
             # another order: the saved position means nothing in it, so the interrupted epoch starts over
-            rank_zero_warn(f"the training data changed since the checkpoint ({state.get('num_samples')} samples, "
-                           f"seed {state.get('seed')} then; {self.size} samples, seed {self.seed} now): epoch "
+            then = ", ".join(f"{k} {v}" for k, v in saved.items())
+            now = ", ".join(f"{k} {v}" for k, v in self.identity().items())
+            rank_zero_warn(f"the training data changed since the checkpoint ({then} then; {now} now): epoch "
                            f"{self.epoch} restarts from its first sample")
             self.consumed = 0
         else:
             self.consumed = int(state["consumed"])
+
+
+class RandomWindowSampler(ResumableSampler):
+    """``windows_per_epoch`` window start offsets per epoch, each uniform in ``[0, num_offsets)`` and drawn from
+    ``(seed, epoch)`` alone; resumes mid-epoch like :class:`ResumableSampler` (the same ``epoch``/``consumed``
+    state, plus the stream's size). The dataset it indexes maps an offset to the window starting there."""
+
+    kind = "random_windows"
+
+    def __init__(self, num_offsets: int, windows_per_epoch: int, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+        if num_offsets < 1:
+            raise ValueError(f"num_offsets must be >= 1 (got {num_offsets})")
+        super().__init__(windows_per_epoch, seed=seed, num_replicas=num_replicas, rank=rank)
+        self.num_offsets = num_offsets
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The offsets of epoch ``epoch`` (the same in every process and every run)."""
+        return np.random.default_rng([self.seed, 0x3A1D0, epoch]).integers(0, self.num_offsets, size=self.size)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "num_offsets": self.num_offsets}
+
+    def identity(self) -> dict:
+        return {**super().identity(), "num_offsets": self.num_offsets}
