@@ -10,8 +10,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .evaluator import bucket_curve
-
 
 @dataclass
 class ForgettingVerdict:
@@ -80,10 +78,3 @@ def judge_forgetting(
 def default_bucket(seq_len: int) -> int:
     """T_train / 8, at least 16 tokens (and never more than T_train)."""
     return min(max(seq_len // 8, 16), seq_len)
-
-
-def forgetting_verdict(losses, seq_len: int, bucket: int | None = None, threshold: float = 2.0) -> ForgettingVerdict:
-    """Per-position losses (b, n) -> bucket curve averaged over rows -> ``judge_forgetting``."""
-    bucket = bucket or default_bucket(seq_len)
-    positions, curve = bucket_curve(losses, bucket)
-    return judge_forgetting(positions, curve, seq_len, threshold, bucket)

@@ -13,11 +13,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ..analysis import plots
-from ..analysis.criterion import default_bucket, forgetting_verdict
-from ..analysis.evaluator import bucket_curve, eval_rows, token_losses, window_mean
+from ..analysis.evaluator import eval_rows, write_position_losses_csv
+from ..analysis.forgetting import DEFAULT_MAX_MULTIPLE, measure_forgetting, multiples_up_to
 from ..training.sharding import fsdp_root, unsharded_copy
 from ..atomic import atomic_write_json
-from ..analysis.evaluator import write_position_losses_csv
 
 
 class PeriodicAnalysis(L.Callback):
@@ -127,7 +126,8 @@ class PeriodicAnalysis(L.Callback):
 
 
 class LengthGeneralizationCallback(PeriodicAnalysis):
-    """Loss vs position on held-out text out to ``max(multiples)`` x T_train, and the forgetting verdict.
+    """Loss vs position on held-out text out to ``max(multiples)`` x T_train, and the forgetting verdict
+    (:func:`..analysis.forgetting.measure_forgetting`).
 
     Args:
         every_n_validations: Run after every N-th validation (and at the end of fit).
@@ -152,7 +152,7 @@ class LengthGeneralizationCallback(PeriodicAnalysis):
     def __init__(
         self,
         every_n_validations: int = 1,
-        multiples: tuple[int, ...] | list[int] = (1, 2, 4, 8, 16),
+        multiples: tuple[int, ...] | list[int] = multiples_up_to(DEFAULT_MAX_MULTIPLE),
         n_rows: int = 2,
         bucket: int | None = None,
         piece_len: int | None = None,
@@ -174,27 +174,21 @@ class LengthGeneralizationCallback(PeriodicAnalysis):
         rows, info = eval_rows(data.val_tokens(), length + 1, self.n_rows, getattr(data.tokenizer, "eos_id", None))
         if info["note"]:
             rank_zero_warn(f"lengthgen: {info['note']}")
-        piece_len = self.piece_len or self.default_piece_len(model)
-        losses = token_losses(model, rows, piece_len, self.dtype)
-        bucket = self.bucket or default_bucket(T)
-        verdict = forgetting_verdict(losses, T, bucket, self.threshold)
-        metrics = {f"lengthgen/loss@{m}x": window_mean(losses, m * T // 2, m * T) for m in self.multiples}
-        metrics.update({"lengthgen/forgets": float(verdict.forgets),
-                        "lengthgen/blowup_position": -1 if verdict.blowup_position is None else verdict.blowup_position,
-                        "lengthgen/ratio_4_16x": verdict.ratio_long_over_in})
+        report = measure_forgetting(model, rows, T, self.bucket, self.threshold, self.multiples,
+                                    piece_len=self.piece_len or self.default_piece_len(model), dtype=self.dtype)
+        verdict = report.verdict
+        metrics = report.scalars("lengthgen/")
         self.log_scalars(trainer, metrics, step)
 
-        positions, curve = bucket_curve(losses, bucket)
-        fig = plots.plot_loss_curve(positions, curve, T, self.threshold * verdict.max_in_window,
+        fig = plots.plot_loss_curve(report.positions, report.curve, T, self.threshold * verdict.max_in_window,
                                     title=f"step {step}: " + ("forgets" if verdict.forgets else
                                                               f"blows up at {verdict.blowup_position}"))
         self.log_figure(trainer, "lengthgen/loss_vs_position", fig, step)
 
-        per_position = losses.double().mean(0).numpy()
         out = os.path.join(self.out_dir(trainer), f"step_{step}")
         atomic_write_json(out + ".json", {
-            "step": step, "seq_len": T, "bucket": bucket, "rows": info, "dtype": self.dtype,
-            "verdict": verdict.to_dict(), "metrics": {k: v for k, v in metrics.items()},
-            "bucket_positions": positions.tolist(), "bucket_loss": curve.tolist(),
-            "per_position_loss": per_position.tolist(), "seconds": time.perf_counter() - t0})
-        write_position_losses_csv(out + ".csv", per_position)
+            "step": step, "seq_len": T, "bucket": report.bucket, "rows": info, "dtype": self.dtype,
+            "verdict": verdict.to_dict(), "metrics": metrics,
+            "bucket_positions": report.positions.tolist(), "bucket_loss": report.curve.tolist(),
+            "per_position_loss": report.per_position.tolist(), "seconds": time.perf_counter() - t0})
+        write_position_losses_csv(out + ".csv", report.per_position)

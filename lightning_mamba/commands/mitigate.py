@@ -24,14 +24,15 @@ from ..analysis.criterion import default_bucket
 from ..mitigations.search import compare_mitigations, markdown_table
 from ..atomic import atomic_write_json, atomic_write_text
 from . import run_command
-from .analyze import AnalyzeError, add_input_args, load_checkpoint, load_inputs
+from .common import CommandError, add_checkpoint_args, add_heldout_args, default_out, load_checkpoint, load_inputs
 
 METHODS = ("rri", "dt_scale", "window", "state_norm")
 
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="lightning-mamba mitigate", description=__doc__.split("\n\n")[0])
-    add_input_args(p, "mitigation", n_rows=8)  # --ckpt, --text, --seq_len, --length, ... as `analyze`
+    add_checkpoint_args(p, "mitigation")  # --ckpt, --seq_len, --tokenizer, ... as `analyze`
+    add_heldout_args(p, n_rows=8)  # --text, --length, --n_rows, --bucket, --threshold, ... as `analyze`
     p.add_argument("--compare", type=dict[str, str], default={}, help="Other checkpoints evaluated as they are, "
                    "{name: path}, e.g. a state-passing fine-tune of --ckpt.")
     p.add_argument("--methods", type=list[Literal[METHODS]], default=list(METHODS), help="Mitigations to compare.")
@@ -44,25 +45,28 @@ def mitigate(args) -> dict:
     t0 = time.perf_counter()
     for path in args.compare.values():
         if not os.path.exists(path):
-            raise AnalyzeError(f"{path} does not exist (--compare)")
+            raise CommandError(f"{path} does not exist (--compare)")
     k = args.at_multiple
-    inp = load_inputs(args, lambda length, T: f"--length {length} must reach the search's {k} x T_train = {k * T}"
-                      if length < k * T else None)
+
+    def check_length(length: int, T: int) -> None:
+        if length < k * T:
+            raise CommandError(f"--length {length} must reach the search's {k} x T_train = {k * T}")
+
+    inp = load_inputs(args, check_length)
     others = {}
     for name, path in args.compare.items():
         other, other_meta = load_checkpoint(path, args.backend)
         if other_meta.get("tokenizer") and inp.meta.get("tokenizer") and other_meta["tokenizer"] != inp.meta["tokenizer"]:
-            raise AnalyzeError(f"--compare {name}: {path} uses another tokenizer than --ckpt: the losses would not compare")
+            raise CommandError(f"--compare {name}: {path} uses another tokenizer than --ckpt: the losses would not compare")
         others[name] = other.to(inp.device)
     T = inp.seq_len
     bucket = args.bucket or default_bucket(T)
     entries = compare_mitigations(inp.model, inp.rows, T, bucket, args.methods, others, k, args.threshold,
                                   args.piece_len, inp.dtype, inp.device, args.batch_size,
                                   log=lambda msg: print(f"mitigate: {msg}", file=sys.stderr))
-    ckpt = os.path.abspath(args.ckpt)
-    out = args.out or os.path.join(os.path.dirname(ckpt) if os.path.isfile(ckpt) else ckpt, "mitigation")
-    result = {"ckpt": ckpt, "compare": {k: os.path.abspath(v) for k, v in args.compare.items()}, "seq_len": T,
-              "length": inp.length, "bucket": bucket, "rows": inp.rows_info, "at_multiple": k,
+    out = default_out(args.out, args.ckpt, "mitigation")
+    result = {"ckpt": os.path.abspath(args.ckpt), "compare": {k: os.path.abspath(v) for k, v in args.compare.items()},
+              "seq_len": T, "length": inp.length, "bucket": bucket, "rows": inp.rows_info, "at_multiple": k,
               "dtype": str(inp.dtype).replace("torch.", ""), "entries": entries, "out": out,
               "seconds": time.perf_counter() - t0}
     write_outputs(result)
@@ -83,7 +87,7 @@ def write_outputs(result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # ValueError includes ConfigError and DataError
-    return run_command("mitigate", lambda: summary_lines(mitigate(args)), (AnalyzeError, OSError, ValueError))
+    return run_command("mitigate", lambda: summary_lines(mitigate(args)), (CommandError, OSError, ValueError))
 
 
 def summary_lines(result: dict) -> list[str]:

@@ -11,52 +11,39 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from typing import Literal
 
-import torch
 from jsonargparse import ArgumentParser
 
 from ..analysis import plots
 from ..analysis.evaluator import resolve_dtype
 from ..analysis.passkey import evaluate_passkey, plot_passkey_curve, plot_passkey_heatmap
 from . import run_command
+from .common import CommandError, add_checkpoint_args, default_out, open_checkpoint, open_tokenizer, resolve_device
 from ..data.passkey import PasskeyError, PasskeyGenerator, PasskeyTemplate, check_depth, check_lengths, default_depths
 from ..atomic import atomic_write_json
-from ..errors import UserError
 
 DEFAULT_MULTIPLES = (0.5, 1, 2, 4, 8, 16)
 UNITS = {"k": 2**10, "m": 2**20}
 
 
-class PasskeyCommandError(UserError):
-    """A bad argument or input; main() prints it as one line."""
+class PasskeyCommandError(CommandError):
+    """A bad argument or input of ``passkey``; main() prints it as one line."""
 
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="lightning-mamba passkey", description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", type=str, required=True, help="A Lightning .ckpt of this project, or a checkpoint directory "
-                   "(ours exported, official mamba_ssm, or HF transformers Mamba2).")
+    add_checkpoint_args(p, "passkey")  # --ckpt, --out, --seq_len (T_train: marked in the figures, unit of the
+    # default lengths), --tokenizer, --piece_len, --batch_size, --dtype, --device, --backend
     p.add_argument("--lengths", type=str, nargs="+", default=None, help="Prompt lengths in tokens (1K = 1024, 1M = "
                    "2**20), e.g. --lengths 1K 2K 4K. Default: 0.5, 1, 2, 4, 8, 16 x T_train.")
     p.add_argument("--depths", type=float, nargs="+", default=None, help="Needle depths in [0, 1] (fraction of the "
                    "filler before the needle). Default: (i + 0.5) / n_depths.")
     p.add_argument("--n_depths", type=int, default=5, help="Evenly spaced depths when --depths is not given.")
     p.add_argument("--n_samples", type=int, default=4, help="Prompts (keys) per (length, depth) cell.")
-    p.add_argument("--seq_len", type=int | None, default=None, help="T_train (marked in the figures, and the unit of "
-                   "the default lengths); default: the one the checkpoint records.")
-    p.add_argument("--tokenizer", type=str | None, default=None, help="'byte' or a tokenizer.json (e.g. GPT-NeoX-20B's "
-                   "for the official Mamba-2); default: the one the checkpoint records.")
     p.add_argument("--template", type=PasskeyTemplate, default=PasskeyTemplate(), help="The prompt's text "
                    "(default: the paper's).")
     p.add_argument("--threshold", type=float, default=0.95, help="T_recall: longest length with accuracy > this.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the keys.")
-    p.add_argument("--out", type=str | None, default=None, help="Output directory (default: <checkpoint dir>/passkey).")
-    p.add_argument("--piece_len", type=int, default=2048, help="Tokens per forward (the state is carried: constant memory).")
-    p.add_argument("--batch_size", type=int, default=8, help="Prompts per forward.")
-    p.add_argument("--dtype", type=Literal["float32", "bfloat16"], default="float32",
-                   help="float32 (the paper's analysis precision) or bfloat16.")
-    p.add_argument("--device", type=str | None, default=None, help="Default: cuda when available, else cpu.")
-    p.add_argument("--backend", type=Literal["auto", "torch", "triton"], default="auto", help="SSD kernels.")
     return p
 
 
@@ -72,31 +59,15 @@ def parse_length(text: str) -> int:
     return int(value)
 
 
-def load_inputs(args):
-    """(model, meta, tokenizer) for --ckpt and --tokenizer."""
-    from .analyze import AnalyzeError, load_checkpoint, load_tokenizer
-
-    if not os.path.exists(args.ckpt):
-        raise PasskeyCommandError(f"--ckpt {args.ckpt} does not exist")
-    try:
-        model, meta = load_checkpoint(args.ckpt, args.backend)
-        tokenizer = load_tokenizer(args.tokenizer, meta)
-    except AnalyzeError as e:  # e.g. "pass --tokenizer ...": the same flags here
-        raise PasskeyCommandError(str(e)) from e
-    if tokenizer.vocab_size > model.config.padded_vocab_size:
-        raise PasskeyCommandError(f"the tokenizer ({tokenizer!r}) has more ids than the model's embedding "
-                                  f"({model.config.padded_vocab_size}): pass the tokenizer the model was trained with")
-    return model, meta, tokenizer
-
-
 def run(args) -> dict:
     dtype = resolve_dtype(args.dtype)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     depths = [check_depth(d) for d in args.depths] if args.depths else default_depths(args.n_depths)
     lengths = [parse_length(x) for x in args.lengths] if args.lengths else None
     if args.n_samples < 1:
         raise PasskeyCommandError(f"--n_samples must be >= 1 (got {args.n_samples})")
-    model, meta, tokenizer = load_inputs(args)
+    model, meta = open_checkpoint(args)
+    tokenizer = open_tokenizer(args, meta, model)
     T = args.seq_len or meta.get("seq_len")
     if lengths is None:
         if not T:
@@ -118,10 +89,9 @@ def run(args) -> dict:
     model.to(device)
     grid = evaluate_passkey(model, generator, lengths, depths, args.n_samples, args.seed, args.piece_len, dtype,
                             device, args.batch_size)
-    ckpt = os.path.abspath(args.ckpt)
-    out = args.out or os.path.join(os.path.dirname(ckpt) if os.path.isfile(ckpt) else ckpt, "passkey")
+    out = default_out(args.out, args.ckpt, "passkey")
     os.makedirs(out, exist_ok=True)
-    result = {"ckpt": ckpt, "seq_len": int(T) if T else None, "tokenizer": tokenizer.name,
+    result = {"ckpt": os.path.abspath(args.ckpt), "seq_len": int(T) if T else None, "tokenizer": tokenizer.name,
               "template": dataclasses.asdict(template), "template_tokens": generator.min_length,
               "canonical_tokenization": generator.canonical,
               "dtype": args.dtype, "seed": args.seed, "state_size": model.config.state_size(),
@@ -149,7 +119,7 @@ def summary_lines(r: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # ValueError includes ConfigError and DataError
     return run_command("passkey", lambda: summary_lines(run(args)),
-                       (PasskeyCommandError, PasskeyError, OSError, ValueError))
+                       (CommandError, PasskeyError, OSError, ValueError))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .interventions import apply_interventions, calibrate_state_norms, describe, load_state_norms, parse_rri
 from ..analysis.evaluator import token_losses, window_mean
+from ..analysis.forgetting import ForgettingReport, forgetting_report, loss_at_multiple
 
 CALIBRATION_STRIDE = 16  # tokens between the states whose norms set the thresholds
 
@@ -80,7 +81,7 @@ def search(model, tokens: Tensor, seq_len: int, grid: list[dict], at_multiple: i
     table = []
     for setting in grid:
         losses = evaluate_with(model, rows, seq_len, piece_len, dtype, device, batch_size, **setting)
-        loss = window_mean(losses, hi // 2, hi)
+        loss = loss_at_multiple(losses, seq_len, at_multiple)
         table.append({**setting, "tag": describe(**setting) or "none", "loss": loss})
     finite = [row for row in table if row["loss"] is not None and math.isfinite(row["loss"])]
     best = min(finite, key=lambda row: row["loss"]) if finite else table[0]
@@ -138,17 +139,14 @@ def default_grid(method: str, seq_len: int) -> list[dict]:
     raise ValueError(f"unknown mitigation {method!r}: use rri, dt_scale, window or state_norm")
 
 
-def curve_metrics(losses: Tensor, positions, curve, seq_len: int, bucket: int, threshold: float = 2.0) -> dict:
+def curve_metrics(report: ForgettingReport, losses: Tensor) -> dict:
     """The numbers a mitigation is judged by: in-window loss (T/2, T], loss@4x, mean over (4T, end], and the
-    verdict on the bucket curve (positions, curve) of ``losses``."""
-    from ..analysis.criterion import judge_forgetting
-
-    n = losses.size(1)
-    v = judge_forgetting(positions, curve, seq_len, threshold, bucket)
-    in_window = window_mean(losses, seq_len // 2, seq_len)
-    beyond = window_mean(losses, 4 * seq_len, n) if n > 4 * seq_len else None
-    return {"loss_in_window": in_window, "loss@4x": window_mean(losses, 2 * seq_len, 4 * seq_len) if n >= 4 * seq_len else None,
-            "loss_beyond_4x": beyond, "ratio": beyond / in_window if beyond and in_window else None,
+    verdict of ``report`` (the pipeline's report on ``losses``)."""
+    T, n, v = report.seq_len, losses.size(1), report.verdict
+    in_window = report.loss_at[1]
+    beyond = window_mean(losses, 4 * T, n) if n > 4 * T else None
+    return {"loss_in_window": in_window, "loss@4x": report.loss_at[4], "loss_beyond_4x": beyond,
+            "ratio": beyond / in_window if beyond and in_window else None,
             "forgets": v.forgets, "blowup_position": v.blowup_position, "max_in_window": v.max_in_window}
 
 
@@ -159,17 +157,15 @@ def compare_mitigations(model, rows: Tensor, seq_len: int, bucket: int, methods=
     """The model as trained, then each method at the setting :func:`search` picks (loss at ``at_multiple`` x T on
     the first at_multiple x T positions of ``rows``), then ``others`` ({name: model}, e.g. a fine-tune) as they are;
     every entry evaluated on all of ``rows``. Returns entries with setting, search table, metrics and curve."""
-    from ..analysis.evaluator import bucket_curve
-
     kw = {"dtype": dtype, "device": device, "batch_size": batch_size}
     entries = []
 
     def add(name, m, setting, search_table=None, pl=piece_len):
         losses = evaluate_with(m, rows, seq_len, pl, **kw, **setting)
-        positions, curve = bucket_curve(losses, bucket)
+        report = forgetting_report(losses, seq_len, bucket, threshold, multiples=(1, 4))
         entries.append({"name": name, "setting": describe(**setting) or "none", "search": search_table,
-                        "metrics": curve_metrics(losses, positions, curve, seq_len, bucket, threshold),
-                        "positions": positions.tolist(), "curve": curve.tolist()})
+                        "metrics": curve_metrics(report, losses),
+                        "positions": report.positions.tolist(), "curve": report.curve.tolist()})
         log(f"{name}: {entries[-1]['setting']}")
 
     add("as trained", model, {})

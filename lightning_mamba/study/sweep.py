@@ -284,8 +284,8 @@ def run_cell(study: Study, cell: Cell, log: Callable[[str], None] = print) -> di
 
 def evaluate_cell(study: Study, cell: Cell, model, dm, log: Callable[[str], None] = print) -> dict:
     """The final model on held-out text, fp32, no resets: loss vs position, the paper's verdict, passkey."""
-    from ..analysis.criterion import default_bucket, forgetting_verdict
-    from ..analysis.evaluator import bucket_curve, eval_rows, token_losses, window_mean
+    from ..analysis.evaluator import eval_rows
+    from ..analysis.forgetting import measure_forgetting
 
     t0 = time.perf_counter()
     T = cell.seq_len
@@ -295,10 +295,8 @@ def evaluate_cell(study: Study, cell: Cell, model, dm, log: Callable[[str], None
     rows, info = eval_rows(dm.val_tokens(), length + 1, study.eval_n_rows, dm.eos_id)
     if info["note"]:
         log(f"sweep: {cell.name}: note: {info['note']}")
-    losses = token_losses(model, rows, study.piece_len, torch.float32, device, study.eval_batch_size)
-    bucket = study.bucket or default_bucket(T)
-    verdict = forgetting_verdict(losses, T, bucket, study.threshold)
-    positions, curve = bucket_curve(losses, bucket)
+    report = measure_forgetting(model, rows, T, study.bucket, study.threshold, piece_len=study.piece_len,
+                                dtype=torch.float32, device=device, batch_size=study.eval_batch_size)
     cfg = model.config
     result = {
         "cell": cell.name, "row": cell.row, "axis": study.axis, "model_overrides": dict(cell.model),
@@ -309,11 +307,11 @@ def evaluate_cell(study: Study, cell: Cell, model, dm, log: Callable[[str], None
         "steps": study.steps, "tokens_per_batch": study.tokens_per_batch,
         "tokens": study.steps * study.tokens_per_batch,
         "batch_size": study.tokens_per_batch // T, "seed": study.seed,
-        "eval": {"length": length, "bucket": bucket, "threshold": study.threshold, "dtype": "float32", "rows": info},
-        "verdict": verdict.to_dict(),
-        "metrics": {f"loss@{m}x": window_mean(losses, m * T // 2, m * T)
-                    for m in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if m * T <= length},
-        "curve": {"positions": positions.tolist(), "loss": curve.tolist()},
+        "eval": {"length": length, "bucket": report.bucket, "threshold": study.threshold, "dtype": "float32",
+                 "rows": info},
+        "verdict": report.verdict.to_dict(),
+        "metrics": report.metrics(),
+        "curve": {"positions": report.positions.tolist(), "loss": report.curve.tolist()},
     }
     if study.passkey:
         result["passkey"] = passkey_cell(study, cell, model, dm, device, log)

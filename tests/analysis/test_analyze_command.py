@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lightning_mamba.commands import analyze as cmd
+from lightning_mamba.commands import common
 from lightning_mamba.data import ByteTokenizer, TextDataModule
 from lightning_mamba.training.module import MambaLitModule
 from lightning_mamba.models.checkpoint import save_pretrained
@@ -17,8 +18,8 @@ from tests.tiny import tiny_lm
 @pytest.fixture
 def stubbed(monkeypatch, tmp_path):
     meta = {"seq_len": 32}
-    monkeypatch.setattr(cmd, "load_checkpoint", lambda path, backend: (tiny_lm(vocab_size=257), dict(meta)))
-    monkeypatch.setattr(cmd, "load_tokenizer", lambda name, meta: ByteTokenizer())
+    monkeypatch.setattr(common, "load_checkpoint", lambda path, backend: (tiny_lm(vocab_size=257), dict(meta)))
+    monkeypatch.setattr(common, "load_tokenizer", lambda name, meta: ByteTokenizer())
     ckpt = tmp_path / "run" / "last.ckpt"
     ckpt.parent.mkdir()
     ckpt.write_bytes(b"")
@@ -67,12 +68,12 @@ def test_missing_inputs_are_one_line_errors(stubbed, capsys, tmp_path):
 
 
 def test_tokenizer_from_flag_or_checkpoint(tmp_path):
-    load = cmd.__dict__["load_tokenizer"]
+    load = common.__dict__["load_tokenizer"]
     assert isinstance(load("byte", {}), ByteTokenizer)
     assert isinstance(load(None, {"tokenizer": {"kind": "byte"}}), ByteTokenizer)
     hf_json = ByteTokenizer().to_hf().to_str()  # a tokenizer.json next to an exported/official checkpoint
     assert load(None, {"tokenizer": {"kind": "json", "json": hf_json}}).encode("ab") == [97, 98]
-    with pytest.raises(cmd.AnalyzeError, match="--tokenizer"):
+    with pytest.raises(common.CommandError, match="--tokenizer"):
         load(None, {})
     with pytest.raises(ValueError, match="tok.json"):
         load(str(tmp_path / "tok.json"), {})

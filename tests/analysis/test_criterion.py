@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from lightning_mamba.analysis import forgetting_verdict, judge_forgetting
+from lightning_mamba.analysis import forgetting_report, judge_forgetting
 
 T = 64
 
@@ -58,5 +58,5 @@ def test_short_curves():
 def test_from_per_position_losses_with_default_bucket():
     losses = np.full((2, 16 * T), 3.0)
     losses[:, 5 * T:] = 7.0
-    v = forgetting_verdict(losses, T)
+    v = forgetting_report(losses, T).verdict
     assert v.bucket == 16 and not v.forgets and v.blowup_position == 5 * T + 16

@@ -8,6 +8,7 @@ import torch
 from lightning_mamba.analysis.evaluator import token_losses, window_mean
 from lightning_mamba.mitigations.search import evaluate_with, search_dt_scale, search_rri, search_window
 from lightning_mamba.commands import analyze as cmd
+from lightning_mamba.commands import common
 from lightning_mamba.data import ByteTokenizer
 
 from tests.tiny import tiny_lm
@@ -46,8 +47,8 @@ def test_search_returns_the_grid_minimum(lm, rows):
 
 @pytest.fixture
 def stubbed(monkeypatch, tmp_path):
-    monkeypatch.setattr(cmd, "load_checkpoint", lambda path, backend: (tiny_lm(vocab_size=257), {"seq_len": 16}))
-    monkeypatch.setattr(cmd, "load_tokenizer", lambda name, meta: ByteTokenizer())
+    monkeypatch.setattr(common, "load_checkpoint", lambda path, backend: (tiny_lm(vocab_size=257), {"seq_len": 16}))
+    monkeypatch.setattr(common, "load_tokenizer", lambda name, meta: ByteTokenizer())
     ckpt = tmp_path / "run" / "last.ckpt"
     ckpt.parent.mkdir()
     ckpt.write_bytes(b"")
