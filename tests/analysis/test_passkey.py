@@ -32,7 +32,7 @@ def test_teacher_forced_scorer_equals_step_by_step_greedy_decoding():
     gen = PasskeyGenerator(ByteTokenizer())
     samples = []
     for length in (gen.min_length, 300, 700):
-        for k, s in enumerate(grid_samples(gen, length, 0.5, 2, seed=length)):
+        for s in grid_samples(gen, length, 0.5, 2, seed=length):
             n = len(s.answer_ids)
             greedy = greedy_generate(model, torch.from_numpy(s.input_ids)[None], n, piece_len=64)[0]
             altered_last, altered_mid = greedy.clone(), greedy.clone()

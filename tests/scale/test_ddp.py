@@ -64,7 +64,7 @@ def test_gradients_agree_across_ranks_and_equal_the_global_batch_gradient(runs):
 @needs_gloo
 def test_weights_equal_one_process_training_on_the_global_batch(runs):
     one, ranks = runs["one"], runs["ranks"]
-    for name, p in one["params"].items():
+    for name in one["params"]:
         assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), name
         assert torch.equal(ranks[0]["initial"][name], one["initial"][name]), name  # same seed, same start
     diff = max((ranks[0]["params"][n] - p).abs().max().item() for n, p in one["params"].items())
