@@ -1,0 +1,547 @@
+"""Throughput of the forgetting study's cells: many optimizer steps of a tiny Mamba-2 LM, eager vs CUDA graphs,
+one process vs N processes sharing one GPU (issue [throughput], item 4).
+
+    python benchmarks/cell_throughput.py                                   # GPU: every contender, 8 cells
+    python benchmarks/cell_throughput.py --contenders graph_Ncells --cells 8 --states 16,64,256 --lens 32,256,1024
+    python benchmarks/cell_throughput.py --device cpu --steps 3 --warmup 1 --d_state 16 --seq_len 32 \\
+        --tokens_per_step 512 --contenders eager_1cell                     # CPU smoke run
+
+The model is the study's 4 x 256 Mamba-2 (headdim 32, expand 2, vocab 8192) trained with its own loss
+(``MambaLM.loss``), bf16 autocast on CUDA (cache off, as Lightning's), gradient clipping to 1.0 and AdamW
+(lr 2e-3, betas 0.9/0.95, weight decay 0.1 off A_log/dt_bias/D/norms/biases, fused on CUDA), at a fixed number of
+tokens per step (batch = tokens_per_step / seq_len). The data already lies on the device: each step draws random
+windows of a random token tensor there (randint offsets + one gather), with no host->device copy.
+
+Contenders:
+  eager_1cell      one process, the eager step (the baseline: ~30 ms a step on an H200, bound by the host CPU).
+  lossgraph_1cell  the loss's forward + backward replayed by training/cuda_graph.py's GraphedLoss (what
+                   ``--model.cuda_graph true`` trains with); clipping and AdamW stay eager.
+  graph_1cell      the whole step (forward, backward, clipping, AdamW with capturable=True and its lr in a device
+                   tensor, so a schedule can write it between replays) captured as one CUDA graph and replayed
+                   after the next batch is drawn into its static input buffer.
+  graph_Ncells     --cells processes (spawn) on the same GPU at once, each running graph_1cell with its own
+                   (d_state, seq_len) from --states / --lens (cell i: states[i % len], lens[i % len]).
+  eager_Ncells     the same with eager steps (what processes alone buy without graphs); lossgraph_Ncells likewise.
+
+Each graphed contender first checks itself against an eager copy of the model on the same batches (--check_steps
+steps from the same weights): the losses must agree and the parameters must have moved alike; a failed check is
+printed, marked in the table and makes the exit status 1. Timing: after warm-up (and compilation, capture, check),
+--steps steps in windows of --window steps, torch.cuda.synchronize() before each clock read; steps/s is the median
+over windows. In the N-cell runs every cell starts timing at one barrier and keeps stepping (untimed) until the
+last cell has finished its timed windows, so every timed window runs under the full load. Peak memory is the
+allocator's peak per process (the CUDA context, ~0.5 GiB a process, is not in it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import threading
+import time
+import traceback
+import warnings
+
+import torch
+
+CONTENDERS = ("eager_1cell", "lossgraph_1cell", "graph_1cell", "eager_Ncells", "lossgraph_Ncells", "graph_Ncells")
+GRAPH_KINDS = ("lossgraph", "graph")
+TARGET_STEPS_PER_CELL = 150.0  # issue [throughput] item 4: per cell at 16K tokens/step
+TARGET_TOTAL_TOKENS = 6e6  # tokens/s over all cells
+# The graphed step against an eager copy (bf16): the first step's loss comes from the same weights and batch;
+# later losses and the parameters differ only by the order of atomic adds in some backward kernels.
+LOSS_RTOL_FIRST, LOSS_RTOL, UPDATE_RTOL = 1e-3, 1e-2, 0.25
+
+
+# ---- model, optimizer, data --------------------------------------------------------------
+def build_model(args, d_state: int, device: str):
+    from lightning_mamba.models import MambaConfig, MambaLM
+
+    config = MambaConfig(d_model=args.d_model, n_layer=args.n_layer, vocab_size=args.vocab,
+                         ssm_cfg={"layer": "Mamba2", "d_state": d_state, "headdim": args.headdim,
+                                  "expand": args.expand, "chunk_size": args.chunk_size})
+    return MambaLM(config, backend=args.backend).to(device)
+
+
+def make_optimizer(model, args, device: str, capturable: bool = False):
+    """AdamW with the LightningModule's groups (no decay on A_log, dt_bias, D, norms and biases); fused on CUDA.
+    ``capturable``: the step may be captured in a CUDA graph, and each group's lr is a device tensor (a schedule
+    writes it in place between replays; a float would be frozen into the graph)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (no_decay if getattr(p, "_no_weight_decay", False) or p.ndim < 2 else decay).append(p)
+    cuda = device == "cuda"
+    lr = (lambda: torch.tensor(args.lr, dtype=torch.float32, device=device)) if capturable else (lambda: args.lr)
+    groups = [{"params": decay, "weight_decay": args.weight_decay, "lr": lr()},
+              {"params": no_decay, "weight_decay": 0.0, "lr": lr()}]
+    kwargs = {"capturable": True} if capturable else {}
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=cuda, **kwargs)
+
+
+def autocast(device: str):
+    """bf16 autocast on CUDA with the weight-cast cache off (needed under graph capture; Lightning's choice too);
+    fp32 on CPU, as the CPU training runs."""
+    if device == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+    return contextlib.nullcontext
+
+
+class Windows:
+    """Random training windows from a random token tensor on the device: ``draw(batch, seq_len, out=None)`` ->
+    (batch, seq_len + 1) int64 (input_ids = [:, :-1], labels = [:, 1:]), three kernels, no host copy."""
+
+    def __init__(self, n_tokens: int, vocab: int, device: str, seed: int):
+        g = torch.Generator(device=device).manual_seed(seed)
+        self.tokens = torch.randint(0, vocab, (n_tokens,), device=device, generator=g)
+        self._offsets: dict[int, torch.Tensor] = {}
+
+    def draw(self, batch: int, seq_len: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        span = seq_len + 1
+        offsets = self._offsets.get(span)
+        if offsets is None:
+            offsets = self._offsets[span] = torch.arange(span, device=self.tokens.device)
+        starts = torch.randint(0, self.tokens.numel() - span + 1, (batch, 1), device=self.tokens.device)
+        return torch.take(self.tokens, starts + offsets, out=out)
+
+
+def train_step(model, opt, params, window, amp, loss_fn=None) -> torch.Tensor:
+    """The eager step of benchmarks/train_throughput.py's bare loop: loss under autocast, backward, clip to 1.0,
+    AdamW, gradients set to None. ``loss_fn(input_ids, labels)`` defaults to the model's training loss."""
+    ids, labels = window[:, :-1], window[:, 1:]
+    with amp():
+        loss = model.loss(ids, labels)[0] if loss_fn is None else loss_fn(ids, labels)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+class StepGraph:
+    """The whole training step as one CUDA graph (torch's "whole network capture" recipe): warm-up iterations on a
+    side stream (Triton compiles and autotunes there, AdamW creates its state), gradients set to None, then one
+    captured step, whose backward allocates the gradients in the graph's pool: from then on ``p.grad`` are static
+    buffers that each replay overwrites (never set them to None or zero them between replays). The batch enters
+    through ``self.window`` (static); ``self.loss`` is the last replay's loss. The warm-up iterations train the
+    model: ``restore`` puts back the weights and the optimizer state of before."""
+
+    def __init__(self, model, opt, params, window: torch.Tensor, amp, warmup_iters: int = 3):
+        self.model, self.opt, self.params, self.window, self.amp = model, opt, params, window, amp
+        self._saved = [p.detach().clone() for p in params]
+        self._capture(warmup_iters)
+
+    def _body(self) -> torch.Tensor:
+        with self.amp():
+            loss = self.model.loss(self.window[:, :-1], self.window[:, 1:])[0]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        return loss
+
+    def _capture(self, warmup_iters: int) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup_iters):
+                self.opt.zero_grad(set_to_none=True)
+                self._body()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        self.opt.zero_grad(set_to_none=True)
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: a CUDA call from another thread of this process cannot invalidate the capture
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.loss = self._body()
+
+    def replay(self) -> torch.Tensor:
+        self.graph.replay()
+        return self.loss
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for p, saved in zip(self.params, self._saved):
+            p.copy_(saved)
+        for state in self.opt.state.values():  # step, exp_avg, exp_avg_sq: as before the first step
+            for v in state.values():
+                if torch.is_tensor(v):
+                    v.zero_()
+        self._saved = None
+
+
+# ---- one cell ----------------------------------------------------------------------------------
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _gib(n: int) -> float:
+    return n / 2**30
+
+
+def check_against_eager(step, model, ref, ref_opt, windows, batch, seq_len, n_steps, amp) -> dict:
+    """``step(window) -> loss`` (the graphed contender) against the eager step of ``ref`` (an equal copy of
+    ``model``, fresh optimizer) on the same batches, from the same weights."""
+    ref_params = list(ref.parameters())
+    start = [p.detach().clone() for p in ref_params]
+    losses = []
+    for _ in range(n_steps):
+        window = windows.draw(batch, seq_len)
+        got = step(window)
+        want = train_step(ref, ref_opt, ref_params, window, amp)
+        losses.append((float(got.detach()), float(want.detach())))
+    with torch.no_grad():
+        diff = math.sqrt(sum(float((p.float() - q.float()).pow(2).sum()) for p, q in zip(model.parameters(), ref_params)))
+        moved = math.sqrt(sum(float((q.float() - s.float()).pow(2).sum()) for q, s in zip(ref_params, start)))
+    rel = [abs(g - w) / max(abs(w), 1e-12) for g, w in losses]
+    update_rel = diff / moved if moved > 0 else (0.0 if diff == 0 else math.inf)
+    ok = bool(rel) and rel[0] <= LOSS_RTOL_FIRST and all(r <= LOSS_RTOL for r in rel) and update_rel <= UPDATE_RTOL
+    return {"ok": ok, "losses": losses, "loss_rel_diff": rel, "update_rel_diff": update_rel}
+
+
+def run_cell(args, kind: str, d_state: int, seq_len: int, cell: int = 0, sync=None) -> dict:
+    """One cell: build, warm up (capture, check), then time ``args.steps`` steps. ``sync``: the N-cell run's
+    (barrier, done counter, n_cells)."""
+    device = args.device
+    t_setup = time.perf_counter()
+    if args.tokens_per_step % seq_len:
+        raise ValueError(f"--tokens_per_step {args.tokens_per_step} is not a multiple of seq_len {seq_len}")
+    batch = args.tokens_per_step // seq_len
+    seed = args.seed + cell
+    torch.manual_seed(seed)
+    model = build_model(args, d_state, device)
+    params = list(model.parameters())
+    amp = autocast(device)
+    windows = Windows(args.corpus_tokens, args.vocab, device, seed)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    ref = copy.deepcopy(model) if kind in GRAPH_KINDS and args.check_steps > 0 else None
+    opt = make_optimizer(model, args, device, capturable=kind == "graph")
+    check = None
+
+    if kind == "eager":
+        def step():
+            return train_step(model, opt, params, windows.draw(batch, seq_len), amp)
+    elif kind == "lossgraph":
+        from lightning_mamba.training.cuda_graph import GraphedLoss
+
+        graphed = GraphedLoss(model)
+
+        def step(window=None):
+            window = windows.draw(batch, seq_len) if window is None else window
+            return train_step(model, opt, params, window, amp, loss_fn=graphed)
+    elif kind == "graph":
+        static = windows.draw(batch, seq_len)
+        with warnings.catch_warnings():  # "capturable=True ... step() is running without CUDA graph capture"
+            warnings.filterwarnings("ignore", message=".*capturable=True.*")
+            graph = StepGraph(model, opt, params, static, amp, warmup_iters=args.capture_warmup)
+        graph.restore()
+        lrs = [g["lr"] for g in opt.param_groups]
+
+        def step(window=None):
+            if window is None:
+                windows.draw(batch, seq_len, out=static)
+            else:
+                static.copy_(window)
+            for lr in lrs:  # where a schedule would write this step's lr
+                lr.fill_(args.lr)
+            return graph.replay()
+    else:
+        raise ValueError(f"unknown kind {kind!r}")
+
+    if ref is not None:
+        check = check_against_eager(step, model, ref, make_optimizer(ref, args, device), windows, batch, seq_len,
+                                    args.check_steps, amp)
+        if kind == "lossgraph" and graphed.replays < args.check_steps:
+            check["ok"] = False
+            check["why"] = f"only {graphed.replays} of {args.check_steps} steps replayed the graphs"
+        del ref
+        gc.collect()
+    for _ in range(max(1, args.warmup)):  # at least one: compilation (and a lossgraph capture) is never timed
+        step()
+    _sync(device)
+    setup_s = time.perf_counter() - t_setup
+    if device == "cuda":
+        setup_peak = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+
+    if sync is not None:
+        barrier, done, n_cells = sync
+        barrier.wait(timeout=args.cell_timeout)
+    rates = []
+    remaining = args.steps
+    while remaining > 0:
+        k = min(args.window, remaining)
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(k):
+            step()
+        _sync(device)
+        rates.append(k / (time.perf_counter() - t0))
+        remaining -= k
+    extra = 0
+    if sync is not None:  # keep the load on until every cell has timed its windows
+        with done.get_lock():
+            done.value += 1
+        deadline = time.perf_counter() + args.cell_timeout
+        while done.value < n_cells and time.perf_counter() < deadline:
+            for _ in range(args.window):
+                step()
+            extra += args.window
+            _sync(device)
+    steps_per_s = statistics.median(rates)
+    out = {
+        "kind": kind, "cell": cell, "d_state": d_state, "seq_len": seq_len, "batch": batch,
+        "tokens_per_step": batch * seq_len, "steps_per_s": steps_per_s, "tokens_per_s": steps_per_s * batch * seq_len,
+        "window_steps_per_s": rates, "setup_s": setup_s, "untimed_extra_steps": extra, "check": check,
+    }
+    if device == "cuda":
+        out["peak_gib"] = _gib(torch.cuda.max_memory_allocated())
+        out["setup_peak_gib"] = _gib(setup_peak)
+        out["peak_reserved_gib"] = _gib(torch.cuda.max_memory_reserved())
+    return out
+
+
+def _cell_main(args, kind, cell, d_state, seq_len, barrier, done, n_cells, queue):
+    """Entry point of an N-cell process (spawn)."""
+    try:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_cells))
+        result = run_cell(args, kind, d_state, seq_len, cell, sync=(barrier, done, n_cells))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which prints it
+        barrier.abort()  # the other cells stop waiting for this one, and stop keeping the load on for it
+        with done.get_lock():
+            done.value += 1
+        result = {"kind": kind, "cell": cell, "d_state": d_state, "seq_len": seq_len,
+                  "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+        if isinstance(e, threading.BrokenBarrierError):
+            result.update(error="stopped at the start barrier: another cell failed or timed out", traceback=None)
+    queue.put(result)
+
+
+def run_cells(args, kind: str) -> list[dict]:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    n = args.cells
+    barrier, done, queue = ctx.Barrier(n), ctx.Value("i", 0), ctx.Queue()
+    shapes = [(args.states[i % len(args.states)], args.lens[i % len(args.lens)]) for i in range(n)]
+    procs = [ctx.Process(target=_cell_main, args=(args, kind, i, s, l, barrier, done, n, queue))
+             for i, (s, l) in enumerate(shapes)]
+    results = {}
+    try:
+        for p in procs:
+            p.start()
+        deadline = time.perf_counter() + 2 * args.cell_timeout
+        while len(results) < n and time.perf_counter() < deadline:
+            try:
+                r = queue.get(timeout=5)
+                results[r["cell"]] = r
+            except Exception:  # queue.Empty: check that the cells still live
+                for i, p in enumerate(procs):
+                    if i not in results and not p.is_alive() and queue.empty():
+                        results[i] = {"kind": kind, "cell": i, "d_state": shapes[i][0], "seq_len": shapes[i][1],
+                                      "error": f"process exited with code {p.exitcode} and no result"}
+                        barrier.abort()
+                        with done.get_lock():
+                            done.value += 1
+    finally:
+        for i, p in enumerate(procs):
+            p.join(timeout=30)
+            if p.is_alive():  # only our own cell processes, by their handle
+                p.kill()
+                p.join()
+                results.setdefault(i, {"kind": kind, "cell": i, "d_state": shapes[i][0], "seq_len": shapes[i][1],
+                                       "error": "timed out"})
+    return [results[i] for i in range(n)]
+
+
+# ---- report -----------------------------------------------------------------------------------
+def summarise(name: str, cells: list[dict]) -> dict:
+    ok = [c for c in cells if "error" not in c]
+    row = {"contender": name, "cells": len(cells), "failed_cells": len(cells) - len(ok), "per_cell": cells}
+    if ok:
+        sps = [c["steps_per_s"] for c in ok]
+        row.update(steps_per_s=statistics.median(sps), steps_per_s_min=min(sps), steps_per_s_max=max(sps),
+                   tokens_per_s_per_cell=statistics.median(c["tokens_per_s"] for c in ok),
+                   total_tokens_per_s=sum(c["tokens_per_s"] for c in ok),
+                   peak_gib=max((c.get("peak_gib", math.nan) for c in ok), default=math.nan),
+                   setup_peak_gib=max((c.get("setup_peak_gib", math.nan) for c in ok), default=math.nan))
+    checks = [c["check"] for c in ok if c.get("check") is not None]
+    row["check_ok"] = None if not checks else all(ch["ok"] for ch in checks)
+    return row
+
+
+def _tok(x: float) -> str:
+    return f"{x / 1e6:.2f}M" if x >= 1e5 else f"{x:,.0f}"
+
+
+def print_cells(row: dict) -> None:
+    for c in row["per_cell"]:
+        head = f"  {row['contender']} cell {c['cell']}: d_state {c['d_state']:>3}, seq_len {c['seq_len']:>4}"
+        if "error" in c:
+            print(f"{head}: FAILED {c['error']}")
+            if c.get("traceback"):
+                print("    " + c["traceback"].strip().replace("\n", "\n    "))
+            continue
+        rates = ", ".join(f"{r:.1f}" for r in c["window_steps_per_s"])
+        print(f"{head}, batch {c['batch']:>4}: {c['steps_per_s']:7.1f} steps/s {_tok(c['tokens_per_s']):>7} tokens/s"
+              f"  peak {c.get('peak_gib', math.nan):.2f} GiB (setup {c.get('setup_peak_gib', math.nan):.2f})"
+              f"  setup {c['setup_s']:.1f} s  windows [{rates}]")
+        ch = c.get("check")
+        if ch is not None:
+            losses = ", ".join(f"{g:.5f}/{w:.5f}" for g, w in ch["losses"])
+            print(f"    check vs eager: {'ok' if ch['ok'] else 'FAILED'} (losses graphed/eager {losses}; "
+                  f"max loss rel diff {max(ch['loss_rel_diff']):.1e}, update rel diff {ch['update_rel_diff']:.1e}"
+                  f"{'; ' + ch['why'] if ch.get('why') else ''})")
+
+
+def print_table(rows: list[dict], tokens_per_step: int, skipped: dict[str, str]) -> None:
+    base = next((r for r in rows if r["contender"] == "eager_1cell" and "steps_per_s" in r), None)
+    target_tokens = TARGET_STEPS_PER_CELL * tokens_per_step
+    print()
+    print(f"targets: >= {TARGET_STEPS_PER_CELL:.0f} steps/s per cell ({target_tokens / 1e6:.2f}M tokens/s at "
+          f"{tokens_per_step:,} tokens/step), >= {TARGET_TOTAL_TOKENS / 1e6:.0f}M tokens/s over all cells")
+    head = (f"{'contender':<16} {'cells':>5} {'steps/s/cell':>12} {'(min-max)':>15} {'tok/s/cell':>11} "
+            f"{'total tok/s':>12} {'peak GiB':>8} {'x eager':>8} {'per-cell target':>15} {'total target':>12} check")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        if "steps_per_s" not in r:
+            print(f"{r['contender']:<16} {r['cells']:>5}  all cells failed")
+            continue
+        ratio = r["total_tokens_per_s"] / base["total_tokens_per_s"] if base else math.nan
+        spread = f"({r['steps_per_s_min']:.1f}-{r['steps_per_s_max']:.1f})"
+        check = {None: "-", True: "ok", False: "FAILED"}[r["check_ok"]]
+        if r["failed_cells"]:
+            check += f" ({r['failed_cells']} cells failed)"
+        per_cell_met = "met" if r["steps_per_s_min"] >= TARGET_STEPS_PER_CELL else "no"
+        total_met = "met" if r["total_tokens_per_s"] >= TARGET_TOTAL_TOKENS else "no"
+        print(f"{r['contender']:<16} {r['cells']:>5} {r['steps_per_s']:12.1f} {spread:>15} "
+              f"{_tok(r['tokens_per_s_per_cell']):>11} {_tok(r['total_tokens_per_s']):>12} "
+              f"{r['peak_gib']:8.2f} {ratio:8.2f} {per_cell_met:>15} {total_met:>12} {check}")
+    for name, why in skipped.items():
+        print(f"{name:<16} skipped: {why}")
+    if base:
+        print(f"x eager: total tokens/s / eager_1cell's ({_tok(base['total_tokens_per_s'])}); per-cell target "
+              f"judged on the slowest cell; peak: allocator peak of one process during the timed steps")
+
+
+def environment(args) -> dict:
+    env = {"torch": torch.__version__, "device": args.device, "cpu_count": os.cpu_count()}
+    if args.device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+        from lightning_mamba.models.kernels.backend import _triton_scan
+
+        fn, why = _triton_scan()  # first: it lets mamba_ssm import without its Mamba-1 extension
+        for mod in ("triton", "mamba_ssm"):
+            with contextlib.suppress(Exception):
+                env[mod] = __import__(mod).__version__
+        env["triton_kernels"] = args.backend != "torch" and fn is not None
+        if fn is None and args.backend != "torch":
+            env["triton_kernels_missing"] = why
+        env["mps_pipe_dir"] = os.environ.get("CUDA_MPS_PIPE_DIRECTORY")
+    return env
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
+    p.add_argument("--steps", type=int, default=100, help="timed steps per contender (per cell)")
+    p.add_argument("--window", type=int, default=20, help="steps per timed window (median over windows)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps after capture and check (at least 1)")
+    p.add_argument("--d_state", type=int, default=128, help="d_state of the 1-cell contenders")
+    p.add_argument("--seq_len", type=int, default=512, help="LEN of the 1-cell contenders")
+    p.add_argument("--tokens_per_step", type=int, default=16384, help="batch = tokens_per_step / LEN")
+    p.add_argument("--cells", type=int, default=8, help="processes of the N-cell contenders")
+    p.add_argument("--states", default="16,32,64,128,256,512", help="d_state of cell i: states[i %% len]")
+    p.add_argument("--lens", default="32,128,512,1024", help="LEN of cell i: lens[i %% len]")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"))
+    p.add_argument("--contenders", default=None,
+                   help=f"comma list of {', '.join(CONTENDERS)} (default on CUDA: all but eager_Ncells; on CPU: "
+                        f"eager_1cell)")
+    p.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON to OUT")
+    p.add_argument("--check_steps", type=int, default=3, help="graphed vs eager steps before timing (0: no check)")
+    p.add_argument("--capture_warmup", type=int, default=3, help="graph_1cell's warm-up iterations before capture")
+    p.add_argument("--cell_timeout", type=float, default=480.0, help="seconds an N-cell process may wait for the others")
+    p.add_argument("--corpus_tokens", type=int, default=1 << 22, help="random tokens on the device windows come from")
+    p.add_argument("--d_model", type=int, default=256)
+    p.add_argument("--n_layer", type=int, default=4)
+    p.add_argument("--headdim", type=int, default=32)
+    p.add_argument("--expand", type=int, default=2)
+    p.add_argument("--chunk_size", type=int, default=256)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight_decay", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    args.states = [int(s) for s in str(args.states).split(",") if s]
+    args.lens = [int(s) for s in str(args.lens).split(",") if s]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available here (use --device cpu)")
+    if args.steps < 1 or args.window < 1 or args.cells < 1:
+        p.error("--steps, --window and --cells must be >= 1")
+    default = "eager_1cell,lossgraph_1cell,graph_1cell,graph_Ncells" if args.device == "cuda" else "eager_1cell"
+    args.contenders = [c for c in (args.contenders or default).split(",") if c]
+    unknown = [c for c in args.contenders if c not in CONTENDERS]
+    if unknown:
+        p.error(f"unknown contender(s) {', '.join(unknown)}: use {', '.join(CONTENDERS)}")
+    n_cells = any(c.endswith("_Ncells") for c in args.contenders)
+    for length in [args.seq_len] + (args.lens if n_cells else []):
+        if args.tokens_per_step % length:
+            p.error(f"--tokens_per_step {args.tokens_per_step} must be a multiple of every LEN (got {length})")
+    from lightning_mamba.models.kernels.backend import check_backend
+
+    check_backend(args.backend)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    env = environment(args)
+    print("# " + ", ".join(f"{k} {v}" for k, v in env.items() if v is not None))
+    print(f"# model {args.n_layer} x {args.d_model}, headdim {args.headdim}, expand {args.expand}, vocab {args.vocab},"
+          f" chunk {args.chunk_size}, backend {args.backend}; {args.tokens_per_step:,} tokens/step; "
+          f"{'bf16 autocast, fused AdamW' if args.device == 'cuda' else 'fp32, AdamW'}, clip 1.0; "
+          f"{args.steps} timed steps in windows of {args.window} after {args.warmup} warm-up steps")
+    rows, skipped = [], {}
+    for name in args.contenders:
+        kind, _, n = name.partition("_")
+        if kind in GRAPH_KINDS and args.device != "cuda":
+            skipped[name] = f"needs CUDA graphs (device is {args.device})"
+            print(f"{name}: skipped ({skipped[name]})")
+            continue
+        t0 = time.perf_counter()
+        if n == "1cell":
+            try:
+                cells = [run_cell(args, kind, args.d_state, args.seq_len)]
+            except Exception as e:  # noqa: BLE001 - one contender's failure must not hide the others
+                cells = [{"kind": kind, "cell": 0, "d_state": args.d_state, "seq_len": args.seq_len,
+                          "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}]
+            gc.collect()
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+        else:
+            cells = run_cells(args, kind)
+        row = summarise(name, cells)
+        rows.append(row)
+        print(f"{name}: {time.perf_counter() - t0:.0f} s wall")
+        print_cells(row)
+    print_table(rows, args.tokens_per_step, skipped)
+    failed = any(r["check_ok"] is False or r["failed_cells"] for r in rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "env": env, "skipped": skipped, "results": rows,
+                       "targets": {"steps_per_s_per_cell": TARGET_STEPS_PER_CELL,
+                                   "total_tokens_per_s": TARGET_TOTAL_TOKENS}}, f, indent=1)
+        print(f"# wrote {args.json}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
