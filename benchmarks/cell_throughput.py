@@ -468,7 +468,9 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON to OUT")
     p.add_argument("--check_steps", type=int, default=3, help="graphed vs eager steps before timing (0: no check)")
     p.add_argument("--capture_warmup", type=int, default=3, help="graph_1cell's warm-up iterations before capture")
-    p.add_argument("--cell_timeout", type=float, default=480.0, help="seconds an N-cell process may wait for the others")
+    p.add_argument("--cell_timeout", type=float, default=300.0,
+                   help="seconds an N-cell process waits for the others at the start barrier (the whole N-cell run "
+                        "is stopped after twice this)")
     p.add_argument("--corpus_tokens", type=int, default=1 << 22, help="random tokens on the device windows come from")
     p.add_argument("--d_model", type=int, default=256)
     p.add_argument("--n_layer", type=int, default=4)
@@ -501,7 +503,15 @@ def parse_args(argv=None):
     return args
 
 
+def write_json(path: str, args, env: dict, skipped: dict, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        json.dump({"args": vars(args), "env": env, "skipped": skipped, "results": rows,
+                   "targets": {"steps_per_s_per_cell": TARGET_STEPS_PER_CELL, "total_tokens_per_s": TARGET_TOTAL_TOKENS}},
+                  f, indent=1)
+
+
 def main(argv=None) -> int:
+    sys.stdout.reconfigure(line_buffering=True)  # each line as it comes, also into a file or pipe
     args = parse_args(argv)
     env = environment(args)
     print("# " + ", ".join(f"{k} {v}" for k, v in env.items() if v is not None))
@@ -532,13 +542,12 @@ def main(argv=None) -> int:
         rows.append(row)
         print(f"{name}: {time.perf_counter() - t0:.0f} s wall")
         print_cells(row)
+        if args.json:  # after every contender: a run stopped later still leaves these
+            write_json(args.json, args, env, skipped, rows)
     print_table(rows, args.tokens_per_step, skipped)
     failed = any(r["check_ok"] is False or r["failed_cells"] for r in rows)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "env": env, "skipped": skipped, "results": rows,
-                       "targets": {"steps_per_s_per_cell": TARGET_STEPS_PER_CELL,
-                                   "total_tokens_per_s": TARGET_TOTAL_TOKENS}}, f, indent=1)
+        write_json(args.json, args, env, skipped, rows)
         print(f"# wrote {args.json}")
     return 1 if failed else 0
 
