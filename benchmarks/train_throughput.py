@@ -4,13 +4,21 @@
     python benchmarks/train_throughput.py --config cpu-small --device cpu   # CPU: vs our bare model and HF Mamba2
     python benchmarks/train_throughput.py --config 130m --contenders lightning_graph,lightning,ours,mamba_ssm
 
+Contenders (docs/performance.md says more): ``lightning`` / ``lightning_graph`` (our MambaLitModule through a
+Trainer, eager / with model.cuda_graph), ``ours`` (our MambaLM in a bare loop), ``mamba_ssm_fused`` (mamba_ssm's
+MambaLMHeadModel as its official configs train it: Mamba2 layers on the fused ``use_mem_eff_path`` kernel,
+``fused_add_norm``; needs causal-conv1d, skipped with the reason without it), ``mamba_ssm`` (the same model
+unfused: ``use_mem_eff_path=False``, ``fused_add_norm=False``), ``hf`` (transformers' Mamba2ForCausalLM).
+
 Every contender trains the same config, batch and precision on random tokens (speed does not depend
-on the text). Prints tokens/s, peak memory, MFU and each ratio against the named baseline.
+on the text). Prints tokens/s, peak memory, MFU and each ratio against one named baseline measured in the same
+process: on GPU ``mamba_ssm_fused`` when it ran, else ``mamba_ssm`` (``--baseline`` picks another).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -20,6 +28,8 @@ CONFIGS = {  # name: (d_model, n_layer, d_state, vocab, batch, seq_len, headdim)
     "small": (512, 8, 128, 8192, 32, 2048, 64),
     "cpu-small": (128, 4, 64, 8192, 4, 1024, 32),
 }
+GPU_CONTENDERS = "lightning_graph,lightning,mamba_ssm_fused,mamba_ssm"
+CPU_CONTENDERS = "lightning,ours,hf"
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0}
 
 
@@ -116,8 +126,11 @@ def main():
     p.add_argument("--seq_len", type=int)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--contenders", default=None, help="comma list of: lightning, "
-                   "lightning_graph (the same with model.cuda_graph), ours, mamba_ssm, hf")
+    p.add_argument("--contenders", default=None, help="comma list of: lightning, lightning_graph (the same with "
+                   "model.cuda_graph), ours, mamba_ssm_fused, mamba_ssm, hf (default: GPU "
+                   f"{GPU_CONTENDERS}; CPU {CPU_CONTENDERS})")
+    p.add_argument("--baseline", default=None, help="the contender every ratio is taken against (default: GPU the "
+                   "first of mamba_ssm_fused, mamba_ssm that ran; CPU hf)")
     p.add_argument("--loader_workers", type=int, default=2, help="the Lightning run's DataLoader workers (0: in the "
                    "main process, no pinned-memory thread)")
     args = p.parse_args()
@@ -129,14 +142,14 @@ def main():
     device = args.device
     gpu = device == "cuda"
     dtype = torch.bfloat16 if gpu else None
-    contenders = (args.contenders or ("lightning_graph,lightning,mamba_ssm" if gpu else "lightning,ours,hf")).split(",")
-    baseline = "mamba_ssm" if gpu else "hf"
+    contenders = (args.contenders or (GPU_CONTENDERS if gpu else CPU_CONTENDERS)).split(",")
     tokens = batch * seq_len
     flops = model_flops_per_token(d_model, n_layer, d_state, vocab, headdim) * tokens
     name = torch.cuda.get_device_name() if gpu else "CPU"
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     print(f"# config {args.config}: d_model {d_model}, n_layer {n_layer}, d_state {d_state}, vocab {vocab}, "
           f"batch {batch} x {seq_len}, {'bf16-mixed' if gpu else 'fp32'}, device {name}, torch {torch.__version__}")
+    print(f"# host: {_host_cpu()}; {_versions()}")
 
     results = {}
     for c in contenders:
@@ -149,20 +162,107 @@ def main():
                 model, loss_fn = build_bare(c, cfg, device)
                 dt = bare_loop(model, batch, seq_len, vocab, args.steps, args.warmup, device, dtype, loss_fn)
                 del model
-        except ImportError as e:
-            print(f"{c:>10}: skipped ({e})")
+        except (ImportError, Skip) as e:
+            print(f"{c:>15}: skipped ({e})")
             continue
         mem = torch.cuda.max_memory_allocated() / 2**30 if gpu else float("nan")
         mfu = flops / dt / 1e12 / peak if peak else float("nan")
         results[c] = dt
-        print(f"{c:>10}: {tokens / dt:12,.0f} tokens/s  {dt * 1e3:8.1f} ms/step  peak {mem:6.1f} GiB  MFU {mfu:6.1%}")
+        print(f"{c:>15}: {tokens / dt:12,.0f} tokens/s  {dt * 1e3:8.1f} ms/step  peak {mem:6.1f} GiB  MFU {mfu:6.1%}")
         if gpu:
             torch.cuda.empty_cache()
-    if baseline in results:
+    baseline = args.baseline or next((b for b in (("mamba_ssm_fused", "mamba_ssm") if gpu else ("hf",))
+                                      if b in results), None)
+    # Every ratio names its baseline, measured in this process. With the fused mamba_ssm loop as the baseline the
+    # unfused one (the baseline of earlier measurements) is a second, named reference.
+    for ref in [baseline] + (["mamba_ssm"] if baseline == "mamba_ssm_fused" else []):
+        if ref is None:
+            continue
+        if ref not in results:
+            print(f"# no ratios against {ref}: it did not run in this process")
+            continue
+        print(f"# speed against {ref}{' (baseline)' if ref == baseline else ''}, measured in this process:")
         for c, dt in results.items():
-            print(f"ratio {c}/{baseline}: {results[baseline] / dt:.3f}")
+            print(f"ratio {c}/{ref}: {results[ref] / dt:.3f}")
+    if baseline is None:
+        print("# no ratios: no baseline ran in this process (--baseline names one)")
     if "lightning" in results and "ours" in results:
         print(f"ratio lightning/ours: {results['ours'] / results['lightning']:.3f}")
+
+
+class Skip(Exception):
+    """A contender that cannot run here; the message says why (printed, and the other contenders run)."""
+
+
+def official_model(cfg, device, fused):
+    """mamba_ssm's MambaLMHeadModel with Mamba2 layers, RMSNorm and fp32 residuals.
+
+    ``fused``: mamba_ssm's own defaults (mamba-ssm 2.3.2: MambaConfig rms_norm, residual_in_fp32 and fused_add_norm
+    True; Mamba2 use_mem_eff_path True), the path its training configs take. Each Mamba2 layer runs ``mamba_split_conv1d_scan_combined``
+    (``use_mem_eff_path=True``: in_proj's output split, causal-conv1d's CUDA conv + SiLU, the Triton SSD scan, the
+    gated RMSNorm and out_proj in one autograd function that recomputes instead of storing), and the blocks use
+    the Triton residual-add + RMSNorm (``fused_add_norm=True``). That path needs causal-conv1d's CUDA extension;
+    without it this raises Skip with the reason. Unfused: ``use_mem_eff_path=False`` (in_proj, then the conv
+    through ``causal_conv1d_fn`` if causal-conv1d imports, else nn.Conv1d + SiLU, then ``mamba_chunk_scan_combined``
+    and the gated RMSNorm as separate calls) and ``fused_add_norm=False``.
+    """
+    d_model, n_layer, d_state, vocab, batch, seq_len, headdim = cfg
+    if device != "cuda":
+        raise Skip("mamba_ssm's kernels need CUDA")
+    from lightning_mamba.models.kernels.backend import _triton_scan
+
+    _triton_scan()  # installs the placeholder for the Mamba-1 extension if needed
+    import mamba_ssm.modules.mamba2 as official_mamba2
+    import mamba_ssm.ops.triton.ssd_combined as official_ssd
+    from mamba_ssm.models.config_mamba import MambaConfig as OfficialConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+    if fused and official_ssd.causal_conv1d_fwd_function is None:
+        raise Skip(f"causal_conv1d does not import ({_causal_conv1d_missing()}); mamba_ssm's fused path "
+                   "(use_mem_eff_path) needs its CUDA extension: README, 'Offline GPU nodes', says how to build it")
+    oc = OfficialConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab, rms_norm=True, residual_in_fp32=True,
+                        fused_add_norm=fused, ssm_cfg={"layer": "Mamba2", "d_state": d_state, "headdim": headdim,
+                                                       "use_mem_eff_path": fused})
+    model = MambaLMHeadModel(oc, device=device)
+    mixer = model.backbone.layers[0].mixer
+    assert mixer.use_mem_eff_path == fused and model.backbone.fused_add_norm == fused
+    if fused:
+        path = "mamba_split_conv1d_scan_combined (causal_conv1d CUDA conv) + Triton add/RMSNorm"
+    else:
+        conv = "causal_conv1d_fn" if official_mamba2.causal_conv1d_fn is not None else "nn.Conv1d + SiLU"
+        path = f"in_proj, {conv}, mamba_chunk_scan_combined, gated RMSNorm, out_proj; add + RMSNorm apart"
+    print(f"# {'mamba_ssm_fused' if fused else 'mamba_ssm'}: {path}")
+    return model
+
+
+def _causal_conv1d_missing():
+    try:
+        from causal_conv1d.cpp_functions import causal_conv1d_fwd_function  # noqa: F401
+    except Exception as e:  # ImportError, or a build for another torch (undefined symbol)
+        return f"{type(e).__name__}: {e}"
+    return "it imports now, but did not when mamba_ssm was imported"
+
+
+def _host_cpu():
+    """The host CPU's model and core count: the 130m step is bound by the CPU's kernel launches on some hosts."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    except OSError:
+        model = "?"
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def _versions():
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "absent"
+
+    return ", ".join(f"{n} {v(n)}" for n in ("lightning", "triton", "mamba_ssm", "causal_conv1d"))
 
 
 def logits_loss(logits_of):
@@ -177,7 +277,7 @@ def logits_loss(logits_of):
 
 def build_bare(kind, cfg, device):
     """(model, loss_fn) of a bare-loop contender: ``ours`` (our MambaLM and its own training loss,
-    MambaLM.loss), ``mamba_ssm`` (MambaLMHeadModel) or ``hf``
+    MambaLM.loss), ``mamba_ssm_fused`` / ``mamba_ssm`` (MambaLMHeadModel, fused / unfused) or ``hf``
     (transformers' Mamba2ForCausalLM)."""
     d_model, n_layer, d_state, vocab, batch, seq_len, headdim = cfg
     torch.manual_seed(0)
@@ -187,16 +287,8 @@ def build_bare(kind, cfg, device):
         mc = MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab,
                          ssm_cfg={"layer": "Mamba2", "d_state": d_state, "headdim": headdim})
         return MambaLM(mc).to(device), lambda m, x, y: m.loss(x, y)[0]
-    if kind == "mamba_ssm":
-        from lightning_mamba.models.kernels.backend import _triton_scan
-
-        _triton_scan()  # installs the placeholder for the Mamba-1 extension if needed
-        from mamba_ssm.models.config_mamba import MambaConfig as OfficialConfig
-        from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
-
-        oc = OfficialConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab, fused_add_norm=False,
-                            ssm_cfg={"layer": "Mamba2", "d_state": d_state, "headdim": headdim, "use_mem_eff_path": False})
-        return MambaLMHeadModel(oc, device=device), logits_loss(lambda m, x: m(x).logits)
+    if kind in ("mamba_ssm", "mamba_ssm_fused"):
+        return official_model(cfg, device, fused=kind == "mamba_ssm_fused"), logits_loss(lambda m, x: m(x).logits)
     if kind == "hf":
         from transformers import Mamba2Config, Mamba2ForCausalLM
 
