@@ -20,6 +20,8 @@ from ..models.kernels.backend import check_backend
 from .schedule import SCHEDULES, lr_factor
 from .sharding import fsdp_root, unwrapped_name
 
+DECAY_RATE_PARAMS = ("A_log", "dt_bias")  # the decay exp(dt * A) of every head: model.a_lr_mult scales their lr
+
 
 class MambaLitModule(L.LightningModule):
     """A Mamba-2 language model trained with next-token cross-entropy.
@@ -55,6 +57,9 @@ class MambaLitModule(L.LightningModule):
         warmup_steps: Linear warm-up steps.
         decay_fraction: Share of the steps in the final decay of the WSD schedule.
         min_lr_ratio: Final learning rate as a fraction of the peak.
+        a_lr_mult: The learning rate of A_log and dt_bias (the decay's parameters) is lr x this, in a parameter group
+            of their own (no weight decay, same schedule). A DEVIATION from the paper's training when != 1: a larger
+            value lets the decays move faster, which brings the failure to forget (or its cure) forward.
         initial_state: What each training sample's state starts from (Buitrago Ruiz & Gu, 2025): 'zero' (as in
             Stuffed Mamba), 'passed' (the previous batch's final state of the same row, detached: truncated BPTT;
             needs data.state_passing; kept in checkpoints) or 'noise' (Gaussian SSM states, zero conv states).
@@ -96,6 +101,7 @@ class MambaLitModule(L.LightningModule):
         warmup_steps: int = 100,
         decay_fraction: float = 0.1,
         min_lr_ratio: float = 0.0,
+        a_lr_mult: float = 1.0,
         initial_state: str = "zero",
         noise_scale: float = 1.0,
         noise_calibrate_every: int = 50,
@@ -108,6 +114,8 @@ class MambaLitModule(L.LightningModule):
             raise ConfigError(f"model.schedule={schedule!r} is unknown: use one of {', '.join(SCHEDULES)}")
         if lr <= 0:
             raise ConfigError(f"model.lr must be > 0 (got {lr})")
+        if not a_lr_mult > 0:  # NaN too
+            raise ConfigError(f"model.a_lr_mult must be > 0 (got {a_lr_mult}): 1 trains A_log and dt_bias at model.lr")
         check_optimizer_settings(weight_decay, betas, warmup_steps, decay_fraction, min_lr_ratio)
         self.initial_states = InitialStates(initial_state, noise_scale, noise_calibrate_every)
         self._pretrained_meta: dict | None = None
@@ -131,6 +139,8 @@ class MambaLitModule(L.LightningModule):
         # their shape nor their size (parameter_groups).
         self._no_decay_names = frozenset(n for n, p in self.model.named_parameters()
                                          if getattr(p, "_no_weight_decay", False) or p.ndim < 2)
+        self._decay_rate_names = frozenset(n for n, _ in self.model.named_parameters()
+                                           if n.rsplit(".", 1)[-1] in DECAY_RATE_PARAMS)
         self.val_loss = MeanMetric()
         self.val_loss_best = MinMetric()
         if cuda_graph and initial_state != "zero":
@@ -226,14 +236,23 @@ class MambaLitModule(L.LightningModule):
 
     # ---- optimizer -------------------------------------------------------------------
     def parameter_groups(self) -> list[dict]:
-        """AdamW groups: no weight decay on A_log, dt_bias, D (marked _no_weight_decay), norms and biases."""
-        decay, no_decay = [], []
+        """AdamW groups: no weight decay on A_log, dt_bias, D (marked _no_weight_decay), norms and biases; with
+        ``a_lr_mult`` != 1 a third group, A_log and dt_bias (no weight decay either) at lr x a_lr_mult."""
+        hp = self.hparams
+        split = hp.get("a_lr_mult", 1.0) != 1.0  # at 1 the groups stay as before (old checkpoints resume)
+        decay, no_decay, rates = [], [], []
         for name, p in self.model.named_parameters():  # by name: FSDP's shards are all 1-D
             if not p.requires_grad:
                 continue
-            (no_decay if unwrapped_name(name) in self._no_decay_names else decay).append(p)
-        return [{"params": decay, "weight_decay": self.hparams.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0}]
+            name = unwrapped_name(name)
+            if split and name in self._decay_rate_names:
+                rates.append(p)
+            else:
+                (no_decay if name in self._no_decay_names else decay).append(p)
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if split:
+            groups.append({"params": rates, "weight_decay": 0.0, "lr": hp.lr * hp.a_lr_mult})
+        return groups
 
     def configure_optimizers(self):
         hp = self.hparams
