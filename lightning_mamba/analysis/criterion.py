@@ -1,7 +1,10 @@
 """The paper's forgetting criterion (Stuffed Mamba §4.2) on a bucket-averaged loss-vs-position curve.
 
 A model *fails* (does not learn to forget, "state collapse") if the bucket-averaged loss at any position
-exceeds ``threshold`` (2) x the maximum bucket-averaged loss within the first T_train positions.
+exceeds ``threshold`` (2) x the maximum bucket-averaged loss within the first T_train positions. As in the paper's
+own evaluation, the first and the last bucket are left out before judging: the first (almost no context, the
+highest loss of the curve) would set a reference whose double often lies above the loss of a uniform guess, so
+the test could hardly fail; the last may be short, and is the noisiest.
 """
 
 from __future__ import annotations
@@ -13,14 +16,19 @@ import numpy as np
 
 @dataclass
 class ForgettingVerdict:
-    forgets: bool  # True: no bucket exceeds threshold x max_in_window (passes, "learned to forget")
+    forgets: bool  # True: no judged bucket exceeds threshold x max_in_window (passes, "learned to forget")
     blowup_position: int | None  # last position of the first bucket that exceeds it; None if none does
-    max_in_window: float  # max bucket mean among buckets ending at or before T_train
+    max_in_window: float  # max judged bucket mean among buckets ending at or before T_train (the reference)
     ratio_long_over_in: float | None  # mean[4T, 16T] / mean[T/2, T] (claim 2); None if the curve ends before 16T
     threshold: float
     bucket: int | None
     seq_len: int  # T_train
     evaluated_to: int  # last position of the curve: the verdict says nothing about later positions
+    # Set by the pipeline (analysis.forgetting) from per-row losses; None when judged from a curve alone.
+    ratio_16_64x: float | None = None  # mean[16T, 64T] / mean[T/2, T]; None if the rows end before 64T
+    ratio_16_64x_lo: float | None = None  # its bootstrap 95% interval over rows
+    ratio_16_64x_hi: float | None = None
+    rows: int | None = None  # rows averaged
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -43,29 +51,30 @@ def judge_forgetting(
 ) -> ForgettingVerdict:
     """Apply the criterion to a bucket curve (positions = each bucket's last position, see ``bucket_curve``).
 
-    Literal reading of the paper: the reference is the *maximum* within the first T_train positions. That
-    maximum usually sits in the first bucket, where the model has little context and the loss is highest,
-    so the test is lenient: a curve fails only when it rises well above the short-context loss. We keep it
-    literal (the paper's T_forget values depend on it); ``ratio_long_over_in`` is the stricter companion.
+    The first and the last bucket are not judged (see the module's docstring): the reference is the maximum of the
+    other buckets within the first T_train positions, and a blow-up is any other bucket above threshold x it.
+    ``ratio_long_over_in`` (on the whole curve) is the stricter companion.
 
-    A curve that ends at or before T_train cannot fail; ``evaluated_to`` says how far it was checked."""
+    A curve that ends at or before T_train cannot fail; ``evaluated_to`` says how far it was evaluated."""
     positions = np.asarray(positions, dtype=np.int64)
     curve = np.asarray(curve, dtype=np.float64)
     if positions.shape != curve.shape or positions.size == 0:
         raise ValueError("positions and curve must be non-empty and of the same length")
     if seq_len < 1:
         raise ValueError(f"seq_len (T_train) must be >= 1 (got {seq_len})")
-    in_window = positions <= seq_len
+    judged_pos, judged = positions[1:-1], curve[1:-1]
+    in_window = judged_pos <= seq_len
     if not in_window.any():
-        raise ValueError(f"no bucket ends within the first seq_len={seq_len} positions: use a bucket <= seq_len "
-                         f"(first bucket ends at {positions[0]})")
-    max_in = float(curve[in_window].max())
-    over = np.flatnonzero(curve > threshold * max_in)
+        raise ValueError(f"no bucket but the first ends within the first seq_len={seq_len} positions (the first and "
+                         f"the last bucket are not judged): use a bucket <= seq_len / 2 and a curve of at least 3 "
+                         f"buckets (got buckets ending at {positions[:3].tolist()}{'...' if positions.size > 3 else ''})")
+    max_in = float(judged[in_window].max())
+    over = np.flatnonzero(judged > threshold * max_in)
     in_ = _window_mean(positions, curve, seq_len / 2, seq_len)
     long = _window_mean(positions, curve, 4 * seq_len, 16 * seq_len)
     return ForgettingVerdict(
         forgets=over.size == 0,
-        blowup_position=int(positions[over[0]]) if over.size else None,
+        blowup_position=int(judged_pos[over[0]]) if over.size else None,
         max_in_window=max_in,
         ratio_long_over_in=None if in_ is None or long is None else long / in_,
         threshold=threshold,
@@ -76,5 +85,6 @@ def judge_forgetting(
 
 
 def default_bucket(seq_len: int) -> int:
-    """T_train / 8, at least 16 tokens (and never more than T_train)."""
-    return min(max(seq_len // 8, 16), seq_len)
+    """T_train / 8, at least 16 tokens, at most T_train / 2 (so that a judged bucket lies within T_train once the
+    first is left out)."""
+    return max(min(max(seq_len // 8, 16), seq_len // 2), 1)

@@ -214,7 +214,10 @@ def eval_rows(
     n = min(n_rows, s.size // length)
     info["rows"] = n
     if n < n_rows:
-        info["note"] = (info["note"] + "; " if info["note"] else "") + f"only {n} of {n_rows} rows fit in the stream"
+        info["note"] = (info["note"] + "; " if info["note"] else "") + (
+            f"only {n} of {n_rows} rows of {length} tokens fit in the held-out stream ({info['stream_tokens']} tokens): "
+            "give more held-out text or evaluate a shorter length, or the averages (and the ratio's interval) rest "
+            "on fewer rows")
     rows = torch.from_numpy(s[: n * length].reshape(n, length).copy())
     return rows, info
 

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from ..analysis import plots
 from ..analysis.evaluator import eval_rows, write_position_losses_csv
-from ..analysis.forgetting import DEFAULT_MAX_MULTIPLE, measure_forgetting, multiples_up_to
+from ..analysis.forgetting import DEFAULT_EVAL_ROWS, DEFAULT_MAX_MULTIPLE, measure_forgetting, multiples_up_to
 from ..training.sharding import fsdp_root, unsharded_copy
 from ..atomic import atomic_write_json
 
@@ -126,24 +126,29 @@ class PeriodicAnalysis(L.Callback):
 
 
 class LengthGeneralizationCallback(PeriodicAnalysis):
-    """Loss vs position on held-out text out to ``max(multiples)`` x T_train, and the forgetting verdict
-    (:func:`..analysis.forgetting.measure_forgetting`).
+    """Loss vs position on held-out text out to ``max(multiples)`` x T_train (default 64), and the forgetting verdict
+    (:func:`..analysis.forgetting.measure_forgetting`: the first and the last bucket not judged).
 
     Args:
         every_n_validations: Run after every N-th validation (and at the end of fit).
-        multiples: Context lengths, in units of T_train, to log a loss for. ``lengthgen/loss@{m}x`` is the mean
-            loss over positions (mT/2, mT] (for 1x: (T/2, T], the second half of the training window).
-        n_rows: Held-out rows (documents joined with EOS, no reset) of max(multiples) x T_train tokens.
-        bucket: Positions per bucket of the curve the criterion sees (default T_train // 8, at least 16).
+        multiples: Context lengths, in units of T_train, to log a loss for; the largest sets how far to evaluate.
+            ``lengthgen/loss@{m}x`` is the mean loss over positions (mT/2, mT] (for 1x: (T/2, T], the second half
+            of the training window). ``ratio_16_64x`` needs 64 in it.
+        n_rows: Held-out rows (documents joined with EOS, no reset) of max(multiples) x T_train tokens; the paper
+            averages many, and fewer than 32 make the ratio's interval wide.
+        bucket: Positions per bucket of the curve the criterion sees (default T_train // 8, at least 16, at most
+            T_train // 2).
         piece_len: Tokens per forward; the state is carried between pieces (default 2048 on GPU, 512 on CPU,
             where smaller pieces are faster).
         max_eval_tokens: Cap on the evaluated length (multiples beyond it are skipped).
         dtype: float32 (the paper's analysis precision) or bfloat16.
-        threshold: The criterion's factor: fails if a bucket exceeds threshold x the max within T_train.
+        threshold: The criterion's factor: fails if a judged bucket exceeds threshold x the max within T_train.
 
     Logs ``lengthgen/loss@{m}x``, ``lengthgen/forgets`` (1/0), ``lengthgen/blowup_position`` (-1 if none),
-    ``lengthgen/ratio_4_16x`` (mean[4T,16T] / mean[T/2,T], when evaluated to 16T), the figure
-    ``lengthgen/loss_vs_position``, and ``<log_dir>/lengthgen/step_<step>.json`` (verdict, bucket curve,
+    ``lengthgen/ratio_4_16x`` (mean[4T,16T] / mean[T/2,T], when evaluated to 16T), ``lengthgen/ratio_16_64x``
+    (mean[16T,64T] / mean[T/2,T], when evaluated to 64T) with its bootstrap 95% interval over rows
+    ``lengthgen/ratio_16_64x_lo`` and ``_hi``, the figure ``lengthgen/loss_vs_position``, and
+    ``<log_dir>/lengthgen/step_<step>.json`` (verdict with the ratios, rows and evaluated_to, bucket curve,
     per-position curve) and ``.csv`` (position, loss averaged over rows).
     """
 
@@ -153,7 +158,7 @@ class LengthGeneralizationCallback(PeriodicAnalysis):
         self,
         every_n_validations: int = 1,
         multiples: tuple[int, ...] | list[int] = multiples_up_to(DEFAULT_MAX_MULTIPLE),
-        n_rows: int = 2,
+        n_rows: int = DEFAULT_EVAL_ROWS,
         bucket: int | None = None,
         piece_len: int | None = None,
         max_eval_tokens: int | None = None,

@@ -34,7 +34,7 @@ class AnalyzeError(CommandError):
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="lightning-mamba analyze", description=__doc__.split("\n\n")[0])
     add_checkpoint_args(p, "analysis")
-    add_heldout_args(p, n_rows=2)
+    add_heldout_args(p)
     p.add_argument("--stride", type=int | None, default=None, help="Tokens between state samples (default: the bucket).")
     p.add_argument("--probes", type=list[Literal["text", "newlines"]], default=["text", "newlines"],
                    help="State-statistics probes: held-out text, the newline token repeated.")
@@ -149,6 +149,11 @@ def summary_lines(r: dict) -> list[str]:
     ratio = v["ratio_long_over_in"]
     lines.append("ratio mean[4T,16T] / mean[T/2,T]: " + ("n/a (needs --length >= 16 x T_train)" if ratio is None
                                                         else f"{ratio:.3f}"))
+    ratio = v["ratio_16_64x"]
+    lines.append("ratio mean[16T,64T] / mean[T/2,T]: " + (
+        "n/a (needs --length >= 64 x T_train)" if ratio is None else
+        f"{ratio:.3f} (95% bootstrap interval {v['ratio_16_64x_lo']:.3f} - {v['ratio_16_64x_hi']:.3f} over "
+        f"{v['rows']} rows)"))
     s = r["state"].get("text")
     if s and "max_first_token" in s:
         lines.append(f"retention: {s['frac_heads_above_0.99']:.1%} of heads keep alpha_(1:T) > 0.99 "

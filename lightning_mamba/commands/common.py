@@ -13,7 +13,7 @@ import torch
 from jsonargparse import ArgumentParser
 
 from ..analysis.evaluator import eval_rows, resolve_dtype
-from ..analysis.forgetting import DEFAULT_MAX_MULTIPLE
+from ..analysis.forgetting import DEFAULT_EVAL_ROWS, DEFAULT_MAX_MULTIPLE
 from ..errors import UserError
 
 
@@ -41,18 +41,19 @@ def add_checkpoint_args(p: ArgumentParser, out_name: str) -> None:
     p.add_argument("--backend", type=Literal["auto", "torch", "triton"], default="auto", help="SSD kernels.")
 
 
-def add_heldout_args(p: ArgumentParser, n_rows: int) -> None:
+def add_heldout_args(p: ArgumentParser) -> None:
     """The held-out rows and the forgetting criterion: --text, --cache_dir, --length, --n_rows, --bucket, --threshold."""
     p.add_argument("--text", type=str | None, default=None, help="Held-out text: a file or a directory of .txt/.md files, "
                    "one document each, joined with EOS. Default: the embedded corpus' validation split.")
     p.add_argument("--cache_dir", type=str, default="data", help="Token caches of the default corpus (as data.cache_dir).")
     p.add_argument("--length", type=int | None, default=None, help="Positions to evaluate (default "
                    f"{DEFAULT_MAX_MULTIPLE} x T_train).")
-    p.add_argument("--n_rows", type=int, default=n_rows, help="Rows (prompts) averaged; the paper used 128.")
+    p.add_argument("--n_rows", type=int, default=DEFAULT_EVAL_ROWS, help="Rows (prompts) averaged; the paper used "
+                   "128. Fewer than 32 make the bootstrap interval of the ratio wide.")
     p.add_argument("--bucket", type=int | None, default=None, help="Positions per bucket for the criterion "
-                   "(default T_train // 8, at least 16).")
+                   "(default T_train // 8, at least 16, at most T_train // 2).")
     p.add_argument("--threshold", type=float, default=2.0, help="Fails if a bucket exceeds threshold x the max "
-                   "within T_train.")
+                   "within T_train (the first and the last bucket are not judged).")
 
 
 def default_out(out: str | None, ckpt: str, name: str) -> str:

@@ -3,8 +3,8 @@
 Each training-free mitigation (RRI, dt scaling, exact sliding window) gets the setting with the lowest loss at
 4 x T_train on held-out text (the paper's rule), state normalization its thresholds from the norms within
 T_train; then all of them, the model as trained and any other checkpoints (``--compare``, e.g. a state-passing
-fine-tune) are evaluated on the same held-out rows to 16 x T_train. Writes mitigation.json, mitigation.md and
-loss_vs_position.png.
+fine-tune) are evaluated on the same held-out rows to --length (default 64 x T_train). Writes mitigation.json,
+mitigation.md and loss_vs_position.png.
 
     lightning-mamba mitigate --ckpt runs/x/version_0/checkpoints/last.ckpt \
         --compare '{state passing: runs/x_sp/version_0/checkpoints/last.ckpt}'
@@ -32,7 +32,7 @@ METHODS = ("rri", "dt_scale", "window", "state_norm")
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="lightning-mamba mitigate", description=__doc__.split("\n\n")[0])
     add_checkpoint_args(p, "mitigation")  # --ckpt, --seq_len, --tokenizer, ... as `analyze`
-    add_heldout_args(p, n_rows=8)  # --text, --length, --n_rows, --bucket, --threshold, ... as `analyze`
+    add_heldout_args(p)  # --text, --length, --n_rows, --bucket, --threshold, ... as `analyze`
     p.add_argument("--compare", type=dict[str, str], default={}, help="Other checkpoints evaluated as they are, "
                    "{name: path}, e.g. a state-passing fine-tune of --ckpt.")
     p.add_argument("--methods", type=list[Literal[METHODS]], default=list(METHODS), help="Mitigations to compare.")

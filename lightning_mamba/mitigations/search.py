@@ -141,13 +141,14 @@ def default_grid(method: str, seq_len: int) -> list[dict]:
 
 def curve_metrics(report: ForgettingReport, losses: Tensor) -> dict:
     """The numbers a mitigation is judged by: in-window loss (T/2, T], loss@4x, mean over (4T, end], and the
-    verdict of ``report`` (the pipeline's report on ``losses``)."""
+    verdict of ``report`` (the pipeline's report on ``losses``) with its ratio_16_64x and interval."""
     T, n, v = report.seq_len, losses.size(1), report.verdict
     in_window = report.loss_at[1]
     beyond = window_mean(losses, 4 * T, n) if n > 4 * T else None
     return {"loss_in_window": in_window, "loss@4x": report.loss_at[4], "loss_beyond_4x": beyond,
             "ratio": beyond / in_window if beyond and in_window else None,
-            "forgets": v.forgets, "blowup_position": v.blowup_position, "max_in_window": v.max_in_window}
+            "forgets": v.forgets, "blowup_position": v.blowup_position, "max_in_window": v.max_in_window,
+            "ratio_16_64x": v.ratio_16_64x, "ratio_16_64x_lo": v.ratio_16_64x_lo, "ratio_16_64x_hi": v.ratio_16_64x_hi}
 
 
 def compare_mitigations(model, rows: Tensor, seq_len: int, bucket: int, methods=("rri", "dt_scale", "window", "state_norm"),

@@ -29,20 +29,32 @@ def stubbed(monkeypatch, tmp_path):
 
 
 def test_analyze_writes_verdict_curve_stats_and_pngs(stubbed, capsys):
+    """By default to 64 x T_train: the verdict carries ratio_16_64x with its interval, and analyze prints it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     ckpt, text, _ = stubbed
     assert cmd.main(["--ckpt", str(ckpt), "--text", str(text), "--tensorboard"]) == 0
     out = ckpt.parent / "analysis"
     printed = capsys.readouterr()
     assert "verdict:" in printed.out and "ratio mean[4T,16T]" in printed.out and "repeated" in printed.err
+    assert "ratio mean[16T,64T] / mean[T/2,T]: " in printed.out and "95% bootstrap interval" in printed.out
+    assert "only 1 of 32 rows" in printed.err  # the held-out text is short: says so, and what to change
     r = json.loads((out / "verdict.json").read_text())
-    assert r["seq_len"] == 32 and r["length"] == 512 and r["bucket"] == 16
-    assert set(r["verdict"]) >= {"forgets", "blowup_position", "max_in_window", "ratio_long_over_in"}
-    assert r["verdict"]["ratio_long_over_in"] is not None and set(r["metrics"]) == {f"loss@{m}x" for m in (1, 2, 4, 8, 16)}
+    assert r["seq_len"] == 32 and r["length"] == 64 * 32 and r["bucket"] == 16
+    v = r["verdict"]
+    assert set(v) >= {"forgets", "blowup_position", "max_in_window", "ratio_long_over_in", "ratio_16_64x",
+                      "ratio_16_64x_lo", "ratio_16_64x_hi", "rows", "evaluated_to"}
+    assert v["ratio_long_over_in"] is not None and set(r["metrics"]) == {f"loss@{m}x" for m in (1, 2, 4, 8, 16, 32, 64)}
+    assert v["ratio_16_64x_lo"] <= v["ratio_16_64x"] <= v["ratio_16_64x_hi"] and v["rows"] == 1
+    assert v["evaluated_to"] == 64 * 32
     assert {"text", "newlines"} == set(r["state"])
-    assert len((out / "curve.csv").read_text().splitlines()) == 513
+    assert len((out / "curve.csv").read_text().splitlines()) == 64 * 32 + 1
     for name in ("loss_vs_position", "state_norm_text", "retention_heatmap_text", "log_retention_newlines"):
         assert (out / f"{name}.png").exists()
-    assert list((out / "tensorboard").iterdir())
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    assert {"lengthgen/ratio_16_64x", "lengthgen/ratio_16_64x_lo", "lengthgen/ratio_16_64x_hi",
+            "lengthgen/ratio_4_16x", "lengthgen/loss@64x"} <= set(acc.Tags()["scalars"])
 
 
 def test_analyze_needs_a_training_length(stubbed, capsys):
@@ -98,7 +110,7 @@ def test_analyze_real_checkpoint_and_export(tmp_path, capsys):
     text = tmp_path / "held_out.txt"
     text.write_text("a held-out document about foxes and dogs. " * 30)
 
-    args = ["--text", str(text), "--length", "128", "--probes", "[text]"]
+    args = ["--text", str(text), "--length", "128", "--n_rows", "2", "--probes", "[text]"]
     assert cmd.main(["--ckpt", str(ckpt), *args]) == 0
     r = json.loads((tmp_path / "ckpts" / "analysis" / "verdict.json").read_text())
     assert r["seq_len"] == 16 and r["rows"]["rows"] == 2 and r["verdict"]["evaluated_to"] == 128

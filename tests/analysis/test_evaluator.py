@@ -42,6 +42,7 @@ def test_eval_rows_windows_and_repetition():
     assert rows.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]] and info["repeated"] == 1 and not info["note"]
     rows, info = eval_rows(stream, 4, 5)
     assert rows.shape == (2, 4) and "only 2 of 5" in info["note"]
+    assert "give more held-out text or evaluate a shorter length" in info["note"] and "\n" not in info["note"]
     rows, info = eval_rows(np.array([5, 6, 7]), 9, 1, eos_id=0)  # too short: repeated, EOS between copies
     assert rows.tolist() == [[5, 6, 7, 0, 5, 6, 7, 0, 5]] and info["repeated"] == 3 and "repeated" in info["note"]
     rows, _ = eval_rows(np.array([5, 6, 0]), 5, 1, eos_id=0)  # already ends with EOS: no doubled EOS

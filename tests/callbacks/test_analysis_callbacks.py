@@ -30,7 +30,8 @@ def test_callbacks_log_tags_and_files(tmp_path):
     torch.manual_seed(0)
     module = MambaLitModule(d_model=32, n_layer=2, d_state=16, headdim=16, chunk_size=32, vocab_size=257,
                             backend="torch", warmup_steps=1)
-    lengthgen = LengthGeneralizationCallback(every_n_validations=1, piece_len=256)
+    lengthgen = LengthGeneralizationCallback(every_n_validations=1, multiples=(1, 2, 4, 8, 16), n_rows=2,
+                                             piece_len=256)  # small: the defaults (64 x T, 32 rows) are slow on CPU
     stats = StateStatsCallback(every_n_validations=2, stride=64)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=5, val_check_interval=2, limit_val_batches=1,
                         num_sanity_val_steps=1, logger=TensorBoardLogger(tmp_path, name="run"),
@@ -77,7 +78,7 @@ def test_observer_scalars_can_drive_model_checkpoint(tmp_path):
     module = MambaLitModule(d_model=32, n_layer=2, d_state=16, headdim=16, chunk_size=32, vocab_size=257,
                             backend="torch", warmup_steps=1)
     best = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="lengthgen/ratio_4_16x", mode="min", save_top_k=1)
-    lengthgen = LengthGeneralizationCallback(every_n_validations=1, piece_len=256)
+    lengthgen = LengthGeneralizationCallback(every_n_validations=1, multiples=(1, 4, 16), n_rows=2, piece_len=256)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=4, val_check_interval=2, limit_val_batches=1,
                         num_sanity_val_steps=0, logger=False, callbacks=[best, lengthgen],  # checkpoint listed first
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
@@ -86,3 +87,27 @@ def test_observer_scalars_can_drive_model_checkpoint(tmp_path):
     assert best.best_model_score is not None and torch.isfinite(best.best_model_score)
     assert best.best_model_score <= ratio + 1e-6 and best.best_model_path.endswith(".ckpt")
     assert "lengthgen/forgets" in trainer.callback_metrics
+
+
+def test_lengthgen_logs_ratio_16_64x_with_its_interval(tmp_path):
+    """By default the callback evaluates to 64 x T_train: the ratio over [16T, 64T] and its bootstrap interval
+    go to TensorBoard, callback_metrics and step_N.json (T_train 16 and 2 rows keep it small)."""
+    torch.manual_seed(0)
+    module = MambaLitModule(d_model=32, n_layer=2, d_state=16, headdim=16, chunk_size=16, vocab_size=257,
+                            backend="torch", warmup_steps=1)
+    lengthgen = LengthGeneralizationCallback(n_rows=2, piece_len=256)
+    assert lengthgen.multiples == (1, 2, 4, 8, 16, 32, 64)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, limit_val_batches=0, num_sanity_val_steps=0,
+                        logger=TensorBoardLogger(tmp_path, name="run"), callbacks=[lengthgen],
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=text_data(tmp_path, seq_len=16))
+
+    acc = EventAccumulator(trainer.log_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = {"lengthgen/ratio_16_64x", "lengthgen/ratio_16_64x_lo", "lengthgen/ratio_16_64x_hi", "lengthgen/loss@64x"}
+    assert tags <= set(acc.Tags()["scalars"]) and tags <= set(trainer.callback_metrics)
+    record = json.loads((tmp_path / "run" / "version_0" / "lengthgen" / "step_1.json").read_text())
+    v = record["verdict"]
+    assert v["evaluated_to"] == 64 * 16 and v["rows"] == record["rows"]["rows"] >= 1
+    assert v["ratio_16_64x_lo"] <= v["ratio_16_64x"] <= v["ratio_16_64x_hi"]
+    assert record["metrics"]["lengthgen/ratio_16_64x"] == v["ratio_16_64x"]
