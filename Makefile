@@ -17,7 +17,7 @@ BATCH = $(shell echo $$(( $(strip $(TOKENS_PER_BATCH)) / $(strip $(LEN)) > 0 ? $
 HAS_GPU = $(shell $(BIN)/python -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null)
 PRECISION = $(if $(filter 1,$(HAS_GPU)),bf16-mixed,32-true)
 
-.PHONY: help venv train test tensorboard clean bench wheelhouse
+.PHONY: help venv train test lint tensorboard clean bench wheelhouse
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -45,6 +45,9 @@ train: $(STAMP) ## Train a Mamba-2 LM on the embedded corpus: make train STATE=6
 
 test: $(STAMP) ## Run the test suite (CPU; GPU tests skip without CUDA)
 	$(BIN)/pytest -q
+
+lint: $(STAMP) ## Lint with ruff (the rules in pyproject.toml)
+	$(BIN)/ruff check lightning_mamba tests benchmarks
 
 tensorboard: $(STAMP) ## Open TensorBoard on runs/ (http://localhost:6006)
 	$(BIN)/tensorboard --logdir runs --port 6006

@@ -29,8 +29,8 @@ def main():
         sys.exit("conv_kernel.py times CUDA kernels: run it on a machine with a GPU")
     from triton.testing import do_bench
 
-    from lightning_mamba.models.kernels import conv_triton as ct
     from lightning_mamba.models.conv import causal_conv1d
+    from lightning_mamba.models.kernels import conv_triton as ct
 
     b, l, d_inner, k = args.batch, args.seq_len, 2 * args.d_model, 4
     d = d_inner + 2 * args.d_state  # conv_dim: x, B, C

@@ -4,7 +4,6 @@ run, the lr multiplier in config.yaml and the decay dynamics."""
 
 import glob
 import json
-import os
 
 import torch
 import yaml

@@ -3,8 +3,8 @@ state and retention statistics, passkey scoring, fits and figures (used by callb
 
 from .criterion import ForgettingVerdict, default_bucket, judge_forgetting
 from .evaluator import bucket_curve, eval_rows, iter_pieces, token_losses, window_mean
-from .forgetting import ForgettingReport, forgetting_report, measure_forgetting
 from .fits import fit_exponential, fit_linear
+from .forgetting import ForgettingReport, forgetting_report, measure_forgetting
 from .passkey import PasskeyGrid, evaluate_passkey, greedy_generate, score_samples, t_recall
 from .state_stats import StateStats, head_state_stats, newline_probe, state_statistics
 

@@ -10,8 +10,8 @@ which gives the same numbers as one forward over the whole row (the pieces are e
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch

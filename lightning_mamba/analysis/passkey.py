@@ -17,8 +17,8 @@ T_recall (paper): the longest length whose accuracy over all depths and samples 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import numpy as np
 import torch

@@ -15,8 +15,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from ..analysis import plots
 from ..analysis.evaluator import eval_rows, write_position_losses_csv
 from ..analysis.forgetting import DEFAULT_EVAL_ROWS, DEFAULT_MAX_MULTIPLE, measure_forgetting, multiples_up_to
-from ..training.sharding import fsdp_root, unsharded_copy
 from ..atomic import atomic_write_json
+from ..training.sharding import fsdp_root, unsharded_copy
 
 
 class PeriodicAnalysis(L.Callback):

@@ -10,9 +10,9 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ..analysis.passkey import evaluate_passkey, plot_passkey_curve, plot_passkey_heatmap
+from ..atomic import atomic_write_json
 from ..data.passkey import PasskeyGenerator, default_depths
 from .length_generalization import PeriodicAnalysis
-from ..atomic import atomic_write_json
 
 
 class PasskeyEvalCallback(PeriodicAnalysis):

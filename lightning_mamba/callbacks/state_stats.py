@@ -13,8 +13,8 @@ from ..analysis import plots
 from ..analysis.criterion import default_bucket
 from ..analysis.evaluator import eval_rows
 from ..analysis.state_stats import newline_probe, state_statistics
-from .length_generalization import PeriodicAnalysis
 from ..atomic import atomic_write_json
+from .length_generalization import PeriodicAnalysis
 
 PROBES = ("text", "newlines")
 

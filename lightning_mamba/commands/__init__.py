@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 
 def run_command(name: str, work: Callable[[], Iterable[str]], errors: tuple[type[BaseException], ...]) -> int:

@@ -21,8 +21,8 @@ from jsonargparse import ArgumentParser
 
 from ..analysis import plots
 from ..analysis.criterion import default_bucket
-from ..mitigations.search import compare_mitigations, markdown_table
 from ..atomic import atomic_write_json, atomic_write_text
+from ..mitigations.search import compare_mitigations, markdown_table
 from . import run_command
 from .common import CommandError, add_checkpoint_args, add_heldout_args, default_out, load_checkpoint, load_inputs
 

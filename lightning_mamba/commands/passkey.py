@@ -17,10 +17,10 @@ from jsonargparse import ArgumentParser
 from ..analysis import plots
 from ..analysis.evaluator import resolve_dtype
 from ..analysis.passkey import evaluate_passkey, plot_passkey_curve, plot_passkey_heatmap
+from ..atomic import atomic_write_json
+from ..data.passkey import PasskeyError, PasskeyGenerator, PasskeyTemplate, check_depth, check_lengths, default_depths
 from . import run_command
 from .common import CommandError, add_checkpoint_args, default_out, open_checkpoint, open_tokenizer, resolve_device
-from ..data.passkey import PasskeyError, PasskeyGenerator, PasskeyTemplate, check_depth, check_lengths, default_depths
-from ..atomic import atomic_write_json
 
 DEFAULT_MULTIPLES = (0.5, 1, 2, 4, 8, 16)
 UNITS = {"k": 2**10, "m": 2**20}

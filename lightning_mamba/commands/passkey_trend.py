@@ -13,8 +13,8 @@ import sys
 from jsonargparse import ArgumentParser
 
 from ..analysis import plots
-from ..study.passkey_trend import PasskeyTrendError, load_history, passkey_dir, plot_trend, summary_lines, trend
 from ..atomic import atomic_write_json
+from ..study.passkey_trend import PasskeyTrendError, load_history, passkey_dir, plot_trend, summary_lines, trend
 from . import run_command
 
 

@@ -17,8 +17,8 @@ from dataclasses import fields
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from . import run_command
 from ..study.sweep import Study, SweepError, build_cli, cell_args, make_cells, run_study, shard_cells
+from . import run_command
 
 
 def build_parser() -> ArgumentParser:

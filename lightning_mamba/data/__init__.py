@@ -6,8 +6,8 @@ from .code_corpus import CodeCorpus, CodeSettings, load_code_corpus
 from .corpus import default_corpus_documents
 from .datamodule import TextDataModule
 from .errors import DataError
-from .passkey import PasskeyDataModule, PasskeyError, PasskeyGenerator, PasskeySample, PasskeyTemplate, passkey_grid
 from .packed import PackedTextDataset, WindowTextDataset, document_index, encode_documents, split_documents
+from .passkey import PasskeyDataModule, PasskeyError, PasskeyGenerator, PasskeySample, PasskeyTemplate, passkey_grid
 from .sampler import RandomWindowSampler, ResumableSampler
 from .sources import load_documents, source_identity
 from .streams import LaneSampler, TextLanes

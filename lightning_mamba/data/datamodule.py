@@ -32,13 +32,20 @@ from torch.utils.data import DataLoader
 
 from ..atomic import atomic_write_json
 from .cache import fingerprint, load_or_build, token_dtype
-from .code_corpus import MAX_FILE_BYTES, MIN_FILE_BYTES, SOURCE as CODE_SOURCE, CodeSettings, code_identity, \
-    load_code_corpus, manifest_summary
+from .code_corpus import (
+    MAX_FILE_BYTES,
+    MIN_FILE_BYTES,
+    SOURCE as CODE_SOURCE,
+    CodeSettings,
+    code_identity,
+    load_code_corpus,
+    manifest_summary,
+)
 from .errors import DataError
 from .packed import PACKING_VERSION, PackedTextDataset, WindowTextDataset, encode_documents, split_documents
 from .sampler import RandomWindowSampler, ResumableSampler
-from .streams import LaneSampler, TextLanes
 from .sources import load_documents, source_identity
+from .streams import LaneSampler, TextLanes
 from .tokenization import MIN_BPE_VOCAB, Tokenizer, build_tokenizer, check_tokenizer_spec
 
 SPLITS = ("train", "val")

@@ -11,7 +11,7 @@ The train/val split is by document, so no held-out text is ever trained on.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

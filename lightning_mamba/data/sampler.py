@@ -17,7 +17,7 @@ uninterrupted one would have.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_warn

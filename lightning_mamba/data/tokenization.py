@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -158,7 +158,7 @@ class BPETokenizer(HFTokenizer):
     """A byte-level BPE (GPT-2 style pre-tokenization) trained on documents with HF ``tokenizers``."""
 
     @classmethod
-    def train(cls, documents: Sequence[str], vocab_size: int = 8192) -> "BPETokenizer":
+    def train(cls, documents: Sequence[str], vocab_size: int = 8192) -> BPETokenizer:
         if vocab_size < MIN_BPE_VOCAB:
             raise DataError(f"data.vocab_size must be >= {MIN_BPE_VOCAB} for the bpe tokenizer (got {vocab_size})")
         hf = tokenizers.Tokenizer(models.BPE())

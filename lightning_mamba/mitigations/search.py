@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .interventions import apply_interventions, calibrate_state_norms, describe, load_state_norms, parse_rri
 from ..analysis.evaluator import token_losses, window_mean
 from ..analysis.forgetting import ForgettingReport, forgetting_report, loss_at_multiple
+from .interventions import apply_interventions, calibrate_state_norms, describe, load_state_norms, parse_rri
 
 CALIBRATION_STRIDE = 16  # tokens between the states whose norms set the thresholds
 

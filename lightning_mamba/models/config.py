@@ -150,7 +150,7 @@ class MambaConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MambaConfig":
+    def from_dict(cls, d: dict[str, Any]) -> MambaConfig:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -160,7 +160,7 @@ class MambaConfig:
         atomic_write_json(os.path.join(directory, "config.json"), self.to_dict(), indent=2)
 
     @classmethod
-    def load(cls, directory_or_file: str) -> "MambaConfig":
+    def load(cls, directory_or_file: str) -> MambaConfig:
         path = directory_or_file
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")

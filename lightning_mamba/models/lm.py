@@ -7,8 +7,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .kernels import backend as kernels
 from .config import MambaConfig
+from .kernels import backend as kernels
 from .loss import linear_cross_entropy
 from .mixer import LayerState, Mamba2
 from .norm import RMSNorm

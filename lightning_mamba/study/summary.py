@@ -18,8 +18,8 @@ import os
 import numpy as np
 
 from ..analysis import plots
-from ..analysis.plots import plt
 from ..analysis.fits import N_S_UNIT, PAPER_T_FORGET, PAPER_T_RECALL, T_UNIT, fit_exponential, fit_linear
+from ..analysis.plots import plt
 from ..atomic import atomic_write_text
 from .onset import onset_summary
 from .sweep import SweepError, clean, write_json

@@ -17,14 +17,14 @@ import re
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from ..atomic import atomic_write_json
 from ..errors import UserError
-
 
 
 class SweepError(UserError, ValueError):

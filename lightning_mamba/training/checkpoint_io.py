@@ -27,8 +27,16 @@ from ..atomic import atomic_write
 from ..data.errors import DataError
 from ..data.tokenization import tokenizer_from_spec
 from ..models import ConfigError, MambaConfig, MambaLM
-from ..models.checkpoint import (CONFIG, META, SAFETENSORS, WEIGHTS, read_json, load_pretrained, load_tokenizer_spec,
-                                 load_weights)
+from ..models.checkpoint import (
+    CONFIG,
+    META,
+    SAFETENSORS,
+    WEIGHTS,
+    load_pretrained,
+    load_tokenizer_spec,
+    load_weights,
+    read_json,
+)
 from ..models.config import SHAPE_FIELDS, SSM_SHAPE_FIELDS
 
 # the model settings that change a weight's shape (CLI names: model.<name>), as models/config.py lists them

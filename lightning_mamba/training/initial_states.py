@@ -18,7 +18,7 @@ The state structure is :meth:`MambaLM.empty_state`'s: one ``LayerState(conv, ssm
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

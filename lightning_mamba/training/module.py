@@ -10,13 +10,13 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric, MinMetric
 
-from .checkpoint_io import check_model_shape, check_tokenizer
-from .cuda_graph import GraphedLoss
-from .initial_states import NEEDS_LANES, InitialStates
 from ..models import ConfigError, MambaConfig, MambaLM
 from ..models.config import SSM_DEFAULTS, TRAIN_DEFAULTS
 from ..models.flops import train_flops_per_token
 from ..models.kernels.backend import check_backend
+from .checkpoint_io import check_model_shape, check_tokenizer
+from .cuda_graph import GraphedLoss
+from .initial_states import NEEDS_LANES, InitialStates
 from .schedule import SCHEDULES, lr_factor
 from .sharding import fsdp_root, unwrapped_name
 

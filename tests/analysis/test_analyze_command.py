@@ -6,12 +6,10 @@ import lightning as L
 import pytest
 import torch
 
-from lightning_mamba.commands import analyze as cmd
-from lightning_mamba.commands import common
+from lightning_mamba.commands import analyze as cmd, common
 from lightning_mamba.data import ByteTokenizer, TextDataModule
-from lightning_mamba.training.module import MambaLitModule
 from lightning_mamba.models.checkpoint import save_pretrained
-
+from lightning_mamba.training.module import MambaLitModule
 from tests.tiny import tiny_lm
 
 

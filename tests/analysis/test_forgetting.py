@@ -6,8 +6,13 @@ import pytest
 import torch
 
 from lightning_mamba.analysis.evaluator import token_losses
-from lightning_mamba.analysis.forgetting import (DEFAULT_EVAL_ROWS, DEFAULT_MAX_MULTIPLE, bootstrap_ratio,
-                                                 forgetting_report, measure_forgetting)
+from lightning_mamba.analysis.forgetting import (
+    DEFAULT_EVAL_ROWS,
+    DEFAULT_MAX_MULTIPLE,
+    bootstrap_ratio,
+    forgetting_report,
+    measure_forgetting,
+)
 
 T = 32  # default bucket 16: the first bucket is positions 1..16
 N = DEFAULT_MAX_MULTIPLE * T  # rows evaluated to 64 T

@@ -19,7 +19,6 @@ from lightning_mamba.analysis.passkey import (
 )
 from lightning_mamba.data.passkey import PasskeyGenerator, default_depths, grid_samples
 from lightning_mamba.data.tokenization import ByteTokenizer
-
 from tests.tiny import tiny_lm
 
 

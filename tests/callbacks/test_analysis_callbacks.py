@@ -9,9 +9,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_mamba.callbacks import LengthGeneralizationCallback, StateStatsCallback
-from lightning_mamba.training.module import MambaLitModule
-
 from lightning_mamba.data import TextDataModule
+from lightning_mamba.training.module import MambaLitModule
 
 SEQ_LEN = 32
 

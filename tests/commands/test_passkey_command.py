@@ -11,8 +11,8 @@ from lightning_mamba.commands.passkey import main, parse_length
 from lightning_mamba.data.corpus import default_corpus_documents
 from lightning_mamba.data.datamodule import TextDataModule
 from lightning_mamba.data.tokenization import BPETokenizer
-from lightning_mamba.training.module import MambaLitModule
 from lightning_mamba.models.checkpoint import save_pretrained
+from lightning_mamba.training.module import MambaLitModule
 
 SEQ_LEN = 64
 

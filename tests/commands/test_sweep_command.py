@@ -11,9 +11,9 @@ import lightning as L
 import pytest
 import torch
 
-from lightning_mamba.study.sweep import build_cli, make_cells
 from lightning_mamba.cli import lightning_cli
 from lightning_mamba.commands import sweep as cmd
+from lightning_mamba.study.sweep import build_cli, make_cells
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MICRO = os.path.join(ROOT, "configs", "study", "forget_threshold_cpu.yaml")

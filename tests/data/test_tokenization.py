@@ -4,8 +4,15 @@ import pytest
 import tokenizers
 from tokenizers import models, pre_tokenizers
 
-from lightning_mamba.data import (BPETokenizer, ByteTokenizer, DataError, FileTokenizer, build_tokenizer,
-                                  load_tokenizer, tokenizer_from_spec)
+from lightning_mamba.data import (
+    BPETokenizer,
+    ByteTokenizer,
+    DataError,
+    FileTokenizer,
+    build_tokenizer,
+    load_tokenizer,
+    tokenizer_from_spec,
+)
 from lightning_mamba.data.tokenization import EOS
 
 TEXT = "To be, or not to be: that is the question.\nCafé — 日本語 ✓\t\n"

@@ -6,10 +6,17 @@ import pytest
 import torch
 
 from lightning_mamba.analysis.evaluator import iter_pieces
+from lightning_mamba.mitigations.interventions import (
+    apply_interventions,
+    calibrate_state_norms,
+    clip_state_norm,
+    load_state_norms,
+    parse_rri,
+    save_state_norms,
+    state_head_norms,
+)
 from lightning_mamba.models import MambaConfig, MambaLM
 from lightning_mamba.models.kernels import backend as kernels
-from lightning_mamba.mitigations.interventions import (apply_interventions, calibrate_state_norms, clip_state_norm,
-                                                  load_state_norms, parse_rri, save_state_norms, state_head_norms)
 
 
 def tiny(ngroups=1):

@@ -6,11 +6,9 @@ import pytest
 import torch
 
 from lightning_mamba.analysis.evaluator import token_losses, window_mean
-from lightning_mamba.mitigations.search import evaluate_with, search_dt_scale, search_rri, search_window
-from lightning_mamba.commands import analyze as cmd
-from lightning_mamba.commands import common
+from lightning_mamba.commands import analyze as cmd, common
 from lightning_mamba.data import ByteTokenizer
-
+from lightning_mamba.mitigations.search import evaluate_with, search_dt_scale, search_rri, search_window
 from tests.tiny import tiny_lm
 
 T = 8  # T_train of the searches

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from lightning_mamba.models import MambaConfig, MambaLM
 from lightning_mamba.mitigations.interventions import apply_interventions
-from lightning_mamba.models.mixer import Mamba2
 from lightning_mamba.mitigations.window import WindowState, windowed_forward
+from lightning_mamba.models import MambaConfig, MambaLM
+from lightning_mamba.models.mixer import Mamba2
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 L = 20

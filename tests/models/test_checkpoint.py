@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_mamba.training.module import MambaLitModule
 from lightning_mamba.models import ConfigError, MambaConfig, MambaLM
 from lightning_mamba.models.checkpoint import load_pretrained, load_tokenizer_spec, save_pretrained
 from lightning_mamba.training.checkpoint_io import load_model
+from lightning_mamba.training.module import MambaLitModule
 
 SSM = {"layer": "Mamba2", "d_state": 16, "headdim": 16, "ngroups": 2, "chunk_size": 16}
 

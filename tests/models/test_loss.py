@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_mamba.training.module import MambaLitModule
 from lightning_mamba.models.loss import linear_cross_entropy
+from lightning_mamba.training.module import MambaLitModule
 
 
 def loss_and_grads(fn, hidden, weight, labels, upstream=3.0):

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from lightning_mamba.cli import main
-from lightning_mamba.training.module import MambaLitModule
 from lightning_mamba.models import ConfigError
+from lightning_mamba.training.module import MambaLitModule
 
 from .conftest import run_config, write_corpus
 

@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from lightning_mamba.training.checkpoint_io import AtomicCheckpointIO
 from lightning_mamba.cli import main
+from lightning_mamba.training.checkpoint_io import AtomicCheckpointIO
 
 from .conftest import run_config
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from lightning_mamba.training.nan_guard import NanGuard, NonFiniteError
 from lightning_mamba.cli import lightning_cli
+from lightning_mamba.training.nan_guard import NanGuard, NonFiniteError
 
 from .conftest import logged_losses, run_config
 from .helpers import RecordSteps

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from lightning_mamba.analysis.passkey import PasskeyGrid
-from lightning_mamba.study.passkey_trend import PasskeyTrendError, load_history, trend
 from lightning_mamba.cli import main
+from lightning_mamba.study.passkey_trend import PasskeyTrendError, load_history, trend
 
 T = 100
 LENGTHS = [100, 200, 400]  # 1x, 2x, 4x

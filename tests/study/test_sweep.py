@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from lightning_mamba.study.summary import summarize, summary_lines
-from lightning_mamba.study.sweep import (Study, SweepError, cell_args, make_cells, shard_cells, shard_of,
-                                            write_json)
+from lightning_mamba.study.sweep import Study, SweepError, cell_args, make_cells, shard_cells, shard_of, write_json
 
 
 def test_cells_are_the_grid_row_major_with_stable_names():

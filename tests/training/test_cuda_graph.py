@@ -9,9 +9,9 @@ import lightning as L
 import pytest
 import torch
 
+from lightning_mamba.models import ConfigError, MambaConfig, MambaLM
 from lightning_mamba.training.cuda_graph import GraphedLoss, thread_local_capture
 from lightning_mamba.training.module import MambaLitModule
-from lightning_mamba.models import ConfigError, MambaConfig, MambaLM
 
 
 class RandomTokens(torch.utils.data.Dataset):

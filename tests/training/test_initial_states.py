@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from lightning_mamba.cli import lightning_cli, main
+from lightning_mamba.models import ConfigError, MambaConfig, MambaLM
 from lightning_mamba.training.initial_states import InitialStates
 from lightning_mamba.training.module import MambaLitModule
-from lightning_mamba.models import ConfigError, MambaConfig, MambaLM
 
 from ..robust.conftest import logged_losses, run_config, write_corpus
 from ..robust.helpers import SimulatedCrash

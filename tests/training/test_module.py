@@ -4,10 +4,10 @@ import inspect
 import pytest
 import torch
 
-from lightning_mamba.training.module import MambaLitModule
 from lightning_mamba.models import ConfigError, MambaConfig
 from lightning_mamba.models.config import SHAPE_FIELDS, SSM_DEFAULTS, TRAIN_DEFAULTS, SSMConfig, TrainDefaults
 from lightning_mamba.models.flops import train_flops_per_token
+from lightning_mamba.training.module import MambaLitModule
 
 
 def tiny(**kw):

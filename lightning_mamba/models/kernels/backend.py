@@ -17,7 +17,7 @@ from ..ssd import ssd_chunked
 BACKENDS = ("auto", "torch", "triton")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_scan():
     """Import ``mamba_chunk_scan_combined``; returns (function or None, reason it is missing)."""
 
@@ -36,7 +36,7 @@ def _triton_scan():
     return mamba_chunk_scan_combined, ""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_norms():
     """mamba_ssm's fused Triton norms (add + RMSNorm, gated RMSNorm), or None."""
     if _triton_scan()[0] is None:

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_mamba.models.kernels import conv_triton
 from lightning_mamba.models.conv import causal_conv1d
+from lightning_mamba.models.kernels import conv_triton
 from lightning_mamba.models.kernels.conv_triton import causal_conv1d_silu
 
 from .triton_env import DEVICE, needs_triton

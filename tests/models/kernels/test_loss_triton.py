@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from lightning_mamba.models.kernels import loss_triton
-from lightning_mamba.models.loss import linear_cross_entropy
 from lightning_mamba.models.kernels.loss_triton import cross_entropy_rows_
+from lightning_mamba.models.loss import linear_cross_entropy
 
 from ..test_loss import loss_and_grads, unfused
 from .triton_env import DEVICE, needs_triton
@@ -97,8 +97,8 @@ def test_fused_loss_at_the_130m_shape_under_bf16_autocast():
 @pytest.mark.gpu  # realistic shapes, mamba_ssm: CUDA only
 @needs_triton
 def test_the_model_loss_takes_the_kernel_on_the_triton_backend_only(monkeypatch):
-    from lightning_mamba.models.kernels.backend import _triton_scan
     from lightning_mamba.models.config import MambaConfig
+    from lightning_mamba.models.kernels.backend import _triton_scan
     from lightning_mamba.models.lm import MambaLM
 
     if _triton_scan()[0] is None:  # (also installs the placeholder mamba-ssm's import needs)
