@@ -45,7 +45,8 @@ def add_checkpoint_args(p: ArgumentParser, out_name: str) -> None:
 def add_heldout_args(p: ArgumentParser) -> None:
     """The held-out rows and the forgetting criterion: --text, --cache_dir, --length, --n_rows, --bucket, --threshold."""
     p.add_argument("--text", type=str | None, default=None, help="Held-out text: a file or a directory of .txt/.md files, "
-                   "one document each, joined with EOS. Default: the embedded corpus' validation split.")
+                   "one document each, joined with EOS. Default: the validation split of the corpus the checkpoint "
+                   "records (e.g. data.source code), else of the embedded corpus.")
     p.add_argument("--cache_dir", type=str, default="data", help="Token caches of the default corpus (as data.cache_dir).")
     p.add_argument("--length", type=int | None, default=None, help="Positions to evaluate (default "
                    f"{DEFAULT_MAX_MULTIPLE} x T_train).")
@@ -129,12 +130,15 @@ def read_text_stream(path: str, tokenizer) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64)
 
 
-def default_stream(tokenizer, seq_len: int, cache_dir: str) -> np.ndarray:
-    """The embedded corpus' held-out split (the training runs' default split), through the data module; its token
-    cache under ``cache_dir`` is reused or written."""
+def default_stream(tokenizer, seq_len: int, cache_dir: str, data: dict | None = None) -> np.ndarray:
+    """The held-out split of the corpus the checkpoint was trained on (``data``: the data settings it records, e.g.
+    ``source code`` and its packages), else of the embedded corpus, through the data module; its token cache under
+    ``cache_dir`` is reused or written."""
     from ..data import TextDataModule
 
-    dm = TextDataModule(source="default", tokenizer=tokenizer, seq_len=seq_len, cache_dir=cache_dir)
+    settings = {"source": "default", **(data or {})}
+    print(f"held-out text: the validation split of data.source {settings['source']}", file=sys.stderr)
+    dm = TextDataModule(**settings, tokenizer=tokenizer, seq_len=seq_len, cache_dir=cache_dir)
     dm.prepare_data()
     return np.asarray(dm.val_tokens())
 
@@ -172,7 +176,8 @@ def load_inputs(args, check_length: Callable[[int, int], None]) -> Inputs:
     length = args.length or DEFAULT_MAX_MULTIPLE * T
     check_length(length, T)
     tokenizer = open_tokenizer(args, meta, model)
-    stream = read_text_stream(args.text, tokenizer) if args.text else default_stream(tokenizer, T, args.cache_dir)
+    stream = read_text_stream(args.text, tokenizer) if args.text else default_stream(tokenizer, T, args.cache_dir,
+                                                                                           meta.get("data"))
     rows, info = eval_rows(stream, length + 1, args.n_rows, getattr(tokenizer, "eos_id", None))
     if info["note"]:
         print(f"note: {info['note']}", file=sys.stderr)

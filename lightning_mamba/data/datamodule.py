@@ -174,6 +174,16 @@ class TextDataModule(L.LightningDataModule):
         """The held-out split as one flat token stream (all of it: ``val_max_tokens`` is not applied)."""
         return self.streams["val"]
 
+    # the settings that decide which text is held out: a checkpoint records them, so that analyze and mitigate
+    # evaluate a model on the held-out split of the corpus it was trained on
+    SPLIT_SETTINGS = ("source", "val_fraction", "seed", "text_field", "code_packages", "code_val_packages",
+                      "code_min_file_bytes", "code_max_file_bytes", "code_max_bytes")
+
+    def split_settings(self) -> dict:
+        """The data.* settings that give this corpus and its held-out split (TextDataModule(**them) rebuilds it)."""
+        h = self.hparams
+        return {k: (list(h[k]) if isinstance(h[k], tuple) else h[k]) for k in self.SPLIT_SETTINGS}
+
     # ---- caches -------------------------------------------------------------------------------------
     @cached_property
     def split_key(self) -> str:

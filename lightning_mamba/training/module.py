@@ -304,6 +304,8 @@ class MambaLitModule(L.LightningModule):
         if dm is not None:
             meta["seq_len"] = dm.hparams.seq_len
             meta["tokenizer"] = dm.tokenizer.to_spec()
+            if hasattr(dm, "split_settings"):
+                meta["data"] = dm.split_settings()  # the held-out split analyze/mitigate evaluate on by default
         checkpoint["lightning_mamba"] = meta
         if self.initial_states.mode != "zero":  # the carried state of every process (DDP: a gather on each rank)
             world = self.trainer.world_size if self._trainer is not None else 1
