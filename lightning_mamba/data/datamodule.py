@@ -182,7 +182,7 @@ class TextDataModule(L.LightningDataModule):
     def split_settings(self) -> dict:
         """The data.* settings that give this corpus and its held-out split (TextDataModule(**them) rebuilds it)."""
         h = self.hparams
-        return {k: (list(h[k]) if isinstance(h[k], tuple) else h[k]) for k in self.SPLIT_SETTINGS}
+        return {k: (list(h[k]) if isinstance(h[k], tuple) else h[k]) for k in self.SPLIT_SETTINGS if k in h}
 
     # ---- caches -------------------------------------------------------------------------------------
     @cached_property
