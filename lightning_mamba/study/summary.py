@@ -219,9 +219,12 @@ def plot_passkey_grid(results: list[dict], rows: list[dict]) -> plt.Figure | Non
 
 
 # ---- the summary ------------------------------------------------------------------------------------------
-def cells_of(plan: dict | None, results: list[dict]) -> dict[str, tuple[str, int]]:
-    """Every planned or finished cell -> (row, LEN); cell names are ``<row>_len<LEN>``."""
-    names = list(dict.fromkeys([*(plan or {}).get("cells", []), *(r["cell"] for r in results)]))
+def cells_of(plan: dict | None, results: list[dict], out: str | None = None) -> dict[str, tuple[str, int]]:
+    """Every planned, finished or started cell (a folder under ``<out>/cells`` with evaluations: shards run with
+    other --states/--lens write there too) -> (row, LEN); cell names are ``<row>_len<LEN>``."""
+    started = [] if out is None else sorted(
+        os.path.basename(os.path.dirname(d)) for d in glob.glob(os.path.join(out, "cells", "*_len*", "lengthgen")))
+    names = list(dict.fromkeys([*(plan or {}).get("cells", []), *(r["cell"] for r in results), *started]))
     return {name: (name.rsplit("_len", 1)[0], int(name.rsplit("_len", 1)[1])) for name in names}
 
 
@@ -265,7 +268,7 @@ def summarize(out: str, tensorboard: bool = True) -> dict:
     summary = {"out": os.path.abspath(out), "cells_done": len(results), "cells_missing": missing,
                "tokens_per_cell": budgets, "axis": "models" if (plan or {}).get("models") else "states",
                "rows": rows, "fits": fits, "notes": notes,
-               "onset": onset_summary(os.path.join(out, "cells"), cells_of(plan, results),
+               "onset": onset_summary(os.path.join(out, "cells"), cells_of(plan, results, out),
                                       (plan or {}).get("tokens_per_batch"))}
     os.makedirs(out, exist_ok=True)
     summary = clean(summary)
