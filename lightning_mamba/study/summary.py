@@ -26,7 +26,7 @@ from .sweep import SweepError, clean, write_json
 
 CSV_FIELDS = ("cell", "row", "d_state", "n_layer", "d_model", "seq_len", "batch_size", "steps", "tokens", "params",
               "n_s", "n_s_ssm_only", "forgets", "blowup_position", "blowup_over_len", "max_in_window",
-              "ratio_4_16x", "evaluated_to", "val_loss", "t_recall", "train_seconds", "eval_seconds")
+              "ratio_4_16x", "ratio_16_64x", "ratio_16_64x_lo", "ratio_16_64x_hi", "evaluated_to", "val_loss", "t_recall", "train_seconds", "eval_seconds")
 
 
 def load_results(out: str) -> list[dict]:
@@ -56,6 +56,7 @@ def csv_row(r: dict) -> dict:
     return {**{k: r.get(k) for k in CSV_FIELDS}, "forgets": int(v["forgets"]), "blowup_position": v["blowup_position"],
             "blowup_over_len": blowup_over_len(r),
             "max_in_window": v["max_in_window"], "ratio_4_16x": v["ratio_long_over_in"],
+            **{k: v.get(k) for k in ("ratio_16_64x", "ratio_16_64x_lo", "ratio_16_64x_hi")},
             "evaluated_to": v["evaluated_to"], "t_recall": pk.get("t_recall")}
 
 
@@ -272,6 +273,9 @@ def summarize(out: str, tensorboard: bool = True) -> dict:
                                       (plan or {}).get("tokens_per_batch"))}
     os.makedirs(out, exist_ok=True)
     summary = clean(summary)
+    onset_figure = plot_onset(summary["onset"])
+    if onset_figure is not None:
+        plots.save_png(onset_figure, os.path.join(out, "onset.png"))
     write_json(os.path.join(out, "summary.json"), summary)
     table = io.StringIO(newline="")
     w = csv.DictWriter(table, fieldnames=CSV_FIELDS)
@@ -281,6 +285,37 @@ def summarize(out: str, tensorboard: bool = True) -> dict:
     if results:
         write_figures(out, results, rows, fits, tensorboard)
     return summary
+
+
+def plot_onset(onset: dict) -> plt.Figure | None:
+    """Per cell, the ratio mean[16T,64T] / mean[T/2,T] at every evaluation along training, with its bootstrap 95%
+    interval; filled markers where the evaluation fails the 2x criterion. None without any ratio."""
+    cells = {name: [h for h in c["history"] if h.get("ratio_16_64x") is not None]
+             for name, c in onset["cells"].items()}
+    cells = {name: h for name, h in cells.items() if h}
+    if not cells:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, history in sorted(cells.items()):
+        steps = np.array([h["step"] for h in history])
+        ratio = np.array([h["ratio_16_64x"] for h in history], dtype=float)
+        line, = ax.plot(steps, ratio, marker="o", markersize=3, label=name)
+        lo = np.array([h.get("ratio_16_64x_lo") if h.get("ratio_16_64x_lo") is not None else np.nan for h in history],
+                      dtype=float)
+        hi = np.array([h.get("ratio_16_64x_hi") if h.get("ratio_16_64x_hi") is not None else np.nan for h in history],
+                      dtype=float)
+        ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
+        failing = np.array([h.get("forgets") is False for h in history])
+        if failing.any():
+            ax.plot(steps[failing], ratio[failing], "s", color=line.get_color(), markersize=7)
+    ax.axhline(1.0, color="gray", linewidth=0.8, linestyle=":", label="flat (ratio 1)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss mean[16T, 64T] / mean[T/2, T]")
+    ax.set_title("Beyond-window loss along training (band: bootstrap 95% over rows; squares: fails the 2x test)",
+                 fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
 def write_figures(out: str, results: list[dict], rows: list[dict], fits: dict, tensorboard: bool) -> None:

@@ -63,3 +63,36 @@ def test_the_summary_reads_every_planned_cell(tmp_path):
     out = onset_summary(str(cells_folder), {"s_len32": ("s", 32), "s_len64": ("s", 64), "s_len128": ("s", 128)}, 8)
     assert out["cells"]["s_len32"]["onset"]["step"] == 10 and out["cells"]["s_len128"]["history"] == []
     assert out["t_forget_by_step"]["s"] == []  # LEN 128 never evaluated: T_forget cannot be named
+
+
+def test_the_summary_follows_started_cells_outside_the_plan_and_draws_the_onset(tmp_path):
+    # a shard run with other --states/--lens wrote its cell into the same folder: the plan does not name it
+    from lightning_mamba.study.summary import plot_onset, summarize
+
+    out = tmp_path / "study"
+    os.makedirs(out / "cells")
+    with open(out / "study.json", "w") as f:
+        json.dump({"cells": ["state64_len64"], "tokens_per_batch": 16384}, f)
+    for name, ratios in (("state64_len64", [1.0, 1.4, 2.6]), ("state256_len64", [1.0, 1.1, 1.0])):
+        for i, r in enumerate(ratios):
+            write_eval(str(out / "cells" / name), 500 * (i + 1), r < 2.5)
+            path = out / "cells" / name / "lengthgen" / f"step_{500 * (i + 1)}.json"
+            entry = json.loads(path.read_text())
+            entry["verdict"].update(ratio_16_64x=r, ratio_16_64x_lo=r - 0.1, ratio_16_64x_hi=r + 0.1)
+            path.write_text(json.dumps(entry))
+    summary = summarize(str(out), tensorboard=False)
+    assert set(summary["onset"]["cells"]) == {"state64_len64", "state256_len64"}
+    assert summary["onset"]["cells"]["state64_len64"]["onset"]["step"] == 1500
+    assert (out / "onset.png").stat().st_size > 0
+    assert plot_onset({"cells": {"c": {"history": [{"step": 1, "forgets": True}]}}}) is None  # no ratio: no figure
+
+
+def test_results_csv_carries_the_ratio_and_its_interval():
+    from lightning_mamba.study.summary import CSV_FIELDS, csv_row
+
+    verdict = {"forgets": False, "blowup_position": 200, "max_in_window": 1.7, "ratio_long_over_in": 1.4,
+               "evaluated_to": 4096, "ratio_16_64x": 2.2, "ratio_16_64x_lo": 1.9, "ratio_16_64x_hi": 2.6}
+    row = csv_row({"cell": "state64_len64", "seq_len": 64, "verdict": verdict})
+    assert {"ratio_16_64x", "ratio_16_64x_lo", "ratio_16_64x_hi"} <= set(CSV_FIELDS)
+    assert (row["ratio_16_64x"], row["ratio_16_64x_lo"], row["ratio_16_64x_hi"]) == (2.2, 1.9, 2.6)
+    assert row["forgets"] == 0 and row["blowup_over_len"] == 200 / 64
