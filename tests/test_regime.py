@@ -86,3 +86,13 @@ def test_fit_on_code_with_random_windows_and_a_lr_mult(tmp_path):
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {"dynamics/A_median", "dynamics/heads_alpha_T_gt_0.99", "dynamics/alpha_T_median", "train/loss"} <= tags
+
+    # the checkpoint names its held-out split: analyze/mitigate evaluate on the held-out code packages, not on the
+    # embedded English corpus
+    from lightning_mamba.commands.common import default_stream
+    from lightning_mamba.data import load_tokenizer
+
+    data = ckpt["lightning_mamba"]["data"]
+    assert data["source"] == "code" and data["code_max_bytes"] == 60000 and data["val_fraction"] == 0.2
+    stream = default_stream(load_tokenizer("byte"), SEQ, str(tmp_path / "cache"), data)
+    assert len(stream) == manifest["tokens"]["val"]
