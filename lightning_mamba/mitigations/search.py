@@ -133,7 +133,9 @@ def default_grid(method: str, seq_len: int) -> list[dict]:
     if method == "rri":
         return [{}] + [{"rri": (a, b)} for a in (1.0, 0.9999, 0.999, 0.99) for b in (1.0, 0.75, 0.5) if (a, b) != (1.0, 1.0)]
     if method == "dt_scale":
-        return [{}] + [{"dt_scale": c} for c in (1.5, 2.0, 4.0, 8.0, 16.0, 64.0)]
+        # c < 1: the paper's LongMamba-style baseline (slower decay, for a model that forgets too soon); c > 1: faster
+        # decay, for a model that fails to forget
+        return [{}] + [{"dt_scale": c} for c in (0.25, 0.5, 0.75, 1.5, 2.0, 4.0, 8.0, 16.0, 64.0)]
     if method == "window":
         return [{}] + [{"window": r} for r in sorted({max(1, seq_len // 4), max(1, seq_len // 2), seq_len})]
     raise ValueError(f"unknown mitigation {method!r}: use rri, dt_scale, window or state_norm")

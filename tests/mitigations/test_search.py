@@ -80,3 +80,11 @@ def test_analyze_window_and_state_norm(stubbed, capsys):
                      str(ckpt.parent / "again"), *FAST]) == 0
     assert cmd.main(["--ckpt", str(ckpt), "--text", str(text), "--rri", "0.9", *FAST]) == 2
     assert "two numbers" in capsys.readouterr().err
+
+
+def test_the_dt_scale_grid_tries_both_directions():
+    from lightning_mamba.mitigations.search import default_grid
+
+    scales = [s["dt_scale"] for s in default_grid("dt_scale", 64) if s]
+    assert min(scales) < 1 < max(scales)  # c < 1 is the paper's LongMamba-style baseline, c > 1 forces forgetting
+    assert {} in default_grid("dt_scale", 64)
