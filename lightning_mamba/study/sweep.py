@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..analysis.forgetting import DEFAULT_EVAL_ROWS, DEFAULT_MAX_MULTIPLE
 from ..atomic import atomic_write_json
 from ..errors import UserError
 
@@ -71,9 +72,9 @@ class Study:
     models: list[dict] | None = None
     tokens_per_cell: int = 2**25
     tokens_per_batch: int = 2**16
-    eval_multiple: int = 16
+    eval_multiple: int = DEFAULT_MAX_MULTIPLE
     eval_tokens: int | None = None
-    eval_n_rows: int = 8
+    eval_n_rows: int = DEFAULT_EVAL_ROWS
     bucket: int | None = None
     threshold: float = 2.0
     passkey: bool = False
