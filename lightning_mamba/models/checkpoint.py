@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 from typing import Any
 
 import torch
@@ -127,6 +129,20 @@ def read_config(directory: str) -> tuple[MambaConfig, dict[str, str]]:
     return MambaConfig.from_dict(raw), {}
 
 
+def torch_load(path: str) -> Any:
+    """``torch.load`` that builds tensors and plain values only: a pickle may call any function while it loads, so a
+    file asking for anything else is refused with one line (:class:`ConfigError`). Other failures are raised as is."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = found.group(1) if found else "a Python object"
+        raise ConfigError(f"{path} asks to build {what} while loading, which a checkpoint of this project never does: "
+                          "refused, as loading it could run code; use a checkpoint written by lightning-mamba") from e
+
+
 def _load_file(path: str) -> dict[str, Tensor]:
     if path.endswith(".safetensors"):
         try:
@@ -135,7 +151,9 @@ def _load_file(path: str) -> dict[str, Tensor]:
             raise ConfigError(f"{path} needs the safetensors package: pip install safetensors") from e
         return load_file(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch_load(path)
+    except ConfigError:
+        raise
     except Exception as e:  # a truncated or foreign file
         raise ConfigError(f"{path} cannot be read as a state_dict ({type(e).__name__}: {str(e).splitlines()[0]})") from e
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import inspect
 import os
 from typing import Any
 
@@ -36,8 +35,9 @@ from ..models.checkpoint import (
     load_tokenizer_spec,
     load_weights,
     read_json,
+    torch_load,
 )
-from ..models.config import SHAPE_FIELDS, SSM_SHAPE_FIELDS
+from ..models.config import SHAPE_FIELDS, SSM_DEFAULTS, SSM_SHAPE_FIELDS, TRAIN_DEFAULTS
 
 # the model settings that change a weight's shape (CLI names: model.<name>), as models/config.py lists them
 SHAPE_SETTINGS, SSM_SHAPE_SETTINGS = SHAPE_FIELDS, SSM_SHAPE_FIELDS
@@ -52,6 +52,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         remove_stale_temporaries(str(path))
         atomic_write(str(path), lambda f: torch.save(checkpoint, f))
+
+    def load_checkpoint(self, path, *args: Any, weights_only: bool | None = None, **kwargs: Any) -> dict[str, Any]:
+        # tensors and plain values only, whatever the caller or torch's default (False before 2.6): no code runs
+        return super().load_checkpoint(path, *args, weights_only=True, **kwargs)
 
 
 def remove_stale_temporaries(path: str) -> None:
@@ -138,7 +142,9 @@ def check_resume(path: str, given: dict) -> None:
         raise ConfigError(f"checkpoint {path} does not exist: give a .ckpt written by a run "
                           f"(e.g. runs/<name>/version_<n>/checkpoints/last.ckpt)")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch_load(path)
+    except ConfigError:
+        raise
     except Exception as e:  # torch's own messages talk about weights_only and zip files: not the point here
         raise ConfigError(f"checkpoint {path} cannot be read ({type(e).__name__}): it is truncated, damaged or not a "
                           f"PyTorch checkpoint; resume from another one (e.g. a step=*.ckpt beside it)") from e
@@ -158,16 +164,44 @@ def check_resume(path: str, given: dict) -> None:
 
 
 # ---- one entry point for the commands and --model.pretrained: a .ckpt or a checkpoint directory ------------------------------------------------------
-def _model_from_hparams(hparams: dict | None, backend: str, path: str) -> MambaLM:
-    """Checkpoints without our metadata: rebuild through the LightningModule's own arguments."""
-    from .module import MambaLitModule
+def model_config(
+    d_model: int = TRAIN_DEFAULTS.d_model,
+    n_layer: int = TRAIN_DEFAULTS.n_layer,
+    d_state: int = TRAIN_DEFAULTS.d_state,
+    headdim: int = SSM_DEFAULTS.headdim,
+    expand: int = SSM_DEFAULTS.expand,
+    d_conv: int = SSM_DEFAULTS.d_conv,
+    ngroups: int = SSM_DEFAULTS.ngroups,
+    chunk_size: int = SSM_DEFAULTS.chunk_size,
+    dt_min: float = SSM_DEFAULTS.dt_min,
+    dt_max: float = SSM_DEFAULTS.dt_max,
+    A_init_range: tuple[float, float] = SSM_DEFAULTS.A_init_range,
+    dt_limit: tuple[float, float] = SSM_DEFAULTS.dt_limit,
+    vocab_size: int = TRAIN_DEFAULTS.vocab_size,
+    pad_vocab_size_multiple: int = MambaConfig.pad_vocab_size_multiple,
+    tie_embeddings: bool = MambaConfig.tie_embeddings,
+    **_other: Any,
+) -> MambaConfig:
+    """The MambaConfig of the flat model settings (``MambaLitModule``'s arguments, its checkpoints'
+    hyper_parameters), with its defaults for those left out; the other settings (lr, ...) are ignored."""
+    return MambaConfig(
+        d_model=d_model,
+        n_layer=n_layer,
+        vocab_size=vocab_size,
+        ssm_cfg={"layer": "Mamba2", "d_state": d_state, "d_conv": d_conv, "expand": expand, "headdim": headdim,
+                 "ngroups": ngroups, "chunk_size": chunk_size, "dt_min": dt_min, "dt_max": dt_max,
+                 "A_init_range": tuple(A_init_range), "dt_limit": tuple(dt_limit)},
+        pad_vocab_size_multiple=pad_vocab_size_multiple,
+        tie_embeddings=tie_embeddings,
+    )
 
+
+def _model_from_hparams(hparams: dict | None, backend: str, path: str) -> MambaLM:
+    """Checkpoints without our metadata: rebuild from the LightningModule's hyper_parameters."""
     if not hparams:
         raise ConfigError(f"{path} records neither lightning_mamba.mamba_config nor hyper_parameters: "
                           "cannot rebuild the model")
-    accepted = inspect.signature(MambaLitModule.__init__).parameters
-    kwargs = {k: v for k, v in hparams.items() if k in accepted}
-    return MambaLitModule(**{**kwargs, "backend": backend}).model
+    return MambaLM(model_config(**{k: v for k, v in hparams.items() if isinstance(k, str)}), backend=backend)
 
 
 def load_model(path: str, backend: str = "auto", dtype: torch.dtype = torch.float32) -> tuple[MambaLM, dict]:
@@ -186,7 +220,9 @@ def load_model(path: str, backend: str = "auto", dtype: torch.dtype = torch.floa
             meta["tokenizer"] = spec
     elif os.path.isfile(path):
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            ckpt = torch_load(path)  # tensors and plain values only: a .ckpt from elsewhere must not run code
+        except ConfigError:
+            raise
         except Exception as e:
             raise ConfigError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from e
         if not isinstance(ckpt, dict) or "state_dict" not in ckpt:

@@ -14,7 +14,7 @@ from ..models import ConfigError, MambaConfig, MambaLM
 from ..models.config import SSM_DEFAULTS, TRAIN_DEFAULTS
 from ..models.flops import train_flops_per_token
 from ..models.kernels.backend import check_backend
-from .checkpoint_io import check_model_shape, check_tokenizer
+from .checkpoint_io import check_model_shape, check_tokenizer, model_config
 from .cuda_graph import GraphedLoss
 from .initial_states import NEEDS_LANES, InitialStates
 from .schedule import SCHEDULES, lr_factor
@@ -124,17 +124,7 @@ class MambaLitModule(L.LightningModule):
 
             self.model, self._pretrained_meta = load_model(pretrained, backend=backend)
         else:
-            config = MambaConfig(
-                d_model=d_model,
-                n_layer=n_layer,
-                vocab_size=vocab_size,
-                ssm_cfg={"layer": "Mamba2", "d_state": d_state, "d_conv": d_conv, "expand": expand,
-                         "headdim": headdim, "ngroups": ngroups, "chunk_size": chunk_size,
-                         "dt_min": dt_min, "dt_max": dt_max, "A_init_range": tuple(A_init_range), "dt_limit": tuple(dt_limit)},
-                pad_vocab_size_multiple=pad_vocab_size_multiple,
-                tie_embeddings=tie_embeddings,
-            )
-            self.model = MambaLM(config, backend=backend)
+            self.model = MambaLM(model_config(**self.hparams), backend=backend)
         # Read off the model as built: under FSDP the parameters become flat 1-D shards, which tell neither
         # their shape nor their size (parameter_groups).
         self._no_decay_names = frozenset(n for n, p in self.model.named_parameters()
