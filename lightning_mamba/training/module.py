@@ -256,6 +256,10 @@ class MambaLitModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if gradient_clip_val is not None and not gradient_clip_val >= 0:  # NaN too
+            # a negative max norm flips every gradient (clip_grad_norm_ scales by max_norm / norm): the loss climbs
+            raise ConfigError(f"trainer.gradient_clip_val must be >= 0 (got {gradient_clip_val}): the largest "
+                              f"gradient norm (or value) kept; 0 or null turns clipping off")
         root = fsdp_root(self._trainer)
         if root is not None and gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm":
             # FSDP: each rank holds a shard of the gradients; the root's clip takes the norm over all of them
