@@ -84,10 +84,15 @@ _empty :=
 _space := $(_empty) $(_empty)
 json_list = [$(subst $(_space),$(_comma),$(strip $(1)))]
 
-.PHONY: sweep sweep-cpu
+.PHONY: sweep sweep-cpu regime
 sweep: $(STAMP) ## The T_forget study, one model per (STATE, LEN): make sweep STATES="16 32 64 128" LENS="128 256 512"
 	$(BIN)/lightning-mamba sweep --config $(STUDY) $(if $(strip $(STATES)),--states '$(call json_list,$(STATES))') \
 		$(if $(strip $(LENS)),--lens '$(call json_list,$(LENS))') --shard $(strip $(SHARD)) $(ARGS)
 
 sweep-cpu: $(STAMP) ## The study in miniature on the CPU (2 states x 2 lengths, a few steps: the machinery only)
 	$(BIN)/lightning-mamba sweep --config configs/study/forget_threshold_cpu.yaml $(ARGS)
+
+PROCESSES ?= 3                  # regime: cells trained at once (one process each; 3-4 suit one GPU)
+regime: $(STAMP) ## The failing regime on a GPU (code corpus, 20K small steps per cell): make regime STATES="64 256" LENS="64"
+	$(BIN)/lightning-mamba sweep --config configs/study/regime.yaml $(if $(strip $(STATES)),--states '$(call json_list,$(STATES))') \
+		$(if $(strip $(LENS)),--lens '$(call json_list,$(LENS))') --processes $(strip $(PROCESSES)) $(ARGS)

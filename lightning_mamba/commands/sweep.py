@@ -4,6 +4,7 @@ with the paper's criterion far past LEN; then T_forget per state size and the pa
     lightning-mamba sweep --config configs/study/forget_threshold.yaml
     lightning-mamba sweep --config configs/study/forget_threshold.yaml --states [16,64] --lens [256,1024]
     CUDA_VISIBLE_DEVICES=1 lightning-mamba sweep --config ... --shard 1/4      # one process per GPU
+    lightning-mamba sweep --config configs/study/regime.yaml --processes 3      # 3 shards at once, then the summary
     lightning-mamba sweep --config ... --prepare_only true                      # tokenizer + caches, once
     lightning-mamba sweep --config ... --summarize_only true                    # after every shard is done
 
@@ -12,6 +13,8 @@ Re-running the same command skips finished cells and resumes a killed one from i
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from dataclasses import fields
 
@@ -32,6 +35,9 @@ def build_parser() -> ArgumentParser:
                    "fit` arguments, run nothing.")
     p.add_argument("--prepare_only", type=bool, default=False, help="Only build the tokenizer and token caches the "
                    "cells share (run once before starting several shards, so they do not all build them).")
+    p.add_argument("--processes", type=int, default=1, help="Run the grid as this many shards at once, each a process "
+                   "of its own (on one GPU: 3-4 is best for the study's tiny models; with several GPUs, shard i gets GPU "
+                   "i mod count), logs in <out>/logs/shard_<i>.log, then write the summary.")
     p.add_argument("--tensorboard", type=bool, default=True, help="Also write the summary as a TensorBoard run "
                    "<out>/summary.")
     return p
@@ -49,7 +55,41 @@ def is_rank_zero() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0
 
 
+def run_shards(study: Study, argv: list[str], processes: int, log=print) -> str | None:
+    """The grid as ``processes`` shards at once: one ``lightning-mamba sweep ... --shard i/n`` subprocess each, after
+    the shared caches are built here once. Returns None, or a line naming the shards that failed."""
+    if study.shard != "0/1":
+        raise SweepError(f"--processes {processes} runs every shard itself: drop --shard {study.shard}")
+    build_cli(study, make_cells(study)[0]).datamodule.prepare_data()
+    folder = os.path.join(study.out, "logs")
+    os.makedirs(folder, exist_ok=True)
+    gpus = _cuda_count()
+    running = []
+    for i in range(processes):
+        env = dict(os.environ)
+        if gpus > 1:
+            env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
+        path = os.path.join(folder, f"shard_{i}.log")
+        cmd = [sys.executable, "-m", "lightning_mamba.cli", "sweep", *argv, "--shard", f"{i}/{processes}",
+               "--processes", "1", "--tensorboard", "false"]
+        with open(path, "w") as out:
+            running.append((i, path, subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)))
+    log(f"sweep: {processes} shards started, logs in {folder}")
+    failed = [(i, path) for i, path, proc in running if proc.wait() != 0]
+    if failed:
+        return (f"{len(failed)} of {processes} shards failed (" + ", ".join(f"shard {i}: {p}" for i, p in failed)
+                + "): see the end of each log; re-running the same command resumes")
+    return None
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     study = study_from(args)
     from ..study.summary import summarize, summary_lines
@@ -64,11 +104,20 @@ def main(argv: list[str] | None = None) -> int:
             dm = build_cli(study, make_cells(study)[0]).datamodule
             dm.prepare_data()
             return [f"sweep: tokenizer and token caches ready under {dm.hparams.cache_dir}"]
-        if not args.summarize_only:
+        if args.processes < 1:
+            raise SweepError(f"--processes must be >= 1 (got {args.processes})")
+        failure = None
+        if args.processes > 1 and not args.summarize_only:
+            failure = run_shards(study, argv, args.processes)
+        elif not args.summarize_only:
             run_study(study)
         if not is_rank_zero():
             return []
-        return summary_lines(summarize(study.out, tensorboard=args.tensorboard))
+        lines = summary_lines(summarize(study.out, tensorboard=args.tensorboard))
+        if failure:
+            print("\n".join(lines))  # what the other shards finished, before the error line
+            raise SweepError(failure)
+        return lines
 
     # ValueError includes ConfigError and DataError: one line each
     return run_command("sweep", work, (SweepError, OSError, ValueError))

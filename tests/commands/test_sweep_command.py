@@ -149,3 +149,25 @@ def test_make_sweep_line_parses_with_states_lens_and_shard():
     assert study.tokens_per_cell == 1048576
     default = cmd.study_from(cmd.build_parser().parse_args(make_sweep_line()))
     assert default.states == [16, 32, 64, 128] and default.lens == [128, 256, 512, 1024, 2048]
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+def test_processes_runs_the_shards_at_once_and_summarizes_them_all(tmp_path, corpus, capsys):
+    out = tmp_path / "study"
+    args = micro_args(tmp_path, corpus, out, "--states", "[8]", "--processes", "2")
+    assert cmd.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "2 shards started" in printed and "| state8 |" in printed
+    for i, name in enumerate(["state8_len32", "state8_len64"]):  # cell k goes to shard k % 2
+        assert json.loads((out / "cells" / name / "result.json").read_text())["cell"] == name
+        assert f"sweep: {name}: training" in (out / "logs" / f"shard_{i}.log").read_text()
+    assert json.loads((out / "summary.json").read_text())["cells_done"] == 2
+    # a shard that fails is named with its log, after the summary of what the others finished
+    bad = tmp_path / "bad"
+    os.makedirs(bad / "cells")
+    (bad / "cells" / "state8_len64").write_text("a file where shard 1's cell folder goes")
+    assert cmd.main([*args, "--out", str(bad)]) != 0
+    captured = capsys.readouterr()
+    assert "1 of 2 shards failed (shard 1: " in captured.err and "shard_1.log" in captured.err
+    assert "| state8 |" in captured.out and (bad / "cells" / "state8_len32" / "result.json").exists()
+    assert cmd.main([*args, "--shard", "0/2"]) != 0 and "drop --shard 0/2" in capsys.readouterr().err
