@@ -75,6 +75,27 @@ class PasskeyTemplate:
             raise PasskeyError("passkey template: filler must not be empty")
 
 
+def load_template(path: str | None) -> PasskeyTemplate:
+    """The paper's template (``None``), or one from a YAML file of PasskeyTemplate's fields (e.g.
+    configs/passkey/code.yaml, the code-form template for models trained on Python source)."""
+    if path is None:
+        return PasskeyTemplate()
+    import yaml
+
+    try:
+        with open(path) as f:
+            fields = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise PasskeyError(f"passkey template {path} cannot be read ({type(e).__name__}): give a YAML file with "
+                           f"instruction, filler, needle, question and answer") from e
+    known = set(PasskeyTemplate.__dataclass_fields__)
+    if not isinstance(fields, dict) or not set(fields) <= known:
+        extra = sorted(set(fields) - known) if isinstance(fields, dict) else []
+        raise PasskeyError(f"passkey template {path}: expected a mapping of {', '.join(sorted(known))}"
+                           + (f" (unknown: {', '.join(map(str, extra))})" if extra else ""))
+    return PasskeyTemplate(**fields)
+
+
 @dataclass
 class PasskeySample:
     """One prompt: ``input_ids`` (exactly ``length`` tokens) and the ``answer_ids`` that should follow.

@@ -54,6 +54,8 @@ class Study:
         passkey_multiples: Passkey prompt lengths in units of LEN.
         passkey_depths: Evenly spaced needle depths (i + 0.5) / n.
         passkey_samples: Keys per (length, depth) cell.
+        passkey_template: A YAML file of the prompt's text (instruction, filler, needle, question, answer); null: the
+            paper's English template. configs/passkey/code.yaml is the code-form one for models trained on code.
         out: The study directory: cells/, results.csv, summary.json, figures, summary/ (TensorBoard).
         base_config: LightningCLI config file(s) every cell starts from (as `lightning-mamba fit --config`).
         model_overrides: model.* settings applied to every cell (e.g. {d_model: 256, n_layer: 4}).
@@ -81,6 +83,7 @@ class Study:
     passkey_multiples: list[float] = field(default_factory=lambda: [0.5, 1, 2, 4, 8, 16])
     passkey_depths: int = 5
     passkey_samples: int = 4
+    passkey_template: str | None = None
     out: str = "runs/study/forget_threshold"
     base_config: list[str] = field(default_factory=lambda: ["configs/train.yaml"])
     model_overrides: dict[str, Any] = field(default_factory=dict)
@@ -123,6 +126,8 @@ class Study:
         check(self.bucket is None or 1 <= self.bucket <= min(self.lens), f"bucket={self.bucket} must be between 1 and "
               f"the smallest LEN ({min(self.lens)})")
         check(self.threshold > 0, f"threshold must be > 0 (got {self.threshold})")
+        check(self.passkey_template is None or os.path.isfile(self.passkey_template), f"passkey_template "
+              f"{self.passkey_template} does not exist: give a YAML file like configs/passkey/code.yaml, or null")
         for key, what in (("seq_len", "lens"), ("batch_size", "tokens_per_batch")):
             check(key not in self.data_overrides, f"data_overrides.{key} is set by the study ({what}): remove it")
         for key, what in (("max_steps", "tokens_per_cell"), ("precision", "precision"), ("logger", "out")):
@@ -324,9 +329,9 @@ def passkey_cell(study: Study, cell: Cell, model, dm, device, log) -> dict | Non
     """Passkey grid at passkey_multiples x LEN (lengths shorter than the template are left out); None when every
     length is shorter than the template."""
     from ..analysis.passkey import evaluate_passkey
-    from ..data.passkey import PasskeyGenerator, default_depths
+    from ..data.passkey import PasskeyGenerator, default_depths, load_template
 
-    gen = PasskeyGenerator(dm.tokenizer)
+    gen = PasskeyGenerator(dm.tokenizer, load_template(study.passkey_template))
     lengths = sorted({int(m * cell.seq_len) for m in study.passkey_multiples if m * cell.seq_len >= gen.min_length})
     if not lengths:
         log(f"sweep: {cell.name}: passkey skipped: every length is shorter than the template ({gen.min_length} tokens)")
