@@ -224,7 +224,10 @@ class TextDataModule(L.LightningDataModule):
         def tokenize(split: str) -> np.ndarray:  # only runs for a cache that is not there (or not valid)
             return encode_documents(self.tokenizer, self.documents[split], dtype, desc=f"tokenizing {split}")
 
-        streams = {split: load_or_build(self.cache_path(split), self.stream_key, lambda: tokenize(split))
+        # each split's cache is keyed by its split too, so that a train cache swapped with the val one is caught;
+        # the ids are checked against the tokenizer's vocabulary (an out-of-range id would fail deep in training)
+        streams = {split: load_or_build(self.cache_path(split), fingerprint(self.stream_key, split),
+                                        lambda: tokenize(split), self.tokenizer.vocab_size)
                    for split in SPLITS}
         if self._code_settings is not None:
             self._manifest = self._load_or_write_manifest(streams)

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import socket
+import warnings
 from urllib.parse import urlparse
 
 from .code_corpus import SOURCE as CODE_SOURCE, CodeSettings, code_identity, load_code_corpus
@@ -84,16 +85,36 @@ def load_local(path: str, text_field: str = "text", hf_cache_dir: str | None = N
             continue
         options = {"text": {"sample_by": "document", "encoding_errors": "replace"},
                    "json": {"encoding_errors": "replace"}, "parquet": {}}[builder]
-        try:
+        field = "text" if builder == "text" else text_field
+
+        def read(**more) -> list[str]:
             with _quiet_datasets_errors():  # a malformed file is reported once, as our one-line DataError
                 dataset = datasets.load_dataset(builder, data_files=groups[builder], split="train",
-                                                cache_dir=hf_cache_dir, **options)
+                                                cache_dir=hf_cache_dir, **options, **more)
+            return _texts(dataset, field, f"data.source {path}")
+
+        try:
+            try:
+                documents += read()
+            except DataError:
+                raise
+            except Exception as e:
+                if hf_cache_dir is None:
+                    raise
+                # a damaged Arrow copy (a killed build, a bad disk) fails here as a malformed file does: build the
+                # copy again from the files, and blame them only if that fails too
+                documents += read(download_mode="force_redownload")
+                warnings.warn(f"data.source {path}: its Arrow copy under {hf_cache_dir} did not read ({_reason(e)}): "
+                              f"rebuilt it from the files", stacklevel=2)
+        except DataError:
+            raise
         except Exception as e:  # malformed json/parquet: name the files, keep the reason
-            raise DataError(f"data.source {path}: cannot read its {builder} files "
-                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
-        field = "text" if builder == "text" else text_field
-        documents += _texts(dataset, field, f"data.source {path}")
+            raise DataError(f"data.source {path}: cannot read its {builder} files ({_reason(e)})") from e
     return documents
+
+
+def _reason(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def hub_reachable() -> bool:
