@@ -19,11 +19,29 @@ from ..atomic import atomic_write_json
 from ..training.sharding import fsdp_root, unsharded_copy
 
 
+def validation_due(trainer: L.Trainer) -> bool:
+    """Whether Lightning's schedule validates right after the batch the trainer is at (a ``val_check_interval`` in
+    batches, or an epoch's end; a time-based interval is not followed)."""
+    batches = trainer.val_check_batch
+    if not trainer.enable_validation or not isinstance(batches, int):
+        return False
+    loop = trainer.fit_loop.epoch_loop
+    if trainer.check_val_every_n_epoch is None:
+        return (loop.total_batch_idx + 1) % batches == 0
+    return (trainer.current_epoch + 1) % trainer.check_val_every_n_epoch == 0 and (
+        (loop.batch_idx + 1) % batches == 0 or loop.batch_progress.is_last_batch)
+
+
 class PeriodicAnalysis(L.Callback):
     """Runs ``analyze`` on rank 0 after every ``every_n_validations``-th validation (not the sanity check)
     and once at the end of fit (unless the last validation already covered that step), with the model in
     eval mode; reads T_train and held-out tokens from ``trainer.datamodule`` and logs to every logger.
-    Under FSDP every rank gathers the parameters and rank 0 analyses an unsharded copy of the model."""
+    Under FSDP every rank gathers the parameters and rank 0 analyses an unsharded copy of the model.
+
+    The count of validations is kept in checkpoints. A run resumed from a checkpoint written just before a
+    validation (``ModelCheckpoint(every_n_train_steps)`` saves before the validation of the same step runs) does
+    not get that validation again from Lightning: if the interrupted run did not finish it, that is, if
+    ``<log_dir>/<name>/step_<step>.json`` is missing, the analysis it was due for runs at the start of training."""
 
     name = "analysis"
 
@@ -33,6 +51,7 @@ class PeriodicAnalysis(L.Callback):
         self.every_n_validations = every_n_validations
         self._published: dict[str, float] = {}  # this run's scalars, for trainer.callback_metrics
         self._validations = 0
+        self._validated_step: int | None = None  # the step of the last validation counted
         self._last_step: int | None = None
         self._disabled = False
 
@@ -43,9 +62,33 @@ class PeriodicAnalysis(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
+        self._count_validation(trainer, pl_module)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # resumed at a validation step that the checkpoint does not count yet (killed during that validation, or
+        # after it): Lightning skips that validation, so do this callback's part of it unless its result is there
+        step = trainer.global_step
+        if trainer.ckpt_path is None or step == 0 or self._validated_step == step or not validation_due(trainer):
+            return
+        self._count_validation(trainer, pl_module, unless_done=True)
+
+    def _count_validation(self, trainer: L.Trainer, pl_module: L.LightningModule, unless_done: bool = False) -> None:
         self._validations += 1
-        if self._validations % self.every_n_validations == 0:
+        self._validated_step = trainer.global_step
+        if self._validations % self.every_n_validations == 0 and not (unless_done and self._done(trainer)):
             self._run(trainer, pl_module)
+
+    def _done(self, trainer: L.Trainer) -> bool:
+        """Whether this run's directory holds the result for the current step (rank 0 looks; all ranks agree)."""
+        done = trainer.is_global_zero and os.path.exists(self.result_path(trainer, trainer.global_step))
+        return trainer.strategy.broadcast(done, src=0) if trainer.world_size > 1 else done
+
+    def state_dict(self) -> dict:
+        return {"validations": self._validations, "validated_step": self._validated_step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._validations = int(state_dict.get("validations", 0))
+        self._validated_step = state_dict.get("validated_step")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._last_step != trainer.global_step:
@@ -117,12 +160,17 @@ class PeriodicAnalysis(L.Callback):
                 logger.experiment.add_figure(tag, fig, global_step=step, close=False)
         plots.close(fig)
 
-    def out_dir(self, trainer: L.Trainer) -> str:
+    def out_dir(self, trainer: L.Trainer, create: bool = True) -> str:
         # Only rank 0 gets here: trainer.log_dir broadcasts across ranks (and would hang), the logger's does not.
         log_dir = trainer.loggers[0].log_dir if trainer.loggers else None
         path = os.path.join(log_dir or trainer.default_root_dir, self.name)
-        os.makedirs(path, exist_ok=True)
+        if create:
+            os.makedirs(path, exist_ok=True)
         return path
+
+    def result_path(self, trainer: L.Trainer, step: int) -> str:
+        """The file an analysis at ``step`` writes last (its presence says the analysis is complete)."""
+        return os.path.join(self.out_dir(trainer, create=False), f"step_{step}.json")
 
 
 class LengthGeneralizationCallback(PeriodicAnalysis):
@@ -191,9 +239,9 @@ class LengthGeneralizationCallback(PeriodicAnalysis):
         self.log_figure(trainer, "lengthgen/loss_vs_position", fig, step)
 
         out = os.path.join(self.out_dir(trainer), f"step_{step}")
-        atomic_write_json(out + ".json", {
+        write_position_losses_csv(out + ".csv", report.per_position)
+        atomic_write_json(out + ".json", {  # last: its presence says this step's analysis is complete
             "step": step, "seq_len": T, "bucket": report.bucket, "rows": info, "dtype": self.dtype,
             "verdict": verdict.to_dict(), "metrics": metrics,
             "bucket_positions": report.positions.tolist(), "bucket_loss": report.curve.tolist(),
             "per_position_loss": report.per_position.tolist(), "seconds": time.perf_counter() - t0})
-        write_position_losses_csv(out + ".csv", report.per_position)
