@@ -366,10 +366,25 @@ class TextDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict:
         state = self._sampler.state_dict() if self._sampler is not None else self._sampler_state
+        if self._sampler is not None and self._epoch_cut_short():
+            # Lightning records this epoch as done and resumes in its next one, but the uninterrupted run would have
+            # trained on the rest of this one first: that next epoch of Lightning's is the rest of this one
+            state = {**state, "epoch_offset": self._sampler.epoch_offset + 1}
         out = {"train_sampler": state} if state is not None else {}
         if self._manifest is not None:
             out["corpus_manifest"] = self._manifest  # what the run trained on, in every checkpoint
         return out
+
+    def _epoch_cut_short(self) -> bool:
+        """Whether Lightning ended its epoch (max_steps reached, or a stop) before this order's epoch ran out of
+        batches: a checkpoint written then (the end-of-fit last.ckpt) is resumed in Lightning's next epoch."""
+        loop = getattr(self.trainer, "fit_loop", None)
+        if loop is None:
+            return False
+        epoch = loop.epoch_progress.current
+        return (0 < epoch.started == epoch.processed  # the epoch loop is over
+                and loop.epoch_loop.batch_progress.current.completed < self.trainer.num_training_batches
+                and self._sampler.batches_left(self.hparams.batch_size) > 0)
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._sampler_state = state_dict.get("train_sampler")

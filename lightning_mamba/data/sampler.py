@@ -36,6 +36,9 @@ class ResumableSampler(DistributedSampler):
         self.size = num_samples
         self.per_rank = num_samples // num_replicas
         self.consumed = 0  # samples of this epoch's permutation trained on, all ranks together
+        # Lightning's epoch number minus this order's: a run that stopped mid-epoch (max_steps) counts the epoch as
+        # done, so when it is resumed Lightning's next epoch is the rest of this order's (see TextDataModule.state_dict)
+        self.epoch_offset = 0
 
     kind = "blocks"  # what the indices mean: a checkpoint of another kind of sampler does not resume this one
 
@@ -52,6 +55,7 @@ class ResumableSampler(DistributedSampler):
 
     def set_epoch(self, epoch: int) -> None:
         """Lightning calls this at each epoch start, also the resumed one, which must keep its position."""
+        epoch -= self.epoch_offset
         if epoch != self.epoch:
             self.epoch, self.consumed = epoch, 0
 
@@ -59,8 +63,14 @@ class ResumableSampler(DistributedSampler):
         """Record that this rank trained on ``local_samples`` more samples (and every other rank as many)."""
         self.consumed += local_samples * self.num_replicas
 
+    def batches_left(self, batch_size: int) -> int:
+        """Whole batches of ``batch_size`` (per rank) this epoch still has."""
+        return (self.per_rank - self.consumed // self.num_replicas) // batch_size
+
     def state_dict(self) -> dict:
         state = {"epoch": self.epoch, "consumed": self.consumed, "num_samples": self.size, "seed": self.seed}
+        if self.epoch_offset:
+            state["epoch_offset"] = self.epoch_offset
         return state if self.kind == "blocks" else {**state, "kind": self.kind}  # blocks: the format of old checkpoints
 
     def identity(self) -> dict:
@@ -68,7 +78,7 @@ class ResumableSampler(DistributedSampler):
         return {"kind": self.kind, "num_samples": self.size, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch = int(state["epoch"])
+        self.epoch, self.epoch_offset = int(state["epoch"]), int(state.get("epoch_offset", 0))
         saved = {k: state.get(k, "blocks" if k == "kind" else None) for k in self.identity()}
         if saved != self.identity():
             # another order: the saved position means nothing in it, so the interrupted epoch starts over
