@@ -25,7 +25,7 @@ import torch
 
 from ..data.passkey import PasskeyGenerator, PasskeySample, passkey_grid
 from .evaluator import iter_pieces, precision_context, resolve_dtype
-from .plots import plt
+from .plots import plt, text_color_on
 
 
 @dataclass
@@ -184,22 +184,48 @@ def _tokens(n: float) -> str:
     return f"{int(n)}"
 
 
-def plot_passkey_heatmap(grid: PasskeyGrid, seq_len: int | None = None, title: str = ""):
-    """Accuracy per cell, depth (rows) x length (columns); T_train's column is marked."""
-    acc = grid.accuracy
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * len(grid.lengths) + 2), max(2.8, 0.35 * len(grid.depths) + 1.6)))
-    im = ax.imshow(acc, aspect="auto", cmap="RdYlGn", vmin=0.0, vmax=1.0, interpolation="nearest")
-    ax.set_xticks(range(len(grid.lengths)), [_tokens(n) for n in grid.lengths], rotation=45, fontsize=8)
-    ax.set_yticks(range(len(grid.depths)), [f"{d:.2f}" for d in grid.depths], fontsize=8)
-    if seq_len in grid.lengths:
-        ax.axvline(grid.lengths.index(seq_len) + 0.5, color="k", linestyle="--", linewidth=1)
-    if acc.size <= 200:
+ACCURACY_CMAP = "YlGn"  # 0: pale yellow (failed), 1: dark green (retrieved)
+
+
+def _accuracy_text(a: float) -> str:
+    return "0" if a == 0 else "1" if a == 1 else f"{a:.2f}"
+
+
+def draw_accuracy_heatmap(ax, accuracy, lengths, depths, seq_len: int | None = None, annotate_max_cells: int = 120,
+                          fontsize: float = 8):
+    """Depth (rows) x length (columns) accuracy on a fixed 0-1 colour scale, tick labels 1K/2K/..., each cell's
+    value written in it when there are at most ``annotate_max_cells``, a dashed line right of T_train's column.
+    Returns the image (for a colour bar)."""
+    acc = np.asarray(accuracy, dtype=float)
+    norm = plt.Normalize(0.0, 1.0)
+    cmap = plt.get_cmap(ACCURACY_CMAP)
+    im = ax.imshow(acc, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+    labels = [_tokens(n) for n in lengths]
+    rotate = 45 if len(lengths) > 8 or max(map(len, labels)) > 5 else 0
+    ax.set_xticks(range(len(lengths)), labels, rotation=rotate, fontsize=fontsize, ha="right" if rotate else "center")
+    ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths], fontsize=fontsize)
+    if seq_len in list(lengths):
+        ax.axvline(list(lengths).index(seq_len) + 0.5, color="C3", linestyle="--", linewidth=1.5)
+    if acc.size <= annotate_max_cells:
         for (r, c), a in np.ndenumerate(acc):
-            ax.text(c, r, f"{a:.2f}".lstrip("0") if a < 1 else "1", ha="center", va="center", fontsize=7)
-    ax.set_xlabel("prompt length (tokens)")
-    ax.set_ylabel("needle depth")
-    ax.set_title(title or "passkey accuracy")
-    fig.colorbar(im, ax=ax)
+            ax.text(c, r, _accuracy_text(a), ha="center", va="center", fontsize=fontsize,
+                    color=text_color_on(cmap(norm(a))))
+    return im
+
+
+def plot_passkey_heatmap(grid: PasskeyGrid, seq_len: int | None = None, title: str = ""):
+    """Accuracy per cell, depth (rows) x length (columns), values written in the cells; T_train's column is marked."""
+    n_len, n_depth = len(grid.lengths), len(grid.depths)
+    fig, ax = plt.subplots(figsize=(max(4.8, 0.7 * n_len + 2.6), max(3.2, 0.42 * n_depth + 2.0)))
+    im = draw_accuracy_heatmap(ax, grid.accuracy, grid.lengths, grid.depths, seq_len)
+    marked = seq_len in grid.lengths
+    ax.set_xlabel("prompt length (tokens)" + (f"; red dashes: after T_train = {_tokens(seq_len)}" if marked else
+                                              f"; T_train = {_tokens(seq_len)}" if seq_len else ""), fontsize=9)
+    ax.set_ylabel("needle depth (0 = start)", fontsize=9)
+    samples = int(grid.correct.shape[-1])
+    ax.set_title(title or f"passkey accuracy ({samples} prompt{'s' if samples != 1 else ''} per cell)", fontsize=10)
+    bar = fig.colorbar(im, ax=ax)
+    bar.set_label("exact-match accuracy", fontsize=9)
     fig.tight_layout()
     return fig
 

@@ -107,12 +107,15 @@ def write_outputs(args, result: dict, report, stats: dict) -> None:
                       {p: {"summary": result["state"][p], "stats": s.to_dict()} for p, s in stats.items()})
 
     threshold_line = args.threshold * report.verdict.max_in_window
-    figures = {"loss_vs_position": plots.plot_loss_curve(report.positions, report.curve, T, threshold_line)}
+    figures = {"loss_vs_position": plots.plot_loss_curve(report.positions, report.curve, T, threshold_line,
+                                                         threshold_factor=args.threshold)}
     for p, s in stats.items():
         figures[f"state_norm_{p}"] = plots.plot_state_norm(s.positions, s.rms, T, title=f"{p}: state RMS")
         figures[f"log_retention_{p}"] = plots.plot_log_retention(s.positions, s.log_retention, T, title=f"{p}: log10 R_t")
         if s.retention_T is not None:
-            figures[f"retention_heatmap_{p}"] = plots.plot_retention_heatmap(s.retention_T, T, title=f"{p}: alpha_(1:{T})")
+            figures[f"retention_heatmap_{p}"] = plots.plot_retention_heatmap(
+                s.retention_T, T, title=f"{p} probe: first-token retention over T_train = {T}",
+                log_retention=s.log_retention_T)
     writer = None
     if args.tensorboard:
         from torch.utils.tensorboard import SummaryWriter

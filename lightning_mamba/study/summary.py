@@ -139,43 +139,75 @@ def fits_of(rows: list[dict]) -> dict:
 
 
 # ---- figures ----------------------------------------------------------------------------------------------
+T_UNITS = ((T_UNIT**2, "M tokens, 1M = 2^20"), (T_UNIT, f"K tokens, 1K = {T_UNIT}"), (1, "tokens"))
+N_S_UNITS = ((1e9, "billions"), (N_S_UNIT, "millions"), (1e3, "thousands"), (1, "entries"))
+
+
+def axis_unit(values, units) -> tuple[float, str]:
+    """(scale, name) of the largest of ``units`` (descending) in which the largest value is at least 1, so an axis
+    reads 32 tokens or 0.8 millions rather than 0.03 K tokens or 0.0016 millions."""
+    top = max((abs(v) for v in values), default=0)
+    return next(((scale, name) for scale, name in units if top >= scale), units[-1])
+
+
 def plot_t_forget(rows: list[dict], fits: dict) -> plt.Figure:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    m = [r for r in rows if r["t_forget"] is not None and "n_s" in r]
-    lb = [r for r in rows if r["t_forget_lower_bound"] is not None and "n_s" in r]
-    ax.plot([r["n_s"] / N_S_UNIT for r in m], [r["t_forget"] / T_UNIT for r in m], "o", label="T_forget (measured)")
-    if lb:
-        ax.plot([r["n_s"] / N_S_UNIT for r in lb], [r["t_forget_lower_bound"] / T_UNIT for r in lb], "^", color="C3",
-                label="> max LEN (lower bound)")
-    ub = [r for r in rows if r["t_forget_upper_bound"] is not None and "n_s" in r]
-    if ub:
-        ax.plot([r["n_s"] / N_S_UNIT for r in ub], [r["t_forget_upper_bound"] / T_UNIT for r in ub], "v", color="C2",
-                label="<= min LEN (upper bound: the shortest LEN forgets)")
-    f = fits["t_forget"]["paper_convention"]["fit"]
-    if f is not None:
-        xs = np.linspace(0, max(r["n_s"] for r in rows if "n_s" in r) / N_S_UNIT * 1.05, 50)
-        ax.plot(xs, f["a"] * xs + f["b"], "-", color="C0", alpha=0.6,
-                label=f"fit {f['a']:.3g} N_S {f['b']:+.3g} (R^2 {f['r2']:.3f})")
-    ax.set_xlabel("N_S (millions, paper convention)")
-    ax.set_ylabel(f"T_forget (K tokens, 1K = {T_UNIT})")
-    ax.set_title(f"T_forget vs state size (paper: {PAPER_T_FORGET['a']} N_S - {-PAPER_T_FORGET['b']})", fontsize=9)
-    ax.legend(fontsize=8)
+    """T_forget vs N_S: measured points, lower and upper bounds and the linear fit, each in the legend only when
+    drawn; both axes in the unit that suits the numbers (tokens below 1K, thousands of state entries below 1M)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    placed = [r for r in rows if "n_s" in r]
+    kinds = (("t_forget", "o", "C0", "T_forget (measured)"),
+             ("t_forget_lower_bound", "^", "C3", "> max LEN (lower bound: no LEN of the grid forgets)"),
+             ("t_forget_upper_bound", "v", "C2", "<= min LEN (upper bound: the shortest LEN forgets)"))
+    points = {key: [r for r in placed if r[key] is not None] for key, *_ in kinds}
+    x_scale, x_name = axis_unit([r["n_s"] for r in placed], N_S_UNITS)
+    t_scale, t_name = axis_unit([r[key] for key, rs in points.items() for r in rs], T_UNITS)
+    for key, marker, color, label in kinds:
+        if points[key]:
+            ax.plot([r["n_s"] / x_scale for r in points[key]], [r[key] / t_scale for r in points[key]], marker,
+                    color=color, markersize=7, linestyle="none", label=label)
+    shown = [(r["n_s"], r[key], r["row"]) for key, rs in points.items() for r in rs]
+    if len(shown) <= 12:
+        for n_s, t, name in shown:
+            ax.annotate(name, (n_s / x_scale, t / t_scale), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    entry = fits["t_forget"]["paper_convention"]
+    f = entry["fit"]
+    if f is not None:  # fitted in the paper's units: N_S in millions, T in K tokens
+        xs = np.linspace(0, max(r["n_s"] for r in placed) * 1.05, 50)
+        ax.plot(xs / x_scale, (f["a"] * xs / N_S_UNIT + f["b"]) * T_UNIT / t_scale, "-", color="C0", alpha=0.6,
+                label=f"fit {f['a']:.3g} N_S {f['b']:+.3g} (N_S in M, T in K; R^2 {f['r2']:.3f})")
+    elif entry.get("reason"):
+        ax.text(0.02, 0.03, entry["reason"], transform=ax.transAxes, fontsize=7, color="0.3")
+    ax.set_xlim(left=0)
+    if shown:
+        ax.set_xlim(right=max(n for n, _, _ in shown) / x_scale * 1.15)
+        ax.set_ylim(bottom=0, top=max(t for _, t, _ in shown) / t_scale * 1.2)
+    ax.set_xlabel(f"N_S ({x_name}, paper convention)")
+    ax.set_ylabel(f"T_forget ({t_name})")
+    ax.set_title(f"T_forget vs state size (paper: {PAPER_T_FORGET['a']} N_S - {-PAPER_T_FORGET['b']}, "
+                 "N_S in M, T in K tokens)", fontsize=9)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
 
-def _grid(results: list[dict], rows: list[dict]):
+def _grid(results: list[dict], rows: list[dict], extra_width: float = 0.0):
     lens = sorted({r["seq_len"] for r in results})
     names = [r["row"] for r in rows if any(x["row"] == r["row"] for x in results)]
-    fig, axes = plt.subplots(len(names), len(lens), figsize=(2.6 * len(lens) + 0.5, 2.1 * len(names) + 0.5),
-                             squeeze=False, sharey="row")
+    fig, axes = plt.subplots(len(names), len(lens), figsize=(2.6 * len(lens) + 0.5 + extra_width,
+                                                             2.1 * len(names) + 0.9),
+                             squeeze=False, sharey="row", layout="constrained")
     by = {(r["row"], r["seq_len"]): r for r in results}
     return fig, axes, names, lens, by
 
 
 def plot_curve_grid(results: list[dict], rows: list[dict]) -> plt.Figure:
-    """Loss vs position for every cell (rows: state sizes, columns: LEN), LEN and the failure line marked."""
+    """Loss vs position for every cell (rows: state sizes, columns: LEN), LEN and the failure line marked and
+    named in the figure's legend."""
+    from matplotlib.lines import Line2D
+
     fig, axes, names, lens, by = _grid(results, rows)
+    factors, passed = set(), set()
     for i, name in enumerate(names):
         for j, t in enumerate(lens):
             ax = axes[i][j]
@@ -184,24 +216,37 @@ def plot_curve_grid(results: list[dict], rows: list[dict]) -> plt.Figure:
                 ax.set_axis_off()
                 continue
             v = r["verdict"]
+            factors.add(v["threshold"])
+            passed.add(bool(v["forgets"]))
             ax.plot(r["curve"]["positions"], r["curve"]["loss"], linewidth=1, color="C0" if v["forgets"] else "C3")
             ax.axvline(t, color="k", linestyle="--", linewidth=0.8)
             ax.axhline(v["threshold"] * v["max_in_window"], color="r", linestyle=":", linewidth=0.8)
             plots._log_positions(ax)
             ax.set_title(f"{name} LEN {t}: {'pass' if v['forgets'] else 'FAIL'}", fontsize=8)
             ax.tick_params(labelsize=7)
+    factor = f"{next(iter(factors)):g}" if len(factors) == 1 else "threshold"
+    handles = [Line2D([], [], color="C0", linewidth=1, label="loss, cell passes (forgets)")] if True in passed else []
+    if False in passed:
+        handles.append(Line2D([], [], color="C3", linewidth=1, label="loss, cell FAILS"))
+    handles += [Line2D([], [], color="k", linestyle="--", linewidth=0.8, label="LEN (T_train)"),
+               Line2D([], [], color="r", linestyle=":", linewidth=0.8,
+                      label=f"failure threshold: {factor} x max bucket loss within LEN")]
+    fig.legend(handles=handles, loc="outside upper center", ncol=2, fontsize=7, frameon=False)
     fig.supxlabel("position (tokens)", fontsize=9)
     fig.supylabel("loss (bucket mean)", fontsize=9)
-    fig.tight_layout()
     return fig
 
 
 def plot_passkey_grid(results: list[dict], rows: list[dict]) -> plt.Figure | None:
-    """Passkey accuracy heatmaps (depth x prompt length) for every cell that ran it."""
+    """Passkey accuracy heatmaps (depth x prompt length) for every cell that ran it, one labelled 0-1 colour bar,
+    the values in the cells when they are few."""
+    from ..analysis.passkey import draw_accuracy_heatmap
+
     results = [r for r in results if r.get("passkey")]
     if not results:
         return None
-    fig, axes, names, lens, by = _grid(results, rows)
+    fig, axes, names, lens, by = _grid(results, rows, extra_width=0.8)
+    image = None
     for i, name in enumerate(names):
         for j, t in enumerate(lens):
             ax = axes[i][j]
@@ -209,13 +254,12 @@ def plot_passkey_grid(results: list[dict], rows: list[dict]) -> plt.Figure | Non
             if not pk:
                 ax.set_axis_off()
                 continue
-            ax.imshow(np.asarray(pk["accuracy"]), aspect="auto", cmap="RdYlGn", vmin=0, vmax=1, interpolation="nearest")
-            ax.set_xticks(range(len(pk["lengths"])), [str(n) for n in pk["lengths"]], rotation=60, fontsize=6)
-            ax.set_yticks(range(len(pk["depths"])), [f"{d:.2f}" for d in pk["depths"]], fontsize=6)
+            image = draw_accuracy_heatmap(ax, pk["accuracy"], pk["lengths"], pk["depths"], t, annotate_max_cells=40,
+                                          fontsize=7)
             ax.set_title(f"{name} LEN {t}: T_recall {pk['t_recall'] or 'none'}", fontsize=8)
-    fig.supxlabel("prompt length (tokens)", fontsize=9)
+    fig.colorbar(image, ax=axes, shrink=0.8, label="exact-match accuracy")
+    fig.supxlabel("prompt length (tokens; red dashes: after LEN)", fontsize=9)
     fig.supylabel("needle depth", fontsize=9)
-    fig.tight_layout()
     return fig
 
 

@@ -1,0 +1,88 @@
+"""The study's figures: a legend entry only for what is drawn, T_forget in units that suit the numbers, the
+failure line of the curve grid named, the passkey grid on a labelled 0-1 scale."""
+
+import numpy as np
+import pytest
+
+from lightning_mamba.analysis import plots
+from lightning_mamba.study.summary import fits_of, plot_curve_grid, plot_passkey_grid, plot_t_forget, rows_of
+from tests.study.test_sweep import fake_result
+
+
+def result(row, n_s, t, forgets, passkey=None):
+    r = fake_result(row, t, forgets, n_s)
+    if passkey is not None:
+        r["passkey"] = passkey
+    return r
+
+
+def labels(ax):
+    legend = ax.get_legend()
+    return [] if legend is None else [t.get_text() for t in legend.get_texts()]
+
+
+def test_the_cpu_study_draws_bounds_in_tokens_and_no_measured_entry():
+    """make sweep-cpu: both rows already forget at LEN 32. The figure showed 'T_forget (measured)' without a point
+    and a y axis at 0.03 K tokens."""
+    results = [result(f"state{d}", n_s, t, True) for d, n_s in ((8, 1500), (16, 2620)) for t in (32, 64)]
+    rows = rows_of(results, None)
+    fig = plot_t_forget(rows, fits_of(rows))
+    ax = fig.axes[0]
+    assert labels(ax) == ["<= min LEN (upper bound: the shortest LEN forgets)"]
+    assert "(tokens)" in ax.get_ylabel() and "thousands" in ax.get_xlabel()
+    drawn = [line for line in ax.lines if len(line.get_xdata())]
+    assert len(drawn) == 1
+    np.testing.assert_allclose(drawn[0].get_ydata(), [32, 32])
+    np.testing.assert_allclose(drawn[0].get_xdata(), [1.5, 2.62])
+    assert ax.get_ylim()[0] == 0 and ax.get_ylim()[1] > 32
+    assert any("no fit" in t.get_text() for t in ax.texts)  # why there is no line
+    plots.close(fig)
+
+
+def test_measured_points_and_the_fit_in_k_tokens_and_millions():
+    results = []
+    for row, n_s, first in (("a", 0.2e6, 2048), ("b", 0.6e6, 4096), ("c", 1.0e6, 8192)):
+        results += [result(row, n_s, t, t >= first) for t in (1024, 2048, 4096, 8192)]
+    rows = rows_of(results, None)
+    fits = fits_of(rows)
+    fig = plot_t_forget(rows, fits)
+    ax = fig.axes[0]
+    assert labels(ax)[0] == "T_forget (measured)" and labels(ax)[1].startswith("fit ")
+    assert len(labels(ax)) == 2  # no bound was drawn, so none is in the legend
+    assert "K tokens" in ax.get_ylabel() and "millions" in ax.get_xlabel()
+    measured, fit = ax.lines[:2]
+    np.testing.assert_allclose(measured.get_ydata(), [2, 4, 8])
+    f = fits["t_forget"]["paper_convention"]["fit"]  # the fit line is drawn in the axes' units
+    np.testing.assert_allclose(fit.get_ydata(), f["a"] * np.asarray(fit.get_xdata()) + f["b"], rtol=1e-9)
+    plots.close(fig)
+
+
+def test_the_curve_grid_names_its_lines_and_only_those_drawn():
+    results = [result("state8", 1500, 32, True), result("state8", 1500, 64, False)]
+    fig = plot_curve_grid(results, rows_of(results, None))
+    names = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "failure threshold: 2 x max bucket loss within LEN" in names and "LEN (T_train)" in names
+    assert "loss, cell FAILS" in names and "loss, cell passes (forgets)" in names
+    plots.close(fig)
+    results = [result("state8", 1500, 32, True)]
+    fig = plot_curve_grid(results, rows_of(results, None))
+    assert "loss, cell FAILS" not in [t.get_text() for t in fig.legends[0].get_texts()]
+    plots.close(fig)
+
+
+@pytest.mark.parametrize("accuracy", [[[0.0, 0.0], [0.0, 0.0]], [[1.0, 0.5], [1.0, 0.0]]])
+def test_the_passkey_grid_reads(accuracy):
+    pk = {"lengths": [1024, 2048], "depths": [0.25, 0.75], "accuracy": accuracy, "t_recall": None}
+    results = [result("state8", 1500, 1024, True, pk)]
+    fig = plot_passkey_grid(results, rows_of(results, None))
+    ax, bar = fig.axes
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1K", "2K"]
+    assert "accuracy" in bar.get_ylabel()
+    im = ax.images[0]
+    assert (im.norm.vmin, im.norm.vmax) == (0, 1)
+    rgba = im.cmap(im.norm(im.get_array()))
+    for t in ax.texts:
+        col, row = (int(round(c)) for c in t.get_position())
+        assert plots.contrast_ratio(t.get_color(), rgba[row, col]) >= 4.5
+    assert len(ax.texts) == 4
+    plots.close(fig)
