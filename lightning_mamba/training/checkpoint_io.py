@@ -130,12 +130,13 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def check_resume(path: str, given: dict) -> None:
+def check_resume(path: str, given: dict, kept: tuple[str, ...] = ()) -> None:
     """``--ckpt_path`` must be a readable checkpoint of a model with the shape the run's settings give.
 
     LightningCLI replaces the model settings by those saved in the checkpoint: without this check a
     different shape given on the command line or in a config would be dropped silently. Other model
-    settings (lr, schedule, backend, ...) are still taken from the checkpoint, with a warning naming them."""
+    settings (lr, schedule, backend, ...) are still taken from the checkpoint, with a warning naming them,
+    except those in ``kept`` (the caller keeps the given value)."""
     if path.split(":")[0] in LIGHTNING_CKPT_ALIASES or "://" in path:
         return  # resolved by Lightning itself
     if not os.path.isfile(path):
@@ -158,9 +159,10 @@ def check_resume(path: str, given: dict) -> None:
         detail = ", ".join(f"model.{k}={saved[k]} there, {given[k]} here" for k in differ if k in shape)
         raise ConfigError(f"checkpoint {path} was saved for a different model shape: {detail}: use the model "
                           f"settings it was trained with (its run's config.yaml), or start without --ckpt_path")
-    if differ:
+    replaced = [k for k in differ if k not in kept]
+    if replaced:
         rank_zero_warn("resuming from " + path + ": the checkpoint's model settings replace those given here: "
-                       + ", ".join(f"model.{k}={saved[k]} (not {given[k]})" for k in differ))
+                       + ", ".join(f"model.{k}={saved[k]} (not {given[k]})" for k in replaced))
 
 
 # ---- one entry point for the commands and --model.pretrained: a .ckpt or a checkpoint directory ------------------------------------------------------

@@ -1,15 +1,22 @@
-"""Stop (or skip) at the step where the loss or a gradient stops being finite, naming what went first."""
+"""Stop (or skip) at the step where the loss or a gradient stops being finite, naming what went first; the
+checkpoints that hold the weights which failed are put aside, and the message says how to go on from the last good one."""
 
 from __future__ import annotations
 
+import glob
+import os
+import shlex
+
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ..errors import UserError
 
 MODES = ("stop", "skip")
-FIX = "lower model.lr or set trainer.gradient_clip_val and resume from the last checkpoint"
+ASIDE = ".nonfinite"  # suffix of the checkpoints put aside: kept for a look, never picked up as *.ckpt
 
 
 class NonFiniteError(UserError, RuntimeError):
@@ -39,6 +46,8 @@ class NanGuard(L.Callback):
         self.on_nonfinite, self.max_skips_in_a_row = on_nonfinite, max_skips_in_a_row
         self.skipped = 0  # over the whole run (kept in checkpoints)
         self._in_a_row = 0
+        self._first_bad = 0  # the first of the non-finite steps in a row
+        self._saved_steps: set[int] = set()  # the global steps this run wrote checkpoints at
         self._losses: list[torch.Tensor] = []
         self._where = ""
 
@@ -62,8 +71,16 @@ class NanGuard(L.Callback):
         if not trainer.strategy.reduce_boolean_decision(bad, all=False):
             self._in_a_row = 0
         else:
-            self._handle(pl_module, self._describe(pl_module, losses, grad_norm, check_grads))
+            self._handle(trainer, pl_module, self._describe(pl_module, losses, grad_norm, check_grads))
         pl_module.log("train/skipped_batches", float(self.skipped))
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self._saved_steps.add(trainer.global_step)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._in_a_row:  # 'skip' ended in skipped steps: the weights they left (unchanged since) gave non-finite
+            raise self._stop(trainer, pl_module, f"the run ended with its last {self._in_a_row} steps (from global step "
+                                                 f"{self._first_bad}) non-finite and skipped: its weights are broken")
 
     def _describe(self, pl_module: L.LightningModule, losses: list[torch.Tensor], grad_norm, check_grads: bool) -> str:
         first = None
@@ -86,20 +103,69 @@ class NanGuard(L.Callback):
         norm = f"{grad_norm.item():.4g}" if grad_norm is not None else "n/a"
         return f"non-finite values at {self._where}: {first} (loss {loss}, grad norm {norm})"
 
-    def _handle(self, pl_module: L.LightningModule, message: str) -> None:
+    def _handle(self, trainer: L.Trainer, pl_module: L.LightningModule, message: str) -> None:
+        if not self._in_a_row:
+            self._first_bad = trainer.global_step
         if self.on_nonfinite == "stop":
-            raise NonFiniteError(f"{message}: {FIX}, or skip such batches with on_nonfinite=skip")
+            raise self._stop(trainer, pl_module, message, "; or skip such batches with on_nonfinite=skip")
         self.skipped += 1
         self._in_a_row += 1
         if self._in_a_row > self.max_skips_in_a_row:
-            raise NonFiniteError(f"{message}, and the {self.max_skips_in_a_row} steps before it were skipped too: "
-                                 f"{FIX}")
+            raise self._stop(trainer, pl_module, f"{message}, and the {self.max_skips_in_a_row} steps before it were "
+                                                 f"skipped too")
         for p in pl_module.parameters():
             p.grad = None  # the optimizer leaves parameters without a gradient alone
         rank_zero_warn(f"{message}: skipped this batch ({self.skipped} so far)")
+
+    def _stop(self, trainer: L.Trainer, pl_module: L.LightningModule, message: str, hint: str = "") -> NonFiniteError:
+        """The error that ends the run, once the checkpoints holding the weights that failed are put aside."""
+        for cb in trainer.checkpoint_callbacks:
+            if isinstance(cb, ModelCheckpoint):
+                cb.save_on_exception = False  # it would write the failed state
+        log_dir = trainer.log_dir  # a broadcast: every process
+        config = next((os.path.join(log_dir, cb.config_filename) for cb in trainer.callbacks
+                       if isinstance(cb, SaveConfigCallback) and log_dir), "CONFIG")
+        if not trainer.is_global_zero:  # rank 0 moves the files and tells what to run
+            return NonFiniteError(f"{message}{hint}")
+        put_aside, good = self._sort_checkpoints(trainer, pl_module)
+        aside = f"put aside {', '.join(put_aside)} (*{ASIDE}: the weights that failed); " if put_aside else ""
+        lr = (pl_module.hparams.get("lr") or 0) / 10
+        if good:
+            command = f"lightning-mamba fit --config {shlex.quote(config)} --ckpt_path {shlex.quote(good)} --model.lr {lr:.3g}"
+            todo = f"resume from the last good checkpoint with a lower lr: {command}"
+        else:
+            command = f"lightning-mamba fit --config {shlex.quote(config)} --model.lr {lr:.3g}"
+            todo = f"no checkpoint of good weights is left: start again with a lower lr: {command}"
+        return NonFiniteError(f"{message}: {aside}{todo}{hint}")
+
+    def _sort_checkpoints(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[list[str], str | None]:
+        """Put aside this run's checkpoints of the steps from the first non-finite one on (they hold the weights that
+        failed: the optimizer has not stepped since), unless their weights are finite while those in memory are not
+        (changed after the save, so not the ones that failed). Returns (the names put aside, the newest checkpoint
+        left)."""
+        params_finite = all(bool(p.isfinite().all()) for p in pl_module.parameters())
+        put_aside, left = [], []
+        dirs = {cb.dirpath for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)}
+        for path in sorted(p for d in dirs if os.path.isdir(d) for p in glob.glob(os.path.join(glob.escape(d), "*.ckpt"))):
+            try:
+                ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                step = int(ckpt["global_step"])
+            except Exception:
+                continue  # not a checkpoint of ours (or damaged): leave it alone
+            if step in self._saved_steps and step >= self._first_bad and (
+                    params_finite or not _finite(ckpt.get("state_dict", {}))):
+                os.replace(path, path + ASIDE)
+                put_aside.append(os.path.basename(path))
+            elif step <= trainer.global_step:  # not one of a later run's (same folder)
+                left.append((step, "last" in os.path.basename(path), path))
+        return put_aside, max(left)[2] if left else None
 
     def state_dict(self) -> dict:
         return {"skipped": self.skipped}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.skipped = int(state_dict.get("skipped", 0))
+
+
+def _finite(state: dict) -> bool:
+    return all(bool(t.isfinite().all()) for t in state.values() if torch.is_tensor(t) and t.is_floating_point())
