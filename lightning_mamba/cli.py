@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .errors import UserError
 from .training.cli import MambaCLI, lightning_cli
@@ -34,6 +36,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(module.main(argv[1:]))
     try:
         lightning_cli(None if from_shell else argv, description=DESCRIPTION)
+    except SIGTERMException as e:  # a SystemExit of code None (exit 0): a run cut short is no success
+        print(f"error: {e.code or 'stopped by SIGTERM'}", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     except Exception as e:
         cause = user_error(e)
         if cause is None:

@@ -1,19 +1,23 @@
 """The LightningCLI of ``lightning-mamba fit|validate|test|predict``: our LightningModule and data modules, the NaN
-guard on every run, the vocabulary linked from the tokenizer, and resumes that refuse a different model shape."""
+guard on every run, the vocabulary linked from the tokenizer, resumes that refuse a different model shape (and honour
+a typed --model.lr), and a checkpoint plus a non-zero exit on SIGTERM."""
 
 from __future__ import annotations
 
+import shlex
 import sys
 
 import lightning as L
 from jsonargparse import Namespace
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ..data import TextDataModule
 from .checkpoint_io import check_resume
 from .module import MambaLitModule
-from .nan_guard import NanGuard
+from .nan_guard import NanGuard, run_config_path
 
 
 class ResumeAtLr(L.Callback):
@@ -28,6 +32,35 @@ class ResumeAtLr(L.Callback):
             for group in scheduler.optimizer.param_groups:
                 group["lr"] *= ratio
                 group["initial_lr"] *= ratio
+
+
+class CheckpointOnSigterm(L.Callback):
+    """SIGTERM (what SLURM sends before it kills a job): Lightning stops after the batch with ``SIGTERMException``, a
+    ``SystemExit`` of code None, i.e. exit status 0. Save last.ckpt at that batch's end (where ModelCheckpoint saves:
+    it resumes exactly) and give the exception the line that says how to resume (``lightning_mamba.cli`` prints it
+    and exits 143, 128 + SIGTERM)."""
+
+    def __init__(self):
+        self.saved: str | None = None
+        self._config = "CONFIG"
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._config = run_config_path(trainer)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        # every process decides alike: saving a checkpoint is collective
+        if self.saved is None and trainer.strategy.reduce_boolean_decision(trainer.received_sigterm, all=False):
+            cb = next((cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath), None)
+            if cb is not None:
+                self.saved = cb.format_checkpoint_name({}, cb.CHECKPOINT_NAME_LAST)
+                trainer.save_checkpoint(self.saved)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            todo = (f"resume with: lightning-mamba fit --config {shlex.quote(self._config)} --ckpt_path "
+                    f"{shlex.quote(self.saved)}" if self.saved else "no checkpoint was saved then (checkpointing is "
+                    "off, or it came during validation): resume from the newest one")
+            exception.code = f"stopped by SIGTERM at global step {trainer.global_step}: {todo}"
 
 
 class MambaCLI(LightningCLI):
@@ -54,6 +87,7 @@ class MambaCLI(LightningCLI):
             self._resume_at_lr = True
 
     def before_fit(self) -> None:
+        self.trainer.callbacks.append(CheckpointOnSigterm())
         if getattr(self, "_resume_at_lr", False):
             self.trainer.callbacks.append(ResumeAtLr())
 

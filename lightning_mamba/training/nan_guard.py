@@ -122,9 +122,7 @@ class NanGuard(L.Callback):
         for cb in trainer.checkpoint_callbacks:
             if isinstance(cb, ModelCheckpoint):
                 cb.save_on_exception = False  # it would write the failed state
-        log_dir = trainer.log_dir  # a broadcast: every process
-        config = next((os.path.join(log_dir, cb.config_filename) for cb in trainer.callbacks
-                       if isinstance(cb, SaveConfigCallback) and log_dir), "CONFIG")
+        config = run_config_path(trainer)
         if not trainer.is_global_zero:  # rank 0 moves the files and tells what to run
             return NonFiniteError(f"{message}{hint}")
         put_aside, good = self._sort_checkpoints(trainer, pl_module)
@@ -165,6 +163,13 @@ class NanGuard(L.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.skipped = int(state_dict.get("skipped", 0))
+
+
+def run_config_path(trainer: L.Trainer) -> str:
+    """The config.yaml LightningCLI saved for this run (a broadcast: call it on every process), else 'CONFIG'."""
+    log_dir = trainer.log_dir
+    return next((os.path.join(log_dir, cb.config_filename) for cb in trainer.callbacks
+                 if isinstance(cb, SaveConfigCallback) and log_dir), "CONFIG")
 
 
 def _finite(state: dict) -> bool:

@@ -1,0 +1,79 @@
+"""SIGTERM (what SLURM sends before it kills a job) mid-run: `lightning-mamba fit` saves last.ckpt at the end of the
+batch, exits 143 (128 + SIGTERM) with one line that says how to resume, and the resumed run gives the losses of the
+uninterrupted one to the last bit (CPU)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import lightning as L
+import torch
+import yaml
+
+from lightning_mamba.cli import main
+
+from .conftest import logged_losses, run_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+STEPS = 10
+
+
+class Progress(L.Callback):
+    """Write the number of finished steps to ``path`` after each step, then sleep (time to send a signal)."""
+
+    def __init__(self, path: str, seconds: float = 0.3):
+        self.path, self.seconds = path, seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        with open(self.path, "w") as f:
+            f.write(str(trainer.global_step))
+        time.sleep(self.seconds)
+
+
+def config(folder, corpus, cache_dir, progress: str | None = None) -> str:
+    """The tiny run, with ModelCheckpoint saving only every 100 steps: the checkpoint a SIGTERM leaves is its own."""
+    callbacks = [{"class_path": "tests.robust.test_sigterm.Progress", "init_args": {"path": progress}}] if progress else []
+    path = run_config(folder, corpus, cache_dir, STEPS, callbacks=callbacks)
+    with open(path) as f:
+        cfg = yaml.safe_load(f)
+    cfg["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 100
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
+    return path
+
+
+def test_sigterm_saves_a_checkpoint_exits_nonzero_and_resumes_exactly(tmp_path, corpus, cache_dir):
+    assert torch.get_num_threads() == 1
+    main(["fit", "--config", config(tmp_path / "reference", corpus, cache_dir)])
+    reference = logged_losses(tmp_path / "reference")
+    assert sorted(reference) == list(range(STEPS))
+
+    folder, progress = tmp_path / "run", str(tmp_path / "progress")
+    cfg = config(folder, corpus, cache_dir, progress)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as the in-process runs: same reductions, same bits
+    proc = subprocess.Popen([sys.executable, "-m", "lightning_mamba.cli", "fit", "--config", cfg], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    try:
+        while not (os.path.isfile(progress) and open(progress).read().strip() in {"3", "4", "5"}):
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            assert time.monotonic() < deadline, "the run did not reach the step"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]  # was 0
+    last = folder / "ckpt" / "last.ckpt"
+    stopped_at = torch.load(last, weights_only=True)["global_step"]
+    assert 3 <= stopped_at < STEPS  # mid-run, and the only checkpoint: ModelCheckpoint saves every 100 steps
+    line = next(line for line in err.splitlines() if line.startswith("error: "))
+    assert line == (f"error: stopped by SIGTERM at global step {stopped_at}: resume with: lightning-mamba fit "
+                    f"--config {folder / 'runs' / 'tiny' / 'version_0' / 'config.yaml'} --ckpt_path {last}")
+
+    main(["fit", "--config", config(folder, corpus, cache_dir), "--ckpt_path", str(last)])
+    resumed = logged_losses(folder, version=str(folder / "runs" / "tiny" / "version_1"))
+    assert sorted(resumed) == list(range(stopped_at, STEPS))
+    assert resumed == {s: reference[s] for s in resumed}  # exact, no tolerance
