@@ -12,16 +12,21 @@ unfused: ``use_mem_eff_path=False``, ``fused_add_norm=False``), ``hf`` (transfor
 
 Every contender trains the same config, batch and precision on random tokens (speed does not depend
 on the text). Prints tokens/s, peak memory, MFU and each ratio against one named baseline measured in the same
-process: on GPU ``mamba_ssm_fused`` when it ran, else ``mamba_ssm`` (``--baseline`` picks another).
+process: on GPU ``mamba_ssm_fused`` when it ran, else ``mamba_ssm`` (``--baseline`` picks another). A column this
+device cannot fill (peak memory off CUDA, MFU where the device's dense peak is unknown, e.g. a CPU) prints as
+``-``, with a note above the rows saying why.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 
 import torch
+
+from lightning_mamba.callbacks.throughput import peak_flops
 
 CONFIGS = {  # name: (d_model, n_layer, d_state, vocab, batch, seq_len, headdim)
     "130m": (768, 24, 128, 50277, 16, 2048, 64),
@@ -30,7 +35,7 @@ CONFIGS = {  # name: (d_model, n_layer, d_state, vocab, batch, seq_len, headdim)
 }
 GPU_CONTENDERS = "lightning_graph,lightning,mamba_ssm_fused,mamba_ssm"
 CPU_CONTENDERS = "lightning,ours,hf"
-PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0}
+MISSING = "-"  # a column this device cannot fill (peak memory off CUDA, MFU without a known peak)
 
 
 def model_flops_per_token(d_model, n_layer, d_state, vocab, headdim):
@@ -146,10 +151,12 @@ def main():
     tokens = batch * seq_len
     flops = model_flops_per_token(d_model, n_layer, d_state, vocab, headdim) * tokens
     name = torch.cuda.get_device_name() if gpu else "CPU"
-    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    peak = peak_flops(device, dtype or torch.float32)  # dense FLOP/s; None on a CPU or an unlisted GPU
     print(f"# config {args.config}: d_model {d_model}, n_layer {n_layer}, d_state {d_state}, vocab {vocab}, "
           f"batch {batch} x {seq_len}, {'bf16-mixed' if gpu else 'fp32'}, device {name}, torch {torch.__version__}")
     print(f"# host: {_host_cpu()}; {_versions()}")
+    for note in missing_notes(gpu, peak, name):
+        print(f"# {MISSING} {note}")
 
     results = {}
     for c in contenders:
@@ -165,10 +172,10 @@ def main():
         except (ImportError, Skip) as e:
             print(f"{c:>15}: skipped ({e})")
             continue
-        mem = torch.cuda.max_memory_allocated() / 2**30 if gpu else float("nan")
-        mfu = flops / dt / 1e12 / peak if peak else float("nan")
+        mem = torch.cuda.max_memory_allocated() / 2**30 if gpu else None
+        mfu = flops / dt / peak if peak else None
         results[c] = dt
-        print(f"{c:>15}: {tokens / dt:12,.0f} tokens/s  {dt * 1e3:8.1f} ms/step  peak {mem:6.1f} GiB  MFU {mfu:6.1%}")
+        print(result_line(c, tokens / dt, dt, mem, mfu))
         if gpu:
             torch.cuda.empty_cache()
     baseline = args.baseline or next((b for b in (("mamba_ssm_fused", "mamba_ssm") if gpu else ("hf",))
@@ -188,6 +195,27 @@ def main():
         print("# no ratios: no baseline ran in this process (--baseline names one)")
     if "lightning" in results and "ours" in results:
         print(f"ratio lightning/ours: {results['ours'] / results['lightning']:.3f}")
+
+
+def result_line(name: str, tokens_per_sec: float, seconds_per_step: float, peak_gib: float | None,
+                mfu: float | None) -> str:
+    """One contender's row; a value this device cannot give (None, or not finite) prints as MISSING, never nan."""
+    def cell(value, fmt, width):
+        ok = value is not None and math.isfinite(value)
+        return format(value, fmt) if ok else MISSING.rjust(width)
+
+    return (f"{name:>15}: {tokens_per_sec:12,.0f} tokens/s  {seconds_per_step * 1e3:8.1f} ms/step  "
+            f"peak {cell(peak_gib, '6.1f', 6)} GiB  MFU {cell(mfu, '6.1%', 6)}")
+
+
+def missing_notes(gpu: bool, peak: float | None, device_name: str) -> list[str]:
+    """What a MISSING column means on this device (printed once, before the rows)."""
+    notes = []
+    if not gpu:
+        notes.append("peak GiB: peak memory is measured on CUDA only")
+    if not peak:
+        notes.append(f"MFU: no known peak FLOP/s for {device_name} (lightning_mamba.callbacks.throughput.PEAK_FLOPS)")
+    return notes
 
 
 class Skip(Exception):
