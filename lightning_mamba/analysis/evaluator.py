@@ -214,12 +214,24 @@ def eval_rows(
     n = min(n_rows, s.size // length)
     info["rows"] = n
     if n < n_rows:
-        info["note"] = (info["note"] + "; " if info["note"] else "") + (
-            f"only {n} of {n_rows} rows of {length} tokens fit in the held-out stream ({info['stream_tokens']} tokens): "
-            "give more held-out text or evaluate a shorter length, or the averages (and the ratio's interval) rest "
-            "on fewer rows")
+        info["note"] = (info["note"] + "; " if info["note"] else "") + short_stream_note(
+            n, n_rows, length, info["stream_tokens"])
     rows = torch.from_numpy(s[: n * length].reshape(n, length).copy())
     return rows, info
+
+
+def short_stream_note(n: int, n_rows: int, length: int, stream_tokens: int) -> str:
+    """What to change when only ``n`` of ``n_rows`` rows of ``length`` tokens fit in a held-out stream: each of the
+    three ways to average all rows, with its number and the setting it is in (commands, callbacks, study)."""
+    need = n_rows * length
+    most = stream_tokens // n_rows  # the longest rows of which n_rows fit
+    return (f"only {n} of {n_rows} rows of {length} tokens fit in the held-out stream ({stream_tokens} tokens): "
+            "give more held-out text or evaluate a shorter length, or ask for fewer rows. "
+            f"To average {n_rows} rows, give at least {need} held-out tokens ({need / max(stream_tokens, 1):.2f}x as "
+            "many: a data.val_fraction that much larger when training, or more text with --text), or evaluate at most "
+            f"{max(most - 1, 1)} positions per row (--length; fewer multiples or max_eval_tokens in the callbacks; "
+            f"eval_multiple or eval_tokens in a study); or ask for {n} rows (--n_rows; the callbacks' n_rows; a "
+            f"study's eval_n_rows). As it is, the averages (and the ratio's interval) rest on {n} rows")
 
 
 def write_position_losses_csv(path: str, per_position) -> None:
