@@ -40,8 +40,9 @@ def atomic_write_text(path: str, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def atomic_write_json(path: str, obj, indent: int | None = None) -> None:
+def atomic_write_json(path: str, obj, indent: int | None = None, allow_nan: bool = True) -> None:
     """The package's one JSON file writer: ``json.dumps(obj, indent=indent)``, written atomically. NaN/inf are
     written as ``NaN``/``Infinity`` as json does; a writer that must be strict JSON cleans first
-    (``study.sweep.write_json``)."""
-    atomic_write_text(path, json.dumps(obj, indent=indent))
+    (``study.sweep.write_json``, ``models.checkpoint.save_pretrained``) and may pass ``allow_nan=False``: a
+    non-finite float left is then a ValueError and nothing is written."""
+    atomic_write_text(path, json.dumps(obj, indent=indent, allow_nan=allow_nan))

@@ -10,9 +10,11 @@ and, for a tokenizers-library tokenizer, ``tokenizer.json``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
+import sys
 from typing import Any
 
 import torch
@@ -44,32 +46,60 @@ HF_RENAMES = {"backbone.embeddings.weight": "backbone.embedding.weight"}
 
 
 # ---- writing ----------------------------------------------------------------------------------------
+# Strict JSON has no Infinity: a non-default infinite setting (dt_limit=(0.01, inf)) is written as the largest
+# float, which clamps nothing either, and read back as inf (``_from_json``).
+FLOAT_MAX = sys.float_info.max
+
+
+def _to_json(x: Any) -> Any:
+    """Strict-JSON-able: +-inf -> +-FLOAT_MAX, NaN -> None, tuples -> lists."""
+    if isinstance(x, dict):
+        return {k: _to_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_json(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None if math.isnan(x) else math.copysign(FLOAT_MAX, x)
+    return x
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal settings, a JSON list and a tuple alike."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
 def official_config(config: MambaConfig) -> dict[str, Any]:
-    """config.json as the official MambaConfig would dump it (``layer`` made explicit: its default is Mamba1)."""
+    """config.json as the official MambaConfig would dump it: ``layer`` explicit (its default is Mamba1), and like
+    the official configs ``ssm_cfg`` names only what differs from the mixer's defaults (``MIXER_DEFAULTS``, the
+    official ``Mamba2`` ones) - so the default ``dt_limit=(0.0, inf)`` is left out. Strict JSON (``_to_json``)."""
     d = config.to_dict()
     d = {k: d[k] for k in OFFICIAL_FIELDS}
-    d["ssm_cfg"] = {"layer": "Mamba2", **d["ssm_cfg"]}
-    return d
+    ssm = {k: v for k, v in d["ssm_cfg"].items() if k != "layer"
+           and not (k in MIXER_DEFAULTS and _same(v, MIXER_DEFAULTS[k]))}
+    d["ssm_cfg"] = {"layer": "Mamba2", **ssm}
+    return _to_json(d)
 
 
 def save_pretrained(model: MambaLM, directory: str, tokenizer_spec: dict | None = None,
                     extra: dict | None = None) -> list[str]:
-    """Write ``model`` in the official layout (+ tokenizer, lightning_mamba.json); returns the paths written."""
+    """Write ``model`` in the official layout (+ tokenizer, lightning_mamba.json); returns the paths written.
+    Every JSON file is strict JSON (no NaN/Infinity), readable by any parser."""
     os.makedirs(directory, exist_ok=True)
     paths = [os.path.join(directory, name) for name in (CONFIG, WEIGHTS)]
-    atomic_write_json(paths[0], official_config(model.config), indent=2)
+    atomic_write_json(paths[0], official_config(model.config), indent=2, allow_nan=False)
     # Tied weights stay one shared tensor under two keys, as the official torch.save(state_dict()) has them.
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(paths[1], lambda f: torch.save(state, f))
     spec = tokenizer_spec
     if spec is not None and spec.get("kind") == "json" and "json" in spec:
         # The tokenizer lives in tokenizer.json (where HF tools look for it); the spec points at it.
-        text = spec["json"] if isinstance(spec["json"], str) else json.dumps(spec["json"])
+        text = spec["json"] if isinstance(spec["json"], str) else json.dumps(spec["json"], allow_nan=False)
         paths.append(os.path.join(directory, TOKENIZER))
         atomic_write(paths[-1], lambda f: f.write(text.encode()))
         spec = {**{k: v for k, v in spec.items() if k != "json"}, "file": TOKENIZER}
     paths.append(os.path.join(directory, META))
-    atomic_write_json(paths[-1], {"tokenizer": spec, **(extra or {})}, indent=2)
+    atomic_write_json(paths[-1], _to_json({"tokenizer": spec, **(extra or {})}), indent=2, allow_nan=False)
     return paths
 
 
@@ -126,7 +156,16 @@ def read_config(directory: str) -> tuple[MambaConfig, dict[str, str]]:
     if layer != "Mamba2":
         raise ConfigError(f"{path}: ssm_cfg.layer is {layer!r}: this is not a Mamba-2 checkpoint "
                           "(only Mamba-2 layers are implemented)")
-    return MambaConfig.from_dict(raw), {}
+    return MambaConfig.from_dict({**raw, "ssm_cfg": _from_json(raw.get("ssm_cfg") or {})}), {}
+
+
+def _from_json(ssm_cfg: dict[str, Any]) -> dict[str, Any]:
+    """ssm_cfg as written (``official_config``): pairs (dt_limit, A_init_range) back to tuples, +-FLOAT_MAX to inf."""
+    def value(v: Any) -> Any:
+        return math.copysign(math.inf, v) if isinstance(v, float) and abs(v) == FLOAT_MAX else v
+
+    return {k: tuple(value(x) for x in v) if isinstance(MIXER_DEFAULTS.get(k), tuple) and isinstance(v, list)
+            else value(v) for k, v in ssm_cfg.items()}
 
 
 def torch_load(path: str) -> Any:
