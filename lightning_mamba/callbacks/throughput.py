@@ -61,12 +61,33 @@ class TokenThroughputMonitor(ThroughputMonitor):
     before each validation, not after every batch as the base class does: its per-batch GPU synchronisation keeps
     the CPU from queueing the next step while the GPU still runs this one. The rates are therefore over the last
     ``window_size - 1`` logged intervals (default 2: 20 steps at ``log_every_n_steps`` 10); validation batches are
-    timed as in the base class.
+    timed as in the base class. The totals (``train/batches``, ``train/samples``, ``train/lengths``, ``train/time``)
+    are kept in checkpoints, so that a resumed run continues counting from where its checkpoint was.
     """
 
     def __init__(self, window_size: int = 3, **kwargs: Any):
         super().__init__(batch_size_fn=_batch_size, length_fn=_tokens, window_size=window_size, **kwargs)
         self._untimed = 0  # training batches counted since the last timed one
+        self._resumed: dict = {}  # a checkpoint's totals, until training starts
+
+    def state_dict(self) -> dict:
+        stage = RunningStage.TRAINING
+        if stage not in self._t0s:  # not rank 0, or not training yet
+            return dict(self._resumed)
+        return {"batches": self._batches[stage], "samples": self._samples[stage], "lengths": self._lengths[stage],
+                "time": time.perf_counter() - self._t0s[stage]}  # validation is kept off this clock already
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resumed = dict(state_dict)
+
+    def _start(self, trainer: L.Trainer) -> None:
+        super()._start(trainer)
+        stage = trainer.state.stage
+        if stage == RunningStage.TRAINING and self._resumed:  # continue the checkpoint's totals, not from 0
+            saved, self._resumed = self._resumed, {}
+            for totals, key in ((self._batches, "batches"), (self._samples, "samples"), (self._lengths, "lengths")):
+                totals[stage] = int(saved.get(key, 0))
+            self._t0s[stage] -= float(saved.get("time", 0.0))
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # as the base class, with the dense peak of PEAK_FLOPS (Lightning's table has Hopper's sparse figures and
