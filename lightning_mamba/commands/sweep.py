@@ -70,7 +70,7 @@ def run_shards(study: Study, argv: list[str], processes: int, log=print) -> str 
         if gpus > 1:
             env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
         path = os.path.join(folder, f"shard_{i}.log")
-        cmd = [sys.executable, "-m", "lightning_mamba.cli", "sweep", *argv, "--shard", f"{i}/{processes}",
+        cmd = [sys.executable, "-m", __name__, *argv, "--shard", f"{i}/{processes}",
                "--processes", "1", "--tensorboard", "false"]
         with open(path, "w") as out:
             running.append((i, path, subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)))
