@@ -124,10 +124,10 @@ def apply_interventions(
 
 
 def describe(rri=None, dt_scale=None, window=None, state_norm=None) -> str:
-    """A short tag such as ``rri0.9999,0.75`` (empty for none), for file names and summaries."""
+    """A short tag such as ``rri0.9999_0.75`` (empty for none), for file names and summaries."""
     tags = []
     if rri is not None:
-        tags.append(f"rri{rri[0]:g},{rri[1]:g}")
+        tags.append(f"rri{rri[0]:g}_{rri[1]:g}")  # no comma: the tag names a folder
     if dt_scale is not None:
         tags.append(f"dt{dt_scale:g}")
     if window is not None:

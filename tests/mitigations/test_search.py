@@ -61,8 +61,8 @@ FAST = ["--length", "64", "--probes", "[text]", "--n_rows", "1"]
 def test_analyze_with_rri_says_so(stubbed, capsys):
     ckpt, text = stubbed
     assert cmd.main(["--ckpt", str(ckpt), "--text", str(text), "--rri", "0.9999,0.75", *FAST]) == 0
-    out = ckpt.parent / "analysis-rri0.9999,0.75"
-    assert "intervention: rri0.9999,0.75" in capsys.readouterr().out
+    out = ckpt.parent / "analysis-rri0.9999_0.75"
+    assert "intervention: rri0.9999_0.75" in capsys.readouterr().out
     r = json.loads((out / "verdict.json").read_text())
     assert r["intervention"]["rri"] == [0.9999, 0.75] and r["out"] == str(out)
     assert not (ckpt.parent / "analysis").exists()  # the plain analysis is never overwritten
