@@ -234,7 +234,7 @@ class LengthGeneralizationCallback(PeriodicAnalysis):
         self.log_scalars(trainer, metrics, step)
 
         fig = plots.plot_loss_curve(report.positions, report.curve, T, self.threshold * verdict.max_in_window,
-                                    title=f"step {step}: " + ("forgets" if verdict.forgets else
+                                    threshold_factor=self.threshold, title=f"step {step}: " + ("forgets" if verdict.forgets else
                                                               f"blows up at {verdict.blowup_position}"))
         self.log_figure(trainer, "lengthgen/loss_vs_position", fig, step)
 

@@ -103,9 +103,12 @@ class StateStatsCallback(PeriodicAnalysis):
             self.log_figure(trainer, f"{s}/norm_vs_position",
                             plots.plot_state_norm(stats.positions, stats.rms, T, title=f"{probe}: state RMS, step {step}"),
                             step)
+            self.log_figure(trainer, f"{r}/log_retention_vs_position", plots.plot_log_retention(
+                stats.positions, stats.log_retention, T, title=f"{probe}: first-token retention, step {step}"), step)
             if stats.retention_T is not None:
                 self.log_figure(trainer, f"{r}/heatmap", plots.plot_retention_heatmap(
-                    stats.retention_T, T, title=f"{probe}: alpha_(1:{T}), step {step}"), step)
+                    stats.retention_T, T, title=f"{probe}: alpha_(1:{T}), step {step}",
+                    log_retention=stats.log_retention_T), step)
             dump[probe] = {"summary": summary, "stats": stats.to_dict()}
         dump["seconds"] = time.perf_counter() - t0
         atomic_write_json(os.path.join(self.out_dir(trainer), f"step_{step}.json"), dump)

@@ -45,7 +45,7 @@ def test_callbacks_log_tags_and_files(tmp_path):
     assert {"lengthgen/forgets", "lengthgen/blowup_position", "lengthgen/ratio_4_16x"} <= scalars
     assert {"state/norm_max@1x", "state/norm_max@16x", "state/norm_growth", "state/outlier_share",
             "retention/frac_heads_above_0.99", "retention/max_first_token", "state_newlines/norm_growth"} <= scalars
-    assert {"lengthgen/loss_vs_position", "state/norm_vs_position", "retention/heatmap",
+    assert {"lengthgen/loss_vs_position", "state/norm_vs_position", "retention/heatmap", "retention/log_retention_vs_position",
             "state_newlines/norm_vs_position"} <= images
     # after the validations at steps 2 and 4 (not the sanity check) and at the end of fit (step 5)
     assert [e.step for e in acc.Scalars("lengthgen/loss@16x")] == [2, 4, 5]
