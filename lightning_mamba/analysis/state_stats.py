@@ -19,6 +19,17 @@ from torch import Tensor
 
 from .evaluator import iter_state_samples
 
+# A head's growth past T_train is measured against its own maximum within T_train, but not against less than this
+# share of the largest one in its layer: a nearly silent head (in-window variance ~1e-9) would otherwise show a
+# "growth" of hundreds from noise-sized changes, in models that forget as well as in those that do not.
+GROWTH_FLOOR = 0.01
+
+
+def growth_reference(inside_max: np.ndarray) -> np.ndarray:
+    """(L, H) in-window maxima -> the denominators of the growth ratios (see GROWTH_FLOOR)."""
+    floor = GROWTH_FLOOR * inside_max.max(axis=-1, keepdims=True)
+    return np.maximum(np.maximum(inside_max, floor), 1e-30)
+
 
 @dataclass
 class StateStats:
@@ -55,7 +66,7 @@ class StateStats:
         inside, beyond = pos <= T, pos > T
         for name, arr in (("norm", self.rms), ("var", self.var)):
             if inside.any() and beyond.any():
-                ratio = arr[beyond].max(0) / np.maximum(arr[inside].max(0), 1e-30)  # (L, H)
+                ratio = arr[beyond].max(0) / growth_reference(arr[inside].max(0))  # (L, H)
                 out[f"{name}_growth"] = float(ratio.max())
                 out[f"{name}_growth_at"] = _argmax_lh(ratio)
         out["outlier_share"] = float(self.outlier_share[-1].max())

@@ -178,3 +178,19 @@ def test_one_pass_with_a_stride_above_the_chunk_size(lm):
     assert [p.end for p in one] == [p.end for p in ref] == [24, 48, 72, 96, 100]
     for a, b in zip(one, ref):
         torch.testing.assert_close(a.state[-1].ssm, b.state[-1].ssm, rtol=1e-4, atol=1e-6)
+
+
+def test_growth_past_t_ignores_nearly_silent_heads_but_catches_a_real_explosion():
+    from lightning_mamba.analysis.state_stats import StateStats
+
+    positions = np.array([8, 16, 32, 64, 128])  # T = 16: two samples within, three beyond
+    var = np.ones((5, 1, 3))
+    var[:, 0, 1] = [1e-9, 1e-9, 1e-6, 1e-6, 1e-6]  # a silent head: x1000 of almost nothing
+    var[:, 0, 2] = [1.0, 1.0, 3.0, 30.0, 40.0]  # a head whose state explodes past T (claim 5: >= 10x)
+    zeros = np.zeros_like(var)
+    stats = StateStats("text", 16, positions, np.sqrt(var), zeros, var, zeros, zeros, None, np.zeros((1, 3)),
+                       np.zeros((1, 3)))
+    s = stats.summary(multiples=(1,))
+    assert s["var_growth"] == pytest.approx(40.0) and s["var_growth_at"] == [0, 2]
+    var[:, 0, 2] = 1.0  # without the explosion, the silent head alone does not read as growth
+    assert stats.summary(multiples=(1,))["var_growth"] == pytest.approx(1.0)
