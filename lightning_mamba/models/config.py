@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -154,18 +152,7 @@ class MambaConfig:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
 
-    def save(self, directory: str) -> None:
-        from ..atomic import atomic_write_json
-
-        atomic_write_json(os.path.join(directory, "config.json"), self.to_dict(), indent=2)
-
-    @classmethod
-    def load(cls, directory_or_file: str) -> MambaConfig:
-        path = directory_or_file
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+    # config.json is written and read in one place: models/checkpoint.py (official_config, read_config)
 
 
 def _divisor_hint(n: int) -> str:
