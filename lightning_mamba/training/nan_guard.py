@@ -47,6 +47,7 @@ class NanGuard(L.Callback):
         self.skipped = 0  # over the whole run (kept in checkpoints)
         self._in_a_row = 0
         self._first_bad = 0  # the first of the non-finite steps in a row
+        self._loss_failed = False  # whether one of them had a non-finite loss: the weights (unchanged since) fail
         self._saved_steps: set[int] = set()  # the global steps this run wrote checkpoints at
         self._losses: list[torch.Tensor] = []
         self._where = ""
@@ -69,8 +70,9 @@ class NanGuard(L.Callback):
         # Each rank sees its own losses (and under FSDP its own shard of the gradients): one rank's non-finite
         # step is every rank's, so that all stop or skip together.
         if not trainer.strategy.reduce_boolean_decision(bad, all=False):
-            self._in_a_row = 0
+            self._in_a_row, self._loss_failed = 0, False
         else:
+            self._loss_failed = self._loss_failed or (bool(losses) and not bool(checks[0]))
             self._handle(trainer, pl_module, self._describe(pl_module, losses, grad_norm, check_grads))
         pl_module.log("train/skipped_batches", float(self.skipped))
 
@@ -78,9 +80,12 @@ class NanGuard(L.Callback):
         self._saved_steps.add(trainer.global_step)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._in_a_row:  # 'skip' ended in skipped steps: the weights they left (unchanged since) gave non-finite
+        # 'skip' that ended in skipped steps, one of them with a non-finite loss: the weights the run leaves (unchanged
+        # since) give one. A finite loss with a non-finite gradient does not condemn them (a bad batch).
+        if self._in_a_row and trainer.strategy.reduce_boolean_decision(self._loss_failed, all=False):
             raise self._stop(trainer, pl_module, f"the run ended with its last {self._in_a_row} steps (from global step "
-                                                 f"{self._first_bad}) non-finite and skipped: its weights are broken")
+                                                 f"{self._first_bad}) skipped, the loss of its weights non-finite: they "
+                                                 f"are broken")
 
     def _describe(self, pl_module: L.LightningModule, losses: list[torch.Tensor], grad_norm, check_grads: bool) -> str:
         first = None

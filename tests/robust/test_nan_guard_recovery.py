@@ -106,7 +106,17 @@ def test_skip_run_that_ends_in_skipped_steps_is_an_error(tmp_path, corpus, cache
     """on_nonfinite=skip with diverged weights: every later step is skipped; the run used to finish with exit 0."""
     message = fails(["fit", "--config", config(tmp_path, corpus, cache_dir, steps=6), "--model.lr", "1e30",
                      "--nan_guard.on_nonfinite", "skip"])
-    assert message.startswith("error: the run ended with its last 5 steps (from global step 1) non-finite and "
-                              "skipped: its weights are broken: put aside ")
+    assert message.startswith("error: the run ended with its last 5 steps (from global step 1) skipped, the loss of "
+                              "its weights non-finite: they are broken: put aside ")
     assert checkpoints(tmp_path) == {}
     assert "no checkpoint of good weights is left: start again with a lower lr: lightning-mamba fit" in message
+
+
+def test_skip_run_that_ends_in_a_skipped_bad_gradient_finishes(tmp_path, corpus, cache_dir):
+    """An infinite gradient with a finite loss at the last step: a bad batch, not broken weights; the run ends well."""
+    path = config(tmp_path, corpus, cache_dir, steps=4)
+    main(["fit", "--config", path, "--nan_guard.on_nonfinite", "skip", "--trainer.callbacks+=tests.robust.helpers."
+          "InfiniteGradient", "--trainer.callbacks.step", "3", "--trainer.callbacks.name",
+          "model.backbone.layers.0.mixer.in_proj.weight"])
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 4 and last["callbacks"]["NanGuard"] == {"skipped": 1}
