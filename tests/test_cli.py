@@ -26,9 +26,16 @@ def tiny_args(tmp_path, corpus):
     ]
 
 
-def test_fit_writes_events_config_and_checkpoint(tmp_path, corpus):
+def test_fit_writes_events_config_and_checkpoint(tmp_path, corpus, capsys):
     main(["fit", *tiny_args(tmp_path, corpus)])
     run = tmp_path / "runs" / "tiny" / "version_0"
+    out = capsys.readouterr().out
+    summary = out[out.index("fit done at step 6"):]  # one summary block at the end
+    assert f"run directory:   {os.path.relpath(run)}" in summary
+    assert f"last checkpoint: {os.path.relpath(run / 'checkpoints' / 'last.ckpt')}" in summary
+    assert "final val loss:  " in summary and "none" not in summary.split("final val loss:")[1].splitlines()[0]
+    assert ("forgetting:      forgets (blow-up: none" in summary or "forgetting:      FAILS to forget" in summary)
+    assert "at step 6" in summary.split("forgetting:")[1]
     assert glob.glob(str(run / "events.out.tfevents.*"))
     assert (run / "config.yaml").exists()
     ckpts = glob.glob(str(run / "checkpoints" / "*.ckpt"))
@@ -44,6 +51,30 @@ def test_fit_writes_events_config_and_checkpoint(tmp_path, corpus):
     acc.Reload()
     tags = acc.Tags()["scalars"]
     assert {"train/loss", "val/loss", "val/ppl"} <= set(tags)
+    assert "hp_metric" not in tags  # no -1 placeholder
+
+
+def test_noise_is_off_and_verdicts_read_in_words():
+    import logging
+    import warnings
+
+    from torch.utils._pytree import LeafSpec
+
+    from lightning_mamba.analysis.criterion import verdict_text
+    from lightning_mamba.training.cli import quiet_lightning
+
+    quiet_lightning()
+    tip = logging.LogRecord("lightning.pytorch.utilities.rank_zero", logging.INFO, "", 0,
+                            "💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]",
+                            None, None)
+    assert not logging.getLogger("lightning.pytorch.utilities.rank_zero").filter(tip)
+    with warnings.catch_warnings(record=True) as caught:
+        LeafSpec()
+    assert not [w for w in caught if "LeafSpec" in str(w.message)]
+    v = {"forgets": False, "blowup_position": -1, "seq_len": 64, "ratio_long_over_in": 2.5}
+    assert verdict_text(v) == "FAILS to forget (blow-up at position none, ratio [4T,16T]/[T/2,T] 2.500)"
+    assert verdict_text({**v, "forgets": True}).startswith("forgets (blow-up: none")
+    assert "position 128 (2.0 x T)" in verdict_text({**v, "blowup_position": 128})
 
 
 def make_train_line(**knobs) -> list[str]:

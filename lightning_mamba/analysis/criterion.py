@@ -33,6 +33,26 @@ class ForgettingVerdict:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def text(self) -> str:
+        """The verdict for people: "forgets" or "FAILS to forget", the blow-up position ("none" rather than -1)
+        and the ratios where measured."""
+        return verdict_text(self.to_dict())
+
+
+def verdict_text(v: dict) -> str:
+    """A verdict dict (``ForgettingVerdict.to_dict()``, as saved in the analyses' JSON) in one line of words."""
+    pos = v.get("blowup_position")
+    pos = None if pos is None or pos < 0 else int(pos)  # -1 (TensorBoard's "none") is no position
+    if v.get("forgets"):
+        text = "forgets (blow-up: none"
+    else:
+        where = f"{pos}" if pos is None or not v.get("seq_len") else f"{pos} ({pos / v['seq_len']:.1f} x T)"
+        text = f"FAILS to forget (blow-up at position {where if pos is not None else 'none'}"
+    ratios = [f"{name} {v[key]:.3f}" for key, name in (("ratio_long_over_in", "ratio [4T,16T]/[T/2,T]"),
+                                                        ("ratio_16_64x", "ratio [16T,64T]/[T/2,T]"))
+              if v.get(key) is not None]
+    return text + "".join(f", {r}" for r in ratios) + ")"
+
 
 def _window_mean(positions: np.ndarray, curve: np.ndarray, lo: float, hi: float) -> float | None:
     """Mean of the buckets whose last position lies in (lo, hi]; None if the curve does not reach hi."""

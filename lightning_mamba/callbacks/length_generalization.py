@@ -219,6 +219,8 @@ class LengthGeneralizationCallback(PeriodicAnalysis):
         self.multiples = tuple(sorted(int(m) for m in multiples))
         self.n_rows, self.bucket, self.piece_len = n_rows, bucket, piece_len
         self.max_eval_tokens, self.dtype, self.threshold = max_eval_tokens, dtype, threshold
+        self.last_result: dict | None = None  # {"step", "verdict"} of this run's latest evaluation (the fit summary)
+        self._noted = False
 
     def analyze(self, trainer: L.Trainer, model, data: Any, step: int) -> None:
         t0 = time.perf_counter()
@@ -232,10 +234,12 @@ class LengthGeneralizationCallback(PeriodicAnalysis):
         verdict = report.verdict
         metrics = report.scalars("lengthgen/")
         self.log_scalars(trainer, metrics, step)
+        self._note_blowup_scalar(trainer)
+        self.last_result = {"step": step, "verdict": verdict.to_dict()}
 
         fig = plots.plot_loss_curve(report.positions, report.curve, T, self.threshold * verdict.max_in_window,
                                     threshold_factor=self.threshold, title=f"step {step}: " + ("forgets" if verdict.forgets else
-                                                              f"blows up at {verdict.blowup_position}"))
+                                                              f"FAILS to forget, blow-up at {verdict.blowup_position}"))
         self.log_figure(trainer, "lengthgen/loss_vs_position", fig, step)
 
         out = os.path.join(self.out_dir(trainer), f"step_{step}")
@@ -245,3 +249,13 @@ class LengthGeneralizationCallback(PeriodicAnalysis):
             "verdict": verdict.to_dict(), "metrics": metrics,
             "bucket_positions": report.positions.tolist(), "bucket_loss": report.curve.tolist(),
             "per_position_loss": report.per_position.tolist(), "seconds": time.perf_counter() - t0})
+
+    def _note_blowup_scalar(self, trainer: L.Trainer) -> None:
+        """TensorBoard keeps ``lengthgen/blowup_position`` a number: say once, beside it, that -1 means none."""
+        if self._noted:
+            return
+        self._noted = True
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_text("lengthgen/blowup_position", "-1 means none: no bucket of the loss curve "
+                                           "exceeds the threshold (the model forgets)", global_step=0)

@@ -193,7 +193,9 @@ def markdown_table(entries: list[dict], seq_len: int) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     for e in entries:
         m = e["metrics"]
-        verdict = "forgets" if m["forgets"] else f"FAILS at {m['blowup_position']} ({m['blowup_position'] / seq_len:.1f} T)"
+        pos = m["blowup_position"]
+        verdict = ("forgets" if m["forgets"] else "FAILS to forget, blow-up at " + (
+            "none" if pos is None or pos < 0 else f"{pos} ({pos / seq_len:.1f} T)"))
         lines.append(f"| {e['name']} | {e['setting']} | {f(m['loss_in_window'])} | {f(m['loss@4x'])} | "
                      f"{f(m['loss_beyond_4x'])} | {f(m['ratio'])} | {verdict} |")
     return lines

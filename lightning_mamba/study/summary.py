@@ -222,12 +222,12 @@ def plot_curve_grid(results: list[dict], rows: list[dict]) -> plt.Figure:
             ax.axvline(t, color="k", linestyle="--", linewidth=0.8)
             ax.axhline(v["threshold"] * v["max_in_window"], color="r", linestyle=":", linewidth=0.8)
             plots._log_positions(ax)
-            ax.set_title(f"{name} LEN {t}: {'pass' if v['forgets'] else 'FAIL'}", fontsize=8)
+            ax.set_title(f"{name} LEN {t}: {'forgets' if v['forgets'] else 'FAILS'}", fontsize=8)
             ax.tick_params(labelsize=7)
     factor = f"{next(iter(factors)):g}" if len(factors) == 1 else "threshold"
-    handles = [Line2D([], [], color="C0", linewidth=1, label="loss, cell passes (forgets)")] if True in passed else []
+    handles = [Line2D([], [], color="C0", linewidth=1, label="loss, cell forgets")] if True in passed else []
     if False in passed:
-        handles.append(Line2D([], [], color="C3", linewidth=1, label="loss, cell FAILS"))
+        handles.append(Line2D([], [], color="C3", linewidth=1, label="loss, cell FAILS to forget"))
     handles += [Line2D([], [], color="k", linestyle="--", linewidth=0.8, label="LEN (T_train)"),
                Line2D([], [], color="r", linestyle=":", linewidth=0.8,
                       label=f"failure threshold: {factor} x max bucket loss within LEN")]
@@ -395,11 +395,11 @@ def write_figures(out: str, results: list[dict], rows: list[dict], fits: dict, t
 
 
 def markdown_table(rows: list[dict]) -> list[str]:
-    lines = ["| row | N_S (M) | N_S SSM-only (M) | T_forget | passes per LEN |", "|---|---|---|---|---|"]
+    lines = ["| row | N_S (M) | N_S SSM-only (M) | T_forget | forgets per LEN |", "|---|---|---|---|---|"]
     for r in rows:
         ns = f"{r['n_s'] / N_S_UNIT:.3f}" if "n_s" in r else "-"
         ssm = f"{r['n_s_ssm_only'] / N_S_UNIT:.3f}" if "n_s" in r else "-"
-        passes = " ".join(f"{t}:{'pass' if p else 'FAIL'}" for t, p in r["passes"].items())
+        passes = " ".join(f"{t}:{'forgets' if p else 'FAILS'}" for t, p in r["passes"].items())
         lines.append(f"| {r['row']} | {ns} | {ssm} | {r['t_forget_text']} | {passes} |")
     return lines
 

@@ -4,16 +4,21 @@ a typed --model.lr), and a checkpoint plus a non-zero exit on SIGTERM."""
 
 from __future__ import annotations
 
+import logging
+import os
 import shlex
 import sys
+import warnings
 
 import lightning as L
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from ..analysis.criterion import verdict_text
 from ..data import TextDataModule
 from .checkpoint_io import check_resume
 from .module import MambaLitModule
@@ -87,9 +92,16 @@ class MambaCLI(LightningCLI):
             self._resume_at_lr = True
 
     def before_fit(self) -> None:
+        for logger in self.trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):  # no hp_metric = -1 (Lightning's placeholder) in TensorBoard
+                logger._default_hp_metric = False
         self.trainer.callbacks.append(CheckpointOnSigterm())
         if getattr(self, "_resume_at_lr", False):
             self.trainer.callbacks.append(ResumeAtLr())
+
+    def after_fit(self) -> None:
+        if self.trainer.is_global_zero:
+            print("\n".join(fit_summary(self.trainer)), flush=True)
 
     def add_arguments_to_parser(self, parser) -> None:
         # NaN/Inf guard on every run: --nan_guard.on_nonfinite stop|skip
@@ -99,7 +111,48 @@ class MambaCLI(LightningCLI):
                               else "model.vocab_size", apply_on="instantiate")
 
 
+def fit_summary(trainer: L.Trainer) -> list[str]:
+    """The lines printed at the end of ``fit``: run directory, last checkpoint, final val loss, the forgetting verdict
+    of the last length-generalization evaluation."""
+    from ..callbacks.length_generalization import LengthGeneralizationCallback
+
+    logger = trainer.loggers[0] if trainer.loggers else None
+    run_dir = (logger.log_dir if logger is not None else None) or trainer.default_root_dir
+    ckpt = next((cb.last_model_path or cb.best_model_path for cb in trainer.checkpoint_callbacks
+                 if isinstance(cb, ModelCheckpoint) and (cb.last_model_path or cb.best_model_path)), None)
+    val = trainer.callback_metrics.get("val/loss")
+    lengthgen = next((cb for cb in trainer.callbacks if isinstance(cb, LengthGeneralizationCallback)), None)
+    result = lengthgen.last_result if lengthgen is not None else None
+    if result is not None:
+        verdict = f"{verdict_text(result['verdict'])} at step {result['step']}"
+    else:
+        verdict = "not evaluated (no LengthGeneralizationCallback ran)"
+    return [
+        f"fit done at step {trainer.global_step}",
+        f"  run directory:   {os.path.relpath(run_dir) if run_dir else 'none'}",
+        f"  last checkpoint: {os.path.relpath(ckpt) if ckpt else 'none (checkpointing is off)'}",
+        f"  final val loss:  {float(val):.4f}" if val is not None else "  final val loss:  none (no validation ran)",
+        f"  forgetting:      {verdict}",
+    ]
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in str(record.msg)
+
+
+def quiet_lightning() -> None:
+    """Off by default: Lightning's litlogger advertisement and torch's ``LeafSpec`` deprecation warning (raised by
+    Lightning's own code, printed into the progress bar); neither is about the run."""
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropTips) for f in log.filters):
+            log.addFilter(_DropTips())
+
+
 def lightning_cli(args=None, run: bool = True, description: str = "Train and study Mamba-2 LMs.") -> MambaCLI:
+    quiet_lightning()
     return MambaCLI(
         MambaLitModule,
         TextDataModule,

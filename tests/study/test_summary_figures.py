@@ -62,11 +62,11 @@ def test_the_curve_grid_names_its_lines_and_only_those_drawn():
     fig = plot_curve_grid(results, rows_of(results, None))
     names = [t.get_text() for t in fig.legends[0].get_texts()]
     assert "failure threshold: 2 x max bucket loss within LEN" in names and "LEN (T_train)" in names
-    assert "loss, cell FAILS" in names and "loss, cell passes (forgets)" in names
+    assert "loss, cell FAILS to forget" in names and "loss, cell forgets" in names
     plots.close(fig)
     results = [result("state8", 1500, 32, True)]
     fig = plot_curve_grid(results, rows_of(results, None))
-    assert "loss, cell FAILS" not in [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "loss, cell FAILS to forget" not in [t.get_text() for t in fig.legends[0].get_texts()]
     plots.close(fig)
 
 
