@@ -23,6 +23,7 @@ from ..analysis.state_stats import newline_probe, state_statistics
 from ..atomic import atomic_write_json
 from ..mitigations.interventions import apply_interventions
 from ..mitigations.search import add_intervention_args, interventions_from_args
+from ..progress import phase
 from . import run_command
 from .common import CommandError, add_checkpoint_args, add_heldout_args, default_out, load_inputs
 
@@ -55,9 +56,11 @@ def analyze(args) -> dict:
 
     mitigations, intervention = interventions_from_args(args, model, rows, T, dtype, device, args.batch_size)
     with apply_interventions(model, **mitigations):  # everything below the model as mitigated, if asked
-        report = measure_forgetting(model, rows, T, bucket, args.threshold, piece_len=args.piece_len, dtype=dtype,
-                                    device=device, batch_size=args.batch_size)
-        stats = _state_stats(args, model, rows, tokenizer, T, length, stride, dtype, device)
+        with phase(f"analyze: loss vs position on {rows.size(0)} rows x {length} tokens"):
+            report = measure_forgetting(model, rows, T, bucket, args.threshold, piece_len=args.piece_len, dtype=dtype,
+                                        device=device, batch_size=args.batch_size)
+        with phase(f"analyze: state statistics ({', '.join(args.probes)})"):
+            stats = _state_stats(args, model, rows, tokenizer, T, length, stride, dtype, device)
 
     cfg = model.config
     result = {
@@ -69,7 +72,8 @@ def analyze(args) -> dict:
         "state": {p: s.summary(tuple(report.loss_at)) for p, s in stats.items()},
         "seconds": time.perf_counter() - t0,
     }
-    write_outputs(args, result, report, stats)
+    with phase("analyze: writing figures and JSON"):
+        write_outputs(args, result, report, stats)
     return result
 
 

@@ -31,6 +31,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from ..atomic import atomic_write_json
+from ..progress import phase
 from .cache import fingerprint, load_or_build, token_dtype
 from .code_corpus import (
     MAX_FILE_BYTES,
@@ -222,7 +223,8 @@ class TextDataModule(L.LightningDataModule):
         dtype = token_dtype(self.tokenizer.vocab_size)
 
         def tokenize(split: str) -> np.ndarray:  # only runs for a cache that is not there (or not valid)
-            return encode_documents(self.tokenizer, self.documents[split], dtype, desc=f"tokenizing {split}")
+            with phase(f"data: tokenizing the {split} split into {self.cache_path(split)}"):
+                return encode_documents(self.tokenizer, self.documents[split], dtype, desc=f"tokenizing {split}")
 
         # each split's cache is keyed by its split too, so that a train cache swapped with the val one is caught;
         # the ids are checked against the tokenizer's vocabulary (an out-of-range id would fail deep in training)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from ..progress import phase
 from .cache import atomic_write, fingerprint
 from .errors import DataError
 
@@ -175,7 +176,7 @@ def cached_bpe(vocab_size: int, train_docs: Callable[[], Sequence[str]], cache_d
     """The BPE for ``cache_key`` (what the training documents depend on) from ``cache_dir``, else trained on
     ``train_docs()`` and saved there. A file that does not load back is retrained over, never used."""
     if cache_dir is None:
-        return BPETokenizer.train(train_docs(), vocab_size)
+        return _train_bpe(train_docs, vocab_size)
     path = os.path.join(cache_dir, f"tokenizer-bpe{vocab_size}-{fingerprint(cache_key, vocab_size, BPE_VERSION)}.json")
     if os.path.isfile(path):
         try:
@@ -184,9 +185,14 @@ def cached_bpe(vocab_size: int, train_docs: Callable[[], Sequence[str]], cache_d
                 return tok
         except Exception:  # damaged file: fall through and retrain
             pass
-    tok = BPETokenizer.train(train_docs(), vocab_size)
+    tok = _train_bpe(train_docs, vocab_size)
     tok.save(path)
     return tok
+
+
+def _train_bpe(train_docs: Callable[[], Sequence[str]], vocab_size: int) -> BPETokenizer:
+    with phase(f"data: training a BPE tokenizer of {vocab_size} tokens on the training split"):
+        return BPETokenizer.train(train_docs(), vocab_size)
 
 
 def check_tokenizer_spec(spec: str) -> None:

@@ -10,6 +10,7 @@ by the loss at ``at_multiple`` x T_train (default 4) on held-out text, i.e. the 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -67,7 +68,8 @@ class SearchResult:
 
 
 def search(model, tokens: Tensor, seq_len: int, grid: list[dict], at_multiple: int = 4, piece_len: int = 2048,
-           dtype: str | torch.dtype = torch.float32, device=None, batch_size: int | None = None) -> SearchResult:
+           dtype: str | torch.dtype = torch.float32, device=None, batch_size: int | None = None,
+           log=lambda msg: None) -> SearchResult:
     """Evaluate each setting of ``grid`` (keyword arguments of :func:`evaluate_with`) on ``tokens`` cut to
     at_multiple x seq_len positions and return the one with the lowest loss over (m T/2, m T]. A setting whose loss
     is not finite never wins. Put ``{}`` in the grid to compare against the model as trained."""
@@ -79,10 +81,13 @@ def search(model, tokens: Tensor, seq_len: int, grid: list[dict], at_multiple: i
         raise ValueError("empty search grid")
     rows = tokens[:, :hi + 1]
     table = []
-    for setting in grid:
+    for i, setting in enumerate(grid):
+        t0 = time.perf_counter()
         losses = evaluate_with(model, rows, seq_len, piece_len, dtype, device, batch_size, **setting)
         loss = loss_at_multiple(losses, seq_len, at_multiple)
         table.append({**setting, "tag": describe(**setting) or "none", "loss": loss})
+        log(f"setting {i + 1}/{len(grid)} {table[-1]['tag']}: loss@{at_multiple}x "
+            f"{'n/a' if loss is None else f'{loss:.4f}'} ({time.perf_counter() - t0:.1f} s)")
     finite = [row for row in table if row["loss"] is not None and math.isfinite(row["loss"])]
     best = min(finite, key=lambda row: row["loss"]) if finite else table[0]
     return SearchResult(best=best, table=table, at_multiple=at_multiple)
@@ -164,19 +169,25 @@ def compare_mitigations(model, rows: Tensor, seq_len: int, bucket: int, methods=
     entries = []
 
     def add(name, m, setting, search_table=None, pl=piece_len):
+        t0 = time.perf_counter()
+        log(f"{name}: evaluating {describe(**setting) or 'as is'} on {rows.size(0)} rows x {rows.size(1) - 1} tokens")
         losses = evaluate_with(m, rows, seq_len, pl, **kw, **setting)
         report = forgetting_report(losses, seq_len, bucket, threshold, multiples=(1, 4))
         entries.append({"name": name, "setting": describe(**setting) or "none", "search": search_table,
                         "metrics": curve_metrics(report, losses),
                         "positions": report.positions.tolist(), "curve": report.curve.tolist()})
-        log(f"{name}: {entries[-1]['setting']}")
+        log(f"{name}: {entries[-1]['setting']}: {'forgets' if report.verdict.forgets else 'FAILS to forget'} "
+            f"({time.perf_counter() - t0:.1f} s)")
 
     add("as trained", model, {})
     for method in methods:
         if method == "state_norm":  # nothing to search: thresholds from the norms within T_train
             add("state norm", model, {"state_norm": "calibrate"}, pl=max(1, min(piece_len, seq_len // 4)))
             continue
-        result = search(model, rows, seq_len, default_grid(method, seq_len), at_multiple, piece_len, **kw)
+        grid = default_grid(method, seq_len)
+        log(f"{method}: searching {len(grid)} settings by the loss at {at_multiple} x T")
+        result = search(model, rows, seq_len, grid, at_multiple, piece_len, **kw,
+                        log=lambda msg, method=method: log(f"{method}: {msg}"))
         setting = {k: v for k, v in result.best.items() if k not in ("tag", "loss")}
         add({"rri": "RRI", "dt_scale": "dt scaling", "window": "sliding window"}[method], model, setting,
             [{"setting": r["tag"], "loss": r["loss"]} for r in result.table])

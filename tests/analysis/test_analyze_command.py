@@ -37,6 +37,9 @@ def test_analyze_writes_verdict_curve_stats_and_pngs(stubbed, capsys):
     assert "verdict:" in printed.out and "ratio mean[4T,16T]" in printed.out and "repeated" in printed.err
     assert "ratio mean[16T,64T] / mean[T/2,T]: " in printed.out and "95% bootstrap interval" in printed.out
     assert "only 1 of 32 rows" in printed.err  # the held-out text is short: says so, and what to change
+    for phase in ("loss vs position on 1 rows x 2048 tokens", "state statistics (text, newlines)",
+                  "writing figures and JSON"):  # each silent phase starts and ends with a line, and its time
+        assert f"analyze: {phase} ..." in printed.err and f"analyze: {phase}: done in " in printed.err
     r = json.loads((out / "verdict.json").read_text())
     assert r["seq_len"] == 32 and r["length"] == 64 * 32 and r["bucket"] == 16
     v = r["verdict"]

@@ -29,8 +29,13 @@ def test_mitigate_compares_every_fix_on_the_same_rows(checkpoint, tmp_path, caps
     path, text = checkpoint
     out = tmp_path / "out"
     assert cmd.main(run_args(path, text, out, "--compare", json.dumps({"same weights": str(path)}))) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "| RRI |" in printed and "| sliding window |" in printed
+    progress = captured.err.splitlines()  # one line per setting evaluated, on stderr
+    assert any(line.startswith("mitigate: rri: setting 1/") and "loss@4x" in line for line in progress)
+    assert any(line.startswith("mitigate: window: setting ") for line in progress)
+    assert any(line.startswith("mitigate: state norm: statenorm: ") for line in progress)
     r = json.loads((out / "mitigation.json").read_text())
     by = {e["name"]: e for e in r["entries"]}
     assert list(by) == ["as trained", "RRI", "dt scaling", "sliding window", "state norm", "same weights"]

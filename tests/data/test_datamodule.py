@@ -1,4 +1,5 @@
 import os
+import re
 
 import numpy as np
 import pytest
@@ -43,11 +44,15 @@ def test_byte_end_to_end(text_dir, tmp_path, sample_documents):
     assert (train_docs | val_docs) - {""} == set(sample_documents)
 
 
-def test_bpe_end_to_end_and_cache_reuse(text_dir, tmp_path):
+def test_bpe_end_to_end_and_cache_reuse(text_dir, tmp_path, capsys):
     dm = make(text_dir, tmp_path, tokenizer="bpe", bpe_vocab_size=600, reset_at_document_boundaries=True)
     assert dm.vocab_size_for_model == 600
     assert not os.path.exists(dm.hparams.cache_dir)  # known without training or tokenizing anything
     ready(dm)
+    err = capsys.readouterr().err  # the slow phases say when they start and end, with the time taken
+    assert "data: training a BPE tokenizer of 600 tokens on the training split ..." in err
+    assert re.search(r"data: training a BPE tokenizer of 600 tokens on the training split: done in [0-9.]+ s", err)
+    assert re.search(r"data: tokenizing the train split into .*: done in [0-9.]+ s", err)
     assert dm.tokenizer.vocab_size <= 600
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].max() < 600 and batch["seq_idx"].dtype == torch.int32
@@ -60,6 +65,7 @@ def test_bpe_end_to_end_and_cache_reuse(text_dir, tmp_path):
     assert cache_files(again) == files  # seq_len and batch_size do not key the caches
     assert {f: os.stat(os.path.join(dm.hparams.cache_dir, f)).st_mtime_ns for f in files} == stamps
     np.testing.assert_array_equal(again.val_tokens(), dm.val_tokens())
+    assert "data:" not in capsys.readouterr().err  # nothing to do, nothing said
 
 
 def test_settings_that_change_tokens_change_the_cache(text_dir, tmp_path):
