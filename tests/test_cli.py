@@ -125,3 +125,13 @@ def test_validate_test_and_predict_run_on_a_checkpoint(tmp_path, corpus):
     cli = lightning_cli(["predict", *tiny_args(tmp_path, corpus), "--ckpt_path", ckpt, "--trainer.limit_predict_batches", "1"])
     out = cli.trainer.predict_loop.predictions
     assert out and out[0]["token_losses"].shape == (4, 64) and torch.isfinite(out[0]["token_losses"]).all()
+
+
+def test_resume_goes_on_in_the_run_directory(tmp_path, corpus, recwarn):
+    main(["fit", *tiny_args(tmp_path, corpus)])
+    run = tmp_path / "runs" / "tiny" / "version_0"
+    main(["fit", *tiny_args(tmp_path, corpus), "--trainer.max_steps", "8",
+          "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
+    assert sorted(os.listdir(tmp_path / "runs" / "tiny")) == ["version_0"]  # no version_1
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 8
+    assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
 import sys
 import warnings
@@ -15,7 +16,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ..analysis.criterion import verdict_text
@@ -86,6 +87,8 @@ class MambaCLI(LightningCLI):
             check_resume(self.config[sub].ckpt_path, given, kept=("lr",) if typed else ())
             lr = given.get("lr") if typed else None
         super()._parse_ckpt_path()
+        if sub == "fit" and self.config[sub].get("ckpt_path"):
+            resume_into_run_directory(self.config[sub])
         if lr is not None and self.config[sub].model.lr != lr:
             rank_zero_warn(f"resuming at model.lr={lr} (the checkpoint's is {self.config[sub].model.lr})")
             self.config[sub].model.lr = lr
@@ -109,6 +112,32 @@ class MambaCLI(LightningCLI):
         # The model's vocabulary is the tokenizer's: one setting, not two that can disagree.
         parser.link_arguments("data.vocab_size_for_model", "model.init_args.vocab_size" if self.subclass_mode_model
                               else "model.vocab_size", apply_on="instantiate")
+
+
+def resume_into_run_directory(config: Namespace) -> None:
+    """``fit --ckpt_path <save_dir>/<name>/version_<n>/checkpoints/last.ckpt`` goes on in that run directory: the
+    TensorBoard logger's version is set to n (unless one was given), so events, config and checkpoints stay in one
+    place and ModelCheckpoint keeps its state. Other loggers (CSVLogger would delete the run's metrics.csv) log to a
+    new version, and a line says why."""
+    path = os.path.abspath(str(config.ckpt_path))
+    checkpoints = os.path.dirname(path)
+    run = os.path.dirname(checkpoints)
+    match = re.fullmatch(r"version_(\d+)", os.path.basename(run))
+    logger = config.trainer.get("logger")
+    if match is None or os.path.basename(checkpoints) != "checkpoints" or not isinstance(logger, Namespace):
+        return
+    init = logger.get("init_args") or Namespace()
+    save_dir, name = init.get("save_dir"), init.get("name", "lightning_logs")
+    if save_dir is None or init.get("version") is not None or not name:
+        return
+    if os.path.abspath(os.path.join(str(save_dir), str(name))) != os.path.dirname(run):
+        return  # another run's checkpoint (e.g. a fine-tune's start): a new version of this run's name
+    if str(logger.get("class_path", "")).rsplit(".", 1)[-1] != "TensorBoardLogger":
+        rank_zero_info(f"resuming from {config.ckpt_path}: the logs go to a new version of {name}, not to {run} "
+                       f"(only the TensorBoardLogger appends to a run's directory; this logger would overwrite it)")
+        return
+    init.version = int(match.group(1))
+    logger.init_args = init
 
 
 def fit_summary(trainer: L.Trainer) -> list[str]:
