@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import os
+import time
 import uuid
 from collections.abc import Callable
 from typing import BinaryIO
@@ -46,3 +49,25 @@ def atomic_write_json(path: str, obj, indent: int | None = None, allow_nan: bool
     (``study.sweep.write_json``, ``models.checkpoint.save_pretrained``) and may pass ``allow_nan=False``: a
     non-finite float left is then a ValueError and nothing is written."""
     atomic_write_text(path, json.dumps(obj, indent=indent, allow_nan=allow_nan))
+
+
+def remove_stale_temporaries(path: str, min_age_seconds: float = 0.0) -> None:
+    """Delete the temporary files that killed writes of ``path`` left behind (:func:`atomic_write`'s
+    ``.<name>.<pid>.<random>.tmp``) whose process is gone and that nobody wrote to for ``min_age_seconds`` (give a
+    margin where the folder is shared between machines: the pid may then be another machine's)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    for tmp in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.*.tmp")):
+        pid = tmp[len(os.path.join(folder, name)) + 2:].split(".")[0]
+        with contextlib.suppress(OSError):
+            if pid.isdigit() and not _alive(int(pid)) and time.time() - os.path.getmtime(tmp) >= min_age_seconds:
+                os.remove(tmp)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass  # exists, owned by someone else
+    return True

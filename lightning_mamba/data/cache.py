@@ -10,18 +10,15 @@ written last. The temporary files of a killed writer are deleted by the next :fu
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import hashlib
 import json
 import os
-import time
 import warnings
 from collections.abc import Callable
 
 import numpy as np
 
-from ..atomic import atomic_write, atomic_write_json
+from ..atomic import atomic_write, atomic_write_json, remove_stale_temporaries
 from .errors import DataError
 
 CACHE_FORMAT = 2  # 2: the checksum covers every token (format 1 hashed the first and last CHECKSUM_SPAN bytes)
@@ -115,34 +112,13 @@ def open_token_cache(path: str, key: str, vocab_size: int | None = None) -> np.n
     return check_token_cache(path, key, vocab_size)[0]
 
 
-def remove_stale_temporaries(path: str) -> None:
-    """Delete the temporary files that killed writes of ``path`` left behind: ``atomic_write``'s
-    ``.<name>.<pid>.<random>.tmp`` whose process is gone and that nobody wrote to for a while (the pid may be
-    another machine's when the cache folder is shared)."""
-    folder, name = os.path.split(os.path.abspath(path))
-    for tmp in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.*.tmp")):
-        pid = tmp[len(os.path.join(folder, name)) + 2:].split(".")[0]
-        with contextlib.suppress(OSError):
-            if (pid.isdigit() and not _alive(int(pid))
-                    and time.time() - os.path.getmtime(tmp) > STALE_TEMPORARY_SECONDS):
-                os.remove(tmp)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        pass  # exists, owned by someone else
-    return True
 
 
 def load_or_build(path: str, key: str, build: Callable[[], np.ndarray], vocab_size: int | None = None) -> np.ndarray:
     """The cache at ``path`` if it is valid for ``key`` (and every id < ``vocab_size``), else ``build()`` written
     there and reopened; a damaged cache is rebuilt with a one-line warning."""
     for target in (path, sidecar_path(path)):
-        remove_stale_temporaries(target)
+        remove_stale_temporaries(target, STALE_TEMPORARY_SECONDS)
     tokens, damage = check_token_cache(path, key, vocab_size)
     if tokens is None:
         if damage is not None:

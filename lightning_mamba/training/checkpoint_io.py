@@ -12,8 +12,6 @@ until the new one is complete and durable.
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import os
 from typing import Any
 
@@ -22,7 +20,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
-from ..atomic import atomic_write
+from ..atomic import atomic_write, remove_stale_temporaries
 from ..data.errors import DataError
 from ..data.tokenization import tokenizer_from_spec
 from ..models import ConfigError, MambaConfig, MambaLM
@@ -56,27 +54,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path, *args: Any, weights_only: bool | None = None, **kwargs: Any) -> dict[str, Any]:
         # tensors and plain values only, whatever the caller or torch's default (False before 2.6): no code runs
         return super().load_checkpoint(path, *args, weights_only=True, **kwargs)
-
-
-def remove_stale_temporaries(path: str) -> None:
-    """Delete the temporary files that killed saves of ``path`` left behind (each as large as a checkpoint):
-    ``atomic_write``'s ``.<name>.<pid>.<random>.tmp`` whose process is gone."""
-    folder, name = os.path.split(os.path.abspath(path))
-    for tmp in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.*.tmp")):
-        pid = tmp[len(os.path.join(folder, name)) + 2:].split(".")[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        pass  # exists, owned by someone else
-    return True
 
 
 # ---- does a checkpoint fit this run? ------------------------------------------------------------------
