@@ -79,14 +79,18 @@ class MambaCLI(LightningCLI):
         # LightningCLI replaces the model settings by the checkpoint's: refuse a different shape instead of
         # silently dropping what the user asked for.
         sub = self.config.get("subcommand")
-        lr = None
+        lr = replan = None
         if sub and self.config[sub].get("ckpt_path"):
             given = self.config[sub].model.as_dict()
             # a --model.lr typed with --ckpt_path wins: how a run stopped by the NaN guard goes on at a lower lr
-            typed = any(a == "--model.lr" or a.startswith("--model.lr=") for a in self._argv)
-            check_resume(self.config[sub].ckpt_path, given, kept=("lr",) if typed else ())
-            lr = given.get("lr") if typed else None
+            kept = tuple(k for k in ("lr", "replan_schedule")
+                         if any(a == f"--model.{k}" or a.startswith(f"--model.{k}=") for a in self._argv))
+            check_resume(self.config[sub].ckpt_path, given, kept=kept)
+            lr = given.get("lr") if "lr" in kept else None
+            replan = given.get("replan_schedule") if "replan_schedule" in kept else None
         super()._parse_ckpt_path()
+        if sub and replan is not None:  # typed with --ckpt_path: wins over the checkpoint's
+            self.config[sub].model.replan_schedule = replan
         if sub == "fit" and self.config[sub].get("ckpt_path"):
             resume_into_run_directory(self.config[sub])
         if lr is not None and self.config[sub].model.lr != lr:

@@ -68,6 +68,9 @@ class MambaLitModule(L.LightningModule):
             SSM states on training samples started from zero.
         noise_calibrate_every: 'noise': measure that RMS at the first step and every this many steps (a forward
             pass without gradients on the step's batch).
+        replan_schedule: On a resume (--ckpt_path) plan the lr schedule over the new run's length (e.g. a larger
+            --trainer.max_steps). Off: the schedule keeps the length the run started with (it is in the
+            checkpoint), so the lr does not jump back up; past its end it stays at its final value.
         cuda_graph: Capture the training loss's forward and backward as CUDA graphs at the first training step and
             replay them at every later one (training/cuda_graph.py): removes the CPU cost of launching the
             step's kernels, which bounds the step time of small and mid-size models on a GPU. One CUDA device,
@@ -106,6 +109,7 @@ class MambaLitModule(L.LightningModule):
         noise_scale: float = 1.0,
         noise_calibrate_every: int = 50,
         cuda_graph: bool = False,
+        replan_schedule: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -137,6 +141,7 @@ class MambaLitModule(L.LightningModule):
             raise ConfigError(f"model.cuda_graph needs model.initial_state zero (got {initial_state!r}): the graphs "
                               f"capture a step from zero states; drop one of the two")
         self._graphed_loss = GraphedLoss(self.model) if cuda_graph else None
+        self._schedule_total: int | None = None  # the lr schedule's length in steps (kept in checkpoints)
 
     @property
     def config(self) -> MambaConfig:
@@ -249,6 +254,13 @@ class MambaLitModule(L.LightningModule):
         fused = self.device.type == "cuda" and self.trainer.precision != "16-mixed"  # fp16 needs a grad scaler
         optimizer = torch.optim.AdamW(self.parameter_groups(), lr=hp.lr, betas=tuple(hp.betas), fused=fused)
         total = int(self.trainer.estimated_stepping_batches)
+        if self._schedule_total is not None and not hp.get("replan_schedule", False):
+            if self._schedule_total != total and hp.schedule != "constant":
+                rank_zero_warn(f"resuming with the lr schedule of the run's {self._schedule_total} steps (this run "
+                               f"goes to {total}; past the schedule's end the lr stays at its final value): "
+                               f"--model.replan_schedule true plans it over {total} instead")
+            total = self._schedule_total
+        self._schedule_total = total
         warmup = min(hp.warmup_steps, max(0, total - 1))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, total, warmup, hp.schedule, hp.decay_fraction, hp.min_lr_ratio)
@@ -300,6 +312,8 @@ class MambaLitModule(L.LightningModule):
             meta["tokenizer"] = dm.tokenizer.to_spec()
             if hasattr(dm, "split_settings"):
                 meta["data"] = dm.split_settings()  # the held-out split analyze/mitigate evaluate on by default
+        if self._schedule_total is not None:
+            meta["schedule_total_steps"] = self._schedule_total
         checkpoint["lightning_mamba"] = meta
         if self.initial_states.mode != "zero":  # the carried state of every process (DDP: a gather on each rank)
             world = self.trainer.world_size if self._trainer is not None else 1
@@ -311,6 +325,7 @@ class MambaLitModule(L.LightningModule):
         path = (trainer.ckpt_path if trainer is not None else None) or "(given)"
         check_tokenizer(checkpoint, getattr(trainer, "datamodule", None), path)
         check_model_shape(checkpoint, self, path)
+        self._schedule_total = (checkpoint.get("lightning_mamba") or {}).get("schedule_total_steps")
         if "initial_states" in checkpoint:
             rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
             self.initial_states.load_state_dict(checkpoint["initial_states"], rank, world)
