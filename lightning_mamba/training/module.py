@@ -312,9 +312,9 @@ class MambaLitModule(L.LightningModule):
             meta["tokenizer"] = dm.tokenizer.to_spec()
             if hasattr(dm, "split_settings"):
                 meta["data"] = dm.split_settings()  # the held-out split analyze/mitigate evaluate on by default
-        if self._schedule_total is not None:
-            meta["schedule_total_steps"] = self._schedule_total
         checkpoint["lightning_mamba"] = meta
+        if self._schedule_total is not None:  # training state, beside the model's metadata
+            checkpoint["lr_schedule"] = {"total_steps": self._schedule_total}
         if self.initial_states.mode != "zero":  # the carried state of every process (DDP: a gather on each rank)
             world = self.trainer.world_size if self._trainer is not None else 1
             checkpoint["initial_states"] = self.initial_states.state_dict(self.all_gather, world)
@@ -325,7 +325,7 @@ class MambaLitModule(L.LightningModule):
         path = (trainer.ckpt_path if trainer is not None else None) or "(given)"
         check_tokenizer(checkpoint, getattr(trainer, "datamodule", None), path)
         check_model_shape(checkpoint, self, path)
-        self._schedule_total = (checkpoint.get("lightning_mamba") or {}).get("schedule_total_steps")
+        self._schedule_total = (checkpoint.get("lr_schedule") or {}).get("total_steps")
         if "initial_states" in checkpoint:
             rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
             self.initial_states.load_state_dict(checkpoint["initial_states"], rank, world)

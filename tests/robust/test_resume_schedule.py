@@ -23,14 +23,14 @@ def test_resume_with_more_steps_keeps_the_schedule_unless_asked(tmp_path, corpus
     first = lrs(tmp_path)
     assert first[9] < first[5]  # the WSD decay over the last steps of 10
     last = tmp_path / "ckpt" / "last.ckpt"
-    assert torch.load(last, weights_only=False)["lightning_mamba"]["schedule_total_steps"] == 10
+    assert torch.load(last, weights_only=False)["lr_schedule"]["total_steps"] == 10
     extra = ["--model.replan_schedule", "true"] if replan else []
     main(["fit", "--config", run_config(tmp_path, corpus, cache_dir, 20, callbacks=[LR_MONITOR]),
           "--ckpt_path", str(last), *extra])
     later = lrs(tmp_path)
     if replan:
         assert later[12] == pytest.approx(first[5])  # back at the peak: planned over 20 steps
-        assert torch.load(last, weights_only=False)["lightning_mamba"]["schedule_total_steps"] == 20
+        assert torch.load(last, weights_only=False)["lr_schedule"]["total_steps"] == 20
     else:
         assert all(later[s] <= first[9] for s in range(10, 20))  # stays at the schedule's end, no jump up
-        assert torch.load(last, weights_only=False)["lightning_mamba"]["schedule_total_steps"] == 10
+        assert torch.load(last, weights_only=False)["lr_schedule"]["total_steps"] == 10
