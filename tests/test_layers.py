@@ -25,7 +25,7 @@ PACKAGE_DIR = os.path.join(ROOT, "lightning_mamba")
 
 # Lowest first. A name may import from the layers before its own and from nothing else of the package.
 LAYERS = [
-    ("atomic", "errors"),
+    ("atomic", "errors", "progress"),
     ("models",),
     ("data",),
     ("training",),

@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ..analysis import plots
+from ..analysis.criterion import verdict_text
 from ..analysis.evaluator import eval_rows, write_position_losses_csv
 from ..analysis.forgetting import DEFAULT_EVAL_ROWS, DEFAULT_MAX_MULTIPLE, measure_forgetting, multiples_up_to
 from ..atomic import atomic_write_json
@@ -249,6 +250,12 @@ class LengthGeneralizationCallback(PeriodicAnalysis):
             "verdict": verdict.to_dict(), "metrics": metrics,
             "bucket_positions": report.positions.tolist(), "bucket_loss": report.curve.tolist(),
             "per_position_loss": report.per_position.tolist(), "seconds": time.perf_counter() - t0})
+
+    def summary_line(self) -> str:
+        """The fit summary's line (training/cli.py asks every callback that has this method)."""
+        if self.last_result is None:
+            return "forgetting:      not evaluated"
+        return f"forgetting:      {verdict_text(self.last_result['verdict'])} at step {self.last_result['step']}"
 
     def _note_blowup_scalar(self, trainer: L.Trainer) -> None:
         """TensorBoard keeps ``lengthgen/blowup_position`` a number: say once, beside it, that -1 means none."""

@@ -19,7 +19,6 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from ..analysis.criterion import verdict_text
 from ..data import TextDataModule
 from .checkpoint_io import check_resume
 from .module import MambaLitModule
@@ -147,25 +146,19 @@ def resume_into_run_directory(config: Namespace) -> None:
 def fit_summary(trainer: L.Trainer) -> list[str]:
     """The lines printed at the end of ``fit``: run directory, last checkpoint, final val loss, the forgetting verdict
     of the last length-generalization evaluation."""
-    from ..callbacks.length_generalization import LengthGeneralizationCallback
-
     logger = trainer.loggers[0] if trainer.loggers else None
     run_dir = (logger.log_dir if logger is not None else None) or trainer.default_root_dir
     ckpt = next((cb.last_model_path or cb.best_model_path for cb in trainer.checkpoint_callbacks
                  if isinstance(cb, ModelCheckpoint) and (cb.last_model_path or cb.best_model_path)), None)
     val = trainer.callback_metrics.get("val/loss")
-    lengthgen = next((cb for cb in trainer.callbacks if isinstance(cb, LengthGeneralizationCallback)), None)
-    result = lengthgen.last_result if lengthgen is not None else None
-    if result is not None:
-        verdict = f"{verdict_text(result['verdict'])} at step {result['step']}"
-    else:
-        verdict = "not evaluated (no LengthGeneralizationCallback ran)"
+    # callbacks of higher layers (the forgetting verdict's) add their lines: summary_line(), asked by name
+    extra = [cb.summary_line() for cb in trainer.callbacks if callable(getattr(cb, "summary_line", None))]
     return [
         f"fit done at step {trainer.global_step}",
         f"  run directory:   {os.path.relpath(run_dir) if run_dir else 'none'}",
         f"  last checkpoint: {os.path.relpath(ckpt) if ckpt else 'none (checkpointing is off)'}",
         f"  final val loss:  {float(val):.4f}" if val is not None else "  final val loss:  none (no validation ran)",
-        f"  forgetting:      {verdict}",
+        *(f"  {line}" for line in extra or ["forgetting:      not evaluated (no LengthGeneralizationCallback)"]),
     ]
 
 
