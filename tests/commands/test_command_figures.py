@@ -8,9 +8,6 @@ import pytest
 
 from lightning_mamba.analysis import plots
 from lightning_mamba.commands import analyze, mitigate
-from lightning_mamba.data import ByteTokenizer
-from lightning_mamba.models.checkpoint import save_pretrained
-from tests.tiny import tiny_lm
 
 
 @pytest.fixture
@@ -31,13 +28,6 @@ def drawn(monkeypatch):
     return seen
 
 
-@pytest.fixture
-def checkpoint(tmp_path):
-    path = tmp_path / "model"
-    save_pretrained(tiny_lm(vocab_size=257), str(path), tokenizer_spec=ByteTokenizer().to_spec())
-    text = tmp_path / "held_out.txt"
-    text.write_text("To be, or not to be, that is the question. " * 40)
-    return path, text
 
 
 def test_analyze_figures_say_what_they_show(checkpoint, tmp_path, drawn):
