@@ -12,6 +12,7 @@ until the new one is complete and durable.
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any
 
@@ -32,6 +33,7 @@ from ..models.checkpoint import (
     load_pretrained,
     load_tokenizer_spec,
     load_weights,
+    read_config,
     read_json,
     torch_load,
 )
@@ -219,3 +221,104 @@ def load_model(path: str, backend: str = "auto", dtype: torch.dtype = torch.floa
         raise ConfigError(f"{path} does not exist")
     meta.setdefault("mamba_config", model.config.to_dict())
     return model, meta
+
+
+# ---- --model.pretrained, before the classes are built: the run takes the checkpoint's shape and training length -----
+# MambaLitModule's model settings (its arguments, a checkpoint's hyper_parameters) that a pretrained model fixes: the
+# MambaConfig ones (model_config's arguments) but vocab_size, which the CLI links from the tokenizer.
+PRETRAINED_SETTINGS = tuple(k for k, p in inspect.signature(model_config).parameters.items()
+                            if p.kind == p.POSITIONAL_OR_KEYWORD and k != "vocab_size")
+
+
+def flat_settings(config: MambaConfig) -> dict:
+    """The flat model settings (``model.<name>``, as MambaLitModule takes them) that give ``config``."""
+    mixer = config.mixer
+    return {k: mixer[k] if k in mixer else getattr(config, k) for k in PRETRAINED_SETTINGS}
+
+
+def pretrained_meta(path: str) -> dict:
+    """What a ``--model.pretrained`` checkpoint records, without building the model: ``mamba_config`` and, where
+    known, ``seq_len``, ``tokenizer``, ``data``, ``trained_steps`` and ``trained_tokens`` (see load_model)."""
+    if os.path.isfile(path) and os.path.basename(path) in (CONFIG, WEIGHTS, SAFETENSORS):
+        path = os.path.dirname(path) or "."
+    if os.path.isdir(path):
+        meta_path = os.path.join(path, META)
+        meta = dict(read_json(meta_path)) if os.path.isfile(meta_path) else {}
+        meta["mamba_config"] = read_config(path)[0].to_dict()
+        return meta
+    if not os.path.isfile(path):
+        raise ConfigError(f"model.pretrained={path} does not exist: give a run's .ckpt (runs/<name>/version_<n>/"
+                          f"checkpoints/last.ckpt) or a directory with config.json")
+    try:
+        ckpt = torch_load(path)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ConfigError(f"{path} is not a Lightning checkpoint (no state_dict): pass a .ckpt or a directory "
+                          "with config.json")
+    meta = dict(ckpt.get("lightning_mamba") or {})
+    if "mamba_config" not in meta:
+        hparams = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if isinstance(k, str)}
+        meta["mamba_config"] = model_config(**hparams).to_dict()
+    if "global_step" in ckpt:
+        meta.setdefault("trained_steps", ckpt["global_step"])
+    return meta
+
+
+def _count(n: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
+
+
+def describe_pretrained(path: str, meta: dict) -> str:
+    """The one line ``--model.pretrained`` prints: what was loaded (shape, training done, training length)."""
+    config = MambaConfig.from_dict(meta["mamba_config"])
+    steps, tokens = meta.get("trained_steps"), meta.get("trained_tokens")
+    trained = ", ".join(x for x in (f"{steps} steps" if steps is not None else "",
+                                    f"{_count(tokens)} tokens" if tokens is not None else "") if x)
+    return (f"pretrained: loaded {path}: n_layer {config.n_layer} x d_model {config.d_model}, d_state "
+            f"{config.mixer['d_state']}, headdim {config.mixer['headdim']}, vocabulary {config.vocab_size}; trained "
+            f"{trained or 'for an unrecorded number of steps'} at seq_len "
+            f"{meta['seq_len'] if meta.get('seq_len') is not None else 'unknown (not recorded)'}")
+
+
+def settle_pretrained(path: str, model: dict, data: dict, typed: set[str], state_passing: bool,
+                      meta: dict | None = None) -> tuple[dict, dict, list[str]]:
+    """What ``--model.pretrained path`` changes in the run's settings before anything is built.
+
+    ``model``/``data``: the run's model and data settings; ``typed``: the setting names (``model.d_state``,
+    ``data.seq_len``) the user typed. Returns (model updates, data updates, lines to print):
+
+    * the model is the checkpoint's: a typed model setting that differs is refused; the others are set to the
+      checkpoint's, so that the run's config.yaml and hyper_parameters record the model actually trained;
+    * the training length: untyped, ``data.seq_len`` becomes the one the checkpoint was trained at; typed and
+      different, a line says so, and the state-passing recipe (which post-trains at the model's length) refuses it.
+    """
+    meta = pretrained_meta(path) if meta is None else meta
+    theirs = flat_settings(MambaConfig.from_dict(meta["mamba_config"]))
+    differ = [k for k in PRETRAINED_SETTINGS if k in model and _plain(model[k]) != _plain(theirs[k])]
+    wrong = [k for k in differ if f"model.{k}" in typed]
+    if wrong:
+        detail = ", ".join(f"model.{k}={_plain(theirs[k])} there, {_plain(model[k])} typed" for k in wrong)
+        raise ConfigError(f"model.pretrained={path} fixes the model's shape: {detail}: drop "
+                          f"{' '.join('--model.' + k for k in wrong)} (or start without --model.pretrained)")
+    model_updates = {k: theirs[k] for k in differ}
+    lines = [describe_pretrained(path, meta)]
+    data_updates = {}
+    trained_len, seq_len = meta.get("seq_len"), data.get("seq_len")
+    if trained_len is not None and seq_len is not None and seq_len != trained_len:
+        if "data.seq_len" not in typed:
+            data_updates["seq_len"] = trained_len
+            lines.append(f"data.seq_len={trained_len}: the length {path} was trained at (not {seq_len} as configured; "
+                         f"type --data.seq_len N to train at another)")
+        elif state_passing:
+            raise ConfigError(f"model.pretrained={path} was trained at seq_len {trained_len}, but --data.seq_len "
+                              f"{seq_len} was typed: state-passing post-training runs at the model's training length: "
+                              f"type --data.seq_len {trained_len} (or leave it out)")
+        else:
+            lines.append(f"data.seq_len={seq_len} as typed: {path} was trained at seq_len {trained_len}")
+    return model_updates, data_updates, lines

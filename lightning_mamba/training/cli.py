@@ -16,11 +16,12 @@ from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ..data import TextDataModule
-from .checkpoint_io import check_resume
+from ..errors import UserError
+from .checkpoint_io import check_resume, settle_pretrained
 from .module import MambaLitModule
 from .nan_guard import NanGuard, run_config_path
 
@@ -97,6 +98,16 @@ class MambaCLI(LightningCLI):
             self.config[sub].model.lr = lr
             self._resume_at_lr = True
 
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        for key in ("optimizer", "lr_scheduler"):  # Lightning's; ours: AdamW groups + model.schedule
+            if config.get(key) is not None:
+                raise UserError(f"--{key} is not used by lightning-mamba: the module trains with AdamW and its own "
+                                f"schedule; set --model.lr, --model.weight_decay, --model.betas, --model.schedule, "
+                                f"--model.warmup_steps, --model.decay_fraction, --model.min_lr_ratio instead")
+        if config.get("model") and config.model.get("pretrained") and not self.subclass_mode_model:
+            apply_pretrained(config, self._argv)
+
     def before_fit(self) -> None:
         for logger in self.trainer.loggers:
             if isinstance(logger, TensorBoardLogger):  # no hp_metric = -1 (Lightning's placeholder) in TensorBoard
@@ -115,6 +126,22 @@ class MambaCLI(LightningCLI):
         # The model's vocabulary is the tokenizer's: one setting, not two that can disagree.
         parser.link_arguments("data.vocab_size_for_model", "model.init_args.vocab_size" if self.subclass_mode_model
                               else "model.vocab_size", apply_on="instantiate")
+
+
+def apply_pretrained(config: Namespace, argv: list[str]) -> None:
+    """--model.pretrained: the run's model settings become the checkpoint's (a typed one that differs is refused) and
+    its data.seq_len the one the checkpoint was trained at unless typed (checkpoint_io.settle_pretrained)."""
+    data = config.data.init_args if config.data.get("class_path") else config.data
+    typed = {re.sub(r"^--|\.init_args|=.*$", "", a) for a in argv if a.startswith(("--model.", "--data."))}
+    passing = bool(data.get("state_passing")) or config.model.get("initial_state") == "passed"
+    model, data_updates, lines = settle_pretrained(str(config.model.pretrained), config.model.as_dict(),
+                                                   data.as_dict(), typed, passing)
+    for key, value in model.items():
+        config.model[key] = value
+    for key, value in data_updates.items():
+        data[key] = value
+    if rank_zero_only.rank == 0:
+        print("\n".join(lines), file=sys.stderr, flush=True)
 
 
 def resume_into_run_directory(config: Namespace) -> None:

@@ -14,7 +14,7 @@ from ..models import ConfigError, MambaConfig, MambaLM
 from ..models.config import SSM_DEFAULTS, TRAIN_DEFAULTS
 from ..models.flops import train_flops_per_token
 from ..models.kernels.backend import check_backend
-from .checkpoint_io import check_model_shape, check_tokenizer, model_config
+from .checkpoint_io import check_model_shape, check_tokenizer, flat_settings, model_config
 from .cuda_graph import GraphedLoss
 from .initial_states import NEEDS_LANES, InitialStates
 from .schedule import SCHEDULES, lr_factor
@@ -49,7 +49,9 @@ class MambaLitModule(L.LightningModule):
         pretrained: Weights to start from (fine-tuning): a directory with an official-layout config.json +
             pytorch_model.bin, or a training checkpoint (.ckpt) of this project (its weights only: not its optimizer,
             schedule or data position; to resume a run use --ckpt_path). Its config replaces the shape arguments
-            above, and the data's tokenizer must be the one it was trained with.
+            above (hyper_parameters record its; the CLI refuses a typed one that differs and writes its into the
+            run's config.yaml), the data's tokenizer must be the one it was trained with, and the CLI's
+            data.seq_len defaults to the length it was trained at.
         lr: Peak learning rate.
         weight_decay: AdamW weight decay (not applied to A_log, dt_bias, D, norms and biases).
         betas: AdamW betas.
@@ -127,6 +129,8 @@ class MambaLitModule(L.LightningModule):
             from .checkpoint_io import load_model
 
             self.model, self._pretrained_meta = load_model(pretrained, backend=backend)
+            # the shape trained is the checkpoint's: hyper_parameters (and so a resume's checks) record it
+            self.hparams.update(flat_settings(self.model.config), vocab_size=self.model.config.vocab_size)
         else:
             self.model = MambaLM(model_config(**self.hparams), backend=backend)
         # Read off the model as built: under FSDP the parameters become flat 1-D shards, which tell neither
@@ -142,6 +146,7 @@ class MambaLitModule(L.LightningModule):
                               f"capture a step from zero states; drop one of the two")
         self._graphed_loss = GraphedLoss(self.model) if cuda_graph else None
         self._schedule_total: int | None = None  # the lr schedule's length in steps (kept in checkpoints)
+        self._tokens_trained = 0  # training tokens of this run, all processes (kept in checkpoints)
 
     @property
     def config(self) -> MambaConfig:
@@ -300,12 +305,15 @@ class MambaLitModule(L.LightningModule):
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         self._last_batch_shape = tuple(batch["input_ids"].shape)
+        self._tokens_trained += batch["input_ids"].numel() * (self.trainer.world_size if self._trainer else 1)
 
     # ---- checkpoint metadata -------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Everything needed to use the checkpoint without the run's data module: the official config,
         # the tokenizer and the training length.
         meta = {"mamba_config": self.config.to_dict()}
+        if self._trainer is not None:  # what this run trained (--model.pretrained's line tells them)
+            meta.update(trained_steps=self.trainer.global_step, trained_tokens=self._tokens_trained)
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None:
             meta["seq_len"] = dm.hparams.seq_len
@@ -326,6 +334,7 @@ class MambaLitModule(L.LightningModule):
         check_tokenizer(checkpoint, getattr(trainer, "datamodule", None), path)
         check_model_shape(checkpoint, self, path)
         self._schedule_total = (checkpoint.get("lr_schedule") or {}).get("total_steps")
+        self._tokens_trained = (checkpoint.get("lightning_mamba") or {}).get("trained_tokens", 0)
         if "initial_states" in checkpoint:
             rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
             self.initial_states.load_state_dict(checkpoint["initial_states"], rank, world)
