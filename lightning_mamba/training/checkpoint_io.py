@@ -237,8 +237,9 @@ def flat_settings(config: MambaConfig) -> dict:
 
 
 def pretrained_meta(path: str) -> dict:
-    """What a ``--model.pretrained`` checkpoint records, without building the model: ``mamba_config`` and, where
-    known, ``seq_len``, ``tokenizer``, ``data``, ``trained_steps`` and ``trained_tokens`` (see load_model)."""
+    """What a ``--model.pretrained`` checkpoint records, without building the model: load_model's meta (``mamba_config``
+    and, where known, ``seq_len``, ``tokenizer``, ``data``) and, for a .ckpt, ``trained_steps`` and ``trained_tokens``
+    (its run's global_step and tokens_trained)."""
     if os.path.isfile(path) and os.path.basename(path) in (CONFIG, WEIGHTS, SAFETENSORS):
         path = os.path.dirname(path) or "."
     if os.path.isdir(path):
@@ -262,8 +263,10 @@ def pretrained_meta(path: str) -> dict:
     if "mamba_config" not in meta:
         hparams = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if isinstance(k, str)}
         meta["mamba_config"] = model_config(**hparams).to_dict()
-    if "global_step" in ckpt:
-        meta.setdefault("trained_steps", ckpt["global_step"])
+    if "global_step" in ckpt:  # the run's training state, beside the model's metadata
+        meta["trained_steps"] = ckpt["global_step"]
+    if "tokens_trained" in ckpt:
+        meta["trained_tokens"] = ckpt["tokens_trained"]
     return meta
 
 

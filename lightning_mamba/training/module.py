@@ -312,8 +312,6 @@ class MambaLitModule(L.LightningModule):
         # Everything needed to use the checkpoint without the run's data module: the official config,
         # the tokenizer and the training length.
         meta = {"mamba_config": self.config.to_dict()}
-        if self._trainer is not None:  # what this run trained (--model.pretrained's line tells them)
-            meta.update(trained_steps=self.trainer.global_step, trained_tokens=self._tokens_trained)
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None:
             meta["seq_len"] = dm.hparams.seq_len
@@ -323,6 +321,7 @@ class MambaLitModule(L.LightningModule):
         checkpoint["lightning_mamba"] = meta
         if self._schedule_total is not None:  # training state, beside the model's metadata
             checkpoint["lr_schedule"] = {"total_steps": self._schedule_total}
+        checkpoint["tokens_trained"] = self._tokens_trained  # with global_step: --model.pretrained's line tells them
         if self.initial_states.mode != "zero":  # the carried state of every process (DDP: a gather on each rank)
             world = self.trainer.world_size if self._trainer is not None else 1
             checkpoint["initial_states"] = self.initial_states.state_dict(self.all_gather, world)
@@ -334,7 +333,7 @@ class MambaLitModule(L.LightningModule):
         check_tokenizer(checkpoint, getattr(trainer, "datamodule", None), path)
         check_model_shape(checkpoint, self, path)
         self._schedule_total = (checkpoint.get("lr_schedule") or {}).get("total_steps")
-        self._tokens_trained = (checkpoint.get("lightning_mamba") or {}).get("trained_tokens", 0)
+        self._tokens_trained = checkpoint.get("tokens_trained", 0)
         if "initial_states" in checkpoint:
             rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
             self.initial_states.load_state_dict(checkpoint["initial_states"], rank, world)

@@ -134,3 +134,12 @@ def test_the_module_records_the_loaded_shape(checkpoint_dir):
     module = MambaLitModule(pretrained=str(checkpoint_dir), d_state=8, n_layer=1, headdim=32, backend="torch")
     assert (module.hparams.d_state, module.hparams.n_layer, module.hparams.headdim) == (16, 2, 16)
     assert module.hparams.vocab_size == 257 and module.config.mixer["d_state"] == 16
+
+
+def test_a_resume_keeps_counting_the_tokens_trained(tmp_path, corpus, base):
+    """trained_steps/trained_tokens (the line's figures) continue across a --ckpt_path resume."""
+    config = run_config(tmp_path, corpus, "base", d_state=16, n_layer=2, seq_len=64, steps=3)
+    main(["fit", "--config", config, "--ckpt_path", str(base)])
+    ckpt = torch.load(base, weights_only=True)
+    assert (ckpt["global_step"], ckpt["tokens_trained"]) == (3, 3 * 2 * 64)
+    assert "tokens_trained" not in ckpt["lightning_mamba"]  # training state, not the model's metadata
