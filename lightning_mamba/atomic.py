@@ -6,6 +6,7 @@ import contextlib
 import glob
 import json
 import os
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -25,9 +26,11 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.strerror and e.filename in (None, tmp):
+            e.filename, e.filename2 = path, None  # a failed write names the file it was for (e.g. disk full)
         raise
     try:  # make the rename itself durable; not every platform lets a folder be opened
         dir_fd = os.open(folder, os.O_RDONLY)
@@ -37,6 +40,18 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def unwritable_dir(folder: str) -> str | None:
+    """Why files cannot be written into ``folder`` (created if missing), e.g. "Permission denied", or None when a file
+    can be created there. (Root writes into a folder whatever its mode; a read-only file system stops it too.)"""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
 
 
 def atomic_write_text(path: str, text: str) -> None:

@@ -24,6 +24,14 @@ from ..errors import UserError
 from .checkpoint_io import check_resume, settle_pretrained
 from .module import MambaLitModule
 from .nan_guard import NanGuard, run_config_path
+from .run_checks import (
+    OneLineErrorParser,
+    check_fresh_log_version,
+    check_output_folders,
+    check_settings,
+    not_text_config,
+    run_guarded,
+)
 
 
 class ResumeAtLr(L.Callback):
@@ -73,7 +81,15 @@ class MambaCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         # what was typed, as opposed to what a config file or a default gave (see _parse_ckpt_path)
         self._argv = [] if isinstance(args, (dict, Namespace)) else list(sys.argv[1:] if args is None else args)
-        super().parse_arguments(parser, args)
+        try:
+            super().parse_arguments(parser, args)
+        except UnicodeDecodeError as e:  # a --config that is not text: jsonargparse's reader fails with a traceback
+            raise not_text_config(self._argv, e) from None
+        sub = self.config.get("subcommand")
+        check_settings(self.config[sub] if sub else self.config)  # what the Trainer would answer with a traceback
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        run_guarded(lambda: super(MambaCLI, self)._run_subcommand(subcommand), self.trainer)  # a full disk: one line
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI replaces the model settings by the checkpoint's: refuse a different shape instead of
@@ -112,6 +128,8 @@ class MambaCLI(LightningCLI):
         for logger in self.trainer.loggers:
             if isinstance(logger, TensorBoardLogger):  # no hp_metric = -1 (Lightning's placeholder) in TensorBoard
                 logger._default_hp_metric = False
+        check_output_folders(self.trainer)
+        check_fresh_log_version(self.trainer, self.config["fit"])
         self.trainer.callbacks.append(CheckpointOnSigterm())
         if getattr(self, "_resume_at_lr", False):
             self.trainer.callbacks.append(ResumeAtLr())
@@ -212,6 +230,7 @@ def lightning_cli(args=None, run: bool = True, description: str = "Train and stu
         subclass_mode_data=True,  # TextDataModule by default; experiments may pick e.g. PasskeyDataModule
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"description": description},
+        parser_class=OneLineErrorParser,  # an argument error is one line, not the usage first
         args=args,
         run=run,
     )

@@ -39,6 +39,7 @@ def setup(tmp_path_factory, corpus, cache_dir):
     (bad / "no_text_field").mkdir()
     (bad / "no_text_field" / "a.jsonl").write_text('{"body": "one"}\n{"body": "two"}\n')
     (bad / "one_doc.txt").write_text("a single document")
+    (bad / "binary.yaml").write_bytes(b"\x00\x01\x02\xc3\x28" + bytes(range(256)))
     (bad / "garbage.ckpt").write_bytes(b"this is not a checkpoint" * 10)
     (bad / "truncated.ckpt").write_bytes((root / "done" / "ckpt" / "last.ckpt").read_bytes()[:5000])
     write_corpus(bad / "non_utf8", n_docs=3)
@@ -59,15 +60,18 @@ def one_line_error(capsys, argv: list[str]) -> str:
         assert "\n" not in e.value.code and "Traceback" not in e.value.code
         return e.value.code
     assert e.value.code != 0
-    lines = [line for line in err.splitlines() if "error:" in line]  # argument parser: usage, then "error: ..."
+    lines = [line for line in err.splitlines() if "error:" in line]  # argument parser: "error: ...", then a hint
     assert lines, err
+    assert "usage:" not in err and len(err[err.index(lines[0]):].strip().splitlines()) <= 2, err  # no usage dump
     return err[err.index(lines[0]):]
 
 
 B = "{bad}"
 CASES = [  # (id, arguments after `fit --config CONFIG`, fragment of the message)
     # model group: types and ranges
-    ("model-type", ["--model.d_state", "abc"], 'model.d_state'),
+    ("model-type", ["--model.d_state", "abc"], "error: model.d_state: expected an int, got 'abc'\n"),
+    ("model-lr-inf", ["--model.lr", "inf"], "model.lr: expected a float, got 'inf'"),
+    ("model-lr-overflow", ["--model.lr", "1e400"], "model.lr must be a finite number > 0 (got inf)"),
     ("model-unknown-key", ["--model.dstate", "3"], "unrecognized arguments: --model.dstate"),
     ("model-lr", ["--model.lr", "-1"], "model.lr must be > 0 (got -1.0)"),
     ("model-schedule", ["--model.schedule", "step"], "model.schedule='step' is unknown: use one of wsd"),
@@ -80,7 +84,7 @@ CASES = [  # (id, arguments after `fit --config CONFIG`, fragment of the message
     ("cuda-graph-with-noise", ["--model.cuda_graph", "true", "--model.initial_state", "noise"],
      "model.cuda_graph needs model.initial_state zero"),
     # data group: types and ranges
-    ("data-type", ["--data.batch_size", "many"], "batch_size', val='many'"),  # jsonargparse names it thus
+    ("data-type", ["--data.batch_size", "many"], "error: data.batch_size: expected an int, got 'many'\n"),
     ("data-seq_len", ["--data.seq_len", "1"], "data.seq_len must be >= 2 (got 1)"),
     ("data-batch_size", ["--data.batch_size", "0"], "data.batch_size must be >= 1 (got 0)"),
     ("data-val_fraction", ["--data.val_fraction", "1.5"], "data.val_fraction must be between 0 and 1"),
@@ -93,6 +97,14 @@ CASES = [  # (id, arguments after `fit --config CONFIG`, fragment of the message
     ("trainer-choice", ["--trainer.precision", "13"], "trainer.precision"),
     ("trainer-range", ["--trainer.max_steps", "-5"], "max_steps` must be a non-negative integer or -1"),
     ("accelerator-missing-package", ["--trainer.accelerator", "tpu"], "needed by the chosen trainer.accelerator"),
+    ("accelerator-unknown", ["--trainer.accelerator", "banana"],
+     "trainer.accelerator='banana' is unknown: use one of auto, gpu, cpu"),
+    ("strategy-unknown", ["--trainer.strategy", "banana"], "trainer.strategy='banana' is unknown: use one of auto"),
+    ("accumulate-zero", ["--trainer.accumulate_grad_batches", "0"],
+     "trainer.accumulate_grad_batches must be an integer >= 1 (got 0)"),
+    ("nan-guard-mode", ["--nan_guard.on_nonfinite", "foo"], "nan_guard.on_nonfinite='foo' is unknown: use 'stop' or"),
+    ("binary-config", ["--config", B + "/binary.yaml"], "binary.yaml is not a text file (byte 0xc3 at offset 3 is not "
+                                                        "UTF-8): give a YAML config file"),
     ("missing-config", ["--config", "/nonexistent/run.yaml"], "/nonexistent/run.yaml"),
     # files and documents
     ("missing-source", ["--data.source", "/nonexistent/texts"], "data.source /nonexistent/texts does not exist"),
