@@ -18,7 +18,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..atomic import atomic_write, atomic_write_json, remove_stale_temporaries
+from ..atomic import atomic_write, atomic_write_json, remove_stale_temporaries, unwritable_dir
+from ..errors import DiskFullError, is_disk_full
 from .errors import DataError
 
 CACHE_FORMAT = 2  # 2: the checksum covers every token (format 1 hashed the first and last CHECKSUM_SPAN bytes)
@@ -67,10 +68,28 @@ def write_token_cache(path: str, tokens: np.ndarray, key: str, vocab_size: int |
     if vocab_size is not None and top >= vocab_size:
         raise DataError(f"tokenizing gave token id {top}, outside the tokenizer's vocabulary of {vocab_size}: "
                         f"fix data.tokenizer (its ids must be below its vocab_size)")
-    atomic_write(path, lambda f: np.save(f, tokens, allow_pickle=False))
     meta = {"format": CACHE_FORMAT, "fingerprint": key, "dtype": tokens.dtype.str, "tokens": int(len(tokens)),
             "checksum": checksum, "max_id": top}
-    atomic_write_json(sidecar_path(path), meta, indent=1)
+    try:
+        atomic_write(path, lambda f: np.save(f, tokens, allow_pickle=False))
+        atomic_write_json(sidecar_path(path), meta, indent=1)
+    except OSError as e:
+        raise cache_write_error(e, path) from e
+
+
+def cache_write_error(e: OSError, path: str) -> DataError | DiskFullError:
+    """A failed write under data.cache_dir as one line that names the file and data.cache_dir (not data.source)."""
+    if is_disk_full(e):
+        return DiskFullError(path, "data.cache_dir")
+    return DataError(f"cannot write {getattr(e, 'filename', None) or path} ({e.strerror or e}): set data.cache_dir to "
+                     f"a writable folder")
+
+
+def check_cache_dir(cache_dir: str) -> None:
+    """data.cache_dir must take files (checked before slow work whose result goes there): one line if not."""
+    why = unwritable_dir(cache_dir)
+    if why:
+        raise DataError(f"data.cache_dir {cache_dir} is not a writable folder ({why}): set data.cache_dir to one")
 
 
 def read_sidecar(path: str) -> dict | None:
@@ -121,6 +140,11 @@ def load_or_build(path: str, key: str, build: Callable[[], np.ndarray], vocab_si
         remove_stale_temporaries(target, STALE_TEMPORARY_SECONDS)
     tokens, damage = check_token_cache(path, key, vocab_size)
     if tokens is None:
+        for target in (path, sidecar_path(path)):
+            if os.path.isdir(target):  # not ours to delete
+                raise DataError(f"{target} is a folder where the token cache goes: move it away, or set "
+                                f"data.cache_dir to another folder")
+        check_cache_dir(os.path.dirname(os.path.abspath(path)))  # before tokenizing, not after
         if damage is not None:
             warnings.warn(f"token cache {path} is damaged ({damage}): rebuilding it", stacklevel=2)
         write_token_cache(path, build(), key, vocab_size)

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 
 from ..atomic import atomic_write_json
 from ..progress import phase
-from .cache import fingerprint, load_or_build, token_dtype
+from .cache import check_cache_dir, fingerprint, load_or_build, token_dtype
 from .code_corpus import (
     MAX_FILE_BYTES,
     MIN_FILE_BYTES,
@@ -212,6 +212,8 @@ class TextDataModule(L.LightningDataModule):
             h = self.hparams
             # datasets' Arrow copy of local files lives with our caches; hub data stays in the HF cache
             local = os.path.exists(os.path.expanduser(h.source))
+            if local:
+                check_cache_dir(h.cache_dir)  # a failed write of that Arrow copy is no fault of data.source
             docs = load_documents(h.source, h.text_field,
                                   hf_cache_dir=os.path.join(h.cache_dir, "hf_datasets") if local else None)
             train, val = split_documents(len(docs), h.val_fraction, h.seed)

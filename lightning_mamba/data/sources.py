@@ -20,6 +20,8 @@ import socket
 import warnings
 from urllib.parse import urlparse
 
+from ..errors import is_disk_full
+from .cache import cache_write_error
 from .code_corpus import SOURCE as CODE_SOURCE, CodeSettings, code_identity, load_code_corpus
 from .corpus import default_corpus_documents, default_corpus_identity
 from .errors import DataError
@@ -83,8 +85,10 @@ def load_local(path: str, text_field: str = "text", hf_cache_dir: str | None = N
     for builder in ("text", "json", "parquet"):
         if builder not in groups:
             continue
+        # datasets' json reader applies encoding_errors only when the encoding is not spelled "utf-8" (it hands the
+        # bytes to Arrow as they are): "utf_8", the same codec, makes it decode them with errors="replace" first
         options = {"text": {"sample_by": "document", "encoding_errors": "replace"},
-                   "json": {"encoding_errors": "replace"}, "parquet": {}}[builder]
+                   "json": {"encoding": "utf_8", "encoding_errors": "replace"}, "parquet": {}}[builder]
         field = "text" if builder == "text" else text_field
 
         def read(**more) -> list[str]:
@@ -109,12 +113,34 @@ def load_local(path: str, text_field: str = "text", hf_cache_dir: str | None = N
         except DataError:
             raise
         except Exception as e:  # malformed json/parquet: name the files, keep the reason
+            written = _write_failure(e, hf_cache_dir)
+            if written is not None:  # writing the Arrow copy under data.cache_dir failed: no fault of the files
+                raise cache_write_error(written, hf_cache_dir) from e
             raise DataError(f"data.source {path}: cannot read its {builder} files ({_reason(e)})") from e
     return documents
 
 
+def _chain(e: BaseException | None):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _write_failure(e: BaseException, folder: str | None) -> OSError | None:
+    """The OSError behind ``e`` that is a failed write: a full disk, or any error on a file under ``folder``."""
+    for x in _chain(e):
+        if isinstance(x, OSError) and (is_disk_full(x) or (folder and str(x.filename or "").startswith(folder))):
+            return x
+    return None
+
+
 def _reason(e: BaseException) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    """The innermost error's type and first line (datasets wraps what went wrong in DatasetGenerationError)."""
+    *_, e = _chain(e)
+    text = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return text + (": save the file as UTF-8" if "UTF-8" in text or "utf-8" in text else "")
 
 
 def hub_reachable() -> bool:

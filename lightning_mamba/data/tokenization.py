@@ -18,7 +18,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from ..progress import phase
-from .cache import atomic_write, fingerprint
+from .cache import atomic_write, cache_write_error, check_cache_dir, fingerprint
 from .errors import DataError
 
 EOS = "<|endoftext|>"
@@ -107,6 +107,11 @@ class ByteTokenizer(Tokenizer):
         return hf
 
 
+def max_ids(n_tokens: int) -> int:
+    """The embedding rows a tokenizer of ``n_tokens`` tokens may ask for: ids may leave gaps, not that many."""
+    return 2 * n_tokens + 1024
+
+
 class HFTokenizer(Tokenizer):
     """A ``tokenizers.Tokenizer``; documents end with the first EOS_NAMES token it knows."""
 
@@ -122,6 +127,11 @@ class HFTokenizer(Tokenizer):
                             f"add one to its added_tokens")
         self.eos_id = vocab[eos]
         self.vocab_size = max(vocab.values()) + 1  # ids can have gaps: size the embedding by the largest
+        if self.vocab_size > max_ids(len(vocab)):  # e.g. an EOS numbered 5,000,000: a 5M-row embedding
+            top = max(vocab, key=vocab.get)
+            raise DataError(f"tokenizer {name}: token {top!r} has id {vocab[top]}, far beyond its {len(vocab)} tokens "
+                            f"(the model's embedding would get {self.vocab_size} rows): renumber it to follow the "
+                            f"others (ids below {max_ids(len(vocab))}; the largest id sizes the embedding)")
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids  # no BOS/EOS templates: we add EOS ourselves
@@ -185,8 +195,12 @@ def cached_bpe(vocab_size: int, train_docs: Callable[[], Sequence[str]], cache_d
                 return tok
         except Exception:  # damaged file: fall through and retrain
             pass
+    check_cache_dir(cache_dir)  # before training, not after
     tok = _train_bpe(train_docs, vocab_size)
-    tok.save(path)
+    try:
+        tok.save(path)
+    except OSError as e:
+        raise cache_write_error(e, path) from e
     return tok
 
 
