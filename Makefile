@@ -13,6 +13,14 @@ CONFIG ?= configs/train.yaml
 NAME ?= state$(strip $(STATE))_len$(strip $(LEN))
 ARGS ?=                     # any further LightningCLI overrides, e.g. ARGS='--model.n_layer 8'
 
+# The training knobs must be positive integers, checked before anything runs (TOKENS_PER_BATCH=abc gave batch 1,
+# LEN=0 a shell division error): one line naming the knob.
+KNOB_EXAMPLES := STATE=64 LEN=512 STEPS=300 TOKENS_PER_BATCH=4096
+positive_int = $(if $(shell [[ '$(strip $($(1)))' =~ ^[1-9][0-9]*$$ ]] && echo y),,$(error $(1)=$(strip $($(1))) \
+	is not a positive integer: give one, e.g. make train $(filter $(1)=%,$(KNOB_EXAMPLES))))
+ifneq ($(filter train,$(MAKECMDGOALS)),)
+$(foreach knob,STATE LEN STEPS TOKENS_PER_BATCH,$(call positive_int,$(knob)))
+endif
 BATCH = $(shell echo $$(( $(strip $(TOKENS_PER_BATCH)) / $(strip $(LEN)) > 0 ? $(strip $(TOKENS_PER_BATCH)) / $(strip $(LEN)) : 1 )))
 HAS_GPU = $(shell $(BIN)/python -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null)
 PRECISION = $(if $(filter 1,$(HAS_GPU)),bf16-mixed,32-true)

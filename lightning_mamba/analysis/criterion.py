@@ -16,7 +16,9 @@ import numpy as np
 
 @dataclass
 class ForgettingVerdict:
-    forgets: bool  # True: no judged bucket exceeds threshold x max_in_window (passes, "learned to forget")
+    # True: no judged bucket exceeds threshold x max_in_window (passes, "learned to forget"); False: one does;
+    # None: undetermined (``undetermined`` says why: a non-finite loss, e.g. a diverged checkpoint's)
+    forgets: bool | None
     blowup_position: int | None  # last position of the first bucket that exceeds it; None if none does
     max_in_window: float  # max judged bucket mean among buckets ending at or before T_train (the reference)
     ratio_long_over_in: float | None  # mean[4T, 16T] / mean[T/2, T] (claim 2); None if the curve ends before 16T
@@ -29,6 +31,7 @@ class ForgettingVerdict:
     ratio_16_64x_lo: float | None = None  # its bootstrap 95% interval over rows
     ratio_16_64x_hi: float | None = None
     rows: int | None = None  # rows averaged
+    undetermined: str | None = None  # why there is no verdict (forgets None); None when there is one
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -43,6 +46,8 @@ def verdict_text(v: dict) -> str:
     """A verdict dict (``ForgettingVerdict.to_dict()``, as saved in the analyses' JSON) in one line of words."""
     pos = v.get("blowup_position")
     pos = None if pos is None or pos < 0 else int(pos)  # -1 (TensorBoard's "none") is no position
+    if v.get("forgets") is None:
+        return f"undetermined ({v.get('undetermined') or 'no verdict'})"
     if v.get("forgets"):
         text = "forgets (blow-up: none"
     else:
@@ -88,6 +93,14 @@ def judge_forgetting(
         raise ValueError(f"no bucket but the first ends within the first seq_len={seq_len} positions (the first and "
                          f"the last bucket are not judged): use a bucket <= seq_len / 2 and a curve of at least 3 "
                          f"buckets (got buckets ending at {positions[:3].tolist()}{'...' if positions.size > 3 else ''})")
+    bad = np.flatnonzero(~np.isfinite(curve))
+    if bad.size:  # NaN compares false with everything: the test would pass a diverged model as "forgets"
+        return ForgettingVerdict(
+            forgets=None, blowup_position=None, max_in_window=float("nan"), ratio_long_over_in=None,
+            threshold=threshold, bucket=bucket, seq_len=seq_len, evaluated_to=int(positions[-1]),
+            undetermined=f"the loss is not finite ({curve[bad[0]]} in the bucket ending at position "
+                         f"{int(positions[bad[0]])}, {bad.size} of {curve.size} buckets): the weights are likely "
+                         f"diverged; analyze an earlier checkpoint")
     max_in = float(judged[in_window].max())
     over = np.flatnonzero(judged > threshold * max_in)
     in_ = _window_mean(positions, curve, seq_len / 2, seq_len)

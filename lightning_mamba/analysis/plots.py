@@ -101,7 +101,8 @@ def plot_state_norm(positions, rms, seq_len: int, per_head: bool = False, title:
             ax.plot(positions, rms[:, layer].max(-1), color=color, linewidth=1.2, label=f"layer {layer}")
     _mark_train_len(ax, seq_len)
     _log_positions(ax)
-    ax.set_yscale("log")
+    if (np.isfinite(rms) & (rms > 0)).any():  # a diverged model's states are NaN: nothing to scale
+        ax.set_yscale("log")
     ax.set_xlabel("position (tokens)")
     ax.set_ylabel("state RMS" + ("" if per_head else " (max over heads)"))
     ax.set_title(title or "state norm vs position")

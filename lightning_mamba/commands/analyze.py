@@ -147,7 +147,9 @@ def summary_lines(r: dict) -> list[str]:
     if r.get("intervention"):
         lines.append(f"intervention: {r['intervention']['tag']} (training-free mitigation; the model as trained is "
                      "not what is measured here)")
-    if v["forgets"]:
+    if v["forgets"] is None:
+        lines.append(f"verdict: undetermined: {v['undetermined']}")
+    elif v["forgets"]:
         lines.append(f"verdict: forgets (no bucket of {r['bucket']} above {v['threshold']} x {v['max_in_window']:.3f} "
                      f"up to position {v['evaluated_to']})")
     else:

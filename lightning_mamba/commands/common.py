@@ -67,7 +67,33 @@ def default_out(out: str | None, ckpt: str, name: str) -> str:
 
 
 def resolve_device(name: str | None) -> torch.device:
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """--device (default: cuda when available, else cpu), checked: one line for a name that is no device, or a
+    device this machine lacks."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CommandError(f"--device {name} is not a device: use cpu or cuda (cuda:N for the N-th GPU)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CommandError(f"--device {name}: this machine has no CUDA device (or this torch is built without CUDA): "
+                           f"use --device cpu, or leave --device out")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CommandError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 to "
+                           f"cuda:{torch.cuda.device_count() - 1})")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise CommandError(f"--device {name}: MPS is not available here: use --device cpu")
+    return device
+
+
+def check_checkpoint_args(args) -> None:
+    """The numbers of :func:`add_checkpoint_args` must be positive (--seq_len 0 would otherwise mean "the
+    checkpoint's", silently)."""
+    for flag in ("seq_len", "piece_len", "batch_size"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise CommandError(f"--{flag} must be >= 1 (got {value})" + (
+                ": leave it out for the one the checkpoint records" if flag == "seq_len" else ""))
 
 
 # ---- loading --------------------------------------------------------------------------------------------
@@ -162,6 +188,11 @@ class Inputs:
 def load_inputs(args, check_length: Callable[[int, int], None]) -> Inputs:
     """Checks and loads --ckpt, --text, --seq_len, --tokenizer and the held-out rows; ``check_length(length, T_train)``
     raises the caller's error when ``--length`` (default DEFAULT_MAX_MULTIPLE x T_train) does not suit it."""
+    check_checkpoint_args(args)
+    for flag in ("length", "n_rows", "bucket"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise CommandError(f"--{flag} must be >= 1 (got {value})")
     dtype = resolve_dtype(args.dtype)
     device = resolve_device(args.device)
     check_exists("--ckpt", args.ckpt)

@@ -20,7 +20,15 @@ from ..analysis.passkey import evaluate_passkey, plot_passkey_curve, plot_passke
 from ..atomic import atomic_write_json
 from ..data.passkey import PasskeyError, PasskeyGenerator, PasskeyTemplate, check_depth, check_lengths, default_depths
 from . import run_command
-from .common import CommandError, add_checkpoint_args, default_out, open_checkpoint, open_tokenizer, resolve_device
+from .common import (
+    CommandError,
+    add_checkpoint_args,
+    check_checkpoint_args,
+    default_out,
+    open_checkpoint,
+    open_tokenizer,
+    resolve_device,
+)
 
 DEFAULT_MULTIPLES = (0.5, 1, 2, 4, 8, 16)
 UNITS = {"k": 2**10, "m": 2**20}
@@ -60,6 +68,7 @@ def parse_length(text: str) -> int:
 
 
 def run(args) -> dict:
+    check_checkpoint_args(args)
     dtype = resolve_dtype(args.dtype)
     device = resolve_device(args.device)
     depths = [check_depth(d) for d in args.depths] if args.depths else default_depths(args.n_depths)
