@@ -43,7 +43,8 @@ from .code_corpus import (
     manifest_summary,
 )
 from .errors import DataError
-from .packed import PACKING_VERSION, PackedTextDataset, WindowTextDataset, encode_documents, split_documents
+from .packed import (PACKING_VERSION, PackedTextDataset, WindowTextDataset, collate_samples, encode_documents,
+                     split_documents)
 from .sampler import RandomWindowSampler, ResumableSampler
 from .sources import load_documents, source_identity
 from .streams import LaneSampler, TextLanes
@@ -404,7 +405,7 @@ class TextDataModule(L.LightningDataModule):
 
     def loader_options(self) -> dict:
         workers = self.hparams.num_workers
-        return {"num_workers": workers, "persistent_workers": workers > 0}
+        return {"num_workers": workers, "persistent_workers": workers > 0, "collate_fn": collate_samples}
 
 
 def check_settings(tokenizer: str | None, vocab_size: int, seq_len: int, batch_size: int, val_fraction: float,

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 from tqdm import tqdm
 
 from .errors import DataError
@@ -77,8 +77,8 @@ class PackedTextDataset(Dataset):
     def __len__(self) -> int:
         return (len(self.tokens) - 1) // self.seq_len
 
-    def start(self, i: int) -> int:
-        """Where sample ``i`` starts in the stream."""
+    def start(self, i):
+        """Where sample ``i`` starts in the stream (``i`` an int or an array of them)."""
         return i * self.seq_len
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
@@ -91,6 +91,31 @@ class PackedTextDataset(Dataset):
             sample["seq_idx"] = torch.from_numpy(document_index(block[:-1], self.eos_id))
         return sample
 
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
+        """A whole batch in one gather: the DataLoader calls this instead of ``__getitem__`` per sample. At the
+        study's shapes (256 windows a step, a step every few ms on a GPU) slicing and collating sample by sample
+        cost the host more time than the GPU's step. Returns the collated dict (:func:`collate_samples` passes it
+        on); a subclass with its own ``__getitem__`` gets the per-sample list."""
+        if type(self).__getitem__ is not PackedTextDataset.__getitem__:
+            return [self[i] for i in indices]
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and not (idx.min() >= 0 and idx.max() < len(self)):
+            raise IndexError(f"samples {idx.min()}..{idx.max()} out of range for {len(self)} samples")
+        starts = self.start(idx)  # start() is affine in i: it takes an array as well
+        blocks = np.asarray(self.tokens[starts[:, None] + np.arange(self.seq_len + 1)], dtype=np.int64)
+        batch = {"input_ids": torch.from_numpy(blocks[:, :-1]), "labels": torch.from_numpy(blocks[:, 1:])}
+        if self.emit_seq_idx:
+            seq_idx = np.zeros((len(idx), self.seq_len), dtype=np.int32)
+            np.cumsum(blocks[:, :-2] == self.eos_id, axis=1, out=seq_idx[:, 1:])
+            batch["seq_idx"] = torch.from_numpy(seq_idx)
+        return batch
+
+
+def collate_samples(batch):
+    """The DataLoader's collate: a batch :meth:`PackedTextDataset.__getitems__` gathered whole passes as it is,
+    a list of samples is stacked as usual."""
+    return batch if isinstance(batch, dict) else default_collate(batch)
+
 
 class WindowTextDataset(PackedTextDataset):
     """Every ``seq_len + 1``-token window of a flat token array, indexed by its start offset (``data.sampling
@@ -99,5 +124,5 @@ class WindowTextDataset(PackedTextDataset):
     def __len__(self) -> int:
         return len(self.tokens) - self.seq_len  # offsets 0 .. len - seq_len - 1: the window's last token exists
 
-    def start(self, i: int) -> int:
+    def start(self, i):
         return i

@@ -2,7 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_mamba.data import ByteTokenizer, DataError, PackedTextDataset, encode_documents, split_documents
+from torch.utils.data import DataLoader, default_collate
+
+from lightning_mamba.data import (ByteTokenizer, DataError, PackedTextDataset, WindowTextDataset, encode_documents,
+                                  split_documents)
+from lightning_mamba.data.packed import collate_samples
 
 
 def stream_from_labels(dataset: PackedTextDataset) -> np.ndarray:
@@ -67,3 +71,27 @@ def test_split_keeps_at_least_one_document_each_side():
     assert [len(part) for part in split_documents(3, 0.99, 0)] == [1, 2]
     with pytest.raises(DataError, match="has 1 document"):
         split_documents(1, 0.5, 0)
+
+
+@pytest.mark.parametrize("kind", [PackedTextDataset, WindowTextDataset])
+@pytest.mark.parametrize("emit_seq_idx", [False, True])
+def test_a_batch_gathered_whole_equals_the_samples_collated(tmp_path, kind, emit_seq_idx):
+    """__getitems__ (one gather per batch, what the DataLoader calls) gives what per-sample slicing + collate gives,
+    also from a memory map, and through a DataLoader with the data module's collate."""
+    E = 9
+    rng = np.random.default_rng(0)
+    path = tmp_path / "tokens.npy"
+    np.save(path, rng.integers(0, 12, size=2000).astype(np.uint16))
+    tokens = np.load(path, mmap_mode="r")
+    dataset = kind(tokens, seq_len=16, emit_seq_idx=emit_seq_idx, eos_id=E)
+    indices = [0, 5, len(dataset) - 1, 5, 77]
+    whole = dataset.__getitems__(indices)
+    one_by_one = default_collate([dataset[i] for i in indices])
+    assert whole.keys() == one_by_one.keys()
+    for key in whole:
+        assert whole[key].dtype == one_by_one[key].dtype
+        assert torch.equal(whole[key], one_by_one[key])
+    loader = DataLoader(dataset, batch_size=5, sampler=indices, collate_fn=collate_samples)
+    assert all(torch.equal(a, b) for a, b in zip(next(iter(loader)).values(), whole.values()))
+    with pytest.raises(IndexError):
+        dataset.__getitems__([0, len(dataset)])
