@@ -25,7 +25,7 @@ from ..mitigations.interventions import apply_interventions
 from ..mitigations.search import add_intervention_args, interventions_from_args
 from ..progress import phase
 from . import run_command
-from .common import CommandError, add_checkpoint_args, add_heldout_args, default_out, load_inputs
+from .common import CommandError, CommandParser, add_checkpoint_args, add_heldout_args, default_out, load_inputs
 
 
 class AnalyzeError(CommandError):
@@ -33,7 +33,7 @@ class AnalyzeError(CommandError):
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="lightning-mamba analyze", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="lightning-mamba analyze", description=__doc__.split("\n\n")[0])
     add_checkpoint_args(p, "analysis")
     add_heldout_args(p)
     p.add_argument("--stride", type=int | None, default=None, help="Tokens between state samples (default: the bucket).")

@@ -16,10 +16,15 @@ from jsonargparse import ArgumentParser
 from ..analysis.evaluator import eval_rows, resolve_dtype
 from ..analysis.forgetting import DEFAULT_EVAL_ROWS, DEFAULT_MAX_MULTIPLE
 from ..errors import UserError
+from ..training.run_checks import OneLineErrors
 
 
 class CommandError(UserError):
     """A bad argument or input of a command; ``run_command`` prints it as one line."""
+
+
+class CommandParser(OneLineErrors, ArgumentParser):
+    """The commands' argument parser: an argument error is one line (and a hint), not the usage first."""
 
 
 # ---- arguments ------------------------------------------------------------------------------------------

@@ -21,13 +21,13 @@ from ..models import ConfigError
 from ..models.checkpoint import save_pretrained
 from ..training.checkpoint_io import load_model
 from . import run_command
-from .common import default_out
+from .common import CommandParser, default_out
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="lightning-mamba export", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="lightning-mamba export", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", type=str, required=True, help="A Lightning .ckpt of this project (or a checkpoint "
                    "directory, e.g. HF transformers' Mamba2 layout, to convert).")
     p.add_argument("--out", type=str | None, default=None, help="Output directory (created if needed; files are "

@@ -24,13 +24,21 @@ from ..analysis.criterion import default_bucket
 from ..atomic import atomic_write_json, atomic_write_text
 from ..mitigations.search import compare_mitigations, markdown_table
 from . import run_command
-from .common import CommandError, add_checkpoint_args, add_heldout_args, default_out, load_checkpoint, load_inputs
+from .common import (
+    CommandError,
+    CommandParser,
+    add_checkpoint_args,
+    add_heldout_args,
+    default_out,
+    load_checkpoint,
+    load_inputs,
+)
 
 METHODS = ("rri", "dt_scale", "window", "state_norm")
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="lightning-mamba mitigate", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="lightning-mamba mitigate", description=__doc__.split("\n\n")[0])
     add_checkpoint_args(p, "mitigation")  # --ckpt, --seq_len, --tokenizer, ... as `analyze`
     add_heldout_args(p)  # --text, --length, --n_rows, --bucket, --threshold, ... as `analyze`
     p.add_argument("--compare", type=dict[str, str], default={}, help="Other checkpoints evaluated as they are, "

@@ -22,6 +22,7 @@ from ..data.passkey import PasskeyError, PasskeyGenerator, PasskeyTemplate, chec
 from . import run_command
 from .common import (
     CommandError,
+    CommandParser,
     add_checkpoint_args,
     check_checkpoint_args,
     default_out,
@@ -39,7 +40,7 @@ class PasskeyCommandError(CommandError):
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="lightning-mamba passkey", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="lightning-mamba passkey", description=__doc__.split("\n\n")[0])
     add_checkpoint_args(p, "passkey")  # --ckpt, --out, --seq_len (T_train: marked in the figures, unit of the
     # default lengths), --tokenizer, --piece_len, --batch_size, --dtype, --device, --backend
     p.add_argument("--lengths", type=str, nargs="+", default=None, help="Prompt lengths in tokens (1K = 1024, 1M = "

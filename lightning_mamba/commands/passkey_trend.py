@@ -16,10 +16,11 @@ from ..analysis import plots
 from ..atomic import atomic_write_json
 from ..study.passkey_trend import PasskeyTrendError, load_history, passkey_dir, plot_trend, summary_lines, trend
 from . import run_command
+from .common import CommandParser
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="lightning-mamba passkey-trend", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="lightning-mamba passkey-trend", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", type=str, required=True, help="A run directory (runs/NAME/version_N) or its passkey/ "
                    "directory of step_N.json files.")
     p.add_argument("--threshold", type=float, default=0.95, help="In-window accuracy that counts as learned: the "

@@ -22,10 +22,11 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 
 from ..study.sweep import Study, SweepError, build_cli, cell_args, make_cells, run_study, shard_cells
 from . import run_command
+from .common import CommandParser
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="lightning-mamba sweep", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="lightning-mamba sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", action=ActionConfigFile, help="A study config (YAML), e.g. "
                    "configs/study/forget_threshold.yaml; later arguments override it.")
     p.add_class_arguments(Study)

@@ -25,9 +25,10 @@ class SettingError(UserError, ValueError):
 
 
 # ---- argument errors: one line, not the usage ------------------------------------------------------------------
-class OneLineErrorParser(LightningArgumentParser):
-    """jsonargparse prints the whole usage (~75 lines for fit) before the line that matters, which is itself several
-    lines for a bad value; this parser prints the error as one line and a hint where the options are listed."""
+class OneLineErrors:
+    """For a jsonargparse ``ArgumentParser`` (mixed in before it): jsonargparse prints the whole usage (~75 lines for
+    fit) before the line that matters, which is itself several lines for a bad value; this prints the error as one
+    line and a hint where the options are listed, and exits with status 2."""
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         from jsonargparse._common import debug_mode_active  # where jsonargparse keeps it (JSONARGPARSE_DEBUG)
@@ -39,6 +40,10 @@ class OneLineErrorParser(LightningArgumentParser):
         prog = parser.prog.replace(" [options]", "")
         sys.stderr.write(f"error: {one_line(message)}\n  (the options: `{prog} --help`)\n")
         sys.exit(2)
+
+
+class OneLineErrorParser(OneLineErrors, LightningArgumentParser):
+    """LightningCLI's parser (fit, validate, ...) with one-line argument errors."""
 
 
 _KEY = re.compile(r'^Parser key "([^"]+)":$')

@@ -90,3 +90,16 @@ def test_make_train_passes_good_knobs():
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "--model.d_state 16 --data.seq_len 128 --data.batch_size 8" in r.stdout
+
+
+@pytest.mark.parametrize("argv,line", [
+    (["analyze", "--ckpt", "x.ckpt", "--seq_len", "abc"], "error: seq_len: expected an int or null, got abc"),
+    (["sweep", "--states", "x"], "error: states: expected a list, got 'x'"),
+    (["export"], "error: the following arguments are required: ckpt"),
+    (["passkey", "--ckpt", "x.ckpt", "--bogus", "1"], "error: unrecognized arguments: --bogus 1"),
+])
+def test_command_argument_errors_are_one_line(capsys, argv, line):
+    assert main_code(argv) == 2
+    err = capsys.readouterr().err
+    assert "usage:" not in err and err.strip().splitlines() == [line, f"  (the options: `lightning-mamba {argv[0]} "
+                                                                      f"--help`)"]
