@@ -134,6 +134,12 @@ class MambaCLI(LightningCLI):
         if getattr(self, "_resume_at_lr", False):
             self.trainer.callbacks.append(ResumeAtLr())
 
+    def before_validate(self) -> None:
+        check_fresh_log_version(self.trainer, self.config["validate"])  # the CSVLogger would delete a run's metrics
+
+    def before_test(self) -> None:
+        check_fresh_log_version(self.trainer, self.config["test"])
+
     def after_fit(self) -> None:
         if self.trainer.is_global_zero:
             print("\n".join(fit_summary(self.trainer)), flush=True)

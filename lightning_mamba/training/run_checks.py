@@ -191,7 +191,7 @@ def check_fresh_log_version(trainer, config: Namespace) -> None:
             continue  # the next free version; the name's own folder (the sweep's cells); a resume that appends
         log_dir = getattr(trainer.loggers[i], "log_dir", None)
         if log_dir and os.path.isdir(log_dir) and os.listdir(log_dir):
-            why = ("the CSVLogger would delete its metrics.csv" if csv else "a fresh fit would mix its logs with that "
+            why = ("the CSVLogger would delete its metrics.csv" if csv else "a new run would mix its logs with that "
                    "run's")
             raise SettingError(f"the logger's version {version!r} already holds a run ({log_dir} is not empty) and "
                                f"{why}: choose another trainer.logger.init_args.version (or null for the next free "

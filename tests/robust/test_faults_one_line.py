@@ -35,6 +35,10 @@ def fit_error(capsys, config: str, *args: str) -> str:
     return one_line_error(capsys, ["fit", "--config", config, *args])
 
 
+def subcommand_error(capsys, subcommand: str, config: str, *args: str) -> str:
+    return one_line_error(capsys, [subcommand, "--config", config, *args])
+
+
 # ---- inputs ---------------------------------------------------------------------------------------------------
 def test_invalid_utf8_in_jsonl_is_replaced_and_trains(tmp_path, cache_dir):
     docs = tmp_path / "docs"
@@ -148,6 +152,9 @@ def test_explicit_logger_version_of_an_existing_run_is_refused(tmp_path, corpus,
                         str(tmp_path / "ckpt" / "last.ckpt"))
     assert "the CSVLogger would delete its metrics.csv" in message
     assert metrics.read_bytes() == before
+    # nor may validate log there
+    message = subcommand_error(capsys, "validate", config, "--trainer.logger.init_args.version", "0")
+    assert "the CSVLogger would delete its metrics.csv" in message and metrics.read_bytes() == before
     # the next free version (null) is what it says
     main(["fit", "--config", config])
     assert os.path.isfile(tmp_path / "runs" / "tiny" / "version_1" / "metrics.csv")
