@@ -27,10 +27,17 @@ class NanGuard(L.Callback):
     """Checks every optimizer step that the loss and the gradients are finite.
 
     One check per step: the losses of the step's batches and the total gradient norm are tested together
-    (a single host sync), and all processes share the verdict (one fails: all stop or skip). Only when that fails
+    (a single host sync, or none: see below), and all processes share the verdict (one fails: all stop or skip). Only when that fails
     are the tensors searched for the first non-finite one, in the order they were computed: a parameter (a NaN
     weight), then the loss, then a gradient. Under fp16 mixed precision the gradient check is left to the grad
     scaler, which skips overflowing steps itself.
+
+    With a fused optimizer (AdamW ``fused=True``, what training on CUDA uses) on one process and without a grad
+    scaler, the check does not wait for the GPU: the step's verdict goes to the optimizer as its ``found_inf``
+    tensor, so a non-finite step leaves the weights and the optimizer's state untouched on the device, and the host
+    reads the verdict one step later (a sync every step would leave the GPU idle while the host prepares the next
+    one: half the speed of the study's small cells), or at once where a checkpoint or a validation may follow. The
+    stop or the warning names the step that failed; the step after it may have run.
 
     Args:
         on_nonfinite: 'stop': raise :class:`NonFiniteError` naming the global step and the first non-finite
@@ -51,6 +58,7 @@ class NanGuard(L.Callback):
         self._saved_steps: set[int] = set()  # the global steps this run wrote checkpoints at
         self._losses: list[torch.Tensor] = []
         self._where = ""
+        self._pending: tuple | None = None  # the deferred check's step whose verdict is not read yet
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         self._where = f"global step {trainer.global_step} (epoch {trainer.current_epoch}, batch {batch_idx})"
@@ -66,6 +74,9 @@ class NanGuard(L.Callback):
         grad_norm = torch.nn.utils.get_total_norm(grads) if grads and check_grads else None
         if grad_norm is not None:
             checks.append(grad_norm.isfinite())
+        if checks and check_grads and trainer.world_size == 1 and _takes_found_inf(optimizer):
+            self._check_later(trainer, pl_module, optimizer, losses, grad_norm, checks)
+            return
         bad = bool(checks) and not torch.stack([c.to(pl_module.device) for c in checks]).all()
         # Each rank sees its own losses (and under FSDP its own shard of the gradients): one rank's non-finite
         # step is every rank's, so that all stop or skip together.
@@ -76,10 +87,59 @@ class NanGuard(L.Callback):
             self._handle(trainer, pl_module, self._describe(pl_module, losses, grad_norm, check_grads))
         pl_module.log("train/skipped_batches", float(self.skipped))
 
+    def _check_later(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer, losses, grad_norm,
+                     checks) -> None:
+        """The deferred check (class docstring): the optimizer skips this step on the device if it is not finite;
+        the verdict of the step before, long computed by now, is read and acted on."""
+        bad = ~torch.stack([c.to(pl_module.device) for c in checks]).all()
+        _unwrap(optimizer).found_inf = bad.float()
+        self._resolve(trainer, pl_module)
+        pl_module.log("train/skipped_batches", float(self.skipped))
+        host = bad.to("cpu", non_blocking=True) if bad.is_cuda else bad
+        event = None
+        if bad.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        stacked = torch.stack(losses) if losses else None  # a copy: a CUDA graph's loss output is rewritten
+        self._pending = (host, event, trainer.global_step, self._where, stacked, grad_norm)
+
+    def _resolve(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Act on the pending step's verdict (its update was already skipped on the device if it failed)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            host, event, step, where, losses, grad_norm = pending
+            if event is not None:
+                event.synchronize()
+            if not bool(host):
+                self._in_a_row, self._loss_failed = 0, False
+            else:
+                loss_bad = losses is not None and not bool(losses.isfinite().all())
+                self._loss_failed = self._loss_failed or loss_bad
+                losses_list = list(losses) if losses is not None else []
+                self._where = where
+                message = self._describe(pl_module, losses_list, grad_norm, check_grads=False)
+                if not loss_bad:
+                    message = message.replace("another process's loss or gradients are not finite",
+                                              "a gradient is not finite")
+                self._handle(trainer, pl_module, message, step=step, skipped_already=True)
+
+    # A checkpoint must not hold a step whose verdict is unread: read it first wherever one may be written (callbacks
+    # run before ModelCheckpoint, which Lightning puts last).
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if self._pending is not None and _checkpoint_may_follow(trainer):
+            self._resolve(trainer, pl_module)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._resolve(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._resolve(trainer, pl_module)
+
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         self._saved_steps.add(trainer.global_step)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._resolve(trainer, pl_module)  # the last step's deferred verdict
         # 'skip' that ended in skipped steps, one of them with a non-finite loss: the weights the run leaves (unchanged
         # since) give one. A finite loss with a non-finite gradient does not condemn them (a bad batch).
         if self._in_a_row and trainer.strategy.reduce_boolean_decision(self._loss_failed, all=False):
@@ -108,9 +168,10 @@ class NanGuard(L.Callback):
         norm = f"{grad_norm.item():.4g}" if grad_norm is not None else "n/a"
         return f"non-finite values at {self._where}: {first} (loss {loss}, grad norm {norm})"
 
-    def _handle(self, trainer: L.Trainer, pl_module: L.LightningModule, message: str) -> None:
+    def _handle(self, trainer: L.Trainer, pl_module: L.LightningModule, message: str, step: int | None = None,
+                skipped_already: bool = False) -> None:
         if not self._in_a_row:
-            self._first_bad = trainer.global_step
+            self._first_bad = trainer.global_step if step is None else step
         if self.on_nonfinite == "stop":
             raise self._stop(trainer, pl_module, message, "; or skip such batches with on_nonfinite=skip")
         self.skipped += 1
@@ -118,8 +179,9 @@ class NanGuard(L.Callback):
         if self._in_a_row > self.max_skips_in_a_row:
             raise self._stop(trainer, pl_module, f"{message}, and the {self.max_skips_in_a_row} steps before it were "
                                                  f"skipped too")
-        for p in pl_module.parameters():
-            p.grad = None  # the optimizer leaves parameters without a gradient alone
+        if not skipped_already:
+            for p in pl_module.parameters():
+                p.grad = None  # the optimizer leaves parameters without a gradient alone
         rank_zero_warn(f"{message}: skipped this batch ({self.skipped} so far)")
 
     def _stop(self, trainer: L.Trainer, pl_module: L.LightningModule, message: str, hint: str = "") -> NonFiniteError:
@@ -175,6 +237,30 @@ def run_config_path(trainer: L.Trainer) -> str:
     log_dir = trainer.log_dir
     return next((os.path.join(log_dir, cb.config_filename) for cb in trainer.callbacks
                  if isinstance(cb, SaveConfigCallback) and log_dir), "CONFIG")
+
+
+def _checkpoint_may_follow(trainer: L.Trainer) -> bool:
+    """Whether a checkpoint may be written at the end of this batch (ModelCheckpoint's step or time interval, the
+    last step, or SIGTERM's checkpoint)."""
+    step = trainer.global_step
+    if trainer.received_sigterm or (trainer.max_steps > 0 and step >= trainer.max_steps) or trainer.should_stop:
+        return True
+    for cb in trainer.checkpoint_callbacks:
+        every = getattr(cb, "_every_n_train_steps", 0)
+        if (every and step % every == 0) or getattr(cb, "_train_time_interval", None) is not None:
+            return True
+    return False
+
+
+def _unwrap(optimizer):
+    return getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the torch one
+
+
+def _takes_found_inf(optimizer) -> bool:
+    """A fused torch Adam/AdamW/SGD: its step reads ``found_inf`` and skips (on the device) when it is non-zero."""
+    optimizer = _unwrap(optimizer)
+    return (isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD))
+            and bool(optimizer.defaults.get("fused")))
 
 
 def _finite(state: dict) -> bool:

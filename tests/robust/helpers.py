@@ -85,3 +85,14 @@ class FailingSave(L.Callback):
 
     def state_dict(self):
         return {"payload": Unpicklable()} if self.trainer is not None and self.trainer.global_step >= self.step else {}
+
+
+class FusedOptimizer(L.Callback):
+    """Turn the run's AdamW into its fused implementation before the first step (what training on CUDA uses), so
+    the NaN guard's deferred check (the optimizer's ``found_inf``) runs on the CPU too."""
+
+    def on_train_start(self, trainer, pl_module):
+        for optimizer in trainer.optimizers:
+            optimizer.defaults.update(fused=True, foreach=False)
+            for group in optimizer.param_groups:
+                group.update(fused=True, foreach=False)
