@@ -18,6 +18,7 @@ from lightning_mamba import atomic
 from lightning_mamba.cli import main
 from lightning_mamba.data.cache import read_sidecar, scan_tokens, sidecar_path
 from lightning_mamba.data.tokenization import ByteTokenizer
+from lightning_mamba.errors import DiskFullError
 
 from .conftest import run_config
 from .test_bad_inputs import one_line_error
@@ -245,3 +246,25 @@ def test_disk_full_while_writing_the_logs(tmp_path, corpus, cache_dir, capsys, m
     message = fit_error(capsys, run_config(tmp_path, corpus, cache_dir, 1))
     assert message == (f"error: disk full while writing the logs in {tmp_path}/runs/tiny/version_0: free space on its "
                        f"disk or set trainer.logger.init_args.save_dir to a folder on another disk")
+
+
+def test_disk_full_while_writing_the_arrow_copy_names_cache_dir(tmp_path, monkeypatch):
+    """datasets writes its Arrow copy of local files under data.cache_dir/hf_datasets: a full disk there is no fault
+    of data.source."""
+    import datasets
+
+    from lightning_mamba.data.sources import load_local
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.jsonl").write_text('{"text": "one"}\n')
+
+    def load_dataset(*args, **kwargs):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as e:
+            raise datasets.exceptions.DatasetGenerationError("An error occurred while generating the dataset") from e
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with pytest.raises(DiskFullError, match=r"disk full while writing .*hf_datasets: free space on its disk or set "
+                                            r"data.cache_dir to a folder on another disk"):
+        load_local(str(tmp_path / "docs"), hf_cache_dir=str(tmp_path / "cache" / "hf_datasets"))
