@@ -43,8 +43,14 @@ from .code_corpus import (
     manifest_summary,
 )
 from .errors import DataError
-from .packed import (PACKING_VERSION, PackedTextDataset, WindowTextDataset, collate_samples, encode_documents,
-                     split_documents)
+from .packed import (
+    PACKING_VERSION,
+    PackedTextDataset,
+    WindowTextDataset,
+    collate_samples,
+    encode_documents,
+    split_documents,
+)
 from .sampler import RandomWindowSampler, ResumableSampler
 from .sources import load_documents, source_identity
 from .streams import LaneSampler, TextLanes

@@ -1,11 +1,16 @@
 import numpy as np
 import pytest
 import torch
-
 from torch.utils.data import DataLoader, default_collate
 
-from lightning_mamba.data import (ByteTokenizer, DataError, PackedTextDataset, WindowTextDataset, encode_documents,
-                                  split_documents)
+from lightning_mamba.data import (
+    ByteTokenizer,
+    DataError,
+    PackedTextDataset,
+    WindowTextDataset,
+    encode_documents,
+    split_documents,
+)
 from lightning_mamba.data.packed import collate_samples
 
 
