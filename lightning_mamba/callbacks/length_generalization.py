@@ -18,19 +18,7 @@ from ..analysis.evaluator import eval_rows, write_position_losses_csv
 from ..analysis.forgetting import DEFAULT_EVAL_ROWS, DEFAULT_MAX_MULTIPLE, measure_forgetting, multiples_up_to
 from ..atomic import atomic_write_json
 from ..training.sharding import fsdp_root, unsharded_copy
-
-
-def validation_due(trainer: L.Trainer) -> bool:
-    """Whether Lightning's schedule validates right after the batch the trainer is at (a ``val_check_interval`` in
-    batches, or an epoch's end; a time-based interval is not followed)."""
-    batches = trainer.val_check_batch
-    if not trainer.enable_validation or not isinstance(batches, int):
-        return False
-    loop = trainer.fit_loop.epoch_loop
-    if trainer.check_val_every_n_epoch is None:
-        return (loop.total_batch_idx + 1) % batches == 0
-    return (trainer.current_epoch + 1) % trainer.check_val_every_n_epoch == 0 and (
-        (loop.batch_idx + 1) % batches == 0 or loop.batch_progress.is_last_batch)
+from ..training.validation import validation_due
 
 
 class PeriodicAnalysis(L.Callback):

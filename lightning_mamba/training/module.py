@@ -7,7 +7,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric, MinMetric
 
 from ..models import ConfigError, MambaConfig, MambaLM
@@ -18,6 +18,7 @@ from .checkpoint_io import check_model_shape, check_tokenizer, flat_settings, mo
 from .cuda_graph import GraphedLoss
 from .initial_states import NEEDS_LANES, InitialStates
 from .schedule import SCHEDULES, lr_factor
+from . import validation
 from .sharding import fsdp_root, unwrapped_name
 
 DECAY_RATE_PARAMS = ("A_log", "dt_bias")  # the decay exp(dt * A) of every head: model.a_lr_mult scales their lr
@@ -221,8 +222,27 @@ class MambaLitModule(L.LightningModule):
         if self.trainer.sanity_checking:
             return
         self.val_loss_best.update(loss)
-        self.log_dict({"val/loss": loss, "val/ppl": torch.exp(loss), "val/loss_best": self.val_loss_best.compute()},
-                      prog_bar=True, sync_dist=True)
+        metrics = {"val/loss": loss, "val/ppl": torch.exp(loss), "val/loss_best": self.val_loss_best.compute()}
+        self.log_dict(metrics, prog_bar=True, sync_dist=True)
+        if self.trainer.state.fn == "fit":
+            validation.write_record(self.trainer, metrics)  # this step's validation is done (see on_train_start)
+
+    def on_train_start(self) -> None:
+        # Resumed from a checkpoint written just before a validation the interrupted run did not finish: Lightning
+        # does not redo it, so the validation loss of that step is computed and logged here (training/validation.py).
+        trainer = self.trainer
+        if trainer.datamodule is None or not validation.lost_on_resume(trainer):
+            return
+        validation.redo_validation_loss(trainer, self, trainer.datamodule.val_dataloader())
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.val_loss_best.update(loss)
+        metrics = {"val/loss": loss, "val/ppl": torch.exp(loss), "val/loss_best": self.val_loss_best.compute()}
+        for logger in trainer.loggers:  # at the step Lightning logs a validation after step N with: N - 1
+            logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=trainer.global_step - 1)
+        validation.write_record(trainer, metrics)
+        rank_zero_info(f"resumed at step {trainer.global_step}, whose validation the interrupted run did not "
+                       f"finish: val/loss {float(loss):.4f} (redone)")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         loss = self.model_step(batch)

@@ -70,6 +70,13 @@ def logged_steps(log_dir, metric: str) -> list[int]:
         return sorted(int(r["step"]) for r in csv.DictReader(f) if r.get(metric))
 
 
+def logged_value(log_dir, metric: str, step: int) -> float:
+    import csv
+
+    with open(os.path.join(log_dir, "metrics.csv")) as f:
+        return next(float(r[metric]) for r in csv.DictReader(f) if r.get(metric) and int(r["step"]) == step)
+
+
 def test_an_evaluation_killed_after_its_checkpoint_is_redone_on_resume(data_dir):
     with pytest.raises(Killed):
         fit(data_dir, 6, extra=[KillDuringValidation(4)])
@@ -88,6 +95,16 @@ def test_an_evaluation_killed_after_its_checkpoint_is_redone_on_resume(data_dir)
     assert os.path.exists(os.path.join(log_dir, "state_stats", "step_4.json"))
     assert logged_steps(log_dir, "state/norm_max@4x") == [4, 6]  # 4: the 2nd validation; 6: the end of fit
     assert (lengthgen._validations, stats._validations) == (3, 3)
+    # the validation loss of step 4 too (Lightning does not redo that validation), from the same batches
+    # (Lightning logs the validation after step N at step N - 1)
+    assert logged_steps(first, "val/loss") == [1]
+    assert logged_steps(log_dir, "val/loss") == [3, 5]
+    assert json.load(open(os.path.join(log_dir, "val", "step_4.json")))["step"] == 4
+    # and it is the value the uninterrupted run's own validation of step 4 gives
+    (data_dir / "again").mkdir()
+    os.symlink(data_dir / "corpus", data_dir / "again" / "corpus")
+    straight, _, _ = fit(data_dir / "again", 6)
+    assert logged_value(log_dir, "val/loss", 3) == pytest.approx(logged_value(straight, "val/loss", 3), rel=1e-6)
 
 
 def test_a_finished_evaluation_is_not_redone_and_a_fresh_run_evaluates_nothing_at_start(data_dir):
@@ -100,4 +117,6 @@ def test_a_finished_evaluation_is_not_redone_and_a_fresh_run_evaluates_nothing_a
     ckpt = next(p for p in os.listdir(data_dir / "ckpt") if "step=4" in p)
     _, again, _ = fit(data_dir, 6, ckpt_path=data_dir / "ckpt" / ckpt, version=0)
     assert os.stat(result).st_mtime_ns == stamp
+    val_record = os.path.join(log_dir, "val", "step_4.json")
+    assert os.path.exists(val_record)  # nor is the validation loss: its record is there
     assert again._validations == 3  # 2 before, counted by the checkpoint (the one at 4 too), 1 after
