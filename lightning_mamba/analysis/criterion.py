@@ -59,6 +59,18 @@ def verdict_text(v: dict) -> str:
     return text + "".join(f", {r}" for r in ratios) + ")"
 
 
+def verdict_word(v: dict, reason: bool | str = False) -> str:
+    """The verdict where there is room for a few words (a title, a table cell, a log line): "forgets",
+    "FAILS to forget" or "undetermined" (no verdict: ``forgets`` is None). ``reason=True`` adds an undetermined
+    verdict's reason in parentheses, ``reason="short"`` its first clause only (e.g. "the loss is not finite")."""
+    if v.get("forgets") is None:
+        why = v.get("undetermined")
+        if not reason or not why:
+            return "undetermined"
+        return f"undetermined ({why.split(' (', 1)[0] if reason == 'short' else why})"
+    return "forgets" if v["forgets"] else "FAILS to forget"
+
+
 def _window_mean(positions: np.ndarray, curve: np.ndarray, lo: float, hi: float) -> float | None:
     """Mean of the buckets whose last position lies in (lo, hi]; None if the curve does not reach hi."""
     if positions[-1] < hi:

@@ -99,11 +99,14 @@ class ForgettingReport:
         return {f"{prefix}loss@{m}x": loss for m, loss in self.loss_at.items()}
 
     def scalars(self, prefix: str = "lengthgen/") -> dict[str, float | None]:
-        """The logged scalars: loss@{m}x, forgets (1/0; NaN: undetermined), blowup_position (-1 if none), ratio_4_16x, ratio_16_64x
-        and its interval (ratio_16_64x_lo, ratio_16_64x_hi)."""
+        """The logged scalars: loss@{m}x, forgets (1/0), blowup_position (-1 if none), ratio_4_16x, ratio_16_64x
+        and its interval (ratio_16_64x_lo, ratio_16_64x_hi). An undetermined verdict has neither forgets nor
+        blowup_position (None: not logged; -1 would say "no blow-up", 0 "fails")."""
         v = self.verdict
-        return {**self.metrics(prefix), f"{prefix}forgets": float("nan") if v.forgets is None else float(v.forgets),
-                f"{prefix}blowup_position": -1 if v.blowup_position is None else v.blowup_position,
+        undetermined = v.forgets is None
+        return {**self.metrics(prefix), f"{prefix}forgets": None if undetermined else float(v.forgets),
+                f"{prefix}blowup_position": None if undetermined else
+                -1 if v.blowup_position is None else v.blowup_position,
                 f"{prefix}ratio_4_16x": v.ratio_long_over_in, f"{prefix}ratio_16_64x": v.ratio_16_64x,
                 f"{prefix}ratio_16_64x_lo": v.ratio_16_64x_lo, f"{prefix}ratio_16_64x_hi": v.ratio_16_64x_hi}
 

@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ..analysis import plots
-from ..analysis.criterion import verdict_text
+from ..analysis.criterion import verdict_text, verdict_word
 from ..analysis.evaluator import eval_rows, write_position_losses_csv
 from ..analysis.forgetting import DEFAULT_EVAL_ROWS, DEFAULT_MAX_MULTIPLE, measure_forgetting, multiples_up_to
 from ..atomic import atomic_write_json
@@ -181,7 +181,8 @@ class LengthGeneralizationCallback(PeriodicAnalysis):
         dtype: float32 (the paper's analysis precision) or bfloat16.
         threshold: The criterion's factor: fails if a judged bucket exceeds threshold x the max within T_train.
 
-    Logs ``lengthgen/loss@{m}x``, ``lengthgen/forgets`` (1/0), ``lengthgen/blowup_position`` (-1 if none),
+    Logs ``lengthgen/loss@{m}x``, ``lengthgen/forgets`` (1/0), ``lengthgen/blowup_position`` (-1 if none; neither
+    of the two for an undetermined verdict, a non-finite loss: see ``step_<step>.json``'s ``verdict.undetermined``),
     ``lengthgen/ratio_4_16x`` (mean[4T,16T] / mean[T/2,T], when evaluated to 16T), ``lengthgen/ratio_16_64x``
     (mean[16T,64T] / mean[T/2,T], when evaluated to 64T) with its bootstrap 95% interval over rows
     ``lengthgen/ratio_16_64x_lo`` and ``_hi``, the figure ``lengthgen/loss_vs_position``, and
@@ -226,9 +227,11 @@ class LengthGeneralizationCallback(PeriodicAnalysis):
         self._note_blowup_scalar(trainer)
         self.last_result = {"step": step, "verdict": verdict.to_dict()}
 
+        title = verdict_word(verdict.to_dict(), reason="short")
+        if verdict.forgets is False:
+            title += f", blow-up at {verdict.blowup_position}"
         fig = plots.plot_loss_curve(report.positions, report.curve, T, self.threshold * verdict.max_in_window,
-                                    threshold_factor=self.threshold, title=f"step {step}: " + ("forgets" if verdict.forgets else
-                                                              f"FAILS to forget, blow-up at {verdict.blowup_position}"))
+                                    threshold_factor=self.threshold, title=f"step {step}: {title}")
         self.log_figure(trainer, "lengthgen/loss_vs_position", fig, step)
 
         out = os.path.join(self.out_dir(trainer), f"step_{step}")

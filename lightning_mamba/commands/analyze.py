@@ -155,12 +155,14 @@ def summary_lines(r: dict) -> list[str]:
     else:
         lines.append(f"verdict: FAILS to forget: blow-up at position {v['blowup_position']} "
                      f"({v['blowup_position'] / T:.2f} x T_train)")
-    ratio = v["ratio_long_over_in"]
-    lines.append("ratio mean[4T,16T] / mean[T/2,T]: " + ("n/a (needs --length >= 16 x T_train)" if ratio is None
-                                                        else f"{ratio:.3f}"))
+    ratio = v["ratio_long_over_in"]  # None, too, when the verdict is undetermined
+    lines.append("ratio mean[4T,16T] / mean[T/2,T]: " + (
+        "n/a (needs --length >= 16 x T_train)" if ratio is None and r["length"] < 16 * T else
+        "n/a (the loss is not finite)" if ratio is None or not np.isfinite(ratio) else f"{ratio:.3f}"))
     ratio = v["ratio_16_64x"]
     lines.append("ratio mean[16T,64T] / mean[T/2,T]: " + (
         "n/a (needs --length >= 64 x T_train)" if ratio is None else
+        "n/a (the loss is not finite)" if not np.isfinite(ratio) else  # a diverged model's: no "nan" printed
         f"{ratio:.3f} (95% bootstrap interval {v['ratio_16_64x_lo']:.3f} - {v['ratio_16_64x_hi']:.3f} over "
         f"{v['rows']} rows)"))
     s = r["state"].get("text")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..analysis.criterion import verdict_word
 from ..analysis.evaluator import token_losses, window_mean
 from ..analysis.forgetting import ForgettingReport, forgetting_report, loss_at_multiple
 from .interventions import apply_interventions, calibrate_state_norms, describe, load_state_norms, parse_rri
@@ -154,7 +155,8 @@ def curve_metrics(report: ForgettingReport, losses: Tensor) -> dict:
     beyond = window_mean(losses, 4 * T, n) if n > 4 * T else None
     return {"loss_in_window": in_window, "loss@4x": report.loss_at[4], "loss_beyond_4x": beyond,
             "ratio": beyond / in_window if beyond and in_window else None,
-            "forgets": v.forgets, "blowup_position": v.blowup_position, "max_in_window": v.max_in_window,
+            "forgets": v.forgets, "undetermined": v.undetermined, "blowup_position": v.blowup_position,
+            "max_in_window": v.max_in_window,
             "ratio_16_64x": v.ratio_16_64x, "ratio_16_64x_lo": v.ratio_16_64x_lo, "ratio_16_64x_hi": v.ratio_16_64x_hi}
 
 
@@ -176,7 +178,7 @@ def compare_mitigations(model, rows: Tensor, seq_len: int, bucket: int, methods=
         entries.append({"name": name, "setting": describe(**setting) or "none", "search": search_table,
                         "metrics": curve_metrics(report, losses),
                         "positions": report.positions.tolist(), "curve": report.curve.tolist()})
-        log(f"{name}: {entries[-1]['setting']}: {'forgets' if report.verdict.forgets else 'FAILS to forget'} "
+        log(f"{name}: {entries[-1]['setting']}: {verdict_word(report.verdict.to_dict(), reason=True)} "
             f"({time.perf_counter() - t0:.1f} s)")
 
     add("as trained", model, {})
@@ -198,15 +200,16 @@ def compare_mitigations(model, rows: Tensor, seq_len: int, bucket: int, methods=
 
 def markdown_table(entries: list[dict], seq_len: int) -> list[str]:
     def f(x):
-        return "-" if x is None else f"{x:.3f}"
+        return "-" if x is None or not math.isfinite(x) else f"{x:.3f}"  # a diverged model's NaN: no number
 
     lines = ["| model | setting (searched by loss at 4 x T) | loss (T/2, T] | loss@4x | loss (4T, end] | ratio | verdict |",
              "|---|---|---|---|---|---|---|"]
     for e in entries:
         m = e["metrics"]
         pos = m["blowup_position"]
-        verdict = ("forgets" if m["forgets"] else "FAILS to forget, blow-up at " + (
-            "none" if pos is None or pos < 0 else f"{pos} ({pos / seq_len:.1f} T)"))
+        verdict = verdict_word(m, reason="short")
+        if m["forgets"] is False:
+            verdict += ", blow-up at " + ("none" if pos is None or pos < 0 else f"{pos} ({pos / seq_len:.1f} T)")
         lines.append(f"| {e['name']} | {e['setting']} | {f(m['loss_in_window'])} | {f(m['loss@4x'])} | "
                      f"{f(m['loss_beyond_4x'])} | {f(m['ratio'])} | {verdict} |")
     return lines

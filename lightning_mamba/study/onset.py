@@ -61,7 +61,8 @@ def cell_history(cell_folder: str, tokens_per_batch: int | None = None) -> list[
         verdict = entry.get("verdict") or {}
         metrics = entry.get("metrics") or {}
         row = {"step": step, "tokens": None if tokens_per_batch is None else step * tokens_per_batch,
-               "forgets": verdict.get("forgets"), "blowup_position": verdict.get("blowup_position"),
+               "forgets": verdict.get("forgets"), "undetermined": verdict.get("undetermined"),
+               "blowup_position": verdict.get("blowup_position"),
                "evaluated_to": verdict.get("evaluated_to")}
         for key in ("ratio_16_64x", "ratio_16_64x_lo", "ratio_16_64x_hi", "ratio_long_over_in"):
             if key in verdict:
@@ -74,7 +75,8 @@ def cell_history(cell_folder: str, tokens_per_batch: int | None = None) -> list[
 
 def onset_of(history: list[dict]) -> dict[str, Any]:
     """The first failing evaluation (step, tokens), whether the cell still fails at its last evaluation, and how
-    many evaluations there were. ``step`` is None when no evaluation failed."""
+    many evaluations there were. ``step`` is None when no evaluation failed. An undetermined evaluation
+    (``forgets`` None: a non-finite loss) does not fail."""
     failing = [h for h in history if h.get("forgets") is False]
     first = failing[0] if failing else None
     return {"step": None if first is None else first["step"], "tokens": None if first is None else first["tokens"],
@@ -87,7 +89,8 @@ def t_forget_by_step(histories: dict[str, list[dict]], rows_of_cells: dict[str, 
 
     ``histories``: cell -> history; ``rows_of_cells``: cell -> (row, LEN). At a step, T_forget is the smallest LEN
     of the row whose cell forgets there, provided every shorter LEN fails there (else it is not named); a row
-    whose shortest LEN forgets has T_forget <= that LEN, one that fails at every LEN has T_forget > the longest."""
+    whose shortest LEN forgets has T_forget <= that LEN, one that fails at every LEN has T_forget > the longest.
+    An undetermined evaluation counts as missing: a step where one of the row's LENs has it is left out."""
     by_row: dict[str, dict[int, dict[int, bool]]] = {}
     for cell, history in histories.items():
         row, seq_len = rows_of_cells[cell]

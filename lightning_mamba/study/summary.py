@@ -18,6 +18,7 @@ import os
 import numpy as np
 
 from ..analysis import plots
+from ..analysis.criterion import verdict_word
 from ..analysis.fits import N_S_UNIT, PAPER_T_FORGET, PAPER_T_RECALL, T_UNIT, fit_exponential, fit_linear
 from ..analysis.plots import plt
 from ..atomic import atomic_write_text
@@ -53,7 +54,9 @@ def blowup_over_len(r: dict) -> float | None:
 def csv_row(r: dict) -> dict:
     v = r["verdict"]
     pk = r.get("passkey") or {}
-    return {**{k: r.get(k) for k in CSV_FIELDS}, "forgets": int(v["forgets"]), "blowup_position": v["blowup_position"],
+    return {**{k: r.get(k) for k in CSV_FIELDS},
+            "forgets": None if v["forgets"] is None else int(v["forgets"]),  # undetermined: an empty field
+            "blowup_position": v["blowup_position"],
             "blowup_over_len": blowup_over_len(r),
             "max_in_window": v["max_in_window"], "ratio_4_16x": v["ratio_long_over_in"],
             **{k: v.get(k) for k in ("ratio_16_64x", "ratio_16_64x_lo", "ratio_16_64x_hi")},
@@ -61,7 +64,9 @@ def csv_row(r: dict) -> dict:
 
 
 def rows_of(results: list[dict], plan: dict | None) -> list[dict]:
-    """One entry per row of the grid (a state size, or a model), in plan order: T_forget = smallest passing LEN."""
+    """One entry per row of the grid (a state size, or a model), in plan order: T_forget = smallest passing LEN.
+    A cell whose verdict is undetermined (``forgets`` None: a non-finite loss) counts as missing, as one without a
+    result does; ``undetermined_lens`` names those LENs."""
     order = list(dict.fromkeys([c.rsplit("_len", 1)[0] for c in (plan or {}).get("cells", [])]
                                + [r["row"] for r in results]))
     planned = {}
@@ -73,15 +78,17 @@ def rows_of(results: list[dict], plan: dict | None) -> list[dict]:
         cells = {r["seq_len"]: r for r in results if r["row"] == name}
         lens = sorted(set(planned.get(name, [])) | set(cells))
         first = next(iter(cells.values()), None)
+        undetermined = [t for t in lens if t in cells and cells[t]["verdict"]["forgets"] is None]
         entry = {"row": name, "lens": lens, "missing_lens": [t for t in lens if t not in cells],
+                 "undetermined_lens": undetermined,
                  "passes": {str(t): cells[t]["verdict"]["forgets"] for t in lens if t in cells},
                  "blowup_over_len": {str(t): blowup_over_len(cells[t]) for t in lens if t in cells},
                  "t_forget": None, "t_forget_lower_bound": None, "t_forget_upper_bound": None, "status": "incomplete"}
         if first is not None:
             entry.update({k: first[k] for k in ("d_state", "n_layer", "d_model", "n_s", "n_s_ssm_only", "params")})
         for t in lens:
-            if t not in cells:
-                break  # a smaller LEN is not done yet: T_forget cannot be named
+            if t not in cells or t in undetermined:
+                break  # a smaller LEN is not done yet (or has no verdict): T_forget cannot be named
             if cells[t]["verdict"]["forgets"] and t == lens[0]:
                 # the grid's shortest LEN already forgets: T_forget is at most t, the grid cannot say more
                 entry.update(t_forget_upper_bound=t, status="at_or_below_min_len")
@@ -93,12 +100,15 @@ def rows_of(results: list[dict], plan: dict | None) -> list[dict]:
             if lens:
                 entry.update(t_forget_lower_bound=max(lens), status="above_max_len")
         if entry["t_forget"] is not None:  # the paper's law assumes every longer LEN passes too
-            later = [t for t in lens if t > entry["t_forget"] and t in cells and not cells[t]["verdict"]["forgets"]]
+            later = [t for t in lens if t > entry["t_forget"] and t in cells and cells[t]["verdict"]["forgets"] is False]
             entry["fails_above_t_forget"] = later
         entry["t_forget_text"] = (str(entry["t_forget"]) if entry["t_forget"] is not None else
                                   f"> {entry['t_forget_lower_bound']}" if entry["t_forget_lower_bound"] else
                                   f"<= {entry['t_forget_upper_bound']}" if entry["t_forget_upper_bound"] else
-                                  "incomplete (missing LEN " + ", ".join(map(str, entry["missing_lens"])) + ")")
+                                  "incomplete (" + "; ".join(
+                                      f"{what} LEN " + ", ".join(map(str, lens_))
+                                      for what, lens_ in (("missing", entry["missing_lens"]),
+                                                          ("undetermined", undetermined)) if lens_) + ")")
         recalls = [(cells[t].get("passkey") or {}).get("t_recall") for t in cells if cells[t].get("passkey")]
         entry["t_recall"] = max((x for x in recalls if x is not None), default=None) if recalls else None
         entry["passkey_ran"] = bool(recalls)
@@ -201,6 +211,10 @@ def _grid(results: list[dict], rows: list[dict], extra_width: float = 0.0):
     return fig, axes, names, lens, by
 
 
+CURVE_COLORS = {True: "C0", False: "C3", None: "C7"}  # forgets, fails, undetermined (grey)
+VERDICT_WORDS = {True: "forgets", False: "FAILS", None: "undetermined"}  # a cell's verdict in a title or table
+
+
 def plot_curve_grid(results: list[dict], rows: list[dict]) -> plt.Figure:
     """Loss vs position for every cell (rows: state sizes, columns: LEN), LEN and the failure line marked and
     named in the figure's legend."""
@@ -217,17 +231,20 @@ def plot_curve_grid(results: list[dict], rows: list[dict]) -> plt.Figure:
                 continue
             v = r["verdict"]
             factors.add(v["threshold"])
-            passed.add(bool(v["forgets"]))
-            ax.plot(r["curve"]["positions"], r["curve"]["loss"], linewidth=1, color="C0" if v["forgets"] else "C3")
+            passed.add(v["forgets"])
+            # a non-finite loss is null in result.json: numpy reads it as NaN, a gap in the line
+            loss = np.array(r["curve"]["loss"], dtype=float)
+            ax.plot(r["curve"]["positions"], loss, linewidth=1, color=CURVE_COLORS[v["forgets"]])
             ax.axvline(t, color="k", linestyle="--", linewidth=0.8)
-            ax.axhline(v["threshold"] * v["max_in_window"], color="r", linestyle=":", linewidth=0.8)
+            if v["max_in_window"] is not None and np.isfinite(v["max_in_window"]):  # none when undetermined
+                ax.axhline(v["threshold"] * v["max_in_window"], color="r", linestyle=":", linewidth=0.8)
             plots._log_positions(ax)
-            ax.set_title(f"{name} LEN {t}: {'forgets' if v['forgets'] else 'FAILS'}", fontsize=8)
+            ax.set_title(f"{name} LEN {t}: {VERDICT_WORDS[v['forgets']]}", fontsize=8)
             ax.tick_params(labelsize=7)
     factor = f"{next(iter(factors)):g}" if len(factors) == 1 else "threshold"
-    handles = [Line2D([], [], color="C0", linewidth=1, label="loss, cell forgets")] if True in passed else []
-    if False in passed:
-        handles.append(Line2D([], [], color="C3", linewidth=1, label="loss, cell FAILS to forget"))
+    handles = [Line2D([], [], color=CURVE_COLORS[f], linewidth=1, label=label)
+               for f, label in ((True, "loss, cell forgets"), (False, "loss, cell FAILS to forget"),
+                                (None, "loss, cell undetermined (a non-finite loss)")) if f in passed]
     handles += [Line2D([], [], color="k", linestyle="--", linewidth=0.8, label="LEN (T_train)"),
                Line2D([], [], color="r", linestyle=":", linewidth=0.8,
                       label=f"failure threshold: {factor} x max bucket loss within LEN")]
@@ -274,14 +291,20 @@ def cells_of(plan: dict | None, results: list[dict], out: str | None = None) -> 
 
 
 def onset_lines(onset: dict) -> list[str]:
-    """Where the failure set in along training: per cell the first failing evaluation, per row T_forget by step."""
+    """Where the failure set in along training: per cell the first failing evaluation (an undetermined one, a
+    non-finite loss, is not failing: such evaluations are named on a line of their own), per row T_forget by step."""
     lines = []
     for name, cell in onset["cells"].items():
-        o = cell["onset"]
+        o, history = cell["onset"], cell.get("history") or []
         if o["step"] is not None:
             tokens = f" ({o['tokens'] / 1e6:.1f}M tokens)" if o["tokens"] is not None else ""
-            still = "still fails at its last evaluation" if o["fails_at_end"] else "forgets again by its last"
+            still = ("still fails at its last evaluation" if o["fails_at_end"] else
+                     "forgets again by its last" if history[-1].get("forgets") else "undetermined at its last")
             lines.append(f"onset: {name} fails first at step {o['step']}{tokens}; {still} (step {o['last_step']})")
+        undetermined = [h for h in history if h.get("forgets") is None]
+        if undetermined:
+            lines.append(f"onset: {name} is {verdict_word(undetermined[0], reason='short')} at step(s) "
+                         f"{', '.join(str(h['step']) for h in undetermined)}: not counted as failing")
     for row, series in onset["t_forget_by_step"].items():
         if series:
             steps = ", ".join(f"{e['step']}: {e['t_forget'] if e['t_forget'] is not None else e['bound']}"
@@ -310,6 +333,11 @@ def summarize(out: str, tensorboard: bool = True) -> dict:
     missing = [c for c in (plan or {}).get("cells", []) if c not in {r["cell"] for r in results}]
     if missing:
         notes.append(f"{len(missing)} planned cell(s) have no result yet: {', '.join(missing)}")
+    undetermined = [r for r in results if r["verdict"]["forgets"] is None]
+    if undetermined:
+        notes.append(f"{len(undetermined)} cell(s) have an undetermined verdict, counted as missing for T_forget: "
+                     + "; ".join(f"{r['cell']}: {verdict_word(r['verdict'], reason='short')}" for r in undetermined)
+                     + " (the reason in each cell's result.json, verdict.undetermined)")
     summary = {"out": os.path.abspath(out), "cells_done": len(results), "cells_missing": missing,
                "tokens_per_cell": budgets, "axis": "models" if (plan or {}).get("models") else "states",
                "rows": rows, "fits": fits, "notes": notes,
@@ -399,7 +427,7 @@ def markdown_table(rows: list[dict]) -> list[str]:
     for r in rows:
         ns = f"{r['n_s'] / N_S_UNIT:.3f}" if "n_s" in r else "-"
         ssm = f"{r['n_s_ssm_only'] / N_S_UNIT:.3f}" if "n_s" in r else "-"
-        passes = " ".join(f"{t}:{'forgets' if p else 'FAILS'}" for t, p in r["passes"].items())
+        passes = " ".join(f"{t}:{VERDICT_WORDS[p]}" for t, p in r["passes"].items())
         lines.append(f"| {r['row']} | {ns} | {ssm} | {r['t_forget_text']} | {passes} |")
     return lines
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..analysis.criterion import verdict_word
 from ..analysis.forgetting import DEFAULT_EVAL_ROWS, DEFAULT_MAX_MULTIPLE
 from ..atomic import atomic_write_json
 from ..errors import UserError
@@ -282,7 +283,7 @@ def run_cell(study: Study, cell: Cell, log: Callable[[str], None] = print) -> di
         result.update(train_seconds=train_seconds, val_loss=None if val is None else float(val),
                       world_size=trainer.world_size, resumed_from=resume)
         write_json(done, result)
-        log(f"sweep: {cell.name}: {'forgets' if result['verdict']['forgets'] else 'FAILS to forget'} "
+        log(f"sweep: {cell.name}: {verdict_word(result['verdict'], reason=True)} "
             f"(evaluated to {result['eval']['length']}), written {done}")
     trainer.strategy.barrier()  # the other ranks wait while rank 0 evaluates
     return result
