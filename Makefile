@@ -106,6 +106,7 @@ sweep-cpu: $(STAMP) ## The study in miniature on the CPU (2 states x 2 lengths, 
 	$(BIN)/lightning-mamba sweep --config configs/study/forget_threshold_cpu.yaml $(ARGS)
 
 PROCESSES ?= 3                  # regime: cells trained at once (one process each; 3-4 suit one GPU)
+REGIME ?= configs/study/regime.yaml  # or configs/study/regime_paper_drift.yaml (a_lr_mult 1, the paper's training)
 regime: $(STAMP) ## The failing regime on a GPU (code corpus, 20K small steps per cell): make regime STATES="64 256" LENS="64"
-	$(BIN)/lightning-mamba sweep --config configs/study/regime.yaml $(if $(strip $(STATES)),--states '$(call json_list,$(STATES))') \
+	$(BIN)/lightning-mamba sweep --config $(strip $(REGIME)) $(if $(strip $(STATES)),--states '$(call json_list,$(STATES))') \
 		$(if $(strip $(LENS)),--lens '$(call json_list,$(LENS))') --processes $(strip $(PROCESSES)) $(ARGS)
