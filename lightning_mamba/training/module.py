@@ -14,11 +14,11 @@ from ..models import ConfigError, MambaConfig, MambaLM
 from ..models.config import SSM_DEFAULTS, TRAIN_DEFAULTS
 from ..models.flops import train_flops_per_token
 from ..models.kernels.backend import check_backend
+from . import validation
 from .checkpoint_io import check_model_shape, check_tokenizer, flat_settings, model_config
 from .cuda_graph import GraphedLoss
 from .initial_states import NEEDS_LANES, InitialStates
 from .schedule import SCHEDULES, lr_factor
-from . import validation
 from .sharding import fsdp_root, unwrapped_name
 
 DECAY_RATE_PARAMS = ("A_log", "dt_bias")  # the decay exp(dt * A) of every head: model.a_lr_mult scales their lr

@@ -28,7 +28,12 @@ class SettingError(UserError, ValueError):
 class OneLineErrors:
     """For a jsonargparse ``ArgumentParser`` (mixed in before it): jsonargparse prints the whole usage (~75 lines for
     fit) before the line that matters, which is itself several lines for a bad value; this prints the error as one
-    line and a hint where the options are listed, and exits with status 2."""
+    line and a hint where the options are listed, and exits with status 2. Abbreviated options are refused: argparse
+    would take the typo ``--model.d_stat 3`` for ``--model.d_state 3`` and train that model."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         from jsonargparse._common import debug_mode_active  # where jsonargparse keeps it (JSONARGPARSE_DEBUG)

@@ -73,6 +73,7 @@ CASES = [  # (id, arguments after `fit --config CONFIG`, fragment of the message
     ("model-lr-inf", ["--model.lr", "inf"], "model.lr: expected a float, got 'inf'"),
     ("model-lr-overflow", ["--model.lr", "1e400"], "model.lr must be a finite number > 0 (got inf)"),
     ("model-unknown-key", ["--model.dstate", "3"], "unrecognized arguments: --model.dstate"),
+    ("model-abbreviated-key", ["--model.d_stat", "3"], "unrecognized arguments: --model.d_stat"),  # not d_state
     ("model-lr", ["--model.lr", "-1"], "model.lr must be > 0 (got -1.0)"),
     ("model-schedule", ["--model.schedule", "step"], "model.schedule='step' is unknown: use one of wsd"),
     ("model-betas", ["--model.betas", "[2, 0.9]"], "model.betas must be two numbers in [0, 1)"),
