@@ -200,15 +200,7 @@ def load_model(path: str, backend: str = "auto", dtype: torch.dtype = torch.floa
         if spec is not None:
             meta["tokenizer"] = spec
     elif os.path.isfile(path):
-        try:
-            ckpt = torch_load(path)  # tensors and plain values only: a .ckpt from elsewhere must not run code
-        except ConfigError:
-            raise
-        except Exception as e:
-            raise ConfigError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from e
-        if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-            raise ConfigError(f"{path} is not a Lightning checkpoint (no state_dict): pass a .ckpt or a directory "
-                              "with config.json")
+        ckpt = read_lightning_checkpoint(path)
         meta = dict(ckpt.get("lightning_mamba") or {})
         if "mamba_config" in meta:
             model = MambaLM(MambaConfig.from_dict(meta["mamba_config"]), backend=backend)
@@ -221,6 +213,21 @@ def load_model(path: str, backend: str = "auto", dtype: torch.dtype = torch.floa
         raise ConfigError(f"{path} does not exist")
     meta.setdefault("mamba_config", model.config.to_dict())
     return model, meta
+
+
+def read_lightning_checkpoint(path: str) -> dict:
+    """A Lightning .ckpt as a dict (with its state_dict), or one line saying why not. Tensors and plain values only:
+    a .ckpt from elsewhere must not run code."""
+    try:
+        ckpt = torch_load(path)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ConfigError(f"{path} is not a Lightning checkpoint (no state_dict): pass a .ckpt or a directory "
+                          "with config.json")
+    return ckpt
 
 
 # ---- --model.pretrained, before the classes are built: the run takes the checkpoint's shape and training length -----
@@ -250,15 +257,7 @@ def pretrained_meta(path: str) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"model.pretrained={path} does not exist: give a run's .ckpt (runs/<name>/version_<n>/"
                           f"checkpoints/last.ckpt) or a directory with config.json")
-    try:
-        ckpt = torch_load(path)
-    except ConfigError:
-        raise
-    except Exception as e:
-        raise ConfigError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from e
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ConfigError(f"{path} is not a Lightning checkpoint (no state_dict): pass a .ckpt or a directory "
-                          "with config.json")
+    ckpt = read_lightning_checkpoint(path)
     meta = dict(ckpt.get("lightning_mamba") or {})
     if "mamba_config" not in meta:
         hparams = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if isinstance(k, str)}
