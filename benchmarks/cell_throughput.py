@@ -4,7 +4,7 @@ one process vs N processes sharing one GPU (issue [throughput], item 4).
     python benchmarks/cell_throughput.py                                   # GPU: every contender, 8 cells
     python benchmarks/cell_throughput.py --contenders graph_Ncells --cells 8 --states 16,64,256 --lens 32,256,1024
     python benchmarks/cell_throughput.py --device cpu --steps 3 --warmup 1 --d_state 16 --seq_len 32 \\
-        --tokens_per_step 512 --contenders eager_1cell                     # CPU smoke run
+        --tokens_per_step 512 --vocab 257 --contenders eager_1cell,fit_1cell --fit_source default  # CPU smoke run
 
 The model is the study's 4 x 256 Mamba-2 (headdim 32, expand 2, vocab 8192) trained with its own loss
 (``MambaLM.loss``), bf16 autocast on CUDA (cache off, as Lightning's), gradient clipping to 1.0 and AdamW
@@ -14,6 +14,22 @@ windows of a random token tensor there (randint offsets + one gather), with no h
 
 Contenders:
   eager_1cell      one process, the eager step (the baseline: ~30 ms a step on an H200, bound by the host CPU).
+  fit_1cell        THE REAL PATH a user trains with: ``lightning-mamba fit --config configs/train.yaml --config
+                   configs/experiment/regime.yaml`` run in this process (training/cli.py's lightning_cli) with this
+                   run's shape (--d_model, --n_layer, --headdim, --expand, --d_state, --seq_len, --chunk_size,
+                   --backend; batch = tokens_per_step / seq_len), --model.cuda_graph true and bf16-mixed on CUDA
+                   (false and 32-true on CPU), one device, max_steps = warm-up + timed steps. Its data is the data
+                   module's: --fit_source (default ``code``, the byte-level Python source of the installed packages
+                   the study trains on; any data.source works), byte tokenizer (vocab 257, not --vocab),
+                   random_windows sampling, cached under --fit_cache_dir. Evaluations and checkpoints are off:
+                   no validation (limit_val_batches 0), the config's callback list replaced by its training-time
+                   callbacks (LearningRateMonitor, TokenThroughputMonitor) plus StepTimer below, so no
+                   LengthGeneralization/StateStats/DecayDynamics and no ModelCheckpoint; the TensorBoard logger
+                   writes to a temporary folder. StepTimer (a Lightning callback) reads the clock after a
+                   synchronize at the end of each window's last batch. Its step is lossgraph_1cell's (graphed loss,
+                   eager clipping and fused AdamW); what differs is everything around it: Lightning's loop, the data
+                   module (host batches of random windows, copied to the device), the callbacks (the NaN guard, the
+                   throughput and lr monitors), the lr schedule and logging. No check against eager ("-").
   lossgraph_1cell  the loss's forward + backward replayed by training/cuda_graph.py's GraphedLoss (what
                    ``--model.cuda_graph true`` trains with); clipping and AdamW stay eager.
   graph_1cell      the whole step (forward, backward, clipping, AdamW with capturable=True and its lr in a device
@@ -48,9 +64,19 @@ import time
 import traceback
 import warnings
 
+import lightning as L
 import torch
 
-CONTENDERS = ("eager_1cell", "lossgraph_1cell", "graph_1cell", "eager_Ncells", "lossgraph_Ncells", "graph_Ncells")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIT_CONFIGS = ("configs/train.yaml", "configs/experiment/regime.yaml")
+# The config's callbacks that fit_1cell leaves out: the evaluations (they run at validation or every N steps) and the
+# checkpoints. Every other callback of the config stays, since a user's run has it.
+FIT_LEFT_OUT = ("ModelCheckpoint", "LengthGeneralizationCallback", "StateStatsCallback", "DecayDynamicsCallback")
+if __name__ == "__main__":  # fit_1cell names StepTimer as cell_throughput.StepTimer: this class, not a copy's
+    sys.modules.setdefault("cell_throughput", sys.modules[__name__])
+
+CONTENDERS = ("eager_1cell", "fit_1cell", "lossgraph_1cell", "graph_1cell", "eager_Ncells", "lossgraph_Ncells",
+              "graph_Ncells")
 GRAPH_KINDS = ("lossgraph", "graph")
 TARGET_STEPS_PER_CELL = 150.0  # issue [throughput] item 4: per cell at 16K tokens/step
 TARGET_TOTAL_TOKENS = 6e6  # tokens/s over all cells
@@ -360,6 +386,129 @@ def run_cells(args, kind: str) -> list[dict]:
     return [results[i] for i in range(n)]
 
 
+# ---- fit_1cell: the real `lightning-mamba fit` -------------------------------------------------
+class StepTimer(L.Callback):
+    """Steps/s of a Lightning fit: after ``warmup`` batches, the clock (after a CUDA synchronize, so the GPU's queue
+    is drained) is read at the end of every ``window``-th batch and of the last of ``steps``. Peak memory: the
+    allocator's peak over the timed steps (setup's apart), as run_cell's."""
+
+    def __init__(self, warmup: int = 1, window: int = 20, steps: int = 100):
+        self.warmup, self.window, self.steps = warmup, window, steps
+        self.batches = 0
+        self.rates: list[float] = []
+        self.t_warm = None  # perf_counter when the warm-up ended
+        self.setup_peak = self.peak = None
+        self._mark = (0, 0.0)  # (batches, time) of the last clock read
+
+    @staticmethod
+    def _clock(cuda: bool) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.batches += 1
+        timed = self.batches - self.warmup
+        if timed < 0 or timed > self.steps or (timed % self.window and timed != self.steps):
+            return
+        cuda = pl_module.device.type == "cuda"
+        now = self._clock(cuda)
+        if timed == 0:
+            self.t_warm = now
+            if cuda:
+                self.setup_peak = torch.cuda.max_memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+        else:
+            self.rates.append((self.batches - self._mark[0]) / (now - self._mark[1]))
+            if cuda and timed == self.steps:
+                self.peak = torch.cuda.max_memory_allocated()
+        self._mark = (self.batches, now)
+
+
+def fit_callbacks(timer: dict) -> list[dict]:
+    """The regime config's callbacks without FIT_LEFT_OUT, then the timer: the list --trainer.callbacks replaces the
+    config's with (a list typed on the command line replaces a config file's; it is not appended)."""
+    import yaml
+
+    with open(os.path.join(ROOT, FIT_CONFIGS[-1])) as f:
+        listed = yaml.safe_load(f)["trainer"]["callbacks"]
+    kept = [cb for cb in listed if cb["class_path"].rsplit(".", 1)[-1] not in FIT_LEFT_OUT]
+    return kept + [timer]
+
+
+def fit_argv(args, save_dir: str, warmup: int) -> list[str]:
+    cuda = args.device == "cuda"
+    timer = {"class_path": "cell_throughput.StepTimer",
+             "init_args": {"warmup": warmup, "window": args.window, "steps": args.steps}}
+    argv = ["fit"]
+    for config in FIT_CONFIGS:
+        argv += ["--config", os.path.join(ROOT, config)]
+    overrides = {
+        "seed_everything": args.seed,
+        "model.d_model": args.d_model, "model.n_layer": args.n_layer, "model.headdim": args.headdim,
+        "model.expand": args.expand, "model.d_state": args.d_state, "model.chunk_size": args.chunk_size,
+        "model.backend": args.backend, "model.cuda_graph": str(cuda).lower(),
+        "data.source": args.fit_source, "data.tokenizer": "byte", "data.sampling": "random_windows",
+        "data.seq_len": args.seq_len, "data.batch_size": args.tokens_per_step // args.seq_len,
+        "data.cache_dir": args.fit_cache_dir,
+        "trainer.accelerator": args.device, "trainer.devices": 1,  # one GPU even on a host with more (no DDP)
+        "trainer.precision": "bf16-mixed" if cuda else "32-true",
+        "trainer.max_steps": warmup + args.steps,
+        "trainer.limit_val_batches": 0, "trainer.enable_checkpointing": "false",
+        "trainer.enable_progress_bar": "false", "trainer.callbacks": json.dumps(fit_callbacks(timer)),
+        "trainer.logger.init_args.save_dir": save_dir,
+    }
+    for key, value in overrides.items():
+        argv += [f"--{key}", str(value)]
+    return argv
+
+
+def run_fit(args) -> dict:
+    """fit_1cell: ``lightning-mamba fit`` in this process, timed by its StepTimer."""
+    import tempfile
+
+    from lightning_mamba.training.cli import lightning_cli
+
+    if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # imported (tests): StepTimer's class_path
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    warmup = max(1, args.warmup)  # at least one: the loss graph's capture is never timed
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t_setup = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fit_1cell_") as save_dir:
+        argv = fit_argv(args, save_dir, warmup)
+        try:
+            with warnings.catch_warnings():  # "not recommended to provide both args and command line arguments":
+                warnings.filterwarnings("ignore", message=".*args parameter is intended.*")  # ours are the bench's
+                cli = lightning_cli(argv)
+        except SystemExit as e:  # a refused setting: OneLineErrorParser exits with the line that says why
+            raise RuntimeError(f"lightning-mamba fit refused its arguments: {e.code}") from None
+    timers = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == "StepTimer"]
+    if len(timers) != 1 or len(timers[0].rates) != math.ceil(args.steps / args.window):
+        raise RuntimeError(f"the fit stopped at step {cli.trainer.global_step} of {warmup + args.steps} before "
+                           f"its timed windows ended")
+    timer = timers[0]
+    batch = args.tokens_per_step // args.seq_len
+    steps_per_s = statistics.median(timer.rates)
+    graphed = getattr(cli.model, "_graphed_loss", None)
+    out = {
+        "kind": "fit", "cell": 0, "d_state": args.d_state, "seq_len": args.seq_len, "batch": batch,
+        "tokens_per_step": batch * args.seq_len, "steps_per_s": steps_per_s,
+        "tokens_per_s": steps_per_s * batch * args.seq_len, "window_steps_per_s": timer.rates,
+        "setup_s": timer.t_warm - t_setup, "untimed_extra_steps": 0, "check": None,
+        # what ran: the LightningModule, its vocabulary (the byte tokenizer's), the callbacks, the graphed steps
+        "lightning_module": f"{type(cli.model).__module__}.{type(cli.model).__qualname__}",
+        "vocab_size": cli.model.hparams.vocab_size, "global_step": cli.trainer.global_step,
+        "callbacks": [type(cb).__name__ for cb in cli.trainer.callbacks],
+        "cuda_graph_replays": graphed.replays if graphed is not None else None, "cli_argv": argv,
+    }
+    if args.device == "cuda":
+        out["peak_gib"] = _gib(timer.peak)
+        out["setup_peak_gib"] = _gib(timer.setup_peak)
+        out["peak_reserved_gib"] = _gib(torch.cuda.max_memory_reserved())
+    return out
+
+
 # ---- report -----------------------------------------------------------------------------------
 def summarise(name: str, cells: list[dict]) -> dict:
     ok = [c for c in cells if "error" not in c]
@@ -392,6 +541,10 @@ def print_cells(row: dict) -> None:
         print(f"{head}, batch {c['batch']:>4}: {c['steps_per_s']:7.1f} steps/s {_tok(c['tokens_per_s']):>7} tokens/s"
               f"  peak {c.get('peak_gib', math.nan):.2f} GiB (setup {c.get('setup_peak_gib', math.nan):.2f})"
               f"  setup {c['setup_s']:.1f} s  windows [{rates}]")
+        if c.get("lightning_module"):
+            graphed = "" if c["cuda_graph_replays"] is None else f", {c['cuda_graph_replays']} graphed loss replays"
+            print(f"    {c['lightning_module']}, vocab {c['vocab_size']} (the byte tokenizer's), {c['global_step']} "
+                  f"steps{graphed}; callbacks {', '.join(c['callbacks'])}")
         ch = c.get("check")
         if ch is not None:
             losses = ", ".join(f"{g:.5f}/{w:.5f}" for g, w in ch["losses"])
@@ -463,8 +616,8 @@ def parse_args(argv=None):
     p.add_argument("--lens", default="32,128,512,1024", help="LEN of cell i: lens[i %% len]")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"))
     p.add_argument("--contenders", default=None,
-                   help=f"comma list of {', '.join(CONTENDERS)} (default on CUDA: all but eager_Ncells; on CPU: "
-                        f"eager_1cell)")
+                   help=f"comma list of {', '.join(CONTENDERS)} (default on CUDA: all but eager_Ncells and "
+                        f"lossgraph_Ncells; on CPU: eager_1cell)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON to OUT")
     p.add_argument("--check_steps", type=int, default=3, help="graphed vs eager steps before timing (0: no check)")
     p.add_argument("--capture_warmup", type=int, default=3, help="graph_1cell's warm-up iterations before capture")
@@ -472,6 +625,10 @@ def parse_args(argv=None):
                    help="seconds an N-cell process waits for the others at the start barrier (the whole N-cell run "
                         "is stopped after twice this)")
     p.add_argument("--corpus_tokens", type=int, default=1 << 22, help="random tokens on the device windows come from")
+    p.add_argument("--fit_source", default="code",
+                   help="fit_1cell's data.source: code (the study's byte-level Python source), a folder or file of "
+                        "text, a hub dataset name")
+    p.add_argument("--fit_cache_dir", default="data", help="fit_1cell's data.cache_dir (the CLI's default: data)")
     p.add_argument("--d_model", type=int, default=256)
     p.add_argument("--n_layer", type=int, default=4)
     p.add_argument("--headdim", type=int, default=32)
@@ -488,7 +645,8 @@ def parse_args(argv=None):
         p.error("--device cuda: CUDA is not available here (use --device cpu)")
     if args.steps < 1 or args.window < 1 or args.cells < 1:
         p.error("--steps, --window and --cells must be >= 1")
-    default = "eager_1cell,lossgraph_1cell,graph_1cell,graph_Ncells" if args.device == "cuda" else "eager_1cell"
+    default = ("eager_1cell,fit_1cell,lossgraph_1cell,graph_1cell,graph_Ncells" if args.device == "cuda"
+               else "eager_1cell")
     args.contenders = [c for c in (args.contenders or default).split(",") if c]
     unknown = [c for c in args.contenders if c not in CONTENDERS]
     if unknown:
@@ -529,7 +687,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         if n == "1cell":
             try:
-                cells = [run_cell(args, kind, args.d_state, args.seq_len)]
+                cells = [run_fit(args) if kind == "fit" else run_cell(args, kind, args.d_state, args.seq_len)]
             except Exception as e:  # noqa: BLE001 - one contender's failure must not hide the others
                 cells = [{"kind": kind, "cell": 0, "d_state": args.d_state, "seq_len": args.seq_len,
                           "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}]
@@ -545,6 +703,10 @@ def main(argv=None) -> int:
         if args.json:  # after every contender: a run stopped later still leaves these
             write_json(args.json, args, env, skipped, rows)
     print_table(rows, args.tokens_per_step, skipped)
+    fit_vocab = {c["vocab_size"] for r in rows for c in r["per_cell"] if c.get("vocab_size")}
+    if fit_vocab - {args.vocab}:  # the LM head's size is part of the step: the bare contenders should match it
+        print(f"note: fit_1cell trained at vocab {', '.join(map(str, fit_vocab))} (its byte tokenizer's), the bare "
+              f"contenders at --vocab {args.vocab}: pass --vocab {min(fit_vocab)} to compare like with like")
     failed = any(r["check_ok"] is False or r["failed_cells"] for r in rows)
     if args.json:
         write_json(args.json, args, env, skipped, rows)

@@ -1,0 +1,41 @@
+"""The benchmarks' CPU smoke runs: benchmarks/cell_throughput.py times the real `lightning-mamba fit` (fit_1cell)
+beside the bare eager baseline, in one process."""
+
+import importlib.util
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # fit_1cell's StepTimer is named cell_throughput.StepTimer: this module, not a copy
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cell_throughput_times_the_real_fit_beside_the_eager_baseline(tmp_path, corpus, capsys, monkeypatch):
+    bench = load_benchmark("cell_throughput")
+    monkeypatch.chdir(tmp_path)  # the CLI's relative paths (none expected) land here, not in the repo
+    out = tmp_path / "cells.json"
+    code = bench.main(["--device", "cpu", "--steps", "3", "--warmup", "1", "--window", "3", "--d_state", "16",
+                       "--seq_len", "32", "--tokens_per_step", "256", "--d_model", "32", "--n_layer", "2",
+                       "--headdim", "16", "--chunk_size", "32", "--contenders", "eager_1cell,fit_1cell",
+                       "--fit_source", corpus, "--fit_cache_dir", str(tmp_path / "cache"), "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    rows = {r["contender"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"eager_1cell", "fit_1cell"}
+    assert all(r["failed_cells"] == 0 and r["steps_per_s"] > 0 for r in rows.values()), printed
+    fit = rows["fit_1cell"]["per_cell"][0]
+    assert fit["lightning_module"] == "lightning_mamba.training.module.MambaLitModule"
+    assert fit["vocab_size"] == 257 and fit["global_step"] == 4 and len(fit["window_steps_per_s"]) == 1
+    # the config's callback list was replaced: no evaluations, no checkpoints; the training-time monitors stay
+    assert {"StepTimer", "NanGuard", "TokenThroughputMonitor", "LearningRateMonitor"} <= set(fit["callbacks"])
+    assert not set(fit["callbacks"]) & set(bench.FIT_LEFT_OUT)
+    assert rows["fit_1cell"]["check_ok"] is None  # no check against eager: "-" in the table
+    assert "fit_1cell" in printed.split("targets:")[1]
+    assert not (tmp_path / "runs").exists()  # the logger wrote to a temporary folder
