@@ -248,7 +248,8 @@ def plot_curve_grid(results: list[dict], rows: list[dict]) -> plt.Figure:
     handles += [Line2D([], [], color="k", linestyle="--", linewidth=0.8, label="LEN (T_train)"),
                Line2D([], [], color="r", linestyle=":", linewidth=0.8,
                       label=f"failure threshold: {factor} x max bucket loss within LEN")]
-    fig.legend(handles=handles, loc="outside upper center", ncol=2, fontsize=7, frameon=False)
+    # two columns of entries need two columns of cells' width: a one-LEN grid stacks them (else they are cut off)
+    fig.legend(handles=handles, loc="outside upper center", ncol=2 if len(lens) > 1 else 1, fontsize=7, frameon=False)
     fig.supxlabel("position (tokens)", fontsize=9)
     fig.supylabel("loss (bucket mean)", fontsize=9)
     return fig

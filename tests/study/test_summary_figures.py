@@ -70,6 +70,17 @@ def test_the_curve_grid_names_its_lines_and_only_those_drawn():
     plots.close(fig)
 
 
+def test_a_one_len_grid_keeps_its_legend_inside_the_figure():
+    """A study with one finished cell drew a two-column legend wider than its one-cell figure: cut off at the left."""
+    results = [result("state64", 1500, 128, True)]
+    fig = plot_curve_grid(results, rows_of(results, None))
+    fig.canvas.draw()
+    legend = fig.legends[0].get_window_extent()
+    figure = fig.bbox
+    assert legend.x0 >= figure.x0 and legend.x1 <= figure.x1
+    plots.close(fig)
+
+
 @pytest.mark.parametrize("accuracy", [[[0.0, 0.0], [0.0, 0.0]], [[1.0, 0.5], [1.0, 0.0]]])
 def test_the_passkey_grid_reads(accuracy):
     pk = {"lengths": [1024, 2048], "depths": [0.25, 0.75], "accuracy": accuracy, "t_recall": None}
