@@ -1,81 +1,563 @@
-"""The fused Triton causal conv1d + SiLU (models/kernels/conv_triton.py) against the torch path it replaces (GPU).
+"""Our fused Triton causal conv1d + SiLU (models/kernels/conv_triton.py) against the torch path it replaced and
+against the causal-conv1d library's CUDA kernels, on the model's own layout (GPU).
 
-    python benchmarks/conv_kernel.py                 # the 130M model's conv: b 16, l 2048, d 1792, k 4, bf16
-    python benchmarks/conv_kernel.py --sweep         # also try other tile sizes
+On the GPU node (causal-conv1d 1.7.0 installed, see the README), one run answers issue 17 item 5:
 
-Times forward and forward + backward (grads of u, weight, bias) with triton.testing.do_bench, u laid out as in
-the model (a column slice of in_proj's output), and prints the ratio torch / triton; with and without seq_idx;
-and the triton backward alone (conv_triton._backward).
+    python benchmarks/conv_kernel.py --all_shapes    # 130m and the study's cells, every case, ratios, exit 1 on FAIL
+    python benchmarks/conv_kernel.py                 # 130m only (b 16, l 2048, d_model 768, d_state 128), bf16
+    python benchmarks/conv_kernel.py --shape study   # the study's cells only
+    python benchmarks/conv_kernel.py --sweep         # also try other Triton tile sizes (first shape)
+
+Shapes: ``130m`` is the 130M model's conv (b 16, l 2048, conv_dim 1792, in_proj row stride 3352); ``study`` is the
+forgetting study's cell (d_model 256, headdim 32, expand 2) at d_state 64 and 256 and LEN 32, 64, 512 with
+b * l = 16384 tokens per step. u is always laid out as in Mamba2.forward: a column slice of in_proj's output
+(b, l, d) with the row stride of the wider tensor, no copy; weight (d, 1, k) and bias fp32 as the parameters are.
+
+Correctness first: each contender runs once in --check_dtype (fp32 by default; --check_dtype bf16 works, tolerance 3e-2)
+and its output, new conv state and grads of u, weight and bias are compared with models/conv.py::causal_conv1d (+ SiLU)
+run in fp32 on the same values (TF32 off); the error is max |a - ref| / max |ref|. A FAIL (or a contender that
+raises) makes the exit status 1; the timings are still printed.
+
+Rows (times in microseconds, triton.testing.do_bench, inputs in --dtype, bf16 by default):
+
+- ``plain`` fwd / fwd+bwd: no seq_idx, no carried state (ordinary training). causal_conv1d is
+  ``causal_conv1d_fn(u.transpose(1, 2), w, b, activation="silu")`` as mamba_ssm calls it (no state out); ours also
+  writes the new conv state (carried_inputs: one small copy), which the mixer hands on.
+- ``seq_idx``: packed documents (3 per row), seq_idx (b, l) int32; causal_conv1d as above with ``seq_idx=``.
+- ``state``: a carried conv state in and the new one out (state-passing training, no seq_idx). Both contenders get
+  the state as the mixer carries it ((b, d, k-1) contiguous, u's dtype) and return the new one; causal_conv1d
+  moves it to channel-last (its kernel needs ``initial_states.stride(1) == 1``) and uses ``return_final_states``.
+- ``state+seq_idx``: both (state passing over packed documents). causal_conv1d refuses ``return_final_states``
+  with ``seq_idx``, so its new state comes from our carried_inputs, as ours does.
+- ``decode`` step: one token for batch b, conv state (b, d, k-1). torch = Mamba2.step's ops (the decode path in
+  use: cat, multiply, sum, SiLU); triton = our training kernel at l = 1 (not used by step() today); causal_conv1d
+  = ``causal_conv1d_update(x, conv_state, w, b, activation="silu")`` (updates the state in place).
+- fwd+bwd = the forward plus ``torch.autograd.grad(out, [u, weight, bias], dy)``.
+
+Columns: ``triton``, ``torch``, ``cc1d`` (causal_conv1d); ``torch/tri`` > 1 means our kernel beats the torch path;
+``cc1d/ours`` > 1 means ours (the path the model uses: Triton for training, the torch ops for decode) is faster.
+The lines after the table say, per case, which to use (causal_conv1d when it is as fast, within 3%, or faster).
+Without causal_conv1d its cells say ``not installed``; a shape its kernels refuse (channels or row stride not a
+multiple of 8, misaligned u) says ``unsupported``. Without CUDA the script exits with one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_mamba.models.conv import carried_inputs, causal_conv1d
+
+CASES = ("plain", "seq_idx", "state", "state+seq_idx")  # the training form; "decode" is the one-token step
+TIE = 1.03  # causal_conv1d within 3% of ours counts as "as fast": the issue says to use the library then
+TOLERANCE = {torch.float32: 5e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}  # of max |ref|
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+NOT_INSTALLED = "not installed"
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq_len", type=int, default=2048)
-    p.add_argument("--d_model", type=int, default=768)
-    p.add_argument("--d_state", type=int, default=128)
-    p.add_argument("--sweep", action="store_true", help="also time other tile sizes")
-    args = p.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("conv_kernel.py times CUDA kernels: run it on a machine with a GPU")
+# ---- shapes and inputs ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Shape:
+    """One Mamba2 mixer's conv: u is the xBC columns of in_proj's output (z, xBC, dt), ngroups 1."""
+
+    name: str
+    batch: int
+    seq_len: int
+    d_model: int
+    d_state: int
+    headdim: int
+    expand: int = 2
+    d_conv: int = 4
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    @property
+    def conv_dim(self) -> int:  # x, B, C
+        return self.d_inner + 2 * self.d_state
+
+    @property
+    def width(self) -> int:  # in_proj's output: z, xBC, dt (one per head)
+        return 2 * self.d_inner + 2 * self.d_state + self.d_inner // self.headdim
+
+
+def _study(d_state: int, seq_len: int) -> Shape:
+    return Shape(f"study ds{d_state} l{seq_len}", 16384 // seq_len, seq_len, 256, d_state, 32)
+
+
+SHAPES = {
+    "130m": [Shape("130m", 16, 2048, 768, 128, 64)],
+    "study": [_study(ds, l) for ds in (64, 256) for l in (32, 64, 512)],
+}
+
+
+@dataclass
+class Inputs:
+    """What the mixer hands the conv: u a strided column slice of ``wide`` (training), x_step one token's slice."""
+
+    shape: Shape
+    wide: Tensor  # (b, l, width), requires grad
+    u: Tensor  # (b, l, conv_dim) view of wide
+    weight: Tensor  # (d, 1, k) fp32, requires grad
+    bias: Tensor  # (d,) fp32, requires grad
+    seq_idx: Tensor  # (b, l) int32, 3 documents per row
+    conv_state: Tensor  # (b, d, k-1) contiguous in u's dtype: what carried_inputs returns
+    dy: Tensor  # (b, l, d) upstream gradient
+    x_step: Tensor  # (b, d) view of a (b, width) tensor: one decode token
+    step_state: Tensor  # (b, d, k-1) in u's dtype
+
+
+def make_inputs(shape: Shape, device, dtype: torch.dtype, seed: int = 0) -> Inputs:
+    """Random inputs in the model's layout; the same seed gives the same values in every dtype (drawn in fp32)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    b, l, d, k = shape.batch, shape.seq_len, shape.conv_dim, shape.d_conv
+    cols = slice(shape.d_inner, shape.d_inner + d)
+
+    def randn(*size, dt=dtype):
+        return torch.randn(*size, generator=gen, device=device).to(dt)
+
+    wide = randn(b, l, shape.width).requires_grad_()
+    seq_idx = torch.zeros(b, l, dtype=torch.int32, device=device)
+    seq_idx[:, l // 3:] += 1  # boundaries off any tile edge, so a wrong tap at a boundary shows
+    seq_idx[:, 2 * l // 3:] += 1
+    step_wide = randn(b, shape.width)
+    return Inputs(
+        shape=shape, wide=wide, u=wide[:, :, cols],
+        weight=(randn(d, 1, k, dt=torch.float32) / math.sqrt(k)).requires_grad_(),
+        bias=randn(d, dt=torch.float32).requires_grad_(),
+        seq_idx=seq_idx, conv_state=randn(b, d, k - 1), dy=randn(b, l, d),
+        x_step=step_wide[:, cols], step_state=randn(b, d, k - 1),
+    )
+
+
+def as_reference(inp: Inputs) -> Inputs:
+    """The same values in fp32 (fresh leaves, same layout): what the torch reference is checked on."""
+    wide = inp.wide.detach().float().requires_grad_()
+    step_wide = inp.x_step.detach().float()
+    return dataclasses.replace(
+        inp, wide=wide, u=wide[:, :, inp.shape.d_inner:inp.shape.d_inner + inp.shape.conv_dim],
+        weight=inp.weight.detach().float().requires_grad_(), bias=inp.bias.detach().float().requires_grad_(),
+        conv_state=inp.conv_state.float(), dy=inp.dy.float(), x_step=step_wide, step_state=inp.step_state.float(),
+    )
+
+
+def case_args(inp: Inputs, case: str) -> tuple[Tensor | None, Tensor | None]:
+    """(conv_state, seq_idx) for a training case."""
+    state = inp.conv_state if case.startswith("state") else None
+    return state, inp.seq_idx if "seq_idx" in case else None
+
+
+# ---- contenders: (u, weight, bias, conv_state, seq_idx) -> (silu(conv) (b, l, d), new state or None) --------------
+def torch_conv(u, weight, bias, conv_state, seq_idx):
+    """The reference: models/conv.py (backend.conv1d_silu's torch path)."""
+    out, state = causal_conv1d(u, weight, bias, conv_state, seq_idx)
+    return F.silu(out), state
+
+
+def triton_conv(u, weight, bias, conv_state, seq_idx):
+    from lightning_mamba.models.kernels.conv_triton import causal_conv1d_silu
+
+    return causal_conv1d_silu(u, weight, bias, conv_state, seq_idx)
+
+
+def cc1d_unsupported(u: Tensor, weight: Tensor) -> str | None:
+    """Why causal_conv1d's channel-last kernels would refuse (or misread) u, or None: its TORCH_CHECKs
+    (csrc/causal_conv1d.cpp: dim % 8, strides % 8, width 2..4) and the 16-byte vector loads from u's first element
+    that no check guards (a misaligned one would be a CUDA fault that ends the whole run)."""
+    d, k = u.size(-1), weight.size(-1)
+    if u.stride(-1) != 1:
+        return "unsupported: channels not contiguous"
+    if d % 8 or u.stride(0) % 8 or u.stride(1) % 8:
+        return f"unsupported: d {d} / strides {tuple(u.stride())} not multiples of 8"
+    if not 2 <= k <= 4:
+        return f"unsupported: kernel width {k}"
+    if u.data_ptr() % 16:
+        return "unsupported: u not 16-byte aligned"
+    return None
+
+
+def cc1d_conv(lib, u, weight, bias, conv_state, seq_idx):
+    """causal_conv1d_fn on the mixer's layout, as backend.conv1d_silu would call it: x = u.transpose(1, 2) is
+    channel-last (stride(1) == 1) with no copy; weight (d, 1, k) -> (d, k) view; seq_idx int32 contiguous; a carried
+    state moved to channel-last in u's dtype. Returns out as (b, l, d) and the new state (None without one in)."""
+    why = cc1d_unsupported(u, weight)
+    if why:
+        raise ValueError(why)
+    x, w = u.transpose(1, 2), weight[:, 0, :]
+    b = None if bias is None else bias.to(w.dtype)  # the library wants bias in weight's dtype
+    seq = None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
+    init = None
+    if conv_state is not None:
+        init = conv_state.to(u.dtype)
+        if init.stride(1) != 1:  # its kernel reads k-1 rows of channels: (b, k-1, d) memory, seen as (b, d, k-1)
+            init = init.transpose(1, 2).contiguous().transpose(1, 2)
+    if init is not None and seq is None:
+        out, final = lib.causal_conv1d_fn(x, w, b, seq_idx=None, initial_states=init, return_final_states=True,
+                                          activation="silu")
+        return out.transpose(1, 2), final
+    out = lib.causal_conv1d_fn(x, w, b, seq_idx=seq, initial_states=init, return_final_states=False,
+                               activation="silu")
+    # with seq_idx the library returns no final state: the mixer's (only the last document's inputs) from ours
+    final = None if init is None else carried_inputs(u, init, seq_idx, w.size(-1))
+    return out.transpose(1, 2), final
+
+
+# ---- decode: (x (b, d), conv_state (b, d, k-1), weight, bias) -> (silu(conv) (b, d), new state) ------------------
+def torch_step(x, conv_state, weight, bias):
+    """Mamba2.step's conv, op for op (models/mixer.py): the decode path the model uses."""
+    window = torch.cat([conv_state.to(x.dtype), x[:, :, None]], dim=-1)  # (b, d, k)
+    conv = (window * weight[:, 0].to(x.dtype)).sum(-1)
+    if bias is not None:
+        conv = conv + bias.to(x.dtype)
+    return F.silu(conv), window[:, :, 1:]
+
+
+def reference_step(x, conv_state, weight, bias):
+    """models/conv.py on a one-token sequence: what the check holds every decode contender to."""
+    out, state = torch_conv(x[:, None], weight, bias, conv_state, None)
+    return out[:, 0], state
+
+
+def triton_step(x, conv_state, weight, bias):
+    out, state = triton_conv(x[:, None], weight, bias, conv_state, None)
+    return out[:, 0], state
+
+
+def cc1d_step(lib, x, conv_state, weight, bias):
+    """causal_conv1d_update: the state (x's dtype, any strides) is shifted in place and also returned."""
+    if conv_state.dtype != x.dtype:
+        raise ValueError(f"causal_conv1d_update needs the conv state in x's dtype ({conv_state.dtype} vs {x.dtype})")
+    w = weight[:, 0, :]
+    out = lib.causal_conv1d_update(x, conv_state, w, None if bias is None else bias.to(w.dtype), activation="silu")
+    return out, conv_state
+
+
+def contenders(device, lib, lib_why: str) -> dict[str, tuple[Callable | str, Callable | str]]:
+    """name -> (training fn or why it is missing, decode fn or why)."""
+    from lightning_mamba.models.kernels import conv_triton
+
+    triton_why = "" if conv_triton.available() and torch.device(device).type == "cuda" else "n/a (needs triton + CUDA)"
+    cc1d = (lambda *a: cc1d_conv(lib, *a), lambda *a: cc1d_step(lib, *a)) if lib is not None else (lib_why, lib_why)
+    return {
+        "triton": (triton_why or triton_conv, triton_why or triton_step),
+        "torch": (torch_conv, torch_step),
+        "cc1d": cc1d,
+    }
+
+
+# ---- correctness ------------------------------------------------------------------------------------------------
+def _rel_err(a: Tensor | None, ref: Tensor) -> float:
+    if a is None:
+        return math.inf
+    ref = ref.detach().double()
+    return ((a.detach().double() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+
+
+def _run_training(fn, inp: Inputs, case: str) -> dict[str, Tensor | None]:
+    state, seq = case_args(inp, case)
+    out, new_state = fn(inp.u, inp.weight, inp.bias, state, seq)
+    du, dw, db = torch.autograd.grad(out, [inp.u, inp.weight, inp.bias], inp.dy)
+    return {"out": out, "state": new_state, "du": du, "dw": dw, "db": db}
+
+
+def check_training(fn, inp: Inputs, case: str) -> tuple[bool, str]:
+    """(ok, worst error) of fn on inp against torch_conv in fp32; a state is checked where fn returns one."""
+    got = _run_training(fn, inp, case)
+    with _no_tf32():
+        want = _run_training(torch_conv, as_reference(inp), case)
+    errs = {k: _rel_err(v, want[k]) for k, v in got.items() if v is not None or k != "state"}
+    return _verdict(errs, inp.u.dtype)
+
+
+def check_step(fn, inp: Inputs) -> tuple[bool, str]:
+    """(ok, worst error) of a decode fn against reference_step in fp32 (on a copy of the state: fn may update it)."""
+    with torch.no_grad():
+        out, state = fn(inp.x_step, inp.step_state.clone(), inp.weight, inp.bias)
+        ref = as_reference(inp)
+        want_out, want_state = reference_step(ref.x_step, ref.step_state, ref.weight, ref.bias)
+    return _verdict({"out": _rel_err(out, want_out), "state": _rel_err(state, want_state)}, inp.x_step.dtype)
+
+
+def _verdict(errs: dict[str, float], dtype) -> tuple[bool, str]:
+    worst = max(errs, key=errs.get)
+    ok = errs[worst] <= TOLERANCE[dtype]
+    return ok, f"{'ok' if ok else 'FAIL'} ({worst} {errs[worst]:.1e})"
+
+
+class _no_tf32:
+    """TF32 off for the fp32 reference (cuDNN's conv may use it by default: 1e-3 errors that are not the kernel's)."""
+
+    def __enter__(self):
+        self.saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self.saved
+
+
+def safely(fn, *args) -> tuple[bool, str]:
+    """A check that raises is a FAIL with its message, so one bad contender does not end the run."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - reported, and the exit status says so
+        return False, f"ERROR {type(e).__name__}: {str(e).splitlines()[0][:80]}"
+
+
+# ---- timing -----------------------------------------------------------------------------------------------------
+def cuda_timer(fn) -> float:
+    """Milliseconds per call (triton.testing.do_bench: median, L2 flushed between calls)."""
     from triton.testing import do_bench
 
-    from lightning_mamba.models.conv import causal_conv1d
+    return do_bench(fn)
+
+
+def wall_timer(fn, reps: int = 2) -> float:
+    """Milliseconds per call by the wall clock: the CPU smoke test's stand-in for do_bench."""
+    fn()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - start) / reps * 1e3
+
+
+def time_training(timer, fn, inp: Inputs, case: str) -> tuple[float, float]:
+    """(fwd, fwd+bwd) in milliseconds."""
+    state, seq = case_args(inp, case)
+    params = [inp.u, inp.weight, inp.bias]
+    fwd = timer(lambda: fn(inp.u, inp.weight, inp.bias, state, seq))
+    both = timer(lambda: torch.autograd.grad(fn(inp.u, inp.weight, inp.bias, state, seq)[0], params, inp.dy))
+    return fwd, both
+
+
+def time_step(timer, fn, inp: Inputs) -> float:
+    state = inp.step_state.clone()  # causal_conv1d_update shifts it in place, call after call: harmless for timing
+    with torch.no_grad():
+        return timer(lambda: fn(inp.x_step, state, inp.weight, inp.bias))
+
+
+# ---- the run ----------------------------------------------------------------------------------------------------
+@dataclass
+class Row:
+    shape: str
+    case: str
+    mode: str  # fwd, fwd+bwd, step
+    ours: str  # the contender the model uses here: triton (training) or torch (decode)
+    us: dict[str, float | str]  # contender -> microseconds, or why there is no time
+    checks: dict[str, str]
+
+
+def for_layout(fns: dict, inp: Inputs) -> dict:
+    """fns with causal_conv1d's training fn replaced by why, where its kernels refuse this layout (not a FAIL)."""
+    train_fn, step_fn = fns["cc1d"]
+    why = callable(train_fn) and cc1d_unsupported(inp.u, inp.weight)
+    return {**fns, "cc1d": (why, step_fn)} if why else fns
+
+
+def run(shapes: list[Shape], device, dtype, check_dtype, timer, lib=None) -> int:
+    """Check, time and print every (shape, case); returns the exit status (1 if any check failed)."""
+    all_fns = contenders(device, lib, NOT_INSTALLED)
+    rows: list[Row] = []
+    failed = False
+    for shape in shapes:
+        # correctness first, in check_dtype, then drop those tensors before timing in dtype
+        chk = make_inputs(shape, device, check_dtype)
+        fns = for_layout(all_fns, chk)
+        checks = {}
+        for name, (train_fn, step_fn) in fns.items():
+            for case in CASES:
+                checks[name, case] = safely(check_training, train_fn, chk, case) if callable(train_fn) else None
+            checks[name, "decode"] = safely(check_step, step_fn, chk) if callable(step_fn) else None
+        failed |= any(c is not None and not c[0] for c in checks.values())
+        del chk
+        inp = make_inputs(shape, device, dtype)
+        fns = for_layout(fns, inp)  # u's alignment depends on the dtype
+        for case in CASES + ("decode",):
+            modes = ("step",) if case == "decode" else ("fwd", "fwd+bwd")
+            us = {m: {} for m in modes}
+            for name, (train_fn, step_fn) in fns.items():
+                fn, check = (step_fn if case == "decode" else train_fn), checks[name, case]
+                for m in modes:
+                    us[m][name] = fn if not callable(fn) else "FAIL" if not check[0] else None
+                if callable(fn) and check[0]:  # only what computed the right thing is timed
+                    t = (time_step(timer, fn, inp),) if case == "decode" else time_training(timer, fn, inp, case)
+                    for m, ms in zip(modes, t):
+                        us[m][name] = ms * 1e3
+            for m in modes:
+                rows.append(Row(shape.name, case, m, "torch" if case == "decode" else "triton", us[m],
+                                {n: _check_text(checks[n, case], fns[n][case == "decode"]) for n in fns}))
+        del inp
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+    print_table(rows)
+    print_verdicts(rows)
+    return 1 if failed else 0
+
+
+SHORT = {NOT_INSTALLED: "not inst.", "n/a": "n/a", "unsupported": "unsupp.", "FAIL": "FAIL"}
+
+
+def _check_text(check: tuple[bool, str] | None, fn) -> str:
+    if check is not None:
+        return check[1]
+    return f"causal_conv1d {fn}" if fn == NOT_INSTALLED else str(fn)
+
+
+def _cell(v) -> str:
+    """Microseconds, or a short word for why not (the check column has the whole reason)."""
+    if isinstance(v, float):
+        return f"{v:9.1f}"
+    return f"{next((w for k, w in SHORT.items() if str(v).startswith(k)), str(v)[:9]):>9}"
+
+
+def _ratio(a, b) -> float | None:
+    return a / b if isinstance(a, float) and isinstance(b, float) and b > 0 else None
+
+
+def print_table(rows: list[Row]) -> None:
+    print(f"{'shape':<18} {'case':<14} {'mode':<8} {'triton':>9} {'torch':>9} {'cc1d':>9} {'torch/tri':>9} "
+          f"{'cc1d/ours':>9}  check (triton | torch | cc1d)")
+    for r in rows:
+        t_over_tri = _ratio(r.us["torch"], r.us["triton"])
+        cc_over_ours = _ratio(r.us["cc1d"], r.us[r.ours])
+        fmt = lambda x: f"{x:9.2f}" if x is not None else f"{'-':>9}"  # noqa: E731
+        print(f"{r.shape:<18} {r.case:<14} {r.mode:<8} {_cell(r.us['triton'])} {_cell(r.us['torch'])} "
+              f"{_cell(r.us['cc1d'])} {fmt(t_over_tri)} {fmt(cc_over_ours)}  "
+              f"{r.checks['triton']} | {r.checks['torch']} | {r.checks['cc1d']}")
+
+
+def verdicts(rows: list[Row]) -> list[str]:
+    """One line per (case, mode): which to use on which shapes, from cc1d/ours (ours faster when > TIE)."""
+    lines = []
+    for key in dict.fromkeys((r.case, r.mode) for r in rows):
+        lib_wins, ours_wins = [], []
+        for r in (r for r in rows if (r.case, r.mode) == key):
+            ratio = _ratio(r.us["cc1d"], r.us[r.ours])
+            if ratio is not None:
+                (ours_wins if ratio > TIE else lib_wins).append(f"{r.shape} {ratio:.2f}x")
+        ours = "torch step" if key[0] == "decode" else "ours (Triton)"
+        if not lib_wins and not ours_wins:
+            lines.append(f"{key[0]} {key[1]}: {ours} (no causal_conv1d time to compare)")
+        elif not lib_wins:
+            lines.append(f"{key[0]} {key[1]}: {ours} everywhere (cc1d/ours: {', '.join(ours_wins)})")
+        elif not ours_wins:
+            lines.append(f"{key[0]} {key[1]}: causal_conv1d everywhere (cc1d/ours: {', '.join(lib_wins)})")
+        else:
+            lines.append(f"{key[0]} {key[1]}: causal_conv1d on {', '.join(lib_wins)}; {ours} on {', '.join(ours_wins)}")
+    return lines
+
+
+def print_verdicts(rows: list[Row]) -> None:
+    print("which to use where (cc1d/ours > 1: ours faster; causal_conv1d when within 3% or faster):")
+    for line in verdicts(rows):
+        print("  " + line)
+
+
+def print_backward_alone(inp: Inputs) -> None:
+    """Our Triton backward kernel alone (conv_triton._backward), as the earlier version of this script printed."""
+    from triton.testing import do_bench
+
     from lightning_mamba.models.kernels import conv_triton as ct
 
-    b, l, d_inner, k = args.batch, args.seq_len, 2 * args.d_model, 4
-    d = d_inner + 2 * args.d_state  # conv_dim: x, B, C
-    width = 2 * d_inner + 2 * args.d_state + d_inner // 64  # in_proj's output: z, xBC, dt
-    wide = torch.randn(b, l, width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    u = wide[:, :, d_inner:d_inner + d]
-    weight = torch.randn(d, 1, k, device="cuda", requires_grad=True)
-    bias = torch.randn(d, device="cuda", requires_grad=True)
-    seq_idx = torch.zeros(b, l, dtype=torch.int32, device="cuda")
-    seq_idx[:, l // 2:] = 1
-    grad = torch.randn(b, l, d, device="cuda", dtype=torch.bfloat16)
-
-    def torch_path(s):
-        return F.silu(causal_conv1d(u, weight, bias, None, s)[0])
-
-    def triton_path(s):
-        return ct.causal_conv1d_silu(u, weight, bias, None, s)[0]
-
-    def times(fn, s):
-        fwd = do_bench(lambda: fn(s))
-        both = do_bench(lambda: torch.autograd.grad(fn(s), [u, weight, bias], grad))
-        return fwd, both
-
-    def bwd_alone(s):
+    parts = []
+    for case in ("plain", "seq_idx"):
+        state, seq = case_args(inp, case)
         with torch.no_grad():
-            return do_bench(lambda: ct._backward(grad, u, weight, bias, None, s))
+            ms = do_bench(lambda: ct._backward(inp.dy, inp.u, inp.weight, inp.bias, state, seq))
+        parts.append(f"{case} {ms * 1e3:.1f} us")
+    print(f"triton backward alone ({inp.shape.name}): " + ", ".join(parts))
 
-    print(f"# b {b}, l {l}, d {d} (row stride {width}), k {k}, bf16, {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    for s, name in ((None, "no seq_idx"), (seq_idx, "seq_idx")):
-        (tf, tb), (rf, rb) = times(torch_path, s), times(triton_path, s)
-        print(f"{name:>10}: torch fwd {tf * 1e3:7.0f} us, fwd+bwd {tb * 1e3:7.0f} us | triton fwd {rf * 1e3:7.0f} us, "
-              f"fwd+bwd {rb * 1e3:7.0f} us (bwd alone {bwd_alone(s) * 1e3:.0f} us) | ratio torch/triton fwd "
-              f"{tf / rf:.2f}, fwd+bwd {tb / rb:.2f}")
-    if args.sweep:
-        base = ct.FWD_BLOCK_L, ct.FWD_BLOCK_D, ct.FWD_WARPS
-        for cfg in [(64, 128, 8), (32, 128, 4), (32, 64, 4), (128, 64, 8)]:
-            ct.FWD_BLOCK_L, ct.FWD_BLOCK_D, ct.FWD_WARPS = cfg
-            print(f"fwd tiles {cfg}: {do_bench(lambda: triton_path(None)) * 1e3:.0f} us")
-        ct.FWD_BLOCK_L, ct.FWD_BLOCK_D, ct.FWD_WARPS = base
-        base = ct.BWD_BLOCK_L, ct.BWD_BLOCK_D, ct.BWD_WARPS, ct.BWD_BLOCKS
-        for cfg in [(32, 64, 4, 4), (32, 64, 4, 8), (64, 64, 8, 2), (32, 128, 8, 4), (16, 128, 4, 8)]:
-            ct.BWD_BLOCK_L, ct.BWD_BLOCK_D, ct.BWD_WARPS, ct.BWD_BLOCKS = cfg
-            print(f"bwd tiles {cfg}: fwd+bwd {times(triton_path, None)[1] * 1e3:.0f} us")
-        ct.BWD_BLOCK_L, ct.BWD_BLOCK_D, ct.BWD_WARPS, ct.BWD_BLOCKS = base
+
+def sweep(inp: Inputs) -> None:
+    """Other tile sizes of our kernels (plain case)."""
+    from triton.testing import do_bench
+
+    from lightning_mamba.models.kernels import conv_triton as ct
+
+    def fwd():
+        return triton_conv(inp.u, inp.weight, inp.bias, None, None)
+
+    base = ct.FWD_BLOCK_L, ct.FWD_BLOCK_D, ct.FWD_WARPS
+    for cfg in [(64, 128, 8), (32, 128, 4), (32, 64, 4), (128, 64, 8)]:
+        ct.FWD_BLOCK_L, ct.FWD_BLOCK_D, ct.FWD_WARPS = cfg
+        print(f"fwd tiles {cfg}: {do_bench(fwd) * 1e3:.0f} us")
+    ct.FWD_BLOCK_L, ct.FWD_BLOCK_D, ct.FWD_WARPS = base
+    base = ct.BWD_BLOCK_L, ct.BWD_BLOCK_D, ct.BWD_WARPS, ct.BWD_BLOCKS
+    for cfg in [(32, 64, 4, 4), (32, 64, 4, 8), (64, 64, 8, 2), (32, 128, 8, 4), (16, 128, 4, 8)]:
+        ct.BWD_BLOCK_L, ct.BWD_BLOCK_D, ct.BWD_WARPS, ct.BWD_BLOCKS = cfg
+        print(f"bwd tiles {cfg}: fwd+bwd {time_training(cuda_timer, triton_conv, inp, 'plain')[1] * 1e3:.0f} us")
+    ct.BWD_BLOCK_L, ct.BWD_BLOCK_D, ct.BWD_WARPS, ct.BWD_BLOCKS = base
+
+
+def load_causal_conv1d():
+    """(the causal_conv1d module or None, why not / its version)."""
+    try:
+        import causal_conv1d
+        from causal_conv1d import causal_conv1d_fn, causal_conv1d_update  # noqa: F401 - both must import
+    except ModuleNotFoundError as e:
+        if e.name == "causal_conv1d":
+            return None, NOT_INSTALLED
+        print(f"# causal_conv1d is there but {e.name} is not (its CUDA extension unbuilt?): {e}")
+        return None, NOT_INSTALLED
+    except Exception as e:  # built against another torch, missing .so: say so, and time the rest
+        print(f"# causal_conv1d does not import ({type(e).__name__}: {e})")
+        return None, NOT_INSTALLED
+    return causal_conv1d, getattr(causal_conv1d, "__version__", "?")
+
+
+def select_shapes(args) -> list[Shape]:
+    shapes = [s for group in SHAPES.values() for s in group] if args.all_shapes else SHAPES[args.shape]
+    overrides = {k: v for k, v in (("batch", args.batch), ("seq_len", args.seq_len), ("d_model", args.d_model),
+                                   ("d_state", args.d_state), ("headdim", args.headdim)) if v is not None}
+    if overrides:
+        shapes = [dataclasses.replace(s, name=s.name + "*", **overrides) for s in shapes]
+    return shapes
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="130m")
+    p.add_argument("--all_shapes", action="store_true", help="every shape of every --shape choice")
+    for name in ("batch", "seq_len", "d_model", "d_state", "headdim"):
+        p.add_argument(f"--{name}", type=int, default=None, help="override this field of every selected shape")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="what the timings run in")
+    p.add_argument("--check_dtype", choices=sorted(DTYPES), default="fp32", help="what the correctness check runs in")
+    p.add_argument("--sweep", action="store_true", help="also time other Triton tile sizes (first shape)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("conv_kernel.py times CUDA kernels: run it on a machine with a GPU")
+    shapes = select_shapes(args)
+    lib, lib_why = load_causal_conv1d()
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, timings in {args.dtype}, checks in "
+          f"{args.check_dtype}, causal_conv1d {lib_why}; times in us")
+    for s in shapes:
+        print(f"# {s.name}: b {s.batch}, l {s.seq_len}, d {s.conv_dim} (row stride {s.width}), k {s.d_conv}")
+    status = run(shapes, "cuda", DTYPES[args.dtype], DTYPES[args.check_dtype], cuda_timer, lib)
+    from lightning_mamba.models.kernels import conv_triton
+
+    if conv_triton.available():
+        for s in shapes:
+            print_backward_alone(make_inputs(s, "cuda", DTYPES[args.dtype]))
+        if args.sweep:
+            sweep(make_inputs(shapes[0], "cuda", DTYPES[args.dtype]))
+    if status:
+        print("FAIL: a contender disagrees with the torch reference (see the check column)")
+    return status
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
