@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(module.main(argv[1:]))
     try:
         lightning_cli(None if from_shell else argv, description=DESCRIPTION)
+        end_process_group()
     except SIGTERMException as e:  # a SystemExit of code None (exit 0): a run cut short is no success
         print(f"error: {e.code or 'stopped by SIGTERM'}", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
@@ -44,6 +45,17 @@ def main(argv: list[str] | None = None) -> None:
         if cause is None:
             raise
         sys.exit(f"error: {cause}")  # bad settings: one line that says what to change, no traceback
+
+
+def end_process_group() -> None:
+    """Close the DDP process group a run opened (Lightning leaves it open): with gloo's threads still running at
+    interpreter exit, a finished run now and then died with "terminate called without an active exception" and a
+    non-zero exit status."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no process closes it while another still uses it
+        dist.destroy_process_group()
 
 
 def user_error(e: BaseException) -> BaseException | None:
