@@ -221,11 +221,14 @@ class MambaLitModule(L.LightningModule):
         self.val_loss.reset()
         if self.trainer.sanity_checking:
             return
-        self.val_loss_best.update(loss)
-        metrics = {"val/loss": loss, "val/ppl": torch.exp(loss), "val/loss_best": self.val_loss_best.compute()}
+        metrics = self._val_metrics(loss)
         self.log_dict(metrics, prog_bar=True, sync_dist=True)
         if self.trainer.state.fn == "fit":
             validation.write_record(self.trainer, metrics)  # this step's validation is done (see on_train_start)
+
+    def _val_metrics(self, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.val_loss_best.update(loss)
+        return {"val/loss": loss, "val/ppl": torch.exp(loss), "val/loss_best": self.val_loss_best.compute()}
 
     def on_train_start(self) -> None:
         # Resumed from a checkpoint written just before a validation the interrupted run did not finish: Lightning
@@ -236,8 +239,7 @@ class MambaLitModule(L.LightningModule):
         validation.redo_validation_loss(trainer, self, trainer.datamodule.val_dataloader())
         loss = self.val_loss.compute()
         self.val_loss.reset()
-        self.val_loss_best.update(loss)
-        metrics = {"val/loss": loss, "val/ppl": torch.exp(loss), "val/loss_best": self.val_loss_best.compute()}
+        metrics = self._val_metrics(loss)
         for logger in trainer.loggers:  # at the step Lightning logs a validation after step N with: N - 1
             logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=trainer.global_step - 1)
         validation.write_record(trainer, metrics)

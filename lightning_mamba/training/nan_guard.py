@@ -117,10 +117,8 @@ class NanGuard(L.Callback):
                 self._loss_failed = self._loss_failed or loss_bad
                 losses_list = list(losses) if losses is not None else []
                 self._where = where
-                message = self._describe(pl_module, losses_list, grad_norm, check_grads=False)
-                if not loss_bad:
-                    message = message.replace("another process's loss or gradients are not finite",
-                                              "a gradient is not finite")
+                message = self._describe(pl_module, losses_list, grad_norm, check_grads=False,
+                                         otherwise="a gradient is not finite")  # one process: it was ours
                 self._handle(trainer, pl_module, message, step=step, skipped_already=True)
 
     # A checkpoint must not hold a step whose verdict is unread: read it first wherever one may be written (callbacks
@@ -147,7 +145,8 @@ class NanGuard(L.Callback):
                                                  f"{self._first_bad}) skipped, the loss of its weights non-finite: they "
                                                  f"are broken")
 
-    def _describe(self, pl_module: L.LightningModule, losses: list[torch.Tensor], grad_norm, check_grads: bool) -> str:
+    def _describe(self, pl_module: L.LightningModule, losses: list[torch.Tensor], grad_norm, check_grads: bool,
+                  otherwise: str = "another process's loss or gradients are not finite") -> str:
         first = None
         for name, p in pl_module.named_parameters():
             if not p.isfinite().all():
@@ -163,7 +162,7 @@ class NanGuard(L.Callback):
                     first = f"the gradient of {name} has {bad}/{p.numel()} non-finite values"
                     break
         if first is None:
-            first = "another process's loss or gradients are not finite"
+            first = otherwise
         loss = ", ".join(f"{x.item():.4g}" for x in losses) or "n/a"
         norm = f"{grad_norm.item():.4g}" if grad_norm is not None else "n/a"
         return f"non-finite values at {self._where}: {first} (loss {loss}, grad norm {norm})"
