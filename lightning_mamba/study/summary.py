@@ -369,10 +369,13 @@ def plot_onset(onset: dict) -> plt.Figure | None:
     if not cells:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name, history in sorted(cells.items()):
+    # 20 distinct colors (tab20: 10 dark, then their 10 light twins), then dashed lines: a 5 x 5 grid has 25 cells
+    colors = plt.get_cmap("tab20").colors
+    for i, (name, history) in enumerate(sorted(cells.items())):
         steps = np.array([h["step"] for h in history])
         ratio = np.array([h["ratio_16_64x"] for h in history], dtype=float)
-        line, = ax.plot(steps, ratio, marker="o", markersize=3, label=name)
+        line, = ax.plot(steps, ratio, marker="o", markersize=3, label=name, color=colors[2 * (i % 10) + (i // 10) % 2],
+                        linestyle="--" if (i // 20) % 2 else "-")
         lo = np.array([h.get("ratio_16_64x_lo") if h.get("ratio_16_64x_lo") is not None else np.nan for h in history],
                       dtype=float)
         hi = np.array([h.get("ratio_16_64x_hi") if h.get("ratio_16_64x_hi") is not None else np.nan for h in history],
