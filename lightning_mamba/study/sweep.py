@@ -243,8 +243,9 @@ def clean(obj: Any) -> Any:
 
 def build_cli(study: Study, cell: Cell):
     """The cell's LightningCLI (not run). A cell on several devices is built again with its batch split."""
-    from ..training.cli import lightning_cli
+    from ..training.cli import lightning_cli, quiet_lightning
 
+    quiet_lightning()  # here, not only inside lightning_cli: catch_warnings below would undo its filters on exit
     with warnings.catch_warnings():  # "args and command line arguments": the command line is the sweep's
         warnings.filterwarnings("ignore", message=".*args parameter is intended")
         cli = lightning_cli(cell_args(study, cell), run=False)

@@ -214,3 +214,26 @@ def test_a_row_passing_at_the_shortest_len_is_an_upper_bound_not_a_measurement()
     fits = fits_of(list(rows.values()))
     assert fits["t_forget"]["upper_bounds"] == [{"row": "state16", "n_s": 1e5, "t_forget_at_most": 128}]
     assert fits["t_forget"]["paper_convention"]["n_points"] == 1  # the upper bound stays out of the fit
+
+
+def test_a_built_cell_keeps_the_noise_filters(tmp_path):
+    """torch's AccumulateGrad stream note under model.cuda_graph is off in a cell's run as in `fit` (a
+    catch_warnings around the cell's build once restored the filters and it printed into every cell's log)."""
+    import warnings
+
+    from lightning_mamba.study.sweep import build_cli
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    study = Study(states=[8], lens=[32], tokens_per_batch=256, tokens_per_cell=2048, out=str(tmp_path),
+                  base_config=[os.path.join(root, "configs", "train.yaml")],
+                  model_overrides={"d_model": 32, "n_layer": 1, "headdim": 16, "backend": "torch"},
+                  data_overrides={"tokenizer": "byte", "cache_dir": str(tmp_path / "cache")},
+                  trainer_overrides={"accelerator": "cpu", "logger": False}, precision="32-true")
+    with warnings.catch_warnings(record=True) as seen:  # an outer scope: what build_cli leaves behind
+        warnings.simplefilter("always")
+        build_cli(study, make_cells(study)[0])
+        warnings.warn("The AccumulateGrad node's stream does not match the stream of the node that produced the "
+                      "incoming gradient.", UserWarning, stacklevel=1)
+        warnings.warn("an unrelated warning", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in seen if "AccumulateGrad" in str(w.message)] == []
+    assert any("an unrelated warning" in str(w.message) for w in seen)
