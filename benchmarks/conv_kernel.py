@@ -1,5 +1,6 @@
 """Our fused Triton causal conv1d + SiLU (models/kernels/conv_triton.py) against the torch path it replaced and
-against the causal-conv1d library's CUDA kernels, on the model's own layout (GPU).
+against the causal-conv1d library's CUDA kernels, on the model's own layout (GPU). The model runs causal_conv1d's
+kernels when the library is installed (models/kernels/conv_cc1d.py: the adapter timed here), ours otherwise.
 
 On the GPU node (causal-conv1d 1.7.0 installed, see the README), one run answers issue 17 item 5:
 
@@ -20,22 +21,27 @@ raises) makes the exit status 1; the timings are still printed.
 
 Rows (times in microseconds, triton.testing.do_bench, inputs in --dtype, bf16 by default):
 
+Every contender returns the new conv state, which the mixer hands on. causal_conv1d is
+models/kernels/conv_cc1d.py's adapter, as backend.conv1d_silu calls it:
+
 - ``plain`` fwd / fwd+bwd: no seq_idx, no carried state (ordinary training). causal_conv1d is
-  ``causal_conv1d_fn(u.transpose(1, 2), w, b, activation="silu")`` as mamba_ssm calls it (no state out); ours also
-  writes the new conv state (carried_inputs: one small copy), which the mixer hands on.
+  ``causal_conv1d_fn(u.transpose(1, 2), w, b, activation="silu")`` as mamba_ssm calls it; its new conv state,
+  like ours, is carried_inputs (one small copy).
 - ``seq_idx``: packed documents (3 per row), seq_idx (b, l) int32; causal_conv1d as above with ``seq_idx=``.
 - ``state``: a carried conv state in and the new one out (state-passing training, no seq_idx). Both contenders get
   the state as the mixer carries it ((b, d, k-1) contiguous, u's dtype) and return the new one; causal_conv1d
   moves it to channel-last (its kernel needs ``initial_states.stride(1) == 1``) and uses ``return_final_states``.
 - ``state+seq_idx``: both (state passing over packed documents). causal_conv1d refuses ``return_final_states``
   with ``seq_idx``, so its new state comes from our carried_inputs, as ours does.
-- ``decode`` step: one token for batch b, conv state (b, d, k-1). torch = Mamba2.step's ops (the decode path in
-  use: cat, multiply, sum, SiLU); triton = our training kernel at l = 1 (not used by step() today); causal_conv1d
-  = ``causal_conv1d_update(x, conv_state, w, b, activation="silu")`` (updates the state in place).
+- ``decode`` step: one token for batch b, conv state (b, d, k-1). torch = the model's decode step without
+  causal_conv1d (conv.conv_step: cat, multiply, sum, SiLU); triton = our training kernel at l = 1 (not used by
+  step()); causal_conv1d = ``causal_conv1d_update(x, state, w, b, activation="silu")`` on a copy of the state
+  (the library shifts it in place; the model's step leaves the caller's state as it was).
 - fwd+bwd = the forward plus ``torch.autograd.grad(out, [u, weight, bias], dy)``.
 
 Columns: ``triton``, ``torch``, ``cc1d`` (causal_conv1d); ``torch/tri`` > 1 means our kernel beats the torch path;
-``cc1d/ours`` > 1 means ours (the path the model uses: Triton for training, the torch ops for decode) is faster.
+``cc1d/ours`` > 1 means ours (what the model runs without causal_conv1d: Triton for training, the torch ops for
+decode) is faster.
 The lines after the table say, per case, which to use (causal_conv1d when it is as fast, within 3%, or faster).
 Without causal_conv1d its cells say ``not installed``; a shape its kernels refuse (channels or row stride not a
 multiple of 8, misaligned u) says ``unsupported``. Without CUDA the script exits with one line.
@@ -45,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -55,13 +62,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_mamba.models.conv import carried_inputs, causal_conv1d
+from lightning_mamba.models.conv import causal_conv1d, conv_step
+from lightning_mamba.models.kernels import conv_cc1d
+from lightning_mamba.models.kernels.backend import conv_kernel_name
 
 CASES = ("plain", "seq_idx", "state", "state+seq_idx")  # the training form; "decode" is the one-token step
 TIE = 1.03  # causal_conv1d within 3% of ours counts as "as fast": the issue says to use the library then
 TOLERANCE = {torch.float32: 5e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}  # of max |ref|
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-NOT_INSTALLED = "not installed"
+NOT_INSTALLED = conv_cc1d.NOT_INSTALLED
 
 
 # ---- shapes and inputs ------------------------------------------------------------------------------------------
@@ -170,56 +179,11 @@ def triton_conv(u, weight, bias, conv_state, seq_idx):
     return causal_conv1d_silu(u, weight, bias, conv_state, seq_idx)
 
 
-def cc1d_unsupported(u: Tensor, weight: Tensor) -> str | None:
-    """Why causal_conv1d's channel-last kernels would refuse (or misread) u, or None: its TORCH_CHECKs
-    (csrc/causal_conv1d.cpp: dim % 8, strides % 8, width 2..4) and the 16-byte vector loads from u's first element
-    that no check guards (a misaligned one would be a CUDA fault that ends the whole run)."""
-    d, k = u.size(-1), weight.size(-1)
-    if u.stride(-1) != 1:
-        return "unsupported: channels not contiguous"
-    if d % 8 or u.stride(0) % 8 or u.stride(1) % 8:
-        return f"unsupported: d {d} / strides {tuple(u.stride())} not multiples of 8"
-    if not 2 <= k <= 4:
-        return f"unsupported: kernel width {k}"
-    if u.data_ptr() % 16:
-        return "unsupported: u not 16-byte aligned"
-    return None
-
-
-def cc1d_conv(lib, u, weight, bias, conv_state, seq_idx):
-    """causal_conv1d_fn on the mixer's layout, as backend.conv1d_silu would call it: x = u.transpose(1, 2) is
-    channel-last (stride(1) == 1) with no copy; weight (d, 1, k) -> (d, k) view; seq_idx int32 contiguous; a carried
-    state moved to channel-last in u's dtype. Returns out as (b, l, d) and the new state (None without one in)."""
-    why = cc1d_unsupported(u, weight)
-    if why:
-        raise ValueError(why)
-    x, w = u.transpose(1, 2), weight[:, 0, :]
-    b = None if bias is None else bias.to(w.dtype)  # the library wants bias in weight's dtype
-    seq = None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
-    init = None
-    if conv_state is not None:
-        init = conv_state.to(u.dtype)
-        if init.stride(1) != 1:  # its kernel reads k-1 rows of channels: (b, k-1, d) memory, seen as (b, d, k-1)
-            init = init.transpose(1, 2).contiguous().transpose(1, 2)
-    if init is not None and seq is None:
-        out, final = lib.causal_conv1d_fn(x, w, b, seq_idx=None, initial_states=init, return_final_states=True,
-                                          activation="silu")
-        return out.transpose(1, 2), final
-    out = lib.causal_conv1d_fn(x, w, b, seq_idx=seq, initial_states=init, return_final_states=False,
-                               activation="silu")
-    # with seq_idx the library returns no final state: the mixer's (only the last document's inputs) from ours
-    final = None if init is None else carried_inputs(u, init, seq_idx, w.size(-1))
-    return out.transpose(1, 2), final
-
-
 # ---- decode: (x (b, d), conv_state (b, d, k-1), weight, bias) -> (silu(conv) (b, d), new state) ------------------
 def torch_step(x, conv_state, weight, bias):
-    """Mamba2.step's conv, op for op (models/mixer.py): the decode path the model uses."""
-    window = torch.cat([conv_state.to(x.dtype), x[:, :, None]], dim=-1)  # (b, d, k)
-    conv = (window * weight[:, 0].to(x.dtype)).sum(-1)
-    if bias is not None:
-        conv = conv + bias.to(x.dtype)
-    return F.silu(conv), window[:, :, 1:]
+    """The model's decode step without causal_conv1d (backend.conv1d_silu_step's torch path)."""
+    out, state = conv_step(x, conv_state, weight, bias)
+    return F.silu(out), state
 
 
 def reference_step(x, conv_state, weight, bias):
@@ -233,21 +197,14 @@ def triton_step(x, conv_state, weight, bias):
     return out[:, 0], state
 
 
-def cc1d_step(lib, x, conv_state, weight, bias):
-    """causal_conv1d_update: the state (x's dtype, any strides) is shifted in place and also returned."""
-    if conv_state.dtype != x.dtype:
-        raise ValueError(f"causal_conv1d_update needs the conv state in x's dtype ({conv_state.dtype} vs {x.dtype})")
-    w = weight[:, 0, :]
-    out = lib.causal_conv1d_update(x, conv_state, w, None if bias is None else bias.to(w.dtype), activation="silu")
-    return out, conv_state
-
-
 def contenders(device, lib, lib_why: str) -> dict[str, tuple[Callable | str, Callable | str]]:
     """name -> (training fn or why it is missing, decode fn or why)."""
     from lightning_mamba.models.kernels import conv_triton
 
     triton_why = "" if conv_triton.available() and torch.device(device).type == "cuda" else "n/a (needs triton + CUDA)"
-    cc1d = (lambda *a: cc1d_conv(lib, *a), lambda *a: cc1d_step(lib, *a)) if lib is not None else (lib_why, lib_why)
+    cc1d = (lib_why, lib_why)
+    if lib is not None:  # the model's adapter (models/kernels/conv_cc1d.py) on this library
+        cc1d = (functools.partial(conv_cc1d.conv1d_silu, lib=lib), functools.partial(conv_cc1d.conv1d_silu_step, lib=lib))
     return {
         "triton": (triton_why or triton_conv, triton_why or triton_step),
         "torch": (torch_conv, torch_step),
@@ -351,7 +308,7 @@ class Row:
     shape: str
     case: str
     mode: str  # fwd, fwd+bwd, step
-    ours: str  # the contender the model uses here: triton (training) or torch (decode)
+    ours: str  # the contender the model uses here without causal_conv1d: triton (training) or torch (decode)
     us: dict[str, float | str]  # contender -> microseconds, or why there is no time
     checks: dict[str, str]
 
@@ -359,7 +316,7 @@ class Row:
 def for_layout(fns: dict, inp: Inputs) -> dict:
     """fns with causal_conv1d's training fn replaced by why, where its kernels refuse this layout (not a FAIL)."""
     train_fn, step_fn = fns["cc1d"]
-    why = callable(train_fn) and cc1d_unsupported(inp.u, inp.weight)
+    why = callable(train_fn) and conv_cc1d.unsupported(inp.u, inp.weight)
     return {**fns, "cc1d": (why, step_fn)} if why else fns
 
 
@@ -499,19 +456,13 @@ def sweep(inp: Inputs) -> None:
 
 
 def load_causal_conv1d():
-    """(the causal_conv1d module or None, why not / its version)."""
-    try:
-        import causal_conv1d
-        from causal_conv1d import causal_conv1d_fn, causal_conv1d_update  # noqa: F401 - both must import
-    except ModuleNotFoundError as e:
-        if e.name == "causal_conv1d":
-            return None, NOT_INSTALLED
-        print(f"# causal_conv1d is there but {e.name} is not (its CUDA extension unbuilt?): {e}")
+    """(the causal_conv1d module or None, its version or NOT_INSTALLED); says why an installed one is not used."""
+    lib, why = conv_cc1d.load()
+    if lib is None:
+        if why != NOT_INSTALLED:
+            print(f"# {why}")
         return None, NOT_INSTALLED
-    except Exception as e:  # built against another torch, missing .so: say so, and time the rest
-        print(f"# causal_conv1d does not import ({type(e).__name__}: {e})")
-        return None, NOT_INSTALLED
-    return causal_conv1d, getattr(causal_conv1d, "__version__", "?")
+    return lib, getattr(lib, "__version__", "?")
 
 
 def select_shapes(args) -> list[Shape]:
@@ -542,8 +493,10 @@ def main(argv=None) -> int:
         sys.exit("conv_kernel.py times CUDA kernels: run it on a machine with a GPU")
     shapes = select_shapes(args)
     lib, lib_why = load_causal_conv1d()
+
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, timings in {args.dtype}, checks in "
-          f"{args.check_dtype}, causal_conv1d {lib_why}; times in us")
+          f"{args.check_dtype}, causal_conv1d {lib_why}; times in us; the model's conv kernel: "
+          f"{conv_kernel_name('auto', 'cuda')}")
     for s in shapes:
         print(f"# {s.name}: b {s.batch}, l {s.seq_len}, d {s.conv_dim} (row stride {s.width}), k {s.d_conv}")
     status = run(shapes, "cuda", DTYPES[args.dtype], DTYPES[args.check_dtype], cuda_timer, lib)

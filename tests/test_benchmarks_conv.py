@@ -1,14 +1,16 @@
 """benchmarks/conv_kernel.py on CPU: its inputs are the mixer's layout, its correctness check passes the reference and
 catches a wrong conv, and the whole check-time-print run works with causal_conv1d absent, or with a torch stand-in
-for its kernels (the adapter's layouts and keyword calls)."""
+for its kernels (tests/cc1d_stand_in.py) behind the model's adapter."""
 
 import importlib.util
 import os
 import sys
-import types
 
 import pytest
 import torch
+
+from lightning_mamba.models.kernels import conv_cc1d
+from tests.cc1d_stand_in import stand_in_library
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,54 +77,24 @@ def test_main_without_cuda_exits_with_one_line(monkeypatch):
 
 def test_unsupported_layout_is_named_not_failed(capsys):
     odd = bench.Shape("odd", batch=2, seq_len=8, d_model=16, d_state=8, headdim=8)  # row stride 84
-    status = bench.run([odd], "cpu", torch.float32, torch.float32, bench.wall_timer, lib=_stand_in_library())
+    status = bench.run([odd], "cpu", torch.float32, torch.float32, bench.wall_timer, lib=stand_in_library())
     out = capsys.readouterr().out
     assert status == 0 and "unsupport" in out, out
 
 
-def test_our_causal_conv1d_calls_match_the_documented_semantics(capsys):
-    """cc1d_conv / cc1d_step's keyword calls, layouts (x channel-last (b, d, l), weight (d, k), initial_states
-    (b, d, k-1)), seq_idx and carried-state rules, through a torch stand-in written from causal_conv1d's documented
-    semantics (its CUDA kernels cannot run here), agree with models/conv.py in every case."""
-    lib = _stand_in_library()
+def test_causal_conv1d_contender_is_the_models_adapter(capsys):
+    """The cc1d columns time models/kernels/conv_cc1d.py (what the model runs), here on a torch stand-in for the
+    library (its CUDA kernels cannot run here; tests/models/kernels/test_conv_cc1d.py checks the adapter itself):
+    it agrees with models/conv.py in every case and the whole run reports no FAIL."""
+    lib = stand_in_library()
+    train_fn, step_fn = bench.contenders("cpu", lib, "")["cc1d"]
+    assert (train_fn.func, step_fn.func) == (conv_cc1d.conv1d_silu, conv_cc1d.conv1d_silu_step)
     inp = bench.make_inputs(TINY, "cpu", torch.float32)
     for case in bench.CASES:
-        ok, msg = bench.check_training(lambda *a: bench.cc1d_conv(lib, *a), inp, case)
+        ok, msg = bench.check_training(train_fn, inp, case)
         assert ok, (case, msg)
-    assert bench.check_step(lambda *a: bench.cc1d_step(lib, *a), inp)[0]
+    assert bench.check_step(step_fn, inp)[0]
+    assert {c["fn"] for c in lib.calls} == {"causal_conv1d_fn", "causal_conv1d_update"}
     status = bench.run([TINY], "cpu", torch.float32, torch.float32, bench.wall_timer, lib=lib)
     out = capsys.readouterr().out
-    assert status == 0 and "not inst." not in out, out
-
-
-def _stand_in_library():
-    """causal_conv1d_fn and causal_conv1d_update in plain torch, as the library documents them: x (b, d, l), weight
-    (d, k), out (b, d, l); initial_states (b, d, k-1) are the inputs before x (zeros if None), and the final states
-    the last k-1 inputs; seq_idx (b, l) drops taps from an earlier document (not with return_final_states);
-    update shifts conv_state (b, d, k-1) in place by one token x (b, d)."""
-    F = torch.nn.functional
-
-    def fn(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False, activation=None):
-        assert not (return_final_states and seq_idx is not None), "the library refuses this combination"
-        b, d, length = x.shape
-        k = weight.shape[-1]
-        before = initial_states if initial_states is not None else x.new_zeros(b, d, k - 1)
-        full = torch.cat([before.to(x.dtype), x], dim=-1)  # (b, d, k-1+l)
-        out = x.new_zeros(b, d, length) + (0 if bias is None else bias[None, :, None])
-        for j in range(k):  # tap j reads input t - (k-1-j)
-            tap = full[..., j:j + length] * weight[None, :, j:j + 1]
-            if seq_idx is not None:
-                lag = k - 1 - j
-                prev = torch.cat([seq_idx[:, :1].expand(b, lag), seq_idx], dim=1)[:, :length]
-                tap = tap * (prev == seq_idx)[:, None, :]
-            out = out + tap
-        out = F.silu(out) if activation == "silu" else out
-        return (out, full[..., -(k - 1):]) if return_final_states else out
-
-    def update(x, conv_state, weight, bias=None, activation=None):
-        window = torch.cat([conv_state, x[..., None]], dim=-1)  # (b, d, k)
-        conv_state.copy_(window[..., 1:])
-        out = (window * weight).sum(-1) + (0 if bias is None else bias)
-        return F.silu(out) if activation == "silu" else out
-
-    return types.SimpleNamespace(causal_conv1d_fn=fn, causal_conv1d_update=update)
+    assert status == 0 and "not inst." not in out and "FAIL" not in out, out

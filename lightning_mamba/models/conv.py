@@ -52,3 +52,13 @@ def carried_inputs(u: Tensor, conv_state: Tensor | None, seq_idx: Tensor | None,
         seq_full = torch.cat([seq_idx[:, :1].expand(b, k - 1), seq_idx], dim=1)
         state = state * (seq_full[:, seq_full.size(1) - (k - 1):] == seq_idx[:, -1:])[:, None, :]
     return state.contiguous()
+
+
+def conv_step(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """One token of :func:`causal_conv1d` (decoding): x (b, d), conv_state (b, d, k-1) -> the convolution (b, d),
+    before any activation, and the new conv_state (b, d, k-1) in x's dtype; conv_state itself is left as it was."""
+    window = torch.cat([conv_state.to(x.dtype), x[:, :, None]], dim=-1)  # (b, d, k)
+    out = (window * weight[:, 0].to(x.dtype)).sum(-1)
+    if bias is not None:
+        out = out + bias.to(x.dtype)
+    return out, window[:, :, 1:]

@@ -158,13 +158,10 @@ class Mamba2(nn.Module):
             out, state = self.forward_override(self, u[:, None], state, None, None)
             return out[:, 0], state
         z, xBC, dt_raw = self._split(self.in_proj(u))
-        window = torch.cat([state.conv.to(xBC.dtype), xBC[:, :, None]], dim=-1)  # (b, conv_dim, d_conv)
-        conv = (window * self.conv1d.weight[:, 0].to(xBC.dtype)).sum(-1)
-        if self.conv1d.bias is not None:
-            conv = conv + self.conv1d.bias.to(xBC.dtype)
-        x, B, C, dt, A, x_scan = self._ssm_params(F.silu(conv), dt_raw)
+        xBC, conv_state = kernels.conv1d_silu_step(self.backend, xBC, state.conv, self.conv1d.weight, self.conv1d.bias)
+        x, B, C, dt, A, x_scan = self._ssm_params(xBC, dt_raw)
         y, ssm_state = ssd_step(state.ssm, x_scan, dt, A, B, C)
-        return self._finish(y.to(x.dtype), x, z), self._hand_on(LayerState(window[:, :, 1:], ssm_state))
+        return self._finish(y.to(x.dtype), x, z), self._hand_on(LayerState(conv_state, ssm_state))
 
     def empty_state(self, batch: int, device=None, dtype=torch.float32) -> LayerState:
         return LayerState(

@@ -1,4 +1,5 @@
-"""The one kernel switch: pure torch everywhere, mamba_ssm's Triton SSD on CUDA when installed."""
+"""The one kernel switch: pure torch everywhere, mamba_ssm's Triton SSD on CUDA when installed (and there the conv
+in causal_conv1d's CUDA kernels when that library is installed too, else in our Triton kernel)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import ConfigError
-from ..conv import causal_conv1d
+from ..conv import causal_conv1d, conv_step
 from ..ssd import ssd_chunked
+from . import conv_cc1d
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -107,15 +109,39 @@ def conv1d_silu(
     backend: str, u: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor | None = None,
     seq_idx: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """silu(depthwise causal conv(u)) and the new conv state (:func:`conv.causal_conv1d`); on the Triton path one
-    fused kernel that reads u in its (b, l, d) layout (models/conv_triton.py), unless a carried conv state needs a
-    gradient, which only the torch path gives."""
+    """silu(depthwise causal conv(u)) and the new conv state (:func:`conv.causal_conv1d`). On the Triton path:
+    causal_conv1d's kernels when installed and u's layout suits them (conv_cc1d.py), else our fused Triton kernel
+    (conv_triton.py); both read u in its (b, l, d) layout. A carried conv state that needs a gradient takes the torch
+    path, the only one that gives it."""
     if uses_triton(backend, u) and not (conv_state is not None and conv_state.requires_grad and torch.is_grad_enabled()):
+        if conv_cc1d.available() and conv_cc1d.unsupported(u, weight) is None:
+            return conv_cc1d.conv1d_silu(u, weight, bias, conv_state, seq_idx)
         from .conv_triton import causal_conv1d_silu
 
         return causal_conv1d_silu(u, weight, bias, conv_state, seq_idx)
     out, new_state = causal_conv1d(u, weight, bias, conv_state, seq_idx)
     return F.silu(out), new_state
+
+
+def conv1d_silu_step(
+    backend: str, x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """One decode token (causal_conv1d_update's argument order): x (b, d) -> (silu(conv) (b, d), new conv state
+    (b, d, k-1) in x's dtype); conv_state is left as it was. causal_conv1d_update on the Triton path when installed
+    and grad is off (it has no backward), else the torch ops (:func:`conv.conv_step`)."""
+    if uses_triton(backend, x) and not torch.is_grad_enabled() and conv_cc1d.available() and 2 <= weight.size(-1) <= 4:
+        return conv_cc1d.conv1d_silu_step(x, conv_state, weight, bias)
+    out, new_state = conv_step(x, conv_state, weight, bias)
+    return F.silu(out), new_state
+
+
+def conv_kernel_name(backend: str = "auto", device: str | torch.device = "cuda") -> str:
+    """Which conv kernel the model runs on ``device`` (for benchmarks and logs): "causal_conv1d" (its
+    ``causal_conv1d_update`` for the decode step too), "triton" or "torch". (A layout causal_conv1d refuses, see
+    conv_cc1d.unsupported, still takes our Triton kernel.)"""
+    if backend == "torch" or torch.device(device).type != "cuda" or _triton_scan()[0] is None:
+        return "torch"
+    return "causal_conv1d" if conv_cc1d.available() else "triton"
 
 
 def add_rmsnorm(backend: str, h: Tensor, residual: Tensor | None, norm, residual_in_fp32: bool) -> tuple[Tensor, Tensor]:
