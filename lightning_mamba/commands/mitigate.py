@@ -86,7 +86,7 @@ def write_outputs(result: dict) -> None:
     os.makedirs(out, exist_ok=True)
     T = result["seq_len"]
     atomic_write_json(os.path.join(out, "mitigation.json"), result, indent=1)
-    atomic_write_text(os.path.join(out, "mitigation.md"), "\n".join(markdown_table(result["entries"], T)) + "\n")
+    atomic_write_text(os.path.join(out, "mitigation.md"), "\n".join(markdown_table(result["entries"], T, result["at_multiple"])) + "\n")
     curves = {f"{e['name']} ({e['setting']})" if e["setting"] != "none" else e["name"]: (e["positions"], e["curve"])
               for e in result["entries"]}
     fig = plots.plot_loss_curves(curves, T, title=f"mitigations, T_train = {T}")
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def summary_lines(result: dict) -> list[str]:
-    return [*markdown_table(result["entries"], result["seq_len"]),
+    return [*markdown_table(result["entries"], result["seq_len"], result["at_multiple"]),
             f"written to {result['out']} (mitigation.json, mitigation.md, loss_vs_position.png)"]
 
 

@@ -198,11 +198,13 @@ def compare_mitigations(model, rows: Tensor, seq_len: int, bucket: int, methods=
     return entries
 
 
-def markdown_table(entries: list[dict], seq_len: int) -> list[str]:
+def markdown_table(entries: list[dict], seq_len: int, at_multiple: int = 4) -> list[str]:
+    """One row per entry; ``at_multiple``: where the search scored the settings (mitigate --at_multiple)."""
     def f(x):
         return "-" if x is None or not math.isfinite(x) else f"{x:.3f}"  # a diverged model's NaN: no number
 
-    lines = ["| model | setting (searched by loss at 4 x T) | loss (T/2, T] | loss@4x | loss (4T, end] | ratio | verdict |",
+    lines = [f"| model | setting (searched by loss at {at_multiple} x T) | loss (T/2, T] | loss@4x | loss (4T, end] | "
+             "ratio | verdict |",
              "|---|---|---|---|---|---|---|"]
     for e in entries:
         m = e["metrics"]

@@ -51,3 +51,14 @@ def test_mitigate_bad_inputs_are_one_line_errors(checkpoint, tmp_path, capsys):
     assert len(err) == 2 and all(line.startswith("mitigate: error:") for line in err)
     assert "4 x T_train" in err[0] and "/no/such/ckpt" in err[1]
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_table_names_where_the_search_scored(checkpoint, tmp_path, capsys):
+    """--at_multiple 8: the table's header and the progress lines say 8 x T (they once said 4 x T whatever was asked)."""
+    path, text = checkpoint
+    out = tmp_path / "out"
+    assert cmd.main(run_args(path, text, out, "--methods", "[rri]", "--at_multiple", "8")) == 0
+    captured = capsys.readouterr()
+    assert "| model | setting (searched by loss at 8 x T) |" in captured.out
+    assert (out / "mitigation.md").read_text().startswith("| model | setting (searched by loss at 8 x T) |")
+    assert any("loss@8x" in line for line in captured.err.splitlines())
