@@ -196,8 +196,20 @@ class MambaLitModule(L.LightningModule):
             loss = self.model_step(batch)
         else:
             loss = self.stateful_step(batch)
-        self.log("train/loss", loss, prog_bar=True)
+        # Not prog_bar: Lightning turns a progress-bar value into a number after every batch, which waits for the GPU
+        # to finish the step (no overlap of the host's next step with it). Logged values stay on the device until a
+        # logging step; the bar gets its own copy there (_loss_to_bar).
+        self.log("train/loss", loss)
+        self._loss_to_bar(loss)
         return loss
+
+    def _loss_to_bar(self, loss: torch.Tensor) -> None:
+        """The progress bar's ``loss``, refreshed at the logging steps (where the logger reads the loss anyway) as a
+        host tensor, which the bar's refresh after every batch reads without waiting for the GPU."""
+        trainer = self._trainer
+        if trainer is None or trainer.progress_bar_callback is None or not trainer._logger_connector.should_update_logs:
+            return
+        self.log("loss", loss.detach().float().cpu(), prog_bar=True, logger=False)
 
     def stateful_step(self, batch: dict) -> torch.Tensor:
         """The training loss from the sample's initial state (``initial_state`` passed or noise); keeps the final."""

@@ -59,6 +59,7 @@ class NanGuard(L.Callback):
         self._losses: list[torch.Tensor] = []
         self._where = ""
         self._pending: tuple | None = None  # the deferred check's step whose verdict is not read yet
+        self._logged_skipped: tuple | None = None  # (skipped, epoch) when train/skipped_batches was last logged
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         self._where = f"global step {trainer.global_step} (epoch {trainer.current_epoch}, batch {batch_idx})"
@@ -85,7 +86,7 @@ class NanGuard(L.Callback):
         else:
             self._loss_failed = self._loss_failed or (bool(losses) and not bool(checks[0]))
             self._handle(trainer, pl_module, self._describe(pl_module, losses, grad_norm, check_grads))
-        pl_module.log("train/skipped_batches", float(self.skipped))
+        self._log_skipped(trainer, pl_module)
 
     def _check_later(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer, losses, grad_norm,
                      checks) -> None:
@@ -94,7 +95,7 @@ class NanGuard(L.Callback):
         bad = ~torch.stack([c.to(pl_module.device) for c in checks]).all()
         _unwrap(optimizer).found_inf = bad.float()
         self._resolve(trainer, pl_module)
-        pl_module.log("train/skipped_batches", float(self.skipped))
+        self._log_skipped(trainer, pl_module)
         host = bad.to("cpu", non_blocking=True) if bad.is_cuda else bad
         event = None
         if bad.is_cuda:
@@ -102,6 +103,16 @@ class NanGuard(L.Callback):
             event.record()
         stacked = torch.stack(losses) if losses else None  # a copy: a CUDA graph's loss output is rewritten
         self._pending = (host, event, trainer.global_step, self._where, stacked, grad_norm)
+
+    def _log_skipped(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """``train/skipped_batches`` as a host tensor (Lightning copies a Python number to the device, which waits for
+        the GPU), logged at the logging steps and whenever the count changes (or an epoch starts: Lightning drops the
+        step values then), so that the logger and callback_metrics see what logging it every step gave them, without
+        Lightning's per-call cost (~0.3 ms of host time) at every step."""
+        now = (self.skipped, trainer.current_epoch)
+        if now != self._logged_skipped or trainer._logger_connector.should_update_logs:
+            pl_module.log("train/skipped_batches", torch.tensor(float(self.skipped)))
+            self._logged_skipped = now
 
     def _resolve(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Act on the pending step's verdict (its update was already skipped on the device if it failed)."""

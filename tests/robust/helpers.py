@@ -2,6 +2,7 @@
 a NaN weight, an infinite gradient, and a recorder of what each step trained on."""
 
 import math
+import sys
 import time
 
 import lightning as L
@@ -96,3 +97,68 @@ class FusedOptimizer(L.Callback):
             optimizer.defaults.update(fused=True, foreach=False)
             for group in optimizer.param_groups:
                 group.update(fused=True, foreach=False)
+
+
+CONVERSIONS = ("item", "tolist", "__float__", "__int__")  # tensor -> Python: on CUDA each waits for the GPU
+
+
+class CountConversions(L.Callback):
+    """Per training step, from its start to the next one's (so Lightning's bookkeeping after the batch is in it):
+    whether it is a logging step, where a tensor was turned into a Python value (:data:`CONVERSIONS`), and what each
+    ``self.log`` got: (name, is a tensor, prog_bar). A Python number logged becomes a device tensor: on CUDA a copy
+    that waits for the GPU too. The last step is left out (the end of the fit follows it, not a step)."""
+
+    def __init__(self):
+        self.steps: list[dict] = []
+        self._step: dict | None = None
+        self._saved: dict = {}
+
+    def setup(self, trainer, pl_module, stage):
+        record = self
+
+        def counted(name, fn):
+            def wrapper(*args, **kwargs):
+                if record._step is not None:
+                    frame = sys._getframe(1)
+                    record._step["conversions"].append(f"{frame.f_code.co_filename}:{frame.f_lineno} {name}")
+                return fn(*args, **kwargs)
+            return wrapper
+
+        def log(module, name, value, *args, prog_bar=False, **kwargs):
+            if record._step is not None:
+                record._step["logged"].append((name, isinstance(value, torch.Tensor), prog_bar))
+            return self._saved["log"](module, name, value, *args, prog_bar=prog_bar, **kwargs)
+
+        self._saved = {name: getattr(torch.Tensor, name) for name in CONVERSIONS}
+        for name, fn in self._saved.items():
+            setattr(torch.Tensor, name, counted(name, fn))
+        self._saved["log"] = L.LightningModule.log
+        L.LightningModule.log = log
+
+    def teardown(self, trainer, pl_module, stage):
+        if "log" in self._saved:
+            L.LightningModule.log = self._saved.pop("log")
+        for name, fn in self._saved.items():
+            setattr(torch.Tensor, name, fn)
+        self._saved = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self._step is not None:
+            self.steps.append(self._step)
+        self._step = {"logging": trainer._logger_connector.should_update_logs, "conversions": [], "logged": []}
+
+    def on_train_end(self, trainer, pl_module):
+        self._step = None
+
+
+class RecordLossAndBar(L.Callback):
+    """Per step: the training loss, the progress bar's metrics and the callback metrics after the step."""
+
+    def __init__(self):
+        self.losses, self.bars, self.skipped = [], [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+        self.bars.append(dict(trainer.progress_bar_metrics))
+        skipped = trainer.callback_metrics.get("train/skipped_batches")
+        self.skipped.append(None if skipped is None else float(skipped))
