@@ -411,7 +411,12 @@ class TextDataModule(L.LightningDataModule):
 
     def loader_options(self) -> dict:
         workers = self.hparams.num_workers
-        return {"num_workers": workers, "persistent_workers": workers > 0, "collate_fn": collate_samples}
+        # Page-locked batches when training on a GPU: Lightning copies them with non_blocking=True, which is
+        # asynchronous only from pinned memory (from pageable memory the driver may wait for the GPU's queue).
+        device = getattr(getattr(self.trainer, "strategy", None), "root_device", None)  # None: no (real) trainer
+        pin = device is not None and device.type == "cuda"
+        return {"num_workers": workers, "persistent_workers": workers > 0, "collate_fn": collate_samples,
+                "pin_memory": pin}
 
 
 def check_settings(tokenizer: str | None, vocab_size: int, seq_len: int, batch_size: int, val_fraction: float,

@@ -103,7 +103,10 @@ class PackedTextDataset(Dataset):
             raise IndexError(f"samples {idx.min()}..{idx.max()} out of range for {len(self)} samples")
         starts = self.start(idx)  # start() is affine in i: it takes an array as well
         blocks = np.asarray(self.tokens[starts[:, None] + np.arange(self.seq_len + 1)], dtype=np.int64)
-        batch = {"input_ids": torch.from_numpy(blocks[:, :-1]), "labels": torch.from_numpy(blocks[:, 1:])}
+        # contiguous: the copy to the GPU would first copy a strided view into unpinned memory, a copy that may wait
+        # for the GPU's queue (the DataLoader pins these when training on a GPU)
+        batch = {"input_ids": torch.from_numpy(np.ascontiguousarray(blocks[:, :-1])),
+                 "labels": torch.from_numpy(np.ascontiguousarray(blocks[:, 1:]))}
         if self.emit_seq_idx:
             seq_idx = np.zeros((len(idx), self.seq_len), dtype=np.int32)
             np.cumsum(blocks[:, :-2] == self.eos_id, axis=1, out=seq_idx[:, 1:])

@@ -1,5 +1,6 @@
 import os
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -130,6 +131,15 @@ def test_training_order_is_seeded(text_dir, tmp_path):
     first = [b["input_ids"] for b in ready(make(text_dir, tmp_path)).train_dataloader()]
     second = [b["input_ids"] for b in ready(make(text_dir, tmp_path)).train_dataloader()]
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_batches_are_pinned_only_for_a_trainer_on_a_gpu(text_dir, tmp_path):
+    """Lightning copies a batch to the GPU with non_blocking=True: asynchronous from pinned memory only."""
+    dm = make(text_dir, tmp_path)
+    assert dm.loader_options()["pin_memory"] is False  # no trainer (the analysis' own loaders)
+    for device, pinned in (("cpu", False), ("cuda", True)):
+        dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
+        assert dm.loader_options()["pin_memory"] is pinned
 
 
 def test_every_setting_is_documented_for_the_cli():

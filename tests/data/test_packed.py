@@ -96,6 +96,7 @@ def test_a_batch_gathered_whole_equals_the_samples_collated(tmp_path, kind, emit
     for key in whole:
         assert whole[key].dtype == one_by_one[key].dtype
         assert torch.equal(whole[key], one_by_one[key])
+        assert whole[key].is_contiguous()  # a strided view would be copied to unpinned memory on its way to a GPU
     loader = DataLoader(dataset, batch_size=5, sampler=indices, collate_fn=collate_samples)
     assert all(torch.equal(a, b) for a, b in zip(next(iter(loader)).values(), whole.values()))
     with pytest.raises(IndexError):
