@@ -39,3 +39,16 @@ def test_cell_throughput_times_the_real_fit_beside_the_eager_baseline(tmp_path, 
     assert rows["fit_1cell"]["check_ok"] is None  # no check against eager: "-" in the table
     assert "fit_1cell" in printed.split("targets:")[1]
     assert not (tmp_path / "runs").exists()  # the logger wrote to a temporary folder
+
+
+def test_fit_host_time_splits_the_real_fit_step_by_part(tmp_path, corpus, capsys, monkeypatch):
+    bench = load_benchmark("fit_host_time")
+    monkeypatch.chdir(tmp_path)
+    assert bench.main(["--device", "cpu", "--steps", "4", "--warmup", "2", "--fit_source", corpus,
+                       "--fit_cache_dir", str(tmp_path / "cache"), "--clock", "cpu"]) == 0
+    printed = capsys.readouterr().out.split("# cpu:")[1]
+    parts = [line.split("  ")[-1] for line in printed.splitlines()[3:]]
+    # Lightning's hooks, our parts and the loop itself, per step; the timers are undone after the run
+    assert {"self.log (Lightning's bookkeeping)", "[Callback]NanGuard.on_before_optimizer_step",
+            "clip_grad_norm_", "outside every timed part (Lightning's loop)"} <= set(parts), printed
+    assert not hasattr(__import__("lightning").LightningModule.log, "__wrapped__") and not bench._ACTIVE
