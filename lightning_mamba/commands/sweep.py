@@ -5,6 +5,7 @@ with the paper's criterion far past LEN; then T_forget per state size and the pa
     lightning-mamba sweep --config configs/study/forget_threshold.yaml --states [16,64] --lens [256,1024]
     CUDA_VISIBLE_DEVICES=1 lightning-mamba sweep --config ... --shard 1/4      # one process per GPU
     lightning-mamba sweep --config configs/study/regime.yaml --processes 3      # 3 shards at once, then the summary
+    lightning-mamba sweep --config configs/study/regime.yaml --seeds '[0,1,2]'  # every cell once per seed
     lightning-mamba sweep --config ... --prepare_only true                      # tokenizer + caches, once
     lightning-mamba sweep --config ... --summarize_only true                    # after every shard is done
 

@@ -5,7 +5,9 @@ The forgetting observers write one JSON per evaluation into the cell's log direc
 retention). From them, per cell: the history (step, tokens, verdict, ratio, heads whose alpha over T exceeds the
 retention threshold, state growth past T) and the onset, the step and token count of the first failing evaluation.
 Per row of the grid: T_forget at every evaluation step (the smallest LEN that still forgets at that step), so a
-study shows the law forming along training, not only at the end.
+study shows the law forming along training, not only at the end. With seeds, a seed cell is a cell like any other;
+T_forget along training is per row and seed (``<row>_seed<s>``: one run's evaluations are not mixed with another's)
+and ``onset_by_seed`` lists, per (row, LEN), every seed's first failing step: the spread of the onset.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import math
 import os
 import re
 from typing import Any
+
+from .sweep import parse_cell_name
 
 STEP_FILE = re.compile(r"step_(\d+)\.json$")
 
@@ -123,8 +127,23 @@ def t_forget_by_step(histories: dict[str, list[dict]], rows_of_cells: dict[str, 
 
 
 def onset_summary(cells_folder: str, cells: dict[str, tuple[str, int]], tokens_per_batch: int | None) -> dict:
-    """Per cell: history and onset; per row: T_forget along training. ``cells``: name -> (row, LEN)."""
+    """Per cell: history and onset; per row (and seed): T_forget along training; with seeds, per (row, LEN) the
+    onset of each seed. ``cells``: name -> (row, LEN)."""
     histories = {name: cell_history(os.path.join(cells_folder, name), tokens_per_batch) for name in cells}
-    return {"cells": {name: {"row": cells[name][0], "seq_len": cells[name][1], "onset": onset_of(h), "history": h}
-                      for name, h in histories.items()},
-            "t_forget_by_step": t_forget_by_step(histories, cells)}
+    seeds = {name: (parse_cell_name(name) or (None, None, None))[2] for name in cells}
+    out = {"cells": {name: {"row": cells[name][0], "seq_len": cells[name][1],
+                            **({} if seeds[name] is None else {"seed": seeds[name]}), "onset": onset_of(h),
+                            "history": h} for name, h in histories.items()},
+           "t_forget_by_step": t_forget_by_step(histories, {
+               name: (row if seeds[name] is None else f"{row}_seed{seeds[name]}", t)
+               for name, (row, t) in cells.items()})}
+    by_seed: dict[str, list[dict]] = {}
+    for name in sorted((n for n in cells if seeds[n] is not None), key=lambda n: seeds[n]):
+        row, t = cells[name]
+        onset = out["cells"][name]["onset"]
+        by_seed.setdefault(f"{row}_len{t}", []).append(
+            {"seed": seeds[name], "step": onset["step"], "tokens": onset["tokens"],
+             "fails_at_end": onset["fails_at_end"], "last_step": onset["last_step"]})
+    if by_seed:
+        out["onset_by_seed"] = by_seed
+    return out

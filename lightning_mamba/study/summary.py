@@ -4,7 +4,8 @@
 ``results.csv`` (one row per cell), ``summary.json`` (per row of the grid: N_S both ways, passes per LEN,
 T_forget or a lower bound; the fits beside the paper's constants), PNG figures and a TensorBoard run
 ``<out>/summary``. It can run at any time, e.g. after every shard has finished; a row with cells still missing
-is reported as incomplete rather than guessed.
+is reported as incomplete rather than guessed. A study with seeds has several runs per (row, LEN): their majority
+verdict places T_forget (:func:`majority_verdict`), and each seed's own T_forget is reported beside it.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from ..analysis.fits import N_S_UNIT, PAPER_T_FORGET, PAPER_T_RECALL, T_UNIT, fi
 from ..analysis.plots import plt
 from ..atomic import atomic_write_text
 from .onset import onset_summary
-from .sweep import SweepError, clean, write_json
+from .sweep import SweepError, clean, parse_cell_name, write_json
 
-CSV_FIELDS = ("cell", "row", "d_state", "n_layer", "d_model", "seq_len", "batch_size", "steps", "tokens", "params",
+# seed: the seed_everything the cell trained with (result.json has it for every cell, replicate or not)
+CSV_FIELDS = ("cell", "row", "d_state", "n_layer", "d_model", "seq_len", "seed", "batch_size", "steps", "tokens", "params",
               "n_s", "n_s_ssm_only", "forgets", "blowup_position", "blowup_over_len", "max_in_window",
               "ratio_4_16x", "ratio_16_64x", "ratio_16_64x_lo", "ratio_16_64x_hi", "evaluated_to", "val_loss", "t_recall", "train_seconds", "eval_seconds")
 
@@ -63,53 +65,93 @@ def csv_row(r: dict) -> dict:
             "evaluated_to": v["evaluated_to"], "t_recall": pk.get("t_recall")}
 
 
+def seed_of(name: str) -> int | None:
+    """The replicate seed in a cell's name (``..._seed<s>``); None for a cell of a study without seeds."""
+    parsed = parse_cell_name(name)
+    return None if parsed is None else parsed[2]
+
+
+def majority_verdict(forgets: list[bool | None], planned: int) -> bool | None:
+    """One (row, LEN)'s verdict from its runs' (seeds') verdicts: forgets (True) or fails (False) when a strict
+    majority of its planned runs say so; None on a tie, when undetermined runs leave no majority, or while too few
+    runs have finished to decide (so a verdict, once given, cannot flip as more seeds finish). With one run per cell
+    this is that run's verdict."""
+    n = max(planned, len(forgets))
+    for verdict in (True, False):
+        if 2 * forgets.count(verdict) > n:
+            return verdict
+    return None
+
+
+def t_forget_of(lens: list[int], verdicts: dict[int, bool]) -> dict:
+    """T_forget = the smallest LEN that forgets when every shorter one fails. ``verdicts``: LEN -> forgets, for the
+    LENs that have one (a LEN absent is missing or undetermined: T_forget cannot be named past it)."""
+    out = {"t_forget": None, "t_forget_lower_bound": None, "t_forget_upper_bound": None, "status": "incomplete"}
+    for t in lens:
+        if t not in verdicts:
+            return out  # a shorter LEN is not done yet (or has no verdict)
+        if verdicts[t] and t == lens[0]:
+            # the grid's shortest LEN already forgets: T_forget is at most t, the grid cannot say more
+            return {**out, "t_forget_upper_bound": t, "status": "at_or_below_min_len"}
+        if verdicts[t]:
+            return {**out, "t_forget": t, "status": "measured"}
+    return {**out, "t_forget_lower_bound": max(lens), "status": "above_max_len"} if lens else out
+
+
+def t_forget_text(entry: dict, why_incomplete: str = "") -> str:
+    return (str(entry["t_forget"]) if entry["t_forget"] is not None else
+            f"> {entry['t_forget_lower_bound']}" if entry["t_forget_lower_bound"] else
+            f"<= {entry['t_forget_upper_bound']}" if entry["t_forget_upper_bound"] else
+            "incomplete" + (f" ({why_incomplete})" if why_incomplete else ""))
+
+
 def rows_of(results: list[dict], plan: dict | None) -> list[dict]:
     """One entry per row of the grid (a state size, or a model), in plan order: T_forget = smallest passing LEN.
     A cell whose verdict is undetermined (``forgets`` None: a non-finite loss) counts as missing, as one without a
-    result does; ``undetermined_lens`` names those LENs."""
-    order = list(dict.fromkeys([c.rsplit("_len", 1)[0] for c in (plan or {}).get("cells", [])]
-                               + [r["row"] for r in results]))
-    planned = {}
-    for c in (plan or {}).get("cells", []):
-        row, t = c.rsplit("_len", 1)
-        planned.setdefault(row, []).append(int(t))
+    result does; ``undetermined_lens`` names those LENs. With seeds, a LEN's verdict is its seeds' majority
+    (:func:`majority_verdict`): undecided after all its seeds finished it is undetermined, before that missing; a
+    seeded row also gets ``seeds``, ``fails_per_len`` (counts per LEN) and ``t_forget_per_seed``."""
+    planned: dict[str, dict[int, list]] = {}  # row -> LEN -> the planned runs' seeds (None: no seeds)
+    for row, t, seed in filter(None, map(parse_cell_name, (plan or {}).get("cells", []))):
+        planned.setdefault(row, {}).setdefault(t, []).append(seed)
+    order = list(dict.fromkeys([*planned, *(r["row"] for r in results)]))
     rows = []
     for name in order:
-        cells = {r["seq_len"]: r for r in results if r["row"] == name}
-        lens = sorted(set(planned.get(name, [])) | set(cells))
-        first = next(iter(cells.values()), None)
-        undetermined = [t for t in lens if t in cells and cells[t]["verdict"]["forgets"] is None]
-        entry = {"row": name, "lens": lens, "missing_lens": [t for t in lens if t not in cells],
-                 "undetermined_lens": undetermined,
-                 "passes": {str(t): cells[t]["verdict"]["forgets"] for t in lens if t in cells},
-                 "blowup_over_len": {str(t): blowup_over_len(cells[t]) for t in lens if t in cells},
-                 "t_forget": None, "t_forget_lower_bound": None, "t_forget_upper_bound": None, "status": "incomplete"}
+        runs: dict[int, list[dict]] = {}  # LEN -> its finished runs, in seed order
+        for r in sorted((r for r in results if r["row"] == name), key=lambda r: seed_of(r["cell"]) or 0):
+            runs.setdefault(r["seq_len"], []).append(r)
+        lens = sorted(set(planned.get(name, {})) | set(runs))
+        n_planned = {t: len(planned.get(name, {}).get(t, [])) for t in lens}
+        forgets = {t: [r["verdict"]["forgets"] for r in runs.get(t, [])] for t in lens}
+        verdict = {t: majority_verdict(forgets[t], n_planned[t]) for t in runs}
+        missing = [t for t in lens if t not in runs or (verdict[t] is None and len(runs[t]) < n_planned[t])]
+        undetermined = [t for t in lens if t in runs and verdict[t] is None and t not in missing]
+        seeds = sorted({s for ss in planned.get(name, {}).values() for s in ss if s is not None}
+                       | {s for rs in runs.values() for r in rs if (s := seed_of(r["cell"])) is not None})
+        entry = {"row": name, "lens": lens, "missing_lens": missing, "undetermined_lens": undetermined,
+                 "passes": {str(t): verdict[t] for t in lens if t in runs},
+                 "blowup_over_len": {str(t): [blowup_over_len(r) for r in runs[t]] if seeds
+                                     else blowup_over_len(runs[t][0]) for t in lens if t in runs},
+                 **t_forget_of(lens, {t: v for t, v in verdict.items() if v is not None})}
+        first = next((rs[0] for rs in runs.values()), None)
         if first is not None:
             entry.update({k: first[k] for k in ("d_state", "n_layer", "d_model", "n_s", "n_s_ssm_only", "params")})
-        for t in lens:
-            if t not in cells or t in undetermined:
-                break  # a smaller LEN is not done yet (or has no verdict): T_forget cannot be named
-            if cells[t]["verdict"]["forgets"] and t == lens[0]:
-                # the grid's shortest LEN already forgets: T_forget is at most t, the grid cannot say more
-                entry.update(t_forget_upper_bound=t, status="at_or_below_min_len")
-                break
-            if cells[t]["verdict"]["forgets"]:
-                entry.update(t_forget=t, status="measured")
-                break
-        else:
-            if lens:
-                entry.update(t_forget_lower_bound=max(lens), status="above_max_len")
         if entry["t_forget"] is not None:  # the paper's law assumes every longer LEN passes too
-            later = [t for t in lens if t > entry["t_forget"] and t in cells and cells[t]["verdict"]["forgets"] is False]
-            entry["fails_above_t_forget"] = later
-        entry["t_forget_text"] = (str(entry["t_forget"]) if entry["t_forget"] is not None else
-                                  f"> {entry['t_forget_lower_bound']}" if entry["t_forget_lower_bound"] else
-                                  f"<= {entry['t_forget_upper_bound']}" if entry["t_forget_upper_bound"] else
-                                  "incomplete (" + "; ".join(
-                                      f"{what} LEN " + ", ".join(map(str, lens_))
-                                      for what, lens_ in (("missing", entry["missing_lens"]),
-                                                          ("undetermined", undetermined)) if lens_) + ")")
-        recalls = [(cells[t].get("passkey") or {}).get("t_recall") for t in cells if cells[t].get("passkey")]
+            entry["fails_above_t_forget"] = [t for t in lens if t > entry["t_forget"] and verdict.get(t) is False]
+        entry["t_forget_text"] = t_forget_text(entry, "; ".join(
+            f"{what} LEN " + ", ".join(map(str, lens_))
+            for what, lens_ in (("missing", missing), ("undetermined", undetermined)) if lens_))
+        if seeds:
+            entry["seeds"] = seeds
+            entry["fails_per_len"] = {str(t): {"fails": forgets[t].count(False), "forgets": forgets[t].count(True),
+                                               "undetermined": forgets[t].count(None), "finished": len(forgets[t]),
+                                               "planned": max(n_planned[t], len(forgets[t]))} for t in lens}
+            entry["t_forget_per_seed"] = []
+            for seed in seeds:  # each seed as a study of its own
+                own = {t: r["verdict"]["forgets"] for t in runs for r in runs[t] if seed_of(r["cell"]) == seed}
+                per_seed = t_forget_of(lens, {t: v for t, v in own.items() if v is not None})
+                entry["t_forget_per_seed"].append({"seed": seed, **per_seed, "t_forget_text": t_forget_text(per_seed)})
+        recalls = [(r.get("passkey") or {}).get("t_recall") for rs in runs.values() for r in rs if r.get("passkey")]
         entry["t_recall"] = max((x for x in recalls if x is not None), default=None) if recalls else None
         entry["passkey_ran"] = bool(recalls)
         rows.append(entry)
@@ -169,12 +211,19 @@ def plot_t_forget(rows: list[dict], fits: dict) -> plt.Figure:
              ("t_forget_lower_bound", "^", "C3", "> max LEN (lower bound: no LEN of the grid forgets)"),
              ("t_forget_upper_bound", "v", "C2", "<= min LEN (upper bound: the shortest LEN forgets)"))
     points = {key: [r for r in placed if r[key] is not None] for key, *_ in kinds}
+    # with seeds: each seed's measured T_forget, small, beside the majority's
+    per_seed = [(r["n_s"], e["t_forget"]) for r in placed for e in r.get("t_forget_per_seed", [])
+                if e["t_forget"] is not None]
     x_scale, x_name = axis_unit([r["n_s"] for r in placed], N_S_UNITS)
-    t_scale, t_name = axis_unit([r[key] for key, rs in points.items() for r in rs], T_UNITS)
+    t_scale, t_name = axis_unit([r[key] for key, rs in points.items() for r in rs] + [t for _, t in per_seed],
+                                T_UNITS)
     for key, marker, color, label in kinds:
         if points[key]:
             ax.plot([r["n_s"] / x_scale for r in points[key]], [r[key] / t_scale for r in points[key]], marker,
                     color=color, markersize=7, linestyle="none", label=label)
+    if per_seed:
+        ax.plot([n / x_scale for n, _ in per_seed], [t / t_scale for _, t in per_seed], "x", color="0.4",
+                markersize=5, linestyle="none", label="T_forget of one seed (the circle: their majority)")
     shown = [(r["n_s"], r[key], r["row"]) for key, rs in points.items() for r in rs]
     if len(shown) <= 12:
         for n_s, t, name in shown:
@@ -190,7 +239,7 @@ def plot_t_forget(rows: list[dict], fits: dict) -> plt.Figure:
     ax.set_xlim(left=0)
     if shown:
         ax.set_xlim(right=max(n for n, _, _ in shown) / x_scale * 1.15)
-        ax.set_ylim(bottom=0, top=max(t for _, t, _ in shown) / t_scale * 1.2)
+        ax.set_ylim(bottom=0, top=max([t for _, t, _ in shown] + [t for _, t in per_seed]) / t_scale * 1.2)
     ax.set_xlabel(f"N_S ({x_name}, paper convention)")
     ax.set_ylabel(f"T_forget ({t_name})")
     ax.set_title(f"T_forget vs state size (paper: {PAPER_T_FORGET['a']} N_S - {-PAPER_T_FORGET['b']}, "
@@ -201,13 +250,16 @@ def plot_t_forget(rows: list[dict], fits: dict) -> plt.Figure:
     return fig
 
 
-def _grid(results: list[dict], rows: list[dict], extra_width: float = 0.0):
+def _grid(results: list[dict], names: list[str], extra_width: float = 0.0):
+    """A figure of (row, LEN) panels; ``by``: (row, LEN) -> the runs of that panel (several with seeds)."""
     lens = sorted({r["seq_len"] for r in results})
-    names = [r["row"] for r in rows if any(x["row"] == r["row"] for x in results)]
+    names = [name for name in names if any(x["row"] == name for x in results)]
     fig, axes = plt.subplots(len(names), len(lens), figsize=(2.6 * len(lens) + 0.5 + extra_width,
                                                              2.1 * len(names) + 0.9),
                              squeeze=False, sharey="row", layout="constrained")
-    by = {(r["row"], r["seq_len"]): r for r in results}
+    by: dict[tuple[str, int], list[dict]] = {}
+    for r in results:
+        by.setdefault((r["row"], r["seq_len"]), []).append(r)
     return fig, axes, names, lens, by
 
 
@@ -217,29 +269,33 @@ VERDICT_WORDS = {True: "forgets", False: "FAILS", None: "undetermined"}  # a cel
 
 def plot_curve_grid(results: list[dict], rows: list[dict]) -> plt.Figure:
     """Loss vs position for every cell (rows: state sizes, columns: LEN), LEN and the failure line marked and
-    named in the figure's legend."""
+    named in the figure's legend; with seeds, a panel draws every seed's curve (and threshold line)."""
     from matplotlib.lines import Line2D
 
-    fig, axes, names, lens, by = _grid(results, rows)
+    fig, axes, names, lens, by = _grid(results, [r["row"] for r in rows])
     factors, passed = set(), set()
     for i, name in enumerate(names):
         for j, t in enumerate(lens):
             ax = axes[i][j]
-            r = by.get((name, t))
-            if r is None:
+            runs = by.get((name, t))
+            if runs is None:
                 ax.set_axis_off()
                 continue
-            v = r["verdict"]
-            factors.add(v["threshold"])
-            passed.add(v["forgets"])
-            # a non-finite loss is null in result.json: numpy reads it as NaN, a gap in the line
-            loss = np.array(r["curve"]["loss"], dtype=float)
-            ax.plot(r["curve"]["positions"], loss, linewidth=1, color=CURVE_COLORS[v["forgets"]])
+            for r in runs:
+                v = r["verdict"]
+                factors.add(v["threshold"])
+                passed.add(v["forgets"])
+                # a non-finite loss is null in result.json: numpy reads it as NaN, a gap in the line
+                loss = np.array(r["curve"]["loss"], dtype=float)
+                ax.plot(r["curve"]["positions"], loss, linewidth=1, color=CURVE_COLORS[v["forgets"]])
+                if v["max_in_window"] is not None and np.isfinite(v["max_in_window"]):  # none when undetermined
+                    ax.axhline(v["threshold"] * v["max_in_window"], color="r", linestyle=":", linewidth=0.8)
             ax.axvline(t, color="k", linestyle="--", linewidth=0.8)
-            if v["max_in_window"] is not None and np.isfinite(v["max_in_window"]):  # none when undetermined
-                ax.axhline(v["threshold"] * v["max_in_window"], color="r", linestyle=":", linewidth=0.8)
             plots._log_positions(ax)
-            ax.set_title(f"{name} LEN {t}: {VERDICT_WORDS[v['forgets']]}", fontsize=8)
+            verdicts = [r["verdict"]["forgets"] for r in runs]
+            word = (VERDICT_WORDS[verdicts[0]] if seed_of(runs[0]["cell"]) is None
+                    else f"fails {verdicts.count(False)}/{len(verdicts)}")
+            ax.set_title(f"{name} LEN {t}: {word}", fontsize=8)
             ax.tick_params(labelsize=7)
     factor = f"{next(iter(factors)):g}" if len(factors) == 1 else "threshold"
     handles = [Line2D([], [], color=CURVE_COLORS[f], linewidth=1, label=label)
@@ -257,18 +313,21 @@ def plot_curve_grid(results: list[dict], rows: list[dict]) -> plt.Figure:
 
 def plot_passkey_grid(results: list[dict], rows: list[dict]) -> plt.Figure | None:
     """Passkey accuracy heatmaps (depth x prompt length) for every cell that ran it, one labelled 0-1 colour bar,
-    the values in the cells when they are few."""
+    the values in the cells when they are few; with seeds, one figure row per row and seed."""
     from ..analysis.passkey import draw_accuracy_heatmap
 
-    results = [r for r in results if r.get("passkey")]
-    if not results:
+    order = {r["row"]: i for i, r in enumerate(rows)}
+    ran = sorted((r for r in results if r.get("passkey")), key=lambda r: (order[r["row"]], seed_of(r["cell"]) or 0))
+    if not ran:
         return None
-    fig, axes, names, lens, by = _grid(results, rows, extra_width=0.8)
+    results = [{**r, "row": r["row"] + ("" if seed_of(r["cell"]) is None else f" seed {seed_of(r['cell'])}")}
+               for r in ran]
+    fig, axes, names, lens, by = _grid(results, list(dict.fromkeys(r["row"] for r in results)), extra_width=0.8)
     image = None
     for i, name in enumerate(names):
         for j, t in enumerate(lens):
             ax = axes[i][j]
-            pk = (by.get((name, t)) or {}).get("passkey")
+            pk = (by.get((name, t)) or [{}])[0].get("passkey")
             if not pk:
                 ax.set_axis_off()
                 continue
@@ -284,11 +343,12 @@ def plot_passkey_grid(results: list[dict], rows: list[dict]) -> plt.Figure | Non
 # ---- the summary ------------------------------------------------------------------------------------------
 def cells_of(plan: dict | None, results: list[dict], out: str | None = None) -> dict[str, tuple[str, int]]:
     """Every planned, finished or started cell (a folder under ``<out>/cells`` with evaluations: shards run with
-    other --states/--lens write there too) -> (row, LEN); cell names are ``<row>_len<LEN>``."""
+    other --states/--lens write there too) -> (row, LEN); cell names are ``<row>_len<LEN>[_seed<s>]``."""
     started = [] if out is None else sorted(
         os.path.basename(os.path.dirname(d)) for d in glob.glob(os.path.join(out, "cells", "*_len*", "lengthgen")))
     names = list(dict.fromkeys([*(plan or {}).get("cells", []), *(r["cell"] for r in results), *started]))
-    return {name: (name.rsplit("_len", 1)[0], int(name.rsplit("_len", 1)[1])) for name in names}
+    parsed = {name: parse_cell_name(name) for name in names}
+    return {name: p[:2] for name, p in parsed.items() if p is not None}
 
 
 def onset_lines(onset: dict) -> list[str]:
@@ -306,6 +366,13 @@ def onset_lines(onset: dict) -> list[str]:
         if undetermined:
             lines.append(f"onset: {name} is {verdict_word(undetermined[0], reason='short')} at step(s) "
                          f"{', '.join(str(h['step']) for h in undetermined)}: not counted as failing")
+    for cell, seeds in onset.get("onset_by_seed", {}).items():  # the spread of the onset, where a seed failed
+        if all(e["step"] is None for e in seeds):
+            continue
+        lines.append(f"onset by seed, {cell}: " + ", ".join(
+            f"seed {e['seed']} " + (f"step {e['step']}" if e["step"] is not None else
+                                    f"never (to step {e['last_step']})" if e["last_step"] is not None else "no evaluation")
+            for e in seeds))
     for row, series in onset["t_forget_by_step"].items():
         if series:
             steps = ", ".join(f"{e['step']}: {e['t_forget'] if e['t_forget'] is not None else e['bound']}"
@@ -322,7 +389,7 @@ def summarize(out: str, tensorboard: bool = True) -> dict:
         raise SweepError(f"no study under {out}: neither study.json nor cells/*/result.json (wrong --out?)")
     rows = rows_of(results, plan)
     order = {r["row"]: i for i, r in enumerate(rows)}
-    results.sort(key=lambda r: (order[r["row"]], r["seq_len"]))
+    results.sort(key=lambda r: (order[r["row"]], r["seq_len"], seed_of(r["cell"]) or 0))
     fits = fits_of(rows)
     budgets = sorted({r["tokens"] for r in results})
     notes = []
@@ -331,6 +398,10 @@ def summarize(out: str, tensorboard: bool = True) -> dict:
     if rows and all(r["status"] == "at_or_below_min_len" for r in rows):
         notes.append("every row already forgets at the shortest LEN: T_forget is below the grid, no law can be fitted "
                      "(shorter lens or far more training per cell would be needed to find it)")
+    if any("seeds" in r for r in rows):
+        notes.append("seeds: a LEN forgets or fails when a strict majority of its seeds do; a tie (or too few seeds "
+                     "finished to decide) leaves it undetermined (or missing) for T_forget; each seed's own T_forget "
+                     "is in rows[].t_forget_per_seed")
     missing = [c for c in (plan or {}).get("cells", []) if c not in {r["cell"] for r in results}]
     if missing:
         notes.append(f"{len(missing)} planned cell(s) have no result yet: {', '.join(missing)}")
@@ -427,13 +498,25 @@ def write_figures(out: str, results: list[dict], rows: list[dict], fits: dict, t
 
 
 def markdown_table(rows: list[dict]) -> list[str]:
+    """One line per row; with seeds its T_forget is the majority's, each seed's beside it, and a LEN reads
+    ``32: fails 2/3`` (seeds failing / seeds finished)."""
     lines = ["| row | N_S (M) | N_S SSM-only (M) | T_forget | forgets per LEN |", "|---|---|---|---|---|"]
     for r in rows:
         ns = f"{r['n_s'] / N_S_UNIT:.3f}" if "n_s" in r else "-"
         ssm = f"{r['n_s_ssm_only'] / N_S_UNIT:.3f}" if "n_s" in r else "-"
-        passes = " ".join(f"{t}:{VERDICT_WORDS[p]}" for t, p in r["passes"].items())
-        lines.append(f"| {r['row']} | {ns} | {ssm} | {r['t_forget_text']} | {passes} |")
+        t_forget, passes = r["t_forget_text"], " ".join(f"{t}:{VERDICT_WORDS[p]}" for t, p in r["passes"].items())
+        if "seeds" in r:
+            t_forget += " (" + ", ".join(f"seed {e['seed']}: {e['t_forget_text']}" for e in r["t_forget_per_seed"]) + ")"
+            passes = "; ".join(f"{t}: {seed_counts_text(r['fails_per_len'][t])}" for t in r["passes"])
+        lines.append(f"| {r['row']} | {ns} | {ssm} | {t_forget} | {passes} |")
     return lines
+
+
+def seed_counts_text(counts: dict) -> str:
+    """``fails 2/3``, then what keeps the count from being the whole story: undetermined or unfinished seeds."""
+    extra = [f"{n} {what}" for n, what in ((counts["undetermined"], "undetermined"),
+                                           (counts["planned"] - counts["finished"], "missing")) if n]
+    return f"fails {counts['fails']}/{counts['finished']}" + (f" ({', '.join(extra)})" if extra else "")
 
 
 def summary_lines(summary: dict) -> list[str]:

@@ -5,7 +5,9 @@ the study's overrides, then ``trainer.fit``), so its run directory ``<out>/cells
 ``config.yaml``, TensorBoard events and ``checkpoints/last.ckpt``. The final model is then evaluated in fp32 on
 held-out text to ``eval_multiple x LEN`` positions (or ``eval_tokens``) and judged with the paper's criterion;
 ``result.json`` (written atomically) marks the cell done. Re-running skips done cells and resumes a killed one
-from its ``last.ckpt``. ``shard="i/n"`` keeps cells k with k % n == i: one process per GPU or node.
+from its ``last.ckpt``. ``shard="i/n"`` keeps cells k with k % n == i: one process per GPU or node. With ``seeds``
+every (STATE, LEN) is trained once per seed (cells ``<row>_len<LEN>_seed<s>``): GPU training is not bitwise
+deterministic, and a marginal onset can show in one run and not in its rerun.
 """
 
 from __future__ import annotations
@@ -64,7 +66,11 @@ class Study:
         trainer_overrides: trainer.* settings applied to every cell (max_steps, precision, logger are the study's).
         precision: Training precision of every cell; auto: bf16-mixed on CUDA, else 32-true.
         shard: 'i/n': run only cells k with k % n == i (one process per GPU or node; see docs/study.md).
-        seed: seed_everything of every cell.
+        seed: seed_everything of every cell (when seeds is null).
+        seeds: Replicates: train every (STATE, LEN) once per seed in this list (cells <row>_len<LEN>_seed<s>, each
+            with seed_everything s: the initialization; data.seed, which fixes the held-out split and the batches,
+            stays the same); the cost is x len(seeds); the summary takes each LEN's majority verdict. null: one run
+            per cell, with seed. Leave seed at 0 when giving seeds.
         piece_len: Evaluation: tokens per forward (the state is carried, memory stays constant).
         eval_batch_size: Evaluation: rows per forward.
         device: Evaluation device; null: the one the cell trained on (cuda when available, else cpu).
@@ -93,6 +99,7 @@ class Study:
     precision: str = "auto"
     shard: str = "0/1"
     seed: int = 0
+    seeds: list[int] | None = None
     piece_len: int = 2048
     eval_batch_size: int = 8
     device: str | None = None
@@ -134,6 +141,12 @@ class Study:
         for key, what in (("max_steps", "tokens_per_cell"), ("precision", "precision"), ("logger", "out")):
             check(key not in self.trainer_overrides, f"trainer_overrides.{key} is set by the study ({what}): remove it")
         shard_of(self.shard)
+        if self.seeds is not None:
+            check(bool(self.seeds) and all(type(s) is int and s >= 0 for s in self.seeds), f"seeds must be a "
+                  f"non-empty list of non-negative ints, e.g. [0, 1, 2] (got {self.seeds}), or null for one run per cell")
+            check(len(set(self.seeds)) == len(self.seeds), f"seeds {self.seeds} repeat a seed: give each once")
+            check(self.seed == 0, f"seed={self.seed} and seeds={self.seeds} are both set: with seeds every cell trains "
+                  f"once per seed in seeds; leave seed at 0 (its default)")
         names = [c.name for c in make_cells(self)]
         check(len(set(names)) == len(names), f"two cells share a name ({names}): give each model a distinct 'name'")
 
@@ -158,10 +171,20 @@ class Cell:
     row: str  # the axis value as a name: state16, or the model's name
     seq_len: int
     model: tuple  # the cell's own model overrides, as sorted (key, value) pairs
+    seed: int | None = None  # a replicate's seed (Study.seeds); None: the study's one seed
 
     @property
     def name(self) -> str:
-        return f"{self.row}_len{self.seq_len}"
+        return f"{self.row}_len{self.seq_len}" + ("" if self.seed is None else f"_seed{self.seed}")
+
+
+CELL_NAME = re.compile(r"(.+)_len(\d+)(?:_seed(\d+))?")
+
+
+def parse_cell_name(name: str) -> tuple[str, int, int | None] | None:
+    """``Cell.name`` back to (row, LEN, seed or None); None for a name that is not a cell's."""
+    m = CELL_NAME.fullmatch(name)
+    return None if m is None else (m[1], int(m[2]), None if m[3] is None else int(m[3]))
 
 
 def model_tag(spec: dict) -> str:
@@ -171,12 +194,17 @@ def model_tag(spec: dict) -> str:
 
 
 def make_cells(study: Study) -> list[Cell]:
-    """The whole grid, row-major (rows: states or models; columns: lens)."""
+    """The whole grid, row-major (rows: states or models; columns: lens; seeds innermost when given)."""
     if study.axis == "models":
         rows = [(model_tag(m), tuple(sorted((k, v) for k, v in m.items() if k != "name"))) for m in study.models]
     else:
         rows = [(f"state{n}", (("d_state", n),)) for n in study.states]
-    return [Cell(tag, int(t), spec) for tag, spec in rows for t in study.lens]
+    seeds = [None] if study.seeds is None else study.seeds
+    return [Cell(tag, int(t), spec, s) for tag, spec in rows for t in study.lens for s in seeds]
+
+
+def training_seed(study: Study, cell: Cell) -> int:
+    return study.seed if cell.seed is None else cell.seed
 
 
 def shard_cells(cells: list[Cell], shard: str) -> list[Cell]:
@@ -206,7 +234,7 @@ def cell_args(study: Study, cell: Cell, world_size: int = 1) -> list[str]:
         raise SweepError(f"{cell.name}: a batch of {per_device} samples does not split over {world_size} devices: "
                          f"use a tokens_per_batch that is a multiple of {cell.seq_len * world_size}")
     args = [a for path in study.base_config for a in ("--config", path)]
-    args += ["--seed_everything", str(study.seed)]
+    args += ["--seed_everything", str(training_seed(study, cell))]
     for k, v in {**study.model_overrides, **dict(cell.model)}.items():
         args += [f"--model.{k}", _value(v)]
     for k, v in study.data_overrides.items():
@@ -314,7 +342,7 @@ def evaluate_cell(study: Study, cell: Cell, model, dm, log: Callable[[str], None
         "params": sum(p.numel() for p in model.parameters()),
         "steps": study.steps, "tokens_per_batch": study.tokens_per_batch,
         "tokens": study.steps * study.tokens_per_batch,
-        "batch_size": study.tokens_per_batch // T, "seed": study.seed,
+        "batch_size": study.tokens_per_batch // T, "seed": training_seed(study, cell),
         "eval": {"length": length, "bucket": report.bucket, "threshold": study.threshold, "dtype": "float32",
                  "rows": info},
         "verdict": report.verdict.to_dict(),
@@ -338,6 +366,7 @@ def passkey_cell(study: Study, cell: Cell, model, dm, device, log) -> dict | Non
     if not lengths:
         log(f"sweep: {cell.name}: passkey skipped: every length is shorter than the template ({gen.min_length} tokens)")
         return None
+    # study.seed, not the cell's: every replicate is asked the same keys
     grid = evaluate_passkey(model, gen, lengths, default_depths(study.passkey_depths), study.passkey_samples,
                             study.seed, study.piece_len, torch.float32, device, study.eval_batch_size)
     return grid.to_dict()

@@ -171,3 +171,29 @@ def test_processes_runs_the_shards_at_once_and_summarizes_them_all(tmp_path, cor
     assert "1 of 2 shards failed (shard 1: " in captured.err and "shard_1.log" in captured.err
     assert "| state8 |" in captured.out and (bad / "cells" / "state8_len32" / "result.json").exists()
     assert cmd.main([*args, "--shard", "0/2"]) != 0 and "drop --shard 0/2" in capsys.readouterr().err
+
+
+def test_make_sweep_line_passes_seeds():
+    study = cmd.study_from(cmd.build_parser().parse_args(make_sweep_line(STATES="16", SEEDS="0 1 2")))
+    assert study.seeds == [0, 1, 2] and study.states == [16]
+    assert cmd.study_from(cmd.build_parser().parse_args(make_sweep_line())).seeds is None
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+def test_two_seeds_of_one_cell_train_two_different_models(tmp_path, corpus, capsys):
+    out = tmp_path / "study"
+    assert cmd.main(micro_args(tmp_path, corpus, out, "--states", "[8]", "--lens", "[32]", "--seeds", "[0,1]")) == 0
+    printed = capsys.readouterr().out
+    assert "| state8 |" in printed and "32: fails " in printed and "/2" in printed
+    runs = {s: out / "cells" / f"state8_len32_seed{s}" for s in (0, 1)}
+    results = {s: json.loads((cell / "result.json").read_text()) for s, cell in runs.items()}
+    assert [results[s]["seed"] for s in (0, 1)] == [0, 1]
+    assert results[0]["curve"]["loss"] != results[1]["curve"]["loss"]
+    weights = {s: torch.load(cell / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+               for s, cell in runs.items()}
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    summary = json.loads((out / "summary.json").read_text())
+    (row,) = summary["rows"]
+    assert row["seeds"] == [0, 1] and row["fails_per_len"]["32"]["finished"] == 2
+    assert [e["seed"] for e in row["t_forget_per_seed"]] == [0, 1]
+    assert set(summary["onset"]["cells"]) == {"state8_len32_seed0", "state8_len32_seed1"}
