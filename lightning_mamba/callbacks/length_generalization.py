@@ -14,8 +14,15 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from ..analysis import plots
 from ..analysis.criterion import verdict_text, verdict_word
-from ..analysis.evaluator import eval_rows, write_position_losses_csv
-from ..analysis.forgetting import DEFAULT_EVAL_ROWS, DEFAULT_MAX_MULTIPLE, measure_forgetting, multiples_up_to
+from ..analysis.evaluator import eval_rows, token_losses, write_position_losses_csv
+from ..analysis.forgetting import (
+    DEFAULT_EVAL_ROWS,
+    DEFAULT_MAX_MULTIPLE,
+    bootstrap_ratio,
+    forgetting_report,
+    multiples_up_to,
+    row_window_means,
+)
 from ..atomic import atomic_write_json
 from ..training.sharding import fsdp_root, unsharded_copy
 from ..training.validation import validation_due
@@ -162,9 +169,52 @@ class PeriodicAnalysis(L.Callback):
         return os.path.join(self.out_dir(trainer, create=False), f"step_{step}.json")
 
 
+FAR_FRACTION = 0.25  # ratio_far's window: the last quarter of the evaluated positions
+DENSE_CURVE = 256  # buckets beyond which the figure draws the curve thin, with a log-binned mean over it
+
+
+def far_window(evaluated_to: int, fraction: float = FAR_FRACTION) -> tuple[int, int]:
+    """ratio_far's positions (lo, hi]: the last ``fraction`` of positions 1..evaluated_to."""
+    return int(evaluated_to * (1 - fraction)), int(evaluated_to)
+
+
+def far_ratio(losses: torch.Tensor, seq_len: int, prefix: str = "") -> dict[str, float | None]:
+    """``ratio_far``: the mean loss over :func:`far_window` of the rows (b, n) over the mean over (T/2, T] (the
+    in-window reference of ratio_16_64x), with its bootstrap 95% interval over rows (``_lo``, ``_hi``). It reads the
+    rise where the evaluation ends, however far that is (ratio_16_64x stops at 64T). None where there is no
+    reference (rows shorter than T)."""
+    lo, hi = far_window(losses.size(1))
+    far, ref = row_window_means(losses, lo, hi), row_window_means(losses, seq_len // 2, seq_len)
+    keys = [f"{prefix}ratio_far{s}" for s in ("", "_lo", "_hi")]
+    if far is None or ref is None:
+        return dict.fromkeys(keys)
+    return dict(zip(keys, (float(far.mean() / ref.mean()), *bootstrap_ratio(far, ref))))
+
+
+def plot_lengthgen(report, threshold: float, title: str):
+    """The loss-vs-position figure. A long horizon at a small T_train has thousands of buckets (32K tokens in
+    buckets of 16: 2,048), a solid band on a log axis: then the buckets (what the criterion judges) are drawn thin
+    and a mean over ~48 log-spaced bins over them, so the trend far out stays readable."""
+    v = report.verdict
+    fig = plots.plot_loss_curve(report.positions, report.curve, report.seq_len, threshold * v.max_in_window,
+                                threshold_factor=threshold, title=title)
+    if report.curve.size > DENSE_CURVE:
+        ax = fig.axes[0]
+        ax.lines[0].set(marker="", linewidth=0.5, alpha=0.5)  # the bucket curve: plot_loss_curve draws it first
+        n, bucket = report.per_position.size, report.bucket
+        ends = np.unique(np.append(np.round(np.geomspace(1, n / bucket, 48)).astype(int) * bucket, n))  # whole buckets
+        ends = ends[ends <= n]
+        starts = np.concatenate([[0], ends[:-1]])
+        ax.plot(ends, [report.per_position[a:e].mean() for a, e in zip(starts, ends)], color="C1", linewidth=1.6,
+                label="mean over log-spaced bins")
+        ax.legend(fontsize=8)
+    return fig
+
+
 class LengthGeneralizationCallback(PeriodicAnalysis):
-    """Loss vs position on held-out text out to ``max(multiples)`` x T_train (default 64), and the forgetting verdict
-    (:func:`..analysis.forgetting.measure_forgetting`: the first and the last bucket not judged).
+    """Loss vs position on held-out text out to ``max(multiples)`` x T_train (default 64), or ``min_length`` tokens
+    when that is further, and the forgetting verdict on the whole evaluated range
+    (:func:`..analysis.forgetting.forgetting_report`: the first and the last bucket not judged).
 
     Args:
         every_n_validations: Run after every N-th validation (and at the end of fit).
@@ -180,14 +230,20 @@ class LengthGeneralizationCallback(PeriodicAnalysis):
         max_eval_tokens: Cap on the evaluated length (multiples beyond it are skipped).
         dtype: float32 (the paper's analysis precision) or bfloat16.
         threshold: The criterion's factor: fails if a judged bucket exceeds threshold x the max within T_train.
+        min_length: A floor, in tokens, on the evaluated length: evaluate to max(max(multiples) x T_train,
+            min_length) (not past ``max_eval_tokens``). At a small T_train, 64 x T is short (2,048 tokens at 32),
+            and a loss that rises slowly crosses the 2x line only further out; the verdict and ``ratio_far`` cover
+            the whole evaluated range, loss@{m}x and the ratios keep their windows. null: no floor.
 
     Logs ``lengthgen/loss@{m}x``, ``lengthgen/forgets`` (1/0), ``lengthgen/blowup_position`` (-1 if none; neither
     of the two for an undetermined verdict, a non-finite loss: see ``step_<step>.json``'s ``verdict.undetermined``),
     ``lengthgen/ratio_4_16x`` (mean[4T,16T] / mean[T/2,T], when evaluated to 16T), ``lengthgen/ratio_16_64x``
     (mean[16T,64T] / mean[T/2,T], when evaluated to 64T) with its bootstrap 95% interval over rows
-    ``lengthgen/ratio_16_64x_lo`` and ``_hi``, the figure ``lengthgen/loss_vs_position``, and
-    ``<log_dir>/lengthgen/step_<step>.json`` (verdict with the ratios, rows and evaluated_to, bucket curve,
-    per-position curve) and ``.csv`` (position, loss averaged over rows).
+    ``lengthgen/ratio_16_64x_lo`` and ``_hi``, ``lengthgen/ratio_far`` (the mean over the last quarter of the
+    evaluated positions / mean[T/2,T], see :func:`far_ratio`) with ``_lo`` and ``_hi``, the figure
+    ``lengthgen/loss_vs_position``, and ``<log_dir>/lengthgen/step_<step>.json`` (verdict with the ratios, rows and
+    evaluated_to, ``far_window`` [lo, hi]: ratio_far's positions (lo, hi], bucket curve, per-position curve) and
+    ``.csv`` (position, loss averaged over rows).
     """
 
     name = "lengthgen"
@@ -202,15 +258,26 @@ class LengthGeneralizationCallback(PeriodicAnalysis):
         max_eval_tokens: int | None = None,
         dtype: str = "float32",
         threshold: float = 2.0,
+        min_length: int | None = None,
     ):
         super().__init__(every_n_validations)
         if not multiples or min(multiples) < 1:
             raise ValueError(f"multiples must be positive integers (got {multiples})")
+        if min_length is not None and (type(min_length) is not int or min_length < 1):
+            raise ValueError(f"min_length must be a positive number of tokens, or null (got {min_length!r})")
+        if min_length and max_eval_tokens and min_length > max_eval_tokens:
+            raise ValueError(f"min_length={min_length} is above max_eval_tokens={max_eval_tokens}: lower one of them")
         self.multiples = tuple(sorted(int(m) for m in multiples))
         self.n_rows, self.bucket, self.piece_len = n_rows, bucket, piece_len
         self.max_eval_tokens, self.dtype, self.threshold = max_eval_tokens, dtype, threshold
+        self.min_length = min_length
         self.last_result: dict | None = None  # {"step", "verdict"} of this run's latest evaluation (the fit summary)
         self._noted = False
+
+    def eval_length(self, T: int) -> int:
+        """max(multiples) x T_train, at least ``min_length``, at most ``max_eval_tokens``."""
+        length = max(int(max(self.multiples) * T), self.min_length or 0)
+        return min(length, int(self.max_eval_tokens)) if self.max_eval_tokens else length
 
     def analyze(self, trainer: L.Trainer, model, data: Any, step: int) -> None:
         t0 = time.perf_counter()
@@ -219,26 +286,27 @@ class LengthGeneralizationCallback(PeriodicAnalysis):
         rows, info = eval_rows(data.val_tokens(), length + 1, self.n_rows, getattr(data.tokenizer, "eos_id", None))
         if info["note"]:
             rank_zero_warn(f"lengthgen: {info['note']}")
-        report = measure_forgetting(model, rows, T, self.bucket, self.threshold, self.multiples,
-                                    piece_len=self.piece_len or self.default_piece_len(model), dtype=self.dtype)
+        # measure_forgetting's two steps, keeping the per-row losses for ratio_far's interval
+        losses = token_losses(model, rows, self.piece_len or self.default_piece_len(model), self.dtype)
+        report = forgetting_report(losses, T, self.bucket, self.threshold, self.multiples)
         verdict = report.verdict
-        metrics = report.scalars("lengthgen/")
+        metrics = {**report.scalars("lengthgen/"), **far_ratio(losses, T, "lengthgen/")}
+        far = far_window(report.evaluated_to)
         self.log_scalars(trainer, metrics, step)
-        self._note_blowup_scalar(trainer)
+        self._note_scalars(trainer, T, far)
         self.last_result = {"step": step, "verdict": verdict.to_dict()}
 
         title = verdict_word(verdict.to_dict(), reason="short")
         if verdict.forgets is False:
             title += f", blow-up at {verdict.blowup_position}"
-        fig = plots.plot_loss_curve(report.positions, report.curve, T, self.threshold * verdict.max_in_window,
-                                    threshold_factor=self.threshold, title=f"step {step}: {title}")
+        fig = plot_lengthgen(report, self.threshold, f"step {step}: {title}")
         self.log_figure(trainer, "lengthgen/loss_vs_position", fig, step)
 
         out = os.path.join(self.out_dir(trainer), f"step_{step}")
         write_position_losses_csv(out + ".csv", report.per_position)
         atomic_write_json(out + ".json", {  # last: its presence says this step's analysis is complete
             "step": step, "seq_len": T, "bucket": report.bucket, "rows": info, "dtype": self.dtype,
-            "verdict": verdict.to_dict(), "metrics": metrics,
+            "verdict": verdict.to_dict(), "metrics": metrics, "far_window": list(far),
             "bucket_positions": report.positions.tolist(), "bucket_loss": report.curve.tolist(),
             "per_position_loss": report.per_position.tolist(), "seconds": time.perf_counter() - t0})
 
@@ -248,8 +316,9 @@ class LengthGeneralizationCallback(PeriodicAnalysis):
             return "forgetting:      not evaluated"
         return f"forgetting:      {verdict_text(self.last_result['verdict'])} at step {self.last_result['step']}"
 
-    def _note_blowup_scalar(self, trainer: L.Trainer) -> None:
-        """TensorBoard keeps ``lengthgen/blowup_position`` a number: say once, beside it, that -1 means none."""
+    def _note_scalars(self, trainer: L.Trainer, T: int, far: tuple[int, int]) -> None:
+        """Said once in TensorBoard, beside the scalars: -1 as ``lengthgen/blowup_position`` means none (TensorBoard
+        keeps it a number), and the positions ``lengthgen/ratio_far`` averages."""
         if self._noted:
             return
         self._noted = True
@@ -257,3 +326,5 @@ class LengthGeneralizationCallback(PeriodicAnalysis):
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_text("lengthgen/blowup_position", "-1 means none: no bucket of the loss curve "
                                            "exceeds the threshold (the model forgets)", global_step=0)
+                logger.experiment.add_text("lengthgen/ratio_far", f"mean loss over positions ({far[0]}, {far[1]}] "
+                                           f"(the last quarter evaluated) / mean over ({T // 2}, {T}]", global_step=0)
