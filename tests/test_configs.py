@@ -71,3 +71,16 @@ def test_study_files_are_sweep_configs(path, capsys):
 
 def test_each_config_folder_has_files():
     assert group_files("experiment") and group_files("study")
+
+
+def test_the_regime_evaluates_to_at_least_32k_tokens():
+    """The failing regime's floor on the evaluated length, in its training overlay (the callback) and its studies;
+    the English studies keep 64 x LEN (or their eval_multiple)."""
+    overlay = os.path.join(ROOT, "configs", "experiment", "regime.yaml")
+    cli = lightning_cli(["--config", TRAIN, "--config", overlay, "--trainer.logger", "false"], run=False)
+    (lengthgen,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "LengthGeneralizationCallback"]
+    assert lengthgen.min_length == 32768 and lengthgen.eval_length(32) == 32768 and lengthgen.eval_length(1024) == 65536
+    for path in group_files("study"):
+        study = sweep.study_from(sweep.build_parser().parse_args(["--config", path]))
+        regime = os.path.basename(path).startswith("regime")
+        assert study.eval_min_tokens == (32768 if regime else None), path

@@ -99,8 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> list[str]:
         study.validate()
         if args.dry_run:
+            # eval_min_tokens reaches the cell's callbacks once built, not through an argument (floor_lengthgen)
+            floor = "" if study.eval_min_tokens is None else (f"  # and LengthGeneralizationCallback min_length "
+                                                              f"{study.eval_min_tokens} (eval_min_tokens)")
             return [f"{cell.name}: lightning-mamba fit " + " ".join(repr(a) if not a or " " in a else a
-                                                                     for a in cell_args(study, cell))
+                                                                     for a in cell_args(study, cell)) + floor
                     for cell in shard_cells(make_cells(study), study.shard)]
         if args.prepare_only:
             dm = build_cli(study, make_cells(study)[0]).datamodule

@@ -3,11 +3,11 @@
 A cell trains through the path a user's run takes (``lightning_cli(args, run=False)`` from the base config plus
 the study's overrides, then ``trainer.fit``), so its run directory ``<out>/cells/<cell>/`` holds a normal
 ``config.yaml``, TensorBoard events and ``checkpoints/last.ckpt``. The final model is then evaluated in fp32 on
-held-out text to ``eval_multiple x LEN`` positions (or ``eval_tokens``) and judged with the paper's criterion;
-``result.json`` (written atomically) marks the cell done. Re-running skips done cells and resumes a killed one
-from its ``last.ckpt``. ``shard="i/n"`` keeps cells k with k % n == i: one process per GPU or node. With ``seeds``
-every (STATE, LEN) is trained once per seed (cells ``<row>_len<LEN>_seed<s>``): GPU training is not bitwise
-deterministic, and a marginal onset can show in one run and not in its rerun.
+held-out text to ``eval_multiple x LEN`` positions (or ``eval_tokens``; at least ``eval_min_tokens``) and judged
+with the paper's criterion; ``result.json`` (written atomically) marks the cell done. Re-running skips done cells
+and resumes a killed one from its ``last.ckpt``. ``shard="i/n"`` keeps cells k with k % n == i: one process per GPU
+or node. With ``seeds`` every (STATE, LEN) is trained once per seed (cells ``<row>_len<LEN>_seed<s>``): GPU training
+is not bitwise deterministic, and a marginal onset can show in one run and not in its rerun.
 """
 
 from __future__ import annotations
@@ -50,6 +50,10 @@ class Study:
             (split over the devices when a cell trains on several). Must be a multiple of every LEN.
         eval_multiple: Evaluate each model to eval_multiple x LEN positions.
         eval_tokens: Evaluate to this many positions instead (e.g. 1048576, the paper's 1M); null: eval_multiple.
+        eval_min_tokens: A floor on the evaluated length, in tokens: every cell is evaluated to at least this many
+            positions (max(eval_multiple x LEN, eval_min_tokens)), at the end and, through the cell's
+            LengthGeneralizationCallback(s) (their min_length), along training. At a small LEN, 64 x LEN is short and a
+            slow rise crosses the 2x line only further out. null: no floor (the callbacks keep the base config's).
         eval_n_rows: Held-out rows (prompts) averaged; the paper used 128.
         bucket: Positions per bucket of the criterion's curve; null: LEN // 8 (at least 16).
         threshold: The paper's criterion: fails if a bucket exceeds threshold x the max within LEN.
@@ -83,6 +87,7 @@ class Study:
     tokens_per_batch: int = 2**16
     eval_multiple: int = DEFAULT_MAX_MULTIPLE
     eval_tokens: int | None = None
+    eval_min_tokens: int | None = None
     eval_n_rows: int = DEFAULT_EVAL_ROWS
     bucket: int | None = None
     threshold: float = 2.0
@@ -113,7 +118,8 @@ class Study:
         return self.tokens_per_cell // self.tokens_per_batch
 
     def eval_length(self, seq_len: int) -> int:
-        return self.eval_tokens or self.eval_multiple * seq_len
+        """Positions each cell of length ``seq_len`` is evaluated to at the end."""
+        return max(self.eval_tokens or self.eval_multiple * seq_len, self.eval_min_tokens or 0)
 
     def validate(self) -> None:
         check(bool(self.lens) and all(t >= 2 for t in self.lens),
@@ -129,6 +135,8 @@ class Study:
               f"tokens_per_batch={self.tokens_per_batch}")
         for name in ("eval_n_rows", "passkey_depths", "passkey_samples", "piece_len", "eval_batch_size"):
             check(getattr(self, name) >= 1, f"{name} must be >= 1 (got {getattr(self, name)})")
+        check(self.eval_min_tokens is None or (type(self.eval_min_tokens) is int and self.eval_min_tokens >= 1),
+              f"eval_min_tokens must be a positive number of tokens, e.g. 32768, or null (got {self.eval_min_tokens!r})")
         check(self.eval_length(max(self.lens)) > max(self.lens), "the evaluation must go past LEN: use "
               f"eval_multiple >= 2 or eval_tokens > {max(self.lens)}")
         check(self.bucket is None or 1 <= self.bucket <= min(self.lens), f"bucket={self.bucket} must be between 1 and "
@@ -279,7 +287,31 @@ def build_cli(study: Study, cell: Cell):
         cli = lightning_cli(cell_args(study, cell), run=False)
         if cli.trainer.world_size > 1:
             cli = lightning_cli(cell_args(study, cell, cli.trainer.world_size), run=False)
+    floor_lengthgen(cli, study.eval_min_tokens)
     return cli
+
+
+LENGTHGEN = "LengthGeneralizationCallback"
+
+
+def floor_lengthgen(cli, min_length: int | None) -> int:
+    """The study's eval_min_tokens as the min_length of the cell's LengthGeneralizationCallback(s), so the
+    evaluations along training reach as far as the final one. Set on the built callbacks and on their entries in
+    the parsed config (what the cell's config.yaml is written from), not as a command-line argument:
+    ``--trainer.callbacks.init_args.min_length`` would go to the last callback of the list, whichever it is.
+    Returns how many callbacks were set (0 when min_length is None: they keep the base config's)."""
+    if min_length is None:
+        return 0
+    for entry in cli.config.get("trainer", {}).get("callbacks") or []:
+        if str(entry.get("class_path", "")).rsplit(".", 1)[-1] == LENGTHGEN:
+            entry.init_args.min_length = min_length
+    built = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == LENGTHGEN]
+    for cb in built:
+        if cb.max_eval_tokens and cb.max_eval_tokens < min_length:
+            raise SweepError(f"eval_min_tokens={min_length} is above the base config's LengthGeneralizationCallback "
+                             f"max_eval_tokens={cb.max_eval_tokens}: lower one of them")
+        cb.min_length = min_length
+    return len(built)
 
 
 def run_cell(study: Study, cell: Cell, log: Callable[[str], None] = print) -> dict | None:
