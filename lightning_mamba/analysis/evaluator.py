@@ -10,6 +10,7 @@ which gives the same numbers as one forward over the whole row (the pieces are e
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -73,22 +74,134 @@ def iter_pieces(
     Yields after each piece; nothing of earlier pieces is kept, so memory does not grow with L."""
     if piece_len < 1:
         raise ValueError(f"piece_len must be >= 1 (got {piece_len})")
+    ends = sample_ends(input_ids.size(1), piece_len, extra_ends)
+    for start, end, out, state, rec in run_carried(model, input_ids, ends, dtype, device, record, logits):
+        yield Piece(start, end, out, state, rec)
+
+
+def sample_ends(n: int, every: int, extra_ends: tuple[int, ...] = ()) -> list[int]:
+    """The positions a run over ``n`` tokens stops at: every ``every`` tokens, at each extra end inside (0, n), and
+    at n, in order."""
+    return sorted({*range(every, n, every), n, *(e for e in extra_ends if 0 < e < n)})
+
+
+def run_carried(
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    ends: list[int],
+    dtype: str | torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    record: bool = False,
+    logits: bool = True,
+    states_every: int | None = None,
+) -> Iterator[tuple[int, int, Tensor | None, list, list[dict] | None]]:
+    """The state-carrying loop of :func:`iter_pieces` and :func:`iter_state_samples`: run ``model`` on
+    ``input_ids[:, start:end]`` for consecutive ``ends`` (increasing, the last one the length), each run starting
+    from the state (SSM and conv) the previous one handed on, and yield (start, end, logits or None, state, record
+    or None) after each. ``states_every``: each run's mixers also keep their SSM state every that many tokens from
+    the run's start, and after its last token, in ``record[layer]["states"]`` (``Mamba2.states_every``; set for the
+    run only, never while the caller holds a yield); the carried SSM and conv states are then copied out of the
+    scan's per-chunk tensors, so carrying them keeps nothing else of the run alive."""
     dtype = resolve_dtype(dtype)
     device = torch.device(device) if device is not None else _model_device(model)
-    n = input_ids.size(1)
-    ends = sorted({*range(piece_len, n, piece_len), n, *(e for e in extra_ends if 0 < e < n)})
+    mixers = model.mixers if states_every else ()
     state, start = None, 0
     with torch.no_grad(), precision_context(device, dtype):
         for end in ends:
             ids = input_ids[:, start:end].to(device)
             rec = [] if record else None
-            if logits:
-                out, state = model(ids, state=state, record=rec)
-            else:
-                _, state = model.hidden_states(ids, state=state, record=rec)
-                out = None
-            yield Piece(start, end, out, state, rec)
+            try:
+                for m in mixers:
+                    m.states_every = states_every
+                if logits:
+                    out, state = model(ids, state=state, record=rec)
+                else:
+                    _, state = model.hidden_states(ids, state=state, record=rec)
+                    out = None
+            finally:
+                for m in mixers:
+                    m.states_every = None
+            if states_every:
+                state = [s._replace(conv=_owned(s.conv), ssm=_owned(s.ssm)) for s in state]
+            yield start, end, out, state, rec
             start = end
+
+
+def _owned(t: Tensor) -> Tensor:
+    """``t``, copied when it is a view into a larger tensor (a final state sliced out of all the chunks' states)."""
+    return t if t._base is None else t.clone()
+
+
+# Bytes one segment of the one-pass state sampling may take (see ``segment_bytes``): its sampled SSM states of
+# every layer, held until the caller has read its pieces, and one layer's scan. A long row runs in as many segments
+# as this needs, so the memory does not grow with the length.
+STATE_SAMPLES_BUDGET = 512 * 2**20
+# At most this many scan chunks per segment, whatever the budget allows: the scan passes the state across the chunks
+# of a run with a (chunks + 1)^2 decay matrix, so its work per token grows with the chunks of a run (on CPU, 8 x 16384
+# tokens at stride 16 took 1.6x as long at 128 chunks a segment as at 16, and the whole row at once 10x as long).
+SEGMENT_MAX_CHUNKS = 32
+
+
+def scan_chunk(stride: int, chunk_size: int) -> int:
+    """The chunk the sampling scan runs in for states every ``stride`` tokens (``ssd.ssd_sampling_states``)."""
+    chunk = stride
+    while chunk > chunk_size and chunk % 2 == 0:
+        chunk //= 2
+    return chunk
+
+
+def segment_bytes(model: torch.nn.Module, rows: int, stride: int, strides: int) -> int:
+    """Estimated peak bytes of one one-pass segment of ``strides`` x ``stride`` tokens over ``rows`` rows, counted in
+    the scan's dtype (fp32; fp64 for a float64 model) whatever the autocast dtype:
+
+    - the sampled SSM states of every layer: strides x n_layer x rows x nheads x headdim x d_state;
+    - one layer's scan on top: 7 tensors of the SSM state at every chunk end (the chunks' own states, with the carried
+      one prepended, passed across chunks, the layouts the matmuls copy them to, the samples kept), the chunk-to-chunk
+      decay (4 x rows x nheads x (chunks + 1)^2 with segsum's) and per token 4 x the input projection's width and
+      3 x nheads x chunk score entries.
+
+    Measured peaks of live tensor bytes (models of 2-4 layers, d_state 16-512, strides 8-512) were 0.7-1.1 x this."""
+    mixers = model.mixers
+    m = mixers[0]  # every layer has the same shape
+    item = torch.promote_types(next(model.parameters()).dtype, torch.float32).itemsize
+    state = rows * m.nheads * m.headdim * m.d_state  # one layer's SSM state, all rows
+    chunk = scan_chunk(stride, m.chunk_size)
+    chunks = strides * (stride // chunk)
+    tokens = strides * stride
+    width = 2 * m.d_inner + 2 * m.ngroups * m.d_state + m.nheads  # in_proj's output
+    floats = (strides * len(mixers) * state + 7 * chunks * state + 4 * rows * m.nheads * (chunks + 1) ** 2
+              + rows * tokens * (4 * width + 3 * m.nheads * chunk))
+    return floats * item
+
+
+def segment_strides(model: torch.nn.Module, rows: int, stride: int, n: int, budget: int | None = None) -> int:
+    """Strides per one-pass segment: the most whose :func:`segment_bytes` stay within ``budget`` (default
+    :data:`STATE_SAMPLES_BUDGET`) and whose scan chunks stay within :data:`SEGMENT_MAX_CHUNKS`, up to the
+    ceil(n / stride) of the whole row, and at least one."""
+    budget = STATE_SAMPLES_BUDGET if budget is None else budget
+    per = stride // scan_chunk(stride, model.mixers[0].chunk_size)  # chunks per stride
+    lo, hi = 1, max(1, min(-(-n // stride), SEGMENT_MAX_CHUNKS // per))
+    while lo < hi:  # the largest k in [1, hi] with segment_bytes(k) <= budget (1 when none is)
+        mid = (lo + hi + 1) // 2
+        if segment_bytes(model, rows, stride, mid) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def segment_ends(n: int, stride: int, extra_ends: tuple[int, ...], strides: int) -> list[int]:
+    """Where the one-pass segments of a row of ``n`` tokens end. A segment from s samples its state at s + stride,
+    s + 2 stride, ... and at its end, so it holds at most ``strides`` samples and ends early at the first sample
+    point (:func:`sample_ends`) off that grid: an extra end that is no multiple of ``stride``, or n. A segment that
+    starts off the grid (at such an extra end) runs to the next sample point only."""
+    out, s, j = [], 0, 0
+    for p in sample_ends(n, stride, extra_ends):
+        j += 1
+        if p != s + j * stride or j == strides or p == n:
+            out.append(p)
+            s, j = p, 0
+    return out
 
 
 def iter_state_samples(
@@ -98,37 +211,40 @@ def iter_state_samples(
     dtype: str | torch.dtype = torch.float32,
     device: torch.device | str | None = None,
     extra_ends: tuple[int, ...] = (),
+    budget: int | None = None,
 ) -> Iterator[Piece]:
     """The pieces :func:`iter_pieces` yields with ``record=True, logits=False`` (state after every ``stride`` tokens
-    and at ``extra_ends``; per-step dt and A of the piece), computed in one pass when possible: the scan keeps its
-    state every ``stride`` tokens (``Mamba2.states_every``). Pieces then carry only the SSM state (conv None).
-    Falls back to the piecewise run when a mixer rewrites its carried state or its forward (interventions,
-    sliding window) or an extra end is not a multiple of ``stride``."""
+    and at ``extra_ends``; per-step dt and A of the piece), computed a segment of many strides at a time when
+    possible: the scan keeps its state every ``stride`` tokens (``Mamba2.states_every``) and the state is carried
+    from segment to segment (:func:`run_carried`). Segments are as long as ``budget`` bytes allow
+    (:func:`segment_strides`), so the memory is bounded for any length. Pieces then carry only the SSM state (conv
+    None). Falls back to the piecewise run when a mixer rewrites its carried state or its forward (interventions,
+    sliding window)."""
     n = input_ids.size(1)
     mixers = getattr(model, "mixers", None)
     one_pass = (
         stride >= 1 and mixers is not None
         and all(m.state_hook is None and m.forward_override is None for m in mixers)
-        and all(e % stride == 0 for e in extra_ends if 0 < e < n)
     )
     if not one_pass:
         yield from iter_pieces(model, input_ids, stride, dtype, device, record=True, extra_ends=extra_ends, logits=False)
         return
-    dtype = resolve_dtype(dtype)
-    device = torch.device(device) if device is not None else _model_device(model)
-    records: list[dict] = []
-    try:
-        for m in mixers:
-            m.states_every = stride
-        with torch.no_grad(), precision_context(device, dtype):
-            model.hidden_states(input_ids.to(device), record=records)
-    finally:
-        for m in mixers:
-            m.states_every = None
-    for k, start in enumerate(range(0, n, stride)):
-        end = min(start + stride, n)
-        yield Piece(start, end, None, [LayerState(None, r["states"][:, k]) for r in records],
-                    [{"dt": r["dt"][:, start:end], "A": r["A"]} for r in records])
+    strides = segment_strides(model, input_ids.size(0), stride, n, budget)
+    ends = segment_ends(n, stride, extra_ends, strides)
+    for s, t, _, state, records in run_carried(model, input_ids, ends, dtype, device, record=True, logits=False,
+                                               states_every=stride):
+        pieces = deque()
+        for k, start in enumerate(range(s, t, stride)):
+            end = min(start + stride, t)
+            if end < t:  # views into this segment's records, freed once the caller has let go of these pieces
+                pieces.append(Piece(start, end, None, [LayerState(None, r["states"][:, k]) for r in records],
+                                    [{"dt": r["dt"][:, start - s:end - s], "A": r["A"]} for r in records]))
+            else:  # the segment's last: its own tensors, so a caller holding it keeps nothing else of the segment
+                pieces.append(Piece(start, end, None, [LayerState(None, c.ssm) for c in state],
+                                    [{"dt": r["dt"][:, start - s:].clone(), "A": r["A"]} for r in records]))
+        del records  # only the pieces hold this segment's states while the caller reads them
+        while pieces:
+            yield pieces.popleft()
 
 
 def token_losses(

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .evaluator import iter_state_samples
+from .evaluator import iter_state_samples, sample_ends
 
 # A head's growth past T_train is measured against its own maximum within T_train, but not against less than this
 # share of the largest one in its layer: a nearly silent head (in-window variance ~1e-9) would otherwise show a
@@ -134,35 +134,40 @@ def state_statistics(
 
 
 def _collect(model, tokens: Tensor, seq_len: int, stride: int, dtype, device, top_fraction: float) -> dict:
-    """One batch of rows -> the StateStats arrays, each already averaged over these rows."""
-    samples: dict[str, list] = {"rms": [], "mean": [], "var": [], "outlier_share": [], "log_retention": []}
+    """One batch of rows -> the StateStats arrays, each already averaged over these rows. The per-sample (layer,
+    head) statistics go into arrays allocated once for all the samples: a long row's thousands of small tensors, each
+    made between two pieces' large ones, would keep the allocator from reusing the space those free."""
+    names = ("rms", "mean", "var", "outlier_share", "log_retention")
     positions: list[int] = []
+    samples: dict[str, Tensor] = {}
     cum = first_log_alpha = log_ret_T = None
     alpha_sum = alpha_sum_in = None
-    for p in iter_state_samples(model, tokens, stride, dtype, device, extra_ends=(seq_len,)):
+    for i, p in enumerate(iter_state_samples(model, tokens, stride, dtype, device, extra_ends=(seq_len,))):
         log_alpha = torch.stack([(r["dt"].double() * r["A"].double()) for r in p.record], dim=1)  # (b, L, l, H)
         if cum is None:
             b, n_layer, _, h = log_alpha.shape
             cum = torch.zeros(b, n_layer, h, dtype=torch.float64, device=log_alpha.device)
             alpha_sum = torch.zeros_like(cum)
             alpha_sum_in = torch.zeros_like(cum)
-            first_log_alpha = log_alpha[:, :, 0]
+            first_log_alpha = log_alpha[:, :, 0].clone()
+            positions = sample_ends(tokens.size(1), stride, (seq_len,))  # the pieces' ends
+            samples = {k: torch.empty(len(positions), n_layer, h, dtype=torch.float64, device=cum.device) for k in names}
+        assert p.end == positions[i], (p.end, positions[i])
         cs = cum[:, :, None] + log_alpha.cumsum(2)  # log R_t for t in (start, end]
         if p.start < seq_len <= p.end:
             log_ret_T = cs[:, :, seq_len - p.start - 1] - first_log_alpha
-        cum = cs[:, :, -1]
+        cum = cs[:, :, -1].clone()
         alpha = log_alpha.exp()
         alpha_sum += alpha.sum(2)
         alpha_sum_in += alpha[:, :, : max(0, min(seq_len, p.end) - p.start)].sum(2)
         stats = [head_state_stats(s.ssm, top_fraction) for s in p.state]
         for k in ("rms", "mean", "var", "outlier_share"):
-            samples[k].append(torch.stack([st[k] for st in stats], 1).mean(0))  # (L, H), left on the device
-        samples["log_retention"].append(cum.mean(0))
-        positions.append(p.end)
+            samples[k][i] = torch.stack([st[k] for st in stats], 1).mean(0)  # (L, H), left on the device
+        samples["log_retention"][i] = cum.mean(0)
     n_tokens = tokens.size(1)
     return {
         "positions": np.asarray(positions, dtype=np.int64),
-        **{k: torch.stack(v).cpu().numpy() for k, v in samples.items()},
+        **{k: v.cpu().numpy() for k, v in samples.items()},
         "log_retention_T": None if log_ret_T is None else log_ret_T.mean(0).cpu().numpy(),
         "mean_alpha": (alpha_sum.mean(0) / n_tokens).cpu().numpy(),
         "mean_alpha_in": (alpha_sum_in.mean(0) / min(seq_len, n_tokens)).cpu().numpy(),

@@ -165,7 +165,7 @@ def test_state_samples_fall_back_to_pieces_when_a_mixer_rewrites_its_state(lm):
     assert hooked[0].state[0].conv is not None  # the piecewise run: the hook acted at every piece boundary
     for a, b in zip(hooked, ref):
         torch.testing.assert_close(a.state[0].ssm, b.state[0].ssm, rtol=0, atol=0)
-    assert list(iter_state_samples(lm, ids, 8, extra_ends=(12,)))[1].end == 12  # 12 is no multiple of 8: pieces
+    assert list(iter_state_samples(lm, ids, 8, extra_ends=(12,)))[1].end == 12  # off the stride grid: a sample too
 
 
 def test_one_pass_with_a_stride_above_the_chunk_size(lm):
