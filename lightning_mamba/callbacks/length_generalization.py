@@ -18,10 +18,10 @@ from ..analysis.evaluator import eval_rows, token_losses, write_position_losses_
 from ..analysis.forgetting import (
     DEFAULT_EVAL_ROWS,
     DEFAULT_MAX_MULTIPLE,
-    bootstrap_ratio,
+    far_ratio,
+    far_window,
     forgetting_report,
     multiples_up_to,
-    row_window_means,
 )
 from ..atomic import atomic_write_json
 from ..training.sharding import fsdp_root, unsharded_copy
@@ -169,26 +169,7 @@ class PeriodicAnalysis(L.Callback):
         return os.path.join(self.out_dir(trainer, create=False), f"step_{step}.json")
 
 
-FAR_FRACTION = 0.25  # ratio_far's window: the last quarter of the evaluated positions
 DENSE_CURVE = 256  # buckets beyond which the figure draws the curve thin, with a log-binned mean over it
-
-
-def far_window(evaluated_to: int, fraction: float = FAR_FRACTION) -> tuple[int, int]:
-    """ratio_far's positions (lo, hi]: the last ``fraction`` of positions 1..evaluated_to."""
-    return int(evaluated_to * (1 - fraction)), int(evaluated_to)
-
-
-def far_ratio(losses: torch.Tensor, seq_len: int, prefix: str = "") -> dict[str, float | None]:
-    """``ratio_far``: the mean loss over :func:`far_window` of the rows (b, n) over the mean over (T/2, T] (the
-    in-window reference of ratio_16_64x), with its bootstrap 95% interval over rows (``_lo``, ``_hi``). It reads the
-    rise where the evaluation ends, however far that is (ratio_16_64x stops at 64T). None where there is no
-    reference (rows shorter than T)."""
-    lo, hi = far_window(losses.size(1))
-    far, ref = row_window_means(losses, lo, hi), row_window_means(losses, seq_len // 2, seq_len)
-    keys = [f"{prefix}ratio_far{s}" for s in ("", "_lo", "_hi")]
-    if far is None or ref is None:
-        return dict.fromkeys(keys)
-    return dict(zip(keys, (float(far.mean() / ref.mean()), *bootstrap_ratio(far, ref))))
 
 
 def plot_lengthgen(report, threshold: float, title: str):

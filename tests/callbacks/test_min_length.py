@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lightning_mamba.analysis import forgetting
 from lightning_mamba.analysis.forgetting import forgetting_report
 from lightning_mamba.callbacks import LengthGeneralizationCallback, length_generalization as lg
 from tests.tiny import tiny_lm
@@ -42,11 +43,11 @@ def test_ratio_far_is_the_last_quarter_over_the_in_window_reference():
     losses = torch.ones(4, 4096, dtype=torch.float64)
     losses[:, 3072:] = 3.0
     losses[0, 3072:] = 2.0  # rows differ: the interval has a width
-    assert lg.far_window(4096) == (3072, 4096)
-    r = lg.far_ratio(losses, T, "lengthgen/")
+    assert forgetting.far_window(4096) == (3072, 4096)
+    r = forgetting.far_ratio(losses, T, "lengthgen/")
     assert r["lengthgen/ratio_far"] == pytest.approx(2.75)
     assert r["lengthgen/ratio_far_lo"] < 2.75 < r["lengthgen/ratio_far_hi"]
-    assert set(lg.far_ratio(torch.ones(2, 8), T).values()) == {None}  # rows end before T: no reference
+    assert set(forgetting.far_ratio(torch.ones(2, 8), T).values()) == {None}  # rows end before T: no reference
 
 
 def fixture_run(tmp_path, stream_tokens: int):
