@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -37,14 +38,23 @@ class PeriodicAnalysis(L.Callback):
     The count of validations is kept in checkpoints. A run resumed from a checkpoint written just before a
     validation (``ModelCheckpoint(every_n_train_steps)`` saves before the validation of the same step runs) does
     not get that validation again from Lightning: if the interrupted run did not finish it, that is, if
-    ``<log_dir>/<name>/step_<step>.json`` is missing, the analysis it was due for runs at the start of training."""
+    ``<log_dir>/<name>/step_<step>.json`` is missing, the analysis it was due for runs at the start of training.
+
+    Figures are drawn at the first run, then every ``figures_every_n_runs``-th, and at the end of fit; scalars and
+    JSON every run. Drawing is host time the GPU waits through (~0.1-0.3 s a figure on a CPU core): a small model
+    trained many short steps evaluates often, and its figures can cost as much as the evaluation itself."""
 
     name = "analysis"
 
-    def __init__(self, every_n_validations: int = 1):
+    def __init__(self, every_n_validations: int = 1, figures_every_n_runs: int = 1):
         if every_n_validations < 1:
             raise ValueError(f"every_n_validations must be >= 1 (got {every_n_validations})")
+        if type(figures_every_n_runs) is not int or figures_every_n_runs < 1:
+            raise ValueError(f"figures_every_n_runs must be an integer >= 1 (got {figures_every_n_runs!r})")
         self.every_n_validations = every_n_validations
+        self.figures_every_n_runs = figures_every_n_runs
+        self._runs = 0  # analyses run so far (kept in checkpoints: the figures' cadence survives a resume)
+        self._figures_due = True
         self._published: dict[str, float] = {}  # this run's scalars, for trainer.callback_metrics
         self._validations = 0
         self._validated_step: int | None = None  # the step of the last validation counted
@@ -80,20 +90,23 @@ class PeriodicAnalysis(L.Callback):
         return trainer.strategy.broadcast(done, src=0) if trainer.world_size > 1 else done
 
     def state_dict(self) -> dict:
-        return {"validations": self._validations, "validated_step": self._validated_step}
+        return {"validations": self._validations, "validated_step": self._validated_step, "runs": self._runs}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._validations = int(state_dict.get("validations", 0))
         self._validated_step = state_dict.get("validated_step")
+        self._runs = int(state_dict.get("runs", 0))
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._last_step != trainer.global_step:
-            self._run(trainer, pl_module)
+            self._run(trainer, pl_module, final=True)
 
-    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool = False) -> None:
         self._last_step = trainer.global_step
         if self._disabled:
             return
+        self._figures_due = final or self._runs % self.figures_every_n_runs == 0
+        self._runs += 1
         self._published = {}
         self._analyze_on_rank_zero(trainer, pl_module)
         # Every rank gets rank 0's scalars in callback_metrics, so that ModelCheckpoint(monitor=...) and
@@ -149,8 +162,12 @@ class PeriodicAnalysis(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 
-    @staticmethod
-    def log_figure(trainer: L.Trainer, tag: str, fig, step: int) -> None:
+    def log_figure(self, trainer: L.Trainer, tag: str, make_figure: Callable[[], Any], step: int) -> None:
+        """Draws ``make_figure()`` into every TensorBoard logger, when this run's figures are due (else nothing is
+        drawn: the figure is built only here)."""
+        if not self._figures_due:
+            return
+        fig = make_figure()
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_figure(tag, fig, global_step=step, close=False)
@@ -215,6 +232,8 @@ class LengthGeneralizationCallback(PeriodicAnalysis):
             min_length) (not past ``max_eval_tokens``). At a small T_train, 64 x T is short (2,048 tokens at 32),
             and a loss that rises slowly crosses the 2x line only further out; the verdict and ``ratio_far`` cover
             the whole evaluated range, loss@{m}x and the ratios keep their windows. null: no floor.
+        figures_every_n_runs: Draw the figure at the first run, every N-th, and at the end of fit (scalars and
+            JSON every run).
 
     Logs ``lengthgen/loss@{m}x``, ``lengthgen/forgets`` (1/0), ``lengthgen/blowup_position`` (-1 if none; neither
     of the two for an undetermined verdict, a non-finite loss: see ``step_<step>.json``'s ``verdict.undetermined``),
@@ -240,8 +259,9 @@ class LengthGeneralizationCallback(PeriodicAnalysis):
         dtype: str = "float32",
         threshold: float = 2.0,
         min_length: int | None = None,
+        figures_every_n_runs: int = 1,
     ):
-        super().__init__(every_n_validations)
+        super().__init__(every_n_validations, figures_every_n_runs)
         if not multiples or min(multiples) < 1:
             raise ValueError(f"multiples must be positive integers (got {multiples})")
         if min_length is not None and (type(min_length) is not int or min_length < 1):
@@ -280,8 +300,8 @@ class LengthGeneralizationCallback(PeriodicAnalysis):
         title = verdict_word(verdict.to_dict(), reason="short")
         if verdict.forgets is False:
             title += f", blow-up at {verdict.blowup_position}"
-        fig = plot_lengthgen(report, self.threshold, f"step {step}: {title}")
-        self.log_figure(trainer, "lengthgen/loss_vs_position", fig, step)
+        self.log_figure(trainer, "lengthgen/loss_vs_position",
+                        lambda: plot_lengthgen(report, self.threshold, f"step {step}: {title}"), step)
 
         out = os.path.join(self.out_dir(trainer), f"step_{step}")
         write_position_losses_csv(out + ".csv", report.per_position)

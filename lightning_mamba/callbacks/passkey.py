@@ -29,6 +29,8 @@ class PasskeyEvalCallback(PeriodicAnalysis):
         batch_size: Prompts per forward.
         dtype: float32 (the paper's analysis precision) or bfloat16.
         seed: Seed of the keys.
+        figures_every_n_runs: Draw the figures at the first run, every N-th, and at the end of fit (scalars and
+            JSON every run).
 
     The prompts come from the data module's ``passkey_generator`` when it has one (its template), else the
     paper's template with the data module's tokenizer. Logs ``passkey/acc@{m}x`` per multiple,
@@ -49,8 +51,9 @@ class PasskeyEvalCallback(PeriodicAnalysis):
         batch_size: int = 8,
         dtype: str = "float32",
         seed: int = 0,
+        figures_every_n_runs: int = 1,
     ):
-        super().__init__(every_n_validations)
+        super().__init__(every_n_validations, figures_every_n_runs)
         if not multiples or min(multiples) <= 0:
             raise ValueError(f"multiples must be positive (got {multiples})")
         if n_samples < 1 or n_depths < 1:
@@ -93,8 +96,9 @@ class PasskeyEvalCallback(PeriodicAnalysis):
         metrics.update({f"passkey/by_distance/{k}": a for k, (a, _) in grid.accuracy_by_distance(T).items()})
         self.log_scalars(trainer, metrics, step)
         self.log_figure(trainer, "passkey/accuracy_heatmap",
-                        plot_passkey_heatmap(grid, T, title=f"step {step}: passkey accuracy"), step)
-        self.log_figure(trainer, "passkey/accuracy_vs_length", plot_passkey_curve(grid, T, self.threshold), step)
+                        lambda: plot_passkey_heatmap(grid, T, title=f"step {step}: passkey accuracy"), step)
+        self.log_figure(trainer, "passkey/accuracy_vs_length", lambda: plot_passkey_curve(grid, T, self.threshold),
+                        step)
         atomic_write_json(os.path.join(self.out_dir(trainer), f"step_{step}.json"),
                           {"step": step, "seq_len": T, "metrics": metrics, "dtype": self.dtype,
                        "template_tokens": gen.min_length, "canonical_tokenization": gen.canonical,

@@ -34,6 +34,8 @@ class StateStatsCallback(PeriodicAnalysis):
         dtype: float32 (the paper's analysis precision) or bfloat16.
         retention_threshold: A head "never forgets the first token" when alpha_{1:T_train} exceeds this.
         top_fraction: Outlier channels = this top share of a head's state entries.
+        figures_every_n_runs: Draw the figures at the first run, every N-th, and at the end of fit (scalars and
+            JSON every run).
 
     Logs (text probe) ``state/norm_max@1x``, ``state/norm_max@{max}x``, ``state/norm_growth`` (largest per-head
     ratio of the max RMS beyond T_train to the max within), ``state/var_growth``, ``state/outlier_share``
@@ -56,8 +58,9 @@ class StateStatsCallback(PeriodicAnalysis):
         dtype: str = "float32",
         retention_threshold: float = 0.99,
         top_fraction: float = 0.01,
+        figures_every_n_runs: int = 1,
     ):
-        super().__init__(every_n_validations)
+        super().__init__(every_n_validations, figures_every_n_runs)
         unknown = set(probes) - set(PROBES)
         if unknown:
             raise ValueError(f"unknown probes {sorted(unknown)}: use {', '.join(PROBES)}")
@@ -100,13 +103,12 @@ class StateStatsCallback(PeriodicAnalysis):
                                 summary.get(f"frac_heads_above_{self.retention_threshold}"),
                             f"{r}/max_first_token": summary.get("max_first_token")})
             self.log_scalars(trainer, metrics, step)
-            self.log_figure(trainer, f"{s}/norm_vs_position",
-                            plots.plot_state_norm(stats.positions, stats.rms, T, title=f"{probe}: state RMS, step {step}"),
-                            step)
-            self.log_figure(trainer, f"{r}/log_retention_vs_position", plots.plot_log_retention(
+            self.log_figure(trainer, f"{s}/norm_vs_position", lambda: plots.plot_state_norm(
+                stats.positions, stats.rms, T, title=f"{probe}: state RMS, step {step}"), step)
+            self.log_figure(trainer, f"{r}/log_retention_vs_position", lambda: plots.plot_log_retention(
                 stats.positions, stats.log_retention, T, title=f"{probe}: first-token retention, step {step}"), step)
             if stats.retention_T is not None:
-                self.log_figure(trainer, f"{r}/heatmap", plots.plot_retention_heatmap(
+                self.log_figure(trainer, f"{r}/heatmap", lambda: plots.plot_retention_heatmap(
                     stats.retention_T, T, title=f"{probe}: alpha_(1:{T}), step {step}",
                     log_retention=stats.log_retention_T), step)
             dump[probe] = {"summary": summary, "stats": stats.to_dict()}

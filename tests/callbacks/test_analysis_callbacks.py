@@ -4,6 +4,7 @@ import json
 
 import lightning as L
 import numpy as np
+import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -67,6 +68,33 @@ def test_callbacks_log_tags_and_files(tmp_path):
     module.model.train()  # the callbacks hand the model back in the mode they found it
     lengthgen._run(trainer, module)
     assert module.model.training
+
+
+def test_figures_every_n_runs_draws_first_nth_and_last(tmp_path):
+    """Figures at the first run, every N-th and the end of fit; scalars and JSON at every run."""
+    torch.manual_seed(0)
+    module = MambaLitModule(d_model=32, n_layer=1, d_state=16, headdim=16, chunk_size=32, vocab_size=257,
+                            backend="torch", warmup_steps=1)
+    lengthgen = LengthGeneralizationCallback(multiples=(1, 2, 4), n_rows=1, piece_len=256, figures_every_n_runs=2)
+    stats = StateStatsCallback(multiples=(1, 4), stride=32, probes=("text",), figures_every_n_runs=3)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=7, val_check_interval=2, limit_val_batches=1,
+                        num_sanity_val_steps=0, logger=TensorBoardLogger(tmp_path, name="run"),
+                        callbacks=[lengthgen, stats], enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, log_every_n_steps=1)
+    trainer.fit(module, datamodule=text_data(tmp_path))
+
+    acc = EventAccumulator(trainer.log_dir, size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    # validations at 2, 4, 6, then the end of fit at 7: runs 0-3
+    assert [e.step for e in acc.Scalars("lengthgen/loss@4x")] == [2, 4, 6, 7]
+    assert [e.step for e in acc.Images("lengthgen/loss_vs_position")] == [2, 6, 7]  # runs 0, 2 and the end
+    assert [e.step for e in acc.Scalars("state/norm_growth")] == [2, 4, 6, 7]
+    assert [e.step for e in acc.Images("state/norm_vs_position")] == [2, 7]  # run 0, then run 3 is the end
+    assert lengthgen.state_dict()["runs"] == 4
+    out = tmp_path / "run" / "version_0"
+    assert sorted(p.name for p in (out / "lengthgen").glob("*.json")) == [f"step_{s}.json" for s in (2, 4, 6, 7)]
+    with pytest.raises(ValueError, match="figures_every_n_runs"):
+        LengthGeneralizationCallback(figures_every_n_runs=0)
 
 
 def test_observer_scalars_can_drive_model_checkpoint(tmp_path):
