@@ -84,8 +84,11 @@ def run(args) -> dict:
             raise PasskeyCommandError("the checkpoint does not record its training length: pass --lengths (e.g. "
                                       "--lengths 4K 8K 16K) or --seq_len T_train")
         lengths = [int(m * T) for m in DEFAULT_MULTIPLES]
-    template = args.template  # jsonargparse parses a dataclass argument into a Namespace
-    template = template if isinstance(template, PasskeyTemplate) else PasskeyTemplate(**vars(template))
+    template = args.template  # jsonargparse parses a dataclass argument into a Namespace (with __path__ when the
+    # template came from a file, as --template configs/passkey/code.yaml): keep the dataclass's fields only
+    if not isinstance(template, PasskeyTemplate):
+        template = PasskeyTemplate(**{f.name: getattr(template, f.name) for f in dataclasses.fields(PasskeyTemplate)
+                                      if hasattr(template, f.name)})
     generator = PasskeyGenerator(tokenizer, template)
     if not args.lengths:  # the default multiples of T_train: drop those shorter than the template, and say so
         short = [n for n in lengths if n < generator.min_length]

@@ -63,6 +63,16 @@ def test_lengths_depths_and_out(ckpt, tmp_path):
     assert len(r["keys"]) == 3 and all(len(k) == 5 for row in r["keys"] for cell in row for k in cell)
 
 
+def test_template_from_a_file(ckpt, tmp_path):
+    """--template FILE, as configs/passkey/code.yaml documents it (jsonargparse adds the file's __path__)."""
+    template = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "passkey", "code.yaml")
+    out = tmp_path / "pk"
+    assert main(["--ckpt", ckpt, "--template", template, "--lengths", "300", "--n_depths", "1", "--n_samples", "1",
+                 "--out", str(out)]) == 0
+    r = json.loads((out / "passkey.json").read_text())
+    assert r["template"]["needle"].startswith("PASSKEY = {key}") and r["lengths"] == [300]
+
+
 def test_official_layout_directory_with_its_tokenizer_json(tmp_path, capsys):
     """As an official Mamba-2 download: config.json + pytorch_model.bin + tokenizer.json (a byte-level BPE like
     GPT-NeoX's), no training length recorded."""
