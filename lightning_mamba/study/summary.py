@@ -4,8 +4,12 @@
 ``results.csv`` (one row per cell), ``summary.json`` (per row of the grid: N_S both ways, passes per LEN,
 T_forget or a lower bound; the fits beside the paper's constants), PNG figures and a TensorBoard run
 ``<out>/summary``. It can run at any time, e.g. after every shard has finished; a row with cells still missing
-is reported as incomplete rather than guessed. A study with seeds has several runs per (row, LEN): their majority
-verdict places T_forget (:func:`majority_verdict`), and each seed's own T_forget is reported beside it.
+is reported as incomplete rather than guessed, unless the missing cell has evaluations along training
+(``cells/<cell>/lengthgen/step_N.json``, a cell stopped early under a time budget): then its last evaluation gives a
+provisional verdict (:func:`provisional_results`), used for T_forget like a final one but marked as such everywhere
+(``rows[].provisional``, the T_forget text, the table, the fits, the notes); a result.json, once written, wins. A
+study with seeds has several runs per (row, LEN): their majority verdict places T_forget (:func:`majority_verdict`),
+and each seed's own T_forget is reported beside it.
 """
 
 from __future__ import annotations
@@ -24,12 +28,14 @@ from ..analysis.fits import N_S_UNIT, PAPER_T_FORGET, PAPER_T_RECALL, T_UNIT, fi
 from ..analysis.plots import plt
 from ..atomic import atomic_write_text
 from .onset import onset_summary
-from .sweep import SweepError, clean, parse_cell_name, write_json
+from .sweep import Study, SweepError, clean, parse_cell_name, write_json
 
 # seed: the seed_everything the cell trained with (result.json has it for every cell, replicate or not)
 CSV_FIELDS = ("cell", "row", "d_state", "n_layer", "d_model", "seq_len", "seed", "batch_size", "steps", "tokens", "params",
               "n_s", "n_s_ssm_only", "forgets", "blowup_position", "blowup_over_len", "max_in_window",
-              "ratio_4_16x", "ratio_16_64x", "ratio_16_64x_lo", "ratio_16_64x_hi", "evaluated_to", "val_loss", "t_recall", "train_seconds", "eval_seconds")
+              "ratio_4_16x", "ratio_16_64x", "ratio_16_64x_lo", "ratio_16_64x_hi", "ratio_far", "ratio_far_lo",
+              "ratio_far_hi", "evaluated_to", "val_loss", "t_recall", "train_seconds", "eval_seconds")
+FAR_KEYS = ("ratio_far", "ratio_far_lo", "ratio_far_hi")  # result.json's metrics (none in a result from before them)
 
 
 def load_results(out: str) -> list[dict]:
@@ -62,6 +68,7 @@ def csv_row(r: dict) -> dict:
             "blowup_over_len": blowup_over_len(r),
             "max_in_window": v["max_in_window"], "ratio_4_16x": v["ratio_long_over_in"],
             **{k: v.get(k) for k in ("ratio_16_64x", "ratio_16_64x_lo", "ratio_16_64x_hi")},
+            **{k: (r.get("metrics") or {}).get(k) for k in FAR_KEYS},
             "evaluated_to": v["evaluated_to"], "t_recall": pk.get("t_recall")}
 
 
@@ -98,59 +105,195 @@ def t_forget_of(lens: list[int], verdicts: dict[int, bool]) -> dict:
     return {**out, "t_forget_lower_bound": max(lens), "status": "above_max_len"} if lens else out
 
 
-def t_forget_text(entry: dict, why_incomplete: str = "") -> str:
-    return (str(entry["t_forget"]) if entry["t_forget"] is not None else
+def lens_deciding(lens: list[int], verdicts: dict[int, bool]) -> list[int]:
+    """The LENs :func:`t_forget_of` reads to place T_forget (or its bound, or to stop short of one): the shortest
+    ones up to and including the first that forgets or has no verdict."""
+    out = []
+    for t in lens:
+        out.append(t)
+        if verdicts.get(t, True):
+            break
+    return out
+
+
+def t_forget_text(entry: dict, why_incomplete: str = "", provisional: str = "") -> str:
+    """``64``, ``> 128``, ``<= 32`` or ``incomplete (missing LEN 64)``; ``provisional`` (:func:`provisional_text`)
+    is added in parentheses: ``64 (provisional: LEN 32 at step 7,101, LEN 64 at step 10,501 of 20,000)``."""
+    if entry["t_forget"] is None and not entry["t_forget_lower_bound"] and not entry["t_forget_upper_bound"]:
+        why = "; ".join(filter(None, (why_incomplete, provisional)))
+        return "incomplete" + (f" ({why})" if why else "")
+    text = (str(entry["t_forget"]) if entry["t_forget"] is not None else
             f"> {entry['t_forget_lower_bound']}" if entry["t_forget_lower_bound"] else
-            f"<= {entry['t_forget_upper_bound']}" if entry["t_forget_upper_bound"] else
-            "incomplete" + (f" ({why_incomplete})" if why_incomplete else ""))
+            f"<= {entry['t_forget_upper_bound']}")
+    return text + (f" ({provisional})" if provisional else "")
 
 
-def rows_of(results: list[dict], plan: dict | None) -> list[dict]:
+# ---- provisional verdicts: a cell stopped early, judged by its last evaluation along training ---------------------
+MODEL_KEYS = ("d_state", "n_layer", "d_model", "n_s", "n_s_ssm_only", "params")
+
+
+def planned_steps(plan: dict | None) -> int | None:
+    """The steps every cell of the study trains (tokens_per_cell // tokens_per_batch); None when the plan is not
+    known."""
+    try:
+        return int(plan["tokens_per_cell"]) // int(plan["tokens_per_batch"])
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+
+
+def final_eval_length(plan: dict | None, seq_len: int) -> int | None:
+    """How far the cell's final evaluation would go (:meth:`Study.eval_length` of the plan); None when unknown."""
+    known = {f for f in Study.__dataclass_fields__ if f in (plan or {})}
+    if "eval_multiple" not in known:
+        return None
+    try:
+        return Study(**{f: plan[f] for f in known}).eval_length(seq_len)
+    except (TypeError, ValueError):
+        return None
+
+
+def model_of_cell(folder: str) -> dict:
+    """d_state, n_layer, d_model and N_S (both ways) of the model a cell trains, from its run's ``config.yaml``
+    (a row whose cells have no result.json yet is placed by its state size); {} when it is absent or unreadable."""
+    import yaml
+
+    from ..training.checkpoint_io import model_config
+
+    try:
+        with open(os.path.join(folder, "config.yaml")) as f:
+            model = (yaml.safe_load(f) or {}).get("model") or {}
+        model = model.get("init_args", model)
+        cfg = model_config(**{k: v for k, v in model.items() if isinstance(k, str)})
+        return {"d_state": cfg.mixer["d_state"], "n_layer": cfg.n_layer, "d_model": cfg.d_model,
+                "n_s": cfg.state_size(), "n_s_ssm_only": cfg.state_size(ssm_only=True)}
+    except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError, KeyError):
+        return {}
+
+
+def provisional_results(plan: dict | None, results: list[dict], onset: dict, out: str) -> list[dict]:
+    """A provisional result for every planned cell without a result.json that has evaluations along training
+    (``onset["cells"][cell]["history"]``, :func:`.onset.onset_summary`): its LAST evaluation's verdict (forgets,
+    fails, or undetermined: a non-finite loss), by the same 2x criterion, under ``provisional``: the step, the
+    study's planned steps, how far it evaluated and how far the final evaluation would. :func:`rows_of` uses them
+    as it uses final results (a final result of the same cell wins) and marks what they decide."""
+    done = {r["cell"] for r in results}
+    steps = planned_steps(plan)
+    early = []
+    for name in (plan or {}).get("cells", []):
+        parsed = parse_cell_name(name)
+        history = (onset["cells"].get(name) or {}).get("history") or []
+        if name in done or parsed is None or not history:
+            continue
+        last = history[-1]
+        row, t, seed = parsed
+        early.append({
+            "cell": name, "row": row, "seq_len": t, **({} if seed is None else {"seed": seed}),
+            "verdict": {"forgets": last.get("forgets"), "blowup_position": last.get("blowup_position"),
+                        "evaluated_to": last.get("evaluated_to"), "undetermined": last.get("undetermined")},
+            "provisional": {"step": last["step"], "planned_steps": steps, "evaluated_to": last.get("evaluated_to"),
+                            "final_eval_length": final_eval_length(plan, t)},
+            **model_of_cell(os.path.join(out, "cells", name))})
+    return early
+
+
+def provisional_mark(r: dict) -> dict:
+    """What ``rows[].provisional`` says of one cell: its name, the step of the evaluation that gave its verdict, the
+    study's planned steps, how far that evaluation went (and the seed, with seeds)."""
+    p = r["provisional"]
+    seed = seed_of(r["cell"])
+    return {"cell": r["cell"], **({} if seed is None else {"seed": seed}), "step": p["step"],
+            "planned_steps": p["planned_steps"], "evaluated_to": p["evaluated_to"]}
+
+
+def provisional_text(marks: list[tuple[int, dict]]) -> str:
+    """``provisional: LEN 32 at step 7,101, LEN 64 seed 1 at step 10,501 of 20,000`` for (LEN, mark) pairs; the
+    planned steps once at the end when they are the same for all (they are, in one study)."""
+    if not marks:
+        return ""
+    planned = {m["planned_steps"] for _, m in marks}
+    common = next(iter(planned)) if len(planned) == 1 else None
+    parts = [f"LEN {t}" + (f" seed {m['seed']}" if m.get("seed") is not None else "") + f" at step {m['step']:,}"
+             + (f" of {m['planned_steps']:,}" if common is None and m["planned_steps"] is not None else "")
+             for t, m in marks]
+    return "provisional: " + ", ".join(parts) + (f" of {common:,}" if common is not None else "")
+
+
+def rows_of(results: list[dict], plan: dict | None, provisional: list[dict] | None = None) -> list[dict]:
     """One entry per row of the grid (a state size, or a model), in plan order: T_forget = smallest passing LEN.
     A cell whose verdict is undetermined (``forgets`` None: a non-finite loss) counts as missing, as one without a
     result does; ``undetermined_lens`` names those LENs. With seeds, a LEN's verdict is its seeds' majority
     (:func:`majority_verdict`): undecided after all its seeds finished it is undetermined, before that missing; a
-    seeded row also gets ``seeds``, ``fails_per_len`` (counts per LEN) and ``t_forget_per_seed``."""
+    seeded row also gets ``seeds``, ``fails_per_len`` (counts per LEN) and ``t_forget_per_seed``.
+
+    ``provisional`` (:func:`provisional_results`): verdicts of cells without a result.json, from their last
+    evaluation along training, counted like final ones; a final result of the same cell wins. A row that uses one
+    gets ``provisional`` (LEN -> :func:`provisional_mark` of its cell; with seeds, a list of its seeds' marks) and
+    ``t_forget_provisional`` (whether T_forget, or its bound, rests on one), and its ``t_forget_text`` names them;
+    a row without any keeps the keys it always had."""
     planned: dict[str, dict[int, list]] = {}  # row -> LEN -> the planned runs' seeds (None: no seeds)
     for row, t, seed in filter(None, map(parse_cell_name, (plan or {}).get("cells", []))):
         planned.setdefault(row, {}).setdefault(t, []).append(seed)
-    order = list(dict.fromkeys([*planned, *(r["row"] for r in results)]))
+    done = {r["cell"] for r in results}
+    runs_all = [*results, *(p for p in provisional or [] if p["cell"] not in done)]  # a final result wins
+    order = list(dict.fromkeys([*planned, *(r["row"] for r in runs_all)]))
     rows = []
     for name in order:
-        runs: dict[int, list[dict]] = {}  # LEN -> its finished runs, in seed order
-        for r in sorted((r for r in results if r["row"] == name), key=lambda r: seed_of(r["cell"]) or 0):
+        runs: dict[int, list[dict]] = {}  # LEN -> its finished (or provisional) runs, in seed order
+        for r in sorted((r for r in runs_all if r["row"] == name), key=lambda r: seed_of(r["cell"]) or 0):
             runs.setdefault(r["seq_len"], []).append(r)
         lens = sorted(set(planned.get(name, {})) | set(runs))
         n_planned = {t: len(planned.get(name, {}).get(t, [])) for t in lens}
         forgets = {t: [r["verdict"]["forgets"] for r in runs.get(t, [])] for t in lens}
+        early = {t: [r for r in runs.get(t, []) if "provisional" in r] for t in lens}
         verdict = {t: majority_verdict(forgets[t], n_planned[t]) for t in runs}
         missing = [t for t in lens if t not in runs or (verdict[t] is None and len(runs[t]) < n_planned[t])]
         undetermined = [t for t in lens if t in runs and verdict[t] is None and t not in missing]
         seeds = sorted({s for ss in planned.get(name, {}).values() for s in ss if s is not None}
                        | {s for rs in runs.values() for r in rs if (s := seed_of(r["cell"])) is not None})
+        decided = {t: v for t, v in verdict.items() if v is not None}
         entry = {"row": name, "lens": lens, "missing_lens": missing, "undetermined_lens": undetermined,
                  "passes": {str(t): verdict[t] for t in lens if t in runs},
                  "blowup_over_len": {str(t): [blowup_over_len(r) for r in runs[t]] if seeds
                                      else blowup_over_len(runs[t][0]) for t in lens if t in runs},
-                 **t_forget_of(lens, {t: v for t, v in verdict.items() if v is not None})}
-        first = next((rs[0] for rs in runs.values()), None)
+                 **t_forget_of(lens, decided)}
+        # the model's figures: from a final result when there is one, else from a provisional cell's config.yaml
+        first = next((r for rs in runs.values() for r in rs if "provisional" not in r),
+                     next((rs[0] for rs in runs.values()), None))
         if first is not None:
-            entry.update({k: first[k] for k in ("d_state", "n_layer", "d_model", "n_s", "n_s_ssm_only", "params")})
+            entry.update({k: first[k] for k in MODEL_KEYS if k in first})
         if entry["t_forget"] is not None:  # the paper's law assumes every longer LEN passes too
             entry["fails_above_t_forget"] = [t for t in lens if t > entry["t_forget"] and verdict.get(t) is False]
+        marks = [(t, provisional_mark(r)) for t in lens_deciding(lens, decided) for r in early[t]]
         entry["t_forget_text"] = t_forget_text(entry, "; ".join(
             f"{what} LEN " + ", ".join(map(str, lens_))
-            for what, lens_ in (("missing", missing), ("undetermined", undetermined)) if lens_))
+            for what, lens_ in (("missing", missing), ("undetermined", undetermined)) if lens_),
+            provisional_text(marks))
+        any_early = any(early.values())
+        if any_early:
+            entry["provisional"] = {str(t): [provisional_mark(r) for r in early[t]] if seeds
+                                    else provisional_mark(early[t][0]) for t in lens if early[t]}
+            entry["t_forget_provisional"] = bool(marks)
         if seeds:
             entry["seeds"] = seeds
-            entry["fails_per_len"] = {str(t): {"fails": forgets[t].count(False), "forgets": forgets[t].count(True),
-                                               "undetermined": forgets[t].count(None), "finished": len(forgets[t]),
-                                               "planned": max(n_planned[t], len(forgets[t]))} for t in lens}
+            entry["fails_per_len"] = {}
+            for t in lens:
+                counts = {"fails": forgets[t].count(False), "forgets": forgets[t].count(True),
+                          "undetermined": forgets[t].count(None), "finished": len(forgets[t]) - len(early[t]),
+                          "planned": max(n_planned[t], len(forgets[t]))}
+                if any_early:  # runs counted above from their last evaluation along training, not finished
+                    counts["provisional"] = len(early[t])
+                entry["fails_per_len"][str(t)] = counts
             entry["t_forget_per_seed"] = []
             for seed in seeds:  # each seed as a study of its own
-                own = {t: r["verdict"]["forgets"] for t in runs for r in runs[t] if seed_of(r["cell"]) == seed}
-                per_seed = t_forget_of(lens, {t: v for t, v in own.items() if v is not None})
-                entry["t_forget_per_seed"].append({"seed": seed, **per_seed, "t_forget_text": t_forget_text(per_seed)})
+                mine = {t: r for t in runs for r in runs[t] if seed_of(r["cell"]) == seed}
+                own = {t: r["verdict"]["forgets"] for t, r in mine.items() if r["verdict"]["forgets"] is not None}
+                per_seed = t_forget_of(lens, own)
+                seed_marks = [(t, provisional_mark(mine[t])) for t in lens_deciding(lens, own)
+                              if "provisional" in mine.get(t, {})]
+                entry["t_forget_per_seed"].append({"seed": seed, **per_seed, "t_forget_text": t_forget_text(
+                    per_seed, provisional=provisional_text(seed_marks))})
+                if seed_marks:
+                    entry["t_forget_per_seed"][-1]["t_forget_provisional"] = True
         recalls = [(r.get("passkey") or {}).get("t_recall") for rs in runs.values() for r in rs if r.get("passkey")]
         entry["t_recall"] = max((x for x in recalls if x is not None), default=None) if recalls else None
         entry["passkey_ran"] = bool(recalls)
@@ -158,26 +301,36 @@ def rows_of(results: list[dict], plan: dict | None) -> list[dict]:
     return rows
 
 
-def fit_entry(fit, n: int, paper: dict, min_points: int) -> dict:
+def fit_entry(fit, n: int, paper: dict, min_points: int, provisional_rows: list[str] = ()) -> dict:
+    """The fit (or why none), its points and the paper's constants; ``provisional: true`` and ``provisional_rows``
+    when some of its points are provisional T_forgets (from evaluations along training, not final results)."""
+    mark = {"provisional": True, "provisional_rows": list(provisional_rows)} if provisional_rows else {}
     if fit is None:
         return {"fit": None, "n_points": n, "reason": f"no fit: {n} finite point(s), needs at least {min_points} "
-                "with different N_S", "paper": paper}
-    return {"fit": fit._asdict(), "n_points": n, "paper": paper}
+                "with different N_S", "paper": paper, **mark}
+    return {"fit": fit._asdict(), "n_points": n, "paper": paper, **mark}
 
 
 def fits_of(rows: list[dict]) -> dict:
-    """T_forget (K tokens) vs N_S (M), both N_S conventions; T_recall likewise when passkey ran."""
+    """T_forget (K tokens) vs N_S (M), both N_S conventions; T_recall likewise when passkey ran. A row whose
+    T_forget is provisional (``t_forget_provisional``) is a point of the fit, which then says so; a bound resting
+    on a provisional verdict says so too."""
     measured = [r for r in rows if r["t_forget"] is not None and "n_s" in r]
+    early = [r["row"] for r in measured if r.get("t_forget_provisional")]
     out = {"units": {"n_s": "millions (1e6)", "t": f"K tokens (1K = {T_UNIT})"}, "t_forget": {}, "t_recall": {}}
     y = [r["t_forget"] / T_UNIT for r in measured]
     for key, label in (("n_s", "paper_convention"), ("n_s_ssm_only", "ssm_only")):
         x = [r[key] / N_S_UNIT for r in measured]
-        out["t_forget"][label] = fit_entry(fit_linear(x, y), len(x), PAPER_T_FORGET, 2)
+        out["t_forget"][label] = fit_entry(fit_linear(x, y), len(x), PAPER_T_FORGET, 2, early)
+
+    def mark(r: dict) -> dict:
+        return {"provisional": True} if r.get("t_forget_provisional") else {}
+
     out["t_forget"]["lower_bounds"] = [
-        {"row": r["row"], "n_s": r.get("n_s"), "t_forget_above": r["t_forget_lower_bound"]}
+        {"row": r["row"], "n_s": r.get("n_s"), "t_forget_above": r["t_forget_lower_bound"], **mark(r)}
         for r in rows if r["t_forget_lower_bound"] is not None]
     out["t_forget"]["upper_bounds"] = [
-        {"row": r["row"], "n_s": r.get("n_s"), "t_forget_at_most": r["t_forget_upper_bound"]}
+        {"row": r["row"], "n_s": r.get("n_s"), "t_forget_at_most": r["t_forget_upper_bound"], **mark(r)}
         for r in rows if r["t_forget_upper_bound"] is not None]
     recall = [r for r in rows if r["t_recall"] is not None and "n_s" in r]
     if any(r["passkey_ran"] for r in rows):
@@ -204,7 +357,8 @@ def axis_unit(values, units) -> tuple[float, str]:
 
 def plot_t_forget(rows: list[dict], fits: dict) -> plt.Figure:
     """T_forget vs N_S: measured points, lower and upper bounds and the linear fit, each in the legend only when
-    drawn; both axes in the unit that suits the numbers (tokens below 1K, thousands of state entries below 1M)."""
+    drawn; both axes in the unit that suits the numbers (tokens below 1K, thousands of state entries below 1M). A
+    provisional point (resting on a cell's last evaluation along training) is drawn hollow."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     placed = [r for r in rows if "n_s" in r]
     kinds = (("t_forget", "o", "C0", "T_forget (measured)"),
@@ -218,9 +372,12 @@ def plot_t_forget(rows: list[dict], fits: dict) -> plt.Figure:
     t_scale, t_name = axis_unit([r[key] for key, rs in points.items() for r in rs] + [t for _, t in per_seed],
                                 T_UNITS)
     for key, marker, color, label in kinds:
-        if points[key]:
-            ax.plot([r["n_s"] / x_scale for r in points[key]], [r[key] / t_scale for r in points[key]], marker,
-                    color=color, markersize=7, linestyle="none", label=label)
+        for early in (False, True):
+            drawn = [r for r in points[key] if bool(r.get("t_forget_provisional")) is early]
+            if drawn:
+                ax.plot([r["n_s"] / x_scale for r in drawn], [r[key] / t_scale for r in drawn], marker, color=color,
+                        markersize=7, linestyle="none", markerfacecolor="none" if early else color,
+                        label=label + (", provisional (last evaluation along training)" if early else ""))
     if per_seed:
         ax.plot([n / x_scale for n, _ in per_seed], [t / t_scale for _, t in per_seed], "x", color="0.4",
                 markersize=5, linestyle="none", label="T_forget of one seed (the circle: their majority)")
@@ -387,7 +544,9 @@ def summarize(out: str, tensorboard: bool = True) -> dict:
     results = load_results(out)
     if plan is None and not results:
         raise SweepError(f"no study under {out}: neither study.json nor cells/*/result.json (wrong --out?)")
-    rows = rows_of(results, plan)
+    onset = onset_summary(os.path.join(out, "cells"), cells_of(plan, results, out), (plan or {}).get("tokens_per_batch"))
+    early = provisional_results(plan, results, onset, out)
+    rows = rows_of(results, plan, early)
     order = {r["row"]: i for i, r in enumerate(rows)}
     results.sort(key=lambda r: (order[r["row"]], r["seq_len"], seed_of(r["cell"]) or 0))
     fits = fits_of(rows)
@@ -405,6 +564,10 @@ def summarize(out: str, tensorboard: bool = True) -> dict:
     missing = [c for c in (plan or {}).get("cells", []) if c not in {r["cell"] for r in results}]
     if missing:
         notes.append(f"{len(missing)} planned cell(s) have no result yet: {', '.join(missing)}")
+    if early:
+        notes.append(f"{len(early)} of them gave a provisional verdict, from their last evaluation along training "
+                     "(used for T_forget until their result.json is written): "
+                     + "; ".join(provisional_note(r) for r in early))
     undetermined = [r for r in results if r["verdict"]["forgets"] is None]
     if undetermined:
         notes.append(f"{len(undetermined)} cell(s) have an undetermined verdict, counted as missing for T_forget: "
@@ -412,9 +575,10 @@ def summarize(out: str, tensorboard: bool = True) -> dict:
                      + " (the reason in each cell's result.json, verdict.undetermined)")
     summary = {"out": os.path.abspath(out), "cells_done": len(results), "cells_missing": missing,
                "tokens_per_cell": budgets, "axis": "models" if (plan or {}).get("models") else "states",
-               "rows": rows, "fits": fits, "notes": notes,
-               "onset": onset_summary(os.path.join(out, "cells"), cells_of(plan, results, out),
-                                      (plan or {}).get("tokens_per_batch"))}
+               "rows": rows, "fits": fits, "notes": notes, "onset": onset}
+    if early:  # cell -> its provisional verdict (the last evaluation along training)
+        summary["cells_provisional"] = {r["cell"]: {"row": r["row"], "seq_len": r["seq_len"], "forgets":
+                                                    r["verdict"]["forgets"], **r["provisional"]} for r in early}
     os.makedirs(out, exist_ok=True)
     summary = clean(summary)
     onset_figure = plot_onset(summary["onset"])
@@ -426,9 +590,20 @@ def summarize(out: str, tensorboard: bool = True) -> dict:
     w.writeheader()
     w.writerows(clean([csv_row(r) for r in results]))
     atomic_write_text(os.path.join(out, "results.csv"), table.getvalue())
-    if results:
+    if results or early:
         write_figures(out, results, rows, fits, tensorboard)
     return summary
+
+
+def provisional_note(r: dict) -> str:
+    """``state1024_len64: FAILS at step 10,501 of 20,000``, and how far it evaluated when short of the final
+    evaluation's length."""
+    p = r["provisional"]
+    text = (f"{r['cell']}: {VERDICT_WORDS[r['verdict']['forgets']]} at step {p['step']:,}"
+            + (f" of {p['planned_steps']:,}" if p["planned_steps"] is not None else ""))
+    if p["evaluated_to"] is not None and p["final_eval_length"] is not None and p["evaluated_to"] < p["final_eval_length"]:
+        text += f" (evaluated to {p['evaluated_to']:,} tokens, the final evaluation to {p['final_eval_length']:,})"
+    return text
 
 
 def plot_onset(onset: dict) -> plt.Figure | None:
@@ -466,7 +641,9 @@ def plot_onset(onset: dict) -> plt.Figure | None:
 
 
 def write_figures(out: str, results: list[dict], rows: list[dict], fits: dict, tensorboard: bool) -> None:
-    figures = {"t_forget_vs_state_size": plot_t_forget(rows, fits), "loss_curves": plot_curve_grid(results, rows)}
+    figures = {"t_forget_vs_state_size": plot_t_forget(rows, fits)}
+    if results:  # a provisional cell has no final curve
+        figures["loss_curves"] = plot_curve_grid(results, rows)
     pk = plot_passkey_grid(results, rows)
     if pk is not None:
         figures["passkey_heatmaps"] = pk
@@ -499,24 +676,31 @@ def write_figures(out: str, results: list[dict], rows: list[dict], fits: dict, t
 
 def markdown_table(rows: list[dict]) -> list[str]:
     """One line per row; with seeds its T_forget is the majority's, each seed's beside it, and a LEN reads
-    ``32: fails 2/3`` (seeds failing / seeds finished)."""
+    ``32: fails 2/3`` (seeds failing / seeds finished). A provisional verdict (a cell's last evaluation along
+    training) reads ``32:FAILS (provisional, step 7,101)``; the T_forget text names those it rests on."""
     lines = ["| row | N_S (M) | N_S SSM-only (M) | T_forget | forgets per LEN |", "|---|---|---|---|---|"]
     for r in rows:
         ns = f"{r['n_s'] / N_S_UNIT:.3f}" if "n_s" in r else "-"
         ssm = f"{r['n_s_ssm_only'] / N_S_UNIT:.3f}" if "n_s" in r else "-"
-        t_forget, passes = r["t_forget_text"], " ".join(f"{t}:{VERDICT_WORDS[p]}" for t, p in r["passes"].items())
+        t_forget = r["t_forget_text"]
         if "seeds" in r:
             t_forget += " (" + ", ".join(f"seed {e['seed']}: {e['t_forget_text']}" for e in r["t_forget_per_seed"]) + ")"
             passes = "; ".join(f"{t}: {seed_counts_text(r['fails_per_len'][t])}" for t in r["passes"])
+        else:
+            early = r.get("provisional") or {}
+            passes = " ".join(f"{t}:{VERDICT_WORDS[p]}" + (f" (provisional, step {early[t]['step']:,})"
+                                                           if t in early else "") for t, p in r["passes"].items())
         lines.append(f"| {r['row']} | {ns} | {ssm} | {t_forget} | {passes} |")
     return lines
 
 
 def seed_counts_text(counts: dict) -> str:
-    """``fails 2/3``, then what keeps the count from being the whole story: undetermined or unfinished seeds."""
-    extra = [f"{n} {what}" for n, what in ((counts["undetermined"], "undetermined"),
-                                           (counts["planned"] - counts["finished"], "missing")) if n]
-    return f"fails {counts['fails']}/{counts['finished']}" + (f" ({', '.join(extra)})" if extra else "")
+    """``fails 2/3``, then what keeps the count from being the whole story: undetermined, provisional (counted
+    from their last evaluation along training) or unfinished seeds."""
+    early = counts.get("provisional", 0)
+    extra = [f"{n} {what}" for n, what in ((counts["undetermined"], "undetermined"), (early, "provisional"),
+                                           (counts["planned"] - counts["finished"] - early, "missing")) if n]
+    return f"fails {counts['fails']}/{counts['finished'] + early}" + (f" ({', '.join(extra)})" if extra else "")
 
 
 def summary_lines(summary: dict) -> list[str]:
@@ -534,8 +718,10 @@ def summary_lines(summary: dict) -> list[str]:
         f = fit["fit"]
         ours = ", ".join(f"{k} = {f[k]:.4g}" for k in ("a", "b", "c") if k in f)
         r2 = "n/a" if f["r2"] is None else f"{f['r2']:.4f}"
-        lines.append(f"{form} (N_S in M, T in K tokens): ours {ours}, R^2 = {r2} over {fit['n_points']} points  "
-                     f"({paper_text})")
+        early = (f", provisional: T_forget of {', '.join(fit['provisional_rows'])} from evaluations along training"
+                 if fit.get("provisional") else "")
+        lines.append(f"{form} (N_S in M, T in K tokens): ours {ours}, R^2 = {r2} over {fit['n_points']} points"
+                     f"{early}  ({paper_text})")
     lines += onset_lines(summary.get("onset") or {"cells": {}, "t_forget_by_step": {}})
     lines += [f"note: {n}" for n in summary["notes"]]
     lines.append(f"written to {summary['out']} (results.csv, summary.json, *.png, summary/)")

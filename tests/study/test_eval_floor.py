@@ -83,12 +83,18 @@ def test_a_cell_is_evaluated_to_the_floor_at_the_end_and_along_training(tmp_path
     cell = out / "cells" / "state8_len32"
     r = json.loads((cell / "result.json").read_text())
     assert r["eval"]["length"] == r["verdict"]["evaluated_to"] == 600
+    # ratio_far as the callback measures it: the last quarter of the 600 positions over (T/2, T], with its interval
+    assert r["eval"]["far_window"] == [450, 600]
+    far = {k: r["metrics"][k] for k in ("ratio_far", "ratio_far_lo", "ratio_far_hi")}
+    assert far["ratio_far"] > 0 and far["ratio_far_lo"] <= far["ratio_far_hi"]
     assert "evaluated to 600" in capsys.readouterr().out
     along = [json.loads(p.read_text()) for p in sorted((cell / "lengthgen").glob("step_*.json"))]
     assert along and all(e["verdict"]["evaluated_to"] == 600 and e["far_window"] == [450, 600] for e in along)
     assert "min_length: 600" in (cell / "config.yaml").read_text()
     summarize(str(out), tensorboard=False)
     with open(out / "results.csv") as f:
-        assert [row["evaluated_to"] for row in csv.DictReader(f)] == ["600"]
+        (row,) = csv.DictReader(f)
+    assert row["evaluated_to"] == "600"
+    assert {k: float(row[k]) for k in far} == pytest.approx(far)
     history = json.loads((out / "summary.json").read_text())["onset"]["cells"]["state8_len32"]["history"]
     assert history[-1]["evaluated_to"] == 600 and history[-1]["ratio_far"] > 0

@@ -92,7 +92,11 @@ def test_results_csv_carries_the_ratio_and_its_interval():
 
     verdict = {"forgets": False, "blowup_position": 200, "max_in_window": 1.7, "ratio_long_over_in": 1.4,
                "evaluated_to": 4096, "ratio_16_64x": 2.2, "ratio_16_64x_lo": 1.9, "ratio_16_64x_hi": 2.6}
-    row = csv_row({"cell": "state64_len64", "seq_len": 64, "verdict": verdict})
-    assert {"ratio_16_64x", "ratio_16_64x_lo", "ratio_16_64x_hi"} <= set(CSV_FIELDS)
+    metrics = {"loss@1x": 1.7, "ratio_far": 3.1, "ratio_far_lo": 2.8, "ratio_far_hi": 3.5}
+    row = csv_row({"cell": "state64_len64", "seq_len": 64, "verdict": verdict, "metrics": metrics})
+    assert {"ratio_16_64x", "ratio_16_64x_lo", "ratio_16_64x_hi", "ratio_far", "ratio_far_lo",
+            "ratio_far_hi"} <= set(CSV_FIELDS)
     assert (row["ratio_16_64x"], row["ratio_16_64x_lo"], row["ratio_16_64x_hi"]) == (2.2, 1.9, 2.6)
+    assert (row["ratio_far"], row["ratio_far_lo"], row["ratio_far_hi"]) == (3.1, 2.8, 3.5)
+    assert csv_row({"cell": "c_len64", "seq_len": 64, "verdict": verdict})["ratio_far"] is None  # an older result
     assert row["forgets"] == 0 and row["blowup_over_len"] == 200 / 64
