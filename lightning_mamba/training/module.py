@@ -148,6 +148,7 @@ class MambaLitModule(L.LightningModule):
         self._graphed_loss = GraphedLoss(self.model) if cuda_graph else None
         self._schedule_total: int | None = None  # the lr schedule's length in steps (kept in checkpoints)
         self._tokens_trained = 0  # training tokens of this run, all processes (kept in checkpoints)
+        self._offered_grad_norm: tuple[int, torch.Tensor] | None = None  # (global step, norm): offer_grad_norm
 
     @property
     def config(self) -> MambaConfig:
@@ -306,6 +307,12 @@ class MambaLitModule(L.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def offer_grad_norm(self, grad_norm: torch.Tensor) -> None:
+        """This step's total 2-norm over all gradients, computed before clipping by someone who leaves the gradients
+        as they are (the NaN guard): norm clipping then scales by it instead of computing it again (on an H200 host
+        the two norms cost ~0.6 + ~0.5 ms of host time per step of the study's small cell, ~5.8 ms in all)."""
+        self._offered_grad_norm = (self.trainer.global_step, grad_norm)
+
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         if gradient_clip_val is not None and not gradient_clip_val >= 0:  # NaN too
             # a negative max norm flips every gradient (clip_grad_norm_ scales by max_norm / norm): the loss climbs
@@ -322,7 +329,12 @@ class MambaLitModule(L.LightningModule):
         if self.trainer.precision == "16-mixed":
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         if gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm":
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+            offered, self._offered_grad_norm = self._offered_grad_norm, None
+            if offered is not None and offered[0] == self.trainer.global_step:
+                grad_norm = offered[1]
+                torch.nn.utils.clip_grads_with_norm_(self.parameters(), gradient_clip_val, grad_norm)
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
             self.log("train/grad_norm", grad_norm)
         elif gradient_clip_val:
             torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)

@@ -23,6 +23,14 @@ class NonFiniteError(UserError, RuntimeError):
     """The loss or a gradient is NaN/Inf; the message is one line naming the step and the first such tensor."""
 
 
+def _offer_grad_norm(pl_module: L.LightningModule, grad_norm: torch.Tensor | None) -> None:
+    """Hands this step's total gradient norm to a module that can reuse it (MambaLitModule's norm clipping, which
+    would compute the same norm again); only where the guard leaves the gradients as they are."""
+    offer = getattr(pl_module, "offer_grad_norm", None)
+    if grad_norm is not None and offer is not None:
+        offer(grad_norm)
+
+
 class NanGuard(L.Callback):
     """Checks every optimizer step that the loss and the gradients are finite.
 
@@ -77,12 +85,14 @@ class NanGuard(L.Callback):
             checks.append(grad_norm.isfinite())
         if checks and check_grads and trainer.world_size == 1 and _takes_found_inf(optimizer):
             self._check_later(trainer, pl_module, optimizer, losses, grad_norm, checks)
+            _offer_grad_norm(pl_module, grad_norm)  # the gradients stay as they are: the optimizer skips a bad step
             return
         bad = bool(checks) and not torch.stack([c.to(pl_module.device) for c in checks]).all()
         # Each rank sees its own losses (and under FSDP its own shard of the gradients): one rank's non-finite
         # step is every rank's, so that all stop or skip together.
         if not trainer.strategy.reduce_boolean_decision(bad, all=False):
             self._in_a_row, self._loss_failed = 0, False
+            _offer_grad_norm(pl_module, grad_norm)
         else:
             self._loss_failed = self._loss_failed or (bool(losses) and not bool(checks[0]))
             self._handle(trainer, pl_module, self._describe(pl_module, losses, grad_norm, check_grads))

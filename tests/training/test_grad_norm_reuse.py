@@ -1,0 +1,66 @@
+"""Norm clipping reuses the NaN guard's gradient norm (one norm per step, not two) and trains exactly as before."""
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_mamba.data import TextDataModule
+from lightning_mamba.training.module import MambaLitModule
+from lightning_mamba.training.nan_guard import NanGuard
+from tests.robust.helpers import FusedOptimizer
+
+
+def text_data(tmp_path) -> TextDataModule:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir(parents=True, exist_ok=True)
+    for d in range(8):
+        (corpus / f"doc{d}.txt").write_text("".join(f"{d} line {i}: the cat sat on the mat.\n" for i in range(30)))
+    return TextDataModule(source=str(corpus), tokenizer="byte", seq_len=32, batch_size=4, val_fraction=0.2,
+                          cache_dir=str(tmp_path / "cache"))
+
+
+class RecordGradNorm(L.Callback):
+    def __init__(self):
+        self.norms = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.norms.append(float(trainer.callback_metrics["train/grad_norm"]))
+
+
+def train(tmp_path, callbacks, monkeypatch) -> tuple[dict, list, int]:
+    """5 clipped steps (the clip is active: max norm 0.05); returns the weights, the logged norms and how many times
+    clip_grad_norm_ (the clip that computes its own norm) ran."""
+    calls = []
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: calls.append(1) or clip(*a, **k))
+    torch.manual_seed(0)
+    module = MambaLitModule(d_model=32, n_layer=2, d_state=16, headdim=16, chunk_size=32, vocab_size=257,
+                            backend="torch", warmup_steps=1)
+    record = RecordGradNorm()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=5, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        gradient_clip_val=0.05, callbacks=[*callbacks, record])
+    trainer.fit(module, datamodule=text_data(tmp_path))
+    return {k: v.clone() for k, v in module.state_dict().items()}, record.norms, len(calls)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["checked-now", "deferred-check"])
+def test_clipping_reuses_the_guards_norm_and_trains_the_same(tmp_path, monkeypatch, fused):
+    extra = [FusedOptimizer()] if fused else []
+    alone, norms_alone, clips_alone = train(tmp_path / "a", extra, monkeypatch)
+    guarded, norms_guarded, clips_guarded = train(tmp_path / "b", [*extra, NanGuard()], monkeypatch)
+    assert clips_alone == 5 and clips_guarded == 0  # the guard's norm served every step
+    assert min(norms_alone) > 0.05  # the clip was active
+    assert norms_guarded == pytest.approx(norms_alone, rel=1e-6)
+    for name, value in alone.items():
+        torch.testing.assert_close(guarded[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_a_norm_offered_for_another_step_is_not_used(tmp_path, monkeypatch):
+    """A stale offer (an earlier step's) must not clip this step's gradients."""
+    class OfferStale(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            pl_module._offered_grad_norm = (trainer.global_step - 1, torch.tensor(1e6))
+
+    _, _, clips = train(tmp_path, [OfferStale()], monkeypatch)
+    assert clips == 5
