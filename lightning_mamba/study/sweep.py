@@ -407,12 +407,39 @@ def passkey_cell(study: Study, cell: Cell, model, dm, device, log) -> dict | Non
     return grid.to_dict()
 
 
+PLAN_LISTS = ("states", "lens", "seeds")  # the grid's axes in study.json, joined like its cells
+
+
+def record_plan(study: Study, cells: list[Cell]) -> None:
+    """<out>/study.json: this study's settings and the cells planned in the folder by every invocation so far. Slices
+    of one grid run as separate invocations (``--states '[512]' --lens '[64]'`` beside ``--states '[256]' ...``, at
+    once or one after another) add their cells to those already there, so that ``--summarize_only`` sees the
+    union, not the last invocation's slice. A lock file serialises invocations starting together."""
+    import fcntl
+
+    path = os.path.join(study.out, "study.json")
+    plan = {**asdict(study), "cells": [c.name for c in cells]}
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            with open(path) as f:
+                earlier = json.load(f)
+        except (OSError, ValueError):
+            earlier = {}
+        if isinstance(earlier, dict):
+            plan["cells"] = list(dict.fromkeys([*(earlier.get("cells") or []), *plan["cells"]]))
+            for key in PLAN_LISTS:
+                if isinstance(earlier.get(key), list) and isinstance(plan.get(key), list):
+                    plan[key] = sorted(set(earlier[key]) | set(plan[key]))
+        write_json(path, plan)
+
+
 def run_study(study: Study, log: Callable[[str], None] = print) -> list[dict]:
-    """Every cell of this shard, in order; writes the plan to <out>/study.json first."""
+    """Every cell of this shard, in order; records the plan in <out>/study.json first (:func:`record_plan`)."""
     study.validate()
     os.makedirs(os.path.join(study.out, "cells"), exist_ok=True)
     cells = make_cells(study)
-    write_json(os.path.join(study.out, "study.json"), {**asdict(study), "cells": [c.name for c in cells]})
+    record_plan(study, cells)
     mine = shard_cells(cells, study.shard)
     log(f"sweep: {len(cells)} cells in the grid, {len(mine)} in shard {study.shard}; study directory {study.out}")
     results = []

@@ -9,7 +9,16 @@ import numpy as np
 import pytest
 
 from lightning_mamba.study.summary import summarize, summary_lines
-from lightning_mamba.study.sweep import Study, SweepError, cell_args, make_cells, shard_cells, shard_of, write_json
+from lightning_mamba.study.sweep import (
+    Study,
+    SweepError,
+    cell_args,
+    make_cells,
+    record_plan,
+    shard_cells,
+    shard_of,
+    write_json,
+)
 
 
 def test_cells_are_the_grid_row_major_with_stable_names():
@@ -29,6 +38,21 @@ def test_the_papers_axis_varies_models_instead_of_states():
     args = cell_args(study, cells[0])
     assert args[args.index("--model.n_layer") + 1] == "6" and args[args.index("--model.d_state") + 1] == "128"
     assert "--model.name" not in args
+
+
+def test_slices_run_as_separate_invocations_add_up_in_the_plan(tmp_path):
+    """Two slices of one grid in one folder (--states '[512]' --lens '[64]', then --states '[1024]' ...): study.json
+    plans both, so the summary sees the union and not the last slice alone."""
+    out = str(tmp_path)
+    for states, lens in (([512], [32, 64]), ([1024], [64]), ([512], [64])):
+        study = Study(states=states, lens=lens, out=out)
+        record_plan(study, make_cells(study))
+    plan = json.load(open(tmp_path / "study.json"))
+    assert plan["cells"] == ["state512_len32", "state512_len64", "state1024_len64"]
+    assert plan["states"] == [512, 1024] and plan["lens"] == [32, 64]
+    (tmp_path / "study.json").write_text("{not json")  # a damaged plan is replaced, not a crash
+    record_plan(Study(states=[16], lens=[32], out=out), make_cells(Study(states=[16], lens=[32])))
+    assert json.load(open(tmp_path / "study.json"))["cells"] == ["state16_len32"]
 
 
 def test_shards_partition_the_grid():
