@@ -392,7 +392,8 @@ def plot_t_forget(rows: list[dict], fits: dict) -> plt.Figure:
         ax.plot(xs / x_scale, (f["a"] * xs / N_S_UNIT + f["b"]) * T_UNIT / t_scale, "-", color="C0", alpha=0.6,
                 label=f"fit {f['a']:.3g} N_S {f['b']:+.3g} (N_S in M, T in K; R^2 {f['r2']:.3f})")
     elif entry.get("reason"):
-        ax.text(0.02, 0.03, entry["reason"], transform=ax.transAxes, fontsize=7, color="0.3")
+        ax.text(0.02, 0.97, entry["reason"], transform=ax.transAxes, fontsize=7, color="0.3", va="top")  # the
+        # legend's corner is chosen among the data (loc "best"), which the text is not
     ax.set_xlim(left=0)
     if shown:
         ax.set_xlim(right=max(n for n, _, _ in shown) / x_scale * 1.15)
