@@ -26,6 +26,18 @@ def text_data(tmp_path, seq_len=SEQ_LEN) -> TextDataModule:
                           val_fraction=0.2, cache_dir=str(tmp_path / "cache"))
 
 
+def fit_observed(tmp_path, module, callbacks, max_steps: int, num_sanity_val_steps: int):
+    """A CPU fit validating every 2 steps with TensorBoard; returns the trainer and its events, loaded."""
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, val_check_interval=2, limit_val_batches=1,
+                        num_sanity_val_steps=num_sanity_val_steps, logger=TensorBoardLogger(tmp_path, name="run"),
+                        callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, log_every_n_steps=1)
+    trainer.fit(module, datamodule=text_data(tmp_path))
+    acc = EventAccumulator(trainer.log_dir, size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    return trainer, acc
+
+
 def test_callbacks_log_tags_and_files(tmp_path):
     torch.manual_seed(0)
     module = MambaLitModule(d_model=32, n_layer=2, d_state=16, headdim=16, chunk_size=32, vocab_size=257,
@@ -33,14 +45,7 @@ def test_callbacks_log_tags_and_files(tmp_path):
     lengthgen = LengthGeneralizationCallback(every_n_validations=1, multiples=(1, 2, 4, 8, 16), n_rows=2,
                                              piece_len=256)  # small: the defaults (64 x T, 32 rows) are slow on CPU
     stats = StateStatsCallback(every_n_validations=2, stride=64)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=5, val_check_interval=2, limit_val_batches=1,
-                        num_sanity_val_steps=1, logger=TensorBoardLogger(tmp_path, name="run"),
-                        callbacks=[lengthgen, stats], enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, log_every_n_steps=1)
-    trainer.fit(module, datamodule=text_data(tmp_path))
-
-    acc = EventAccumulator(trainer.log_dir, size_guidance={"images": 0, "scalars": 0})
-    acc.Reload()
+    trainer, acc = fit_observed(tmp_path, module, [lengthgen, stats], max_steps=5, num_sanity_val_steps=1)
     scalars, images = set(acc.Tags()["scalars"]), set(acc.Tags()["images"])
     assert {f"lengthgen/loss@{m}x" for m in (1, 2, 4, 8, 16)} <= scalars
     assert {"lengthgen/forgets", "lengthgen/blowup_position", "lengthgen/ratio_4_16x"} <= scalars
@@ -77,14 +82,7 @@ def test_figures_every_n_runs_draws_first_nth_and_last(tmp_path):
                             backend="torch", warmup_steps=1)
     lengthgen = LengthGeneralizationCallback(multiples=(1, 2, 4), n_rows=1, piece_len=256, figures_every_n_runs=2)
     stats = StateStatsCallback(multiples=(1, 4), stride=32, probes=("text",), figures_every_n_runs=3)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=7, val_check_interval=2, limit_val_batches=1,
-                        num_sanity_val_steps=0, logger=TensorBoardLogger(tmp_path, name="run"),
-                        callbacks=[lengthgen, stats], enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, log_every_n_steps=1)
-    trainer.fit(module, datamodule=text_data(tmp_path))
-
-    acc = EventAccumulator(trainer.log_dir, size_guidance={"images": 0, "scalars": 0})
-    acc.Reload()
+    _, acc = fit_observed(tmp_path, module, [lengthgen, stats], max_steps=7, num_sanity_val_steps=0)
     # validations at 2, 4, 6, then the end of fit at 7: runs 0-3
     assert [e.step for e in acc.Scalars("lengthgen/loss@4x")] == [2, 4, 6, 7]
     assert [e.step for e in acc.Images("lengthgen/loss_vs_position")] == [2, 6, 7]  # runs 0, 2 and the end
