@@ -574,7 +574,8 @@ def summarize(out: str, tensorboard: bool = True) -> dict:
         notes.append(f"{len(undetermined)} cell(s) have an undetermined verdict, counted as missing for T_forget: "
                      + "; ".join(f"{r['cell']}: {verdict_word(r['verdict'], reason='short')}" for r in undetermined)
                      + " (the reason in each cell's result.json, verdict.undetermined)")
-    summary = {"out": os.path.abspath(out), "cells_done": len(results), "cells_missing": missing,
+    # out as given, not made absolute: a summary copied with its folder names no path of the machine it ran on
+    summary = {"out": os.path.normpath(out), "cells_done": len(results), "cells_missing": missing,
                "tokens_per_cell": budgets, "axis": "models" if (plan or {}).get("models") else "states",
                "rows": rows, "fits": fits, "notes": notes, "onset": onset}
     if early:  # cell -> its provisional verdict (the last evaluation along training)

@@ -177,6 +177,14 @@ def test_fewer_than_two_points_is_no_fit_not_a_crash(tmp_path):
     assert any("no fit" in line for line in summary_lines(s))
 
 
+def test_the_summary_records_the_study_folder_as_given(tmp_path, monkeypatch):
+    """A relative --out stays relative in summary.json (no path of the machine it ran on)."""
+    write_study(tmp_path / "study", rows={"state16": (0.1e6, 1024)})
+    monkeypatch.chdir(tmp_path)
+    s = summarize("study/")
+    assert s["out"] == "study" and json.load(open("study/summary.json"))["out"] == "study"
+
+
 def test_a_row_that_fails_above_its_t_forget_is_flagged(tmp_path):
     write_study(tmp_path, rows={"state16": (0.1e6, 1024)})
     path = tmp_path / "cells" / "state16_len4096" / "result.json"
