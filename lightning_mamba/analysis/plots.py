@@ -83,6 +83,29 @@ def _finish_loss_plot(fig: Figure, ax, seq_len: int, ylabel: str, title: str, le
     return fig
 
 
+DENSE_CURVE = 256  # buckets beyond which the figure draws the curve thin, with a log-binned mean over it
+
+
+def plot_forgetting_report(report, threshold: float, title: str) -> Figure:
+    """The loss-vs-position figure of a forgetting report (analysis/forgetting.py), its 2x line drawn. A long horizon at a small T_train has thousands of buckets (32K tokens in
+    buckets of 16: 2,048), a solid band on a log axis: then the buckets (what the criterion judges) are drawn thin
+    and a mean over ~48 log-spaced bins over them, so the trend far out stays readable."""
+    v = report.verdict
+    fig = plot_loss_curve(report.positions, report.curve, report.seq_len, threshold * v.max_in_window,
+                                threshold_factor=threshold, title=title)
+    if report.curve.size > DENSE_CURVE:
+        ax = fig.axes[0]
+        ax.lines[0].set(marker="", linewidth=0.5, alpha=0.5)  # the bucket curve: plot_loss_curve draws it first
+        n, bucket = report.per_position.size, report.bucket
+        ends = np.unique(np.append(np.round(np.geomspace(1, n / bucket, 48)).astype(int) * bucket, n))  # whole buckets
+        ends = ends[ends <= n]
+        starts = np.concatenate([[0], ends[:-1]])
+        ax.plot(ends, [report.per_position[a:e].mean() for a, e in zip(starts, ends)], color="C1", linewidth=1.6,
+                label="mean over log-spaced bins")
+        ax.legend(fontsize=8)
+    return fig
+
+
 def plot_state_norm(positions, rms, seq_len: int, per_head: bool = False, title: str = "") -> Figure:
     """State RMS vs position, one line per layer (max over heads), or one per (layer, head) if ``per_head``.
 

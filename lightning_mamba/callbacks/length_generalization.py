@@ -186,29 +186,6 @@ class PeriodicAnalysis(L.Callback):
         return os.path.join(self.out_dir(trainer, create=False), f"step_{step}.json")
 
 
-DENSE_CURVE = 256  # buckets beyond which the figure draws the curve thin, with a log-binned mean over it
-
-
-def plot_lengthgen(report, threshold: float, title: str):
-    """The loss-vs-position figure. A long horizon at a small T_train has thousands of buckets (32K tokens in
-    buckets of 16: 2,048), a solid band on a log axis: then the buckets (what the criterion judges) are drawn thin
-    and a mean over ~48 log-spaced bins over them, so the trend far out stays readable."""
-    v = report.verdict
-    fig = plots.plot_loss_curve(report.positions, report.curve, report.seq_len, threshold * v.max_in_window,
-                                threshold_factor=threshold, title=title)
-    if report.curve.size > DENSE_CURVE:
-        ax = fig.axes[0]
-        ax.lines[0].set(marker="", linewidth=0.5, alpha=0.5)  # the bucket curve: plot_loss_curve draws it first
-        n, bucket = report.per_position.size, report.bucket
-        ends = np.unique(np.append(np.round(np.geomspace(1, n / bucket, 48)).astype(int) * bucket, n))  # whole buckets
-        ends = ends[ends <= n]
-        starts = np.concatenate([[0], ends[:-1]])
-        ax.plot(ends, [report.per_position[a:e].mean() for a, e in zip(starts, ends)], color="C1", linewidth=1.6,
-                label="mean over log-spaced bins")
-        ax.legend(fontsize=8)
-    return fig
-
-
 class LengthGeneralizationCallback(PeriodicAnalysis):
     """Loss vs position on held-out text out to ``max(multiples)`` x T_train (default 64), or ``min_length`` tokens
     when that is further, and the forgetting verdict on the whole evaluated range
@@ -301,7 +278,7 @@ class LengthGeneralizationCallback(PeriodicAnalysis):
         if verdict.forgets is False:
             title += f", blow-up at {verdict.blowup_position}"
         self.log_figure(trainer, "lengthgen/loss_vs_position",
-                        lambda: plot_lengthgen(report, self.threshold, f"step {step}: {title}"), step)
+                        lambda: plots.plot_forgetting_report(report, self.threshold, f"step {step}: {title}"), step)
 
         out = os.path.join(self.out_dir(trainer), f"step_{step}")
         write_position_losses_csv(out + ".csv", report.per_position)

@@ -13,6 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lightning_mamba.analysis import forgetting
 from lightning_mamba.analysis.forgetting import forgetting_report
+from lightning_mamba.analysis.plots import plot_forgetting_report
 from lightning_mamba.callbacks import LengthGeneralizationCallback, length_generalization as lg
 from tests.tiny import tiny_lm
 
@@ -119,11 +120,11 @@ def test_a_long_curve_is_drawn_thin_with_a_log_binned_mean():
     losses = 1.0 + torch.rand(2, 32768, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     report = forgetting_report(losses, 32)
     assert report.curve.size == 2048
-    fig = lg.plot_lengthgen(report, 2.0, "long")
+    fig = plot_forgetting_report(report, 2.0, "long")
     ax = fig.axes[0]
     assert ax.lines[0].get_marker() in ("", "None")
     binned = [line for line in ax.lines if line.get_label() == "mean over log-spaced bins"]
     assert binned and 20 < len(binned[0].get_xdata()) <= 48 and np.isfinite(binned[0].get_ydata()).all()
-    short = lg.plot_lengthgen(forgetting_report(losses[:, :2048], 32), 2.0, "short").axes[0]  # 128 buckets
+    short = plot_forgetting_report(forgetting_report(losses[:, :2048], 32), 2.0, "short").axes[0]  # 128 buckets
     assert short.lines[0].get_marker() == "." and "mean over log-spaced bins" not in [
         line.get_label() for line in short.lines]
