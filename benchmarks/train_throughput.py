@@ -30,6 +30,7 @@ from lightning_mamba.callbacks.throughput import peak_flops
 
 CONFIGS = {  # name: (d_model, n_layer, d_state, vocab, batch, seq_len, headdim)
     "130m": (768, 24, 128, 50277, 16, 2048, 64),
+    "370m": (1024, 48, 128, 50277, 16, 2048, 64),  # the official 370m's shape: matmuls weigh more than at 130m
     "small": (512, 8, 128, 8192, 32, 2048, 64),
     "cpu-small": (128, 4, 64, 8192, 4, 1024, 32),
 }
