@@ -109,11 +109,21 @@ class ForgettingReport:
     curve: np.ndarray  # bucket means
     verdict: ForgettingVerdict  # with ratio_16_64x, its interval and the rows
     loss_at: dict[int, float | None]  # multiple m -> loss@{m}x (None when the rows do not reach m T)
+    far: dict[str, float | None]  # ratio_far and its interval (:func:`far_ratio`), over :attr:`far_window`
 
     @property
     def evaluated_to(self) -> int:
         """Positions evaluated (the row length minus one)."""
         return int(self.per_position.size)
+
+    @property
+    def far_window(self) -> tuple[int, int]:
+        """ratio_far's positions (lo, hi] (:func:`far_window`)."""
+        return far_window(self.evaluated_to)
+
+    def far_metrics(self, prefix: str = "") -> dict[str, float | None]:
+        """``{prefix}ratio_far``, ``_lo``, ``_hi``."""
+        return {prefix + k: v for k, v in self.far.items()}
 
     def metrics(self, prefix: str = "") -> dict[str, float | None]:
         """``{prefix}loss@{m}x`` for every multiple of the report."""
@@ -146,7 +156,7 @@ def forgetting_report(
     multiples: tuple[int, ...] | list[int] | None = None,
 ) -> ForgettingReport:
     """Per-position losses (rows, n) -> the report: the verdict on the bucket curve (first and last bucket not
-    judged), ratio_16_64x with its bootstrap interval over rows, loss@{m}x. ``multiples``: the loss@{m}x to report
+    judged), ratio_16_64x and ratio_far with their bootstrap intervals over rows, loss@{m}x. ``multiples``: the loss@{m}x to report
     (None where the rows stop short); default: those of ``DEFAULT_MULTIPLES`` the rows reach."""
     losses = torch.as_tensor(losses, dtype=torch.float64)
     if losses.dim() == 1:
@@ -162,6 +172,7 @@ def forgetting_report(
         seq_len=seq_len, bucket=bucket, rows=int(losses.size(0)), per_position=losses.mean(0).numpy(),
         positions=positions, curve=curve, verdict=verdict,
         loss_at={int(m): loss_at_multiple(losses, seq_len, int(m)) for m in multiples},
+        far=far_ratio(losses, seq_len),
     )
 
 

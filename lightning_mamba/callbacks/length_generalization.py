@@ -15,13 +15,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from ..analysis import plots
 from ..analysis.criterion import verdict_text, verdict_word
-from ..analysis.evaluator import eval_rows, token_losses, write_position_losses_csv
+from ..analysis.evaluator import eval_rows, write_position_losses_csv
 from ..analysis.forgetting import (
     DEFAULT_EVAL_ROWS,
     DEFAULT_MAX_MULTIPLE,
-    far_ratio,
-    far_window,
-    forgetting_report,
+    measure_forgetting,
     multiples_up_to,
 )
 from ..atomic import atomic_write_json
@@ -217,7 +215,7 @@ class LengthGeneralizationCallback(PeriodicAnalysis):
     ``lengthgen/ratio_4_16x`` (mean[4T,16T] / mean[T/2,T], when evaluated to 16T), ``lengthgen/ratio_16_64x``
     (mean[16T,64T] / mean[T/2,T], when evaluated to 64T) with its bootstrap 95% interval over rows
     ``lengthgen/ratio_16_64x_lo`` and ``_hi``, ``lengthgen/ratio_far`` (the mean over the last quarter of the
-    evaluated positions / mean[T/2,T], see :func:`far_ratio`) with ``_lo`` and ``_hi``, the figure
+    evaluated positions / mean[T/2,T], see :func:`..analysis.forgetting.far_ratio`) with ``_lo`` and ``_hi``, the figure
     ``lengthgen/loss_vs_position``, and ``<log_dir>/lengthgen/step_<step>.json`` (verdict with the ratios, rows and
     evaluated_to, ``far_window`` [lo, hi]: ratio_far's positions (lo, hi], bucket curve, per-position curve) and
     ``.csv`` (position, loss averaged over rows).
@@ -264,12 +262,11 @@ class LengthGeneralizationCallback(PeriodicAnalysis):
         rows, info = eval_rows(data.val_tokens(), length + 1, self.n_rows, getattr(data.tokenizer, "eos_id", None))
         if info["note"]:
             rank_zero_warn(f"lengthgen: {info['note']}")
-        # measure_forgetting's two steps, keeping the per-row losses for ratio_far's interval
-        losses = token_losses(model, rows, self.piece_len or self.default_piece_len(model), self.dtype)
-        report = forgetting_report(losses, T, self.bucket, self.threshold, self.multiples)
+        report = measure_forgetting(model, rows, T, self.bucket, self.threshold, self.multiples,
+                                    piece_len=self.piece_len or self.default_piece_len(model), dtype=self.dtype)
         verdict = report.verdict
-        metrics = {**report.scalars("lengthgen/"), **far_ratio(losses, T, "lengthgen/")}
-        far = far_window(report.evaluated_to)
+        metrics = {**report.scalars("lengthgen/"), **report.far_metrics("lengthgen/")}
+        far = report.far_window
         self.log_scalars(trainer, metrics, step)
         self._note_scalars(trainer, T, far)
         self.last_result = {"step": step, "verdict": verdict.to_dict()}

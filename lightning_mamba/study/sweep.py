@@ -12,6 +12,7 @@ is not bitwise deterministic, and a marginal onset can show in one run and not i
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -354,8 +355,8 @@ def evaluate_cell(study: Study, cell: Cell, model, dm, log: Callable[[str], None
     """The final model on held-out text, fp32, no resets: loss vs position, the paper's verdict, ``ratio_far`` (the
     loss over the last quarter of the evaluated positions / mean[T/2,T], with its bootstrap interval: the same
     measurement as the evaluations along training, ``metrics.ratio_far`` and ``eval.far_window``), passkey."""
-    from ..analysis.evaluator import eval_rows, token_losses
-    from ..analysis.forgetting import far_ratio, far_window, forgetting_report
+    from ..analysis.evaluator import eval_rows
+    from ..analysis.forgetting import measure_forgetting
 
     t0 = time.perf_counter()
     T = cell.seq_len
@@ -365,9 +366,8 @@ def evaluate_cell(study: Study, cell: Cell, model, dm, log: Callable[[str], None
     rows, info = eval_rows(dm.val_tokens(), length + 1, study.eval_n_rows, dm.eos_id)
     if info["note"]:
         log(f"sweep: {cell.name}: note: {info['note']}")
-    # measure_forgetting's two steps, keeping the per-row losses for ratio_far's interval (as the callback does)
-    losses = token_losses(model, rows, study.piece_len, torch.float32, device, study.eval_batch_size)
-    report = forgetting_report(losses, T, study.bucket, study.threshold)
+    report = measure_forgetting(model, rows, T, study.bucket, study.threshold, piece_len=study.piece_len,
+                                dtype=torch.float32, device=device, batch_size=study.eval_batch_size)
     cfg = model.config
     result = {
         "cell": cell.name, "row": cell.row, "axis": study.axis, "model_overrides": dict(cell.model),
@@ -379,9 +379,9 @@ def evaluate_cell(study: Study, cell: Cell, model, dm, log: Callable[[str], None
         "tokens": study.steps * study.tokens_per_batch,
         "batch_size": study.tokens_per_batch // T, "seed": training_seed(study, cell),
         "eval": {"length": length, "bucket": report.bucket, "threshold": study.threshold, "dtype": "float32",
-                 "rows": info, "far_window": list(far_window(report.evaluated_to))},
+                 "rows": info, "far_window": list(report.far_window)},
         "verdict": report.verdict.to_dict(),
-        "metrics": {**report.metrics(), **far_ratio(losses, T)},
+        "metrics": {**report.metrics(), **report.far_metrics()},
         "curve": {"positions": report.positions.tolist(), "loss": report.curve.tolist()},
     }
     if study.passkey:
@@ -415,8 +415,6 @@ def record_plan(study: Study, cells: list[Cell]) -> None:
     of one grid run as separate invocations (``--states '[512]' --lens '[64]'`` beside ``--states '[256]' ...``, at
     once or one after another) add their cells to those already there, so that ``--summarize_only`` sees the
     union, not the last invocation's slice. A lock file serialises invocations starting together."""
-    import fcntl
-
     path = os.path.join(study.out, "study.json")
     plan = {**asdict(study), "cells": [c.name for c in cells]}
     with open(path + ".lock", "w") as lock:

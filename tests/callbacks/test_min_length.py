@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lightning_mamba.analysis import forgetting
 from lightning_mamba.analysis.forgetting import forgetting_report
 from lightning_mamba.analysis.plots import plot_forgetting_report
-from lightning_mamba.callbacks import LengthGeneralizationCallback, length_generalization as lg
+from lightning_mamba.callbacks import LengthGeneralizationCallback
 from tests.tiny import tiny_lm
 
 T = 16  # 64 x T = 1024 positions
@@ -84,7 +84,7 @@ def test_a_floor_past_64t_on_a_tiny_held_out_split(tmp_path, stream_tokens, rows
     assert set(m) >= {"lengthgen/loss@64x", "lengthgen/ratio_far_lo", "lengthgen/ratio_far_hi"}
 
 
-def rising_far_out(model, rows, piece_len, dtype):
+def rising_far_out(model, rows, *args):
     """Stands in for token_losses: a flat loss of 1 to position 2000 (past 64 x T = 1024), 3 beyond it."""
     losses = torch.ones(rows.size(0), rows.size(1) - 1)
     losses[:, 2000:] = 3.0
@@ -95,7 +95,7 @@ def rising_far_out(model, rows, piece_len, dtype):
 def test_the_verdict_covers_the_evaluated_range(tmp_path, monkeypatch, min_length):
     """A loss that crosses 2x only past 64 x T passes at 64 x T and fails with the floor; ratio_16_64x does not see
     it, ratio_far does; both reach TensorBoard and step_N.json."""
-    monkeypatch.setattr(lg, "token_losses", rising_far_out)
+    monkeypatch.setattr(forgetting, "token_losses", rising_far_out)
     trainer, data, model = fixture_run(tmp_path, 10000)
     cb = LengthGeneralizationCallback(n_rows=2, min_length=min_length)
     cb.analyze(trainer, model, data, 0)

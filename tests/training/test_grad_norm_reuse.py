@@ -10,15 +10,6 @@ from lightning_mamba.training.nan_guard import NanGuard
 from tests.robust.helpers import FusedOptimizer
 
 
-def text_data(tmp_path) -> TextDataModule:
-    corpus = tmp_path / "corpus"
-    corpus.mkdir(parents=True, exist_ok=True)
-    for d in range(8):
-        (corpus / f"doc{d}.txt").write_text("".join(f"{d} line {i}: the cat sat on the mat.\n" for i in range(30)))
-    return TextDataModule(source=str(corpus), tokenizer="byte", seq_len=32, batch_size=4, val_fraction=0.2,
-                          cache_dir=str(tmp_path / "cache"))
-
-
 class RecordGradNorm(L.Callback):
     def __init__(self):
         self.norms = []
@@ -27,7 +18,7 @@ class RecordGradNorm(L.Callback):
         self.norms.append(float(trainer.callback_metrics["train/grad_norm"]))
 
 
-def train(tmp_path, callbacks, monkeypatch) -> tuple[dict, list, int]:
+def train(tmp_path, corpus, callbacks, monkeypatch) -> tuple[dict, list, int]:
     """5 clipped steps (the clip is active: max norm 0.05); returns the weights, the logged norms and how many times
     clip_grad_norm_ (the clip that computes its own norm) ran."""
     calls = []
@@ -40,15 +31,17 @@ def train(tmp_path, callbacks, monkeypatch) -> tuple[dict, list, int]:
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=5, limit_val_batches=0, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         gradient_clip_val=0.05, callbacks=[*callbacks, record])
-    trainer.fit(module, datamodule=text_data(tmp_path))
+    data = TextDataModule(source=corpus, tokenizer="byte", seq_len=32, batch_size=4, val_fraction=0.2,
+                          cache_dir=str(tmp_path / "cache"))
+    trainer.fit(module, datamodule=data)
     return {k: v.clone() for k, v in module.state_dict().items()}, record.norms, len(calls)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["checked-now", "deferred-check"])
-def test_clipping_reuses_the_guards_norm_and_trains_the_same(tmp_path, monkeypatch, fused):
+def test_clipping_reuses_the_guards_norm_and_trains_the_same(tmp_path, corpus, monkeypatch, fused):
     extra = [FusedOptimizer()] if fused else []
-    alone, norms_alone, clips_alone = train(tmp_path / "a", extra, monkeypatch)
-    guarded, norms_guarded, clips_guarded = train(tmp_path / "b", [*extra, NanGuard()], monkeypatch)
+    alone, norms_alone, clips_alone = train(tmp_path / "a", corpus, extra, monkeypatch)
+    guarded, norms_guarded, clips_guarded = train(tmp_path / "b", corpus, [*extra, NanGuard()], monkeypatch)
     assert clips_alone == 5 and clips_guarded == 0  # the guard's norm served every step
     assert min(norms_alone) > 0.05  # the clip was active
     assert norms_guarded == pytest.approx(norms_alone, rel=1e-6)
@@ -56,11 +49,11 @@ def test_clipping_reuses_the_guards_norm_and_trains_the_same(tmp_path, monkeypat
         torch.testing.assert_close(guarded[name], value, rtol=0, atol=0, msg=name)
 
 
-def test_a_norm_offered_for_another_step_is_not_used(tmp_path, monkeypatch):
+def test_a_norm_offered_for_another_step_is_not_used(tmp_path, corpus, monkeypatch):
     """A stale offer (an earlier step's) must not clip this step's gradients."""
     class OfferStale(L.Callback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             pl_module._offered_grad_norm = (trainer.global_step - 1, torch.tensor(1e6))
 
-    _, _, clips = train(tmp_path, [OfferStale()], monkeypatch)
+    _, _, clips = train(tmp_path, corpus, [OfferStale()], monkeypatch)
     assert clips == 5
