@@ -162,3 +162,14 @@ class RecordLossAndBar(L.Callback):
         self.bars.append(dict(trainer.progress_bar_metrics))
         skipped = trainer.callback_metrics.get("train/skipped_batches")
         self.skipped.append(None if skipped is None else float(skipped))
+
+
+class StopAfterBatch(L.Callback):
+    """Sets ``trainer.should_stop`` at the end of batch ``batch`` (as max_time or an early stop does)."""
+
+    def __init__(self, batch: int):
+        self.batch = batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == self.batch:
+            trainer.should_stop = True

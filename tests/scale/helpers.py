@@ -62,6 +62,7 @@ def write_config(path: str, corpus: str, cache_dir: str, record_dir: str, batch_
         "accelerator": "cpu", "devices": 1, "max_steps": max_steps, "precision": "32-true",
         "gradient_clip_val": 0.1, "limit_val_batches": 0, "logger": False, "enable_checkpointing": False,
         "enable_progress_bar": False, "enable_model_summary": False,
+        "log_every_n_steps": 1,  # RecordSharded reads every step's logged gradient norm
         "default_root_dir": os.path.dirname(os.path.abspath(path)),  # where the CLI writes config.yaml
         "callbacks": [record] if callbacks is None else callbacks,
         **trainer_settings,

@@ -30,7 +30,7 @@ def train(tmp_path, corpus, callbacks, monkeypatch) -> tuple[dict, list, int]:
     record = RecordGradNorm()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=5, limit_val_batches=0, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        gradient_clip_val=0.05, callbacks=[*callbacks, record])
+                        gradient_clip_val=0.05, log_every_n_steps=1, callbacks=[*callbacks, record])
     data = TextDataModule(source=corpus, tokenizer="byte", seq_len=32, batch_size=4, val_fraction=0.2,
                           cache_dir=str(tmp_path / "cache"))
     trainer.fit(module, datamodule=data)
