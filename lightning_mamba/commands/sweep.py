@@ -8,6 +8,7 @@ with the paper's criterion far past LEN; then T_forget per state size and the pa
     lightning-mamba sweep --config configs/study/regime.yaml --seeds '[0,1,2]'  # every cell once per seed
     lightning-mamba sweep --config ... --prepare_only true                      # tokenizer + caches, once
     lightning-mamba sweep --config ... --summarize_only true                    # after every shard is done
+    lightning-mamba sweep --config ... --out runs/study/all --merge '[a, b]'    # slices' folders: one summary
 
 Re-running the same command skips finished cells and resumes a killed one from its last.ckpt. See docs/study.md.
 """
@@ -40,6 +41,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--processes", type=int, default=1, help="Run the grid as this many shards at once, each a process "
                    "of its own (on one GPU: 3-4 is best for the study's tiny models; with several GPUs, shard i gets GPU "
                    "i mod count), logs in <out>/logs/shard_<i>.log, then write the summary.")
+    p.add_argument("--merge", type=list[str] | None, default=None, help="Study folders to merge into --out (their "
+                   "cells, checkpoints left out, and plans; same study settings required), then write the summary of "
+                   "all of them; trains nothing. E.g. slices run on different machines: '[runs/study/a, runs/study/b]'.")
     p.add_argument("--tensorboard", type=bool, default=True, help="Also write the summary as a TensorBoard run "
                    "<out>/summary.")
     return p
@@ -112,7 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.processes < 1:
             raise SweepError(f"--processes must be >= 1 (got {args.processes})")
         failure = None
-        if args.processes > 1 and not args.summarize_only:
+        if args.merge is not None:
+            from ..study.merge import merge_studies
+
+            merge_studies(study, args.merge)
+        elif args.processes > 1 and not args.summarize_only:
             failure = run_shards(study, argv, args.processes)
         elif not args.summarize_only:
             run_study(study)
