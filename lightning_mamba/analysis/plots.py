@@ -87,12 +87,13 @@ DENSE_CURVE = 256  # buckets beyond which the figure draws the curve thin, with 
 
 
 def plot_forgetting_report(report, threshold: float, title: str) -> Figure:
-    """The loss-vs-position figure of a forgetting report (analysis/forgetting.py), its 2x line drawn. A long horizon at a small T_train has thousands of buckets (32K tokens in
-    buckets of 16: 2,048), a solid band on a log axis: then the buckets (what the criterion judges) are drawn thin
-    and a mean over ~48 log-spaced bins over them, so the trend far out stays readable."""
+    """The loss-vs-position figure of a forgetting report (analysis/forgetting.py), its 2x line drawn. A long
+    horizon at a small T_train has thousands of buckets (32K tokens in buckets of 16: 2,048), a solid band on a log
+    axis: then the buckets (what the criterion judges) are drawn thin and a mean over ~48 log-spaced bins over them,
+    so the trend far out stays readable."""
     v = report.verdict
     fig = plot_loss_curve(report.positions, report.curve, report.seq_len, threshold * v.max_in_window,
-                                threshold_factor=threshold, title=title)
+                          threshold_factor=threshold, title=title)
     if report.curve.size > DENSE_CURVE:
         ax = fig.axes[0]
         ax.lines[0].set(marker="", linewidth=0.5, alpha=0.5)  # the bucket curve: plot_loss_curve draws it first

@@ -19,7 +19,7 @@ import os
 import shutil
 from dataclasses import asdict
 
-from .sweep import PLAN_LISTS, Study, SweepError, write_json
+from .sweep import PLAN_LISTS, Study, SweepError, update_plan
 
 # Settings a merged cell must share with the study: what it trained on and how it was judged.
 MUST_AGREE = ("base_config", "model_overrides", "data_overrides", "models", "tokens_per_batch", "eval_multiple",
@@ -46,14 +46,14 @@ def _same(a, b) -> bool:
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # tuples and lists alike
 
 
-def check_sources(study: Study, sources: list[str]) -> dict[str, dict]:
-    """Each source's plan, after checking that it is a study folder of this study's settings and that no cell
-    name comes twice (in two sources, or already in ``study.out``)."""
+def check_sources(study: Study, sources: list[str]) -> dict[str, tuple[dict, list[str]]]:
+    """Each source's plan and cell folders, after checking that it is a study folder of this study's settings and
+    that no cell name comes twice (in two sources, or already in ``study.out``)."""
     if not sources:
         raise SweepError("--merge got no folders: give a list like '[runs/study/slice_a, runs/study/slice_b]'")
     target = json.loads(json.dumps(asdict(study)))
     out = os.path.abspath(study.out)
-    plans, seen = {}, {}
+    found, seen = {}, {}
     for src in sources:
         if os.path.abspath(src) == out:
             raise SweepError(f"--merge lists the output folder {src} itself: give --out a new or other folder")
@@ -62,14 +62,15 @@ def check_sources(study: Study, sources: list[str]) -> dict[str, dict]:
             if key in plan and not _same(plan[key], target[key]):
                 raise SweepError(f"{src}: {key} is {plan[key]!r} there but {target[key]!r} in this study: merge only "
                                  f"folders of one study's settings (or give the matching --config / --{key})")
-        for name in _cells_in(src):
+        cells = _cells_in(src)
+        for name in cells:
             if name in seen:
                 raise SweepError(f"cell {name} is in both {seen[name]} and {src}: leave one of them out")
             if os.path.exists(os.path.join(study.out, "cells", name)):
                 raise SweepError(f"cell {name} of {src} is already in {study.out}: merge into a new --out folder")
             seen[name] = src
-        plans[src] = plan
-    return plans
+        found[src] = (plan, cells)
+    return found
 
 
 def _cells_in(folder: str) -> list[str]:
@@ -78,33 +79,21 @@ def _cells_in(folder: str) -> list[str]:
 
 
 def merge_studies(study: Study, sources: list[str], log=print) -> list[str]:
-    """Copy every source's cells into ``study.out`` and write the union plan; returns the merged cell names."""
-    plans = check_sources(study, sources)
+    """Copy every source's cells into ``study.out`` and join its plan to the one there (:func:`.sweep.update_plan`:
+    the sources' cells and axes, ``merged_from``); returns the merged cell names."""
+    found = check_sources(study, sources)
     os.makedirs(os.path.join(study.out, "cells"), exist_ok=True)
     merged = []
-    for src in sources:
-        for name in _cells_in(src):
+    for src, (plan, cells) in found.items():
+        for name in cells:
             final = os.path.join(study.out, "cells", name)
             tmp = final + ".merging"
             shutil.rmtree(tmp, ignore_errors=True)  # left by a merge killed midway
             shutil.copytree(os.path.join(src, "cells", name), tmp, ignore=shutil.ignore_patterns(*LEFT_OUT))
             os.replace(tmp, final)
-            merged.append(name)
-        log(f"sweep: merged {len(_cells_in(src))} cell(s) from {src}")
-    path = os.path.join(study.out, "study.json")
-    try:
-        with open(path) as f:
-            earlier = json.load(f)
-    except (OSError, ValueError):
-        earlier = {}
-    plan = {**asdict(study), "cells": list(earlier.get("cells") or []), "merged_from": list(earlier.get(
-        "merged_from") or [])}
-    axes = {key: set(earlier.get(key) or []) for key in PLAN_LISTS}  # the grid's axes: the sources', not the config's
-    for src, p in plans.items():
-        plan["cells"] = list(dict.fromkeys([*plan["cells"], *p["cells"], *_cells_in(src)]))
-        plan["merged_from"].append(src)
-        for key in PLAN_LISTS:
-            axes[key] |= set(p.get(key) or [])
-    plan.update({key: sorted(v) for key, v in axes.items() if v})
-    write_json(path, plan)
+        merged += cells
+        # the grid's axes are the sources' (the config's would claim cells nobody planned here)
+        update_plan(study.out, {**asdict(study), **{key: plan[key] for key in PLAN_LISTS if key in plan},
+                                "cells": list(dict.fromkeys([*plan["cells"], *cells])), "merged_from": [src]})
+        log(f"sweep: merged {len(cells)} cell(s) from {src}")
     return merged

@@ -408,15 +408,23 @@ def passkey_cell(study: Study, cell: Cell, model, dm, device, log) -> dict | Non
 
 
 PLAN_LISTS = ("states", "lens", "seeds")  # the grid's axes in study.json, joined like its cells
+PLAN_NAMES = ("cells", "merged_from")  # lists kept in order, those of the plan already there first
 
 
 def record_plan(study: Study, cells: list[Cell]) -> None:
     """<out>/study.json: this study's settings and the cells planned in the folder by every invocation so far. Slices
     of one grid run as separate invocations (``--states '[512]' --lens '[64]'`` beside ``--states '[256]' ...``, at
     once or one after another) add their cells to those already there, so that ``--summarize_only`` sees the
-    union, not the last invocation's slice. A lock file serialises invocations starting together."""
-    path = os.path.join(study.out, "study.json")
-    plan = {**asdict(study), "cells": [c.name for c in cells]}
+    union, not the last invocation's slice (:func:`update_plan`)."""
+    update_plan(study.out, {**asdict(study), "cells": [c.name for c in cells]})
+
+
+def update_plan(out: str, plan: dict) -> None:
+    """Writes ``plan`` as <out>/study.json joined with the plan already there: its cells (and the folders merged in)
+    first, then the new ones, and each axis of the grid the union of both. A lock file serialises invocations
+    starting together."""
+    path = os.path.join(out, "study.json")
+    plan = dict(plan)
     with open(path + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
@@ -425,7 +433,9 @@ def record_plan(study: Study, cells: list[Cell]) -> None:
         except (OSError, ValueError):
             earlier = {}
         if isinstance(earlier, dict):
-            plan["cells"] = list(dict.fromkeys([*(earlier.get("cells") or []), *plan["cells"]]))
+            for key in PLAN_NAMES:
+                if earlier.get(key) or plan.get(key):
+                    plan[key] = list(dict.fromkeys([*(earlier.get(key) or []), *(plan.get(key) or [])]))
             for key in PLAN_LISTS:
                 if isinstance(earlier.get(key), list) and isinstance(plan.get(key), list):
                     plan[key] = sorted(set(earlier[key]) | set(plan[key]))

@@ -371,7 +371,6 @@ class MambaLitModule(L.LightningModule):
         return b * l * train_flops_per_token(self.config)
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
-        self._held_logs = {}
         self._last_batch_shape = tuple(batch["input_ids"].shape)
         self._tokens_trained += batch["input_ids"].numel() * (self.trainer.world_size if self._trainer else 1)
 
