@@ -38,6 +38,9 @@ Contenders:
   graph_Ncells     --cells processes (spawn) on the same GPU at once, each running graph_1cell with its own
                    (d_state, seq_len) from --states / --lens (cell i: states[i % len], lens[i % len]).
   eager_Ncells     the same with eager steps (what processes alone buy without graphs); lossgraph_Ncells likewise.
+  graph_Nstreams   the same --cells cells in ONE process, each graph_1cell's whole-step graph replayed on its own
+                   CUDA stream, one replay per cell per round: processes are time-sliced on the GPU, streams of one
+                   process can overlap (small cells leave most of the GPU idle). Per cell: rounds/s.
 
 Each graphed contender first checks itself against an eager copy of the model on the same batches (--check_steps
 steps from the same weights): the losses must agree and the parameters must have moved alike; a failed check is
@@ -76,7 +79,7 @@ if __name__ == "__main__":  # fit_1cell names StepTimer as cell_throughput.StepT
     sys.modules.setdefault("cell_throughput", sys.modules[__name__])
 
 CONTENDERS = ("eager_1cell", "fit_1cell", "lossgraph_1cell", "graph_1cell", "eager_Ncells", "lossgraph_Ncells",
-              "graph_Ncells")
+              "graph_Ncells", "graph_Nstreams")
 GRAPH_KINDS = ("lossgraph", "graph")
 TARGET_STEPS_PER_CELL = 150.0  # issue [throughput] item 4: per cell at 16K tokens/step
 TARGET_TOTAL_TOKENS = 6e6  # tokens/s over all cells
@@ -157,10 +160,10 @@ class StepGraph:
     through ``self.window`` (static); ``self.loss`` is the last replay's loss. The warm-up iterations train the
     model: ``restore`` puts back the weights and the optimizer state of before."""
 
-    def __init__(self, model, opt, params, window: torch.Tensor, amp, warmup_iters: int = 3):
+    def __init__(self, model, opt, params, window: torch.Tensor, amp, warmup_iters: int = 3, stream=None):
         self.model, self.opt, self.params, self.window, self.amp = model, opt, params, window, amp
         self._saved = [p.detach().clone() for p in params]
-        self._capture(warmup_iters)
+        self._capture(warmup_iters, stream)
 
     def _body(self) -> torch.Tensor:
         with self.amp():
@@ -170,8 +173,11 @@ class StepGraph:
         self.opt.step()
         return loss
 
-    def _capture(self, warmup_iters: int) -> None:
-        side = torch.cuda.Stream()
+    def _capture(self, warmup_iters: int, stream=None) -> None:
+        # stream: where to warm up and capture (default: a new side stream, then torch's one shared capture stream).
+        # Graphs replayed at once on different streams are captured each on its own stream, so that per-stream
+        # resources baked into a graph (cuBLAS workspaces) are not shared between concurrent replays.
+        side = stream if stream is not None else torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(warmup_iters):
@@ -182,7 +188,7 @@ class StepGraph:
         self.opt.zero_grad(set_to_none=True)
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: a CUDA call from another thread of this process cannot invalidate the capture
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        with torch.cuda.graph(self.graph, stream=stream, capture_error_mode="thread_local"):
             self.loss = self._body()
 
     def replay(self) -> torch.Tensor:
@@ -230,11 +236,10 @@ def check_against_eager(step, model, ref, ref_opt, windows, batch, seq_len, n_st
     return {"ok": ok, "losses": losses, "loss_rel_diff": rel, "update_rel_diff": update_rel}
 
 
-def run_cell(args, kind: str, d_state: int, seq_len: int, cell: int = 0, sync=None) -> dict:
-    """One cell: build, warm up (capture, check), then time ``args.steps`` steps. ``sync``: the N-cell run's
-    (barrier, done counter, n_cells)."""
+def build_cell(args, kind: str, d_state: int, seq_len: int, cell: int = 0, stream=None):
+    """One cell's model, optimizer and step (captured and checked against eager for the graphed kinds):
+    ``(step, batch, check)``, ``step(window=None) -> loss`` drawing its own batch when given none."""
     device = args.device
-    t_setup = time.perf_counter()
     if args.tokens_per_step % seq_len:
         raise ValueError(f"--tokens_per_step {args.tokens_per_step} is not a multiple of seq_len {seq_len}")
     batch = args.tokens_per_step // seq_len
@@ -244,8 +249,6 @@ def run_cell(args, kind: str, d_state: int, seq_len: int, cell: int = 0, sync=No
     params = list(model.parameters())
     amp = autocast(device)
     windows = Windows(args.corpus_tokens, args.vocab, device, seed)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     ref = copy.deepcopy(model) if kind in GRAPH_KINDS and args.check_steps > 0 else None
     opt = make_optimizer(model, args, device, capturable=kind == "graph")
     check = None
@@ -265,7 +268,7 @@ def run_cell(args, kind: str, d_state: int, seq_len: int, cell: int = 0, sync=No
         static = windows.draw(batch, seq_len)
         with warnings.catch_warnings():  # "capturable=True ... step() is running without CUDA graph capture"
             warnings.filterwarnings("ignore", message=".*capturable=True.*")
-            graph = StepGraph(model, opt, params, static, amp, warmup_iters=args.capture_warmup)
+            graph = StepGraph(model, opt, params, static, amp, warmup_iters=args.capture_warmup, stream=stream)
         graph.restore()
         lrs = [g["lr"] for g in opt.param_groups]
 
@@ -288,6 +291,17 @@ def run_cell(args, kind: str, d_state: int, seq_len: int, cell: int = 0, sync=No
             check["why"] = f"only {graphed.replays} of {args.check_steps} steps replayed the graphs"
         del ref
         gc.collect()
+    return step, batch, check
+
+
+def run_cell(args, kind: str, d_state: int, seq_len: int, cell: int = 0, sync=None) -> dict:
+    """One cell: build, warm up (capture, check), then time ``args.steps`` steps. ``sync``: the N-cell run's
+    (barrier, done counter, n_cells)."""
+    device = args.device
+    t_setup = time.perf_counter()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    step, batch, check = build_cell(args, kind, d_state, seq_len, cell)
     for _ in range(max(1, args.warmup)):  # at least one: compilation (and a lossgraph capture) is never timed
         step()
     _sync(device)
@@ -384,6 +398,52 @@ def run_cells(args, kind: str) -> list[dict]:
                 results.setdefault(i, {"kind": kind, "cell": i, "d_state": shapes[i][0], "seq_len": shapes[i][1],
                                        "error": "timed out"})
     return [results[i] for i in range(n)]
+
+
+def run_streams(args, kind: str) -> list[dict]:
+    """graph_Nstreams: --cells cells in THIS process, each graph_1cell's whole-step graph, every round one replay
+    per cell, each cell on its own CUDA stream. Processes sharing a GPU are time-sliced (their kernels never
+    overlap); streams of one process can overlap, so small cells whose kernels leave most of the GPU idle can
+    run side by side. A cell's step per round: draw its batch into its static buffer and replay, both on its
+    stream (a few launches of host time each, so the GIL is no bottleneck). All cells share one clock."""
+    shapes = [(args.states[i % len(args.states)], args.lens[i % len(args.lens)]) for i in range(args.cells)]
+    t_setup = time.perf_counter()
+    torch.cuda.reset_peak_memory_stats()
+    cells = []
+    for i, (d_state, seq_len) in enumerate(shapes):
+        stream = torch.cuda.Stream()  # the cell's own: its graph is captured and replayed there
+        step, batch, check = build_cell(args, kind, d_state, seq_len, i, stream=stream)
+        cells.append({"step": step, "stream": stream, "batch": batch, "check": check,
+                      "d_state": d_state, "seq_len": seq_len})
+    torch.cuda.synchronize()  # checks and restores ran on the default stream
+
+    def round_():
+        for c in cells:
+            with torch.cuda.stream(c["stream"]):
+                c["step"]()
+
+    for _ in range(max(1, args.warmup)):
+        round_()
+    torch.cuda.synchronize()
+    setup_s, setup_peak = time.perf_counter() - t_setup, torch.cuda.max_memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    rates, remaining = [], args.steps
+    while remaining > 0:
+        k = min(args.window, remaining)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(k):
+            round_()
+        torch.cuda.synchronize()
+        rates.append(k / (time.perf_counter() - t0))
+        remaining -= k
+    rounds_per_s = statistics.median(rates)
+    peak = torch.cuda.max_memory_allocated()
+    return [{"kind": kind, "cell": i, "d_state": c["d_state"], "seq_len": c["seq_len"], "batch": c["batch"],
+             "tokens_per_step": c["batch"] * c["seq_len"], "steps_per_s": rounds_per_s,
+             "tokens_per_s": rounds_per_s * c["batch"] * c["seq_len"], "window_steps_per_s": rates,
+             "setup_s": setup_s, "untimed_extra_steps": 0, "check": c["check"], "peak_gib": _gib(peak),
+             "setup_peak_gib": _gib(setup_peak), "one_process": True} for i, c in enumerate(cells)]
 
 
 # ---- fit_1cell: the real `lightning-mamba fit` -------------------------------------------------
@@ -651,7 +711,7 @@ def parse_args(argv=None):
     unknown = [c for c in args.contenders if c not in CONTENDERS]
     if unknown:
         p.error(f"unknown contender(s) {', '.join(unknown)}: use {', '.join(CONTENDERS)}")
-    n_cells = any(c.endswith("_Ncells") for c in args.contenders)
+    n_cells = any(c.endswith(("_Ncells", "_Nstreams")) for c in args.contenders)
     for length in [args.seq_len] + (args.lens if n_cells else []):
         if args.tokens_per_step % length:
             p.error(f"--tokens_per_step {args.tokens_per_step} must be a multiple of every LEN (got {length})")
@@ -694,6 +754,14 @@ def main(argv=None) -> int:
             gc.collect()
             if args.device == "cuda":
                 torch.cuda.empty_cache()
+        elif n == "Nstreams":
+            try:
+                cells = run_streams(args, kind)
+            except Exception as e:  # noqa: BLE001 - one contender's failure must not hide the others
+                cells = [{"kind": kind, "cell": 0, "d_state": args.states[0], "seq_len": args.lens[0],
+                          "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}]
+            gc.collect()
+            torch.cuda.empty_cache()
         else:
             cells = run_cells(args, kind)
         row = summarise(name, cells)

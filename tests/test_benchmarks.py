@@ -6,6 +6,8 @@ import json
 import os
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -55,3 +57,21 @@ def test_fit_host_time_splits_the_real_fit_step_by_part(tmp_path, corpus, capsys
     assert "self.log (Lightning's bookkeeping)" not in parts, printed
     assert not any(p.startswith("clip_grad_norm_") for p in parts), printed  # the norm is computed once a step
     assert not hasattr(__import__("lightning").LightningModule.log, "__wrapped__") and not bench._ACTIVE
+
+
+@pytest.mark.gpu
+def test_cell_throughput_streams_run_every_cell_in_one_process_and_check_each(tmp_path, capsys):
+    """graph_Nstreams: two different cells in this process, each whole-step graph checked against eager."""
+    bench = load_benchmark("cell_throughput")
+    out = tmp_path / "cells.json"
+    code = bench.main(["--steps", "4", "--warmup", "1", "--window", "2", "--tokens_per_step", "512", "--d_model", "64",
+                       "--n_layer", "2", "--headdim", "16", "--chunk_size", "32", "--cells", "2", "--states", "16,32",
+                       "--lens", "32,64", "--vocab", "257", "--contenders", "graph_Nstreams", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    row = json.loads(out.read_text())["results"][0]
+    assert row["contender"] == "graph_Nstreams" and row["failed_cells"] == 0 and row["check_ok"] is True, printed
+    cells = row["per_cell"]
+    assert [(c["d_state"], c["seq_len"]) for c in cells] == [(16, 32), (32, 64)]
+    assert all(c["one_process"] and c["steps_per_s"] > 0 for c in cells)
+    assert row["total_tokens_per_s"] == pytest.approx(sum(c["tokens_per_s"] for c in cells))
