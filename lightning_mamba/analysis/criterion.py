@@ -59,6 +59,9 @@ def verdict_text(v: dict) -> str:
     return text + "".join(f", {r}" for r in ratios) + ")"
 
 
+VERDICT_WORDS = {True: "forgets", False: "FAILS", None: "undetermined"}  # a cell's verdict in a title or table
+
+
 def verdict_word(v: dict, reason: bool | str = False) -> str:
     """The verdict where there is room for a few words (a title, a table cell, a log line): "forgets",
     "FAILS to forget" or "undetermined" (no verdict: ``forgets`` is None). ``reason=True`` adds an undetermined

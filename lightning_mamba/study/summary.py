@@ -6,7 +6,7 @@ T_forget or a lower bound; the fits beside the paper's constants), PNG figures a
 ``<out>/summary``. It can run at any time, e.g. after every shard has finished; a row with cells still missing
 is reported as incomplete rather than guessed, unless the missing cell has evaluations along training
 (``cells/<cell>/lengthgen/step_N.json``, a cell stopped early under a time budget): then its last evaluation gives a
-provisional verdict (:func:`provisional_results`), used for T_forget like a final one but marked as such everywhere
+provisional verdict (:func:`.provisional_results`), used for T_forget like a final one but marked as such everywhere
 (``rows[].provisional``, the T_forget text, the table, the fits, the notes); a result.json, once written, wins. A
 study with seeds has several runs per (row, LEN): their majority verdict places T_forget (:func:`majority_verdict`),
 and each seed's own T_forget is reported beside it.
@@ -20,15 +20,14 @@ import io
 import json
 import os
 
-import numpy as np
-
 from ..analysis import plots
-from ..analysis.criterion import verdict_word
+from ..analysis.criterion import VERDICT_WORDS, verdict_word
 from ..analysis.fits import N_S_UNIT, PAPER_T_FORGET, PAPER_T_RECALL, T_UNIT, fit_exponential, fit_linear
-from ..analysis.plots import plt
 from ..atomic import atomic_write_text
 from .onset import onset_summary
-from .sweep import Study, SweepError, clean, parse_cell_name, write_json
+from .provisional import provisional_mark, provisional_note, provisional_results, provisional_text
+from .summary_plots import plot_curve_grid, plot_onset, plot_passkey_grid, plot_t_forget
+from .sweep import SweepError, clean, parse_cell_name, seed_of, write_json
 
 # seed: the seed_everything the cell trained with (result.json has it for every cell, replicate or not)
 CSV_FIELDS = ("cell", "row", "d_state", "n_layer", "d_model", "seq_len", "seed", "batch_size", "steps", "tokens", "params",
@@ -36,6 +35,7 @@ CSV_FIELDS = ("cell", "row", "d_state", "n_layer", "d_model", "seq_len", "seed",
               "ratio_4_16x", "ratio_16_64x", "ratio_16_64x_lo", "ratio_16_64x_hi", "ratio_far", "ratio_far_lo",
               "ratio_far_hi", "evaluated_to", "val_loss", "t_recall", "train_seconds", "eval_seconds")
 FAR_KEYS = ("ratio_far", "ratio_far_lo", "ratio_far_hi")  # result.json's metrics (none in a result from before them)
+MODEL_KEYS = ("d_state", "n_layer", "d_model", "n_s", "n_s_ssm_only", "params")  # the model a row names (rows_of)
 
 
 def load_results(out: str) -> list[dict]:
@@ -70,12 +70,6 @@ def csv_row(r: dict) -> dict:
             **{k: v.get(k) for k in ("ratio_16_64x", "ratio_16_64x_lo", "ratio_16_64x_hi")},
             **{k: (r.get("metrics") or {}).get(k) for k in FAR_KEYS},
             "evaluated_to": v["evaluated_to"], "t_recall": pk.get("t_recall")}
-
-
-def seed_of(name: str) -> int | None:
-    """The replicate seed in a cell's name (``..._seed<s>``); None for a cell of a study without seeds."""
-    parsed = parse_cell_name(name)
-    return None if parsed is None else parsed[2]
 
 
 def majority_verdict(forgets: list[bool | None], planned: int) -> bool | None:
@@ -117,7 +111,7 @@ def lens_deciding(lens: list[int], verdicts: dict[int, bool]) -> list[int]:
 
 
 def t_forget_text(entry: dict, why_incomplete: str = "", provisional: str = "") -> str:
-    """``64``, ``> 128``, ``<= 32`` or ``incomplete (missing LEN 64)``; ``provisional`` (:func:`provisional_text`)
+    """``64``, ``> 128``, ``<= 32`` or ``incomplete (missing LEN 64)``; ``provisional`` (:func:`.provisional_text`)
     is added in parentheses: ``64 (provisional: LEN 32 at step 7,101, LEN 64 at step 10,501 of 20,000)``."""
     if entry["t_forget"] is None and not entry["t_forget_lower_bound"] and not entry["t_forget_upper_bound"]:
         why = "; ".join(filter(None, (why_incomplete, provisional)))
@@ -128,96 +122,6 @@ def t_forget_text(entry: dict, why_incomplete: str = "", provisional: str = "") 
     return text + (f" ({provisional})" if provisional else "")
 
 
-# ---- provisional verdicts: a cell stopped early, judged by its last evaluation along training ---------------------
-MODEL_KEYS = ("d_state", "n_layer", "d_model", "n_s", "n_s_ssm_only", "params")
-
-
-def planned_steps(plan: dict | None) -> int | None:
-    """The steps every cell of the study trains (tokens_per_cell // tokens_per_batch); None when the plan is not
-    known."""
-    try:
-        return int(plan["tokens_per_cell"]) // int(plan["tokens_per_batch"])
-    except (KeyError, TypeError, ValueError, ZeroDivisionError):
-        return None
-
-
-def final_eval_length(plan: dict | None, seq_len: int) -> int | None:
-    """How far the cell's final evaluation would go (:meth:`Study.eval_length` of the plan); None when unknown."""
-    known = {f for f in Study.__dataclass_fields__ if f in (plan or {})}
-    if "eval_multiple" not in known:
-        return None
-    try:
-        return Study(**{f: plan[f] for f in known}).eval_length(seq_len)
-    except (TypeError, ValueError):
-        return None
-
-
-def model_of_cell(folder: str) -> dict:
-    """d_state, n_layer, d_model and N_S (both ways) of the model a cell trains, from its run's ``config.yaml``
-    (a row whose cells have no result.json yet is placed by its state size); {} when it is absent or unreadable."""
-    import yaml
-
-    from ..training.checkpoint_io import model_config
-
-    try:
-        with open(os.path.join(folder, "config.yaml")) as f:
-            model = (yaml.safe_load(f) or {}).get("model") or {}
-        model = model.get("init_args", model)
-        cfg = model_config(**{k: v for k, v in model.items() if isinstance(k, str)})
-        return {"d_state": cfg.mixer["d_state"], "n_layer": cfg.n_layer, "d_model": cfg.d_model,
-                "n_s": cfg.state_size(), "n_s_ssm_only": cfg.state_size(ssm_only=True)}
-    except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError, KeyError):
-        return {}
-
-
-def provisional_results(plan: dict | None, results: list[dict], onset: dict, out: str) -> list[dict]:
-    """A provisional result for every planned cell without a result.json that has evaluations along training
-    (``onset["cells"][cell]["history"]``, :func:`.onset.onset_summary`): its LAST evaluation's verdict (forgets,
-    fails, or undetermined: a non-finite loss), by the same 2x criterion, under ``provisional``: the step, the
-    study's planned steps, how far it evaluated and how far the final evaluation would. :func:`rows_of` uses them
-    as it uses final results (a final result of the same cell wins) and marks what they decide."""
-    done = {r["cell"] for r in results}
-    steps = planned_steps(plan)
-    early = []
-    for name in (plan or {}).get("cells", []):
-        parsed = parse_cell_name(name)
-        history = (onset["cells"].get(name) or {}).get("history") or []
-        if name in done or parsed is None or not history:
-            continue
-        last = history[-1]
-        row, t, seed = parsed
-        early.append({
-            "cell": name, "row": row, "seq_len": t, **({} if seed is None else {"seed": seed}),
-            "verdict": {"forgets": last.get("forgets"), "blowup_position": last.get("blowup_position"),
-                        "evaluated_to": last.get("evaluated_to"), "undetermined": last.get("undetermined")},
-            "provisional": {"step": last["step"], "planned_steps": steps, "evaluated_to": last.get("evaluated_to"),
-                            "final_eval_length": final_eval_length(plan, t)},
-            **model_of_cell(os.path.join(out, "cells", name))})
-    return early
-
-
-def provisional_mark(r: dict) -> dict:
-    """What ``rows[].provisional`` says of one cell: its name, the step of the evaluation that gave its verdict, the
-    study's planned steps, how far that evaluation went (and the seed, with seeds)."""
-    p = r["provisional"]
-    seed = seed_of(r["cell"])
-    return {"cell": r["cell"], **({} if seed is None else {"seed": seed}), "step": p["step"],
-            "planned_steps": p["planned_steps"], "evaluated_to": p["evaluated_to"]}
-
-
-def provisional_text(marks: list[tuple[int, dict]]) -> str:
-    """``provisional: LEN 32 at step 7,101, LEN 64 seed 1 at step 10,501 of 20,000`` for (LEN, mark) pairs; the
-    planned steps once at the end when they are the same for all (they are, in one study)."""
-    if not marks:
-        return ""
-    planned = {m["planned_steps"] for _, m in marks}
-    common = next(iter(planned)) if len(planned) == 1 else None
-    parts = [f"LEN {t}" + (f" seed {m['seed']}" if m.get("seed") is not None else "") + f" at step {m['step']:,}"
-             + (f" of {m['planned_steps']:,}" if common is None and m["planned_steps"] is not None else "")
-             for t, m in marks]
-    return "provisional: " + ", ".join(parts) + (f" of {common:,}" if common is not None else "")
-
-
 def rows_of(results: list[dict], plan: dict | None, provisional: list[dict] | None = None) -> list[dict]:
     """One entry per row of the grid (a state size, or a model), in plan order: T_forget = smallest passing LEN.
     A cell whose verdict is undetermined (``forgets`` None: a non-finite loss) counts as missing, as one without a
@@ -225,9 +129,9 @@ def rows_of(results: list[dict], plan: dict | None, provisional: list[dict] | No
     (:func:`majority_verdict`): undecided after all its seeds finished it is undetermined, before that missing; a
     seeded row also gets ``seeds``, ``fails_per_len`` (counts per LEN) and ``t_forget_per_seed``.
 
-    ``provisional`` (:func:`provisional_results`): verdicts of cells without a result.json, from their last
+    ``provisional`` (:func:`.provisional_results`): verdicts of cells without a result.json, from their last
     evaluation along training, counted like final ones; a final result of the same cell wins. A row that uses one
-    gets ``provisional`` (LEN -> :func:`provisional_mark` of its cell; with seeds, a list of its seeds' marks) and
+    gets ``provisional`` (LEN -> :func:`.provisional_mark` of its cell; with seeds, a list of its seeds' marks) and
     ``t_forget_provisional`` (whether T_forget, or its bound, rests on one), and its ``t_forget_text`` names them;
     a row without any keeps the keys it always had."""
     planned: dict[str, dict[int, list]] = {}  # row -> LEN -> the planned runs' seeds (None: no seeds)
@@ -343,161 +247,6 @@ def fits_of(rows: list[dict]) -> dict:
     return out
 
 
-# ---- figures ----------------------------------------------------------------------------------------------
-T_UNITS = ((T_UNIT**2, "M tokens, 1M = 2^20"), (T_UNIT, f"K tokens, 1K = {T_UNIT}"), (1, "tokens"))
-N_S_UNITS = ((1e9, "billions"), (N_S_UNIT, "millions"), (1e3, "thousands"), (1, "entries"))
-
-
-def axis_unit(values, units) -> tuple[float, str]:
-    """(scale, name) of the largest of ``units`` (descending) in which the largest value is at least 1, so an axis
-    reads 32 tokens or 0.8 millions rather than 0.03 K tokens or 0.0016 millions."""
-    top = max((abs(v) for v in values), default=0)
-    return next(((scale, name) for scale, name in units if top >= scale), units[-1])
-
-
-def plot_t_forget(rows: list[dict], fits: dict) -> plt.Figure:
-    """T_forget vs N_S: measured points, lower and upper bounds and the linear fit, each in the legend only when
-    drawn; both axes in the unit that suits the numbers (tokens below 1K, thousands of state entries below 1M). A
-    provisional point (resting on a cell's last evaluation along training) is drawn hollow."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    placed = [r for r in rows if "n_s" in r]
-    kinds = (("t_forget", "o", "C0", "T_forget (measured)"),
-             ("t_forget_lower_bound", "^", "C3", "> max LEN (lower bound: no LEN of the grid forgets)"),
-             ("t_forget_upper_bound", "v", "C2", "<= min LEN (upper bound: the shortest LEN forgets)"))
-    points = {key: [r for r in placed if r[key] is not None] for key, *_ in kinds}
-    # with seeds: each seed's measured T_forget, small, beside the majority's
-    per_seed = [(r["n_s"], e["t_forget"]) for r in placed for e in r.get("t_forget_per_seed", [])
-                if e["t_forget"] is not None]
-    x_scale, x_name = axis_unit([r["n_s"] for r in placed], N_S_UNITS)
-    t_scale, t_name = axis_unit([r[key] for key, rs in points.items() for r in rs] + [t for _, t in per_seed],
-                                T_UNITS)
-    for key, marker, color, label in kinds:
-        for early in (False, True):
-            drawn = [r for r in points[key] if bool(r.get("t_forget_provisional")) is early]
-            if drawn:
-                ax.plot([r["n_s"] / x_scale for r in drawn], [r[key] / t_scale for r in drawn], marker, color=color,
-                        markersize=7, linestyle="none", markerfacecolor="none" if early else color,
-                        label=label + (", provisional (last evaluation along training)" if early else ""))
-    if per_seed:
-        ax.plot([n / x_scale for n, _ in per_seed], [t / t_scale for _, t in per_seed], "x", color="0.4",
-                markersize=5, linestyle="none", label="T_forget of one seed (the circle: their majority)")
-    shown = [(r["n_s"], r[key], r["row"]) for key, rs in points.items() for r in rs]
-    if len(shown) <= 12:
-        for n_s, t, name in shown:
-            ax.annotate(name, (n_s / x_scale, t / t_scale), textcoords="offset points", xytext=(5, 4), fontsize=7)
-    entry = fits["t_forget"]["paper_convention"]
-    f = entry["fit"]
-    if f is not None:  # fitted in the paper's units: N_S in millions, T in K tokens
-        xs = np.linspace(0, max(r["n_s"] for r in placed) * 1.05, 50)
-        ax.plot(xs / x_scale, (f["a"] * xs / N_S_UNIT + f["b"]) * T_UNIT / t_scale, "-", color="C0", alpha=0.6,
-                label=f"fit {f['a']:.3g} N_S {f['b']:+.3g} (N_S in M, T in K; R^2 {f['r2']:.3f})")
-    elif entry.get("reason"):
-        ax.text(0.02, 0.97, entry["reason"], transform=ax.transAxes, fontsize=7, color="0.3", va="top")  # the
-        # legend's corner is chosen among the data (loc "best"), which the text is not
-    ax.set_xlim(left=0)
-    if shown:
-        ax.set_xlim(right=max(n for n, _, _ in shown) / x_scale * 1.15)
-        ax.set_ylim(bottom=0, top=max([t for _, t, _ in shown] + [t for _, t in per_seed]) / t_scale * 1.2)
-    ax.set_xlabel(f"N_S ({x_name}, paper convention)")
-    ax.set_ylabel(f"T_forget ({t_name})")
-    ax.set_title(f"T_forget vs state size (paper: {PAPER_T_FORGET['a']} N_S - {-PAPER_T_FORGET['b']}, "
-                 "N_S in M, T in K tokens)", fontsize=9)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def _grid(results: list[dict], names: list[str], extra_width: float = 0.0):
-    """A figure of (row, LEN) panels; ``by``: (row, LEN) -> the runs of that panel (several with seeds)."""
-    lens = sorted({r["seq_len"] for r in results})
-    names = [name for name in names if any(x["row"] == name for x in results)]
-    fig, axes = plt.subplots(len(names), len(lens), figsize=(2.6 * len(lens) + 0.5 + extra_width,
-                                                             2.1 * len(names) + 0.9),
-                             squeeze=False, sharey="row", layout="constrained")
-    by: dict[tuple[str, int], list[dict]] = {}
-    for r in results:
-        by.setdefault((r["row"], r["seq_len"]), []).append(r)
-    return fig, axes, names, lens, by
-
-
-CURVE_COLORS = {True: "C0", False: "C3", None: "C7"}  # forgets, fails, undetermined (grey)
-VERDICT_WORDS = {True: "forgets", False: "FAILS", None: "undetermined"}  # a cell's verdict in a title or table
-
-
-def plot_curve_grid(results: list[dict], rows: list[dict]) -> plt.Figure:
-    """Loss vs position for every cell (rows: state sizes, columns: LEN), LEN and the failure line marked and
-    named in the figure's legend; with seeds, a panel draws every seed's curve (and threshold line)."""
-    from matplotlib.lines import Line2D
-
-    fig, axes, names, lens, by = _grid(results, [r["row"] for r in rows])
-    factors, passed = set(), set()
-    for i, name in enumerate(names):
-        for j, t in enumerate(lens):
-            ax = axes[i][j]
-            runs = by.get((name, t))
-            if runs is None:
-                ax.set_axis_off()
-                continue
-            for r in runs:
-                v = r["verdict"]
-                factors.add(v["threshold"])
-                passed.add(v["forgets"])
-                # a non-finite loss is null in result.json: numpy reads it as NaN, a gap in the line
-                loss = np.array(r["curve"]["loss"], dtype=float)
-                ax.plot(r["curve"]["positions"], loss, linewidth=1, color=CURVE_COLORS[v["forgets"]])
-                if v["max_in_window"] is not None and np.isfinite(v["max_in_window"]):  # none when undetermined
-                    ax.axhline(v["threshold"] * v["max_in_window"], color="r", linestyle=":", linewidth=0.8)
-            ax.axvline(t, color="k", linestyle="--", linewidth=0.8)
-            plots._log_positions(ax)
-            verdicts = [r["verdict"]["forgets"] for r in runs]
-            word = (VERDICT_WORDS[verdicts[0]] if seed_of(runs[0]["cell"]) is None
-                    else f"fails {verdicts.count(False)}/{len(verdicts)}")
-            ax.set_title(f"{name} LEN {t}: {word}", fontsize=8)
-            ax.tick_params(labelsize=7)
-    factor = f"{next(iter(factors)):g}" if len(factors) == 1 else "threshold"
-    handles = [Line2D([], [], color=CURVE_COLORS[f], linewidth=1, label=label)
-               for f, label in ((True, "loss, cell forgets"), (False, "loss, cell FAILS to forget"),
-                                (None, "loss, cell undetermined (a non-finite loss)")) if f in passed]
-    handles += [Line2D([], [], color="k", linestyle="--", linewidth=0.8, label="LEN (T_train)"),
-               Line2D([], [], color="r", linestyle=":", linewidth=0.8,
-                      label=f"failure threshold: {factor} x max bucket loss within LEN")]
-    # two columns of entries need two columns of cells' width: a one-LEN grid stacks them (else they are cut off)
-    fig.legend(handles=handles, loc="outside upper center", ncol=2 if len(lens) > 1 else 1, fontsize=7, frameon=False)
-    fig.supxlabel("position (tokens)", fontsize=9)
-    fig.supylabel("loss (bucket mean)", fontsize=9)
-    return fig
-
-
-def plot_passkey_grid(results: list[dict], rows: list[dict]) -> plt.Figure | None:
-    """Passkey accuracy heatmaps (depth x prompt length) for every cell that ran it, one labelled 0-1 colour bar,
-    the values in the cells when they are few; with seeds, one figure row per row and seed."""
-    from ..analysis.passkey import draw_accuracy_heatmap
-
-    order = {r["row"]: i for i, r in enumerate(rows)}
-    ran = sorted((r for r in results if r.get("passkey")), key=lambda r: (order[r["row"]], seed_of(r["cell"]) or 0))
-    if not ran:
-        return None
-    results = [{**r, "row": r["row"] + ("" if seed_of(r["cell"]) is None else f" seed {seed_of(r['cell'])}")}
-               for r in ran]
-    fig, axes, names, lens, by = _grid(results, list(dict.fromkeys(r["row"] for r in results)), extra_width=0.8)
-    image = None
-    for i, name in enumerate(names):
-        for j, t in enumerate(lens):
-            ax = axes[i][j]
-            pk = (by.get((name, t)) or [{}])[0].get("passkey")
-            if not pk:
-                ax.set_axis_off()
-                continue
-            image = draw_accuracy_heatmap(ax, pk["accuracy"], pk["lengths"], pk["depths"], t, annotate_max_cells=40,
-                                          fontsize=7)
-            ax.set_title(f"{name} LEN {t}: T_recall {pk['t_recall'] or 'none'}", fontsize=8)
-    fig.colorbar(image, ax=axes, shrink=0.8, label="exact-match accuracy")
-    fig.supxlabel("prompt length (tokens; red dashes: after LEN)", fontsize=9)
-    fig.supylabel("needle depth", fontsize=9)
-    return fig
-
-
 # ---- the summary ------------------------------------------------------------------------------------------
 def cells_of(plan: dict | None, results: list[dict], out: str | None = None) -> dict[str, tuple[str, int]]:
     """Every planned, finished or started cell (a folder under ``<out>/cells`` with evaluations: shards run with
@@ -595,51 +344,6 @@ def summarize(out: str, tensorboard: bool = True) -> dict:
     if results or early:
         write_figures(out, results, rows, fits, tensorboard)
     return summary
-
-
-def provisional_note(r: dict) -> str:
-    """``state1024_len64: FAILS at step 10,501 of 20,000``, and how far it evaluated when short of the final
-    evaluation's length."""
-    p = r["provisional"]
-    text = (f"{r['cell']}: {VERDICT_WORDS[r['verdict']['forgets']]} at step {p['step']:,}"
-            + (f" of {p['planned_steps']:,}" if p["planned_steps"] is not None else ""))
-    if p["evaluated_to"] is not None and p["final_eval_length"] is not None and p["evaluated_to"] < p["final_eval_length"]:
-        text += f" (evaluated to {p['evaluated_to']:,} tokens, the final evaluation to {p['final_eval_length']:,})"
-    return text
-
-
-def plot_onset(onset: dict) -> plt.Figure | None:
-    """Per cell, the ratio mean[16T,64T] / mean[T/2,T] at every evaluation along training, with its bootstrap 95%
-    interval; filled markers where the evaluation fails the 2x criterion. None without any ratio."""
-    cells = {name: [h for h in c["history"] if h.get("ratio_16_64x") is not None]
-             for name, c in onset["cells"].items()}
-    cells = {name: h for name, h in cells.items() if h}
-    if not cells:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    # 20 distinct colors (tab20: 10 dark, then their 10 light twins), then dashed lines: a 5 x 5 grid has 25 cells
-    colors = plt.get_cmap("tab20").colors
-    for i, (name, history) in enumerate(sorted(cells.items())):
-        steps = np.array([h["step"] for h in history])
-        ratio = np.array([h["ratio_16_64x"] for h in history], dtype=float)
-        line, = ax.plot(steps, ratio, marker="o", markersize=3, label=name, color=colors[2 * (i % 10) + (i // 10) % 2],
-                        linestyle="--" if (i // 20) % 2 else "-")
-        lo = np.array([h.get("ratio_16_64x_lo") if h.get("ratio_16_64x_lo") is not None else np.nan for h in history],
-                      dtype=float)
-        hi = np.array([h.get("ratio_16_64x_hi") if h.get("ratio_16_64x_hi") is not None else np.nan for h in history],
-                      dtype=float)
-        ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
-        failing = np.array([h.get("forgets") is False for h in history])
-        if failing.any():
-            ax.plot(steps[failing], ratio[failing], "s", color=line.get_color(), markersize=7)
-    ax.axhline(1.0, color="gray", linewidth=0.8, linestyle=":", label="flat (ratio 1)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss mean[16T, 64T] / mean[T/2, T]")
-    ax.set_title("Beyond-window loss along training (band: bootstrap 95% over rows; squares: fails the 2x test)",
-                 fontsize=8)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
 
 
 def write_figures(out: str, results: list[dict], rows: list[dict], fits: dict, tensorboard: bool) -> None:

@@ -196,6 +196,12 @@ def parse_cell_name(name: str) -> tuple[str, int, int | None] | None:
     return None if m is None else (m[1], int(m[2]), None if m[3] is None else int(m[3]))
 
 
+def seed_of(name: str) -> int | None:
+    """The replicate seed in a cell's name (``..._seed<s>``); None for a cell of a study without seeds."""
+    parsed = parse_cell_name(name)
+    return None if parsed is None else parsed[2]
+
+
 def model_tag(spec: dict) -> str:
     if "name" in spec:
         return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(spec["name"]))

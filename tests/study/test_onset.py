@@ -67,7 +67,8 @@ def test_the_summary_reads_every_planned_cell(tmp_path):
 
 def test_the_summary_follows_started_cells_outside_the_plan_and_draws_the_onset(tmp_path):
     # a shard run with other --states/--lens wrote its cell into the same folder: the plan does not name it
-    from lightning_mamba.study.summary import plot_onset, summarize
+    from lightning_mamba.study.summary import summarize
+    from lightning_mamba.study.summary_plots import plot_onset
 
     out = tmp_path / "study"
     os.makedirs(out / "cells")

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from lightning_mamba.analysis import plots
-from lightning_mamba.study.summary import fits_of, plot_curve_grid, plot_passkey_grid, plot_t_forget, rows_of
+from lightning_mamba.study.summary import fits_of, rows_of
+from lightning_mamba.study.summary_plots import plot_curve_grid, plot_passkey_grid, plot_t_forget
 from tests.study.test_sweep import fake_result
 
 
