@@ -86,16 +86,20 @@ def majority_verdict(forgets: list[bool | None], planned: int) -> bool | None:
 
 def t_forget_of(lens: list[int], verdicts: dict[int, bool]) -> dict:
     """T_forget = the smallest LEN that forgets when every shorter one fails. ``verdicts``: LEN -> forgets, for the
-    LENs that have one (a LEN absent is missing or undetermined: T_forget cannot be named past it)."""
-    out = {"t_forget": None, "t_forget_lower_bound": None, "t_forget_upper_bound": None, "status": "incomplete"}
-    for t in lens:
+    LENs that have one (a LEN absent is missing or undetermined: T_forget cannot be named past it).
+
+    A measured T_forget is known only to the grid's step: ``t_forget_after`` is the longest LEN below it (which
+    fails), so the training length that first forgets lies in (t_forget_after, t_forget]."""
+    out = {"t_forget": None, "t_forget_after": None, "t_forget_lower_bound": None, "t_forget_upper_bound": None,
+           "status": "incomplete"}
+    for i, t in enumerate(lens):
         if t not in verdicts:
             return out  # a shorter LEN is not done yet (or has no verdict)
-        if verdicts[t] and t == lens[0]:
+        if verdicts[t] and i == 0:
             # the grid's shortest LEN already forgets: T_forget is at most t, the grid cannot say more
             return {**out, "t_forget_upper_bound": t, "status": "at_or_below_min_len"}
         if verdicts[t]:
-            return {**out, "t_forget": t, "status": "measured"}
+            return {**out, "t_forget": t, "t_forget_after": lens[i - 1], "status": "measured"}
     return {**out, "t_forget_lower_bound": max(lens), "status": "above_max_len"} if lens else out
 
 
@@ -207,12 +211,19 @@ def rows_of(results: list[dict], plan: dict | None, provisional: list[dict] | No
 
 def fit_entry(fit, n: int, paper: dict, min_points: int, provisional_rows: list[str] = ()) -> dict:
     """The fit (or why none), its points and the paper's constants; ``provisional: true`` and ``provisional_rows``
-    when some of its points are provisional T_forgets (from evaluations along training, not final results)."""
+    when some of its points are provisional T_forgets (from evaluations along training, not final results).
+
+    A fit with as many points as parameters passes through all of them: its R^2 (1 by construction) says nothing
+    about the law, so it is None there, with a ``note`` saying why."""
     mark = {"provisional": True, "provisional_rows": list(provisional_rows)} if provisional_rows else {}
     if fit is None:
         return {"fit": None, "n_points": n, "reason": f"no fit: {n} finite point(s), needs at least {min_points} "
                 "with different N_S", "paper": paper, **mark}
-    return {"fit": fit._asdict(), "n_points": n, "paper": paper, **mark}
+    entry = {"fit": fit._asdict(), "n_points": n, "paper": paper, **mark}
+    if n <= min_points:
+        entry["fit"]["r2"] = None
+        entry["note"] = f"{n} points for {min_points} parameters: the curve passes through every point, no R^2"
+    return entry
 
 
 def fits_of(rows: list[dict]) -> dict:
@@ -423,7 +434,7 @@ def summary_lines(summary: dict) -> list[str]:
             continue
         f = fit["fit"]
         ours = ", ".join(f"{k} = {f[k]:.4g}" for k in ("a", "b", "c") if k in f)
-        r2 = "n/a" if f["r2"] is None else f"{f['r2']:.4f}"
+        r2 = f"n/a ({fit['note']})" if "note" in fit else "n/a" if f["r2"] is None else f"{f['r2']:.4f}"
         early = (f", provisional: T_forget of {', '.join(fit['provisional_rows'])} from evaluations along training"
                  if fit.get("provisional") else "")
         lines.append(f"{form} (N_S in M, T in K tokens): ours {ours}, R^2 = {r2} over {fit['n_points']} points"

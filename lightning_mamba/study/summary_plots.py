@@ -27,7 +27,7 @@ def plot_t_forget(rows: list[dict], fits: dict) -> plt.Figure:
     """T_forget vs N_S: measured points, lower and upper bounds and the linear fit, each in the legend only when
     drawn; both axes in the unit that suits the numbers (tokens below 1K, thousands of state entries below 1M). A
     provisional point (resting on a cell's last evaluation along training) is drawn hollow."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(6.4, 5.0))
     placed = [r for r in rows if "n_s" in r]
     kinds = (("t_forget", "o", "C0", "T_forget (measured)"),
              ("t_forget_lower_bound", "^", "C3", "> max LEN (lower bound: no LEN of the grid forgets)"),
@@ -39,6 +39,11 @@ def plot_t_forget(rows: list[dict], fits: dict) -> plt.Figure:
     x_scale, x_name = axis_unit([r["n_s"] for r in placed], N_S_UNITS)
     t_scale, t_name = axis_unit([r[key] for key, rs in points.items() for r in rs] + [t for _, t in per_seed],
                                 T_UNITS)
+    measured = points["t_forget"]
+    if any(r.get("t_forget_after") for r in measured):  # the grid's step: each T_forget lies in (after, t_forget]
+        ax.vlines([r["n_s"] / x_scale for r in measured], [(r.get("t_forget_after") or r["t_forget"]) / t_scale
+                  for r in measured], [r["t_forget"] / t_scale for r in measured], color="C0", alpha=0.35, lw=3,
+                  label="T_forget lies in (longest LEN that fails, shortest that forgets]")
     for key, marker, color, label in kinds:
         for early in (False, True):
             drawn = [r for r in points[key] if bool(r.get("t_forget_provisional")) is early]
@@ -58,7 +63,8 @@ def plot_t_forget(rows: list[dict], fits: dict) -> plt.Figure:
     if f is not None:  # fitted in the paper's units: N_S in millions, T in K tokens
         xs = np.linspace(0, max(r["n_s"] for r in placed) * 1.05, 50)
         ax.plot(xs / x_scale, (f["a"] * xs / N_S_UNIT + f["b"]) * T_UNIT / t_scale, "-", color="C0", alpha=0.6,
-                label=f"fit {f['a']:.3g} N_S {f['b']:+.3g} (N_S in M, T in K; R^2 {f['r2']:.3f})")
+                label=f"fit {f['a']:.3g} N_S {f['b']:+.3g} (N_S in M, T in K; "
+                      + (f"R^2 {f['r2']:.3f})" if f["r2"] is not None else f"{entry['n_points']} points: no R^2)"))
     elif entry.get("reason"):
         ax.text(0.02, 0.97, entry["reason"], transform=ax.transAxes, fontsize=7, color="0.3", va="top")  # the
         # legend's corner is chosen among the data (loc "best"), which the text is not
@@ -70,8 +76,8 @@ def plot_t_forget(rows: list[dict], fits: dict) -> plt.Figure:
     ax.set_ylabel(f"T_forget ({t_name})")
     ax.set_title(f"T_forget vs state size (paper: {PAPER_T_FORGET['a']} N_S - {-PAPER_T_FORGET['b']}, "
                  "N_S in M, T in K tokens)", fontsize=9)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # below the axes: its long labels would cover points inside them
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
     fig.tight_layout()
     return fig
 

@@ -48,8 +48,9 @@ def test_measured_points_and_the_fit_in_k_tokens_and_millions():
     fits = fits_of(rows)
     fig = plot_t_forget(rows, fits)
     ax = fig.axes[0]
-    assert labels(ax)[0] == "T_forget (measured)" and labels(ax)[1].startswith("fit ")
-    assert len(labels(ax)) == 2  # no bound was drawn, so none is in the legend
+    assert labels(ax)[0].startswith("T_forget lies in (longest LEN that fails")  # the grid's interval
+    assert labels(ax)[1] == "T_forget (measured)" and labels(ax)[2].startswith("fit ")
+    assert len(labels(ax)) == 3  # no bound was drawn, so none is in the legend
     assert "K tokens" in ax.get_ylabel() and "millions" in ax.get_xlabel()
     measured, fit = ax.lines[:2]
     np.testing.assert_allclose(measured.get_ydata(), [2, 4, 8])
@@ -98,3 +99,41 @@ def test_the_passkey_grid_reads(accuracy):
         assert plots.contrast_ratio(t.get_color(), rgba[row, col]) >= 4.5
     assert len(ax.texts) == 4
     plots.close(fig)
+
+
+def test_two_measured_states_an_exact_line_and_each_t_forget_as_the_grids_interval():
+    """Two finite T_forgets (the regime study's fourth and fifth slices): the line passes through both, so no R^2 is
+    claimed; each T_forget is drawn with the interval the LEN grid leaves, (longest failing LEN, T_forget]; the
+    legend sits below the axes, where it cannot cover a point."""
+    results = []
+    for row, n_s, first in (("state512", 1.067e6, 64), ("state1024", 2.128e6, 128), ("state256", 0.537e6, 16)):
+        results += [result(row, n_s, t, t >= first) for t in (16, 32, 64, 128) if t >= 16]
+    rows = rows_of(results, None)
+    by_row = {r["row"]: r for r in rows}
+    assert (by_row["state512"]["t_forget"], by_row["state512"]["t_forget_after"]) == (64, 32)
+    assert (by_row["state1024"]["t_forget"], by_row["state1024"]["t_forget_after"]) == (128, 64)
+    assert by_row["state256"]["t_forget"] is None and by_row["state256"]["t_forget_after"] is None  # a bound only
+    fits = fits_of(rows)
+    entry = fits["t_forget"]["paper_convention"]
+    assert entry["n_points"] == 2 and entry["fit"]["r2"] is None and "no R^2" in entry["note"]
+    assert entry["fit"]["a"] == pytest.approx((128 - 64) / 1024 / (2.128 - 1.067))
+    fig = plot_t_forget(rows, fits)
+    ax = fig.axes[0]
+    (fit_label,) = [t for t in labels(ax) if t.startswith("fit ")]
+    assert "2 points: no R^2" in fit_label and "R^2 1" not in fit_label
+    (bars,) = ax.collections[:1]
+    segments = sorted(tuple(map(tuple, s)) for s in bars.get_segments())
+    assert segments == [((1.067, 32.0), (1.067, 64.0)), ((2.128, 64.0), (2.128, 128.0))]
+    fig.canvas.draw()
+    legend = ax.get_legend().get_window_extent()
+    assert legend.y1 <= ax.get_window_extent().y0  # below the axes
+    assert legend.y0 >= 0  # and still inside the figure
+    plots.close(fig)
+
+
+def test_three_points_keep_their_r2():
+    results = []
+    for row, n_s, first in (("a", 0.2e6, 2048), ("b", 0.6e6, 4096), ("c", 1.0e6, 8192)):
+        results += [result(row, n_s, t, t >= first) for t in (1024, 2048, 4096, 8192)]
+    entry = fits_of(rows_of(results, None))["t_forget"]["paper_convention"]
+    assert entry["n_points"] == 3 and isinstance(entry["fit"]["r2"], float) and "note" not in entry
