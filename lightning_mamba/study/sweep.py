@@ -324,7 +324,8 @@ def floor_lengthgen(cli, min_length: int | None) -> int:
 def run_cell(study: Study, cell: Cell, log: Callable[[str], None] = print) -> dict | None:
     """Train, evaluate and record one cell; a cell with a result.json is skipped, a killed one resumed.
 
-    Returns the result (None on ranks other than 0 of a multi-device cell)."""
+    Returns the result (None on ranks other than 0 of a multi-device cell), or ``{"cell", "stopped_at_step"}`` for a
+    cell whose time budget (the Trainer's max_time) ran out first: it is left to be resumed, and the sweep goes on."""
     folder = cell_dir(study, cell)
     done = os.path.join(folder, "result.json")
     if os.path.exists(done):
@@ -341,8 +342,12 @@ def run_cell(study: Study, cell: Cell, log: Callable[[str], None] = print) -> di
     t0 = time.perf_counter()
     trainer.fit(lit, datamodule=dm, ckpt_path=resume)
     if trainer.global_step < study.steps:
-        raise SweepError(f"{cell.name}: training stopped at step {trainer.global_step} of {study.steps} (a max_epochs "
-                         f"or max_time in the base config?); re-run to resume it")
+        stopped = f"{cell.name}: training stopped at step {trainer.global_step:,} of {study.steps:,}"
+        if not out_of_time(trainer):  # a max_epochs, or a stop signal: this job is ending, the next cells with it
+            raise SweepError(f"{stopped} (a max_epochs in the base config, or a stop signal?); re-run to resume it")
+        log(f"sweep: {stopped}: its time budget (trainer max_time) is spent; the summary reads its last evaluation "
+            f"along training as a provisional verdict, and re-running resumes it")
+        return {"cell": cell.name, "stopped_at_step": trainer.global_step}
     train_seconds = time.perf_counter() - t0
     result = None
     if trainer.is_global_zero:
@@ -355,6 +360,16 @@ def run_cell(study: Study, cell: Cell, log: Callable[[str], None] = print) -> di
             f"(evaluated to {result['eval']['length']}), written {done}")
     trainer.strategy.barrier()  # the other ranks wait while rank 0 evaluates
     return result
+
+
+def out_of_time(trainer) -> bool:
+    """Whether the fit ended because the Trainer's ``max_time`` (its Timer callback) ran out: a cell's time budget,
+    after which the sweep goes on to the next cell (ModelCheckpoint has saved last.ckpt at that step, at the end of the
+    stopped epoch). Decided on rank 0 and shared, as the Timer decides its stop."""
+    from lightning.pytorch.callbacks import Timer
+
+    remaining = [cb.time_remaining() for cb in trainer.callbacks if isinstance(cb, Timer)]
+    return bool(trainer.strategy.broadcast(any(r is not None and r <= 0 for r in remaining)))
 
 
 def evaluate_cell(study: Study, cell: Cell, model, dm, log: Callable[[str], None] = print) -> dict:
@@ -456,10 +471,15 @@ def run_study(study: Study, log: Callable[[str], None] = print) -> list[dict]:
     record_plan(study, cells)
     mine = shard_cells(cells, study.shard)
     log(f"sweep: {len(cells)} cells in the grid, {len(mine)} in shard {study.shard}; study directory {study.out}")
-    results = []
+    results, stopped = [], []
     for cell in mine:
         r = run_cell(study, cell, log)
-        if r is not None:
+        if r is not None and "stopped_at_step" in r:
+            stopped.append(r["cell"])
+        elif r is not None:
             results.append(r)
+    if stopped:
+        log(f"sweep: {len(stopped)} cell(s) stopped by their time budget before the planned {study.steps:,} steps "
+            f"({', '.join(stopped)}): run the same command again to resume them")
     sys.stdout.flush()
     return results

@@ -4,6 +4,7 @@ configs validate and their cells build."""
 
 import json
 import os
+import re
 import shlex
 import subprocess
 
@@ -197,3 +198,25 @@ def test_two_seeds_of_one_cell_train_two_different_models(tmp_path, corpus, caps
     assert row["seeds"] == [0, 1] and row["fails_per_len"]["32"]["finished"] == 2
     assert [e["seed"] for e in row["t_forget_per_seed"]] == [0, 1]
     assert set(summary["onset"]["cells"]) == {"state8_len32_seed0", "state8_len32_seed1"}
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+def test_a_cell_out_of_time_is_left_to_resume_and_the_sweep_goes_on(tmp_path, corpus, capsys):
+    """A time budget per cell (the Trainer's max_time): the first cell stopping does not end the sweep; every cell
+    gets its budget, none is recorded as done, the command succeeds and says how to resume; the same command without
+    the budget then finishes them from where they stopped."""
+    out = tmp_path / "study"
+    budget = ["--states", "[8]", "--trainer_overrides", json.dumps({"max_time": "00:00:00:00"})]
+    assert cmd.main(micro_args(tmp_path, corpus, out, *budget)) == 0
+    printed = capsys.readouterr().out
+    names = ["state8_len32", "state8_len64"]
+    for name in names:
+        assert re.search(rf"{name}: training stopped at step \d of 8: its time budget", printed), printed
+        assert not (out / "cells" / name / "result.json").exists()
+    assert "2 cell(s) stopped by their time budget" in printed and "run the same command again" in printed
+    assert "provisional" in printed  # the summary still ran, from the cells' evaluations along training
+    assert cmd.main(micro_args(tmp_path, corpus, out, "--states", "[8]")) == 0
+    printed = capsys.readouterr().out
+    for name in names:
+        assert f"{name}: training 8 steps" in printed
+        assert json.loads((out / "cells" / name / "result.json").read_text())["steps"] == 8
