@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable, Iterable
 
@@ -10,11 +11,16 @@ from collections.abc import Callable, Iterable
 def run_command(name: str, work: Callable[[], Iterable[str]], errors: tuple[type[BaseException], ...]) -> int:
     """Run ``work`` and print the lines it returns (exit 0); a bad argument or input among ``errors`` becomes one
     line on stderr, ``<name>: error: ...``, and exit status 2."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     try:
         lines = list(work())
     except errors as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2
+    except SIGTERMException as e:  # Lightning's SystemExit of code None (exit 0): a run cut short is no success
+        print(f"{name}: error: {e.code or 'stopped by SIGTERM'}", file=sys.stderr)
+        return 128 + signal.SIGTERM
     if lines:
         print("\n".join(lines))
     return 0

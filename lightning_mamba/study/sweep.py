@@ -286,7 +286,7 @@ def clean(obj: Any) -> Any:
 
 def build_cli(study: Study, cell: Cell):
     """The cell's LightningCLI (not run). A cell on several devices is built again with its batch split."""
-    from ..training.cli import lightning_cli, quiet_lightning
+    from ..training.cli import CheckpointOnSigterm, lightning_cli, quiet_lightning
 
     quiet_lightning()  # here, not only inside lightning_cli: catch_warnings below would undo its filters on exit
     with warnings.catch_warnings():  # "args and command line arguments": the command line is the sweep's
@@ -295,6 +295,8 @@ def build_cli(study: Study, cell: Cell):
         if cli.trainer.world_size > 1:
             cli = lightning_cli(cell_args(study, cell, cli.trainer.world_size), run=False)
     floor_lengthgen(cli, study.eval_min_tokens)
+    # SIGTERM (SLURM's warning before a kill): last.ckpt at that step, as `lightning-mamba fit` saves it
+    cli.trainer.callbacks.append(CheckpointOnSigterm(f"run the same sweep command again to resume {cell.name}"))
     return cli
 
 

@@ -54,9 +54,10 @@ class CheckpointOnSigterm(L.Callback):
     it resumes exactly) and give the exception the line that says how to resume (``lightning_mamba.cli`` prints it
     and exits 143, 128 + SIGTERM)."""
 
-    def __init__(self):
+    def __init__(self, resume: str | None = None):
         self.saved: str | None = None
         self._config = "CONFIG"
+        self.resume = resume  # how to resume, when not `lightning-mamba fit --ckpt_path` (a sweep re-runs its command)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._config = run_config_path(trainer)
@@ -71,9 +72,14 @@ class CheckpointOnSigterm(L.Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
-            todo = (f"resume with: lightning-mamba fit --config {shlex.quote(self._config)} --ckpt_path "
-                    f"{shlex.quote(self.saved)}" if self.saved else "no checkpoint was saved then (checkpointing is "
-                    "off, or it came during validation): resume from the newest one")
+            if self.saved and self.resume:
+                todo = f"{self.saved} saved: {self.resume}"
+            elif self.saved:
+                todo = (f"resume with: lightning-mamba fit --config {shlex.quote(self._config)} --ckpt_path "
+                        f"{shlex.quote(self.saved)}")
+            else:
+                todo = ("no checkpoint was saved then (checkpointing is off, or it came during validation): resume "
+                        "from the newest one")
             exception.code = f"stopped by SIGTERM at global step {trainer.global_step}: {todo}"
 
 

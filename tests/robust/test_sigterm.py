@@ -2,6 +2,7 @@
 batch, exits 143 (128 + SIGTERM) with one line that says how to resume, and the resumed run gives the losses of the
 uninterrupted one to the last bit (CPU)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -77,3 +78,47 @@ def test_sigterm_saves_a_checkpoint_exits_nonzero_and_resumes_exactly(tmp_path, 
     resumed = logged_losses(folder, version=str(folder / "runs" / "tiny" / "version_1"))
     assert sorted(resumed) == list(range(stopped_at, STEPS))
     assert resumed == {s: reference[s] for s in resumed}  # exact, no tolerance
+
+
+def test_sigterm_in_a_sweep_saves_the_cell_exits_nonzero_and_a_rerun_resumes_it(tmp_path, corpus, cache_dir):
+    """The same in `lightning-mamba sweep` (a SLURM array task): the cell's last.ckpt at the signalled step, exit
+    143 with one line naming the cell and how to go on (it exited 0, as if the sweep had finished, and kept only
+    ModelCheckpoint's last interval), and the same command then resumes that cell from the step it reached."""
+    progress = str(tmp_path / "progress")
+    with open(os.path.join(ROOT, "configs", "train.yaml")) as f:
+        base = yaml.safe_load(f)
+    base["trainer"]["callbacks"].append({"class_path": "tests.robust.test_sigterm.Progress",
+                                         "init_args": {"path": progress}})
+    base_path = tmp_path / "base.yaml"
+    base_path.write_text(yaml.safe_dump(base, sort_keys=False))
+    out = tmp_path / "study"
+    data = {"tokenizer": "byte", "source": corpus, "cache_dir": cache_dir}
+    argv = [sys.executable, "-m", "lightning_mamba.cli", "sweep", "--config",
+            os.path.join(ROOT, "configs", "study", "forget_threshold_cpu.yaml"), "--base_config",
+            f'["{base_path}"]', "--out", str(out), "--data_overrides", json.dumps(data), "--states", "[8]",
+            "--lens", "[32]", "--tensorboard", "false"]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    try:
+        while not (os.path.isfile(progress) and open(progress).read().strip() in {"3", "4", "5"}):
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            assert time.monotonic() < deadline, "the cell did not reach the step"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    last = out / "cells" / "state8_len32" / "checkpoints" / "last.ckpt"
+    stopped_at = torch.load(last, weights_only=True)["global_step"]
+    assert 3 <= stopped_at < 8
+    line = next(line for line in err.splitlines() if line.startswith("sweep: error: "))
+    assert line == (f"sweep: error: stopped by SIGTERM at global step {stopped_at}: {last} saved: run the same sweep "
+                    f"command again to resume state8_len32")
+    assert not (out / "cells" / "state8_len32" / "result.json").exists()
+
+    os.remove(progress)
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resuming from {last}" in done.stdout
+    assert json.loads((out / "cells" / "state8_len32" / "result.json").read_text())["steps"] == 8
