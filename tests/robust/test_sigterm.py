@@ -33,6 +33,23 @@ class Progress(L.Callback):
         time.sleep(self.seconds)
 
 
+def sigterm_mid_run(argv: list[str], progress: str, env: dict | None = None) -> tuple[int, str]:
+    """Start ``argv`` in ROOT, send SIGTERM once ``progress`` (a Progress callback's file) reads step 3-5, and
+    return its exit status and stderr."""
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    try:
+        while not (os.path.isfile(progress) and open(progress).read().strip() in {"3", "4", "5"}):
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            assert time.monotonic() < deadline, "the run did not reach the step"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    return proc.returncode, err
+
+
 def config(folder, corpus, cache_dir, progress: str | None = None) -> str:
     """The tiny run, with ModelCheckpoint saving only every 100 steps: the checkpoint a SIGTERM leaves is its own."""
     callbacks = [{"class_path": "tests.robust.test_sigterm.Progress", "init_args": {"path": progress}}] if progress else []
@@ -54,19 +71,8 @@ def test_sigterm_saves_a_checkpoint_exits_nonzero_and_resumes_exactly(tmp_path, 
     folder, progress = tmp_path / "run", str(tmp_path / "progress")
     cfg = config(folder, corpus, cache_dir, progress)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as the in-process runs: same reductions, same bits
-    proc = subprocess.Popen([sys.executable, "-m", "lightning_mamba.cli", "fit", "--config", cfg], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    try:
-        while not (os.path.isfile(progress) and open(progress).read().strip() in {"3", "4", "5"}):
-            assert proc.poll() is None, proc.stderr.read()[-2000:]
-            assert time.monotonic() < deadline, "the run did not reach the step"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]  # was 0
+    code, err = sigterm_mid_run([sys.executable, "-m", "lightning_mamba.cli", "fit", "--config", cfg], progress, env)
+    assert code == 128 + signal.SIGTERM, err[-2000:]  # was 0
     last = folder / "ckpt" / "last.ckpt"
     stopped_at = torch.load(last, weights_only=True)["global_step"]
     assert 3 <= stopped_at < STEPS  # mid-run, and the only checkpoint: ModelCheckpoint saves every 100 steps
@@ -97,18 +103,8 @@ def test_sigterm_in_a_sweep_saves_the_cell_exits_nonzero_and_a_rerun_resumes_it(
             os.path.join(ROOT, "configs", "study", "forget_threshold_cpu.yaml"), "--base_config",
             f'["{base_path}"]', "--out", str(out), "--data_overrides", json.dumps(data), "--states", "[8]",
             "--lens", "[32]", "--tensorboard", "false"]
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    try:
-        while not (os.path.isfile(progress) and open(progress).read().strip() in {"3", "4", "5"}):
-            assert proc.poll() is None, proc.stderr.read()[-2000:]
-            assert time.monotonic() < deadline, "the cell did not reach the step"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    code, err = sigterm_mid_run(argv, progress)
+    assert code == 128 + signal.SIGTERM, err[-2000:]
     last = out / "cells" / "state8_len32" / "checkpoints" / "last.ckpt"
     stopped_at = torch.load(last, weights_only=True)["global_step"]
     assert 3 <= stopped_at < 8
