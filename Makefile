@@ -93,6 +93,7 @@ STATES ?=                       # sweep: d_state values, e.g. "16 32 64 128" (de
 LENS ?=                         # sweep: training lengths, e.g. "128 256 512 1024 2048" (default: the config's)
 SHARD ?= 0/1                    # sweep: run cells k with k % n == i (one process per GPU or node)
 SEEDS ?=                        # sweep, regime: replicate seeds, e.g. "0 1 2": every cell trained once per seed (x n)
+BUDGET ?=                       # sweep, regime: training time per cell, DD:HH:MM:SS (re-running resumes stopped cells)
 _comma := ,
 _empty :=
 _space := $(_empty) $(_empty)
@@ -102,14 +103,14 @@ json_list = [$(subst $(_space),$(_comma),$(strip $(1)))]
 sweep: $(STAMP) ## The T_forget study, one model per (STATE, LEN): make sweep STATES="16 32 64 128" LENS="128 256 512"
 	$(BIN)/lightning-mamba sweep --config $(STUDY) $(if $(strip $(STATES)),--states '$(call json_list,$(STATES))') \
 		$(if $(strip $(LENS)),--lens '$(call json_list,$(LENS))') $(if $(strip $(SEEDS)),--seeds '$(call json_list,$(SEEDS))') \
-		--shard $(strip $(SHARD)) $(ARGS)
+		$(if $(strip $(BUDGET)),--time_per_cell $(strip $(BUDGET))) --shard $(strip $(SHARD)) $(ARGS)
 
 sweep-cpu: $(STAMP) ## The study in miniature on the CPU (2 states x 2 lengths, a few steps: the machinery only)
 	$(BIN)/lightning-mamba sweep --config configs/study/forget_threshold_cpu.yaml $(ARGS)
 
 PROCESSES ?= 3                  # regime: cells trained at once (one process each; 3-4 suit one GPU)
 REGIME ?= configs/study/regime.yaml  # or configs/study/regime_paper_drift.yaml (a_lr_mult 1, the paper's training)
-regime: $(STAMP) ## The failing regime on a GPU (code corpus, 20K small steps per cell): make regime STATES="64 256" LENS="64" SEEDS="0 1 2"
+regime: $(STAMP) ## The failing regime on a GPU (code corpus, 20K small steps per cell): make regime STATES="64 256" LENS="64" BUDGET=00:01:00:00
 	$(BIN)/lightning-mamba sweep --config $(strip $(REGIME)) $(if $(strip $(STATES)),--states '$(call json_list,$(STATES))') \
 		$(if $(strip $(LENS)),--lens '$(call json_list,$(LENS))') $(if $(strip $(SEEDS)),--seeds '$(call json_list,$(SEEDS))') \
-		--processes $(strip $(PROCESSES)) $(ARGS)
+		$(if $(strip $(BUDGET)),--time_per_cell $(strip $(BUDGET))) --processes $(strip $(PROCESSES)) $(ARGS)

@@ -69,6 +69,9 @@ class Study:
         model_overrides: model.* settings applied to every cell (e.g. {d_model: 256, n_layer: 4}).
         data_overrides: data.* settings applied to every cell (seq_len and batch_size are the study's).
         trainer_overrides: trainer.* settings applied to every cell (max_steps, precision, logger are the study's).
+        time_per_cell: A training time budget for every cell, DD:HH:MM:SS (Lightning's max_time), e.g. 00:01:00:00:
+            a cell stops there (its evaluations along training give the summary a provisional verdict), the sweep
+            goes on to the next, and running the same command again resumes the stopped ones. null: no budget.
         precision: Training precision of every cell; auto: bf16-mixed on CUDA, else 32-true.
         shard: 'i/n': run only cells k with k % n == i (one process per GPU or node; see docs/study.md).
         seed: seed_everything of every cell (when seeds is null).
@@ -102,6 +105,7 @@ class Study:
     model_overrides: dict[str, Any] = field(default_factory=dict)
     data_overrides: dict[str, Any] = field(default_factory=dict)
     trainer_overrides: dict[str, Any] = field(default_factory=dict)
+    time_per_cell: str | None = None
     precision: str = "auto"
     shard: str = "0/1"
     seed: int = 0
@@ -149,6 +153,10 @@ class Study:
             check(key not in self.data_overrides, f"data_overrides.{key} is set by the study ({what}): remove it")
         for key, what in (("max_steps", "tokens_per_cell"), ("precision", "precision"), ("logger", "out")):
             check(key not in self.trainer_overrides, f"trainer_overrides.{key} is set by the study ({what}): remove it")
+        check(self.time_per_cell is None or "max_time" not in self.trainer_overrides, "time_per_cell and "
+              "trainer_overrides.max_time both set a cell's time budget: keep one")
+        check(self.time_per_cell is None or re.fullmatch(r"\d+:\d\d:\d\d:\d\d", str(self.time_per_cell)) is not None,
+              f"time_per_cell must be DD:HH:MM:SS, e.g. 00:01:00:00 for an hour (got {self.time_per_cell!r})")
         shard_of(self.shard)
         if self.seeds is not None:
             check(bool(self.seeds) and all(type(s) is int and s >= 0 for s in self.seeds), f"seeds must be a "
@@ -257,6 +265,8 @@ def cell_args(study: Study, cell: Cell, world_size: int = 1) -> list[str]:
     args += ["--data.seq_len", str(cell.seq_len), "--data.batch_size", str(per_device // world_size)]
     for k, v in study.trainer_overrides.items():
         args += [f"--trainer.{k}", _value(v)]
+    if study.time_per_cell is not None:
+        args += ["--trainer.max_time", study.time_per_cell]
     args += ["--trainer.max_steps", str(study.steps), "--trainer.precision", resolve_precision(study.precision),
              "--trainer.logger.class_path", "lightning.pytorch.loggers.TensorBoardLogger",
              "--trainer.logger.init_args.save_dir", os.path.join(study.out, "cells"),

@@ -150,6 +150,9 @@ def test_make_sweep_line_parses_with_states_lens_and_shard():
     assert study.tokens_per_cell == 1048576
     default = cmd.study_from(cmd.build_parser().parse_args(make_sweep_line()))
     assert default.states == [16, 32, 64, 128] and default.lens == [128, 256, 512, 1024, 2048]
+    assert default.time_per_cell is None
+    budget = cmd.study_from(cmd.build_parser().parse_args(make_sweep_line(BUDGET="00:02:00:00")))
+    assert budget.time_per_cell == "00:02:00:00"
 
 
 @pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
@@ -202,11 +205,11 @@ def test_two_seeds_of_one_cell_train_two_different_models(tmp_path, corpus, caps
 
 @pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 def test_a_cell_out_of_time_is_left_to_resume_and_the_sweep_goes_on(tmp_path, corpus, capsys):
-    """A time budget per cell (the Trainer's max_time): the first cell stopping does not end the sweep; every cell
+    """A time budget per cell (time_per_cell: the Trainer's max_time): the first cell stopping does not end the sweep; every cell
     gets its budget, none is recorded as done, the command succeeds and says how to resume; the same command without
     the budget then finishes them from where they stopped."""
     out = tmp_path / "study"
-    budget = ["--states", "[8]", "--trainer_overrides", json.dumps({"max_time": "00:00:00:00"})]
+    budget = ["--states", "[8]", "--time_per_cell", "00:00:00:00"]
     assert cmd.main(micro_args(tmp_path, corpus, out, *budget)) == 0
     printed = capsys.readouterr().out
     names = ["state8_len32", "state8_len64"]

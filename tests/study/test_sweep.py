@@ -80,6 +80,10 @@ def test_cell_args_give_every_cell_the_same_tokens_per_step():
         assert value["--trainer.callbacks+"] == '[{"class_path": "x.Y"}]' and value["--data.tokenizer"] == "byte"
     two = cell_args(study, make_cells(study)[0], world_size=2)
     assert two[two.index("--data.batch_size") + 1] == "256"  # 512 samples of 128 split over 2 devices
+    assert "--trainer.max_time" not in two
+    timed = Study(lens=[128], time_per_cell="00:01:30:00", trainer_overrides={"enable_progress_bar": False})
+    budget = cell_args(timed, make_cells(timed)[0])  # beside the other trainer overrides, not instead of them
+    assert budget[budget.index("--trainer.max_time") + 1] == "00:01:30:00" and "--trainer.enable_progress_bar" in budget
 
 
 @pytest.mark.parametrize("change, message", [
@@ -91,6 +95,8 @@ def test_cell_args_give_every_cell_the_same_tokens_per_step():
     ({"bucket": 4096}, "bucket"),
     ({"eval_multiple": 1}, "must go past LEN"),
     ({"models": [{"n_layer": 2}, {"n_layer": 2}]}, "share a name"),
+    ({"time_per_cell": "1h"}, "time_per_cell must be DD:HH:MM:SS"),
+    ({"time_per_cell": "00:01:00:00", "trainer_overrides": {"max_time": "00:02:00:00"}}, "keep one"),
 ])
 def test_settings_that_cannot_work_are_refused(change, message):
     with pytest.raises(SweepError, match=message):
