@@ -6,7 +6,7 @@ every cell together.
 
 Every source must be a study folder (its study.json) of the same study settings as the config given: the model,
 data and evaluation settings and the training seed must agree (a cell of another corpus or criterion would be judged
-as if it were one of these); time budgets (trainer_overrides) and the token budget may differ. Each source cell folder
+as if it were one of these); time budgets (time_per_cell, trainer_overrides) and the token budget may differ. Each source cell folder
 is copied whole into ``<out>/cells/`` (atomically: a temporary folder, then a rename) except its checkpoints, so a
 merged folder summarizes but does not resume training. A cell already in ``<out>`` or in two sources is refused.
 The plan (``<out>/study.json``) becomes the union of the sources' planned cells and axes.

@@ -305,8 +305,9 @@ def build_cli(study: Study, cell: Cell):
         if cli.trainer.world_size > 1:
             cli = lightning_cli(cell_args(study, cell, cli.trainer.world_size), run=False)
     floor_lengthgen(cli, study.eval_min_tokens)
-    # SIGTERM (SLURM's warning before a kill): last.ckpt at that step, as `lightning-mamba fit` saves it
-    cli.trainer.callbacks.append(CheckpointOnSigterm(f"run the same sweep command again to resume {cell.name}"))
+    for cb in cli.trainer.callbacks:  # SIGTERM (SLURM's warning before a kill): last.ckpt at that step, and then
+        if isinstance(cb, CheckpointOnSigterm):
+            cb.resume = f"run the same sweep command again to resume {cell.name}"
     return cli
 
 
@@ -355,8 +356,9 @@ def run_cell(study: Study, cell: Cell, log: Callable[[str], None] = print) -> di
     trainer.fit(lit, datamodule=dm, ckpt_path=resume)
     if trainer.global_step < study.steps:
         stopped = f"{cell.name}: training stopped at step {trainer.global_step:,} of {study.steps:,}"
-        if not out_of_time(trainer):  # a max_epochs, or a stop signal: this job is ending, the next cells with it
-            raise SweepError(f"{stopped} (a max_epochs in the base config, or a stop signal?); re-run to resume it")
+        if not out_of_time(trainer):  # a max_epochs, or a callback stopped it: not a budget, so the sweep ends here
+            raise SweepError(f"{stopped} (a max_epochs in the base config, or a callback that stops training?); "
+                             f"re-run to resume it")
         log(f"sweep: {stopped}: its time budget (trainer max_time) is spent; the summary reads its last evaluation "
             f"along training as a provisional verdict, and re-running resumes it")
         return {"cell": cell.name, "stopped_at_step": trainer.global_step}

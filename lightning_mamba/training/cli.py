@@ -54,10 +54,10 @@ class CheckpointOnSigterm(L.Callback):
     it resumes exactly) and give the exception the line that says how to resume (``lightning_mamba.cli`` prints it
     and exits 143, 128 + SIGTERM)."""
 
-    def __init__(self, resume: str | None = None):
+    def __init__(self):
         self.saved: str | None = None
         self._config = "CONFIG"
-        self.resume = resume  # how to resume, when not `lightning-mamba fit --ckpt_path` (a sweep re-runs its command)
+        self.resume: str | None = None  # how to resume, when not `lightning-mamba fit --ckpt_path` (a sweep's cell)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._config = run_config_path(trainer)
@@ -130,13 +130,18 @@ class MambaCLI(LightningCLI):
         if config.get("model") and config.model.get("pretrained") and not self.subclass_mode_model:
             apply_pretrained(config, self._argv)
 
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        # every Trainer this CLI builds, `lightning-mamba fit` and the sweep's cells (run=False) alike
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.append(CheckpointOnSigterm())
+        return trainer
+
     def before_fit(self) -> None:
         for logger in self.trainer.loggers:
             if isinstance(logger, TensorBoardLogger):  # no hp_metric = -1 (Lightning's placeholder) in TensorBoard
                 logger._default_hp_metric = False
         check_output_folders(self.trainer)
         check_fresh_log_version(self.trainer, self.config["fit"])
-        self.trainer.callbacks.append(CheckpointOnSigterm())
         if getattr(self, "_resume_at_lr", False):
             self.trainer.callbacks.append(ResumeAtLr())
 
