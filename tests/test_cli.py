@@ -102,6 +102,17 @@ def test_make_train_line_parses_with_state_and_len():
     assert cli.model.hparams.vocab_size == cli.datamodule.vocab_size_for_model
 
 
+@pytest.mark.parametrize("typed,expected", [("1", 1), ("3", 3), ("0.5", 0.5), ("1.0", 1.0)])
+def test_batch_limits_typed_as_ints_stay_ints(typed, expected, tmp_path):
+    # Lightning reads an int as a number of batches and a float as a fraction: 1 is one batch, 1.0 every batch.
+    # Python's typing cache handed the Trainer Union[float, int], so a typed 1 used to become 1.0 (all batches).
+    cli = lightning_cli(["--config", os.path.join(ROOT, "configs/train.yaml"), "--trainer.logger", "false",
+                         "--trainer.limit_val_batches", typed, "--trainer.limit_train_batches", typed], run=False)
+    for limit in (cli.trainer.limit_val_batches, cli.trainer.limit_train_batches):
+        assert limit == expected and type(limit) is type(expected)
+    assert type(cli.config.trainer.limit_val_batches) is type(expected)
+
+
 @pytest.mark.parametrize(
     "override,fragment",
     [

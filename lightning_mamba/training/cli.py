@@ -9,6 +9,7 @@ import os
 import re
 import shlex
 import sys
+import typing
 import warnings
 
 import lightning as L
@@ -156,11 +157,27 @@ class MambaCLI(LightningCLI):
             print("\n".join(fit_summary(self.trainer)), flush=True)
 
     def add_arguments_to_parser(self, parser) -> None:
+        ints_before_floats(parser, "trainer.")
         # NaN/Inf guard on every run: --nan_guard.on_nonfinite stop|skip
         parser.add_lightning_class_args(NanGuard, "nan_guard")
         # The model's vocabulary is the tokenizer's: one setting, not two that can disagree.
         parser.link_arguments("data.vocab_size_for_model", "model.init_args.vocab_size" if self.subclass_mode_model
                               else "model.vocab_size", apply_on="instantiate")
+
+
+def ints_before_floats(parser, prefix: str) -> None:
+    """``--trainer.limit_val_batches 1`` is one batch, not 100%. The Trainer declares these Optional[Union[int, float]],
+    but Python's typing cache can hand it an equal Union created first elsewhere as Union[float, int, None]
+    (Lightning-AI/pytorch-lightning#21259), and jsonargparse tries the members in order: a typed or YAML 1 became
+    1.0, i.e. every batch. Where a float member comes before int, put int first (a flat Union[...] is cached by its
+    ordered members, so it keeps our order)."""
+    for action in parser._actions:
+        hint = getattr(action, "_typehint", None)
+        if not action.dest.startswith(prefix) or typing.get_origin(hint) is not typing.Union:
+            continue
+        members = typing.get_args(hint)
+        if float in members and int in members and members.index(float) < members.index(int):
+            action._typehint = typing.Union[(int,) + tuple(m for m in members if m is not int)]
 
 
 def apply_pretrained(config: Namespace, argv: list[str]) -> None:
