@@ -177,7 +177,7 @@ def ints_before_floats(parser, prefix: str) -> None:
             continue
         members = typing.get_args(hint)
         if float in members and int in members and members.index(float) < members.index(int):
-            action._typehint = typing.Union[(int,) + tuple(m for m in members if m is not int)]
+            action._typehint = typing.Union[(int,) + tuple(m for m in members if m is not int)]  # noqa: UP007 (built from a tuple)
 
 
 def apply_pretrained(config: Namespace, argv: list[str]) -> None:
