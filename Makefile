@@ -93,7 +93,7 @@ STATES ?=                       # sweep: d_state values, e.g. "16 32 64 128" (de
 LENS ?=                         # sweep: training lengths, e.g. "128 256 512 1024 2048" (default: the config's)
 SHARD ?= 0/1                    # sweep: run cells k with k % n == i (one process per GPU or node)
 SEEDS ?=                        # sweep, regime: replicate seeds, e.g. "0 1 2": every cell trained once per seed (x n)
-BUDGET ?=                       # sweep, regime: training time per cell, DD:HH:MM:SS (re-running resumes stopped cells)
+BUDGET ?=                       # sweep, regime: training time per cell and run, DD:HH:MM:SS (re-running goes on)
 _comma := ,
 _empty :=
 _space := $(_empty) $(_empty)

@@ -69,9 +69,10 @@ class Study:
         model_overrides: model.* settings applied to every cell (e.g. {d_model: 256, n_layer: 4}).
         data_overrides: data.* settings applied to every cell (seq_len and batch_size are the study's).
         trainer_overrides: trainer.* settings applied to every cell (max_steps, precision, logger are the study's).
-        time_per_cell: A training time budget for every cell, DD:HH:MM:SS (Lightning's max_time), e.g. 00:01:00:00:
-            a cell stops there (its evaluations along training give the summary a provisional verdict), the sweep
-            goes on to the next, and running the same command again resumes the stopped ones. null: no budget.
+        time_per_cell: A training time budget for every cell in each run of the command, DD:HH:MM:SS (Lightning's
+            max_time), e.g. 00:01:00:00: a cell stops there with last.ckpt at that step (its evaluations along
+            training give the summary a provisional verdict), the sweep goes on to the next, and running the same
+            command again resumes the stopped ones for another time_per_cell each. null: no budget.
         precision: Training precision of every cell; auto: bf16-mixed on CUDA, else 32-true.
         shard: 'i/n': run only cells k with k % n == i (one process per GPU or node; see docs/study.md).
         seed: seed_everything of every cell (when seeds is null).
@@ -296,7 +297,10 @@ def clean(obj: Any) -> Any:
 
 def build_cli(study: Study, cell: Cell):
     """The cell's LightningCLI (not run). A cell on several devices is built again with its batch split."""
+    from lightning.pytorch.callbacks import Timer
+
     from ..training.cli import CheckpointOnSigterm, lightning_cli, quiet_lightning
+    from ..training.stops import BudgetPerRun
 
     quiet_lightning()  # here, not only inside lightning_cli: catch_warnings below would undo its filters on exit
     with warnings.catch_warnings():  # "args and command line arguments": the command line is the sweep's
@@ -305,6 +309,9 @@ def build_cli(study: Study, cell: Cell):
         if cli.trainer.world_size > 1:
             cli = lightning_cli(cell_args(study, cell, cli.trainer.world_size), run=False)
     floor_lengthgen(cli, study.eval_min_tokens)
+    if study.time_per_cell is not None:  # the budget counts each run of the command: re-running trains on
+        cli.trainer.callbacks[:] = [BudgetPerRun(duration=study.time_per_cell, interval="step")
+                                    if type(cb) is Timer else cb for cb in cli.trainer.callbacks]
     for cb in cli.trainer.callbacks:  # SIGTERM (SLURM's warning before a kill): last.ckpt at that step, and then
         if isinstance(cb, CheckpointOnSigterm):
             cb.resume = f"run the same sweep command again to resume {cell.name}"
@@ -378,8 +385,8 @@ def run_cell(study: Study, cell: Cell, log: Callable[[str], None] = print) -> di
 
 def out_of_time(trainer) -> bool:
     """Whether the fit ended because the Trainer's ``max_time`` (its Timer callback) ran out: a cell's time budget,
-    after which the sweep goes on to the next cell (ModelCheckpoint has saved last.ckpt at that step, at the end of the
-    stopped epoch). Decided on rank 0 and shared, as the Timer decides its stop."""
+    after which the sweep goes on to the next cell (last.ckpt is at that step: ``training.stops.CheckpointAtStop``).
+    Decided on rank 0 and shared, as the Timer decides its stop."""
     from lightning.pytorch.callbacks import Timer
 
     remaining = [cb.time_remaining() for cb in trainer.callbacks if isinstance(cb, Timer)]

@@ -33,6 +33,7 @@ from .run_checks import (
     not_text_config,
     run_guarded,
 )
+from .stops import CheckpointAtStop
 
 
 class ResumeAtLr(L.Callback):
@@ -134,7 +135,7 @@ class MambaCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         # every Trainer this CLI builds, `lightning-mamba fit` and the sweep's cells (run=False) alike
         trainer = super().instantiate_trainer(**kwargs)
-        trainer.callbacks.append(CheckpointOnSigterm())
+        trainer.callbacks += [CheckpointOnSigterm(), CheckpointAtStop()]
         return trainer
 
     def before_fit(self) -> None:

@@ -7,6 +7,7 @@ import os
 import re
 import shlex
 import subprocess
+import time
 
 import lightning as L
 import pytest
@@ -223,3 +224,36 @@ def test_a_cell_out_of_time_is_left_to_resume_and_the_sweep_goes_on(tmp_path, co
     for name in names:
         assert f"{name}: training 8 steps" in printed
         assert json.loads((out / "cells" / name / "result.json").read_text())["steps"] == 8
+
+
+class SlowSteps(L.Callback):
+    """Makes each step take at least ``seconds``, so a time budget ends a cell after a few steps."""
+
+    def __init__(self, seconds: float = 0.25):
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        time.sleep(self.seconds)
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+def test_each_run_of_a_budgeted_sweep_trains_its_cells_further(tmp_path, corpus, capsys):
+    """time_per_cell counts each run of the command: the same command again resumes a stopped cell from the step where
+    it stopped and gives it the budget again. Lightning's Timer restores the time already trained, so the re-run used
+    to stop at once (tests/robust/test_time_limit.py: last.ckpt at the stop when an interval checkpoint came first)."""
+    out = tmp_path / "study"
+    checkpoint = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                  "init_args": {"save_last": True, "every_n_train_steps": 2}}
+    slow = {"class_path": f"{__name__}.SlowSteps", "init_args": {"seconds": 0.25}}
+    trainer = {"enable_progress_bar": False, "enable_model_summary": False, "limit_val_batches": 0,
+               "callbacks": [checkpoint, slow]}
+    argv = micro_args(tmp_path, corpus, out, "--states", "[8]", "--lens", "[32]", "--tokens_per_cell", "10240",
+                      "--trainer_overrides", json.dumps(trainer), "--time_per_cell", "00:00:00:01")
+    last = out / "cells" / "state8_len32" / "checkpoints" / "last.ckpt"
+    stops = []
+    for _ in range(2):
+        assert cmd.main(argv) == 0
+        printed = capsys.readouterr().out
+        stops.append(int(re.search(r"training stopped at step (\d+) of 40", printed).group(1)))
+        assert torch.load(last, weights_only=False)["global_step"] == stops[-1]  # the next run starts there
+    assert 2 <= stops[0] and stops[1] >= stops[0] + 2, stops  # was no step more
