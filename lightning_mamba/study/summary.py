@@ -24,6 +24,7 @@ from ..analysis import plots
 from ..analysis.criterion import VERDICT_WORDS, verdict_word
 from ..analysis.fits import N_S_UNIT, PAPER_T_FORGET, PAPER_T_RECALL, T_UNIT, fit_exponential, fit_linear
 from ..atomic import atomic_write_text
+from .cell_records import write_cell_records
 from .onset import onset_summary
 from .provisional import provisional_mark, provisional_note, provisional_results, provisional_text
 from .summary_plots import plot_curve_grid, plot_onset, plot_passkey_grid, plot_t_forget
@@ -305,7 +306,11 @@ def summarize(out: str, tensorboard: bool = True) -> dict:
     results = load_results(out)
     if plan is None and not results:
         raise SweepError(f"no study under {out}: neither study.json nor cells/*/result.json (wrong --out?)")
-    onset = onset_summary(os.path.join(out, "cells"), cells_of(plan, results, out), (plan or {}).get("tokens_per_batch"))
+    cells = cells_of(plan, results, out)
+    onset = onset_summary(os.path.join(out, "cells"), cells, (plan or {}).get("tokens_per_batch"))
+    for name, (_, seq_len) in cells.items():  # along_training.png, decays.csv: the cells' own records, per cell
+        if os.path.isdir(os.path.join(out, "cells", name)):
+            write_cell_records(os.path.join(out, "cells", name), seq_len)
     early = provisional_results(plan, results, onset, out)
     rows = rows_of(results, plan, early)
     order = {r["row"]: i for i, r in enumerate(rows)}
@@ -441,5 +446,6 @@ def summary_lines(summary: dict) -> list[str]:
                      f"{early}  ({paper_text})")
     lines += onset_lines(summary.get("onset") or {"cells": {}, "t_forget_by_step": {}})
     lines += [f"note: {n}" for n in summary["notes"]]
-    lines.append(f"written to {summary['out']} (results.csv, summary.json, *.png, summary/)")
+    lines.append(f"written to {summary['out']} (results.csv, summary.json, *.png, summary/; per cell "
+                 "cells/<cell>/along_training.png, decays.csv)")
     return lines

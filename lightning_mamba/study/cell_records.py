@@ -1,0 +1,71 @@
+"""Per cell, from its run folder, beside the study's summary: the loss against position at a few of its evaluations
+along training (``along_training.png``) and the decays of its heads along training (``decays.csv``, one row per
+``dynamics/step_N.json``: A, mean dt, the slowest head's alpha over T and the count above the threshold). What the
+results of a failing cell are read from, written by ``sweep`` itself rather than by a script of one's own."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+
+import numpy as np
+
+from ..analysis import plots
+from ..atomic import atomic_write_text
+from .onset import _read_steps
+
+DECAY_FIELDS = ["step", "A_max", "A_median", "dt_mean_median", "alpha_T_max", "alpha_T_median", "heads_alpha_T_above",
+                "threshold"]
+
+
+def decay_rows(cell_folder: str) -> list[dict]:
+    """One row per DecayDynamicsCallback record, in step order (alpha over T from the measured dt where the callback
+    probed held-out rows, else from softplus(dt_bias))."""
+    rows = []
+    for step, d in sorted(_read_steps(os.path.join(cell_folder, "dynamics")).items()):
+        flat = lambda key: np.concatenate([np.asarray(v, dtype=np.float64) for v in d[key]])  # noqa: E731
+        try:
+            A = flat("A")
+            alpha = flat("alpha_T" if "alpha_T" in d else "alpha_T_bias")
+            dt = flat("dt_mean" if "dt_mean" in d else "dt_bias_softplus")
+        except (KeyError, ValueError):  # a record of another shape: skipped, as a file that does not parse
+            continue
+        threshold = float(d.get("threshold", 0.99))
+        rows.append({"step": step, "A_max": f"{A.max():.4g}", "A_median": f"{np.median(A):.4g}",
+                     "dt_mean_median": f"{np.median(dt):.3g}", "alpha_T_max": f"{alpha.max():.5f}",
+                     "alpha_T_median": f"{np.median(alpha):.3g}", "heads_alpha_T_above": int((alpha > threshold).sum()),
+                     "threshold": threshold})
+    return rows
+
+
+def evaluation_steps(steps: list[int], n: int = 4) -> list[int]:
+    """Up to ``n`` evaluation steps spread over training, the first and the last among them."""
+    if len(steps) <= n:
+        return list(steps)
+    picks = {steps[round(i * (len(steps) - 1) / (n - 1))] for i in range(n)}
+    return sorted(picks)
+
+
+def write_cell_records(cell_folder: str, seq_len: int) -> list[str]:
+    """Write ``along_training.png`` and ``decays.csv`` into the cell's folder where it has the records for them;
+    returns the paths written."""
+    written = []
+    evaluations = _read_steps(os.path.join(cell_folder, "lengthgen"))
+    curves = {f"step {s:,}": (evaluations[s]["bucket_positions"], evaluations[s]["bucket_loss"])
+              for s in evaluation_steps(sorted(evaluations))
+              if evaluations[s].get("bucket_positions") and evaluations[s].get("bucket_loss")}
+    if curves:
+        name = os.path.basename(os.path.normpath(cell_folder))
+        fig = plots.plot_loss_curves(curves, seq_len, f"{name}: loss against position along training (held-out)")
+        written.append(plots.save_png(fig, os.path.join(cell_folder, "along_training.png")))
+    rows = decay_rows(cell_folder)
+    if rows:
+        table = io.StringIO(newline="")
+        w = csv.DictWriter(table, fieldnames=DECAY_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+        path = os.path.join(cell_folder, "decays.csv")
+        atomic_write_text(path, table.getvalue())
+        written.append(path)
+    return written
