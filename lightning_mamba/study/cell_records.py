@@ -13,7 +13,7 @@ import numpy as np
 
 from ..analysis import plots
 from ..atomic import atomic_write_text
-from .onset import _read_steps
+from .onset import read_steps
 
 DECAY_FIELDS = ["step", "A_max", "A_median", "dt_mean_median", "alpha_T_max", "alpha_T_median", "heads_alpha_T_above",
                 "threshold"]
@@ -23,7 +23,7 @@ def decay_rows(cell_folder: str) -> list[dict]:
     """One row per DecayDynamicsCallback record, in step order (alpha over T from the measured dt where the callback
     probed held-out rows, else from softplus(dt_bias))."""
     rows = []
-    for step, d in sorted(_read_steps(os.path.join(cell_folder, "dynamics")).items()):
+    for step, d in sorted(read_steps(os.path.join(cell_folder, "dynamics")).items()):
         flat = lambda key: np.concatenate([np.asarray(v, dtype=np.float64) for v in d[key]])  # noqa: E731
         try:
             A = flat("A")
@@ -51,7 +51,7 @@ def write_cell_records(cell_folder: str, seq_len: int) -> list[str]:
     """Write ``along_training.png`` and ``decays.csv`` into the cell's folder where it has the records for them;
     returns the paths written."""
     written = []
-    evaluations = _read_steps(os.path.join(cell_folder, "lengthgen"))
+    evaluations = read_steps(os.path.join(cell_folder, "lengthgen"))
     curves = {f"step {s:,}": (evaluations[s]["bucket_positions"], evaluations[s]["bucket_loss"])
               for s in evaluation_steps(sorted(evaluations))
               if evaluations[s].get("bucket_positions") and evaluations[s].get("bucket_loss")}

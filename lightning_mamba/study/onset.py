@@ -24,7 +24,7 @@ from .sweep import parse_cell_name
 STEP_FILE = re.compile(r"step_(\d+)\.json$")
 
 
-def _read_steps(folder: str) -> dict[int, dict]:
+def read_steps(folder: str) -> dict[int, dict]:
     """step -> parsed JSON of ``folder/step_N.json`` (files that do not parse are skipped: a killed write leaves
     none, as they are written atomically, but a user may have edited one)."""
     out = {}
@@ -57,8 +57,8 @@ def _retention(state: dict | None) -> dict[str, Any]:
 
 def cell_history(cell_folder: str, tokens_per_batch: int | None = None) -> list[dict]:
     """The cell's evaluations in step order: step, tokens, forgets, ratios and retention/state figures."""
-    lengthgen = _read_steps(os.path.join(cell_folder, "lengthgen"))
-    states = _read_steps(os.path.join(cell_folder, "state_stats"))
+    lengthgen = read_steps(os.path.join(cell_folder, "lengthgen"))
+    states = read_steps(os.path.join(cell_folder, "state_stats"))
     history = []
     for step in sorted(lengthgen):
         entry = lengthgen[step]
