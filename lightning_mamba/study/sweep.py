@@ -299,8 +299,8 @@ def build_cli(study: Study, cell: Cell):
     """The cell's LightningCLI (not run). A cell on several devices is built again with its batch split."""
     from lightning.pytorch.callbacks import Timer
 
-    from ..training.cli import CheckpointOnSigterm, lightning_cli, quiet_lightning
-    from ..training.stops import BudgetPerRun
+    from ..training.cli import lightning_cli, quiet_lightning
+    from ..training.stops import BudgetPerRun, CheckpointOnSigterm
 
     quiet_lightning()  # here, not only inside lightning_cli: catch_warnings below would undo its filters on exit
     with warnings.catch_warnings():  # "args and command line arguments": the command line is the sweep's

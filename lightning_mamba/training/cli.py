@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shlex
 import sys
 import typing
 import warnings
@@ -18,13 +17,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ..data import TextDataModule
 from ..errors import UserError
 from .checkpoint_io import check_resume, settle_pretrained
 from .module import MambaLitModule
-from .nan_guard import NanGuard, run_config_path
+from .nan_guard import NanGuard
 from .run_checks import (
     OneLineErrorParser,
     check_fresh_log_version,
@@ -33,7 +31,7 @@ from .run_checks import (
     not_text_config,
     run_guarded,
 )
-from .stops import CheckpointAtStop
+from .stops import CheckpointAtStop, CheckpointOnSigterm
 
 
 class ResumeAtLr(L.Callback):
@@ -48,41 +46,6 @@ class ResumeAtLr(L.Callback):
             for group in scheduler.optimizer.param_groups:
                 group["lr"] *= ratio
                 group["initial_lr"] *= ratio
-
-
-class CheckpointOnSigterm(L.Callback):
-    """SIGTERM (what SLURM sends before it kills a job): Lightning stops after the batch with ``SIGTERMException``, a
-    ``SystemExit`` of code None, i.e. exit status 0. Save last.ckpt at that batch's end (where ModelCheckpoint saves:
-    it resumes exactly) and give the exception the line that says how to resume (``lightning_mamba.cli`` prints it
-    and exits 143, 128 + SIGTERM)."""
-
-    def __init__(self):
-        self.saved: str | None = None
-        self._config = "CONFIG"
-        self.resume: str | None = None  # how to resume, when not `lightning-mamba fit --ckpt_path` (a sweep's cell)
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._config = run_config_path(trainer)
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        # every process decides alike: saving a checkpoint is collective
-        if self.saved is None and trainer.strategy.reduce_boolean_decision(trainer.received_sigterm, all=False):
-            cb = next((cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath), None)
-            if cb is not None:
-                self.saved = cb.format_checkpoint_name({}, cb.CHECKPOINT_NAME_LAST)
-                trainer.save_checkpoint(self.saved)
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException):
-            if self.saved and self.resume:
-                todo = f"{self.saved} saved: {self.resume}"
-            elif self.saved:
-                todo = (f"resume with: lightning-mamba fit --config {shlex.quote(self._config)} --ckpt_path "
-                        f"{shlex.quote(self.saved)}")
-            else:
-                todo = ("no checkpoint was saved then (checkpointing is off, or it came during validation): resume "
-                        "from the newest one")
-            exception.code = f"stopped by SIGTERM at global step {trainer.global_step}: {todo}"
 
 
 class MambaCLI(LightningCLI):

@@ -1,10 +1,51 @@
-"""A run that stops before its max_steps keeps its place: last.ckpt at the step where it stopped, and a time budget
-that a resumed run gets again (a study's time_per_cell)."""
+"""A run that stops before its max_steps keeps its place: last.ckpt at the step where it stopped (SIGTERM, a time
+limit, a callback's stop), the line that says how to resume, and a time budget that a resumed run gets again (a
+study's time_per_cell)."""
 
 from __future__ import annotations
 
+import shlex
+
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint, Timer
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from .nan_guard import run_config_path
+
+
+class CheckpointOnSigterm(L.Callback):
+    """SIGTERM (what SLURM sends before it kills a job): Lightning stops after the batch with ``SIGTERMException``, a
+    ``SystemExit`` of code None, i.e. exit status 0. Save last.ckpt at that batch's end (where ModelCheckpoint saves:
+    it resumes exactly) and give the exception the line that says how to resume (``lightning_mamba.cli`` prints it
+    and exits 143, 128 + SIGTERM)."""
+
+    def __init__(self):
+        self.saved: str | None = None
+        self._config = "CONFIG"
+        self.resume: str | None = None  # how to resume, when not `lightning-mamba fit --ckpt_path` (a sweep's cell)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._config = run_config_path(trainer)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        # every process decides alike: saving a checkpoint is collective
+        if self.saved is None and trainer.strategy.reduce_boolean_decision(trainer.received_sigterm, all=False):
+            cb = next((cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath), None)
+            if cb is not None:
+                self.saved = cb.format_checkpoint_name({}, cb.CHECKPOINT_NAME_LAST)
+                trainer.save_checkpoint(self.saved)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            if self.saved and self.resume:
+                todo = f"{self.saved} saved: {self.resume}"
+            elif self.saved:
+                todo = (f"resume with: lightning-mamba fit --config {shlex.quote(self._config)} --ckpt_path "
+                        f"{shlex.quote(self.saved)}")
+            else:
+                todo = ("no checkpoint was saved then (checkpointing is off, or it came during validation): resume "
+                        "from the newest one")
+            exception.code = f"stopped by SIGTERM at global step {trainer.global_step}: {todo}"
 
 
 class CheckpointAtStop(L.Callback):
