@@ -9,33 +9,25 @@ import csv
 import io
 import os
 
-import numpy as np
-
 from ..analysis import plots
 from ..atomic import atomic_write_text
-from .onset import read_steps
+from .onset import decay_stats, read_steps
 
 DECAY_FIELDS = ["step", "A_max", "A_median", "dt_mean_median", "alpha_T_max", "alpha_T_median", "heads_alpha_T_above",
                 "threshold"]
 
 
 def decay_rows(cell_folder: str) -> list[dict]:
-    """One row per DecayDynamicsCallback record, in step order (alpha over T from the measured dt where the callback
-    probed held-out rows, else from softplus(dt_bias))."""
+    """One row per DecayDynamicsCallback record, in step order (``onset.decay_stats``)."""
     rows = []
-    for step, d in sorted(read_steps(os.path.join(cell_folder, "dynamics")).items()):
-        flat = lambda key: np.concatenate([np.asarray(v, dtype=np.float64) for v in d[key]])  # noqa: E731
-        try:
-            A = flat("A")
-            alpha = flat("alpha_T" if "alpha_T" in d else "alpha_T_bias")
-            dt = flat("dt_mean" if "dt_mean" in d else "dt_bias_softplus")
-        except (KeyError, ValueError):  # a record of another shape: skipped, as a file that does not parse
+    for step, record in sorted(read_steps(os.path.join(cell_folder, "dynamics")).items()):
+        d = decay_stats(record)
+        if d is None:  # a record of another shape: skipped, as a file that does not parse
             continue
-        threshold = float(d.get("threshold", 0.99))
-        rows.append({"step": step, "A_max": f"{A.max():.4g}", "A_median": f"{np.median(A):.4g}",
-                     "dt_mean_median": f"{np.median(dt):.3g}", "alpha_T_max": f"{alpha.max():.5f}",
-                     "alpha_T_median": f"{np.median(alpha):.3g}", "heads_alpha_T_above": int((alpha > threshold).sum()),
-                     "threshold": threshold})
+        rows.append({"step": step, "A_max": f"{d['A_max']:.4g}", "A_median": f"{d['A_median']:.4g}",
+                     "dt_mean_median": f"{d['dt_mean_median']:.3g}", "alpha_T_max": f"{d['alpha_T_max']:.5f}",
+                     "alpha_T_median": f"{d['alpha_T_median']:.3g}", "heads_alpha_T_above": d["heads_alpha_T_above"],
+                     "threshold": d["threshold"]})
     return rows
 
 

@@ -3,7 +3,7 @@
 The forgetting observers write one JSON per evaluation into the cell's log directory: ``lengthgen/step_N.json``
 (the verdict and ratios) and ``state_stats/step_N.json`` (state RMS, variance growth past T_train, first-token
 retention). From them, per cell: the history (step, tokens, verdict, ratio, heads whose alpha over T exceeds the
-retention threshold, state growth past T) and the onset, the step and token count of the first failing evaluation.
+retention threshold, state growth past T, and from ``dynamics/step_N.json`` the slowest head's alpha over T) and the onset, the step and token count of the first failing evaluation.
 Per row of the grid: T_forget at every evaluation step (the smallest LEN that still forgets at that step), so a
 study shows the law forming along training, not only at the end. With seeds, a seed cell is a cell like any other;
 T_forget along training is per row and seed (``<row>_seed<s>``: one run's evaluations are not mixed with another's)
@@ -18,6 +18,8 @@ import math
 import os
 import re
 from typing import Any
+
+import numpy as np
 
 from .sweep import parse_cell_name
 
@@ -55,10 +57,28 @@ def _retention(state: dict | None) -> dict[str, Any]:
             "state_var_growth": summary.get("var_growth")}
 
 
+def decay_stats(record: dict) -> dict[str, float] | None:
+    """Over all heads of one DecayDynamicsCallback record (``dynamics/step_N.json``): A, mean dt and alpha over T (from
+    the measured dt where the callback probed held-out rows, else from softplus(dt_bias)), the slowest head's alpha
+    over T and how many heads exceed the record's threshold. None for a record of another shape."""
+    flat = lambda key: np.concatenate([np.asarray(v, dtype=np.float64) for v in record[key]])  # noqa: E731
+    try:
+        A = flat("A")
+        alpha = flat("alpha_T" if "alpha_T" in record else "alpha_T_bias")
+        dt = flat("dt_mean" if "dt_mean" in record else "dt_bias_softplus")
+    except (KeyError, ValueError, TypeError):
+        return None
+    threshold = float(record.get("threshold", 0.99))
+    return {"A_max": float(A.max()), "A_median": float(np.median(A)), "dt_mean_median": float(np.median(dt)),
+            "alpha_T_max": float(alpha.max()), "alpha_T_median": float(np.median(alpha)),
+            "heads_alpha_T_above": int((alpha > threshold).sum()), "threshold": threshold}
+
+
 def cell_history(cell_folder: str, tokens_per_batch: int | None = None) -> list[dict]:
     """The cell's evaluations in step order: step, tokens, forgets, ratios and retention/state figures."""
     lengthgen = read_steps(os.path.join(cell_folder, "lengthgen"))
     states = read_steps(os.path.join(cell_folder, "state_stats"))
+    decays = read_steps(os.path.join(cell_folder, "dynamics"))
     history = []
     for step in sorted(lengthgen):
         entry = lengthgen[step]
@@ -73,6 +93,9 @@ def cell_history(cell_folder: str, tokens_per_batch: int | None = None) -> list[
                 row[key] = verdict[key]
         row.update({k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("lengthgen/ratio")})
         row.update(_retention(states.get(step)))
+        decay = decay_stats(decays[step]) if step in decays else None
+        if decay is not None:  # the heads' decays at this step (kept where state_stats/ did not come back)
+            row.update(decay_alpha_T_max=decay["alpha_T_max"], decay_heads_alpha_T_above=decay["heads_alpha_T_above"])
         history.append(row)
     return history
 

@@ -1,5 +1,6 @@
 """The study's summary writes each cell's own records: the loss against position at its evaluations along training
-(along_training.png) and its heads' decays along training (decays.csv), from a real micro sweep on the CPU."""
+(along_training.png) and its heads' decays along training (decays.csv, and in summary.json's history of each
+evaluation), from a real micro sweep on the CPU."""
 
 import csv
 import json
@@ -41,3 +42,8 @@ def test_a_sweep_writes_each_cells_curves_along_training_and_decays(tmp_path, co
     alpha = np.concatenate([np.asarray(layer) for layer in record["alpha_T"]])
     assert float(rows[-1]["alpha_T_max"]) == pytest.approx(alpha.max(), abs=1e-5)
     assert int(rows[-1]["heads_alpha_T_above"]) == int((alpha > 0.99).sum())
+    # and each evaluation along training in summary.json carries the decays of the same step
+    history = json.loads((out / "summary.json").read_text())["onset"]["cells"]["state8_len32"]["history"]
+    assert [h["step"] for h in history] == [4, 8]
+    assert history[-1]["decay_alpha_T_max"] == pytest.approx(alpha.max())
+    assert history[-1]["decay_heads_alpha_T_above"] == int((alpha > 0.99).sum())
