@@ -171,6 +171,47 @@ def plot_passkey_grid(results: list[dict], rows: list[dict]) -> plt.Figure | Non
     return fig
 
 
+def cell_style(i: int) -> dict:
+    """The i-th cell's line: 20 distinct colors (tab20: 10 dark, then their 10 light twins), then dashed lines (a 5 x 5
+    grid has 25 cells); the same cell gets the same line in every figure of a study (cells in name order)."""
+    return {"color": plt.get_cmap("tab20").colors[2 * (i % 10) + (i // 10) % 2],
+            "linestyle": "--" if (i // 20) % 2 else "-"}
+
+
+def plot_decays(onset: dict, threshold: float = 0.99) -> plt.Figure | None:
+    """Per cell, the slowest head's alpha over T (the share of its state that survives T_train tokens) at every
+    evaluation along training, on a scale of nines (0.9, 0.99, 0.999: -log10(1 - alpha)); squares where the
+    evaluation fails the 2x test. The paper's mechanism (claim 4): a head that stops forgetting climbs past 0.99 as
+    the beyond-window loss rises. None without any decay record."""
+    cells = {name: [h for h in c["history"] if h.get("decay_alpha_T_max") is not None]
+             for name, c in onset["cells"].items()}
+    if not any(cells.values()):
+        return None
+    nines = lambda a: -np.log10(np.clip(1.0 - np.asarray(a, dtype=float), 1e-12, None))  # noqa: E731
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, (name, history) in enumerate(sorted(cells.items())):  # the index of plot_onset's cells, for the colors
+        if not history:
+            continue
+        steps = np.array([h["step"] for h in history])
+        y = nines([h["decay_alpha_T_max"] for h in history])
+        line, = ax.plot(steps, y, marker="o", markersize=3, label=name, **cell_style(i))
+        failing = np.array([h.get("forgets") is False for h in history])
+        if failing.any():
+            ax.plot(steps[failing], y[failing], "s", color=line.get_color(), markersize=7)
+    ax.axhline(float(nines(threshold)), color="gray", linewidth=0.8, linestyle=":", label=f"alpha over T = {threshold}")
+    top = max(3.0, float(np.ceil(ax.get_ylim()[1])))
+    ticks = np.arange(0, top + 1)
+    ax.set_yticks(ticks, ["0" if t == 0 else "0." + "9" * int(t) for t in ticks])
+    ax.set_ylim(0, top)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("slowest head's alpha over T (scale of nines)")
+    ax.set_title("Retention over T_train of each cell's slowest head along training (squares: fails the 2x test)",
+                 fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def plot_onset(onset: dict) -> plt.Figure | None:
     """Per cell, the ratio mean[16T,64T] / mean[T/2,T] at every evaluation along training, with its bootstrap 95%
     interval; filled markers where the evaluation fails the 2x criterion. None without any ratio."""
@@ -180,13 +221,10 @@ def plot_onset(onset: dict) -> plt.Figure | None:
     if not cells:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    # 20 distinct colors (tab20: 10 dark, then their 10 light twins), then dashed lines: a 5 x 5 grid has 25 cells
-    colors = plt.get_cmap("tab20").colors
     for i, (name, history) in enumerate(sorted(cells.items())):
         steps = np.array([h["step"] for h in history])
         ratio = np.array([h["ratio_16_64x"] for h in history], dtype=float)
-        line, = ax.plot(steps, ratio, marker="o", markersize=3, label=name, color=colors[2 * (i % 10) + (i // 10) % 2],
-                        linestyle="--" if (i // 20) % 2 else "-")
+        line, = ax.plot(steps, ratio, marker="o", markersize=3, label=name, **cell_style(i))
         lo = np.array([h.get("ratio_16_64x_lo") if h.get("ratio_16_64x_lo") is not None else np.nan for h in history],
                       dtype=float)
         hi = np.array([h.get("ratio_16_64x_hi") if h.get("ratio_16_64x_hi") is not None else np.nan for h in history],

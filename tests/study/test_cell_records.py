@@ -47,3 +47,10 @@ def test_a_sweep_writes_each_cells_curves_along_training_and_decays(tmp_path, co
     assert [h["step"] for h in history] == [4, 8]
     assert history[-1]["decay_alpha_T_max"] == pytest.approx(alpha.max())
     assert history[-1]["decay_heads_alpha_T_above"] == int((alpha > 0.99).sum())
+    assert (out / "decays.png").stat().st_size > 0  # the slowest head along training, every cell
+
+
+def test_no_decay_records_no_decays_figure():
+    from lightning_mamba.study.summary_plots import plot_decays
+
+    assert plot_decays({"cells": {"c": {"history": [{"step": 4, "forgets": True, "ratio_16_64x": 1.0}]}}}) is None
