@@ -189,7 +189,7 @@ def plot_decays(onset: dict, threshold: float = 0.99) -> plt.Figure | None:
         return None
     nines = lambda a: -np.log10(np.clip(1.0 - np.asarray(a, dtype=float), 1e-12, None))  # noqa: E731
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for i, (name, history) in enumerate(sorted(cells.items())):  # the index of plot_onset's cells, for the colors
+    for i, (name, history) in enumerate(sorted(cells.items())):  # every cell's index: its color in onset.png too
         if not history:
             continue
         steps = np.array([h["step"] for h in history])
@@ -217,11 +217,12 @@ def plot_onset(onset: dict) -> plt.Figure | None:
     interval; filled markers where the evaluation fails the 2x criterion. None without any ratio."""
     cells = {name: [h for h in c["history"] if h.get("ratio_16_64x") is not None]
              for name, c in onset["cells"].items()}
-    cells = {name: h for name, h in cells.items() if h}
-    if not cells:
+    if not any(cells.values()):
         return None
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for i, (name, history) in enumerate(sorted(cells.items())):
+    for i, (name, history) in enumerate(sorted(cells.items())):  # every cell's index: its color in decays.png too
+        if not history:
+            continue
         steps = np.array([h["step"] for h in history])
         ratio = np.array([h["ratio_16_64x"] for h in history], dtype=float)
         line, = ax.plot(steps, ratio, marker="o", markersize=3, label=name, **cell_style(i))
