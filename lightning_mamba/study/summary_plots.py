@@ -178,6 +178,16 @@ def cell_style(i: int) -> dict:
             "linestyle": "--" if (i // 20) % 2 else "-"}
 
 
+def along_training(fig: plt.Figure, ax, ylabel: str, title: str) -> plt.Figure:
+    """The axes of a figure along training: optimizer steps, a small title, the cells' legend."""
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def plot_decays(onset: dict, threshold: float = 0.99) -> plt.Figure | None:
     """Per cell, the slowest head's alpha over T (the share of its state that survives T_train tokens) at every
     evaluation along training, on a scale of nines (0.9, 0.99, 0.999: -log10(1 - alpha)); squares where the
@@ -203,13 +213,8 @@ def plot_decays(onset: dict, threshold: float = 0.99) -> plt.Figure | None:
     ticks = np.arange(0, top + 1)
     ax.set_yticks(ticks, ["0" if t == 0 else "0." + "9" * int(t) for t in ticks])
     ax.set_ylim(0, top)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("slowest head's alpha over T (scale of nines)")
-    ax.set_title("Retention over T_train of each cell's slowest head along training (squares: fails the 2x test)",
-                 fontsize=8)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    return along_training(fig, ax, "slowest head's alpha over T (scale of nines)",
+                          "Retention over T_train of each cell's slowest head along training (squares: fails the 2x test)")
 
 
 def plot_onset(onset: dict) -> plt.Figure | None:
@@ -235,10 +240,5 @@ def plot_onset(onset: dict) -> plt.Figure | None:
         if failing.any():
             ax.plot(steps[failing], ratio[failing], "s", color=line.get_color(), markersize=7)
     ax.axhline(1.0, color="gray", linewidth=0.8, linestyle=":", label="flat (ratio 1)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss mean[16T, 64T] / mean[T/2, T]")
-    ax.set_title("Beyond-window loss along training (band: bootstrap 95% over rows; squares: fails the 2x test)",
-                 fontsize=8)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    return along_training(fig, ax, "loss mean[16T, 64T] / mean[T/2, T]",
+                          "Beyond-window loss along training (band: bootstrap 95% over rows; squares: fails the 2x test)")
