@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from ..analysis.decays import over_heads
 from ..analysis.evaluator import eval_rows
 from ..atomic import atomic_write_json
 from ..training.sharding import fsdp_root
@@ -66,15 +67,14 @@ def decay_dynamics(model, T: int, rows: torch.Tensor | None = None) -> dict:
 
 def summarize(dyn: dict, threshold: float) -> dict[str, float]:
     """Scalars for the loggers, over all heads of all layers."""
-    flat = lambda key: np.concatenate([np.asarray(v, dtype=np.float64) for v in dyn[key]])  # noqa: E731
-    A, dt_b, alpha_b = flat("A"), flat("dt_bias_softplus"), flat("alpha_T_bias")
+    A, dt_b, alpha_b = (over_heads(dyn, key) for key in ("A", "dt_bias_softplus", "alpha_T_bias"))
     out = {"dynamics/A_median": float(np.median(A)), "dynamics/A_min": float(A.min()),
            "dynamics/A_max": float(A.max()), "dynamics/dt_bias_median": float(np.median(dt_b)),
            "dynamics/alpha_T_bias_median": float(np.median(alpha_b)),
            f"dynamics/heads_alpha_T_bias_gt_{threshold}": float((alpha_b > threshold).sum()),
            "dynamics/heads": float(A.size)}
     if "alpha_T" in dyn:
-        alpha, dt = flat("alpha_T"), flat("dt_mean")
+        alpha, dt = over_heads(dyn, "alpha_T"), over_heads(dyn, "dt_mean")
         out.update({"dynamics/dt_mean_median": float(np.median(dt)), "dynamics/alpha_T_median": float(np.median(alpha)),
                     f"dynamics/heads_alpha_T_gt_{threshold}": float((alpha > threshold).sum())})
     return out

@@ -10,15 +10,16 @@ import io
 import os
 
 from ..analysis import plots
+from ..analysis.decays import decay_stats
 from ..atomic import atomic_write_text
-from .onset import decay_stats, read_steps
+from .onset import read_steps
 
 DECAY_FIELDS = ["step", "A_max", "A_median", "dt_mean_median", "alpha_T_max", "alpha_T_median", "heads_alpha_T_above",
                 "threshold"]
 
 
 def decay_rows(cell_folder: str) -> list[dict]:
-    """One row per DecayDynamicsCallback record, in step order (``onset.decay_stats``)."""
+    """One row per DecayDynamicsCallback record, in step order (``analysis.decays.decay_stats``)."""
     rows = []
     for step, record in sorted(read_steps(os.path.join(cell_folder, "dynamics")).items()):
         d = decay_stats(record)

@@ -19,8 +19,7 @@ import os
 import re
 from typing import Any
 
-import numpy as np
-
+from ..analysis.decays import decay_stats
 from .sweep import parse_cell_name
 
 STEP_FILE = re.compile(r"step_(\d+)\.json$")
@@ -55,23 +54,6 @@ def _retention(state: dict | None) -> dict[str, Any]:
     return {"heads_alpha_T_above": heads, "frac_heads_alpha_T_above": frac,
             "max_first_token": summary.get("max_first_token"), "state_norm_growth": summary.get("norm_growth"),
             "state_var_growth": summary.get("var_growth")}
-
-
-def decay_stats(record: dict) -> dict[str, float] | None:
-    """Over all heads of one DecayDynamicsCallback record (``dynamics/step_N.json``): A, mean dt and alpha over T (from
-    the measured dt where the callback probed held-out rows, else from softplus(dt_bias)), the slowest head's alpha
-    over T and how many heads exceed the record's threshold. None for a record of another shape."""
-    flat = lambda key: np.concatenate([np.asarray(v, dtype=np.float64) for v in record[key]])  # noqa: E731
-    try:
-        A = flat("A")
-        alpha = flat("alpha_T" if "alpha_T" in record else "alpha_T_bias")
-        dt = flat("dt_mean" if "dt_mean" in record else "dt_bias_softplus")
-    except (KeyError, ValueError, TypeError):
-        return None
-    threshold = float(record.get("threshold", 0.99))
-    return {"A_max": float(A.max()), "A_median": float(np.median(A)), "dt_mean_median": float(np.median(dt)),
-            "alpha_T_max": float(alpha.max()), "alpha_T_median": float(np.median(alpha)),
-            "heads_alpha_T_above": int((alpha > threshold).sum()), "threshold": threshold}
 
 
 def cell_history(cell_folder: str, tokens_per_batch: int | None = None) -> list[dict]:

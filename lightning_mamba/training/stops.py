@@ -13,6 +13,14 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from .nan_guard import run_config_path
 
 
+def last_checkpoint_path(trainer: L.Trainer, save_last_only: bool = False) -> str | None:
+    """Where the run's ModelCheckpoint writes last.ckpt (the first one with a folder; with ``save_last_only``, one
+    that keeps a last.ckpt at all), or None."""
+    cb = next((cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath
+               and (cb.save_last or not save_last_only)), None)
+    return None if cb is None else cb.format_checkpoint_name({}, cb.CHECKPOINT_NAME_LAST)
+
+
 class CheckpointOnSigterm(L.Callback):
     """SIGTERM (what SLURM sends before it kills a job): Lightning stops after the batch with ``SIGTERMException``, a
     ``SystemExit`` of code None, i.e. exit status 0. Save last.ckpt at that batch's end (where ModelCheckpoint saves:
@@ -30,9 +38,8 @@ class CheckpointOnSigterm(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         # every process decides alike: saving a checkpoint is collective
         if self.saved is None and trainer.strategy.reduce_boolean_decision(trainer.received_sigterm, all=False):
-            cb = next((cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath), None)
-            if cb is not None:
-                self.saved = cb.format_checkpoint_name({}, cb.CHECKPOINT_NAME_LAST)
+            self.saved = last_checkpoint_path(trainer)
+            if self.saved is not None:
                 trainer.save_checkpoint(self.saved)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
@@ -64,10 +71,9 @@ class CheckpointAtStop(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.should_stop or trainer.global_step == 0 or self.saved_at == trainer.global_step:
             return  # finished as planned (ModelCheckpoint's schedule applies), or nothing new to save
-        cb = next((cb for cb in trainer.checkpoint_callbacks
-                   if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath), None)
-        if cb is not None:  # every rank decides alike (saving is collective)
-            trainer.save_checkpoint(cb.format_checkpoint_name({}, cb.CHECKPOINT_NAME_LAST))
+        path = last_checkpoint_path(trainer, save_last_only=True)
+        if path is not None:  # every rank decides alike (saving is collective)
+            trainer.save_checkpoint(path)
 
 
 class BudgetPerRun(Timer):
