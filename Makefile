@@ -108,7 +108,8 @@ sweep: $(STAMP) ## The T_forget study, one model per (STATE, LEN): make sweep ST
 sweep-cpu: $(STAMP) ## The study in miniature on the CPU (2 states x 2 lengths, a few steps: the machinery only)
 	$(BIN)/lightning-mamba sweep --config configs/study/forget_threshold_cpu.yaml $(ARGS)
 
-PROCESSES ?= 3                  # regime: cells trained at once (one process each; 3-4 suit one GPU)
+PROCESSES ?= 1                  # regime: cells trained at once, one process each: >1 pays only under CUDA MPS
+                                #   (nvidia-cuda-mps-control -d, then PROCESSES=4; docs/performance.md)
 REGIME ?= configs/study/regime.yaml  # or configs/study/regime_paper_drift.yaml (a_lr_mult 1, the paper's training)
 regime: $(STAMP) ## The failing regime on a GPU (code corpus, 20K small steps per cell): make regime STATES="64 256" LENS="64" BUDGET=00:01:00:00
 	$(BIN)/lightning-mamba sweep --config $(strip $(REGIME)) $(if $(strip $(STATES)),--states '$(call json_list,$(STATES))') \

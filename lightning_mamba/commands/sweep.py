@@ -4,7 +4,7 @@ with the paper's criterion far past LEN; then T_forget per state size and the pa
     lightning-mamba sweep --config configs/study/forget_threshold.yaml
     lightning-mamba sweep --config configs/study/forget_threshold.yaml --states [16,64] --lens [256,1024]
     CUDA_VISIBLE_DEVICES=1 lightning-mamba sweep --config ... --shard 1/4      # one process per GPU
-    lightning-mamba sweep --config configs/study/regime.yaml --processes 3      # 3 shards at once, then the summary
+    lightning-mamba sweep --config configs/study/regime.yaml --processes 4      # 4 shards at once (pays under CUDA MPS)
     lightning-mamba sweep --config configs/study/regime.yaml --seeds '[0,1,2]'  # every cell once per seed
     lightning-mamba sweep --config ... --prepare_only true                      # tokenizer + caches, once
     lightning-mamba sweep --config ... --summarize_only true                    # after every shard is done
@@ -70,6 +70,9 @@ def run_shards(study: Study, argv: list[str], processes: int, log=print) -> str 
     folder = os.path.join(study.out, "logs")
     os.makedirs(folder, exist_ok=True)
     gpus = _cuda_count()
+    note = time_slicing_note(processes, gpus)
+    if note:
+        log(note)
     running = []
     for i in range(processes):
         env = dict(os.environ)
@@ -86,6 +89,20 @@ def run_shards(study: Study, argv: list[str], processes: int, log=print) -> str 
         return (f"{len(failed)} of {processes} shards failed (" + ", ".join(f"shard {i}: {p}" for i, p in failed)
                 + "): see the end of each log; re-running the same command resumes")
     return None
+
+
+def time_slicing_note(processes: int, gpus: int) -> str | None:
+    """A line when shards will share a GPU with no CUDA MPS daemon running: they then take turns on it instead of
+    running their kernels at once (docs/performance.md: four graphed cell processes made 0.94x one alone, 1.25x
+    under MPS)."""
+    if gpus < 1 or processes <= gpus:
+        return None
+    pipe = os.path.join(os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps"), "control")
+    if os.path.exists(pipe):
+        return None
+    return (f"sweep: {processes} shards on {gpus} GPU(s) and no CUDA MPS daemon ({pipe} is missing): processes sharing "
+            "a GPU take turns on it (4 cells: 0.94x one alone, under MPS 1.25x); start it first with "
+            "`nvidia-cuda-mps-control -d`, or run one shard per GPU")
 
 
 def _cuda_count() -> int:

@@ -257,3 +257,14 @@ def test_each_run_of_a_budgeted_sweep_trains_its_cells_further(tmp_path, corpus,
         stops.append(int(re.search(r"training stopped at step (\d+) of 40", printed).group(1)))
         assert torch.load(last, weights_only=False)["global_step"] == stops[-1]  # the next run starts there
     assert 2 <= stops[0] and stops[1] >= stops[0] + 2, stops  # was no step more
+
+
+def test_shards_sharing_a_gpu_without_mps_get_a_note(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path))
+    note = cmd.time_slicing_note(4, 1)
+    assert note and "nvidia-cuda-mps-control -d" in note and str(tmp_path / "control") in note
+    assert cmd.time_slicing_note(1, 1) is None  # one shard per GPU: nothing shares
+    assert cmd.time_slicing_note(2, 2) is None
+    assert cmd.time_slicing_note(4, 0) is None  # no GPU: the cells run on the CPU
+    (tmp_path / "control").touch()  # the daemon's control socket: MPS is running
+    assert cmd.time_slicing_note(4, 1) is None
