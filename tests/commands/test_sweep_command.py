@@ -17,10 +17,9 @@ from lightning_mamba.cli import lightning_cli
 from lightning_mamba.commands import sweep as cmd
 from lightning_mamba.study.sweep import build_cli, make_cells
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-MICRO = os.path.join(ROOT, "configs", "study", "forget_threshold_cpu.yaml")
+from ..micro_study import MICRO, ROOT, TRAIN, micro_args
+
 GPU = os.path.join(ROOT, "configs", "study", "forget_threshold.yaml")
-TRAIN = os.path.join(ROOT, "configs", "train.yaml")
 
 
 class Crash(L.Callback):
@@ -32,12 +31,6 @@ class Crash(L.Callback):
     def on_train_batch_end(self, trainer, *args) -> None:
         if trainer.global_step >= self.at_step:
             raise RuntimeError("simulated kill")
-
-
-def micro_args(tmp_path, corpus, out, *extra):
-    data = {"tokenizer": "byte", "source": corpus, "cache_dir": str(tmp_path / "cache")}
-    return ["--config", MICRO, "--base_config", json.dumps([TRAIN]), "--out", str(out),
-            "--data_overrides", json.dumps(data), *extra]
 
 
 @pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")

@@ -11,7 +11,7 @@ import pytest
 from lightning_mamba.commands import sweep as cmd
 from lightning_mamba.study.cell_records import evaluation_steps
 
-from ..commands.test_sweep_command import micro_args
+from ..micro_study import micro_args
 
 
 def test_evaluation_steps_spread_over_training_with_first_and_last():
