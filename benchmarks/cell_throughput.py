@@ -658,7 +658,10 @@ def environment(args) -> dict:
         env["triton_kernels"] = args.backend != "torch" and fn is not None
         if fn is None and args.backend != "torch":
             env["triton_kernels_missing"] = why
-        env["mps_pipe_dir"] = os.environ.get("CUDA_MPS_PIPE_DIRECTORY")
+        from lightning_mamba.commands.sweep import mps_control_pipe
+
+        # graph_Ncells depends on it: without MPS the processes take turns on the GPU (docs/performance.md)
+        env["cuda_mps"] = "on" if os.path.exists(mps_control_pipe()) else "off"
     return env
 
 

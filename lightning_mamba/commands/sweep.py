@@ -97,12 +97,17 @@ def time_slicing_note(processes: int, gpus: int) -> str | None:
     under MPS)."""
     if gpus < 1 or processes <= gpus:
         return None
-    pipe = os.path.join(os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps"), "control")
+    pipe = mps_control_pipe()
     if os.path.exists(pipe):
         return None
     return (f"sweep: {processes} shards on {gpus} GPU(s) and no CUDA MPS daemon ({pipe} is missing): processes sharing "
             "a GPU take turns on it (4 cells: 0.94x one alone, under MPS 1.25x); start it first with "
             "`nvidia-cuda-mps-control -d`, or run one shard per GPU")
+
+
+def mps_control_pipe() -> str:
+    """Where a running CUDA MPS control daemon keeps its socket (CUDA_MPS_PIPE_DIRECTORY, default /tmp/nvidia-mps)."""
+    return os.path.join(os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps"), "control")
 
 
 def _cuda_count() -> int:
