@@ -310,6 +310,10 @@ def build_cli(study: Study, cell: Cell):
             cli = lightning_cli(cell_args(study, cell, cli.trainer.world_size), run=False)
     floor_lengthgen(cli, study.eval_min_tokens)
     if study.time_per_cell is not None:  # the budget counts each run of the command: re-running trains on
+        configured = [cb.class_path for cb in cli.config.trainer.callbacks or [] if str(cb.class_path).endswith("Timer")]
+        if configured:  # Lightning would ignore max_time beside it, and the swap below would drop it silently
+            raise SweepError(f"time_per_cell and a {configured[0]} callback in the cells' config both set a time "
+                             "budget: keep one (drop time_per_cell, or the Timer from the base config's callbacks)")
         cli.trainer.callbacks[:] = [BudgetPerRun(duration=study.time_per_cell, interval="step")
                                     if type(cb) is Timer else cb for cb in cli.trainer.callbacks]
     for cb in cli.trainer.callbacks:  # SIGTERM (SLURM's warning before a kill): last.ckpt at that step, and then

@@ -261,3 +261,15 @@ def test_shards_sharing_a_gpu_without_mps_get_a_note(tmp_path, monkeypatch):
     assert cmd.time_slicing_note(4, 0) is None  # no GPU: the cells run on the CPU
     (tmp_path / "control").touch()  # the daemon's control socket: MPS is running
     assert cmd.time_slicing_note(4, 1) is None
+
+
+def test_a_time_budget_beside_a_configured_timer_is_refused(tmp_path, corpus, capsys):
+    """Lightning ignores max_time when the callbacks hold a Timer, and the sweep's per-run budget would replace that
+    Timer: two budgets, one silently dropped. Refused before any training, with what to change."""
+    timer = {"class_path": "lightning.pytorch.callbacks.Timer", "init_args": {"duration": "00:00:05:00"}}
+    out = tmp_path / "study"
+    code = cmd.main(micro_args(tmp_path, corpus, out, "--states", "[8]", "--lens", "[32]", "--time_per_cell",
+                               "00:00:00:01", "--trainer_overrides", json.dumps({"callbacks": [timer]})))
+    err = capsys.readouterr().err
+    assert code == 2 and "time_per_cell and a lightning.pytorch.callbacks.Timer callback" in err and "keep one" in err
+    assert not list(out.glob("cells/*/checkpoints/*.ckpt"))
