@@ -109,9 +109,10 @@ sweep-cpu: $(STAMP) ## The study in miniature on the CPU (2 states x 2 lengths, 
 	$(BIN)/lightning-mamba sweep --config configs/study/forget_threshold_cpu.yaml $(ARGS)
 
 PROCESSES ?= 1                  # regime: cells trained at once, one process each: >1 pays only under CUDA MPS
-                                #   (nvidia-cuda-mps-control -d, then PROCESSES=4; docs/performance.md)
+MPS ?=                          # regime: 1 = the shards under a CUDA MPS daemon of the sweep's own (PROCESSES=4 MPS=1)
 REGIME ?= configs/study/regime.yaml  # or configs/study/regime_paper_drift.yaml (a_lr_mult 1, the paper's training)
 regime: $(STAMP) ## The failing regime on a GPU (code corpus, 20K small steps per cell): make regime STATES="64 256" LENS="64" BUDGET=00:01:00:00
 	$(BIN)/lightning-mamba sweep --config $(strip $(REGIME)) $(if $(strip $(STATES)),--states '$(call json_list,$(STATES))') \
 		$(if $(strip $(LENS)),--lens '$(call json_list,$(LENS))') $(if $(strip $(SEEDS)),--seeds '$(call json_list,$(SEEDS))') \
-		$(if $(strip $(BUDGET)),--time_per_cell $(strip $(BUDGET))) --processes $(strip $(PROCESSES)) $(ARGS)
+		$(if $(strip $(BUDGET)),--time_per_cell $(strip $(BUDGET))) --processes $(strip $(PROCESSES)) \
+		$(if $(filter 1 true yes,$(strip $(MPS))),--mps true) $(ARGS)

@@ -658,10 +658,10 @@ def environment(args) -> dict:
         env["triton_kernels"] = args.backend != "torch" and fn is not None
         if fn is None and args.backend != "torch":
             env["triton_kernels_missing"] = why
-        from lightning_mamba.commands.sweep import mps_control_pipe
+        from lightning_mamba.commands.mps import control_pipe
 
         # graph_Ncells depends on it: without MPS the processes take turns on the GPU (docs/performance.md)
-        env["cuda_mps"] = "on" if os.path.exists(mps_control_pipe()) else "off"
+        env["cuda_mps"] = "on" if os.path.exists(control_pipe()) else "off"
     return env
 
 

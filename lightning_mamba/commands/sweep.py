@@ -4,7 +4,7 @@ with the paper's criterion far past LEN; then T_forget per state size and the pa
     lightning-mamba sweep --config configs/study/forget_threshold.yaml
     lightning-mamba sweep --config configs/study/forget_threshold.yaml --states [16,64] --lens [256,1024]
     CUDA_VISIBLE_DEVICES=1 lightning-mamba sweep --config ... --shard 1/4      # one process per GPU
-    lightning-mamba sweep --config configs/study/regime.yaml --processes 4      # 4 shards at once (pays under CUDA MPS)
+    lightning-mamba sweep --config configs/study/regime.yaml --processes 4 --mps true  # 4 shards at once under CUDA MPS
     lightning-mamba sweep --config configs/study/regime.yaml --seeds '[0,1,2]'  # every cell once per seed
     lightning-mamba sweep --config ... --prepare_only true                      # tokenizer + caches, once
     lightning-mamba sweep --config ... --summarize_only true                    # after every shard is done
@@ -25,6 +25,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from ..study.sweep import Study, SweepError, build_cli, cell_args, make_cells, run_study, shard_cells
 from . import run_command
 from .common import CommandParser
+from .mps import MPSError, private_daemon, time_slicing_note
 
 
 def build_parser() -> ArgumentParser:
@@ -39,8 +40,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--prepare_only", type=bool, default=False, help="Only build the tokenizer and token caches the "
                    "cells share (run once before starting several shards, so they do not all build them).")
     p.add_argument("--processes", type=int, default=1, help="Run the grid as this many shards at once, each a process "
-                   "of its own (on one GPU: 3-4 is best for the study's tiny models; with several GPUs, shard i gets GPU "
-                   "i mod count), logs in <out>/logs/shard_<i>.log, then write the summary.")
+                   "of its own (on one GPU it pays only under MPS, --mps true, about 4 for the study's tiny models; with "
+                   "several GPUs, shard i gets GPU i mod count), logs in <out>/logs/shard_<i>.log, then write the summary.")
+    p.add_argument("--mps", type=bool, default=False, help="With --processes N on a GPU: run the shards under a CUDA "
+                   "MPS daemon of this sweep's own (nvidia-cuda-mps-control, quit at the end), so their kernels share "
+                   "the GPU at once instead of taking turns.")
     p.add_argument("--merge", type=list[str] | None, default=None, help="Study folders to merge into --out (their "
                    "cells, checkpoints left out, and plans; same study settings required), then write the summary of "
                    "all of them; trains nothing. E.g. slices run on different machines: '[runs/study/a, runs/study/b]'.")
@@ -61,26 +65,34 @@ def is_rank_zero() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0
 
 
-def run_shards(study: Study, argv: list[str], processes: int, log=print) -> str | None:
+def run_shards(study: Study, argv: list[str], processes: int, log=print, mps: bool = False) -> str | None:
     """The grid as ``processes`` shards at once: one ``lightning-mamba sweep ... --shard i/n`` subprocess each, after
-    the shared caches are built here once. Returns None, or a line naming the shards that failed."""
+    the shared caches are built here once; with ``mps``, under a CUDA MPS daemon of their own. Returns None, or a
+    line naming the shards that failed."""
     if study.shard != "0/1":
         raise SweepError(f"--processes {processes} runs every shard itself: drop --shard {study.shard}")
     build_cli(study, make_cells(study)[0]).datamodule.prepare_data()
-    folder = os.path.join(study.out, "logs")
-    os.makedirs(folder, exist_ok=True)
     gpus = _cuda_count()
+    if mps:
+        with private_daemon(log) as mps_env:
+            return _launch(study, argv, processes, gpus, mps_env, log)
     note = time_slicing_note(processes, gpus)
     if note:
         log(note)
+    return _launch(study, argv, processes, gpus, {}, log)
+
+
+def _launch(study: Study, argv: list[str], processes: int, gpus: int, extra_env: dict[str, str], log) -> str | None:
+    folder = os.path.join(study.out, "logs")
+    os.makedirs(folder, exist_ok=True)
     running = []
     for i in range(processes):
-        env = dict(os.environ)
+        env = {**os.environ, **extra_env}
         if gpus > 1:
             env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
         path = os.path.join(folder, f"shard_{i}.log")
         cmd = [sys.executable, "-m", __name__, *argv, "--shard", f"{i}/{processes}",
-               "--processes", "1", "--tensorboard", "false"]
+               "--processes", "1", "--mps", "false", "--tensorboard", "false"]
         with open(path, "w") as out:
             running.append((i, path, subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)))
     log(f"sweep: {processes} shards started, logs in {folder}")
@@ -89,25 +101,6 @@ def run_shards(study: Study, argv: list[str], processes: int, log=print) -> str 
         return (f"{len(failed)} of {processes} shards failed (" + ", ".join(f"shard {i}: {p}" for i, p in failed)
                 + "): see the end of each log; re-running the same command resumes")
     return None
-
-
-def time_slicing_note(processes: int, gpus: int) -> str | None:
-    """A line when shards will share a GPU with no CUDA MPS daemon running: they then take turns on it instead of
-    running their kernels at once (docs/performance.md: four graphed cell processes made 0.94x one alone, 1.25x
-    under MPS)."""
-    if gpus < 1 or processes <= gpus:
-        return None
-    pipe = mps_control_pipe()
-    if os.path.exists(pipe):
-        return None
-    return (f"sweep: {processes} shards on {gpus} GPU(s) and no CUDA MPS daemon ({pipe} is missing): processes sharing "
-            "a GPU take turns on it (4 cells: 0.94x one alone, under MPS 1.25x); start it first with "
-            "`nvidia-cuda-mps-control -d`, or run one shard per GPU")
-
-
-def mps_control_pipe() -> str:
-    """Where a running CUDA MPS control daemon keeps its socket (CUDA_MPS_PIPE_DIRECTORY, default /tmp/nvidia-mps)."""
-    return os.path.join(os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps"), "control")
 
 
 def _cuda_count() -> int:
@@ -137,13 +130,16 @@ def main(argv: list[str] | None = None) -> int:
             return [f"sweep: tokenizer and token caches ready under {dm.hparams.cache_dir}"]
         if args.processes < 1:
             raise SweepError(f"--processes must be >= 1 (got {args.processes})")
+        if args.mps and (args.processes < 2 or not _cuda_count()):
+            raise SweepError("--mps true runs several shards at once on a CUDA GPU: it needs --processes 2 or more "
+                             f"and a GPU (got --processes {args.processes}, {_cuda_count()} GPU(s)): drop --mps")
         failure = None
         if args.merge is not None:
             from ..study.merge import merge_studies
 
             merge_studies(study, args.merge)
         elif args.processes > 1 and not args.summarize_only:
-            failure = run_shards(study, argv, args.processes)
+            failure = run_shards(study, argv, args.processes, mps=args.mps)
         elif not args.summarize_only:
             run_study(study)
         if not is_rank_zero():
@@ -155,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         return lines
 
     # ValueError includes ConfigError and DataError: one line each
-    return run_command("sweep", work, (SweepError, OSError, ValueError))
+    return run_command("sweep", work, (SweepError, MPSError, OSError, ValueError))
 
 
 if __name__ == "__main__":

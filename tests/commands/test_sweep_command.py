@@ -126,15 +126,23 @@ def test_the_gpu_study_fits_its_stated_budget():
     assert 15 <= total / 600e3 / 60 <= 20  # GPU-minutes of training at ~600K tokens/s (the config's comment)
 
 
-def make_sweep_line(makefile="Makefile", **knobs) -> list[str]:
-    """The command `make sweep` would run, as argv for `lightning-mamba sweep`; skips until the target exists."""
-    r = subprocess.run(["make", "-f", makefile, "-n", "-s", "sweep", *(f"{k}={v}" for k, v in knobs.items())],
+def make_sweep_line(makefile="Makefile", target="sweep", **knobs) -> list[str]:
+    """The command `make <target>` would run, as argv for `lightning-mamba sweep`; skips until the target exists."""
+    r = subprocess.run(["make", "-f", makefile, "-n", "-s", target, *(f"{k}={v}" for k, v in knobs.items())],
                        cwd=ROOT, capture_output=True, text=True)
     if "No rule to make target" in r.stderr:
-        pytest.skip("the Makefile has no sweep target")
+        pytest.skip(f"the Makefile has no {target} target")
     line = next(l for l in r.stdout.replace("\\\n", " ").splitlines() if "lightning-mamba sweep" in l)
     argv = shlex.split(line)
     return [os.path.join(ROOT, a) if a.startswith("configs/") else a for a in argv[argv.index("sweep") + 1:]]
+
+
+def test_make_regime_runs_one_cell_at_a_time_unless_told_to_share_under_mps():
+    parser = cmd.build_parser()
+    default = parser.parse_args(make_sweep_line(target="regime"))
+    assert default.processes == 1 and default.mps is False
+    shared = parser.parse_args(make_sweep_line(target="regime", PROCESSES="4", MPS="1"))
+    assert shared.processes == 4 and shared.mps is True
 
 
 def test_make_sweep_line_parses_with_states_lens_and_shard():
@@ -250,17 +258,6 @@ def test_each_run_of_a_budgeted_sweep_trains_its_cells_further(tmp_path, corpus,
         stops.append(int(re.search(r"training stopped at step (\d+) of 40", printed).group(1)))
         assert torch.load(last, weights_only=False)["global_step"] == stops[-1]  # the next run starts there
     assert 2 <= stops[0] and stops[1] >= stops[0] + 2, stops  # was no step more
-
-
-def test_shards_sharing_a_gpu_without_mps_get_a_note(tmp_path, monkeypatch):
-    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path))
-    note = cmd.time_slicing_note(4, 1)
-    assert note and "nvidia-cuda-mps-control -d" in note and str(tmp_path / "control") in note
-    assert cmd.time_slicing_note(1, 1) is None  # one shard per GPU: nothing shares
-    assert cmd.time_slicing_note(2, 2) is None
-    assert cmd.time_slicing_note(4, 0) is None  # no GPU: the cells run on the CPU
-    (tmp_path / "control").touch()  # the daemon's control socket: MPS is running
-    assert cmd.time_slicing_note(4, 1) is None
 
 
 def test_a_time_budget_beside_a_configured_timer_is_refused(tmp_path, corpus, capsys):
