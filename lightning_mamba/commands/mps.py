@@ -13,10 +13,12 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 
+from ..errors import UserError
+
 CONTROL = "nvidia-cuda-mps-control"  # ships with the NVIDIA driver
 
 
-class MPSError(RuntimeError):
+class MPSError(UserError, RuntimeError):
     """The daemon could not be started: one line saying what to change."""
 
 
