@@ -30,9 +30,10 @@ def control_pipe(env: dict[str, str] | None = None) -> str:
 
 def time_slicing_note(processes: int, gpus: int) -> str | None:
     """A line when shards will share a GPU with no MPS daemon running (none found at the environment's pipe)."""
-    if gpus < 1 or processes <= gpus or os.path.exists(control_pipe()):
+    pipe = control_pipe()
+    if gpus < 1 or processes <= gpus or os.path.exists(pipe):
         return None
-    return (f"sweep: {processes} shards on {gpus} GPU(s) and no CUDA MPS daemon ({control_pipe()} is missing): "
+    return (f"sweep: {processes} shards on {gpus} GPU(s) and no CUDA MPS daemon ({pipe} is missing): "
             "processes sharing a GPU take turns on it (4 cells: 0.94x one alone, under MPS 1.25x); add --mps true, "
             "or run one shard per GPU")
 

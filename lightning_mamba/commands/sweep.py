@@ -130,9 +130,10 @@ def main(argv: list[str] | None = None) -> int:
             return [f"sweep: tokenizer and token caches ready under {dm.hparams.cache_dir}"]
         if args.processes < 1:
             raise SweepError(f"--processes must be >= 1 (got {args.processes})")
-        if args.mps and (args.processes < 2 or not _cuda_count()):
+        gpus = _cuda_count() if args.mps else None
+        if args.mps and (args.processes < 2 or gpus == 0):
             raise SweepError("--mps true runs several shards at once on a CUDA GPU: it needs --processes 2 or more "
-                             f"and a GPU (got --processes {args.processes}, {_cuda_count()} GPU(s)): drop --mps")
+                             f"and a GPU (got --processes {args.processes}, {gpus} GPU(s)): drop --mps")
         failure = None
         if args.merge is not None:
             from ..study.merge import merge_studies

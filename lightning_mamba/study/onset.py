@@ -3,9 +3,10 @@
 The forgetting observers write one JSON per evaluation into the cell's log directory: ``lengthgen/step_N.json``
 (the verdict and ratios) and ``state_stats/step_N.json`` (state RMS, variance growth past T_train, first-token
 retention). From them, per cell: the history (step, tokens, verdict, ratio, heads whose alpha over T exceeds the
-retention threshold, state growth past T, and from ``dynamics/step_N.json`` the slowest head's alpha over T) and the onset, the step and token count of the first failing evaluation.
-Per row of the grid: T_forget at every evaluation step (the smallest LEN that still forgets at that step), so a
-study shows the law forming along training, not only at the end. With seeds, a seed cell is a cell like any other;
+retention threshold, state growth past T, and from ``dynamics/step_N.json`` the slowest head's alpha over T) and
+the onset, the step and token count of the first failing evaluation. Per row of the grid: T_forget at every
+evaluation step (the smallest LEN that still forgets at that step), so a study shows the law forming along training,
+not only at the end. With seeds, a seed cell is a cell like any other;
 T_forget along training is per row and seed (``<row>_seed<s>``: one run's evaluations are not mixed with another's)
 and ``onset_by_seed`` lists, per (row, LEN), every seed's first failing step: the spread of the onset.
 """
