@@ -147,6 +147,56 @@ def default_grid(method: str, seq_len: int) -> list[dict]:
     raise ValueError(f"unknown mitigation {method!r}: use rri, dt_scale, window or state_norm")
 
 
+MAX_EDGE_STEPS = 4  # how far a search may walk past its grid's edge (c halves: 0.25 -> 0.016 at most)
+
+
+def edge_moves(best: dict, tried: list[dict]) -> list[dict]:
+    """The settings one step past the edge of what was ``tried`` when ``best`` lies on that edge: a smaller dt
+    scale than the smallest (c / 2) or a larger than the largest (c x 2), a shorter window than the shortest (r / 2),
+    an RRI alpha multiplier further from 1 than the furthest (1 - 2 (1 - m_alpha), keeping m_b) or a smaller m_b
+    than the smallest (m_b / 2). Nothing for the model as trained ({}) or a setting inside the grid."""
+    moves = []
+    if "dt_scale" in best:
+        c, scales = best["dt_scale"], [t["dt_scale"] for t in tried if "dt_scale" in t]
+        if c == min(scales) and c / 2 >= 2 ** -10:
+            moves.append({"dt_scale": c / 2})
+        if c == max(scales) and c * 2 <= 2 ** 12:
+            moves.append({"dt_scale": c * 2})
+    if "window" in best:
+        r = best["window"]
+        if r == min(t["window"] for t in tried if "window" in t) and r > 1:
+            moves.append({"window": r // 2})
+    if "rri" in best:
+        a, b = best["rri"]
+        pairs = [t["rri"] for t in tried if "rri" in t]
+        if a < 1 and a == min(p[0] for p in pairs) and 1 - 2 * (1 - a) > 0:
+            moves.append({"rri": (1 - 2 * (1 - a), b)})
+        if b == min(p[1] for p in pairs) and b / 2 >= 2 ** -10:
+            moves.append({"rri": (a, b / 2)})
+    return moves
+
+
+def extend_past_edges(best: dict, tried: list[dict], score, max_steps: int = MAX_EDGE_STEPS,
+                      log=lambda msg: None) -> tuple[dict, list[dict]]:
+    """Walk past the grid while its best setting lies on an edge and the next step lowers the loss: a grid that
+    stops at c = 0.25 must not report 0.25 as the best when 0.1 is better. ``score(settings)`` returns their table
+    rows (with ``tag`` and ``loss``, as :func:`search` does). Returns the best row and the rows added."""
+    added: list[dict] = []
+    for _ in range(max_steps):
+        moves = edge_moves({k: v for k, v in best.items() if k not in ("tag", "loss")}, tried)
+        if not moves:
+            break
+        log(f"best {best['tag']} lies on the grid's edge: trying {', '.join(describe(**m) for m in moves)}")
+        rows = score(moves)
+        tried = tried + moves
+        added += rows
+        finite = [r for r in rows if r["loss"] is not None and math.isfinite(r["loss"])]
+        if not finite or min(r["loss"] for r in finite) >= best["loss"]:
+            break
+        best = min(finite, key=lambda r: r["loss"])
+    return best, added
+
+
 def curve_metrics(report: ForgettingReport, losses: Tensor) -> dict:
     """The numbers a mitigation is judged by: in-window loss (T/2, T], loss@4x, mean over (4T, end], and the
     verdict of ``report`` (the pipeline's report on ``losses``) with its ratio_16_64x and interval."""
@@ -165,7 +215,8 @@ def compare_mitigations(model, rows: Tensor, seq_len: int, bucket: int, methods=
                         dtype: str | torch.dtype = torch.float32, device=None, batch_size: int | None = None,
                         log=lambda msg: None) -> list[dict]:
     """The model as trained, then each method at the setting :func:`search` picks (loss at ``at_multiple`` x T on
-    the first at_multiple x T positions of ``rows``), then ``others`` ({name: model}, e.g. a fine-tune) as they are;
+    the first at_multiple x T positions of ``rows``; past the grid's edge while the best lies on it and the loss
+    keeps falling: :func:`extend_past_edges`), then ``others`` ({name: model}, e.g. a fine-tune) as they are;
     every entry evaluated on all of ``rows``. Returns entries with setting, search table, metrics and curve."""
     kw = {"dtype": dtype, "device": device, "batch_size": batch_size}
     entries = []
@@ -188,11 +239,17 @@ def compare_mitigations(model, rows: Tensor, seq_len: int, bucket: int, methods=
             continue
         grid = default_grid(method, seq_len)
         log(f"{method}: searching {len(grid)} settings by the loss at {at_multiple} x T")
-        result = search(model, rows, seq_len, grid, at_multiple, piece_len, **kw,
-                        log=lambda msg, method=method: log(f"{method}: {msg}"))
-        setting = {k: v for k, v in result.best.items() if k not in ("tag", "loss")}
-        add({"rri": "RRI", "dt_scale": "dt scaling", "window": "sliding window"}[method], model, setting,
-            [{"setting": r["tag"], "loss": r["loss"]} for r in result.table])
+        def method_log(msg, method=method):
+            log(f"{method}: {msg}")
+
+        result = search(model, rows, seq_len, grid, at_multiple, piece_len, **kw, log=method_log)
+        best, past_edge = extend_past_edges(
+            result.best, grid, lambda moves: search(model, rows, seq_len, moves, at_multiple, piece_len, **kw).table,
+            log=method_log)
+        setting = {k: v for k, v in best.items() if k not in ("tag", "loss")}
+        table = [{"setting": r["tag"], "loss": r["loss"]} for r in result.table]
+        table += [{"setting": r["tag"], "loss": r["loss"], "past_grid_edge": True} for r in past_edge]
+        add({"rri": "RRI", "dt_scale": "dt scaling", "window": "sliding window"}[method], model, setting, table)
     for name, other in (others or {}).items():
         add(name, other, {})
     return entries

@@ -88,3 +88,53 @@ def test_the_dt_scale_grid_tries_both_directions():
     scales = [s["dt_scale"] for s in default_grid("dt_scale", 64) if s]
     assert min(scales) < 1 < max(scales)  # c < 1 is the paper's LongMamba-style baseline, c > 1 forces forgetting
     assert {} in default_grid("dt_scale", 64)
+
+
+def test_a_best_setting_on_the_grids_edge_gets_a_step_past_it():
+    from lightning_mamba.mitigations.search import default_grid, edge_moves
+
+    grid = default_grid("dt_scale", 64)
+    assert edge_moves({"dt_scale": 0.25}, grid) == [{"dt_scale": 0.125}]
+    assert edge_moves({"dt_scale": 64.0}, grid) == [{"dt_scale": 128.0}]
+    assert edge_moves({"dt_scale": 2.0}, grid) == []  # inside the grid: nothing to extend
+    assert edge_moves({}, grid) == []  # the model as trained won
+    rri = default_grid("rri", 64)
+    assert edge_moves({"rri": (0.99, 1.0)}, rri) == [{"rri": (0.98, 1.0)}]
+    assert edge_moves({"rri": (0.99, 0.5)}, rri) == [{"rri": (0.98, 0.5)}, {"rri": (0.99, 0.25)}]
+    assert edge_moves({"rri": (0.999, 0.75)}, rri) == []
+    assert edge_moves({"window": 16}, default_grid("window", 64)) == [{"window": 8}]
+
+
+def test_the_walk_past_the_edge_stops_where_the_loss_turns_up():
+    import math
+
+    from lightning_mamba.mitigations.search import default_grid, extend_past_edges
+
+    def score(settings):  # a loss with its minimum at c = 0.05: below the grid's smallest c (0.25)
+        return [{**s, "tag": f"dt{s['dt_scale']}", "loss": (math.log2(s["dt_scale"] / 0.05)) ** 2} for s in settings]
+
+    grid = default_grid("dt_scale", 64)
+    first = min(score([g for g in grid if g]), key=lambda r: r["loss"])
+    assert first["dt_scale"] == 0.25
+    best, added = extend_past_edges(first, grid, score)
+    assert [r["dt_scale"] for r in added] == [0.125, 0.0625, 0.03125]  # the third is worse: the walk stops there
+    assert best["dt_scale"] == 0.0625
+    best, added = extend_past_edges(first, grid, score, max_steps=1)
+    assert best["dt_scale"] == 0.125 and len(added) == 1
+
+
+def test_the_comparison_walks_past_the_grid_to_the_lowest_loss():
+    """On these rows the tiny model's loss keeps falling past the dt grid's largest c (64: 4.135 at 4 x T, 4.129 at
+    c = 128): the comparison must not stop at the grid's edge."""
+    from lightning_mamba.mitigations.search import compare_mitigations
+    from tests.tiny import tiny_lm
+
+    model = tiny_lm()
+    torch.manual_seed(3)
+    rows = torch.randint(0, 64, (2, 8 * 8 + 1))
+    _, dt = compare_mitigations(model, rows, 8, bucket=4, methods=("dt_scale",), piece_len=16)
+    past = [r for r in dt["search"] if r.get("past_grid_edge")]
+    assert past, dt["search"]
+    chosen = [r for r in dt["search"] if r["setting"] == dt["setting"]]
+    assert chosen and chosen[0]["loss"] == min(r["loss"] for r in dt["search"])
+    assert chosen[0].get("past_grid_edge")  # the grid's own best (an edge) was beaten by a step past it
