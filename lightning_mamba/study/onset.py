@@ -8,7 +8,8 @@ the onset, the step and token count of the first failing evaluation. Per row of 
 evaluation step (the smallest LEN that still forgets at that step), so a study shows the law forming along training,
 not only at the end. With seeds, a seed cell is a cell like any other;
 T_forget along training is per row and seed (``<row>_seed<s>``: one run's evaluations are not mixed with another's)
-and ``onset_by_seed`` lists, per (row, LEN), every seed's first failing step: the spread of the onset.
+and ``onset_by_seed`` lists, per (row, LEN), every seed's first failing step: the spread of the onset. ``grid``
+gives, per row and LEN, the runs failing at the end and ever, and the ratio at the end and at its peak.
 """
 
 from __future__ import annotations
@@ -132,6 +133,30 @@ def t_forget_by_step(histories: dict[str, list[dict]], rows_of_cells: dict[str, 
     return out
 
 
+def grid_map(cells: dict[str, dict]) -> dict[str, dict[str, dict]]:
+    """Per row and LEN (the grid), over the cell's seeds: how many runs were evaluated, how many fail the 2x test
+    at their last evaluation and at any evaluation, the ratio mean[16T,64T] / mean[T/2,T] at the end (mean over
+    seeds) and its highest along training (over seeds). A cell that rose and recovered shows a peak well above
+    its end; ``cells``: onset_summary's cells."""
+    out: dict[str, dict[str, dict]] = {}
+    for cell in cells.values():
+        history = [h for h in cell["history"] if h.get("ratio_16_64x") is not None]
+        if not history:
+            continue
+        entry = out.setdefault(cell["row"], {}).setdefault(str(cell["seq_len"]), {
+            "runs": 0, "fail_at_end": 0, "failed_ever": 0, "ratio_end": [], "ratio_peak": None})
+        entry["runs"] += 1
+        entry["fail_at_end"] += history[-1].get("forgets") is False
+        entry["failed_ever"] += any(h.get("forgets") is False for h in history)
+        entry["ratio_end"].append(history[-1]["ratio_16_64x"])
+        peak = max(h["ratio_16_64x"] for h in history)
+        entry["ratio_peak"] = peak if entry["ratio_peak"] is None else max(entry["ratio_peak"], peak)
+    for row in out.values():
+        for entry in row.values():
+            entry["ratio_end"] = sum(entry["ratio_end"]) / len(entry["ratio_end"])
+    return out
+
+
 def onset_summary(cells_folder: str, cells: dict[str, tuple[str, int]], tokens_per_batch: int | None) -> dict:
     """Per cell: history and onset; per row (and seed): T_forget along training; with seeds, per (row, LEN) the
     onset of each seed. ``cells``: name -> (row, LEN)."""
@@ -152,4 +177,5 @@ def onset_summary(cells_folder: str, cells: dict[str, tuple[str, int]], tokens_p
              "fails_at_end": onset["fails_at_end"], "last_step": onset["last_step"]})
     if by_seed:
         out["onset_by_seed"] = by_seed
+    out["grid"] = grid_map(out["cells"])
     return out

@@ -27,7 +27,7 @@ from ..atomic import atomic_write_text
 from .cell_records import write_cell_records
 from .onset import onset_summary
 from .provisional import provisional_mark, provisional_note, provisional_results, provisional_text
-from .summary_plots import plot_curve_grid, plot_decays, plot_onset, plot_passkey_grid, plot_t_forget
+from .summary_plots import plot_curve_grid, plot_decays, plot_grid_map, plot_onset, plot_passkey_grid, plot_t_forget
 from .sweep import SweepError, clean, parse_cell_name, seed_of, write_json
 
 # seed: the seed_everything the cell trained with (result.json has it for every cell, replicate or not)
@@ -348,8 +348,9 @@ def summarize(out: str, tensorboard: bool = True) -> dict:
                                                     r["verdict"]["forgets"], **r["provisional"]} for r in early}
     os.makedirs(out, exist_ok=True)
     summary = clean(summary)
-    for name, draw in (("onset", plot_onset), ("decays", plot_decays)):  # along training, every cell
-        figure = draw(summary["onset"])
+    along = summary["onset"]  # every cell's evaluations along training
+    for name, figure in (("onset", plot_onset(along)), ("decays", plot_decays(along)),
+                         ("grid_map", plot_grid_map(along["grid"]))):
         if figure is not None:
             plots.save_png(figure, os.path.join(out, f"{name}.png"))
     write_json(os.path.join(out, "summary.json"), summary)

@@ -4,6 +4,8 @@ run)."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from ..analysis import plots
@@ -242,3 +244,38 @@ def plot_onset(onset: dict) -> plt.Figure | None:
     ax.axhline(1.0, color="gray", linewidth=0.8, linestyle=":", label="flat (ratio 1)")
     return along_training(fig, ax, "loss mean[16T, 64T] / mean[T/2, T]",
                           "Beyond-window loss along training (band: bootstrap 95% over rows; squares: fails the 2x test)")
+
+
+def _natural(name: str) -> tuple:
+    """state64 before state512: the number in a row's name compares as a number."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
+
+
+def plot_grid_map(grid: dict[str, dict[str, dict]]) -> plt.Figure | None:
+    """The grid as a map (rows: states or models, columns: LEN): color, the highest ratio mean[16T,64T] /
+    mean[T/2,T] along training (over seeds: a rise that recovered still shows); text, the ratio at the end and the
+    runs failing the 2x test at the end / ever / evaluated (in the evaluations along training). None for an empty
+    grid (onset's ``grid``)."""
+    if not grid:
+        return None
+    rows = sorted(grid, key=_natural)
+    lens = sorted({int(t) for row in grid.values() for t in row})
+    peak = np.full((len(rows), len(lens)), np.nan)
+    fig, ax = plt.subplots(figsize=(1.3 * len(lens) + 2.6, 0.75 * len(rows) + 1.8))
+    for i, row in enumerate(rows):
+        for j, t in enumerate(lens):
+            entry = grid[row].get(str(t))
+            if entry is None:
+                continue
+            peak[i, j] = entry["ratio_peak"]
+            ax.text(j, i, f"peak {entry['ratio_peak']:.2f}\nend {entry['ratio_end']:.2f}\nfail "
+                    f"{entry['fail_at_end']}/{entry['failed_ever']}/{entry['runs']}", ha="center", va="center", fontsize=7)
+    image = ax.imshow(np.ma.masked_invalid(peak), cmap="coolwarm", vmin=0.6, vmax=1.4, aspect="auto")
+    fig.colorbar(image, ax=ax, label="highest ratio along training")
+    ax.set_xticks(range(len(lens)), [str(t) for t in lens])
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel("LEN (T_train)")
+    ax.set_title("Beyond-window ratio mean[16T,64T] / mean[T/2,T] per cell\n(fail: runs failing the 2x test at the "
+                 "end / ever / evaluated)", fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -5,6 +5,8 @@ import json
 import math
 import os
 
+import pytest
+
 from lightning_mamba.study.onset import cell_history, onset_of, onset_summary, t_forget_by_step
 
 
@@ -85,6 +87,11 @@ def test_the_summary_follows_started_cells_outside_the_plan_and_draws_the_onset(
     assert set(summary["onset"]["cells"]) == {"state64_len64", "state256_len64"}
     assert summary["onset"]["cells"]["state64_len64"]["onset"]["step"] == 1500
     assert (out / "onset.png").stat().st_size > 0
+    # the grid map: per row and LEN, runs failing at the end / ever, the ratio at the end and at its peak
+    assert summary["onset"]["grid"] == {
+        "state64": {"64": {"runs": 1, "fail_at_end": 1, "failed_ever": 1, "ratio_end": 2.6, "ratio_peak": 2.6}},
+        "state256": {"64": {"runs": 1, "fail_at_end": 0, "failed_ever": 0, "ratio_end": 1.0, "ratio_peak": 1.1}}}
+    assert (out / "grid_map.png").stat().st_size > 0
     assert plot_onset({"cells": {"c": {"history": [{"step": 1, "forgets": True}]}}}) is None  # no ratio: no figure
 
 
@@ -101,3 +108,22 @@ def test_results_csv_carries_the_ratio_and_its_interval():
     assert (row["ratio_far"], row["ratio_far_lo"], row["ratio_far_hi"]) == (3.1, 2.8, 3.5)
     assert csv_row({"cell": "c_len64", "seq_len": 64, "verdict": verdict})["ratio_far"] is None  # an older result
     assert row["forgets"] == 0 and row["blowup_over_len"] == 200 / 64
+
+
+def test_the_grid_map_counts_seeds_and_keeps_a_recovered_rise():
+    from lightning_mamba.study.onset import grid_map
+    from lightning_mamba.study.summary_plots import plot_grid_map
+
+    def cell(ratios, fails):
+        return {"row": "state1024", "seq_len": 64, "history": [
+            {"step": 500 * (i + 1), "ratio_16_64x": r, "forgets": not f} for i, (r, f) in enumerate(zip(ratios, fails))]}
+
+    grid = grid_map({"s0": cell([1.0, 1.3, 1.3], [False, True, True]),  # fails and stays failing
+                     "s1": cell([1.0, 1.25, 0.9], [False, True, False]),  # failed once, then learned to forget
+                     "s2": cell([1.0, 1.0, 1.0], [False, False, False]),
+                     "never": {"row": "state1024", "seq_len": 128, "history": []}})  # not evaluated: not in the map
+    entry = grid["state1024"]["64"]
+    assert (entry["runs"], entry["fail_at_end"], entry["failed_ever"]) == (3, 1, 2)
+    assert entry["ratio_end"] == pytest.approx((1.3 + 0.9 + 1.0) / 3) and entry["ratio_peak"] == 1.3
+    assert "128" not in grid["state1024"]
+    assert plot_grid_map(grid) is not None and plot_grid_map({}) is None
