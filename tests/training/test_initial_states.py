@@ -3,6 +3,7 @@ through real CPU runs of `lightning-mamba fit` (the state each step starts from,
 
 import glob
 import os
+import warnings
 
 import lightning as L
 import pytest
@@ -127,6 +128,21 @@ def test_checkpoint_state_is_plain_tensors(tmp_path):
     with pytest.warns(UserWarning, match="carried states are of 1 processes, this run has 2"):
         again.load_state_dict(saved, rank=0, world_size=2)
     assert again.carried is None
+
+
+def test_a_large_carried_state_is_named_once_when_saved(monkeypatch):
+    import lightning_mamba.training.initial_states as initial_states
+
+    model, states = tiny_model(), InitialStates("passed")
+    _, final = model(torch.randint(0, 64, (3, 10)))
+    states.finish(final)
+    states.state_dict()  # far below the limit: nothing to say
+    monkeypatch.setattr(initial_states, "LARGE_CARRIED_BYTES", 1000)
+    with pytest.warns(UserWarning, match=r"each checkpoint holds the carried state of every lane, 0.0 GB"):
+        states.state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        states.state_dict()  # said once
 
 
 @pytest.mark.parametrize("kw, message", [({"initial_state": "carried"}, "model.initial_state='carried' is unknown"),
