@@ -26,7 +26,10 @@ def tiny_args(tmp_path, corpus):
     ]
 
 
-def test_fit_writes_events_config_and_checkpoint(tmp_path, corpus, capsys):
+def test_fit_writes_events_config_and_checkpoint_then_resumes_validates_tests_and_predicts(tmp_path, corpus, capsys,
+                                                                                           recwarn):
+    """One tiny fit (~5 s) serves three checks in turn, each of which needed that same fit: what it writes; a resume
+    goes on in its run directory; validate, test and predict run on its checkpoint."""
     main(["fit", *tiny_args(tmp_path, corpus)])
     run = tmp_path / "runs" / "tiny" / "version_0"
     out = capsys.readouterr().out
@@ -52,6 +55,21 @@ def test_fit_writes_events_config_and_checkpoint(tmp_path, corpus, capsys):
     tags = acc.Tags()["scalars"]
     assert {"train/loss", "val/loss", "val/ppl"} <= set(tags)
     assert "hp_metric" not in tags  # no -1 placeholder
+
+    # a resume goes on in the run directory (before validate and test add version_1, version_2 beside it)
+    main(["fit", *tiny_args(tmp_path, corpus), "--trainer.max_steps", "8",
+          "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
+    assert sorted(os.listdir(tmp_path / "runs" / "tiny")) == ["version_0"]  # no version_1
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 8
+    assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]
+
+    # validate, test and predict run on the checkpoint
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    for sub in ("validate", "test"):
+        main([sub, *tiny_args(tmp_path, corpus), "--ckpt_path", ckpt])
+    cli = lightning_cli(["predict", *tiny_args(tmp_path, corpus), "--ckpt_path", ckpt, "--trainer.limit_predict_batches", "1"])
+    out = cli.trainer.predict_loop.predictions
+    assert out and out[0]["token_losses"].shape == (4, 64) and torch.isfinite(out[0]["token_losses"]).all()
 
 
 def test_noise_is_off_and_verdicts_read_in_words():
@@ -130,23 +148,3 @@ def test_bad_input_is_one_clear_line(tmp_path, corpus, capsys, override, fragmen
     assert fragment in message
     assert "Traceback" not in message
     assert not glob.glob(str(tmp_path / "cache" / "*.tmp*"))  # no half-written cache
-
-
-def test_validate_test_and_predict_run_on_a_checkpoint(tmp_path, corpus):
-    main(["fit", *tiny_args(tmp_path, corpus)])
-    ckpt = str(tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt")
-    for sub in ("validate", "test"):
-        main([sub, *tiny_args(tmp_path, corpus), "--ckpt_path", ckpt])
-    cli = lightning_cli(["predict", *tiny_args(tmp_path, corpus), "--ckpt_path", ckpt, "--trainer.limit_predict_batches", "1"])
-    out = cli.trainer.predict_loop.predictions
-    assert out and out[0]["token_losses"].shape == (4, 64) and torch.isfinite(out[0]["token_losses"]).all()
-
-
-def test_resume_goes_on_in_the_run_directory(tmp_path, corpus, recwarn):
-    main(["fit", *tiny_args(tmp_path, corpus)])
-    run = tmp_path / "runs" / "tiny" / "version_0"
-    main(["fit", *tiny_args(tmp_path, corpus), "--trainer.max_steps", "8",
-          "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
-    assert sorted(os.listdir(tmp_path / "runs" / "tiny")) == ["version_0"]  # no version_1
-    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 8
-    assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]

@@ -1,7 +1,8 @@
 """The package's layers import only downward (README, "Layout").
 
 Two checks per package, so neither a module-level nor a function-level import can hide an upward dependency:
-- in a fresh interpreter, importing the package and every one of its submodules loads no module of a higher layer;
+- in an interpreter that has loaded no module of the package, importing the package and every one of its
+  submodules loads no module of a higher layer;
 - the source of each of its files names no higher layer in an import statement (at any depth, including inside
   functions) nor in a string that names a module of the package (``importlib.import_module("lightning_mamba.x")``,
   a ``class_path``).
@@ -38,17 +39,44 @@ LAYERS = [
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 LIGHTNING = ("lightning", "lightning_fabric", "pytorch_lightning")
 
-# Run in a fresh interpreter: import the package, then every submodule pkgutil finds under it; report what loaded.
+# One interpreter for all the probes (a fresh one per package cost ~6 s each, almost all of it importing torch and
+# Lightning): it imports a stage's third-party modules, then forks one child per package of the stage. A child starts
+# with no module of lightning_mamba loaded, imports the package and every submodule pkgutil finds under it, and writes
+# what loaded to <out>/<name>.out (a traceback to <name>.err, and its exit status to <name>.rc). The packages up to
+# models run before Lightning is imported at all: test_models_are_plain_torch checks that models does not load it.
 PROBE = r"""
-import importlib, json, pkgutil, sys
-name = sys.argv[1]
-module = importlib.import_module(name)
-imported = [name]
-for info in pkgutil.walk_packages(getattr(module, "__path__", []), name + "."):
-    importlib.import_module(info.name)
-    imported.append(info.name)
-print(json.dumps({"imported": imported, "modules": sorted(sys.modules)}))
+import importlib, json, os, pkgutil, sys, traceback
+out, stages = sys.argv[1], json.loads(sys.argv[2])
+for preload, names in stages:
+    for dependency in preload:
+        importlib.import_module(dependency)
+    ours = [m for m in sys.modules if m.split(".")[0] == "lightning_mamba"]
+    assert not ours, f"{preload} loaded modules of the package: {ours}"
+    for name in names:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            with open(os.path.join(out, name + ".out"), "w") as o, open(os.path.join(out, name + ".err"), "w") as e:
+                os.dup2(o.fileno(), 1)
+                os.dup2(e.fileno(), 2)
+                try:
+                    module = importlib.import_module(name)
+                    imported = [name]
+                    for info in pkgutil.walk_packages(getattr(module, "__path__", []), name + "."):
+                        importlib.import_module(info.name)
+                        imported.append(info.name)
+                    print(json.dumps({"imported": imported, "modules": sorted(sys.modules)}))
+                    code = 0
+                except BaseException:
+                    traceback.print_exc()
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        with open(os.path.join(out, name + ".rc"), "w") as f:
+            f.write(str(os.waitstatus_to_exitcode(status)))
 """
+PLAIN_TORCH = [name for names in LAYERS[:LAYER["models"] + 1] for name in names]  # probed before Lightning loads
 
 
 def top_level_names() -> set[str]:
@@ -140,24 +168,23 @@ def referenced_modules(path: str, source: str | None = None) -> list[tuple[int, 
     return sorted(found)
 
 
-def run_probe(name: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    return subprocess.Popen([sys.executable, "-c", PROBE, f"lightning_mamba.{name}"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 @pytest.fixture(scope="module")
-def probes() -> dict[str, tuple[int, str, str]]:
-    """Per layered name: (exit status, stdout, stderr) of importing it and all its submodules, each in its own
-    fresh interpreter."""
-    results = {}
+def probes(tmp_path_factory) -> dict[str, tuple[int, str, str]]:
+    """Per layered name: (exit status, stdout, stderr) of importing it and all its submodules in an interpreter
+    that had loaded no module of the package (PROBE)."""
+    out = tmp_path_factory.mktemp("probes")
     names = sorted(LAYER)
-    for i in range(0, len(names), 4):  # a few interpreters at a time
-        procs = {name: run_probe(name) for name in names[i:i + 4]}
-        for name, proc in procs.items():
-            out, err = proc.communicate(timeout=300)
-            results[name] = (proc.returncode, out, err)
-    return results
+    stages = [(["torch"], [f"lightning_mamba.{n}" for n in names if n in PLAIN_TORCH]),
+              (["lightning"], [f"lightning_mamba.{n}" for n in names if n not in PLAIN_TORCH])]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, "-c", PROBE, str(out), json.dumps(stages)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+
+    def written(name: str, ext: str) -> str:
+        return (out / f"lightning_mamba.{name}.{ext}").read_text()
+
+    return {n: (int(written(n, "rc")), written(n, "out"), written(n, "err")) for n in names}
 
 
 def loaded(probes, name: str) -> dict:

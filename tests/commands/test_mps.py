@@ -79,7 +79,10 @@ def test_shards_sharing_a_gpu_without_mps_get_a_note(tmp_path, monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
-def test_sweep_runs_its_shards_under_its_daemon(tmp_path, corpus, capsys, stand_in, monkeypatch):
+def test_sweep_runs_its_shards_at_once_under_its_daemon_and_summarizes_them_all(tmp_path, corpus, capsys, stand_in,
+                                                                                monkeypatch):
+    """Also the check that --processes runs every shard and summarizes them all (tests/commands/
+    test_sweep_command.py runs the same launch without the daemon only to see a shard fail)."""
     out = tmp_path / "study"
     args = micro_args(tmp_path, corpus, out, "--states", "[8]", "--processes", "2", "--mps", "true")
     assert cmd.main(args) == 2  # on a machine without a GPU: refused before anything runs
@@ -92,4 +95,8 @@ def test_sweep_runs_its_shards_under_its_daemon(tmp_path, corpus, capsys, stand_
     printed = capsys.readouterr().out
     assert "CUDA MPS daemon of this sweep started" in printed and "2 shards started" in printed
     assert [line.split()[0] for line in stand_in.read_text().splitlines()] == ["start", "quit"]
+    assert "| state8 |" in printed
+    for i, name in enumerate(["state8_len32", "state8_len64"]):  # cell k goes to shard k % 2
+        assert json.loads((out / "cells" / name / "result.json").read_text())["cell"] == name
+        assert f"sweep: {name}: training" in (out / "logs" / f"shard_{i}.log").read_text()
     assert json.loads((out / "summary.json").read_text())["cells_done"] == 2

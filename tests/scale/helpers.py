@@ -1,10 +1,11 @@
 """What the DDP and FSDP tests record from a real run (named in its config by class path), the run's config,
-Lightning's FSDPStrategy made to run on CPU, and the `lightning-mamba fit` subprocess."""
+Lightning's FSDPStrategy made to run on CPU, and the `lightning-mamba fit` subprocesses."""
 
 import math
 import os
 import subprocess
 import sys
+import tempfile
 
 import lightning as L
 import torch
@@ -19,12 +20,26 @@ LAUNCH_VARS = {"LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "L
                "MASTER_PORT", "TORCHELASTIC_RUN_ID", "PL_GLOBAL_SEED"}
 
 
-def fit(*args: str) -> None:
-    """`python -m lightning_mamba.cli fit ARGS`, as a user starts it (Lightning launches any further processes)."""
+def fit_at_once(*runs: list[str]) -> None:
+    """`python -m lightning_mamba.cli fit ARGS` for each ARGS of ``runs``, as a user starts it (Lightning launches
+    any further processes), all at once: the runs are independent, and most of each one's time is importing torch
+    and Lightning, which overlaps on two cores."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith(("SLURM_", "PMI_"))}
-    run = subprocess.run([sys.executable, "-m", "lightning_mamba.cli", "fit", *args], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    with tempfile.TemporaryDirectory() as logs:
+        procs = []
+        for i, args in enumerate(runs):
+            with open(os.path.join(logs, f"{i}.out"), "w") as out, open(os.path.join(logs, f"{i}.err"), "w") as err:
+                procs.append(subprocess.Popen([sys.executable, "-m", "lightning_mamba.cli", "fit", *args], cwd=ROOT,
+                                              env=env, stdout=out, stderr=err, text=True))
+        try:
+            for proc in procs:
+                proc.wait(timeout=300)
+        finally:
+            for proc in procs:
+                proc.kill()
+        for i, proc in enumerate(procs):
+            output = [open(os.path.join(logs, f"{i}.{stream}")).read()[-3000:] for stream in ("out", "err")]
+            assert proc.returncode == 0, f"fit {' '.join(runs[i])}:\n" + "".join(output)
 
 
 class RecordSteps(L.Callback):

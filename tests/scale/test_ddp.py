@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from lightning_mamba.data import TextDataModule
 from tests.robust.conftest import write_corpus
-from tests.scale.helpers import ROOT, fit, write_config
+from tests.scale.helpers import ROOT, fit_at_once, write_config
 
 DDP_CPU = os.path.join(ROOT, "configs", "trainer", "ddp_cpu.yaml")
 PER_RANK_BATCH, STEPS = 4, 4
@@ -26,11 +26,12 @@ needs_gloo = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 def runs(tmp_path_factory):
     """The same run twice: DDP on 2 processes with PER_RANK_BATCH samples each, and 1 process with 2 x as many."""
     tmp = tmp_path_factory.mktemp("ddp")
-    corpus, cache = write_corpus(tmp / "texts"), str(tmp / "cache")
-    one = write_config(str(tmp / "one.yaml"), corpus, cache, str(tmp / "one"), 2 * PER_RANK_BATCH, STEPS)
-    ddp = write_config(str(tmp / "ddp.yaml"), corpus, cache, str(tmp / "ddp"), PER_RANK_BATCH, STEPS)
-    fit("--config", one)  # first: it builds the token caches the DDP run then reads
-    fit("--config", ddp, "--trainer", DDP_CPU)
+    corpus = write_corpus(tmp / "texts")
+    # a token cache each: the two runs go at once, and the DDP run builds its own (rank 0's prepare_data)
+    one = write_config(str(tmp / "one.yaml"), corpus, str(tmp / "cache_one"), str(tmp / "one"), 2 * PER_RANK_BATCH,
+                       STEPS)
+    ddp = write_config(str(tmp / "ddp.yaml"), corpus, str(tmp / "cache_ddp"), str(tmp / "ddp"), PER_RANK_BATCH, STEPS)
+    fit_at_once(["--config", one], ["--config", ddp, "--trainer", DDP_CPU])
     return {"one": torch.load(tmp / "one" / "rank0.pt"),
             "ranks": [torch.load(tmp / "ddp" / f"rank{r}.pt") for r in range(2)]}
 

@@ -16,7 +16,7 @@ import yaml
 from lightning_mamba.training.module import MambaLitModule
 from lightning_mamba.training.sharding import unsharded_copy, unwrapped_name
 from tests.robust.conftest import write_corpus
-from tests.scale.helpers import ROOT, fit, write_config
+from tests.scale.helpers import ROOT, fit_at_once, write_config
 
 PER_RANK_BATCH, STEPS, NAN_STEP = 4, 4, 3
 VOCAB = 257  # byte tokenizer (the model's vocabulary is padded to 264)
@@ -49,16 +49,18 @@ def runs(tmp_path_factory):
     both validate (and run the observers) at steps 2 and 4, and get a NaN gradient at NAN_STEP on their last rank,
     which the NaN guard skips."""
     tmp = tmp_path_factory.mktemp("fsdp")
-    corpus, cache = write_corpus(tmp / "texts"), str(tmp / "cache")
+    corpus = write_corpus(tmp / "texts")
     common = dict(limit_val_batches=1, val_check_interval=2, num_sanity_val_steps=0)
     for folder in ("one", "fsdp"):
         os.makedirs(tmp / folder)
-    one = write_config(str(tmp / "one" / "run.yaml"), corpus, cache, "", 2 * PER_RANK_BATCH, STEPS,
-                       callbacks(str(tmp / "one" / "record")), **common)
-    fsdp = write_config(str(tmp / "fsdp" / "run.yaml"), corpus, cache, "", PER_RANK_BATCH, STEPS,
-                        callbacks(str(tmp / "fsdp" / "record")), devices=2, strategy=fsdp_cpu_strategy(), **common)
-    fit("--config", one, "--nan_guard.on_nonfinite", "skip")  # first: it builds the token caches
-    fit("--config", fsdp, "--nan_guard.on_nonfinite", "skip")
+    # a token cache each: the two runs go at once, and the FSDP run builds its own (rank 0's prepare_data)
+    one = write_config(str(tmp / "one" / "run.yaml"), corpus, str(tmp / "one" / "cache"), "", 2 * PER_RANK_BATCH,
+                       STEPS, callbacks(str(tmp / "one" / "record")), **common)
+    fsdp = write_config(str(tmp / "fsdp" / "run.yaml"), corpus, str(tmp / "fsdp" / "cache"), "", PER_RANK_BATCH,
+                        STEPS, callbacks(str(tmp / "fsdp" / "record")), devices=2, strategy=fsdp_cpu_strategy(),
+                        **common)
+    fit_at_once(["--config", one, "--nan_guard.on_nonfinite", "skip"],
+                ["--config", fsdp, "--nan_guard.on_nonfinite", "skip"])
     return {"one": torch.load(tmp / "one" / "record" / "rank0.pt"), "one_dir": tmp / "one",
             "ranks": [torch.load(tmp / "fsdp" / "record" / f"rank{r}.pt") for r in range(2)], "fsdp_dir": tmp / "fsdp"}
 

@@ -31,8 +31,8 @@ def test_a_sweep_writes_each_cells_curves_along_training_and_decays(tmp_path, co
     trainer = {"val_check_interval": 4, "limit_val_batches": 2, "enable_progress_bar": False,
                "enable_model_summary": False, "callbacks": callbacks}
     out = tmp_path / "study"
-    assert cmd.main(micro_args(tmp_path, corpus, out, "--states", "[8]", "--lens", "[32]",
-                               "--trainer_overrides", json.dumps(trainer))) == 0
+    assert cmd.main(micro_args(tmp_path, corpus, out, "--states", "[8]", "--lens", "[32]", "--tokens_per_cell", "2048",
+                               "--trainer_overrides", json.dumps(trainer))) == 0  # 8 steps: evaluated at 4 and 8
     cell = out / "cells" / "state8_len32"
     assert (cell / "along_training.png").stat().st_size > 0
     with open(cell / "decays.csv") as f:

@@ -79,7 +79,8 @@ def test_a_cell_is_evaluated_to_the_floor_at_the_end_and_along_training(tmp_path
     out = tmp_path / "study"
     data = {"tokenizer": "byte", "source": corpus, "cache_dir": str(tmp_path / "cache")}
     assert cmd.main(["--config", MICRO, "--base_config", json.dumps([TRAIN]), "--out", str(out), "--states", "[8]",
-                     "--lens", "[32]", "--data_overrides", json.dumps(data), "--eval_min_tokens", "600"]) == 0
+                     "--lens", "[32]", "--data_overrides", json.dumps(data), "--eval_min_tokens", "600",
+                     "--tokens_per_cell", "1024"]) == 0  # 4 steps: one evaluation along training, at the end
     cell = out / "cells" / "state8_len32"
     r = json.loads((cell / "result.json").read_text())
     assert r["eval"]["length"] == r["verdict"]["evaluated_to"] == 600
