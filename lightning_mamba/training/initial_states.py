@@ -129,13 +129,16 @@ class InitialStates:
             tensors = [t for s in self.carried for t in s]
             tensors = gather(tensors) if gather is not None and world_size > 1 else [t[None] for t in tensors]
             out["carried"] = {"world_size": world_size, "tensors": [t.detach().cpu() for t in tensors]}
-            self._tell_size(sum(t.numel() * t.element_size() for t in tensors))
+            self._tell_size(tensors)
         return out
 
-    def _tell_size(self, size: int) -> None:
+    def _tell_size(self, tensors: list[Tensor]) -> None:
         """A d_state 1024 model at 256 lanes carries 2.1 GB (lanes x layers x heads x headdim x d_state, fp32):
         say once why its checkpoints are that large, and what makes them smaller."""
-        if self._size_told or size < LARGE_CARRIED_BYTES:
+        if self._size_told:
+            return
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        if size < LARGE_CARRIED_BYTES:
             return
         self._size_told = True
         rank_zero_warn(f"model.initial_state=passed: each checkpoint holds the carried state of every lane, "
