@@ -83,6 +83,9 @@ class Study:
         piece_len: Evaluation: tokens per forward (the state is carried, memory stays constant).
         eval_batch_size: Evaluation: rows per forward.
         device: Evaluation device; null: the one the cell trained on (cuda when available, else cpu).
+        cells: Run only these cells of the grid, by name (state2048_len32; with seeds state2048_len32_seed1), in this
+            order, which is also the order the shards take them in: to fill the gaps of a grid, or to start the
+            costly cells first. null: the whole grid, row by row.
     """
 
     states: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
@@ -114,6 +117,7 @@ class Study:
     piece_len: int = 2048
     eval_batch_size: int = 8
     device: str | None = None
+    cells: list[str] | None = None
 
     @property
     def axis(self) -> str:
@@ -165,8 +169,13 @@ class Study:
             check(len(set(self.seeds)) == len(self.seeds), f"seeds {self.seeds} repeat a seed: give each once")
             check(self.seed == 0, f"seed={self.seed} and seeds={self.seeds} are both set: with seeds every cell trains "
                   f"once per seed in seeds; leave seed at 0 (its default)")
-        names = [c.name for c in make_cells(self)]
+        names = [c.name for c in grid_cells(self)]
         check(len(set(names)) == len(names), f"two cells share a name ({names}): give each model a distinct 'name'")
+        if self.cells is not None:
+            unknown = [c for c in self.cells if c not in names]
+            check(bool(self.cells) and not unknown, f"cells {unknown or self.cells} are not cells of this grid: name "
+                  f"some of {', '.join(names)}, or give cells: null for the whole grid")
+            check(len(set(self.cells)) == len(self.cells), f"cells {self.cells} name a cell twice: give each once")
 
 
 def check(ok: bool, message: str) -> None:
@@ -218,6 +227,16 @@ def model_tag(spec: dict) -> str:
 
 
 def make_cells(study: Study) -> list[Cell]:
+    """The cells this study runs: the whole grid (:func:`grid_cells`), or the ones ``study.cells`` names, in its
+    order."""
+    grid = grid_cells(study)
+    if study.cells is None:
+        return grid
+    by_name = {c.name: c for c in grid}
+    return [by_name[name] for name in study.cells if name in by_name]
+
+
+def grid_cells(study: Study) -> list[Cell]:
     """The whole grid, row-major (rows: states or models; columns: lens; seeds innermost when given)."""
     if study.axis == "models":
         rows = [(model_tag(m), tuple(sorted((k, v) for k, v in m.items() if k != "name"))) for m in study.models]
