@@ -136,21 +136,27 @@ def t_forget_by_step(histories: dict[str, list[dict]], rows_of_cells: dict[str, 
 def grid_map(cells: dict[str, dict]) -> dict[str, dict[str, dict]]:
     """Per row and LEN (the grid), over the cell's seeds: how many runs were evaluated, how many fail the 2x test
     at their last evaluation and at any evaluation, the ratio mean[16T,64T] / mean[T/2,T] at the end (mean over
-    seeds) and its highest along training (over seeds). A cell that rose and recovered shows a peak well above
-    its end; ``cells``: onset_summary's cells."""
+    seeds) and its highest along training (over seeds), and the fewest and most steps its runs reached at their
+    last evaluation (a map of unequal budgets says so). A cell that rose and recovered shows a peak well above its
+    end; ``cells``: onset_summary's cells."""
     out: dict[str, dict[str, dict]] = {}
     for cell in cells.values():
         history = [h for h in cell["history"] if h.get("ratio_16_64x") is not None]
         if not history:
             continue
         entry = out.setdefault(cell["row"], {}).setdefault(str(cell["seq_len"]), {
-            "runs": 0, "fail_at_end": 0, "failed_ever": 0, "ratio_end": [], "ratio_peak": None})
+            "runs": 0, "fail_at_end": 0, "failed_ever": 0, "ratio_end": [], "ratio_peak": None,
+            "steps_min": None, "steps_max": None})
         entry["runs"] += 1
         entry["fail_at_end"] += history[-1].get("forgets") is False
         entry["failed_ever"] += any(h.get("forgets") is False for h in history)
         entry["ratio_end"].append(history[-1]["ratio_16_64x"])
         peak = max(h["ratio_16_64x"] for h in history)
         entry["ratio_peak"] = peak if entry["ratio_peak"] is None else max(entry["ratio_peak"], peak)
+        step = history[-1].get("step")
+        if step is not None:
+            entry["steps_min"] = step if entry["steps_min"] is None else min(entry["steps_min"], step)
+            entry["steps_max"] = step if entry["steps_max"] is None else max(entry["steps_max"], step)
     for row in out.values():
         for entry in row.values():
             entry["ratio_end"] = sum(entry["ratio_end"]) / len(entry["ratio_end"])

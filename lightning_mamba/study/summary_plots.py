@@ -251,6 +251,15 @@ def _natural(name: str) -> tuple:
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
 
 
+def _steps_text(entry: dict) -> str:
+    """'\n3.5K steps' or '\n1.4-6.1K steps' (the runs' last evaluations); '' when unknown."""
+    lo, hi = entry.get("steps_min"), entry.get("steps_max")
+    if lo is None:
+        return ""
+    k = lambda s: f"{s / 1000:.1f}"  # noqa: E731
+    return f"\n{k(lo)}K steps" if k(lo) == k(hi) else f"\n{k(lo)}-{k(hi)}K steps"
+
+
 def plot_grid_map(grid: dict[str, dict[str, dict]]) -> plt.Figure | None:
     """The grid as a map (rows: states or models, columns: LEN): color, the highest ratio mean[16T,64T] /
     mean[T/2,T] along training (over seeds: a rise that recovered still shows); text, the ratio at the end and the
@@ -269,13 +278,14 @@ def plot_grid_map(grid: dict[str, dict[str, dict]]) -> plt.Figure | None:
                 continue
             peak[i, j] = entry["ratio_peak"]
             ax.text(j, i, f"peak {entry['ratio_peak']:.2f}\nend {entry['ratio_end']:.2f}\nfail "
-                    f"{entry['fail_at_end']}/{entry['failed_ever']}/{entry['runs']}", ha="center", va="center", fontsize=7)
+                    f"{entry['fail_at_end']}/{entry['failed_ever']}/{entry['runs']}{_steps_text(entry)}",
+                    ha="center", va="center", fontsize=7)
     image = ax.imshow(np.ma.masked_invalid(peak), cmap="coolwarm", vmin=0.6, vmax=1.4, aspect="auto")
     fig.colorbar(image, ax=ax, label="highest ratio along training")
     ax.set_xticks(range(len(lens)), [str(t) for t in lens])
     ax.set_yticks(range(len(rows)), rows)
     ax.set_xlabel("LEN (T_train)")
     ax.set_title("Beyond-window ratio mean[16T,64T] / mean[T/2,T] per cell\n(fail: runs failing the 2x test at the "
-                 "end / ever / evaluated)", fontsize=8)
+                 "end / ever / evaluated; steps at the last evaluation)", fontsize=8)
     fig.tight_layout()
     return fig

@@ -89,8 +89,10 @@ def test_the_summary_follows_started_cells_outside_the_plan_and_draws_the_onset(
     assert (out / "onset.png").stat().st_size > 0
     # the grid map: per row and LEN, runs failing at the end / ever, the ratio at the end and at its peak
     assert summary["onset"]["grid"] == {
-        "state64": {"64": {"runs": 1, "fail_at_end": 1, "failed_ever": 1, "ratio_end": 2.6, "ratio_peak": 2.6}},
-        "state256": {"64": {"runs": 1, "fail_at_end": 0, "failed_ever": 0, "ratio_end": 1.0, "ratio_peak": 1.1}}}
+        "state64": {"64": {"runs": 1, "fail_at_end": 1, "failed_ever": 1, "ratio_end": 2.6, "ratio_peak": 2.6,
+                           "steps_min": 1500, "steps_max": 1500}},
+        "state256": {"64": {"runs": 1, "fail_at_end": 0, "failed_ever": 0, "ratio_end": 1.0, "ratio_peak": 1.1,
+                            "steps_min": 1500, "steps_max": 1500}}}
     assert (out / "grid_map.png").stat().st_size > 0
     assert plot_onset({"cells": {"c": {"history": [{"step": 1, "forgets": True}]}}}) is None  # no ratio: no figure
 
@@ -120,10 +122,13 @@ def test_the_grid_map_counts_seeds_and_keeps_a_recovered_rise():
 
     grid = grid_map({"s0": cell([1.0, 1.3, 1.3], [False, True, True]),  # fails and stays failing
                      "s1": cell([1.0, 1.25, 0.9], [False, True, False]),  # failed once, then learned to forget
-                     "s2": cell([1.0, 1.0, 1.0], [False, False, False]),
+                     "s2": cell([1.0, 1.0, 1.0, 1.0], [False, False, False, False]),  # a longer run
                      "never": {"row": "state1024", "seq_len": 128, "history": []}})  # not evaluated: not in the map
     entry = grid["state1024"]["64"]
     assert (entry["runs"], entry["fail_at_end"], entry["failed_ever"]) == (3, 1, 2)
     assert entry["ratio_end"] == pytest.approx((1.3 + 0.9 + 1.0) / 3) and entry["ratio_peak"] == 1.3
+    assert (entry["steps_min"], entry["steps_max"]) == (1500, 2000)  # unequal budgets show on the map
     assert "128" not in grid["state1024"]
-    assert plot_grid_map(grid) is not None and plot_grid_map({}) is None
+    figure = plot_grid_map(grid)
+    assert any(t.get_text().endswith("fail 1/2/3\n1.5-2.0K steps") for t in figure.axes[0].texts)
+    assert plot_grid_map({}) is None
