@@ -94,6 +94,7 @@ LENS ?=                         # sweep: training lengths, e.g. "128 256 512 102
 SHARD ?= 0/1                    # sweep: run cells k with k % n == i (one process per GPU or node)
 SEEDS ?=                        # sweep, regime: replicate seeds, e.g. "0 1 2": every cell trained once per seed (x n)
 BUDGET ?=                       # sweep, regime: training time per cell and run, DD:HH:MM:SS (re-running goes on)
+CELLS ?=                        # sweep, regime: only these cells, in this order, e.g. "state2048_len32 state1024_len16"
 _comma := ,
 _empty :=
 _space := $(_empty) $(_empty)
@@ -103,7 +104,8 @@ json_list = [$(subst $(_space),$(_comma),$(strip $(1)))]
 sweep: $(STAMP) ## The T_forget study, one model per (STATE, LEN): make sweep STATES="16 32 64 128" LENS="128 256 512"
 	$(BIN)/lightning-mamba sweep --config $(STUDY) $(if $(strip $(STATES)),--states '$(call json_list,$(STATES))') \
 		$(if $(strip $(LENS)),--lens '$(call json_list,$(LENS))') $(if $(strip $(SEEDS)),--seeds '$(call json_list,$(SEEDS))') \
-		$(if $(strip $(BUDGET)),--time_per_cell $(strip $(BUDGET))) --shard $(strip $(SHARD)) $(ARGS)
+		$(if $(strip $(BUDGET)),--time_per_cell $(strip $(BUDGET))) $(if $(strip $(CELLS)),--cells '$(call json_list,$(CELLS))') \
+		--shard $(strip $(SHARD)) $(ARGS)
 
 sweep-cpu: $(STAMP) ## The study in miniature on the CPU (2 states x 2 lengths, a few steps: the machinery only)
 	$(BIN)/lightning-mamba sweep --config configs/study/forget_threshold_cpu.yaml $(ARGS)
@@ -114,5 +116,6 @@ REGIME ?= configs/study/regime.yaml  # or configs/study/regime_paper_drift.yaml 
 regime: $(STAMP) ## The failing regime on a GPU (code corpus, 20K small steps per cell): make regime STATES="64 256" LENS="64" BUDGET=00:01:00:00
 	$(BIN)/lightning-mamba sweep --config $(strip $(REGIME)) $(if $(strip $(STATES)),--states '$(call json_list,$(STATES))') \
 		$(if $(strip $(LENS)),--lens '$(call json_list,$(LENS))') $(if $(strip $(SEEDS)),--seeds '$(call json_list,$(SEEDS))') \
-		$(if $(strip $(BUDGET)),--time_per_cell $(strip $(BUDGET))) --processes $(strip $(PROCESSES)) \
+		$(if $(strip $(BUDGET)),--time_per_cell $(strip $(BUDGET))) $(if $(strip $(CELLS)),--cells '$(call json_list,$(CELLS))') \
+		--processes $(strip $(PROCESSES)) \
 		$(if $(filter 1 true yes,$(strip $(MPS))),--mps true) $(ARGS)

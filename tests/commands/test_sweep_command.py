@@ -143,6 +143,9 @@ def test_make_regime_runs_one_cell_at_a_time_unless_told_to_share_under_mps():
     assert default.processes == 1 and default.mps is False
     shared = parser.parse_args(make_sweep_line(target="regime", PROCESSES="4", MPS="1"))
     assert shared.processes == 4 and shared.mps is True
+    named = cmd.study_from(parser.parse_args(make_sweep_line(target="regime", CELLS="state2048_len32 state1024_len16")))
+    assert named.cells == ["state2048_len32", "state1024_len16"]
+    assert cmd.study_from(default).cells is None
 
 
 def test_make_sweep_line_parses_with_states_lens_and_shard():
@@ -155,6 +158,8 @@ def test_make_sweep_line_parses_with_states_lens_and_shard():
     assert default.time_per_cell is None
     budget = cmd.study_from(cmd.build_parser().parse_args(make_sweep_line(BUDGET="00:02:00:00")))
     assert budget.time_per_cell == "00:02:00:00"
+    assert cmd.study_from(cmd.build_parser().parse_args(make_sweep_line(CELLS="state16_len256"))).cells == [
+        "state16_len256"]
 
 
 @pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
