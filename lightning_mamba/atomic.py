@@ -58,12 +58,28 @@ def atomic_write_text(path: str, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def atomic_write_json(path: str, obj, indent: int | None = None, allow_nan: bool = True) -> None:
+def atomic_write_json(path: str, obj, indent: int | None = None, allow_nan: bool = True,
+                      float_digits: int | None = None) -> None:
     """The package's one JSON file writer: ``json.dumps(obj, indent=indent)``, written atomically. NaN/inf are
     written as ``NaN``/``Infinity`` as json does; a writer that must be strict JSON cleans first
     (``study.sweep.write_json``, ``models.checkpoint.save_pretrained``) and may pass ``allow_nan=False``: a
-    non-finite float left is then a ValueError and nothing is written."""
+    non-finite float left is then a ValueError and nothing is written. ``float_digits``: write every float with at
+    most that many significant digits (curves measured in float32 carry ~7; the 17 of a float64's repr make the
+    evaluations along training of a study several GB)."""
+    if float_digits is not None:
+        obj = round_floats(obj, float_digits)
     atomic_write_text(path, json.dumps(obj, indent=indent, allow_nan=allow_nan))
+
+
+def round_floats(obj, digits: int):
+    """``obj`` with every float (in dicts, lists and tuples, nested) rounded to ``digits`` significant digits."""
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}")
+    if isinstance(obj, dict):
+        return {k: round_floats(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [round_floats(v, digits) for v in obj]
+    return obj
 
 
 def remove_stale_temporaries(path: str, min_age_seconds: float = 0.0) -> None:

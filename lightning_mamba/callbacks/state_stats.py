@@ -14,7 +14,7 @@ from ..analysis.criterion import default_bucket
 from ..analysis.evaluator import eval_rows
 from ..analysis.state_stats import newline_probe, state_statistics
 from ..atomic import atomic_write_json
-from .length_generalization import PeriodicAnalysis
+from .length_generalization import JSON_DIGITS, PeriodicAnalysis
 
 PROBES = ("text", "newlines")
 
@@ -113,4 +113,4 @@ class StateStatsCallback(PeriodicAnalysis):
                     log_retention=stats.log_retention_T), step)
             dump[probe] = {"summary": summary, "stats": stats.to_dict()}
         dump["seconds"] = time.perf_counter() - t0
-        atomic_write_json(os.path.join(self.out_dir(trainer), f"step_{step}.json"), dump)
+        atomic_write_json(os.path.join(self.out_dir(trainer), f"step_{step}.json"), dump, float_digits=JSON_DIGITS)
