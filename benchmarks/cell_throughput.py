@@ -41,6 +41,9 @@ Contenders:
   graph_Nstreams   the same --cells cells in ONE process, each graph_1cell's whole-step graph replayed on its own
                    CUDA stream, one replay per cell per round: processes are time-sliced on the GPU, streams of one
                    process can overlap (small cells leave most of the GPU idle). Per cell: rounds/s.
+  <any>_1cell_quadratic  that 1-cell contender with --quadratic_max_len raised to --seq_len: the scan in the SSD's
+                   attention form (models/ssd.py ssd_quadratic; no padding to a chunk, no state), beside the same
+                   contender with the chunked scan in the same run (e.g. graph_1cell,graph_1cell_quadratic).
 
 Each graphed contender first checks itself against an eager copy of the model on the same batches (--check_steps
 steps from the same weights): the losses must agree and the parameters must have moved alike; a failed check is
@@ -94,7 +97,8 @@ def build_model(args, d_state: int, device: str):
 
     config = MambaConfig(d_model=args.d_model, n_layer=args.n_layer, vocab_size=args.vocab,
                          ssm_cfg={"layer": "Mamba2", "d_state": d_state, "headdim": args.headdim,
-                                  "expand": args.expand, "chunk_size": args.chunk_size})
+                                  "expand": args.expand, "chunk_size": args.chunk_size,
+                                  "quadratic_max_len": args.quadratic_max_len})
     return MambaLM(config, backend=args.backend).to(device)
 
 
@@ -507,6 +511,7 @@ def fit_argv(args, save_dir: str, warmup: int) -> list[str]:
         "seed_everything": args.seed,
         "model.d_model": args.d_model, "model.n_layer": args.n_layer, "model.headdim": args.headdim,
         "model.expand": args.expand, "model.d_state": args.d_state, "model.chunk_size": args.chunk_size,
+        "model.quadratic_max_len": args.quadratic_max_len,
         "model.backend": args.backend, "model.cuda_graph": str(cuda).lower(),
         "data.source": args.fit_source, "data.tokenizer": "byte", "data.sampling": "random_windows",
         "data.seq_len": args.seq_len, "data.batch_size": args.tokens_per_step // args.seq_len,
@@ -619,13 +624,13 @@ def print_table(rows: list[dict], tokens_per_step: int, skipped: dict[str, str])
     print()
     print(f"targets: >= {TARGET_STEPS_PER_CELL:.0f} steps/s per cell ({target_tokens / 1e6:.2f}M tokens/s at "
           f"{tokens_per_step:,} tokens/step), >= {TARGET_TOTAL_TOKENS / 1e6:.0f}M tokens/s over all cells")
-    head = (f"{'contender':<16} {'cells':>5} {'steps/s/cell':>12} {'(min-max)':>15} {'tok/s/cell':>11} "
+    head = (f"{'contender':<22} {'cells':>5} {'steps/s/cell':>12} {'(min-max)':>15} {'tok/s/cell':>11} "
             f"{'total tok/s':>12} {'peak GiB':>8} {'x eager':>8} {'per-cell target':>15} {'total target':>12} check")
     print(head)
     print("-" * len(head))
     for r in rows:
         if "steps_per_s" not in r:
-            print(f"{r['contender']:<16} {r['cells']:>5}  all cells failed")
+            print(f"{r['contender']:<22} {r['cells']:>5}  all cells failed")
             continue
         ratio = r["total_tokens_per_s"] / base["total_tokens_per_s"] if base else math.nan
         spread = f"({r['steps_per_s_min']:.1f}-{r['steps_per_s_max']:.1f})"
@@ -634,11 +639,11 @@ def print_table(rows: list[dict], tokens_per_step: int, skipped: dict[str, str])
             check += f" ({r['failed_cells']} cells failed)"
         per_cell_met = "met" if r["steps_per_s_min"] >= TARGET_STEPS_PER_CELL else "no"
         total_met = "met" if r["total_tokens_per_s"] >= TARGET_TOTAL_TOKENS else "no"
-        print(f"{r['contender']:<16} {r['cells']:>5} {r['steps_per_s']:12.1f} {spread:>15} "
+        print(f"{r['contender']:<22} {r['cells']:>5} {r['steps_per_s']:12.1f} {spread:>15} "
               f"{_tok(r['tokens_per_s_per_cell']):>11} {_tok(r['total_tokens_per_s']):>12} "
               f"{r['peak_gib']:8.2f} {ratio:8.2f} {per_cell_met:>15} {total_met:>12} {check}")
     for name, why in skipped.items():
-        print(f"{name:<16} skipped: {why}")
+        print(f"{name:<22} skipped: {why}")
     if base:
         print(f"x eager: total tokens/s / eager_1cell's ({_tok(base['total_tokens_per_s'])}); per-cell target "
               f"judged on the slowest cell; peak: allocator peak of one process during the timed steps")
@@ -697,6 +702,9 @@ def parse_args(argv=None):
     p.add_argument("--headdim", type=int, default=32)
     p.add_argument("--expand", type=int, default=2)
     p.add_argument("--chunk_size", type=int, default=256)
+    p.add_argument("--quadratic_max_len", type=int, default=0,
+                   help="the model's quadratic_max_len: LEN <= this takes the scan's attention form (0: chunked); "
+                        "a <contender>_quadratic contender raises it to --seq_len")
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight_decay", type=float, default=0.1)
@@ -711,9 +719,10 @@ def parse_args(argv=None):
     default = ("eager_1cell,fit_1cell,lossgraph_1cell,graph_1cell,graph_Ncells" if args.device == "cuda"
                else "eager_1cell")
     args.contenders = [c for c in (args.contenders or default).split(",") if c]
-    unknown = [c for c in args.contenders if c not in CONTENDERS]
+    unknown = [c for c in args.contenders if contender_setting(c)[0] not in CONTENDERS]
     if unknown:
-        p.error(f"unknown contender(s) {', '.join(unknown)}: use {', '.join(CONTENDERS)}")
+        p.error(f"unknown contender(s) {', '.join(unknown)}: use {', '.join(CONTENDERS)} (a *_1cell one may end in "
+                f"{QUADRATIC})")
     n_cells = any(c.endswith(("_Ncells", "_Nstreams")) for c in args.contenders)
     for length in [args.seq_len] + (args.lens if n_cells else []):
         if args.tokens_per_step % length:
@@ -722,6 +731,23 @@ def parse_args(argv=None):
 
     check_backend(args.backend)
     return args
+
+
+QUADRATIC = "_quadratic"
+
+
+def contender_setting(name: str) -> tuple[str, bool]:
+    """(the contender, whether it runs with the quadratic scan): ``graph_1cell_quadratic`` -> (graph_1cell, True).
+    Only 1-cell contenders take the suffix (an unknown name is left whole, for parse_args to refuse)."""
+    base = name.removesuffix(QUADRATIC)
+    return (base, True) if base != name and base.endswith("_1cell") else (name, False)
+
+
+def with_quadratic(args, quadratic: bool):
+    """args for one contender: a quadratic one trains with quadratic_max_len at least its LEN."""
+    if not quadratic:
+        return args
+    return argparse.Namespace(**{**vars(args), "quadratic_max_len": max(args.quadratic_max_len, args.seq_len)})
 
 
 def write_json(path: str, args, env: dict, skipped: dict, rows: list[dict]) -> None:
@@ -737,20 +763,24 @@ def main(argv=None) -> int:
     env = environment(args)
     print("# " + ", ".join(f"{k} {v}" for k, v in env.items() if v is not None))
     print(f"# model {args.n_layer} x {args.d_model}, headdim {args.headdim}, expand {args.expand}, vocab {args.vocab},"
-          f" chunk {args.chunk_size}, backend {args.backend}; {args.tokens_per_step:,} tokens/step; "
+          f" chunk {args.chunk_size}, quadratic_max_len {args.quadratic_max_len}, backend {args.backend}; "
+          f"{args.tokens_per_step:,} tokens/step; "
           f"{'bf16 autocast, fused AdamW' if args.device == 'cuda' else 'fp32, AdamW'}, clip 1.0; "
           f"{args.steps} timed steps in windows of {args.window} after {args.warmup} warm-up steps")
     rows, skipped = [], {}
     for name in args.contenders:
-        kind, _, n = name.partition("_")
+        base, quadratic = contender_setting(name)
+        kind, _, n = base.partition("_")
         if kind in GRAPH_KINDS and args.device != "cuda":
             skipped[name] = f"needs CUDA graphs (device is {args.device})"
             print(f"{name}: skipped ({skipped[name]})")
             continue
         t0 = time.perf_counter()
         if n == "1cell":
+            cell_args = with_quadratic(args, quadratic)
             try:
-                cells = [run_fit(args) if kind == "fit" else run_cell(args, kind, args.d_state, args.seq_len)]
+                cells = [run_fit(cell_args) if kind == "fit" else run_cell(cell_args, kind, args.d_state, args.seq_len)]
+                cells[0]["quadratic_max_len"] = cell_args.quadratic_max_len
             except Exception as e:  # noqa: BLE001 - one contender's failure must not hide the others
                 cells = [{"kind": kind, "cell": 0, "d_state": args.d_state, "seq_len": args.seq_len,
                           "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}]

@@ -21,7 +21,15 @@ import torch
 from torch import Tensor
 
 from ..atomic import atomic_write, atomic_write_json
-from .config import MIXER_DEFAULTS, NO_DT_LIMIT, SHAPE_FIELDS, SSM_SHAPE_FIELDS, ConfigError, MambaConfig
+from .config import (
+    MIXER_DEFAULTS,
+    NO_DT_LIMIT,
+    PROJECT_MIXER_KEYS,
+    SHAPE_FIELDS,
+    SSM_SHAPE_FIELDS,
+    ConfigError,
+    MambaConfig,
+)
 from .lm import MambaLM
 
 CONFIG, WEIGHTS, SAFETENSORS, META, TOKENIZER = (
@@ -72,10 +80,11 @@ def _same(a: Any, b: Any) -> bool:
 def official_config(config: MambaConfig) -> dict[str, Any]:
     """config.json as the official MambaConfig would dump it: ``layer`` explicit (its default is Mamba1), and like
     the official configs ``ssm_cfg`` names only what differs from the mixer's defaults (``MIXER_DEFAULTS``, the
-    official ``Mamba2`` ones) - so the default ``dt_limit=(0.0, inf)`` is left out. Strict JSON (``_to_json``)."""
+    official ``Mamba2`` ones) - so the default ``dt_limit=(0.0, inf)`` is left out - and never this project's own settings
+    (``PROJECT_MIXER_KEYS``: official Mamba2 refuses them). Strict JSON (``_to_json``)."""
     d = config.to_dict()
     d = {k: d[k] for k in OFFICIAL_FIELDS}
-    ssm = {k: v for k, v in d["ssm_cfg"].items() if k != "layer"
+    ssm = {k: v for k, v in d["ssm_cfg"].items() if k != "layer" and k not in PROJECT_MIXER_KEYS
            and not (k in MIXER_DEFAULTS and _same(v, MIXER_DEFAULTS[k]))}
     d["ssm_cfg"] = {"layer": "Mamba2", **ssm}
     return _to_json(d)

@@ -31,6 +31,9 @@ class SSMConfig:
     chunk_size: int = 256
     rmsnorm: bool = True
     norm_before_gate: bool = False
+    # This project's own (not an official key, so never written to config.json): inputs of at most this many tokens
+    # from a zero state take the SSD's attention form (ssd.ssd_quadratic) instead of the chunked scan; 0 = never.
+    quadratic_max_len: int = 0
 
 
 SSM_DEFAULTS = SSMConfig()
@@ -53,6 +56,9 @@ TRAIN_DEFAULTS = TrainDefaults()
 # The settings that fix the weights' shapes, keys and sharing: MambaConfig fields, then ssm_cfg (SSMConfig) fields.
 SHAPE_FIELDS = ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple", "tie_embeddings")
 SSM_SHAPE_FIELDS = ("d_state", "headdim", "expand", "d_conv", "ngroups", "bias", "conv_bias")
+
+# This project's mixer settings that the official Mamba2 does not take: left out of an official config.json.
+PROJECT_MIXER_KEYS = ("quadratic_max_len",)
 
 # Official keys that only concern fused kernels; accepted and ignored.
 IGNORED_MIXER_KEYS = {"layer", "use_mem_eff_path", "D_has_hdim", "d_ssm", "sequence_parallel", "conv_init", "learnable_init_states", "activation"}
@@ -126,6 +132,9 @@ class MambaConfig:
         for name in ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size"):
             if m[name] < 1:
                 raise ConfigError(f"{name} must be >= 1 (got {m[name]})")
+        if m["quadratic_max_len"] < 0:
+            raise ConfigError(f"quadratic_max_len must be >= 0 (got {m['quadratic_max_len']}): 0 turns the "
+                              "attention form of the scan off")
         if self.d_inner % m["headdim"]:
             raise ConfigError(
                 f"headdim={m['headdim']} must divide d_inner = expand*d_model = {self.d_inner}: pick a headdim such as "

@@ -28,9 +28,9 @@ class Block(nn.Module):
     def _add_norm(self, h: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
         return kernels.add_rmsnorm(self.mixer.backend, h, residual, self.norm, self.residual_in_fp32)
 
-    def forward(self, h, residual, state=None, seq_idx=None, record=None):
+    def forward(self, h, residual, state=None, seq_idx=None, record=None, return_state=True):
         h, residual = self._add_norm(h, residual)
-        h, state = self.mixer(h, state, seq_idx, record)
+        h, state = self.mixer(h, state, seq_idx, record, return_state)
         return h, residual, state
 
     def step(self, h, residual, state):
@@ -88,11 +88,13 @@ class MambaLM(nn.Module):
         state: State | None = None,
         seq_idx: Tensor | None = None,
         record: list[dict] | None = None,
-    ) -> tuple[Tensor, State]:
+        return_state: bool = True,
+    ) -> tuple[Tensor, State | None]:
         """input_ids (b, l) -> logits (b, l, padded_vocab) and the state after the last token.
 
-        ``record``: a list that receives one dict per layer (per-step dt, A) for analysis."""
-        h, new_state = self.hidden_states(input_ids, state, seq_idx, record)
+        ``record``: a list that receives one dict per layer (per-step dt, A) for analysis. ``return_state=False``:
+        the state is None and no layer builds it (training and validation, which drop it)."""
+        h, new_state = self.hidden_states(input_ids, state, seq_idx, record, return_state)
         return self.lm_head(h), new_state
 
     def hidden_states(
@@ -101,7 +103,8 @@ class MambaLM(nn.Module):
         state: State | None = None,
         seq_idx: Tensor | None = None,
         record: list[dict] | None = None,
-    ) -> tuple[Tensor, State]:
+        return_state: bool = True,
+    ) -> tuple[Tensor, State | None]:
         """As :meth:`forward`, but the final-norm hidden states (b, l, d_model) instead of the logits."""
         h, residual, new_state = self.backbone.embedding(input_ids), None, []
         for i, layer in enumerate(self.backbone.layers):
@@ -109,16 +112,17 @@ class MambaLM(nn.Module):
             if record is not None:
                 rec = {}
                 record.append(rec)
-            h, residual, s = layer(h, residual, None if state is None else state[i], seq_idx, rec)
+            h, residual, s = layer(h, residual, None if state is None else state[i], seq_idx, rec, return_state)
             new_state.append(s)
-        return self._final_norm(h, residual), new_state
+        return self._final_norm(h, residual), new_state if return_state else None
 
     def loss(
-        self, input_ids: Tensor, labels: Tensor, state: State | None = None, seq_idx: Tensor | None = None
-    ) -> tuple[Tensor, State]:
-        """Mean next-token cross-entropy against ``labels`` (-100: no loss) and the final state, without ever
-        materialising the logits (models/loss.py)."""
-        h, new_state = self.hidden_states(input_ids, state, seq_idx)
+        self, input_ids: Tensor, labels: Tensor, state: State | None = None, seq_idx: Tensor | None = None,
+        return_state: bool = True,
+    ) -> tuple[Tensor, State | None]:
+        """Mean next-token cross-entropy against ``labels`` (-100: no loss) and the final state (None with
+        ``return_state=False``), without ever materialising the logits (models/loss.py)."""
+        h, new_state = self.hidden_states(input_ids, state, seq_idx, return_state=return_state)
         fused = kernels.uses_triton(self.mixers[0].backend, h)  # the one kernel switch decides the loss's too
         return linear_cross_entropy(h, self.lm_head.weight, labels, fused=fused), new_state
 

@@ -41,6 +41,7 @@ class Mamba2(nn.Module):
         chunk_size: int = SSM_DEFAULTS.chunk_size,
         rmsnorm: bool = SSM_DEFAULTS.rmsnorm,
         norm_before_gate: bool = SSM_DEFAULTS.norm_before_gate,
+        quadratic_max_len: int = SSM_DEFAULTS.quadratic_max_len,
         layer_idx: int | None = None,
         backend: str = "auto",
     ):
@@ -51,6 +52,7 @@ class Mamba2(nn.Module):
         self.conv_dim = self.d_inner + 2 * ngroups * d_state
         self.dt_limit = tuple(dt_limit)
         self.chunk_size = chunk_size
+        self.quadratic_max_len = quadratic_max_len  # inputs this short from a zero state: the scan's attention form
         self.layer_idx = layer_idx
         self.backend = backend
         # Eval-time interventions (mitigations/interventions.py); None = the model as trained.
@@ -118,15 +120,18 @@ class Mamba2(nn.Module):
         state: LayerState | None = None,
         seq_idx: Tensor | None = None,
         record: dict | None = None,
-    ) -> tuple[Tensor, LayerState]:
+        return_state: bool = True,
+    ) -> tuple[Tensor, LayerState | None]:
         """u (b, l, d_model) -> (out (b, l, d_model), final LayerState).
 
         ``state`` continues from an earlier piece; ``seq_idx`` (b, l) restarts the state (SSM and conv)
         where it changes; ``record``, if given, receives per-step ``dt`` (b, l, h) and ``A`` (h) for analysis
-        (dt * A is the log decay actually used, interventions included).
+        (dt * A is the log decay actually used, interventions included). ``return_state=False`` (training's loss):
+        the final state is None, and the scan need not build it.
         """
         if self.forward_override is not None:
-            return self.forward_override(self, u, state, seq_idx, record)
+            out, new_state = self.forward_override(self, u, state, seq_idx, record)
+            return out, new_state if return_state else None
         z, xBC, dt_raw = self._split(self.in_proj(u))
         xBC, conv_state = kernels.conv1d_silu(
             self.backend, xBC, self.conv1d.weight, self.conv1d.bias, None if state is None else state.conv, seq_idx
@@ -145,9 +150,11 @@ class Mamba2(nn.Module):
         else:
             y, ssm_state = kernels.ssd(
                 self.backend, x_scan, dt, A, B, C, self.chunk_size, initial_state=initial, seq_idx=seq_idx,
-                D=self.D if skip_in_scan else None,
+                D=self.D if skip_in_scan else None, quadratic_max_len=self.quadratic_max_len,
+                return_final_state=return_state,
             )
-        return self._finish(y.to(x.dtype), x, z, add_skip=not skip_in_scan), self._hand_on(LayerState(conv_state, ssm_state))
+        out = self._finish(y.to(x.dtype), x, z, add_skip=not skip_in_scan)
+        return out, self._hand_on(LayerState(conv_state, ssm_state)) if return_state else None
 
     def _hand_on(self, state: LayerState) -> LayerState:
         return state if self.state_hook is None else self.state_hook(self, state)

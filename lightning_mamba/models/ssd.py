@@ -77,6 +77,32 @@ def _heads(t: Tensor, nheads: int) -> Tensor:
     return t.repeat_interleave(nheads // t.size(2), dim=2)
 
 
+def _chunk_decay(dA: Tensor, seq_idx: Tensor | None) -> Tensor:
+    """alpha_{j+1..i} inside each chunk, zero across documents: dA (b, c, h, s) log alpha, seq_idx (b, c, s) or None
+    -> (b, c, h, s, s) (chunk-major for the bmm)."""
+    decay = _SegsumExp.apply(dA.contiguous())
+    if seq_idx is not None:
+        decay = decay * (seq_idx[:, :, :, None] == seq_idx[:, :, None, :]).unsqueeze(2)
+    return decay
+
+
+def _within_chunks(C: Tensor, B: Tensor, X: Tensor, decay: Tensor) -> Tensor:
+    """y_i = sum_{j<=i} (C_i . B_j) decay[i, j] X_j in each chunk: C, B (b, c, s, g, n); X = x * dt
+    (b, c, s, g, r, p), head g * r + k is X[..., g, k, :]; decay (b, c, h, s, s) -> y (b, c, s, g, r, p)."""
+    b, c, s, g, r, _ = X.shape
+    CB = torch.einsum("bclgn,bcsgn->bcgls", C, B)  # once per group, shared by its heads
+    scores = decay.view(b, c, g, r, s, s) * CB[:, :, :, None]  # (b, c, g, r, l, s)
+    return torch.einsum("bcgrls,bcsgrp->bclgrp", scores, X)
+
+
+def _chunk_end_states(B: Tensor, X: Tensor, decay_to_end: Tensor) -> Tensor:
+    """The state each chunk adds, as seen at its end: sum_j decay_to_end[j] X_j outer B_j. B (b, c, s, g, n);
+    X (b, c, s, g, r, p); decay_to_end (b, c, s, h) -> (b, c, h, p, n)."""
+    b, c, s, g, r, p = X.shape
+    Xd = X * decay_to_end.reshape(b, c, s, g, r, 1)
+    return torch.einsum("bclgn,bclgrp->bcgrpn", B, Xd).reshape(b, c, g * r, p, B.size(-1))
+
+
 def ssd_chunked(
     x: Tensor,
     dt: Tensor,
@@ -126,19 +152,14 @@ def ssd_chunked(
         ends = torch.cat([sc[:, :1, 0], sc[:, :, -1]], dim=1)  # (b, c+1)
 
     # 1. Within chunks: y_i = sum_{j<=i} (C_i . B_j) alpha_{j+1..i} X_j
-    decay = _SegsumExp.apply(dA.transpose(1, 2).contiguous())  # (b, c, h, s, s): chunk-major for the bmm
-    if seq_idx is not None:
-        decay = decay * (sc[:, :, :, None] == sc[:, :, None, :]).unsqueeze(2)
-    CB = torch.einsum("bclgn,bcsgn->bcgls", C, B)  # once per group, shared by its heads
-    scores = decay.view(b, c, g, r, s, s) * CB[:, :, :, None]  # (b, c, g, r, l, s)
-    y = torch.einsum("bcgrls,bcsgrp->bclgrp", scores, X)
+    decay = _chunk_decay(dA.transpose(1, 2), None if seq_idx is None else sc)
+    y = _within_chunks(C, B, X, decay)
 
     # 2. The state each chunk adds, as seen at its end.
     decay_to_end = torch.exp(dA_cs[..., -1:] - dA_cs)  # (b, h, c, s)
     if seq_idx is not None:
         decay_to_end = decay_to_end * (sc == sc[:, :, -1:]).unsqueeze(1)
-    Xd = X * decay_to_end.permute(0, 2, 3, 1).reshape(b, c, s, g, r, 1)
-    chunk_states = torch.einsum("bclgn,bclgrp->bcgrpn", B, Xd).reshape(b, c, h, p, n)
+    chunk_states = _chunk_end_states(B, X, decay_to_end.permute(0, 2, 3, 1))
 
     # 3. Pass states across chunks.
     if initial_state is None:
@@ -164,6 +185,36 @@ def ssd_chunked(
     if return_chunk_states:
         return y.to(out_dtype), final_state, chunk_end_states
     return y.to(out_dtype), final_state
+
+
+def ssd_quadratic(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    seq_idx: Tensor | None = None,
+    return_final_state: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`ssd_chunked` from a zero initial state as one chunk the length of the input: the SSD's attention form
+    y_t = sum_{s <= t, same document} (C_t . B_s) alpha_{s+1..t} dt_s x_s, with no state in between (no padding to
+    a chunk, no per-chunk states). Memory O(b h l^2): for short inputs (l <= ~256).
+
+    Arguments and returns as ssd_chunked's; the final state (b, h, p, n), that of the row's last document, is
+    computed only when ``return_final_state`` (else None): it is the one b*h*p*n tensor this form would need."""
+    b, l, h, p = x.shape
+    ct = _compute_dtype(x)
+    g = B.size(2)
+    X = (x.to(ct) * dt.to(ct)[..., None]).view(b, 1, l, g, h // g, p)  # one chunk: (b, c=1, l, g, r, p)
+    B, C = B.to(ct)[:, None], C.to(ct)[:, None]
+    dA = (dt.to(ct) * A.to(ct)).transpose(1, 2)[:, None]  # (b, 1, h, l): log alpha
+    decay = _chunk_decay(dA, None if seq_idx is None else seq_idx[:, None])  # (b, 1, h, l, l)
+    y = _within_chunks(C, B, X, decay).reshape(b, l, h, p).to(x.dtype)
+    if not return_final_state:
+        return y, None
+    # the decay's last row is alpha_{s+1..L} for s in the last document and zero before it
+    decay_to_end = decay[:, :, :, -1].transpose(2, 3)  # (b, 1, l, h)
+    return y, _chunk_end_states(B, X, decay_to_end)[:, 0]
 
 
 def ssd_sampling_states(

@@ -154,6 +154,7 @@ def model_config(
     d_conv: int = SSM_DEFAULTS.d_conv,
     ngroups: int = SSM_DEFAULTS.ngroups,
     chunk_size: int = SSM_DEFAULTS.chunk_size,
+    quadratic_max_len: int = SSM_DEFAULTS.quadratic_max_len,
     dt_min: float = SSM_DEFAULTS.dt_min,
     dt_max: float = SSM_DEFAULTS.dt_max,
     A_init_range: tuple[float, float] = SSM_DEFAULTS.A_init_range,
@@ -170,8 +171,8 @@ def model_config(
         n_layer=n_layer,
         vocab_size=vocab_size,
         ssm_cfg={"layer": "Mamba2", "d_state": d_state, "d_conv": d_conv, "expand": expand, "headdim": headdim,
-                 "ngroups": ngroups, "chunk_size": chunk_size, "dt_min": dt_min, "dt_max": dt_max,
-                 "A_init_range": tuple(A_init_range), "dt_limit": tuple(dt_limit)},
+                 "ngroups": ngroups, "chunk_size": chunk_size, "quadratic_max_len": quadratic_max_len,
+                 "dt_min": dt_min, "dt_max": dt_max, "A_init_range": tuple(A_init_range), "dt_limit": tuple(dt_limit)},
         pad_vocab_size_multiple=pad_vocab_size_multiple,
         tie_embeddings=tie_embeddings,
     )

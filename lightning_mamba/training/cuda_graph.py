@@ -36,7 +36,7 @@ class _Loss(nn.Module):
         self.model = model
 
     def forward(self, input_ids: Tensor, labels: Tensor, seq_idx: Tensor | None = None) -> Tensor:
-        return self.model.loss(input_ids, labels, seq_idx=seq_idx)[0]
+        return self.model.loss(input_ids, labels, seq_idx=seq_idx, return_state=False)[0]
 
 
 class _ThreadLocalGraph(torch.cuda.graph):
@@ -78,7 +78,7 @@ class GraphedLoss:
     def __call__(self, input_ids: Tensor, labels: Tensor, seq_idx: Tensor | None = None) -> Tensor:
         args = (input_ids, labels) if seq_idx is None else (input_ids, labels, seq_idx)
         if not input_ids.is_cuda or not torch.is_grad_enabled():
-            return self.model.loss(input_ids, labels, seq_idx=seq_idx)[0]
+            return self.model.loss(input_ids, labels, seq_idx=seq_idx, return_state=False)[0]
         signature = _signature(args)
         if self._graphed is None:  # (autocast must run with cache_enabled=False, as Lightning's does)
             with thread_local_capture():
@@ -88,6 +88,6 @@ class GraphedLoss:
                 )
             self.signature = signature
         if signature != self.signature:
-            return self.model.loss(input_ids, labels, seq_idx=seq_idx)[0]
+            return self.model.loss(input_ids, labels, seq_idx=seq_idx, return_state=False)[0]
         self.replays += 1
         return self._graphed(*args)

@@ -37,6 +37,9 @@ class MambaLitModule(L.LightningModule):
         d_conv: Width of the causal depthwise convolution.
         ngroups: Number of B/C groups shared by the heads.
         chunk_size: Chunk length of the SSD scan (speed only; results do not depend on it).
+        quadratic_max_len: Inputs of at most this many tokens from a zero state (training, validation) skip the
+            chunked scan for its attention form, which pads nothing to a chunk and builds no state (speed and memory
+            only: the same results; O(len^2) memory, so for short training lengths, e.g. 64). 0: always chunked.
         dt_min: Initial step sizes dt are log-uniform in [dt_min, dt_max] (official init). Small values start
             every head with a slow decay, a model that remembers far and must learn to forget.
         dt_max: See dt_min.
@@ -91,6 +94,7 @@ class MambaLitModule(L.LightningModule):
         d_conv: int = SSM_DEFAULTS.d_conv,
         ngroups: int = SSM_DEFAULTS.ngroups,
         chunk_size: int = SSM_DEFAULTS.chunk_size,
+        quadratic_max_len: int = SSM_DEFAULTS.quadratic_max_len,
         dt_min: float = SSM_DEFAULTS.dt_min,
         dt_max: float = SSM_DEFAULTS.dt_max,
         A_init_range: tuple[float, float] = SSM_DEFAULTS.A_init_range,
@@ -189,7 +193,7 @@ class MambaLitModule(L.LightningModule):
 
     # ---- one step shared by train / val / test --------------------------------------
     def model_step(self, batch: dict) -> torch.Tensor:
-        return self.model.loss(batch["input_ids"], batch["labels"], seq_idx=batch.get("seq_idx"))[0]
+        return self.model.loss(batch["input_ids"], batch["labels"], seq_idx=batch.get("seq_idx"), return_state=False)[0]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if self._graphed_loss is not None:
@@ -286,7 +290,7 @@ class MambaLitModule(L.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         """Per-token next-token losses (b, seq_len) of a batch: `lightning-mamba predict` returns them."""
-        logits, _ = self.model(batch["input_ids"], seq_idx=batch.get("seq_idx"))
+        logits, _ = self.model(batch["input_ids"], seq_idx=batch.get("seq_idx"), return_state=False)
         losses = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), reduction="none")
         return {"token_losses": losses.view_as(batch["labels"]).cpu()}
 

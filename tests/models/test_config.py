@@ -86,6 +86,7 @@ def test_init_follows_official():
         ({"d_intermediate": 128}, "d_intermediate must be 0"),
         ({"ssm_cfg": {"layer": "Mamba1"}}, "Mamba2 layers only"),
         ({"ssm_cfg": {"d_state": 0}}, "d_state must be >= 1"),
+        ({"ssm_cfg": {"quadratic_max_len": -1}}, "quadratic_max_len must be >= 0"),
     ],
 )
 def test_bad_config_says_what_to_change(kwargs, fragment):
@@ -144,7 +145,7 @@ def test_shape_fields_are_config_fields():
 
 # a valid other value of every mixer setting outside SSM_SHAPE_FIELDS (rmsnorm, norm_before_gate: fixed by validate)
 OTHER_VALUES = {"A_init_range": (2.0, 3.0), "dt_min": 0.01, "dt_max": 0.05, "dt_init_floor": 1e-3,
-                "dt_limit": (0.0, 1.0), "chunk_size": 8}
+                "dt_limit": (0.0, 1.0), "chunk_size": 8, "quadratic_max_len": 64}
 
 
 def test_settings_outside_the_shape_lists_change_no_weight():

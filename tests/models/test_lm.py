@@ -1,8 +1,10 @@
 """The LM: pieces equal the whole, the recurrent step equals the parallel forward, document resets."""
 
+import pytest
 import torch
 
 from lightning_mamba.models import MambaConfig, MambaLM
+from lightning_mamba.models.kernels import backend
 
 
 def tiny(**ssm):
@@ -71,3 +73,71 @@ def test_backward_runs_and_is_finite():
     torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     assert model.backbone.layers[0].mixer.A_log.grad is not None
+
+
+# ---- quadratic_max_len: short inputs from a zero state take the scan's attention form -----------------------------
+def loss_and_grads(model, ids, seq_idx=None):
+    model.zero_grad()
+    logits, _ = model(ids, seq_idx=seq_idx)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.roll(-1, 1).flatten())
+    loss.backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("ngroups", [1, 2])
+def test_quadratic_scan_gives_the_chunked_logits_and_gradients(ngroups):
+    ids = torch.randint(0, 50, (2, 21))  # not a multiple of the chunk (8)
+    seq_idx = torch.tensor([[0] * 9 + [1] * 12, [4] * 3 + [5] * 17 + [6]], dtype=torch.int32)
+    for docs in (None, seq_idx):
+        want, want_grads = loss_and_grads(tiny(ngroups=ngroups), ids, docs)
+        got, got_grads = loss_and_grads(tiny(ngroups=ngroups, quadratic_max_len=32), ids, docs)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+        for name in want_grads:
+            torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.fixture
+def quadratic_calls(monkeypatch):
+    """The kernel switch's calls of ssd_quadratic, as (length, whether the final state was asked for): a counting
+    wrapper around it, nothing else changed."""
+    calls = []
+    original = backend.ssd_quadratic
+
+    def counted(*args, **kwargs):
+        calls.append((args[0].size(1), kwargs["return_final_state"]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "ssd_quadratic", counted)
+    return calls
+
+
+def test_quadratic_max_len_decides_the_scan(quadratic_calls):
+    model = tiny(quadratic_max_len=16)
+    ids = torch.randint(0, 50, (2, 24))
+    model(ids[:, :16])  # at the limit: every layer
+    assert quadratic_calls == [(16, True)] * 2
+    model(ids)  # longer: chunked
+    _, state = model(ids[:, :10])
+    model(ids[:, 10:14], state=state)  # short, but from a carried state: chunked (the state enters there)
+    assert quadratic_calls == [(16, True)] * 2 + [(10, True)] * 2
+    tiny()(ids[:, :4])  # the default, 0: never
+    assert len(quadratic_calls) == 4
+    model.loss(ids[:, :8], ids[:, 1:9], return_state=False)  # training's loss: the scan builds no final state
+    assert quadratic_calls[4:] == [(8, False)] * 2
+
+
+@pytest.mark.parametrize("quadratic_max_len", [0, 32])
+def test_return_state_false_gives_no_state_and_the_same_logits(quadratic_max_len):
+    model = tiny(quadratic_max_len=quadratic_max_len)
+    ids = torch.randint(0, 50, (2, 19))
+    labels = ids.roll(-1, 1)
+    logits, state = model(ids)
+    assert len(state) == 2 and state[0].ssm.shape == (2, 4, 8, 8)
+    logits_only, none = model(ids, return_state=False)
+    assert none is None
+    torch.testing.assert_close(logits_only, logits, rtol=0, atol=0)
+    loss, none = model.loss(ids, labels, return_state=False)
+    assert none is None
+    torch.testing.assert_close(loss, model.loss(ids, labels)[0], rtol=0, atol=0)
+    out, none = model.mixers[0](torch.randn(2, 19, 16, dtype=torch.float64), return_state=False)
+    assert none is None and out.shape == (2, 19, 16)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lightning_mamba.models.ssd import ssd_chunked, ssd_recurrent
+from lightning_mamba.models.ssd import ssd_chunked, ssd_quadratic, ssd_recurrent
 
 
 def make_inputs(b=2, l=37, h=4, p=3, g=2, n=5, seed=0):
@@ -98,3 +98,63 @@ def test_segsum_exp_in_fp32_over_a_long_chunk():
     ref = segsum(x).exp()
     assert torch.isfinite(out).all()
     assert ((out - ref).abs() <= 1e-4 * ref + 1e-30).all()  # |cs| <= 410: exponent rounding ~ 410 * 6e-8
+
+
+# ---- the attention form (ssd_quadratic): the chunked scan from a zero state, without states ----------------------
+def documents(b: int, l: int, bounds: list[int]) -> torch.Tensor:
+    """seq_idx (b, l): a new document at every position in ``bounds`` (row r numbered from 3 * r: rows need not
+    start at 0)."""
+    starts = torch.zeros(l, dtype=torch.int64)
+    starts[[i for i in bounds if 0 < i < l]] = 1
+    return (torch.cumsum(starts, 0)[None] + 3 * torch.arange(b)[:, None]).to(torch.int32)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("l", [1, 7, 16, 37])
+@pytest.mark.parametrize("g", [1, 2])
+@pytest.mark.parametrize("with_docs", [False, True])
+def test_quadratic_equals_chunked_and_recurrence(dtype, tol, l, g, with_docs):
+    x, dt, A, B, C = (t.to(dtype) for t in make_inputs(l=l, g=g))
+    seq_idx = documents(2, l, [1, 5, 6, 21]) if with_docs else None  # a one-token document too
+    y, s = ssd_quadratic(x, dt, A, B, C, seq_idx=seq_idx)
+    y_chunk, s_chunk = ssd_chunked(x, dt, A, B, C, 8, seq_idx=seq_idx)
+    y_rec, s_rec = ssd_recurrent(x, dt, A, B, C, seq_idx=seq_idx)
+    assert y.dtype == dtype and s.dtype == dtype  # fp32 compute at least, as the chunked scan's
+    for got, want in ((y, y_chunk), (s, s_chunk), (y, y_rec), (s, s_rec)):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+def test_quadratic_keeps_a_half_precision_input_in_its_dtype_and_computes_in_fp32():
+    x, dt, A, B, C = make_inputs(l=20)
+    y, s = ssd_quadratic(x.bfloat16(), dt.float(), A.float(), B.bfloat16(), C.bfloat16())
+    y_ref, s_ref = ssd_chunked(x.bfloat16(), dt.float(), A.float(), B.bfloat16(), C.bfloat16(), 8)
+    assert y.dtype == torch.bfloat16 and s.dtype == torch.float32
+    torch.testing.assert_close(y, y_ref, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(s, s_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_quadratic_without_the_final_state_gives_the_same_output():
+    x, dt, A, B, C = make_inputs(l=13)
+    seq_idx = documents(2, 13, [4])
+    y, s = ssd_quadratic(x, dt, A, B, C, seq_idx=seq_idx, return_final_state=False)
+    assert s is None
+    torch.testing.assert_close(y, ssd_quadratic(x, dt, A, B, C, seq_idx=seq_idx)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("with_docs", [False, True])
+def test_quadratic_gradients_match_chunked(with_docs):
+    x, dt, A, B, C = make_inputs(l=19, g=2)
+    seq_idx = documents(2, 19, [3, 11]) if with_docs else None
+    gen = torch.Generator().manual_seed(1)
+    wy = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    ws = torch.randn(2, 4, 3, 5, generator=gen, dtype=x.dtype)
+
+    def grads(scan):
+        inputs = [t.clone().requires_grad_() for t in (x, dt, A, B, C)]
+        y, s = scan(*inputs)
+        return torch.autograd.grad((y * wy).sum() + (s * ws).sum(), inputs)
+
+    got = grads(lambda *a: ssd_quadratic(*a, seq_idx=seq_idx))
+    want = grads(lambda *a: ssd_chunked(*a, 8, seq_idx=seq_idx))
+    for name, a, b in zip(("x", "dt", "A", "B", "C"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..config import ConfigError
 from ..conv import causal_conv1d, conv_step
-from ..ssd import ssd_chunked
+from ..ssd import ssd_chunked, ssd_quadratic
 from . import conv_cc1d
 
 BACKENDS = ("auto", "torch", "triton")
@@ -84,9 +84,18 @@ def ssd(
     initial_state: Tensor | None = None,
     seq_idx: Tensor | None = None,
     D: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+    quadratic_max_len: int = 0,
+    return_final_state: bool = True,
+) -> tuple[Tensor, Tensor | None]:
     """SSD scan with the chosen backend. Arguments as :func:`ssd.ssd_chunked` (dt already positive); ``D`` (heads),
-    if given, adds the skip ``D * x`` to y (in x's dtype), inside the kernel on the Triton path."""
+    if given, adds the skip ``D * x`` to y (in x's dtype), inside the kernel on the Triton path.
+
+    An input of at most ``quadratic_max_len`` tokens from a zero state takes :func:`ssd.ssd_quadratic` on every
+    backend (plain torch: no padding to a chunk, no per-chunk states); the final state is None unless
+    ``return_final_state``."""
+    if quadratic_max_len and x.size(1) <= quadratic_max_len and initial_state is None:
+        y, final_state = ssd_quadratic(x, dt, A, B, C, seq_idx=seq_idx, return_final_state=return_final_state)
+        return _add_skip(y, x, D), final_state
     if uses_triton(backend, x):
         fn, _ = _triton_scan()
         # The kernel takes strided views as long as the last dimension is contiguous: no copies of x, B, C.
@@ -98,11 +107,13 @@ def ssd(
             dt_softplus=False,
             return_final_states=True,
         )
-        return y, final_state
+        return y, final_state if return_final_state else None
     y, final_state = ssd_chunked(x, dt, A, B, C, chunk_size, initial_state=initial_state, seq_idx=seq_idx)
-    if D is not None:
-        y = y.to(x.dtype) + x * D.to(x.dtype)[:, None]
-    return y, final_state
+    return _add_skip(y, x, D), final_state if return_final_state else None
+
+
+def _add_skip(y: Tensor, x: Tensor, D: Tensor | None) -> Tensor:
+    return y if D is None else y.to(x.dtype) + x * D.to(x.dtype)[:, None]
 
 
 def conv1d_silu(

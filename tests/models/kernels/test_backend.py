@@ -64,6 +64,22 @@ def test_initial_state_pieces_match(models):
     assert rel_err(torch.cat([l1, l2], 1), whole) < 1e-3
 
 
+def test_quadratic_scan_matches_the_triton_kernel(models):
+    """quadratic_max_len replaces the Triton scan on CUDA for short inputs: same logits under bf16 autocast."""
+    ref, tri = models
+    ssm_cfg = {**tri.config.ssm_cfg, "quadratic_max_len": 64}
+    quadratic = MambaLM(MambaConfig(**{**tri.config.to_dict(), "ssm_cfg": ssm_cfg}), backend="triton").cuda()
+    quadratic.load_state_dict(tri.state_dict())
+    ids = torch.randint(0, 500, (8, 48), device="cuda")
+    seq_idx = torch.zeros(8, 48, dtype=torch.int32, device="cuda")
+    seq_idx[:, 20:] = 1
+    for docs in (None, seq_idx):
+        lt, _ = run(tri, ids, docs, dtype=torch.bfloat16)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            lq, none = quadratic(ids, seq_idx=docs, return_state=False)
+        assert none is None and rel_err(lq, lt) < 3e-2
+
+
 def test_bf16_autocast_matches(models):
     ref, tri = models
     ids = torch.randint(0, 500, (4, 512), device="cuda")
