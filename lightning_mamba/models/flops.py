@@ -15,13 +15,17 @@ def matmul_params(config: MambaConfig) -> int:
     return config.n_layer * (in_proj + out_proj) + config.d_model * config.padded_vocab_size
 
 
-def train_flops_per_token(config: MambaConfig) -> int:
+def train_flops_per_token(config: MambaConfig, seq_len: int | None = None) -> int:
     """Forward + backward FLOPs per token: 6 x the matmul weights, plus 3 x the SSD scan's forward, per head the
     causal half of the intra-chunk matmuls (Q (N + P): C.B, then its product with x) and the state terms (6 P N).
 
     The convolution, norms and elementwise work are left out. The scan is counted in whole chunks (the torch scan
-    pads the sequence to them), so the estimate takes chunk_size, not the sequence length."""
+    pads the sequence to them), so the estimate takes chunk_size, not the sequence length; a ``seq_len`` that the
+    model scans in the attention form (``quadratic_max_len``) is one chunk of that length with no state terms."""
     m = config.mixer
     H, P, N, Q = config.nheads, m["headdim"], m["d_state"], m["chunk_size"]
-    ssd = config.n_layer * H * (Q * (N + P) + 6 * P * N)
+    if seq_len is not None and seq_len <= m["quadratic_max_len"]:
+        ssd = config.n_layer * H * seq_len * (N + P)
+    else:
+        ssd = config.n_layer * H * (Q * (N + P) + 6 * P * N)
     return 6 * matmul_params(config) + 3 * ssd

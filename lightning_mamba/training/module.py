@@ -372,7 +372,7 @@ class MambaLitModule(L.LightningModule):
         if shape is None:
             return None
         b, l = shape
-        return b * l * train_flops_per_token(self.config)
+        return b * l * train_flops_per_token(self.config, seq_len=l)
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         self._last_batch_shape = tuple(batch["input_ids"].shape)

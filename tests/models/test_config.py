@@ -177,6 +177,11 @@ def test_train_flops_per_token_matches_a_hand_count():
     assert matmul_params(cfg) == in_proj + out_proj + lm_head == 160
     ssd = 4 * (4 * (2 + 2) + 6 * 2 * 2)  # per head: Q (N + P) + 6 P N
     assert train_flops_per_token(cfg) == 6 * 160 + 3 * ssd == 1440
+    assert train_flops_per_token(cfg, seq_len=3) == 1440  # quadratic_max_len 0: always chunked
+    quad = MambaConfig(d_model=4, n_layer=1, vocab_size=5, ssm_cfg={"layer": "Mamba2", "d_state": 2, "headdim": 2,
+                                                                   "chunk_size": 4, "quadratic_max_len": 3})
+    assert train_flops_per_token(quad, seq_len=3) == 6 * 160 + 3 * 4 * 3 * (2 + 2)  # attention form: l (N + P)
+    assert train_flops_per_token(quad, seq_len=4) == train_flops_per_token(quad) == 1440  # longer: chunked
 
 
 @pytest.mark.parametrize("ssm", [{"d_state": 16, "headdim": 16}, {"d_state": 8, "headdim": 8, "ngroups": 2, "expand": 3}])

@@ -117,4 +117,8 @@ def test_flops_per_batch_is_tokens_times_the_estimate():
     assert module.flops_per_batch is None  # no batch seen yet
     ids = torch.randint(0, 64, (3, 40))
     module.on_train_batch_start({"input_ids": ids, "labels": ids}, 0)
-    assert module.flops_per_batch == 3 * 40 * train_flops_per_token(module.config)
+    assert module.flops_per_batch == 3 * 40 * train_flops_per_token(module.config, seq_len=40)
+    quadratic = tiny(quadratic_max_len=40)  # scanned in the attention form: fewer FLOPs than padded chunks
+    quadratic.on_train_batch_start({"input_ids": ids, "labels": ids}, 0)
+    assert quadratic.flops_per_batch == 3 * 40 * train_flops_per_token(quadratic.config, seq_len=40)
+    assert quadratic.flops_per_batch != module.flops_per_batch
