@@ -53,6 +53,37 @@ def build_parser() -> ArgumentParser:
     return p
 
 
+OVERRIDES = ("model_overrides", "data_overrides", "trainer_overrides")
+
+
+def parse_args(argv: list[str]):
+    """The command's arguments. An ``--*_overrides`` dict typed after ``--config`` is merged into the config's
+    (jsonargparse would replace it whole: ``--model_overrides '{quadratic_max_len: 64}'`` would drop the regime's
+    a_lr_mult 10 without a word); a key typed as null is removed."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    typed = [k for k in OVERRIDES if any(a == f"--{k}" or a.startswith(f"--{k}=") for a in argv)]
+    if typed:
+        base = parser.parse_args(_without(argv, typed))
+        for key in typed:
+            merged = {**(base[key] or {}), **(args[key] or {})}
+            setattr(args, key, {k: v for k, v in merged.items() if v is not None})
+    return args
+
+
+def _without(argv: list[str], keys: list[str]) -> list[str]:
+    """argv less the ``--key value`` / ``--key=value`` of these keys."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in (f"--{k}" for k in keys):
+            skip = True
+        elif not a.startswith(tuple(f"--{k}=" for k in keys)):
+            out.append(a)
+    return out
+
+
 def study_from(args) -> Study:
     values = args.as_dict()  # plain dicts all the way down (nested class_path dicts parse as Namespaces)
     return Study(**{f.name: values[f.name] for f in fields(Study)})
@@ -111,7 +142,7 @@ def _cuda_count() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     study = study_from(args)
     from ..study.summary import summarize, summary_lines
 

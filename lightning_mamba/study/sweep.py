@@ -66,7 +66,9 @@ class Study:
             paper's English template. configs/passkey/code.yaml is the code-form one for models trained on code.
         out: The study directory: cells/, results.csv, summary.json, figures, summary/ (TensorBoard).
         base_config: LightningCLI config file(s) every cell starts from (as `lightning-mamba fit --config`).
-        model_overrides: model.* settings applied to every cell (e.g. {d_model: 256, n_layer: 4}).
+        model_overrides: model.* settings applied to every cell (e.g. {d_model: 256, n_layer: 4}). On the command
+            line after --config, each of the three *_overrides is merged into the config's (a key given as null is
+            removed).
         data_overrides: data.* settings applied to every cell (seq_len and batch_size are the study's).
         trainer_overrides: trainer.* settings applied to every cell (max_steps, precision, logger are the study's).
         time_per_cell: A training time budget for every cell in each run of the command, DD:HH:MM:SS (Lightning's

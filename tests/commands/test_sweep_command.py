@@ -273,3 +273,20 @@ def test_a_time_budget_beside_a_configured_timer_is_refused(tmp_path, corpus, ca
     err = capsys.readouterr().err
     assert code == 2 and "time_per_cell and a lightning.pytorch.callbacks.Timer callback" in err and "keep one" in err
     assert not list(out.glob("cells/*/checkpoints/*.ckpt"))
+
+
+def test_typed_overrides_merge_into_the_configs(capsys):
+    """`--model_overrides '{...}'` after --config adds to the config's dict (jsonargparse alone would replace it:
+    the regime's a_lr_mult 10 would be lost without a word); a key typed as null is removed."""
+    regime = os.path.join(ROOT, "configs", "study", "regime.yaml")
+
+    def fit_args(*typed: str) -> str:
+        assert cmd.main(["--config", regime, "--cells", "[state2048_len16]", *typed, "--dry_run", "true"]) == 0
+        return capsys.readouterr().out
+
+    line = fit_args("--model_overrides", "{quadratic_max_len: 64, chunk_size: null}",
+                    "--trainer_overrides={log_every_n_steps: 7}")
+    assert "--model.a_lr_mult 10.0 " in line and "--model.quadratic_max_len 64 " in line
+    assert "--model.chunk_size" not in line and "--trainer.log_every_n_steps 7 " in line
+    assert "--trainer.enable_progress_bar false" in line  # the config's other trainer overrides stay
+    assert "--data.source code " in line and "--model.chunk_size 64 " in fit_args()
