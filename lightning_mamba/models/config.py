@@ -57,6 +57,9 @@ TRAIN_DEFAULTS = TrainDefaults()
 SHAPE_FIELDS = ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple", "tie_embeddings")
 SSM_SHAPE_FIELDS = ("d_state", "headdim", "expand", "d_conv", "ngroups", "bias", "conv_bias")
 
+# Settings of the scan that change its speed and memory, never its results: a resumed run may change them.
+SPEED_ONLY_SETTINGS = ("chunk_size", "quadratic_max_len")
+
 # This project's mixer settings that the official Mamba2 does not take: left out of an official config.json.
 PROJECT_MIXER_KEYS = ("quadratic_max_len",)
 

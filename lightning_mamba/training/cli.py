@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 
 from ..data import TextDataModule
 from ..errors import UserError
+from ..models.config import SPEED_ONLY_SETTINGS
 from .checkpoint_io import check_resume, settle_pretrained
 from .module import MambaLitModule
 from .nan_guard import NanGuard
@@ -67,15 +68,21 @@ class MambaCLI(LightningCLI):
         # silently dropping what the user asked for.
         sub = self.config.get("subcommand")
         lr = replan = None
+        speed: dict = {}
         if sub and self.config[sub].get("ckpt_path"):
             given = self.config[sub].model.as_dict()
             # a --model.lr typed with --ckpt_path wins: how a run stopped by the NaN guard goes on at a lower lr
-            kept = tuple(k for k in ("lr", "replan_schedule")
+            # and so do the scan's speed-only settings: a resumed study cell can switch to a faster scan
+            kept = tuple(k for k in ("lr", "replan_schedule", *SPEED_ONLY_SETTINGS)
                          if any(a == f"--model.{k}" or a.startswith(f"--model.{k}=") for a in self._argv))
             check_resume(self.config[sub].ckpt_path, given, kept=kept)
             lr = given.get("lr") if "lr" in kept else None
             replan = given.get("replan_schedule") if "replan_schedule" in kept else None
+            speed = {k: given[k] for k in SPEED_ONLY_SETTINGS if k in kept}
         super()._parse_ckpt_path()
+        if sub and self.config[sub].get("ckpt_path"):
+            for key, value in speed.items():
+                self.config[sub].model[key] = value
         if sub and replan is not None:  # typed with --ckpt_path: wins over the checkpoint's
             self.config[sub].model.replan_schedule = replan
         if sub == "fit" and self.config[sub].get("ckpt_path"):
