@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
 
-from .config import MambaConfig
+from .config import SPEED_ONLY_SETTINGS, ConfigError, MambaConfig
 from .kernels import backend as kernels
 from .loss import linear_cross_entropy
 from .mixer import LayerState, Mamba2
@@ -78,6 +79,19 @@ class MambaLM(nn.Module):
     def set_backend(self, backend: str) -> None:
         for m in self.mixers:
             m.backend = backend
+
+    def set_scan_settings(self, **settings) -> None:
+        """Change the scan's speed-only settings (``SPEED_ONLY_SETTINGS``: chunk_size, quadratic_max_len) of a built
+        model, its config included: same weights, same results (a fine-tune can take a faster scan)."""
+        unknown = sorted(set(settings) - set(SPEED_ONLY_SETTINGS))
+        if unknown:
+            raise ConfigError(f"{', '.join(unknown)} change the model, not only its scan's speed: only "
+                              f"{', '.join(SPEED_ONLY_SETTINGS)} can be changed on a built model")
+        config = replace(self.config, ssm_cfg={**self.config.ssm_cfg, **settings})  # validates them
+        for m in self.mixers:
+            for key, value in settings.items():
+                setattr(m, key, value)
+        self.config = config
 
     def empty_state(self, batch: int, device=None, dtype=torch.float32) -> State:
         return [m.empty_state(batch, device, dtype) for m in self.mixers]

@@ -37,7 +37,7 @@ from ..models.checkpoint import (
     read_json,
     torch_load,
 )
-from ..models.config import SHAPE_FIELDS, SSM_DEFAULTS, SSM_SHAPE_FIELDS, TRAIN_DEFAULTS
+from ..models.config import SHAPE_FIELDS, SPEED_ONLY_SETTINGS, SSM_DEFAULTS, SSM_SHAPE_FIELDS, TRAIN_DEFAULTS
 
 # the model settings that change a weight's shape (CLI names: model.<name>), as models/config.py lists them
 SHAPE_SETTINGS, SSM_SHAPE_SETTINGS = SHAPE_FIELDS, SSM_SHAPE_FIELDS
@@ -304,6 +304,9 @@ def settle_pretrained(path: str, model: dict, data: dict, typed: set[str], state
     meta = pretrained_meta(path) if meta is None else meta
     theirs = flat_settings(MambaConfig.from_dict(meta["mamba_config"]))
     differ = [k for k in PRETRAINED_SETTINGS if k in model and _plain(model[k]) != _plain(theirs[k])]
+    # the scan's speed-only settings, typed, are the run's own: same weights, same results
+    faster = [k for k in differ if f"model.{k}" in typed and k in SPEED_ONLY_SETTINGS]
+    differ = [k for k in differ if k not in faster]
     wrong = [k for k in differ if f"model.{k}" in typed]
     if wrong:
         detail = ", ".join(f"model.{k}={_plain(theirs[k])} there, {_plain(model[k])} typed" for k in wrong)
@@ -311,6 +314,8 @@ def settle_pretrained(path: str, model: dict, data: dict, typed: set[str], state
                           f"{' '.join('--model.' + k for k in wrong)} (or start without --model.pretrained)")
     model_updates = {k: theirs[k] for k in differ}
     lines = [describe_pretrained(path, meta)]
+    lines += [f"model.{k}={_plain(model[k])} as typed (the checkpoint's: {_plain(theirs[k])}; the scan's speed only)"
+              for k in faster]
     data_updates = {}
     trained_len, seq_len = meta.get("seq_len"), data.get("seq_len")
     if trained_len is not None and seq_len is not None and seq_len != trained_len:

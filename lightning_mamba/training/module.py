@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric, MinMetric
 
 from ..models import ConfigError, MambaConfig, MambaLM
-from ..models.config import SSM_DEFAULTS, TRAIN_DEFAULTS
+from ..models.config import SPEED_ONLY_SETTINGS, SSM_DEFAULTS, TRAIN_DEFAULTS
 from ..models.flops import train_flops_per_token
 from ..models.kernels.backend import check_backend
 from . import validation
@@ -54,8 +54,9 @@ class MambaLitModule(L.LightningModule):
             pytorch_model.bin, or a training checkpoint (.ckpt) of this project (its weights only: not its optimizer,
             schedule or data position; to resume a run use --ckpt_path). Its config replaces the shape arguments
             above (hyper_parameters record its; the CLI refuses a typed one that differs and writes its into the
-            run's config.yaml), the data's tokenizer must be the one it was trained with, and the CLI's
-            data.seq_len defaults to the length it was trained at.
+            run's config.yaml), except chunk_size and quadratic_max_len, the scan's speed-only settings, which are
+            this run's (the CLI gives the checkpoint's unless they are typed); the data's tokenizer must be the one
+            it was trained with, and the CLI's data.seq_len defaults to the length it was trained at.
         lr: Peak learning rate.
         weight_decay: AdamW weight decay (not applied to A_log, dt_bias, D, norms and biases).
         betas: AdamW betas.
@@ -134,6 +135,8 @@ class MambaLitModule(L.LightningModule):
             from .checkpoint_io import load_model
 
             self.model, self._pretrained_meta = load_model(pretrained, backend=backend)
+            # the scan's speed-only settings are the run's (the CLI gives the checkpoint's unless they were typed)
+            self.model.set_scan_settings(**{k: self.hparams[k] for k in SPEED_ONLY_SETTINGS})
             # the shape trained is the checkpoint's: hyper_parameters (and so a resume's checks) record it
             self.hparams.update(flat_settings(self.model.config), vocab_size=self.model.config.vocab_size)
         else:

@@ -141,3 +141,22 @@ def test_return_state_false_gives_no_state_and_the_same_logits(quadratic_max_len
     torch.testing.assert_close(loss, model.loss(ids, labels)[0], rtol=0, atol=0)
     out, none = model.mixers[0](torch.randn(2, 19, 16, dtype=torch.float64), return_state=False)
     assert none is None and out.shape == (2, 19, 16)
+
+
+def test_a_built_model_can_take_another_scan_but_not_another_shape(quadratic_calls):
+    from lightning_mamba.models.config import ConfigError
+
+    model = tiny()
+    ids = torch.randint(0, 50, (2, 21))
+    want, _ = model(ids)
+    model.set_scan_settings(chunk_size=4, quadratic_max_len=32)
+    assert model.config.mixer["chunk_size"] == 4 and model.config.mixer["quadratic_max_len"] == 32
+    assert all((m.chunk_size, m.quadratic_max_len) == (4, 32) for m in model.mixers)
+    got, _ = model(ids)
+    assert len(quadratic_calls) == 2  # both layers now take the attention form
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ConfigError, match="d_state change the model, not only its scan's speed"):
+        model.set_scan_settings(d_state=4)
+    with pytest.raises(ConfigError, match="quadratic_max_len must be >= 0"):
+        model.set_scan_settings(quadratic_max_len=-1)
+    assert model.config.mixer["quadratic_max_len"] == 32  # a refused change leaves the model as it was

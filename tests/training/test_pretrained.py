@@ -71,6 +71,19 @@ def test_a_typed_shape_that_differs_is_refused(tmp_path, corpus, base):
     assert cli.model.config.mixer["d_state"] == 16
 
 
+def test_typed_speed_only_settings_are_the_runs_own(tmp_path, corpus, base, capsys):
+    """chunk_size and quadratic_max_len change the scan's speed, not the model: typed, they are taken (with a line);
+    untyped, the checkpoint's (chunk_size 16) stay."""
+    config = run_config(tmp_path, corpus, "tuned", d_state=16, n_layer=2, seq_len=64, steps=1)
+    cli = lightning_cli(["--config", config, "--model.pretrained", str(base), "--model.quadratic_max_len", "64",
+                         "--model.chunk_size", "32"], run=False)
+    assert (cli.model.hparams.quadratic_max_len, cli.model.hparams.chunk_size) == (64, 32)
+    assert all((m.quadratic_max_len, m.chunk_size) == (64, 32) for m in cli.model.model.mixers)
+    assert "model.quadratic_max_len=64 as typed (the checkpoint's: 0; the scan's speed only)" in capsys.readouterr().err
+    cli = lightning_cli(["--config", config, "--model.pretrained", str(base)], run=False)
+    assert (cli.model.hparams.quadratic_max_len, cli.model.model.mixers[0].chunk_size) == (0, 16)
+
+
 def test_a_typed_length_that_differs(tmp_path, corpus, base, capsys):
     """Fine-tuning at another typed length goes on with a line; the state-passing recipe refuses it."""
     config = run_config(tmp_path, corpus, "tuned", d_state=16, n_layer=2, seq_len=64, steps=1)
