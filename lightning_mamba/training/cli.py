@@ -67,24 +67,20 @@ class MambaCLI(LightningCLI):
         # LightningCLI replaces the model settings by the checkpoint's: refuse a different shape instead of
         # silently dropping what the user asked for.
         sub = self.config.get("subcommand")
-        lr = replan = None
-        speed: dict = {}
+        lr = None
+        typed_wins: dict = {}
         if sub and self.config[sub].get("ckpt_path"):
             given = self.config[sub].model.as_dict()
-            # a --model.lr typed with --ckpt_path wins: how a run stopped by the NaN guard goes on at a lower lr
-            # and so do the scan's speed-only settings: a resumed study cell can switch to a faster scan
+            # a --model.lr typed with --ckpt_path wins: how a run stopped by the NaN guard goes on at a lower lr;
+            # so do replan_schedule and the scan's speed-only settings (a resumed study cell takes a faster scan)
             kept = tuple(k for k in ("lr", "replan_schedule", *SPEED_ONLY_SETTINGS)
                          if any(a == f"--model.{k}" or a.startswith(f"--model.{k}=") for a in self._argv))
             check_resume(self.config[sub].ckpt_path, given, kept=kept)
             lr = given.get("lr") if "lr" in kept else None
-            replan = given.get("replan_schedule") if "replan_schedule" in kept else None
-            speed = {k: given[k] for k in SPEED_ONLY_SETTINGS if k in kept}
+            typed_wins = {k: given[k] for k in kept if k != "lr"}  # lr: below, with its own line
         super()._parse_ckpt_path()
-        if sub and self.config[sub].get("ckpt_path"):
-            for key, value in speed.items():
-                self.config[sub].model[key] = value
-        if sub and replan is not None:  # typed with --ckpt_path: wins over the checkpoint's
-            self.config[sub].model.replan_schedule = replan
+        for key, value in typed_wins.items():  # typed with --ckpt_path: wins over the checkpoint's
+            self.config[sub].model[key] = value
         if sub == "fit" and self.config[sub].get("ckpt_path"):
             resume_into_run_directory(self.config[sub])
         if lr is not None and self.config[sub].model.lr != lr:

@@ -122,3 +122,20 @@ def test_flops_per_batch_is_tokens_times_the_estimate():
     quadratic.on_train_batch_start({"input_ids": ids, "labels": ids}, 0)
     assert quadratic.flops_per_batch == 3 * 40 * train_flops_per_token(quadratic.config, seq_len=40)
     assert quadratic.flops_per_batch != module.flops_per_batch
+
+
+def test_the_training_step_asks_the_scan_for_no_final_state(monkeypatch):
+    """model_step (train/val/test) drops the state, so the attention-form scan must not build one (memory)."""
+    from lightning_mamba.models.kernels import backend
+
+    calls, original = [], backend.ssd_quadratic
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["return_final_state"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "ssd_quadratic", counted)
+    module = tiny(quadratic_max_len=40)
+    ids = torch.randint(0, 64, (3, 40))
+    assert torch.isfinite(module.model_step({"input_ids": ids, "labels": ids}))
+    assert calls == [False, False]  # both layers, no state
