@@ -284,9 +284,12 @@ def test_typed_overrides_merge_into_the_configs(capsys):
         assert cmd.main(["--config", regime, "--cells", "[state2048_len16]", *typed, "--dry_run", "true"]) == 0
         return capsys.readouterr().out
 
-    line = fit_args("--model_overrides", "{quadratic_max_len: 64, chunk_size: null}",
+    line = fit_args("--model_overrides", "{quadratic_max_len: 32, chunk_size: null}",
                     "--trainer_overrides={log_every_n_steps: 7}")
-    assert "--model.a_lr_mult 10.0 " in line and "--model.quadratic_max_len 64 " in line
+    assert "--model.a_lr_mult 10.0 " in line and "--model.quadratic_max_len 32 " in line
+    assert "--model.quadratic_max_len 64" not in line  # the typed value replaces the config's
     assert "--model.chunk_size" not in line and "--trainer.log_every_n_steps 7 " in line
     assert "--trainer.enable_progress_bar false" in line  # the config's other trainer overrides stay
-    assert "--data.source code " in line and "--model.chunk_size 64 " in fit_args()
+    untyped = fit_args()
+    assert "--data.source code " in untyped and "--model.chunk_size 64 " in untyped
+    assert "--model.quadratic_max_len 64 " in untyped  # the regime's attention form for short rows
