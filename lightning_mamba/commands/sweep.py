@@ -23,6 +23,7 @@ from dataclasses import fields
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from ..study.sweep import Study, SweepError, build_cli, cell_args, make_cells, run_study, shard_cells
+from ..training.run_checks import typed_options
 from . import run_command
 from .common import CommandParser
 from .mps import MPSError, private_daemon, time_slicing_note
@@ -62,7 +63,7 @@ def parse_args(argv: list[str]):
     a_lr_mult 10 without a word); a key typed as null is removed."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    typed = [k for k in OVERRIDES if any(a == f"--{k}" or a.startswith(f"--{k}=") for a in argv)]
+    typed = [k for k in OVERRIDES if k in typed_options(argv)]
     if typed:
         base = parser.parse_args(_without(argv, typed))
         for key in typed:

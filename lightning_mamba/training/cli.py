@@ -31,6 +31,7 @@ from .run_checks import (
     check_settings,
     not_text_config,
     run_guarded,
+    typed_options,
 )
 from .stops import CheckpointAtStop, CheckpointOnSigterm
 
@@ -73,8 +74,8 @@ class MambaCLI(LightningCLI):
             given = self.config[sub].model.as_dict()
             # a --model.lr typed with --ckpt_path wins: how a run stopped by the NaN guard goes on at a lower lr;
             # so do replan_schedule and the scan's speed-only settings (a resumed study cell takes a faster scan)
-            kept = tuple(k for k in ("lr", "replan_schedule", *SPEED_ONLY_SETTINGS)
-                         if any(a == f"--model.{k}" or a.startswith(f"--model.{k}=") for a in self._argv))
+            typed = typed_options(self._argv)
+            kept = tuple(k for k in ("lr", "replan_schedule", *SPEED_ONLY_SETTINGS) if f"model.{k}" in typed)
             check_resume(self.config[sub].ckpt_path, given, kept=kept)
             lr = given.get("lr") if "lr" in kept else None
             typed_wins = {k: given[k] for k in kept if k != "lr"}  # lr: below, with its own line
@@ -151,7 +152,7 @@ def apply_pretrained(config: Namespace, argv: list[str]) -> None:
     """--model.pretrained: the run's model settings become the checkpoint's (a typed one that differs is refused) and
     its data.seq_len the one the checkpoint was trained at unless typed (checkpoint_io.settle_pretrained)."""
     data = config.data.init_args if config.data.get("class_path") else config.data
-    typed = {re.sub(r"^--|\.init_args|=.*$", "", a) for a in argv if a.startswith(("--model.", "--data."))}
+    typed = {k for k in typed_options(argv) if k.startswith(("model.", "data."))}
     passing = bool(data.get("state_passing")) or config.model.get("initial_state") == "passed"
     model, data_updates, lines = settle_pretrained(str(config.model.pretrained), config.model.as_dict(),
                                                    data.as_dict(), typed, passing)

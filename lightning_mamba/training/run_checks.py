@@ -118,6 +118,12 @@ def config_files(argv: list[str]) -> list[str]:
     return out
 
 
+def typed_options(argv: list[str]) -> set[str]:
+    """The options typed in ``argv`` as dotted keys, without ``--``, ``.init_args`` or ``=value``:
+    ``--model.init_args.lr=1e-3`` -> ``model.lr`` (what was typed, as opposed to what a config file gave)."""
+    return {re.sub(r"^--|\.init_args|=.*$", "", a) for a in argv if a.startswith("--") and len(a) > 2}
+
+
 def not_text_config(argv: list[str], error: UnicodeDecodeError) -> SettingError:
     """The one line for a config file that is not UTF-8 text (jsonargparse fails with a UnicodeDecodeError)."""
     for path in config_files(argv):
