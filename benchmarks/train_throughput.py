@@ -304,18 +304,20 @@ def logits_loss(logits_of):
     return loss_fn
 
 
-def build_bare(kind, cfg, device):
+def build_bare(kind, cfg, device, ssm_extra: dict | None = None):
     """(model, loss_fn) of a bare-loop contender: ``ours`` (our MambaLM and its own training loss,
-    MambaLM.loss), ``mamba_ssm_fused`` / ``mamba_ssm`` (MambaLMHeadModel, fused / unfused) or ``hf``
-    (transformers' Mamba2ForCausalLM)."""
+    MambaLM.loss; ``ssm_extra`` adds mixer settings such as chunk_size or quadratic_max_len), ``mamba_ssm_fused``
+    / ``mamba_ssm`` (MambaLMHeadModel, fused / unfused) or ``hf`` (transformers' Mamba2ForCausalLM)."""
     d_model, n_layer, d_state, vocab, batch, seq_len, headdim = cfg
     torch.manual_seed(0)
     if kind == "ours":
         from lightning_mamba.models import MambaConfig, MambaLM
 
         mc = MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab,
-                         ssm_cfg={"layer": "Mamba2", "d_state": d_state, "headdim": headdim})
+                         ssm_cfg={"layer": "Mamba2", "d_state": d_state, "headdim": headdim, **(ssm_extra or {})})
         return MambaLM(mc).to(device), lambda m, x, y: m.loss(x, y)[0]
+    if ssm_extra:
+        raise ValueError(f"mixer settings {sorted(ssm_extra)} apply to the 'ours' contender only, not {kind!r}")
     if kind in ("mamba_ssm", "mamba_ssm_fused"):
         return official_model(cfg, device, fused=kind == "mamba_ssm_fused"), logits_loss(lambda m, x: m(x).logits)
     if kind == "hf":

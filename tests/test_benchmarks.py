@@ -75,3 +75,17 @@ def test_cell_throughput_streams_run_every_cell_in_one_process_and_check_each(tm
     assert [(c["d_state"], c["seq_len"]) for c in cells] == [(16, 32), (32, 64)]
     assert all(c["one_process"] and c["steps_per_s"] > 0 for c in cells)
     assert row["total_tokens_per_s"] == pytest.approx(sum(c["tokens_per_s"] for c in cells))
+
+
+def test_profile_step_takes_a_study_cell_and_its_scan_settings(capsys):
+    """benchmarks/profile_step.py --config cell: the study's 4 x 256 byte model at a chosen d_state / LEN, ours with
+    the attention-form scan; on the CPU a smoke run grouping the ops' own time."""
+    bench = load_benchmark("profile_step")
+    groups = bench.main(["--config", "cell", "--device", "cpu", "--d_model", "32", "--n_layer", "1", "--d_state", "8",
+                         "--headdim", "16", "--seq_len", "16", "--tokens_per_step", "64", "--quadratic_max_len", "16",
+                         "--steps", "1", "--top", "3"])["ours"]
+    printed = capsys.readouterr().out
+    assert "(32, 1, 8, 257, 4, 16, 16)" in printed and "'quadratic_max_len': 16" in printed, printed
+    assert groups["total"] > 0 and groups["matmul"] > 0 and groups["wall"] > 0
+    with pytest.raises(SystemExit, match="not a multiple of --seq_len 16"):
+        bench.main(["--config", "cell", "--device", "cpu", "--seq_len", "16", "--tokens_per_step", "100"])
