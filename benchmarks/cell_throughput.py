@@ -145,10 +145,11 @@ class Windows:
 
 def train_step(model, opt, params, window, amp, loss_fn=None) -> torch.Tensor:
     """The eager step of benchmarks/train_throughput.py's bare loop: loss under autocast, backward, clip to 1.0,
-    AdamW, gradients set to None. ``loss_fn(input_ids, labels)`` defaults to the model's training loss."""
+    AdamW, gradients set to None. ``loss_fn(input_ids, labels)`` defaults to the model's training loss, asked for
+    no final state as the training step asks (training/module.py)."""
     ids, labels = window[:, :-1], window[:, 1:]
     with amp():
-        loss = model.loss(ids, labels)[0] if loss_fn is None else loss_fn(ids, labels)
+        loss = model.loss(ids, labels, return_state=False)[0] if loss_fn is None else loss_fn(ids, labels)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
@@ -171,7 +172,7 @@ class StepGraph:
 
     def _body(self) -> torch.Tensor:
         with self.amp():
-            loss = self.model.loss(self.window[:, :-1], self.window[:, 1:])[0]
+            loss = self.model.loss(self.window[:, :-1], self.window[:, 1:], return_state=False)[0]  # as training
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()

@@ -315,7 +315,8 @@ def build_bare(kind, cfg, device, ssm_extra: dict | None = None):
 
         mc = MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab,
                          ssm_cfg={"layer": "Mamba2", "d_state": d_state, "headdim": headdim, **(ssm_extra or {})})
-        return MambaLM(mc).to(device), lambda m, x, y: m.loss(x, y)[0]
+        # no final state, as the training step asks (training/module.py); mamba_ssm's forward returns none either
+        return MambaLM(mc).to(device), lambda m, x, y: m.loss(x, y, return_state=False)[0]
     if ssm_extra:
         raise ValueError(f"mixer settings {sorted(ssm_extra)} apply to the 'ours' contender only, not {kind!r}")
     if kind in ("mamba_ssm", "mamba_ssm_fused"):

@@ -89,3 +89,45 @@ def test_profile_step_takes_a_study_cell_and_its_scan_settings(capsys):
     assert groups["total"] > 0 and groups["matmul"] > 0 and groups["wall"] > 0
     with pytest.raises(SystemExit, match="not a multiple of --seq_len 16"):
         bench.main(["--config", "cell", "--device", "cpu", "--seq_len", "16", "--tokens_per_step", "100"])
+
+
+def test_cell_benchmark_steps_build_no_final_state_as_training_does():
+    """The benchmarks' steps ask the model for no final state, as the training step does: in the attention form
+    that tensor (rows x heads x headdim x d_state) would be the largest one of the step (at d_state 2048, LEN 16,
+    4 GB per layer), so a benchmark that built it would time a step training never takes."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    bench = load_benchmark("cell_throughput")
+    throughput = load_benchmark("train_throughput")
+    rows, seq_len, d_state, heads, headdim = 3, 16, 40, 4, 16
+    args = bench.parse_args(["--device", "cpu", "--backend", "torch", "--d_model", "32", "--n_layer", "1",
+                             "--headdim", str(headdim), "--quadratic_max_len", str(seq_len), "--vocab", "257"])
+    model = bench.build_model(args, d_state, "cpu")
+    state_size = rows * heads * headdim * d_state
+
+    class Sizes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, a=(), kw=None):
+            out = func(*a, **(kw or {}))
+            self.seen |= {t.numel() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)}
+            return out
+
+    window = torch.randint(0, 257, (rows, seq_len + 1))
+    opt = bench.make_optimizer(model, args, "cpu")
+    params = list(model.parameters())
+    with Sizes() as sizes:
+        model.loss(window[:, :-1], window[:, 1:])  # the check itself: a loss that returns the state builds it
+    assert state_size in sizes.seen
+    with Sizes() as sizes:
+        bench.train_step(model, opt, params, window, bench.autocast("cpu"))
+    assert state_size not in sizes.seen
+    cfg = (32, 1, d_state, 257, rows, seq_len, headdim)
+    ours, loss_fn = throughput.build_bare("ours", cfg, "cpu", {"quadratic_max_len": seq_len})
+    with Sizes() as sizes:
+        loss_fn(ours, window[:, :-1], window[:, 1:]).backward()
+    assert state_size not in sizes.seen
