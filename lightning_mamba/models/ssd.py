@@ -72,6 +72,14 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
+def _operand_dtype(t: Tensor) -> torch.dtype:
+    """The dtype of a tensor that feeds only matmuls (B, C): autocast's when it is on (the matmul casts to it
+    anyway, so a cast to fp32 first would only copy the d_state-wide tensor there and back, to the same values),
+    else the compute dtype."""
+    kind = t.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else _compute_dtype(t)
+
+
 def _heads(t: Tensor, nheads: int) -> Tensor:
     """Expand group tensors (b, l, g, n) to per-head (b, l, h, n): head h uses group h // (h/g)."""
     return t.repeat_interleave(nheads // t.size(2), dim=2)
@@ -206,7 +214,7 @@ def ssd_quadratic(
     ct = _compute_dtype(x)
     g = B.size(2)
     X = (x.to(ct) * dt.to(ct)[..., None]).view(b, 1, l, g, h // g, p)  # one chunk: (b, c=1, l, g, r, p)
-    B, C = B.to(ct)[:, None], C.to(ct)[:, None]
+    B, C = B.to(_operand_dtype(B))[:, None], C.to(_operand_dtype(C))[:, None]
     dA = (dt.to(ct) * A.to(ct)).transpose(1, 2)[:, None]  # (b, 1, h, l): log alpha
     decay = _chunk_decay(dA, None if seq_idx is None else seq_idx[:, None])  # (b, 1, h, l, l)
     y = _within_chunks(C, B, X, decay).reshape(b, l, h, p).to(x.dtype)
