@@ -38,8 +38,13 @@ def fit_at_once(*runs: list[str]) -> None:
             for proc in procs:
                 proc.kill()
         for i, proc in enumerate(procs):
-            output = [open(os.path.join(logs, f"{i}.{stream}")).read()[-3000:] for stream in ("out", "err")]
+            output = [_tail(os.path.join(logs, f"{i}.{stream}")) for stream in ("out", "err")]
             assert proc.returncode == 0, f"fit {' '.join(runs[i])}:\n" + "".join(output)
+
+
+def _tail(path: str, chars: int = 3000) -> str:
+    with open(path) as f:
+        return f.read()[-chars:]
 
 
 class RecordSteps(L.Callback):
