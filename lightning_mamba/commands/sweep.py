@@ -63,7 +63,8 @@ def parse_args(argv: list[str]):
     a_lr_mult 10 without a word); a key typed as null is removed."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    typed = [k for k in OVERRIDES if k in typed_options(argv)]
+    given = typed_options(argv)
+    typed = [k for k in OVERRIDES if k in given]
     if typed:
         base = parser.parse_args(_without(argv, typed))
         for key in typed:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .kernels import loss_triton
+from .precision import autocast_dtype
 
 IGNORE_INDEX = -100
 CHUNK_BYTES = 2**30  # fp32 logits per chunk: 1 GiB
@@ -22,10 +23,7 @@ CHUNK_BYTES = 2**30  # fp32 logits per chunk: 1 GiB
 
 def _matmul_dtype(h: Tensor) -> torch.dtype:
     """The dtype nn.Linear would compute in here (autocast's, when it is on)."""
-    kind = h.device.type
-    if torch.is_autocast_enabled(kind):
-        return torch.get_autocast_dtype(kind)
-    return h.dtype
+    return autocast_dtype(h.device.type) or h.dtype
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

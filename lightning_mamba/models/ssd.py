@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .precision import autocast_dtype
+
 _MASKS: dict = {}
 
 
@@ -76,8 +78,7 @@ def _operand_dtype(t: Tensor) -> torch.dtype:
     """The dtype of a tensor that feeds only matmuls (B, C): autocast's when it is on (the matmul casts to it
     anyway, so a cast to fp32 first would only copy the d_state-wide tensor there and back, to the same values),
     else the compute dtype."""
-    kind = t.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else _compute_dtype(t)
+    return autocast_dtype(t.device.type) or _compute_dtype(t)
 
 
 def _heads(t: Tensor, nheads: int) -> Tensor:
@@ -214,7 +215,8 @@ def ssd_quadratic(
     ct = _compute_dtype(x)
     g = B.size(2)
     X = (x.to(ct) * dt.to(ct)[..., None]).view(b, 1, l, g, h // g, p)  # one chunk: (b, c=1, l, g, r, p)
-    B, C = B.to(_operand_dtype(B))[:, None], C.to(_operand_dtype(C))[:, None]
+    bc = _operand_dtype(B)
+    B, C = B.to(bc)[:, None], C.to(bc)[:, None]
     dA = (dt.to(ct) * A.to(ct)).transpose(1, 2)[:, None]  # (b, 1, h, l): log alpha
     decay = _chunk_decay(dA, None if seq_idx is None else seq_idx[:, None])  # (b, 1, h, l, l)
     y = _within_chunks(C, B, X, decay).reshape(b, l, h, p).to(x.dtype)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models import MambaLM
+from ..models.precision import autocast_dtype
 
 
 class _Loss(nn.Module):
@@ -59,9 +60,8 @@ def thread_local_capture():
 
 
 def _signature(args: tuple[Tensor, ...]) -> tuple:
-    autocast = torch.is_autocast_enabled("cuda")
-    return (tuple((a.shape, a.dtype, a.device) for a in args), autocast,
-            torch.get_autocast_dtype("cuda") if autocast else None)
+    dtype = autocast_dtype("cuda")
+    return tuple((a.shape, a.dtype, a.device) for a in args), dtype is not None, dtype
 
 
 class GraphedLoss:

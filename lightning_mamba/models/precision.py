@@ -1,0 +1,10 @@
+"""The dtype autocast computes matmuls in, where it is on."""
+
+from __future__ import annotations
+
+import torch
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """Autocast's dtype for ``device_type`` ("cuda", "cpu") when it is on there, else None."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
