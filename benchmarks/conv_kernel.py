@@ -7,6 +7,7 @@ On the GPU node (causal-conv1d 1.7.0 installed, see the README), one run answers
     python benchmarks/conv_kernel.py --all_shapes    # 130m and the study's cells, every case, ratios, exit 1 on FAIL
     python benchmarks/conv_kernel.py                 # 130m only (b 16, l 2048, d_model 768, d_state 128), bf16
     python benchmarks/conv_kernel.py --shape study   # the study's cells only
+    python benchmarks/conv_kernel.py --shape cells   # the regime study's large states at LEN 16-32
     python benchmarks/conv_kernel.py --sweep         # also try other Triton tile sizes (first shape)
 
 Shapes: ``130m`` is the 130M model's conv (b 16, l 2048, conv_dim 1792, in_proj row stride 3352); ``study`` is the
@@ -107,6 +108,9 @@ def _study(d_state: int, seq_len: int) -> Shape:
 SHAPES = {
     "130m": [Shape("130m", 16, 2048, 768, 128, 64)],
     "study": [_study(ds, l) for ds in (64, 256) for l in (32, 64, 512)],
+    # the regime study's large-state, short-LEN cells (configs/study/regime.yaml), where the conv's backward was
+    # most of the step before short rows got their own tiles
+    "cells": [_study(ds, l) for ds, l in ((2048, 16), (1024, 32), (512, 32))],
 }
 
 
@@ -434,6 +438,25 @@ def print_backward_alone(inp: Inputs) -> None:
     print(f"triton backward alone ({inp.shape.name}): " + ", ".join(parts))
 
 
+def print_short_row_tiles(inp: Inputs) -> None:
+    """Our kernels with the tile plan they run (conv_triton.time_tiles) against the long-row plan they ran before
+    (the tuned tiles, one batch row per program, whatever the row's length), same process, plain case."""
+    from lightning_mamba.models.kernels import conv_triton as ct
+
+    ours = ct.time_tiles
+    now = time_training(cuda_timer, triton_conv, inp, "plain")
+    try:
+        ct.time_tiles = lambda l, block_l, blocks: (block_l, blocks, 1)  # noqa: E731
+        before = time_training(cuda_timer, triton_conv, inp, "plain")
+    finally:
+        ct.time_tiles = ours
+    plan = ", ".join(f"{what} {ours(inp.shape.seq_len, bl, bs)}" for what, bl, bs in
+                     (("fwd", ct.FWD_BLOCK_L, 1), ("bwd", ct.BWD_BLOCK_L, ct.BWD_BLOCKS)))
+    print(f"short-row tiles ({inp.shape.name}; tile, tiles, rows per program: {plan}): fwd {now[0] * 1e3:.0f} us "
+          f"vs {before[0] * 1e3:.0f} us with long-row tiles ({before[0] / now[0]:.2f}x), fwd+bwd {now[1] * 1e3:.0f} "
+          f"vs {before[1] * 1e3:.0f} us ({before[1] / now[1]:.2f}x)")
+
+
 def sweep(inp: Inputs) -> None:
     """Other tile sizes of our kernels (plain case)."""
     from triton.testing import do_bench
@@ -505,6 +528,9 @@ def main(argv=None) -> int:
     if conv_triton.available():
         for s in shapes:
             print_backward_alone(make_inputs(s, "cuda", DTYPES[args.dtype]))
+        for s in shapes:
+            if s.seq_len < conv_triton.BWD_BLOCK_L * conv_triton.BWD_BLOCKS:  # short rows: their own tiles
+                print_short_row_tiles(make_inputs(s, "cuda", DTYPES[args.dtype]))
         if args.sweep:
             sweep(make_inputs(shapes[0], "cuda", DTYPES[args.dtype]))
     if status:

@@ -7,7 +7,9 @@ grad-input and grad-weight kernels) and transposes back, which costs ~20-25% of 
 an H200. Here one kernel reads u in place in its (b, l, d) layout (any row stride, so the column slice of
 in_proj's output needs no copy) and writes silu(conv). Backward saves u, not the output: one kernel recomputes
 the pre-activation, writes grad u, and writes fp32 partial sums of grad weight and grad bias, one per (batch row,
-program's time range), that torch then sums (deterministic, no atomics). (A two-kernel backward passing
+program), that torch then sums (deterministic, no atomics). Short rows (the study's LEN 16-64) get tiles no longer
+than the row, and each program takes several batch rows, so that no time is spent on masked-out tiles and the
+partial sums stay few. (A two-kernel backward passing
 g = dy * silu'(pre) through memory, with far fewer registers, was 22% slower on an H200 and was removed.)
 Numerics: accumulation is fp32 with weight and bias read in fp32, while the torch path first casts them to u's
 dtype (for bf16 u the results differ at the level of bf16 rounding). Gradients flow to u, weight and bias; conv_state and seq_idx get none.
@@ -29,6 +31,7 @@ except ImportError:
 # Tile sizes (time x channels); channels are the contiguous dimension of u.
 FWD_BLOCK_L, FWD_BLOCK_D, FWD_WARPS = 64, 128, 8
 BWD_BLOCK_L, BWD_BLOCK_D, BWD_WARPS, BWD_BLOCKS = 32, 64, 4, 4  # BWD_BLOCKS time blocks per program
+MIN_BLOCK_L = 16  # the shortest time tile: rows shorter than a tile take one of their own length (rounded up)
 
 
 def available() -> bool:
@@ -135,85 +138,93 @@ if triton is not None:
         return dw, db
 
     @triton.jit
-    def _store_wb_sums(dw_part_ptr, db_part_ptr, dw, db, pid_b, chans, d, K: tl.constexpr, K_POW2: tl.constexpr):
-        """This program's partial sums, in slot (batch row, program along time) of dw_part (., K, d), db_part (., d)."""
+    def _store_wb_sums(dw_part_ptr, db_part_ptr, dw, db, chans, d, K: tl.constexpr, K_POW2: tl.constexpr):
+        """This program's partial sums, in slot (batch rows, program along time) of dw_part (., K, d), db_part (., d)."""
         taps = tl.arange(0, K_POW2)
         chan_ok = chans < d
-        part = pid_b * tl.num_programs(0) + tl.program_id(0)
+        part = tl.program_id(2).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
         tl.store(db_part_ptr + part * d + chans, db, mask=chan_ok)
         dw_offs = (part * K + taps[:, None]) * d + chans[None, :]
         tl.store(dw_part_ptr + dw_offs, dw, mask=(taps < K)[:, None] & chan_ok[None, :])
 
     @triton.jit
     def _conv_fwd_kernel(
-        u_ptr, w_ptr, bias_ptr, state_ptr, seq_ptr, out_ptr, l, d,
+        u_ptr, w_ptr, bias_ptr, state_ptr, seq_ptr, out_ptr, b, l, d,
         su_b, su_l, ss_b, sq_b, sq_l,
         K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_SEQ: tl.constexpr, U_UNIT: tl.constexpr,
-        BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
     ):
-        """One (time block, channel block, batch row) tile of silu(conv); out is contiguous (b, l, d)."""
+        """One (time block, channel block) tile of silu(conv) in each of ROWS batch rows; out is contiguous (b, l, d)."""
         su_b, su_l = su_b * U_UNIT, su_l * U_UNIT  # see _u_stride_unit
-        pid_b = tl.program_id(2).to(tl.int64)
         start = tl.program_id(0) * BLOCK_L
         chans = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        pre = _conv_at(
-            u_ptr + pid_b * su_b, w_ptr, bias_ptr, state_ptr + pid_b * ss_b, seq_ptr + pid_b * sq_b, start, 0, chans,
-            l, d, su_l, sq_l, K, HAS_BIAS, HAS_STATE, HAS_SEQ, BLOCK_L, BLOCK_D,
-        )
-        out = pre * tl.sigmoid(pre)
         times = start + tl.arange(0, BLOCK_L)
-        offs = (pid_b * l + times.to(tl.int64))[:, None] * d + chans[None, :]
-        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=(times < l)[:, None] & (chans < d)[None, :])
+        for r in range(ROWS):
+            row = tl.program_id(2).to(tl.int64) * ROWS + r
+            if row < b:
+                pre = _conv_at(
+                    u_ptr + row * su_b, w_ptr, bias_ptr, state_ptr + row * ss_b, seq_ptr + row * sq_b, start, 0,
+                    chans, l, d, su_l, sq_l, K, HAS_BIAS, HAS_STATE, HAS_SEQ, BLOCK_L, BLOCK_D,
+                )
+                out = pre * tl.sigmoid(pre)
+                offs = (row * l + times.to(tl.int64))[:, None] * d + chans[None, :]
+                mask = (times < l)[:, None] & (chans < d)[None, :]
+                tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _conv_bwd_kernel(
-        u_ptr, w_ptr, bias_ptr, state_ptr, seq_ptr, dy_ptr, du_ptr, dw_part_ptr, db_part_ptr, l, d,
+        u_ptr, w_ptr, bias_ptr, state_ptr, seq_ptr, dy_ptr, du_ptr, dw_part_ptr, db_part_ptr, b, l, d,
         su_b, su_l, ss_b, sq_b, sq_l, sy_b, sy_l,
         K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_SEQ: tl.constexpr, U_UNIT: tl.constexpr,
-        BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCKS: tl.constexpr, K_POW2: tl.constexpr,
+        BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCKS: tl.constexpr, ROWS: tl.constexpr, K_POW2: tl.constexpr,
     ):
-        """BLOCKS consecutive time blocks of grad u, and their partial sums of grad weight (K, BLOCK_D) and bias.
+        """BLOCKS consecutive time blocks of grad u in each of ROWS batch rows, and their partial sums of grad weight
+        (K, BLOCK_D) and bias.
 
         g(t) = dy(t) * silu'(pre(t)); grad_u(t) = sum_lag w[K-1-lag] * g(t+lag) (same document, t+lag < l), with
         pre recomputed at the K later times; grad_w[tap] = sum_t g(t) * input(t-lag); grad_b = sum_t g(t).
         """
         su_b, su_l = su_b * U_UNIT, su_l * U_UNIT  # see _u_stride_unit
-        pid_b = tl.program_id(2).to(tl.int64)
         chans = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         chan_ok = chans < d
-        u_row0, state_row0, seq_row0 = u_ptr + pid_b * su_b, state_ptr + pid_b * ss_b, seq_ptr + pid_b * sq_b
-        dw = tl.zeros((K_POW2, BLOCK_D), dtype=tl.float32)  # row tap: sum over this program's times
+        dw = tl.zeros((K_POW2, BLOCK_D), dtype=tl.float32)  # row tap: sum over this program's rows and times
         db = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        for block in range(BLOCKS):
-            start = (tl.program_id(0) * BLOCKS + block) * BLOCK_L
-            times = start + tl.arange(0, BLOCK_L)
-            du = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
-            # All loads of a block come before its stores, so that equal loads (same shift) can be merged.
-            for lag in tl.static_range(K):
-                pre = _conv_at(
-                    u_row0, w_ptr, bias_ptr, state_row0, seq_row0, start, lag, chans, l, d,
-                    su_l, sq_l, K, HAS_BIAS, HAS_STATE, HAS_SEQ, BLOCK_L, BLOCK_D,
-                )
-                later = times + lag
-                dy = tl.load(
-                    dy_ptr + pid_b * sy_b + later.to(tl.int64)[:, None] * sy_l + chans[None, :],
-                    mask=(later < l)[:, None] & chan_ok[None, :],
-                    other=0.0,
-                ).to(tl.float32)
-                g = _silu_grad(pre, dy)  # zero past the end (dy masked)
-                if lag == 0:
-                    dw, db = _add_wb_sums(
-                        g, dw, db, u_row0, state_row0, seq_row0, start, chans, l, d, su_l, sq_l,
-                        K, HAS_STATE, HAS_SEQ, BLOCK_L, K_POW2,
-                    )
-                elif HAS_SEQ:
-                    doc_later = _doc_at(seq_row0, start, lag, l, sq_l, BLOCK_L)
-                    g = tl.where((doc_later == _doc_at(seq_row0, start, 0, l, sq_l, BLOCK_L))[:, None], g, 0.0)
-                w = tl.load(w_ptr + (K - 1 - lag) * d + chans, mask=chan_ok, other=0.0)
-                du += w[None, :] * g
-            offs = (pid_b * l + times.to(tl.int64))[:, None] * d + chans[None, :]
-            tl.store(du_ptr + offs, du.to(du_ptr.dtype.element_ty), mask=(times < l)[:, None] & chan_ok[None, :])
-        _store_wb_sums(dw_part_ptr, db_part_ptr, dw, db, pid_b, chans, d, K, K_POW2)
+        for r in range(ROWS):
+            pid_b = tl.program_id(2).to(tl.int64) * ROWS + r
+            if pid_b < b:
+                u_row0, state_row0, seq_row0 = u_ptr + pid_b * su_b, state_ptr + pid_b * ss_b, seq_ptr + pid_b * sq_b
+                for block in range(BLOCKS):
+                    start = (tl.program_id(0) * BLOCKS + block) * BLOCK_L
+                    times = start + tl.arange(0, BLOCK_L)
+                    du = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+                    # All loads of a block come before its stores, so that equal loads (same shift) can be merged.
+                    for lag in tl.static_range(K):
+                        pre = _conv_at(
+                            u_row0, w_ptr, bias_ptr, state_row0, seq_row0, start, lag, chans, l, d,
+                            su_l, sq_l, K, HAS_BIAS, HAS_STATE, HAS_SEQ, BLOCK_L, BLOCK_D,
+                        )
+                        later = times + lag
+                        dy = tl.load(
+                            dy_ptr + pid_b * sy_b + later.to(tl.int64)[:, None] * sy_l + chans[None, :],
+                            mask=(later < l)[:, None] & chan_ok[None, :],
+                            other=0.0,
+                        ).to(tl.float32)
+                        g = _silu_grad(pre, dy)  # zero past the end (dy masked)
+                        if lag == 0:
+                            dw, db = _add_wb_sums(
+                                g, dw, db, u_row0, state_row0, seq_row0, start, chans, l, d, su_l, sq_l,
+                                K, HAS_STATE, HAS_SEQ, BLOCK_L, K_POW2,
+                            )
+                        elif HAS_SEQ:
+                            doc_later = _doc_at(seq_row0, start, lag, l, sq_l, BLOCK_L)
+                            same_doc = doc_later == _doc_at(seq_row0, start, 0, l, sq_l, BLOCK_L)
+                            g = tl.where(same_doc[:, None], g, 0.0)
+                        w = tl.load(w_ptr + (K - 1 - lag) * d + chans, mask=chan_ok, other=0.0)
+                        du += w[None, :] * g
+                    offs = (pid_b * l + times.to(tl.int64))[:, None] * d + chans[None, :]
+                    mask = (times < l)[:, None] & chan_ok[None, :]
+                    tl.store(du_ptr + offs, du.to(du_ptr.dtype.element_ty), mask=mask)
+        _store_wb_sums(dw_part_ptr, db_part_ptr, dw, db, chans, d, K, K_POW2)
 
 
 def _u_stride_unit(u: Tensor) -> int:
@@ -248,15 +259,26 @@ def _kernel_args(u: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Ten
     return ptrs, strides, flags
 
 
+def time_tiles(l: int, block_l: int, blocks: int) -> tuple[int, int, int]:
+    """(time tile, tiles per program, batch rows per program) for rows of length l, given the tile and tiles per
+    program that suit long rows. A short row gets a tile no longer than itself (a power of two, at least
+    MIN_BLOCK_L) and the program takes as many rows as keep its times at block_l * blocks: at LEN 16 the long-row
+    tiles (128 times per backward program) were seven-eighths masked out."""
+    tile = min(block_l, max(MIN_BLOCK_L, 1 << max(l - 1, 0).bit_length()))
+    tiles = min(blocks, -(-l // tile))
+    return tile, tiles, max(1, (block_l * blocks) // (tile * tiles))
+
+
 def _forward(u, weight, bias, conv_state, seq_idx) -> Tensor:
     b, l, d = u.shape
     out = torch.empty(b, l, d, device=u.device, dtype=u.dtype)
     if out.numel() == 0:
         return out
     ptrs, strides, flags = _kernel_args(u, weight, bias, conv_state, seq_idx)
-    grid = (triton.cdiv(l, FWD_BLOCK_L), triton.cdiv(d, FWD_BLOCK_D), b)
+    tile, _, rows = time_tiles(l, FWD_BLOCK_L, 1)
+    grid = (triton.cdiv(l, tile), triton.cdiv(d, FWD_BLOCK_D), triton.cdiv(b, rows))
     _conv_fwd_kernel[grid](
-        *ptrs, out, l, d, *strides, **flags, BLOCK_L=FWD_BLOCK_L, BLOCK_D=FWD_BLOCK_D, num_warps=FWD_WARPS
+        *ptrs, out, b, l, d, *strides, **flags, BLOCK_L=tile, BLOCK_D=FWD_BLOCK_D, ROWS=rows, num_warps=FWD_WARPS
     )
     return out
 
@@ -267,17 +289,18 @@ def _backward(grad_out, u, weight, bias, conv_state, seq_idx) -> tuple[Tensor, T
     k = weight.size(-1)
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
-    n_parts = triton.cdiv(l, BWD_BLOCK_L * BWD_BLOCKS)  # programs along time, each with its partial sums
+    tile, tiles, rows = time_tiles(l, BWD_BLOCK_L, BWD_BLOCKS)
+    n_parts = triton.cdiv(l, tile * tiles) * triton.cdiv(b, rows)  # programs along time and rows: partial sums
     grad_u = torch.empty(b, l, d, device=u.device, dtype=u.dtype)
     # every program writes its whole slot (zeros for its times past l), so no fill
-    dw_part = torch.empty(b * n_parts, k, d, device=u.device, dtype=torch.float32)
-    db_part = torch.empty(b * n_parts, d, device=u.device, dtype=torch.float32)
+    dw_part = torch.empty(n_parts, k, d, device=u.device, dtype=torch.float32)
+    db_part = torch.empty(n_parts, d, device=u.device, dtype=torch.float32)
     if grad_u.numel() > 0:
         ptrs, strides, flags = _kernel_args(u, weight, bias, conv_state, seq_idx)
         dy_strides = grad_out.stride(0), grad_out.stride(1)
-        _conv_bwd_kernel[(n_parts, triton.cdiv(d, BWD_BLOCK_D), b)](
-            *ptrs, grad_out, grad_u, dw_part, db_part, l, d, *strides, *dy_strides,
-            **flags, BLOCK_L=BWD_BLOCK_L, BLOCK_D=BWD_BLOCK_D, BLOCKS=BWD_BLOCKS,
+        _conv_bwd_kernel[(triton.cdiv(l, tile * tiles), triton.cdiv(d, BWD_BLOCK_D), triton.cdiv(b, rows))](
+            *ptrs, grad_out, grad_u, dw_part, db_part, b, l, d, *strides, *dy_strides,
+            **flags, BLOCK_L=tile, BLOCK_D=BWD_BLOCK_D, BLOCKS=tiles, ROWS=rows,
             K_POW2=triton.next_power_of_2(k), num_warps=BWD_WARPS,
         )
     grad_w = dw_part.sum(0).t().reshape(d, 1, k).to(weight.dtype)

@@ -118,6 +118,28 @@ def test_backward_programs_of_several_blocks(blocks, monkeypatch):
     check(make_inputs(2, 70, 200, 4, torch.bfloat16, True, True, seq_idx, strided=True), 1e-2)
 
 
+def test_time_tiles_fit_short_rows():
+    """Long rows keep the tuned tiles; a short row gets a tile of its own length and programs of several rows."""
+    assert conv_triton.time_tiles(2048, 32, 4) == (32, 4, 1)
+    assert conv_triton.time_tiles(70, 32, 4) == (32, 3, 1)
+    assert conv_triton.time_tiles(64, 32, 4) == (32, 2, 2)
+    assert conv_triton.time_tiles(32, 32, 4) == (32, 1, 4)
+    assert conv_triton.time_tiles(16, 32, 4) == (16, 1, 8)
+    assert conv_triton.time_tiles(3, 32, 4) == (16, 1, 8)
+    assert conv_triton.time_tiles(16, 64, 1) == (16, 1, 4)
+
+
+@needs_triton
+@pytest.mark.parametrize("l", [16, 24, 64])
+def test_programs_of_several_short_rows(l):
+    """Short rows, several per program (a batch that the rows per program do not divide): values and the grad
+    weight and bias summed over rows that share a program, with carried states and document boundaries."""
+    b = 11
+    seq_idx = torch.stack([docs(l, *(s for s in (1 + i % 5, 9 + i % 7) if s < l)) for i in range(b)])
+    check(make_inputs(b, l, 40, 4, torch.float32, True, True, seq_idx, strided=True), FP32)
+    check(make_inputs(b, l, 72, 4, torch.bfloat16, False, False, None, seed=3), 1e-2)
+
+
 @needs_triton
 def test_state_of_another_dtype_and_no_grad():
     """A fp32 conv_state with fp16 u is taken as u's values; under no_grad the output needs no graph."""
