@@ -96,8 +96,8 @@ def test_cell_benchmark_steps_build_no_final_state_as_training_does():
     that tensor (rows x heads x headdim x d_state) would be the largest one of the step (at d_state 2048, LEN 16,
     4 GB per layer), so a benchmark that built it would time a step training never takes."""
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
+
+    from .op_watch import OpWatch, tensors
 
     bench = load_benchmark("cell_throughput")
     throughput = load_benchmark("train_throughput")
@@ -107,27 +107,19 @@ def test_cell_benchmark_steps_build_no_final_state_as_training_does():
     model = bench.build_model(args, d_state, "cpu")
     state_size = rows * heads * headdim * d_state
 
-    class Sizes(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = set()
-
-        def __torch_dispatch__(self, func, types, a=(), kw=None):
-            out = func(*a, **(kw or {}))
-            self.seen |= {t.numel() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)}
-            return out
+    def sizes_seen(step) -> set[int]:
+        """The sizes (numel) of every tensor the step's ops make."""
+        seen = set()
+        with OpWatch(lambda func, args, out: seen.update(t.numel() for t in tensors(out))):
+            step()
+        return seen
 
     window = torch.randint(0, 257, (rows, seq_len + 1))
     opt = bench.make_optimizer(model, args, "cpu")
     params = list(model.parameters())
-    with Sizes() as sizes:
-        model.loss(window[:, :-1], window[:, 1:])  # the check itself: a loss that returns the state builds it
-    assert state_size in sizes.seen
-    with Sizes() as sizes:
-        bench.train_step(model, opt, params, window, bench.autocast("cpu"))
-    assert state_size not in sizes.seen
+    # the check itself: a loss that returns the state builds it
+    assert state_size in sizes_seen(lambda: model.loss(window[:, :-1], window[:, 1:]))
+    assert state_size not in sizes_seen(lambda: bench.train_step(model, opt, params, window, bench.autocast("cpu")))
     cfg = (32, 1, d_state, 257, rows, seq_len, headdim)
     ours, loss_fn = throughput.build_bare("ours", cfg, "cpu", {"quadratic_max_len": seq_len})
-    with Sizes() as sizes:
-        loss_fn(ours, window[:, :-1], window[:, 1:]).backward()
-    assert state_size not in sizes.seen
+    assert state_size not in sizes_seen(lambda: loss_fn(ours, window[:, :-1], window[:, 1:]).backward())

@@ -5,8 +5,6 @@ import weakref
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from lightning_mamba.analysis import evaluator
 from lightning_mamba.analysis.evaluator import (
@@ -18,6 +16,8 @@ from lightning_mamba.analysis.evaluator import (
 )
 from lightning_mamba.analysis.state_stats import state_statistics
 from lightning_mamba.models import mixer as mixer_module
+
+from ..op_watch import OpWatch, tensors
 
 
 def whole_row_one_pass(lm, ids, stride):
@@ -113,11 +113,10 @@ def test_the_states_held_at_once_stay_within_one_segment(lm, monkeypatch):
     assert len(lengths) == len(segment_ends(n, stride, (20,), 4)) > 5
 
 
-class LiveTensorBytes(TorchDispatchMode):
-    """The most bytes of tensor storage made inside the mode that were alive at once."""
+class LiveTensorBytes:
+    """The most bytes of tensor storage made inside ``watch()`` that were alive at once."""
 
     def __init__(self):
-        super().__init__()
         self.live = self.peak = 0
         self.seen: set[int] = set()
 
@@ -125,15 +124,16 @@ class LiveTensorBytes(TorchDispatchMode):
         self.live -= nbytes
         self.seen.discard(key)
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and id(s := t.untyped_storage()) not in self.seen:
+    def see(self, func, args, out) -> None:
+        for t in tensors(out):
+            if id(s := t.untyped_storage()) not in self.seen:
                 self.seen.add(id(s))
                 self.live += s.nbytes()
                 weakref.finalize(s, self._free, id(s), s.nbytes())
                 self.peak = max(self.peak, self.live)
-        return out
+
+    def watch(self) -> OpWatch:
+        return OpWatch(self.see)
 
 
 def test_memory_does_not_grow_with_the_length(lm, monkeypatch):
@@ -143,7 +143,8 @@ def test_memory_does_not_grow_with_the_length(lm, monkeypatch):
     peaks = {}
     for n in (128, 1024):
         tokens = torch.randint(0, 64, (2, n))
-        with LiveTensorBytes() as mem:
+        mem = LiveTensorBytes()
+        with mem.watch():
             state_statistics(lm, tokens, seq_len=16, stride=stride)
         peaks[n] = mem.peak
     # the whole row at once would hold 8x the states at 1024; what grows is only the per-sample (layer, head) stats

@@ -2,23 +2,11 @@
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_mamba.models import mixer as mixer_module
 from lightning_mamba.models.mixer import Mamba2, split_last
 
-
-class CatInputs(TorchDispatchMode):
-    """Records, for every aten.cat, whether each input is contiguous."""
-
-    def __init__(self):
-        super().__init__()
-        self.cats = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten.cat.default:
-            self.cats.append([t.is_contiguous() for t in args[0]])
-        return func(*args, **(kwargs or {}))
+from ..op_watch import OpWatch
 
 
 def backward_cats(quadratic_max_len: int, split=None, monkeypatch=None) -> list[list[bool]]:
@@ -28,9 +16,15 @@ def backward_cats(quadratic_max_len: int, split=None, monkeypatch=None) -> list[
     mixer = Mamba2(d_model=64, d_state=16, headdim=16, chunk_size=8, quadratic_max_len=quadratic_max_len, backend="torch")
     u = torch.randn(3, 8, 64, requires_grad=True)
     out, _ = mixer(u, return_state=False)
-    with CatInputs() as mode:
+    cats = []  # per aten.cat: whether each input is contiguous
+
+    def see(func, args, out):
+        if func is torch.ops.aten.cat.default:
+            cats.append([t.is_contiguous() for t in args[0]])
+
+    with OpWatch(see):
         out.square().sum().backward()
-    return mode.cats
+    return cats
 
 
 @pytest.mark.parametrize("quadratic_max_len", [0, 64])

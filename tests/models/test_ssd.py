@@ -164,32 +164,26 @@ def test_quadratic_under_autocast_feeds_b_and_c_to_the_matmul_without_an_fp32_co
     """Under autocast the matmuls cast B and C to autocast's dtype anyway: the attention form hands them over in
     that dtype (no fp32 copy of a d_state-wide tensor and back), with the same outputs and gradients, bit for bit,
     as when it cast them to fp32 first."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
-
     import lightning_mamba.models.ssd as ssd
+
+    from ..op_watch import OpWatch, tensors
 
     x, dt, A, B, C = make_inputs(b=2, l=16, h=4, p=8, g=1, n=24)
     bc_shape = tuple(B.shape)
 
-    class Casts(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.fp32_bc = 0
-
-        def __torch_dispatch__(self, func, types, a=(), kw=None):
-            out = func(*a, **(kw or {}))
-            if func.overloadpacket is torch.ops.aten._to_copy:
-                self.fp32_bc += sum(t.dtype == torch.float32 and tuple(t.shape) == bc_shape for t in tree_flatten(out)[0])
-            return out
-
     def run():
         inputs = [x.bfloat16(), dt.float(), A.float(), B.bfloat16(), C.bfloat16()]
         inputs = [t.clone().requires_grad_() for t in inputs]
-        with Casts() as casts, torch.autocast("cpu", dtype=torch.bfloat16):
+        fp32_bc = []  # fp32 copies of a B- or C-shaped tensor
+
+        def see(func, args, out):
+            if func.overloadpacket is torch.ops.aten._to_copy:
+                fp32_bc.extend(t for t in tensors(out) if t.dtype == torch.float32 and tuple(t.shape) == bc_shape)
+
+        with OpWatch(see), torch.autocast("cpu", dtype=torch.bfloat16):
             y, _ = ssd_quadratic(*inputs, return_final_state=False)
         y.float().square().sum().backward()
-        return casts.fp32_bc, y, [t.grad for t in inputs]
+        return len(fp32_bc), y, [t.grad for t in inputs]
 
     copies, y, grads = run()
     assert copies == 0
