@@ -9,6 +9,7 @@ with the paper's criterion far past LEN; then T_forget per state size and the pa
     lightning-mamba sweep --config ... --prepare_only true                      # tokenizer + caches, once
     lightning-mamba sweep --config ... --summarize_only true                    # after every shard is done
     lightning-mamba sweep --config ... --out runs/study/all --merge '[a, b]'    # slices' folders: one summary
+    lightning-mamba sweep --out runs/study/map --map_summaries '[a/summary.json, b/summary.json]'  # one grid map
 
 Re-running the same command skips finished cells and resumes a killed one from its last.ckpt. See docs/study.md.
 """
@@ -49,6 +50,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--merge", type=list[str] | None, default=None, help="Study folders to merge into --out (their "
                    "cells, checkpoints left out, and plans; same study settings required), then write the summary of "
                    "all of them; trains nothing. E.g. slices run on different machines: '[runs/study/a, runs/study/b]'.")
+    p.add_argument("--map_summaries", type=list[str] | None, default=None, help="Draw one states x LEN map of these "
+                   "studies' summary.json files (every cell's evaluations along training, e.g. slices run on "
+                   "different machines) into --out: grid_map.png and grid_map.json; trains and summarizes nothing.")
     p.add_argument("--tensorboard", type=bool, default=True, help="Also write the summary as a TensorBoard run "
                    "<out>/summary.")
     return p
@@ -149,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     from ..study.summary import summarize, summary_lines
 
     def work() -> list[str]:
+        if args.map_summaries is not None:
+            from ..study.summary_map import write_summary_map
+
+            return write_summary_map(args.map_summaries, study.out)
         study.validate()
         if args.dry_run:
             # eval_min_tokens reaches the cell's callbacks once built, not through an argument (floor_lengthgen)
