@@ -23,6 +23,21 @@ def write_eval(cell_folder, step: int, forgets: bool, log_retention=None, ratio:
                                               "stats": {"log_retention_T": log_retention}}}, f)
 
 
+def write_study(out, planned: list[str], cells: dict[str, list[float]]) -> None:
+    """A study folder planning ``planned`` whose ``cells`` were evaluated every 500 steps with these ratios
+    mean[16T,64T] / mean[T/2,T] (CI +-0.1; 2.5 and above fail the 2x test)."""
+    os.makedirs(out / "cells")
+    with open(out / "study.json", "w") as f:
+        json.dump({"cells": planned, "tokens_per_batch": 16384}, f)
+    for name, ratios in cells.items():
+        for i, r in enumerate(ratios):
+            write_eval(str(out / "cells" / name), 500 * (i + 1), r < 2.5)
+            path = out / "cells" / name / "lengthgen" / f"step_{500 * (i + 1)}.json"
+            entry = json.loads(path.read_text())
+            entry["verdict"].update(ratio_16_64x=r, ratio_16_64x_lo=r - 0.1, ratio_16_64x_hi=r + 0.1)
+            path.write_text(json.dumps(entry))
+
+
 def test_the_first_failing_evaluation_is_the_onset(tmp_path):
     cell = str(tmp_path / "d_state256_len64")
     write_eval(cell, 500, True)
@@ -73,16 +88,7 @@ def test_the_summary_follows_started_cells_outside_the_plan_and_draws_the_onset(
     from lightning_mamba.study.summary_plots import plot_onset
 
     out = tmp_path / "study"
-    os.makedirs(out / "cells")
-    with open(out / "study.json", "w") as f:
-        json.dump({"cells": ["state64_len64"], "tokens_per_batch": 16384}, f)
-    for name, ratios in (("state64_len64", [1.0, 1.4, 2.6]), ("state256_len64", [1.0, 1.1, 1.0])):
-        for i, r in enumerate(ratios):
-            write_eval(str(out / "cells" / name), 500 * (i + 1), r < 2.5)
-            path = out / "cells" / name / "lengthgen" / f"step_{500 * (i + 1)}.json"
-            entry = json.loads(path.read_text())
-            entry["verdict"].update(ratio_16_64x=r, ratio_16_64x_lo=r - 0.1, ratio_16_64x_hi=r + 0.1)
-            path.write_text(json.dumps(entry))
+    write_study(out, ["state64_len64"], {"state64_len64": [1.0, 1.4, 2.6], "state256_len64": [1.0, 1.1, 1.0]})
     summary = summarize(str(out), tensorboard=False)
     assert set(summary["onset"]["cells"]) == {"state64_len64", "state256_len64"}
     assert summary["onset"]["cells"]["state64_len64"]["onset"]["step"] == 1500

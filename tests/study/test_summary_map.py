@@ -8,21 +8,13 @@ import pytest
 from lightning_mamba.commands.sweep import main
 from lightning_mamba.study.summary import summarize
 
-from .test_onset import write_eval
+from .test_onset import write_study
 
 
 def study_with(folder, cells: dict[str, list[float]]) -> str:
-    """A study folder whose cells were evaluated along training with these ratios (2.5 and above fail), summarized
-    by the package; returns its summary.json."""
-    os.makedirs(folder / "cells")
-    (folder / "study.json").write_text(json.dumps({"cells": sorted(cells), "tokens_per_batch": 16384}))
-    for name, ratios in cells.items():
-        for i, r in enumerate(ratios):
-            write_eval(str(folder / "cells" / name), 500 * (i + 1), r < 2.5)
-            path = folder / "cells" / name / "lengthgen" / f"step_{500 * (i + 1)}.json"
-            entry = json.loads(path.read_text())
-            entry["verdict"].update(ratio_16_64x=r, ratio_16_64x_lo=r - 0.1, ratio_16_64x_hi=r + 0.1)
-            path.write_text(json.dumps(entry))
+    """A study whose cells were evaluated along training with these ratios, summarized by the package; returns its
+    summary.json."""
+    write_study(folder, sorted(cells), cells)
     summarize(str(folder), tensorboard=False)
     return str(folder / "summary.json")
 
