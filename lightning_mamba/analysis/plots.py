@@ -5,8 +5,6 @@ The package's one choice of matplotlib backend: every module that draws takes py
 
 from __future__ import annotations
 
-import os
-
 import matplotlib
 
 matplotlib.use("Agg")  # headless: figures go to PNG files and TensorBoard
@@ -14,6 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib import colors, ticker  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+
+from ..atomic import atomic_write  # noqa: E402
 
 
 def contrast_ratio(rgb_a, rgb_b) -> float:
@@ -205,8 +205,8 @@ def plot_log_retention(positions, log_retention, seq_len: int, title: str = "") 
 
 
 def save_png(fig: Figure, path: str, close: bool = True) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    """The figure as a PNG at ``path``, written atomically (a reader never sees half a file)."""
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     if close:
         plt.close(fig)
     return path

@@ -15,7 +15,6 @@ import json
 import os
 
 from ..analysis import plots
-from ..atomic import atomic_write
 from .onset import grid_map
 from .summary_plots import plot_grid_map
 from .sweep import SweepError, write_json
@@ -59,7 +58,6 @@ def write_summary_map(paths: list[str], out: str) -> list[str]:
     if figure is None:
         raise SweepError(f"the {len(paths)} summaries hold no evaluated cell: nothing to draw")
     png, data = os.path.join(out, "grid_map.png"), os.path.join(out, "grid_map.json")
-    atomic_write(png, lambda f: figure.savefig(f, format="png", dpi=110))
-    plots.close(figure)
+    plots.save_png(figure, png)
     write_json(data, {"summaries": [os.path.normpath(p) for p in paths], "runs": runs, "grid": grid})
     return [f"map of {runs} evaluated run(s) from {len(paths)} summaries: {png}, {data}"]

@@ -60,8 +60,7 @@ def thread_local_capture():
 
 
 def _signature(args: tuple[Tensor, ...]) -> tuple:
-    dtype = autocast_dtype("cuda")
-    return tuple((a.shape, a.dtype, a.device) for a in args), dtype is not None, dtype
+    return tuple((a.shape, a.dtype, a.device) for a in args), autocast_dtype("cuda")  # None: autocast off
 
 
 class GraphedLoss:

@@ -172,6 +172,46 @@ if triton is not None:
                 tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _bwd_row(
+        u_row0, w_ptr, bias_ptr, state_row0, seq_row0, dy_row0, du_row0, dw, db, chans, l, d, su_l, sq_l, sy_l,
+        K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_SEQ: tl.constexpr,
+        BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCKS: tl.constexpr, K_POW2: tl.constexpr,
+    ):
+        """One batch row's BLOCKS time blocks (from this program's along time): grad u stored, (dw, db) plus their
+        terms returned. du_row0 is the row's start in the contiguous (b, l, d) grad u."""
+        chan_ok = chans < d
+        for block in range(BLOCKS):
+            start = (tl.program_id(0) * BLOCKS + block) * BLOCK_L
+            times = start + tl.arange(0, BLOCK_L)
+            du = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+            # All loads of a block come before its stores, so that equal loads (same shift) can be merged.
+            for lag in tl.static_range(K):
+                pre = _conv_at(
+                    u_row0, w_ptr, bias_ptr, state_row0, seq_row0, start, lag, chans, l, d,
+                    su_l, sq_l, K, HAS_BIAS, HAS_STATE, HAS_SEQ, BLOCK_L, BLOCK_D,
+                )
+                later = times + lag
+                dy = tl.load(
+                    dy_row0 + later.to(tl.int64)[:, None] * sy_l + chans[None, :],
+                    mask=(later < l)[:, None] & chan_ok[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                g = _silu_grad(pre, dy)  # zero past the end (dy masked)
+                if lag == 0:
+                    dw, db = _add_wb_sums(
+                        g, dw, db, u_row0, state_row0, seq_row0, start, chans, l, d, su_l, sq_l,
+                        K, HAS_STATE, HAS_SEQ, BLOCK_L, K_POW2,
+                    )
+                elif HAS_SEQ:
+                    doc_later = _doc_at(seq_row0, start, lag, l, sq_l, BLOCK_L)
+                    g = tl.where((doc_later == _doc_at(seq_row0, start, 0, l, sq_l, BLOCK_L))[:, None], g, 0.0)
+                w = tl.load(w_ptr + (K - 1 - lag) * d + chans, mask=chan_ok, other=0.0)
+                du += w[None, :] * g
+            offs = times.to(tl.int64)[:, None] * d + chans[None, :]
+            tl.store(du_row0 + offs, du.to(du_row0.dtype.element_ty), mask=(times < l)[:, None] & chan_ok[None, :])
+        return dw, db
+
+    @triton.jit
     def _conv_bwd_kernel(
         u_ptr, w_ptr, bias_ptr, state_ptr, seq_ptr, dy_ptr, du_ptr, dw_part_ptr, db_part_ptr, b, l, d,
         su_b, su_l, ss_b, sq_b, sq_l, sy_b, sy_l,
@@ -186,44 +226,16 @@ if triton is not None:
         """
         su_b, su_l = su_b * U_UNIT, su_l * U_UNIT  # see _u_stride_unit
         chans = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        chan_ok = chans < d
         dw = tl.zeros((K_POW2, BLOCK_D), dtype=tl.float32)  # row tap: sum over this program's rows and times
         db = tl.zeros((BLOCK_D,), dtype=tl.float32)
         for r in range(ROWS):
-            pid_b = tl.program_id(2).to(tl.int64) * ROWS + r
-            if pid_b < b:
-                u_row0, state_row0, seq_row0 = u_ptr + pid_b * su_b, state_ptr + pid_b * ss_b, seq_ptr + pid_b * sq_b
-                for block in range(BLOCKS):
-                    start = (tl.program_id(0) * BLOCKS + block) * BLOCK_L
-                    times = start + tl.arange(0, BLOCK_L)
-                    du = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
-                    # All loads of a block come before its stores, so that equal loads (same shift) can be merged.
-                    for lag in tl.static_range(K):
-                        pre = _conv_at(
-                            u_row0, w_ptr, bias_ptr, state_row0, seq_row0, start, lag, chans, l, d,
-                            su_l, sq_l, K, HAS_BIAS, HAS_STATE, HAS_SEQ, BLOCK_L, BLOCK_D,
-                        )
-                        later = times + lag
-                        dy = tl.load(
-                            dy_ptr + pid_b * sy_b + later.to(tl.int64)[:, None] * sy_l + chans[None, :],
-                            mask=(later < l)[:, None] & chan_ok[None, :],
-                            other=0.0,
-                        ).to(tl.float32)
-                        g = _silu_grad(pre, dy)  # zero past the end (dy masked)
-                        if lag == 0:
-                            dw, db = _add_wb_sums(
-                                g, dw, db, u_row0, state_row0, seq_row0, start, chans, l, d, su_l, sq_l,
-                                K, HAS_STATE, HAS_SEQ, BLOCK_L, K_POW2,
-                            )
-                        elif HAS_SEQ:
-                            doc_later = _doc_at(seq_row0, start, lag, l, sq_l, BLOCK_L)
-                            same_doc = doc_later == _doc_at(seq_row0, start, 0, l, sq_l, BLOCK_L)
-                            g = tl.where(same_doc[:, None], g, 0.0)
-                        w = tl.load(w_ptr + (K - 1 - lag) * d + chans, mask=chan_ok, other=0.0)
-                        du += w[None, :] * g
-                    offs = (pid_b * l + times.to(tl.int64))[:, None] * d + chans[None, :]
-                    mask = (times < l)[:, None] & chan_ok[None, :]
-                    tl.store(du_ptr + offs, du.to(du_ptr.dtype.element_ty), mask=mask)
+            row = tl.program_id(2).to(tl.int64) * ROWS + r
+            if row < b:
+                dw, db = _bwd_row(
+                    u_ptr + row * su_b, w_ptr, bias_ptr, state_ptr + row * ss_b, seq_ptr + row * sq_b,
+                    dy_ptr + row * sy_b, du_ptr + row * l * d, dw, db, chans, l, d, su_l, sq_l, sy_l,
+                    K, HAS_BIAS, HAS_STATE, HAS_SEQ, BLOCK_L, BLOCK_D, BLOCKS, K_POW2,
+                )
         _store_wb_sums(dw_part_ptr, db_part_ptr, dw, db, chans, d, K, K_POW2)
 
 
@@ -290,7 +302,8 @@ def _backward(grad_out, u, weight, bias, conv_state, seq_idx) -> tuple[Tensor, T
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
     tile, tiles, rows = time_tiles(l, BWD_BLOCK_L, BWD_BLOCKS)
-    n_parts = triton.cdiv(l, tile * tiles) * triton.cdiv(b, rows)  # programs along time and rows: partial sums
+    grid = (triton.cdiv(l, tile * tiles), triton.cdiv(d, BWD_BLOCK_D), triton.cdiv(b, rows))
+    n_parts = grid[0] * grid[2]  # programs along time and rows: one slot of partial sums each
     grad_u = torch.empty(b, l, d, device=u.device, dtype=u.dtype)
     # every program writes its whole slot (zeros for its times past l), so no fill
     dw_part = torch.empty(n_parts, k, d, device=u.device, dtype=torch.float32)
@@ -298,7 +311,7 @@ def _backward(grad_out, u, weight, bias, conv_state, seq_idx) -> tuple[Tensor, T
     if grad_u.numel() > 0:
         ptrs, strides, flags = _kernel_args(u, weight, bias, conv_state, seq_idx)
         dy_strides = grad_out.stride(0), grad_out.stride(1)
-        _conv_bwd_kernel[(triton.cdiv(l, tile * tiles), triton.cdiv(d, BWD_BLOCK_D), triton.cdiv(b, rows))](
+        _conv_bwd_kernel[grid](
             *ptrs, grad_out, grad_u, dw_part, db_part, b, l, d, *strides, *dy_strides,
             **flags, BLOCK_L=tile, BLOCK_D=BWD_BLOCK_D, BLOCKS=tiles, ROWS=rows,
             K_POW2=triton.next_power_of_2(k), num_warps=BWD_WARPS,
