@@ -52,7 +52,10 @@ def build_parser() -> ArgumentParser:
                    "all of them; trains nothing. E.g. slices run on different machines: '[runs/study/a, runs/study/b]'.")
     p.add_argument("--map_summaries", type=list[str] | None, default=None, help="Draw one states x LEN map of these "
                    "studies' summary.json files (every cell's evaluations along training, e.g. slices run on "
-                   "different machines) into --out: grid_map.png and grid_map.json; trains and summarizes nothing.")
+                   "different machines) into --out: grid_map.png, grid_map.json (with T_forget seed by seed and its "
+                   "fit) and t_forget_per_seed.png; trains and summarizes nothing.")
+    p.add_argument("--map_min_evaluated_to", type=int, default=32768, help="With --map_summaries: the seeds' "
+                   "T_forget counts only evaluations that reached this many tokens (the 2x test far out).")
     p.add_argument("--tensorboard", type=bool, default=True, help="Also write the summary as a TensorBoard run "
                    "<out>/summary.")
     return p
@@ -156,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.map_summaries is not None:
             from ..study.summary_map import write_summary_map
 
-            return write_summary_map(args.map_summaries, study.out)
+            return write_summary_map(args.map_summaries, study.out, args.map_min_evaluated_to)
         study.validate()
         if args.dry_run:
             # eval_min_tokens reaches the cell's callbacks once built, not through an argument (floor_lengthgen)

@@ -7,6 +7,15 @@ training, ``onset.cells``).
 writes ``grid_map.png`` (as a study's own, over all their cells) and ``grid_map.json`` (the numbers drawn, and the
 summaries read). Each summary's cells count as runs of their own, so a cell trained again in a later slice adds a
 run; leave out a summary whose cells another one repeats (e.g. a merged folder's and its slices').
+
+It also reads T_forget seed by seed over all the slices (``t_forget_per_seed`` in the JSON,
+``t_forget_per_seed.png``) and fits the paper's line T_forget = a N_S + b to the seeds' measured points (``fits``).
+Slices ran for unequal budgets, so a seed's verdicts need not be monotone in LEN (a short budget at one LEN, a long
+one at the next). The reading here rests on the failures, the positive evidence: T_forget of a seed is the shortest
+LEN that forgets above the longest LEN that fails (a lower bound while no longer LEN has been run; an upper bound, the
+shortest LEN, when none fails), and ``forgets_below`` names LENs under a failing one that stayed flat. Only
+evaluations that reached ``min_evaluated_to`` tokens count (early slices evaluated to 64 x LEN only, too short to
+see a failure far out); a run's verdict is its last such evaluation, from the summary where it went furthest.
 """
 
 from __future__ import annotations
@@ -15,14 +24,17 @@ import json
 import os
 
 from ..analysis import plots
+from ..analysis.fits import N_S_UNIT, PAPER_T_FORGET, T_UNIT, fit_linear
 from .onset import grid_map
-from .summary_plots import plot_grid_map
+from .summary import fit_entry
+from .summary_plots import plot_grid_map, plot_t_forget
 from .sweep import SweepError, write_json
 
 CELL_KEYS = ("row", "seq_len", "history")  # what grid_map reads of a cell
+ROW_KEYS = ("d_state", "n_s", "n_s_ssm_only")  # what the fit reads of a row
 
 
-def _cells_of(path: str) -> dict[str, dict]:
+def _read(path: str) -> dict:
     try:
         with open(path) as f:
             summary = json.load(f)
@@ -36,22 +48,114 @@ def _cells_of(path: str) -> dict[str, dict]:
                                               for c in cells.values()):
         raise SweepError(f"{path} has no evaluations along training (onset.cells with {', '.join(CELL_KEYS)}): give "
                          "a summary.json that `lightning-mamba sweep` wrote")
-    return cells
+    return summary
+
+
+def _summaries(paths: list[str]) -> dict[str, dict]:
+    if not paths:
+        raise SweepError("--map_summaries got no files: give a list like '[runs/study/a/summary.json, "
+                         "runs/study/b/summary.json]'")
+    return {path: _read(path) for path in paths}
 
 
 def map_of_summaries(paths: list[str]) -> dict[str, dict[str, dict]]:
     """study.onset.grid_map over the cells of every summary in ``paths`` (a cell per summary and name)."""
-    if not paths:
-        raise SweepError("--map_summaries got no files: give a list like '[runs/study/a/summary.json, "
-                         "runs/study/b/summary.json]'")
-    cells = {}
-    for path in paths:
-        cells.update({f"{path}:{name}": cell for name, cell in _cells_of(path).items()})
-    return grid_map(cells)
+    return grid_map({f"{path}:{name}": cell for path, summary in _summaries(paths).items()
+                     for name, cell in summary["onset"]["cells"].items()})
 
 
-def write_summary_map(paths: list[str], out: str) -> list[str]:
-    """grid_map.png and grid_map.json in ``out``; the lines to print."""
+def last_verdicts(summaries: dict[str, dict], min_evaluated_to: int) -> dict[tuple[str, int, int], dict]:
+    """(row, seed, LEN) -> the run's last evaluation that reached ``min_evaluated_to`` tokens and gave a verdict,
+    taken from the summary whose evaluations of that run went furthest. A cell named without a seed ran with the
+    study's seed (0 unless a summary says ``seed``)."""
+    out: dict[tuple[str, int, int], dict] = {}
+    for path, summary in summaries.items():
+        for name, cell in summary["onset"]["cells"].items():
+            seed = cell.get("seed", summary.get("seed") or 0)
+            counted = [h for h in cell["history"] if h.get("forgets") is not None and h.get("step") is not None
+                       and (h.get("evaluated_to") or 0) >= min_evaluated_to]
+            if not counted:
+                continue
+            last = counted[-1]
+            key = (cell["row"], int(seed), int(cell["seq_len"]))
+            if key not in out or last["step"] > out[key]["step"]:
+                out[key] = {"forgets": last["forgets"], "step": last["step"], "ratio": last.get("ratio_16_64x"),
+                            "summary": os.path.normpath(path), "cell": name}
+    return out
+
+
+def t_forget_from_failures(forgets: dict[int, bool]) -> dict:
+    """One seed's T_forget from its verdicts by LEN (forgets: True, fails: False), read from the longest LEN that
+    fails (see the module's docstring)."""
+    failing = [t for t, f in forgets.items() if not f]
+    flat = sorted(t for t, f in forgets.items() if f)
+    out = {"t_forget": None, "t_forget_after": None, "t_forget_lower_bound": None, "t_forget_upper_bound": None,
+           "forgets_below": []}
+    if not failing:
+        return {**out, "t_forget_upper_bound": flat[0], "status": "at_or_below_min_len"} if flat else \
+            {**out, "status": "incomplete"}
+    longest = max(failing)
+    above = [t for t in flat if t > longest]
+    out["forgets_below"] = [t for t in flat if t < longest]
+    if above:
+        return {**out, "t_forget": above[0], "t_forget_after": longest, "status": "measured"}
+    return {**out, "t_forget_lower_bound": longest, "status": "above_longest_failing_len"}
+
+
+def t_forget_per_seed(summaries: dict[str, dict], min_evaluated_to: int) -> list[dict]:
+    """Per (row, seed): its verdicts by LEN (forgets, step, ratio, where from) and T_forget read from them, with the
+    row's state size where some summary gives it."""
+    rows = {r["row"]: {k: r[k] for k in ROW_KEYS if k in r} for summary in summaries.values()
+            for r in summary.get("rows") or [] if isinstance(r, dict) and "row" in r}
+    runs = last_verdicts(summaries, min_evaluated_to)
+    out = []
+    for row, seed in sorted({(r, s) for r, s, _ in runs}, key=lambda rs: (rows.get(rs[0], {}).get("n_s", 0), rs)):
+        lens = {t: v for (r, s, t), v in sorted(runs.items()) if (r, s) == (row, seed)}
+        out.append({"row": row, "seed": seed, **rows.get(row, {}),
+                    **t_forget_from_failures({t: v["forgets"] for t, v in lens.items()}),
+                    "lens": {str(t): v for t, v in lens.items()}})
+    return out
+
+
+def fits_per_seed(entries: list[dict]) -> dict:
+    """The paper's line fitted to the seeds' measured T_forgets (K tokens vs N_S in M), both N_S conventions."""
+    measured = [e for e in entries if e["t_forget"] is not None and "n_s" in e]
+    y = [e["t_forget"] / T_UNIT for e in measured]
+    out = {"units": {"n_s": "millions (1e6)", "t": f"K tokens (1K = {T_UNIT})"}, "t_forget": {}}
+    for key, label in (("n_s", "paper_convention"), ("n_s_ssm_only", "ssm_only")):
+        out["t_forget"][label] = fit_entry(fit_linear([e[key] / N_S_UNIT for e in measured], y), len(measured),
+                                           PAPER_T_FORGET, 2)
+    return out
+
+
+SEED_BOUNDS = {"t_forget_lower_bound": "> the longest LEN that fails (no longer LEN run)",
+               "t_forget_upper_bound": "<= the shortest LEN run (none fails)"}
+MARKS = (("t_forget", "="), ("t_forget_lower_bound", ">"), ("t_forget_upper_bound", "<="))
+
+
+def _figure_rows(entries: list[dict]) -> list[dict]:
+    """The seeds as rows of plot_t_forget: one point per state size, value and kind, named once per place with its
+    seeds (``state1024 s1 =, s2 <=``: measured for seed 1, an upper bound for seed 2)."""
+    points: dict[tuple, dict] = {}
+    for e in entries:
+        kind = next((k for k, _ in MARKS if e.get(k) is not None), None)
+        if "n_s" not in e or kind is None:
+            continue
+        points.setdefault((e["n_s"], e[kind], kind), {**e, "seeds": []})["seeds"].append(e["seed"])
+    names: dict[tuple, list[str]] = {}
+    for (n_s, value, kind), p in points.items():
+        names.setdefault((n_s, value), []).append(f"s{','.join(map(str, p['seeds']))} {dict(MARKS)[kind]}")
+    out, named = [], set()
+    for (n_s, value, kind), p in points.items():
+        label = "" if (n_s, value) in named else f"{p['row']} " + ", ".join(names[(n_s, value)])
+        named.add((n_s, value))
+        out.append({**p, "row": label})
+    return out
+
+
+def write_summary_map(paths: list[str], out: str, min_evaluated_to: int = 32768) -> list[str]:
+    """grid_map.png, grid_map.json and t_forget_per_seed.png in ``out``; the lines to print."""
+    summaries = _summaries(paths)
     grid = map_of_summaries(paths)
     runs = sum(entry["runs"] for row in grid.values() for entry in row.values())
     figure = plot_grid_map(grid)
@@ -59,5 +163,26 @@ def write_summary_map(paths: list[str], out: str) -> list[str]:
         raise SweepError(f"the {len(paths)} summaries hold no evaluated cell: nothing to draw")
     png, data = os.path.join(out, "grid_map.png"), os.path.join(out, "grid_map.json")
     plots.save_png(figure, png)
-    write_json(data, {"summaries": [os.path.normpath(p) for p in paths], "runs": runs, "grid": grid})
-    return [f"map of {runs} evaluated run(s) from {len(paths)} summaries: {png}, {data}"]
+    seeds = t_forget_per_seed(summaries, min_evaluated_to)
+    fits = fits_per_seed(seeds)
+    lines = [f"map of {runs} evaluated run(s) from {len(paths)} summaries: {png}, {data}"]
+    shown = _figure_rows(seeds)
+    if shown:
+        seeds_png = os.path.join(out, "t_forget_per_seed.png")
+        plots.save_png(plot_t_forget(shown, fits, SEED_BOUNDS), seeds_png)
+        lines.append(f"T_forget seed by seed (evaluations to >= {min_evaluated_to} tokens): {seeds_png}")
+    write_json(data, {"summaries": [os.path.normpath(p) for p in paths], "runs": runs, "grid": grid,
+                      "min_evaluated_to": min_evaluated_to, "t_forget_per_seed": seeds, "fits": fits})
+    for e in seeds:
+        t = (e["t_forget"] if e["t_forget"] is not None else f"> {e['t_forget_lower_bound']}"
+             if e["t_forget_lower_bound"] else f"<= {e['t_forget_upper_bound']}" if e["t_forget_upper_bound"]
+             else "undetermined")
+        verdicts = ", ".join(f"{t_}: {'forgets' if v['forgets'] else 'FAILS'} ({v['step']})"
+                             for t_, v in e["lens"].items())
+        lines.append(f"  {e['row']} seed {e['seed']}: T_forget {t}   [LEN: verdict (step) {verdicts}]")
+    f = fits["t_forget"]["paper_convention"]
+    lines.append("  fit over the seeds' measured T_forget: " + (
+        f"T_forget = {f['fit']['a']:.3g} N_S {f['fit']['b']:+.3g} (N_S in M, T in K tokens), {f['n_points']} points, "
+        f"R^2 {f['fit']['r2']:.3f}" if f["fit"] and f["fit"]["r2"] is not None else
+        f"T_forget = {f['fit']['a']:.3g} N_S {f['fit']['b']:+.3g}, {f.get('note')}" if f["fit"] else f["reason"]))
+    return lines

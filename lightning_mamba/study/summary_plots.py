@@ -25,15 +25,21 @@ def axis_unit(values, units) -> tuple[float, str]:
     return next(((scale, name) for scale, name in units if top >= scale), units[-1])
 
 
-def plot_t_forget(rows: list[dict], fits: dict) -> plt.Figure:
+BOUND_LABELS = {"t_forget_lower_bound": "> max LEN (lower bound: no LEN of the grid forgets)",
+                "t_forget_upper_bound": "<= min LEN (upper bound: the shortest LEN forgets)"}
+
+
+def plot_t_forget(rows: list[dict], fits: dict, bound_labels: dict[str, str] | None = None) -> plt.Figure:
     """T_forget vs N_S: measured points, lower and upper bounds and the linear fit, each in the legend only when
     drawn; both axes in the unit that suits the numbers (tokens below 1K, thousands of state entries below 1M). A
-    provisional point (resting on a cell's last evaluation along training) is drawn hollow."""
+    provisional point (resting on a cell's last evaluation along training) is drawn hollow. ``bound_labels``
+    replaces the legend's words for the bounds (BOUND_LABELS), for bounds read another way."""
     fig, ax = plt.subplots(figsize=(6.4, 5.0))
     placed = [r for r in rows if "n_s" in r]
+    words = {**BOUND_LABELS, **(bound_labels or {})}
     kinds = (("t_forget", "o", "C0", "T_forget (measured)"),
-             ("t_forget_lower_bound", "^", "C3", "> max LEN (lower bound: no LEN of the grid forgets)"),
-             ("t_forget_upper_bound", "v", "C2", "<= min LEN (upper bound: the shortest LEN forgets)"))
+             ("t_forget_lower_bound", "^", "C3", words["t_forget_lower_bound"]),
+             ("t_forget_upper_bound", "v", "C2", words["t_forget_upper_bound"]))
     points = {key: [r for r in placed if r[key] is not None] for key, *_ in kinds}
     # with seeds: each seed's measured T_forget, small, beside the majority's
     per_seed = [(r["n_s"], e["t_forget"]) for r in placed for e in r.get("t_forget_per_seed", [])

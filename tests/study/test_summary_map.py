@@ -3,9 +3,11 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from lightning_mamba.commands.sweep import main
+from lightning_mamba.study.summary_map import t_forget_from_failures
 from lightning_mamba.study.summary import summarize
 
 from .test_onset import write_study
@@ -44,3 +46,64 @@ def test_what_is_not_a_summary_gets_one_line(tmp_path, capsys, content, says):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and says in err[0], err
     assert not (tmp_path / "map" / "grid_map.png").exists()
+
+
+@pytest.mark.parametrize("forgets, expected", [
+    ({32: False, 64: True, 128: True}, {"t_forget": 64, "t_forget_after": 32, "status": "measured"}),
+    # a short budget left LEN 16 flat under a failing 64: the failure decides, 16 is named
+    ({16: True, 64: False, 128: True}, {"t_forget": 128, "t_forget_after": 64, "forgets_below": [16]}),
+    ({32: False}, {"t_forget": None, "t_forget_lower_bound": 32, "status": "above_longest_failing_len"}),
+    ({64: True, 32: True}, {"t_forget": None, "t_forget_upper_bound": 32, "status": "at_or_below_min_len"}),
+    ({}, {"t_forget": None, "status": "incomplete"}),
+])
+def test_a_seeds_t_forget_rests_on_its_longest_failing_len(forgets, expected):
+    got = t_forget_from_failures(forgets)
+    assert {k: got[k] for k in expected} == expected
+
+
+def summary_of(cells: dict[str, tuple[int, list[tuple[int, bool, int]]]], rows: dict[str, int]) -> dict:
+    """A summary.json as the sweep writes it, reduced to what the map reads: ``cells`` name -> (seed or None,
+    [(step, forgets, evaluated_to)]), ``rows`` row -> N_S."""
+    out = {"rows": [{"row": r, "d_state": int(r[5:]), "n_s": n, "n_s_ssm_only": n} for r, n in rows.items()],
+           "onset": {"cells": {}}}
+    for name, (seed, evals) in cells.items():
+        row, rest = name.split("_len")
+        out["onset"]["cells"][name] = {"row": row, "seq_len": int(rest.split("_")[0]),
+                                       **({} if seed is None else {"seed": seed}),
+                                       "history": [{"step": s, "forgets": f, "evaluated_to": e, "ratio_16_64x": 1.0}
+                                                   for s, f, e in evals]}
+    return out
+
+
+def test_t_forget_per_seed_over_slices_and_its_fit(tmp_path, capsys):
+    far, near = 32768, 2048
+    a = tmp_path / "a.json"
+    a.write_text(json.dumps(summary_of({
+        "state512_len32": (None, [(500, True, far), (1000, False, far)]),  # seed 0: fails at 32
+        "state512_len64": (None, [(500, True, far)]),
+        "state1024_len64_seed1": (1, [(500, False, far)]),
+        "state2048_len32": (None, [(900, False, near)]),  # evaluated to 2K only: does not count
+        "state2048_len64": (None, [(500, True, far)]),
+    }, {"state512": 1_000_000, "state1024": 2_000_000, "state2048": 4_000_000})))
+    b = tmp_path / "b.json"
+    b.write_text(json.dumps(summary_of({
+        "state1024_len64_seed1": (1, [(200, True, far)]),  # fewer steps than slice a's run: a's verdict stands
+        "state1024_len128_seed1": (1, [(800, True, far)]),
+        "state2048_len128_seed0": (0, [(700, False, far)]),
+        "state2048_len256_seed0": (0, [(700, True, far)]),
+    }, {"state1024": 2_000_000, "state2048": 4_000_000})))
+    out = tmp_path / "map"
+    assert main(["--out", str(out), "--map_summaries", json.dumps([str(a), str(b)])]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads((out / "grid_map.json").read_text())
+    seeds = {(e["row"], e["seed"]): e for e in data["t_forget_per_seed"]}
+    assert {k: e["t_forget"] for k, e in seeds.items()} == {("state512", 0): 64, ("state1024", 1): 128,
+                                                             ("state2048", 0): 256}
+    assert seeds[("state1024", 1)]["lens"]["64"]["step"] == 500 and seeds[("state2048", 0)]["forgets_below"] == [64]
+    assert "32" not in seeds[("state2048", 0)]["lens"]  # the near evaluation was left out
+    fit = data["fits"]["t_forget"]["paper_convention"]["fit"]
+    slope, intercept = np.polyfit([1.0, 2.0, 4.0], [64 / 1024, 128 / 1024, 256 / 1024], 1)
+    assert fit["a"] == pytest.approx(slope) and fit["b"] == pytest.approx(intercept, abs=1e-9)
+    assert fit["r2"] == pytest.approx(1.0)
+    assert "state1024 seed 1: T_forget 128" in printed and "3 points, R^2 1.000" in printed
+    assert (out / "t_forget_per_seed.png").read_bytes()[:4] == b"\x89PNG"
