@@ -146,7 +146,7 @@ def _figure_rows(entries: list[dict]) -> list[dict]:
     for (n_s, value, kind), p in points.items():
         names.setdefault((n_s, value), []).append(f"s{','.join(map(str, p['seeds']))} {dict(MARKS)[kind]}")
     out, named = [], set()
-    for (n_s, value, kind), p in points.items():
+    for (n_s, value, _kind), p in points.items():
         label = "" if (n_s, value) in named else f"{p['row']} " + ", ".join(names[(n_s, value)])
         named.add((n_s, value))
         out.append({**p, "row": label})

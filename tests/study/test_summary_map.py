@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from lightning_mamba.commands.sweep import main
-from lightning_mamba.study.summary_map import t_forget_from_failures
 from lightning_mamba.study.summary import summarize
+from lightning_mamba.study.summary_map import t_forget_from_failures
 
 from .test_onset import write_study
 
