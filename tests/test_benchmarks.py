@@ -123,3 +123,17 @@ def test_cell_benchmark_steps_build_no_final_state_as_training_does():
     cfg = (32, 1, d_state, 257, rows, seq_len, headdim)
     ours, loss_fn = throughput.build_bare("ours", cfg, "cpu", {"quadratic_max_len": seq_len})
     assert state_size not in sizes_seen(lambda: loss_fn(ours, window[:, :-1], window[:, 1:]).backward())
+
+
+def test_cell_throughput_ratios_name_the_eager_baseline_in_either_scan_form(capsys):
+    bench = load_benchmark("cell_throughput")
+
+    def row(name: str, steps: float) -> dict:
+        return {"contender": name, "cells": 1, "steps_per_s": steps, "steps_per_s_min": steps,
+                "steps_per_s_max": steps, "tokens_per_s_per_cell": steps * 512, "total_tokens_per_s": steps * 512,
+                "peak_gib": 0.1, "check_ok": None, "failed_cells": 0}
+
+    bench.print_table([row("eager_1cell_quadratic", 50.0), row("graph_1cell_quadratic", 125.0)], 512, {})
+    out = capsys.readouterr().out
+    graphed = next(line for line in out.splitlines() if line.startswith("graph_1cell_quadratic"))
+    assert graphed.split()[7] == "2.50" and "eager_1cell_quadratic's" in out
