@@ -137,3 +137,23 @@ def test_cell_throughput_ratios_name_the_eager_baseline_in_either_scan_form(caps
     out = capsys.readouterr().out
     graphed = next(line for line in out.splitlines() if line.startswith("graph_1cell_quadratic"))
     assert graphed.split()[7] == "2.50" and "eager_1cell_quadratic's" in out
+
+
+def test_norm_kernel_checks_every_contender_and_catches_a_wrong_norm(capsys):
+    import torch
+
+    bench = load_benchmark("norm_kernel")
+    assert bench.main(["--device", "cpu", "--shape", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny   add    torch      ok" in out and "tiny   gated  torch      ok" in out
+    assert "mamba_ssm: skipped" in out
+    tiny = bench.SHAPES["tiny"]
+
+    def eps_too_large(h, residual, weight):  # a norm off by its epsilon only
+        res = (h + residual).float()
+        return (res * torch.rsqrt(res.pow(2).mean(-1, keepdim=True) + 1e-2) * weight).to(h.dtype), res
+
+    ok, text = bench.check(eps_too_large, "add", tiny, "cpu")
+    assert not ok and text.startswith("FAIL (") and "Error" not in text  # a wrong value, not a crash
+    ok, text = bench.check(lambda *a: 1 / 0, "gated", tiny, "cpu")
+    assert not ok and "ZeroDivisionError" in text

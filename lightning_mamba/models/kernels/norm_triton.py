@@ -1,0 +1,252 @@
+"""Our Triton RMSNorms: residual add + RMSNorm (the blocks' pre-norm) and the gated RMSNorm of the mixer
+(norm_before_gate=False), forward and backward, the semantics of models/norm.py.
+
+Why our own: in a 130m step on the H200 the norms' backward was the largest single kernel (docs/performance.md:
+16.2 ms a step). mamba_ssm's backward runs one program per SM, each walking its share of the rows one row at a
+time, so few rows are in flight. Here every program takes a tile of several rows at once (a 2-D block) and the
+backward walks its tiles with many programs per SM, each keeping its own partial sums of grad weight (summed
+after). Whether that is faster is for ``benchmarks/norm_kernel.py`` to say, same process against mamba_ssm's
+kernels; until it has, the model keeps mamba_ssm's (kernels/backend.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+TILE_ELEMENTS = 4096  # rows x (row length, padded to a power of two) per tile
+PROGRAMS_PER_SM = 8  # backward programs per SM (each sums its own grad-weight partials)
+
+
+def tile_plan(n_rows: int, width: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(block width, rows per tile, backward programs, tiles per backward program) for ``n_rows`` rows of
+    ``width`` channels."""
+    block = triton.next_power_of_2(width)
+    rows = max(1, min(16, TILE_ELEMENTS // block))
+    tiles = triton.cdiv(n_rows, rows)
+    if device.type == "cuda":
+        cap = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        cap = 64  # Triton's CPU interpreter (tests): any count is correct
+    per_program = triton.cdiv(tiles, min(tiles, cap))
+    return block, rows, triton.cdiv(tiles, per_program), per_program
+
+
+def _warps(block: int, rows: int) -> int:
+    return 8 if block * rows > 4096 else 4
+
+
+@triton.jit
+def _add_rmsnorm_fwd_kernel(h_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, rstd_ptr, n_rows, width,
+                            stride_h, stride_res, stride_out, stride_res_out, eps,
+                            HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    row_ok = rows < n_rows
+    col_ok = cols < width
+    mask = row_ok[:, None] & col_ok[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    x = tl.load(h_ptr + rows64 * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        x += tl.load(res_ptr + rows64 * stride_res + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = x.to(res_out_ptr.dtype.element_ty)  # the residual stream as stored: the norm reads what the backward will
+    tl.store(res_out_ptr + rows64 * stride_res_out + cols[None, :], x, mask=mask)
+    x = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / width + eps)
+    tl.store(rstd_ptr + rows, rstd, mask=row_ok)
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    y = x * rstd[:, None] * w[None, :]
+    tl.store(out_ptr + rows64 * stride_out + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _add_rmsnorm_bwd_kernel(x_ptr, w_ptr, rstd_ptr, dout_ptr, dres_out_ptr, dh_ptr, dres_ptr, dw_ptr, n_rows, width,
+                            stride_x, stride_dout, stride_dres_out, stride_dh, stride_dres,
+                            TILES_PER_PROGRAM: tl.constexpr, HAS_DRES_OUT: tl.constexpr, STORE_DRES: tl.constexpr, ROWS: tl.constexpr,
+                            BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    col_ok = cols < width
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(TILES_PER_PROGRAM):  # a constexpr trip count: one compile per plan, fixed in training
+        rows = (pid * TILES_PER_PROGRAM + i) * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < n_rows
+        mask = row_ok[:, None] & col_ok[None, :]
+        rows64 = rows.to(tl.int64)[:, None]
+        x = tl.load(x_ptr + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+        x_hat = x * rstd[:, None]
+        dy = tl.load(dout_ptr + rows64 * stride_dout + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        w_dy = dy * w[None, :]
+        c = tl.sum(x_hat * w_dy, axis=1) / width
+        dx = (w_dy - x_hat * c[:, None]) * rstd[:, None]
+        if HAS_DRES_OUT:  # the residual stream's own gradient passes through the add
+            dx += tl.load(dres_out_ptr + rows64 * stride_dres_out + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(dh_ptr + rows64 * stride_dh + cols[None, :], dx.to(dh_ptr.dtype.element_ty), mask=mask)
+        if STORE_DRES:
+            tl.store(dres_ptr + rows64 * stride_dres + cols[None, :], dx.to(dres_ptr.dtype.element_ty), mask=mask)
+        dw += tl.sum(dy * x_hat, axis=0)
+    tl.store(dw_ptr + pid * width + cols, dw, mask=col_ok)
+
+
+def _rows(t: Tensor) -> Tensor:
+    """(rows, width) view with unit stride along the width (a copy only when the last dim is strided)."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class AddRMSNorm(torch.autograd.Function):
+    """(rmsnorm(h + residual) * weight in h's dtype, h + residual in the residual's dtype: fp32 with
+    residual_in_fp32, else the residual's, or h's on the first block)."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, residual: Tensor | None, weight: Tensor, eps: float, residual_in_fp32: bool):
+        shape = h.shape
+        h2 = _rows(h)
+        res2 = None if residual is None else _rows(residual)
+        res_dtype = torch.float32 if residual_in_fp32 else (h.dtype if residual is None else residual.dtype)
+        n_rows, width = h2.shape
+        out = torch.empty_like(h2)
+        res_out = torch.empty(n_rows, width, dtype=res_dtype, device=h.device)
+        rstd = torch.empty(n_rows, dtype=torch.float32, device=h.device)
+        block, rows, _, _ = tile_plan(n_rows, width, h.device)
+        _add_rmsnorm_fwd_kernel[(triton.cdiv(n_rows, rows),)](
+            h2, res2 if res2 is not None else h2, weight, out, res_out, rstd, n_rows, width,
+            h2.stride(0), res2.stride(0) if res2 is not None else 0, out.stride(0), res_out.stride(0), eps,
+            HAS_RESIDUAL=res2 is not None, ROWS=rows, BLOCK=block, num_warps=_warps(block, rows))
+        ctx.save_for_backward(res_out, weight, rstd)
+        ctx.has_residual = residual is not None
+        ctx.dtypes = (h.dtype, None if residual is None else residual.dtype)
+        return out.view(shape), res_out.view(shape)
+
+    @staticmethod
+    def backward(ctx, dout: Tensor, dres_out: Tensor | None):
+        x, weight, rstd = ctx.saved_tensors
+        shape = dout.shape
+        dout2 = _rows(dout)
+        dres_out2 = None if dres_out is None else _rows(dres_out)
+        n_rows, width = x.shape
+        h_dtype, res_dtype = ctx.dtypes
+        dh = torch.empty(n_rows, width, dtype=h_dtype, device=x.device)
+        store_dres = ctx.has_residual and res_dtype != h_dtype
+        dres = torch.empty(n_rows, width, dtype=res_dtype, device=x.device) if store_dres else None
+        block, rows, programs, per_program = tile_plan(n_rows, width, x.device)
+        dw = torch.empty(programs, width, dtype=torch.float32, device=x.device)
+        _add_rmsnorm_bwd_kernel[(programs,)](
+            x, weight, rstd, dout2, dres_out2 if dres_out2 is not None else dout2, dh, dres if store_dres else dh, dw,
+            n_rows, width, x.stride(0), dout2.stride(0), dres_out2.stride(0) if dres_out2 is not None else 0,
+            dh.stride(0), dres.stride(0) if store_dres else 0,
+            TILES_PER_PROGRAM=per_program, HAS_DRES_OUT=dres_out2 is not None, STORE_DRES=store_dres, ROWS=rows, BLOCK=block,
+            num_warps=_warps(block, rows))
+        d_residual = None if not ctx.has_residual else (dres if store_dres else dh).view(shape)
+        return dh.view(shape), d_residual, dw.sum(0).to(weight.dtype), None, None
+
+
+def add_rmsnorm(h: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
+                residual_in_fp32: bool) -> tuple[Tensor, Tensor]:
+    """(norm(h + residual), h + residual) as kernels/backend.add_rmsnorm returns them."""
+    return AddRMSNorm.apply(h, residual, weight, eps, residual_in_fp32)
+
+
+@triton.jit
+def _gated_rmsnorm_fwd_kernel(y_ptr, z_ptr, w_ptr, out_ptr, rstd_ptr, n_rows, group_size, n_groups,
+                              stride_y, stride_z, stride_out, eps, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    group = tl.program_id(1)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    row_ok = rows < n_rows
+    col_ok = cols < group_size
+    mask = row_ok[:, None] & col_ok[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    offset = group * group_size + cols[None, :]
+    y = tl.load(y_ptr + rows64 * stride_y + offset, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + rows64 * stride_z + offset, mask=mask, other=0.0).to(tl.float32)
+    g = y * z * tl.sigmoid(z)
+    rstd = 1.0 / tl.sqrt(tl.sum(g * g, axis=1) / group_size + eps)
+    tl.store(rstd_ptr + rows * n_groups + group, rstd, mask=row_ok)
+    w = tl.load(w_ptr + group * group_size + cols, mask=col_ok, other=0.0).to(tl.float32)
+    out = g * rstd[:, None] * w[None, :]
+    tl.store(out_ptr + rows64 * stride_out + offset, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gated_rmsnorm_bwd_kernel(y_ptr, z_ptr, w_ptr, rstd_ptr, dout_ptr, dy_ptr, dz_ptr, dw_ptr, n_rows, group_size,
+                              n_groups, stride_y, stride_z, stride_dout, stride_dy, stride_dz,
+                              TILES_PER_PROGRAM: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    group = tl.program_id(1)
+    cols = tl.arange(0, BLOCK)
+    col_ok = cols < group_size
+    w = tl.load(w_ptr + group * group_size + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(TILES_PER_PROGRAM):  # a constexpr trip count: one compile per plan, fixed in training
+        rows = (pid * TILES_PER_PROGRAM + i) * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < n_rows
+        mask = row_ok[:, None] & col_ok[None, :]
+        rows64 = rows.to(tl.int64)[:, None]
+        offset = group * group_size + cols[None, :]
+        y = tl.load(y_ptr + rows64 * stride_y + offset, mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + rows64 * stride_z + offset, mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(z)
+        silu = z * sig
+        g = y * silu
+        rstd = tl.load(rstd_ptr + rows * n_groups + group, mask=row_ok, other=0.0)
+        g_hat = g * rstd[:, None]
+        d = tl.load(dout_ptr + rows64 * stride_dout + offset, mask=mask, other=0.0).to(tl.float32)
+        w_d = d * w[None, :]
+        c = tl.sum(g_hat * w_d, axis=1) / group_size
+        dg = (w_d - g_hat * c[:, None]) * rstd[:, None]
+        tl.store(dy_ptr + rows64 * stride_dy + offset, (dg * silu).to(dy_ptr.dtype.element_ty), mask=mask)
+        dz = dg * y * sig * (1.0 + z * (1.0 - sig))  # d silu(z) / dz
+        tl.store(dz_ptr + rows64 * stride_dz + offset, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+        dw += tl.sum(d * g_hat, axis=0)
+    tl.store(dw_ptr + pid * n_groups * group_size + group * group_size + cols, dw, mask=col_ok)
+
+
+class GatedRMSNorm(torch.autograd.Function):
+    """rmsnorm(y * silu(z)) * weight per group of ``group_size`` channels, in y's dtype."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, z: Tensor, weight: Tensor, eps: float, group_size: int):
+        shape = y.shape
+        y2, z2 = _rows(y), _rows(z)
+        n_rows, width = y2.shape
+        n_groups = width // group_size
+        out = torch.empty_like(y2)
+        rstd = torch.empty(n_rows, n_groups, dtype=torch.float32, device=y.device)
+        block, rows, _, _ = tile_plan(n_rows, group_size, y.device)
+        _gated_rmsnorm_fwd_kernel[(triton.cdiv(n_rows, rows), n_groups)](
+            y2, z2, weight, out, rstd, n_rows, group_size, n_groups, y2.stride(0), z2.stride(0), out.stride(0), eps,
+            ROWS=rows, BLOCK=block, num_warps=_warps(block, rows))
+        ctx.save_for_backward(y2, z2, weight, rstd)
+        ctx.group_size = group_size
+        ctx.dtypes = (y.dtype, z.dtype)
+        return out.view(shape)
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        y, z, weight, rstd = ctx.saved_tensors
+        shape = dout.shape
+        dout2 = _rows(dout)
+        n_rows, width = y.shape
+        group_size = ctx.group_size
+        n_groups = width // group_size
+        dy = torch.empty(n_rows, width, dtype=ctx.dtypes[0], device=y.device)
+        dz = torch.empty(n_rows, width, dtype=ctx.dtypes[1], device=y.device)
+        block, rows, programs, per_program = tile_plan(n_rows, group_size, y.device)
+        dw = torch.empty(programs, width, dtype=torch.float32, device=y.device)
+        _gated_rmsnorm_bwd_kernel[(programs, n_groups)](
+            y, z, weight, rstd, dout2, dy, dz, dw, n_rows, group_size, n_groups, y.stride(0), z.stride(0),
+            dout2.stride(0), dy.stride(0), dz.stride(0), TILES_PER_PROGRAM=per_program, ROWS=rows, BLOCK=block,
+            num_warps=_warps(block, rows))
+        return dy.view(shape), dz.view(shape), dw.sum(0).to(weight.dtype), None, None
+
+
+def gated_rmsnorm(y: Tensor, z: Tensor, weight: Tensor, eps: float, group_size: int) -> Tensor:
+    """norm(y * silu(z)) per group, as kernels/backend.gated_rmsnorm returns it."""
+    if y.shape[-1] % group_size:
+        raise ValueError(f"the width {y.shape[-1]} is not a multiple of group_size {group_size}")
+    return GatedRMSNorm.apply(y, z, weight, eps, group_size)

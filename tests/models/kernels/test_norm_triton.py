@@ -1,0 +1,108 @@
+"""Our Triton norms (models/kernels/norm_triton.py) equal models/norm.py's: residual add + RMSNorm and the gated
+RMSNorm, values and gradients (h, residual, weight; y, z, weight), in fp32 and bf16.
+
+Runs on CUDA when available, else on CPU through Triton's interpreter when TRITON_INTERPRET=1, else skips."""
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from lightning_mamba.models.norm import RMSNorm, RMSNormGated
+
+from .test_conv_triton import assert_rel_close
+from .triton_env import DEVICE, needs_triton
+
+pytestmark = needs_triton
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+
+
+def norm_triton():
+    return pytest.importorskip("lightning_mamba.models.kernels.norm_triton")
+
+
+def leaves(*tensors):
+    return [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
+
+
+def reference_add_rmsnorm(h, residual, weight, eps, residual_in_fp32):
+    """The model's torch path (kernels/backend.add_rmsnorm without Triton), weight as the norm's parameter."""
+    res = h if residual is None else h + residual
+    if residual_in_fp32:
+        res = res.float()
+    norm = RMSNorm(h.shape[-1], eps).to(h.device)
+    return functional_call(norm, {"weight": weight}, (res,)).to(h.dtype), res
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["first block", "residual fp32", "residual same dtype"])
+@pytest.mark.parametrize("n_rows, width", [(37, 48), (1100, 48), (9, 200)])
+def test_add_rmsnorm_matches_the_torch_norm(dtype, case, n_rows, width):
+    kernels = norm_triton()
+    g = torch.Generator().manual_seed(n_rows + width)
+    h = torch.randn(n_rows, width, generator=g).to(DEVICE, dtype)
+    residual = None if case == "first block" else torch.randn(n_rows, width, generator=g).to(
+        DEVICE, torch.float32 if case == "residual fp32" else dtype)
+    weight = (1 + 0.3 * torch.randn(width, generator=g)).to(DEVICE)
+    residual_in_fp32 = case != "residual same dtype"
+    d_out = torch.randn(n_rows, width, generator=g).to(DEVICE, dtype)
+    d_res = torch.randn(n_rows, width, generator=g).to(DEVICE)  # the residual stream's gradient from above
+
+    results = []
+    for fn in (reference_add_rmsnorm, kernels.add_rmsnorm):
+        h_, r_, w_ = leaves(h, residual, weight)
+        out, res_out = fn(h_, r_, w_, 1e-5, residual_in_fp32)
+        inputs = [t for t in (h_, r_, w_) if t is not None]
+        grads = torch.autograd.grad([out, res_out], inputs, [d_out, d_res.to(res_out.dtype)])
+        results.append((out, res_out, grads))
+    (out_ref, res_ref, grads_ref), (out, res, grads) = results
+    assert out.dtype == h.dtype and res.dtype == res_ref.dtype
+    tol = TOL[dtype]
+    assert_rel_close(res, res_ref, tol, "h + residual")
+    assert_rel_close(out, out_ref, tol, "norm")
+    names = ["grad h"] + ([] if residual is None else ["grad residual"]) + ["grad weight"]
+    for name, a, b in zip(names, grads, grads_ref, strict=True):
+        assert a.dtype == b.dtype, name
+        assert_rel_close(a, b, tol, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_rows, width, group_size", [(37, 48, 48), (1100, 48, 24), (9, 96, 32)])
+def test_gated_rmsnorm_matches_the_torch_norm(dtype, n_rows, width, group_size):
+    kernels = norm_triton()
+    g = torch.Generator().manual_seed(n_rows * width + group_size)
+    wide = torch.randn(n_rows, 2 * width + 5, generator=g).to(DEVICE, dtype)
+    y, z = wide[:, :width], wide[:, width + 5:]  # column slices of one tensor, as the mixer's y and z can be
+    weight = (1 + 0.3 * torch.randn(width, generator=g)).to(DEVICE)
+    d_out = torch.randn(n_rows, width, generator=g).to(DEVICE, dtype)
+    norm = RMSNormGated(width, group_size, 1e-5).to(DEVICE)
+
+    def reference(y, z, weight, eps, group_size):
+        return functional_call(norm, {"weight": weight}, (y, z))
+
+    results = []
+    for fn in (reference, kernels.gated_rmsnorm):
+        y_, z_, w_ = leaves(y, z, weight)
+        out = fn(y_, z_, w_, 1e-5, group_size)
+        results.append((out, torch.autograd.grad(out, [y_, z_, w_], d_out)))
+    (out_ref, grads_ref), (out, grads) = results
+    tol = TOL[dtype]
+    assert out.dtype == dtype
+    assert_rel_close(out, out_ref, tol, "gated norm")
+    for name, a, b in zip(["grad y", "grad z", "grad weight"], grads, grads_ref):
+        assert a.dtype == b.dtype, name
+        assert_rel_close(a, b, tol, name)
+
+
+def test_the_backward_walks_several_tiles_per_program():
+    kernels = norm_triton()
+    block, rows, programs, per_program = kernels.tile_plan(1100, 48, torch.device("cpu"))
+    assert (block, rows) == (64, 16) and per_program == 2 and programs * per_program * rows >= 1100
+    assert kernels.tile_plan(32768, 768, torch.device("cpu"))[:2] == (1024, 4)
+
+
+def test_a_width_the_groups_do_not_divide_is_refused():
+    kernels = norm_triton()
+    x = torch.zeros(2, 10, device=DEVICE)
+    with pytest.raises(ValueError, match="not a multiple of group_size 4"):
+        kernels.gated_rmsnorm(x, x, torch.ones(10, device=DEVICE), 1e-5, 4)
