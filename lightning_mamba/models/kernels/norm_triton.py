@@ -12,9 +12,13 @@ kernels; until it has, the model keeps mamba_ssm's (kernels/backend.py).
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
+
+try:  # CI machines have no triton: the module must still import
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
 
 TILE_ELEMENTS = 4096  # rows x (row length, padded to a power of two) per tile
 PROGRAMS_PER_SM = 8  # backward programs per SM (each sums its own grad-weight partials)
@@ -23,73 +27,130 @@ PROGRAMS_PER_SM = 8  # backward programs per SM (each sums its own grad-weight p
 def tile_plan(n_rows: int, width: int, device: torch.device) -> tuple[int, int, int, int]:
     """(block width, rows per tile, backward programs, tiles per backward program) for ``n_rows`` rows of
     ``width`` channels."""
-    block = triton.next_power_of_2(width)
+    block = 1 << max(width - 1, 0).bit_length()
     rows = max(1, min(16, TILE_ELEMENTS // block))
-    tiles = triton.cdiv(n_rows, rows)
+    tiles = -(-n_rows // rows)
     if device.type == "cuda":
         cap = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         cap = 64  # Triton's CPU interpreter (tests): any count is correct
-    per_program = triton.cdiv(tiles, min(tiles, cap))
-    return block, rows, triton.cdiv(tiles, per_program), per_program
+    per_program = -(-tiles // max(1, min(tiles, cap)))
+    return block, rows, -(-tiles // per_program), per_program
 
 
 def _warps(block: int, rows: int) -> int:
     return 8 if block * rows > 4096 else 4
 
 
-@triton.jit
-def _add_rmsnorm_fwd_kernel(h_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, rstd_ptr, n_rows, width,
-                            stride_h, stride_res, stride_out, stride_res_out, eps,
-                            HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK)
-    row_ok = rows < n_rows
-    col_ok = cols < width
-    mask = row_ok[:, None] & col_ok[None, :]
-    rows64 = rows.to(tl.int64)[:, None]
-    x = tl.load(h_ptr + rows64 * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    if HAS_RESIDUAL:
-        x += tl.load(res_ptr + rows64 * stride_res + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    x = x.to(res_out_ptr.dtype.element_ty)  # the residual stream as stored: the norm reads what the backward will
-    tl.store(res_out_ptr + rows64 * stride_res_out + cols[None, :], x, mask=mask)
-    x = x.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / width + eps)
-    tl.store(rstd_ptr + rows, rstd, mask=row_ok)
-    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    y = x * rstd[:, None] * w[None, :]
-    tl.store(out_ptr + rows64 * stride_out + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+if triton is not None:
 
-
-@triton.jit
-def _add_rmsnorm_bwd_kernel(x_ptr, w_ptr, rstd_ptr, dout_ptr, dres_out_ptr, dh_ptr, dres_ptr, dw_ptr, n_rows, width,
-                            stride_x, stride_dout, stride_dres_out, stride_dh, stride_dres,
-                            TILES_PER_PROGRAM: tl.constexpr, HAS_DRES_OUT: tl.constexpr, STORE_DRES: tl.constexpr, ROWS: tl.constexpr,
-                            BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK)
-    col_ok = cols < width
-    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    dw = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in range(TILES_PER_PROGRAM):  # a constexpr trip count: one compile per plan, fixed in training
-        rows = (pid * TILES_PER_PROGRAM + i) * ROWS + tl.arange(0, ROWS)
+    @triton.jit
+    def _add_rmsnorm_fwd_kernel(h_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, rstd_ptr, n_rows, width,
+                                stride_h, stride_res, stride_out, stride_res_out, eps,
+                                HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK)
         row_ok = rows < n_rows
+        col_ok = cols < width
         mask = row_ok[:, None] & col_ok[None, :]
         rows64 = rows.to(tl.int64)[:, None]
-        x = tl.load(x_ptr + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
-        x_hat = x * rstd[:, None]
-        dy = tl.load(dout_ptr + rows64 * stride_dout + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        w_dy = dy * w[None, :]
-        c = tl.sum(x_hat * w_dy, axis=1) / width
-        dx = (w_dy - x_hat * c[:, None]) * rstd[:, None]
-        if HAS_DRES_OUT:  # the residual stream's own gradient passes through the add
-            dx += tl.load(dres_out_ptr + rows64 * stride_dres_out + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(dh_ptr + rows64 * stride_dh + cols[None, :], dx.to(dh_ptr.dtype.element_ty), mask=mask)
-        if STORE_DRES:
-            tl.store(dres_ptr + rows64 * stride_dres + cols[None, :], dx.to(dres_ptr.dtype.element_ty), mask=mask)
-        dw += tl.sum(dy * x_hat, axis=0)
-    tl.store(dw_ptr + pid * width + cols, dw, mask=col_ok)
+        x = tl.load(h_ptr + rows64 * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            x += tl.load(res_ptr + rows64 * stride_res + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = x.to(res_out_ptr.dtype.element_ty)  # the residual stream as stored: the norm reads what the backward will
+        tl.store(res_out_ptr + rows64 * stride_res_out + cols[None, :], x, mask=mask)
+        x = x.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / width + eps)
+        tl.store(rstd_ptr + rows, rstd, mask=row_ok)
+        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        y = x * rstd[:, None] * w[None, :]
+        tl.store(out_ptr + rows64 * stride_out + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+    @triton.jit
+    def _add_rmsnorm_bwd_kernel(x_ptr, w_ptr, rstd_ptr, dout_ptr, dres_out_ptr, dh_ptr, dres_ptr, dw_ptr, n_rows, width,
+                                stride_x, stride_dout, stride_dres_out, stride_dh, stride_dres,
+                                TILES_PER_PROGRAM: tl.constexpr, HAS_DRES_OUT: tl.constexpr, STORE_DRES: tl.constexpr, ROWS: tl.constexpr,
+                                BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        col_ok = cols < width
+        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        dw = tl.zeros([BLOCK], dtype=tl.float32)
+        for i in range(TILES_PER_PROGRAM):  # a constexpr trip count: one compile per plan, fixed in training
+            rows = (pid * TILES_PER_PROGRAM + i) * ROWS + tl.arange(0, ROWS)
+            row_ok = rows < n_rows
+            mask = row_ok[:, None] & col_ok[None, :]
+            rows64 = rows.to(tl.int64)[:, None]
+            x = tl.load(x_ptr + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+            x_hat = x * rstd[:, None]
+            dy = tl.load(dout_ptr + rows64 * stride_dout + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            w_dy = dy * w[None, :]
+            c = tl.sum(x_hat * w_dy, axis=1) / width
+            dx = (w_dy - x_hat * c[:, None]) * rstd[:, None]
+            if HAS_DRES_OUT:  # the residual stream's own gradient passes through the add
+                dx += tl.load(dres_out_ptr + rows64 * stride_dres_out + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            tl.store(dh_ptr + rows64 * stride_dh + cols[None, :], dx.to(dh_ptr.dtype.element_ty), mask=mask)
+            if STORE_DRES:
+                tl.store(dres_ptr + rows64 * stride_dres + cols[None, :], dx.to(dres_ptr.dtype.element_ty), mask=mask)
+            dw += tl.sum(dy * x_hat, axis=0)
+        tl.store(dw_ptr + pid * width + cols, dw, mask=col_ok)
+
+
+    @triton.jit
+    def _gated_rmsnorm_fwd_kernel(y_ptr, z_ptr, w_ptr, out_ptr, rstd_ptr, n_rows, group_size, n_groups,
+                                  stride_y, stride_z, stride_out, eps, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        group = tl.program_id(1)
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK)
+        row_ok = rows < n_rows
+        col_ok = cols < group_size
+        mask = row_ok[:, None] & col_ok[None, :]
+        rows64 = rows.to(tl.int64)[:, None]
+        offset = group * group_size + cols[None, :]
+        y = tl.load(y_ptr + rows64 * stride_y + offset, mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + rows64 * stride_z + offset, mask=mask, other=0.0).to(tl.float32)
+        g = y * z * tl.sigmoid(z)
+        rstd = 1.0 / tl.sqrt(tl.sum(g * g, axis=1) / group_size + eps)
+        tl.store(rstd_ptr + rows * n_groups + group, rstd, mask=row_ok)
+        w = tl.load(w_ptr + group * group_size + cols, mask=col_ok, other=0.0).to(tl.float32)
+        out = g * rstd[:, None] * w[None, :]
+        tl.store(out_ptr + rows64 * stride_out + offset, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+    @triton.jit
+    def _gated_rmsnorm_bwd_kernel(y_ptr, z_ptr, w_ptr, rstd_ptr, dout_ptr, dy_ptr, dz_ptr, dw_ptr, n_rows, group_size,
+                                  n_groups, stride_y, stride_z, stride_dout, stride_dy, stride_dz,
+                                  TILES_PER_PROGRAM: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        group = tl.program_id(1)
+        cols = tl.arange(0, BLOCK)
+        col_ok = cols < group_size
+        w = tl.load(w_ptr + group * group_size + cols, mask=col_ok, other=0.0).to(tl.float32)
+        dw = tl.zeros([BLOCK], dtype=tl.float32)
+        for i in range(TILES_PER_PROGRAM):  # a constexpr trip count: one compile per plan, fixed in training
+            rows = (pid * TILES_PER_PROGRAM + i) * ROWS + tl.arange(0, ROWS)
+            row_ok = rows < n_rows
+            mask = row_ok[:, None] & col_ok[None, :]
+            rows64 = rows.to(tl.int64)[:, None]
+            offset = group * group_size + cols[None, :]
+            y = tl.load(y_ptr + rows64 * stride_y + offset, mask=mask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + rows64 * stride_z + offset, mask=mask, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(z)
+            silu = z * sig
+            g = y * silu
+            rstd = tl.load(rstd_ptr + rows * n_groups + group, mask=row_ok, other=0.0)
+            g_hat = g * rstd[:, None]
+            d = tl.load(dout_ptr + rows64 * stride_dout + offset, mask=mask, other=0.0).to(tl.float32)
+            w_d = d * w[None, :]
+            c = tl.sum(g_hat * w_d, axis=1) / group_size
+            dg = (w_d - g_hat * c[:, None]) * rstd[:, None]
+            tl.store(dy_ptr + rows64 * stride_dy + offset, (dg * silu).to(dy_ptr.dtype.element_ty), mask=mask)
+            dz = dg * y * sig * (1.0 + z * (1.0 - sig))  # d silu(z) / dz
+            tl.store(dz_ptr + rows64 * stride_dz + offset, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+            dw += tl.sum(d * g_hat, axis=0)
+        tl.store(dw_ptr + pid * n_groups * group_size + group * group_size + cols, dw, mask=col_ok)
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -149,61 +210,6 @@ def add_rmsnorm(h: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
                 residual_in_fp32: bool) -> tuple[Tensor, Tensor]:
     """(norm(h + residual), h + residual) as kernels/backend.add_rmsnorm returns them."""
     return AddRMSNorm.apply(h, residual, weight, eps, residual_in_fp32)
-
-
-@triton.jit
-def _gated_rmsnorm_fwd_kernel(y_ptr, z_ptr, w_ptr, out_ptr, rstd_ptr, n_rows, group_size, n_groups,
-                              stride_y, stride_z, stride_out, eps, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    group = tl.program_id(1)
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK)
-    row_ok = rows < n_rows
-    col_ok = cols < group_size
-    mask = row_ok[:, None] & col_ok[None, :]
-    rows64 = rows.to(tl.int64)[:, None]
-    offset = group * group_size + cols[None, :]
-    y = tl.load(y_ptr + rows64 * stride_y + offset, mask=mask, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + rows64 * stride_z + offset, mask=mask, other=0.0).to(tl.float32)
-    g = y * z * tl.sigmoid(z)
-    rstd = 1.0 / tl.sqrt(tl.sum(g * g, axis=1) / group_size + eps)
-    tl.store(rstd_ptr + rows * n_groups + group, rstd, mask=row_ok)
-    w = tl.load(w_ptr + group * group_size + cols, mask=col_ok, other=0.0).to(tl.float32)
-    out = g * rstd[:, None] * w[None, :]
-    tl.store(out_ptr + rows64 * stride_out + offset, out.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _gated_rmsnorm_bwd_kernel(y_ptr, z_ptr, w_ptr, rstd_ptr, dout_ptr, dy_ptr, dz_ptr, dw_ptr, n_rows, group_size,
-                              n_groups, stride_y, stride_z, stride_dout, stride_dy, stride_dz,
-                              TILES_PER_PROGRAM: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    group = tl.program_id(1)
-    cols = tl.arange(0, BLOCK)
-    col_ok = cols < group_size
-    w = tl.load(w_ptr + group * group_size + cols, mask=col_ok, other=0.0).to(tl.float32)
-    dw = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in range(TILES_PER_PROGRAM):  # a constexpr trip count: one compile per plan, fixed in training
-        rows = (pid * TILES_PER_PROGRAM + i) * ROWS + tl.arange(0, ROWS)
-        row_ok = rows < n_rows
-        mask = row_ok[:, None] & col_ok[None, :]
-        rows64 = rows.to(tl.int64)[:, None]
-        offset = group * group_size + cols[None, :]
-        y = tl.load(y_ptr + rows64 * stride_y + offset, mask=mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + rows64 * stride_z + offset, mask=mask, other=0.0).to(tl.float32)
-        sig = tl.sigmoid(z)
-        silu = z * sig
-        g = y * silu
-        rstd = tl.load(rstd_ptr + rows * n_groups + group, mask=row_ok, other=0.0)
-        g_hat = g * rstd[:, None]
-        d = tl.load(dout_ptr + rows64 * stride_dout + offset, mask=mask, other=0.0).to(tl.float32)
-        w_d = d * w[None, :]
-        c = tl.sum(g_hat * w_d, axis=1) / group_size
-        dg = (w_d - g_hat * c[:, None]) * rstd[:, None]
-        tl.store(dy_ptr + rows64 * stride_dy + offset, (dg * silu).to(dy_ptr.dtype.element_ty), mask=mask)
-        dz = dg * y * sig * (1.0 + z * (1.0 - sig))  # d silu(z) / dz
-        tl.store(dz_ptr + rows64 * stride_dz + offset, dz.to(dz_ptr.dtype.element_ty), mask=mask)
-        dw += tl.sum(d * g_hat, axis=0)
-    tl.store(dw_ptr + pid * n_groups * group_size + group * group_size + cols, dw, mask=col_ok)
 
 
 class GatedRMSNorm(torch.autograd.Function):

@@ -7,18 +7,13 @@ import pytest
 import torch
 from torch.func import functional_call
 
+from lightning_mamba.models.kernels import norm_triton as kernels
 from lightning_mamba.models.norm import RMSNorm, RMSNormGated
 
 from .test_conv_triton import assert_rel_close
 from .triton_env import DEVICE, needs_triton
 
-pytestmark = needs_triton
-
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
-
-
-def norm_triton():
-    return pytest.importorskip("lightning_mamba.models.kernels.norm_triton")
 
 
 def leaves(*tensors):
@@ -34,11 +29,11 @@ def reference_add_rmsnorm(h, residual, weight, eps, residual_in_fp32):
     return functional_call(norm, {"weight": weight}, (res,)).to(h.dtype), res
 
 
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", ["first block", "residual fp32", "residual same dtype"])
 @pytest.mark.parametrize("n_rows, width", [(37, 48), (1100, 48), (9, 200)])
 def test_add_rmsnorm_matches_the_torch_norm(dtype, case, n_rows, width):
-    kernels = norm_triton()
     g = torch.Generator().manual_seed(n_rows + width)
     h = torch.randn(n_rows, width, generator=g).to(DEVICE, dtype)
     residual = None if case == "first block" else torch.randn(n_rows, width, generator=g).to(
@@ -66,10 +61,10 @@ def test_add_rmsnorm_matches_the_torch_norm(dtype, case, n_rows, width):
         assert_rel_close(a, b, tol, name)
 
 
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n_rows, width, group_size", [(37, 48, 48), (1100, 48, 24), (9, 96, 32)])
 def test_gated_rmsnorm_matches_the_torch_norm(dtype, n_rows, width, group_size):
-    kernels = norm_triton()
     g = torch.Generator().manual_seed(n_rows * width + group_size)
     wide = torch.randn(n_rows, 2 * width + 5, generator=g).to(DEVICE, dtype)
     y, z = wide[:, :width], wide[:, width + 5:]  # column slices of one tensor, as the mixer's y and z can be
@@ -94,15 +89,13 @@ def test_gated_rmsnorm_matches_the_torch_norm(dtype, n_rows, width, group_size):
         assert_rel_close(a, b, tol, name)
 
 
-def test_the_backward_walks_several_tiles_per_program():
-    kernels = norm_triton()
+def test_the_backward_walks_several_tiles_per_program():  # the plan alone: runs without triton
     block, rows, programs, per_program = kernels.tile_plan(1100, 48, torch.device("cpu"))
     assert (block, rows) == (64, 16) and per_program == 2 and programs * per_program * rows >= 1100
     assert kernels.tile_plan(32768, 768, torch.device("cpu"))[:2] == (1024, 4)
 
 
-def test_a_width_the_groups_do_not_divide_is_refused():
-    kernels = norm_triton()
-    x = torch.zeros(2, 10, device=DEVICE)
+def test_a_width_the_groups_do_not_divide_is_refused():  # before any kernel: runs without triton
+    x = torch.zeros(2, 10)
     with pytest.raises(ValueError, match="not a multiple of group_size 4"):
-        kernels.gated_rmsnorm(x, x, torch.ones(10, device=DEVICE), 1e-5, 4)
+        kernels.gated_rmsnorm(x, x, torch.ones(10), 1e-5, 4)
