@@ -5,7 +5,8 @@
     python benchmarks/train_throughput.py --config 130m --contenders lightning_graph,lightning,ours,mamba_ssm
 
 Contenders (docs/performance.md says more): ``lightning`` / ``lightning_graph`` (our MambaLitModule through a
-Trainer, eager / with model.cuda_graph), ``ours`` (our MambaLM in a bare loop), ``mamba_ssm_fused`` (mamba_ssm's
+Trainer, eager / with model.cuda_graph), ``lightning_graph_ournorms`` (lightning_graph with our Triton norms,
+models/kernels/norm_triton.py, in place of mamba_ssm's; CUDA only), ``ours`` (our MambaLM in a bare loop), ``mamba_ssm_fused`` (mamba_ssm's
 MambaLMHeadModel as its official configs train it: Mamba2 layers on the fused ``use_mem_eff_path`` kernel,
 ``fused_add_norm``; needs causal-conv1d, skipped with the reason without it), ``mamba_ssm`` (the same model
 unfused: ``use_mem_eff_path=False``, ``fused_add_norm=False``), ``hf`` (transformers' Mamba2ForCausalLM).
@@ -133,7 +134,7 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--contenders", default=None, help="comma list of: lightning, lightning_graph (the same with "
-                   "model.cuda_graph), ours, mamba_ssm_fused, mamba_ssm, hf (default: GPU "
+                   "model.cuda_graph), lightning_graph_ournorms (that with our Triton norms), ours, mamba_ssm_fused, mamba_ssm, hf (default: GPU "
                    f"{GPU_CONTENDERS}; CPU {CPU_CONTENDERS})")
     p.add_argument("--baseline", default=None, help="the contender every ratio is taken against (default: GPU the "
                    "first of mamba_ssm_fused, mamba_ssm that ran; CPU hf)")
@@ -166,6 +167,13 @@ def main():
         try:
             if c in ("lightning", "lightning_graph"):
                 dt = lightning_run(args, cfg, device, "bf16-mixed" if gpu else "32-true", c == "lightning_graph")
+            elif c == "lightning_graph_ournorms":  # the same step with our Triton norms in place of mamba_ssm's
+                if not gpu:
+                    raise Skip("the Triton norms run on CUDA")
+                from lightning_mamba.models.kernels.backend import norm_kernels
+
+                with norm_kernels("ours"):
+                    dt = lightning_run(args, cfg, device, "bf16-mixed", True)
             else:
                 model, loss_fn = build_bare(c, cfg, device)
                 dt = bare_loop(model, batch, seq_len, vocab, args.steps, args.warmup, device, dtype, loss_fn)

@@ -1,8 +1,10 @@
 """The one kernel switch: pure torch everywhere, mamba_ssm's Triton SSD on CUDA when installed (and there the conv
-in causal_conv1d's CUDA kernels when that library is installed too, else in our Triton kernel)."""
+in causal_conv1d's CUDA kernels when that library is installed too, else in our Triton kernel; the norms in
+mamba_ssm's Triton kernels, or ours inside ``norm_kernels("ours")``)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 import types
@@ -17,6 +19,22 @@ from ..ssd import ssd_chunked, ssd_quadratic
 from . import conv_cc1d
 
 BACKENDS = ("auto", "torch", "triton")
+NORM_KERNELS = ("mamba_ssm", "ours")  # the Triton path's norms: mamba_ssm's, or models/kernels/norm_triton.py
+_norm_kernel = "mamba_ssm"  # until ours are measured faster (benchmarks/norm_kernel.py, docs/performance.md)
+
+
+@contextlib.contextmanager
+def norm_kernels(name: str):
+    """The Triton path's norms run ``name``'s kernels inside the block, so a benchmark can time both in one
+    process (benchmarks/train_throughput.py's ``lightning_graph_ournorms``)."""
+    global _norm_kernel
+    if name not in NORM_KERNELS:
+        raise ConfigError(f"unknown norm kernels {name!r}: use one of {', '.join(NORM_KERNELS)}")
+    before, _norm_kernel = _norm_kernel, name
+    try:
+        yield
+    finally:
+        _norm_kernel = before
 
 
 @functools.cache
@@ -158,6 +176,10 @@ def conv_kernel_name(backend: str = "auto", device: str | torch.device = "cuda")
 def add_rmsnorm(backend: str, h: Tensor, residual: Tensor | None, norm, residual_in_fp32: bool) -> tuple[Tensor, Tensor]:
     """residual = h + residual (kept in fp32 when asked); returns (norm(residual), residual)."""
     if uses_triton(backend, h):
+        if _norm_kernel == "ours":
+            from .norm_triton import add_rmsnorm as ours
+
+            return ours(h, residual, norm.weight, norm.eps, residual_in_fp32)
         rms_norm_fn, _ = _triton_norms()
         return rms_norm_fn(h, norm.weight, None, residual=residual, prenorm=True, residual_in_fp32=residual_in_fp32,
                            eps=norm.eps)
@@ -170,6 +192,10 @@ def add_rmsnorm(backend: str, h: Tensor, residual: Tensor | None, norm, residual
 def gated_rmsnorm(backend: str, y: Tensor, z: Tensor, norm) -> Tensor:
     """norm(y * silu(z)) per group (norm_before_gate=False)."""
     if uses_triton(backend, y):
+        if _norm_kernel == "ours":
+            from .norm_triton import gated_rmsnorm as ours
+
+            return ours(y, z, norm.weight, norm.eps, norm.group_size)
         _, rmsnorm_fn = _triton_norms()
         return rmsnorm_fn(y, norm.weight, None, z=z, eps=norm.eps, group_size=norm.group_size, norm_before_gate=False)
     return norm(y, z)

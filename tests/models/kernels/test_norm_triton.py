@@ -99,3 +99,36 @@ def test_a_width_the_groups_do_not_divide_is_refused():  # before any kernel: ru
     x = torch.zeros(2, 10)
     with pytest.raises(ValueError, match="not a multiple of group_size 4"):
         kernels.gated_rmsnorm(x, x, torch.ones(10), 1e-5, 4)
+
+
+@needs_triton
+def test_the_backend_runs_our_norms_inside_norm_kernels(monkeypatch):
+    from lightning_mamba.models.kernels import backend
+
+    monkeypatch.setattr(backend, "uses_triton", lambda name, x: name != "torch")  # the Triton path, on any device
+    g = torch.Generator().manual_seed(3)
+    h, residual = torch.randn(6, 48, generator=g).to(DEVICE), torch.randn(6, 48, generator=g).to(DEVICE)
+    y, z = torch.randn(6, 96, generator=g).to(DEVICE), torch.randn(6, 96, generator=g).to(DEVICE)
+    norm, gated = RMSNorm(48).to(DEVICE), RMSNormGated(96, 48).to(DEVICE)
+    with torch.no_grad():
+        norm.weight.mul_(1.5)
+        gated.weight.add_(0.25)
+    with backend.norm_kernels("ours"):
+        out, res = backend.add_rmsnorm("auto", h, residual, norm, True)
+        gated_out = backend.gated_rmsnorm("auto", y, z, gated)
+    ref_out, ref_res = backend.add_rmsnorm("torch", h, residual, norm, True)
+    assert_rel_close(res, ref_res, 1e-5, "h + residual")
+    assert_rel_close(out, ref_out, 1e-4, "norm")
+    assert_rel_close(gated_out, backend.gated_rmsnorm("torch", y, z, gated), 1e-4, "gated norm")
+    assert out.grad_fn is not None and type(out.grad_fn).__name__ == "AddRMSNormBackward"
+
+
+def test_norm_kernels_restores_the_default_and_refuses_an_unknown_name():
+    from lightning_mamba.models.config import ConfigError
+    from lightning_mamba.models.kernels import backend
+
+    with backend.norm_kernels("ours"):
+        assert backend._norm_kernel == "ours"
+    assert backend._norm_kernel == "mamba_ssm"
+    with pytest.raises(ConfigError, match="use one of mamba_ssm, ours"), backend.norm_kernels("apex"):
+        pass
