@@ -58,10 +58,14 @@ def _summaries(paths: list[str]) -> dict[str, dict]:
     return {path: _read(path) for path in paths}
 
 
+def _grid(summaries: dict[str, dict]) -> dict[str, dict[str, dict]]:
+    return grid_map({f"{path}:{name}": cell for path, summary in summaries.items()
+                     for name, cell in summary["onset"]["cells"].items()})
+
+
 def map_of_summaries(paths: list[str]) -> dict[str, dict[str, dict]]:
     """study.onset.grid_map over the cells of every summary in ``paths`` (a cell per summary and name)."""
-    return grid_map({f"{path}:{name}": cell for path, summary in _summaries(paths).items()
-                     for name, cell in summary["onset"]["cells"].items()})
+    return _grid(_summaries(paths))
 
 
 def last_verdicts(summaries: dict[str, dict], min_evaluated_to: int) -> dict[tuple[str, int, int], dict]:
@@ -153,10 +157,26 @@ def _figure_rows(entries: list[dict]) -> list[dict]:
     return out
 
 
+def _seed_line(e: dict) -> str:
+    t = (e["t_forget"] if e["t_forget"] is not None else f"> {e['t_forget_lower_bound']}"
+         if e["t_forget_lower_bound"] else f"<= {e['t_forget_upper_bound']}" if e["t_forget_upper_bound"]
+         else "undetermined")
+    verdicts = ", ".join(f"{n}: {'forgets' if v['forgets'] else 'FAILS'} ({v['step']})" for n, v in e["lens"].items())
+    return f"  {e['row']} seed {e['seed']}: T_forget {t}   [LEN: verdict (step) {verdicts}]"
+
+
+def _fit_line(entry: dict) -> str:
+    f = entry["fit"]
+    if f is None:
+        return f"  fit over the seeds' measured T_forget: {entry['reason']}"
+    line = f"  fit over the seeds' measured T_forget: T_forget = {f['a']:.3g} N_S {f['b']:+.3g} (N_S in M, T in K tokens)"
+    return line + (f", {entry['n_points']} points, R^2 {f['r2']:.3f}" if f["r2"] is not None else f", {entry['note']}")
+
+
 def write_summary_map(paths: list[str], out: str, min_evaluated_to: int = 32768) -> list[str]:
     """grid_map.png, grid_map.json and t_forget_per_seed.png in ``out``; the lines to print."""
     summaries = _summaries(paths)
-    grid = map_of_summaries(paths)
+    grid = _grid(summaries)
     runs = sum(entry["runs"] for row in grid.values() for entry in row.values())
     figure = plot_grid_map(grid)
     if figure is None:
@@ -173,16 +193,4 @@ def write_summary_map(paths: list[str], out: str, min_evaluated_to: int = 32768)
         lines.append(f"T_forget seed by seed (evaluations to >= {min_evaluated_to} tokens): {seeds_png}")
     write_json(data, {"summaries": [os.path.normpath(p) for p in paths], "runs": runs, "grid": grid,
                       "min_evaluated_to": min_evaluated_to, "t_forget_per_seed": seeds, "fits": fits})
-    for e in seeds:
-        t = (e["t_forget"] if e["t_forget"] is not None else f"> {e['t_forget_lower_bound']}"
-             if e["t_forget_lower_bound"] else f"<= {e['t_forget_upper_bound']}" if e["t_forget_upper_bound"]
-             else "undetermined")
-        verdicts = ", ".join(f"{t_}: {'forgets' if v['forgets'] else 'FAILS'} ({v['step']})"
-                             for t_, v in e["lens"].items())
-        lines.append(f"  {e['row']} seed {e['seed']}: T_forget {t}   [LEN: verdict (step) {verdicts}]")
-    f = fits["t_forget"]["paper_convention"]
-    lines.append("  fit over the seeds' measured T_forget: " + (
-        f"T_forget = {f['fit']['a']:.3g} N_S {f['fit']['b']:+.3g} (N_S in M, T in K tokens), {f['n_points']} points, "
-        f"R^2 {f['fit']['r2']:.3f}" if f["fit"] and f["fit"]["r2"] is not None else
-        f"T_forget = {f['fit']['a']:.3g} N_S {f['fit']['b']:+.3g}, {f.get('note')}" if f["fit"] else f["reason"]))
-    return lines
+    return lines + [_seed_line(e) for e in seeds] + [_fit_line(fits["t_forget"]["paper_convention"])]
