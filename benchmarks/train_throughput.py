@@ -6,10 +6,11 @@
 
 Contenders (docs/performance.md says more): ``lightning`` / ``lightning_graph`` (our MambaLitModule through a
 Trainer, eager / with model.cuda_graph), ``lightning_graph_ournorms`` (lightning_graph with our Triton norms,
-models/kernels/norm_triton.py, in place of mamba_ssm's; CUDA only), ``ours`` (our MambaLM in a bare loop), ``mamba_ssm_fused`` (mamba_ssm's
-MambaLMHeadModel as its official configs train it: Mamba2 layers on the fused ``use_mem_eff_path`` kernel,
-``fused_add_norm``; needs causal-conv1d, skipped with the reason without it), ``mamba_ssm`` (the same model
-unfused: ``use_mem_eff_path=False``, ``fused_add_norm=False``), ``hf`` (transformers' Mamba2ForCausalLM).
+models/kernels/norm_triton.py, in place of mamba_ssm's; CUDA only), ``ours`` (our MambaLM in a bare loop),
+``mamba_ssm_fused`` (mamba_ssm's MambaLMHeadModel as its official configs train it: Mamba2 layers on the fused
+``use_mem_eff_path`` kernel, ``fused_add_norm``; needs causal-conv1d, skipped with the reason without it),
+``mamba_ssm`` (the same model unfused: ``use_mem_eff_path=False``, ``fused_add_norm=False``), ``hf`` (transformers'
+Mamba2ForCausalLM).
 
 Every contender trains the same config, batch and precision on random tokens (speed does not depend
 on the text). Prints tokens/s, peak memory, MFU and each ratio against one named baseline measured in the same
@@ -134,7 +135,8 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--contenders", default=None, help="comma list of: lightning, lightning_graph (the same with "
-                   "model.cuda_graph), lightning_graph_ournorms (that with our Triton norms), ours, mamba_ssm_fused, mamba_ssm, hf (default: GPU "
+                   "model.cuda_graph), lightning_graph_ournorms (that with our Triton norms), ours, mamba_ssm_fused, "
+                   "mamba_ssm, hf (default: GPU "
                    f"{GPU_CONTENDERS}; CPU {CPU_CONTENDERS})")
     p.add_argument("--baseline", default=None, help="the contender every ratio is taken against (default: GPU the "
                    "first of mamba_ssm_fused, mamba_ssm that ran; CPU hf)")

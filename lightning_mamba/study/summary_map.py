@@ -169,7 +169,8 @@ def _fit_line(entry: dict) -> str:
     f = entry["fit"]
     if f is None:
         return f"  fit over the seeds' measured T_forget: {entry['reason']}"
-    line = f"  fit over the seeds' measured T_forget: T_forget = {f['a']:.3g} N_S {f['b']:+.3g} (N_S in M, T in K tokens)"
+    line = (f"  fit over the seeds' measured T_forget: T_forget = {f['a']:.3g} N_S {f['b']:+.3g} "
+            "(N_S in M, T in K tokens)")
     return line + (f", {entry['n_points']} points, R^2 {f['r2']:.3f}" if f["r2"] is not None else f", {entry['note']}")
 
 

@@ -45,15 +45,20 @@ def _warps(block: int, rows: int) -> int:
 if triton is not None:
 
     @triton.jit
-    def _add_rmsnorm_fwd_kernel(h_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, rstd_ptr, n_rows, width,
-                                stride_h, stride_res, stride_out, stride_res_out, eps,
-                                HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    def _tile(first_row, n_rows, width, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        """Rows first_row + (0..ROWS) x columns (0..BLOCK): rows, rows as an int64 column (for offsets), columns, and
+        the masks of rows, columns and the tile."""
+        rows = first_row + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK)
         row_ok = rows < n_rows
         col_ok = cols < width
-        mask = row_ok[:, None] & col_ok[None, :]
-        rows64 = rows.to(tl.int64)[:, None]
+        return rows, rows.to(tl.int64)[:, None], cols, row_ok, col_ok, row_ok[:, None] & col_ok[None, :]
+
+    @triton.jit
+    def _add_rmsnorm_fwd_kernel(h_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, rstd_ptr, n_rows, width,
+                                stride_h, stride_res, stride_out, stride_res_out, eps,
+                                HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        rows, rows64, cols, row_ok, col_ok, mask = _tile(tl.program_id(0) * ROWS, n_rows, width, ROWS, BLOCK)
         x = tl.load(h_ptr + rows64 * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
             x += tl.load(res_ptr + rows64 * stride_res + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -66,22 +71,19 @@ if triton is not None:
         y = x * rstd[:, None] * w[None, :]
         tl.store(out_ptr + rows64 * stride_out + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
-
     @triton.jit
     def _add_rmsnorm_bwd_kernel(x_ptr, w_ptr, rstd_ptr, dout_ptr, dres_out_ptr, dh_ptr, dres_ptr, dw_ptr, n_rows, width,
                                 stride_x, stride_dout, stride_dres_out, stride_dh, stride_dres,
-                                TILES_PER_PROGRAM: tl.constexpr, HAS_DRES_OUT: tl.constexpr, STORE_DRES: tl.constexpr, ROWS: tl.constexpr,
-                                BLOCK: tl.constexpr):
+                                TILES_PER_PROGRAM: tl.constexpr, HAS_DRES_OUT: tl.constexpr,
+                                STORE_DRES: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         col_ok = cols < width
         w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         dw = tl.zeros([BLOCK], dtype=tl.float32)
         for i in range(TILES_PER_PROGRAM):  # a constexpr trip count: one compile per plan, fixed in training
-            rows = (pid * TILES_PER_PROGRAM + i) * ROWS + tl.arange(0, ROWS)
-            row_ok = rows < n_rows
-            mask = row_ok[:, None] & col_ok[None, :]
-            rows64 = rows.to(tl.int64)[:, None]
+            first = (pid * TILES_PER_PROGRAM + i) * ROWS
+            rows, rows64, _cols, row_ok, _col_ok, mask = _tile(first, n_rows, width, ROWS, BLOCK)
             x = tl.load(x_ptr + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
             x_hat = x * rstd[:, None]
@@ -90,24 +92,19 @@ if triton is not None:
             c = tl.sum(x_hat * w_dy, axis=1) / width
             dx = (w_dy - x_hat * c[:, None]) * rstd[:, None]
             if HAS_DRES_OUT:  # the residual stream's own gradient passes through the add
-                dx += tl.load(dres_out_ptr + rows64 * stride_dres_out + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                dres_out = tl.load(dres_out_ptr + rows64 * stride_dres_out + cols[None, :], mask=mask, other=0.0)
+                dx += dres_out.to(tl.float32)
             tl.store(dh_ptr + rows64 * stride_dh + cols[None, :], dx.to(dh_ptr.dtype.element_ty), mask=mask)
             if STORE_DRES:
                 tl.store(dres_ptr + rows64 * stride_dres + cols[None, :], dx.to(dres_ptr.dtype.element_ty), mask=mask)
             dw += tl.sum(dy * x_hat, axis=0)
         tl.store(dw_ptr + pid * width + cols, dw, mask=col_ok)
 
-
     @triton.jit
     def _gated_rmsnorm_fwd_kernel(y_ptr, z_ptr, w_ptr, out_ptr, rstd_ptr, n_rows, group_size, n_groups,
                                   stride_y, stride_z, stride_out, eps, ROWS: tl.constexpr, BLOCK: tl.constexpr):
         group = tl.program_id(1)
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        cols = tl.arange(0, BLOCK)
-        row_ok = rows < n_rows
-        col_ok = cols < group_size
-        mask = row_ok[:, None] & col_ok[None, :]
-        rows64 = rows.to(tl.int64)[:, None]
+        rows, rows64, cols, row_ok, col_ok, mask = _tile(tl.program_id(0) * ROWS, n_rows, group_size, ROWS, BLOCK)
         offset = group * group_size + cols[None, :]
         y = tl.load(y_ptr + rows64 * stride_y + offset, mask=mask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + rows64 * stride_z + offset, mask=mask, other=0.0).to(tl.float32)
@@ -117,7 +114,6 @@ if triton is not None:
         w = tl.load(w_ptr + group * group_size + cols, mask=col_ok, other=0.0).to(tl.float32)
         out = g * rstd[:, None] * w[None, :]
         tl.store(out_ptr + rows64 * stride_out + offset, out.to(out_ptr.dtype.element_ty), mask=mask)
-
 
     @triton.jit
     def _gated_rmsnorm_bwd_kernel(y_ptr, z_ptr, w_ptr, rstd_ptr, dout_ptr, dy_ptr, dz_ptr, dw_ptr, n_rows, group_size,
@@ -130,10 +126,8 @@ if triton is not None:
         w = tl.load(w_ptr + group * group_size + cols, mask=col_ok, other=0.0).to(tl.float32)
         dw = tl.zeros([BLOCK], dtype=tl.float32)
         for i in range(TILES_PER_PROGRAM):  # a constexpr trip count: one compile per plan, fixed in training
-            rows = (pid * TILES_PER_PROGRAM + i) * ROWS + tl.arange(0, ROWS)
-            row_ok = rows < n_rows
-            mask = row_ok[:, None] & col_ok[None, :]
-            rows64 = rows.to(tl.int64)[:, None]
+            first = (pid * TILES_PER_PROGRAM + i) * ROWS
+            rows, rows64, _cols, row_ok, _col_ok, mask = _tile(first, n_rows, group_size, ROWS, BLOCK)
             offset = group * group_size + cols[None, :]
             y = tl.load(y_ptr + rows64 * stride_y + offset, mask=mask, other=0.0).to(tl.float32)
             z = tl.load(z_ptr + rows64 * stride_z + offset, mask=mask, other=0.0).to(tl.float32)
@@ -200,8 +194,8 @@ class AddRMSNorm(torch.autograd.Function):
             x, weight, rstd, dout2, dres_out2 if dres_out2 is not None else dout2, dh, dres if store_dres else dh, dw,
             n_rows, width, x.stride(0), dout2.stride(0), dres_out2.stride(0) if dres_out2 is not None else 0,
             dh.stride(0), dres.stride(0) if store_dres else 0,
-            TILES_PER_PROGRAM=per_program, HAS_DRES_OUT=dres_out2 is not None, STORE_DRES=store_dres, ROWS=rows, BLOCK=block,
-            num_warps=_warps(block, rows))
+            TILES_PER_PROGRAM=per_program, HAS_DRES_OUT=dres_out2 is not None, STORE_DRES=store_dres, ROWS=rows,
+            BLOCK=block, num_warps=_warps(block, rows))
         d_residual = None if not ctx.has_residual else (dres if store_dres else dh).view(shape)
         return dh.view(shape), d_residual, dw.sum(0).to(weight.dtype), None, None
 
