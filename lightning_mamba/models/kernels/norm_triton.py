@@ -39,7 +39,9 @@ def tile_plan(n_rows: int, width: int, device: torch.device) -> tuple[int, int, 
 
 
 def _warps(block: int, rows: int) -> int:
-    return 8 if block * rows > 4096 else 4
+    """About 16 elements of a tile per thread: a 4096-element tile takes 8 warps (the backward holds several fp32
+    tiles at once; more per thread would spill registers)."""
+    return max(4, min(16, block * rows // 512))
 
 
 if triton is not None:
