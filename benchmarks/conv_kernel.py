@@ -457,6 +457,33 @@ def print_short_row_tiles(inp: Inputs) -> None:
           f"vs {before[1] * 1e3:.0f} us ({before[1] / now[1]:.2f}x)")
 
 
+def print_gathered_rows(inp: Inputs, check_dtype, device="cuda", timer=cuda_timer) -> bool:
+    """The backward that gathers g along a row that fits one tile (conv_triton.GATHER_WHOLE_ROWS) against the one
+    that recomputes it at every lag (the default), same process: first its check in ``check_dtype`` on every
+    training case, then the plain case's fwd+bwd both ways. Returns whether every check passed."""
+    from lightning_mamba.models.kernels import conv_triton as ct
+
+    before = ct.GATHER_WHOLE_ROWS
+    checks = {}
+    try:
+        ct.GATHER_WHOLE_ROWS = True
+        ref_inp = make_inputs(inp.shape, device, check_dtype)
+        for case in ("plain", "seq_idx", "state", "state+seq_idx"):
+            checks[case] = safely(check_training, triton_conv, ref_inp, case)
+        ok = all(c[0] for c in checks.values())
+        if ok:  # a kernel that fails its check is not timed
+            gathered = time_training(timer, triton_conv, inp, "plain")
+            ct.GATHER_WHOLE_ROWS = False
+            recomputed = time_training(timer, triton_conv, inp, "plain")
+    finally:
+        ct.GATHER_WHOLE_ROWS = before
+    timing = (f"fwd+bwd {gathered[1] * 1e3:.0f} us vs {recomputed[1] * 1e3:.0f} us recomputed "
+              f"({recomputed[1] / gathered[1]:.2f}x)" if ok else "not timed")
+    print(f"whole rows gathered ({inp.shape.name}): check {'; '.join(f'{k} {v[1]}' for k, v in checks.items())}; "
+          + timing)
+    return ok
+
+
 def sweep(inp: Inputs) -> None:
     """Other tile sizes of our kernels (plain case)."""
     from triton.testing import do_bench
@@ -531,6 +558,9 @@ def main(argv=None) -> int:
         for s in shapes:
             if s.seq_len < conv_triton.BWD_BLOCK_L * conv_triton.BWD_BLOCKS:  # short rows: their own tiles
                 print_short_row_tiles(make_inputs(s, "cuda", DTYPES[args.dtype]))
+            if s.seq_len <= conv_triton.BWD_BLOCK_L:  # a row in one backward tile: g gathered, or recomputed
+                if not print_gathered_rows(make_inputs(s, "cuda", DTYPES[args.dtype]), DTYPES[args.check_dtype]):
+                    status = 1
         if args.sweep:
             sweep(make_inputs(shapes[0], "cuda", DTYPES[args.dtype]))
     if status:

@@ -11,6 +11,7 @@ import torch
 
 from lightning_mamba.models.kernels import conv_cc1d
 from tests.cc1d_stand_in import stand_in_library
+from tests.models.kernels.triton_env import DEVICE, needs_triton
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -98,3 +99,18 @@ def test_causal_conv1d_contender_is_the_models_adapter(capsys):
     status = bench.run([TINY], "cpu", torch.float32, torch.float32, bench.wall_timer, lib=lib)
     out = capsys.readouterr().out
     assert status == 0 and "not inst." not in out and "FAIL" not in out, out
+
+
+@needs_triton
+def test_gathered_rows_are_checked_on_every_case_then_timed_both_ways(capsys, monkeypatch):
+    """The A/B of conv_triton.GATHER_WHOLE_ROWS (rows of 24 fit one backward tile): checks pass, the flag is put
+    back, and a kernel that gets it wrong fails the check."""
+    from lightning_mamba.models.kernels import conv_triton
+
+    inp = bench.make_inputs(TINY, DEVICE, torch.float32)
+    assert bench.print_gathered_rows(inp, torch.float32, DEVICE, bench.wall_timer)
+    out = capsys.readouterr().out
+    assert "whole rows gathered (tiny): check plain ok" in out and "state+seq_idx ok" in out and "x)" in out
+    assert conv_triton.GATHER_WHOLE_ROWS is False
+    monkeypatch.setattr(conv_triton, "_bwd_whole_row", conv_triton._bwd_row)  # a wrong body: its arguments differ
+    assert not bench.print_gathered_rows(inp, torch.float32, DEVICE, bench.wall_timer)

@@ -32,6 +32,10 @@ except ImportError:
 FWD_BLOCK_L, FWD_BLOCK_D, FWD_WARPS = 64, 128, 8
 BWD_BLOCK_L, BWD_BLOCK_D, BWD_WARPS, BWD_BLOCKS = 32, 64, 4, 4  # BWD_BLOCKS time blocks per program
 MIN_BLOCK_L = 16  # the shortest time tile: rows shorter than a tile take one of their own length (rounded up)
+# A row that fits in one backward tile can compute its SiLU gradient g once and take g at the K-1 later times from
+# it (tl.gather along time) instead of recomputing the conv and its sigmoid at each lag. Off until a GPU run says
+# it is faster (benchmarks/conv_kernel.py --shape cells, "whole rows gathered").
+GATHER_WHOLE_ROWS = False
 
 
 def available() -> bool:
@@ -172,6 +176,42 @@ if triton is not None:
                 tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _bwd_whole_row(
+        u_row0, w_ptr, bias_ptr, state_row0, seq_row0, dy_row0, du_row0, dw, db, chans, l, d, su_l, sq_l, sy_l,
+        K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_SEQ: tl.constexpr,
+        BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, K_POW2: tl.constexpr,
+    ):
+        """_bwd_row for a row of l <= BLOCK_L times: g = dy * silu'(pre) once, over the whole row; grad_u(t) =
+        sum_lag w[K-1-lag] * g(t+lag), g(t+lag) gathered from g (zero past the row's end, or in a later document)."""
+        chan_ok = chans < d
+        times = tl.arange(0, BLOCK_L)
+        pre = _conv_at(
+            u_row0, w_ptr, bias_ptr, state_row0, seq_row0, 0, 0, chans, l, d,
+            su_l, sq_l, K, HAS_BIAS, HAS_STATE, HAS_SEQ, BLOCK_L, BLOCK_D,
+        )
+        dy = tl.load(
+            dy_row0 + times.to(tl.int64)[:, None] * sy_l + chans[None, :],
+            mask=(times < l)[:, None] & chan_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        g = _silu_grad(pre, dy)  # zero past the end (dy masked)
+        dw, db = _add_wb_sums(
+            g, dw, db, u_row0, state_row0, seq_row0, 0, chans, l, d, su_l, sq_l, K, HAS_STATE, HAS_SEQ, BLOCK_L, K_POW2,
+        )
+        du = tl.load(w_ptr + (K - 1) * d + chans, mask=chan_ok, other=0.0)[None, :] * g
+        for lag in tl.static_range(1, K):
+            later = times + lag
+            g_later = tl.gather(g, tl.broadcast_to(tl.minimum(later, BLOCK_L - 1)[:, None], (BLOCK_L, BLOCK_D)), 0)
+            keep = later < l
+            if HAS_SEQ:
+                keep = keep & (_doc_at(seq_row0, 0, lag, l, sq_l, BLOCK_L) == _doc_at(seq_row0, 0, 0, l, sq_l, BLOCK_L))
+            w = tl.load(w_ptr + (K - 1 - lag) * d + chans, mask=chan_ok, other=0.0)
+            du += w[None, :] * tl.where(keep[:, None], g_later, 0.0)
+        offs = times.to(tl.int64)[:, None] * d + chans[None, :]
+        tl.store(du_row0 + offs, du.to(du_row0.dtype.element_ty), mask=(times < l)[:, None] & chan_ok[None, :])
+        return dw, db
+
+    @triton.jit
     def _bwd_row(
         u_row0, w_ptr, bias_ptr, state_row0, seq_row0, dy_row0, du_row0, dw, db, chans, l, d, su_l, sq_l, sy_l,
         K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_SEQ: tl.constexpr,
@@ -217,6 +257,7 @@ if triton is not None:
         su_b, su_l, ss_b, sq_b, sq_l, sy_b, sy_l,
         K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_SEQ: tl.constexpr, U_UNIT: tl.constexpr,
         BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCKS: tl.constexpr, ROWS: tl.constexpr, K_POW2: tl.constexpr,
+        WHOLE_ROW: tl.constexpr,
     ):
         """BLOCKS consecutive time blocks of grad u in each of ROWS batch rows, and their partial sums of grad weight
         (K, BLOCK_D) and bias.
@@ -231,11 +272,18 @@ if triton is not None:
         for r in range(ROWS):
             row = tl.program_id(2).to(tl.int64) * ROWS + r
             if row < b:
-                dw, db = _bwd_row(
-                    u_ptr + row * su_b, w_ptr, bias_ptr, state_ptr + row * ss_b, seq_ptr + row * sq_b,
-                    dy_ptr + row * sy_b, du_ptr + row * l * d, dw, db, chans, l, d, su_l, sq_l, sy_l,
-                    K, HAS_BIAS, HAS_STATE, HAS_SEQ, BLOCK_L, BLOCK_D, BLOCKS, K_POW2,
-                )
+                if WHOLE_ROW:  # a constexpr: only one of the two is compiled
+                    dw, db = _bwd_whole_row(
+                        u_ptr + row * su_b, w_ptr, bias_ptr, state_ptr + row * ss_b, seq_ptr + row * sq_b,
+                        dy_ptr + row * sy_b, du_ptr + row * l * d, dw, db, chans, l, d, su_l, sq_l, sy_l,
+                        K, HAS_BIAS, HAS_STATE, HAS_SEQ, BLOCK_L, BLOCK_D, K_POW2,
+                    )
+                else:
+                    dw, db = _bwd_row(
+                        u_ptr + row * su_b, w_ptr, bias_ptr, state_ptr + row * ss_b, seq_ptr + row * sq_b,
+                        dy_ptr + row * sy_b, du_ptr + row * l * d, dw, db, chans, l, d, su_l, sq_l, sy_l,
+                        K, HAS_BIAS, HAS_STATE, HAS_SEQ, BLOCK_L, BLOCK_D, BLOCKS, K_POW2,
+                    )
         _store_wb_sums(dw_part_ptr, db_part_ptr, dw, db, chans, d, K, K_POW2)
 
 
@@ -314,7 +362,8 @@ def _backward(grad_out, u, weight, bias, conv_state, seq_idx) -> tuple[Tensor, T
         _conv_bwd_kernel[grid](
             *ptrs, grad_out, grad_u, dw_part, db_part, b, l, d, *strides, *dy_strides,
             **flags, BLOCK_L=tile, BLOCK_D=BWD_BLOCK_D, BLOCKS=tiles, ROWS=rows,
-            K_POW2=triton.next_power_of_2(k), num_warps=BWD_WARPS,
+            K_POW2=triton.next_power_of_2(k), WHOLE_ROW=GATHER_WHOLE_ROWS and tiles == 1 and l <= tile,
+            num_warps=BWD_WARPS,
         )
     grad_w = dw_part.sum(0).t().reshape(d, 1, k).to(weight.dtype)
     grad_b = None if bias is None else db_part.sum(0).to(bias.dtype)

@@ -130,14 +130,28 @@ def test_time_tiles_fit_short_rows():
 
 
 @needs_triton
-@pytest.mark.parametrize("l", [16, 24, 64])
-def test_programs_of_several_short_rows(l):
+@pytest.mark.parametrize("gather", [False, True], ids=["recomputed", "gathered"])
+@pytest.mark.parametrize("l", [16, 24, 32, 64])
+def test_programs_of_several_short_rows(l, gather, monkeypatch):
     """Short rows, several per program (a batch that the rows per program do not divide): values and the grad
-    weight and bias summed over rows that share a program, with carried states and document boundaries."""
+    weight and bias summed over rows that share a program, with carried states and document boundaries; the
+    backward's g at later times recomputed, or gathered from a whole row's g (GATHER_WHOLE_ROWS: rows of 16, 24 and
+    32 fit one tile; 64 does not and keeps the recomputing path)."""
+    monkeypatch.setattr(conv_triton, "GATHER_WHOLE_ROWS", gather)
     b = 11
     seq_idx = torch.stack([docs(l, *(s for s in (1 + i % 5, 9 + i % 7) if s < l)) for i in range(b)])
     check(make_inputs(b, l, 40, 4, torch.float32, True, True, seq_idx, strided=True), FP32)
     check(make_inputs(b, l, 72, 4, torch.bfloat16, False, False, None, seed=3), 1e-2)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", ["l1_state_seq", "l3_state_seq", "k2_docs", "k8_docs"])
+def test_whole_rows_gathered_match_torch_fp32(case, monkeypatch):
+    """The gathered backward on the small cases whose rows fit one tile, and on one that does not (k2_docs, 130
+    times: the recomputing path) with the flag on: taps 2 to 8, document boundaries at every position."""
+    monkeypatch.setattr(conv_triton, "GATHER_WHOLE_ROWS", True)
+    b, l, d, k, bias, state, seq, strided = SMALL_CASES[case]
+    check(make_inputs(b, l, d, k, torch.float32, bias, state, torch.stack(seq), strided), FP32)
 
 
 @needs_triton
