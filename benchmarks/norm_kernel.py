@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,9 @@ import torch
 from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conv_kernel import _rel_err, cuda_timer, wall_timer  # noqa: E402
+
 from lightning_mamba.models.norm import RMSNorm, RMSNormGated  # noqa: E402
 
 EPS = 1e-5
@@ -108,11 +110,6 @@ def forward_backward(fn, norm: str, inputs, shape: Shape, grads_out) -> list[tor
     return outs + list(torch.autograd.grad(outs, inputs, grads_out[:len(outs)]))
 
 
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    a, ref = a.double(), ref.double()
-    return (a - ref).abs().max().item() / max(ref.abs().max().item(), 1e-12)
-
-
 def check(fn, norm: str, shape: Shape, device: str) -> tuple[bool, str]:
     """fp32 outputs and gradients of ``fn`` against the torch norm's; (ok, text)."""
     inputs = make_inputs(shape, norm, device, torch.float32)
@@ -123,29 +120,13 @@ def check(fn, norm: str, shape: Shape, device: str) -> tuple[bool, str]:
     except Exception as e:  # a contender that raises is a FAIL with its message, the run goes on
         return False, f"FAIL ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
     ref = forward_backward(contenders("cpu")["torch"][norm], norm, inputs, shape, grads_out)
-    errs = [rel_err(a, b) for a, b in zip(got, ref, strict=True)]
+    errs = [_rel_err(a, b) for a, b in zip(got, ref, strict=True)]
     worst = max(errs)
     return worst <= TOLERANCE, f"{'ok' if worst <= TOLERANCE else 'FAIL'} ({worst:.1e})"
 
 
-def timer(device: str):
-    if device == "cuda":
-        from triton.testing import do_bench
-
-        return lambda fn: 1e3 * do_bench(fn)
-
-    def wall(fn, reps: int = 2) -> float:
-        fn()
-        start = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return 1e6 * (time.perf_counter() - start) / reps
-
-    return wall
-
-
 def time_norm(fn, norm: str, shape: Shape, device: str, dtype, measure) -> tuple[float, float]:
-    """(forward, forward + backward) microseconds."""
+    """(forward, forward + backward) microseconds; ``measure``: conv_kernel's cuda_timer or wall_timer (ms)."""
     inputs = make_inputs(shape, norm, device, dtype)
     grads_out = [torch.randn_like(t) for t in call(fn, norm, inputs, shape)]
 
@@ -153,12 +134,12 @@ def time_norm(fn, norm: str, shape: Shape, device: str, dtype, measure) -> tuple
         with torch.no_grad():
             call(fn, norm, inputs, shape)
 
-    return measure(fwd), measure(lambda: forward_backward(fn, norm, inputs, shape, grads_out))
+    return 1e3 * measure(fwd), 1e3 * measure(lambda: forward_backward(fn, norm, inputs, shape, grads_out))
 
 
 def run(shapes: list[Shape], device: str, dtype) -> int:
     fns = contenders(device)
-    measure = timer(device)
+    measure = cuda_timer if device == "cuda" else wall_timer
     failed = False
     for name, why in fns.items():
         if isinstance(why, str):

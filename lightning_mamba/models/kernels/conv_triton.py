@@ -123,6 +123,25 @@ if triton is not None:
         return dy * sig * (1.0 + pre * (1.0 - sig))
 
     @triton.jit
+    def _silu_grad_at(
+        u_row0, w_ptr, bias_ptr, state_row0, seq_row0, dy_row0, start, AT: tl.constexpr, chans, l, d, su_l, sq_l, sy_l,
+        K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_SEQ: tl.constexpr,
+        BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """g = dy * silu'(pre) at times start + AT + (0..BLOCK_L), pre recomputed there; zero past the end."""
+        pre = _conv_at(
+            u_row0, w_ptr, bias_ptr, state_row0, seq_row0, start, AT, chans, l, d,
+            su_l, sq_l, K, HAS_BIAS, HAS_STATE, HAS_SEQ, BLOCK_L, BLOCK_D,
+        )
+        times = start + AT + tl.arange(0, BLOCK_L)
+        dy = tl.load(
+            dy_row0 + times.to(tl.int64)[:, None] * sy_l + chans[None, :],
+            mask=(times < l)[:, None] & (chans < d)[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        return _silu_grad(pre, dy)  # dy masked past the end
+
+    @triton.jit
     def _add_wb_sums(
         g, dw, db, u_row0, state_row0, seq_row0, start, chans, l, d, su_l, sq_l,
         K: tl.constexpr, HAS_STATE: tl.constexpr, HAS_SEQ: tl.constexpr, BLOCK_L: tl.constexpr, K_POW2: tl.constexpr,
@@ -185,16 +204,10 @@ if triton is not None:
         sum_lag w[K-1-lag] * g(t+lag), g(t+lag) gathered from g (zero past the row's end, or in a later document)."""
         chan_ok = chans < d
         times = tl.arange(0, BLOCK_L)
-        pre = _conv_at(
-            u_row0, w_ptr, bias_ptr, state_row0, seq_row0, 0, 0, chans, l, d,
-            su_l, sq_l, K, HAS_BIAS, HAS_STATE, HAS_SEQ, BLOCK_L, BLOCK_D,
+        g = _silu_grad_at(
+            u_row0, w_ptr, bias_ptr, state_row0, seq_row0, dy_row0, 0, 0, chans, l, d, su_l, sq_l, sy_l,
+            K, HAS_BIAS, HAS_STATE, HAS_SEQ, BLOCK_L, BLOCK_D,
         )
-        dy = tl.load(
-            dy_row0 + times.to(tl.int64)[:, None] * sy_l + chans[None, :],
-            mask=(times < l)[:, None] & chan_ok[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        g = _silu_grad(pre, dy)  # zero past the end (dy masked)
         dw, db = _add_wb_sums(
             g, dw, db, u_row0, state_row0, seq_row0, 0, chans, l, d, su_l, sq_l, K, HAS_STATE, HAS_SEQ, BLOCK_L, K_POW2,
         )
@@ -226,17 +239,10 @@ if triton is not None:
             du = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
             # All loads of a block come before its stores, so that equal loads (same shift) can be merged.
             for lag in tl.static_range(K):
-                pre = _conv_at(
-                    u_row0, w_ptr, bias_ptr, state_row0, seq_row0, start, lag, chans, l, d,
-                    su_l, sq_l, K, HAS_BIAS, HAS_STATE, HAS_SEQ, BLOCK_L, BLOCK_D,
+                g = _silu_grad_at(
+                    u_row0, w_ptr, bias_ptr, state_row0, seq_row0, dy_row0, start, lag, chans, l, d, su_l, sq_l, sy_l,
+                    K, HAS_BIAS, HAS_STATE, HAS_SEQ, BLOCK_L, BLOCK_D,
                 )
-                later = times + lag
-                dy = tl.load(
-                    dy_row0 + later.to(tl.int64)[:, None] * sy_l + chans[None, :],
-                    mask=(later < l)[:, None] & chan_ok[None, :],
-                    other=0.0,
-                ).to(tl.float32)
-                g = _silu_grad(pre, dy)  # zero past the end (dy masked)
                 if lag == 0:
                     dw, db = _add_wb_sums(
                         g, dw, db, u_row0, state_row0, seq_row0, start, chans, l, d, su_l, sq_l,
