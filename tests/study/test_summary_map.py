@@ -52,6 +52,8 @@ def test_what_is_not_a_summary_gets_one_line(tmp_path, capsys, content, says):
     ({32: False, 64: True, 128: True}, {"t_forget": 64, "t_forget_after": 32, "status": "measured"}),
     # a short budget left LEN 16 flat under a failing 64: the failure decides, 16 is named
     ({16: True, 64: False, 128: True}, {"t_forget": 128, "t_forget_after": 64, "forgets_below": [16]}),
+    # flat at 64 between two failing LENs: the longer failure decides
+    ({32: False, 64: True, 128: False, 256: True}, {"t_forget": 256, "t_forget_after": 128, "forgets_below": [64]}),
     ({32: False}, {"t_forget": None, "t_forget_lower_bound": 32, "status": "above_longest_failing_len"}),
     ({64: True, 32: True}, {"t_forget": None, "t_forget_upper_bound": 32, "status": "at_or_below_min_len"}),
     ({}, {"t_forget": None, "status": "incomplete"}),
