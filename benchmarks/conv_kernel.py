@@ -458,25 +458,25 @@ def print_short_row_tiles(inp: Inputs) -> None:
 
 
 def print_gathered_rows(inp: Inputs, check_dtype, device="cuda", timer=cuda_timer) -> bool:
-    """The backward that gathers g along a row that fits one tile (conv_triton.GATHER_WHOLE_ROWS) against the one
-    that recomputes it at every lag (the default), same process: first its check in ``check_dtype`` on every
+    """The backward that gathers g along a row that fits one tile (conv_triton.GATHER_MAX_LEN: the default for rows
+    of up to 16) against the one that recomputes it at every lag, same process: first its check in ``check_dtype`` on every
     training case, then the plain case's fwd+bwd both ways. Returns whether every check passed."""
     from lightning_mamba.models.kernels import conv_triton as ct
 
-    before = ct.GATHER_WHOLE_ROWS
+    before = ct.GATHER_MAX_LEN
     checks = {}
     try:
-        ct.GATHER_WHOLE_ROWS = True
+        ct.GATHER_MAX_LEN = 1 << 30
         ref_inp = make_inputs(inp.shape, device, check_dtype)
         for case in ("plain", "seq_idx", "state", "state+seq_idx"):
             checks[case] = safely(check_training, triton_conv, ref_inp, case)
         ok = all(c[0] for c in checks.values())
         if ok:  # a kernel that fails its check is not timed
             gathered = time_training(timer, triton_conv, inp, "plain")
-            ct.GATHER_WHOLE_ROWS = False
+            ct.GATHER_MAX_LEN = 0
             recomputed = time_training(timer, triton_conv, inp, "plain")
     finally:
-        ct.GATHER_WHOLE_ROWS = before
+        ct.GATHER_MAX_LEN = before
     timing = (f"fwd+bwd {gathered[1] * 1e3:.0f} us vs {recomputed[1] * 1e3:.0f} us recomputed "
               f"({recomputed[1] / gathered[1]:.2f}x)" if ok else "not timed")
     print(f"whole rows gathered ({inp.shape.name}): check {'; '.join(f'{k} {v[1]}' for k, v in checks.items())}; "

@@ -5,8 +5,8 @@
     python benchmarks/train_throughput.py --config 130m --contenders lightning_graph,lightning,ours,mamba_ssm
 
 Contenders (docs/performance.md says more): ``lightning`` / ``lightning_graph`` (our MambaLitModule through a
-Trainer, eager / with model.cuda_graph), ``lightning_graph_ournorms`` (lightning_graph with our Triton norms,
-models/kernels/norm_triton.py, in place of mamba_ssm's; CUDA only), ``ours`` (our MambaLM in a bare loop),
+Trainer, eager / with model.cuda_graph), ``lightning_graph_mambanorms`` (lightning_graph with mamba_ssm's Triton
+norms in place of ours, models/kernels/norm_triton.py; CUDA only), ``ours`` (our MambaLM in a bare loop),
 ``mamba_ssm_fused`` (mamba_ssm's MambaLMHeadModel as its official configs train it: Mamba2 layers on the fused
 ``use_mem_eff_path`` kernel, ``fused_add_norm``; needs causal-conv1d, skipped with the reason without it),
 ``mamba_ssm`` (the same model unfused: ``use_mem_eff_path=False``, ``fused_add_norm=False``), ``hf`` (transformers'
@@ -22,6 +22,7 @@ device cannot fill (peak memory off CUDA, MFU where the device's dense peak is u
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import time
@@ -135,7 +136,7 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--contenders", default=None, help="comma list of: lightning, lightning_graph (the same with "
-                   "model.cuda_graph), lightning_graph_ournorms (that with our Triton norms), ours, mamba_ssm_fused, "
+                   "model.cuda_graph), lightning_graph_mambanorms (that with mamba_ssm's Triton norms), ours, mamba_ssm_fused, "
                    "mamba_ssm, hf (default: GPU "
                    f"{GPU_CONTENDERS}; CPU {CPU_CONTENDERS})")
     p.add_argument("--baseline", default=None, help="the contender every ratio is taken against (default: GPU the "
@@ -169,12 +170,12 @@ def main():
         try:
             if c in ("lightning", "lightning_graph"):
                 dt = lightning_run(args, cfg, device, "bf16-mixed" if gpu else "32-true", c == "lightning_graph")
-            elif c == "lightning_graph_ournorms":  # the same step with our Triton norms in place of mamba_ssm's
+            elif c == "lightning_graph_mambanorms":  # the same step with mamba_ssm's Triton norms in place of ours
                 if not gpu:
                     raise Skip("the Triton norms run on CUDA")
                 from lightning_mamba.models.kernels.backend import norm_kernels
 
-                with norm_kernels("ours"):
+                with norm_kernels("mamba_ssm"):
                     dt = lightning_run(args, cfg, device, "bf16-mixed", True)
             else:
                 model, loss_fn = build_bare(c, cfg, device)
@@ -187,7 +188,8 @@ def main():
         mfu = flops / dt / peak if peak else None
         results[c] = dt
         print(result_line(c, tokens / dt, dt, mem, mfu))
-        if gpu:
+        if gpu:  # the run's module, trainer and CUDA graphs (their memory pools) hold cycles: free them first
+            gc.collect()
             torch.cuda.empty_cache()
     baseline = args.baseline or next((b for b in (("mamba_ssm_fused", "mamba_ssm") if gpu else ("hf",))
                                       if b in results), None)

@@ -103,7 +103,7 @@ def test_causal_conv1d_contender_is_the_models_adapter(capsys):
 
 @needs_triton
 def test_gathered_rows_are_checked_on_every_case_then_timed_both_ways(capsys, monkeypatch):
-    """The A/B of conv_triton.GATHER_WHOLE_ROWS (rows of 24 fit one backward tile): checks pass, the flag is put
+    """The A/B of conv_triton.GATHER_MAX_LEN (rows of 24 fit one backward tile): checks pass, the setting is put
     back, and a kernel that gets it wrong fails the check."""
     from lightning_mamba.models.kernels import conv_triton
 
@@ -111,6 +111,6 @@ def test_gathered_rows_are_checked_on_every_case_then_timed_both_ways(capsys, mo
     assert bench.print_gathered_rows(inp, torch.float32, DEVICE, bench.wall_timer)
     out = capsys.readouterr().out
     assert "whole rows gathered (tiny): check plain ok" in out and "state+seq_idx ok" in out and "x)" in out
-    assert conv_triton.GATHER_WHOLE_ROWS is False
+    assert conv_triton.GATHER_MAX_LEN == 16
     monkeypatch.setattr(conv_triton, "_bwd_whole_row", conv_triton._bwd_row)  # a wrong body: its arguments differ
     assert not bench.print_gathered_rows(inp, torch.float32, DEVICE, bench.wall_timer)

@@ -1,6 +1,7 @@
 """The one kernel switch: pure torch everywhere, mamba_ssm's Triton SSD on CUDA when installed (and there the conv
-in causal_conv1d's CUDA kernels when that library is installed too, else in our Triton kernel; the norms in
-mamba_ssm's Triton kernels, or ours inside ``norm_kernels("ours")``)."""
+in causal_conv1d's CUDA kernels when that library is installed too, except on short rows, else in our Triton kernel;
+the norms in our Triton kernels, or mamba_ssm's inside ``norm_kernels("mamba_ssm")``). Each choice was timed on an
+H200 (docs/performance.md)."""
 
 from __future__ import annotations
 
@@ -20,13 +21,16 @@ from . import conv_cc1d
 
 BACKENDS = ("auto", "torch", "triton")
 NORM_KERNELS = ("mamba_ssm", "ours")  # the Triton path's norms: mamba_ssm's, or models/kernels/norm_triton.py
-_norm_kernel = "mamba_ssm"  # until ours are measured faster (benchmarks/norm_kernel.py, docs/performance.md)
+_norm_kernel = "ours"  # the whole 130m and 370m steps ran 1.04x and 1.02x faster with ours (docs/performance.md)
+# causal_conv1d's kernels lose to ours on rows this short (forward + backward 1.4-1.7x slower at LEN 16 in every
+# training case, d_state 2048) and about tie at LEN 32 (benchmarks/conv_kernel.py --shape cells)
+OURS_CONV_MAX_LEN = 16
 
 
 @contextlib.contextmanager
 def norm_kernels(name: str):
     """The Triton path's norms run ``name``'s kernels inside the block, so a benchmark can time both in one
-    process (benchmarks/train_throughput.py's ``lightning_graph_ournorms``)."""
+    process (benchmarks/train_throughput.py's ``lightning_graph_mambanorms``)."""
     global _norm_kernel
     if name not in NORM_KERNELS:
         raise ConfigError(f"unknown norm kernels {name!r}: use one of {', '.join(NORM_KERNELS)}")
@@ -139,11 +143,11 @@ def conv1d_silu(
     seq_idx: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """silu(depthwise causal conv(u)) and the new conv state (:func:`conv.causal_conv1d`). On the Triton path:
-    causal_conv1d's kernels when installed and u's layout suits them (conv_cc1d.py), else our fused Triton kernel
-    (conv_triton.py); both read u in its (b, l, d) layout. A carried conv state that needs a gradient takes the torch
+    causal_conv1d's kernels when installed, u's layout suits them (conv_cc1d.py) and its rows are longer than
+    OURS_CONV_MAX_LEN, else our fused Triton kernel (conv_triton.py); both read u in its (b, l, d) layout. A carried conv state that needs a gradient takes the torch
     path, the only one that gives it."""
     if uses_triton(backend, u) and not (conv_state is not None and conv_state.requires_grad and torch.is_grad_enabled()):
-        if conv_cc1d.available() and conv_cc1d.unsupported(u, weight) is None:
+        if u.size(1) > OURS_CONV_MAX_LEN and conv_cc1d.available() and conv_cc1d.unsupported(u, weight) is None:
             return conv_cc1d.conv1d_silu(u, weight, bias, conv_state, seq_idx)
         from .conv_triton import causal_conv1d_silu
 
@@ -166,8 +170,8 @@ def conv1d_silu_step(
 
 def conv_kernel_name(backend: str = "auto", device: str | torch.device = "cuda") -> str:
     """Which conv kernel the model runs on ``device`` (for benchmarks and logs): "causal_conv1d" (its
-    ``causal_conv1d_update`` for the decode step too), "triton" or "torch". (A layout causal_conv1d refuses, see
-    conv_cc1d.unsupported, still takes our Triton kernel.)"""
+    ``causal_conv1d_update`` for the decode step too), "triton" or "torch". (Rows of at most OURS_CONV_MAX_LEN and
+    a layout causal_conv1d refuses, see conv_cc1d.unsupported, still take our Triton kernel.)"""
     if backend == "torch" or torch.device(device).type != "cuda" or _triton_scan()[0] is None:
         return "torch"
     return "causal_conv1d" if conv_cc1d.available() else "triton"

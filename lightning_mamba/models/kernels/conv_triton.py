@@ -33,9 +33,10 @@ FWD_BLOCK_L, FWD_BLOCK_D, FWD_WARPS = 64, 128, 8
 BWD_BLOCK_L, BWD_BLOCK_D, BWD_WARPS, BWD_BLOCKS = 32, 64, 4, 4  # BWD_BLOCKS time blocks per program
 MIN_BLOCK_L = 16  # the shortest time tile: rows shorter than a tile take one of their own length (rounded up)
 # A row that fits in one backward tile can compute its SiLU gradient g once and take g at the K-1 later times from
-# it (tl.gather along time) instead of recomputing the conv and its sigmoid at each lag. Off until a GPU run says
-# it is faster (benchmarks/conv_kernel.py --shape cells, "whole rows gathered").
-GATHER_WHOLE_ROWS = False
+# it (tl.gather along time) instead of recomputing the conv and its sigmoid at each lag. Rows of at most this many
+# times do (0: none). On an H200 (benchmarks/conv_kernel.py --shape cells, "whole rows gathered") it made forward +
+# backward 1.13x faster at LEN 16 (d_state 2048, two runs); at LEN 32 0.95-1.23x by shape and run, so not there.
+GATHER_MAX_LEN = 16
 
 
 def available() -> bool:
@@ -368,7 +369,7 @@ def _backward(grad_out, u, weight, bias, conv_state, seq_idx) -> tuple[Tensor, T
         _conv_bwd_kernel[grid](
             *ptrs, grad_out, grad_u, dw_part, db_part, b, l, d, *strides, *dy_strides,
             **flags, BLOCK_L=tile, BLOCK_D=BWD_BLOCK_D, BLOCKS=tiles, ROWS=rows,
-            K_POW2=triton.next_power_of_2(k), WHOLE_ROW=GATHER_WHOLE_ROWS and tiles == 1 and l <= tile,
+            K_POW2=triton.next_power_of_2(k), WHOLE_ROW=tiles == 1 and l <= min(tile, GATHER_MAX_LEN),
             num_warps=BWD_WARPS,
         )
     grad_w = dw_part.sum(0).t().reshape(d, 1, k).to(weight.dtype)

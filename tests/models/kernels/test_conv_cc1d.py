@@ -229,6 +229,9 @@ def test_dispatch_rule(forced, monkeypatch):
     assert kernel("torch", u, w, b, state, None) == "torch"
     assert kernel("auto", u, w, b, state.clone().requires_grad_(), None) == "torch"  # only torch gives it a gradient
     assert kernel("auto", inp["wide"][:, :, 1:49], w, b, state, None) == "triton"  # misaligned: the library refuses
+    short = backend.OURS_CONV_MAX_LEN  # rows this short: ours, measured faster
+    assert kernel("auto", u[:, :short], w, b, state, None) == "triton"
+    assert kernel("auto", u[:, :short + 1], w, b, state, None) == "causal_conv1d"
     monkeypatch.setattr(conv_cc1d, "available", lambda: False)
     assert kernel("auto", u, w, b, state, None) == "triton"
 

@@ -135,9 +135,9 @@ def test_time_tiles_fit_short_rows():
 def test_programs_of_several_short_rows(l, gather, monkeypatch):
     """Short rows, several per program (a batch that the rows per program do not divide): values and the grad
     weight and bias summed over rows that share a program, with carried states and document boundaries; the
-    backward's g at later times recomputed, or gathered from a whole row's g (GATHER_WHOLE_ROWS: rows of 16, 24 and
-    32 fit one tile; 64 does not and keeps the recomputing path)."""
-    monkeypatch.setattr(conv_triton, "GATHER_WHOLE_ROWS", gather)
+    backward's g at later times recomputed, or gathered from a whole row's g (GATHER_MAX_LEN raised or 0: rows of
+    16, 24 and 32 fit one tile; 64 does not and keeps the recomputing path)."""
+    monkeypatch.setattr(conv_triton, "GATHER_MAX_LEN", 1 << 30 if gather else 0)
     b = 11
     seq_idx = torch.stack([docs(l, *(s for s in (1 + i % 5, 9 + i % 7) if s < l)) for i in range(b)])
     check(make_inputs(b, l, 40, 4, torch.float32, True, True, seq_idx, strided=True), FP32)
@@ -148,8 +148,8 @@ def test_programs_of_several_short_rows(l, gather, monkeypatch):
 @pytest.mark.parametrize("case", ["l1_state_seq", "l3_state_seq", "k2_docs", "k8_docs"])
 def test_whole_rows_gathered_match_torch_fp32(case, monkeypatch):
     """The gathered backward on the small cases whose rows fit one tile, and on one that does not (k2_docs, 130
-    times: the recomputing path) with the flag on: taps 2 to 8, document boundaries at every position."""
-    monkeypatch.setattr(conv_triton, "GATHER_WHOLE_ROWS", True)
+    times: the recomputing path) with every row that fits one tile gathering: taps 2 to 8, document boundaries at every position."""
+    monkeypatch.setattr(conv_triton, "GATHER_MAX_LEN", 1 << 30)
     b, l, d, k, bias, state, seq, strided = SMALL_CASES[case]
     check(make_inputs(b, l, d, k, torch.float32, bias, state, torch.stack(seq), strided), FP32)
 

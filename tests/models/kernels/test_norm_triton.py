@@ -102,7 +102,7 @@ def test_a_width_the_groups_do_not_divide_is_refused():  # before any kernel: ru
 
 
 @needs_triton
-def test_the_backend_runs_our_norms_inside_norm_kernels(monkeypatch):
+def test_the_backend_runs_our_norms_by_default(monkeypatch):
     from lightning_mamba.models.kernels import backend
 
     monkeypatch.setattr(backend, "uses_triton", lambda name, x: name != "torch")  # the Triton path, on any device
@@ -113,9 +113,8 @@ def test_the_backend_runs_our_norms_inside_norm_kernels(monkeypatch):
     with torch.no_grad():
         norm.weight.mul_(1.5)
         gated.weight.add_(0.25)
-    with backend.norm_kernels("ours"):
-        out, res = backend.add_rmsnorm("auto", h, residual, norm, True)
-        gated_out = backend.gated_rmsnorm("auto", y, z, gated)
+    out, res = backend.add_rmsnorm("auto", h, residual, norm, True)
+    gated_out = backend.gated_rmsnorm("auto", y, z, gated)
     ref_out, ref_res = backend.add_rmsnorm("torch", h, residual, norm, True)
     assert_rel_close(res, ref_res, 1e-5, "h + residual")
     assert_rel_close(out, ref_out, 1e-4, "norm")
@@ -127,8 +126,8 @@ def test_norm_kernels_restores_the_default_and_refuses_an_unknown_name():
     from lightning_mamba.models.config import ConfigError
     from lightning_mamba.models.kernels import backend
 
-    with backend.norm_kernels("ours"):
-        assert backend._norm_kernel == "ours"
-    assert backend._norm_kernel == "mamba_ssm"
+    with backend.norm_kernels("mamba_ssm"):
+        assert backend._norm_kernel == "mamba_ssm"
+    assert backend._norm_kernel == "ours"
     with pytest.raises(ConfigError, match="use one of mamba_ssm, ours"), backend.norm_kernels("apex"):
         pass
