@@ -354,3 +354,8 @@ def write_position_losses_csv(path: str, per_position) -> None:
     """``position,loss`` rows (position 1 = the loss of predicting the second token), written atomically."""
     lines = ["position,loss"] + [f"{i},{x:.6g}" for i, x in enumerate(per_position, start=1)]
     atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def read_position_losses_csv(path: str) -> np.ndarray:
+    """The losses of :func:`write_position_losses_csv`'s file, position 1 first."""
+    return np.loadtxt(path, delimiter=",", skiprows=1, usecols=1, ndmin=1)
