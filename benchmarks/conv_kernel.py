@@ -459,8 +459,8 @@ def print_short_row_tiles(inp: Inputs) -> None:
 
 def print_gathered_rows(inp: Inputs, check_dtype, device="cuda", timer=cuda_timer) -> bool:
     """The backward that gathers g along a row that fits one tile (conv_triton.GATHER_MAX_LEN: the default for rows
-    of up to 16) against the one that recomputes it at every lag, same process: first its check in ``check_dtype`` on every
-    training case, then the plain case's fwd+bwd both ways. Returns whether every check passed."""
+    of up to 16) against the one that recomputes it at every lag, same process: first its check in ``check_dtype``
+    on every training case, then the plain case's fwd+bwd both ways. Returns whether every check passed."""
     from lightning_mamba.models.kernels import conv_triton as ct
 
     before = ct.GATHER_MAX_LEN

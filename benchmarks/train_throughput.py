@@ -136,8 +136,8 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--contenders", default=None, help="comma list of: lightning, lightning_graph (the same with "
-                   "model.cuda_graph), lightning_graph_mambanorms (that with mamba_ssm's Triton norms), ours, mamba_ssm_fused, "
-                   "mamba_ssm, hf (default: GPU "
+                   "model.cuda_graph), lightning_graph_mambanorms (that with mamba_ssm's Triton norms), ours, "
+                   "mamba_ssm_fused, mamba_ssm, hf (default: GPU "
                    f"{GPU_CONTENDERS}; CPU {CPU_CONTENDERS})")
     p.add_argument("--baseline", default=None, help="the contender every ratio is taken against (default: GPU the "
                    "first of mamba_ssm_fused, mamba_ssm that ran; CPU hf)")

@@ -22,8 +22,9 @@ from . import conv_cc1d
 BACKENDS = ("auto", "torch", "triton")
 NORM_KERNELS = ("mamba_ssm", "ours")  # the Triton path's norms: mamba_ssm's, or models/kernels/norm_triton.py
 _norm_kernel = "ours"  # the whole 130m and 370m steps ran 1.04x and 1.02x faster with ours (docs/performance.md)
-# causal_conv1d's kernels lose to ours on rows this short (forward + backward 1.4-1.7x slower at LEN 16 in every
-# training case, d_state 2048) and about tie at LEN 32 (benchmarks/conv_kernel.py --shape cells)
+# causal_conv1d's kernels lose to ours on rows this short (forward + backward 1.36-1.73x slower at LEN 16 in every
+# training case, d_state 2048) and are as fast or faster in six of eight cases at LEN 32 (benchmarks/conv_kernel.py
+# --shape cells, H200)
 OURS_CONV_MAX_LEN = 16
 
 
@@ -144,8 +145,8 @@ def conv1d_silu(
 ) -> tuple[Tensor, Tensor]:
     """silu(depthwise causal conv(u)) and the new conv state (:func:`conv.causal_conv1d`). On the Triton path:
     causal_conv1d's kernels when installed, u's layout suits them (conv_cc1d.py) and its rows are longer than
-    OURS_CONV_MAX_LEN, else our fused Triton kernel (conv_triton.py); both read u in its (b, l, d) layout. A carried conv state that needs a gradient takes the torch
-    path, the only one that gives it."""
+    OURS_CONV_MAX_LEN, else our fused Triton kernel (conv_triton.py); both read u in its (b, l, d) layout. A carried
+    conv state that needs a gradient takes the torch path, the only one that gives it."""
     if uses_triton(backend, u) and not (conv_state is not None and conv_state.requires_grad and torch.is_grad_enabled()):
         if u.size(1) > OURS_CONV_MAX_LEN and conv_cc1d.available() and conv_cc1d.unsupported(u, weight) is None:
             return conv_cc1d.conv1d_silu(u, weight, bias, conv_state, seq_idx)
