@@ -6,7 +6,8 @@
 
 Contenders (docs/performance.md says more): ``lightning`` / ``lightning_graph`` (our MambaLitModule through a
 Trainer, eager / with model.cuda_graph), ``lightning_graph_mambanorms`` (lightning_graph with mamba_ssm's Triton
-norms in place of ours, models/kernels/norm_triton.py; CUDA only), ``ours`` (our MambaLM in a bare loop),
+norms in place of ours, models/kernels/norm_triton.py; CUDA only), ``lightning_graph_mambagated`` (only the gated
+norm mamba_ssm's), ``ours`` (our MambaLM in a bare loop),
 ``mamba_ssm_fused`` (mamba_ssm's MambaLMHeadModel as its official configs train it: Mamba2 layers on the fused
 ``use_mem_eff_path`` kernel, ``fused_add_norm``; needs causal-conv1d, skipped with the reason without it),
 ``mamba_ssm`` (the same model unfused: ``use_mem_eff_path=False``, ``fused_add_norm=False``), ``hf`` (transformers'
@@ -37,6 +38,7 @@ CONFIGS = {  # name: (d_model, n_layer, d_state, vocab, batch, seq_len, headdim)
     "small": (512, 8, 128, 8192, 32, 2048, 64),
     "cpu-small": (128, 4, 64, 8192, 4, 1024, 32),
 }
+NORM_AB = {"lightning_graph_mambanorms": {"name": "mamba_ssm"}, "lightning_graph_mambagated": {"gated": "mamba_ssm"}}
 GPU_CONTENDERS = "lightning_graph,lightning,mamba_ssm_fused,mamba_ssm"
 CPU_CONTENDERS = "lightning,ours,hf"
 MISSING = "-"  # a column this device cannot fill (peak memory off CUDA, MFU without a known peak)
@@ -136,8 +138,8 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--contenders", default=None, help="comma list of: lightning, lightning_graph (the same with "
-                   "model.cuda_graph), lightning_graph_mambanorms (that with mamba_ssm's Triton norms), ours, "
-                   "mamba_ssm_fused, mamba_ssm, hf (default: GPU "
+                   "model.cuda_graph), lightning_graph_mambanorms (that with mamba_ssm's Triton norms), "
+                   "lightning_graph_mambagated (only its gated norm), ours, mamba_ssm_fused, mamba_ssm, hf (default: GPU "
                    f"{GPU_CONTENDERS}; CPU {CPU_CONTENDERS})")
     p.add_argument("--baseline", default=None, help="the contender every ratio is taken against (default: GPU the "
                    "first of mamba_ssm_fused, mamba_ssm that ran; CPU hf)")
@@ -170,12 +172,12 @@ def main():
         try:
             if c in ("lightning", "lightning_graph"):
                 dt = lightning_run(args, cfg, device, "bf16-mixed" if gpu else "32-true", c == "lightning_graph")
-            elif c == "lightning_graph_mambanorms":  # the same step with mamba_ssm's Triton norms in place of ours
+            elif c in NORM_AB:  # the same step with some of mamba_ssm's Triton norms in place of ours
                 if not gpu:
                     raise Skip("the Triton norms run on CUDA")
                 from lightning_mamba.models.kernels.backend import norm_kernels
 
-                with norm_kernels("mamba_ssm"):
+                with norm_kernels(**NORM_AB[c]):
                     dt = lightning_run(args, cfg, device, "bf16-mixed", True)
             else:
                 model, loss_fn = build_bare(c, cfg, device)

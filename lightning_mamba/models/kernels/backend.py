@@ -21,7 +21,9 @@ from . import conv_cc1d
 
 BACKENDS = ("auto", "torch", "triton")
 NORM_KERNELS = ("mamba_ssm", "ours")  # the Triton path's norms: mamba_ssm's, or models/kernels/norm_triton.py
-_norm_kernel = "ours"  # the whole 130m and 370m steps ran 1.04x and 1.02x faster with ours (docs/performance.md)
+# per norm (residual add + RMSNorm, gated RMSNorm): the whole 130m and 370m steps ran 1.04x and 1.02x faster with
+# both of ours (docs/performance.md); each alone not yet timed in a whole step
+_norm_kernel = {"add": "ours", "gated": "ours"}
 # causal_conv1d's kernels lose to ours on rows this short (forward + backward 1.36-1.73x slower at LEN 16 in every
 # training case, d_state 2048) and are as fast or faster in six of eight cases at LEN 32 (benchmarks/conv_kernel.py
 # --shape cells, H200)
@@ -29,13 +31,18 @@ OURS_CONV_MAX_LEN = 16
 
 
 @contextlib.contextmanager
-def norm_kernels(name: str):
-    """The Triton path's norms run ``name``'s kernels inside the block, so a benchmark can time both in one
-    process (benchmarks/train_throughput.py's ``lightning_graph_mambanorms``)."""
+def norm_kernels(name: str | None = None, *, add: str | None = None, gated: str | None = None):
+    """Inside the block the Triton path's norms run ``name``'s kernels (both norms), or ``add``'s for the residual
+    add + RMSNorm and ``gated``'s for the gated RMSNorm (an unnamed one keeps its kernels), so a benchmark can time
+    the choices in one process (benchmarks/train_throughput.py's ``lightning_graph_mambanorms``,
+    ``lightning_graph_mambagated``)."""
     global _norm_kernel
-    if name not in NORM_KERNELS:
-        raise ConfigError(f"unknown norm kernels {name!r}: use one of {', '.join(NORM_KERNELS)}")
-    before, _norm_kernel = _norm_kernel, name
+    choice = {"add": add or name, "gated": gated or name}
+    for which in (v for v in choice.values() if v is not None):
+        if which not in NORM_KERNELS:
+            raise ConfigError(f"unknown norm kernels {which!r}: use one of {', '.join(NORM_KERNELS)}")
+    before = _norm_kernel
+    _norm_kernel = {k: v or before[k] for k, v in choice.items()}
     try:
         yield
     finally:
@@ -181,7 +188,7 @@ def conv_kernel_name(backend: str = "auto", device: str | torch.device = "cuda")
 def add_rmsnorm(backend: str, h: Tensor, residual: Tensor | None, norm, residual_in_fp32: bool) -> tuple[Tensor, Tensor]:
     """residual = h + residual (kept in fp32 when asked); returns (norm(residual), residual)."""
     if uses_triton(backend, h):
-        if _norm_kernel == "ours":
+        if _norm_kernel["add"] == "ours":
             from .norm_triton import add_rmsnorm as ours
 
             return ours(h, residual, norm.weight, norm.eps, residual_in_fp32)
@@ -197,7 +204,7 @@ def add_rmsnorm(backend: str, h: Tensor, residual: Tensor | None, norm, residual
 def gated_rmsnorm(backend: str, y: Tensor, z: Tensor, norm) -> Tensor:
     """norm(y * silu(z)) per group (norm_before_gate=False)."""
     if uses_triton(backend, y):
-        if _norm_kernel == "ours":
+        if _norm_kernel["gated"] == "ours":
             from .norm_triton import gated_rmsnorm as ours
 
             return ours(y, z, norm.weight, norm.eps, norm.group_size)

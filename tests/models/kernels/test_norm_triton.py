@@ -126,8 +126,48 @@ def test_norm_kernels_restores_the_default_and_refuses_an_unknown_name():
     from lightning_mamba.models.config import ConfigError
     from lightning_mamba.models.kernels import backend
 
+    default = {"add": "ours", "gated": "ours"}
+    assert backend._norm_kernel == default
     with backend.norm_kernels("mamba_ssm"):
-        assert backend._norm_kernel == "mamba_ssm"
-    assert backend._norm_kernel == "ours"
+        assert backend._norm_kernel == {"add": "mamba_ssm", "gated": "mamba_ssm"}
+        with backend.norm_kernels(add="ours"):  # one norm named: the other keeps what it had
+            assert backend._norm_kernel == {"add": "ours", "gated": "mamba_ssm"}
+    with backend.norm_kernels(gated="mamba_ssm"):
+        assert backend._norm_kernel == {"add": "ours", "gated": "mamba_ssm"}
+    assert backend._norm_kernel == default
     with pytest.raises(ConfigError, match="use one of mamba_ssm, ours"), backend.norm_kernels("apex"):
         pass
+    with pytest.raises(ConfigError, match="unknown norm kernels 'apex'"), backend.norm_kernels(gated="apex"):
+        pass
+    assert backend._norm_kernel == default
+
+
+def test_each_norm_runs_the_kernels_chosen_for_it(monkeypatch):
+    """Which kernels run, per norm: ours by default; inside norm_kernels(...) mamba_ssm's for the norms named
+    (the library and our kernels replaced by markers, so this runs without triton)."""
+    from lightning_mamba.models.kernels import backend, norm_triton
+
+    ran = []
+
+    def marker(name):
+        return lambda *args, **kwargs: ran.append(name)
+
+    monkeypatch.setattr(backend, "uses_triton", lambda name, x: name != "torch")
+    monkeypatch.setattr(backend, "_triton_norms", lambda: (marker("mamba_ssm add"), marker("mamba_ssm gated")))
+    monkeypatch.setattr(norm_triton, "add_rmsnorm", marker("ours add"))
+    monkeypatch.setattr(norm_triton, "gated_rmsnorm", marker("ours gated"))
+    h, norm, gated = torch.randn(2, 8), RMSNorm(8), RMSNormGated(8, 8)
+
+    def both() -> list[str]:
+        ran.clear()
+        backend.add_rmsnorm("auto", h, None, norm, True)
+        backend.gated_rmsnorm("auto", h, h, gated)
+        return list(ran)
+
+    assert both() == ["ours add", "ours gated"]
+    with backend.norm_kernels("mamba_ssm"):
+        assert both() == ["mamba_ssm add", "mamba_ssm gated"]
+    with backend.norm_kernels(gated="mamba_ssm"):
+        assert both() == ["ours add", "mamba_ssm gated"]
+    with backend.norm_kernels(add="mamba_ssm"):
+        assert both() == ["mamba_ssm add", "ours gated"]
