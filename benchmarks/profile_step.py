@@ -2,6 +2,7 @@
 
     python benchmarks/profile_step.py --config 130m                     # ours and mamba_ssm's bare loops
     python benchmarks/profile_step.py --config 130m --contenders ours --top 40
+    python benchmarks/profile_step.py --config 130m --contenders ours,mamba_ssm_fused   # needs causal-conv1d
     python benchmarks/profile_step.py --config cell --d_state 2048 --seq_len 16 --quadratic_max_len 64   # a study cell
     python benchmarks/profile_step.py --config cell --device cpu --d_state 16 --tokens_per_step 512 --steps 1  # smoke
 
@@ -95,8 +96,8 @@ def profile(model, loss_fn, cfg, device, steps: int, top: int) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", choices=sorted([*CONFIGS, "cell"]), default="130m")
-    p.add_argument("--contenders", default=None, help="comma list of: ours, mamba_ssm (default: both; --config cell, "
-                   "--device cpu or a mixer setting: ours)")
+    p.add_argument("--contenders", default=None, help="comma list of: ours, mamba_ssm (unfused), mamba_ssm_fused "
+                   "(default: ours,mamba_ssm; --config cell, --device cpu or a mixer setting: ours)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--top", type=int, default=25)
