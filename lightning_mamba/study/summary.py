@@ -86,33 +86,39 @@ def majority_verdict(forgets: list[bool | None], planned: int) -> bool | None:
 
 
 def t_forget_of(lens: list[int], verdicts: dict[int, bool]) -> dict:
-    """T_forget = the smallest LEN that forgets when every shorter one fails. ``verdicts``: LEN -> forgets, for the
-    LENs that have one (a LEN absent is missing or undetermined: T_forget cannot be named past it).
-
-    A measured T_forget is known only to the grid's step: ``t_forget_after`` is the longest LEN below it (which
-    fails), so the training length that first forgets lies in (t_forget_after, t_forget]."""
+    """T_forget of a row (or of one seed) from its verdicts by LEN (forgets: True, fails: False; a LEN absent from
+    ``verdicts`` is missing or undetermined): the shortest LEN that forgets above the longest LEN that fails. The
+    failures are the positive evidence: a budget too short to fail can leave a LEN flat under a failing one, so such a
+    LEN does not decide (``forgets_below`` names it). ``t_forget_after`` is that failing LEN, so the training length
+    that first forgets lies in (t_forget_after, t_forget]. No failure: the shortest LEN, when it forgets, bounds
+    T_forget from above; no LEN above the longest failure: that LEN bounds it from below. A missing LEN where the
+    answer is read (just above the longest failure; the shortest LEN when none fails) leaves it incomplete."""
     out = {"t_forget": None, "t_forget_after": None, "t_forget_lower_bound": None, "t_forget_upper_bound": None,
-           "status": "incomplete"}
-    for i, t in enumerate(lens):
-        if t not in verdicts:
-            return out  # a shorter LEN is not done yet (or has no verdict)
-        if verdicts[t] and i == 0:
-            # the grid's shortest LEN already forgets: T_forget is at most t, the grid cannot say more
-            return {**out, "t_forget_upper_bound": t, "status": "at_or_below_min_len"}
-        if verdicts[t]:
-            return {**out, "t_forget": t, "t_forget_after": lens[i - 1], "status": "measured"}
-    return {**out, "t_forget_lower_bound": max(lens), "status": "above_max_len"} if lens else out
+           "forgets_below": [], "status": "incomplete"}
+    failing = [t for t in lens if verdicts.get(t) is False]
+    if not failing:
+        if lens and verdicts.get(lens[0]):
+            # the grid's shortest LEN already forgets: T_forget is at most it, the grid cannot say more
+            return {**out, "t_forget_upper_bound": lens[0], "status": "at_or_below_min_len"}
+        return out  # the shortest LEN is not done yet (or has no verdict)
+    longest = max(failing)
+    out["forgets_below"] = [t for t in lens if t < longest and verdicts.get(t)]
+    above = [t for t in lens if t > longest]
+    if not above:
+        return {**out, "t_forget_lower_bound": longest, "status": "above_max_len"}
+    if above[0] not in verdicts:
+        return out
+    return {**out, "t_forget": above[0], "t_forget_after": longest, "status": "measured"}
 
 
 def lens_deciding(lens: list[int], verdicts: dict[int, bool]) -> list[int]:
-    """The LENs :func:`t_forget_of` reads to place T_forget (or its bound, or to stop short of one): the shortest
-    ones up to and including the first that forgets or has no verdict."""
-    out = []
-    for t in lens:
-        out.append(t)
-        if verdicts.get(t, True):
-            break
-    return out
+    """The LENs :func:`t_forget_of` reads to place T_forget (or its bound, or to stop short of one): the longest that
+    fails and the next one above it, or (none failing) the shortest."""
+    failing = [t for t in lens if verdicts.get(t) is False]
+    if not failing:
+        return lens[:1]
+    longest = max(failing)
+    return [longest, *[t for t in lens if t > longest][:1]]
 
 
 def t_forget_text(entry: dict, why_incomplete: str = "", provisional: str = "") -> str:
@@ -128,7 +134,8 @@ def t_forget_text(entry: dict, why_incomplete: str = "", provisional: str = "") 
 
 
 def rows_of(results: list[dict], plan: dict | None, provisional: list[dict] | None = None) -> list[dict]:
-    """One entry per row of the grid (a state size, or a model), in plan order: T_forget = smallest passing LEN.
+    """One entry per row of the grid (a state size, or a model), in plan order: T_forget = the shortest LEN that
+    forgets above the longest one that fails (:func:`t_forget_of`).
     A cell whose verdict is undetermined (``forgets`` None: a non-finite loss) counts as missing, as one without a
     result does; ``undetermined_lens`` names those LENs. With seeds, a LEN's verdict is its seeds' majority
     (:func:`majority_verdict`): undecided after all its seeds finished it is undetermined, before that missing; a
@@ -170,8 +177,6 @@ def rows_of(results: list[dict], plan: dict | None, provisional: list[dict] | No
                      next((rs[0] for rs in runs.values()), None))
         if first is not None:
             entry.update({k: first[k] for k in MODEL_KEYS if k in first})
-        if entry["t_forget"] is not None:  # the paper's law assumes every longer LEN passes too
-            entry["fails_above_t_forget"] = [t for t in lens if t > entry["t_forget"] and verdict.get(t) is False]
         marks = [(t, provisional_mark(r)) for t in lens_deciding(lens, decided) for r in early[t]]
         entry["t_forget_text"] = t_forget_text(entry, "; ".join(
             f"{what} LEN " + ", ".join(map(str, lens_))

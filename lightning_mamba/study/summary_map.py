@@ -11,9 +11,10 @@ run; leave out a summary whose cells another one repeats (e.g. a merged folder's
 It also reads T_forget seed by seed over all the slices (``t_forget_per_seed`` in the JSON,
 ``t_forget_per_seed.png``) and fits the paper's line T_forget = a N_S + b to the seeds' measured points (``fits``).
 Slices ran for unequal budgets, so a seed's verdicts need not be monotone in LEN (a short budget at one LEN, a long
-one at the next). The reading here rests on the failures, the positive evidence: T_forget of a seed is the shortest
-LEN that forgets above the longest LEN that fails (a lower bound while no longer LEN has been run; an upper bound, the
-shortest LEN, when none fails), and ``forgets_below`` names LENs under a failing one that stayed flat. Only
+one at the next). The reading is the sweep summary's (:func:`.summary.t_forget_of`), which rests on the failures, the
+positive evidence: T_forget of a seed is the shortest LEN that forgets above the longest LEN that fails (a lower
+bound while no longer LEN has been run; an upper bound, the shortest LEN, when none fails), and ``forgets_below``
+names LENs under a failing one that stayed flat. Only
 evaluations that reached ``min_evaluated_to`` tokens count (early slices evaluated to 64 x LEN only, too short to
 see a failure far out); a run's verdict is its last such evaluation, from the summary where it went furthest.
 """
@@ -26,7 +27,7 @@ import os
 from ..analysis import plots
 from ..analysis.fits import N_S_UNIT, PAPER_T_FORGET, T_UNIT, fit_linear
 from .onset import grid_map
-from .summary import fit_entry
+from .summary import fit_entry, t_forget_of
 from .summary_plots import plot_grid_map, plot_t_forget
 from .sweep import SweepError, write_json
 
@@ -88,24 +89,6 @@ def last_verdicts(summaries: dict[str, dict], min_evaluated_to: int) -> dict[tup
     return out
 
 
-def t_forget_from_failures(forgets: dict[int, bool]) -> dict:
-    """One seed's T_forget from its verdicts by LEN (forgets: True, fails: False), read from the longest LEN that
-    fails (see the module's docstring)."""
-    failing = [t for t, f in forgets.items() if not f]
-    flat = sorted(t for t, f in forgets.items() if f)
-    out = {"t_forget": None, "t_forget_after": None, "t_forget_lower_bound": None, "t_forget_upper_bound": None,
-           "forgets_below": []}
-    if not failing:
-        return {**out, "t_forget_upper_bound": flat[0], "status": "at_or_below_min_len"} if flat else \
-            {**out, "status": "incomplete"}
-    longest = max(failing)
-    above = [t for t in flat if t > longest]
-    out["forgets_below"] = [t for t in flat if t < longest]
-    if above:
-        return {**out, "t_forget": above[0], "t_forget_after": longest, "status": "measured"}
-    return {**out, "t_forget_lower_bound": longest, "status": "above_longest_failing_len"}
-
-
 def t_forget_per_seed(summaries: dict[str, dict], min_evaluated_to: int) -> list[dict]:
     """Per (row, seed): its verdicts by LEN (forgets, step, ratio, where from) and T_forget read from them, with the
     row's state size where some summary gives it."""
@@ -116,7 +99,7 @@ def t_forget_per_seed(summaries: dict[str, dict], min_evaluated_to: int) -> list
     for row, seed in sorted({(r, s) for r, s, _ in runs}, key=lambda rs: (rows.get(rs[0], {}).get("n_s", 0), rs)):
         lens = {t: v for (r, s, t), v in sorted(runs.items()) if (r, s) == (row, seed)}
         out.append({"row": row, "seed": seed, **rows.get(row, {}),
-                    **t_forget_from_failures({t: v["forgets"] for t, v in lens.items()}),
+                    **t_forget_of(sorted(lens), {t: v["forgets"] for t, v in lens.items()}),
                     "lens": {str(t): v for t, v in lens.items()}})
     return out
 

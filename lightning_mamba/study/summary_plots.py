@@ -25,7 +25,7 @@ def axis_unit(values, units) -> tuple[float, str]:
     return next(((scale, name) for scale, name in units if top >= scale), units[-1])
 
 
-BOUND_LABELS = {"t_forget_lower_bound": "> max LEN (lower bound: no LEN of the grid forgets)",
+BOUND_LABELS = {"t_forget_lower_bound": "> max LEN (lower bound: the longest LEN fails)",
                 "t_forget_upper_bound": "<= min LEN (upper bound: the shortest LEN forgets)"}
 
 

@@ -186,8 +186,8 @@ def test_results_csv_has_the_seed_of_every_cell(tmp_path):
 
 
 OLD_ROW_KEYS = ["row", "lens", "missing_lens", "undetermined_lens", "passes", "blowup_over_len", "t_forget",
-                "t_forget_after", "t_forget_lower_bound", "t_forget_upper_bound", "status", "d_state", "n_layer", "d_model", "n_s",
-                "n_s_ssm_only", "params", "fails_above_t_forget", "t_forget_text", "t_recall", "passkey_ran"]
+                "t_forget_after", "t_forget_lower_bound", "t_forget_upper_bound", "forgets_below", "status", "d_state",
+                "n_layer", "d_model", "n_s", "n_s_ssm_only", "params", "t_forget_text", "t_recall", "passkey_ran"]
 
 
 def test_without_seeds_the_summary_keeps_its_structure(tmp_path):

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from lightning_mamba.commands.sweep import main
-from lightning_mamba.study.summary import summarize
-from lightning_mamba.study.summary_map import t_forget_from_failures
+from lightning_mamba.study.summary import lens_deciding, summarize, t_forget_of
 
 from .test_onset import write_study
 
@@ -54,13 +53,32 @@ def test_what_is_not_a_summary_gets_one_line(tmp_path, capsys, content, says):
     ({16: True, 64: False, 128: True}, {"t_forget": 128, "t_forget_after": 64, "forgets_below": [16]}),
     # flat at 64 between two failing LENs: the longer failure decides
     ({32: False, 64: True, 128: False, 256: True}, {"t_forget": 256, "t_forget_after": 128, "forgets_below": [64]}),
-    ({32: False}, {"t_forget": None, "t_forget_lower_bound": 32, "status": "above_longest_failing_len"}),
+    ({32: False}, {"t_forget": None, "t_forget_lower_bound": 32, "status": "above_max_len"}),
     ({64: True, 32: True}, {"t_forget": None, "t_forget_upper_bound": 32, "status": "at_or_below_min_len"}),
     ({}, {"t_forget": None, "status": "incomplete"}),
 ])
 def test_a_seeds_t_forget_rests_on_its_longest_failing_len(forgets, expected):
-    got = t_forget_from_failures(forgets)
+    got = t_forget_of(sorted(forgets), forgets)
     assert {k: got[k] for k in expected} == expected
+
+
+@pytest.mark.parametrize("lens, verdicts, expected", [
+    # a missing LEN under the longest failure does not matter (the old first-forgets rule called this incomplete)
+    ([16, 32, 64], {32: False, 64: True}, {"t_forget": 64, "status": "measured"}),
+    ([16, 32, 64], {16: False}, {"t_forget": None, "status": "incomplete"}),  # 32, just above, is missing
+    ([16, 32, 64], {32: True}, {"t_forget": None, "status": "incomplete"}),  # no failure and 16 missing
+    ([16, 32, 64], {16: True, 64: True}, {"t_forget_upper_bound": 16, "status": "at_or_below_min_len"}),
+    ([16, 32, 64], {16: True, 32: False}, {"t_forget": None, "status": "incomplete", "forgets_below": [16]}),
+])
+def test_t_forget_with_missing_lens(lens, verdicts, expected):
+    got = t_forget_of(lens, verdicts)
+    assert {k: got[k] for k in expected} == expected
+
+
+def test_the_lens_that_decide_are_the_longest_failure_and_the_next():
+    assert lens_deciding([16, 32, 64, 128], {16: True, 32: False, 64: True, 128: True}) == [32, 64]
+    assert lens_deciding([16, 32, 64], {16: False, 32: True, 64: False}) == [64]
+    assert lens_deciding([16, 32, 64], {16: True}) == [16]
 
 
 def summary_of(cells: dict[str, tuple[int, list[tuple[int, bool, int]]]], rows: dict[str, int]) -> dict:

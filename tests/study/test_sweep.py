@@ -198,12 +198,19 @@ def test_the_summary_records_the_study_folder_as_given(tmp_path, monkeypatch):
     assert s["out"] == "study" and json.load(open("study/summary.json"))["out"] == "study"
 
 
-def test_a_row_that_fails_above_its_t_forget_is_flagged(tmp_path):
-    write_study(tmp_path, rows={"state16": (0.1e6, 1024)})
+def test_a_failure_above_a_forgetting_len_decides_and_the_flat_one_is_named(tmp_path):
+    """T_forget rests on the longest LEN that fails: LENs that forget under it (a budget too short to fail) are
+    named in forgets_below; with no longer LEN run, T_forget is only bounded from below."""
+    write_study(tmp_path, rows={"state16": (0.1e6, 1024)})  # LEN 512 fails, 1024-8192 forget
     path = tmp_path / "cells" / "state16_len4096" / "result.json"
     write_json(str(path), fake_result("state16", 4096, False, 0.1e6))
     s = summarize(str(tmp_path), tensorboard=False)
-    assert s["rows"][0]["t_forget"] == 1024 and s["rows"][0]["fails_above_t_forget"] == [4096]
+    row = s["rows"][0]
+    assert (row["t_forget"], row["t_forget_after"], row["forgets_below"]) == (8192, 4096, [1024, 2048])
+    write_json(str(tmp_path / "cells" / "state16_len8192" / "result.json"), fake_result("state16", 8192, False, 0.1e6))
+    row = summarize(str(tmp_path), tensorboard=False)["rows"][0]
+    assert row["t_forget"] is None and row["t_forget_lower_bound"] == 8192 and row["status"] == "above_max_len"
+    assert row["forgets_below"] == [1024, 2048] and row["t_forget_text"] == "> 8192"
     assert not (tmp_path / "summary").exists()
 
 

@@ -32,11 +32,15 @@ def test_an_undetermined_cell_is_missing_for_t_forget_not_failing():
     assert row["t_forget_text"] == "incomplete (undetermined LEN 64)"
     assert row["passes"] == {"32": False, "64": None, "128": True}
     assert markdown_table([row])[-1].endswith("| 32:FAILS 64:undetermined 128:forgets |")
-    # above a measured T_forget it is not among the LENs that fail again
-    results = [fake_result("b", 32, False, 1e6), fake_result("b", 64, True, 1e6), undetermined_result("b", 128, 1e6),
-               fake_result("b", 256, False, 1e6)]
+    # above the longest failing LEN it stops the reading too: 64 fails, 128 undetermined, 256 forgets
+    results = [fake_result("b", 32, True, 1e6), fake_result("b", 64, False, 1e6), undetermined_result("b", 128, 1e6),
+               fake_result("b", 256, True, 1e6)]
     (row,) = rows_of(results, None)
-    assert row["t_forget"] == 64 and row["fails_above_t_forget"] == [256]
+    assert row["t_forget"] is None and row["status"] == "incomplete" and row["forgets_below"] == [32]
+    # under it, it does not count: 32 undetermined, 64 fails, 128 forgets
+    results = [undetermined_result("c", 32, 1e6), fake_result("c", 64, False, 1e6), fake_result("c", 128, True, 1e6)]
+    (row,) = rows_of(results, None)
+    assert row["t_forget"] == 128 and row["t_forget_after"] == 64 and row["status"] == "measured"
 
 
 def test_the_csv_field_of_an_undetermined_cell_is_empty_and_the_summary_says_why(tmp_path):
