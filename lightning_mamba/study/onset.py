@@ -23,6 +23,7 @@ from typing import Any
 
 from ..analysis.decays import decay_stats
 from .sweep import parse_cell_name
+from .t_forget import t_forget_of
 
 STEP_FILE = re.compile(r"step_(\d+)\.json$")
 
@@ -98,10 +99,11 @@ def onset_of(history: list[dict]) -> dict[str, Any]:
 def t_forget_by_step(histories: dict[str, list[dict]], rows_of_cells: dict[str, tuple[str, int]]) -> dict:
     """T_forget per row at every evaluation step that all of the row's cells reached.
 
-    ``histories``: cell -> history; ``rows_of_cells``: cell -> (row, LEN). At a step, T_forget is the smallest LEN
-    of the row whose cell forgets there, provided every shorter LEN fails there (else it is not named); a row
-    whose shortest LEN forgets has T_forget <= that LEN, one that fails at every LEN has T_forget > the longest.
-    An undetermined evaluation counts as missing: a step where one of the row's LENs has it is left out."""
+    ``histories``: cell -> history; ``rows_of_cells``: cell -> (row, LEN). At a step, T_forget is read from the
+    row's verdicts there by :func:`.t_forget.t_forget_of` (the shortest LEN that forgets above the longest that
+    fails); a row none of whose LENs fails has T_forget <= its shortest LEN, one whose longest LEN fails
+    T_forget > it (``bound``). An undetermined evaluation counts as missing: a step where one of the row's LENs has
+    it is left out."""
     by_row: dict[str, dict[int, dict[int, bool]]] = {}
     for cell, history in histories.items():
         row, seq_len = rows_of_cells[cell]
@@ -119,14 +121,12 @@ def t_forget_by_step(histories: dict[str, list[dict]], rows_of_cells: dict[str, 
             passes = steps[step]
             if any(t not in passes for t in lens):
                 continue  # some LEN has no evaluation at this step
-            entry = {"step": step, "t_forget": None, "bound": None}
-            first_pass = next((t for t in lens if passes[t]), None)
-            if first_pass is None:
-                entry["bound"] = f"> {lens[-1]}"
-            elif first_pass == lens[0]:
-                entry["bound"] = f"<= {lens[0]}"
-            else:
-                entry["t_forget"] = first_pass
+            read = t_forget_of(lens, passes)
+            entry = {"step": step, "t_forget": read["t_forget"], "bound": None}
+            if read["t_forget_lower_bound"] is not None:
+                entry["bound"] = f"> {read['t_forget_lower_bound']}"
+            elif read["t_forget_upper_bound"] is not None:
+                entry["bound"] = f"<= {read['t_forget_upper_bound']}"
             entry["passes"] = {str(t): passes[t] for t in lens}
             series.append(entry)
         out[row] = series

@@ -11,7 +11,7 @@ run; leave out a summary whose cells another one repeats (e.g. a merged folder's
 It also reads T_forget seed by seed over all the slices (``t_forget_per_seed`` in the JSON,
 ``t_forget_per_seed.png``) and fits the paper's line T_forget = a N_S + b to the seeds' measured points (``fits``).
 Slices ran for unequal budgets, so a seed's verdicts need not be monotone in LEN (a short budget at one LEN, a long
-one at the next). The reading is the sweep summary's (:func:`.summary.t_forget_of`), which rests on the failures, the
+one at the next). The reading is the sweep summary's (:func:`.t_forget.t_forget_of`), which rests on the failures, the
 positive evidence: T_forget of a seed is the shortest LEN that forgets above the longest LEN that fails (a lower
 bound while no longer LEN has been run; an upper bound, the shortest LEN, when none fails), and ``forgets_below``
 names LENs under a failing one that stayed flat. Only
@@ -27,9 +27,10 @@ import os
 from ..analysis import plots
 from ..analysis.fits import N_S_UNIT, PAPER_T_FORGET, T_UNIT, fit_linear
 from .onset import grid_map
-from .summary import fit_entry, t_forget_of
+from .summary import fit_entry
 from .summary_plots import plot_grid_map, plot_t_forget
 from .sweep import SweepError, write_json
+from .t_forget import t_forget_of
 
 CELL_KEYS = ("row", "seq_len", "history")  # what grid_map reads of a cell
 ROW_KEYS = ("d_state", "n_s", "n_s_ssm_only")  # what the fit reads of a row

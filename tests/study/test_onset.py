@@ -73,6 +73,15 @@ def test_t_forget_is_named_at_each_step_all_lens_reached():
         (100, None, "<= 32"), (200, 64, None), (300, None, "> 128")]
 
 
+def test_t_forget_along_training_rests_on_the_longest_failing_len():
+    """The summary's rule at each step: LEN 32 flat under a failing 64 does not decide (T_forget 128, not <= 32)."""
+    cells = {"r_len32": ("r", 32), "r_len64": ("r", 64), "r_len128": ("r", 128)}
+    histories = {c: [{"step": 100, "forgets": f}] for c, f in (("r_len32", True), ("r_len64", False),
+                                                              ("r_len128", True))}
+    assert [(e["step"], e["t_forget"], e["bound"]) for e in t_forget_by_step(histories, cells)["r"]] == [
+        (100, 128, None)]
+
+
 def test_the_summary_reads_every_planned_cell(tmp_path):
     cells_folder = tmp_path / "cells"
     write_eval(str(cells_folder / "s_len32"), 10, False)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from lightning_mamba.commands.sweep import main
-from lightning_mamba.study.summary import lens_deciding, summarize, t_forget_of
+from lightning_mamba.study.summary import summarize
+from lightning_mamba.study.t_forget import lens_deciding, t_forget_of
 
 from .test_onset import write_study
 
