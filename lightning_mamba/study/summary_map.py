@@ -27,7 +27,7 @@ import os
 from ..analysis import plots
 from ..analysis.fits import N_S_UNIT, PAPER_T_FORGET, T_UNIT, fit_linear
 from .onset import grid_map
-from .summary import fit_entry
+from .summary import fit_entry, t_forget_text
 from .summary_plots import plot_grid_map, plot_t_forget
 from .sweep import SweepError, write_json
 from .t_forget import t_forget_of
@@ -142,9 +142,7 @@ def _figure_rows(entries: list[dict]) -> list[dict]:
 
 
 def _seed_line(e: dict) -> str:
-    t = (e["t_forget"] if e["t_forget"] is not None else f"> {e['t_forget_lower_bound']}"
-         if e["t_forget_lower_bound"] else f"<= {e['t_forget_upper_bound']}" if e["t_forget_upper_bound"]
-         else "undetermined")
+    t = t_forget_text(e)  # a seed here always has a verdict at some LEN, so never "incomplete"
     verdicts = ", ".join(f"{n}: {'forgets' if v['forgets'] else 'FAILS'} ({v['step']})" for n, v in e["lens"].items())
     return f"  {e['row']} seed {e['seed']}: T_forget {t}   [LEN: verdict (step) {verdicts}]"
 

@@ -5,11 +5,13 @@ Why our own: in a 130m step on the H200 the norms' backward was the largest sing
 16.2 ms a step). mamba_ssm's backward runs one program per SM, each walking its share of the rows one row at a
 time, so few rows are in flight. Here every program takes a tile of several rows at once (a 2-D block) and the
 backward walks its tiles with many programs per SM, each keeping its own partial sums of grad weight (summed
-after). Whether that is faster is for ``benchmarks/norm_kernel.py`` to say, same process against mamba_ssm's
-kernels; until it has, the model keeps mamba_ssm's (kernels/backend.py).
+after). ``benchmarks/norm_kernel.py`` times them against mamba_ssm's kernels in one process; the whole training
+step was faster with these (docs/performance.md), so kernels/backend.py runs them by default.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor
@@ -31,11 +33,17 @@ def tile_plan(n_rows: int, width: int, device: torch.device) -> tuple[int, int, 
     rows = max(1, min(16, TILE_ELEMENTS // block))
     tiles = -(-n_rows // rows)
     if device.type == "cuda":
-        cap = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+        cap = PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     else:
         cap = 64  # Triton's CPU interpreter (tests): any count is correct
     per_program = -(-tiles // max(1, min(tiles, cap)))
     return block, rows, -(-tiles // per_program), per_program
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    """SMs of a GPU, asked once (tile_plan runs at every norm call of an eager step)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _warps(block: int, rows: int) -> int:
