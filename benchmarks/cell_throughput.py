@@ -42,8 +42,11 @@ Contenders:
                    CUDA stream, one replay per cell per round: processes are time-sliced on the GPU, streams of one
                    process can overlap (small cells leave most of the GPU idle). Per cell: rounds/s.
   <any>_1cell_quadratic  that 1-cell contender with --quadratic_max_len raised to --seq_len: the scan in the SSD's
-                   attention form (models/ssd.py ssd_quadratic; no padding to a chunk, no state), beside the same
-                   contender with the chunked scan in the same run (e.g. graph_1cell,graph_1cell_quadratic).
+                   attention form (no padding to a chunk, no state; on CUDA our fused Triton kernels,
+                   models/kernels/ssd_quadratic_triton.py), beside the same contender with the chunked scan in the
+                   same run (e.g. graph_1cell,graph_1cell_quadratic).
+  <any>_1cell_quadratic_torch  the same with the attention form in torch (models/ssd.py ssd_quadratic's einsums):
+                   the fused kernels' A/B (e.g. graph_1cell_quadratic_torch,graph_1cell_quadratic).
 
 Each graphed contender first checks itself against an eager copy of the model on the same batches (--check_steps
 steps from the same weights): the losses must agree and the parameters must have moved alike; a failed check is
@@ -736,14 +739,24 @@ def parse_args(argv=None):
     return args
 
 
-QUADRATIC = "_quadratic"
+QUADRATIC, QUADRATIC_TORCH = "_quadratic", "_quadratic_torch"
 
 
 def contender_setting(name: str) -> tuple[str, bool]:
-    """(the contender, whether it runs with the quadratic scan): ``graph_1cell_quadratic`` -> (graph_1cell, True).
-    Only 1-cell contenders take the suffix (an unknown name is left whole, for parse_args to refuse)."""
-    base = name.removesuffix(QUADRATIC)
-    return (base, True) if base != name and base.endswith("_1cell") else (name, False)
+    """(the contender, whether it runs with the quadratic scan): ``graph_1cell_quadratic`` and
+    ``graph_1cell_quadratic_torch`` -> (graph_1cell, True). Only 1-cell contenders take the suffixes (an unknown
+    name is left whole, for parse_args to refuse)."""
+    for suffix in (QUADRATIC_TORCH, QUADRATIC):
+        base = name.removesuffix(suffix)
+        if base != name and base.endswith("_1cell"):
+            return base, True
+    return name, False
+
+
+def quadratic_kernel_of(name: str) -> str:
+    """The attention form's code for a contender: ``torch`` (ssd.ssd_quadratic's einsums) for a name ending in
+    ``_quadratic_torch``, else ``ours`` (the fused Triton kernels, the model's default on CUDA)."""
+    return "torch" if name.endswith(QUADRATIC_TORCH) else "ours"
 
 
 def with_quadratic(args, quadratic: bool):
@@ -761,6 +774,8 @@ def write_json(path: str, args, env: dict, skipped: dict, rows: list[dict]) -> N
 
 
 def main(argv=None) -> int:
+    from lightning_mamba.models.kernels.backend import quadratic_kernels
+
     sys.stdout.reconfigure(line_buffering=True)  # each line as it comes, also into a file or pipe
     args = parse_args(argv)
     env = environment(args)
@@ -782,7 +797,9 @@ def main(argv=None) -> int:
         if n == "1cell":
             cell_args = with_quadratic(args, quadratic)
             try:
-                cells = [run_fit(cell_args) if kind == "fit" else run_cell(cell_args, kind, args.d_state, args.seq_len)]
+                with quadratic_kernels(quadratic_kernel_of(name)):
+                    cells = [run_fit(cell_args) if kind == "fit"
+                             else run_cell(cell_args, kind, args.d_state, args.seq_len)]
                 cells[0]["quadratic_max_len"] = cell_args.quadratic_max_len
             except Exception as e:  # noqa: BLE001 - one contender's failure must not hide the others
                 cells = [{"kind": kind, "cell": 0, "d_state": args.d_state, "seq_len": args.seq_len,

@@ -1,7 +1,7 @@
-"""The one kernel switch: pure torch everywhere, mamba_ssm's Triton SSD on CUDA when installed (and there the conv
-in causal_conv1d's CUDA kernels when that library is installed too, except on short rows, else in our Triton kernel;
-the norms in our Triton kernels, or mamba_ssm's inside ``norm_kernels("mamba_ssm")``). Each choice was timed on an
-H200 (docs/performance.md)."""
+"""The one kernel switch: pure torch everywhere, mamba_ssm's Triton SSD on CUDA when installed (and there short
+rows in the SSD's attention form in our fused Triton kernels; the conv in causal_conv1d's CUDA kernels when that
+library is installed too, except on short rows, else in our Triton kernel; the norms in our Triton kernels, or
+mamba_ssm's inside ``norm_kernels("mamba_ssm")``). Each choice was timed on an H200 (docs/performance.md)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from torch import Tensor
 from ..config import ConfigError
 from ..conv import causal_conv1d, conv_step
 from ..ssd import ssd_chunked, ssd_quadratic
-from . import conv_cc1d
+from . import conv_cc1d, ssd_quadratic_triton
 
 BACKENDS = ("auto", "torch", "triton")
 NORM_KERNELS = ("mamba_ssm", "ours")  # the Triton path's norms: mamba_ssm's, or models/kernels/norm_triton.py
@@ -47,6 +47,25 @@ def norm_kernels(name: str | None = None, *, add: str | None = None, gated: str 
         yield
     finally:
         _norm_kernel = before
+
+
+QUADRATIC_KERNELS = ("ours", "torch")  # the Triton path's attention form: ssd_quadratic_triton.py, or ssd.py's torch
+_quadratic_kernel = "ours"
+
+
+@contextlib.contextmanager
+def quadratic_kernels(name: str):
+    """Inside the block the Triton path's short rows in the attention form run ``name``'s code (``torch``: the
+    einsums of ssd.ssd_quadratic), so a benchmark can time both in one process (benchmarks/cell_throughput.py's
+    ``<contender>_quadratic_torch``)."""
+    global _quadratic_kernel
+    if name not in QUADRATIC_KERNELS:
+        raise ConfigError(f"unknown attention-form kernels {name!r}: use one of {', '.join(QUADRATIC_KERNELS)}")
+    before, _quadratic_kernel = _quadratic_kernel, name
+    try:
+        yield
+    finally:
+        _quadratic_kernel = before
 
 
 @functools.cache
@@ -120,10 +139,14 @@ def ssd(
     """SSD scan with the chosen backend. Arguments as :func:`ssd.ssd_chunked` (dt already positive); ``D`` (heads),
     if given, adds the skip ``D * x`` to y (in x's dtype), inside the kernel on the Triton path.
 
-    An input of at most ``quadratic_max_len`` tokens from a zero state takes :func:`ssd.ssd_quadratic` on every
-    backend (plain torch: no padding to a chunk, no per-chunk states); the final state is None unless
-    ``return_final_state``."""
+    An input of at most ``quadratic_max_len`` tokens from a zero state takes the SSD's attention form (no padding
+    to a chunk, no per-chunk states): on the Triton path, when no final state is asked for (training), our fused
+    kernels (ssd_quadratic_triton.py, rows up to its MAX_LEN), else :func:`ssd.ssd_quadratic` in torch; the final
+    state is None unless ``return_final_state``."""
     if quadratic_max_len and x.size(1) <= quadratic_max_len and initial_state is None:
+        if (not return_final_state and _quadratic_kernel == "ours" and uses_triton(backend, x)
+                and ssd_quadratic_triton.supports(x, dt, B, C)):
+            return ssd_quadratic_triton.ssd_quadratic_fused(x, dt, A, B, C, D=D, seq_idx=seq_idx), None
         y, final_state = ssd_quadratic(x, dt, A, B, C, seq_idx=seq_idx, return_final_state=return_final_state)
         return _add_skip(y, x, D), final_state
     if uses_triton(backend, x):

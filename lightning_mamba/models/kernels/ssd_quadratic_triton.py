@@ -1,0 +1,223 @@
+"""The SSD's attention form for short rows from a zero state, forward and backward fused in Triton.
+
+``ssd_quadratic_fused`` computes what :func:`lightning_mamba.models.ssd.ssd_quadratic` computes (plus the D skip):
+
+    y_t = sum_{s <= t, same document} (C_t . B_s) exp(cs_t - cs_s) dt_s x_s + D x_t,   cs = cumsum(dt * A)
+
+Why: the study trains 4 x 256 models on rows of 16-64 tokens, where ``quadratic_max_len`` takes this form. In torch
+it is a chain of einsums, masks, exps and copies of (rows x heads x l x l) tensors: on an H200 those copies were
+more than half the GPU time of a d_state 512, LEN 32 training step (benchmarks/profile_step.py --config cell).
+Here one program per (batch row, group) computes C B^T once (l x l, over d_state), then walks the group's heads
+with everything in registers; the backward recomputes the same and writes grad x, dt, B, C, and per-row partial
+sums of grad A and D (summed after: deterministic, no atomics). Every product runs in fp32 (the torch form feeds
+its matmuls bf16 under autocast), so results agree with the torch form in fp32 to rounding.
+No final state: training asks for none (the torch form builds it when asked). Rows up to MAX_LEN tokens: the
+program holds several l x l tiles, and longer rows would spill registers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:  # CI machines have no triton: the module must still import
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+MAX_LEN = 64  # rows longer than this take the torch form (the kernels' l x l tiles would spill registers)
+BLOCK_N = 64  # d_state columns per step of the C B^T and grad B, C products
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def supports(x: Tensor, dt: Tensor, B: Tensor, C: Tensor) -> bool:
+    """Whether the fused kernels take these inputs: CUDA (or Triton's interpreter, for tests), rows of at most
+    MAX_LEN, x, B, C in fp32/bf16/fp16 and dt, an fp32 tensor (fp64 exactness runs stay on the torch form)."""
+    return (
+        triton is not None
+        and 0 < x.size(1) <= MAX_LEN
+        and x.dtype in _DTYPES and B.dtype in _DTYPES and C.dtype in _DTYPES
+        and dt.dtype == torch.float32
+    )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _c_bt(B_ptr, C_ptr, row_b, row_c, t, t_ok, sbl, scl, N: tl.constexpr, BLOCK_L: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+        """C B^T of one row and group: (BLOCK_L, BLOCK_L) fp32, zero at times >= l."""
+        cb = tl.zeros((BLOCK_L, BLOCK_L), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            m = t_ok[:, None] & (n < N)[None, :]
+            c = tl.load(C_ptr + row_c + t[:, None] * scl + n[None, :], mask=m, other=0.0).to(tl.float32)
+            b = tl.load(B_ptr + row_b + t[:, None] * sbl + n[None, :], mask=m, other=0.0).to(tl.float32)
+            cb += tl.dot(c, tl.trans(b), input_precision="ieee")
+        return cb
+
+    @triton.jit
+    def _causal_same_doc(seq_ptr, row_s, t, t_ok, ssl, HAS_SEQ: tl.constexpr):
+        """(i, j) pairs that contribute: j <= i < l, and the same document when seq_idx is given."""
+        keep = (t[None, :] <= t[:, None]) & t_ok[:, None] & t_ok[None, :]
+        if HAS_SEQ:
+            doc = tl.load(seq_ptr + row_s + t * ssl, mask=t_ok, other=0)
+            keep = keep & (doc[:, None] == doc[None, :])
+        return keep
+
+    @triton.jit
+    def _head_decay(dt_ptr, A_ptr, row_dt, hd, t, t_ok, sdl, keep):
+        """dt (BLOCK_L,), A of head hd and its decay exp(cs_i - cs_j) on the kept pairs, zero elsewhere."""
+        dt = tl.load(dt_ptr + row_dt + t * sdl + hd, mask=t_ok, other=0.0).to(tl.float32)
+        a = tl.load(A_ptr + hd).to(tl.float32)
+        cs = tl.cumsum(dt * a, axis=0)
+        decay = tl.exp(tl.where(keep, cs[:, None] - cs[None, :], float("-inf")))
+        return dt, a, decay
+
+    @triton.jit
+    def _fwd_kernel(
+        x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, y_ptr, l,
+        sxb, sxl, sxh, sdb, sdl, sbb, sbl, sbg, scb, scl, scg, ssb, ssl, syb, syl, syh,
+        R: tl.constexpr, P: tl.constexpr, N: tl.constexpr, HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr,
+        BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        bi = tl.program_id(0).to(tl.int64)
+        gi = tl.program_id(1)
+        t = tl.arange(0, BLOCK_L)
+        t_ok = t < l
+        p = tl.arange(0, BLOCK_P)
+        tp_ok = t_ok[:, None] & (p < P)[None, :]
+        cb = _c_bt(B_ptr, C_ptr, bi * sbb + gi * sbg, bi * scb + gi * scg, t, t_ok, sbl, scl, N, BLOCK_L, BLOCK_N)
+        keep = _causal_same_doc(seq_ptr, bi * ssb, t, t_ok, ssl, HAS_SEQ)
+        for r in range(R):  # the group's heads share C B^T
+            hd = gi * R + r
+            dt, a, decay = _head_decay(dt_ptr, A_ptr, bi * sdb, hd, t, t_ok, sdl, keep)
+            x = tl.load(x_ptr + bi * sxb + hd * sxh + t[:, None] * sxl + p[None, :], mask=tp_ok, other=0.0)
+            x = x.to(tl.float32)
+            y = tl.dot(cb * decay * dt[None, :], x, input_precision="ieee")
+            if HAS_D:
+                y += tl.load(D_ptr + hd).to(tl.float32) * x
+            tl.store(y_ptr + bi * syb + hd * syh + t[:, None] * syl + p[None, :], y.to(y_ptr.dtype.element_ty),
+                     mask=tp_ok)
+
+    @triton.jit
+    def _bwd_kernel(
+        x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, dy_ptr, dx_ptr, ddt_ptr, dB_ptr, dC_ptr,
+        dA_part_ptr, dD_part_ptr, l, H,
+        sxb, sxl, sxh, sdb, sdl, sbb, sbl, sbg, scb, scl, scg, ssb, ssl, syb, syl, syh,
+        sob, sol, soh, sgb, sgl, sgg,
+        R: tl.constexpr, P: tl.constexpr, N: tl.constexpr, HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr,
+        BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """grad x (strides so*), dt (dt's layout), grad B and C (both strides sg*), per-row grad A and D (b, H)."""
+        bi = tl.program_id(0).to(tl.int64)
+        gi = tl.program_id(1)
+        t = tl.arange(0, BLOCK_L)
+        t_ok = t < l
+        p = tl.arange(0, BLOCK_P)
+        tp_ok = t_ok[:, None] & (p < P)[None, :]
+        row_b, row_c = bi * sbb + gi * sbg, bi * scb + gi * scg
+        cb = _c_bt(B_ptr, C_ptr, row_b, row_c, t, t_ok, sbl, scl, N, BLOCK_L, BLOCK_N)
+        keep = _causal_same_doc(seq_ptr, bi * ssb, t, t_ok, ssl, HAS_SEQ)
+        dcb = tl.zeros((BLOCK_L, BLOCK_L), dtype=tl.float32)
+        for r in range(R):
+            hd = gi * R + r
+            dt, a, decay = _head_decay(dt_ptr, A_ptr, bi * sdb, hd, t, t_ok, sdl, keep)
+            x_off = bi * sxb + hd * sxh + t[:, None] * sxl + p[None, :]
+            x = tl.load(x_ptr + x_off, mask=tp_ok, other=0.0).to(tl.float32)
+            dy_off = bi * syb + hd * syh + t[:, None] * syl + p[None, :]
+            dy = tl.load(dy_ptr + dy_off, mask=tp_ok, other=0.0).to(tl.float32)
+            w = decay * dt[None, :]  # y = (cb * w) @ x
+            dx = tl.dot(tl.trans(cb * w), dy, input_precision="ieee")
+            if HAS_D:
+                dx += tl.load(D_ptr + hd).to(tl.float32) * dy
+                tl.store(dD_part_ptr + bi * H + hd, tl.sum(tl.sum(dy * x, axis=1), axis=0))
+            dx_off = bi * sob + hd * soh + t[:, None] * sol + p[None, :]
+            tl.store(dx_ptr + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=tp_ok)
+            ds = tl.dot(dy, tl.trans(x), input_precision="ieee")  # grad of the scores cb * w
+            dcb += ds * w
+            q = ds * cb * decay  # grad of w over dt_j
+            m = q * dt[None, :]  # grad of cs_i - cs_j
+            dcs = tl.sum(m, axis=1) - tl.sum(m, axis=0)
+            # grad of log alpha_k = sum_{i >= k} dcs_i; alpha_0 cancels from every difference (exactly 0)
+            dda = tl.sum(dcs, axis=0) - tl.cumsum(dcs, axis=0) + dcs
+            dda = tl.where(t == 0, 0.0, dda)
+            ddt = tl.sum(q, axis=0) + dda * a
+            tl.store(ddt_ptr + bi * sdb + t * sdl + hd, ddt, mask=t_ok)
+            tl.store(dA_part_ptr + bi * H + hd, tl.sum(dda * dt, axis=0))
+        for n0 in range(0, N, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            m = t_ok[:, None] & (n < N)[None, :]
+            b = tl.load(B_ptr + row_b + t[:, None] * sbl + n[None, :], mask=m, other=0.0).to(tl.float32)
+            c = tl.load(C_ptr + row_c + t[:, None] * scl + n[None, :], mask=m, other=0.0).to(tl.float32)
+            dc = tl.dot(dcb, b, input_precision="ieee")
+            db = tl.dot(tl.trans(dcb), c, input_precision="ieee")
+            g_off = bi * sgb + gi * sgg + t[:, None] * sgl + n[None, :]
+            tl.store(dC_ptr + g_off, dc.to(dC_ptr.dtype.element_ty), mask=m)
+            tl.store(dB_ptr + g_off, db.to(dB_ptr.dtype.element_ty), mask=m)
+
+
+def _last_dim_contiguous(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _launch_args(x: Tensor, dt: Tensor, B: Tensor, C: Tensor, seq_idx: Tensor | None) -> tuple[tuple, dict, tuple]:
+    """Strides shared by both kernels (x's also serve y, dy and dx), constexprs and the grid."""
+    b, l, h, p = x.shape
+    g, n = B.size(2), B.size(3)
+    block_l = max(16, triton.next_power_of_2(l))
+    seq = (0, 0) if seq_idx is None else seq_idx.stride()
+    strides = (x.stride(0), x.stride(1), x.stride(2), dt.stride(0), dt.stride(1),
+               B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2), *seq)
+    meta = dict(R=h // g, P=p, N=n, HAS_SEQ=seq_idx is not None, BLOCK_L=block_l,
+                BLOCK_P=max(16, triton.next_power_of_2(p)), BLOCK_N=min(BLOCK_N, max(16, triton.next_power_of_2(n))),
+                num_warps=8 if block_l >= 64 else 4)
+    return strides, meta, (b, g)
+
+
+class _SSDQuadratic(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, seq_idx):
+        y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+        strides, meta, grid = _launch_args(x, dt, B, C, seq_idx)
+        _fwd_kernel[grid](
+            x, dt, A, B, C, x if D is None else D, x if seq_idx is None else seq_idx, y, x.size(1),
+            *strides, *y.stride()[:3], HAS_D=D is not None, **meta,
+        )
+        ctx.save_for_backward(x, dt, A, B, C, D, seq_idx)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, dt, A, B, C, D, seq_idx = ctx.saved_tensors
+        b, h = x.size(0), x.size(2)
+        dy = _last_dim_contiguous(dy)
+        dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+        ddt = torch.empty(dt.shape, device=dt.device, dtype=dt.dtype)  # dt is dense (made so on the way in)
+        dB = torch.empty(B.shape, device=B.device, dtype=B.dtype)
+        dC = torch.empty(C.shape, device=C.device, dtype=C.dtype)
+        dA_part = torch.empty(b, h, device=x.device, dtype=torch.float32)
+        dD_part = torch.empty(b, h, device=x.device, dtype=torch.float32) if D is not None else dA_part
+        strides, meta, grid = _launch_args(x, dt, B, C, seq_idx)
+        _bwd_kernel[grid](
+            x, dt, A, B, C, x if D is None else D, x if seq_idx is None else seq_idx, dy, dx, ddt, dB, dC,
+            dA_part, dD_part, x.size(1), h, *strides, *dy.stride()[:3], *dx.stride()[:3], *dB.stride()[:3],
+            HAS_D=D is not None, **meta,
+        )
+        dA = dA_part.sum(0).to(A.dtype)
+        dD = None if D is None else dD_part.sum(0).to(D.dtype)
+        return dx, ddt, dA, dB, dC, dD, None
+
+
+def ssd_quadratic_fused(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None, seq_idx: Tensor | None = None,
+) -> Tensor:
+    """y of :func:`ssd.ssd_quadratic` (no final state) plus ``D * x``, in x's dtype, by the fused kernels.
+
+    x (b, l, h, p) and B, C (b, l, g, n) with any strides but a contiguous last dimension (column slices of the
+    conv's output need no copy); dt (b, l, h) fp32, positive; A, D (h,); seq_idx (b, l) or None. l <= MAX_LEN
+    (``supports`` says whether the kernels take the inputs). Differentiable in x, dt, A, B, C and D."""
+    x, B, C = (_last_dim_contiguous(t) for t in (x, B, C))
+    dt = dt.contiguous()
+    return _SSDQuadratic.apply(x, dt, A.contiguous(), B, C, None if D is None else D.contiguous(), seq_idx)

@@ -1,0 +1,143 @@
+"""The fused attention-form SSD equals ssd.ssd_quadratic plus the D skip, values and every gradient, and the backend
+runs it exactly where it should (training's short rows on the Triton path).
+
+Runs on CUDA when available, else on CPU through Triton's interpreter when TRITON_INTERPRET=1 (small shapes),
+else skips (CI has no triton); the choice tests at the end need no triton."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_mamba.models.ssd import ssd_quadratic
+
+from .triton_env import DEVICE, needs_triton
+
+
+def make_inputs(b, l, h, p, g, n, docs=False, dtype=torch.float32, seed=0):
+    """x, B, C as column slices of one wider tensor (as the conv's output is split in the model: strided rows),
+    dt = softplus(...) fp32, A < 0, D, and seq_idx (documents starting at l // 3 in every row and at 2 in row 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    wide = torch.randn(b, l, h * p + 2 * g * n + 5, generator=gen).to(DEVICE, dtype)
+    x = wide[..., 3:3 + h * p].unflatten(-1, (h, p))
+    B = wide[..., 3 + h * p:3 + h * p + g * n].unflatten(-1, (g, n))
+    C = wide[..., 3 + h * p + g * n:3 + h * p + 2 * g * n].unflatten(-1, (g, n))
+    dt = F.softplus(torch.randn(b, l, h, generator=gen) - 1.0)
+    A = -(torch.rand(h, generator=gen) * 2 + 0.1)
+    D = torch.randn(h, generator=gen)
+    seq_idx = None
+    if docs:
+        seq_idx = torch.zeros(b, l, dtype=torch.long)
+        seq_idx[:, l // 3:] += 1
+        seq_idx[0, 2:] += 1
+        seq_idx = seq_idx.to(DEVICE)
+    return x, dt.to(DEVICE), A.to(DEVICE), B, C, D.to(DEVICE), seq_idx
+
+
+def reference(x, dt, A, B, C, D, seq_idx):
+    y, _ = ssd_quadratic(x, dt, A, B, C, seq_idx=seq_idx, return_final_state=False)
+    return y if D is None else y + x * D[:, None]
+
+
+def values_and_grads(fn, tensors, seq_idx, grad_y):
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
+    y = fn(*leaves, seq_idx)
+    grads = torch.autograd.grad(y, [t for t in leaves if t is not None], grad_y)
+    return y, grads
+
+
+def fused(x, dt, A, B, C, D, seq_idx):
+    from lightning_mamba.models.kernels.ssd_quadratic_triton import ssd_quadratic_fused
+
+    return ssd_quadratic_fused(x, dt, A, B, C, D=D, seq_idx=seq_idx)
+
+
+def assert_rel_close(a, b, tol, what):
+    err = (a.float() - b.float()).abs().max().item() / max(b.float().abs().max().item(), 1e-12)
+    assert err < tol, f"{what}: relative error {err:.2e} >= {tol}"
+
+
+NAMES = ("x", "dt", "A", "B", "C", "D")
+
+
+@needs_triton
+@pytest.mark.parametrize("b, l, h, p, g, n, docs, with_d", [
+    (2, 16, 4, 16, 1, 32, False, True),     # one group shared by every head (the study's models)
+    (3, 24, 4, 16, 2, 80, True, True),      # two groups, documents, d_state not a multiple of the 64-wide steps
+    (2, 5, 2, 16, 1, 16, True, False),      # a row shorter than the 16-wide tile, no D
+    (1, 64, 2, 32, 1, 64, True, True),      # the longest row the kernels take
+])
+def test_fused_attention_form_equals_the_torch_form_in_fp32(b, l, h, p, g, n, docs, with_d):
+    x, dt, A, B, C, D, seq_idx = make_inputs(b, l, h, p, g, n, docs)
+    D = D if with_d else None
+    grad_y = torch.randn(b, l, h, p, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    y_ref, g_ref = values_and_grads(reference, (x, dt, A, B, C, D), seq_idx, grad_y)
+    y, grads = values_and_grads(fused, (x, dt, A, B, C, D), seq_idx, grad_y)
+    assert y.dtype == x.dtype and y.is_contiguous()
+    assert_rel_close(y, y_ref, 1e-5, "y")
+    for name, got, want in zip(NAMES, grads, g_ref):
+        assert got.shape == want.shape and got.dtype == want.dtype, name
+        assert_rel_close(got, want, 2e-5, f"grad {name}")
+
+
+@needs_triton
+def test_fused_attention_form_in_bf16_is_as_close_to_fp32_as_the_torch_form():
+    """Under bf16 inputs both forms round; the fused one (fp32 products) may be no further from the fp32 result
+    than the torch form (bf16 matmul operands) is, within a factor."""
+    x, dt, A, B, C, D, seq_idx = make_inputs(2, 32, 4, 16, 1, 64, docs=True)
+    grad_y = torch.randn(2, 32, 4, 16, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    exact, g_exact = values_and_grads(reference, (x, dt, A, B, C, D), seq_idx, grad_y)
+    half = [t.to(torch.bfloat16) if t is not None and t.dim() == 4 else t for t in (x, dt, A, B, C, D)]
+    y, grads = values_and_grads(fused, half, seq_idx, grad_y.to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and grads[3].dtype == torch.bfloat16
+    assert_rel_close(y, exact, 2e-2, "y (bf16)")
+    for name, got, want in zip(NAMES, grads, g_exact):
+        assert_rel_close(got, want, 3e-2, f"grad {name} (bf16)")
+
+
+@needs_triton
+def test_the_backend_takes_the_fused_form_only_for_training_rows(monkeypatch):
+    """backend.ssd on the Triton path: rows <= quadratic_max_len without a final state asked -> the fused kernels;
+    a final state asked, rows longer than the kernels take, or quadratic_kernels("torch") -> the torch form."""
+    from lightning_mamba.models.kernels import backend, ssd_quadratic_triton
+
+    monkeypatch.setattr(backend, "uses_triton", lambda name, x: name != "torch")  # the Triton path, on any device
+    x, dt, A, B, C, D, _ = make_inputs(2, 16, 2, 16, 1, 16)
+    x, dt, A, B, C, D = (t.requires_grad_() for t in (x.clone(), dt, A, B.clone(), C.clone(), D))
+
+    def form(**kw):
+        y, state = backend.ssd("auto", x, dt, A, B, C, 64, D=D, quadratic_max_len=16, **kw)
+        return type(y.grad_fn).__name__, state
+
+    name, state = form(return_final_state=False)
+    assert name == "_SSDQuadraticBackward" and state is None
+    name, state = form(return_final_state=True)
+    assert name != "_SSDQuadraticBackward" and state is not None and state.shape == (2, 2, 16, 16)
+    with backend.quadratic_kernels("torch"):
+        assert form(return_final_state=False)[0] != "_SSDQuadraticBackward"
+    monkeypatch.setattr(ssd_quadratic_triton, "MAX_LEN", 8)
+    assert form(return_final_state=False)[0] != "_SSDQuadraticBackward"
+
+
+def test_supports_refuses_long_rows_and_fp64():
+    from lightning_mamba.models.kernels import ssd_quadratic_triton as q
+
+    if q.triton is None:
+        pytest.skip("triton is not installed")
+    x, B = torch.zeros(1, q.MAX_LEN, 2, 16), torch.zeros(1, q.MAX_LEN, 1, 16)
+    dt = torch.zeros(1, q.MAX_LEN, 2)
+    assert q.supports(x, dt, B, B)
+    assert not q.supports(torch.zeros(1, q.MAX_LEN + 1, 2, 16), dt, B, B)
+    assert not q.supports(x, dt.double(), B, B) and not q.supports(x.double(), dt, B, B)
+
+
+def test_quadratic_kernels_restores_the_default_and_refuses_an_unknown_name():
+    from lightning_mamba.models.config import ConfigError
+    from lightning_mamba.models.kernels import backend
+
+    assert backend._quadratic_kernel == "ours"
+    with backend.quadratic_kernels("torch"):
+        assert backend._quadratic_kernel == "torch"
+    assert backend._quadratic_kernel == "ours"
+    with pytest.raises(ConfigError, match="use one of ours, torch"), backend.quadratic_kernels("cuda"):
+        pass
+    assert backend._quadratic_kernel == "ours"
