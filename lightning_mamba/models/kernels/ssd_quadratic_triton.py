@@ -9,8 +9,9 @@ it is a chain of einsums, masks, exps and copies of (rows x heads x l x l) tenso
 more than half the GPU time of a d_state 512, LEN 32 training step (benchmarks/profile_step.py --config cell).
 Here one program per (batch row, group) computes C B^T once (l x l, over d_state), then walks the group's heads
 with everything in registers; the backward recomputes the same and writes grad x, dt, B, C, and per-row partial
-sums of grad A and D (summed after: deterministic, no atomics). Every product runs in fp32 (the torch form feeds
-its matmuls bf16 under autocast), so results agree with the torch form in fp32 to rounding.
+sums of grad A and D (summed after: deterministic, no atomics). Products of fp32 inputs run in fp32, so results
+agree with the torch form to rounding; under bf16 autocast they run on TF32 tensor cores (the torch form feeds its
+matmuls bf16).
 No final state: training asks for none (the torch form builds it when asked). Rows up to MAX_LEN tokens: the
 program holds several l x l tiles, and longer rows would spill registers.
 """
@@ -46,7 +47,7 @@ if triton is not None:
 
     @triton.jit
     def _c_bt(B_ptr, C_ptr, row_b, row_c, t, t_ok, sbl, scl, N: tl.constexpr, BLOCK_L: tl.constexpr,
-              BLOCK_N: tl.constexpr):
+              BLOCK_N: tl.constexpr, DOT: tl.constexpr):
         """C B^T of one row and group: (BLOCK_L, BLOCK_L) fp32, zero at times >= l."""
         cb = tl.zeros((BLOCK_L, BLOCK_L), dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
@@ -54,7 +55,7 @@ if triton is not None:
             m = t_ok[:, None] & (n < N)[None, :]
             c = tl.load(C_ptr + row_c + t[:, None] * scl + n[None, :], mask=m, other=0.0).to(tl.float32)
             b = tl.load(B_ptr + row_b + t[:, None] * sbl + n[None, :], mask=m, other=0.0).to(tl.float32)
-            cb += tl.dot(c, tl.trans(b), input_precision="ieee")
+            cb += tl.dot(c, tl.trans(b), input_precision=DOT)
         return cb
 
     @triton.jit
@@ -80,7 +81,7 @@ if triton is not None:
         x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, y_ptr, l,
         sxb, sxl, sxh, sdb, sdl, sbb, sbl, sbg, scb, scl, scg, ssb, ssl, syb, syl, syh,
         R: tl.constexpr, P: tl.constexpr, N: tl.constexpr, HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr,
-        BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
     ):
         bi = tl.program_id(0).to(tl.int64)
         gi = tl.program_id(1)
@@ -88,14 +89,14 @@ if triton is not None:
         t_ok = t < l
         p = tl.arange(0, BLOCK_P)
         tp_ok = t_ok[:, None] & (p < P)[None, :]
-        cb = _c_bt(B_ptr, C_ptr, bi * sbb + gi * sbg, bi * scb + gi * scg, t, t_ok, sbl, scl, N, BLOCK_L, BLOCK_N)
+        cb = _c_bt(B_ptr, C_ptr, bi * sbb + gi * sbg, bi * scb + gi * scg, t, t_ok, sbl, scl, N, BLOCK_L, BLOCK_N, DOT)
         keep = _causal_same_doc(seq_ptr, bi * ssb, t, t_ok, ssl, HAS_SEQ)
         for r in range(R):  # the group's heads share C B^T
             hd = gi * R + r
             dt, a, decay = _head_decay(dt_ptr, A_ptr, bi * sdb, hd, t, t_ok, sdl, keep)
             x = tl.load(x_ptr + bi * sxb + hd * sxh + t[:, None] * sxl + p[None, :], mask=tp_ok, other=0.0)
             x = x.to(tl.float32)
-            y = tl.dot(cb * decay * dt[None, :], x, input_precision="ieee")
+            y = tl.dot(cb * decay * dt[None, :], x, input_precision=DOT)
             if HAS_D:
                 y += tl.load(D_ptr + hd).to(tl.float32) * x
             tl.store(y_ptr + bi * syb + hd * syh + t[:, None] * syl + p[None, :], y.to(y_ptr.dtype.element_ty),
@@ -108,7 +109,7 @@ if triton is not None:
         sxb, sxl, sxh, sdb, sdl, sbb, sbl, sbg, scb, scl, scg, ssb, ssl, syb, syl, syh,
         sob, sol, soh, sgb, sgl, sgg,
         R: tl.constexpr, P: tl.constexpr, N: tl.constexpr, HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr,
-        BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
     ):
         """grad x (strides so*), dt (dt's layout), grad B and C (both strides sg*), per-row grad A and D (b, H)."""
         bi = tl.program_id(0).to(tl.int64)
@@ -118,7 +119,7 @@ if triton is not None:
         p = tl.arange(0, BLOCK_P)
         tp_ok = t_ok[:, None] & (p < P)[None, :]
         row_b, row_c = bi * sbb + gi * sbg, bi * scb + gi * scg
-        cb = _c_bt(B_ptr, C_ptr, row_b, row_c, t, t_ok, sbl, scl, N, BLOCK_L, BLOCK_N)
+        cb = _c_bt(B_ptr, C_ptr, row_b, row_c, t, t_ok, sbl, scl, N, BLOCK_L, BLOCK_N, DOT)
         keep = _causal_same_doc(seq_ptr, bi * ssb, t, t_ok, ssl, HAS_SEQ)
         dcb = tl.zeros((BLOCK_L, BLOCK_L), dtype=tl.float32)
         for r in range(R):
@@ -129,13 +130,13 @@ if triton is not None:
             dy_off = bi * syb + hd * syh + t[:, None] * syl + p[None, :]
             dy = tl.load(dy_ptr + dy_off, mask=tp_ok, other=0.0).to(tl.float32)
             w = decay * dt[None, :]  # y = (cb * w) @ x
-            dx = tl.dot(tl.trans(cb * w), dy, input_precision="ieee")
+            dx = tl.dot(tl.trans(cb * w), dy, input_precision=DOT)
             if HAS_D:
                 dx += tl.load(D_ptr + hd).to(tl.float32) * dy
                 tl.store(dD_part_ptr + bi * H + hd, tl.sum(tl.sum(dy * x, axis=1), axis=0))
             dx_off = bi * sob + hd * soh + t[:, None] * sol + p[None, :]
             tl.store(dx_ptr + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=tp_ok)
-            ds = tl.dot(dy, tl.trans(x), input_precision="ieee")  # grad of the scores cb * w
+            ds = tl.dot(dy, tl.trans(x), input_precision=DOT)  # grad of the scores cb * w
             dcb += ds * w
             q = ds * cb * decay  # grad of w over dt_j
             m = q * dt[None, :]  # grad of cs_i - cs_j
@@ -151,8 +152,8 @@ if triton is not None:
             m = t_ok[:, None] & (n < N)[None, :]
             b = tl.load(B_ptr + row_b + t[:, None] * sbl + n[None, :], mask=m, other=0.0).to(tl.float32)
             c = tl.load(C_ptr + row_c + t[:, None] * scl + n[None, :], mask=m, other=0.0).to(tl.float32)
-            dc = tl.dot(dcb, b, input_precision="ieee")
-            db = tl.dot(tl.trans(dcb), c, input_precision="ieee")
+            dc = tl.dot(dcb, b, input_precision=DOT)
+            db = tl.dot(tl.trans(dcb), c, input_precision=DOT)
             g_off = bi * sgb + gi * sgg + t[:, None] * sgl + n[None, :]
             tl.store(dC_ptr + g_off, dc.to(dC_ptr.dtype.element_ty), mask=m)
             tl.store(dB_ptr + g_off, db.to(dB_ptr.dtype.element_ty), mask=m)
@@ -170,7 +171,10 @@ def _launch_args(x: Tensor, dt: Tensor, B: Tensor, C: Tensor, seq_idx: Tensor | 
     seq = (0, 0) if seq_idx is None else seq_idx.stride()
     strides = (x.stride(0), x.stride(1), x.stride(2), dt.stride(0), dt.stride(1),
                B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2), *seq)
-    meta = dict(R=h // g, P=p, N=n, HAS_SEQ=seq_idx is not None, BLOCK_L=block_l,
+    # fp32 inputs (tests, fp32 training): exact fp32 products; half inputs (bf16 autocast): TF32 tensor cores, which
+    # hold bf16 values exactly and round the fp32 scores to 10 mantissa bits (the torch form's matmuls take bf16)
+    dot = "ieee" if x.dtype == B.dtype == C.dtype == torch.float32 else "tf32"
+    meta = dict(R=h // g, P=p, N=n, HAS_SEQ=seq_idx is not None, BLOCK_L=block_l, DOT=dot,
                 BLOCK_P=max(16, triton.next_power_of_2(p)), BLOCK_N=min(BLOCK_N, max(16, triton.next_power_of_2(n))),
                 num_warps=8 if block_l >= 64 else 4)
     return strides, meta, (b, g)
