@@ -179,3 +179,25 @@ def test_train_throughput_leaves_nothing_of_a_lightning_run_once_collected():
     assert modules() > before  # the run's module, still in its cycles
     gc.collect()
     assert modules() == before
+
+
+def test_cell_throughput_quadratic_torch_contenders_run_the_torch_form(monkeypatch, capsys):
+    """<contender>_quadratic_torch runs the attention form in torch (backend.quadratic_kernels("torch")) and
+    <contender>_quadratic the fused kernels, each with quadratic_max_len raised to its LEN."""
+    from lightning_mamba.models.kernels import backend
+
+    bench = load_benchmark("cell_throughput")
+    assert bench.contender_setting("graph_1cell_quadratic_torch") == ("graph_1cell", True)
+    assert bench.contender_setting("graph_Ncells_quadratic_torch") == ("graph_Ncells_quadratic_torch", False)
+    seen = []
+
+    def run_cell(args, kind, d_state, seq_len):
+        seen.append((kind, args.quadratic_max_len, backend._quadratic_kernel))
+        raise RuntimeError("recorded")  # the benchmark reports a contender's failure and goes on
+
+    monkeypatch.setattr(bench, "run_cell", run_cell)
+    bench.main(["--device", "cpu", "--backend", "torch", "--d_state", "16", "--seq_len", "32", "--tokens_per_step",
+                "64", "--vocab", "257", "--steps", "1", "--window", "1", "--warmup", "1",
+                "--contenders", "eager_1cell,eager_1cell_quadratic,eager_1cell_quadratic_torch"])
+    assert seen == [("eager", 0, "ours"), ("eager", 32, "ours"), ("eager", 32, "torch")]
+    assert backend._quadratic_kernel == "ours"
