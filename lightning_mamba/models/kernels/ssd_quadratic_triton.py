@@ -37,7 +37,8 @@ def supports(x: Tensor, dt: Tensor, B: Tensor, C: Tensor) -> bool:
     MAX_LEN, x, B, C in fp32/bf16/fp16 and dt, an fp32 tensor (fp64 exactness runs stay on the torch form)."""
     return (
         triton is not None
-        and 0 < x.size(1) <= MAX_LEN
+        and x.numel() > 0
+        and x.size(1) <= MAX_LEN
         and x.dtype in _DTYPES and B.dtype in _DTYPES and C.dtype in _DTYPES
         and dt.dtype == torch.float32
     )

@@ -128,6 +128,7 @@ def test_supports_refuses_long_rows_and_fp64():
     assert q.supports(x, dt, B, B)
     assert not q.supports(torch.zeros(1, q.MAX_LEN + 1, 2, 16), dt, B, B)
     assert not q.supports(x, dt.double(), B, B) and not q.supports(x.double(), dt, B, B)
+    assert not q.supports(torch.zeros(0, q.MAX_LEN, 2, 16), dt[:0], B[:0], B[:0])  # nothing to launch
 
 
 def test_quadratic_kernels_restores_the_default_and_refuses_an_unknown_name():
