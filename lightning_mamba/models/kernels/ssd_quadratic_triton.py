@@ -165,7 +165,8 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
 
 
 def _launch_args(x: Tensor, dt: Tensor, B: Tensor, C: Tensor, seq_idx: Tensor | None) -> tuple[tuple, dict, tuple]:
-    """Strides shared by both kernels (x's also serve y, dy and dx), constexprs and the grid."""
+    """The inputs' strides (both kernels take them first; y, dy, dx and grad B, C pass their own after), the
+    constexprs and the grid: one program per (batch row, group)."""
     b, l, h, p = x.shape
     g, n = B.size(2), B.size(3)
     block_l = max(16, triton.next_power_of_2(l))
@@ -182,6 +183,8 @@ def _launch_args(x: Tensor, dt: Tensor, B: Tensor, C: Tensor, seq_idx: Tensor | 
 
 
 class _SSDQuadratic(torch.autograd.Function):
+    """y = attention-form SSD + D x; saves the inputs and recomputes everything else in backward."""
+
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, seq_idx):
         y = torch.empty(x.shape, device=x.device, dtype=x.dtype)

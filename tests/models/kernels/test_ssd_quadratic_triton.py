@@ -142,3 +142,36 @@ def test_quadratic_kernels_restores_the_default_and_refuses_an_unknown_name():
     with pytest.raises(ConfigError, match="use one of ours, torch"), backend.quadratic_kernels("cuda"):
         pass
     assert backend._quadratic_kernel == "ours"
+
+
+@needs_triton
+def test_a_model_trains_through_the_fused_form_as_through_the_torch_backend(monkeypatch):
+    """MambaLM.loss with return_state=False (training) on the Triton path, short rows, documents: the fused attention
+    form (with our conv, norms and loss kernels) gives the torch backend's loss and gradients, in fp32."""
+    from lightning_mamba.models import MambaConfig, MambaLM
+    from lightning_mamba.models.kernels import backend, ssd_quadratic_triton
+
+    calls = []
+    fused_fn = ssd_quadratic_triton.ssd_quadratic_fused
+    monkeypatch.setattr(ssd_quadratic_triton, "ssd_quadratic_fused",
+                        lambda *a, **k: calls.append(1) or fused_fn(*a, **k))
+    monkeypatch.setattr(backend, "uses_triton", lambda name, x: name != "torch")  # the Triton path, on any device
+    torch.manual_seed(0)
+    cfg = MambaConfig(d_model=32, n_layer=2, vocab_size=64, ssm_cfg={
+        "layer": "Mamba2", "d_state": 16, "headdim": 16, "chunk_size": 16, "quadratic_max_len": 16})
+    models = {name: MambaLM(cfg, backend=name).to(DEVICE) for name in ("auto", "torch")}
+    models["torch"].load_state_dict(models["auto"].state_dict())
+    ids = torch.randint(0, 64, (3, 13), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    seq_idx = torch.zeros(3, 13, dtype=torch.long)
+    seq_idx[1, 6:] = 1
+    losses, grads = {}, {}
+    for name, model in models.items():
+        loss, state = model.loss(ids[:, :-1], ids[:, 1:], seq_idx=seq_idx[:, :-1].to(DEVICE), return_state=False)
+        assert state is None
+        loss.backward()
+        losses[name] = loss.detach()
+        grads[name] = {k: p.grad for k, p in model.named_parameters()}
+    assert len(calls) == 2  # one per layer: the fused form ran
+    assert_rel_close(losses["auto"], losses["torch"], 1e-5, "loss")
+    for k, g in grads["torch"].items():
+        assert_rel_close(grads["auto"][k], g, 1e-4, f"grad {k}")
