@@ -78,20 +78,32 @@ if triton is not None:
         return dt, a, decay
 
     @triton.jit
-    def _fwd_kernel(
-        x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, y_ptr, l,
-        sxb, sxl, sxh, sdb, sdl, sbb, sbl, sbg, scb, scl, scg, ssb, ssl, syb, syl, syh,
-        R: tl.constexpr, P: tl.constexpr, N: tl.constexpr, HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr,
-        BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
-    ):
+    def _row_group(B_ptr, C_ptr, seq_ptr, l, sbb, sbl, sbg, scb, scl, scg, ssb, ssl, P: tl.constexpr, N: tl.constexpr,
+                   HAS_SEQ: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                   DOT: tl.constexpr):
+        """This program's batch row and group, its times and headdim columns with their masks, the offsets of its B
+        and C rows, C B^T and the pairs that contribute."""
         bi = tl.program_id(0).to(tl.int64)
         gi = tl.program_id(1)
         t = tl.arange(0, BLOCK_L)
         t_ok = t < l
         p = tl.arange(0, BLOCK_P)
         tp_ok = t_ok[:, None] & (p < P)[None, :]
-        cb = _c_bt(B_ptr, C_ptr, bi * sbb + gi * sbg, bi * scb + gi * scg, t, t_ok, sbl, scl, N, BLOCK_L, BLOCK_N, DOT)
+        row_b, row_c = bi * sbb + gi * sbg, bi * scb + gi * scg
+        cb = _c_bt(B_ptr, C_ptr, row_b, row_c, t, t_ok, sbl, scl, N, BLOCK_L, BLOCK_N, DOT)
         keep = _causal_same_doc(seq_ptr, bi * ssb, t, t_ok, ssl, HAS_SEQ)
+        return bi, gi, t, t_ok, p, tp_ok, row_b, row_c, cb, keep
+
+    @triton.jit
+    def _fwd_kernel(
+        x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, y_ptr, l,
+        sxb, sxl, sxh, sdb, sdl, sbb, sbl, sbg, scb, scl, scg, ssb, ssl, syb, syl, syh,
+        R: tl.constexpr, P: tl.constexpr, N: tl.constexpr, HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr,
+        BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
+    ):
+        bi, gi, t, t_ok, p, tp_ok, _, _, cb, keep = _row_group(
+            B_ptr, C_ptr, seq_ptr, l, sbb, sbl, sbg, scb, scl, scg, ssb, ssl, P, N, HAS_SEQ, BLOCK_L, BLOCK_P, BLOCK_N, DOT,
+        )
         for r in range(R):  # the group's heads share C B^T
             hd = gi * R + r
             dt, a, decay = _head_decay(dt_ptr, A_ptr, bi * sdb, hd, t, t_ok, sdl, keep)
@@ -113,15 +125,9 @@ if triton is not None:
         BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
     ):
         """grad x (strides so*), dt (dt's layout), grad B and C (both strides sg*), per-row grad A and D (b, H)."""
-        bi = tl.program_id(0).to(tl.int64)
-        gi = tl.program_id(1)
-        t = tl.arange(0, BLOCK_L)
-        t_ok = t < l
-        p = tl.arange(0, BLOCK_P)
-        tp_ok = t_ok[:, None] & (p < P)[None, :]
-        row_b, row_c = bi * sbb + gi * sbg, bi * scb + gi * scg
-        cb = _c_bt(B_ptr, C_ptr, row_b, row_c, t, t_ok, sbl, scl, N, BLOCK_L, BLOCK_N, DOT)
-        keep = _causal_same_doc(seq_ptr, bi * ssb, t, t_ok, ssl, HAS_SEQ)
+        bi, gi, t, t_ok, p, tp_ok, row_b, row_c, cb, keep = _row_group(
+            B_ptr, C_ptr, seq_ptr, l, sbb, sbl, sbg, scb, scl, scg, ssb, ssl, P, N, HAS_SEQ, BLOCK_L, BLOCK_P, BLOCK_N, DOT,
+        )
         dcb = tl.zeros((BLOCK_L, BLOCK_L), dtype=tl.float32)
         for r in range(R):
             hd = gi * R + r
