@@ -8,7 +8,8 @@ On the GPU node (causal-conv1d 1.7.0 installed, see the README), one run answers
     python benchmarks/conv_kernel.py                 # 130m only (b 16, l 2048, d_model 768, d_state 128), bf16
     python benchmarks/conv_kernel.py --shape study   # the study's cells only
     python benchmarks/conv_kernel.py --shape cells   # the regime study's large states at LEN 16-32
-    python benchmarks/conv_kernel.py --sweep         # also try other Triton tile sizes (first shape)
+    python benchmarks/conv_kernel.py --sweep         # also try other Triton tile sizes (every shape chosen)
+    python benchmarks/conv_kernel.py --shape cells --sweep   # ... at the study's short rows
 
 Shapes: ``130m`` is the 130M model's conv (b 16, l 2048, conv_dim 1792, in_proj row stride 3352); ``study`` is the
 forgetting study's cell (d_model 256, headdim 32, expand 2) at d_state 64 and 256 and LEN 32, 64, 512 with
@@ -484,25 +485,45 @@ def print_gathered_rows(inp: Inputs, check_dtype, device="cuda", timer=cuda_time
     return ok
 
 
-def sweep(inp: Inputs) -> None:
-    """Other tile sizes of our kernels (plain case)."""
-    from triton.testing import do_bench
+# (BWD_BLOCK_L, BWD_BLOCK_D, BWD_WARPS, BWD_BLOCKS) plans --sweep times; the first is the default. On short rows
+# time_tiles turns BLOCK_L x BLOCKS into the rows a program takes (LEN 32: 128 / 32 = 4), so the last ones vary that
+# (one or two rows per program: more programs, less serial work each) and the channel tile and warps.
+BWD_SWEEP = [(32, 64, 4, 4), (32, 64, 4, 8), (64, 64, 8, 2), (32, 128, 8, 4), (16, 128, 4, 8),
+             (32, 64, 4, 1), (32, 64, 4, 2), (32, 32, 2, 2), (32, 32, 4, 1), (32, 128, 4, 1), (32, 64, 8, 2)]
 
+
+def sweep(inp: Inputs, check_dtype=torch.float32, device="cuda", timer=cuda_timer, plans=None) -> bool:
+    """Other tile sizes of our kernels for one shape, plain case: the forward's, then each backward plan (``plans``,
+    default BWD_SWEEP) checked in ``check_dtype`` on every training case and, if it passes, its forward + backward
+    timed. The module's tiles are put back. Returns whether every plan passed its check."""
     from lightning_mamba.models.kernels import conv_triton as ct
 
     def fwd():
         return triton_conv(inp.u, inp.weight, inp.bias, None, None)
 
-    base = ct.FWD_BLOCK_L, ct.FWD_BLOCK_D, ct.FWD_WARPS
-    for cfg in [(64, 128, 8), (32, 128, 4), (32, 64, 4), (128, 64, 8)]:
-        ct.FWD_BLOCK_L, ct.FWD_BLOCK_D, ct.FWD_WARPS = cfg
-        print(f"fwd tiles {cfg}: {do_bench(fwd) * 1e3:.0f} us")
-    ct.FWD_BLOCK_L, ct.FWD_BLOCK_D, ct.FWD_WARPS = base
-    base = ct.BWD_BLOCK_L, ct.BWD_BLOCK_D, ct.BWD_WARPS, ct.BWD_BLOCKS
-    for cfg in [(32, 64, 4, 4), (32, 64, 4, 8), (64, 64, 8, 2), (32, 128, 8, 4), (16, 128, 4, 8)]:
-        ct.BWD_BLOCK_L, ct.BWD_BLOCK_D, ct.BWD_WARPS, ct.BWD_BLOCKS = cfg
-        print(f"bwd tiles {cfg}: fwd+bwd {time_training(cuda_timer, triton_conv, inp, 'plain')[1] * 1e3:.0f} us")
-    ct.BWD_BLOCK_L, ct.BWD_BLOCK_D, ct.BWD_WARPS, ct.BWD_BLOCKS = base
+    name, ok = inp.shape.name, True
+    fwd_base = ct.FWD_BLOCK_L, ct.FWD_BLOCK_D, ct.FWD_WARPS
+    bwd_base = ct.BWD_BLOCK_L, ct.BWD_BLOCK_D, ct.BWD_WARPS, ct.BWD_BLOCKS
+    try:
+        for cfg in [(64, 128, 8), (32, 128, 4), (32, 64, 4), (128, 64, 8)]:
+            ct.FWD_BLOCK_L, ct.FWD_BLOCK_D, ct.FWD_WARPS = cfg
+            print(f"{name}: fwd tiles {cfg}: {timer(fwd) * 1e3:.0f} us")
+        ct.FWD_BLOCK_L, ct.FWD_BLOCK_D, ct.FWD_WARPS = fwd_base
+        ref_inp = make_inputs(inp.shape, device, check_dtype)
+        for cfg in plans or BWD_SWEEP:
+            ct.BWD_BLOCK_L, ct.BWD_BLOCK_D, ct.BWD_WARPS, ct.BWD_BLOCKS = cfg
+            plan = ct.time_tiles(inp.shape.seq_len, cfg[0], cfg[3])
+            checks = [safely(check_training, triton_conv, ref_inp, case)
+                      for case in ("plain", "seq_idx", "state", "state+seq_idx")]
+            if all(c[0] for c in checks):
+                us = f"fwd+bwd {time_training(timer, triton_conv, inp, 'plain')[1] * 1e3:.0f} us"
+            else:
+                ok, us = False, "FAIL " + "; ".join(c[1] for c in checks if not c[0])
+            print(f"{name}: bwd tiles {cfg} (tile, tiles, rows per program {plan}): {us}")
+    finally:
+        ct.FWD_BLOCK_L, ct.FWD_BLOCK_D, ct.FWD_WARPS = fwd_base
+        ct.BWD_BLOCK_L, ct.BWD_BLOCK_D, ct.BWD_WARPS, ct.BWD_BLOCKS = bwd_base
+    return ok
 
 
 def load_causal_conv1d():
@@ -533,7 +554,7 @@ def parse_args(argv=None):
         p.add_argument(f"--{name}", type=int, default=None, help="override this field of every selected shape")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="what the timings run in")
     p.add_argument("--check_dtype", choices=sorted(DTYPES), default="fp32", help="what the correctness check runs in")
-    p.add_argument("--sweep", action="store_true", help="also time other Triton tile sizes (first shape)")
+    p.add_argument("--sweep", action="store_true", help="also time other Triton tile sizes (every shape chosen)")
     return p.parse_args(argv)
 
 
@@ -562,7 +583,9 @@ def main(argv=None) -> int:
                 if not print_gathered_rows(make_inputs(s, "cuda", DTYPES[args.dtype]), DTYPES[args.check_dtype]):
                     status = 1
         if args.sweep:
-            sweep(make_inputs(shapes[0], "cuda", DTYPES[args.dtype]))
+            for s in shapes:
+                if not sweep(make_inputs(s, "cuda", DTYPES[args.dtype]), DTYPES[args.check_dtype]):
+                    status = 1
     if status:
         print("FAIL: a contender disagrees with the torch reference (see the check column)")
     return status

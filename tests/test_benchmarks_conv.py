@@ -114,3 +114,26 @@ def test_gathered_rows_are_checked_on_every_case_then_timed_both_ways(capsys, mo
     assert conv_triton.GATHER_MAX_LEN == 16
     monkeypatch.setattr(conv_triton, "_bwd_whole_row", conv_triton._bwd_row)  # a wrong body: its arguments differ
     assert not bench.print_gathered_rows(inp, torch.float32, DEVICE, bench.wall_timer)
+
+
+@needs_triton
+def test_tile_sweep_checks_each_plan_and_puts_the_tiles_back(capsys, monkeypatch):
+    """--sweep: every backward plan is checked on every training case before it is timed, the module's tiles are
+    restored, and a plan whose kernel gets it wrong is reported as a FAIL."""
+    from lightning_mamba.models.kernels import conv_triton
+
+    before = (conv_triton.BWD_BLOCK_L, conv_triton.BWD_BLOCK_D, conv_triton.BWD_WARPS, conv_triton.BWD_BLOCKS,
+              conv_triton.FWD_BLOCK_L, conv_triton.FWD_BLOCK_D, conv_triton.FWD_WARPS)
+    inp = bench.make_inputs(TINY, DEVICE, torch.float32)
+    plans = [(32, 64, 4, 1), (16, 32, 2, 2)]
+    assert bench.sweep(inp, torch.float32, DEVICE, bench.wall_timer, plans)
+    out = capsys.readouterr().out
+    assert "tiny: bwd tiles (32, 64, 4, 1) (tile, tiles, rows per program (32, 1, 1)): fwd+bwd" in out, out
+    assert "(16, 32, 2, 2) (tile, tiles, rows per program (16, 2, 1))" in out and "FAIL" not in out
+    after = (conv_triton.BWD_BLOCK_L, conv_triton.BWD_BLOCK_D, conv_triton.BWD_WARPS, conv_triton.BWD_BLOCKS,
+             conv_triton.FWD_BLOCK_L, conv_triton.FWD_BLOCK_D, conv_triton.FWD_WARPS)
+    assert after == before
+    monkeypatch.setattr(conv_triton, "_bwd_row", conv_triton._bwd_whole_row)  # a wrong body
+    monkeypatch.setattr(conv_triton, "GATHER_MAX_LEN", 0)
+    assert not bench.sweep(inp, torch.float32, DEVICE, bench.wall_timer, [(32, 64, 4, 1)])
+    assert "FAIL" in capsys.readouterr().out
