@@ -3,6 +3,7 @@ the torch path, same process, forward and forward + backward.
 
     python benchmarks/norm_kernel.py                      # GPU: 130m, 370m and the study cell's shapes, bf16
     python benchmarks/norm_kernel.py --shape 130m
+    python benchmarks/norm_kernel.py --shape 130m --sweep   # ours under other tile plans (SWEEP)
     TRITON_INTERPRET=1 python benchmarks/norm_kernel.py --device cpu --shape tiny   # smoke run, wall-clock times
 
 The norms as a block calls them: ``add`` = residual add + RMSNorm (h in --dtype, the residual stream in fp32,
@@ -163,18 +164,86 @@ def run(shapes: list[Shape], device: str, dtype) -> int:
     return 1 if failed else 0
 
 
+SWEEP = dict(TILE_ELEMENTS=(2048, 4096, 8192), PROGRAMS_PER_SM=(4, 8, 16), ELEMENTS_PER_THREAD=(8, 16))
+
+
+def graph_timer(fn, reps: int = 50) -> float:
+    """Milliseconds per call of ``fn`` replayed from one CUDA graph (GPU work only: a call's launches and autograd
+    bookkeeping, as large as its GPU time at these sizes, made do_bench's figures wander up to 2x between plans)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(5):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def sweep(shapes: list[Shape], device: str, dtype) -> int:
+    """Our kernels under every plan of SWEEP (norm_triton's tile size, backward programs per SM, elements per thread):
+    each plan checked in fp32, then timed from a CUDA graph (graph_timer); the backward alone is fwd+bwd - fwd. The
+    module's plan is restored."""
+    import itertools
+
+    from lightning_mamba.models.kernels import norm_triton
+
+    fns = contenders(device)["ours"]
+    if isinstance(fns, str):
+        print(f"# ours: skipped: {fns}")
+        return 1
+    measure = graph_timer if device == "cuda" else wall_timer
+    default = {k: getattr(norm_triton, k) for k in SWEEP}
+    failed = False
+    print(f"{'shape':<6} {'norm':<6} {'tile':>5} {'progs/SM':>8} {'el/thr':>6} {'check (fp32)':<16} {'fwd us':>9} "
+          f"{'bwd us':>9}")
+    try:
+        for shape in shapes:
+            for norm in ("add", "gated"):
+                best = None
+                for plan in itertools.product(*SWEEP.values()):
+                    for k, v in zip(SWEEP, plan):
+                        setattr(norm_triton, k, v)
+                    ok, text = check(fns[norm], norm, shape, device)
+                    failed |= not ok
+                    fwd, both = time_norm(fns[norm], norm, shape, device, dtype, measure) if ok else (float("nan"),) * 2
+                    mark = " (default)" if dict(zip(SWEEP, plan)) == default else ""
+                    print(f"{shape.name:<6} {norm:<6} {plan[0]:>5} {plan[1]:>8} {plan[2]:>6} {text:<16} {fwd:9.1f} "
+                          f"{both - fwd:9.1f}{mark}")
+                    if ok and (best is None or both - fwd < best[0]):
+                        best = (both - fwd, plan)
+                if best is not None:
+                    print(f"{shape.name:<6} {norm:<6} fastest backward: {best[0]:.1f} us at tile {best[1][0]}, "
+                          f"{best[1][1]} programs/SM, {best[1][2]} elements/thread")
+    finally:
+        for k, v in default.items():
+            setattr(norm_triton, k, v)
+    return 1 if failed else 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shape", choices=sorted(SHAPES), action="append", default=None,
                    help="repeatable; default: 130m, 370m and cell")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="what the timings run in")
+    p.add_argument("--sweep", action="store_true", help="time our kernels under other tile plans instead (SWEEP)")
     args = p.parse_args(argv)
     shapes = [SHAPES[s] for s in (args.shape or ["130m", "370m", "cell"])]
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     print(f"# torch {torch.__version__}, device {args.device}"
           + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else "") + f", timings in {args.dtype}")
-    return run(shapes, args.device, dtype)
+    return (sweep if args.sweep else run)(shapes, args.device, dtype)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@
 Contenders (docs/performance.md says more): ``lightning`` / ``lightning_graph`` (our MambaLitModule through a
 Trainer, eager / with model.cuda_graph), ``lightning_graph_mambanorms`` (lightning_graph with mamba_ssm's Triton
 norms in place of ours, models/kernels/norm_triton.py; CUDA only), ``lightning_graph_mambagated`` (only the gated
-norm mamba_ssm's), ``ours`` (our MambaLM in a bare loop),
+norm mamba_ssm's), ``lightning_graph_splitcat`` (lightning_graph with torch.split's backward, which concatenates
+the pieces' gradients, in place of models/kernels/grad_slots.py's in-place writes), ``ours`` (our MambaLM in a bare
+loop),
 ``mamba_ssm_fused`` (mamba_ssm's MambaLMHeadModel as its official configs train it: Mamba2 layers on the fused
 ``use_mem_eff_path`` kernel, ``fused_add_norm``; needs causal-conv1d, skipped with the reason without it),
 ``mamba_ssm`` (the same model unfused: ``use_mem_eff_path=False``, ``fused_add_norm=False``), ``hf`` (transformers'
@@ -139,7 +141,8 @@ def main():
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--contenders", default=None, help="comma list of: lightning, lightning_graph (the same with "
                    "model.cuda_graph), lightning_graph_mambanorms (that with mamba_ssm's Triton norms), "
-                   "lightning_graph_mambagated (only its gated norm), ours, mamba_ssm_fused, mamba_ssm, hf (default: GPU "
+                   "lightning_graph_mambagated (only its gated norm), lightning_graph_splitcat (torch.split's "
+                   "concatenating backward), ours, mamba_ssm_fused, mamba_ssm, hf (default: GPU "
                    f"{GPU_CONTENDERS}; CPU {CPU_CONTENDERS})")
     p.add_argument("--baseline", default=None, help="the contender every ratio is taken against (default: GPU the "
                    "first of mamba_ssm_fused, mamba_ssm that ran; CPU hf)")
@@ -179,6 +182,11 @@ def main():
 
                 with norm_kernels(**NORM_AB[c]):
                     dt = lightning_run(args, cfg, device, "bf16-mixed", True)
+            elif c == "lightning_graph_splitcat":  # the same step with the splits' gradients concatenated
+                from lightning_mamba.models.kernels.grad_slots import in_place
+
+                with in_place(False):
+                    dt = lightning_run(args, cfg, device, "bf16-mixed" if gpu else "32-true", gpu)
             else:
                 model, loss_fn = build_bare(c, cfg, device)
                 dt = bare_loop(model, batch, seq_len, vocab, args.steps, args.warmup, device, dtype, loss_fn)

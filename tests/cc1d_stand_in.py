@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 
 def stand_in_library(version: str = "1.7.0"):
-    """causal_conv1d_fn and causal_conv1d_update in plain torch: x (b, d, l), weight (d, k), out (b, d, l);
+    """causal_conv1d_fn, causal_conv1d_update and cpp_functions' forward and backward entry points in plain torch: x (b, d, l), weight (d, k), out (b, d, l);
     initial_states (b, d, k-1) are the inputs before x (zeros if None), and the final states the last k-1 inputs;
     seq_idx (b, l) drops taps from an earlier document, gives the initial states the id at position 0 and zeroes the
     output where it is negative (padding), not with return_final_states; update shifts conv_state (b, d, k-1) in
@@ -18,9 +18,12 @@ def stand_in_library(version: str = "1.7.0"):
     calls = []
 
     def fn(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False, final_states_out=None,
-           activation=None):
-        calls.append(dict(fn="causal_conv1d_fn", x=x, seq_idx=seq_idx, initial_states=initial_states,
+           activation=None, entry="causal_conv1d_fn"):
+        calls.append(dict(fn=entry, x=x, seq_idx=seq_idx, initial_states=initial_states,
                           return_final_states=return_final_states))
+        return conv(x, weight, bias, seq_idx, initial_states, return_final_states, activation)
+
+    def conv(x, weight, bias, seq_idx, initial_states, return_final_states, activation):
         b, d, length = x.shape
         k = weight.shape[-1]
         channel_last = x.stride(1) == 1 and x.stride(2) > 1
@@ -65,4 +68,33 @@ def stand_in_library(version: str = "1.7.0"):
         out = (window * weight).sum(-1) + (0 if bias is None else bias)
         return (F.silu(out) if activation == "silu" else out).to(x.dtype)
 
-    return types.SimpleNamespace(causal_conv1d_fn=fn, causal_conv1d_update=update, __version__=version, calls=calls)
+    def fwd_function(x, weight, bias, seq_idx, initial_states, final_states_out, silu_activation):
+        """cpp_functions.causal_conv1d_fwd_function: out in x's layout (final_states_out, if given, filled)."""
+        got = fn(x, weight, bias, seq_idx, initial_states, final_states_out is not None,
+                 activation="silu" if silu_activation else None, entry="causal_conv1d_fwd_function")
+        if final_states_out is None:
+            return got
+        final_states_out.copy_(got[1])
+        return got[0]
+
+    def bwd_function(x, weight, bias, dout, seq_idx, initial_states, dfinal_states, dx, return_dinitial_states,
+                     silu_activation):
+        """cpp_functions.causal_conv1d_bwd_function: (dx, dweight, dbias, dinitial_states), dx written into the
+        given one (its checks: x's shape and dtype, channel-last when x is) or allocated in x's layout."""
+        calls.append(dict(fn="causal_conv1d_bwd_function", x=x, dout=dout, dx=dx, seq_idx=seq_idx))
+        assert dout.shape == x.shape and dfinal_states is None and not return_dinitial_states
+        if dx is not None:
+            assert dx.shape == x.shape and dx.dtype == x.dtype
+            assert dx.stride(1) == 1 if x.stride(1) == 1 else dx.stride(2) == 1, "dx in x's layout"
+        leaves = [t.detach().requires_grad_() for t in (x, weight)] + ([] if bias is None else [bias.detach().requires_grad_()])
+        with torch.enable_grad():
+            out = conv(leaves[0], leaves[1], leaves[2] if bias is not None else None, seq_idx, initial_states, False,
+                       "silu" if silu_activation else None)
+            grads = torch.autograd.grad(out, leaves, dout)
+        dx = torch.empty_like(x) if dx is None else dx
+        dx.copy_(grads[0])
+        return dx, grads[1], None if bias is None else grads[2], None
+
+    cpp = types.SimpleNamespace(causal_conv1d_fwd_function=fwd_function, causal_conv1d_bwd_function=bwd_function)
+    return types.SimpleNamespace(causal_conv1d_fn=fn, causal_conv1d_update=update, __version__=version, calls=calls,
+                                 cpp_functions=cpp)

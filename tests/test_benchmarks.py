@@ -159,6 +159,23 @@ def test_norm_kernel_checks_every_contender_and_catches_a_wrong_norm(capsys):
     assert not ok and "ZeroDivisionError" in text
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="our norms run here only in Triton's interpreter")
+def test_norm_kernel_sweep_times_every_plan_and_puts_the_plan_back(capsys):
+    from lightning_mamba.models.kernels import norm_triton
+
+    bench = load_benchmark("norm_kernel")
+    before = {k: getattr(norm_triton, k) for k in bench.SWEEP}
+    assert bench.main(["--device", "cpu", "--shape", "tiny", "--sweep"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("tiny") and " ok (" in line]
+    plans = 1
+    for values in bench.SWEEP.values():
+        plans *= len(values)
+    assert len(rows) == 2 * plans and sum("(default)" in r for r in rows) == 2
+    assert out.count("fastest backward") == 2
+    assert {k: getattr(norm_triton, k) for k in bench.SWEEP} == before
+
+
 def test_train_throughput_leaves_nothing_of_a_lightning_run_once_collected():
     """Between contenders train_throughput collects garbage before emptying the CUDA cache: a Lightning run's module
     (with its CUDA graphs and their memory pools on a GPU) is held only by reference cycles, so once collected it is

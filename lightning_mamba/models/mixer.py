@@ -11,33 +11,9 @@ from torch import Tensor, nn
 
 from .config import NO_DT_LIMIT, SSM_DEFAULTS
 from .kernels import backend as kernels
+from .kernels.grad_slots import split_last
 from .norm import RMSNormGated
 from .ssd import ssd_sampling_states, ssd_step
-
-
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward hands on a contiguous gradient.
-
-    torch.split's backward concatenates its pieces' gradients, and CUDA's cat copies with vectorized loads only when
-    every piece is contiguous. The SSD's attention form hands back B's and dt's gradients transposed, which sent the
-    whole (tokens x in_proj width) concatenation down the strided element-by-element copy (2.4 ms of a d_state 2048 /
-    LEN 16 step on an H200); a contiguous copy of those small pieces costs far less. A no-op on contiguous grads."""
-
-    @staticmethod
-    def forward(ctx, t: Tensor) -> Tensor:
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        return grad.contiguous()
-
-
-def split_last(t: Tensor, sizes: list[int]) -> tuple[Tensor, ...]:
-    """torch.split(t, sizes, dim=-1), the pieces' gradients made contiguous for the split's backward (see above)."""
-    pieces = torch.split(t, sizes, dim=-1)
-    if not (torch.is_grad_enabled() and t.requires_grad):
-        return pieces
-    return tuple(_ContiguousGrad.apply(p) for p in pieces)
 
 
 class LayerState(NamedTuple):
@@ -113,10 +89,8 @@ class Mamba2(nn.Module):
     def _ssm_params(self, xBC: Tensor, dt_raw: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """After the conv: x, B, C, dt = softplus(dt_raw + dt_bias), A = -exp(A_log) (both fp32) and x_scan, the x
         the scan multiplies by dt (x itself unless an intervention shifts the decay only)."""
-        x, B, C = split_last(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state])
-        x = x.unflatten(-1, (self.nheads, self.headdim))
-        B = B.unflatten(-1, (self.ngroups, self.d_state))
-        C = C.unflatten(-1, (self.ngroups, self.d_state))
+        groups = (self.ngroups, self.d_state)
+        x, B, C = split_last(xBC, [(self.nheads, self.headdim), groups, groups])
         ct = torch.promote_types(dt_raw.dtype, torch.float32)  # fp32 (fp64 in exactness tests)
         dt = F.softplus(dt_raw.to(ct) + self.dt_bias.to(ct))  # threshold 20, as the kernels
         if self.dt_limit != NO_DT_LIMIT:

@@ -17,7 +17,7 @@ from torch import Tensor
 from ..config import ConfigError
 from ..conv import causal_conv1d, conv_step
 from ..ssd import ssd_chunked, ssd_quadratic
-from . import conv_cc1d, ssd_quadratic_triton
+from . import conv_cc1d, ssd_chunked_mamba, ssd_quadratic_triton
 
 BACKENDS = ("auto", "torch", "triton")
 NORM_KERNELS = ("mamba_ssm", "ours")  # the Triton path's norms: mamba_ssm's, or models/kernels/norm_triton.py
@@ -151,16 +151,15 @@ def ssd(
         y, final_state = ssd_quadratic(x, dt, A, B, C, seq_idx=seq_idx, return_final_state=return_final_state)
         return _add_skip(y, x, D), final_state
     if uses_triton(backend, x):
-        fn, _ = _triton_scan()
-        # The kernel takes strided views as long as the last dimension is contiguous: no copies of x, B, C.
-        y, final_state = fn(
-            x, dt.contiguous(), A, B, C, chunk_size, D=D,
-            initial_states=initial_state,
-            # the kernel ties a carried-in state to document 0: number each row's documents from 0
-            seq_idx=None if seq_idx is None else (seq_idx - seq_idx[:, :1]).to(torch.int32).contiguous(),
-            dt_softplus=False,
-            return_final_states=True,
-        )
+        # the kernel ties a carried-in state to document 0: number each row's documents from 0
+        seq = None if seq_idx is None else (seq_idx - seq_idx[:, :1]).to(torch.int32).contiguous()
+        # The kernels take strided views as long as the last dimension is contiguous: no copies of x, B, C.
+        if ssd_chunked_mamba.entries() is not None:  # the backward writes into the split's gradient buffer
+            y, final_state = ssd_chunked_mamba.chunk_scan(x, dt.contiguous(), A, B, C, chunk_size, D, initial_state, seq)
+        else:
+            fn, _ = _triton_scan()
+            y, final_state = fn(x, dt.contiguous(), A, B, C, chunk_size, D=D, initial_states=initial_state,
+                                seq_idx=seq, dt_softplus=False, return_final_states=True)
         return y, final_state if return_final_state else None
     y, final_state = ssd_chunked(x, dt, A, B, C, chunk_size, initial_state=initial_state, seq_idx=seq_idx)
     return _add_skip(y, x, D), final_state if return_final_state else None

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..conv import carried_inputs
+from .grad_slots import claim, slot_of
 
 NOT_INSTALLED = "not installed"
 MIN_VERSION = (1, 7)  # a carried-in state with seq_idx arrived in 1.7.0 (1.6 refuses the pair)
@@ -86,8 +87,31 @@ def conv1d_silu(
     if init is not None and seq is None:
         out, final = lib.causal_conv1d_fn(x, w, b, initial_states=init, return_final_states=True, activation="silu")
         return out.transpose(1, 2), final
-    out = lib.causal_conv1d_fn(x, w, b, seq_idx=seq, initial_states=init, activation="silu")
+    out = _LibraryConv.apply(x, w, b, seq, init, lib, slot_of(u))
     return out.transpose(1, 2), carried_inputs(u, init, seq_idx, w.size(-1))
+
+
+class _LibraryConv(torch.autograd.Function):
+    """causal_conv1d_fn's forward and backward (its ``cpp_functions``, SiLU on, no final state), the backward writing
+    grad u into the split's gradient buffer when u is a piece of one (grad_slots.py), as mamba_ssm's fused path has
+    it write into its one buffer: no copy of it in the split's backward."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, seq, init, lib, slot):
+        ctx.save_for_backward(x, w, b, seq, init)
+        ctx.lib, ctx.slot = lib, slot
+        return lib.cpp_functions.causal_conv1d_fwd_function(x, w, b, seq, init, None, True)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, w, b, seq, init = ctx.saved_tensors
+        dx = claim(ctx.slot, x.dtype)
+        if dx is not None and unsupported(dx, w[:, None]) is not None:
+            dx = None  # the buffer's columns break the kernel's layout rules: the library allocates, the split copies
+        dx, dw, db, _ = ctx.lib.cpp_functions.causal_conv1d_bwd_function(
+            x, w, b, dout, seq, init, None, None if dx is None else dx.transpose(1, 2), False, True
+        )
+        return dx, dw, db, None, None, None, None
 
 
 def conv1d_silu_step(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None, lib=None) -> tuple[Tensor, Tensor]:

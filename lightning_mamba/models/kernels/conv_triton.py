@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..conv import carried_inputs
+from .grad_slots import claim, slot_of
 
 try:  # CI machines have no triton: the module must still import
     import triton
@@ -179,7 +180,7 @@ if triton is not None:
         BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
     ):
         """One (time block, channel block) tile of silu(conv) in each of ROWS batch rows; out is contiguous (b, l, d)."""
-        su_b, su_l = su_b * U_UNIT, su_l * U_UNIT  # see _u_stride_unit
+        su_b, su_l = su_b * U_UNIT, su_l * U_UNIT  # see _stride_unit
         start = tl.program_id(0) * BLOCK_L
         chans = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         times = start + tl.arange(0, BLOCK_L)
@@ -197,7 +198,7 @@ if triton is not None:
 
     @triton.jit
     def _bwd_whole_row(
-        u_row0, w_ptr, bias_ptr, state_row0, seq_row0, dy_row0, du_row0, dw, db, chans, l, d, su_l, sq_l, sy_l,
+        u_row0, w_ptr, bias_ptr, state_row0, seq_row0, dy_row0, du_row0, dw, db, chans, l, d, su_l, sq_l, sy_l, sdu_l,
         K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_SEQ: tl.constexpr,
         BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, K_POW2: tl.constexpr,
     ):
@@ -221,18 +222,18 @@ if triton is not None:
                 keep = keep & (_doc_at(seq_row0, 0, lag, l, sq_l, BLOCK_L) == _doc_at(seq_row0, 0, 0, l, sq_l, BLOCK_L))
             w = tl.load(w_ptr + (K - 1 - lag) * d + chans, mask=chan_ok, other=0.0)
             du += w[None, :] * tl.where(keep[:, None], g_later, 0.0)
-        offs = times.to(tl.int64)[:, None] * d + chans[None, :]
+        offs = times.to(tl.int64)[:, None] * sdu_l + chans[None, :]
         tl.store(du_row0 + offs, du.to(du_row0.dtype.element_ty), mask=(times < l)[:, None] & chan_ok[None, :])
         return dw, db
 
     @triton.jit
     def _bwd_row(
-        u_row0, w_ptr, bias_ptr, state_row0, seq_row0, dy_row0, du_row0, dw, db, chans, l, d, su_l, sq_l, sy_l,
+        u_row0, w_ptr, bias_ptr, state_row0, seq_row0, dy_row0, du_row0, dw, db, chans, l, d, su_l, sq_l, sy_l, sdu_l,
         K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_SEQ: tl.constexpr,
         BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCKS: tl.constexpr, K_POW2: tl.constexpr,
     ):
         """One batch row's BLOCKS time blocks (from this program's along time): grad u stored, (dw, db) plus their
-        terms returned. du_row0 is the row's start in the contiguous (b, l, d) grad u."""
+        terms returned. du_row0 is the row's start in grad u (b, l, d), whose times are sdu_l apart."""
         chan_ok = chans < d
         for block in range(BLOCKS):
             start = (tl.program_id(0) * BLOCKS + block) * BLOCK_L
@@ -254,17 +255,17 @@ if triton is not None:
                     g = tl.where((doc_later == _doc_at(seq_row0, start, 0, l, sq_l, BLOCK_L))[:, None], g, 0.0)
                 w = tl.load(w_ptr + (K - 1 - lag) * d + chans, mask=chan_ok, other=0.0)
                 du += w[None, :] * g
-            offs = times.to(tl.int64)[:, None] * d + chans[None, :]
+            offs = times.to(tl.int64)[:, None] * sdu_l + chans[None, :]
             tl.store(du_row0 + offs, du.to(du_row0.dtype.element_ty), mask=(times < l)[:, None] & chan_ok[None, :])
         return dw, db
 
     @triton.jit
     def _conv_bwd_kernel(
         u_ptr, w_ptr, bias_ptr, state_ptr, seq_ptr, dy_ptr, du_ptr, dw_part_ptr, db_part_ptr, b, l, d,
-        su_b, su_l, ss_b, sq_b, sq_l, sy_b, sy_l,
+        su_b, su_l, ss_b, sq_b, sq_l, sy_b, sy_l, sdu_b, sdu_l,
         K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_SEQ: tl.constexpr, U_UNIT: tl.constexpr,
         BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCKS: tl.constexpr, ROWS: tl.constexpr, K_POW2: tl.constexpr,
-        WHOLE_ROW: tl.constexpr,
+        WHOLE_ROW: tl.constexpr, DU_UNIT: tl.constexpr,
     ):
         """BLOCKS consecutive time blocks of grad u in each of ROWS batch rows, and their partial sums of grad weight
         (K, BLOCK_D) and bias.
@@ -272,7 +273,8 @@ if triton is not None:
         g(t) = dy(t) * silu'(pre(t)); grad_u(t) = sum_lag w[K-1-lag] * g(t+lag) (same document, t+lag < l), with
         pre recomputed at the K later times; grad_w[tap] = sum_t g(t) * input(t-lag); grad_b = sum_t g(t).
         """
-        su_b, su_l = su_b * U_UNIT, su_l * U_UNIT  # see _u_stride_unit
+        su_b, su_l = su_b * U_UNIT, su_l * U_UNIT  # see _stride_unit
+        sdu_b, sdu_l = sdu_b * DU_UNIT, sdu_l * DU_UNIT
         chans = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         dw = tl.zeros((K_POW2, BLOCK_D), dtype=tl.float32)  # row tap: sum over this program's rows and times
         db = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -282,20 +284,20 @@ if triton is not None:
                 if WHOLE_ROW:  # a constexpr: only one of the two is compiled
                     dw, db = _bwd_whole_row(
                         u_ptr + row * su_b, w_ptr, bias_ptr, state_ptr + row * ss_b, seq_ptr + row * sq_b,
-                        dy_ptr + row * sy_b, du_ptr + row * l * d, dw, db, chans, l, d, su_l, sq_l, sy_l,
+                        dy_ptr + row * sy_b, du_ptr + row * sdu_b, dw, db, chans, l, d, su_l, sq_l, sy_l, sdu_l,
                         K, HAS_BIAS, HAS_STATE, HAS_SEQ, BLOCK_L, BLOCK_D, K_POW2,
                     )
                 else:
                     dw, db = _bwd_row(
                         u_ptr + row * su_b, w_ptr, bias_ptr, state_ptr + row * ss_b, seq_ptr + row * sq_b,
-                        dy_ptr + row * sy_b, du_ptr + row * l * d, dw, db, chans, l, d, su_l, sq_l, sy_l,
+                        dy_ptr + row * sy_b, du_ptr + row * sdu_b, dw, db, chans, l, d, su_l, sq_l, sy_l, sdu_l,
                         K, HAS_BIAS, HAS_STATE, HAS_SEQ, BLOCK_L, BLOCK_D, BLOCKS, K_POW2,
                     )
         _store_wb_sums(dw_part_ptr, db_part_ptr, dw, db, chans, d, K, K_POW2)
 
 
-def _u_stride_unit(u: Tensor) -> int:
-    """Largest power of two, up to 16 bytes' worth of elements, dividing u's batch and row strides.
+def _stride_unit(u: Tensor) -> int:
+    """Largest power of two, up to 16 bytes' worth of elements, dividing u's (or grad u's) batch and row strides.
 
     Triton sees only whether an integer argument is divisible by 16; u's row stride in the model (in_proj's width,
     e.g. 3352) often is not, and then its loads are not vectorized. Strides passed in these units and multiplied
@@ -313,7 +315,7 @@ def _kernel_args(u: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Ten
     seq = u if seq_idx is None else seq_idx
     taps = weight[:, 0, :].t().float().contiguous()  # (k, d) fp32: one contiguous row of channels per tap
     ptrs = (u, taps, u if bias is None else bias, state, seq)
-    unit = _u_stride_unit(u)
+    unit = _stride_unit(u)
     strides = (
         u.stride(0) // unit, u.stride(1) // unit,
         0 if conv_state is None else state.stride(0),
@@ -350,8 +352,10 @@ def _forward(u, weight, bias, conv_state, seq_idx) -> Tensor:
     return out
 
 
-def _backward(grad_out, u, weight, bias, conv_state, seq_idx) -> tuple[Tensor, Tensor, Tensor | None]:
-    """grad u, weight, bias by _conv_bwd_kernel; its per-program partial sums of grad weight and bias summed here."""
+def _backward(grad_out, u, weight, bias, conv_state, seq_idx, grad_u=None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """grad u, weight, bias by _conv_bwd_kernel; its per-program partial sums of grad weight and bias summed here.
+    ``grad_u``: where to write grad u (b, l, d) with unit channel stride (u's slot of a split's gradient buffer), or
+    None (a new contiguous one)."""
     b, l, d = u.shape
     k = weight.size(-1)
     if grad_out.stride(-1) != 1:
@@ -359,15 +363,17 @@ def _backward(grad_out, u, weight, bias, conv_state, seq_idx) -> tuple[Tensor, T
     tile, tiles, rows = time_tiles(l, BWD_BLOCK_L, BWD_BLOCKS)
     grid = (triton.cdiv(l, tile * tiles), triton.cdiv(d, BWD_BLOCK_D), triton.cdiv(b, rows))
     n_parts = grid[0] * grid[2]  # programs along time and rows: one slot of partial sums each
-    grad_u = torch.empty(b, l, d, device=u.device, dtype=u.dtype)
+    if grad_u is None or grad_u.stride(-1) != 1:
+        grad_u = torch.empty(b, l, d, device=u.device, dtype=u.dtype)
     # every program writes its whole slot (zeros for its times past l), so no fill
     dw_part = torch.empty(n_parts, k, d, device=u.device, dtype=torch.float32)
     db_part = torch.empty(n_parts, d, device=u.device, dtype=torch.float32)
     if grad_u.numel() > 0:
         ptrs, strides, flags = _kernel_args(u, weight, bias, conv_state, seq_idx)
-        dy_strides = grad_out.stride(0), grad_out.stride(1)
+        du_unit = _stride_unit(grad_u)
+        dy_strides = grad_out.stride(0), grad_out.stride(1), grad_u.stride(0) // du_unit, grad_u.stride(1) // du_unit
         _conv_bwd_kernel[grid](
-            *ptrs, grad_out, grad_u, dw_part, db_part, b, l, d, *strides, *dy_strides,
+            *ptrs, grad_out, grad_u, dw_part, db_part, b, l, d, *strides, *dy_strides, DU_UNIT=du_unit,
             **flags, BLOCK_L=tile, BLOCK_D=BWD_BLOCK_D, BLOCKS=tiles, ROWS=rows,
             K_POW2=triton.next_power_of_2(k), WHOLE_ROW=tiles == 1 and l <= min(tile, GATHER_MAX_LEN),
             num_warps=BWD_WARPS,
@@ -378,18 +384,20 @@ def _backward(grad_out, u, weight, bias, conv_state, seq_idx) -> tuple[Tensor, T
 
 
 class _CausalConv1dSiLU(torch.autograd.Function):
-    """silu(causal depthwise conv) with Triton kernels; saves the inputs and recomputes the rest in backward."""
+    """silu(causal depthwise conv) with Triton kernels; saves the inputs and recomputes the rest in backward, which
+    writes grad u into u's columns of the split's gradient buffer when u is a piece of one (grad_slots.py)."""
 
     @staticmethod
-    def forward(ctx, u, weight, bias, conv_state, seq_idx):
+    def forward(ctx, u, weight, bias, conv_state, seq_idx, u_slot):
         ctx.save_for_backward(u, weight, bias, conv_state, seq_idx)
+        ctx.u_slot = u_slot
         return _forward(u, weight, bias, conv_state, seq_idx)
 
     @staticmethod
     def backward(ctx, grad_out):
         u, weight, bias, conv_state, seq_idx = ctx.saved_tensors
-        grad_u, grad_w, grad_b = _backward(grad_out, u, weight, bias, conv_state, seq_idx)
-        return grad_u, grad_w, grad_b, None, None
+        grad_u, grad_w, grad_b = _backward(grad_out, u, weight, bias, conv_state, seq_idx, claim(ctx.u_slot, u.dtype))
+        return grad_u, grad_w, grad_b, None, None, None
 
 
 def causal_conv1d_silu(
@@ -413,9 +421,10 @@ def causal_conv1d_silu(
         raise ValueError(
             "causal_conv1d_silu gives no gradient to conv_state: use conv.causal_conv1d when it requires grad"
         )
+    u_slot = slot_of(u)  # (a copy made below passes its gradient on unchanged)
     if u.stride(-1) != 1:
         u = u.contiguous()
     if conv_state is not None:
         conv_state = conv_state.to(u.dtype)  # earlier inputs: rounded as u is, as the torch path does
-    out = _CausalConv1dSiLU.apply(u, weight, bias, conv_state, seq_idx)
+    out = _CausalConv1dSiLU.apply(u, weight, bias, conv_state, seq_idx, u_slot)
     return out, carried_inputs(u, conv_state, seq_idx, k)

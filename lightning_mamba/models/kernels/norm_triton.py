@@ -3,7 +3,7 @@
 
 Why our own: in a 130m step on the H200 the norms' backward was the largest single kernel (docs/performance.md:
 16.2 ms a step). mamba_ssm's backward runs one program per SM, each walking its share of the rows one row at a
-time, so few rows are in flight. Here every program takes a tile of several rows at once (a 2-D block) and the
+time, so few rows are in flight. Here every program takes a tile of rows at once (a 2-D block) and the
 backward walks its tiles with many programs per SM, each keeping its own partial sums of grad weight (summed
 after). ``benchmarks/norm_kernel.py`` times them against mamba_ssm's kernels in one process; the whole training
 step was faster with these (docs/performance.md), so kernels/backend.py runs them by default.
@@ -16,14 +16,21 @@ import functools
 import torch
 from torch import Tensor
 
+from .grad_slots import claim, slot_of
+
 try:  # CI machines have no triton: the module must still import
     import triton
     import triton.language as tl
 except ImportError:
     triton = None
 
-TILE_ELEMENTS = 4096  # rows x (row length, padded to a power of two) per tile
-PROGRAMS_PER_SM = 8  # backward programs per SM (each sums its own grad-weight partials)
+# The tile plan: rows x (row length, padded to a power of two) per tile, backward programs per SM (each sums its
+# own grad-weight partials), elements of a tile per thread (sets the warps). benchmarks/norm_kernel.py --sweep times
+# other plans from CUDA graphs: at the 130m shapes on an H200 this one took the backwards from 163.6 to 120.6 us
+# (add, d_model 768) and from 285.3 to 236.8 us (gated, d_inner 1536) against 4096 / 8 / 16 (docs/performance.md).
+TILE_ELEMENTS = 2048
+PROGRAMS_PER_SM = 16
+ELEMENTS_PER_THREAD = 16
 
 
 def tile_plan(n_rows: int, width: int, device: torch.device) -> tuple[int, int, int, int]:
@@ -47,9 +54,9 @@ def _sm_count(device_index: int) -> int:
 
 
 def _warps(block: int, rows: int) -> int:
-    """About 16 elements of a tile per thread: a 4096-element tile takes 8 warps (the backward holds several fp32
-    tiles at once; more per thread would spill registers)."""
-    return max(4, min(16, block * rows // 512))
+    """About ELEMENTS_PER_THREAD elements of a tile per thread (the backward holds several fp32 tiles at once; more
+    per thread would spill registers), 4 to 16 warps."""
+    return max(4, min(16, block * rows // (32 * ELEMENTS_PER_THREAD)))
 
 
 if triton is not None:
@@ -220,7 +227,7 @@ class GatedRMSNorm(torch.autograd.Function):
     """rmsnorm(y * silu(z)) * weight per group of ``group_size`` channels, in y's dtype."""
 
     @staticmethod
-    def forward(ctx, y: Tensor, z: Tensor, weight: Tensor, eps: float, group_size: int):
+    def forward(ctx, y: Tensor, z: Tensor, weight: Tensor, eps: float, group_size: int, z_slot=None):
         shape = y.shape
         y2, z2 = _rows(y), _rows(z)
         n_rows, width = y2.shape
@@ -232,7 +239,7 @@ class GatedRMSNorm(torch.autograd.Function):
             y2, z2, weight, out, rstd, n_rows, group_size, n_groups, y2.stride(0), z2.stride(0), out.stride(0), eps,
             ROWS=rows, BLOCK=block, num_warps=_warps(block, rows))
         ctx.save_for_backward(y2, z2, weight, rstd)
-        ctx.group_size = group_size
+        ctx.group_size, ctx.z_slot = group_size, z_slot
         ctx.dtypes = (y.dtype, z.dtype)
         return out.view(shape)
 
@@ -245,18 +252,19 @@ class GatedRMSNorm(torch.autograd.Function):
         group_size = ctx.group_size
         n_groups = width // group_size
         dy = torch.empty(n_rows, width, dtype=ctx.dtypes[0], device=y.device)
-        dz = torch.empty(n_rows, width, dtype=ctx.dtypes[1], device=y.device)
+        dz = claim(ctx.z_slot, ctx.dtypes[1])  # z's columns of the in_proj split's gradient buffer, when it has one
+        dz = torch.empty(n_rows, width, dtype=ctx.dtypes[1], device=y.device) if dz is None else dz.view(n_rows, width)
         block, rows, programs, per_program = tile_plan(n_rows, group_size, y.device)
         dw = torch.empty(programs, width, dtype=torch.float32, device=y.device)
         _gated_rmsnorm_bwd_kernel[(programs, n_groups)](
             y, z, weight, rstd, dout2, dy, dz, dw, n_rows, group_size, n_groups, y.stride(0), z.stride(0),
             dout2.stride(0), dy.stride(0), dz.stride(0), TILES_PER_PROGRAM=per_program, ROWS=rows, BLOCK=block,
             num_warps=_warps(block, rows))
-        return dy.view(shape), dz.view(shape), dw.sum(0).to(weight.dtype), None, None
+        return dy.view(shape), dz.view(shape), dw.sum(0).to(weight.dtype), None, None, None
 
 
 def gated_rmsnorm(y: Tensor, z: Tensor, weight: Tensor, eps: float, group_size: int) -> Tensor:
     """norm(y * silu(z)) per group, as kernels/backend.gated_rmsnorm returns it."""
     if y.shape[-1] % group_size:
         raise ValueError(f"the width {y.shape[-1]} is not a multiple of group_size {group_size}")
-    return GatedRMSNorm.apply(y, z, weight, eps, group_size)
+    return GatedRMSNorm.apply(y, z, weight, eps, group_size, slot_of(z))

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .grad_slots import claim, slot_of
+
 try:  # CI machines have no triton: the module must still import
     import triton
     import triton.language as tl
@@ -192,7 +194,7 @@ class _SSDQuadratic(torch.autograd.Function):
     """y = attention-form SSD + D x; saves the inputs and recomputes everything else in backward."""
 
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, seq_idx):
+    def forward(ctx, x, dt, A, B, C, D, seq_idx, slots):
         y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
         strides, meta, grid = _launch_args(x, dt, B, C, seq_idx)
         _fwd_kernel[grid](
@@ -200,6 +202,7 @@ class _SSDQuadratic(torch.autograd.Function):
             *strides, *y.stride()[:3], HAS_D=D is not None, **meta,
         )
         ctx.save_for_backward(x, dt, A, B, C, D, seq_idx)
+        ctx.slots = slots
         return y
 
     @staticmethod
@@ -207,10 +210,13 @@ class _SSDQuadratic(torch.autograd.Function):
         x, dt, A, B, C, D, seq_idx = ctx.saved_tensors
         b, h = x.size(0), x.size(2)
         dy = _last_dim_contiguous(dy)
-        dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+        # into x's, B's and C's columns of the conv split's gradient buffer when they are its pieces (grad_slots.py)
+        dx, dB, dC = (claim(slot, t.dtype) for slot, t in zip(ctx.slots, (x, B, C)))
+        dx = torch.empty(x.shape, device=x.device, dtype=x.dtype) if dx is None else dx
         ddt = torch.empty(dt.shape, device=dt.device, dtype=dt.dtype)  # dt is dense (made so on the way in)
-        dB = torch.empty(B.shape, device=B.device, dtype=B.dtype)
-        dC = torch.empty(C.shape, device=C.device, dtype=C.dtype)
+        if dB is None or dC is None or dB.stride() != dC.stride():  # the kernel gives both one set of strides
+            dB = torch.empty(B.shape, device=B.device, dtype=B.dtype)
+            dC = torch.empty(C.shape, device=C.device, dtype=C.dtype)
         dA_part = torch.empty(b, h, device=x.device, dtype=torch.float32)
         dD_part = torch.empty(b, h, device=x.device, dtype=torch.float32) if D is not None else dA_part
         strides, meta, grid = _launch_args(x, dt, B, C, seq_idx)
@@ -221,7 +227,7 @@ class _SSDQuadratic(torch.autograd.Function):
         )
         dA = dA_part.sum(0).to(A.dtype)
         dD = None if D is None else dD_part.sum(0).to(D.dtype)
-        return dx, ddt, dA, dB, dC, dD, None
+        return dx, ddt, dA, dB, dC, dD, None, None
 
 
 def ssd_quadratic_fused(
@@ -232,6 +238,7 @@ def ssd_quadratic_fused(
     x (b, l, h, p) and B, C (b, l, g, n) with any strides but a contiguous last dimension (column slices of the
     conv's output need no copy); dt (b, l, h) fp32, positive; A, D (h,); seq_idx (b, l) or None. l <= MAX_LEN
     (``supports`` says whether the kernels take the inputs). Differentiable in x, dt, A, B, C and D."""
+    slots = tuple(slot_of(t) for t in (x, B, C))  # (a copy made below passes its gradient on unchanged)
     x, B, C = (_last_dim_contiguous(t) for t in (x, B, C))
     dt = dt.contiguous()
-    return _SSDQuadratic.apply(x, dt, A.contiguous(), B, C, None if D is None else D.contiguous(), seq_idx)
+    return _SSDQuadratic.apply(x, dt, A.contiguous(), B, C, None if D is None else D.contiguous(), seq_idx, slots)

@@ -120,6 +120,32 @@ def test_adapter_passes_the_librarys_layout():
         assert new_state.shape == (2, inp["d"], 3) and new_state.dtype == u.dtype
 
 
+def test_grad_u_is_written_into_the_splits_buffer():
+    """u as the mixer has it, a piece of grad_slots.split_last: the library's backward gets u's columns of the
+    split's gradient buffer as its dx (channel-last, no copy after), and the gradients are still models/conv.py's."""
+    from lightning_mamba.models.kernels.grad_slots import split_last
+
+    lib = stand_in_library()
+    for case in CASES:
+        inp = make()
+        width = inp["wide"].size(-1)
+
+        def through_split(u, *rest):  # u is u_of(inp): take the same columns as a piece of a split instead
+            pieces = split_last(inp["wide"], [OFFSET, inp["d"], width - OFFSET - inp["d"]])
+            return conv_cc1d.conv1d_silu(pieces[1], *rest, lib=lib)
+
+        before = len(lib.calls)
+        got = run(through_split, inp, case)
+        assert_close_to_reference(got, inp, case, 1e-12)
+        bwd = [c for c in lib.calls[before:] if c["fn"] == "causal_conv1d_bwd_function"]
+        if case == "state":  # the library's own Function (it returns the final state) allocates dx itself
+            assert not bwd
+            continue
+        dx = bwd[-1]["dx"]
+        assert dx is not None and dx.stride(1) == 1 and dx.stride(2) == width
+        assert dx.data_ptr() == got[2].data_ptr() + OFFSET * got[2].element_size()  # grad wide is the buffer
+
+
 def test_document_ids_need_not_start_at_0():
     """The library zeroes the output at negative ids (its padding): ours has no padding, any ids only compare, so
     the adapter numbers each row's documents from 0."""

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from lightning_mamba.models.ssd import ssd_quadratic
 
+from ...op_watch import OpWatch
 from .test_conv_triton import assert_rel_close as assert_close_to
 from .triton_env import DEVICE, needs_triton
 
@@ -166,14 +167,20 @@ def test_a_model_trains_through_the_fused_form_as_through_the_torch_backend(monk
     ids = torch.randint(0, 64, (3, 13), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     seq_idx = torch.zeros(3, 13, dtype=torch.long)
     seq_idx[1, 6:] = 1
-    losses, grads = {}, {}
+    losses, grads, copied = {}, {}, {}
     for name, model in models.items():
         loss, state = model.loss(ids[:, :-1], ids[:, 1:], seq_idx=seq_idx[:, :-1].to(DEVICE), return_state=False)
         assert state is None
-        loss.backward()
+        copied[name] = []
+        with OpWatch(lambda func, args, out: copied[name].append(tuple(args[0].shape))
+                     if func is torch.ops.aten.copy_.default else None):
+            loss.backward()
         losses[name] = loss.detach()
         grads[name] = {k: p.grad for k, p in model.named_parameters()}
     assert len(calls) == 2  # one per layer: the fused form ran
+    # the backwards wrote their gradients into the splits' buffers (grad_slots.py): per layer the splits copied in
+    # only dt's (from torch's softplus), no z, xBC, x, B or C
+    assert [c for c in copied["auto"] if c[:2] == (3, 12)] == [(3, 12, models["auto"].mixers[0].nheads)] * 2, copied
     assert_rel_close(losses["auto"], losses["torch"], 1e-5, "loss")
     for k, g in grads["torch"].items():
         assert_rel_close(grads["auto"][k], g, 1e-4, f"grad {k}")

@@ -1,0 +1,144 @@
+"""models/kernels/grad_slots.py: a split whose pieces' gradients land in one buffer.
+
+On CPU with a small producer written here the way the kernels' backwards use it (claim the slot, write into it):
+values and gradients are torch.split's in every case (pieces used once, twice, not at all, strided upstream
+gradients, a second backward), a claimed slot is written in place with no copy in the split's backward, a slot is
+handed out once and only in its dtype, and the mixer's gradients are those of plain splits. The kernels' own claims
+are tested beside them (test_conv_cc1d.py on the library's stand-in; the Triton files under the interpreter/CUDA)."""
+
+import pytest
+import torch
+
+from lightning_mamba.models import mixer as mixer_module
+from lightning_mamba.models.kernels.grad_slots import claim, slot_of, split_last
+from lightning_mamba.models.mixer import Mamba2
+
+from ...op_watch import OpWatch
+
+SIZES = [2, (3, 2), 4]  # widths 2, 6, 4: the middle piece seen as (..., 3, 2)
+
+
+def plain_split(t, sizes):
+    shapes = [tuple(s) if isinstance(s, tuple) else (s,) for s in sizes]
+    pieces = torch.split(t, [int(torch.Size(s).numel()) for s in shapes], dim=-1)
+    return tuple(p.unflatten(-1, s) if len(s) > 1 else p for p, s in zip(pieces, shapes))
+
+
+class Doubling(torch.autograd.Function):
+    """y = 2 x, whose backward writes grad x into x's slot when it has one (as the kernels' backwards do)."""
+
+    @staticmethod
+    def forward(ctx, x, slot):
+        ctx.slot = slot
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, dy):
+        dx = claim(ctx.slot, dy.dtype)
+        if dx is None:
+            return 2 * dy, None
+        torch.mul(dy, 2, out=dx)
+        return dx, None
+
+
+def double(x):
+    return Doubling.apply(x, slot_of(x))
+
+
+def test_split_last_is_torch_split_with_the_pieces_shapes():
+    t = torch.randn(2, 5, 12, requires_grad=True)
+    for grad_on in (True, False):
+        with torch.set_grad_enabled(grad_on):
+            for a, b in zip(split_last(t, SIZES), plain_split(t, SIZES)):
+                assert a.shape == b.shape and torch.equal(a, b) and a.data_ptr() == b.data_ptr()
+    with torch.no_grad():
+        assert all(slot_of(p) is None for p in split_last(t, SIZES))  # no autograd node, no slots
+
+
+def grads_of(split, use):
+    torch.manual_seed(0)
+    t = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    use(split(t, SIZES)).backward()
+    return t.grad
+
+
+USES = {
+    "each once": lambda p: (p[0] * 3).sum() + p[1].sin().sum() + p[2].square().sum(),
+    "one twice": lambda p: (p[0] * p[0].exp()).sum() + p[1].sum(),
+    "one unused": lambda p: p[0].sum() + p[1].cos().sum(),
+    "strided upstream": lambda p: (p[1] * torch.arange(60.0, dtype=torch.float64).view(2, 3, 5, 2).transpose(1, 2)).sum(),
+    "claimed": lambda p: double(p[0]).sum() + double(p[1]).square().sum() + double(p[2]).sin().sum(),
+    "claimed and used again": lambda p: double(p[1]).sum() + (p[1] ** 3).sum() + double(p[2]).sum(),
+}
+
+
+@pytest.mark.parametrize("use", USES)
+def test_gradients_are_torch_splits(use):
+    assert torch.equal(grads_of(split_last, USES[use]), grads_of(plain_split, USES[use]))
+
+
+def test_a_claimed_slot_is_written_in_place_and_not_copied():
+    leaf = torch.randn(2, 5, 12, requires_grad=True)
+    t = leaf * 1  # not a leaf, as in_proj's output: its gradient goes on as the split hands it over
+    pieces = split_last(t, SIZES)
+    arrived, handed_on = [], []
+    pieces[1].register_hook(arrived.append)
+    t.register_hook(handed_on.append)
+    loss = double(pieces[0]).sum() + double(pieces[1]).square().sum() + pieces[2].sum()
+    copies = []  # destinations narrower than t: copies into the split's buffer
+    with OpWatch(lambda func, args, out: copies.append(args[0].shape)
+                 if func is torch.ops.aten.copy_.default and args[0].shape != t.shape else None):
+        loss.backward()
+    assert copies == [pieces[2].shape]  # the unclaimed piece is copied in; the claimed ones are not
+    # what reached piece 1 lives in the buffer the split handed on (its columns 2..8)
+    buffer = handed_on[0]
+    assert arrived[0].data_ptr() == buffer.data_ptr() + 2 * buffer.element_size()
+    assert torch.equal(buffer[..., 2:8], 8 * pieces[1].detach().flatten(-2))
+    assert torch.equal(leaf.grad, buffer)
+
+
+def test_a_slot_is_handed_out_once_and_in_its_dtype():
+    t = torch.randn(2, 5, 12, requires_grad=True)
+    pieces = split_last(t, SIZES)
+    slot = slot_of(pieces[1])
+    assert claim(slot, torch.float64) is None  # another dtype: the caller allocates
+    first = claim(slot, torch.float32)
+    assert first.shape == pieces[1].shape and first.stride() == pieces[1].stride()
+    assert claim(slot, torch.float32) is None
+    assert claim(None, torch.float32) is None
+
+
+def test_a_second_backward_through_the_same_graph():
+    t = torch.randn(2, 5, 12, requires_grad=True)
+    pieces = split_last(t, SIZES)
+    loss = double(pieces[0]).sum() + double(pieces[1]).square().sum() + pieces[2].sum()
+    first = torch.autograd.grad(loss, t, retain_graph=True)[0].clone()
+    second = torch.autograd.grad(loss, t)[0]
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("quadratic_max_len", [0, 64])
+def test_the_mixers_gradients_are_those_of_plain_splits(quadratic_max_len, monkeypatch):
+    def grads(split=None):
+        if split is not None:
+            monkeypatch.setattr(mixer_module, "split_last", split)
+        torch.manual_seed(0)
+        mixer = Mamba2(d_model=64, d_state=16, headdim=16, chunk_size=8, quadratic_max_len=quadratic_max_len,
+                       backend="torch").double()
+        u = torch.randn(3, 8, 64, dtype=torch.float64, requires_grad=True)
+        mixer(u, return_state=False)[0].square().sum().backward()
+        return [u.grad] + [p.grad for p in mixer.parameters()]
+
+    for a, b in zip(grads(), grads(plain_split)):
+        assert torch.equal(a, b)
+
+
+def test_in_place_false_is_torch_split_and_restores():
+    from lightning_mamba.models.kernels import grad_slots
+
+    t = torch.randn(2, 5, 12, requires_grad=True)
+    with grad_slots.in_place(False):
+        pieces = split_last(t, SIZES)
+        assert all(slot_of(p) is None for p in pieces)
+        assert pieces[0].grad_fn.name().startswith("SplitWithSizes")  # torch.split's node: its backward concatenates
+    assert grad_slots._in_place and slot_of(split_last(t, SIZES)[0]) is not None
