@@ -156,6 +156,34 @@ def test_whole_rows_gathered_match_torch_fp32(case, monkeypatch):
 
 
 @needs_triton
+@pytest.mark.parametrize("l", [12, 130], ids=["whole_row", "blocks"])
+def test_grad_u_is_written_into_the_splits_buffer(l):
+    """u as the mixer has it, a piece of grad_slots.split_last (odd row stride, columns 7..): the backward writes
+    grad u into the split's gradient buffer in place (no copy of u's columns after it), on both backward paths, and
+    the gradients are the reference's."""
+    from lightning_mamba.models.kernels.grad_slots import split_last
+
+    from ...op_watch import OpWatch
+
+    b, d, k, width = 2, 40, 4, 63
+    wide = torch.randn(b, l, width, generator=torch.Generator().manual_seed(0)).to(DEVICE).requires_grad_()
+    _, weight, bias, _, _ = make_inputs(b, l, d, k, torch.float32)
+    seq_idx = torch.stack([docs(l, 3), docs(l, l - 2)]).to(DEVICE)
+    grad_out = torch.randn(b, l, d, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    u = split_last(wide, [7, d, width - 7 - d])[1]
+    out, _ = causal_conv1d_silu(u, weight, bias, None, seq_idx)
+    copies = []
+    with OpWatch(lambda func, args, out_: copies.append(args[0].shape) if func is torch.ops.aten.copy_.default else None):
+        (grad_wide,) = torch.autograd.grad(out, wide, grad_out)
+    assert (b, l, d) not in copies, copies
+    ref_u = wide.detach()[:, :, 7:7 + d].double().requires_grad_()
+    ref_out, _ = reference(ref_u, weight.double(), bias.double(), None, seq_idx)
+    (want,) = torch.autograd.grad(ref_out, ref_u, grad_out.double())
+    assert_rel_close(grad_wide[:, :, 7:7 + d], want, FP32, "grad u")
+    assert torch.count_nonzero(grad_wide[:, :, :7]) == 0 and torch.count_nonzero(grad_wide[:, :, 7 + d:]) == 0
+
+
+@needs_triton
 def test_state_of_another_dtype_and_no_grad():
     """A fp32 conv_state with fp16 u is taken as u's values; under no_grad the output needs no graph."""
     u, weight, bias, conv_state, _ = make_inputs(1, 9, 40, 4, torch.float16, state=True)

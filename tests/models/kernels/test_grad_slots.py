@@ -142,3 +142,32 @@ def test_in_place_false_is_torch_split_and_restores():
         assert all(slot_of(p) is None for p in pieces)
         assert pieces[0].grad_fn.name().startswith("SplitWithSizes")  # torch.split's node: its backward concatenates
     assert grad_slots._in_place and slot_of(split_last(t, SIZES)[0]) is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quadratic_max_len", [0, 64], ids=["chunked", "attention_form"])
+def test_on_the_gpu_every_backward_writes_in_place(quadratic_max_len):
+    """The mixer on CUDA (mamba_ssm's chunked scan under ssd_chunked_mamba, or the fused attention form; the conv by
+    causal_conv1d when installed, else ours; our gated norm): the splits copy in only dt's gradient (torch's
+    softplus), and the gradients match the torch backend's in fp32."""
+    from lightning_mamba.models.kernels import backend
+
+    if backend._triton_scan()[0] is None:
+        pytest.skip(f"mamba_ssm unavailable: {backend._triton_scan()[1]}")
+    torch.manual_seed(0)
+    mixers = {name: Mamba2(d_model=256, d_state=64, headdim=64, chunk_size=32, quadratic_max_len=quadratic_max_len,
+                           backend=name).cuda() for name in ("auto", "torch")}
+    mixers["torch"].load_state_dict(mixers["auto"].state_dict())
+    u = torch.randn(2, 48, 256, device="cuda")
+    grads, copies = {}, []
+    for name, mixer in mixers.items():
+        x = u.clone().requires_grad_()
+        out, _ = mixer(x, return_state=False)
+        watch = OpWatch(lambda func, args, out_: copies.append(tuple(args[0].shape))
+                        if name == "auto" and func is torch.ops.aten.copy_.default else None)
+        with watch:
+            out.square().sum().backward()
+        grads[name] = [x.grad] + [p.grad for p in mixer.parameters()]
+    assert [c for c in copies if c[:2] == (2, 48)] == [(2, 48, mixers["auto"].nheads)], copies
+    for a, b in zip(grads["auto"], grads["torch"]):  # as test_backend.py reads the two backends' gradients
+        assert ((a - b).norm() / b.norm().clamp_min(1e-12)).item() < 2e-3
