@@ -47,6 +47,9 @@ Contenders:
                    same run (e.g. graph_1cell,graph_1cell_quadratic).
   <any>_1cell_quadratic_torch  the same with the attention form in torch (models/ssd.py ssd_quadratic's einsums):
                    the fused kernels' A/B (e.g. graph_1cell_quadratic_torch,graph_1cell_quadratic).
+  <any 1cell name>_splitcat  that contender with the mixer's splits as torch.split's (their backward concatenates
+                   the pieces' gradients) instead of models/kernels/grad_slots.py's in-place writes: their A/B
+                   (e.g. graph_1cell_quadratic,graph_1cell_quadratic_splitcat).
 
 Each graphed contender first checks itself against an eager copy of the model on the same batches (--check_steps
 steps from the same weights): the losses must agree and the parameters must have moved alike; a failed check is
@@ -739,24 +742,37 @@ def parse_args(argv=None):
     return args
 
 
-QUADRATIC, QUADRATIC_TORCH = "_quadratic", "_quadratic_torch"
+QUADRATIC, QUADRATIC_TORCH, SPLITCAT = "_quadratic", "_quadratic_torch", "_splitcat"
+
+
+def _without_splitcat(name: str) -> str:
+    base = name.removesuffix(SPLITCAT)
+    return base if base != name and "_1cell" in base else name
 
 
 def contender_setting(name: str) -> tuple[str, bool]:
-    """(the contender, whether it runs with the quadratic scan): ``graph_1cell_quadratic`` and
-    ``graph_1cell_quadratic_torch`` -> (graph_1cell, True). Only 1-cell contenders take the suffixes (an unknown
-    name is left whole, for parse_args to refuse)."""
+    """(the contender, whether it runs with the quadratic scan): ``graph_1cell_quadratic``,
+    ``graph_1cell_quadratic_torch`` and ``graph_1cell_quadratic_splitcat`` -> (graph_1cell, True). Only 1-cell
+    contenders take the suffixes (an unknown name is left whole, for parse_args to refuse)."""
+    stripped = _without_splitcat(name)
     for suffix in (QUADRATIC_TORCH, QUADRATIC):
-        base = name.removesuffix(suffix)
-        if base != name and base.endswith("_1cell"):
+        base = stripped.removesuffix(suffix)
+        if base != stripped and base.endswith("_1cell"):
             return base, True
-    return name, False
+    return (stripped, False) if stripped.endswith("_1cell") else (name, False)
 
 
 def quadratic_kernel_of(name: str) -> str:
     """The attention form's code for a contender: ``torch`` (ssd.ssd_quadratic's einsums) for a name ending in
-    ``_quadratic_torch``, else ``ours`` (the fused Triton kernels, the model's default on CUDA)."""
-    return "torch" if name.endswith(QUADRATIC_TORCH) else "ours"
+    ``_quadratic_torch`` (then perhaps ``_splitcat``), else ``ours`` (the fused Triton kernels, the model's default
+    on CUDA)."""
+    return "torch" if _without_splitcat(name).endswith(QUADRATIC_TORCH) else "ours"
+
+
+def splits_in_place(name: str) -> bool:
+    """False for a contender ending in ``_splitcat``: the mixer's splits as torch.split's (their backward
+    concatenates), not grad_slots.py's in-place writes, for the A/B in one process."""
+    return _without_splitcat(name) == name
 
 
 def with_quadratic(args, quadratic: bool):
@@ -775,6 +791,7 @@ def write_json(path: str, args, env: dict, skipped: dict, rows: list[dict]) -> N
 
 def main(argv=None) -> int:
     from lightning_mamba.models.kernels.backend import quadratic_kernels
+    from lightning_mamba.models.kernels.grad_slots import in_place
 
     sys.stdout.reconfigure(line_buffering=True)  # each line as it comes, also into a file or pipe
     args = parse_args(argv)
@@ -797,7 +814,7 @@ def main(argv=None) -> int:
         if n == "1cell":
             cell_args = with_quadratic(args, quadratic)
             try:
-                with quadratic_kernels(quadratic_kernel_of(name)):
+                with quadratic_kernels(quadratic_kernel_of(name)), in_place(splits_in_place(name)):
                     cells = [run_fit(cell_args) if kind == "fit"
                              else run_cell(cell_args, kind, args.d_state, args.seq_len)]
                 cells[0]["quadratic_max_len"] = cell_args.quadratic_max_len

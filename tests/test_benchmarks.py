@@ -89,6 +89,11 @@ def test_profile_step_takes_a_study_cell_and_its_scan_settings(capsys):
     assert groups["total"] > 0 and groups["matmul"] > 0 and groups["wall"] > 0
     with pytest.raises(SystemExit, match="not a multiple of --seq_len 16"):
         bench.main(["--config", "cell", "--device", "cpu", "--seq_len", "16", "--tokens_per_step", "100"])
+    # a contender that cannot run here is named as skipped and the others still run
+    results = bench.main(["--config", "cell", "--device", "cpu", "--d_model", "32", "--n_layer", "1", "--d_state",
+                          "8", "--headdim", "16", "--seq_len", "16", "--tokens_per_step", "64", "--steps", "1",
+                          "--top", "3", "--contenders", "mamba_ssm_fused,ours"])
+    assert list(results) == ["ours"] and "== mamba_ssm_fused\n  skipped (" in capsys.readouterr().out
 
 
 def test_cell_benchmark_steps_build_no_final_state_as_training_does():
@@ -218,3 +223,26 @@ def test_cell_throughput_quadratic_torch_contenders_run_the_torch_form(monkeypat
                 "--contenders", "eager_1cell,eager_1cell_quadratic,eager_1cell_quadratic_torch"])
     assert seen == [("eager", 0, "ours"), ("eager", 32, "ours"), ("eager", 32, "torch")]
     assert backend._quadratic_kernel == "ours"
+
+
+def test_cell_throughput_splitcat_contenders_run_torch_splits(monkeypatch):
+    """<1-cell contender>_splitcat runs with grad_slots.in_place(False) (torch.split's concatenating backward),
+    combinable with the quadratic suffixes; the in-place default is back afterwards."""
+    from lightning_mamba.models.kernels import backend, grad_slots
+
+    bench = load_benchmark("cell_throughput")
+    assert bench.contender_setting("graph_1cell_quadratic_torch_splitcat") == ("graph_1cell", True)
+    assert bench.contender_setting("graph_1cell_splitcat") == ("graph_1cell", False)
+    assert bench.contender_setting("graph_Nstreams_splitcat") == ("graph_Nstreams_splitcat", False)  # refused later
+    seen = []
+
+    def run_cell(args, kind, d_state, seq_len):
+        seen.append((kind, args.quadratic_max_len, backend._quadratic_kernel, grad_slots._in_place))
+        raise RuntimeError("recorded")
+
+    monkeypatch.setattr(bench, "run_cell", run_cell)
+    bench.main(["--device", "cpu", "--backend", "torch", "--d_state", "16", "--seq_len", "32", "--tokens_per_step",
+                "64", "--vocab", "257", "--steps", "1", "--window", "1", "--warmup", "1",
+                "--contenders", "eager_1cell_splitcat,eager_1cell_quadratic_torch_splitcat,eager_1cell"])
+    assert seen == [("eager", 0, "ours", False), ("eager", 32, "torch", False), ("eager", 0, "ours", True)]
+    assert grad_slots._in_place
