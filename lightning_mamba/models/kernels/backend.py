@@ -1,7 +1,9 @@
 """The one kernel switch: pure torch everywhere, mamba_ssm's Triton SSD on CUDA when installed (and there short
 rows in the SSD's attention form in our fused Triton kernels; the conv in causal_conv1d's CUDA kernels when that
 library is installed too, except on short rows, else in our Triton kernel; the norms in our Triton kernels, or
-mamba_ssm's inside ``norm_kernels("mamba_ssm")``). Each choice was timed on an H200 (docs/performance.md)."""
+mamba_ssm's inside ``norm_kernels("mamba_ssm")``). Each choice was timed on an H200 (docs/performance.md). On the
+Triton path the kernels' backwards write the gradients of the mixer's split pieces into the split's one buffer
+(grad_slots.py)."""
 
 from __future__ import annotations
 
