@@ -1,5 +1,5 @@
-"""Our Triton norms (models/kernels/norm_triton.py) against mamba_ssm's (what the model runs on the GPU today) and
-the torch path, same process, forward and forward + backward.
+"""Our Triton norms (models/kernels/norm_triton.py, what the model runs on the GPU) against mamba_ssm's and the
+torch path, same process, forward and forward + backward; ``--sweep``: ours under other tile plans.
 
     python benchmarks/norm_kernel.py                      # GPU: 130m, 370m and the study cell's shapes, bf16
     python benchmarks/norm_kernel.py --shape 130m
