@@ -469,7 +469,7 @@ def print_gathered_rows(inp: Inputs, check_dtype, device="cuda", timer=cuda_time
     try:
         ct.GATHER_MAX_LEN = 1 << 30
         ref_inp = make_inputs(inp.shape, device, check_dtype)
-        for case in ("plain", "seq_idx", "state", "state+seq_idx"):
+        for case in CASES:
             checks[case] = safely(check_training, triton_conv, ref_inp, case)
         ok = all(c[0] for c in checks.values())
         if ok:  # a kernel that fails its check is not timed
@@ -514,7 +514,7 @@ def sweep(inp: Inputs, check_dtype=torch.float32, device="cuda", timer=cuda_time
             ct.BWD_BLOCK_L, ct.BWD_BLOCK_D, ct.BWD_WARPS, ct.BWD_BLOCKS = cfg
             plan = ct.time_tiles(inp.shape.seq_len, cfg[0], cfg[3])
             checks = [safely(check_training, triton_conv, ref_inp, case)
-                      for case in ("plain", "seq_idx", "state", "state+seq_idx")]
+                      for case in CASES]
             if all(c[0] for c in checks):
                 us = f"fwd+bwd {time_training(timer, triton_conv, inp, 'plain')[1] * 1e3:.0f} us"
             else:

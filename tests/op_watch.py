@@ -14,6 +14,16 @@ def tensors(tree) -> list[torch.Tensor]:
     return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
 
 
+def copy_destinations(fn: Callable) -> list[tuple[int, ...]]:
+    """Runs ``fn()`` and returns the shape of every aten.copy_ destination on the way, in order (what a split's
+    backward copied in, for the tests of models/kernels/grad_slots.py's in-place gradients)."""
+    shapes = []
+    with OpWatch(lambda func, args, out: shapes.append(tuple(args[0].shape))
+                 if func is torch.ops.aten.copy_.default else None):
+        fn()
+    return shapes
+
+
 class OpWatch(TorchDispatchMode):
     """Runs every op as usual and hands ``see(func, args, out)`` each one (args: its positional arguments)."""
 

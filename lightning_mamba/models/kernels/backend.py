@@ -155,13 +155,14 @@ def ssd(
     if uses_triton(backend, x):
         # the kernel ties a carried-in state to document 0: number each row's documents from 0
         seq = None if seq_idx is None else (seq_idx - seq_idx[:, :1]).to(torch.int32).contiguous()
+        dt = dt.contiguous()
         # The kernels take strided views as long as the last dimension is contiguous: no copies of x, B, C.
         if ssd_chunked_mamba.entries() is not None:  # the backward writes into the split's gradient buffer
-            y, final_state = ssd_chunked_mamba.chunk_scan(x, dt.contiguous(), A, B, C, chunk_size, D, initial_state, seq)
+            y, final_state = ssd_chunked_mamba.chunk_scan(x, dt, A, B, C, chunk_size, D, initial_state, seq)
         else:
             fn, _ = _triton_scan()
-            y, final_state = fn(x, dt.contiguous(), A, B, C, chunk_size, D=D, initial_states=initial_state,
-                                seq_idx=seq, dt_softplus=False, return_final_states=True)
+            y, final_state = fn(x, dt, A, B, C, chunk_size, D=D, initial_states=initial_state, seq_idx=seq,
+                                dt_softplus=False, return_final_states=True)
         return y, final_state if return_final_state else None
     y, final_state = ssd_chunked(x, dt, A, B, C, chunk_size, initial_state=initial_state, seq_idx=seq_idx)
     return _add_skip(y, x, D), final_state if return_final_state else None

@@ -53,15 +53,18 @@ class GradBuffer:
             return None
         self.claimed.add(i)
         if self.buffer is None:
-            self.buffer = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+            self.buffer = self._new()
         return self.piece(self.buffer, i)
 
     def take(self) -> Tensor:
         """The buffer for the split's backward (a fresh one if nothing claimed), leaving this ready for another
         backward through the same graph."""
-        buffer = self.buffer if self.buffer is not None else torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        buffer = self.buffer if self.buffer is not None else self._new()
         self.buffer, self.claimed = None, set()
         return buffer
+
+    def _new(self) -> Tensor:
+        return torch.empty(self.shape, dtype=self.dtype, device=self.device)
 
 
 def _same_memory(a: Tensor, b: Tensor) -> bool:

@@ -13,7 +13,7 @@ from lightning_mamba.models import mixer as mixer_module
 from lightning_mamba.models.kernels.grad_slots import claim, slot_of, split_last
 from lightning_mamba.models.mixer import Mamba2
 
-from ...op_watch import OpWatch
+from ...op_watch import copy_destinations
 
 SIZES = [2, (3, 2), 4]  # widths 2, 6, 4: the middle piece seen as (..., 3, 2)
 
@@ -85,11 +85,9 @@ def test_a_claimed_slot_is_written_in_place_and_not_copied():
     pieces[1].register_hook(arrived.append)
     t.register_hook(handed_on.append)
     loss = double(pieces[0]).sum() + double(pieces[1]).square().sum() + pieces[2].sum()
-    copies = []  # destinations narrower than t: copies into the split's buffer
-    with OpWatch(lambda func, args, out: copies.append(args[0].shape)
-                 if func is torch.ops.aten.copy_.default and args[0].shape != t.shape else None):
-        loss.backward()
-    assert copies == [pieces[2].shape]  # the unclaimed piece is copied in; the claimed ones are not
+    # destinations narrower than t: copies into the split's buffer
+    copies = [c for c in copy_destinations(loss.backward) if c != tuple(t.shape)]
+    assert copies == [tuple(pieces[2].shape)]  # the unclaimed piece is copied in; the claimed ones are not
     # what reached piece 1 lives in the buffer the split handed on (its columns 2..8)
     buffer = handed_on[0]
     assert arrived[0].data_ptr() == buffer.data_ptr() + 2 * buffer.element_size()
@@ -163,10 +161,8 @@ def test_on_the_gpu_every_backward_writes_in_place(quadratic_max_len):
     for name, mixer in mixers.items():
         x = u.clone().requires_grad_()
         out, _ = mixer(x, return_state=False)
-        watch = OpWatch(lambda func, args, out_: copies.append(tuple(args[0].shape))
-                        if name == "auto" and func is torch.ops.aten.copy_.default else None)
-        with watch:
-            out.square().sum().backward()
+        shapes = copy_destinations(out.square().sum().backward)
+        copies += shapes if name == "auto" else []
         grads[name] = [x.grad] + [p.grad for p in mixer.parameters()]
     assert [c for c in copies if c[:2] == (2, 48)] == [(2, 48, mixers["auto"].nheads)], copies
     for a, b in zip(grads["auto"], grads["torch"]):  # as test_backend.py reads the two backends' gradients

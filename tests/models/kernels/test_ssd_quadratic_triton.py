@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from lightning_mamba.models.ssd import ssd_quadratic
 
-from ...op_watch import OpWatch
+from ...op_watch import copy_destinations
 from .test_conv_triton import assert_rel_close as assert_close_to
 from .triton_env import DEVICE, needs_triton
 
@@ -171,10 +171,7 @@ def test_a_model_trains_through_the_fused_form_as_through_the_torch_backend(monk
     for name, model in models.items():
         loss, state = model.loss(ids[:, :-1], ids[:, 1:], seq_idx=seq_idx[:, :-1].to(DEVICE), return_state=False)
         assert state is None
-        copied[name] = []
-        with OpWatch(lambda func, args, out: copied[name].append(tuple(args[0].shape))
-                     if func is torch.ops.aten.copy_.default else None):
-            loss.backward()
+        copied[name] = copy_destinations(loss.backward)
         losses[name] = loss.detach()
         grads[name] = {k: p.grad for k, p in model.named_parameters()}
     assert len(calls) == 2  # one per layer: the fused form ran
