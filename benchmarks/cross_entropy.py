@@ -6,7 +6,8 @@
 (a) the baseline, what the bare mamba_ssm loop in train_throughput.py does: lm_head in bf16, then
     F.cross_entropy on the fp32 upcast of the whole logits tensor;
 (b) models/loss.py's chunked linear cross-entropy with torch ops per chunk (fused=False);
-(c) the same with the Triton kernel per chunk (fused=True, models/kernels/loss_triton.py), what training on CUDA uses.
+(c) the same with the Triton kernel per chunk (fused=True, models/kernels/loss_triton.py), what training on CUDA uses,
+    and again with the kernel's other first pass (loss_triton.PASS1_CHOICES).
 Prints ms (triton.testing.do_bench), peak memory above the inputs, and the ratio baseline / each.
 """
 
@@ -63,6 +64,13 @@ def main():
     for name, fn in (("(b) chunked, torch ops", chunked(False)), ("(c) chunked, Triton kernel", chunked(True))):
         ms, mem = measure(fn)
         print(f"{name:<44}: {ms:7.2f} ms, peak {mem:5.2f} GiB | ratio baseline/this {ref / ms:.2f}")
+    default_pass1 = loss_triton.PASS1
+    for pass1 in (c for c in loss_triton.PASS1_CHOICES if c != default_pass1):  # the kernel's other first pass
+        loss_triton.PASS1 = pass1
+        ms, mem = measure(chunked(True))
+        print(f"{'(c) with pass 1 ' + repr(pass1):<44}: {ms:7.2f} ms, peak {mem:5.2f} GiB | ratio baseline/this "
+              f"{ref / ms:.2f}")
+    loss_triton.PASS1 = default_pass1
     if args.sweep:
         base = loss_triton.BLOCK_V, loss_triton.WARPS
         for cfg in [(1024, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16), (16384, 32)]:

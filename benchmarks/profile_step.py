@@ -2,6 +2,7 @@
 
     python benchmarks/profile_step.py --config 130m                     # ours and mamba_ssm's bare loops
     python benchmarks/profile_step.py --config 130m --contenders ours --top 40
+    python benchmarks/profile_step.py --config 130m --contenders ours --ops 30   # also the torch ops behind them
     python benchmarks/profile_step.py --config 130m --contenders ours,mamba_ssm_fused   # needs causal-conv1d
     python benchmarks/profile_step.py --config cell --d_state 2048 --seq_len 16 --quadratic_max_len 64   # a study cell
     python benchmarks/profile_step.py --config cell --device cpu --d_state 16 --tokens_per_step 512 --steps 1  # smoke
@@ -61,7 +62,7 @@ def shape(args) -> tuple:
             seq_len, args.headdim or headdim)
 
 
-def profile(model, loss_fn, cfg, device, steps: int, top: int) -> dict:
+def profile(model, loss_fn, cfg, device, steps: int, top: int, ops: int = 0) -> dict:
     """Prints and returns the time per step by group (ms): CUDA kernels, or on the CPU the ops' own time."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
@@ -90,6 +91,13 @@ def profile(model, loss_fn, cfg, device, steps: int, top: int) -> dict:
     print(f"  top {top} kernels (ms/step, group, name):")
     for name, ms in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:top]:
         print(f"  {ms:8.2f}  {group_of(name):>20}  {name[:110]}")
+    if ops:  # which torch ops (with their inputs' shapes) launched the kernels: a second profiled run
+        with torch_profile(activities=sorted({ProfilerActivity.CPU, activity}, key=str), record_shapes=True) as prof:
+            bare_loop(model, batch, seq_len, vocab, steps, 0, device, dtype, loss_fn)
+        key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+        print(f"  top {ops} torch ops by their own {'CUDA' if device == 'cuda' else 'CPU'} time ({steps} steps):")
+        print(prof.key_averages(group_by_input_shape=True).table(
+            sort_by=key, row_limit=ops, max_name_column_width=48, max_shapes_column_width=90))
     return dict(groups, total=total, wall=wall)
 
 
@@ -101,6 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--ops", type=int, default=0, help="also list this many torch ops (input shapes, own GPU time)")
     for name in ("d_model", "n_layer", "d_state", "vocab", "seq_len", "headdim", "tokens_per_step"):
         p.add_argument(f"--{name}", type=int, default=None, help="replaces the config's")
     p.add_argument("--chunk_size", type=int, default=None, help="ours: the SSD's chunk (the model's default: 256)")
@@ -125,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
         except (ImportError, Skip) as e:  # as train_throughput.py: a contender that cannot run here is named, not fatal
             print(f"  skipped ({e})")
             continue
-        results[c] = profile(model, loss_fn, cfg, args.device, args.steps, args.top)
+        results[c] = profile(model, loss_fn, cfg, args.device, args.steps, args.top, args.ops)
         del model
         if args.device == "cuda":
             torch.cuda.empty_cache()

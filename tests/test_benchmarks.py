@@ -83,9 +83,11 @@ def test_profile_step_takes_a_study_cell_and_its_scan_settings(capsys):
     bench = load_benchmark("profile_step")
     groups = bench.main(["--config", "cell", "--device", "cpu", "--d_model", "32", "--n_layer", "1", "--d_state", "8",
                          "--headdim", "16", "--seq_len", "16", "--tokens_per_step", "64", "--quadratic_max_len", "16",
-                         "--steps", "1", "--top", "3"])["ours"]
+                         "--steps", "1", "--top", "3", "--ops", "4"])["ours"]
     printed = capsys.readouterr().out
     assert "(32, 1, 8, 257, 4, 16, 16)" in printed and "'quadratic_max_len': 16" in printed, printed
+    ops_table = printed.split("top 4 torch ops by their own CPU time (1 steps):")[1]
+    assert "Input Shapes" in ops_table and "aten::" in ops_table, printed
     assert groups["total"] > 0 and groups["matmul"] > 0 and groups["wall"] > 0
     with pytest.raises(SystemExit, match="not a multiple of --seq_len 16"):
         bench.main(["--config", "cell", "--device", "cpu", "--seq_len", "16", "--tokens_per_step", "100"])

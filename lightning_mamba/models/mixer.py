@@ -6,14 +6,13 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import NO_DT_LIMIT, SSM_DEFAULTS
+from .config import SSM_DEFAULTS
 from .kernels import backend as kernels
 from .kernels.grad_slots import split_last
 from .norm import RMSNormGated
-from .ssd import ssd_sampling_states, ssd_step
+from .ssd import positive_dt, ssd_sampling_states, ssd_step
 
 
 class LayerState(NamedTuple):
@@ -86,15 +85,16 @@ class Mamba2(nn.Module):
     def _split(self, zxbcdt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return split_last(zxbcdt, [self.d_inner, self.conv_dim, self.nheads])
 
-    def _ssm_params(self, xBC: Tensor, dt_raw: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """After the conv: x, B, C, dt = softplus(dt_raw + dt_bias), A = -exp(A_log) (both fp32) and x_scan, the x
-        the scan multiplies by dt (x itself unless an intervention shifts the decay only)."""
+    def _ssm_params(
+        self, xBC: Tensor, dt_raw: Tensor, dt_in_scan: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """After the conv: x, B, C, dt = softplus(dt_raw + dt_bias) (fp32; with ``dt_in_scan``, dt_raw itself: the
+        scan adds dt_bias and applies the softplus and dt_limit), A = -exp(A_log) (fp32) and x_scan, the x the scan
+        multiplies by dt (x itself unless an intervention shifts the decay only)."""
         groups = (self.ngroups, self.d_state)
         x, B, C = split_last(xBC, [(self.nheads, self.headdim), groups, groups])
         ct = torch.promote_types(dt_raw.dtype, torch.float32)  # fp32 (fp64 in exactness tests)
-        dt = F.softplus(dt_raw.to(ct) + self.dt_bias.to(ct))  # threshold 20, as the kernels
-        if self.dt_limit != NO_DT_LIMIT:
-            dt = dt.clamp(*self.dt_limit)
+        dt = dt_raw if dt_in_scan else positive_dt(dt_raw, self.dt_bias, self.dt_limit)
         A = -torch.exp(self.A_log.to(ct))
         x_scan = x
         if self.intervention is not None:
@@ -135,7 +135,10 @@ class Mamba2(nn.Module):
         xBC, conv_state = kernels.conv1d_silu(
             self.backend, xBC, self.conv1d.weight, self.conv1d.bias, None if state is None else state.conv, seq_idx
         )
-        x, B, C, dt, A, x_scan = self._ssm_params(xBC, dt_raw)
+        # the scan's kernels take dt_raw and dt_bias (mamba_ssm's dt_softplus: no softplus passes, and dt's gradient
+        # written into the split's buffer) unless an intervention or a record needs dt itself
+        dt_in_scan = self.intervention is None and record is None
+        x, B, C, dt, A, x_scan = self._ssm_params(xBC, dt_raw, dt_in_scan)
         if record is not None:
             record["dt"], record["A"] = dt.detach(), A.detach()
         sample_states = record is not None and bool(self.states_every)
@@ -150,7 +153,7 @@ class Mamba2(nn.Module):
             y, ssm_state = kernels.ssd(
                 self.backend, x_scan, dt, A, B, C, self.chunk_size, initial_state=initial, seq_idx=seq_idx,
                 D=self.D if skip_in_scan else None, quadratic_max_len=self.quadratic_max_len,
-                return_final_state=return_state,
+                return_final_state=return_state, dt_bias=self.dt_bias if dt_in_scan else None, dt_limit=self.dt_limit,
             )
         out = self._finish(y.to(x.dtype), x, z, add_skip=not skip_in_scan)
         return out, self._hand_on(LayerState(conv_state, ssm_state)) if return_state else None

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .config import NO_DT_LIMIT
 from .precision import autocast_dtype
 
 _MASKS: dict = {}
@@ -68,6 +69,16 @@ class _SegsumExp(torch.autograd.Function):
         g = g_cs.flip(-1).cumsum(-1).flip(-1)  # grad_x[k] = sum_{i >= k} g_cs[i]
         g[..., 0] = 0.0  # x[0] cancels from every difference (exactly 0, not a rounding residue)
         return g
+
+
+def positive_dt(dt_raw: Tensor, dt_bias: Tensor, dt_limit: tuple[float, float] = NO_DT_LIMIT) -> Tensor:
+    """The step size the scan uses: softplus(dt_raw + dt_bias) in fp32 at least (softplus's threshold 20, as the
+    kernels'), clamped to ``dt_limit``."""
+    ct = torch.promote_types(dt_raw.dtype, torch.float32)
+    dt = F.softplus(dt_raw.to(ct) + dt_bias.to(ct))
+    if tuple(dt_limit) != NO_DT_LIMIT:
+        dt = dt.clamp(*dt_limit)
+    return dt
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:

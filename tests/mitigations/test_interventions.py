@@ -17,6 +17,7 @@ from lightning_mamba.mitigations.interventions import (
 )
 from lightning_mamba.models import MambaConfig, MambaLM
 from lightning_mamba.models.kernels import backend as kernels
+from lightning_mamba.models.ssd import positive_dt
 
 
 def tiny(ngroups=1):
@@ -31,11 +32,13 @@ def hooks(model):
 
 @pytest.fixture
 def scan_inputs(monkeypatch):
-    """Every call of the SSD scan, as (X = x * dt, dt * A, B)."""
+    """Every call of the SSD scan, as (X = x * dt, dt * A, B) with the dt it uses (given raw with dt_bias when no
+    intervention needs dt itself)."""
     calls, ssd = [], kernels.ssd
 
     def spy(backend, x, dt, A, B, C, *args, **kw):
-        calls.append((x * dt[..., None], dt * A, B))
+        used = dt if kw.get("dt_bias") is None else positive_dt(dt, kw["dt_bias"], kw["dt_limit"])
+        calls.append((x * used[..., None], used * A, B))
         return ssd(backend, x, dt, A, B, C, *args, **kw)
 
     monkeypatch.setattr(kernels, "ssd", spy)

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import ConfigError
+from ..config import NO_DT_LIMIT, ConfigError
 from ..conv import causal_conv1d, conv_step
-from ..ssd import ssd_chunked, ssd_quadratic
+from ..ssd import positive_dt, ssd_chunked, ssd_quadratic
 from . import conv_cc1d, ssd_chunked_mamba, ssd_quadratic_triton
 
 BACKENDS = ("auto", "torch", "triton")
@@ -138,30 +138,39 @@ def ssd(
     D: Tensor | None = None,
     quadratic_max_len: int = 0,
     return_final_state: bool = True,
+    dt_bias: Tensor | None = None,
+    dt_limit: tuple[float, float] = NO_DT_LIMIT,
 ) -> tuple[Tensor, Tensor | None]:
     """SSD scan with the chosen backend. Arguments as :func:`ssd.ssd_chunked` (dt already positive); ``D`` (heads),
-    if given, adds the skip ``D * x`` to y (in x's dtype), inside the kernel on the Triton path.
+    if given, adds the skip ``D * x`` to y (in x's dtype), inside the kernel on the Triton path. With ``dt_bias``
+    (heads), ``dt`` is the raw projection and the scan uses :func:`ssd.positive_dt` of it with ``dt_limit``: inside
+    mamba_ssm's chunked kernels (its dt_softplus), else computed first.
 
     An input of at most ``quadratic_max_len`` tokens from a zero state takes the SSD's attention form (no padding
     to a chunk, no per-chunk states): on the Triton path, when no final state is asked for (training), our fused
     kernels (ssd_quadratic_triton.py, rows up to its MAX_LEN), else :func:`ssd.ssd_quadratic` in torch; the final
     state is None unless ``return_final_state``."""
+    chunked_in_kernels = uses_triton(backend, x) and not (
+        quadratic_max_len and x.size(1) <= quadratic_max_len and initial_state is None
+    )
+    if dt_bias is not None and not (chunked_in_kernels and ssd_chunked_mamba.entries() is not None):
+        dt, dt_bias = positive_dt(dt, dt_bias, dt_limit), None
     if quadratic_max_len and x.size(1) <= quadratic_max_len and initial_state is None:
         if (not return_final_state and _quadratic_kernel == "ours" and uses_triton(backend, x)
                 and ssd_quadratic_triton.supports(x, dt, B, C)):
             return ssd_quadratic_triton.ssd_quadratic_fused(x, dt, A, B, C, D=D, seq_idx=seq_idx), None
         y, final_state = ssd_quadratic(x, dt, A, B, C, seq_idx=seq_idx, return_final_state=return_final_state)
         return _add_skip(y, x, D), final_state
-    if uses_triton(backend, x):
+    if chunked_in_kernels:
         # the kernel ties a carried-in state to document 0: number each row's documents from 0
         seq = None if seq_idx is None else (seq_idx - seq_idx[:, :1]).to(torch.int32).contiguous()
-        dt = dt.contiguous()
-        # The kernels take strided views as long as the last dimension is contiguous: no copies of x, B, C.
+        # The kernels take strided views as long as the last dimension is contiguous: no copies of x, B, C, raw dt.
         if ssd_chunked_mamba.entries() is not None:  # the backward writes into the split's gradient buffer
-            y, final_state = ssd_chunked_mamba.chunk_scan(x, dt, A, B, C, chunk_size, D, initial_state, seq)
+            y, final_state = ssd_chunked_mamba.chunk_scan(x, dt, A, B, C, chunk_size, D, initial_state, seq,
+                                                          dt_bias=dt_bias, dt_limit=dt_limit)
         else:
             fn, _ = _triton_scan()
-            y, final_state = fn(x, dt, A, B, C, chunk_size, D=D, initial_states=initial_state, seq_idx=seq,
+            y, final_state = fn(x, dt.contiguous(), A, B, C, chunk_size, D=D, initial_states=initial_state, seq_idx=seq,
                                 dt_softplus=False, return_final_states=True)
         return y, final_state if return_final_state else None
     y, final_state = ssd_chunked(x, dt, A, B, C, chunk_size, initial_state=initial_state, seq_idx=seq_idx)

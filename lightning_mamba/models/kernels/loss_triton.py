@@ -20,6 +20,11 @@ except ImportError:
     triton = None
 
 BLOCK_V, WARPS = 4096, 8  # vocabulary columns per step of a row's loop
+# Pass 1 keeps a running max and sum per lane of the block and reduces them across the block once, at the row's
+# end ("lanes"), instead of a max and a sum across the block at every step ("block": two barriers a step).
+# With one exp per element either way: exp(-|x - m|) serves both the rescale and the new term.
+PASS1 = "lanes"
+PASS1_CHOICES = ("lanes", "block")
 # The vocabulary size is a compile-time constant (one compile per model; static loop bounds, which Triton's CPU
 # interpreter also needs under numpy >= 2.4).
 
@@ -34,20 +39,34 @@ if triton is not None:
     @triton.jit
     def _xent_kernel(
         logits_ptr, labels_ptr, loss_ptr, row_stride, ignore_index,
-        V: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+        V: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr, LANES: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         ptr = logits_ptr + row * row_stride
         label = tl.load(labels_ptr + row)
         # pass 1: lse = m + log(s), the running max m and the sum s of exp(x - m)
-        m = float("-inf")
-        s = 0.0
-        for start in range(0, V, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            x = tl.load(ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(x, axis=0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-            m = m_new
+        if LANES:
+            m_lane = tl.full([BLOCK], float("-inf"), tl.float32)
+            s_lane = tl.zeros([BLOCK], tl.float32)
+            for start in range(0, V, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                x = tl.load(ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+                d = x - m_lane
+                e = tl.exp(-tl.abs(d))  # exp(m - x) where x is the new max, else exp(x - m)
+                s_lane = tl.where(d > 0, s_lane * e + 1.0, s_lane + e)
+                m_lane = tl.maximum(m_lane, x)
+            m = tl.max(m_lane, axis=0)
+            # lanes past the vocabulary's end saw only -inf (their s is nan): they add nothing
+            s = tl.sum(tl.where(m_lane == float("-inf"), 0.0, s_lane * tl.exp(m_lane - m)), axis=0)
+        else:
+            m = float("-inf")
+            s = 0.0
+            for start in range(0, V, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                x = tl.load(ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+                m_new = tl.maximum(m, tl.max(x, axis=0))
+                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+                m = m_new
         lse = m + tl.log(s)
         valid = label != ignore_index
         target = tl.where(valid, label, 0)
@@ -75,6 +94,6 @@ def cross_entropy_rows_(logits: Tensor, labels: Tensor, write_grad: bool, ignore
     if logits.size(0):
         _xent_kernel[(logits.size(0),)](
             logits, labels.contiguous(), loss, logits.stride(0), ignore_index,
-            V=logits.size(1), WRITE_GRAD=write_grad, BLOCK=BLOCK_V, num_warps=WARPS,
+            V=logits.size(1), WRITE_GRAD=write_grad, BLOCK=BLOCK_V, LANES=PASS1 == "lanes", num_warps=WARPS,
         )
     return loss

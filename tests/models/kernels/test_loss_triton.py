@@ -31,14 +31,18 @@ def reference(logits, labels):
 
 
 @needs_triton
+@pytest.mark.parametrize("pass1", loss_triton.PASS1_CHOICES)
+@pytest.mark.parametrize("vocab", [300, 40], ids=["blocks", "narrower_than_a_block"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rows_loss_and_gradient_in_place(small_blocks, dtype):
+def test_rows_loss_and_gradient_in_place(small_blocks, monkeypatch, dtype, vocab, pass1):
+    monkeypatch.setattr(loss_triton, "PASS1", pass1)
     g = torch.Generator().manual_seed(0)
-    logits = (torch.randn(37, 300, generator=g) * 4).to(DEVICE, dtype)
+    logits = (torch.randn(37, vocab, generator=g) * 4).to(DEVICE, dtype)
     logits[3, 17] = 90.0  # a large logit: the running max must keep exp in range
-    labels = torch.randint(0, 300, (37,), generator=g).to(DEVICE)
+    logits[4, vocab - 1] = 90.0  # ... met late in the row, after the running sums
+    labels = torch.randint(0, vocab, (37,), generator=g).to(DEVICE)
     labels[[0, 5, 36]] = -100
-    labels[1], labels[2] = 0, 299  # first and last column
+    labels[1], labels[2] = 0, vocab - 1  # first and last column
     want_loss, want_grad = reference(logits, labels)
     loss = cross_entropy_rows_(logits, labels, write_grad=True)
     assert loss.dtype == torch.float32 and logits.dtype == dtype
