@@ -25,7 +25,7 @@ BATCH = $(shell echo $$(( $(strip $(TOKENS_PER_BATCH)) / $(strip $(LEN)) > 0 ? $
 HAS_GPU = $(shell $(BIN)/python -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null)
 PRECISION = $(if $(filter 1,$(HAS_GPU)),bf16-mixed,32-true)
 
-.PHONY: help venv train test lint tensorboard clean bench wheelhouse
+.PHONY: help venv train test test-kernels lint tensorboard clean bench wheelhouse
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -59,6 +59,21 @@ train: $(STAMP) ## Train a Mamba-2 LM on the embedded corpus: make train STATE=6
 test: $(STAMP) ## Run the test suite (CPU; GPU tests skip without CUDA)
 	$(BIN)/pytest -q
 
+# The GPU path's code run on this CPU under Triton's interpreter (small shapes, several minutes): our Triton kernels,
+# mamba_ssm's chunked SSD kernels under our Function and the whole mixer on the Triton path, against pure torch.
+# triton, einops, numpy < 2.4 (under numpy >= 2.4 the interpreter cannot run mamba_ssm's loops, whose bounds are
+# known only at run time) and mamba-ssm's pure-Python build go into .interp/, on PYTHONPATH for these runs only.
+INTERP := .interp
+$(INTERP)/.installed: $(STAMP)
+	$(BIN)/pip install -q wheel packaging ninja setuptools
+	mkdir -p $(INTERP)/wheels
+	MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE $(BIN)/pip wheel -q --no-deps --no-build-isolation -w $(INTERP)/wheels mamba-ssm==2.3.2.post1
+	$(BIN)/pip install -q --no-deps --target $(INTERP)/site 'triton==3.6.0' 'numpy<2.4' einops $(INTERP)/wheels/mamba_ssm-*.whl
+	touch $@
+
+test-kernels: $(INTERP)/.installed ## The Triton path's tests on this CPU under Triton's interpreter (installs into .interp/)
+	PYTHONPATH=$(INTERP)/site TRITON_INTERPRET=1 $(BIN)/pytest -q tests/models/kernels tests/test_benchmarks_conv.py tests/test_benchmarks.py
+
 lint: $(STAMP) ## Lint with ruff (the rules in pyproject.toml)
 	$(BIN)/ruff check lightning_mamba tests benchmarks
 
@@ -66,7 +81,7 @@ tensorboard: $(STAMP) ## Open TensorBoard on runs/ (http://localhost:6006)
 	$(BIN)/tensorboard --logdir runs --port 6006
 
 clean: ## Remove runs, caches and the venv
-	rm -rf runs lightning_logs .pytest_cache $(VENV)
+	rm -rf runs lightning_logs .pytest_cache $(VENV) $(INTERP)
 	find data -mindepth 1 ! -name README.md -delete 2>/dev/null || true
 
 bench: $(STAMP) ## Training-throughput benchmark (GPU: vs mamba_ssm; CPU: vs our bare loop and HF Mamba2)

@@ -20,10 +20,11 @@ except ImportError:
     triton = None
 
 BLOCK_V, WARPS = 4096, 8  # vocabulary columns per step of a row's loop
-# Pass 1 keeps a running max and sum per lane of the block and reduces them across the block once, at the row's
-# end ("lanes"), instead of a max and a sum across the block at every step ("block": two barriers a step).
-# With one exp per element either way: exp(-|x - m|) serves both the rescale and the new term.
-PASS1 = "lanes"
+# Pass 1 either takes a max and a sum across the block at every step ("block": two barriers a step; what the H200
+# figures in docs/performance.md ran) or keeps a running max and sum per lane of the block and reduces them once,
+# at the row's end ("lanes": one exp per element, exp(-|x - m|) serving both the rescale and the new term; not yet
+# timed on a GPU: benchmarks/cross_entropy.py prints both).
+PASS1 = "block"
 PASS1_CHOICES = ("lanes", "block")
 # The vocabulary size is a compile-time constant (one compile per model; static loop bounds, which Triton's CPU
 # interpreter also needs under numpy >= 2.4).

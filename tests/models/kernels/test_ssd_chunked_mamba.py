@@ -1,0 +1,102 @@
+"""models/kernels/ssd_chunked_mamba.py: mamba_ssm's chunked SSD kernels under our Function equal the torch scan
+(values and every gradient, the raw dt with dt_bias, the softplus and dt_limit applied inside the kernels), and
+their backward writes the gradients of x, B, C and dt into the splits' buffers (the whole mixer: test_grad_slots.py).
+
+Runs on CUDA, or on the CPU under Triton's interpreter where mamba_ssm's kernels can run there (see
+triton_env.mamba_kernels: TRITON_INTERPRET=1, numpy < 2.4, mamba-ssm importable); skips elsewhere (CI)."""
+
+import pytest
+import torch
+
+from lightning_mamba.models.config import NO_DT_LIMIT
+from lightning_mamba.models.kernels import ssd_chunked_mamba
+from lightning_mamba.models.kernels.grad_slots import split_last
+from lightning_mamba.models.ssd import positive_dt, ssd_chunked
+
+from ...op_watch import copy_destinations
+from .triton_env import DEVICE
+
+TOL = 1e-4 if DEVICE == "cpu" else 3e-3  # on CUDA mamba_ssm's fp32 dots take TF32
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def scan_inputs(b=2, l=40, h=4, p=8, g=2, n=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    t = dict(
+        x=torch.randn(b, l, h, p, generator=gen),
+        dt_raw=torch.randn(b, l, h, generator=gen) - 3.0,  # softplus ~0.05, both sides of the clamps below
+        A=-torch.rand(h, generator=gen) - 0.5,
+        B=torch.randn(b, l, g, n, generator=gen),
+        C=torch.randn(b, l, g, n, generator=gen),
+        D=torch.randn(h, generator=gen),
+        dt_bias=torch.randn(h, generator=gen) * 0.5,
+        initial=torch.randn(b, h, p, n, generator=gen),
+    )
+    return {k: v.to(DEVICE).requires_grad_() for k, v in t.items()}
+
+
+@pytest.mark.parametrize("dt_limit", [NO_DT_LIMIT, (0.03, 0.08)], ids=["no_limit", "clamped"])
+@pytest.mark.parametrize("docs", [False, True], ids=["one_document", "documents"])
+def test_raw_dt_in_the_kernels_equals_the_torch_scan(mamba_kernels, dt_limit, docs):
+    """chunk_scan(x, dt_raw, ..., dt_bias, dt_limit) against ssd_chunked(x, positive_dt(dt_raw, dt_bias, dt_limit)) +
+    D x in fp32 (chunks of 16 over 40 tokens, a carried state, documents restarting): y, the final state and the
+    gradients of all eight inputs."""
+    t = scan_inputs()
+    seq_idx = None
+    if docs:
+        seq_idx = torch.zeros(2, 40, dtype=torch.int32, device=DEVICE)
+        seq_idx[:, 13:] = 1
+        seq_idx[1, 30:] = 2
+    unclamped = positive_dt(t["dt_raw"], t["dt_bias"]).detach()
+    clamped = (unclamped < dt_limit[0]) | (unclamped > dt_limit[1])
+    if dt_limit != NO_DT_LIMIT:  # the clamp bites on both sides
+        assert (unclamped < dt_limit[0]).any() and (unclamped > dt_limit[1]).any()
+    outs = {}
+    for name in ("kernels", "torch"):
+        if name == "kernels":
+            y, final = ssd_chunked_mamba.chunk_scan(t["x"], t["dt_raw"], t["A"], t["B"], t["C"], 16, t["D"],
+                                                    t["initial"], seq_idx, dt_bias=t["dt_bias"], dt_limit=dt_limit)
+        else:
+            dt = positive_dt(t["dt_raw"], t["dt_bias"], dt_limit)
+            y, final = ssd_chunked(t["x"], dt, t["A"], t["B"], t["C"], 16, initial_state=t["initial"],
+                                   seq_idx=seq_idx)
+            y = y + t["x"] * t["D"][:, None]
+        (y.square().sum() + final.square().sum() / 7).backward()
+        outs[name] = (y.detach(), final.detach(), {k: v.grad.clone() for k, v in t.items()})
+        for v in t.values():
+            v.grad = None
+    (yk, fk, gk), (yt, ft, gt) = outs["kernels"], outs["torch"]
+    assert rel_err(yk, yt) < TOL and rel_err(fk, ft) < TOL
+    for k in gt:
+        assert rel_err(gk[k], gt[k]) < TOL, k
+    # clamped steps pass no gradient to dt_raw
+    assert (gk["dt_raw"][clamped] == 0).all() and (gk["dt_raw"][~clamped] != 0).all()
+
+
+def test_the_backward_writes_dt_x_b_c_into_the_splits_buffers(mamba_kernels):
+    """Pieces of two grad_slots splits (dt's from one beside an unused piece, x, B, C from the other, as in the
+    mixer): the backward writes their gradients in place, so neither split copies, and the gradients equal the
+    torch scan's."""
+    h, p, g, n = 4, 8, 1, 16
+    gen = torch.Generator().manual_seed(1)
+    first = torch.randn(2, 40, h + 3, generator=gen).to(DEVICE).requires_grad_()  # (other | dt_raw)
+    second = torch.randn(2, 40, h * p + 2 * g * n, generator=gen).to(DEVICE).requires_grad_()  # x | B | C
+    A, dt_bias = -torch.rand(h, device=DEVICE) - 0.5, torch.zeros(h, device=DEVICE) - 2.0
+    grads = {}
+    for name in ("kernels", "torch"):
+        other, dt_raw = split_last(first, [3, h])
+        x, B, C = split_last(second, [(h, p), (g, n), (g, n)])
+        if name == "kernels":
+            y, _ = ssd_chunked_mamba.chunk_scan(x, dt_raw, A, B, C, 16, dt_bias=dt_bias)
+        else:
+            y, _ = ssd_chunked(x, positive_dt(dt_raw, dt_bias), A, B, C, 16)
+        copies = copy_destinations(y.square().sum().backward)  # (other gets no gradient: zeros)
+        if name == "kernels":  # (Triton's interpreter copies each kernel's arguments flat: not the splits)
+            assert [c for c in copies if c[:2] == (2, 40)] == [], copies
+        grads[name] = (first.grad, second.grad)
+        first.grad = second.grad = None
+    for a, b in zip(*grads.values()):
+        assert rel_err(a, b) < TOL
