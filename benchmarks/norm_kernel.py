@@ -164,7 +164,8 @@ def run(shapes: list[Shape], device: str, dtype) -> int:
     return 1 if failed else 0
 
 
-SWEEP = dict(TILE_ELEMENTS=(2048, 4096, 8192), PROGRAMS_PER_SM=(4, 8, 16), ELEMENTS_PER_THREAD=(8, 16))
+# the fields of norm_triton.TilePlan, each over these values
+SWEEP = dict(tile_elements=(2048, 4096, 8192), programs_per_sm=(4, 8, 16), elements_per_thread=(8, 16))
 
 
 def graph_timer(fn, reps: int = 50) -> float:
@@ -191,9 +192,9 @@ def graph_timer(fn, reps: int = 50) -> float:
 
 
 def sweep(shapes: list[Shape], device: str, dtype) -> int:
-    """Our kernels under every plan of SWEEP (norm_triton's tile size, backward programs per SM, elements per thread):
-    each plan checked in fp32, then timed from a CUDA graph (graph_timer); the backward alone is fwd+bwd - fwd. The
-    module's plan is restored."""
+    """Our kernels under every plan of SWEEP (norm_triton.TilePlan: tile size, backward programs per SM, elements per
+    thread), per norm: each plan checked in fp32, then timed from a CUDA graph (graph_timer); the backward alone is
+    fwd+bwd - fwd. The module's plans are restored."""
     import itertools
 
     from lightning_mamba.models.kernels import norm_triton
@@ -203,7 +204,7 @@ def sweep(shapes: list[Shape], device: str, dtype) -> int:
         print(f"# ours: skipped: {fns}")
         return 1
     measure = graph_timer if device == "cuda" else wall_timer
-    default = {k: getattr(norm_triton, k) for k in SWEEP}
+    default = dict(norm_triton.PLANS)
     failed = False
     print(f"{'shape':<6} {'norm':<6} {'tile':>5} {'progs/SM':>8} {'el/thr':>6} {'check (fp32)':<16} {'fwd us':>9} "
           f"{'bwd us':>9}")
@@ -212,22 +213,21 @@ def sweep(shapes: list[Shape], device: str, dtype) -> int:
             for norm in ("add", "gated"):
                 best = None
                 for plan in itertools.product(*SWEEP.values()):
-                    for k, v in zip(SWEEP, plan):
-                        setattr(norm_triton, k, v)
+                    norm_triton.PLANS[norm] = norm_triton.TilePlan(**dict(zip(SWEEP, plan)))
                     ok, text = check(fns[norm], norm, shape, device)
                     failed |= not ok
                     fwd, both = time_norm(fns[norm], norm, shape, device, dtype, measure) if ok else (float("nan"),) * 2
-                    mark = " (default)" if dict(zip(SWEEP, plan)) == default else ""
+                    mark = " (default)" if norm_triton.PLANS[norm] == default[norm] else ""
                     print(f"{shape.name:<6} {norm:<6} {plan[0]:>5} {plan[1]:>8} {plan[2]:>6} {text:<16} {fwd:9.1f} "
                           f"{both - fwd:9.1f}{mark}")
                     if ok and (best is None or both - fwd < best[0]):
                         best = (both - fwd, plan)
+                norm_triton.PLANS[norm] = default[norm]
                 if best is not None:
                     print(f"{shape.name:<6} {norm:<6} fastest backward: {best[0]:.1f} us at tile {best[1][0]}, "
                           f"{best[1][1]} programs/SM, {best[1][2]} elements/thread")
     finally:
-        for k, v in default.items():
-            setattr(norm_triton, k, v)
+        norm_triton.PLANS.update(default)
     return 1 if failed else 0
 
 

@@ -12,6 +12,7 @@ step was faster with these (docs/performance.md), so kernels/backend.py runs the
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -24,23 +25,30 @@ try:  # CI machines have no triton: the module must still import
 except ImportError:
     triton = None
 
-# The tile plan: rows x (row length, padded to a power of two) per tile, backward programs per SM (each sums its
-# own grad-weight partials), elements of a tile per thread (sets the warps). benchmarks/norm_kernel.py --sweep times
-# other plans from CUDA graphs: at the 130m shapes on an H200 this one took the backwards from 163.6 to 120.6 us
-# (add, d_model 768) and from 285.3 to 236.8 us (gated, d_inner 1536) against 4096 / 8 / 16 (docs/performance.md).
-TILE_ELEMENTS = 2048
-PROGRAMS_PER_SM = 16
-ELEMENTS_PER_THREAD = 16
+class TilePlan(NamedTuple):
+    """A norm's tile plan: elements per tile (rows x the row length padded to a power of two), backward programs per
+    SM (each sums its own grad-weight partials), elements of a tile per thread (sets the warps)."""
+
+    tile_elements: int
+    programs_per_sm: int
+    elements_per_thread: int
 
 
-def tile_plan(n_rows: int, width: int, device: torch.device) -> tuple[int, int, int, int]:
+# Per norm, from benchmarks/norm_kernel.py --sweep (each plan replayed from a CUDA graph) at the 130m shapes on an
+# H200: the add norm's backward took 120.6 us at (2048, 16, 16) (163.6 at the earlier shared 4096 / 8 / 16), the
+# gated norm's 209.4 us at (2048, 8, 8) (285.3 at 4096 / 8 / 16, 236.8 at the add norm's plan; docs/performance.md).
+PLANS = {"add": TilePlan(2048, 16, 16), "gated": TilePlan(2048, 8, 8)}
+
+
+def tile_plan(n_rows: int, width: int, device: torch.device, norm: str = "add") -> tuple[int, int, int, int]:
     """(block width, rows per tile, backward programs, tiles per backward program) for ``n_rows`` rows of
-    ``width`` channels."""
+    ``width`` channels under ``norm``'s plan."""
+    plan = PLANS[norm]
     block = 1 << max(width - 1, 0).bit_length()
-    rows = max(1, min(16, TILE_ELEMENTS // block))
+    rows = max(1, min(16, plan.tile_elements // block))
     tiles = -(-n_rows // rows)
     if device.type == "cuda":
-        cap = PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        cap = plan.programs_per_sm * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     else:
         cap = 64  # Triton's CPU interpreter (tests): any count is correct
     per_program = -(-tiles // max(1, min(tiles, cap)))
@@ -53,10 +61,10 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _warps(block: int, rows: int) -> int:
-    """About ELEMENTS_PER_THREAD elements of a tile per thread (the backward holds several fp32 tiles at once; more
-    per thread would spill registers), 4 to 16 warps."""
-    return max(4, min(16, block * rows // (32 * ELEMENTS_PER_THREAD)))
+def _warps(block: int, rows: int, norm: str = "add") -> int:
+    """About the plan's elements per thread of a tile (the backward holds several fp32 tiles at once; more per thread
+    would spill registers), 4 to 16 warps."""
+    return max(4, min(16, block * rows // (32 * PLANS[norm].elements_per_thread)))
 
 
 if triton is not None:
@@ -234,10 +242,10 @@ class GatedRMSNorm(torch.autograd.Function):
         n_groups = width // group_size
         out = torch.empty_like(y2)
         rstd = torch.empty(n_rows, n_groups, dtype=torch.float32, device=y.device)
-        block, rows, _, _ = tile_plan(n_rows, group_size, y.device)
+        block, rows, _, _ = tile_plan(n_rows, group_size, y.device, "gated")
         _gated_rmsnorm_fwd_kernel[(triton.cdiv(n_rows, rows), n_groups)](
             y2, z2, weight, out, rstd, n_rows, group_size, n_groups, y2.stride(0), z2.stride(0), out.stride(0), eps,
-            ROWS=rows, BLOCK=block, num_warps=_warps(block, rows))
+            ROWS=rows, BLOCK=block, num_warps=_warps(block, rows, "gated"))
         ctx.save_for_backward(y2, z2, weight, rstd)
         ctx.group_size, ctx.z_slot = group_size, z_slot
         ctx.dtypes = (y.dtype, z.dtype)
@@ -254,12 +262,12 @@ class GatedRMSNorm(torch.autograd.Function):
         dy = torch.empty(n_rows, width, dtype=ctx.dtypes[0], device=y.device)
         dz = claim(ctx.z_slot, ctx.dtypes[1])  # z's columns of the in_proj split's gradient buffer, when it has one
         dz = torch.empty(n_rows, width, dtype=ctx.dtypes[1], device=y.device) if dz is None else dz.view(n_rows, width)
-        block, rows, programs, per_program = tile_plan(n_rows, group_size, y.device)
+        block, rows, programs, per_program = tile_plan(n_rows, group_size, y.device, "gated")
         dw = torch.empty(programs, width, dtype=torch.float32, device=y.device)
         _gated_rmsnorm_bwd_kernel[(programs, n_groups)](
             y, z, weight, rstd, dout2, dy, dz, dw, n_rows, group_size, n_groups, y.stride(0), z.stride(0),
             dout2.stride(0), dy.stride(0), dz.stride(0), TILES_PER_PROGRAM=per_program, ROWS=rows, BLOCK=block,
-            num_warps=_warps(block, rows))
+            num_warps=_warps(block, rows, "gated"))
         return dy.view(shape), dz.view(shape), dw.sum(0).to(weight.dtype), None, None, None
 
 

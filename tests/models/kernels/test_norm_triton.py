@@ -92,8 +92,10 @@ def test_gated_rmsnorm_matches_the_torch_norm(dtype, n_rows, width, group_size):
 def test_the_backward_walks_several_tiles_per_program():  # the plan alone: runs without triton
     block, rows, programs, per_program = kernels.tile_plan(1100, 48, torch.device("cpu"))
     assert (block, rows) == (64, 16) and per_program == 2 and programs * per_program * rows >= 1100
-    assert kernels.tile_plan(32768, 768, torch.device("cpu"))[:2] == (1024, 2)  # TILE_ELEMENTS 2048
-    assert kernels.tile_plan(32768, 1536, torch.device("cpu"))[:2] == (2048, 1)
+    assert kernels.tile_plan(32768, 768, torch.device("cpu"))[:2] == (1024, 2)  # 2048 elements a tile
+    assert kernels.tile_plan(32768, 1536, torch.device("cpu"), "gated")[:2] == (2048, 1)
+    # each norm its own plan: the warps follow its elements per thread
+    assert kernels._warps(2048, 1, "add") == 4 and kernels._warps(2048, 1, "gated") == 8
 
 
 def test_a_width_the_groups_do_not_divide_is_refused():  # before any kernel: runs without triton
