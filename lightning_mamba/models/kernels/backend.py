@@ -19,7 +19,7 @@ from torch import Tensor
 from ..config import NO_DT_LIMIT, ConfigError
 from ..conv import causal_conv1d, conv_step
 from ..ssd import positive_dt, ssd_chunked, ssd_quadratic
-from . import conv_cc1d, ssd_chunked_mamba, ssd_quadratic_triton
+from . import conv_cc1d, ssd_blocked_triton, ssd_chunked_mamba, ssd_quadratic_triton
 
 BACKENDS = ("auto", "torch", "triton")
 NORM_KERNELS = ("mamba_ssm", "ours")  # the Triton path's norms: mamba_ssm's, or models/kernels/norm_triton.py
@@ -52,7 +52,7 @@ def norm_kernels(name: str | None = None, *, add: str | None = None, gated: str 
         _norm_kernel = before
 
 
-QUADRATIC_KERNELS = ("ours", "torch")  # the Triton path's attention form: ssd_quadratic_triton.py, or ssd.py's torch
+QUADRATIC_KERNELS = ("ours", "torch")  # the Triton path's attention form: ssd_quadratic_triton.py / ssd_blocked_triton.py, or torch's
 _quadratic_kernel = "ours"
 
 
@@ -148,17 +148,20 @@ def ssd(
 
     An input of at most ``quadratic_max_len`` tokens from a zero state takes the SSD's attention form (no padding
     to a chunk, no per-chunk states): on the Triton path, when no final state is asked for (training), our fused
-    kernels (ssd_quadratic_triton.py, rows up to its MAX_LEN), else :func:`ssd.ssd_quadratic` in torch; the final
-    state is None unless ``return_final_state``."""
+    kernels (ssd_quadratic_triton.py, rows up to its MAX_LEN; longer rows up to ssd_blocked_triton.MAX_LEN in
+    64-token blocks), else :func:`ssd.ssd_quadratic` in torch; the final state is None unless
+    ``return_final_state``."""
     chunked_in_kernels = uses_triton(backend, x) and not (
         quadratic_max_len and x.size(1) <= quadratic_max_len and initial_state is None
     )
     if dt_bias is not None and not (chunked_in_kernels and ssd_chunked_mamba.entries() is not None):
         dt, dt_bias = positive_dt(dt, dt_bias, dt_limit), None
     if quadratic_max_len and x.size(1) <= quadratic_max_len and initial_state is None:
-        if (not return_final_state and _quadratic_kernel == "ours" and uses_triton(backend, x)
-                and ssd_quadratic_triton.supports(x, dt, B, C)):
-            return ssd_quadratic_triton.ssd_quadratic_fused(x, dt, A, B, C, D=D, seq_idx=seq_idx), None
+        if not return_final_state and _quadratic_kernel == "ours" and uses_triton(backend, x):
+            if ssd_quadratic_triton.supports(x, dt, B, C):  # rows of one tile
+                return ssd_quadratic_triton.ssd_quadratic_fused(x, dt, A, B, C, D=D, seq_idx=seq_idx), None
+            if ssd_blocked_triton.supports(x, dt, B, C):  # longer rows, in 64-token blocks
+                return ssd_blocked_triton.ssd_blocked(x, dt, A, B, C, D=D, seq_idx=seq_idx), None
         y, final_state = ssd_quadratic(x, dt, A, B, C, seq_idx=seq_idx, return_final_state=return_final_state)
         return _add_skip(y, x, D), final_state
     if chunked_in_kernels:

@@ -1,0 +1,304 @@
+"""The SSD's attention form for rows of 65 to MAX_LEN tokens from a zero state, in 64-token blocks, in Triton.
+
+Same math as :func:`lightning_mamba.models.ssd.ssd_quadratic` (plus the D skip), for rows too long for
+ssd_quadratic_triton.py's one-tile kernels:
+
+    y_t = sum_{s <= t, same document} S_ts exp(cs_t - cs_s) dt_s x_s + D x_t,   S = C B^T,  cs = cumsum(dt * A)
+
+Why: the forgetting study trains 4 x 256 models at d_state up to 2048 on rows of up to 256 tokens. Past 64 tokens
+those ran mamba_ssm's chunked kernels, which write and re-read a (headdim x d_state) state per chunk and head: at
+d_state 512 and LEN 128 on an H200, 92 steps/s against ~220 for 32-token rows in the one-tile kernels. The attention
+form builds no state at all; its cost is the pairs of blocks. A row of ``nb`` blocks has nb (nb + 1) / 2 pairs (i, j),
+j <= i; per pair:
+
+  * ``_scores_kernel`` (one program per row, group and pair): S_ij = C_i B_j^T over d_state, once for all the
+    group's heads, kept (fp32, nb^2 x 64 x 64 per row and group: 1 MB per 64 rows at nb = 4) for the other kernels;
+  * ``_fwd_kernel`` (per row, head and block i): y_i = sum_j (S_ij * decay * dt_j) x_j;
+  * ``_bwd_x_kernel`` (per row, head and block j): grad x_j and the gradients of dt_j and of cs (from the decay);
+  * ``_bwd_bc_kernel`` (per row, group and pair): dS_ij = sum over the group's heads, then grad C_i += dS_ij B_j
+    and grad B_j += dS_ij^T C_i, added into fp32 buffers atomically (at most nb terms each; their order varies,
+    so the last bits of grad B and C may differ between runs).
+
+cs = cumsum(dt * A) is computed in torch (autograd carries its gradient to dt and A). fp32 inputs multiply in fp32,
+half inputs on TF32 tensor cores, as ssd_quadratic_triton.py. No final state (training asks for none).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .grad_slots import claim, slot_of
+
+try:  # CI machines have no triton: the module must still import
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+BLOCK_T = 64  # tokens per block
+MAX_LEN = 256  # the study's longest rows; beyond, the pairs (and the kept scores) grow with the square of the blocks
+BLOCK_N = 64  # d_state columns per step of the C B^T and grad B, C products
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def supports(x: Tensor, dt: Tensor, B: Tensor, C: Tensor) -> bool:
+    """Whether these kernels take the inputs: triton, rows of at most MAX_LEN, x, B, C in fp32/bf16/fp16, dt fp32."""
+    return (
+        triton is not None
+        and x.numel() > 0
+        and x.size(1) <= MAX_LEN
+        and x.dtype in _DTYPES and B.dtype in _DTYPES and C.dtype in _DTYPES
+        and dt.dtype == torch.float32
+    )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _block(k, l, BLOCK_T: tl.constexpr):
+        """Times of block k and which lie inside the row."""
+        t = k * BLOCK_T + tl.arange(0, BLOCK_T)
+        return t, t < l
+
+    @triton.jit
+    def _keep(seq_ptr, row_s, ti, tj, ti_ok, tj_ok, ssl, HAS_SEQ: tl.constexpr):
+        """Pairs (t in block i, s in block j) that contribute: s <= t, both in the row, the same document."""
+        keep = (tj[None, :] <= ti[:, None]) & ti_ok[:, None] & tj_ok[None, :]
+        if HAS_SEQ:
+            doc_i = tl.load(seq_ptr + row_s + ti * ssl, mask=ti_ok, other=0)
+            doc_j = tl.load(seq_ptr + row_s + tj * ssl, mask=tj_ok, other=-1)
+            keep = keep & (doc_i[:, None] == doc_j[None, :])
+        return keep
+
+    @triton.jit
+    def _decay(cs_ptr, dt_ptr, row_d, hd, ti, tj, ti_ok, tj_ok, sdl, keep):
+        """dt of block j and exp(cs_t - cs_s) on the kept pairs (0 elsewhere) for head hd."""
+        cs_i = tl.load(cs_ptr + row_d + ti * sdl + hd, mask=ti_ok, other=0.0)
+        cs_j = tl.load(cs_ptr + row_d + tj * sdl + hd, mask=tj_ok, other=0.0)
+        dt_j = tl.load(dt_ptr + row_d + tj * sdl + hd, mask=tj_ok, other=0.0)
+        return dt_j, tl.exp(tl.where(keep, cs_i[:, None] - cs_j[None, :], float("-inf")))
+
+    @triton.jit
+    def _scores_ptrs(s_ptr, bi, gi, i, j, G: tl.constexpr, NB: tl.constexpr, BLOCK_T: tl.constexpr):
+        """Where S_ij of this row and group is kept: (b, G, NB, NB, BLOCK_T, BLOCK_T), contiguous."""
+        r = tl.arange(0, BLOCK_T)
+        base = (((bi * G + gi) * NB + i) * NB + j) * BLOCK_T * BLOCK_T
+        return s_ptr + base + r[:, None] * BLOCK_T + r[None, :]
+
+    @triton.jit
+    def _scores_kernel(B_ptr, C_ptr, s_ptr, l, sbb, sbl, sbg, scb, scl, scg,
+                       G: tl.constexpr, N: tl.constexpr, NB: tl.constexpr, BLOCK_T: tl.constexpr,
+                       BLOCK_N: tl.constexpr, DOT: tl.constexpr):
+        bi = tl.program_id(0).to(tl.int64)
+        gi = tl.program_id(1)
+        i = tl.program_id(2) // NB
+        j = tl.program_id(2) % NB
+        if j <= i:
+            ti, ti_ok = _block(i, l, BLOCK_T)
+            tj, tj_ok = _block(j, l, BLOCK_T)
+            s = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
+            for n0 in range(0, N, BLOCK_N):
+                n = n0 + tl.arange(0, BLOCK_N)
+                c = tl.load(C_ptr + bi * scb + gi * scg + ti[:, None] * scl + n[None, :],
+                            mask=ti_ok[:, None] & (n < N)[None, :], other=0.0).to(tl.float32)
+                b = tl.load(B_ptr + bi * sbb + gi * sbg + tj[:, None] * sbl + n[None, :],
+                            mask=tj_ok[:, None] & (n < N)[None, :], other=0.0).to(tl.float32)
+                s += tl.dot(c, tl.trans(b), input_precision=DOT)
+            tl.store(_scores_ptrs(s_ptr, bi, gi, i, j, G, NB, BLOCK_T), s)
+
+    @triton.jit
+    def _fwd_kernel(x_ptr, dt_ptr, cs_ptr, D_ptr, seq_ptr, s_ptr, y_ptr, l,
+                    sxb, sxl, sxh, sdb, sdl, ssb, ssl, syb, syl, syh,
+                    R: tl.constexpr, G: tl.constexpr, P: tl.constexpr, HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr,
+                    NB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, DOT: tl.constexpr):
+        bi = tl.program_id(0).to(tl.int64)
+        hd = tl.program_id(1)
+        i = tl.program_id(2)
+        gi = hd // R
+        ti, ti_ok = _block(i, l, BLOCK_T)
+        p = tl.arange(0, BLOCK_P)
+        acc = tl.zeros((BLOCK_T, BLOCK_P), dtype=tl.float32)
+        for j in range(NB):  # a constexpr trip count (Triton's interpreter needs static bounds under numpy >= 2.4)
+            if j <= i:
+                tj, tj_ok = _block(j, l, BLOCK_T)
+                keep = _keep(seq_ptr, bi * ssb, ti, tj, ti_ok, tj_ok, ssl, HAS_SEQ)
+                dt_j, decay = _decay(cs_ptr, dt_ptr, bi * sdb, hd, ti, tj, ti_ok, tj_ok, sdl, keep)
+                s = tl.load(_scores_ptrs(s_ptr, bi, gi, i, j, G, NB, BLOCK_T))
+                x_j = tl.load(x_ptr + bi * sxb + hd * sxh + tj[:, None] * sxl + p[None, :],
+                              mask=tj_ok[:, None] & (p < P)[None, :], other=0.0).to(tl.float32)
+                acc += tl.dot(s * decay * dt_j[None, :], x_j, input_precision=DOT)
+        tp_ok = ti_ok[:, None] & (p < P)[None, :]
+        if HAS_D:
+            x_i = tl.load(x_ptr + bi * sxb + hd * sxh + ti[:, None] * sxl + p[None, :], mask=tp_ok, other=0.0)
+            acc += tl.load(D_ptr + hd).to(tl.float32) * x_i.to(tl.float32)
+        tl.store(y_ptr + bi * syb + hd * syh + ti[:, None] * syl + p[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=tp_ok)
+
+    @triton.jit
+    def _bwd_x_kernel(x_ptr, dt_ptr, cs_ptr, D_ptr, seq_ptr, s_ptr, dy_ptr, dx_ptr, ddt_ptr, dcs_col_ptr,
+                      dcs_row_ptr, dD_part_ptr, l, H,
+                      sxb, sxl, sxh, sdb, sdl, ssb, ssl, syb, syl, syh, sob, sol, soh,
+                      R: tl.constexpr, G: tl.constexpr, P: tl.constexpr, HAS_D: tl.constexpr,
+                      HAS_SEQ: tl.constexpr, NB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
+                      DOT: tl.constexpr):
+        """Key block j of head hd: grad x_j (into dx's strides), the direct gradient of dt_j (through dt_s x_s),
+        and of cs: -(column sums) for block j into dcs_col, +(row sums) for each block i >= j into dcs_row[:, j]
+        (b, NB, l, H: one writer per place, summed over j after); the D skip's part of grad D per (row, block)."""
+        bi = tl.program_id(0).to(tl.int64)
+        hd = tl.program_id(1)
+        j = tl.program_id(2)
+        gi = hd // R
+        tj, tj_ok = _block(j, l, BLOCK_T)
+        p = tl.arange(0, BLOCK_P)
+        tp_ok = tj_ok[:, None] & (p < P)[None, :]
+        x_j = tl.load(x_ptr + bi * sxb + hd * sxh + tj[:, None] * sxl + p[None, :], mask=tp_ok, other=0.0)
+        x_j = x_j.to(tl.float32)
+        dx = tl.zeros((BLOCK_T, BLOCK_P), dtype=tl.float32)
+        ddt = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        dcs_col = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        for i in range(NB):
+            if i >= j:
+                ti, ti_ok = _block(i, l, BLOCK_T)
+                keep = _keep(seq_ptr, bi * ssb, ti, tj, ti_ok, tj_ok, ssl, HAS_SEQ)
+                dt_j, decay = _decay(cs_ptr, dt_ptr, bi * sdb, hd, ti, tj, ti_ok, tj_ok, sdl, keep)
+                s = tl.load(_scores_ptrs(s_ptr, bi, gi, i, j, G, NB, BLOCK_T))
+                dy_i = tl.load(dy_ptr + bi * syb + hd * syh + ti[:, None] * syl + p[None, :],
+                               mask=ti_ok[:, None] & (p < P)[None, :], other=0.0).to(tl.float32)
+                sd = s * decay
+                dx += tl.dot(tl.trans(sd * dt_j[None, :]), dy_i, input_precision=DOT)
+                q = tl.dot(dy_i, tl.trans(x_j), input_precision=DOT) * sd  # grad of the scores, times S * decay
+                ddt += tl.sum(q, axis=0)
+                m = q * dt_j[None, :]  # grad of cs_t - cs_s
+                dcs_col += tl.sum(m, axis=0)
+                tl.store(dcs_row_ptr + ((bi * NB + j) * l + ti) * H + hd, tl.sum(m, axis=1), mask=ti_ok)
+        if HAS_D:
+            dy_j = tl.load(dy_ptr + bi * syb + hd * syh + tj[:, None] * syl + p[None, :], mask=tp_ok, other=0.0)
+            dy_j = dy_j.to(tl.float32)
+            dx += tl.load(D_ptr + hd).to(tl.float32) * dy_j
+            tl.store(dD_part_ptr + (bi * NB + j) * H + hd, tl.sum(tl.sum(dy_j * x_j, axis=1), axis=0))
+        tl.store(dx_ptr + bi * sob + hd * soh + tj[:, None] * sol + p[None, :], dx.to(dx_ptr.dtype.element_ty),
+                 mask=tp_ok)
+        tl.store(ddt_ptr + bi * sdb + tj * sdl + hd, ddt, mask=tj_ok)
+        tl.store(dcs_col_ptr + bi * sdb + tj * sdl + hd, -dcs_col, mask=tj_ok)
+
+    @triton.jit
+    def _bwd_bc_kernel(x_ptr, dt_ptr, cs_ptr, B_ptr, C_ptr, seq_ptr, dy_ptr, dB_ptr, dC_ptr, l,
+                       sxb, sxl, sxh, sdb, sdl, sbb, sbl, sbg, scb, scl, scg, ssb, ssl, syb, syl, syh,
+                       sgb, sgl, sgg,
+                       R: tl.constexpr, P: tl.constexpr, N: tl.constexpr, HAS_SEQ: tl.constexpr,
+                       NB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                       DOT: tl.constexpr):
+        """Pair (i, j) of a row and group: dS_ij = sum over the group's heads of (dy_i x_j^T) * decay * dt_j, then
+        grad C_i += dS_ij B_j and grad B_j += dS_ij^T C_i into fp32 buffers (strides sg*), atomically."""
+        bi = tl.program_id(0).to(tl.int64)
+        gi = tl.program_id(1)
+        i = tl.program_id(2) // NB
+        j = tl.program_id(2) % NB
+        if j <= i:
+            ti, ti_ok = _block(i, l, BLOCK_T)
+            tj, tj_ok = _block(j, l, BLOCK_T)
+            p = tl.arange(0, BLOCK_P)
+            keep = _keep(seq_ptr, bi * ssb, ti, tj, ti_ok, tj_ok, ssl, HAS_SEQ)
+            ds = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
+            for r in range(R):
+                hd = gi * R + r
+                dt_j, decay = _decay(cs_ptr, dt_ptr, bi * sdb, hd, ti, tj, ti_ok, tj_ok, sdl, keep)
+                dy_i = tl.load(dy_ptr + bi * syb + hd * syh + ti[:, None] * syl + p[None, :],
+                               mask=ti_ok[:, None] & (p < P)[None, :], other=0.0).to(tl.float32)
+                x_j = tl.load(x_ptr + bi * sxb + hd * sxh + tj[:, None] * sxl + p[None, :],
+                              mask=tj_ok[:, None] & (p < P)[None, :], other=0.0).to(tl.float32)
+                ds += tl.dot(dy_i, tl.trans(x_j), input_precision=DOT) * decay * dt_j[None, :]
+            for n0 in range(0, N, BLOCK_N):
+                n = n0 + tl.arange(0, BLOCK_N)
+                n_ok = (n < N)[None, :]
+                b_j = tl.load(B_ptr + bi * sbb + gi * sbg + tj[:, None] * sbl + n[None, :],
+                              mask=tj_ok[:, None] & n_ok, other=0.0).to(tl.float32)
+                c_i = tl.load(C_ptr + bi * scb + gi * scg + ti[:, None] * scl + n[None, :],
+                              mask=ti_ok[:, None] & n_ok, other=0.0).to(tl.float32)
+                g_i = bi * sgb + gi * sgg + ti[:, None] * sgl + n[None, :]
+                g_j = bi * sgb + gi * sgg + tj[:, None] * sgl + n[None, :]
+                tl.atomic_add(dC_ptr + g_i, tl.dot(ds, b_j, input_precision=DOT), mask=ti_ok[:, None] & n_ok)
+                tl.atomic_add(dB_ptr + g_j, tl.dot(tl.trans(ds), c_i, input_precision=DOT),
+                              mask=tj_ok[:, None] & n_ok)
+
+
+def _block_n(n: int) -> int:
+    return min(BLOCK_N, max(16, triton.next_power_of_2(n)))
+
+
+def _launch_meta(x: Tensor, B: Tensor) -> dict:
+    l, p = x.size(1), x.size(3)
+    # fp32 inputs: exact fp32 products; half inputs (bf16 autocast): TF32 tensor cores (see ssd_quadratic_triton.py)
+    dot = "ieee" if x.dtype == B.dtype == torch.float32 else "tf32"
+    return dict(P=p, NB=triton.cdiv(l, BLOCK_T), BLOCK_T=BLOCK_T, BLOCK_P=max(16, triton.next_power_of_2(p)),
+                DOT=dot, num_warps=8)
+
+
+class _SSDBlocked(torch.autograd.Function):
+    """y = blocked attention-form SSD + D x, given cs = cumsum(dt * A); keeps the block scores for backward."""
+
+    @staticmethod
+    def forward(ctx, x, dt, cs, B, C, D, seq_idx, x_slot):
+        b, l, h, _ = x.shape
+        g, n = B.size(2), B.size(3)
+        meta = _launch_meta(x, B)
+        nb = meta["NB"]
+        seq = x if seq_idx is None else seq_idx
+        sseq = (0, 0) if seq_idx is None else seq_idx.stride()
+        scores = torch.empty(b, g, nb, nb, BLOCK_T, BLOCK_T, device=x.device, dtype=torch.float32)
+        _scores_kernel[(b, g, nb * nb)](
+            B, C, scores, l, *B.stride()[:3], *C.stride()[:3], G=g, N=n, BLOCK_N=_block_n(n),
+            **{k: meta[k] for k in ("NB", "BLOCK_T", "DOT", "num_warps")})
+        y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+        _fwd_kernel[(b, h, nb)](
+            x, dt, cs, x if D is None else D, seq, scores, y, l, *x.stride()[:3], dt.stride(0), dt.stride(1), *sseq,
+            *y.stride()[:3], R=h // g, G=g, HAS_D=D is not None, HAS_SEQ=seq_idx is not None, **meta)
+        ctx.save_for_backward(x, dt, cs, B, C, D, seq_idx, scores)
+        ctx.x_slot = x_slot
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, dt, cs, B, C, D, seq_idx, scores = ctx.saved_tensors
+        b, l, h, _ = x.shape
+        g, n = B.size(2), B.size(3)
+        dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+        meta = _launch_meta(x, B)
+        nb = meta["NB"]
+        seq = x if seq_idx is None else seq_idx
+        sseq = (0, 0) if seq_idx is None else seq_idx.stride()
+        dx = claim(ctx.x_slot, x.dtype)  # x's columns of the conv split's gradient buffer, when x is its piece
+        dx = torch.empty(x.shape, device=x.device, dtype=x.dtype) if dx is None else dx
+        ddt = torch.empty(dt.shape, device=x.device, dtype=torch.float32)
+        dcs_col = torch.empty(dt.shape, device=x.device, dtype=torch.float32)
+        dcs_row = torch.zeros(b, nb, l, h, device=x.device, dtype=torch.float32)  # block i < j: never written
+        dD_part = torch.empty(b, nb, h, device=x.device, dtype=torch.float32)
+        _bwd_x_kernel[(b, h, nb)](
+            x, dt, cs, x if D is None else D, seq, scores, dy, dx, ddt, dcs_col, dcs_row, dD_part, l, h,
+            *x.stride()[:3], dt.stride(0), dt.stride(1), *sseq, *dy.stride()[:3], *dx.stride()[:3],
+            R=h // g, G=g, HAS_D=D is not None, HAS_SEQ=seq_idx is not None, **meta)
+        dB32 = torch.zeros(B.shape, device=x.device, dtype=torch.float32)
+        dC32 = torch.zeros(C.shape, device=x.device, dtype=torch.float32)
+        _bwd_bc_kernel[(b, g, nb * nb)](
+            x, dt, cs, B, C, seq, dy, dB32, dC32, l, *x.stride()[:3], dt.stride(0), dt.stride(1),
+            *B.stride()[:3], *C.stride()[:3], *sseq, *dy.stride()[:3], *dB32.stride()[:3],
+            R=h // g, N=n, HAS_SEQ=seq_idx is not None, BLOCK_N=_block_n(n), **meta)
+        dcs = dcs_row.sum(1) + dcs_col
+        dD = None if D is None else dD_part.sum((0, 1)).to(D.dtype)
+        # grad B and C come out of fp32 buffers (the atomic sums): the split copies them in, casting
+        return dx, ddt, dcs, dB32.to(B.dtype), dC32.to(C.dtype), dD, None, None
+
+
+def ssd_blocked(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None, seq_idx: Tensor | None = None,
+) -> Tensor:
+    """y of :func:`ssd.ssd_quadratic` (no final state) plus ``D * x``, in x's dtype, by the blocked kernels.
+
+    x (b, l, h, p) and B, C (b, l, g, n) with a contiguous last dimension (any other strides); dt (b, l, h) fp32,
+    positive; A, D (h,); seq_idx (b, l) or None; l <= MAX_LEN (``supports``). Differentiable in x, dt, A, B, C, D."""
+    x_slot = slot_of(x)  # (a copy made below passes its gradient on unchanged)
+    x, B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, B, C))
+    dt = dt.contiguous()
+    cs = torch.cumsum(dt * A.to(dt.dtype), dim=1)  # (b, l, h); its gradient reaches dt and A through autograd
+    return _SSDBlocked.apply(x, dt, cs, B, C, None if D is None else D.contiguous(), seq_idx, x_slot)
