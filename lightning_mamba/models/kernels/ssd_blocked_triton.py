@@ -9,15 +9,17 @@ Why: the forgetting study trains 4 x 256 models at d_state up to 2048 on rows of
 those ran mamba_ssm's chunked kernels, which write and re-read a (headdim x d_state) state per chunk and head: at
 d_state 512 and LEN 128 on an H200, 92 steps/s against ~220 for 32-token rows in the one-tile kernels. The attention
 form builds no state at all; its cost is the pairs of blocks. A row of ``nb`` blocks has nb (nb + 1) / 2 pairs (i, j),
-j <= i; per pair:
+j <= i. The kernels:
 
   * ``_scores_kernel`` (one program per row, group and pair): S_ij = C_i B_j^T over d_state, once for all the
-    group's heads, kept (fp32, nb^2 x 64 x 64 per row and group: 1 MB per 64 rows at nb = 4) for the other kernels;
+    group's heads, kept (fp32, nb^2 x 64 x 64 per row and group: 256 KB at nb = 4) for the other kernels;
   * ``_fwd_kernel`` (per row, head and block i): y_i = sum_j (S_ij * decay * dt_j) x_j;
   * ``_bwd_x_kernel`` (per row, head and block j): grad x_j and the gradients of dt_j and of cs (from the decay);
-  * ``_bwd_bc_kernel`` (per row, group and pair): dS_ij = sum over the group's heads, then grad C_i += dS_ij B_j
-    and grad B_j += dS_ij^T C_i, added into fp32 buffers atomically (at most nb terms each; their order varies,
-    so the last bits of grad B and C may differ between runs).
+  * ``_bwd_ds_kernel`` (per row, group and pair): the scores' gradient dS_ij, summed over the group's heads, kept
+    in the scores' layout;
+  * ``_bwd_bc_kernel`` (per row, group, block k and slice of d_state): grad C_k = sum_j dS_kj B_j and
+    grad B_k = sum_i dS_ik^T C_i, in a fixed order (deterministic), written once, into the conv split's gradient
+    buffer when B and C are its pieces (grad_slots.py), as grad x is.
 
 cs = cumsum(dt * A) is computed in torch (autograd carries its gradient to dt and A). fp32 inputs multiply in fp32,
 half inputs on TF32 tensor cores, as ssd_quadratic_triton.py. No final state (training asks for none).
@@ -183,14 +185,12 @@ if triton is not None:
         tl.store(dcs_col_ptr + bi * sdb + tj * sdl + hd, -dcs_col, mask=tj_ok)
 
     @triton.jit
-    def _bwd_bc_kernel(x_ptr, dt_ptr, cs_ptr, B_ptr, C_ptr, seq_ptr, dy_ptr, dB_ptr, dC_ptr, l,
-                       sxb, sxl, sxh, sdb, sdl, sbb, sbl, sbg, scb, scl, scg, ssb, ssl, syb, syl, syh,
-                       sgb, sgl, sgg,
-                       R: tl.constexpr, P: tl.constexpr, N: tl.constexpr, HAS_SEQ: tl.constexpr,
-                       NB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                       DOT: tl.constexpr):
-        """Pair (i, j) of a row and group: dS_ij = sum over the group's heads of (dy_i x_j^T) * decay * dt_j, then
-        grad C_i += dS_ij B_j and grad B_j += dS_ij^T C_i into fp32 buffers (strides sg*), atomically."""
+    def _bwd_ds_kernel(x_ptr, dt_ptr, cs_ptr, seq_ptr, dy_ptr, ds_ptr, l,
+                       sxb, sxl, sxh, sdb, sdl, ssb, ssl, syb, syl, syh,
+                       R: tl.constexpr, G: tl.constexpr, P: tl.constexpr, HAS_SEQ: tl.constexpr,
+                       NB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, DOT: tl.constexpr):
+        """Pair (i, j) of a row and group: the gradient of its scores, dS_ij = sum over the group's heads of
+        (dy_i x_j^T) * decay * dt_j, kept in the scores' layout for _bwd_bc_kernel."""
         bi = tl.program_id(0).to(tl.int64)
         gi = tl.program_id(1)
         i = tl.program_id(2) // NB
@@ -209,18 +209,40 @@ if triton is not None:
                 x_j = tl.load(x_ptr + bi * sxb + hd * sxh + tj[:, None] * sxl + p[None, :],
                               mask=tj_ok[:, None] & (p < P)[None, :], other=0.0).to(tl.float32)
                 ds += tl.dot(dy_i, tl.trans(x_j), input_precision=DOT) * decay * dt_j[None, :]
-            for n0 in range(0, N, BLOCK_N):
-                n = n0 + tl.arange(0, BLOCK_N)
-                n_ok = (n < N)[None, :]
-                b_j = tl.load(B_ptr + bi * sbb + gi * sbg + tj[:, None] * sbl + n[None, :],
-                              mask=tj_ok[:, None] & n_ok, other=0.0).to(tl.float32)
-                c_i = tl.load(C_ptr + bi * scb + gi * scg + ti[:, None] * scl + n[None, :],
-                              mask=ti_ok[:, None] & n_ok, other=0.0).to(tl.float32)
-                g_i = bi * sgb + gi * sgg + ti[:, None] * sgl + n[None, :]
-                g_j = bi * sgb + gi * sgg + tj[:, None] * sgl + n[None, :]
-                tl.atomic_add(dC_ptr + g_i, tl.dot(ds, b_j, input_precision=DOT), mask=ti_ok[:, None] & n_ok)
-                tl.atomic_add(dB_ptr + g_j, tl.dot(tl.trans(ds), c_i, input_precision=DOT),
-                              mask=tj_ok[:, None] & n_ok)
+            tl.store(_scores_ptrs(ds_ptr, bi, gi, i, j, G, NB, BLOCK_T), ds)
+
+    @triton.jit
+    def _bwd_bc_kernel(B_ptr, C_ptr, ds_ptr, dB_ptr, dC_ptr, l,
+                       sbb, sbl, sbg, scb, scl, scg, sdbb, sdbl, sdbg, sdcb, sdcl, sdcg,
+                       G: tl.constexpr, N: tl.constexpr, NB: tl.constexpr, BLOCK_T: tl.constexpr,
+                       BLOCK_N: tl.constexpr, DOT: tl.constexpr):
+        """Block k of a row and group, d_state columns of block nk: grad C_k = sum_{j <= k} dS_kj B_j and
+        grad B_k = sum_{i >= k} dS_ik^T C_i, summed here in a fixed order and written once (each with its own
+        strides)."""
+        bi = tl.program_id(0).to(tl.int64)
+        gi = tl.program_id(1)
+        k = tl.program_id(2) // tl.cdiv(N, BLOCK_N)
+        n = (tl.program_id(2) % tl.cdiv(N, BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = (n < N)[None, :]
+        tk, tk_ok = _block(k, l, BLOCK_T)
+        dc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        db = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        for m in range(NB):
+            tm, tm_ok = _block(m, l, BLOCK_T)
+            if m <= k:  # dS_km B_m
+                b_m = tl.load(B_ptr + bi * sbb + gi * sbg + tm[:, None] * sbl + n[None, :],
+                              mask=tm_ok[:, None] & n_ok, other=0.0).to(tl.float32)
+                dc += tl.dot(tl.load(_scores_ptrs(ds_ptr, bi, gi, k, m, G, NB, BLOCK_T)), b_m, input_precision=DOT)
+            if m >= k:  # dS_mk^T C_m
+                c_m = tl.load(C_ptr + bi * scb + gi * scg + tm[:, None] * scl + n[None, :],
+                              mask=tm_ok[:, None] & n_ok, other=0.0).to(tl.float32)
+                ds_mk = tl.load(_scores_ptrs(ds_ptr, bi, gi, m, k, G, NB, BLOCK_T))
+                db += tl.dot(tl.trans(ds_mk), c_m, input_precision=DOT)
+        mask = tk_ok[:, None] & n_ok
+        tl.store(dC_ptr + bi * sdcb + gi * sdcg + tk[:, None] * sdcl + n[None, :], dc.to(dC_ptr.dtype.element_ty),
+                 mask=mask)
+        tl.store(dB_ptr + bi * sdbb + gi * sdbg + tk[:, None] * sdbl + n[None, :], db.to(dB_ptr.dtype.element_ty),
+                 mask=mask)
 
 
 def _block_n(n: int) -> int:
@@ -239,7 +261,7 @@ class _SSDBlocked(torch.autograd.Function):
     """y = blocked attention-form SSD + D x, given cs = cumsum(dt * A); keeps the block scores for backward."""
 
     @staticmethod
-    def forward(ctx, x, dt, cs, B, C, D, seq_idx, x_slot):
+    def forward(ctx, x, dt, cs, B, C, D, seq_idx, x_slot, bc_slots):
         b, l, h, _ = x.shape
         g, n = B.size(2), B.size(3)
         meta = _launch_meta(x, B)
@@ -255,7 +277,7 @@ class _SSDBlocked(torch.autograd.Function):
             x, dt, cs, x if D is None else D, seq, scores, y, l, *x.stride()[:3], dt.stride(0), dt.stride(1), *sseq,
             *y.stride()[:3], R=h // g, G=g, HAS_D=D is not None, HAS_SEQ=seq_idx is not None, **meta)
         ctx.save_for_backward(x, dt, cs, B, C, D, seq_idx, scores)
-        ctx.x_slot = x_slot
+        ctx.x_slot, ctx.bc_slots = x_slot, bc_slots
         return y
 
     @staticmethod
@@ -278,16 +300,21 @@ class _SSDBlocked(torch.autograd.Function):
             x, dt, cs, x if D is None else D, seq, scores, dy, dx, ddt, dcs_col, dcs_row, dD_part, l, h,
             *x.stride()[:3], dt.stride(0), dt.stride(1), *sseq, *dy.stride()[:3], *dx.stride()[:3],
             R=h // g, G=g, HAS_D=D is not None, HAS_SEQ=seq_idx is not None, **meta)
-        dB32 = torch.zeros(B.shape, device=x.device, dtype=torch.float32)
-        dC32 = torch.zeros(C.shape, device=x.device, dtype=torch.float32)
-        _bwd_bc_kernel[(b, g, nb * nb)](
-            x, dt, cs, B, C, seq, dy, dB32, dC32, l, *x.stride()[:3], dt.stride(0), dt.stride(1),
-            *B.stride()[:3], *C.stride()[:3], *sseq, *dy.stride()[:3], *dB32.stride()[:3],
-            R=h // g, N=n, HAS_SEQ=seq_idx is not None, BLOCK_N=_block_n(n), **meta)
+        ds = torch.empty_like(scores)  # the scores' gradients, pair by pair
+        _bwd_ds_kernel[(b, g, nb * nb)](
+            x, dt, cs, seq, dy, ds, l, *x.stride()[:3], dt.stride(0), dt.stride(1), *sseq, *dy.stride()[:3],
+            R=h // g, G=g, HAS_SEQ=seq_idx is not None, **meta)
+        # into B's and C's columns of the conv split's gradient buffer when they are its pieces (grad_slots.py)
+        dB, dC = (claim(slot, t.dtype) for slot, t in zip(ctx.bc_slots, (B, C)))
+        dB = torch.empty(B.shape, device=x.device, dtype=B.dtype) if dB is None else dB
+        dC = torch.empty(C.shape, device=x.device, dtype=C.dtype) if dC is None else dC
+        block_n = _block_n(n)
+        _bwd_bc_kernel[(b, g, nb * triton.cdiv(n, block_n))](
+            B, C, ds, dB, dC, l, *B.stride()[:3], *C.stride()[:3], *dB.stride()[:3], *dC.stride()[:3],
+            G=g, N=n, BLOCK_N=block_n, **{k: meta[k] for k in ("NB", "BLOCK_T", "DOT", "num_warps")})
         dcs = dcs_row.sum(1) + dcs_col
         dD = None if D is None else dD_part.sum((0, 1)).to(D.dtype)
-        # grad B and C come out of fp32 buffers (the atomic sums): the split copies them in, casting
-        return dx, ddt, dcs, dB32.to(B.dtype), dC32.to(C.dtype), dD, None, None
+        return dx, ddt, dcs, dB, dC, dD, None, None, None
 
 
 def ssd_blocked(
@@ -297,8 +324,9 @@ def ssd_blocked(
 
     x (b, l, h, p) and B, C (b, l, g, n) with a contiguous last dimension (any other strides); dt (b, l, h) fp32,
     positive; A, D (h,); seq_idx (b, l) or None; l <= MAX_LEN (``supports``). Differentiable in x, dt, A, B, C, D."""
-    x_slot = slot_of(x)  # (a copy made below passes its gradient on unchanged)
+    x_slot, B_slot, C_slot = (slot_of(t) for t in (x, B, C))  # (a copy made below passes its gradient on unchanged)
     x, B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, B, C))
     dt = dt.contiguous()
     cs = torch.cumsum(dt * A.to(dt.dtype), dim=1)  # (b, l, h); its gradient reaches dt and A through autograd
-    return _SSDBlocked.apply(x, dt, cs, B, C, None if D is None else D.contiguous(), seq_idx, x_slot)
+    return _SSDBlocked.apply(x, dt, cs, B, C, None if D is None else D.contiguous(), seq_idx, x_slot,
+                             (B_slot, C_slot))
