@@ -52,7 +52,8 @@ def norm_kernels(name: str | None = None, *, add: str | None = None, gated: str 
         _norm_kernel = before
 
 
-QUADRATIC_KERNELS = ("ours", "torch")  # the Triton path's attention form: ssd_quadratic_triton.py / ssd_blocked_triton.py, or torch's
+# the Triton path's attention form: ours (ssd_quadratic_triton.py, ssd_blocked_triton.py) or ssd.py's torch einsums
+QUADRATIC_KERNELS = ("ours", "torch")
 _quadratic_kernel = "ours"
 
 
@@ -151,12 +152,11 @@ def ssd(
     kernels (ssd_quadratic_triton.py, rows up to its MAX_LEN; longer rows up to ssd_blocked_triton.MAX_LEN in
     64-token blocks), else :func:`ssd.ssd_quadratic` in torch; the final state is None unless
     ``return_final_state``."""
-    chunked_in_kernels = uses_triton(backend, x) and not (
-        quadratic_max_len and x.size(1) <= quadratic_max_len and initial_state is None
-    )
+    attention_form = bool(quadratic_max_len) and x.size(1) <= quadratic_max_len and initial_state is None
+    chunked_in_kernels = not attention_form and uses_triton(backend, x)
     if dt_bias is not None and not (chunked_in_kernels and ssd_chunked_mamba.entries() is not None):
         dt, dt_bias = positive_dt(dt, dt_bias, dt_limit), None
-    if quadratic_max_len and x.size(1) <= quadratic_max_len and initial_state is None:
+    if attention_form:
         if not return_final_state and _quadratic_kernel == "ours" and uses_triton(backend, x):
             if ssd_quadratic_triton.supports(x, dt, B, C):  # rows of one tile
                 return ssd_quadratic_triton.ssd_quadratic_fused(x, dt, A, B, C, D=D, seq_idx=seq_idx), None
