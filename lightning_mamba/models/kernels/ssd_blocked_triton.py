@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import ssd_quadratic_triton
 from .grad_slots import claim, slot_of
 
 try:  # CI machines have no triton: the module must still import
@@ -41,18 +42,11 @@ except ImportError:
 BLOCK_T = 64  # tokens per block
 MAX_LEN = 256  # the study's longest rows; beyond, the pairs (and the kept scores) grow with the square of the blocks
 BLOCK_N = 64  # d_state columns per step of the C B^T and grad B, C products
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def supports(x: Tensor, dt: Tensor, B: Tensor, C: Tensor) -> bool:
-    """Whether these kernels take the inputs: triton, rows of at most MAX_LEN, x, B, C in fp32/bf16/fp16, dt fp32."""
-    return (
-        triton is not None
-        and x.numel() > 0
-        and x.size(1) <= MAX_LEN
-        and x.dtype in _DTYPES and B.dtype in _DTYPES and C.dtype in _DTYPES
-        and dt.dtype == torch.float32
-    )
+    """Whether these kernels take the inputs: as ssd_quadratic_triton.supports, up to this module's MAX_LEN."""
+    return ssd_quadratic_triton.supports(x, dt, B, C, max_len=MAX_LEN)
 
 
 if triton is not None:
@@ -82,6 +76,32 @@ if triton is not None:
         return dt_j, tl.exp(tl.where(keep, cs_i[:, None] - cs_j[None, :], float("-inf")))
 
     @triton.jit
+    def _pair(l, NB: tl.constexpr, BLOCK_T: tl.constexpr):
+        """A pair program's row, group and blocks (i, j) (grid axis 2 = i * NB + j; only j <= i has work) and the
+        blocks' times."""
+        i = tl.program_id(2) // NB
+        j = tl.program_id(2) % NB
+        ti, ti_ok = _block(i, l, BLOCK_T)
+        tj, tj_ok = _block(j, l, BLOCK_T)
+        return tl.program_id(0).to(tl.int64), tl.program_id(1), i, j, ti, ti_ok, tj, tj_ok
+
+    @triton.jit
+    def _decayed_scores(s_ptr, seq_ptr, cs_ptr, dt_ptr, bi, gi, hd, i, j, ti, tj, ti_ok, tj_ok, ssb, ssl, sdb, sdl,
+                        G: tl.constexpr, NB: tl.constexpr, BLOCK_T: tl.constexpr, HAS_SEQ: tl.constexpr):
+        """Pair (i, j) for head hd: dt of block j and the kept scores times the decay, S_ij * exp(cs_t - cs_s)."""
+        keep = _keep(seq_ptr, bi * ssb, ti, tj, ti_ok, tj_ok, ssl, HAS_SEQ)
+        dt_j, decay = _decay(cs_ptr, dt_ptr, bi * sdb, hd, ti, tj, ti_ok, tj_ok, sdl, keep)
+        return dt_j, tl.load(_scores_ptrs(s_ptr, bi, gi, i, j, G, NB, BLOCK_T)) * decay
+
+    @triton.jit
+    def _head_program(l, R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
+        """A head program's row, head, group and block k (grid axis 2) with its times, and the headdim columns."""
+        hd = tl.program_id(1)
+        k = tl.program_id(2)
+        tk, tk_ok = _block(k, l, BLOCK_T)
+        return tl.program_id(0).to(tl.int64), hd, hd // R, k, tk, tk_ok, tl.arange(0, BLOCK_P)
+
+    @triton.jit
     def _scores_ptrs(s_ptr, bi, gi, i, j, G: tl.constexpr, NB: tl.constexpr, BLOCK_T: tl.constexpr):
         """Where S_ij of this row and group is kept: (b, G, NB, NB, BLOCK_T, BLOCK_T), contiguous."""
         r = tl.arange(0, BLOCK_T)
@@ -92,13 +112,8 @@ if triton is not None:
     def _scores_kernel(B_ptr, C_ptr, s_ptr, l, sbb, sbl, sbg, scb, scl, scg,
                        G: tl.constexpr, N: tl.constexpr, NB: tl.constexpr, BLOCK_T: tl.constexpr,
                        BLOCK_N: tl.constexpr, DOT: tl.constexpr):
-        bi = tl.program_id(0).to(tl.int64)
-        gi = tl.program_id(1)
-        i = tl.program_id(2) // NB
-        j = tl.program_id(2) % NB
+        bi, gi, i, j, ti, ti_ok, tj, tj_ok = _pair(l, NB, BLOCK_T)
         if j <= i:
-            ti, ti_ok = _block(i, l, BLOCK_T)
-            tj, tj_ok = _block(j, l, BLOCK_T)
             s = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
             for n0 in range(0, N, BLOCK_N):
                 n = n0 + tl.arange(0, BLOCK_N)
@@ -114,22 +129,16 @@ if triton is not None:
                     sxb, sxl, sxh, sdb, sdl, ssb, ssl, syb, syl, syh,
                     R: tl.constexpr, G: tl.constexpr, P: tl.constexpr, HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr,
                     NB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, DOT: tl.constexpr):
-        bi = tl.program_id(0).to(tl.int64)
-        hd = tl.program_id(1)
-        i = tl.program_id(2)
-        gi = hd // R
-        ti, ti_ok = _block(i, l, BLOCK_T)
-        p = tl.arange(0, BLOCK_P)
+        bi, hd, gi, i, ti, ti_ok, p = _head_program(l, R, BLOCK_T, BLOCK_P)
         acc = tl.zeros((BLOCK_T, BLOCK_P), dtype=tl.float32)
         for j in range(NB):  # a constexpr trip count (Triton's interpreter needs static bounds under numpy >= 2.4)
             if j <= i:
                 tj, tj_ok = _block(j, l, BLOCK_T)
-                keep = _keep(seq_ptr, bi * ssb, ti, tj, ti_ok, tj_ok, ssl, HAS_SEQ)
-                dt_j, decay = _decay(cs_ptr, dt_ptr, bi * sdb, hd, ti, tj, ti_ok, tj_ok, sdl, keep)
-                s = tl.load(_scores_ptrs(s_ptr, bi, gi, i, j, G, NB, BLOCK_T))
+                dt_j, sd = _decayed_scores(s_ptr, seq_ptr, cs_ptr, dt_ptr, bi, gi, hd, i, j, ti, tj, ti_ok, tj_ok,
+                                           ssb, ssl, sdb, sdl, G, NB, BLOCK_T, HAS_SEQ)
                 x_j = tl.load(x_ptr + bi * sxb + hd * sxh + tj[:, None] * sxl + p[None, :],
                               mask=tj_ok[:, None] & (p < P)[None, :], other=0.0).to(tl.float32)
-                acc += tl.dot(s * decay * dt_j[None, :], x_j, input_precision=DOT)
+                acc += tl.dot(sd * dt_j[None, :], x_j, input_precision=DOT)
         tp_ok = ti_ok[:, None] & (p < P)[None, :]
         if HAS_D:
             x_i = tl.load(x_ptr + bi * sxb + hd * sxh + ti[:, None] * sxl + p[None, :], mask=tp_ok, other=0.0)
@@ -147,12 +156,7 @@ if triton is not None:
         """Key block j of head hd: grad x_j (into dx's strides), the direct gradient of dt_j (through dt_s x_s),
         and of cs: -(column sums) for block j into dcs_col, +(row sums) for each block i >= j into dcs_row[:, j]
         (b, NB, l, H: one writer per place, summed over j after); the D skip's part of grad D per (row, block)."""
-        bi = tl.program_id(0).to(tl.int64)
-        hd = tl.program_id(1)
-        j = tl.program_id(2)
-        gi = hd // R
-        tj, tj_ok = _block(j, l, BLOCK_T)
-        p = tl.arange(0, BLOCK_P)
+        bi, hd, gi, j, tj, tj_ok, p = _head_program(l, R, BLOCK_T, BLOCK_P)
         tp_ok = tj_ok[:, None] & (p < P)[None, :]
         x_j = tl.load(x_ptr + bi * sxb + hd * sxh + tj[:, None] * sxl + p[None, :], mask=tp_ok, other=0.0)
         x_j = x_j.to(tl.float32)
@@ -162,12 +166,10 @@ if triton is not None:
         for i in range(NB):
             if i >= j:
                 ti, ti_ok = _block(i, l, BLOCK_T)
-                keep = _keep(seq_ptr, bi * ssb, ti, tj, ti_ok, tj_ok, ssl, HAS_SEQ)
-                dt_j, decay = _decay(cs_ptr, dt_ptr, bi * sdb, hd, ti, tj, ti_ok, tj_ok, sdl, keep)
-                s = tl.load(_scores_ptrs(s_ptr, bi, gi, i, j, G, NB, BLOCK_T))
+                dt_j, sd = _decayed_scores(s_ptr, seq_ptr, cs_ptr, dt_ptr, bi, gi, hd, i, j, ti, tj, ti_ok, tj_ok,
+                                           ssb, ssl, sdb, sdl, G, NB, BLOCK_T, HAS_SEQ)
                 dy_i = tl.load(dy_ptr + bi * syb + hd * syh + ti[:, None] * syl + p[None, :],
                                mask=ti_ok[:, None] & (p < P)[None, :], other=0.0).to(tl.float32)
-                sd = s * decay
                 dx += tl.dot(tl.trans(sd * dt_j[None, :]), dy_i, input_precision=DOT)
                 q = tl.dot(dy_i, tl.trans(x_j), input_precision=DOT) * sd  # grad of the scores, times S * decay
                 ddt += tl.sum(q, axis=0)
@@ -191,13 +193,8 @@ if triton is not None:
                        NB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, DOT: tl.constexpr):
         """Pair (i, j) of a row and group: the gradient of its scores, dS_ij = sum over the group's heads of
         (dy_i x_j^T) * decay * dt_j, kept in the scores' layout for _bwd_bc_kernel."""
-        bi = tl.program_id(0).to(tl.int64)
-        gi = tl.program_id(1)
-        i = tl.program_id(2) // NB
-        j = tl.program_id(2) % NB
+        bi, gi, i, j, ti, ti_ok, tj, tj_ok = _pair(l, NB, BLOCK_T)
         if j <= i:
-            ti, ti_ok = _block(i, l, BLOCK_T)
-            tj, tj_ok = _block(j, l, BLOCK_T)
             p = tl.arange(0, BLOCK_P)
             keep = _keep(seq_ptr, bi * ssb, ti, tj, ti_ok, tj_ok, ssl, HAS_SEQ)
             ds = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)

@@ -34,13 +34,14 @@ BLOCK_N = 64  # d_state columns per step of the C B^T and grad B, C products
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def supports(x: Tensor, dt: Tensor, B: Tensor, C: Tensor) -> bool:
+def supports(x: Tensor, dt: Tensor, B: Tensor, C: Tensor, max_len: int | None = None) -> bool:
     """Whether the fused kernels take these inputs: CUDA (or Triton's interpreter, for tests), rows of at most
-    MAX_LEN, x, B, C in fp32/bf16/fp16 and dt, an fp32 tensor (fp64 exactness runs stay on the torch form)."""
+    ``max_len`` (default MAX_LEN), x, B, C in fp32/bf16/fp16 and dt, an fp32 tensor (fp64 exactness runs stay on
+    the torch form)."""
     return (
         triton is not None
         and x.numel() > 0
-        and x.size(1) <= MAX_LEN
+        and x.size(1) <= (MAX_LEN if max_len is None else max_len)
         and x.dtype in _DTYPES and B.dtype in _DTYPES and C.dtype in _DTYPES
         and dt.dtype == torch.float32
     )

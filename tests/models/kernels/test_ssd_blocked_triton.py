@@ -7,7 +7,15 @@ no triton); the supports() test needs triton only."""
 import pytest
 import torch
 
-from .test_ssd_quadratic_triton import NAMES, assert_rel_close, make_inputs, reference, values_and_grads
+from .test_ssd_quadratic_triton import (
+    NAMES,
+    assert_equals_the_torch_form,
+    assert_rel_close,
+    assert_trains_as_the_torch_backend,
+    make_inputs,
+    reference,
+    values_and_grads,
+)
 from .triton_env import DEVICE, needs_triton
 
 
@@ -25,18 +33,9 @@ def blocked(x, dt, A, B, C, D, seq_idx):
     (1, 256, 2, 16, 1, 16, True, True),     # the longest row the kernels take: four blocks
 ])
 def test_blocked_attention_form_equals_the_torch_form_in_fp32(b, l, h, p, g, n, docs, with_d):
-    x, dt, A, B, C, D, seq_idx = make_inputs(b, l, h, p, g, n, docs)
-    D = D if with_d else None
-    grad_y = torch.randn(b, l, h, p, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    y_ref, g_ref = values_and_grads(reference, (x, dt, A, B, C, D), seq_idx, grad_y)
-    y, grads = values_and_grads(blocked, (x, dt, A, B, C, D), seq_idx, grad_y)
-    assert y.dtype == x.dtype and y.is_contiguous()
-    assert_rel_close(y, y_ref, 1e-5, "y")
-    for name, got, want in zip(NAMES, grads, g_ref):
-        assert got.shape == want.shape and got.dtype == want.dtype, name
-        # grad A sums the cancelling row and column sums of every pair through cs = cumsum(dt A): at 256 tokens
-        # 4.9e-5 from the fp64 result, the torch form in fp32 1.7e-5 (and the one-tile kernels at 64 tokens 9.3e-6)
-        assert_rel_close(got, want, 1e-4 if name == "A" else 2e-5, f"grad {name}")
+    # grad A sums the cancelling row and column sums of every pair through cs = cumsum(dt A): at 256 tokens 4.9e-5
+    # from the fp64 result, the torch form in fp32 1.7e-5 (and the one-tile kernels at 64 tokens 9.3e-6)
+    assert_equals_the_torch_form(blocked, (b, l, h, p, g, n), docs, with_d, grad_a_tol=1e-4)
 
 
 @needs_triton
@@ -96,33 +95,11 @@ def test_a_model_trains_through_the_blocked_form_as_through_the_torch_backend(mo
     """MambaLM.loss with return_state=False on the Triton path, rows of 99 tokens with documents and
     quadratic_max_len 128: the blocked kernels run (with our conv, norms and loss kernels) and give the torch
     backend's loss and gradients in fp32, and the splits copy in only dt's gradient."""
-    from lightning_mamba.models import MambaConfig, MambaLM
     from lightning_mamba.models.kernels import backend, ssd_blocked_triton
-
-    from ...op_watch import copy_destinations
 
     calls = []
     blocked_fn = ssd_blocked_triton.ssd_blocked
     monkeypatch.setattr(ssd_blocked_triton, "ssd_blocked", lambda *a, **k: calls.append(1) or blocked_fn(*a, **k))
     monkeypatch.setattr(backend, "uses_triton", lambda name, x: name != "torch")  # the Triton path, on any device
-    torch.manual_seed(0)
-    cfg = MambaConfig(d_model=32, n_layer=2, vocab_size=64, ssm_cfg={
-        "layer": "Mamba2", "d_state": 16, "headdim": 16, "chunk_size": 16, "quadratic_max_len": 128})
-    models = {name: MambaLM(cfg, backend=name).to(DEVICE) for name in ("auto", "torch")}
-    models["torch"].load_state_dict(models["auto"].state_dict())
-    ids = torch.randint(0, 64, (2, 100), generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    seq_idx = torch.zeros(2, 100, dtype=torch.long)
-    seq_idx[1, 70:] = 1
-    losses, grads, copied = {}, {}, {}
-    for name, model in models.items():
-        loss, state = model.loss(ids[:, :-1], ids[:, 1:], seq_idx=seq_idx[:, :-1].to(DEVICE), return_state=False)
-        assert state is None
-        copied[name] = copy_destinations(loss.backward)
-        losses[name] = loss.detach()
-        grads[name] = {k: p.grad for k, p in model.named_parameters()}
+    assert_trains_as_the_torch_backend(quadratic_max_len=128, rows=2, length=100, doc_starts={1: 70})
     assert len(calls) == 2  # one per layer
-    # grad x, B and C went into the conv split's buffer; per layer only dt's gradient (torch's softplus) is copied
-    assert [c for c in copied["auto"] if c[:2] == (2, 99)] == [(2, 99, models["auto"].mixers[0].nheads)] * 2, copied
-    assert_rel_close(losses["auto"], losses["torch"], 1e-5, "loss")
-    for k, g in grads["torch"].items():
-        assert_rel_close(grads["auto"][k], g, 1e-4, f"grad {k}")
