@@ -13,12 +13,13 @@ def causal_conv1d(
     bias: Tensor | None,
     conv_state: Tensor | None = None,
     seq_idx: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+    return_state: bool = True,
+) -> tuple[Tensor, Tensor | None]:
     """u (b, l, d); weight (d, 1, k); conv_state (b, d, k-1): the k-1 inputs before u (zeros if None).
 
     Returns the convolution (b, l, d), before any activation, and the new conv_state (the last k-1
-    inputs). With ``seq_idx`` (b, l) a tap that would reach into an earlier document is dropped,
-    and the carried state is taken to belong to the document at position 0.
+    inputs; None unless ``return_state``). With ``seq_idx`` (b, l) a tap that would reach into an earlier
+    document is dropped, and the carried state is taken to belong to the document at position 0.
     """
     b, l, d = u.shape
     k = weight.size(-1)
@@ -28,7 +29,7 @@ def causal_conv1d(
     full = torch.cat([conv_state.to(ut.dtype), ut], dim=-1)  # (b, d, k-1+l)
     if seq_idx is None:
         out = F.conv1d(full, weight.to(ut.dtype), None if bias is None else bias.to(ut.dtype), groups=d)
-        return out.transpose(1, 2), carried_inputs(u, conv_state, None, k)
+        return out.transpose(1, 2), carried_inputs(u, conv_state, None, k) if return_state else None
 
     seq_full = torch.cat([seq_idx[:, :1].expand(b, k - 1), seq_idx], dim=1)
     out = torch.zeros_like(ut) if bias is None else bias.to(ut.dtype)[None, :, None].expand_as(ut)
@@ -36,7 +37,7 @@ def causal_conv1d(
         start = k - 1 - lag
         same_doc = (seq_full[:, start:start + l] == seq_idx)[:, None, :]
         out = out + weight[:, 0, k - 1 - lag].to(ut.dtype)[None, :, None] * full[:, :, start:start + l] * same_doc
-    return out.transpose(1, 2), carried_inputs(u, conv_state, seq_idx, k)
+    return out.transpose(1, 2), carried_inputs(u, conv_state, seq_idx, k) if return_state else None
 
 
 def carried_inputs(u: Tensor, conv_state: Tensor | None, seq_idx: Tensor | None, k: int) -> Tensor:

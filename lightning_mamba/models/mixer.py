@@ -133,7 +133,8 @@ class Mamba2(nn.Module):
             return out, new_state if return_state else None
         z, xBC, dt_raw = self._split(self.in_proj(u))
         xBC, conv_state = kernels.conv1d_silu(
-            self.backend, xBC, self.conv1d.weight, self.conv1d.bias, None if state is None else state.conv, seq_idx
+            self.backend, xBC, self.conv1d.weight, self.conv1d.bias, None if state is None else state.conv, seq_idx,
+            return_state,
         )
         # the scan's kernels take dt_raw and dt_bias (mamba_ssm's dt_softplus: no softplus passes, and dt's gradient
         # written into the split's buffer) unless an intervention or a record needs dt itself

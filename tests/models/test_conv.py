@@ -20,6 +20,8 @@ def test_conv_matches_padded_conv_and_pieces():
     torch.testing.assert_close(torch.cat([o1, o2], 1), out)
     torch.testing.assert_close(s2, state)
     torch.testing.assert_close(state, u[:, -3:].transpose(1, 2))
+    out_only, none = causal_conv1d(u, w, b, return_state=False)  # training: no state built
+    assert none is None and torch.equal(out_only, out)
 
 
 def test_conv_seq_idx_equals_separate_documents():

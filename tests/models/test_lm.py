@@ -142,6 +142,20 @@ def test_return_state_false_gives_no_state_and_the_same_logits(quadratic_max_len
     out, none = model.mixers[0](torch.randn(2, 19, 16, dtype=torch.float64), return_state=False)
     assert none is None and out.shape == (2, 19, 16)
 
+def test_return_state_false_builds_no_conv_state(monkeypatch):
+    """Training's loss takes no conv state out of the convolution (the torch path here; the kernels' own flag is
+    tested beside them): conv.carried_inputs, which builds it, is not called."""
+    from lightning_mamba.models import conv
+
+    calls, carried = [], conv.carried_inputs
+    monkeypatch.setattr(conv, "carried_inputs", lambda *a: calls.append(1) or carried(*a))
+    model = tiny()
+    ids = torch.randint(0, 50, (2, 19))
+    model.loss(ids, ids.roll(-1, 1), return_state=False)
+    assert calls == []
+    model.loss(ids, ids.roll(-1, 1))
+    assert len(calls) == len(model.mixers)  # (the check itself: a loss that returns the state builds it)
+
 
 def test_a_built_model_can_take_another_scan_but_not_another_shape(quadratic_calls):
     from lightning_mamba.models.config import ConfigError

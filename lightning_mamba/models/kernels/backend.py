@@ -145,7 +145,8 @@ def ssd(
     """SSD scan with the chosen backend. Arguments as :func:`ssd.ssd_chunked` (dt already positive); ``D`` (heads),
     if given, adds the skip ``D * x`` to y (in x's dtype), inside the kernel on the Triton path. With ``dt_bias``
     (heads), ``dt`` is the raw projection and the scan uses :func:`ssd.positive_dt` of it with ``dt_limit``: inside
-    mamba_ssm's chunked kernels (its dt_softplus), else computed first.
+    mamba_ssm's chunked kernels (its dt_softplus) and our one-tile attention form's (without a dt_limit), else
+    computed first.
 
     An input of at most ``quadratic_max_len`` tokens from a zero state takes the SSD's attention form (no padding
     to a chunk, no per-chunk states): on the Triton path, when no final state is asked for (training), our fused
@@ -154,12 +155,18 @@ def ssd(
     ``return_final_state``."""
     attention_form = bool(quadratic_max_len) and x.size(1) <= quadratic_max_len and initial_state is None
     chunked_in_kernels = not attention_form and uses_triton(backend, x)
-    if dt_bias is not None and not (chunked_in_kernels and ssd_chunked_mamba.entries() is not None):
+    attention_kernels = (attention_form and not return_final_state and _quadratic_kernel == "ours"
+                         and uses_triton(backend, x))
+    # the kernels that take the raw dt: mamba_ssm's chunked ones, and our one-tile ones without a dt_limit
+    raw_dt_in_kernels = (chunked_in_kernels and ssd_chunked_mamba.entries() is not None) or (
+        attention_kernels and tuple(dt_limit) == NO_DT_LIMIT and ssd_quadratic_triton.supports(x, dt, B, C, raw_dt=True))
+    if dt_bias is not None and not raw_dt_in_kernels:
         dt, dt_bias = positive_dt(dt, dt_bias, dt_limit), None
     if attention_form:
-        if not return_final_state and _quadratic_kernel == "ours" and uses_triton(backend, x):
-            if ssd_quadratic_triton.supports(x, dt, B, C):  # rows of one tile
-                return ssd_quadratic_triton.ssd_quadratic_fused(x, dt, A, B, C, D=D, seq_idx=seq_idx), None
+        if attention_kernels:
+            if ssd_quadratic_triton.supports(x, dt, B, C, raw_dt=dt_bias is not None):  # rows of one tile
+                return ssd_quadratic_triton.ssd_quadratic_fused(x, dt, A, B, C, D=D, seq_idx=seq_idx,
+                                                                dt_bias=dt_bias), None
             if ssd_blocked_triton.supports(x, dt, B, C):  # longer rows, in 64-token blocks
                 return ssd_blocked_triton.ssd_blocked(x, dt, A, B, C, D=D, seq_idx=seq_idx), None
         y, final_state = ssd_quadratic(x, dt, A, B, C, seq_idx=seq_idx, return_final_state=return_final_state)
@@ -186,19 +193,20 @@ def _add_skip(y: Tensor, x: Tensor, D: Tensor | None) -> Tensor:
 
 def conv1d_silu(
     backend: str, u: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor | None = None,
-    seq_idx: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """silu(depthwise causal conv(u)) and the new conv state (:func:`conv.causal_conv1d`). On the Triton path:
-    causal_conv1d's kernels when installed, u's layout suits them (conv_cc1d.py) and its rows are longer than
-    OURS_CONV_MAX_LEN, else our fused Triton kernel (conv_triton.py); both read u in its (b, l, d) layout. A carried
-    conv state that needs a gradient takes the torch path, the only one that gives it."""
+    seq_idx: Tensor | None = None, return_state: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """silu(depthwise causal conv(u)) and the new conv state (:func:`conv.causal_conv1d`; None unless
+    ``return_state``: training builds none). On the Triton path: causal_conv1d's kernels when installed, u's layout
+    suits them (conv_cc1d.py) and its rows are longer than OURS_CONV_MAX_LEN, else our fused Triton kernel
+    (conv_triton.py); both read u in its (b, l, d) layout. A carried conv state that needs a gradient takes the torch
+    path, the only one that gives it."""
     if uses_triton(backend, u) and not (conv_state is not None and conv_state.requires_grad and torch.is_grad_enabled()):
         if u.size(1) > OURS_CONV_MAX_LEN and conv_cc1d.available() and conv_cc1d.unsupported(u, weight) is None:
-            return conv_cc1d.conv1d_silu(u, weight, bias, conv_state, seq_idx)
+            return conv_cc1d.conv1d_silu(u, weight, bias, conv_state, seq_idx, return_state=return_state)
         from .conv_triton import causal_conv1d_silu
 
-        return causal_conv1d_silu(u, weight, bias, conv_state, seq_idx)
-    out, new_state = causal_conv1d(u, weight, bias, conv_state, seq_idx)
+        return causal_conv1d_silu(u, weight, bias, conv_state, seq_idx, return_state)
+    out, new_state = causal_conv1d(u, weight, bias, conv_state, seq_idx, return_state)
     return F.silu(out), new_state
 
 

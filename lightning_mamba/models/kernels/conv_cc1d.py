@@ -70,10 +70,10 @@ def unsupported(u: Tensor, weight: Tensor) -> str | None:
 
 def conv1d_silu(
     u: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor | None = None, seq_idx: Tensor | None = None,
-    lib=None,
-) -> tuple[Tensor, Tensor]:
+    lib=None, return_state: bool = True,
+) -> tuple[Tensor, Tensor | None]:
     """backend.conv1d_silu through ``causal_conv1d_fn``: (silu(conv(u)) (b, l, d), new conv state (b, d, k-1) in u's
-    dtype). u must pass :func:`unsupported`. Differentiable in u, weight and bias (not in conv_state: the library's
+    dtype, or None unless ``return_state``). u must pass :func:`unsupported`. Differentiable in u, weight and bias (not in conv_state: the library's
     gradient for it is not used). ``lib``: the library module (default the installed one; tests pass a stand-in)."""
     lib = load()[0] if lib is None else lib
     x, w = u.transpose(1, 2), weight[:, 0, :]
@@ -88,7 +88,7 @@ def conv1d_silu(
         out, final = lib.causal_conv1d_fn(x, w, b, initial_states=init, return_final_states=True, activation="silu")
         return out.transpose(1, 2), final
     out = _LibraryConv.apply(x, w, b, seq, init, lib, slot_of(u))
-    return out.transpose(1, 2), carried_inputs(u, init, seq_idx, w.size(-1))
+    return out.transpose(1, 2), carried_inputs(u, init, seq_idx, w.size(-1)) if return_state else None
 
 
 class _LibraryConv(torch.autograd.Function):

@@ -406,8 +406,10 @@ def causal_conv1d_silu(
     bias: Tensor | None,
     conv_state: Tensor | None = None,
     seq_idx: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """``F.silu(causal_conv1d(u, weight, bias, conv_state, seq_idx)[0])`` and the new conv_state, fused in Triton.
+    return_state: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """``F.silu(causal_conv1d(u, weight, bias, conv_state, seq_idx)[0])`` and the new conv_state (None unless
+    ``return_state``), fused in Triton.
 
     u (b, l, d) fp32/bf16/fp16 with unit channel stride (other strides free); weight (d, 1, k), 2 <= k; bias (d,)
     or None; conv_state (b, d, k-1) or None; seq_idx (b, l) integer or None. Returns out (b, l, d) contiguous in
@@ -427,4 +429,4 @@ def causal_conv1d_silu(
     if conv_state is not None:
         conv_state = conv_state.to(u.dtype)  # earlier inputs: rounded as u is, as the torch path does
     out = _CausalConv1dSiLU.apply(u, weight, bias, conv_state, seq_idx, u_slot)
-    return out, carried_inputs(u, conv_state, seq_idx, k)
+    return out, carried_inputs(u, conv_state, seq_idx, k) if return_state else None

@@ -34,16 +34,16 @@ BLOCK_N = 64  # d_state columns per step of the C B^T and grad B, C products
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def supports(x: Tensor, dt: Tensor, B: Tensor, C: Tensor, max_len: int | None = None) -> bool:
+def supports(x: Tensor, dt: Tensor, B: Tensor, C: Tensor, max_len: int | None = None, raw_dt: bool = False) -> bool:
     """Whether the fused kernels take these inputs: CUDA (or Triton's interpreter, for tests), rows of at most
-    ``max_len`` (default MAX_LEN), x, B, C in fp32/bf16/fp16 and dt, an fp32 tensor (fp64 exactness runs stay on
-    the torch form)."""
+    ``max_len`` (default MAX_LEN), x, B, C in fp32/bf16/fp16 and dt an fp32 tensor, or with ``raw_dt`` (the
+    projection before dt_bias and the softplus) any of those (fp64 exactness runs stay on the torch form)."""
     return (
         triton is not None
         and x.numel() > 0
         and x.size(1) <= (MAX_LEN if max_len is None else max_len)
         and x.dtype in _DTYPES and B.dtype in _DTYPES and C.dtype in _DTYPES
-        and dt.dtype == torch.float32
+        and (dt.dtype in _DTYPES if raw_dt else dt.dtype == torch.float32)
     )
 
 
@@ -72,13 +72,18 @@ if triton is not None:
         return keep
 
     @triton.jit
-    def _head_decay(dt_ptr, A_ptr, row_dt, hd, t, t_ok, sdl, keep):
-        """dt (BLOCK_L,), A of head hd and its decay exp(cs_i - cs_j) on the kept pairs, zero elsewhere."""
-        dt = tl.load(dt_ptr + row_dt + t * sdl + hd, mask=t_ok, other=0.0).to(tl.float32)
+    def _head_decay(dt_ptr, bias_ptr, A_ptr, row_dt, hd, t, t_ok, sdl, keep, HAS_BIAS: tl.constexpr):
+        """dt (BLOCK_L,), A of head hd and its decay exp(cs_i - cs_j) on the kept pairs, zero elsewhere; and the
+        softplus's argument v (with HAS_BIAS dt = softplus(v), v = raw dt + dt_bias, threshold 20 as mamba_ssm's)."""
+        v = tl.load(dt_ptr + row_dt + t * sdl + hd, mask=t_ok, other=0.0).to(tl.float32)
+        dt = v
+        if HAS_BIAS:
+            v += tl.load(bias_ptr + hd).to(tl.float32)
+            dt = tl.where(t_ok, tl.where(v <= 20.0, tl.log(tl.exp(v) + 1.0), v), 0.0)
         a = tl.load(A_ptr + hd).to(tl.float32)
         cs = tl.cumsum(dt * a, axis=0)
         decay = tl.exp(tl.where(keep, cs[:, None] - cs[None, :], float("-inf")))
-        return dt, a, decay
+        return dt, a, decay, v
 
     @triton.jit
     def _row_group(B_ptr, C_ptr, seq_ptr, l, sbb, sbl, sbg, scb, scl, scg, ssb, ssl, P: tl.constexpr, N: tl.constexpr,
@@ -99,9 +104,10 @@ if triton is not None:
 
     @triton.jit
     def _fwd_kernel(
-        x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, y_ptr, l,
+        x_ptr, dt_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, y_ptr, l,
         sxb, sxl, sxh, sdb, sdl, sbb, sbl, sbg, scb, scl, scg, ssb, ssl, syb, syl, syh,
         R: tl.constexpr, P: tl.constexpr, N: tl.constexpr, HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
         BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
     ):
         bi, gi, t, t_ok, p, tp_ok, _, _, cb, keep = _row_group(
@@ -109,7 +115,7 @@ if triton is not None:
         )
         for r in range(R):  # the group's heads share C B^T
             hd = gi * R + r
-            dt, a, decay = _head_decay(dt_ptr, A_ptr, bi * sdb, hd, t, t_ok, sdl, keep)
+            dt, a, decay, _ = _head_decay(dt_ptr, bias_ptr, A_ptr, bi * sdb, hd, t, t_ok, sdl, keep, HAS_BIAS)
             x = tl.load(x_ptr + bi * sxb + hd * sxh + t[:, None] * sxl + p[None, :], mask=tp_ok, other=0.0)
             x = x.to(tl.float32)
             y = tl.dot(cb * decay * dt[None, :], x, input_precision=DOT)
@@ -120,11 +126,12 @@ if triton is not None:
 
     @triton.jit
     def _bwd_kernel(
-        x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, dy_ptr, dx_ptr, ddt_ptr, dB_ptr, dC_ptr,
-        dA_part_ptr, dD_part_ptr, l, H,
+        x_ptr, dt_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, dy_ptr, dx_ptr, ddt_ptr, dB_ptr, dC_ptr,
+        dA_part_ptr, dD_part_ptr, dbias_part_ptr, l, H,
         sxb, sxl, sxh, sdb, sdl, sbb, sbl, sbg, scb, scl, scg, ssb, ssl, syb, syl, syh,
-        sob, sol, soh, sgb, sgl, sgg,
+        sob, sol, soh, sgb, sgl, sgg, sgdb, sgdl,
         R: tl.constexpr, P: tl.constexpr, N: tl.constexpr, HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
         BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
     ):
         """grad x (strides so*), dt (dt's layout), grad B and C (both strides sg*), per-row grad A and D (b, H)."""
@@ -134,7 +141,7 @@ if triton is not None:
         dcb = tl.zeros((BLOCK_L, BLOCK_L), dtype=tl.float32)
         for r in range(R):
             hd = gi * R + r
-            dt, a, decay = _head_decay(dt_ptr, A_ptr, bi * sdb, hd, t, t_ok, sdl, keep)
+            dt, a, decay, v = _head_decay(dt_ptr, bias_ptr, A_ptr, bi * sdb, hd, t, t_ok, sdl, keep, HAS_BIAS)
             x_off = bi * sxb + hd * sxh + t[:, None] * sxl + p[None, :]
             x = tl.load(x_ptr + x_off, mask=tp_ok, other=0.0).to(tl.float32)
             dy_off = bi * syb + hd * syh + t[:, None] * syl + p[None, :]
@@ -155,7 +162,11 @@ if triton is not None:
             dda = tl.sum(dcs, axis=0) - tl.cumsum(dcs, axis=0) + dcs
             dda = tl.where(t == 0, 0.0, dda)
             ddt = tl.sum(q, axis=0) + dda * a
-            tl.store(ddt_ptr + bi * sdb + t * sdl + hd, ddt, mask=t_ok)
+            if HAS_BIAS:  # through the softplus: the raw dt's gradient, and dt_bias's partial sum per row
+                ddt = tl.where(v <= 20.0, ddt * tl.sigmoid(v), ddt)
+                ddt = tl.where(t_ok, ddt, 0.0)
+                tl.store(dbias_part_ptr + bi * H + hd, tl.sum(ddt, axis=0))
+            tl.store(ddt_ptr + bi * sgdb + t * sgdl + hd, ddt.to(ddt_ptr.dtype.element_ty), mask=t_ok)
             tl.store(dA_part_ptr + bi * H + hd, tl.sum(dda * dt, axis=0))
         for n0 in range(0, N, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
@@ -192,54 +203,64 @@ def _launch_args(x: Tensor, dt: Tensor, B: Tensor, C: Tensor, seq_idx: Tensor | 
 
 
 class _SSDQuadratic(torch.autograd.Function):
-    """y = attention-form SSD + D x; saves the inputs and recomputes everything else in backward."""
+    """y = attention-form SSD + D x; saves the inputs and recomputes everything else in backward. With dt_bias, dt is
+    the raw projection (the kernels apply dt_bias and the softplus)."""
 
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, seq_idx, slots):
+    def forward(ctx, x, dt, A, B, C, D, seq_idx, dt_bias, slots):
         y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
         strides, meta, grid = _launch_args(x, dt, B, C, seq_idx)
         _fwd_kernel[grid](
-            x, dt, A, B, C, x if D is None else D, x if seq_idx is None else seq_idx, y, x.size(1),
-            *strides, *y.stride()[:3], HAS_D=D is not None, **meta,
+            x, dt, dt if dt_bias is None else dt_bias, A, B, C, x if D is None else D,
+            x if seq_idx is None else seq_idx, y, x.size(1), *strides, *y.stride()[:3], HAS_D=D is not None,
+            HAS_BIAS=dt_bias is not None, **meta,
         )
-        ctx.save_for_backward(x, dt, A, B, C, D, seq_idx)
+        ctx.save_for_backward(x, dt, A, B, C, D, seq_idx, dt_bias)
         ctx.slots = slots
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, dt, A, B, C, D, seq_idx = ctx.saved_tensors
+        x, dt, A, B, C, D, seq_idx, dt_bias = ctx.saved_tensors
         b, h = x.size(0), x.size(2)
         dy = _last_dim_contiguous(dy)
-        # into x's, B's and C's columns of the conv split's gradient buffer when they are its pieces (grad_slots.py)
-        dx, dB, dC = (claim(slot, t.dtype) for slot, t in zip(ctx.slots, (x, B, C)))
+        # into x's, dt's, B's and C's columns of the splits' gradient buffers when they are their pieces (grad_slots.py)
+        dx, ddt, dB, dC = (claim(slot, t.dtype) for slot, t in zip(ctx.slots, (x, dt, B, C)))
         dx = torch.empty(x.shape, device=x.device, dtype=x.dtype) if dx is None else dx
-        ddt = torch.empty(dt.shape, device=dt.device, dtype=dt.dtype)  # dt is dense (made so on the way in)
+        ddt = torch.empty(dt.shape, device=dt.device, dtype=dt.dtype) if ddt is None else ddt
         if dB is None or dC is None or dB.stride() != dC.stride():  # the kernel gives both one set of strides
             dB = torch.empty(B.shape, device=B.device, dtype=B.dtype)
             dC = torch.empty(C.shape, device=C.device, dtype=C.dtype)
         dA_part = torch.empty(b, h, device=x.device, dtype=torch.float32)
         dD_part = torch.empty(b, h, device=x.device, dtype=torch.float32) if D is not None else dA_part
+        dbias_part = torch.empty(b, h, device=x.device, dtype=torch.float32) if dt_bias is not None else dA_part
         strides, meta, grid = _launch_args(x, dt, B, C, seq_idx)
         _bwd_kernel[grid](
-            x, dt, A, B, C, x if D is None else D, x if seq_idx is None else seq_idx, dy, dx, ddt, dB, dC,
-            dA_part, dD_part, x.size(1), h, *strides, *dy.stride()[:3], *dx.stride()[:3], *dB.stride()[:3],
-            HAS_D=D is not None, **meta,
+            x, dt, dt if dt_bias is None else dt_bias, A, B, C, x if D is None else D,
+            x if seq_idx is None else seq_idx, dy, dx, ddt, dB, dC, dA_part, dD_part, dbias_part, x.size(1), h,
+            *strides, *dy.stride()[:3], *dx.stride()[:3], *dB.stride()[:3], ddt.stride(0), ddt.stride(1),
+            HAS_D=D is not None, HAS_BIAS=dt_bias is not None, **meta,
         )
         dA = dA_part.sum(0).to(A.dtype)
         dD = None if D is None else dD_part.sum(0).to(D.dtype)
-        return dx, ddt, dA, dB, dC, dD, None, None
+        dbias = None if dt_bias is None else dbias_part.sum(0).to(dt_bias.dtype)
+        return dx, ddt, dA, dB, dC, dD, None, dbias, None
 
 
 def ssd_quadratic_fused(
     x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None, seq_idx: Tensor | None = None,
+    dt_bias: Tensor | None = None,
 ) -> Tensor:
     """y of :func:`ssd.ssd_quadratic` (no final state) plus ``D * x``, in x's dtype, by the fused kernels.
 
     x (b, l, h, p) and B, C (b, l, g, n) with any strides but a contiguous last dimension (column slices of the
-    conv's output need no copy); dt (b, l, h) fp32, positive; A, D (h,); seq_idx (b, l) or None. l <= MAX_LEN
-    (``supports`` says whether the kernels take the inputs). Differentiable in x, dt, A, B, C and D."""
-    slots = tuple(slot_of(t) for t in (x, B, C))  # (a copy made below passes its gradient on unchanged)
+    conv's output need no copy); dt (b, l, h) fp32, positive, or with ``dt_bias`` (h,) the raw projection (any
+    strides but a contiguous last dimension; the kernels use softplus(dt + dt_bias), as ssd.positive_dt without a
+    dt_limit); A, D (h,); seq_idx (b, l) or None. l <= MAX_LEN (``supports`` says whether the kernels take the
+    inputs). Differentiable in x, dt, A, B, C, D and dt_bias; pieces of a grad_slots split get their gradients
+    written in place."""
+    slots = tuple(slot_of(t) for t in (x, dt, B, C))  # (a copy made below passes its gradient on unchanged)
     x, B, C = (_last_dim_contiguous(t) for t in (x, B, C))
-    dt = dt.contiguous()
-    return _SSDQuadratic.apply(x, dt, A.contiguous(), B, C, None if D is None else D.contiguous(), seq_idx, slots)
+    dt = _last_dim_contiguous(dt) if dt_bias is not None else dt.contiguous()
+    return _SSDQuadratic.apply(x, dt, A.contiguous(), B, C, None if D is None else D.contiguous(), seq_idx,
+                               None if dt_bias is None else dt_bias.contiguous(), slots)

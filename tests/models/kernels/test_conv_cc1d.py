@@ -115,6 +115,9 @@ def test_adapter_passes_the_librarys_layout():
             assert torch.equal(call["seq_idx"][1], inp["seq_idx"][1] - 3)
         if state is None:
             assert call["initial_states"] is None
+            # training: the same output and no state built
+            out_only, none = conv_cc1d.conv1d_silu(u, inp["weight"], inp["bias"], state, seq, lib=lib, return_state=False)
+            assert none is None and torch.equal(out_only, out)
         else:
             assert call["initial_states"].dtype == u.dtype and call["initial_states"].stride(1) == 1
         assert new_state.shape == (2, inp["d"], 3) and new_state.dtype == u.dtype
@@ -232,9 +235,10 @@ def forced(monkeypatch):
     monkeypatch.setattr(conv_cc1d, "available", lambda: True)
     ran = []
 
-    def triton_marker(u, weight, bias, conv_state=None, seq_idx=None):
+    def triton_marker(u, weight, bias, conv_state=None, seq_idx=None, return_state=True):
         ran.append("triton")
-        return reference(u, weight, bias, conv_state, seq_idx)
+        out, state = reference(u, weight, bias, conv_state, seq_idx)
+        return out, state if return_state else None
 
     monkeypatch.setattr(conv_triton, "causal_conv1d_silu", triton_marker)
     return lib, ran

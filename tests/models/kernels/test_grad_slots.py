@@ -5,8 +5,8 @@ values and gradients are torch.split's in every case (pieces used once, twice, n
 gradients, a second backward), a claimed slot is written in place with no copy in the split's backward, a slot is
 handed out once and only in its dtype, and the mixer's gradients are those of plain splits. The kernels' own claims
 are tested beside them (test_conv_cc1d.py on the library's stand-in; the Triton files under the interpreter/CUDA),
-and the whole mixer on the Triton path copies no split gradient but dt's in the attention form (on CUDA, or under
-the interpreter where mamba_ssm's kernels run there: triton_env.mamba_kernels)."""
+and the whole mixer on the Triton path copies no split gradient (on CUDA, or under the interpreter where mamba_ssm's
+kernels run there: triton_env.mamba_kernels)."""
 
 import pytest
 import torch
@@ -155,9 +155,8 @@ def test_in_place_false_is_torch_split_and_restores():
 def test_on_the_triton_path_every_backward_writes_in_place(mamba_kernels, monkeypatch, quadratic_max_len, dt_limit):
     """The mixer on the Triton path (mamba_ssm's chunked scan under ssd_chunked_mamba with the raw dt, or the fused
     attention form; the conv by causal_conv1d when installed, else ours; our gated norm) against the torch backend in
-    fp32: the same output and gradients (dt_bias's, A_log's too), and the splits copy in no gradient on the chunked
-    path and only dt's in the attention form (torch's softplus). On CUDA, or on the CPU under Triton's interpreter
-    (triton_env.mamba_kernels)."""
+    fp32: the same output and gradients (dt_bias's, A_log's too), and the splits copy in no gradient (both forms take
+    the raw dt). On CUDA, or on the CPU under Triton's interpreter (triton_env.mamba_kernels)."""
     from lightning_mamba.models.kernels import backend
 
     if DEVICE == "cpu":
@@ -176,8 +175,7 @@ def test_on_the_triton_path_every_backward_writes_in_place(mamba_kernels, monkey
         outs[name] = out.detach()
         grads[name] = {"u": x.grad, **{k: p.grad for k, p in mixer.named_parameters()}}
     # (Triton's interpreter also copies each kernel's arguments, flat: not the splits)
-    dt_copies = [] if quadratic_max_len == 0 else [(2, 40, mixers["auto"].nheads)]
-    assert [c for c in copies if c[:2] == (2, 40)] == dt_copies, copies
+    assert [c for c in copies if c[:2] == (2, 40)] == [], copies
     tol = 1e-4 if DEVICE == "cpu" else 2e-3  # on CUDA mamba_ssm's fp32 dots take TF32
     assert rel_err(outs["auto"], outs["torch"]) < tol
     for k, g in grads["torch"].items():

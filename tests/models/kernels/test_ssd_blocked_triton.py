@@ -101,5 +101,6 @@ def test_a_model_trains_through_the_blocked_form_as_through_the_torch_backend(mo
     blocked_fn = ssd_blocked_triton.ssd_blocked
     monkeypatch.setattr(ssd_blocked_triton, "ssd_blocked", lambda *a, **k: calls.append(1) or blocked_fn(*a, **k))
     monkeypatch.setattr(backend, "uses_triton", lambda name, x: name != "torch")  # the Triton path, on any device
-    assert_trains_as_the_torch_backend(quadratic_max_len=128, rows=2, length=100, doc_starts={1: 70})
+    # (dt's softplus is taken in torch for these rows: its gradient is copied in)
+    assert_trains_as_the_torch_backend(quadratic_max_len=128, rows=2, length=100, doc_starts={1: 70}, dt_copied=True)
     assert len(calls) == 2  # one per layer

@@ -73,6 +73,42 @@ def test_fused_attention_form_equals_the_torch_form_in_fp32(b, l, h, p, g, n, do
     assert_equals_the_torch_form(fused, (b, l, h, p, g, n), docs, with_d)
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_raw_dt_with_dt_bias_equals_the_softplus_taken_first(dtype):
+    """dt given raw (a strided piece of a wider tensor, as in_proj's output is split) with dt_bias: the kernels'
+    softplus (threshold 20) and its backward give what softplus(dt + dt_bias) taken in torch first gives, values and
+    every gradient, dt_bias's included; the raw dt's gradient comes back in its dtype."""
+    from lightning_mamba.models.kernels.ssd_quadratic_triton import ssd_quadratic_fused
+    from lightning_mamba.models.ssd import positive_dt
+
+    b, l, h = 2, 24, 4
+    x, _, A, B, C, D, seq_idx = make_inputs(b, l, h, 16, 1, 32, docs=True)
+    gen = torch.Generator().manual_seed(3)
+    wide = (torch.randn(b, l, h + 5, generator=gen) - 2.0).to(DEVICE, dtype)
+    wide[0, 3, 6] = 23.0  # past the softplus's threshold: dt = the argument itself
+    bias = (torch.randn(h, generator=gen) * 0.5).to(DEVICE)
+    grad_y = torch.randn(b, l, h, 16, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+
+    def run(kernels: bool):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, wide, A, B, C, D, bias)]
+        x_, wide_, A_, B_, C_, D_, bias_ = leaves
+        raw = wide_[..., 5:]  # (b, l, h), rows h + 5 apart
+        if kernels:
+            y = ssd_quadratic_fused(x_, raw, A_, B_, C_, D=D_, seq_idx=seq_idx, dt_bias=bias_)
+        else:
+            y = reference(x_, positive_dt(raw, bias_), A_, B_, C_, D_, seq_idx)
+        return y, torch.autograd.grad(y, leaves, grad_y)
+
+    (y, grads), (y_ref, grads_ref) = run(True), run(False)
+    assert_rel_close(y, y_ref, 1e-5, "y")
+    for name, got, want in zip(("x", "raw dt", "A", "B", "C", "D", "dt_bias"), grads, grads_ref):
+        assert got.dtype == want.dtype, name
+        # (the bf16 raw dt's gradient is rounded to bf16; grad A, a cancelling sum, meets the step of dt 23 here)
+        tol = 1e-2 if dtype == torch.bfloat16 and name == "raw dt" else 5e-5 if name == "A" else 2e-5
+        assert_rel_close(got, want, tol, f"grad {name}")
+
+
 def assert_equals_the_torch_form(fn, shape: tuple, docs: bool, with_d: bool, grad_a_tol: float = 2e-5) -> None:
     """``fn`` (a kernel's entry point, called as ``reference``) against the torch form in fp32 at ``shape`` (b, l, h,
     p, g, n): y within 1e-5, every gradient within 2e-5 (grad A within ``grad_a_tol``), dtypes and shapes kept."""
@@ -165,15 +201,16 @@ def test_a_model_trains_through_the_fused_form_as_through_the_torch_backend(monk
     monkeypatch.setattr(ssd_quadratic_triton, "ssd_quadratic_fused",
                         lambda *a, **k: calls.append(1) or fused_fn(*a, **k))
     monkeypatch.setattr(backend, "uses_triton", lambda name, x: name != "torch")  # the Triton path, on any device
-    assert_trains_as_the_torch_backend(quadratic_max_len=16, rows=3, length=13, doc_starts={1: 6})
-    assert len(calls) == 2  # one per layer: the fused form ran
+    assert_trains_as_the_torch_backend(quadratic_max_len=16, rows=3, length=13, doc_starts={1: 6}, dt_copied=False)
+    assert len(calls) == 2  # one per layer: the fused form ran (on the raw dt: no softplus in torch, no copy)
 
 
-def assert_trains_as_the_torch_backend(quadratic_max_len: int, rows: int, length: int, doc_starts: dict) -> None:
+def assert_trains_as_the_torch_backend(quadratic_max_len: int, rows: int, length: int, doc_starts: dict,
+                                       dt_copied: bool) -> None:
     """A 2-layer MambaLM's training loss (return_state=False, documents from ``doc_starts``: row -> position) and
     gradients on the Triton path ("auto", with uses_triton patched by the caller) equal the torch backend's in fp32,
     and the backwards wrote their gradients into the splits' buffers (grad_slots.py): per layer the splits copied in
-    only dt's (from torch's softplus), no z, xBC, x, B or C."""
+    no z, xBC, x, B or C, and dt's (from torch's softplus) only if ``dt_copied``."""
     from lightning_mamba.models import MambaConfig, MambaLM
 
     torch.manual_seed(0)
@@ -193,7 +230,7 @@ def assert_trains_as_the_torch_backend(quadratic_max_len: int, rows: int, length
         losses[name] = loss.detach()
         grads[name] = {k: p.grad for k, p in model.named_parameters()}
     dt_shape = (rows, length - 1, models["auto"].mixers[0].nheads)
-    assert [c for c in copied["auto"] if c[:2] == dt_shape[:2]] == [dt_shape] * 2, copied
+    assert [c for c in copied["auto"] if c[:2] == dt_shape[:2]] == [dt_shape] * 2 * dt_copied, copied
     assert_rel_close(losses["auto"], losses["torch"], 1e-5, "loss")
     for k, g in grads["torch"].items():
         assert_rel_close(grads["auto"][k], g, 1e-4, f"grad {k}")
