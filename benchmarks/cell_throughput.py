@@ -43,7 +43,7 @@ Contenders:
                    process can overlap (small cells leave most of the GPU idle). Per cell: rounds/s.
   <any>_1cell_quadratic  that 1-cell contender with --quadratic_max_len raised to --seq_len: the scan in the SSD's
                    attention form (no padding to a chunk, no state; on CUDA our fused Triton kernels,
-                   models/kernels/ssd_quadratic_triton.py, and for rows of 65-256 tokens ssd_blocked_triton.py),
+                   models/kernels/ssd_quadratic_triton.py, and for rows of 65-1024 tokens ssd_blocked_triton.py),
                    beside the same contender with the chunked scan in the same run (e.g.
                    graph_1cell,graph_1cell_quadratic).
   <any>_1cell_quadratic_torch  the same with the attention form in torch (models/ssd.py ssd_quadratic's einsums):

@@ -5,14 +5,16 @@ ssd_quadratic_triton.py's one-tile kernels:
 
     y_t = sum_{s <= t, same document} S_ts exp(cs_t - cs_s) dt_s x_s + D x_t,   S = C B^T,  cs = cumsum(dt * A)
 
-Why: the forgetting study trains 4 x 256 models at d_state up to 2048 on rows of up to 256 tokens. Past 64 tokens
+Why: the forgetting study trains 4 x 256 models at d_state up to 2048 on rows of up to 256 tokens (the throughput
+issue's cells reach 1024). Past 64 tokens
 those ran mamba_ssm's chunked kernels, which write and re-read a (headdim x d_state) state per chunk and head: at
 d_state 512 and LEN 128 on an H200, 92 steps/s against ~220 for 32-token rows in the one-tile kernels. The attention
 form builds no state at all; its cost is the pairs of blocks. A row of ``nb`` blocks has nb (nb + 1) / 2 pairs (i, j),
 j <= i. The kernels:
 
   * ``_scores_kernel`` (one program per row, group and pair): S_ij = C_i B_j^T over d_state, once for all the
-    group's heads, kept (fp32, nb^2 x 64 x 64 per row and group: 256 KB at nb = 4) for the other kernels;
+    group's heads, kept (fp32, nb^2 x 64 x 64 per row and group: 256 KB at nb = 4, 4 MB at nb = 16) for the
+    other kernels;
   * ``_fwd_kernel`` (per row, head and block i): y_i = sum_j (S_ij * decay * dt_j) x_j;
   * ``_bwd_x_kernel`` (per row, head and block j): grad x_j and the gradients of dt_j and of cs (from the decay);
   * ``_bwd_ds_kernel`` (per row, group and pair): the scores' gradient dS_ij, summed over the group's heads, kept
@@ -40,7 +42,9 @@ except ImportError:
     triton = None
 
 BLOCK_T = 64  # tokens per block
-MAX_LEN = 256  # the study's longest rows; beyond, the pairs (and the kept scores) grow with the square of the blocks
+# the throughput issue's longest cell rows; the pairs (and the kept scores) grow with the square of the blocks, so
+# whether the form pays at a length and d_state is for benchmarks/cell_throughput.py to say (quadratic_max_len)
+MAX_LEN = 1024
 BLOCK_N = 64  # d_state columns per step of the C B^T and grad B, C products
 
 

@@ -1,4 +1,4 @@
-"""The blocked attention-form SSD (rows of 65 to 256 tokens in 64-token blocks) equals ssd.ssd_quadratic plus the D
+"""The blocked attention-form SSD (rows of 65 to 1024 tokens in 64-token blocks) equals ssd.ssd_quadratic plus the D
 skip, values and every gradient, and the backend runs it where it should (training rows too long for one tile).
 
 Runs on CUDA when available, else on CPU through Triton's interpreter when TRITON_INTERPRET=1, else skips (CI has
@@ -30,7 +30,8 @@ def blocked(x, dt, A, B, C, D, seq_idx):
     (2, 65, 2, 16, 1, 16, False, True),     # two blocks, the second holding one token
     (2, 130, 4, 16, 2, 24, True, True),     # three blocks, two groups, documents across blocks, d_state of 24
     (1, 128, 2, 32, 1, 80, True, False),    # two full blocks, d_state not a multiple of the 64-wide steps, no D
-    (1, 256, 2, 16, 1, 16, True, True),     # the longest row the kernels take: four blocks
+    (1, 256, 2, 16, 1, 16, True, True),     # four blocks
+    (1, 1024, 2, 16, 1, 16, True, True),    # the longest row the kernels take: sixteen blocks
 ])
 def test_blocked_attention_form_equals_the_torch_form_in_fp32(b, l, h, p, g, n, docs, with_d):
     # grad A sums the cancelling row and column sums of every pair through cs = cumsum(dt A): at 256 tokens 4.9e-5
