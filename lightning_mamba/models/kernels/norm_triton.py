@@ -27,11 +27,13 @@ except ImportError:
 
 class TilePlan(NamedTuple):
     """A norm's tile plan: elements per tile (rows x the row length padded to a power of two), backward programs per
-    SM (each sums its own grad-weight partials), elements of a tile per thread (sets the warps)."""
+    SM (each sums its own grad-weight partials), elements of a tile per thread (sets the warps), and whether a
+    backward program's loads of its next tile are in flight while it works on the current one."""
 
     tile_elements: int
     programs_per_sm: int
     elements_per_thread: int
+    prefetch: bool = False  # the backward loads its next tile before working on this one (not yet timed on a GPU)
 
 
 # Per norm, from benchmarks/norm_kernel.py --sweep (each plan replayed from a CUDA graph) at the 130m shapes on an
@@ -97,27 +99,51 @@ if triton is not None:
         tl.store(out_ptr + rows64 * stride_out + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _add_bwd_loads(x_ptr, rstd_ptr, dout_ptr, dres_out_ptr, first, n_rows, width, stride_x, stride_dout,
+                       stride_dres_out, HAS_DRES_OUT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        """A tile's inputs to the add norm's backward, as stored (dres_out: x's when there is none)."""
+        rows, rows64, cols, row_ok, _col_ok, mask = _tile(first, n_rows, width, ROWS, BLOCK)
+        x = tl.load(x_ptr + rows64 * stride_x + cols[None, :], mask=mask, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+        dy = tl.load(dout_ptr + rows64 * stride_dout + cols[None, :], mask=mask, other=0.0)
+        dres_out = x
+        if HAS_DRES_OUT:
+            dres_out = tl.load(dres_out_ptr + rows64 * stride_dres_out + cols[None, :], mask=mask, other=0.0)
+        return x, rstd, dy, dres_out
+
+    @triton.jit
     def _add_rmsnorm_bwd_kernel(x_ptr, w_ptr, rstd_ptr, dout_ptr, dres_out_ptr, dh_ptr, dres_ptr, dw_ptr, n_rows, width,
                                 stride_x, stride_dout, stride_dres_out, stride_dh, stride_dres,
                                 TILES_PER_PROGRAM: tl.constexpr, HAS_DRES_OUT: tl.constexpr,
-                                STORE_DRES: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                                STORE_DRES: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                                PREFETCH: tl.constexpr):
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         col_ok = cols < width
         w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         dw = tl.zeros([BLOCK], dtype=tl.float32)
+        first_tile = pid * TILES_PER_PROGRAM * ROWS
+        if PREFETCH:
+            nxt = _add_bwd_loads(x_ptr, rstd_ptr, dout_ptr, dres_out_ptr, first_tile, n_rows, width, stride_x,
+                                 stride_dout, stride_dres_out, HAS_DRES_OUT, ROWS, BLOCK)
         for i in range(TILES_PER_PROGRAM):  # a constexpr trip count: one compile per plan, fixed in training
-            first = (pid * TILES_PER_PROGRAM + i) * ROWS
+            first = first_tile + i * ROWS
             rows, rows64, _cols, row_ok, _col_ok, mask = _tile(first, n_rows, width, ROWS, BLOCK)
-            x = tl.load(x_ptr + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
-            x_hat = x * rstd[:, None]
-            dy = tl.load(dout_ptr + rows64 * stride_dout + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            if PREFETCH:  # this tile came with the last step; the next one's loads go out now (after the last: none)
+                x, rstd, dy, dres_out = nxt
+                nxt = _add_bwd_loads(x_ptr, rstd_ptr, dout_ptr, dres_out_ptr, first + ROWS,
+                                     tl.where(i + 1 < TILES_PER_PROGRAM, n_rows, 0), width, stride_x, stride_dout,
+                                     stride_dres_out, HAS_DRES_OUT, ROWS, BLOCK)
+            else:
+                x, rstd, dy, dres_out = _add_bwd_loads(x_ptr, rstd_ptr, dout_ptr, dres_out_ptr, first, n_rows, width,
+                                                       stride_x, stride_dout, stride_dres_out, HAS_DRES_OUT, ROWS,
+                                                       BLOCK)
+            x_hat = x.to(tl.float32) * rstd[:, None]
+            dy = dy.to(tl.float32)
             w_dy = dy * w[None, :]
             c = tl.sum(x_hat * w_dy, axis=1) / width
             dx = (w_dy - x_hat * c[:, None]) * rstd[:, None]
             if HAS_DRES_OUT:  # the residual stream's own gradient passes through the add
-                dres_out = tl.load(dres_out_ptr + rows64 * stride_dres_out + cols[None, :], mask=mask, other=0.0)
                 dx += dres_out.to(tl.float32)
             tl.store(dh_ptr + rows64 * stride_dh + cols[None, :], dx.to(dh_ptr.dtype.element_ty), mask=mask)
             if STORE_DRES:
@@ -141,27 +167,51 @@ if triton is not None:
         tl.store(out_ptr + rows64 * stride_out + offset, out.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _gated_bwd_loads(y_ptr, z_ptr, rstd_ptr, dout_ptr, first, n_rows, group_size, n_groups, group, stride_y,
+                         stride_z, stride_dout, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        """A tile's inputs to the gated norm's backward, as stored."""
+        rows, rows64, cols, row_ok, _col_ok, mask = _tile(first, n_rows, group_size, ROWS, BLOCK)
+        offset = group * group_size + cols[None, :]
+        y = tl.load(y_ptr + rows64 * stride_y + offset, mask=mask, other=0.0)
+        z = tl.load(z_ptr + rows64 * stride_z + offset, mask=mask, other=0.0)
+        rstd = tl.load(rstd_ptr + rows * n_groups + group, mask=row_ok, other=0.0)
+        d = tl.load(dout_ptr + rows64 * stride_dout + offset, mask=mask, other=0.0)
+        return y, z, rstd, d
+
+    @triton.jit
     def _gated_rmsnorm_bwd_kernel(y_ptr, z_ptr, w_ptr, rstd_ptr, dout_ptr, dy_ptr, dz_ptr, dw_ptr, n_rows, group_size,
                                   n_groups, stride_y, stride_z, stride_dout, stride_dy, stride_dz,
-                                  TILES_PER_PROGRAM: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                                  TILES_PER_PROGRAM: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                                  PREFETCH: tl.constexpr):
         pid = tl.program_id(0)
         group = tl.program_id(1)
         cols = tl.arange(0, BLOCK)
         col_ok = cols < group_size
         w = tl.load(w_ptr + group * group_size + cols, mask=col_ok, other=0.0).to(tl.float32)
         dw = tl.zeros([BLOCK], dtype=tl.float32)
+        first_tile = pid * TILES_PER_PROGRAM * ROWS
+        if PREFETCH:
+            nxt = _gated_bwd_loads(y_ptr, z_ptr, rstd_ptr, dout_ptr, first_tile, n_rows, group_size, n_groups, group,
+                                   stride_y, stride_z, stride_dout, ROWS, BLOCK)
         for i in range(TILES_PER_PROGRAM):  # a constexpr trip count: one compile per plan, fixed in training
-            first = (pid * TILES_PER_PROGRAM + i) * ROWS
+            first = first_tile + i * ROWS
             rows, rows64, _cols, row_ok, _col_ok, mask = _tile(first, n_rows, group_size, ROWS, BLOCK)
             offset = group * group_size + cols[None, :]
-            y = tl.load(y_ptr + rows64 * stride_y + offset, mask=mask, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + rows64 * stride_z + offset, mask=mask, other=0.0).to(tl.float32)
+            if PREFETCH:  # this tile came with the last step; the next one's loads go out now (after the last: none)
+                y, z, rstd, d = nxt
+                nxt = _gated_bwd_loads(y_ptr, z_ptr, rstd_ptr, dout_ptr, first + ROWS,
+                                       tl.where(i + 1 < TILES_PER_PROGRAM, n_rows, 0), group_size, n_groups, group,
+                                       stride_y, stride_z, stride_dout, ROWS, BLOCK)
+            else:
+                y, z, rstd, d = _gated_bwd_loads(y_ptr, z_ptr, rstd_ptr, dout_ptr, first, n_rows, group_size, n_groups,
+                                                 group, stride_y, stride_z, stride_dout, ROWS, BLOCK)
+            y = y.to(tl.float32)
+            z = z.to(tl.float32)
             sig = tl.sigmoid(z)
             silu = z * sig
             g = y * silu
-            rstd = tl.load(rstd_ptr + rows * n_groups + group, mask=row_ok, other=0.0)
             g_hat = g * rstd[:, None]
-            d = tl.load(dout_ptr + rows64 * stride_dout + offset, mask=mask, other=0.0).to(tl.float32)
+            d = d.to(tl.float32)
             w_d = d * w[None, :]
             c = tl.sum(g_hat * w_d, axis=1) / group_size
             dg = (w_d - g_hat * c[:, None]) * rstd[:, None]
@@ -220,7 +270,7 @@ class AddRMSNorm(torch.autograd.Function):
             n_rows, width, x.stride(0), dout2.stride(0), dres_out2.stride(0) if dres_out2 is not None else 0,
             dh.stride(0), dres.stride(0) if store_dres else 0,
             TILES_PER_PROGRAM=per_program, HAS_DRES_OUT=dres_out2 is not None, STORE_DRES=store_dres, ROWS=rows,
-            BLOCK=block, num_warps=_warps(block, rows))
+            BLOCK=block, PREFETCH=PLANS["add"].prefetch, num_warps=_warps(block, rows))
         d_residual = None if not ctx.has_residual else (dres if store_dres else dh).view(shape)
         return dh.view(shape), d_residual, dw.sum(0).to(weight.dtype), None, None
 
@@ -267,7 +317,7 @@ class GatedRMSNorm(torch.autograd.Function):
         _gated_rmsnorm_bwd_kernel[(programs, n_groups)](
             y, z, weight, rstd, dout2, dy, dz, dw, n_rows, group_size, n_groups, y.stride(0), z.stride(0),
             dout2.stride(0), dy.stride(0), dz.stride(0), TILES_PER_PROGRAM=per_program, ROWS=rows, BLOCK=block,
-            num_warps=_warps(block, rows, "gated"))
+            PREFETCH=PLANS["gated"].prefetch, num_warps=_warps(block, rows, "gated"))
         return dy.view(shape), dz.view(shape), dw.sum(0).to(weight.dtype), None, None, None
 
 

@@ -16,6 +16,14 @@ from .triton_env import DEVICE, needs_triton
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
 
+@pytest.fixture(params=[False, True], ids=["loads_in_step", "prefetch"])
+def prefetch(request, monkeypatch):
+    """Both norms' plans with and without the backward's prefetch of its next tile."""
+    for norm in ("add", "gated"):
+        monkeypatch.setitem(kernels.PLANS, norm, kernels.PLANS[norm]._replace(prefetch=request.param))
+    return request.param
+
+
 def leaves(*tensors):
     return [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
 
@@ -33,7 +41,7 @@ def reference_add_rmsnorm(h, residual, weight, eps, residual_in_fp32):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", ["first block", "residual fp32", "residual same dtype"])
 @pytest.mark.parametrize("n_rows, width", [(37, 48), (1100, 48), (9, 200)])
-def test_add_rmsnorm_matches_the_torch_norm(dtype, case, n_rows, width):
+def test_add_rmsnorm_matches_the_torch_norm(dtype, case, n_rows, width, prefetch):
     g = torch.Generator().manual_seed(n_rows + width)
     h = torch.randn(n_rows, width, generator=g).to(DEVICE, dtype)
     residual = None if case == "first block" else torch.randn(n_rows, width, generator=g).to(
@@ -64,7 +72,7 @@ def test_add_rmsnorm_matches_the_torch_norm(dtype, case, n_rows, width):
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n_rows, width, group_size", [(37, 48, 48), (1100, 48, 24), (9, 96, 32)])
-def test_gated_rmsnorm_matches_the_torch_norm(dtype, n_rows, width, group_size):
+def test_gated_rmsnorm_matches_the_torch_norm(dtype, n_rows, width, group_size, prefetch):
     g = torch.Generator().manual_seed(n_rows * width + group_size)
     wide = torch.randn(n_rows, 2 * width + 5, generator=g).to(DEVICE, dtype)
     y, z = wide[:, :width], wide[:, width + 5:]  # column slices of one tensor, as the mixer's y and z can be
