@@ -194,7 +194,8 @@ def graph_timer(fn, reps: int = 50) -> float:
 
 def sweep(shapes: list[Shape], device: str, dtype) -> int:
     """Our kernels under every plan of SWEEP (norm_triton.TilePlan: tile size, backward programs per SM, elements per
-    thread, the backward's prefetch of its next tile), per norm: each plan checked in fp32, then timed from a CUDA graph (graph_timer); the backward alone is
+    thread, the backward's prefetch of its next tile), per norm: each plan checked in fp32, then timed from a CUDA
+    graph (graph_timer); the backward alone is
     fwd+bwd - fwd. The module's plans are restored."""
     import itertools
 
@@ -219,14 +220,16 @@ def sweep(shapes: list[Shape], device: str, dtype) -> int:
                     failed |= not ok
                     fwd, both = time_norm(fns[norm], norm, shape, device, dtype, measure) if ok else (float("nan"),) * 2
                     mark = " (default)" if norm_triton.PLANS[norm] == default[norm] else ""
-                    print(f"{shape.name:<6} {norm:<6} {plan[0]:>5} {plan[1]:>8} {plan[2]:>6} {'yes' if plan[3] else 'no':>4} "
-                          f"{text:<16} {fwd:9.1f} {both - fwd:9.1f}{mark}")
+                    pref = "yes" if plan[3] else "no"
+                    print(f"{shape.name:<6} {norm:<6} {plan[0]:>5} {plan[1]:>8} {plan[2]:>6} {pref:>4} {text:<16} "
+                          f"{fwd:9.1f} {both - fwd:9.1f}{mark}")
                     if ok and (best is None or both - fwd < best[0]):
                         best = (both - fwd, plan)
                 norm_triton.PLANS[norm] = default[norm]
                 if best is not None:
                     print(f"{shape.name:<6} {norm:<6} fastest backward: {best[0]:.1f} us at tile {best[1][0]}, "
-                          f"{best[1][1]} programs/SM, {best[1][2]} elements/thread, prefetch {'on' if best[1][3] else 'off'}")
+                          f"{best[1][1]} programs/SM, {best[1][2]} elements/thread, "
+                          f"prefetch {'on' if best[1][3] else 'off'}")
     finally:
         norm_triton.PLANS.update(default)
     return 1 if failed else 0

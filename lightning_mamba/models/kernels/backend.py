@@ -159,7 +159,8 @@ def ssd(
                          and uses_triton(backend, x))
     # the kernels that take the raw dt: mamba_ssm's chunked ones, and our one-tile ones without a dt_limit
     raw_dt_in_kernels = (chunked_in_kernels and ssd_chunked_mamba.entries() is not None) or (
-        attention_kernels and tuple(dt_limit) == NO_DT_LIMIT and ssd_quadratic_triton.supports(x, dt, B, C, raw_dt=True))
+        attention_kernels and tuple(dt_limit) == NO_DT_LIMIT
+        and ssd_quadratic_triton.supports(x, dt, B, C, raw_dt=True))
     if dt_bias is not None and not raw_dt_in_kernels:
         dt, dt_bias = positive_dt(dt, dt_bias, dt_limit), None
     if attention_form:

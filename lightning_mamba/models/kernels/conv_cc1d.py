@@ -73,8 +73,9 @@ def conv1d_silu(
     lib=None, return_state: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """backend.conv1d_silu through ``causal_conv1d_fn``: (silu(conv(u)) (b, l, d), new conv state (b, d, k-1) in u's
-    dtype, or None unless ``return_state``). u must pass :func:`unsupported`. Differentiable in u, weight and bias (not in conv_state: the library's
-    gradient for it is not used). ``lib``: the library module (default the installed one; tests pass a stand-in)."""
+    dtype, or None unless ``return_state``). u must pass :func:`unsupported`. Differentiable in u, weight and bias
+    (not in conv_state: the library's gradient for it is not used). ``lib``: the library module (default the
+    installed one; tests pass a stand-in)."""
     lib = load()[0] if lib is None else lib
     x, w = u.transpose(1, 2), weight[:, 0, :]
     b = None if bias is None else bias.to(w.dtype)

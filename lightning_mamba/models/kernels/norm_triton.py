@@ -50,7 +50,8 @@ def tile_plan(n_rows: int, width: int, device: torch.device, norm: str = "add") 
     rows = max(1, min(16, plan.tile_elements // block))
     tiles = -(-n_rows // rows)
     if device.type == "cuda":
-        cap = plan.programs_per_sm * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        cap = plan.programs_per_sm * _sm_count(index)
     else:
         cap = 64  # Triton's CPU interpreter (tests): any count is correct
     per_program = -(-tiles // max(1, min(tiles, cap)))

@@ -6,20 +6,20 @@ ssd_quadratic_triton.py's one-tile kernels:
     y_t = sum_{s <= t, same document} S_ts exp(cs_t - cs_s) dt_s x_s + D x_t,   S = C B^T,  cs = cumsum(dt * A)
 
 Why: the forgetting study trains 4 x 256 models at d_state up to 2048 on rows of up to 256 tokens (the throughput
-issue's cells reach 1024). Past 64 tokens
-those ran mamba_ssm's chunked kernels, which write and re-read a (headdim x d_state) state per chunk and head: at
-d_state 512 and LEN 128 on an H200, 92 steps/s against ~220 for 32-token rows in the one-tile kernels. The attention
-form builds no state at all; its cost is the pairs of blocks. A row of ``nb`` blocks has nb (nb + 1) / 2 pairs (i, j),
-j <= i. The kernels:
+issue's cells reach 1024). Past 64 tokens those ran mamba_ssm's chunked kernels, which write and re-read a
+(headdim x d_state) state per chunk and head: at d_state 512 and LEN 128 on an H200, 92 steps/s against ~220 for
+32-token rows in the one-tile kernels. The attention form builds no state at all; its cost is the pairs of blocks.
+A row of ``nb`` blocks has nb (nb + 1) / 2 pairs (i, j), j <= i. The kernels:
 
-  * ``_scores_kernel`` (one program per row, group and pair): S_ij = C_i B_j^T over d_state, once for all the
-    group's heads, kept (fp32, nb^2 x 64 x 64 per row and group: 256 KB at nb = 4, 4 MB at nb = 16) for the
-    other kernels;
-  * ``_fwd_kernel`` (per row, head and block i): y_i = sum_j (S_ij * decay * dt_j) x_j;
-  * ``_bwd_x_kernel`` (per row, head and block j): grad x_j and the gradients of dt_j and of cs (from the decay);
-  * ``_bwd_ds_kernel`` (per row, group and pair): the scores' gradient dS_ij, summed over the group's heads, kept
-    in the scores' layout;
-  * ``_bwd_bc_kernel`` (per row, group, block k and slice of d_state): grad C_k = sum_j dS_kj B_j and
+  * ``_ssd_blocked_scores_kernel`` (one program per row, group and pair): S_ij = C_i B_j^T over d_state, once for
+    all the group's heads, kept (fp32, nb^2 x 64 x 64 per row and group: 256 KB at nb = 4, 4 MB at nb = 16) for
+    the other kernels;
+  * ``_ssd_blocked_fwd_kernel`` (per row, head and block i): y_i = sum_j (S_ij * decay * dt_j) x_j;
+  * ``_ssd_blocked_bwd_x_kernel`` (per row, head and block j): grad x_j and the gradients of dt_j and of cs (from
+    the decay);
+  * ``_ssd_blocked_bwd_ds_kernel`` (per row, group and pair): the scores' gradient dS_ij, summed over the group's
+    heads, kept in the scores' layout;
+  * ``_ssd_blocked_bwd_bc_kernel`` (per row, group, block k and slice of d_state): grad C_k = sum_j dS_kj B_j and
     grad B_k = sum_i dS_ik^T C_i, in a fixed order (deterministic), written once, into the conv split's gradient
     buffer when B and C are its pieces (grad_slots.py), as grad x is.
 
@@ -113,7 +113,7 @@ if triton is not None:
         return s_ptr + base + r[:, None] * BLOCK_T + r[None, :]
 
     @triton.jit
-    def _scores_kernel(B_ptr, C_ptr, s_ptr, l, sbb, sbl, sbg, scb, scl, scg,
+    def _ssd_blocked_scores_kernel(B_ptr, C_ptr, s_ptr, l, sbb, sbl, sbg, scb, scl, scg,
                        G: tl.constexpr, N: tl.constexpr, NB: tl.constexpr, BLOCK_T: tl.constexpr,
                        BLOCK_N: tl.constexpr, DOT: tl.constexpr):
         bi, gi, i, j, ti, ti_ok, tj, tj_ok = _pair(l, NB, BLOCK_T)
@@ -129,7 +129,7 @@ if triton is not None:
             tl.store(_scores_ptrs(s_ptr, bi, gi, i, j, G, NB, BLOCK_T), s)
 
     @triton.jit
-    def _fwd_kernel(x_ptr, dt_ptr, cs_ptr, D_ptr, seq_ptr, s_ptr, y_ptr, l,
+    def _ssd_blocked_fwd_kernel(x_ptr, dt_ptr, cs_ptr, D_ptr, seq_ptr, s_ptr, y_ptr, l,
                     sxb, sxl, sxh, sdb, sdl, ssb, ssl, syb, syl, syh,
                     R: tl.constexpr, G: tl.constexpr, P: tl.constexpr, HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr,
                     NB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, DOT: tl.constexpr):
@@ -151,7 +151,7 @@ if triton is not None:
                  mask=tp_ok)
 
     @triton.jit
-    def _bwd_x_kernel(x_ptr, dt_ptr, cs_ptr, D_ptr, seq_ptr, s_ptr, dy_ptr, dx_ptr, ddt_ptr, dcs_col_ptr,
+    def _ssd_blocked_bwd_x_kernel(x_ptr, dt_ptr, cs_ptr, D_ptr, seq_ptr, s_ptr, dy_ptr, dx_ptr, ddt_ptr, dcs_col_ptr,
                       dcs_row_ptr, dD_part_ptr, l, H,
                       sxb, sxl, sxh, sdb, sdl, ssb, ssl, syb, syl, syh, sob, sol, soh,
                       R: tl.constexpr, G: tl.constexpr, P: tl.constexpr, HAS_D: tl.constexpr,
@@ -191,12 +191,12 @@ if triton is not None:
         tl.store(dcs_col_ptr + bi * sdb + tj * sdl + hd, -dcs_col, mask=tj_ok)
 
     @triton.jit
-    def _bwd_ds_kernel(x_ptr, dt_ptr, cs_ptr, seq_ptr, dy_ptr, ds_ptr, l,
+    def _ssd_blocked_bwd_ds_kernel(x_ptr, dt_ptr, cs_ptr, seq_ptr, dy_ptr, ds_ptr, l,
                        sxb, sxl, sxh, sdb, sdl, ssb, ssl, syb, syl, syh,
                        R: tl.constexpr, G: tl.constexpr, P: tl.constexpr, HAS_SEQ: tl.constexpr,
                        NB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, DOT: tl.constexpr):
         """Pair (i, j) of a row and group: the gradient of its scores, dS_ij = sum over the group's heads of
-        (dy_i x_j^T) * decay * dt_j, kept in the scores' layout for _bwd_bc_kernel."""
+        (dy_i x_j^T) * decay * dt_j, kept in the scores' layout for _ssd_blocked_bwd_bc_kernel."""
         bi, gi, i, j, ti, ti_ok, tj, tj_ok = _pair(l, NB, BLOCK_T)
         if j <= i:
             p = tl.arange(0, BLOCK_P)
@@ -213,7 +213,7 @@ if triton is not None:
             tl.store(_scores_ptrs(ds_ptr, bi, gi, i, j, G, NB, BLOCK_T), ds)
 
     @triton.jit
-    def _bwd_bc_kernel(B_ptr, C_ptr, ds_ptr, dB_ptr, dC_ptr, l,
+    def _ssd_blocked_bwd_bc_kernel(B_ptr, C_ptr, ds_ptr, dB_ptr, dC_ptr, l,
                        sbb, sbl, sbg, scb, scl, scg, sdbb, sdbl, sdbg, sdcb, sdcl, sdcg,
                        G: tl.constexpr, N: tl.constexpr, NB: tl.constexpr, BLOCK_T: tl.constexpr,
                        BLOCK_N: tl.constexpr, DOT: tl.constexpr):
@@ -270,11 +270,11 @@ class _SSDBlocked(torch.autograd.Function):
         seq = x if seq_idx is None else seq_idx
         sseq = (0, 0) if seq_idx is None else seq_idx.stride()
         scores = torch.empty(b, g, nb, nb, BLOCK_T, BLOCK_T, device=x.device, dtype=torch.float32)
-        _scores_kernel[(b, g, nb * nb)](
+        _ssd_blocked_scores_kernel[(b, g, nb * nb)](
             B, C, scores, l, *B.stride()[:3], *C.stride()[:3], G=g, N=n, BLOCK_N=_block_n(n),
             **{k: meta[k] for k in ("NB", "BLOCK_T", "DOT", "num_warps")})
         y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-        _fwd_kernel[(b, h, nb)](
+        _ssd_blocked_fwd_kernel[(b, h, nb)](
             x, dt, cs, x if D is None else D, seq, scores, y, l, *x.stride()[:3], dt.stride(0), dt.stride(1), *sseq,
             *y.stride()[:3], R=h // g, G=g, HAS_D=D is not None, HAS_SEQ=seq_idx is not None, **meta)
         ctx.save_for_backward(x, dt, cs, B, C, D, seq_idx, scores)
@@ -297,12 +297,12 @@ class _SSDBlocked(torch.autograd.Function):
         dcs_col = torch.empty(dt.shape, device=x.device, dtype=torch.float32)
         dcs_row = torch.zeros(b, nb, l, h, device=x.device, dtype=torch.float32)  # block i < j: never written
         dD_part = torch.empty(b, nb, h, device=x.device, dtype=torch.float32)
-        _bwd_x_kernel[(b, h, nb)](
+        _ssd_blocked_bwd_x_kernel[(b, h, nb)](
             x, dt, cs, x if D is None else D, seq, scores, dy, dx, ddt, dcs_col, dcs_row, dD_part, l, h,
             *x.stride()[:3], dt.stride(0), dt.stride(1), *sseq, *dy.stride()[:3], *dx.stride()[:3],
             R=h // g, G=g, HAS_D=D is not None, HAS_SEQ=seq_idx is not None, **meta)
         ds = torch.empty_like(scores)  # the scores' gradients, pair by pair
-        _bwd_ds_kernel[(b, g, nb * nb)](
+        _ssd_blocked_bwd_ds_kernel[(b, g, nb * nb)](
             x, dt, cs, seq, dy, ds, l, *x.stride()[:3], dt.stride(0), dt.stride(1), *sseq, *dy.stride()[:3],
             R=h // g, G=g, HAS_SEQ=seq_idx is not None, **meta)
         # into B's and C's columns of the conv split's gradient buffer when they are its pieces (grad_slots.py)
@@ -310,7 +310,7 @@ class _SSDBlocked(torch.autograd.Function):
         dB = torch.empty(B.shape, device=x.device, dtype=B.dtype) if dB is None else dB
         dC = torch.empty(C.shape, device=x.device, dtype=C.dtype) if dC is None else dC
         block_n = _block_n(n)
-        _bwd_bc_kernel[(b, g, nb * triton.cdiv(n, block_n))](
+        _ssd_blocked_bwd_bc_kernel[(b, g, nb * triton.cdiv(n, block_n))](
             B, C, ds, dB, dC, l, *B.stride()[:3], *C.stride()[:3], *dB.stride()[:3], *dC.stride()[:3],
             G=g, N=n, BLOCK_N=block_n, **{k: meta[k] for k in ("NB", "BLOCK_T", "DOT", "num_warps")})
         dcs = dcs_row.sum(1) + dcs_col

@@ -103,7 +103,7 @@ if triton is not None:
         return bi, gi, t, t_ok, p, tp_ok, row_b, row_c, cb, keep
 
     @triton.jit
-    def _fwd_kernel(
+    def _ssd_attention_fwd_kernel(
         x_ptr, dt_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, y_ptr, l,
         sxb, sxl, sxh, sdb, sdl, sbb, sbl, sbg, scb, scl, scg, ssb, ssl, syb, syl, syh,
         R: tl.constexpr, P: tl.constexpr, N: tl.constexpr, HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr,
@@ -125,7 +125,7 @@ if triton is not None:
                      mask=tp_ok)
 
     @triton.jit
-    def _bwd_kernel(
+    def _ssd_attention_bwd_kernel(
         x_ptr, dt_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, dy_ptr, dx_ptr, ddt_ptr, dB_ptr, dC_ptr,
         dA_part_ptr, dD_part_ptr, dbias_part_ptr, l, H,
         sxb, sxl, sxh, sdb, sdl, sbb, sbl, sbg, scb, scl, scg, ssb, ssl, syb, syl, syh,
@@ -210,7 +210,7 @@ class _SSDQuadratic(torch.autograd.Function):
     def forward(ctx, x, dt, A, B, C, D, seq_idx, dt_bias, slots):
         y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
         strides, meta, grid = _launch_args(x, dt, B, C, seq_idx)
-        _fwd_kernel[grid](
+        _ssd_attention_fwd_kernel[grid](
             x, dt, dt if dt_bias is None else dt_bias, A, B, C, x if D is None else D,
             x if seq_idx is None else seq_idx, y, x.size(1), *strides, *y.stride()[:3], HAS_D=D is not None,
             HAS_BIAS=dt_bias is not None, **meta,
@@ -235,7 +235,7 @@ class _SSDQuadratic(torch.autograd.Function):
         dD_part = torch.empty(b, h, device=x.device, dtype=torch.float32) if D is not None else dA_part
         dbias_part = torch.empty(b, h, device=x.device, dtype=torch.float32) if dt_bias is not None else dA_part
         strides, meta, grid = _launch_args(x, dt, B, C, seq_idx)
-        _bwd_kernel[grid](
+        _ssd_attention_bwd_kernel[grid](
             x, dt, dt if dt_bias is None else dt_bias, A, B, C, x if D is None else D,
             x if seq_idx is None else seq_idx, dy, dx, ddt, dB, dC, dA_part, dD_part, dbias_part, x.size(1), h,
             *strides, *dy.stride()[:3], *dx.stride()[:3], *dB.stride()[:3], ddt.stride(0), ddt.stride(1),

@@ -116,7 +116,8 @@ def test_adapter_passes_the_librarys_layout():
         if state is None:
             assert call["initial_states"] is None
             # training: the same output and no state built
-            out_only, none = conv_cc1d.conv1d_silu(u, inp["weight"], inp["bias"], state, seq, lib=lib, return_state=False)
+            out_only, none = conv_cc1d.conv1d_silu(u, inp["weight"], inp["bias"], state, seq, lib=lib,
+                                                   return_state=False)
             assert none is None and torch.equal(out_only, out)
         else:
             assert call["initial_states"].dtype == u.dtype and call["initial_states"].stride(1) == 1

@@ -19,11 +19,11 @@ from lightning_mamba.models.mixer import Mamba2
 from ...op_watch import copy_destinations
 from .triton_env import DEVICE
 
-SIZES = [2, (3, 2), 4]
+SIZES = [2, (3, 2), 4]  # widths 2, 6, 4: the middle piece seen as (..., 3, 2)
 
 
 def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()  # widths 2, 6, 4: the middle piece seen as (..., 3, 2)
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def plain_split(t, sizes):
