@@ -157,15 +157,15 @@ def ssd(
     chunked_in_kernels = not attention_form and uses_triton(backend, x)
     attention_kernels = (attention_form and not return_final_state and _quadratic_kernel == "ours"
                          and uses_triton(backend, x))
-    # the kernels that take the raw dt: mamba_ssm's chunked ones, and our one-tile ones without a dt_limit
-    raw_dt_in_kernels = (chunked_in_kernels and ssd_chunked_mamba.entries() is not None) or (
-        attention_kernels and tuple(dt_limit) == NO_DT_LIMIT
-        and ssd_quadratic_triton.supports(x, dt, B, C, raw_dt=True))
-    if dt_bias is not None and not raw_dt_in_kernels:
+    # rows of one tile in our kernels, which take dt raw when no dt_limit is set (checked before it is made positive)
+    one_tile = (attention_kernels and tuple(dt_limit) == NO_DT_LIMIT
+                and ssd_quadratic_triton.supports(x, dt, B, C, raw_dt=dt_bias is not None))
+    # the kernels that take the raw dt: mamba_ssm's chunked ones and our one-tile ones
+    if dt_bias is not None and not (one_tile or (chunked_in_kernels and ssd_chunked_mamba.entries() is not None)):
         dt, dt_bias = positive_dt(dt, dt_bias, dt_limit), None
     if attention_form:
         if attention_kernels:
-            if ssd_quadratic_triton.supports(x, dt, B, C, raw_dt=dt_bias is not None):  # rows of one tile
+            if one_tile or ssd_quadratic_triton.supports(x, dt, B, C):  # rows of one tile
                 return ssd_quadratic_triton.ssd_quadratic_fused(x, dt, A, B, C, D=D, seq_idx=seq_idx,
                                                                 dt_bias=dt_bias), None
             if ssd_blocked_triton.supports(x, dt, B, C):  # longer rows, in 64-token blocks

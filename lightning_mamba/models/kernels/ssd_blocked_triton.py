@@ -45,7 +45,6 @@ BLOCK_T = 64  # tokens per block
 # the throughput issue's longest cell rows; the pairs (and the kept scores) grow with the square of the blocks, so
 # whether the form pays at a length and d_state is for benchmarks/cell_throughput.py to say (quadratic_max_len)
 MAX_LEN = 1024
-BLOCK_N = 64  # d_state columns per step of the C B^T and grad B, C products
 
 
 def supports(x: Tensor, dt: Tensor, B: Tensor, C: Tensor) -> bool:
@@ -246,16 +245,11 @@ if triton is not None:
                  mask=mask)
 
 
-def _block_n(n: int) -> int:
-    return min(BLOCK_N, max(16, triton.next_power_of_2(n)))
-
-
-def _launch_meta(x: Tensor, B: Tensor) -> dict:
+def _launch_meta(x: Tensor, B: Tensor, C: Tensor) -> dict:
+    """The constexprs every kernel here takes (tile sizes and products as ssd_quadratic_triton's)."""
     l, p = x.size(1), x.size(3)
-    # fp32 inputs: exact fp32 products; half inputs (bf16 autocast): TF32 tensor cores (see ssd_quadratic_triton.py)
-    dot = "ieee" if x.dtype == B.dtype == torch.float32 else "tf32"
-    return dict(P=p, NB=triton.cdiv(l, BLOCK_T), BLOCK_T=BLOCK_T, BLOCK_P=max(16, triton.next_power_of_2(p)),
-                DOT=dot, num_warps=8)
+    return dict(P=p, NB=triton.cdiv(l, BLOCK_T), BLOCK_T=BLOCK_T, BLOCK_P=ssd_quadratic_triton.block_p(p),
+                DOT=ssd_quadratic_triton.dot_precision(x, B, C), num_warps=8)
 
 
 class _SSDBlocked(torch.autograd.Function):
@@ -265,13 +259,13 @@ class _SSDBlocked(torch.autograd.Function):
     def forward(ctx, x, dt, cs, B, C, D, seq_idx, x_slot, bc_slots):
         b, l, h, _ = x.shape
         g, n = B.size(2), B.size(3)
-        meta = _launch_meta(x, B)
+        meta = _launch_meta(x, B, C)
         nb = meta["NB"]
         seq = x if seq_idx is None else seq_idx
         sseq = (0, 0) if seq_idx is None else seq_idx.stride()
         scores = torch.empty(b, g, nb, nb, BLOCK_T, BLOCK_T, device=x.device, dtype=torch.float32)
         _ssd_blocked_scores_kernel[(b, g, nb * nb)](
-            B, C, scores, l, *B.stride()[:3], *C.stride()[:3], G=g, N=n, BLOCK_N=_block_n(n),
+            B, C, scores, l, *B.stride()[:3], *C.stride()[:3], G=g, N=n, BLOCK_N=ssd_quadratic_triton.block_n(n),
             **{k: meta[k] for k in ("NB", "BLOCK_T", "DOT", "num_warps")})
         y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
         _ssd_blocked_fwd_kernel[(b, h, nb)](
@@ -286,8 +280,8 @@ class _SSDBlocked(torch.autograd.Function):
         x, dt, cs, B, C, D, seq_idx, scores = ctx.saved_tensors
         b, l, h, _ = x.shape
         g, n = B.size(2), B.size(3)
-        dy = dy if dy.stride(-1) == 1 else dy.contiguous()
-        meta = _launch_meta(x, B)
+        dy = ssd_quadratic_triton.last_dim_contiguous(dy)
+        meta = _launch_meta(x, B, C)
         nb = meta["NB"]
         seq = x if seq_idx is None else seq_idx
         sseq = (0, 0) if seq_idx is None else seq_idx.stride()
@@ -309,7 +303,7 @@ class _SSDBlocked(torch.autograd.Function):
         dB, dC = (claim(slot, t.dtype) for slot, t in zip(ctx.bc_slots, (B, C)))
         dB = torch.empty(B.shape, device=x.device, dtype=B.dtype) if dB is None else dB
         dC = torch.empty(C.shape, device=x.device, dtype=C.dtype) if dC is None else dC
-        block_n = _block_n(n)
+        block_n = ssd_quadratic_triton.block_n(n)
         _ssd_blocked_bwd_bc_kernel[(b, g, nb * triton.cdiv(n, block_n))](
             B, C, ds, dB, dC, l, *B.stride()[:3], *C.stride()[:3], *dB.stride()[:3], *dC.stride()[:3],
             G=g, N=n, BLOCK_N=block_n, **{k: meta[k] for k in ("NB", "BLOCK_T", "DOT", "num_warps")})
@@ -326,7 +320,7 @@ def ssd_blocked(
     x (b, l, h, p) and B, C (b, l, g, n) with a contiguous last dimension (any other strides); dt (b, l, h) fp32,
     positive; A, D (h,); seq_idx (b, l) or None; l <= MAX_LEN (``supports``). Differentiable in x, dt, A, B, C, D."""
     x_slot, B_slot, C_slot = (slot_of(t) for t in (x, B, C))  # (a copy made below passes its gradient on unchanged)
-    x, B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, B, C))
+    x, B, C = (ssd_quadratic_triton.last_dim_contiguous(t) for t in (x, B, C))
     dt = dt.contiguous()
     cs = torch.cumsum(dt * A.to(dt.dtype), dim=1)  # (b, l, h); its gradient reaches dt and A through autograd
     return _SSDBlocked.apply(x, dt, cs, B, C, None if D is None else D.contiguous(), seq_idx, x_slot,

@@ -180,7 +180,7 @@ if triton is not None:
             tl.store(dB_ptr + g_off, db.to(dB_ptr.dtype.element_ty), mask=m)
 
 
-def _last_dim_contiguous(t: Tensor) -> Tensor:
+def last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
@@ -193,13 +193,25 @@ def _launch_args(x: Tensor, dt: Tensor, B: Tensor, C: Tensor, seq_idx: Tensor | 
     seq = (0, 0) if seq_idx is None else seq_idx.stride()
     strides = (x.stride(0), x.stride(1), x.stride(2), dt.stride(0), dt.stride(1),
                B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2), *seq)
-    # fp32 inputs (tests, fp32 training): exact fp32 products; half inputs (bf16 autocast): TF32 tensor cores, which
-    # hold bf16 values exactly and round the fp32 scores to 10 mantissa bits (the torch form's matmuls take bf16)
-    dot = "ieee" if x.dtype == B.dtype == C.dtype == torch.float32 else "tf32"
-    meta = dict(R=h // g, P=p, N=n, HAS_SEQ=seq_idx is not None, BLOCK_L=block_l, DOT=dot,
-                BLOCK_P=max(16, triton.next_power_of_2(p)), BLOCK_N=min(BLOCK_N, max(16, triton.next_power_of_2(n))),
-                num_warps=8 if block_l >= 64 else 4)
+    meta = dict(R=h // g, P=p, N=n, HAS_SEQ=seq_idx is not None, BLOCK_L=block_l, DOT=dot_precision(x, B, C),
+                BLOCK_P=block_p(p), BLOCK_N=block_n(n), num_warps=8 if block_l >= 64 else 4)
     return strides, meta, (b, g)
+
+
+def dot_precision(x: Tensor, B: Tensor, C: Tensor) -> str:
+    """fp32 inputs (tests, fp32 training): exact fp32 products; half inputs (bf16 autocast): TF32 tensor cores, which
+    hold bf16 values exactly and round the fp32 scores to 10 mantissa bits (the torch form's matmuls take bf16)."""
+    return "ieee" if x.dtype == B.dtype == C.dtype == torch.float32 else "tf32"
+
+
+def block_p(p: int) -> int:
+    """headdim columns of a tile: p padded to a power of two, at least 16 (tl.dot's least)."""
+    return max(16, triton.next_power_of_2(p))
+
+
+def block_n(n: int) -> int:
+    """d_state columns per step of the C B^T and grad B, C products."""
+    return min(BLOCK_N, max(16, triton.next_power_of_2(n)))
 
 
 class _SSDQuadratic(torch.autograd.Function):
@@ -223,7 +235,7 @@ class _SSDQuadratic(torch.autograd.Function):
     def backward(ctx, dy):
         x, dt, A, B, C, D, seq_idx, dt_bias = ctx.saved_tensors
         b, h = x.size(0), x.size(2)
-        dy = _last_dim_contiguous(dy)
+        dy = last_dim_contiguous(dy)
         # into x's, dt's, B's and C's columns of the splits' gradient buffers when they are their pieces (grad_slots.py)
         dx, ddt, dB, dC = (claim(slot, t.dtype) for slot, t in zip(ctx.slots, (x, dt, B, C)))
         dx = torch.empty(x.shape, device=x.device, dtype=x.dtype) if dx is None else dx
@@ -260,7 +272,7 @@ def ssd_quadratic_fused(
     inputs). Differentiable in x, dt, A, B, C, D and dt_bias; pieces of a grad_slots split get their gradients
     written in place."""
     slots = tuple(slot_of(t) for t in (x, dt, B, C))  # (a copy made below passes its gradient on unchanged)
-    x, B, C = (_last_dim_contiguous(t) for t in (x, B, C))
-    dt = _last_dim_contiguous(dt) if dt_bias is not None else dt.contiguous()
+    x, B, C = (last_dim_contiguous(t) for t in (x, B, C))
+    dt = last_dim_contiguous(dt) if dt_bias is not None else dt.contiguous()
     return _SSDQuadratic.apply(x, dt, A.contiguous(), B, C, None if D is None else D.contiguous(), seq_idx,
                                None if dt_bias is None else dt_bias.contiguous(), slots)
