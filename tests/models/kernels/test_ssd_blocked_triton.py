@@ -35,7 +35,8 @@ def blocked(x, dt, A, B, C, D, seq_idx):
 ])
 def test_blocked_attention_form_equals_the_torch_form_in_fp32(b, l, h, p, g, n, docs, with_d):
     # grad A sums the cancelling row and column sums of every pair through cs = cumsum(dt A): at 256 tokens 4.9e-5
-    # from the fp64 result, the torch form in fp32 1.7e-5 (and the one-tile kernels at 64 tokens 9.3e-6)
+    # from the fp64 result, the torch form in fp32 1.7e-5 (and the one-tile kernels at 64 tokens 9.3e-6), as read
+    # once on the CPU interpreter against an fp64 run of the torch form (a one-off script, not kept)
     assert_equals_the_torch_form(blocked, (b, l, h, p, g, n), docs, with_d, grad_a_tol=1e-4)
 
 

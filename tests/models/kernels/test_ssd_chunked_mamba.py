@@ -14,13 +14,10 @@ from lightning_mamba.models.kernels.grad_slots import split_last
 from lightning_mamba.models.ssd import positive_dt, ssd_chunked
 
 from ...op_watch import copy_destinations
+from .test_grad_slots import rel_err
 from .triton_env import DEVICE
 
 TOL = 1e-4 if DEVICE == "cpu" else 3e-3  # on CUDA mamba_ssm's fp32 dots take TF32
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def scan_inputs(b=2, l=40, h=4, p=8, g=2, n=16, seed=0):
