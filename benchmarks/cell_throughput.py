@@ -51,6 +51,9 @@ Contenders:
   <any 1cell name>_splitcat  that contender with the mixer's splits as torch.split's (their backward concatenates
                    the pieces' gradients) instead of models/kernels/grad_slots.py's in-place writes: their A/B
                    (e.g. graph_1cell_quadratic,graph_1cell_quadratic_splitcat).
+  <any 1cell name>_savestates  that contender with the model's save_chunk_states on: mamba_ssm's chunked scan keeps
+                   its forward's per-chunk states for the backward instead of recomputing them (e.g.
+                   graph_1cell,graph_1cell_savestates); after or before _splitcat.
 
 Each graphed contender first checks itself against an eager copy of the model on the same batches (--check_steps
 steps from the same weights): the losses must agree and the parameters must have moved alike; a failed check is
@@ -105,7 +108,8 @@ def build_model(args, d_state: int, device: str):
     config = MambaConfig(d_model=args.d_model, n_layer=args.n_layer, vocab_size=args.vocab,
                          ssm_cfg={"layer": "Mamba2", "d_state": d_state, "headdim": args.headdim,
                                   "expand": args.expand, "chunk_size": args.chunk_size,
-                                  "quadratic_max_len": args.quadratic_max_len})
+                                  "quadratic_max_len": args.quadratic_max_len,
+                                  "save_chunk_states": args.save_chunk_states})
     return MambaLM(config, backend=args.backend).to(device)
 
 
@@ -519,7 +523,7 @@ def fit_argv(args, save_dir: str, warmup: int) -> list[str]:
         "seed_everything": args.seed,
         "model.d_model": args.d_model, "model.n_layer": args.n_layer, "model.headdim": args.headdim,
         "model.expand": args.expand, "model.d_state": args.d_state, "model.chunk_size": args.chunk_size,
-        "model.quadratic_max_len": args.quadratic_max_len,
+        "model.quadratic_max_len": args.quadratic_max_len, "model.save_chunk_states": str(args.save_chunk_states).lower(),
         "model.backend": args.backend, "model.cuda_graph": str(cuda).lower(),
         "data.source": args.fit_source, "data.tokenizer": "byte", "data.sampling": "random_windows",
         "data.seq_len": args.seq_len, "data.batch_size": args.tokens_per_step // args.seq_len,
@@ -715,6 +719,9 @@ def parse_args(argv=None):
     p.add_argument("--quadratic_max_len", type=int, default=0,
                    help="the model's quadratic_max_len: LEN <= this takes the scan's attention form (0: chunked); "
                         "a <contender>_quadratic contender raises it to --seq_len")
+    p.add_argument("--save_chunk_states", action="store_true",
+                   help="the model's save_chunk_states for every contender: the chunked scan's backward reuses the "
+                        "forward's states (a <contender>_savestates contender turns it on for itself)")
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight_decay", type=float, default=0.1)
@@ -732,7 +739,7 @@ def parse_args(argv=None):
     unknown = [c for c in args.contenders if contender_setting(c)[0] not in CONTENDERS]
     if unknown:
         p.error(f"unknown contender(s) {', '.join(unknown)}: use {', '.join(CONTENDERS)} (a *_1cell one may end in "
-                f"{QUADRATIC})")
+                f"{QUADRATIC}, {QUADRATIC_TORCH}, then {SPLITCAT} and {SAVESTATES})")
     n_cells = any(c.endswith(("_Ncells", "_Nstreams")) for c in args.contenders)
     for length in [args.seq_len] + (args.lens if n_cells else []):
         if args.tokens_per_step % length:
@@ -743,12 +750,20 @@ def parse_args(argv=None):
     return args
 
 
-QUADRATIC, QUADRATIC_TORCH, SPLITCAT = "_quadratic", "_quadratic_torch", "_splitcat"
+QUADRATIC, QUADRATIC_TORCH = "_quadratic", "_quadratic_torch"
+SPLITCAT, SAVESTATES = "_splitcat", "_savestates"  # the last suffixes of a 1-cell contender, in either order
+
+
+def _modifiers(name: str) -> tuple[str, set[str]]:
+    """A 1-cell contender's name without its trailing _splitcat / _savestates, and those found (else name, none)."""
+    base, found = name, set()
+    while suffix := next((s for s in (SPLITCAT, SAVESTATES) if s not in found and base.endswith(s)), None):
+        base, found = base.removesuffix(suffix), found | {suffix}
+    return (base, found) if found and "_1cell" in base else (name, set())
 
 
 def _without_splitcat(name: str) -> str:
-    base = name.removesuffix(SPLITCAT)
-    return base if base != name and "_1cell" in base else name
+    return _modifiers(name)[0]
 
 
 def contender_setting(name: str) -> tuple[str, bool]:
@@ -773,14 +788,16 @@ def quadratic_kernel_of(name: str) -> str:
 def splits_in_place(name: str) -> bool:
     """False for a contender ending in ``_splitcat``: the mixer's splits as torch.split's (their backward
     concatenates), not grad_slots.py's in-place writes, for the A/B in one process."""
-    return _without_splitcat(name) == name
+    return SPLITCAT not in _modifiers(name)[1]
 
 
-def with_quadratic(args, quadratic: bool):
-    """args for one contender: a quadratic one trains with quadratic_max_len at least its LEN."""
-    if not quadratic:
-        return args
-    return argparse.Namespace(**{**vars(args), "quadratic_max_len": max(args.quadratic_max_len, args.seq_len)})
+def with_settings(args, name: str):
+    """args for one 1-cell contender: a quadratic one trains with quadratic_max_len at least its LEN, one ending in
+    ``_savestates`` with save_chunk_states."""
+    quadratic = contender_setting(name)[1]
+    return argparse.Namespace(**{
+        **vars(args), "quadratic_max_len": max(args.quadratic_max_len, args.seq_len) if quadratic else
+        args.quadratic_max_len, "save_chunk_states": args.save_chunk_states or SAVESTATES in _modifiers(name)[1]})
 
 
 def write_json(path: str, args, env: dict, skipped: dict, rows: list[dict]) -> None:
@@ -813,12 +830,13 @@ def main(argv=None) -> int:
             continue
         t0 = time.perf_counter()
         if n == "1cell":
-            cell_args = with_quadratic(args, quadratic)
+            cell_args = with_settings(args, name)
             try:
                 with quadratic_kernels(quadratic_kernel_of(name)), in_place(splits_in_place(name)):
                     cells = [run_fit(cell_args) if kind == "fit"
                              else run_cell(cell_args, kind, args.d_state, args.seq_len)]
                 cells[0]["quadratic_max_len"] = cell_args.quadratic_max_len
+                cells[0]["save_chunk_states"] = cell_args.save_chunk_states
             except Exception as e:  # noqa: BLE001 - one contender's failure must not hide the others
                 cells = [{"kind": kind, "cell": 0, "d_state": args.d_state, "seq_len": args.seq_len,
                           "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}]

@@ -4,6 +4,7 @@
     python benchmarks/profile_step.py --config 130m --contenders ours --top 40
     python benchmarks/profile_step.py --config 130m --contenders ours --ops 30   # also the torch ops behind them
     python benchmarks/profile_step.py --config 130m --contenders ours,mamba_ssm_fused   # needs causal-conv1d
+    python benchmarks/profile_step.py --config 130m --contenders ours --save_chunk_states   # the scan keeps its states
     python benchmarks/profile_step.py --config cell --d_state 2048 --seq_len 16 --quadratic_max_len 64   # a study cell
     python benchmarks/profile_step.py --config cell --device cpu --d_state 16 --tokens_per_step 512 --steps 1  # smoke
 
@@ -12,7 +13,7 @@ with MambaLM.loss). Prints, per contender,
 the CUDA time per step in each group (SSD scan, conv, norms, matmuls, loss, optimizer, the rest) and the
 costliest kernels, so a fusion can be aimed at what actually costs time. ``--config cell`` is the study's 4 x 256
 byte-level model at 16,384 tokens per step (``--d_state``, ``--seq_len``, ``--tokens_per_step`` pick the cell; ours
-takes ``--chunk_size`` and ``--quadratic_max_len``). On the CPU (a smoke run) it groups the ops' own CPU time.
+takes ``--chunk_size``, ``--quadratic_max_len`` and ``--save_chunk_states``). On the CPU (a smoke run) it groups the ops' own CPU time.
 """
 
 from __future__ import annotations
@@ -115,11 +116,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--chunk_size", type=int, default=None, help="ours: the SSD's chunk (the model's default: 256)")
     p.add_argument("--quadratic_max_len", type=int, default=None,
                    help="ours: rows of at most this many tokens take the SSD's attention form")
+    p.add_argument("--save_chunk_states", action="store_const", const=True, default=None,
+                   help="ours: the chunked scan's backward reuses the forward's states (the model's save_chunk_states)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("profile_step.py profiles CUDA kernels: run it on a machine with a GPU (or --device cpu, a smoke run)")
     cfg = shape(args)
-    extra = {k: getattr(args, k) for k in ("chunk_size", "quadratic_max_len") if getattr(args, k) is not None}
+    extra = {k: getattr(args, k) for k in ("chunk_size", "quadratic_max_len", "save_chunk_states")
+             if getattr(args, k) is not None}
     ours_only = args.config == "cell" or args.device == "cpu" or extra
     contenders = (args.contenders or ("ours" if ours_only else "ours,mamba_ssm")).split(",")
     host = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"

@@ -8,8 +8,9 @@ Contenders (docs/performance.md says more): ``lightning`` / ``lightning_graph`` 
 Trainer, eager / with model.cuda_graph), ``lightning_graph_mambanorms`` (lightning_graph with mamba_ssm's Triton
 norms in place of ours, models/kernels/norm_triton.py; CUDA only), ``lightning_graph_mambagated`` (only the gated
 norm mamba_ssm's), ``lightning_graph_splitcat`` (lightning_graph with torch.split's backward, which concatenates
-the pieces' gradients, in place of models/kernels/grad_slots.py's in-place writes), ``ours`` (our MambaLM in a bare
-loop),
+the pieces' gradients, in place of models/kernels/grad_slots.py's in-place writes), ``lightning_graph_savestates``
+(lightning_graph with --model.save_chunk_states: the chunked scan's backward reuses the forward's states, more
+memory, less time), ``ours`` (our MambaLM in a bare loop),
 ``mamba_ssm_fused`` (mamba_ssm's MambaLMHeadModel as its official configs train it: Mamba2 layers on the fused
 ``use_mem_eff_path`` kernel, ``fused_add_norm``; needs causal-conv1d, skipped with the reason without it),
 ``mamba_ssm`` (the same model unfused: ``use_mem_eff_path=False``, ``fused_add_norm=False``), ``hf`` (transformers'
@@ -80,14 +81,15 @@ def train_step(model, opt, ids, device, dtype, loss_fn) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-def lightning_run(args, cfg, device, precision, cuda_graph=False):
+def lightning_run(args, cfg, device, precision, cuda_graph=False, **model_settings):
     import lightning as L
 
     from lightning_mamba.training.module import MambaLitModule
 
     d_model, n_layer, d_state, vocab, batch, seq_len, headdim = cfg
     module = MambaLitModule(d_model=d_model, n_layer=n_layer, d_state=d_state, headdim=headdim, vocab_size=vocab,
-                            backend="auto", warmup_steps=1, schedule="constant", lr=1e-4, cuda_graph=cuda_graph)
+                            backend="auto", warmup_steps=1, schedule="constant", lr=1e-4, cuda_graph=cuda_graph,
+                            **model_settings)
 
     class Random(torch.utils.data.Dataset):
         def __len__(self):
@@ -142,7 +144,8 @@ def main():
     p.add_argument("--contenders", default=None, help="comma list of: lightning, lightning_graph (the same with "
                    "model.cuda_graph), lightning_graph_mambanorms (that with mamba_ssm's Triton norms), "
                    "lightning_graph_mambagated (only its gated norm), lightning_graph_splitcat (torch.split's "
-                   "concatenating backward), ours, mamba_ssm_fused, mamba_ssm, hf (default: GPU "
+                   "concatenating backward), lightning_graph_savestates (model.save_chunk_states), ours, "
+                   "mamba_ssm_fused, mamba_ssm, hf (default: GPU "
                    f"{GPU_CONTENDERS}; CPU {CPU_CONTENDERS})")
     p.add_argument("--baseline", default=None, help="the contender every ratio is taken against (default: GPU the "
                    "first of mamba_ssm_fused, mamba_ssm that ran; CPU hf)")
@@ -187,6 +190,8 @@ def main():
 
                 with in_place(False):
                     dt = lightning_run(args, cfg, device, "bf16-mixed" if gpu else "32-true", gpu)
+            elif c == "lightning_graph_savestates":  # the same step keeping the scan's states for its backward
+                dt = lightning_run(args, cfg, device, "bf16-mixed" if gpu else "32-true", gpu, save_chunk_states=True)
             else:
                 model, loss_fn = build_bare(c, cfg, device)
                 dt = bare_loop(model, batch, seq_len, vocab, args.steps, args.warmup, device, dtype, loss_fn)

@@ -248,3 +248,49 @@ def test_cell_throughput_splitcat_contenders_run_torch_splits(monkeypatch):
                 "--contenders", "eager_1cell_splitcat,eager_1cell_quadratic_torch_splitcat,eager_1cell"])
     assert seen == [("eager", 0, "ours", False), ("eager", 32, "torch", False), ("eager", 0, "ours", True)]
     assert grad_slots._in_place
+
+
+def test_cell_throughput_savestates_contenders_save_the_chunk_states(monkeypatch):
+    """<1-cell contender>_savestates builds its model with save_chunk_states, before or after _splitcat and beside
+    the quadratic suffixes; --save_chunk_states turns it on for every contender. The models built are checked."""
+    from lightning_mamba.models.kernels import grad_slots
+
+    bench = load_benchmark("cell_throughput")
+    assert bench.contender_setting("graph_1cell_quadratic_savestates_splitcat") == ("graph_1cell", True)
+    assert bench.contender_setting("graph_1cell_splitcat_savestates") == ("graph_1cell", False)
+    assert bench.contender_setting("graph_Ncells_savestates") == ("graph_Ncells_savestates", False)  # refused later
+    seen = []
+
+    def run_cell(args, kind, d_state, seq_len):
+        model = bench.build_model(args, d_state, "cpu")
+        seen.append((args.quadratic_max_len, grad_slots._in_place, {m.save_chunk_states for m in model.mixers}))
+        raise RuntimeError("recorded")
+
+    monkeypatch.setattr(bench, "run_cell", run_cell)
+    common = ["--device", "cpu", "--backend", "torch", "--d_state", "16", "--seq_len", "32", "--tokens_per_step",
+              "64", "--vocab", "257", "--steps", "1", "--window", "1", "--warmup", "1", "--contenders"]
+    bench.main(common + ["eager_1cell,eager_1cell_savestates,eager_1cell_quadratic_splitcat_savestates"])
+    assert seen == [(0, True, {False}), (0, True, {True}), (32, False, {True})]
+    seen.clear()
+    bench.main(common + ["eager_1cell", "--save_chunk_states"])
+    assert seen == [(0, True, {True})]
+    with pytest.raises(SystemExit):
+        bench.main(common + ["eager_Ncells_savestates"])
+
+
+def test_train_throughput_savestates_contender_trains_with_save_chunk_states(monkeypatch, capsys):
+    """lightning_graph_savestates is lightning_graph with the module's save_chunk_states on; the others keep the
+    default."""
+    throughput = load_benchmark("train_throughput")
+    seen = []
+
+    def lightning_run(args, cfg, device, precision, cuda_graph=False, **model_settings):
+        seen.append(model_settings)
+        return 1.0
+
+    monkeypatch.setattr(throughput, "lightning_run", lightning_run)
+    monkeypatch.setattr(sys, "argv", ["train_throughput.py", "--config", "cpu-small", "--device", "cpu",
+                                      "--contenders", "lightning,lightning_graph_savestates"])
+    throughput.main()
+    assert seen == [{}, {"save_chunk_states": True}]
+    assert "lightning_graph_savestates:" in capsys.readouterr().out

@@ -34,6 +34,9 @@ class SSMConfig:
     # This project's own (not an official key, so never written to config.json): inputs of at most this many tokens
     # from a zero state take the SSD's attention form (ssd.ssd_quadratic) instead of the chunked scan; 0 = never.
     quadratic_max_len: int = 0
+    # This project's own too: the chunked scan's backward reuses the forward's per-chunk states (b x chunks x heads x
+    # headdim x d_state values a layer, kept until the backward) instead of recomputing them, on mamba_ssm's kernels.
+    save_chunk_states: bool = False
 
 
 SSM_DEFAULTS = SSMConfig()
@@ -58,10 +61,10 @@ SHAPE_FIELDS = ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple", "
 SSM_SHAPE_FIELDS = ("d_state", "headdim", "expand", "d_conv", "ngroups", "bias", "conv_bias")
 
 # Settings of the scan that change its speed and memory, never its results: a resumed run may change them.
-SPEED_ONLY_SETTINGS = ("chunk_size", "quadratic_max_len")
+SPEED_ONLY_SETTINGS = ("chunk_size", "quadratic_max_len", "save_chunk_states")
 
 # This project's mixer settings that the official Mamba2 does not take: left out of an official config.json.
-PROJECT_MIXER_KEYS = ("quadratic_max_len",)
+PROJECT_MIXER_KEYS = ("quadratic_max_len", "save_chunk_states")
 
 # Official keys that only concern fused kernels; accepted and ignored.
 IGNORED_MIXER_KEYS = {"layer", "use_mem_eff_path", "D_has_hdim", "d_ssm", "sequence_parallel", "conv_init", "learnable_init_states", "activation"}
@@ -135,6 +138,8 @@ class MambaConfig:
         for name in ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size"):
             if m[name] < 1:
                 raise ConfigError(f"{name} must be >= 1 (got {m[name]})")
+        if not isinstance(m["save_chunk_states"], bool):
+            raise ConfigError(f"save_chunk_states must be true or false (got {m['save_chunk_states']!r})")
         if m["quadratic_max_len"] < 0:
             raise ConfigError(f"quadratic_max_len must be >= 0 (got {m['quadratic_max_len']}): 0 turns the "
                               "attention form of the scan off")

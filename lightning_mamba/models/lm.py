@@ -81,8 +81,9 @@ class MambaLM(nn.Module):
             m.backend = backend
 
     def set_scan_settings(self, **settings) -> None:
-        """Change the scan's speed-only settings (``SPEED_ONLY_SETTINGS``: chunk_size, quadratic_max_len) of a built
-        model, its config included: same weights, same results (a fine-tune can take a faster scan)."""
+        """Change the scan's speed-only settings (``SPEED_ONLY_SETTINGS``: chunk_size, quadratic_max_len,
+        save_chunk_states) of a built model, its config included: same weights, same results (a fine-tune can take a
+        faster scan)."""
         unknown = sorted(set(settings) - set(SPEED_ONLY_SETTINGS))
         if unknown:
             raise ConfigError(f"{', '.join(unknown)} change the model, not only its scan's speed: only "

@@ -42,6 +42,7 @@ class Mamba2(nn.Module):
         rmsnorm: bool = SSM_DEFAULTS.rmsnorm,
         norm_before_gate: bool = SSM_DEFAULTS.norm_before_gate,
         quadratic_max_len: int = SSM_DEFAULTS.quadratic_max_len,
+        save_chunk_states: bool = SSM_DEFAULTS.save_chunk_states,
         layer_idx: int | None = None,
         backend: str = "auto",
     ):
@@ -53,6 +54,7 @@ class Mamba2(nn.Module):
         self.dt_limit = tuple(dt_limit)
         self.chunk_size = chunk_size
         self.quadratic_max_len = quadratic_max_len  # inputs this short from a zero state: the scan's attention form
+        self.save_chunk_states = save_chunk_states  # the chunked kernels' backward reuses the forward's states
         self.layer_idx = layer_idx
         self.backend = backend
         # Eval-time interventions (mitigations/interventions.py); None = the model as trained.
@@ -155,6 +157,7 @@ class Mamba2(nn.Module):
                 self.backend, x_scan, dt, A, B, C, self.chunk_size, initial_state=initial, seq_idx=seq_idx,
                 D=self.D if skip_in_scan else None, quadratic_max_len=self.quadratic_max_len,
                 return_final_state=return_state, dt_bias=self.dt_bias if dt_in_scan else None, dt_limit=self.dt_limit,
+                save_chunk_states=self.save_chunk_states,
             )
         out = self._finish(y.to(x.dtype), x, z, add_skip=not skip_in_scan)
         return out, self._hand_on(LayerState(conv_state, ssm_state)) if return_state else None

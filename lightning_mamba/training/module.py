@@ -40,6 +40,9 @@ class MambaLitModule(L.LightningModule):
         quadratic_max_len: Inputs of at most this many tokens from a zero state (training, validation) skip the
             chunked scan for its attention form, which pads nothing to a chunk and builds no state (speed and memory
             only: the same results; O(len^2) memory, so for short training lengths, e.g. 64). 0: always chunked.
+        save_chunk_states: On the GPU's chunked scan (mamba_ssm's kernels), keep the forward's per-chunk states for
+            the backward instead of recomputing them: less time, more memory (batch x seq_len / chunk_size x
+            heads x headdim x d_state values a layer). Speed and memory only.
         dt_min: Initial step sizes dt are log-uniform in [dt_min, dt_max] (official init). Small values start
             every head with a slow decay, a model that remembers far and must learn to forget.
         dt_max: See dt_min.
@@ -54,9 +57,10 @@ class MambaLitModule(L.LightningModule):
             pytorch_model.bin, or a training checkpoint (.ckpt) of this project (its weights only: not its optimizer,
             schedule or data position; to resume a run use --ckpt_path). Its config replaces the shape arguments
             above (hyper_parameters record its; the CLI refuses a typed one that differs and writes its into the
-            run's config.yaml), except chunk_size and quadratic_max_len, the scan's speed-only settings, which are
-            this run's (the CLI gives the checkpoint's unless they are typed); the data's tokenizer must be the one
-            it was trained with, and the CLI's data.seq_len defaults to the length it was trained at.
+            run's config.yaml), except chunk_size, quadratic_max_len and save_chunk_states, the scan's speed-only
+            settings, which are this run's (the CLI gives the checkpoint's unless they are typed); the data's
+            tokenizer must be the one it was trained with, and the CLI's data.seq_len defaults to the length it was
+            trained at.
         lr: Peak learning rate.
         weight_decay: AdamW weight decay (not applied to A_log, dt_bias, D, norms and biases).
         betas: AdamW betas.
@@ -96,6 +100,7 @@ class MambaLitModule(L.LightningModule):
         ngroups: int = SSM_DEFAULTS.ngroups,
         chunk_size: int = SSM_DEFAULTS.chunk_size,
         quadratic_max_len: int = SSM_DEFAULTS.quadratic_max_len,
+        save_chunk_states: bool = SSM_DEFAULTS.save_chunk_states,
         dt_min: float = SSM_DEFAULTS.dt_min,
         dt_max: float = SSM_DEFAULTS.dt_max,
         A_init_range: tuple[float, float] = SSM_DEFAULTS.A_init_range,

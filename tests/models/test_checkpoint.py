@@ -76,18 +76,21 @@ def test_files_are_what_the_official_from_pretrained_reads(tmp_path):
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
 
-def test_quadratic_max_len_stays_out_of_the_official_config(tmp_path):
-    """A project-only setting: official mamba_ssm's Mamba2(**ssm_cfg) would refuse it, and it changes no result."""
+def test_project_scan_settings_stay_out_of_the_official_config(tmp_path):
+    """Project-only settings (quadratic_max_len, save_chunk_states): official mamba_ssm's Mamba2(**ssm_cfg) would
+    refuse them, and they change no result."""
     model = tiny()
     quadratic = MambaLM(MambaConfig(**{**model.config.to_dict(),
-                                       "ssm_cfg": {**SSM, "quadratic_max_len": 64}}), backend="torch").eval()
+                                       "ssm_cfg": {**SSM, "quadratic_max_len": 64, "save_chunk_states": True}}),
+                        backend="torch").eval()
     quadratic.load_state_dict(model.state_dict())
     save_pretrained(quadratic, str(tmp_path))
     config = json.loads((tmp_path / "config.json").read_text())
     OfficialMambaConfig(**config)
-    assert "quadratic_max_len" not in config["ssm_cfg"] and config["ssm_cfg"]["chunk_size"] == 16
+    assert {"quadratic_max_len", "save_chunk_states"}.isdisjoint(config["ssm_cfg"])
+    assert config["ssm_cfg"]["chunk_size"] == 16
     loaded = load_pretrained(str(tmp_path), backend="torch")
-    assert loaded.mixers[0].quadratic_max_len == 0
+    assert (loaded.mixers[0].quadratic_max_len, loaded.mixers[0].save_chunk_states) == (0, False)
     torch.testing.assert_close(logits(loaded, IDS), logits(quadratic, IDS), rtol=1e-5, atol=1e-5)
 
 

@@ -141,6 +141,7 @@ def ssd(
     return_final_state: bool = True,
     dt_bias: Tensor | None = None,
     dt_limit: tuple[float, float] = NO_DT_LIMIT,
+    save_chunk_states: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """SSD scan with the chosen backend. Arguments as :func:`ssd.ssd_chunked` (dt already positive); ``D`` (heads),
     if given, adds the skip ``D * x`` to y (in x's dtype), inside the kernel on the Triton path. With ``dt_bias``
@@ -152,7 +153,8 @@ def ssd(
     to a chunk, no per-chunk states): on the Triton path, when no final state is asked for (training), our fused
     kernels (ssd_quadratic_triton.py, rows up to its MAX_LEN; longer rows up to ssd_blocked_triton.MAX_LEN in
     64-token blocks), else :func:`ssd.ssd_quadratic` in torch; the final state is None unless
-    ``return_final_state``."""
+    ``return_final_state``. ``save_chunk_states``: mamba_ssm's chunked kernels keep the forward's per-chunk states
+    for the backward instead of recomputing them (ssd_chunked_mamba.py): less time, more memory."""
     attention_form = bool(quadratic_max_len) and x.size(1) <= quadratic_max_len and initial_state is None
     chunked_in_kernels = not attention_form and uses_triton(backend, x)
     attention_kernels = (attention_form and not return_final_state and _quadratic_kernel == "ours"
@@ -178,7 +180,8 @@ def ssd(
         # The kernels take strided views as long as the last dimension is contiguous: no copies of x, B, C, raw dt.
         if ssd_chunked_mamba.entries() is not None:  # the backward writes into the split's gradient buffer
             y, final_state = ssd_chunked_mamba.chunk_scan(x, dt, A, B, C, chunk_size, D, initial_state, seq,
-                                                          dt_bias=dt_bias, dt_limit=dt_limit)
+                                                          dt_bias=dt_bias, dt_limit=dt_limit,
+                                                          save_states=save_chunk_states)
         else:
             fn, _ = _triton_scan()
             y, final_state = fn(x, dt.contiguous(), A, B, C, chunk_size, D=D, initial_states=initial_state, seq_idx=seq,

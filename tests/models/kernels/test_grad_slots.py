@@ -150,23 +150,31 @@ def test_in_place_false_is_torch_split_and_restores():
     assert grad_slots._in_place and slot_of(split_last(t, SIZES)[0]) is not None
 
 
-@pytest.mark.parametrize("quadratic_max_len, dt_limit", [(0, NO_DT_LIMIT), (0, (0.004, 0.03)), (64, NO_DT_LIMIT)],
-                         ids=["chunked", "chunked_dt_limit", "attention_form"])
-def test_on_the_triton_path_every_backward_writes_in_place(mamba_kernels, monkeypatch, quadratic_max_len, dt_limit):
-    """The mixer on the Triton path (mamba_ssm's chunked scan under ssd_chunked_mamba with the raw dt, or the fused
-    attention form; the conv by causal_conv1d when installed, else ours; our gated norm) against the torch backend in
-    fp32: the same output and gradients (dt_bias's, A_log's too), and the splits copy in no gradient (both forms take
-    the raw dt). On CUDA, or on the CPU under Triton's interpreter (triton_env.mamba_kernels)."""
+@pytest.mark.parametrize("quadratic_max_len, dt_limit, save_chunk_states",
+                         [(0, NO_DT_LIMIT, False), (0, (0.004, 0.03), False), (0, NO_DT_LIMIT, True),
+                          (64, NO_DT_LIMIT, False)],
+                         ids=["chunked", "chunked_dt_limit", "chunked_saved_states", "attention_form"])
+def test_on_the_triton_path_every_backward_writes_in_place(mamba_kernels, monkeypatch, quadratic_max_len, dt_limit,
+                                                           save_chunk_states):
+    """The mixer on the Triton path (mamba_ssm's chunked scan under ssd_chunked_mamba with the raw dt, its backward
+    mamba_ssm's or ours on the forward's states, or the fused attention form; the conv by causal_conv1d when
+    installed, else ours; our gated norm) against the torch backend in fp32: the same output and gradients
+    (dt_bias's, A_log's too), and the splits copy in no gradient (both forms take the raw dt). On CUDA, or on the
+    CPU under Triton's interpreter (triton_env.mamba_kernels)."""
     from lightning_mamba.models.kernels import backend
 
     if DEVICE == "cpu":
         monkeypatch.setattr(backend, "uses_triton", lambda name, x: name != "torch")  # the Triton path on the CPU
     torch.manual_seed(0)
     mixers = {name: Mamba2(d_model=32, d_state=16, headdim=16, chunk_size=16, quadratic_max_len=quadratic_max_len,
-                           dt_limit=dt_limit, backend=name).to(DEVICE) for name in ("auto", "torch")}
+                           dt_limit=dt_limit, save_chunk_states=save_chunk_states, backend=name).to(DEVICE)
+              for name in ("auto", "torch")}
     mixers["torch"].load_state_dict(mixers["auto"].state_dict())
     u = torch.randn(2, 40, 32, device=DEVICE)
     outs, grads, copies = {}, {}, []
+    state_passes = []  # mamba_ssm's state-passing forwards: the forward's, and its backward's recomputation
+    monkeypatch.setattr(mamba_kernels, "_state_passing_fwd",
+                        lambda *a, _fn=mamba_kernels._state_passing_fwd, **k: state_passes.append(1) or _fn(*a, **k))
     for name, mixer in mixers.items():
         x = u.clone().requires_grad_()
         out, _ = mixer(x, return_state=False)
@@ -176,6 +184,7 @@ def test_on_the_triton_path_every_backward_writes_in_place(mamba_kernels, monkey
         grads[name] = {"u": x.grad, **{k: p.grad for k, p in mixer.named_parameters()}}
     # (Triton's interpreter also copies each kernel's arguments, flat: not the splits)
     assert [c for c in copies if c[:2] == (2, 40)] == [], copies
+    assert len(state_passes) == (0 if quadratic_max_len else 1 if save_chunk_states else 2)
     tol = 1e-4 if DEVICE == "cpu" else 2e-3  # on CUDA mamba_ssm's fp32 dots take TF32
     assert rel_err(outs["auto"], outs["torch"]) < tol
     for k, g in grads["torch"].items():

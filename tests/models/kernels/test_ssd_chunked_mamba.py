@@ -1,6 +1,7 @@
 """models/kernels/ssd_chunked_mamba.py: mamba_ssm's chunked SSD kernels under our Function equal the torch scan
 (values and every gradient, the raw dt with dt_bias, the softplus and dt_limit applied inside the kernels), and
-their backward writes the gradients of x, B, C and dt into the splits' buffers (the whole mixer: test_grad_slots.py).
+their backward writes the gradients of x, B, C and dt into the splits' buffers (the whole mixer: test_grad_slots.py);
+with save_states the backward reuses the forward's states and recomputes none, and agrees with mamba_ssm's own.
 
 Runs on CUDA, or on the CPU under Triton's interpreter where mamba_ssm's kernels can run there (see
 triton_env.mamba_kernels: TRITON_INTERPRET=1, numpy < 2.4, mamba-ssm importable); skips elsewhere (CI)."""
@@ -35,12 +36,13 @@ def scan_inputs(b=2, l=40, h=4, p=8, g=2, n=16, seed=0):
     return {k: v.to(DEVICE).requires_grad_() for k, v in t.items()}
 
 
+@pytest.mark.parametrize("save_states", [False, True], ids=["recomputed", "saved_states"])
 @pytest.mark.parametrize("dt_limit", [NO_DT_LIMIT, (0.03, 0.08)], ids=["no_limit", "clamped"])
 @pytest.mark.parametrize("docs", [False, True], ids=["one_document", "documents"])
-def test_raw_dt_in_the_kernels_equals_the_torch_scan(mamba_kernels, dt_limit, docs):
+def test_raw_dt_in_the_kernels_equals_the_torch_scan(mamba_kernels, dt_limit, docs, save_states):
     """chunk_scan(x, dt_raw, ..., dt_bias, dt_limit) against ssd_chunked(x, positive_dt(dt_raw, dt_bias, dt_limit)) +
     D x in fp32 (chunks of 16 over 40 tokens, a carried state, documents restarting): y, the final state and the
-    gradients of all eight inputs."""
+    gradients of all eight inputs, with mamba_ssm's backward and with ours on the forward's states."""
     t = scan_inputs()
     seq_idx = None
     if docs:
@@ -55,7 +57,8 @@ def test_raw_dt_in_the_kernels_equals_the_torch_scan(mamba_kernels, dt_limit, do
     for name in ("kernels", "torch"):
         if name == "kernels":
             y, final = ssd_chunked_mamba.chunk_scan(t["x"], t["dt_raw"], t["A"], t["B"], t["C"], 16, t["D"],
-                                                    t["initial"], seq_idx, dt_bias=t["dt_bias"], dt_limit=dt_limit)
+                                                    t["initial"], seq_idx, dt_bias=t["dt_bias"], dt_limit=dt_limit,
+                                                    save_states=save_states)
         else:
             dt = positive_dt(t["dt_raw"], t["dt_bias"], dt_limit)
             y, final = ssd_chunked(t["x"], dt, t["A"], t["B"], t["C"], 16, initial_state=t["initial"],
@@ -97,3 +100,42 @@ def test_the_backward_writes_dt_x_b_c_into_the_splits_buffers(mamba_kernels):
         first.grad = second.grad = None
     for a, b in zip(*grads.values()):
         assert rel_err(a, b) < TOL
+
+
+def _counting(monkeypatch, module, names):
+    """Count the calls of module-level functions (the launchers mamba_ssm's forward and backward call by name)."""
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        def counted(*args, _name=name, _fn=getattr(module, name), **kwargs):
+            calls[_name] += 1
+            return _fn(*args, **kwargs)
+        monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_saved_states_backward_equals_mamba_ssms_and_recomputes_nothing(mamba_kernels, monkeypatch, dtype):
+    """save_states: the backward runs on the forward's states, dt and dA cumsum (no chunk-state, state-passing or
+    cumsum forward in it) and gives mamba_ssm's own backward's gradients: all equal in fp32; in bf16 all but the
+    decay's (dt_raw, A, dt_bias), whose state term reads the states in bf16 where mamba_ssm recomputes them in fp32,
+    equal, and those close. Documents, a carried state, dt_limit."""
+    base = scan_inputs(seed=3)
+    seq_idx = torch.zeros(2, 40, dtype=torch.int32, device=DEVICE)
+    seq_idx[:, 21:] = 1
+    calls = _counting(monkeypatch, mamba_kernels, ["_chunk_cumsum_fwd", "_chunk_state_fwd", "_state_passing_fwd"])
+    grads = {}
+    for save in (False, True):
+        t = {k: (v.detach().to(dtype) if k in ("x", "B", "C") else v.detach()).requires_grad_() for k, v in base.items()}
+        y, final = ssd_chunked_mamba.chunk_scan(t["x"], t["dt_raw"], t["A"], t["B"], t["C"], 16, t["D"], t["initial"],
+                                                seq_idx, dt_bias=t["dt_bias"], dt_limit=(0.0, 0.1), save_states=save)
+        assert calls == dict.fromkeys(calls, 1)  # the forward's
+        (y.float().square().sum() + final.square().sum() / 7).backward()
+        assert calls == dict.fromkeys(calls, 1 if save else 2), calls  # mamba_ssm's backward recomputes all three
+        calls.update(dict.fromkeys(calls, 0))
+        grads[save] = {k: v.grad for k, v in t.items()}
+    decay = ("dt_raw", "A", "dt_bias")
+    for k in grads[False]:
+        if dtype == torch.float32 or k not in decay:
+            assert torch.equal(grads[True][k], grads[False][k]), k
+        else:
+            assert rel_err(grads[True][k], grads[False][k]) < 2e-2, k
