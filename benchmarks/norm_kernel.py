@@ -26,7 +26,7 @@ from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conv_kernel import _rel_err, cuda_timer, wall_timer  # noqa: E402
+from conv_kernel import _rel_err, cuda_timer, graph_timer, wall_timer  # noqa: E402
 
 from lightning_mamba.models.norm import RMSNorm, RMSNormGated  # noqa: E402
 
@@ -167,29 +167,6 @@ def run(shapes: list[Shape], device: str, dtype) -> int:
 # the fields of norm_triton.TilePlan, each over these values
 SWEEP = dict(tile_elements=(2048, 4096, 8192), programs_per_sm=(4, 8, 16), elements_per_thread=(8, 16),
              prefetch=(False, True))
-
-
-def graph_timer(fn, reps: int = 50) -> float:
-    """Milliseconds per call of ``fn`` replayed from one CUDA graph (GPU work only: a call's launches and autograd
-    bookkeeping, as large as its GPU time at these sizes, made do_bench's figures wander up to 2x between plans)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    for _ in range(5):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def sweep(shapes: list[Shape], device: str, dtype) -> int:
