@@ -3,121 +3,82 @@ the conv split's gradient buffer and grad dt_raw into in_proj's (grad_slots.py),
 them its one buffer. Given ``dt_bias``, the kernels take the raw dt and apply dt_bias, the softplus and dt_limit
 themselves (mamba_ssm's dt_softplus, as its fused path): no elementwise passes over dt either way.
 
-The forward and backward are the calls ``mamba_chunk_scan_combined`` makes (its module's
-``_mamba_chunk_scan_combined_fwd`` / ``_bwd``, the entry points mamba_ssm's own fused path uses); the backward takes
-the buffers as its ``dx``, ``dB``, ``dC`` arguments. Where those entry points do not import (another mamba_ssm),
-backend.ssd calls the public function and the split copies the gradients in.
+The forward is ``_mamba_chunk_scan_combined_fwd``, the call ``mamba_chunk_scan_combined`` and mamba_ssm's own fused
+path make; the backward is its ``_mamba_chunk_scan_combined_bwd`` kernel for kernel, launched by
+ssd_chunked_backward.py, which writes into the buffers, skips the sums over a single split of heads and, with
+``save_states`` (SSMConfig.save_chunk_states), reuses the forward's per-chunk states, dt and dt's cumulative sums
+instead of recomputing them: b x chunks x heads x headdim x d_state values a layer kept in the inputs' dtype (as
+the forward's output read them) for two passes fewer. The one numeric difference that brings: the states' own
+gradient term (state passing's sum of states x their gradient, in dt's and A's gradients) reads them in that dtype,
+where the recomputation has them in fp32; in fp32 the two agree exactly.
 
-mamba_ssm's backward first recomputes what its forward had: the per-chunk states (a chunk-state and a
-state-passing kernel over every chunk, head and d_state), dt and its cumulative sums. With ``save_states`` the
-forward keeps them instead (the states in the inputs' dtype, as its output used them: b x chunks x heads x headdim
-x d_state values a layer) and :func:`_backward_from_states` runs the rest of mamba_ssm's backward, kernel for
-kernel, on them: a memory-for-time trade (SSMConfig.save_chunk_states). The one numeric difference: the states'
-own gradient term (the state-passing backward's sum of states x their gradient) reads them in that dtype, where
-mamba_ssm's recomputation has them in fp32; in fp32 the two backwards agree exactly.
+Both are written against mamba_ssm 2.3.x (the kernels' argument lists); with another version, or where they do not
+import, backend.ssd calls the public function and the split copies the gradients in.
 """
 
 from __future__ import annotations
 
 import functools
-import types
+import importlib.metadata
+import warnings
 
 import torch
 from torch import Tensor
 
 from ..config import NO_DT_LIMIT
 from .grad_slots import claim, slot_of
+from .ssd_chunked_backward import chunk_scan_backward
+
+TESTED_VERSIONS = ("2.3.",)  # mamba_ssm versions whose kernels' argument lists ssd_chunked_backward.py follows
 
 
 @functools.cache
 def entries():
-    """(forward, backward) of mamba_ssm's chunked scan, or None. Call only where mamba_ssm imports (backend.py)."""
+    """mamba_ssm's chunked-scan forward (``_mamba_chunk_scan_combined_fwd``), or None where it does not import or
+    mamba_ssm is a version the backward was not written for (then with a warning). Call only where mamba_ssm
+    imports (backend.py)."""
     try:
-        from mamba_ssm.ops.triton.ssd_combined import _mamba_chunk_scan_combined_bwd, _mamba_chunk_scan_combined_fwd
+        from mamba_ssm.ops.triton.ssd_combined import _mamba_chunk_scan_combined_fwd
     except ImportError:
         return None
-    return _mamba_chunk_scan_combined_fwd, _mamba_chunk_scan_combined_bwd
-
-
-@functools.cache
-def _stages() -> types.SimpleNamespace:
-    """The kernels' launchers that mamba_ssm's backward calls after its recomputation (the names it imports)."""
-    from mamba_ssm.ops.triton import ssd_combined as m
-
-    names = ("_bmm_chunk_fwd", "_bmm_chunk_bwd", "_chunk_cumsum_bwd", "_chunk_scan_bwd_dstates", "_state_passing_bwd",
-             "_chunk_scan_chunk_state_bwd_dx", "_chunk_state_bwd_db", "_chunk_scan_bwd_dC", "_chunk_scan_bwd_dcb",
-             "_chunk_scan_bwd_ddAcs_stable")
-    return types.SimpleNamespace(**{n.lstrip("_"): getattr(m, n) for n in names})
-
-
-def _backward_from_states(dy, x, dt_raw, A, B, C, chunk_size, D, dt_bias, has_initial, dfinal, seq_idx, dt_limit,
-                          dt, dA_cumsum, states, dx, ddt_raw, dB, dC):
-    """mamba_ssm's _mamba_chunk_scan_combined_bwd without z, from the forward's dt (b, h, chunks, chunk), dA_cumsum
-    and states (b, chunks, h, headdim, d_state) instead of recomputing them. Same kernels, same order."""
-    k = _stages()
-    dy = dy if dy.stride(-1) == 1 else dy.contiguous()
-    d_state = B.size(-1)
-    flat = lambda t: None if t is None else t.flatten(-2)  # noqa: E731  (..., headdim, d_state) -> (..., headdim * d_state)
-    CB = k.bmm_chunk_fwd(C, B, chunk_size, seq_idx=seq_idx, output_dtype=torch.float32)
-    # the states' gradients in fp32, as mamba_ssm's backward has them (its recomputed states are fp32)
-    dstates = k.chunk_scan_bwd_dstates(C, dA_cumsum, dy, seq_idx=seq_idx, dtype=torch.float32)
-    dstates, ddA_chunk_cumsum, dinitial, states = k.state_passing_bwd(
-        flat(states), dA_cumsum[:, :, :, -1], flat(dstates), dfinal_states=flat(dfinal), seq_idx=seq_idx,
-        has_initial_states=has_initial, dstates_dtype=x.dtype, states_dtype=x.dtype, chunk_size=chunk_size,
-    )
-    states, dstates = (t.unflatten(-1, (-1, d_state)) for t in (states, dstates))
-    dinitial = None if dinitial is None else dinitial.unflatten(-1, (-1, d_state))
-    dx, ddt, dD = k.chunk_scan_chunk_state_bwd_dx(x, dt, dA_cumsum, B, CB, dy, dstates, D=D, seq_idx=seq_idx, dx=dx)
-    dB_part, ddA_next = k.chunk_state_bwd_db(x, dt, dA_cumsum, dstates, seq_idx=seq_idx, B=B, ngroups=B.size(2))
-    dC_part, ddA_cumsum_prev = k.chunk_scan_bwd_dC(states.to(x.dtype), dA_cumsum, dy, seq_idx=seq_idx, C=C,
-                                                   ngroups=C.size(2))
-    dCB = k.chunk_scan_bwd_dcb(x, dt, dA_cumsum, dy, seq_idx=seq_idx, ngroups=B.size(2)).to(CB.dtype)
-    k.bmm_chunk_bwd(C, dCB, residual=dB_part, out=dB)
-    k.bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC_part, out=dC)
-    ddA_cumsum_prev[..., -1] += ddA_chunk_cumsum
-    ddA = k.chunk_scan_bwd_ddAcs_stable(x, dt, dA_cumsum, dy, CB)
-    ddA += ddA_next + ddA_cumsum_prev.flip([-1]).cumsum(dim=-1).flip([-1])
-    ddt_raw, dA, ddt_bias = k.chunk_cumsum_bwd(ddA, ddt, dt_raw, A, dt_bias=dt_bias, dt_softplus=dt_bias is not None,
-                                               dt_limit=dt_limit, ddt=ddt_raw)
-    return dx, ddt_raw, dA, dB, dC, dD, ddt_bias, dinitial
+    try:
+        version = importlib.metadata.version("mamba-ssm")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    if not version.startswith(TESTED_VERSIONS):
+        warnings.warn(f"mamba-ssm {version}: lightning_mamba's chunked-scan backward follows mamba-ssm "
+                      f"{', '.join(v + 'x' for v in TESTED_VERSIONS)}; using mamba_ssm's public scan instead (its split "
+                      "gradients copied, no save_chunk_states)", stacklevel=2)
+        return None
+    return _mamba_chunk_scan_combined_fwd
 
 
 class _ChunkScan(torch.autograd.Function):
     """(y, final state) of mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D, dt_bias, initial_states, seq_idx,
     dt_softplus=dt_bias is not None, dt_limit); saves what its Function saves, and with ``save_states`` the
-    forward's states, dt and dA_cumsum too."""
+    forward's dt, dA_cumsum and states too."""
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, chunk_size, D, dt_bias, initial_states, seq_idx, dt_limit, slots, save_states):
-        fwd, _ = entries()
-        y, _y_x, dt_chunks, dA_cumsum, states, final_states, *_ = fwd(
+        y, _y_x, dt_chunks, dA_cumsum, states, final_states, *_ = entries()(
             x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, initial_states=initial_states, seq_idx=seq_idx,
             dt_softplus=dt_bias is not None, dt_limit=dt_limit,
         )
         kept = (dt_chunks, dA_cumsum, states) if save_states else ()
-        ctx.save_for_backward(y, x, dt, A, B, C, D, dt_bias, initial_states, seq_idx, *kept)
+        ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, initial_states, seq_idx, *kept)
         ctx.chunk_size, ctx.dt_limit, ctx.slots = chunk_size, dt_limit, slots
         ctx.set_materialize_grads(False)  # an unused final state sends None, not zeros through the state backward
         return y, final_states
 
     @staticmethod
     def backward(ctx, dy, dfinal_states):
-        y, x, dt, A, B, C, D, dt_bias, initial_states, seq_idx, *kept = ctx.saved_tensors
-        dy = torch.zeros_like(y) if dy is None else dy
+        x, dt, A, B, C, D, dt_bias, initial_states, seq_idx, *kept = ctx.saved_tensors
+        dy = torch.zeros_like(x) if dy is None else dy
         dx, ddt, dB, dC = (claim(slot, t.dtype) for slot, t in zip(ctx.slots, (x, dt, B, C)))
-        if kept:
-            dx, ddt, dA, dB, dC, dD, ddt_bias, dinitial = _backward_from_states(
-                dy, x, dt, A, B, C, ctx.chunk_size, D, dt_bias, initial_states is not None, dfinal_states, seq_idx,
-                ctx.dt_limit, *kept, dx=dx, ddt_raw=ddt,
-                dB=dB if dB is not None else torch.empty_like(B), dC=dC if dC is not None else torch.empty_like(C),
-            )
-        else:
-            _, bwd = entries()
-            dx, ddt, dA, dB, dC, dD, _dz, ddt_bias, dinitial = bwd(
-                dy, x, dt, A, B, C, y, ctx.chunk_size, D=D, dt_bias=dt_bias, initial_states=initial_states,
-                dfinal_states=dfinal_states, seq_idx=seq_idx, dt_softplus=dt_bias is not None, dt_limit=ctx.dt_limit,
-                dx=dx, ddt=ddt, dB=dB, dC=dC,
-            )
+        dx, ddt, dA, dB, dC, dD, ddt_bias, dinitial = chunk_scan_backward(
+            dy, x, dt, A, B, C, ctx.chunk_size, D, dt_bias, initial_states, dfinal_states, seq_idx, ctx.dt_limit,
+            saved=tuple(kept) or None, dx=dx, ddt_raw=ddt, dB=dB, dC=dC,
+        )
         return dx, ddt, dA, dB, dC, None, dD, ddt_bias, dinitial, None, None, None, None
 
 

@@ -19,6 +19,15 @@ from .test_grad_slots import rel_err
 from .triton_env import DEVICE
 
 TOL = 1e-4 if DEVICE == "cpu" else 3e-3  # on CUDA mamba_ssm's fp32 dots take TF32
+# On CUDA mamba_ssm's kernels sum the decay's gradients with atomic adds, in no fixed order: equal up to rounding
+DECAY = ("dt_raw", "A", "dt_bias")
+
+
+def same(a, b, name) -> bool:
+    """Bitwise equal, except the decay's gradients on CUDA (atomics): within 1e-5."""
+    if DEVICE == "cpu" or name not in DECAY:
+        return a.dtype == b.dtype and torch.equal(a, b)
+    return a.dtype == b.dtype and rel_err(a, b) < 1e-5
 
 
 def scan_inputs(b=2, l=40, h=4, p=8, g=2, n=16, seed=0):
@@ -133,9 +142,59 @@ def test_saved_states_backward_equals_mamba_ssms_and_recomputes_nothing(mamba_ke
         assert calls == dict.fromkeys(calls, 1 if save else 2), calls  # mamba_ssm's backward recomputes all three
         calls.update(dict.fromkeys(calls, 0))
         grads[save] = {k: v.grad for k, v in t.items()}
-    decay = ("dt_raw", "A", "dt_bias")
     for k in grads[False]:
-        if dtype == torch.float32 or k not in decay:
-            assert torch.equal(grads[True][k], grads[False][k]), k
+        if dtype == torch.float32 or k not in DECAY:
+            assert same(grads[True][k], grads[False][k], k), k
         else:
             assert rel_err(grads[True][k], grads[False][k]) < 2e-2, k
+
+
+@pytest.mark.parametrize("sm_count", [4, 1000], ids=["one_split", "split_heads"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_backward_is_mamba_ssms_value_for_value(mamba_kernels, monkeypatch, dtype, sm_count):
+    """ssd_chunked_backward.chunk_scan_backward (states recomputed) against mamba_ssm's own
+    _mamba_chunk_scan_combined_bwd on the same inputs: every gradient bitwise equal, with one split of a group's
+    heads (whose sum the launchers skip) and with several (an SM count that makes the kernels split the heads); on
+    CUDA the decay's gradients to rounding (mamba_ssm sums them with atomics)."""
+    import types
+
+    from lightning_mamba.models.kernels.ssd_chunked_backward import _splits, chunk_scan_backward
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: types.SimpleNamespace(multi_processor_count=sm_count, name="test"))
+    t = {k: v.detach() for k, v in scan_inputs(seed=5).items()}
+    x, B, C = (t[k].to(dtype) for k in ("x", "B", "C"))
+    assert _splits(2, 3, 4, 2, x.device)[1] == (1 if sm_count == 4 else 2)
+    seq_idx = torch.zeros(2, 40, dtype=torch.int32, device=DEVICE)
+    seq_idx[:, 17:] = 1
+    limit = (0.0, 0.1)
+    y, *_ = mamba_kernels._mamba_chunk_scan_combined_fwd(
+        x, t["dt_raw"], t["A"], B, C, 16, D=t["D"], dt_bias=t["dt_bias"], initial_states=t["initial"],
+        seq_idx=seq_idx, dt_softplus=True, dt_limit=limit)
+    gen = torch.Generator().manual_seed(6)
+    dy = torch.randn(y.shape, generator=gen).to(DEVICE, dtype)
+    dfinal = torch.randn(t["initial"].shape, generator=gen).to(DEVICE)
+    theirs = mamba_kernels._mamba_chunk_scan_combined_bwd(
+        dy, x, t["dt_raw"], t["A"], B, C, y, 16, D=t["D"], dt_bias=t["dt_bias"], initial_states=t["initial"],
+        dfinal_states=dfinal, seq_idx=seq_idx, dt_softplus=True, dt_limit=limit)
+    ours = chunk_scan_backward(dy, x, t["dt_raw"], t["A"], B, C, 16, t["D"], t["dt_bias"], t["initial"], dfinal,
+                               seq_idx, limit)
+    dx, ddt, dA, dB, dC, dD, _dz, ddt_bias, dinitial = theirs
+    for name, a, b in zip(("x", "dt_raw", "A", "B", "C", "D", "dt_bias", "initial"), ours,
+                          (dx, ddt, dA, dB, dC, dD, ddt_bias, dinitial)):
+        assert same(a, b, name), name
+
+
+def test_another_mamba_ssm_version_is_not_run_through_our_backward(mamba_kernels, monkeypatch):
+    """The backward's launchers follow mamba_ssm 2.3.x's kernel arguments: with another version entries() is None
+    (backend.ssd then calls the public scan), with a warning that says so."""
+    import importlib.metadata
+
+    assert ssd_chunked_mamba.entries() is not None
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "2.4.0")
+    ssd_chunked_mamba.entries.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="mamba-ssm 2.4.0: .* 2.3.x; using mamba_ssm's public scan"):
+            assert ssd_chunked_mamba.entries() is None
+    finally:
+        ssd_chunked_mamba.entries.cache_clear()
