@@ -4,8 +4,9 @@
 - The states entering each chunk, dt and dt's cumulative sums come from the forward when it kept them
   (``saved``: SSMConfig.save_chunk_states), else they are recomputed as mamba_ssm recomputes them.
 - Three of its kernels (grad B, grad C, grad CB) write fp32 results per split of a group's heads, which its
-  launchers then sum over the splits. A split holds as many heads as keep the SM count busy, so when batch x chunks
-  x heads reaches the SM count (the 130m step; the study's cells) there is one split and that sum is a copy: the
+  launchers then sum over the splits. A program takes ceil(batch x chunks x heads / SMs) of a group's heads, so
+  once batch x chunks x groups is about the SM count or more there is one split and that sum is a copy (the 130m
+  step: 16 x 8 chunks x 24 heads / 132 SMs -> 24 heads a program, all of them; the study's cells too): the
   launchers here hand the one split on as a view. Three reduction passes a layer fewer (grad B and C: batch x
   seq_len x d_state fp32 each; grad CB: batch x chunks x chunk_size^2 fp32).
 
