@@ -205,6 +205,11 @@ def test_train_throughput_leaves_nothing_of_a_lightning_run_once_collected():
     assert modules() == before
 
 
+# cell_throughput.py's arguments for a one-step CPU run of a tiny cell (the contenders added by each test)
+CELL_SMOKE = ["--device", "cpu", "--backend", "torch", "--d_state", "16", "--seq_len", "32", "--tokens_per_step", "64",
+              "--vocab", "257", "--steps", "1", "--window", "1", "--warmup", "1"]
+
+
 def test_cell_throughput_quadratic_torch_contenders_run_the_torch_form(monkeypatch, capsys):
     """<contender>_quadratic_torch runs the attention form in torch (backend.quadratic_kernels("torch")) and
     <contender>_quadratic the fused kernels, each with quadratic_max_len raised to its LEN."""
@@ -220,9 +225,7 @@ def test_cell_throughput_quadratic_torch_contenders_run_the_torch_form(monkeypat
         raise RuntimeError("recorded")  # the benchmark reports a contender's failure and goes on
 
     monkeypatch.setattr(bench, "run_cell", run_cell)
-    bench.main(["--device", "cpu", "--backend", "torch", "--d_state", "16", "--seq_len", "32", "--tokens_per_step",
-                "64", "--vocab", "257", "--steps", "1", "--window", "1", "--warmup", "1",
-                "--contenders", "eager_1cell,eager_1cell_quadratic,eager_1cell_quadratic_torch"])
+    bench.main([*CELL_SMOKE, "--contenders", "eager_1cell,eager_1cell_quadratic,eager_1cell_quadratic_torch"])
     assert seen == [("eager", 0, "ours"), ("eager", 32, "ours"), ("eager", 32, "torch")]
     assert backend._quadratic_kernel == "ours"
 
@@ -243,9 +246,7 @@ def test_cell_throughput_splitcat_contenders_run_torch_splits(monkeypatch):
         raise RuntimeError("recorded")
 
     monkeypatch.setattr(bench, "run_cell", run_cell)
-    bench.main(["--device", "cpu", "--backend", "torch", "--d_state", "16", "--seq_len", "32", "--tokens_per_step",
-                "64", "--vocab", "257", "--steps", "1", "--window", "1", "--warmup", "1",
-                "--contenders", "eager_1cell_splitcat,eager_1cell_quadratic_torch_splitcat,eager_1cell"])
+    bench.main([*CELL_SMOKE, "--contenders", "eager_1cell_splitcat,eager_1cell_quadratic_torch_splitcat,eager_1cell"])
     assert seen == [("eager", 0, "ours", False), ("eager", 32, "torch", False), ("eager", 0, "ours", True)]
     assert grad_slots._in_place
 
@@ -267,8 +268,7 @@ def test_cell_throughput_savestates_contenders_save_the_chunk_states(monkeypatch
         raise RuntimeError("recorded")
 
     monkeypatch.setattr(bench, "run_cell", run_cell)
-    common = ["--device", "cpu", "--backend", "torch", "--d_state", "16", "--seq_len", "32", "--tokens_per_step",
-              "64", "--vocab", "257", "--steps", "1", "--window", "1", "--warmup", "1", "--contenders"]
+    common = [*CELL_SMOKE, "--contenders"]
     bench.main(common + ["eager_1cell,eager_1cell_savestates,eager_1cell_quadratic_splitcat_savestates"])
     assert seen == [(0, True, {False}), (0, True, {True}), (32, False, {True})]
     seen.clear()

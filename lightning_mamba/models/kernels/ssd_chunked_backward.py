@@ -62,6 +62,19 @@ def _dt_strides(t: Tensor) -> tuple[int, int, int, int]:
     return t.stride(0), t.stride(2), t.stride(1), t.stride(3)
 
 
+def _bc_buffers(m, device, batch, seqlen, nheads, nchunks, chunk_size, dstate, ngroups, min_block_n):
+    """What the grad B and grad C launchers set up alike: (deterministic, the decay gradient's workspace and its tile
+    stride, heads per program, the fp32 (batch, seqlen, splits, groups, d_state) output, the grid)."""
+    deterministic = m.determinism.use_deterministic_mode()
+    ddA, stride_tile = m.determinism.alloc_tile_workspace(
+        (batch, nheads, nchunks, chunk_size), math.ceil(dstate / min_block_n), torch.float32, device, deterministic,
+        zero_init=True)
+    per_program, nsplits = _splits(batch, nchunks, nheads, ngroups, device)
+    out = torch.empty(batch, seqlen, nsplits, ngroups, dstate, device=device, dtype=torch.float32)
+    return deterministic, ddA, stride_tile, per_program, out, _grid(m, chunk_size, dstate, batch * nchunks,
+                                                                    nsplits * ngroups)
+
+
 def _grad_b(x, dt, dA_cumsum, dstates, seq_idx, B, ngroups):
     """mamba_ssm's _chunk_state_bwd_db(x, dt, dA_cumsum, dstates, seq_idx, B=B, ngroups): (grad B in fp32, the
     decay's gradient from it)."""
@@ -69,16 +82,10 @@ def _grad_b(x, dt, dA_cumsum, dstates, seq_idx, B, ngroups):
     batch, seqlen, nheads, headdim = x.shape
     _, _, nchunks, chunk_size = dt.shape
     dstate = dstates.shape[-1]
-    deterministic = m.determinism.use_deterministic_mode()
-    ddA, stride_tile = m.determinism.alloc_tile_workspace(
-        (batch, nheads, nchunks, chunk_size), math.ceil(dstate / m.state._CHUNK_STATE_BWD_DB_MIN_BLOCK_N),
-        torch.float32, x.device, deterministic, zero_init=True)
-    per_program, nsplits = _splits(batch, nchunks, nheads, ngroups, x.device)
-    dB = torch.empty(batch, seqlen, nsplits, ngroups, dstate, device=x.device, dtype=torch.float32)
-    kernel = m.state._chunk_state_bwd_db_kernel
-    grid = _grid(m, chunk_size, dstate, batch * nchunks, nsplits * ngroups)
+    deterministic, ddA, stride_tile, per_program, dB, grid = _bc_buffers(
+        m, x.device, batch, seqlen, nheads, nchunks, chunk_size, dstate, ngroups, m.state._CHUNK_STATE_BWD_DB_MIN_BLOCK_N)
     with torch.cuda.device(x.device.index):
-        kernel[grid](
+        m.state._chunk_state_bwd_db_kernel[grid](
             x, dstates, B, dt, dA_cumsum, seq_idx, dB, ddA, chunk_size, dstate, headdim, batch, seqlen, nheads,
             per_program, ngroups, *x.stride(), *dstates.stride(), *B.stride(), *_dt_strides(dt),
             *_dt_strides(dA_cumsum), *_seq_strides(seq_idx), *dB.stride(), *_dt_strides(ddA), stride_tile,
@@ -97,16 +104,11 @@ def _grad_c(prev_states, dA_cumsum, dout, seq_idx, C, ngroups):
     batch, nchunks, nheads, headdim, dstate = prev_states.shape
     seqlen = dout.shape[1]
     chunk_size = dA_cumsum.shape[-1]
-    deterministic = m.determinism.use_deterministic_mode()
-    ddA, stride_tile = m.determinism.alloc_tile_workspace(
-        (batch, nheads, nchunks, chunk_size), math.ceil(dstate / m.scan._CHUNK_SCAN_BWD_DC_MIN_BLOCK_N),
-        torch.float32, dout.device, deterministic, zero_init=True)
-    per_program, nsplits = _splits(batch, nchunks, nheads, ngroups, dout.device)
-    dC = torch.empty(batch, seqlen, nsplits, ngroups, dstate, device=dout.device, dtype=torch.float32)
-    kernel = m.scan._chunk_scan_bwd_dc_kernel
-    grid = _grid(m, chunk_size, dstate, batch * nchunks, nsplits * ngroups)
+    deterministic, ddA, stride_tile, per_program, dC, grid = _bc_buffers(
+        m, dout.device, batch, seqlen, nheads, nchunks, chunk_size, dstate, ngroups,
+        m.scan._CHUNK_SCAN_BWD_DC_MIN_BLOCK_N)
     with torch.cuda.device(dout.device.index):
-        kernel[grid](
+        m.scan._chunk_scan_bwd_dc_kernel[grid](
             dout, prev_states, C, dA_cumsum, seq_idx, dC, ddA, chunk_size, dstate, headdim, batch, seqlen, nheads,
             per_program, ngroups, *dout.stride(), *prev_states.stride(), *C.stride(), *_dt_strides(dA_cumsum),
             *_seq_strides(seq_idx), *dC.stride(), *_dt_strides(ddA), stride_tile,
@@ -124,10 +126,9 @@ def _grad_cb(x, dt, dA_cumsum, dout, seq_idx, ngroups):
     _, _, nchunks, chunk_size = dt.shape
     per_program, nsplits = _splits(batch, nchunks, nheads, ngroups, x.device)
     dcb = torch.empty(batch, nchunks, nsplits, ngroups, chunk_size, chunk_size, device=x.device, dtype=torch.float32)
-    kernel = m.scan._chunk_scan_bwd_dcb_kernel
     grid = _grid(m, chunk_size, chunk_size, batch * nchunks, nsplits * ngroups)
     with torch.cuda.device(x.device.index):
-        kernel[grid](
+        m.scan._chunk_scan_bwd_dcb_kernel[grid](
             x, dout, None, dt, dA_cumsum, seq_idx, dcb, None, chunk_size, headdim, batch, seqlen, nheads,
             per_program, ngroups, *x.stride(), *dout.stride(), 0, 0, 0, 0, 0, *_dt_strides(dt),
             *_dt_strides(dA_cumsum), *_seq_strides(seq_idx), *dcb.stride(), 0, 0, 0, 0, 0,
