@@ -149,20 +149,28 @@ def test_saved_states_backward_equals_mamba_ssms_and_recomputes_nothing(mamba_ke
             assert rel_err(grads[True][k], grads[False][k]) < 2e-2, k
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomics", "deterministic"])
 @pytest.mark.parametrize("sm_count", [4, 1000], ids=["one_split", "split_heads"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_the_backward_is_mamba_ssms_value_for_value(mamba_kernels, monkeypatch, dtype, sm_count):
+def test_the_backward_is_mamba_ssms_value_for_value(mamba_kernels, monkeypatch, dtype, sm_count, deterministic):
     """ssd_chunked_backward.chunk_scan_backward (states recomputed) against mamba_ssm's own
     _mamba_chunk_scan_combined_bwd on the same inputs: every gradient bitwise equal, with one split of a group's
-    heads (whose sum the launchers skip) and with several (an SM count that makes the kernels split the heads); on
-    CUDA the decay's gradients to rounding (mamba_ssm sums them with atomics)."""
+    heads (whose sum the launchers skip) and with several (an SM count that makes the kernels split the heads), in
+    mamba_ssm's default mode and its deterministic one (per-tile workspaces for the decay's gradients, as under
+    torch.use_deterministic_algorithms); on CUDA the decay's gradients to rounding in the default mode (mamba_ssm
+    sums them with atomics there)."""
     import types
+
+    from mamba_ssm.utils import determinism
 
     from lightning_mamba.models.kernels.ssd_chunked_backward import _splits, chunk_scan_backward
 
+    monkeypatch.setattr(determinism, "_deterministic_override", deterministic)
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device: types.SimpleNamespace(multi_processor_count=sm_count, name="test"))
-    t = {k: v.detach() for k, v in scan_inputs(seed=5).items()}
+    # d_state 160: wider than a grad B / C tile (128 under the interpreter), so the deterministic mode's per-tile
+    # workspaces hold more than one tile
+    t = {k: v.detach() for k, v in scan_inputs(n=160, seed=5).items()}
     x, B, C = (t[k].to(dtype) for k in ("x", "B", "C"))
     assert _splits(2, 3, 4, 2, x.device)[1] == (1 if sm_count == 4 else 2)
     seq_idx = torch.zeros(2, 40, dtype=torch.int32, device=DEVICE)
