@@ -23,8 +23,11 @@ A row of ``nb`` blocks has nb (nb + 1) / 2 pairs (i, j), j <= i. The kernels:
     grad B_k = sum_i dS_ik^T C_i, in a fixed order (deterministic), written once, into the conv split's gradient
     buffer when B and C are its pieces (grad_slots.py), as grad x is.
 
-cs = cumsum(dt * A) is computed in torch (autograd carries its gradient to dt and A). fp32 inputs multiply in fp32,
-half inputs on TF32 tensor cores, as ssd_quadratic_triton.py. No final state (training asks for none).
+cs = cumsum(dt * A) is computed in torch (autograd carries its gradient to dt and A). fp32 inputs multiply in fp32.
+With half inputs, the products of two inputs (the scores C B^T over d_state, the heaviest at large states, and
+dy x^T) run on the tensor cores in the inputs' dtype, exact in their fp32 accumulators; products with an fp32 factor
+(the decayed scores, the scores' gradients) run on TF32, as in ssd_quadratic_triton.py, which holds the half
+factor exactly and rounds the fp32 one to 10 mantissa bits. No final state (training asks for none).
 """
 
 from __future__ import annotations
@@ -59,6 +62,16 @@ if triton is not None:
         """Times of block k and which lie inside the row."""
         t = k * BLOCK_T + tl.arange(0, BLOCK_T)
         return t, t < l
+
+    @triton.jit
+    def _input_dot(a, b, DOT: tl.constexpr, HALF_DOT: tl.constexpr):
+        """a @ b of two operands as loaded from the inputs (one dtype), fp32. HALF_DOT: half operands go to the
+        tensor cores as they are, their products exact in the fp32 accumulator (TF32 holds them exactly too, at half
+        the rate); else they are upcast and multiplied with DOT's precision (fp32 inputs; Triton's CPU interpreter,
+        which cannot multiply half operands: Triton 3.6's multiplies their bit patterns)."""
+        if HALF_DOT:
+            return tl.dot(a, b)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=DOT)
 
     @triton.jit
     def _keep(seq_ptr, row_s, ti, tj, ti_ok, tj_ok, ssl, HAS_SEQ: tl.constexpr):
@@ -114,17 +127,17 @@ if triton is not None:
     @triton.jit
     def _ssd_blocked_scores_kernel(B_ptr, C_ptr, s_ptr, l, sbb, sbl, sbg, scb, scl, scg,
                        G: tl.constexpr, N: tl.constexpr, NB: tl.constexpr, BLOCK_T: tl.constexpr,
-                       BLOCK_N: tl.constexpr, DOT: tl.constexpr):
+                       BLOCK_N: tl.constexpr, DOT: tl.constexpr, HALF_DOT: tl.constexpr):
         bi, gi, i, j, ti, ti_ok, tj, tj_ok = _pair(l, NB, BLOCK_T)
         if j <= i:
             s = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
             for n0 in range(0, N, BLOCK_N):
                 n = n0 + tl.arange(0, BLOCK_N)
                 c = tl.load(C_ptr + bi * scb + gi * scg + ti[:, None] * scl + n[None, :],
-                            mask=ti_ok[:, None] & (n < N)[None, :], other=0.0).to(tl.float32)
+                            mask=ti_ok[:, None] & (n < N)[None, :], other=0.0)
                 b = tl.load(B_ptr + bi * sbb + gi * sbg + tj[:, None] * sbl + n[None, :],
-                            mask=tj_ok[:, None] & (n < N)[None, :], other=0.0).to(tl.float32)
-                s += tl.dot(c, tl.trans(b), input_precision=DOT)
+                            mask=tj_ok[:, None] & (n < N)[None, :], other=0.0)
+                s += _input_dot(c, tl.trans(b), DOT, HALF_DOT)
             tl.store(_scores_ptrs(s_ptr, bi, gi, i, j, G, NB, BLOCK_T), s)
 
     @triton.jit
@@ -155,14 +168,13 @@ if triton is not None:
                       sxb, sxl, sxh, sdb, sdl, ssb, ssl, syb, syl, syh, sob, sol, soh,
                       R: tl.constexpr, G: tl.constexpr, P: tl.constexpr, HAS_D: tl.constexpr,
                       HAS_SEQ: tl.constexpr, NB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
-                      DOT: tl.constexpr):
+                      DOT: tl.constexpr, HALF_DOT: tl.constexpr):
         """Key block j of head hd: grad x_j (into dx's strides), the direct gradient of dt_j (through dt_s x_s),
         and of cs: -(column sums) for block j into dcs_col, +(row sums) for each block i >= j into dcs_row[:, j]
         (b, NB, l, H: one writer per place, summed over j after); the D skip's part of grad D per (row, block)."""
         bi, hd, gi, j, tj, tj_ok, p = _head_program(l, R, BLOCK_T, BLOCK_P)
         tp_ok = tj_ok[:, None] & (p < P)[None, :]
         x_j = tl.load(x_ptr + bi * sxb + hd * sxh + tj[:, None] * sxl + p[None, :], mask=tp_ok, other=0.0)
-        x_j = x_j.to(tl.float32)
         dx = tl.zeros((BLOCK_T, BLOCK_P), dtype=tl.float32)
         ddt = tl.zeros((BLOCK_T,), dtype=tl.float32)
         dcs_col = tl.zeros((BLOCK_T,), dtype=tl.float32)
@@ -172,9 +184,9 @@ if triton is not None:
                 dt_j, sd = _decayed_scores(s_ptr, seq_ptr, cs_ptr, dt_ptr, bi, gi, hd, i, j, ti, tj, ti_ok, tj_ok,
                                            ssb, ssl, sdb, sdl, G, NB, BLOCK_T, HAS_SEQ)
                 dy_i = tl.load(dy_ptr + bi * syb + hd * syh + ti[:, None] * syl + p[None, :],
-                               mask=ti_ok[:, None] & (p < P)[None, :], other=0.0).to(tl.float32)
-                dx += tl.dot(tl.trans(sd * dt_j[None, :]), dy_i, input_precision=DOT)
-                q = tl.dot(dy_i, tl.trans(x_j), input_precision=DOT) * sd  # grad of the scores, times S * decay
+                               mask=ti_ok[:, None] & (p < P)[None, :], other=0.0)
+                dx += tl.dot(tl.trans(sd * dt_j[None, :]), dy_i.to(tl.float32), input_precision=DOT)
+                q = _input_dot(dy_i, tl.trans(x_j), DOT, HALF_DOT) * sd  # grad of the scores, times S * decay
                 ddt += tl.sum(q, axis=0)
                 m = q * dt_j[None, :]  # grad of cs_t - cs_s
                 dcs_col += tl.sum(m, axis=0)
@@ -183,7 +195,7 @@ if triton is not None:
             dy_j = tl.load(dy_ptr + bi * syb + hd * syh + tj[:, None] * syl + p[None, :], mask=tp_ok, other=0.0)
             dy_j = dy_j.to(tl.float32)
             dx += tl.load(D_ptr + hd).to(tl.float32) * dy_j
-            tl.store(dD_part_ptr + (bi * NB + j) * H + hd, tl.sum(tl.sum(dy_j * x_j, axis=1), axis=0))
+            tl.store(dD_part_ptr + (bi * NB + j) * H + hd, tl.sum(tl.sum(dy_j * x_j.to(tl.float32), axis=1), axis=0))
         tl.store(dx_ptr + bi * sob + hd * soh + tj[:, None] * sol + p[None, :], dx.to(dx_ptr.dtype.element_ty),
                  mask=tp_ok)
         tl.store(ddt_ptr + bi * sdb + tj * sdl + hd, ddt, mask=tj_ok)
@@ -193,7 +205,8 @@ if triton is not None:
     def _ssd_blocked_bwd_ds_kernel(x_ptr, dt_ptr, cs_ptr, seq_ptr, dy_ptr, ds_ptr, l,
                        sxb, sxl, sxh, sdb, sdl, ssb, ssl, syb, syl, syh,
                        R: tl.constexpr, G: tl.constexpr, P: tl.constexpr, HAS_SEQ: tl.constexpr,
-                       NB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, DOT: tl.constexpr):
+                       NB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, DOT: tl.constexpr,
+                       HALF_DOT: tl.constexpr):
         """Pair (i, j) of a row and group: the gradient of its scores, dS_ij = sum over the group's heads of
         (dy_i x_j^T) * decay * dt_j, kept in the scores' layout for _ssd_blocked_bwd_bc_kernel."""
         bi, gi, i, j, ti, ti_ok, tj, tj_ok = _pair(l, NB, BLOCK_T)
@@ -205,10 +218,10 @@ if triton is not None:
                 hd = gi * R + r
                 dt_j, decay = _decay(cs_ptr, dt_ptr, bi * sdb, hd, ti, tj, ti_ok, tj_ok, sdl, keep)
                 dy_i = tl.load(dy_ptr + bi * syb + hd * syh + ti[:, None] * syl + p[None, :],
-                               mask=ti_ok[:, None] & (p < P)[None, :], other=0.0).to(tl.float32)
+                               mask=ti_ok[:, None] & (p < P)[None, :], other=0.0)
                 x_j = tl.load(x_ptr + bi * sxb + hd * sxh + tj[:, None] * sxl + p[None, :],
-                              mask=tj_ok[:, None] & (p < P)[None, :], other=0.0).to(tl.float32)
-                ds += tl.dot(dy_i, tl.trans(x_j), input_precision=DOT) * decay * dt_j[None, :]
+                              mask=tj_ok[:, None] & (p < P)[None, :], other=0.0)
+                ds += _input_dot(dy_i, tl.trans(x_j), DOT, HALF_DOT) * decay * dt_j[None, :]
             tl.store(_scores_ptrs(ds_ptr, bi, gi, i, j, G, NB, BLOCK_T), ds)
 
     @triton.jit
@@ -245,6 +258,12 @@ if triton is not None:
                  mask=mask)
 
 
+def half_dots(x: Tensor, B: Tensor, C: Tensor) -> bool:
+    """Whether the products of two inputs run on the tensor cores in the inputs' half dtype (_input_dot): x, B and C
+    of one half dtype, on CUDA (CPU tensors mean Triton's interpreter, which cannot multiply half operands)."""
+    return x.is_cuda and x.dtype == B.dtype == C.dtype and x.dtype in (torch.bfloat16, torch.float16)
+
+
 def _launch_meta(x: Tensor, B: Tensor, C: Tensor) -> dict:
     """The constexprs every kernel here takes (tile sizes and products as ssd_quadratic_triton's)."""
     l, p = x.size(1), x.size(3)
@@ -266,7 +285,7 @@ class _SSDBlocked(torch.autograd.Function):
         scores = torch.empty(b, g, nb, nb, BLOCK_T, BLOCK_T, device=x.device, dtype=torch.float32)
         _ssd_blocked_scores_kernel[(b, g, nb * nb)](
             B, C, scores, l, *B.stride()[:3], *C.stride()[:3], G=g, N=n, BLOCK_N=ssd_quadratic_triton.block_n(n),
-            **{k: meta[k] for k in ("NB", "BLOCK_T", "DOT", "num_warps")})
+            HALF_DOT=half_dots(x, B, C), **{k: meta[k] for k in ("NB", "BLOCK_T", "DOT", "num_warps")})
         y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
         _ssd_blocked_fwd_kernel[(b, h, nb)](
             x, dt, cs, x if D is None else D, seq, scores, y, l, *x.stride()[:3], dt.stride(0), dt.stride(1), *sseq,
@@ -280,7 +299,7 @@ class _SSDBlocked(torch.autograd.Function):
         x, dt, cs, B, C, D, seq_idx, scores = ctx.saved_tensors
         b, l, h, _ = x.shape
         g, n = B.size(2), B.size(3)
-        dy = ssd_quadratic_triton.last_dim_contiguous(dy)
+        dy = ssd_quadratic_triton.last_dim_contiguous(dy.to(x.dtype))  # (y's dtype: _input_dot pairs it with x)
         meta = _launch_meta(x, B, C)
         nb = meta["NB"]
         seq = x if seq_idx is None else seq_idx
@@ -294,11 +313,11 @@ class _SSDBlocked(torch.autograd.Function):
         _ssd_blocked_bwd_x_kernel[(b, h, nb)](
             x, dt, cs, x if D is None else D, seq, scores, dy, dx, ddt, dcs_col, dcs_row, dD_part, l, h,
             *x.stride()[:3], dt.stride(0), dt.stride(1), *sseq, *dy.stride()[:3], *dx.stride()[:3],
-            R=h // g, G=g, HAS_D=D is not None, HAS_SEQ=seq_idx is not None, **meta)
+            R=h // g, G=g, HAS_D=D is not None, HAS_SEQ=seq_idx is not None, HALF_DOT=half_dots(x, B, C), **meta)
         ds = torch.empty_like(scores)  # the scores' gradients, pair by pair
         _ssd_blocked_bwd_ds_kernel[(b, g, nb * nb)](
             x, dt, cs, seq, dy, ds, l, *x.stride()[:3], dt.stride(0), dt.stride(1), *sseq, *dy.stride()[:3],
-            R=h // g, G=g, HAS_SEQ=seq_idx is not None, **meta)
+            R=h // g, G=g, HAS_SEQ=seq_idx is not None, HALF_DOT=half_dots(x, B, C), **meta)
         # into B's and C's columns of the conv split's gradient buffer when they are its pieces (grad_slots.py)
         dB, dC = (claim(slot, t.dtype) for slot, t in zip(ctx.bc_slots, (B, C)))
         dB = torch.empty(B.shape, device=x.device, dtype=B.dtype) if dB is None else dB

@@ -42,7 +42,9 @@ def test_blocked_attention_form_equals_the_torch_form_in_fp32(b, l, h, p, g, n, 
 
 @needs_triton
 def test_blocked_attention_form_in_bf16_is_as_close_to_fp32_as_the_one_tile_kernels():
-    """bf16 inputs: TF32 products, fp32 sums; within the tolerance the one-tile kernels' bf16 test holds."""
+    """bf16 inputs: on CUDA the products of two inputs in bf16 on the tensor cores (exact) and the rest in TF32, in
+    Triton's interpreter TF32 throughout (half_dots); fp32 sums; within the tolerance the one-tile kernels' bf16
+    test holds."""
     x, dt, A, B, C, D, seq_idx = make_inputs(2, 96, 4, 16, 1, 64, docs=True)
     grad_y = torch.randn(2, 96, 4, 16, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     exact, g_exact = values_and_grads(reference, (x, dt, A, B, C, D), seq_idx, grad_y)
@@ -52,6 +54,19 @@ def test_blocked_attention_form_in_bf16_is_as_close_to_fp32_as_the_one_tile_kern
     assert_rel_close(y, exact, 2e-2, "y (bf16)")
     for name, got, want in zip(NAMES, grads, g_exact):
         assert_rel_close(got, want, 3e-2, f"grad {name} (bf16)")
+
+
+def test_half_inputs_multiply_as_they_are_only_on_cuda():
+    """half_dots: bf16 inputs on CUDA go to the tensor cores in bf16; fp32 inputs, and any CPU tensor (Triton's
+    interpreter, which multiplies half operands' bit patterns), are upcast."""
+    from lightning_mamba.models.kernels.ssd_blocked_triton import half_dots
+
+    half = torch.zeros(1, 65, 1, 16, dtype=torch.bfloat16)
+    assert not half_dots(half, half, half) and not half_dots(half.float(), half.float(), half.float())
+    if torch.cuda.is_available():
+        half = half.cuda()
+        assert half_dots(half, half, half) and not half_dots(half.float(), half.float(), half.float())
+        assert not half_dots(half.float(), half, half)  # an fp32 input: the products stay in fp32
 
 
 @needs_triton
