@@ -110,12 +110,14 @@ if triton is not None:
         HAS_BIAS: tl.constexpr,
         BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
     ):
-        bi, gi, t, t_ok, p, tp_ok, _, _, cb, keep = _row_group(
+        # (no name is bound both before the loop and in it with another type: Triton's compiler refuses that for a
+        # loop-carried variable, which the interpreter does not check; `_` was, and failed to compile on the GPU)
+        bi, gi, t, t_ok, p, tp_ok, _row_b, _row_c, cb, keep = _row_group(
             B_ptr, C_ptr, seq_ptr, l, sbb, sbl, sbg, scb, scl, scg, ssb, ssl, P, N, HAS_SEQ, BLOCK_L, BLOCK_P, BLOCK_N, DOT,
         )
         for r in range(R):  # the group's heads share C B^T
             hd = gi * R + r
-            dt, a, decay, _ = _head_decay(dt_ptr, bias_ptr, A_ptr, bi * sdb, hd, t, t_ok, sdl, keep, HAS_BIAS)
+            dt, a, decay, _v = _head_decay(dt_ptr, bias_ptr, A_ptr, bi * sdb, hd, t, t_ok, sdl, keep, HAS_BIAS)
             x = tl.load(x_ptr + bi * sxb + hd * sxh + t[:, None] * sxl + p[None, :], mask=tp_ok, other=0.0)
             x = x.to(tl.float32)
             y = tl.dot(cb * decay * dt[None, :], x, input_precision=DOT)

@@ -159,15 +159,22 @@ def test_the_backward_is_mamba_ssms_value_for_value(mamba_kernels, monkeypatch, 
     mamba_ssm's default mode and its deterministic one (per-tile workspaces for the decay's gradients, as under
     torch.use_deterministic_algorithms); on CUDA the decay's gradients to rounding in the default mode (mamba_ssm
     sums them with atomics there)."""
-    import types
-
     from mamba_ssm.utils import determinism
 
     from lightning_mamba.models.kernels.ssd_chunked_backward import _splits, chunk_scan_backward
 
     monkeypatch.setattr(determinism, "_deterministic_override", deterministic)
-    monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda device: types.SimpleNamespace(multi_processor_count=sm_count, name="test"))
+    real = torch.cuda.get_device_properties
+
+    class _Properties:  # the device's, with another SM count (the launchers split a group's heads by it)
+        def __init__(self, device):
+            self.device = device
+            self.multi_processor_count = sm_count
+
+        def __getattr__(self, name):
+            return getattr(real(self.device), name)
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", _Properties)
     # d_state 160: wider than a grad B / C tile (128 under the interpreter), so the deterministic mode's per-tile
     # workspaces hold more than one tile
     t = {k: v.detach() for k, v in scan_inputs(n=160, seed=5).items()}

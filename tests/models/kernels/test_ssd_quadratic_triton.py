@@ -109,9 +109,11 @@ def test_the_raw_dt_with_dt_bias_equals_the_softplus_taken_first(dtype):
         assert_rel_close(got, want, tol, f"grad {name}")
 
 
-def assert_equals_the_torch_form(fn, shape: tuple, docs: bool, with_d: bool, grad_a_tol: float = 2e-5) -> None:
+def assert_equals_the_torch_form(fn, shape: tuple, docs: bool, with_d: bool, grad_a_tol: float = 2e-5,
+                                 scale: float = 1.0) -> None:
     """``fn`` (a kernel's entry point, called as ``reference``) against the torch form in fp32 at ``shape`` (b, l, h,
-    p, g, n): y within 1e-5, every gradient within 2e-5 (grad A within ``grad_a_tol``), dtypes and shapes kept."""
+    p, g, n): y within 1e-5, every gradient within 2e-5 (grad A within ``grad_a_tol``), all times ``scale``, dtypes
+    and shapes kept."""
     b, l, h, p, g, n = shape
     x, dt, A, B, C, D, seq_idx = make_inputs(b, l, h, p, g, n, docs)
     D = D if with_d else None
@@ -119,10 +121,10 @@ def assert_equals_the_torch_form(fn, shape: tuple, docs: bool, with_d: bool, gra
     y_ref, g_ref = values_and_grads(reference, (x, dt, A, B, C, D), seq_idx, grad_y)
     y, grads = values_and_grads(fn, (x, dt, A, B, C, D), seq_idx, grad_y)
     assert y.dtype == x.dtype and y.is_contiguous()
-    assert_rel_close(y, y_ref, 1e-5, "y")
+    assert_rel_close(y, y_ref, 1e-5 * scale, "y")
     for name, got, want in zip(NAMES, grads, g_ref):
         assert got.shape == want.shape and got.dtype == want.dtype, name
-        assert_rel_close(got, want, grad_a_tol if name == "A" else 2e-5, f"grad {name}")
+        assert_rel_close(got, want, (grad_a_tol if name == "A" else 2e-5) * scale, f"grad {name}")
 
 
 @needs_triton
