@@ -310,14 +310,15 @@ class _SSDBlocked(torch.autograd.Function):
         dcs_col = torch.empty(dt.shape, device=x.device, dtype=torch.float32)
         dcs_row = torch.zeros(b, nb, l, h, device=x.device, dtype=torch.float32)  # block i < j: never written
         dD_part = torch.empty(b, nb, h, device=x.device, dtype=torch.float32)
+        half = half_dots(x, B, C)  # both kernels below multiply dy by x
         _ssd_blocked_bwd_x_kernel[(b, h, nb)](
             x, dt, cs, x if D is None else D, seq, scores, dy, dx, ddt, dcs_col, dcs_row, dD_part, l, h,
             *x.stride()[:3], dt.stride(0), dt.stride(1), *sseq, *dy.stride()[:3], *dx.stride()[:3],
-            R=h // g, G=g, HAS_D=D is not None, HAS_SEQ=seq_idx is not None, HALF_DOT=half_dots(x, B, C), **meta)
+            R=h // g, G=g, HAS_D=D is not None, HAS_SEQ=seq_idx is not None, HALF_DOT=half, **meta)
         ds = torch.empty_like(scores)  # the scores' gradients, pair by pair
         _ssd_blocked_bwd_ds_kernel[(b, g, nb * nb)](
             x, dt, cs, seq, dy, ds, l, *x.stride()[:3], dt.stride(0), dt.stride(1), *sseq, *dy.stride()[:3],
-            R=h // g, G=g, HAS_SEQ=seq_idx is not None, HALF_DOT=half_dots(x, B, C), **meta)
+            R=h // g, G=g, HAS_SEQ=seq_idx is not None, HALF_DOT=half, **meta)
         # into B's and C's columns of the conv split's gradient buffer when they are its pieces (grad_slots.py)
         dB, dC = (claim(slot, t.dtype) for slot, t in zip(ctx.bc_slots, (B, C)))
         dB = torch.empty(B.shape, device=x.device, dtype=B.dtype) if dB is None else dB
