@@ -21,6 +21,28 @@ IGNORE_INDEX = -100
 CHUNK_BYTES = 2**30  # fp32 logits per chunk: 1 GiB
 
 
+HALF = (torch.float16, torch.bfloat16)
+FP32_ADDMM: bool | None = None  # whether this torch's CUDA addmm takes half inputs into an fp32 out; None: not tried
+
+
+def _add_product_(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b. For half a, b and an fp32 acc on CUDA the GEMM adds its fp32 accumulators into acc itself
+    (`addmm(..., out_dtype=float32)`: one kernel, no half copy of the product written, read back and rounded);
+    elsewhere, and on a torch without that, the product in a's dtype, then an add."""
+    global FP32_ADDMM
+    if acc.is_cuda and acc.dtype == torch.float32 and a.dtype in HALF and FP32_ADDMM is not False:
+        try:
+            with torch.autocast("cuda", enabled=False):  # (autocast would cast acc to a's dtype)
+                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            FP32_ADDMM = True
+            return
+        except (RuntimeError, TypeError):  # torch < 2.9 has no out_dtype; some releases want acc in a's dtype
+            if FP32_ADDMM:
+                raise
+            FP32_ADDMM = False
+    acc += a @ b
+
+
 def _matmul_dtype(h: Tensor) -> torch.dtype:
     """The dtype nn.Linear would compute in here (autocast's, when it is on)."""
     return autocast_dtype(h.device.type) or h.dtype
@@ -55,7 +77,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad = logits.sub_(lse[:, None]).exp_().mul_(keep).scatter_add_(1, target, -keep).to(dtype)
             if want_grad:
                 grad_hidden[rows] = (grad @ w).to(hidden.dtype)
-                grad_weight += grad.t() @ h
+                _add_product_(grad_weight, grad.t(), h)
         ctx.save_for_backward(grad_hidden, grad_weight, n_valid)
         ctx.weight_dtype = weight.dtype
         return total / n_valid

@@ -70,3 +70,33 @@ def test_training_step_uses_it_with_tied_embeddings_and_matches_the_logits_path(
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads, ref_grads):  # the tied embedding gets both its uses' gradients
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def _added_product(device):
+    from lightning_mamba.models import loss
+
+    gen = torch.Generator().manual_seed(0)
+    acc = torch.randn(300, 64, generator=gen)
+    a, b = (torch.randn(300, 200, generator=gen) * 3).bfloat16(), torch.randn(200, 64, generator=gen).bfloat16()
+    exact = acc.double() + a.double() @ b.double()
+    acc = acc.to(device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        loss._add_product_(acc, a.to(device), b.to(device))
+    assert acc.dtype == torch.float32
+    return ((acc.cpu().double() - exact).norm() / exact.norm()).item()
+
+
+def test_the_weight_gradients_sum_takes_half_products_into_fp32():
+    """On the CPU the product is rounded to bf16 before the fp32 add (the fallback): within bf16's rounding."""
+    assert 1e-4 < _added_product("cpu") < 1e-2
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_weight_gradients_sum_is_one_fp32_gemm():
+    """On CUDA the GEMM adds its fp32 accumulators into the fp32 sum (no bf16 rounding of the product), where this
+    torch's addmm takes an fp32 out for bf16 inputs; the fallback is the CPU's rounding."""
+    from lightning_mamba.models import loss
+
+    err = _added_product("cuda")
+    assert loss.FP32_ADDMM is not None
+    assert err < (1e-5 if loss.FP32_ADDMM else 1e-2), (loss.FP32_ADDMM, err)
