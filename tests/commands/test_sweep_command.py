@@ -287,9 +287,10 @@ def test_typed_overrides_merge_into_the_configs(capsys):
     line = fit_args("--model_overrides", "{quadratic_max_len: 32, chunk_size: null}",
                     "--trainer_overrides={log_every_n_steps: 7}")
     assert "--model.a_lr_mult 10.0 " in line and "--model.quadratic_max_len 32 " in line
-    assert "--model.quadratic_max_len 64" not in line  # the typed value replaces the config's
+    assert "--model.quadratic_max_len 256" not in line  # the typed value replaces the config's
     assert "--model.chunk_size" not in line and "--trainer.log_every_n_steps 7 " in line
     assert "--trainer.enable_progress_bar false" in line  # the config's other trainer overrides stay
     untyped = fit_args()
     assert "--data.source code " in untyped and "--model.chunk_size 64 " in untyped
-    assert "--model.quadratic_max_len 64 " in untyped  # the regime's attention form for short rows
+    assert "--model.quadratic_max_len 256 " in untyped  # the regime's attention form for short rows
+    assert "--model.save_chunk_states true " in untyped
