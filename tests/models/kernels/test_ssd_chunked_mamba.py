@@ -51,7 +51,9 @@ def scan_inputs(b=2, l=40, h=4, p=8, g=2, n=16, seed=0):
 def test_raw_dt_in_the_kernels_equals_the_torch_scan(mamba_kernels, dt_limit, docs, save_states):
     """chunk_scan(x, dt_raw, ..., dt_bias, dt_limit) against ssd_chunked(x, positive_dt(dt_raw, dt_bias, dt_limit)) +
     D x in fp32 (chunks of 16 over 40 tokens, a carried state, documents restarting): y, the final state and the
-    gradients of all eight inputs, with mamba_ssm's backward and with ours on the forward's states."""
+    gradients of all eight inputs, with mamba_ssm's backward and with ours on the forward's states. On CUDA, where
+    mamba_ssm's fp32 dots take TF32, each may be as far from the torch scan as twice mamba_ssm's own public scan is
+    (dt_bias's gradient, a sum of cancelling terms, went past 3e-3 there with documents)."""
     t = scan_inputs()
     seq_idx = None
     if docs:
@@ -63,11 +65,16 @@ def test_raw_dt_in_the_kernels_equals_the_torch_scan(mamba_kernels, dt_limit, do
     if dt_limit != NO_DT_LIMIT:  # the clamp bites on both sides
         assert (unclamped < dt_limit[0]).any() and (unclamped > dt_limit[1]).any()
     outs = {}
-    for name in ("kernels", "torch"):
+    for name in ("kernels", "torch") + (("mamba_ssm",) if DEVICE == "cuda" else ()):
         if name == "kernels":
             y, final = ssd_chunked_mamba.chunk_scan(t["x"], t["dt_raw"], t["A"], t["B"], t["C"], 16, t["D"],
                                                     t["initial"], seq_idx, dt_bias=t["dt_bias"], dt_limit=dt_limit,
                                                     save_states=save_states)
+        elif name == "mamba_ssm":  # the library's own scan, the same kernels and dots
+            y, final = mamba_kernels.mamba_chunk_scan_combined(
+                t["x"], t["dt_raw"], t["A"], t["B"], t["C"], 16, D=t["D"], dt_bias=t["dt_bias"],
+                initial_states=t["initial"], seq_idx=seq_idx, dt_softplus=True, dt_limit=dt_limit,
+                return_final_states=True)
         else:
             dt = positive_dt(t["dt_raw"], t["dt_bias"], dt_limit)
             y, final = ssd_chunked(t["x"], dt, t["A"], t["B"], t["C"], 16, initial_state=t["initial"],
@@ -78,9 +85,14 @@ def test_raw_dt_in_the_kernels_equals_the_torch_scan(mamba_kernels, dt_limit, do
         for v in t.values():
             v.grad = None
     (yk, fk, gk), (yt, ft, gt) = outs["kernels"], outs["torch"]
-    assert rel_err(yk, yt) < TOL and rel_err(fk, ft) < TOL
+
+    def tol(ref, lib):
+        return TOL if lib is None else max(TOL, 2 * rel_err(lib, ref))
+
+    yl, fl, gl = outs.get("mamba_ssm", (None, None, dict.fromkeys(gt)))
+    assert rel_err(yk, yt) < tol(yt, yl) and rel_err(fk, ft) < tol(ft, fl)
     for k in gt:
-        assert rel_err(gk[k], gt[k]) < TOL, k
+        assert rel_err(gk[k], gt[k]) < tol(gt[k], gl[k]), (k, rel_err(gk[k], gt[k]), gl[k] is not None)
     # clamped steps pass no gradient to dt_raw
     assert (gk["dt_raw"][clamped] == 0).all() and (gk["dt_raw"][~clamped] != 0).all()
 
