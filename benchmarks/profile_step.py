@@ -5,6 +5,7 @@
     python benchmarks/profile_step.py --config 130m --contenders ours --ops 30   # also the torch ops behind them
     python benchmarks/profile_step.py --config 130m --contenders ours,mamba_ssm_fused   # needs causal-conv1d
     python benchmarks/profile_step.py --config 130m --contenders ours --save_chunk_states   # the scan keeps its states
+    python benchmarks/profile_step.py --config 130m --contenders ours --recompute_norm_output   # in_proj's input remade
     python benchmarks/profile_step.py --config cell --d_state 2048 --seq_len 16 --quadratic_max_len 64   # a study cell
     python benchmarks/profile_step.py --config cell --device cpu --d_state 16 --tokens_per_step 512 --steps 1  # smoke
 
@@ -25,6 +26,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+
+from lightning_mamba.models.kernels.backend import recompute_norm_output
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import CONFIGS, Skip, bare_loop, build_bare  # noqa: E402
@@ -118,6 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="ours: rows of at most this many tokens take the SSD's attention form")
     p.add_argument("--save_chunk_states", action="store_const", const=True, default=None,
                    help="ours: the chunked scan's backward reuses the forward's states (the model's save_chunk_states)")
+    p.add_argument("--recompute_norm_output", action="store_true",
+                   help="ours: in_proj's input made again in the backward (kernels.backend.recompute_norm_output)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("profile_step.py profiles CUDA kernels: run it on a machine with a GPU (or --device cpu, a smoke run)")
@@ -138,7 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
         except (ImportError, Skip) as e:  # as train_throughput.py: a contender that cannot run here is named, not fatal
             print(f"  skipped ({e})")
             continue
-        results[c] = profile(model, loss_fn, cfg, args.device, args.steps, args.top, args.ops)
+        with recompute_norm_output(args.recompute_norm_output and c == "ours"):
+            results[c] = profile(model, loss_fn, cfg, args.device, args.steps, args.top, args.ops)
         del model
         if args.device == "cuda":
             torch.cuda.empty_cache()

@@ -31,7 +31,8 @@ class Block(nn.Module):
 
     def forward(self, h, residual, state=None, seq_idx=None, record=None, return_state=True):
         h, residual = self._add_norm(h, residual)
-        h, state = self.mixer(h, state, seq_idx, record, return_state)
+        with kernels.norm_output_kept(self.mixer.backend, h, residual, self.norm):
+            h, state = self.mixer(h, state, seq_idx, record, return_state)
         return h, residual, state
 
     def step(self, h, residual, state):

@@ -52,6 +52,38 @@ def norm_kernels(name: str | None = None, *, add: str | None = None, gated: str 
         _norm_kernel = before
 
 
+# whether the Triton path's blocks recompute in_proj's input (our add norm's output) in the backward instead of keeping
+# it: ~1.2 GB less at 130m for one norm pass a layer; off until timed (benchmarks/train_throughput.py's
+# lightning_graph_recompute contenders)
+_recompute_norm_output = False
+
+
+@contextlib.contextmanager
+def recompute_norm_output(on: bool = True):
+    """Inside the block the Triton path's residual add + RMSNorm (ours) hands in_proj an output that autograd does
+    not keep: the backward makes it again from the fp32 residual the norm keeps anyway (recompute.py), so a
+    benchmark can time the trade in one process."""
+    global _recompute_norm_output
+    before, _recompute_norm_output = _recompute_norm_output, bool(on)
+    try:
+        yield
+    finally:
+        _recompute_norm_output = before
+
+
+def norm_output_kept(backend: str, out: Tensor, residual: Tensor, norm):
+    """The context the mixer runs in after add_rmsnorm gave (out, residual): one where autograd saves no copy of
+    out when recompute_norm_output is on for our Triton norm (a null context otherwise)."""
+    if not (_recompute_norm_output and torch.is_grad_enabled() and uses_triton(backend, out)
+            and _norm_kernel["add"] == "ours" and out.is_contiguous()):
+        return contextlib.nullcontext()
+    from .norm_triton import rmsnorm_out
+    from .recompute import saved_as_recomputed
+
+    weight, eps, dtype = norm.weight, norm.eps, out.dtype
+    return saved_as_recomputed(out, lambda: rmsnorm_out(residual, weight, eps, dtype))
+
+
 # the Triton path's attention form: ours (ssd_quadratic_triton.py, ssd_blocked_triton.py) or ssd.py's torch einsums
 QUADRATIC_KERNELS = ("ours", "torch")
 _quadratic_kernel = "ours"

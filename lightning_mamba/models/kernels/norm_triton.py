@@ -100,6 +100,18 @@ if triton is not None:
         tl.store(out_ptr + rows64 * stride_out + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _rmsnorm_out_kernel(x_ptr, w_ptr, out_ptr, n_rows, width, stride_x, stride_out, eps,
+                            ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        """The add norm's output again from the residual it stored: its forward's arithmetic on the same tiles
+        (the same bits)."""
+        rows, rows64, cols, row_ok, col_ok, mask = _tile(tl.program_id(0) * ROWS, n_rows, width, ROWS, BLOCK)
+        x = tl.load(x_ptr + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / width + eps)
+        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        y = x * rstd[:, None] * w[None, :]
+        tl.store(out_ptr + rows64 * stride_out + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _add_bwd_loads(x_ptr, rstd_ptr, dout_ptr, dres_out_ptr, first, n_rows, width, stride_x, stride_dout,
                        stride_dres_out, HAS_DRES_OUT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
         """A tile's inputs to the add norm's backward, as stored (dres_out: x's when there is none)."""
@@ -280,6 +292,19 @@ def add_rmsnorm(h: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
                 residual_in_fp32: bool) -> tuple[Tensor, Tensor]:
     """(norm(h + residual), h + residual) as kernels/backend.add_rmsnorm returns them."""
     return AddRMSNorm.apply(h, residual, weight, eps, residual_in_fp32)
+
+
+def rmsnorm_out(res_out: Tensor, weight: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
+    """add_rmsnorm's first output (norm(h + residual) in h's ``dtype``) from its second, the residual it returned:
+    the same kernel tiles and arithmetic, so the same bits (for recompute.saved_as_recomputed). No autograd."""
+    x = _rows(res_out)
+    n_rows, width = x.shape
+    out = torch.empty(n_rows, width, dtype=dtype, device=x.device)
+    block, rows, _, _ = tile_plan(n_rows, width, x.device)
+    _rmsnorm_out_kernel[(triton.cdiv(n_rows, rows),)](
+        x, weight, out, n_rows, width, x.stride(0), out.stride(0), eps, ROWS=rows, BLOCK=block,
+        num_warps=_warps(block, rows))
+    return out.view(res_out.shape)
 
 
 class GatedRMSNorm(torch.autograd.Function):
