@@ -14,7 +14,7 @@ with MambaLM.loss). Prints, per contender,
 the CUDA time per step in each group (SSD scan, conv, norms, matmuls, loss, optimizer, the rest) and the
 costliest kernels, so a fusion can be aimed at what actually costs time. ``--config cell`` is the study's 4 x 256
 byte-level model at 16,384 tokens per step (``--d_state``, ``--seq_len``, ``--tokens_per_step`` pick the cell; ours
-takes ``--chunk_size``, ``--quadratic_max_len`` and ``--save_chunk_states``). On the CPU (a smoke run) it groups the ops' own CPU time.
+takes ``--chunk_size``, ``--quadratic_max_len``, ``--save_chunk_states`` and ``--recompute_norm_output``). On the CPU (a smoke run) it groups the ops' own CPU time.
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-
-from lightning_mamba.models.kernels.backend import recompute_norm_output
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import CONFIGS, Skip, bare_loop, build_bare  # noqa: E402
@@ -121,13 +119,13 @@ def main(argv: list[str] | None = None) -> dict:
                    help="ours: rows of at most this many tokens take the SSD's attention form")
     p.add_argument("--save_chunk_states", action="store_const", const=True, default=None,
                    help="ours: the chunked scan's backward reuses the forward's states (the model's save_chunk_states)")
-    p.add_argument("--recompute_norm_output", action="store_true",
-                   help="ours: in_proj's input made again in the backward (kernels.backend.recompute_norm_output)")
+    p.add_argument("--recompute_norm_output", action="store_const", const=True, default=None,
+                   help="ours: in_proj's input made again in the backward (the model's recompute_norm_output)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("profile_step.py profiles CUDA kernels: run it on a machine with a GPU (or --device cpu, a smoke run)")
     cfg = shape(args)
-    extra = {k: getattr(args, k) for k in ("chunk_size", "quadratic_max_len", "save_chunk_states")
+    extra = {k: getattr(args, k) for k in ("chunk_size", "quadratic_max_len", "save_chunk_states", "recompute_norm_output")
              if getattr(args, k) is not None}
     ours_only = args.config == "cell" or args.device == "cpu" or extra
     contenders = (args.contenders or ("ours" if ours_only else "ours,mamba_ssm")).split(",")
@@ -143,8 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
         except (ImportError, Skip) as e:  # as train_throughput.py: a contender that cannot run here is named, not fatal
             print(f"  skipped ({e})")
             continue
-        with recompute_norm_output(args.recompute_norm_output and c == "ours"):
-            results[c] = profile(model, loss_fn, cfg, args.device, args.steps, args.top, args.ops)
+        results[c] = profile(model, loss_fn, cfg, args.device, args.steps, args.top, args.ops)
         del model
         if args.device == "cuda":
             torch.cuda.empty_cache()

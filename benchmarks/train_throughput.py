@@ -11,9 +11,8 @@ norm mamba_ssm's), ``lightning_graph_splitcat`` (lightning_graph with torch.spli
 the pieces' gradients, in place of models/kernels/grad_slots.py's in-place writes), ``lightning_graph_savestates``
 (lightning_graph with --model.save_chunk_states: the chunked scan's backward reuses the forward's states, more
 memory, less time), ``lightning_graph_recompute`` and ``lightning_graph_savestates_recompute`` (those two with
-in_proj's input made again in the backward from the norm's fp32 residual instead of kept,
-kernels.backend.recompute_norm_output: less memory, one norm pass a layer more; CUDA only), ``ours`` (our MambaLM in
-a bare loop),
+--model.recompute_norm_output: in_proj's input made again in the backward from the norm's fp32 residual instead of
+kept, less memory, one norm pass a layer more), ``ours`` (our MambaLM in a bare loop),
 ``mamba_ssm_fused`` (mamba_ssm's MambaLMHeadModel as its official configs train it: Mamba2 layers on the fused
 ``use_mem_eff_path`` kernel, ``fused_add_norm``; needs causal-conv1d, skipped with the reason without it),
 ``mamba_ssm`` (the same model unfused: ``use_mem_eff_path=False``, ``fused_add_norm=False``), ``hf`` (transformers'
@@ -45,8 +44,10 @@ CONFIGS = {  # name: (d_model, n_layer, d_state, vocab, batch, seq_len, headdim)
     "cpu-small": (128, 4, 64, 8192, 4, 1024, 32),
 }
 NORM_AB = {"lightning_graph_mambanorms": {"name": "mamba_ssm"}, "lightning_graph_mambagated": {"gated": "mamba_ssm"}}
-# contender -> save_chunk_states, run inside kernels.backend.recompute_norm_output(True)
-RECOMPUTE_AB = {"lightning_graph_recompute": False, "lightning_graph_savestates_recompute": True}
+# contender -> the model settings of lightning_graph it runs with (the speed-only ones)
+SETTINGS_AB = {"lightning_graph_savestates": {"save_chunk_states": True},
+               "lightning_graph_recompute": {"recompute_norm_output": True},
+               "lightning_graph_savestates_recompute": {"save_chunk_states": True, "recompute_norm_output": True}}
 GPU_CONTENDERS = "lightning_graph,lightning,mamba_ssm_fused,mamba_ssm"
 CPU_CONTENDERS = "lightning,ours,hf"
 MISSING = "-"  # a column this device cannot fill (peak memory off CUDA, MFU without a known peak)
@@ -150,7 +151,7 @@ def main():
                    "model.cuda_graph), lightning_graph_mambanorms (that with mamba_ssm's Triton norms), "
                    "lightning_graph_mambagated (only its gated norm), lightning_graph_splitcat (torch.split's "
                    "concatenating backward), lightning_graph_savestates (model.save_chunk_states), lightning_graph_recompute, "
-                   "lightning_graph_savestates_recompute (in_proj's input recomputed in the backward), ours, "
+                   "lightning_graph_savestates_recompute (model.recompute_norm_output), ours, "
                    "mamba_ssm_fused, mamba_ssm, hf (default: GPU "
                    f"{GPU_CONTENDERS}; CPU {CPU_CONTENDERS})")
     p.add_argument("--baseline", default=None, help="the contender every ratio is taken against (default: GPU the "
@@ -196,15 +197,8 @@ def main():
 
                 with in_place(False):
                     dt = lightning_run(args, cfg, device, "bf16-mixed" if gpu else "32-true", gpu)
-            elif c == "lightning_graph_savestates":  # the same step keeping the scan's states for its backward
-                dt = lightning_run(args, cfg, device, "bf16-mixed" if gpu else "32-true", gpu, save_chunk_states=True)
-            elif c in RECOMPUTE_AB:  # in_proj's input made again in the backward (with the scan's states kept or not)
-                if not gpu:
-                    raise Skip("the recomputation runs on the Triton path (CUDA)")
-                from lightning_mamba.models.kernels.backend import recompute_norm_output
-
-                with recompute_norm_output(True):
-                    dt = lightning_run(args, cfg, device, "bf16-mixed", True, save_chunk_states=RECOMPUTE_AB[c])
+            elif c in SETTINGS_AB:  # the same step with speed-only model settings (the scan's states kept, ...)
+                dt = lightning_run(args, cfg, device, "bf16-mixed" if gpu else "32-true", gpu, **SETTINGS_AB[c])
             else:
                 model, loss_fn = build_bare(c, cfg, device)
                 dt = bare_loop(model, batch, seq_len, vocab, args.steps, args.warmup, device, dtype, loss_fn)

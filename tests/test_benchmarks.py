@@ -278,9 +278,9 @@ def test_cell_throughput_savestates_contenders_save_the_chunk_states(monkeypatch
         bench.main(common + ["eager_Ncells_savestates"])
 
 
-def test_train_throughput_savestates_contender_trains_with_save_chunk_states(monkeypatch, capsys):
-    """lightning_graph_savestates is lightning_graph with the module's save_chunk_states on; the others keep the
-    default."""
+def test_train_throughput_setting_contenders_train_with_their_model_settings(monkeypatch, capsys):
+    """lightning_graph_savestates, _recompute and _savestates_recompute are lightning_graph with the module's
+    save_chunk_states, recompute_norm_output or both on; the others keep the defaults."""
     throughput = load_benchmark("train_throughput")
     seen = []
 
@@ -290,25 +290,10 @@ def test_train_throughput_savestates_contender_trains_with_save_chunk_states(mon
 
     monkeypatch.setattr(throughput, "lightning_run", lightning_run)
     monkeypatch.setattr(sys, "argv", ["train_throughput.py", "--config", "cpu-small", "--device", "cpu",
-                                      "--contenders", "lightning,lightning_graph_savestates"])
-    throughput.main()
-    assert seen == [{}, {"save_chunk_states": True}]
-    assert "lightning_graph_savestates:" in capsys.readouterr().out
-
-
-def test_train_throughput_recompute_contenders_need_cuda_and_name_why(monkeypatch, capsys):
-    """lightning_graph_recompute and lightning_graph_savestates_recompute run inside
-    kernels.backend.recompute_norm_output (the Triton path, CUDA): on a CPU each is named as skipped with the reason,
-    and the switch is left off."""
-    from lightning_mamba.models.kernels import backend
-
-    throughput = load_benchmark("train_throughput")
-    monkeypatch.setattr(throughput, "lightning_run", lambda *a, **k: 1.0)
-    monkeypatch.setattr(sys, "argv", ["train_throughput.py", "--config", "cpu-small", "--device", "cpu",
-                                      "--contenders", "lightning,lightning_graph_recompute,"
+                                      "--contenders", "lightning,lightning_graph_savestates,lightning_graph_recompute,"
                                       "lightning_graph_savestates_recompute"])
     throughput.main()
-    printed = capsys.readouterr().out
-    for name in ("lightning_graph_recompute", "lightning_graph_savestates_recompute"):
-        assert f"{name}: skipped (the recomputation runs on the Triton path (CUDA))" in printed, printed
-    assert "lightning:" in printed and not backend._recompute_norm_output
+    assert seen == [{}, {"save_chunk_states": True}, {"recompute_norm_output": True},
+                    {"save_chunk_states": True, "recompute_norm_output": True}]
+    assert "lightning_graph_savestates_recompute:" in capsys.readouterr().out
+

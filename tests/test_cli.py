@@ -73,16 +73,20 @@ def test_fit_writes_events_config_and_checkpoint_then_resumes_validates_tests_an
 
 
 def test_fit_trains_with_the_quadratic_scan(tmp_path, corpus):
-    """--model.quadratic_max_len and --model.save_chunk_states reach every mixer, the checkpoint's config and
-    hyper_parameters; training and validation run through the attention form (seq_len 64 <= 64)."""
+    """--model.quadratic_max_len, --model.save_chunk_states and --model.recompute_norm_output reach every mixer, the
+    checkpoint's config and hyper_parameters; training and validation run through the attention form (seq_len 64 <=
+    64)."""
     cli = lightning_cli(["fit", *tiny_args(tmp_path, corpus), "--model.quadratic_max_len", "64",
-                         "--model.save_chunk_states", "true", "--trainer.max_steps", "3"])
-    assert [(m.quadratic_max_len, m.save_chunk_states) for m in cli.model.model.mixers] == [(64, True)] * 2
+                         "--model.save_chunk_states", "true", "--model.recompute_norm_output", "true",
+                         "--trainer.max_steps", "3"])
+    assert [(m.quadratic_max_len, m.save_chunk_states, m.recompute_norm_output)
+            for m in cli.model.model.mixers] == [(64, True, True)] * 2
     assert cli.trainer.global_step == 3 and torch.isfinite(cli.trainer.callback_metrics["val/loss"])
     ckpt = torch.load(tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["hyper_parameters"]["quadratic_max_len"] == 64 and ckpt["hyper_parameters"]["save_chunk_states"]
     ssm_cfg = ckpt["lightning_mamba"]["mamba_config"]["ssm_cfg"]
     assert ssm_cfg["quadratic_max_len"] == 64 and ssm_cfg["save_chunk_states"] is True
+    assert ssm_cfg["recompute_norm_output"] is True and ckpt["hyper_parameters"]["recompute_norm_output"]
 
 
 def test_noise_is_off_and_verdicts_read_in_words():

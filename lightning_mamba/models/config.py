@@ -37,6 +37,9 @@ class SSMConfig:
     # This project's own too: the chunked scan's backward reuses the forward's per-chunk states (b x chunks x heads x
     # headdim x d_state values a layer, kept until the backward) instead of recomputing them, on mamba_ssm's kernels.
     save_chunk_states: bool = False
+    # This project's own too: the mixer keeps no copy of its input (in_proj's, the residual add + RMSNorm's output)
+    # for the backward, which makes it again from the fp32 residual the norm keeps (on the Triton path, our norm).
+    recompute_norm_output: bool = False
 
 
 SSM_DEFAULTS = SSMConfig()
@@ -61,10 +64,10 @@ SHAPE_FIELDS = ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple", "
 SSM_SHAPE_FIELDS = ("d_state", "headdim", "expand", "d_conv", "ngroups", "bias", "conv_bias")
 
 # Settings of the scan that change its speed and memory, never its results: a resumed run may change them.
-SPEED_ONLY_SETTINGS = ("chunk_size", "quadratic_max_len", "save_chunk_states")
+SPEED_ONLY_SETTINGS = ("chunk_size", "quadratic_max_len", "save_chunk_states", "recompute_norm_output")
 
 # This project's mixer settings that the official Mamba2 does not take: left out of an official config.json.
-PROJECT_MIXER_KEYS = ("quadratic_max_len", "save_chunk_states")
+PROJECT_MIXER_KEYS = ("quadratic_max_len", "save_chunk_states", "recompute_norm_output")
 
 # Official keys that only concern fused kernels; accepted and ignored.
 IGNORED_MIXER_KEYS = {"layer", "use_mem_eff_path", "D_has_hdim", "d_ssm", "sequence_parallel", "conv_init", "learnable_init_states", "activation"}
@@ -138,8 +141,9 @@ class MambaConfig:
         for name in ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size"):
             if m[name] < 1:
                 raise ConfigError(f"{name} must be >= 1 (got {m[name]})")
-        if not isinstance(m["save_chunk_states"], bool):
-            raise ConfigError(f"save_chunk_states must be true or false (got {m['save_chunk_states']!r})")
+        for name in ("save_chunk_states", "recompute_norm_output"):
+            if not isinstance(m[name], bool):
+                raise ConfigError(f"{name} must be true or false (got {m[name]!r})")
         if m["quadratic_max_len"] < 0:
             raise ConfigError(f"quadratic_max_len must be >= 0 (got {m['quadratic_max_len']}): 0 turns the "
                               "attention form of the scan off")

@@ -31,7 +31,7 @@ class Block(nn.Module):
 
     def forward(self, h, residual, state=None, seq_idx=None, record=None, return_state=True):
         h, residual = self._add_norm(h, residual)
-        with kernels.norm_output_kept(self.mixer.backend, h, residual, self.norm):
+        with kernels.norm_output_kept(self.mixer.backend, h, residual, self.norm, self.mixer.recompute_norm_output):
             h, state = self.mixer(h, state, seq_idx, record, return_state)
         return h, residual, state
 
@@ -83,8 +83,8 @@ class MambaLM(nn.Module):
 
     def set_scan_settings(self, **settings) -> None:
         """Change the scan's speed-only settings (``SPEED_ONLY_SETTINGS``: chunk_size, quadratic_max_len,
-        save_chunk_states) of a built model, its config included: same weights, same results (a fine-tune can take a
-        faster scan)."""
+        save_chunk_states, recompute_norm_output) of a built model, its config included: same weights, same results
+        (a fine-tune can take a faster scan)."""
         unknown = sorted(set(settings) - set(SPEED_ONLY_SETTINGS))
         if unknown:
             raise ConfigError(f"{', '.join(unknown)} change the model, not only its scan's speed: only "

@@ -43,6 +43,7 @@ class Mamba2(nn.Module):
         norm_before_gate: bool = SSM_DEFAULTS.norm_before_gate,
         quadratic_max_len: int = SSM_DEFAULTS.quadratic_max_len,
         save_chunk_states: bool = SSM_DEFAULTS.save_chunk_states,
+        recompute_norm_output: bool = SSM_DEFAULTS.recompute_norm_output,
         layer_idx: int | None = None,
         backend: str = "auto",
     ):
@@ -55,6 +56,7 @@ class Mamba2(nn.Module):
         self.chunk_size = chunk_size
         self.quadratic_max_len = quadratic_max_len  # inputs this short from a zero state: the scan's attention form
         self.save_chunk_states = save_chunk_states  # the chunked kernels' backward reuses the forward's states
+        self.recompute_norm_output = recompute_norm_output  # its input remade in the backward (the Block does it)
         self.layer_idx = layer_idx
         self.backend = backend
         # Eval-time interventions (mitigations/interventions.py); None = the model as trained.

@@ -43,6 +43,9 @@ class MambaLitModule(L.LightningModule):
         save_chunk_states: On the GPU's chunked scan (mamba_ssm's kernels), keep the forward's per-chunk states for
             the backward instead of recomputing them: less time, more memory (batch x seq_len / chunk_size x
             heads x headdim x d_state values a layer). Speed and memory only.
+        recompute_norm_output: On the Triton path, keep no copy of each mixer's input (in_proj's, the residual add +
+            RMSNorm's output) for the backward, which makes it again from the fp32 residual the norm keeps: less
+            memory (2 bytes per token and d_model a layer), one norm pass a layer more. Speed and memory only.
         dt_min: Initial step sizes dt are log-uniform in [dt_min, dt_max] (official init). Small values start
             every head with a slow decay, a model that remembers far and must learn to forget.
         dt_max: See dt_min.
@@ -57,10 +60,10 @@ class MambaLitModule(L.LightningModule):
             pytorch_model.bin, or a training checkpoint (.ckpt) of this project (its weights only: not its optimizer,
             schedule or data position; to resume a run use --ckpt_path). Its config replaces the shape arguments
             above (hyper_parameters record its; the CLI refuses a typed one that differs and writes its into the
-            run's config.yaml), except chunk_size, quadratic_max_len and save_chunk_states, the scan's speed-only
-            settings, which are this run's (the CLI gives the checkpoint's unless they are typed); the data's
-            tokenizer must be the one it was trained with, and the CLI's data.seq_len defaults to the length it was
-            trained at.
+            run's config.yaml), except chunk_size, quadratic_max_len, save_chunk_states and recompute_norm_output,
+            the speed-only settings, which are this run's (the CLI gives the checkpoint's unless they are typed); the
+            data's tokenizer must be the one it was trained with, and the CLI's data.seq_len defaults to the length it
+            was trained at.
         lr: Peak learning rate.
         weight_decay: AdamW weight decay (not applied to A_log, dt_bias, D, norms and biases).
         betas: AdamW betas.
@@ -101,6 +104,7 @@ class MambaLitModule(L.LightningModule):
         chunk_size: int = SSM_DEFAULTS.chunk_size,
         quadratic_max_len: int = SSM_DEFAULTS.quadratic_max_len,
         save_chunk_states: bool = SSM_DEFAULTS.save_chunk_states,
+        recompute_norm_output: bool = SSM_DEFAULTS.recompute_norm_output,
         dt_min: float = SSM_DEFAULTS.dt_min,
         dt_max: float = SSM_DEFAULTS.dt_max,
         A_init_range: tuple[float, float] = SSM_DEFAULTS.A_init_range,

@@ -77,20 +77,22 @@ def test_files_are_what_the_official_from_pretrained_reads(tmp_path):
 
 
 def test_project_scan_settings_stay_out_of_the_official_config(tmp_path):
-    """Project-only settings (quadratic_max_len, save_chunk_states): official mamba_ssm's Mamba2(**ssm_cfg) would
+    """Project-only settings (quadratic_max_len, save_chunk_states, recompute_norm_output): official mamba_ssm's Mamba2(**ssm_cfg) would
     refuse them, and they change no result."""
     model = tiny()
     quadratic = MambaLM(MambaConfig(**{**model.config.to_dict(),
-                                       "ssm_cfg": {**SSM, "quadratic_max_len": 64, "save_chunk_states": True}}),
+                                       "ssm_cfg": {**SSM, "quadratic_max_len": 64, "save_chunk_states": True,
+                                                   "recompute_norm_output": True}}),
                         backend="torch").eval()
     quadratic.load_state_dict(model.state_dict())
     save_pretrained(quadratic, str(tmp_path))
     config = json.loads((tmp_path / "config.json").read_text())
     OfficialMambaConfig(**config)
-    assert {"quadratic_max_len", "save_chunk_states"}.isdisjoint(config["ssm_cfg"])
+    assert {"quadratic_max_len", "save_chunk_states", "recompute_norm_output"}.isdisjoint(config["ssm_cfg"])
     assert config["ssm_cfg"]["chunk_size"] == 16
     loaded = load_pretrained(str(tmp_path), backend="torch")
-    assert (loaded.mixers[0].quadratic_max_len, loaded.mixers[0].save_chunk_states) == (0, False)
+    m = loaded.mixers[0]
+    assert (m.quadratic_max_len, m.save_chunk_states, m.recompute_norm_output) == (0, False, False)
     torch.testing.assert_close(logits(loaded, IDS), logits(quadratic, IDS), rtol=1e-5, atol=1e-5)
 
 

@@ -88,6 +88,7 @@ def test_init_follows_official():
         ({"ssm_cfg": {"d_state": 0}}, "d_state must be >= 1"),
         ({"ssm_cfg": {"quadratic_max_len": -1}}, "quadratic_max_len must be >= 0"),
         ({"ssm_cfg": {"save_chunk_states": "yes"}}, "save_chunk_states must be true or false"),
+        ({"ssm_cfg": {"recompute_norm_output": 1}}, "recompute_norm_output must be true or false"),
     ],
 )
 def test_bad_config_says_what_to_change(kwargs, fragment):
@@ -146,7 +147,8 @@ def test_shape_fields_are_config_fields():
 
 # a valid other value of every mixer setting outside SSM_SHAPE_FIELDS (rmsnorm, norm_before_gate: fixed by validate)
 OTHER_VALUES = {"A_init_range": (2.0, 3.0), "dt_min": 0.01, "dt_max": 0.05, "dt_init_floor": 1e-3,
-                "dt_limit": (0.0, 1.0), "chunk_size": 8, "quadratic_max_len": 64, "save_chunk_states": True}
+                "dt_limit": (0.0, 1.0), "chunk_size": 8, "quadratic_max_len": 64, "save_chunk_states": True,
+                "recompute_norm_output": True}
 
 
 def test_settings_outside_the_shape_lists_change_no_weight():

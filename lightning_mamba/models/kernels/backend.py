@@ -52,29 +52,12 @@ def norm_kernels(name: str | None = None, *, add: str | None = None, gated: str 
         _norm_kernel = before
 
 
-# whether the Triton path's blocks recompute in_proj's input (our add norm's output) in the backward instead of keeping
-# it: ~1.2 GB less at 130m for one norm pass a layer; off until timed (benchmarks/train_throughput.py's
-# lightning_graph_recompute contenders)
-_recompute_norm_output = False
-
-
-@contextlib.contextmanager
-def recompute_norm_output(on: bool = True):
-    """Inside the block the Triton path's residual add + RMSNorm (ours) hands in_proj an output that autograd does
-    not keep: the backward makes it again from the fp32 residual the norm keeps anyway (recompute.py), so a
-    benchmark can time the trade in one process."""
-    global _recompute_norm_output
-    before, _recompute_norm_output = _recompute_norm_output, bool(on)
-    try:
-        yield
-    finally:
-        _recompute_norm_output = before
-
-
-def norm_output_kept(backend: str, out: Tensor, residual: Tensor, norm):
-    """The context the mixer runs in after add_rmsnorm gave (out, residual): one where autograd saves no copy of
-    out when recompute_norm_output is on for our Triton norm (a null context otherwise)."""
-    if not (_recompute_norm_output and torch.is_grad_enabled() and uses_triton(backend, out)
+def norm_output_kept(backend: str, out: Tensor, residual: Tensor, norm, recompute: bool):
+    """The context the mixer runs in after add_rmsnorm gave (out, residual). With ``recompute`` (the model's
+    recompute_norm_output) on the Triton path with our add norm: one where autograd keeps no copy of out (in_proj
+    saves it for its weight gradient) and the backward makes it again from the fp32 residual the norm keeps anyway
+    (recompute.py): ~1.1 GiB less at 130m for one norm pass a layer. Else a null context."""
+    if not (recompute and torch.is_grad_enabled() and uses_triton(backend, out)
             and _norm_kernel["add"] == "ours" and out.is_contiguous()):
         return contextlib.nullcontext()
     from .norm_triton import rmsnorm_out

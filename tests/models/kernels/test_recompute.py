@@ -1,5 +1,5 @@
-"""models/kernels/recompute.py and backend.recompute_norm_output: autograd keeps no copy of in_proj's input, and the
-backward that needs it gets it made again, with the same gradients.
+"""models/kernels/recompute.py and the model's recompute_norm_output: autograd keeps no copy of in_proj's input, and
+the backward that needs it gets it made again, with the same gradients.
 
 The first test is plain torch (runs everywhere); the whole-model one runs on the Triton path, on CUDA or on the CPU
 under Triton's interpreter (triton_env.mamba_kernels), and skips elsewhere (CI)."""
@@ -45,9 +45,10 @@ def test_a_linear_keeps_no_copy_of_its_input_and_its_backward_gets_it_remade():
 
 
 def test_the_models_norm_outputs_are_remade_with_the_same_bits(mamba_kernels, monkeypatch):
-    """A 2-layer LM on the Triton path (our norms, the chunked scan, the fused loss) with and without
-    recompute_norm_output in fp32: the same loss and gradients, bit for bit (the recompute runs the forward's
-    arithmetic on its tiles), and the norm output made again once a layer."""
+    """A 2-layer LM on the Triton path (our norms, the chunked scan, the fused loss) with and without its
+    recompute_norm_output (set on the built model, as a resume or fine-tune does) in fp32: the same loss and
+    gradients, bit for bit (the recompute runs the forward's arithmetic on its tiles), and the norm output made
+    again once a layer."""
     from lightning_mamba.models.kernels import norm_triton
 
     if DEVICE == "cpu":
@@ -63,8 +64,8 @@ def test_the_models_norm_outputs_are_remade_with_the_same_bits(mamba_kernels, mo
     ids = torch.randint(0, 64, (2, 40), device=DEVICE)
     results = {}
     for on in (False, True):
-        with backend.recompute_norm_output(on):
-            loss, _ = model.loss(ids[:, :-1], ids[:, 1:], return_state=False)
+        model.set_scan_settings(recompute_norm_output=on)
+        loss, _ = model.loss(ids[:, :-1], ids[:, 1:], return_state=False)
         loss.backward()
         results[on] = (loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()})
         model.zero_grad()
@@ -72,4 +73,4 @@ def test_the_models_norm_outputs_are_remade_with_the_same_bits(mamba_kernels, mo
     assert torch.equal(results[False][0], results[True][0])
     for k, g in results[False][1].items():
         assert torch.equal(g, results[True][1][k]), k
-    assert not backend._recompute_norm_output  # the switch is restored
+    assert model.config.ssm_cfg["recompute_norm_output"] is True
