@@ -123,6 +123,25 @@ def test_graphed_training_equals_eager(backend, autocast):
 
 
 @pytest.mark.gpu
+def test_graphed_training_with_the_norm_output_remade_equals_eager():
+    """recompute_norm_output under GraphedLoss: the backward graph makes each in_proj input again from the residual
+    (captured with the rest); four steps give the eager model's losses and weights without the setting."""
+    torch.manual_seed(0)
+    config = MambaConfig(d_model=64, n_layer=2, vocab_size=128, ssm_cfg={"d_state": 16, "headdim": 16, "chunk_size": 32})
+    eager = MambaLM(config).cuda()
+    graphed_model = copy.deepcopy(eager)
+    graphed_model.set_scan_settings(recompute_norm_output=True)
+    batches = [torch.randint(0, 128, (4, 65), device="cuda") for _ in range(4)]
+    graphed = GraphedLoss(graphed_model)
+    want = _train(eager, batches, lambda x, y: eager.loss(x, y)[0], False)
+    got = _train(graphed_model, batches, graphed, False)
+    assert graphed.replays == 4
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-5)
+    for (name, a), b in zip(graphed_model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.gpu
 def test_trainer_fit_with_cuda_graph_matches_eager(tmp_path):
     """A real Trainer (bf16-mixed, grad clipping, the WSD schedule): same losses as without the graphs."""
     losses = {}
