@@ -15,13 +15,12 @@ import torch
 from torch import Tensor
 
 from .kernels import loss_triton
-from .precision import autocast_dtype
+from .precision import HALF_DTYPES, autocast_dtype
 
 IGNORE_INDEX = -100
 CHUNK_BYTES = 2**30  # fp32 logits per chunk: 1 GiB
 
 
-HALF = (torch.float16, torch.bfloat16)
 FP32_ADDMM: bool | None = None  # whether this torch's CUDA addmm takes half inputs into an fp32 out; None: not tried
 
 
@@ -30,7 +29,7 @@ def _add_product_(acc: Tensor, a: Tensor, b: Tensor) -> None:
     (`addmm(..., out_dtype=float32)`: one kernel, no half copy of the product written, read back and rounded);
     elsewhere, and on a torch without that, the product in a's dtype, then an add."""
     global FP32_ADDMM
-    if acc.is_cuda and acc.dtype == torch.float32 and a.dtype in HALF and FP32_ADDMM is not False:
+    if acc.is_cuda and acc.dtype == torch.float32 and a.dtype in HALF_DTYPES and FP32_ADDMM is not False:
         try:
             with torch.autocast("cuda", enabled=False):  # (autocast would cast acc to a's dtype)
                 torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)

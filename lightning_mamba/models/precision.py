@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """Autocast's dtype for ``device_type`` ("cuda", "cpu") when it is on there, else None."""

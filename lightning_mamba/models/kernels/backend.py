@@ -57,8 +57,7 @@ def norm_output_kept(backend: str, out: Tensor, residual: Tensor, norm, recomput
     recompute_norm_output) on the Triton path with our add norm: one where autograd keeps no copy of out (in_proj
     saves it for its weight gradient) and the backward makes it again from the fp32 residual the norm keeps anyway
     (recompute.py): ~1.1 GiB less at 130m for one norm pass a layer. Else a null context."""
-    if not (recompute and torch.is_grad_enabled() and uses_triton(backend, out)
-            and _norm_kernel["add"] == "ours" and out.is_contiguous()):
+    if not (recompute and torch.is_grad_enabled() and _our_add_norm(backend, out)):
         return contextlib.nullcontext()
     from .norm_triton import rmsnorm_out
     from .recompute import saved_as_recomputed
@@ -250,13 +249,18 @@ def conv_kernel_name(backend: str = "auto", device: str | torch.device = "cuda")
     return "causal_conv1d" if conv_cc1d.available() else "triton"
 
 
+def _our_add_norm(backend: str, h: Tensor) -> bool:
+    """Whether add_rmsnorm runs our Triton kernels (models/kernels/norm_triton.py) for h."""
+    return uses_triton(backend, h) and _norm_kernel["add"] == "ours"
+
+
 def add_rmsnorm(backend: str, h: Tensor, residual: Tensor | None, norm, residual_in_fp32: bool) -> tuple[Tensor, Tensor]:
     """residual = h + residual (kept in fp32 when asked); returns (norm(residual), residual)."""
-    if uses_triton(backend, h):
-        if _norm_kernel["add"] == "ours":
-            from .norm_triton import add_rmsnorm as ours
+    if _our_add_norm(backend, h):
+        from .norm_triton import add_rmsnorm as ours
 
-            return ours(h, residual, norm.weight, norm.eps, residual_in_fp32)
+        return ours(h, residual, norm.weight, norm.eps, residual_in_fp32)
+    if uses_triton(backend, h):
         rms_norm_fn, _ = _triton_norms()
         return rms_norm_fn(h, norm.weight, None, residual=residual, prenorm=True, residual_in_fp32=residual_in_fp32,
                            eps=norm.eps)

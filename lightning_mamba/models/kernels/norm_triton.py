@@ -83,6 +83,14 @@ if triton is not None:
         return rows, rows.to(tl.int64)[:, None], cols, row_ok, col_ok, row_ok[:, None] & col_ok[None, :]
 
     @triton.jit
+    def _rms_scale(x, w_ptr, cols, col_ok, width, eps):
+        """Each row's rstd and x * rstd * w, of fp32 x: the add norm's arithmetic in one place, so that its forward
+        and rmsnorm_out give the same bits."""
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / width + eps)
+        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        return rstd, x * rstd[:, None] * w[None, :]
+
+    @triton.jit
     def _add_rmsnorm_fwd_kernel(h_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, rstd_ptr, n_rows, width,
                                 stride_h, stride_res, stride_out, stride_res_out, eps,
                                 HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
@@ -92,11 +100,8 @@ if triton is not None:
             x += tl.load(res_ptr + rows64 * stride_res + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         x = x.to(res_out_ptr.dtype.element_ty)  # the residual stream as stored: the norm reads what the backward will
         tl.store(res_out_ptr + rows64 * stride_res_out + cols[None, :], x, mask=mask)
-        x = x.to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / width + eps)
+        rstd, y = _rms_scale(x.to(tl.float32), w_ptr, cols, col_ok, width, eps)
         tl.store(rstd_ptr + rows, rstd, mask=row_ok)
-        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        y = x * rstd[:, None] * w[None, :]
         tl.store(out_ptr + rows64 * stride_out + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -106,9 +111,7 @@ if triton is not None:
         (the same bits)."""
         rows, rows64, cols, row_ok, col_ok, mask = _tile(tl.program_id(0) * ROWS, n_rows, width, ROWS, BLOCK)
         x = tl.load(x_ptr + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / width + eps)
-        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        y = x * rstd[:, None] * w[None, :]
+        _rstd, y = _rms_scale(x, w_ptr, cols, col_ok, width, eps)
         tl.store(out_ptr + rows64 * stride_out + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit

@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..precision import HALF_DTYPES
 from . import ssd_quadratic_triton
 from .grad_slots import claim, slot_of
 
@@ -261,7 +262,7 @@ if triton is not None:
 def half_dots(x: Tensor, B: Tensor, C: Tensor) -> bool:
     """Whether the products of two inputs run on the tensor cores in the inputs' half dtype (_input_dot): x, B and C
     of one half dtype, on CUDA (CPU tensors mean Triton's interpreter, which cannot multiply half operands)."""
-    return x.is_cuda and x.dtype == B.dtype == C.dtype and x.dtype in (torch.bfloat16, torch.float16)
+    return x.is_cuda and x.dtype == B.dtype == C.dtype and x.dtype in HALF_DTYPES
 
 
 def _launch_meta(x: Tensor, B: Tensor, C: Tensor) -> dict:
