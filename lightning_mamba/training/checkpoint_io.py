@@ -109,15 +109,16 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def check_resume(path: str, given: dict, kept: tuple[str, ...] = ()) -> None:
-    """``--ckpt_path`` must be a readable checkpoint of a model with the shape the run's settings give.
+def check_resume(path: str, given: dict, kept: tuple[str, ...] = ()) -> int | None:
+    """``--ckpt_path`` must be a readable checkpoint of a model with the shape the run's settings give; returns the
+    step it was saved at (None for Lightning's aliases, which Lightning resolves).
 
     LightningCLI replaces the model settings by those saved in the checkpoint: without this check a
     different shape given on the command line or in a config would be dropped silently. Other model
     settings (lr, schedule, backend, ...) are still taken from the checkpoint, with a warning naming them,
     except those in ``kept`` (the caller keeps the given value)."""
     if path.split(":")[0] in LIGHTNING_CKPT_ALIASES or "://" in path:
-        return  # resolved by Lightning itself
+        return None  # resolved by Lightning itself
     if not os.path.isfile(path):
         raise ConfigError(f"checkpoint {path} does not exist: give a .ckpt written by a run "
                           f"(e.g. runs/<name>/version_<n>/checkpoints/last.ckpt)")
@@ -132,7 +133,8 @@ def check_resume(path: str, given: dict, kept: tuple[str, ...] = ()) -> None:
         raise ConfigError(f"checkpoint {path} is not a Lightning checkpoint (no state_dict): give a .ckpt written "
                           f"by lightning-mamba fit")
     saved = checkpoint.get("hyper_parameters") or {}
-    shape = [k for k in (*SHAPE_SETTINGS, *SSM_SHAPE_SETTINGS, "pretrained") if k != "vocab_size"]
+    # (not model.pretrained: a resume takes the checkpoint's weights, so the file a fine-tune started from is a record)
+    shape = [k for k in (*SHAPE_SETTINGS, *SSM_SHAPE_SETTINGS) if k != "vocab_size"]
     differ = [k for k in given if k in saved and k != "vocab_size" and _plain(given[k]) != _plain(saved[k])]
     if any(k in shape for k in differ):
         detail = ", ".join(f"model.{k}={saved[k]} there, {given[k]} here" for k in differ if k in shape)
@@ -142,6 +144,7 @@ def check_resume(path: str, given: dict, kept: tuple[str, ...] = ()) -> None:
     if replaced:
         rank_zero_warn("resuming from " + path + ": the checkpoint's model settings replace those given here: "
                        + ", ".join(f"model.{k}={saved[k]} (not {given[k]})" for k in replaced))
+    return int(checkpoint.get("global_step") or 0)
 
 
 # ---- one entry point for the commands and --model.pretrained: a .ckpt or a checkpoint directory ------------------------------------------------------

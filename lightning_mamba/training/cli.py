@@ -26,6 +26,7 @@ from .module import MambaLitModule
 from .nan_guard import NanGuard
 from .run_checks import (
     OneLineErrorParser,
+    SettingError,
     check_fresh_log_version,
     check_output_folders,
     check_settings,
@@ -70,15 +71,18 @@ class MambaCLI(LightningCLI):
         sub = self.config.get("subcommand")
         lr = None
         typed_wins: dict = {}
+        step = 0  # where the fit starts
         if sub and self.config[sub].get("ckpt_path"):
             given = self.config[sub].model.as_dict()
             # a --model.lr typed with --ckpt_path wins: how a run stopped by the NaN guard goes on at a lower lr;
             # so do replan_schedule and the scan's speed-only settings (a resumed study cell takes a faster scan)
             typed = typed_options(self._argv)
             kept = tuple(k for k in ("lr", "replan_schedule", *SPEED_ONLY_SETTINGS) if f"model.{k}" in typed)
-            check_resume(self.config[sub].ckpt_path, given, kept=kept)
+            step = check_resume(self.config[sub].ckpt_path, given, kept=kept)
             lr = given.get("lr") if "lr" in kept else None
             typed_wins = {k: given[k] for k in kept if k != "lr"}  # lr: below, with its own line
+        if sub == "fit" and step is not None:
+            check_steps_left(self.config[sub], step)
         super()._parse_ckpt_path()
         for key, value in typed_wins.items():  # typed with --ckpt_path: wins over the checkpoint's
             self.config[sub].model[key] = value
@@ -96,8 +100,22 @@ class MambaCLI(LightningCLI):
                 raise UserError(f"--{key} is not used by lightning-mamba: the module trains with AdamW and its own "
                                 f"schedule; set --model.lr, --model.weight_decay, --model.betas, --model.schedule, "
                                 f"--model.warmup_steps, --model.decay_fraction, --model.min_lr_ratio instead")
+        self._resumed_pretrained = None
         if config.get("model") and config.model.get("pretrained") and not self.subclass_mode_model:
-            apply_pretrained(config, self._argv)
+            if config.get("ckpt_path"):
+                # a resumed fine-tune: --ckpt_path holds the weights and fixes the shape (check_resume), so the file
+                # it started from is not read (it may be gone); the setting is kept as a record (instantiate_classes)
+                self._resumed_pretrained = config.model.pretrained
+                config.model.pretrained = None
+            else:
+                apply_pretrained(config, self._argv)
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        if self._resumed_pretrained is not None:  # config.yaml and the new checkpoints still say where it started
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            config.model.pretrained = self._resumed_pretrained
+            self.model.hparams.pretrained = self._resumed_pretrained
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         # every Trainer this CLI builds, `lightning-mamba fit` and the sweep's cells (run=False) alike
@@ -146,6 +164,19 @@ def ints_before_floats(parser, prefix: str) -> None:
         members = typing.get_args(hint)
         if float in members and int in members and members.index(float) < members.index(int):
             action._typehint = typing.Union[(int,) + tuple(m for m in members if m is not int)]  # noqa: UP007 (built from a tuple)
+
+
+def check_steps_left(config: Namespace, step: int) -> None:
+    """A fit whose trainer.max_steps is already reached (0 for a new run, or a resume's checkpoint step) would train
+    nothing and print a summary as if it had: refuse it with the number to give."""
+    max_steps = (config.get("trainer") or Namespace()).get("max_steps")
+    if not isinstance(max_steps, int) or max_steps < 0 or max_steps > step:
+        return
+    if step == 0:
+        raise SettingError(f"trainer.max_steps={max_steps} trains nothing: give a number of steps > 0 (or -1 to "
+                           f"train for trainer.max_epochs)")
+    raise SettingError(f"checkpoint {config.ckpt_path} is at step {step}, so trainer.max_steps={max_steps} trains "
+                       f"nothing more: give more than {step} (e.g. --trainer.max_steps {2 * step})")
 
 
 def apply_pretrained(config: Namespace, argv: list[str]) -> None:

@@ -8,6 +8,7 @@ import shlex
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint, Timer
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .nan_guard import run_config_path
@@ -25,12 +26,18 @@ class CheckpointOnSigterm(L.Callback):
     """SIGTERM (what SLURM sends before it kills a job): Lightning stops after the batch with ``SIGTERMException``, a
     ``SystemExit`` of code None, i.e. exit status 0. Save last.ckpt at that batch's end (where ModelCheckpoint saves:
     it resumes exactly) and give the exception the line that says how to resume (``lightning_mamba.cli`` prints it
-    and exits 143, 128 + SIGTERM)."""
+    and exits 143, 128 + SIGTERM).
+
+    A SIGTERM during a fit's validation: Lightning would stop after that validation batch, with nothing saved since
+    the step before (a study cell validates every few hundred steps, and its evaluation takes seconds: a signal often
+    lands there). The validation is finished instead (the signal held back until its end), then last.ckpt is saved
+    with the validation done, as ModelCheckpoint's own end-of-validation saves are, and the run stops."""
 
     def __init__(self):
         self.saved: str | None = None
         self._config = "CONFIG"
         self.resume: str | None = None  # how to resume, when not `lightning-mamba fit --ckpt_path` (a sweep's cell)
+        self._held = False  # a SIGTERM held back until the end of this validation
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._config = run_config_path(trainer)
@@ -42,6 +49,28 @@ class CheckpointOnSigterm(L.Callback):
             if self.saved is not None:
                 trainer.save_checkpoint(self.saved)
 
+    @staticmethod
+    def _fit_validation(trainer: L.Trainer) -> bool:
+        return trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args, **kwargs) -> None:
+        if self._fit_validation(trainer) and trainer.received_sigterm:
+            # Lightning's evaluation loop raises after this hook when the flag is set (Trainer.received_sigterm
+            # reads its signal connector's attribute): clear it until on_validation_end
+            trainer._signal_connector.received_sigterm = False
+            self._held = True
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._fit_validation(trainer) or self.saved is not None:
+            return
+        # every process decides alike: saving a checkpoint is collective
+        if trainer.strategy.reduce_boolean_decision(self._held or trainer.received_sigterm, all=False):
+            trainer._signal_connector.received_sigterm = True
+            self.saved = last_checkpoint_path(trainer)
+            if self.saved is not None:
+                trainer.save_checkpoint(self.saved)
+            raise SIGTERMException
+
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
             if self.saved and self.resume:
@@ -50,7 +79,7 @@ class CheckpointOnSigterm(L.Callback):
                 todo = (f"resume with: lightning-mamba fit --config {shlex.quote(self._config)} --ckpt_path "
                         f"{shlex.quote(self.saved)}")
             else:
-                todo = ("no checkpoint was saved then (checkpointing is off, or it came during validation): resume "
+                todo = ("no checkpoint was saved then (checkpointing is off, or no step had finished): resume "
                         "from the newest one")
             exception.code = f"stopped by SIGTERM at global step {trainer.global_step}: {todo}"
 

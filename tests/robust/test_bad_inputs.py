@@ -118,7 +118,8 @@ CASES = [  # (id, arguments after `fit --config CONFIG`, fragment of the message
     ("len-larger-than-corpus", ["--data.seq_len", "100000"], "data.seq_len=100000 is larger than the training split"),
     ("batch-larger-than-corpus", ["--data.batch_size", "5000"], "data.batch_size=5000 is larger than the"),
     # checkpoints
-    ("tokenizer-vs-checkpoint", ["--ckpt_path", "{ckpt}", "--data.tokenizer", "bpe", "--data.bpe_vocab_size", "300"],
+    ("tokenizer-vs-checkpoint", ["--ckpt_path", "{ckpt}", "--trainer.max_steps", "4", "--data.tokenizer", "bpe",
+                                 "--data.bpe_vocab_size", "300"],
      "was trained with the tokenizer byte (vocabulary 257), but data.tokenizer gives bpe-300"),
     ("shape-vs-checkpoint", ["--ckpt_path", "{ckpt}", "--model.d_state", "32"],
      "was saved for a different model shape: model.d_state=16 there, 32 here"),
@@ -126,6 +127,9 @@ CASES = [  # (id, arguments after `fit --config CONFIG`, fragment of the message
                                                                        "exist"),
     ("garbage-checkpoint", ["--ckpt_path", B + "/garbage.ckpt"], "garbage.ckpt cannot be read"),
     ("truncated-checkpoint", ["--ckpt_path", B + "/truncated.ckpt"], "truncated.ckpt cannot be read"),
+    ("steps-zero", ["--trainer.max_steps", "0"], "trainer.max_steps=0 trains nothing: give a number of steps > 0"),
+    ("steps-reached", ["--ckpt_path", "{ckpt}"], "is at step 2, so trainer.max_steps=2 trains nothing more: give "
+                                                 "more than 2"),
 ]
 
 

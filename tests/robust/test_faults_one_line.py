@@ -149,8 +149,8 @@ def test_explicit_logger_version_of_an_existing_run_is_refused(tmp_path, corpus,
     assert f"the logger's version 0 already holds a run ({tmp_path}/runs/tiny/version_0 is not empty) and the " \
            f"CSVLogger would delete its metrics.csv: choose another trainer.logger.init_args.version" in message
     # even a resume: the CSVLogger deletes metrics.csv in a folder that is not empty
-    message = fit_error(capsys, config, "--trainer.logger.init_args.version", "0", "--ckpt_path",
-                        str(tmp_path / "ckpt" / "last.ckpt"))
+    message = fit_error(capsys, config, "--trainer.logger.init_args.version", "0", "--trainer.max_steps", "2",
+                        "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"))
     assert "the CSVLogger would delete its metrics.csv" in message
     assert metrics.read_bytes() == before
     # nor may validate log there

@@ -35,13 +35,27 @@ class Progress(L.Callback):
         time.sleep(self.seconds)
 
 
-def sigterm_mid_run(argv: list[str], progress: str, env: dict | None = None) -> tuple[int, str]:
-    """Start ``argv`` in ROOT, send SIGTERM once ``progress`` (a Progress callback's file) reads step 3-5, and
-    return its exit status and stderr."""
+class ValidationProgress(L.Callback):
+    """Write "<global step> <batch>" after each validation batch of the fit, then sleep (time to send a signal)."""
+
+    def __init__(self, path: str, seconds: float = 0.5):
+        self.path, self.seconds = path, seconds
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if not trainer.sanity_checking:
+            with open(self.path, "w") as f:
+                f.write(f"{trainer.global_step} {batch_idx}")
+            time.sleep(self.seconds)
+
+
+def sigterm_mid_run(argv: list[str], progress: str, env: dict | None = None,
+                    ready: tuple[str, ...] = ("3", "4", "5")) -> tuple[int, str]:
+    """Start ``argv`` in ROOT, send SIGTERM once ``progress`` (a Progress callback's file) reads one of ``ready``
+    (steps 3-5), and return its exit status and stderr."""
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     try:
-        while not (os.path.isfile(progress) and open(progress).read().strip() in {"3", "4", "5"}):
+        while not (os.path.isfile(progress) and open(progress).read().strip() in ready):
             assert proc.poll() is None, proc.stderr.read()[-2000:]
             assert time.monotonic() < deadline, "the run did not reach the step"
             time.sleep(0.02)
@@ -86,6 +100,37 @@ def test_sigterm_saves_a_checkpoint_exits_nonzero_and_resumes_exactly(tmp_path, 
     resumed = logged_losses(folder, version=str(folder / "runs" / "tiny" / "version_1"))
     assert sorted(resumed) == list(range(stopped_at, STEPS))
     assert resumed == {s: reference[s] for s in resumed}  # exact, no tolerance
+
+
+def test_sigterm_during_validation_finishes_it_then_saves(tmp_path, corpus, cache_dir):
+    """A SIGTERM in the first of three validation batches at step 4 (it stopped there with nothing saved since the
+    step before, ModelCheckpoint saving every 100 steps): the validation is finished and logged, last.ckpt is saved
+    at step 4, the run exits 143 with the line that says how to resume, and the resume trains on to the end."""
+    folder, progress = tmp_path / "run", str(tmp_path / "progress")
+    path = config(folder, corpus, cache_dir)
+    cfg = yaml.safe_load(open(path))
+    cfg["trainer"].update(val_check_interval=2, limit_val_batches=3, num_sanity_val_steps=0)
+    cfg["trainer"]["callbacks"].append({"class_path": "tests.robust.test_sigterm.ValidationProgress",
+                                        "init_args": {"path": progress}})
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    code, err = sigterm_mid_run([sys.executable, "-m", "lightning_mamba.cli", "fit", "--config", path], progress,
+                                env, ready=("4 0",))
+    assert code == 128 + signal.SIGTERM, err[-2000:]
+    assert open(progress).read() == "4 2"  # the validation went on to its last batch
+    last = folder / "ckpt" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 4
+    assert sorted(logged_losses(folder, metric="val/loss")) == [1, 3]  # (the validations after steps 2 and 4)
+    line = next(line for line in err.splitlines() if line.startswith("error: "))
+    assert line.startswith("error: stopped by SIGTERM at global step 4: resume with: lightning-mamba fit --config ")
+
+    cfg["trainer"]["callbacks"].pop()
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
+    main(["fit", "--config", path, "--ckpt_path", str(last)])
+    resumed = logged_losses(folder, version=str(folder / "runs" / "tiny" / "version_1"))
+    assert sorted(resumed) == list(range(4, STEPS))
 
 
 @pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")

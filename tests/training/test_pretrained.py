@@ -156,3 +156,21 @@ def test_a_resume_keeps_counting_the_tokens_trained(tmp_path, corpus, base):
     ckpt = torch.load(base, weights_only=True)
     assert (ckpt["global_step"], ckpt["tokens_trained"]) == (3, 3 * 2 * 64)
     assert "tokens_trained" not in ckpt["lightning_mamba"]  # training state, not the model's metadata
+
+
+def test_a_fine_tune_resumes_after_its_pretrained_file_is_gone(tmp_path, corpus, base, capsys):
+    """--ckpt_path holds the weights: a fine-tune resumes from its run's config.yaml (which names the pretrained file)
+    though that file was deleted, and the resumed run's config and checkpoints still record where it started."""
+    start = tmp_path / "start.ckpt"
+    start.write_bytes(base.read_bytes())
+    config = run_config(tmp_path, corpus, "tuned", d_state=16, n_layer=2, seq_len=64, steps=1)
+    main(["fit", "--config", config, "--model.pretrained", str(start)])
+    run = tmp_path / "runs" / "tuned" / "version_0"
+    start.unlink()
+    capsys.readouterr()
+    main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+          "--trainer.max_steps", "2"])
+    assert "pretrained: loaded" not in capsys.readouterr().err  # the file is not read
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2 and ckpt["hyper_parameters"]["pretrained"] == str(start)
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["pretrained"] == str(start)
