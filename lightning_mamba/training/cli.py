@@ -101,6 +101,7 @@ class MambaCLI(LightningCLI):
                                 f"schedule; set --model.lr, --model.weight_decay, --model.betas, --model.schedule, "
                                 f"--model.warmup_steps, --model.decay_fraction, --model.min_lr_ratio instead")
         self._resumed_pretrained = None
+        self._pretrained_lines: list[str] = []
         if config.get("model") and config.model.get("pretrained") and not self.subclass_mode_model:
             if config.get("ckpt_path"):
                 # a resumed fine-tune: --ckpt_path holds the weights and fixes the shape (check_resume), so the file
@@ -108,10 +109,12 @@ class MambaCLI(LightningCLI):
                 self._resumed_pretrained = config.model.pretrained
                 config.model.pretrained = None
             else:
-                apply_pretrained(config, self._argv)
+                self._pretrained_lines = apply_pretrained(config, self._argv)
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
+        if self._pretrained_lines and rank_zero_only.rank == 0:  # the weights loaded: "pretrained: loaded ..." is
+            print("\n".join(self._pretrained_lines), file=sys.stderr, flush=True)  # true (a refused file: no line)
         if self._resumed_pretrained is not None:  # config.yaml and the new checkpoints still say where it started
             config = self.config[self.subcommand] if self.subcommand else self.config
             config.model.pretrained = self._resumed_pretrained
@@ -179,9 +182,10 @@ def check_steps_left(config: Namespace, step: int) -> None:
                        f"nothing more: give more than {step} (e.g. --trainer.max_steps {2 * step})")
 
 
-def apply_pretrained(config: Namespace, argv: list[str]) -> None:
+def apply_pretrained(config: Namespace, argv: list[str]) -> list[str]:
     """--model.pretrained: the run's model settings become the checkpoint's (a typed one that differs is refused) and
-    its data.seq_len the one the checkpoint was trained at unless typed (checkpoint_io.settle_pretrained)."""
+    its data.seq_len the one the checkpoint was trained at unless typed (checkpoint_io.settle_pretrained). Returns
+    the lines to print once the weights are loaded."""
     data = config.data.init_args if config.data.get("class_path") else config.data
     typed = {k for k in typed_options(argv) if k.startswith(("model.", "data."))}
     passing = bool(data.get("state_passing")) or config.model.get("initial_state") == "passed"
@@ -191,8 +195,7 @@ def apply_pretrained(config: Namespace, argv: list[str]) -> None:
         config.model[key] = value
     for key, value in data_updates.items():
         data[key] = value
-    if rank_zero_only.rank == 0:
-        print("\n".join(lines), file=sys.stderr, flush=True)
+    return lines
 
 
 def resume_into_run_directory(config: Namespace) -> None:

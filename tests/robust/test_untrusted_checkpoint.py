@@ -79,6 +79,17 @@ def test_resume_refuses_code(crafted, tmp_path, corpus, cache_dir):
     assert_refused(e.value.code, crafted)
 
 
+def test_pretrained_refused_says_nothing_was_loaded(crafted, tmp_path, corpus, cache_dir, capsys):
+    """fit --model.pretrained DIR whose pytorch_model.bin holds code: refused, and no "pretrained: loaded" line first
+    (the line is printed once the weights are loaded)."""
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", run_config(tmp_path / "run", corpus, cache_dir, 2), "--model.pretrained",
+              crafted["dir"], "--data.seq_len", "64"])
+    assert isinstance(e.value.code, str) and e.value.code.startswith("error: ")
+    assert_refused(e.value.code, crafted)
+    assert "pretrained: loaded" not in capsys.readouterr().err
+
+
 def test_model_from_hparams_without_the_lightning_module():
     """The flat settings -> MambaConfig mapping is the LightningModule's own, and checkpoint_io does not import it."""
     settings = {"d_model": 32, "n_layer": 2, "d_state": 16, "headdim": 16, "ngroups": 2, "chunk_size": 16,
