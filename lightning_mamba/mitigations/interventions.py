@@ -70,13 +70,19 @@ def clip_state_norm(ssm: Tensor, thresholds: Tensor) -> Tensor:
 
 
 def parse_rri(text: str | tuple | list | None) -> tuple[float, float] | None:
-    """``"0.9999,0.75"`` (or a pair) -> (m_alpha, m_b)."""
+    """``"0.9999,0.75"`` (or a pair) -> (m_alpha, m_b), each in (0, 1]: RRI *reduces* retention and insertion
+    (alpha' = m_alpha * alpha, B' = m_b * B); m_alpha > 1 would make the decay grow the state instead."""
     if text is None:
         return None
     parts = text.split(",") if isinstance(text, str) else list(text)
-    if len(parts) != 2:
-        raise ValueError(f"RRI takes two numbers m_alpha,m_b (e.g. 0.9999,0.75); got {text!r}")
-    return float(parts[0]), float(parts[1])
+    try:
+        m_alpha, m_b = (float(x) for x in parts)
+    except (TypeError, ValueError):  # not two parts, or one that is no number
+        raise ValueError(f"RRI takes two numbers m_alpha,m_b (e.g. 0.9999,0.75); got {text!r}") from None
+    if not (0 < m_alpha <= 1 and 0 < m_b <= 1):  # NaN too
+        raise ValueError(f"RRI's m_alpha and m_b must be in (0, 1] (it reduces retention and insertion: alpha' = "
+                         f"m_alpha * alpha, B' = m_b * B; e.g. 0.9999,0.75); got {text!r}")
+    return m_alpha, m_b
 
 
 @contextlib.contextmanager

@@ -136,4 +136,10 @@ def test_calibration_roundtrip_and_bad_settings(tmp_path):
             pass
     with pytest.raises(ValueError, match="two numbers"):
         parse_rri("0.9")
+    with pytest.raises(ValueError, match="two numbers"):
+        parse_rri("2,x")
+    for text in ("1.5,0.5", "0.9,0", "0.9,-1", "nan,0.5"):  # RRI reduces: a factor above 1 would grow the state
+        with pytest.raises(ValueError, match=r"m_alpha and m_b must be in \(0, 1\]"):
+            parse_rri(text)
     assert parse_rri("0.9999,0.75") == (0.9999, 0.75)
+    assert parse_rri((1, 1)) == (1.0, 1.0)
