@@ -21,11 +21,19 @@ from ..analysis.evaluator import write_position_losses_csv
 from ..analysis.forgetting import measure_forgetting
 from ..analysis.state_stats import newline_probe, state_statistics
 from ..atomic import atomic_write_json
-from ..mitigations.interventions import apply_interventions
+from ..mitigations.interventions import apply_interventions, describe, load_state_norms, parse_rri
 from ..mitigations.search import add_intervention_args, interventions_from_args
 from ..progress import phase
 from . import run_command
-from .common import CommandError, CommandParser, add_checkpoint_args, add_heldout_args, default_out, load_inputs
+from .common import (
+    CommandError,
+    CommandParser,
+    add_checkpoint_args,
+    add_heldout_args,
+    check_out_dir,
+    default_out,
+    load_inputs,
+)
 
 
 class AnalyzeError(CommandError):
@@ -48,6 +56,7 @@ def build_parser() -> ArgumentParser:
 # ---- the analysis ---------------------------------------------------------------------------------
 def analyze(args) -> dict:
     t0 = time.perf_counter()
+    check_args(args)
     inp = load_inputs(args, check_length)
     model, T, length, tokenizer, rows, dtype, device = (inp.model, inp.seq_len, inp.length, inp.tokenizer, inp.rows,
                                                         inp.dtype, inp.device)
@@ -75,6 +84,34 @@ def analyze(args) -> dict:
     with phase("analyze: writing figures and JSON"):
         write_outputs(args, result, report, stats)
     return result
+
+
+def check_args(args) -> None:
+    """analyze's own settings, before anything is loaded: --stride and the mitigations' --rri, --dt_scale, --window,
+    --state_norm (those of load_inputs are checked there), and that the output directory can be made."""
+    if args.stride is not None and args.stride < 1:
+        raise AnalyzeError(f"--stride must be >= 1 (got {args.stride}): tokens between state samples; leave it out "
+                           f"for the bucket")
+    try:
+        rri = parse_rri(args.rri)
+    except ValueError as e:
+        raise AnalyzeError(f"--rri {args.rri}: {e}") from None
+    if args.dt_scale is not None and not args.dt_scale > 0:
+        raise AnalyzeError(f"--dt_scale must be > 0 (got {args.dt_scale}): dt' = dt_scale x dt")
+    if args.window is not None and args.window < 1:
+        raise AnalyzeError(f"--window must be >= 1 token (got {args.window})")
+    if args.state_norm is not None and args.state_norm != "calibrate":
+        if not os.path.isfile(args.state_norm):
+            raise AnalyzeError(f"--state_norm {args.state_norm} is no file: give 'calibrate' (the largest state norms "
+                               f"within T_train on the evaluation text) or a thresholds JSON, e.g. the verdict.json of "
+                               f"an `analyze --state_norm calibrate` run")
+        try:
+            load_state_norms(args.state_norm)
+        except (OSError, ValueError, AttributeError) as e:  # not JSON, or JSON without thresholds
+            raise AnalyzeError(f"--state_norm {args.state_norm} is not a thresholds JSON ({e}): give 'calibrate' or the "
+                               f"verdict.json of an `analyze --state_norm calibrate` run") from None
+    tag = describe(rri=rri, dt_scale=args.dt_scale, window=args.window, state_norm=args.state_norm)
+    check_out_dir(default_out(args.out, args.ckpt, "analysis" + (f"-{tag}" if tag else "")))
 
 
 def check_length(length: int, seq_len: int) -> None:

@@ -3,6 +3,7 @@ and the loading behind them (checkpoint, tokenizer, held-out text, rows), with o
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -59,8 +60,27 @@ def add_heldout_args(p: ArgumentParser) -> None:
                    "128. Fewer than 32 make the bootstrap interval of the ratio wide.")
     p.add_argument("--bucket", type=int | None, default=None, help="Positions per bucket for the criterion "
                    "(default T_train // 8, at least 16, at most T_train // 2).")
-    p.add_argument("--threshold", type=float, default=2.0, help="Fails if a bucket exceeds threshold x the max "
-                   "within T_train (the first and the last bucket are not judged).")
+    p.add_argument("--threshold", type=float, default=2.0, help="Fails if a bucket exceeds threshold (> 1) x the "
+                   "max within T_train (the first and the last bucket are not judged).")
+
+
+def check_threshold(threshold: float) -> None:
+    """--threshold of the forgetting criterion is a loss ratio: a bucket fails above threshold x the largest loss
+    within T_train, so at 1 or below the window's own buckets (and any noise past it) would count as blow-ups."""
+    if not (math.isfinite(threshold) and threshold > 1):
+        raise CommandError(f"--threshold must be a finite number > 1 (got {threshold}): it is a loss ratio, a bucket "
+                           f"fails above threshold x the largest loss within T_train (the paper's is 2)")
+
+
+def check_out_dir(out: str, flag: str = "--out") -> None:
+    """The output directory (``out``: --out or its default) is a directory or can be made one: one line, before any
+    work, when a file stands where it or a folder above it would go."""
+    path = os.path.abspath(out)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        where = "is a file" if path == os.path.abspath(out) else f"lies under {path}, which is a file"
+        raise CommandError(f"{flag} {out} {where}: give a directory path (it is made if needed)")
 
 
 def default_out(out: str | None, ckpt: str, name: str) -> str:
@@ -154,10 +174,16 @@ def read_text_stream(path: str, tokenizer) -> np.ndarray:
     else:
         raise CommandError(f"--text {path} does not exist")
     ids: list[int] = []
+    has_text = False
     for f in files:
         with open(f, encoding="utf-8", errors="replace") as fh:
-            ids.extend(tokenizer.encode(fh.read()))
+            text = fh.read()
+        has_text = has_text or bool(text.strip())
+        ids.extend(tokenizer.encode(text))
         ids.append(tokenizer.eos_id)
+    if not has_text:  # a stream of EOS alone would be repeated into rows and judged as if it were text
+        raise CommandError(f"--text {path} holds no text (only whitespace or nothing): give a file, or a directory of "
+                           f".txt/.md/.text files, with held-out text")
     return np.asarray(ids, dtype=np.int64)
 
 
@@ -198,6 +224,7 @@ def load_inputs(args, check_length: Callable[[int, int], None]) -> Inputs:
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             raise CommandError(f"--{flag} must be >= 1 (got {value})")
+    check_threshold(args.threshold)
     dtype = resolve_dtype(args.dtype)
     device = resolve_device(args.device)
     check_exists("--ckpt", args.ckpt)

@@ -21,7 +21,7 @@ from ..models import ConfigError
 from ..models.checkpoint import save_pretrained
 from ..training.checkpoint_io import load_model
 from . import run_command
-from .common import CommandParser, default_out
+from .common import CommandError, CommandParser, check_out_dir, default_out
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -42,6 +42,7 @@ def export(ckpt: str, out: str | None = None, dtype: str = "float32") -> list[st
     if not os.path.exists(ckpt):
         raise ConfigError(f"--ckpt {ckpt} does not exist")
     out = default_out(out, ckpt, "exported")
+    check_out_dir(out)
     model, meta = load_model(ckpt, backend="torch", dtype=DTYPES[dtype])
     extra = {k: v for k, v in meta.items() if k not in ("mamba_config", "tokenizer")}
     return save_pretrained(model, out, tokenizer_spec=meta.get("tokenizer"), extra=extra)
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                 "load with lightning_mamba.models.checkpoint.load_pretrained(DIR) or "
                 "mamba_ssm's MambaLMHeadModel.from_pretrained(DIR)"]
 
-    return run_command("export", work, (ConfigError, OSError))
+    return run_command("export", work, (ConfigError, CommandError, OSError))
 
 
 if __name__ == "__main__":

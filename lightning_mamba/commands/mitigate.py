@@ -29,6 +29,7 @@ from .common import (
     CommandParser,
     add_checkpoint_args,
     add_heldout_args,
+    check_out_dir,
     default_out,
     load_checkpoint,
     load_inputs,
@@ -51,6 +52,10 @@ def build_parser() -> ArgumentParser:
 
 def mitigate(args) -> dict:
     t0 = time.perf_counter()
+    if args.at_multiple < 1:
+        raise CommandError(f"--at_multiple must be >= 1 (got {args.at_multiple}): the search scores the loss at this "
+                           f"multiple of T_train (the paper's is 4)")
+    check_out_dir(default_out(args.out, args.ckpt, "mitigation"))
     for path in args.compare.values():
         if not os.path.exists(path):
             raise CommandError(f"{path} does not exist (--compare)")

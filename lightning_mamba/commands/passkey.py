@@ -25,6 +25,7 @@ from .common import (
     CommandParser,
     add_checkpoint_args,
     check_checkpoint_args,
+    check_out_dir,
     default_out,
     open_checkpoint,
     open_tokenizer,
@@ -51,7 +52,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--n_samples", type=int, default=4, help="Prompts (keys) per (length, depth) cell.")
     p.add_argument("--template", type=PasskeyTemplate, default=PasskeyTemplate(), help="The prompt's text "
                    "(default: the paper's).")
-    p.add_argument("--threshold", type=float, default=0.95, help="T_recall: longest length with accuracy > this.")
+    p.add_argument("--threshold", type=float, default=0.95, help="T_recall: longest length with accuracy > this, in [0, 1).")
     p.add_argument("--seed", type=int, default=0, help="Seed of the keys.")
     return p
 
@@ -76,6 +77,10 @@ def run(args) -> dict:
     lengths = [parse_length(x) for x in args.lengths] if args.lengths else None
     if args.n_samples < 1:
         raise PasskeyCommandError(f"--n_samples must be >= 1 (got {args.n_samples})")
+    if not 0 <= args.threshold < 1:  # NaN too
+        raise PasskeyCommandError(f"--threshold must be in [0, 1) (got {args.threshold}): T_recall is the longest "
+                                  f"length with accuracy > threshold, and no accuracy exceeds 1 (the paper's is 0.95)")
+    check_out_dir(default_out(args.out, args.ckpt, "passkey"))
     model, meta = open_checkpoint(args)
     tokenizer = open_tokenizer(args, meta, model)
     T = args.seq_len or meta.get("seq_len")
