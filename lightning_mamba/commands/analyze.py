@@ -21,7 +21,7 @@ from ..analysis.evaluator import write_position_losses_csv
 from ..analysis.forgetting import measure_forgetting
 from ..analysis.state_stats import newline_probe, state_statistics
 from ..atomic import atomic_write_json
-from ..mitigations.interventions import apply_interventions, describe, load_state_norms, parse_rri
+from ..mitigations.interventions import apply_interventions, load_state_norms, parse_rri
 from ..mitigations.search import add_intervention_args, interventions_from_args
 from ..progress import phase
 from . import run_command
@@ -93,7 +93,7 @@ def check_args(args) -> None:
         raise AnalyzeError(f"--stride must be >= 1 (got {args.stride}): tokens between state samples; leave it out "
                            f"for the bucket")
     try:
-        rri = parse_rri(args.rri)
+        parse_rri(args.rri)
     except ValueError as e:
         raise AnalyzeError(f"--rri {args.rri}: {e}") from None
     if args.dt_scale is not None and not args.dt_scale > 0:
@@ -110,8 +110,8 @@ def check_args(args) -> None:
         except (OSError, ValueError, AttributeError) as e:  # not JSON, or JSON without thresholds
             raise AnalyzeError(f"--state_norm {args.state_norm} is not a thresholds JSON ({e}): give 'calibrate' or the "
                                f"verdict.json of an `analyze --state_norm calibrate` run") from None
-    tag = describe(rri=rri, dt_scale=args.dt_scale, window=args.window, state_norm=args.state_norm)
-    check_out_dir(default_out(args.out, args.ckpt, "analysis" + (f"-{tag}" if tag else "")))
+    if args.out is not None:  # (the default is a new folder beside the checkpoint's run)
+        check_out_dir(args.out)
 
 
 def check_length(length: int, seq_len: int) -> None:

@@ -1,5 +1,6 @@
 """Nonsense settings of analyze, mitigate, passkey and export are refused with one line that names the flag and what
-to give, before the checkpoint is loaded (load_checkpoint / load_model fail the test if reached)."""
+to give, before the checkpoint is loaded (load_checkpoint / load_model are watched: they run as they are, and the
+test fails if they were reached)."""
 
 import pytest
 
@@ -10,11 +11,17 @@ COMMANDS = {"analyze": analyze, "mitigate": mitigate, "passkey": passkey, "expor
 
 @pytest.fixture
 def no_loading(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the checkpoint was loaded before the arguments were checked")
+    """The loaders, watched: each call is recorded, then runs as it is; the test ends with none made."""
+    loads = []
 
-    monkeypatch.setattr(common, "load_checkpoint", refuse)
-    monkeypatch.setattr(export, "load_model", refuse)
+    def watched(module, name):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, **k: loads.append(name) or real(*a, **k))
+
+    watched(common, "load_checkpoint")
+    watched(export, "load_model")
+    yield
+    assert loads == [], "the checkpoint was loaded before the arguments were checked"
 
 
 def error_line(capsys, command: str, argv: list[str]) -> str:
