@@ -84,7 +84,7 @@ clean: ## Remove runs, caches and the venv
 	rm -rf runs lightning_logs .pytest_cache $(VENV) $(INTERP)
 	find data -mindepth 1 ! -name README.md -delete 2>/dev/null || true
 
-bench: $(STAMP) ## Training-throughput benchmark (GPU: vs mamba_ssm; CPU: vs our bare loop and HF Mamba2)
+bench: $(STAMP) ## Training-throughput benchmark (GPU: vs mamba_ssm; CPU: vs our bare loop, and HF Mamba2 where transformers is installed)
 	$(BIN)/python benchmarks/train_throughput.py $(if $(filter 1,$(HAS_GPU)),--config small,--config cpu-small --device cpu)
 
 # Offline GPU nodes (HPC compute nodes often are): build here, copy wheelhouse/ over, install with

@@ -55,6 +55,9 @@ class MambaCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         # what was typed, as opposed to what a config file or a default gave (see _parse_ckpt_path)
         self._argv = [] if isinstance(args, (dict, Namespace)) else list(sys.argv[1:] if args is None else args)
+        for key in typed_options(self._argv):  # before jsonargparse, which asks for a typed class's own arguments
+            if key.split(".")[0] in LIGHTNING_OPTIMIZER_KEYS:
+                raise not_our_optimizer(key.split(".")[0])
         try:
             super().parse_arguments(parser, args)
         except UnicodeDecodeError as e:  # a --config that is not text: jsonargparse's reader fails with a traceback
@@ -95,11 +98,9 @@ class MambaCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
-        for key in ("optimizer", "lr_scheduler"):  # Lightning's; ours: AdamW groups + model.schedule
+        for key in LIGHTNING_OPTIMIZER_KEYS:  # (from a config file)
             if config.get(key) is not None:
-                raise UserError(f"--{key} is not used by lightning-mamba: the module trains with AdamW and its own "
-                                f"schedule; set --model.lr, --model.weight_decay, --model.betas, --model.schedule, "
-                                f"--model.warmup_steps, --model.decay_fraction, --model.min_lr_ratio instead")
+                raise not_our_optimizer(key)
         self._resumed_pretrained = None
         self._pretrained_lines: list[str] = []
         if config.get("model") and config.model.get("pretrained") and not self.subclass_mode_model:
@@ -167,6 +168,16 @@ def ints_before_floats(parser, prefix: str) -> None:
         members = typing.get_args(hint)
         if float in members and int in members and members.index(float) < members.index(int):
             action._typehint = typing.Union[(int,) + tuple(m for m in members if m is not int)]  # noqa: UP007 (built from a tuple)
+
+
+# LightningCLI's own optimizer options; ours trains with AdamW groups and model.schedule
+LIGHTNING_OPTIMIZER_KEYS = ("optimizer", "lr_scheduler")
+
+
+def not_our_optimizer(key: str) -> UserError:
+    return UserError(f"--{key} is not used by lightning-mamba: the module trains with AdamW and its own schedule; set "
+                     f"--model.lr, --model.weight_decay, --model.betas, --model.schedule, --model.warmup_steps, "
+                     f"--model.decay_fraction, --model.min_lr_ratio instead")
 
 
 def check_steps_left(config: Namespace, step: int) -> None:
@@ -238,7 +249,7 @@ def fit_summary(trainer: L.Trainer) -> list[str]:
         f"fit done at step {trainer.global_step}",
         f"  run directory:   {os.path.relpath(run_dir) if run_dir else 'none'}",
         f"  last checkpoint: {os.path.relpath(ckpt) if ckpt else 'none (checkpointing is off)'}",
-        f"  final val loss:  {float(val):.4f}" if val is not None else "  final val loss:  none (no validation ran)",
+        f"  final val loss:  {float(val):.4f}" if val is not None else "  final val loss:  none (no validation ran in this process)",
         *(f"  {line}" for line in extra or ["forgetting:      not evaluated (no LengthGeneralizationCallback)"]),
     ]
 

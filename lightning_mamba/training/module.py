@@ -333,8 +333,10 @@ class MambaLitModule(L.LightningModule):
         total = int(self.trainer.estimated_stepping_batches)
         if self._schedule_total is not None and not hp.get("replan_schedule", False):
             if self._schedule_total != total and hp.schedule != "constant":
+                final = hp.lr * hp.min_lr_ratio  # where wsd and cosine end
                 rank_zero_warn(f"resuming with the lr schedule of the run's {self._schedule_total} steps (this run "
-                               f"goes to {total}; past the schedule's end the lr stays at its final value): "
+                               f"goes to {total}; past the schedule's end the lr stays at its final value, {final:.3g}"
+                               f"{': those steps will not change the weights' if final == 0 else ''}): "
                                f"--model.replan_schedule true plans it over {total} instead")
             total = self._schedule_total
         self._schedule_total = total

@@ -2,6 +2,8 @@
 that ended the first part is not re-stretched, so the lr does not jump back up; --model.replan_schedule true
 plans it over the new length."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -25,8 +27,16 @@ def test_resume_with_more_steps_keeps_the_schedule_unless_asked(tmp_path, corpus
     last = tmp_path / "ckpt" / "last.ckpt"
     assert torch.load(last, weights_only=False)["lr_schedule"]["total_steps"] == 10
     extra = ["--model.replan_schedule", "true"] if replan else []
-    main(["fit", "--config", run_config(tmp_path, corpus, cache_dir, 20, callbacks=[LR_MONITOR]),
-          "--ckpt_path", str(last), *extra])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(["fit", "--config", run_config(tmp_path, corpus, cache_dir, 20, callbacks=[LR_MONITOR]),
+              "--ckpt_path", str(last), *extra])
+    said = [str(w.message) for w in caught if "resuming with the lr schedule" in str(w.message)]
+    # the default min_lr_ratio 0 ends the schedule at lr 0: the warning says the steps past it change nothing
+    assert said == ([] if replan else ["resuming with the lr schedule of the run's 10 steps (this run goes to 20; "
+                                       "past the schedule's end the lr stays at its final value, 0: those steps will "
+                                       "not change the weights): --model.replan_schedule true plans it over 20 "
+                                       "instead"])
     later = lrs(tmp_path)
     if replan:
         assert later[12] == pytest.approx(first[5])  # back at the peak: planned over 20 steps

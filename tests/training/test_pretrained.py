@@ -130,14 +130,19 @@ def checkpoint_dir(tmp_path):
 
 
 @pytest.mark.parametrize("option", [["--optimizer", "SGD", "--optimizer.lr", "0.1"],
-                                    ["--lr_scheduler", "torch.optim.lr_scheduler.ConstantLR"]])
+                                    ["--lr_scheduler", "torch.optim.lr_scheduler.ConstantLR"],
+                                    ["--lr_scheduler", "StepLR"],  # (jsonargparse would first ask for its step_size)
+                                    ["--config", "optimizer.yaml"]])
 def test_lightnings_optimizer_options_are_refused(tmp_path, corpus, option):
     """Our module configures AdamW + its schedule: Lightning's --optimizer would replace it (and --lr_scheduler alone
-    would do nothing), so both are refused with one line naming the model.* settings."""
+    would do nothing), so both are refused with one line naming the model.* settings, typed or in a config file."""
     config = run_config(tmp_path, corpus, "x", d_state=16, n_layer=2, seq_len=64, steps=1)
-    with pytest.raises(SystemExit, match=rf"error: {option[0]} is not used by lightning-mamba: .* set --model.lr, "
+    (tmp_path / "optimizer.yaml").write_text(yaml.safe_dump({"optimizer": {"class_path": "torch.optim.SGD",
+                                                                           "init_args": {"lr": 0.1}}}))
+    key = "--optimizer" if option[0] == "--config" else option[0]
+    with pytest.raises(SystemExit, match=rf"error: {key} is not used by lightning-mamba: .* set --model.lr, "
                                          r"--model.weight_decay"):
-        main(["fit", "--config", config, *option])
+        main(["fit", "--config", config, *[str(tmp_path / a) if a.endswith(".yaml") else a for a in option]])
 
 
 def test_the_module_records_the_loaded_shape(checkpoint_dir):
