@@ -49,7 +49,8 @@ def _read(path: str) -> dict:
     if not isinstance(cells, dict) or not all(isinstance(c, dict) and all(k in c for k in CELL_KEYS)
                                               for c in cells.values()):
         raise SweepError(f"{path} has no evaluations along training (onset.cells with {', '.join(CELL_KEYS)}): give "
-                         "a summary.json that `lightning-mamba sweep` wrote")
+                         "the summary.json of a study whose cells evaluate during training (as configs/study/"
+                         "regime.yaml's do; older sweeps and final-only studies have none)")
     return summary
 
 
@@ -163,7 +164,8 @@ def write_summary_map(paths: list[str], out: str, min_evaluated_to: int = 32768)
     runs = sum(entry["runs"] for row in grid.values() for entry in row.values())
     figure = plot_grid_map(grid)
     if figure is None:
-        raise SweepError(f"the {len(paths)} summaries hold no evaluated cell: nothing to draw")
+        raise SweepError(f"the {len(paths)} summaries hold no cell evaluated to 64 x LEN (the map draws the ratio "
+                         f"mean[16T,64T] / mean[T/2,T]): give summaries of studies with eval_multiple 64")
     png, data = os.path.join(out, "grid_map.png"), os.path.join(out, "grid_map.json")
     plots.save_png(figure, png)
     seeds = t_forget_per_seed(summaries, min_evaluated_to)

@@ -128,3 +128,17 @@ def test_t_forget_per_seed_over_slices_and_its_fit(tmp_path, capsys):
     assert fit["r2"] == pytest.approx(1.0)
     assert "state1024 seed 1: T_forget 128" in printed and "3 points, R^2 1.000" in printed
     assert (out / "t_forget_per_seed.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_summaries_not_evaluated_to_64x_get_one_line(tmp_path, capsys):
+    """Evaluations that stopped short of 64 x LEN (a CPU study's) have no ratio mean[16T,64T] / mean[T/2,T] to draw."""
+    path = study_with(tmp_path / "a", {"state64_len64": [1.0, 2.6]})
+    summary = json.loads(open(path).read())
+    for cell in summary["onset"]["cells"].values():
+        for h in cell["history"]:
+            h.pop("ratio_16_64x", None)
+    open(path, "w").write(json.dumps(summary))
+    assert main(["--out", str(tmp_path / "map"), "--map_summaries", json.dumps([path])]) != 0
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "sweep: error: the 1 summaries hold no cell evaluated to 64 x LEN (the map draws the ratio mean[16T,64T] / "
+        "mean[T/2,T]): give summaries of studies with eval_multiple 64"]
