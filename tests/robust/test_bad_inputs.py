@@ -101,6 +101,7 @@ CASES = [  # (id, arguments after `fit --config CONFIG`, fragment of the message
     ("accelerator-unknown", ["--trainer.accelerator", "banana"],
      "trainer.accelerator='banana' is unknown: use one of auto, gpu, cpu"),
     ("strategy-unknown", ["--trainer.strategy", "banana"], "trainer.strategy='banana' is unknown: use one of auto"),
+    ("val-check-zero", ["--trainer.val_check_interval", "0"], "trainer.val_check_interval must be > 0 (got 0)"),
     ("accumulate-zero", ["--trainer.accumulate_grad_batches", "0"],
      "trainer.accumulate_grad_batches must be an integer >= 1 (got 0)"),
     ("nan-guard-mode", ["--nan_guard.on_nonfinite", "foo"], "nan_guard.on_nonfinite='foo' is unknown: use 'stop' or"),
@@ -138,6 +139,14 @@ def test_bad_input_is_one_clear_line(setup, capsys, args, fragment):
     assert fragment in message
     assert digest(kept) == kept  # nothing lost or rewritten
     assert not glob.glob(os.path.join(setup["cache_dir"], "*.tmp"))
+
+
+def test_val_check_interval_zero_makes_no_run_directory(setup, capsys, tmp_path):
+    """Refused with the settings, not by a division by zero in Lightning's loop after the logger made its folder."""
+    config = run_config(tmp_path, setup["corpus"], setup["cache_dir"], 2)
+    assert "val_check_interval" in one_line_error(capsys, ["fit", "--config", config, "--trainer.val_check_interval",
+                                                           "0"])
+    assert not os.path.exists(tmp_path / "runs") and not os.path.exists(tmp_path / "ckpt")
 
 
 def test_unreadable_file_is_named(setup, capsys, tmp_path):
