@@ -23,6 +23,10 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DistributedSampler
 
+# The counts a sampler's state holds (whole numbers >= 0) and load_state_dict reads: checked in a checkpoint before
+# Lightning hands it over (training.checkpoint_io.check_intact)
+POSITION_KEYS = ("epoch", "consumed", "epoch_offset")
+
 
 class ResumableSampler(DistributedSampler):
     """Seeded, epoch-aware shuffle of ``range(num_samples)`` that resumes mid-epoch (see the module docstring).

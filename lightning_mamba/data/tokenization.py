@@ -160,9 +160,14 @@ class FileTokenizer(HFTokenizer):
         try:
             hf = tokenizers.Tokenizer.from_file(path)
         except Exception as e:  # missing, not JSON, or not a tokenizer: one line, with the reason
-            raise DataError(f"tokenizer file {path} cannot be loaded ({str(e).splitlines()[0] if str(e) else e!r}): "
+            raise DataError(f"tokenizer file {path} cannot be loaded ({first_line(e)}): "
                             f"give a tokenizer.json saved by HF tokenizers") from e
         super().__init__(hf, os.path.abspath(path))
+
+
+def first_line(e: BaseException) -> str:
+    """The tokenizers library's reason, for a one-line error."""
+    return str(e).splitlines()[0] if str(e) else repr(e)
 
 
 class BPETokenizer(HFTokenizer):
@@ -243,9 +248,14 @@ def build_tokenizer(spec: str | Tokenizer, vocab_size: int = 8192,
 
 def tokenizer_from_spec(spec: dict) -> Tokenizer:
     """Inverse of :meth:`Tokenizer.to_spec` (checkpoints record the spec so they need no data folder)."""
-    kind = spec.get("kind")
+    kind = spec.get("kind") if isinstance(spec, dict) else None
     if kind == "byte":
         return ByteTokenizer()
     if kind == "json" and "json" in spec:
-        return HFTokenizer(tokenizers.Tokenizer.from_str(spec["json"]), spec.get("name", "tokenizer.json"))
+        name = spec.get("name", "tokenizer.json")
+        try:
+            hf = tokenizers.Tokenizer.from_str(spec["json"])
+        except Exception as e:  # damaged text (not JSON, not a tokenizer): one line, with the library's reason
+            raise DataError(f"tokenizer {name} cannot be read as a tokenizer ({first_line(e)})") from e
+        return HFTokenizer(hf, name)
     raise DataError(f"unknown tokenizer spec {kind!r} (expected kind 'byte', or 'json' with the tokenizer.json text)")

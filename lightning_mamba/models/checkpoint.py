@@ -113,12 +113,17 @@ def save_pretrained(model: MambaLM, directory: str, tokenizer_spec: dict | None 
 
 
 # ---- reading ----------------------------------------------------------------------------------------
-def read_json(path: str) -> Any:
+def read_json(path: str) -> dict[str, Any]:
+    """A checkpoint directory's JSON file: every one (config.json, lightning_mamba.json, an index) holds an object."""
     try:
         with open(path) as f:
-            return json.load(f)
+            raw = json.load(f)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON ({e})") from e
+    if not isinstance(raw, dict):  # valid JSON, but e.g. a list: .get() would fail with a traceback
+        raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__} {raw!r:.40}: re-export the "
+                          f"checkpoint directory, or restore the file")
+    return raw
 
 
 def _hf_floats(x: Any) -> Any:
@@ -161,11 +166,15 @@ def read_config(directory: str) -> tuple[MambaConfig, dict[str, str]]:
         return _config_from_hf(raw, path), HF_RENAMES
     if model_type is not None:
         raise ConfigError(f"{path}: model_type {model_type!r} is not supported (Mamba-2 checkpoints only)")
-    layer = (raw.get("ssm_cfg") or {}).get("layer", "Mamba1")  # the official default
+    ssm_cfg = raw.get("ssm_cfg") or {}
+    if not isinstance(ssm_cfg, dict):
+        raise ConfigError(f"{path}: ssm_cfg must be an object of the mixer's settings (got {ssm_cfg!r:.40}), e.g. "
+                          f'{{"layer": "Mamba2", "d_state": 128}}')
+    layer = ssm_cfg.get("layer", "Mamba1")  # the official default
     if layer != "Mamba2":
         raise ConfigError(f"{path}: ssm_cfg.layer is {layer!r}: this is not a Mamba-2 checkpoint "
                           "(only Mamba-2 layers are implemented)")
-    return MambaConfig.from_dict({**raw, "ssm_cfg": _from_json(raw.get("ssm_cfg") or {})}), {}
+    return MambaConfig.from_dict({**raw, "ssm_cfg": _from_json(ssm_cfg)}), {}
 
 
 def _from_json(ssm_cfg: dict[str, Any]) -> dict[str, Any]:
@@ -254,15 +263,30 @@ def load_tokenizer_spec(directory: str) -> dict | None:
     """The tokenizer spec lightning_mamba.json records, else tokenizer.json (e.g. NeoX's next to an official download)."""
     meta_path, tok_path = os.path.join(directory, META), os.path.join(directory, TOKENIZER)
     spec = read_json(meta_path).get("tokenizer") if os.path.isfile(meta_path) else None
+    if spec is not None and not isinstance(spec, dict):
+        raise ConfigError(f"{meta_path}: tokenizer must be an object (got {spec!r:.40}): re-export the checkpoint "
+                          f"directory")
     if spec and spec.get("kind") == "json" and "json" not in spec:
-        file = os.path.join(directory, spec.get("file", TOKENIZER))
+        file = os.path.join(directory, str(spec.get("file", TOKENIZER)))
         if not os.path.isfile(file):
             raise ConfigError(f"{meta_path} names the tokenizer file {file}, which is missing")
-        with open(file, encoding="utf-8") as f:
-            spec = {**{k: v for k, v in spec.items() if k != "file"}, "json": f.read()}
+        spec = {**{k: v for k, v in spec.items() if k != "file"}, "json": _tokenizer_text(file)}
     if spec:
         return spec
     if os.path.isfile(tok_path):
-        with open(tok_path, encoding="utf-8") as f:
-            return {"kind": "json", "json": f.read()}
+        return {"kind": "json", "json": _tokenizer_text(tok_path)}
     return None
+
+
+def _tokenizer_text(path: str) -> str:
+    """A tokenizer.json's text, checked to be a JSON object: a damaged file is one line here, not a traceback from
+    the tokenizers library when it is used (what else it must hold, that library checks)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        if not isinstance(json.loads(text), dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ConfigError(f"{path} cannot be read as a tokenizer ({str(e).splitlines()[0]}): re-export the "
+                          f"checkpoint directory, or put the model's own tokenizer.json in its place") from e
+    return text

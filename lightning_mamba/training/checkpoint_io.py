@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from ..atomic import atomic_write, remove_stale_temporaries
 from ..data.errors import DataError
+from ..data.sampler import POSITION_KEYS
 from ..data.tokenization import tokenizer_from_spec
 from ..models import ConfigError, MambaConfig, MambaLM
 from ..models.checkpoint import (
@@ -101,6 +102,43 @@ def check_model_shape(checkpoint: dict, module: torch.nn.Module, path: str) -> N
                       f"settings it was trained with, or start without --ckpt_path")
 
 
+def check_intact(checkpoint: dict, path: str) -> None:
+    """The pieces of a checkpoint that this project writes (and its data module's training position) must be what it
+    writes: a hand-edited or damaged field is one line that names it, not a traceback from the code that reads it."""
+    problem = _damage(checkpoint)
+    if problem:
+        raise ConfigError(f"checkpoint {path} is damaged: {problem}: resume from another one (e.g. a step=*.ckpt "
+                          f"beside it), or start without --ckpt_path")
+
+
+def _damage(ckpt: dict) -> str | None:
+    """The first field of ``ckpt`` not of the type it is written with, and its value; None if there is none."""
+    meta = ckpt.get("lightning_mamba")
+    objects = {key: ckpt.get(key) for key in ("hyper_parameters", "lightning_mamba", "lr_schedule")}
+    objects["lightning_mamba.mamba_config"] = meta.get("mamba_config") if isinstance(meta, dict) else None
+    counts = {"tokens_trained": ckpt.get("tokens_trained")}
+    if isinstance(ckpt.get("lr_schedule"), dict):
+        counts["lr_schedule.total_steps"] = ckpt["lr_schedule"].get("total_steps")
+    for name, state in ckpt.items():  # the data module's state, under its class name: the training position
+        if isinstance(state, dict) and "train_sampler" in state:
+            sampler = objects[f"{name}.train_sampler"] = state["train_sampler"]
+            if isinstance(sampler, dict):
+                counts.update({f"{name}.train_sampler.{k}": sampler.get(k) for k in POSITION_KEYS})
+    for field, value in objects.items():
+        if value is not None and not isinstance(value, dict):
+            return f"{field} is {value!r:.40}, not a dict"
+    for field, value in counts.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            return f"{field} is {value!r:.40}, not a whole number >= 0"
+    spec = meta.get("tokenizer") if isinstance(meta, dict) else None
+    if spec is not None:
+        try:
+            tokenizer_from_spec(spec)
+        except DataError as e:
+            return f"lightning_mamba.tokenizer: {e}"
+    return None
+
+
 # ---- fit/validate/test --ckpt_path, before LightningCLI reads it ---------------------------------------
 LIGHTNING_CKPT_ALIASES = ("last", "best", "hpc", "registry")
 
@@ -132,6 +170,7 @@ def check_resume(path: str, given: dict, kept: tuple[str, ...] = ()) -> int | No
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ConfigError(f"checkpoint {path} is not a Lightning checkpoint (no state_dict): give a .ckpt written "
                           f"by lightning-mamba fit")
+    check_intact(checkpoint, path)
     saved = checkpoint.get("hyper_parameters") or {}
     # (not model.pretrained: a resume takes the checkpoint's weights, so the file a fine-tune started from is a record)
     shape = [k for k in (*SHAPE_SETTINGS, *SSM_SHAPE_SETTINGS) if k != "vocab_size"]

@@ -15,7 +15,7 @@ from ..models.config import SPEED_ONLY_SETTINGS, SSM_DEFAULTS, TRAIN_DEFAULTS
 from ..models.flops import train_flops_per_token
 from ..models.kernels.backend import check_backend
 from . import validation
-from .checkpoint_io import check_model_shape, check_tokenizer, flat_settings, model_config
+from .checkpoint_io import check_intact, check_model_shape, check_tokenizer, flat_settings, model_config
 from .cuda_graph import GraphedLoss
 from .initial_states import NEEDS_LANES, InitialStates
 from .schedule import SCHEDULES, lr_factor
@@ -415,6 +415,7 @@ class MambaLitModule(L.LightningModule):
         # Before Lightning loads the weights (--ckpt_path): one line naming what differs, not a size-mismatch dump.
         trainer = self._trainer
         path = (trainer.ckpt_path if trainer is not None else None) or "(given)"
+        check_intact(checkpoint, path)  # the CLI checked it already (check_resume); Trainer.fit(ckpt_path=) had not
         check_tokenizer(checkpoint, getattr(trainer, "datamodule", None), path)
         check_model_shape(checkpoint, self, path)
         self._schedule_total = (checkpoint.get("lr_schedule") or {}).get("total_steps")

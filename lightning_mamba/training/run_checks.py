@@ -141,7 +141,8 @@ def not_text_config(argv: list[str], error: UnicodeDecodeError) -> SettingError:
 # ---- settings Lightning answers with a traceback -----------------------------------------------------------------
 def check_settings(config: Namespace) -> None:
     """Trainer and model settings checked before anything is built: unknown accelerator or strategy names,
-    ``accumulate_grad_batches`` < 1, an unknown ``nan_guard.on_nonfinite``, a non-finite ``model.lr``."""
+    ``val_check_interval`` 0, ``accumulate_grad_batches`` < 1, an unknown ``nan_guard.on_nonfinite``, a non-finite
+    ``model.lr``."""
     from lightning.pytorch.accelerators import AcceleratorRegistry
     from lightning.pytorch.strategies import StrategyRegistry
 
@@ -155,6 +156,11 @@ def check_settings(config: Namespace) -> None:
     if isinstance(strategy, str) and strategy.lower() not in names:
         raise SettingError(f"trainer.strategy={strategy!r} is unknown: use one of {', '.join(names[:8])}, ... "
                            f"(Lightning's StrategyRegistry), or a class_path")
+    interval = trainer.get("val_check_interval")
+    if isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval == 0:
+        # Lightning refuses a negative one, but divides by 0 mid-run (after making the run directory)
+        raise SettingError(f"trainer.val_check_interval must be > 0 (got {interval}): N validates every N training "
+                           f"batches; to turn validation off set trainer.limit_val_batches 0")
     accumulate = trainer.get("accumulate_grad_batches")
     if accumulate is not None and (isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1):
         raise SettingError(f"trainer.accumulate_grad_batches must be an integer >= 1 (got {accumulate!r}): 1 updates "

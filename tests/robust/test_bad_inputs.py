@@ -101,6 +101,7 @@ CASES = [  # (id, arguments after `fit --config CONFIG`, fragment of the message
     ("accelerator-unknown", ["--trainer.accelerator", "banana"],
      "trainer.accelerator='banana' is unknown: use one of auto, gpu, cpu"),
     ("strategy-unknown", ["--trainer.strategy", "banana"], "trainer.strategy='banana' is unknown: use one of auto"),
+    ("val-check-zero", ["--trainer.val_check_interval", "0"], "trainer.val_check_interval must be > 0 (got 0)"),
     ("accumulate-zero", ["--trainer.accumulate_grad_batches", "0"],
      "trainer.accumulate_grad_batches must be an integer >= 1 (got 0)"),
     ("nan-guard-mode", ["--nan_guard.on_nonfinite", "foo"], "nan_guard.on_nonfinite='foo' is unknown: use 'stop' or"),
@@ -142,6 +143,62 @@ def test_bad_input_is_one_clear_line(setup, capsys, args, fragment):
     assert fragment in message
     assert digest(kept) == kept  # nothing lost or rewritten
     assert not glob.glob(os.path.join(setup["cache_dir"], "*.tmp"))
+
+
+def test_val_check_interval_zero_makes_no_run_directory(setup, capsys, tmp_path):
+    """Refused with the settings, not by a division by zero in Lightning's loop after the logger made its folder."""
+    config = run_config(tmp_path, setup["corpus"], setup["cache_dir"], 2)
+    assert "val_check_interval" in one_line_error(capsys, ["fit", "--config", config, "--trainer.val_check_interval",
+                                                           "0"])
+    assert not os.path.exists(tmp_path / "runs") and not os.path.exists(tmp_path / "ckpt")
+
+
+def set_field(path: str, keys: str, value) -> None:
+    """Hand-edit the field at dotted ``keys`` of the checkpoint at ``path``."""
+    ckpt = torch.load(path, weights_only=True)
+    *outer, last = keys.split(".")
+    d = ckpt
+    for key in outer:
+        d = d[key]
+    d[last] = value
+    torch.save(ckpt, path)
+
+
+DAMAGED = [  # (field, value, fragment of the one line)
+    ("lightning_mamba.tokenizer", {"kind": "json", "json": "zz"},
+     "lightning_mamba.tokenizer: tokenizer tokenizer.json cannot be read as a tokenizer (expected value at line 1"),
+    ("TextDataModule.train_sampler.consumed", "abc", "TextDataModule.train_sampler.consumed is 'abc', not a whole"),
+    ("lr_schedule.total_steps", "x", "lr_schedule.total_steps is 'x', not a whole number >= 0"),
+    ("hyper_parameters", "oops", "hyper_parameters is 'oops', not a dict"),
+]
+
+
+@pytest.mark.parametrize("field,value,fragment", DAMAGED, ids=[d[0] for d in DAMAGED])
+def test_damaged_checkpoint_field_is_one_line(setup, capsys, tmp_path, field, value, fragment):
+    path = str(tmp_path / "edited.ckpt")
+    open(path, "wb").write(open(setup["ckpt"], "rb").read())
+    set_field(path, field, value)
+    message = one_line_error(capsys, ["fit", "--config", setup["config"], "--ckpt_path", path])
+    assert f"checkpoint {path} is damaged: {fragment}" in message
+
+
+def test_damaged_checkpoint_in_python_is_one_line(setup, tmp_path):
+    """Trainer.fit(ckpt_path=) without the CLI: the module checks the checkpoint it is handed."""
+    import lightning as L
+
+    from lightning_mamba.data import TextDataModule
+
+    path = str(tmp_path / "edited.ckpt")
+    open(path, "wb").write(open(setup["ckpt"], "rb").read())
+    set_field(path, "TextDataModule.train_sampler.consumed", "abc")
+    dm = TextDataModule(source=setup["corpus"], tokenizer="byte", seq_len=64, batch_size=4,
+                        cache_dir=setup["cache_dir"])
+    model = MambaLitModule(d_model=32, n_layer=2, d_state=16, headdim=16, chunk_size=32, vocab_size=257,
+                           backend="torch")
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    with pytest.raises(ConfigError, match=r"is damaged: TextDataModule\.train_sampler\.consumed is 'abc'"):
+        trainer.fit(model, dm, ckpt_path=path)
 
 
 def test_unreadable_file_is_named(setup, capsys, tmp_path):

@@ -2,6 +2,7 @@
 length it was trained at (the state-passing recipe refuses another typed one), records them in its config.yaml and
 hyper_parameters, and says in one line what it loaded. Lightning's --optimizer/--lr_scheduler are refused."""
 
+import json
 import os
 
 import pytest
@@ -179,3 +180,42 @@ def test_a_fine_tune_resumes_after_its_pretrained_file_is_gone(tmp_path, corpus,
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 2 and ckpt["hyper_parameters"]["pretrained"] == str(start)
     assert yaml.safe_load((run / "config.yaml").read_text())["model"]["pretrained"] == str(start)
+
+
+@pytest.fixture
+def json_tokenizer_dir(tmp_path):
+    """An exported directory whose tokenizer lives in its tokenizer.json (the bytes, as a tokenizers-library one)."""
+    from lightning_mamba.data.tokenization import ByteTokenizer
+    from lightning_mamba.models.checkpoint import save_pretrained
+    from tests.tiny import tiny_lm
+
+    spec = {"kind": "json", "name": "bytes", "json": ByteTokenizer().to_hf().to_str()}
+    save_pretrained(tiny_lm(vocab_size=257), str(tmp_path / "model"), tokenizer_spec=spec)
+    return tmp_path / "model"
+
+
+DAMAGED_FILES = [  # (file, its new text, fragment of the one line)
+    ("tokenizer.json", "zz\n", "tokenizer.json cannot be read as a tokenizer (Expecting value: line 1 column 1"),
+    ("config.json", "[1, 2]", "config.json: expected a JSON object, got list [1, 2]"),
+    ("config.json", "ssm_cfg", "config.json: ssm_cfg must be an object of the mixer's settings (got 'x')"),
+]
+
+
+@pytest.mark.parametrize("file,text,fragment", DAMAGED_FILES, ids=["tok-garbage", "list", "ssm_cfg"])
+def test_a_damaged_checkpoint_directory_is_one_line(tmp_path, corpus, json_tokenizer_dir, capsys, file, text,
+                                                    fragment):
+    """analyze and --model.pretrained read the directory the same way (load_model): one line naming the file, before
+    any run directory is made."""
+    path = json_tokenizer_dir / file
+    if text == "ssm_cfg":
+        text = json.dumps({**json.loads(path.read_text()), "ssm_cfg": "x"})
+    path.write_text(text)
+    with pytest.raises(SystemExit) as e:
+        main(["analyze", "--ckpt", str(json_tokenizer_dir), "--out", str(tmp_path / "analysis"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err and fragment in err and len(err.strip().splitlines()) == 1
+    config = run_config(tmp_path, corpus, "x", d_state=16, n_layer=2, seq_len=64, steps=1)
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", config, "--model.pretrained", str(json_tokenizer_dir)])
+    assert fragment in e.value.code and "\n" not in e.value.code and "Traceback" not in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "runs")
