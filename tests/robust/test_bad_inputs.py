@@ -182,23 +182,28 @@ def test_damaged_checkpoint_field_is_one_line(setup, capsys, tmp_path, field, va
     assert f"checkpoint {path} is damaged: {fragment}" in message
 
 
-def test_damaged_checkpoint_in_python_is_one_line(setup, tmp_path):
-    """Trainer.fit(ckpt_path=) without the CLI: the module checks the checkpoint it is handed."""
+def fit_in_python(setup, d_state: int, ckpt_path: str) -> None:
+    """Trainer.fit(ckpt_path=) of the tiny run's model at ``d_state``, without the CLI."""
     import lightning as L
 
     from lightning_mamba.data import TextDataModule
 
-    path = str(tmp_path / "edited.ckpt")
-    open(path, "wb").write(open(setup["ckpt"], "rb").read())
-    set_field(path, "TextDataModule.train_sampler.consumed", "abc")
     dm = TextDataModule(source=setup["corpus"], tokenizer="byte", seq_len=64, batch_size=4,
                         cache_dir=setup["cache_dir"])
-    model = MambaLitModule(d_model=32, n_layer=2, d_state=16, headdim=16, chunk_size=32, vocab_size=257,
+    model = MambaLitModule(d_model=32, n_layer=2, d_state=d_state, headdim=16, chunk_size=32, vocab_size=257,
                            backend="torch")
     trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(model, dm, ckpt_path=ckpt_path)
+
+
+def test_damaged_checkpoint_in_python_is_one_line(setup, tmp_path):
+    """Trainer.fit(ckpt_path=) without the CLI: the module checks the checkpoint it is handed."""
+    path = str(tmp_path / "edited.ckpt")
+    open(path, "wb").write(open(setup["ckpt"], "rb").read())
+    set_field(path, "TextDataModule.train_sampler.consumed", "abc")
     with pytest.raises(ConfigError, match=r"is damaged: TextDataModule\.train_sampler\.consumed is 'abc'"):
-        trainer.fit(model, dm, ckpt_path=path)
+        fit_in_python(setup, 16, path)
 
 
 def test_unreadable_file_is_named(setup, capsys, tmp_path):
@@ -228,21 +233,11 @@ def test_truncated_token_cache_is_rebuilt_not_used(setup, tmp_path):
 
 def test_different_shape_checkpoint_in_python_is_one_line(setup):
     """Without the CLI (which takes the model settings from the checkpoint): the module's own check."""
-    import lightning as L
-
-    from lightning_mamba.data import TextDataModule
-
-    dm = TextDataModule(source=setup["corpus"], tokenizer="byte", seq_len=64, batch_size=4,
-                        cache_dir=setup["cache_dir"])
-    model = MambaLitModule(d_model=32, n_layer=2, d_state=32, headdim=16, chunk_size=32, vocab_size=257,
-                           backend="torch")
-    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     with pytest.raises(ConfigError, match=r"checkpoint .*last\.ckpt was saved for a different model shape: "
                                           r"model\.d_state=16 there, 32 here \(model\.backbone\.layers\.0\.mixer\."
                                           r"in_proj\.weight is \(\d+, 32\) there, \(\d+, 32\) here\): use the model "
                                           r"settings it was trained with"):
-        trainer.fit(model, dm, ckpt_path=setup["ckpt"])
+        fit_in_python(setup, 32, setup["ckpt"])
 
 
 def test_passkey_lengths_shorter_than_the_template(setup, capsys):
