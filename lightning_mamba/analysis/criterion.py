@@ -9,9 +9,19 @@ the test could hardly fail; the last may be short, and is the noisiest.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+
+def threshold_problem(threshold: float) -> str | None:
+    """Why ``threshold`` cannot be the criterion's factor (None when it can): it is a loss ratio, and at 1 or below
+    the window's own buckets (and any noise past it) would count as blow-ups."""
+    if isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold > 1:
+        return None
+    return (f"must be a finite number > 1 (got {threshold}): it is a loss ratio, a bucket fails above threshold x "
+            f"the largest loss within T_train (the paper's is 2)")
 
 
 @dataclass

@@ -90,6 +90,15 @@ def greedy_generate(model: torch.nn.Module, prompt: torch.Tensor, n_tokens: int,
 
 
 # ---- the grid --------------------------------------------------------------------------------------------
+def recall_threshold_problem(threshold: float) -> str | None:
+    """Why ``threshold`` cannot be T_recall's (None when it can): a length counts when its accuracy exceeds it, so it
+    must lie in [0, 1)."""
+    if isinstance(threshold, (int, float)) and 0 <= threshold < 1:  # (NaN fails too)
+        return None
+    return (f"must be in [0, 1) (got {threshold}): T_recall is the longest length with accuracy > threshold, and no "
+            f"accuracy exceeds 1 (the paper's is 0.95)")
+
+
 def t_recall(lengths: Iterable[int], accuracy: Iterable[float], threshold: float = 0.95) -> int | None:
     """The paper's T_recall: the longest length whose accuracy is > ``threshold`` (None if none is)."""
     passing = [int(n) for n, a in zip(lengths, accuracy) if a > threshold]

@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ..analysis import plots
-from ..analysis.criterion import verdict_text, verdict_word
+from ..analysis.criterion import threshold_problem, verdict_text, verdict_word
 from ..analysis.evaluator import eval_rows, write_position_losses_csv
 from ..analysis.forgetting import (
     DEFAULT_EVAL_ROWS,
@@ -243,6 +243,8 @@ class LengthGeneralizationCallback(PeriodicAnalysis):
         super().__init__(every_n_validations, figures_every_n_runs)
         if not multiples or min(multiples) < 1:
             raise ValueError(f"multiples must be positive integers (got {multiples})")
+        if threshold_problem(threshold):
+            raise ValueError(f"threshold {threshold_problem(threshold)}")
         if min_length is not None and (type(min_length) is not int or min_length < 1):
             raise ValueError(f"min_length must be a positive number of tokens, or null (got {min_length!r})")
         if min_length and max_eval_tokens and min_length > max_eval_tokens:

@@ -9,7 +9,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 
-from ..analysis.passkey import evaluate_passkey, plot_passkey_curve, plot_passkey_heatmap
+from ..analysis.passkey import evaluate_passkey, plot_passkey_curve, plot_passkey_heatmap, recall_threshold_problem
 from ..atomic import atomic_write_json
 from ..data.passkey import PasskeyGenerator, default_depths
 from .length_generalization import PeriodicAnalysis
@@ -58,6 +58,8 @@ class PasskeyEvalCallback(PeriodicAnalysis):
             raise ValueError(f"multiples must be positive (got {multiples})")
         if n_samples < 1 or n_depths < 1:
             raise ValueError(f"n_samples and n_depths must be >= 1 (got {n_samples}, {n_depths})")
+        if recall_threshold_problem(threshold):
+            raise ValueError(f"threshold {recall_threshold_problem(threshold)}")
         self.multiples = tuple(sorted(float(m) for m in multiples))
         self.depths = default_depths(n_depths)
         self.n_samples, self.threshold, self.piece_len = n_samples, threshold, piece_len

@@ -3,7 +3,6 @@ and the loading behind them (checkpoint, tokenizer, held-out text, rows), with o
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from collections.abc import Callable
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 from jsonargparse import ArgumentParser
 
+from ..analysis.criterion import threshold_problem
 from ..analysis.evaluator import eval_rows, resolve_dtype
 from ..analysis.forgetting import DEFAULT_EVAL_ROWS, DEFAULT_MAX_MULTIPLE
 from ..errors import UserError
@@ -65,11 +65,10 @@ def add_heldout_args(p: ArgumentParser) -> None:
 
 
 def check_threshold(threshold: float) -> None:
-    """--threshold of the forgetting criterion is a loss ratio: a bucket fails above threshold x the largest loss
-    within T_train, so at 1 or below the window's own buckets (and any noise past it) would count as blow-ups."""
-    if not (math.isfinite(threshold) and threshold > 1):
-        raise CommandError(f"--threshold must be a finite number > 1 (got {threshold}): it is a loss ratio, a bucket "
-                           f"fails above threshold x the largest loss within T_train (the paper's is 2)")
+    """--threshold of the forgetting criterion (analysis.criterion.threshold_problem)."""
+    problem = threshold_problem(threshold)
+    if problem:
+        raise CommandError(f"--threshold {problem}")
 
 
 def check_out_dir(out: str, flag: str = "--out") -> None:

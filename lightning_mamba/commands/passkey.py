@@ -16,7 +16,7 @@ from jsonargparse import ArgumentParser
 
 from ..analysis import plots
 from ..analysis.evaluator import resolve_dtype
-from ..analysis.passkey import evaluate_passkey, plot_passkey_curve, plot_passkey_heatmap
+from ..analysis.passkey import evaluate_passkey, plot_passkey_curve, plot_passkey_heatmap, recall_threshold_problem
 from ..atomic import atomic_write_json
 from ..data.passkey import PasskeyError, PasskeyGenerator, PasskeyTemplate, check_depth, check_lengths, default_depths
 from . import run_command
@@ -77,9 +77,9 @@ def run(args) -> dict:
     lengths = [parse_length(x) for x in args.lengths] if args.lengths else None
     if args.n_samples < 1:
         raise PasskeyCommandError(f"--n_samples must be >= 1 (got {args.n_samples})")
-    if not 0 <= args.threshold < 1:  # NaN too
-        raise PasskeyCommandError(f"--threshold must be in [0, 1) (got {args.threshold}): T_recall is the longest "
-                                  f"length with accuracy > threshold, and no accuracy exceeds 1 (the paper's is 0.95)")
+    problem = recall_threshold_problem(args.threshold)
+    if problem:
+        raise PasskeyCommandError(f"--threshold {problem}")
     check_out_dir(default_out(args.out, args.ckpt, "passkey"))
     model, meta = open_checkpoint(args)
     tokenizer = open_tokenizer(args, meta, model)

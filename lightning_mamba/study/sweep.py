@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..analysis.criterion import verdict_word
+from ..analysis.criterion import threshold_problem, verdict_word
 from ..analysis.forgetting import DEFAULT_EVAL_ROWS, DEFAULT_MAX_MULTIPLE
 from ..atomic import atomic_write_json
 from ..errors import UserError
@@ -153,7 +153,7 @@ class Study:
               f"eval_multiple >= 2 or eval_tokens > {max(self.lens)}")
         check(self.bucket is None or 1 <= self.bucket <= min(self.lens), f"bucket={self.bucket} must be between 1 and "
               f"the smallest LEN ({min(self.lens)})")
-        check(self.threshold > 0, f"threshold must be > 0 (got {self.threshold})")
+        check(threshold_problem(self.threshold) is None, f"threshold {threshold_problem(self.threshold)}")
         check(self.passkey_template is None or os.path.isfile(self.passkey_template), f"passkey_template "
               f"{self.passkey_template} does not exist: give a YAML file like configs/passkey/code.yaml, or null")
         for key, what in (("seq_len", "lens"), ("batch_size", "tokens_per_batch")):

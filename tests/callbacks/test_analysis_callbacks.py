@@ -141,3 +141,17 @@ def test_lengthgen_logs_ratio_16_64x_with_its_interval(tmp_path):
     assert v["evaluated_to"] == 64 * 16 and v["rows"] == record["rows"]["rows"] >= 1
     assert v["ratio_16_64x_lo"] <= v["ratio_16_64x"] <= v["ratio_16_64x_hi"]
     assert record["metrics"]["lengthgen/ratio_16_64x"] == v["ratio_16_64x"]
+
+
+@pytest.mark.parametrize("threshold", [1.0, 0.5, -1.0, float("inf"), float("nan")])
+def test_a_threshold_that_cannot_judge_is_refused(threshold):
+    """The criterion's factor is a loss ratio > 1 (the commands and the sweep say the same); T_recall's lies in [0, 1)."""
+    from lightning_mamba.callbacks import PasskeyEvalCallback
+
+    with pytest.raises(ValueError, match=r"threshold must be a finite number > 1 \(got "):
+        LengthGeneralizationCallback(threshold=threshold)
+    LengthGeneralizationCallback(threshold=1.5)
+    bad_recall = threshold if threshold != 0.5 else 1.0
+    with pytest.raises(ValueError, match=r"threshold must be in \[0, 1\) \(got "):
+        PasskeyEvalCallback(threshold=bad_recall)
+    PasskeyEvalCallback(threshold=0.0)

@@ -100,6 +100,8 @@ def test_a_killed_cell_resumes_from_its_last_checkpoint(tmp_path, corpus, capsys
 def test_bad_settings_are_one_line_errors(tmp_path, corpus, capsys):
     assert cmd.main(micro_args(tmp_path, corpus, tmp_path / "o", "--tokens_per_batch", "100")) == 2
     assert "sweep: error: tokens_per_batch=100 must be a multiple of every LEN" in capsys.readouterr().err
+    assert cmd.main(micro_args(tmp_path, corpus, tmp_path / "o", "--threshold", "0.5")) == 2
+    assert "sweep: error: threshold must be a finite number > 1 (got 0.5): it is a loss ratio" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("path", [MICRO, GPU])
