@@ -135,12 +135,18 @@ class MambaConfig:
             raise ConfigError("d_intermediate must be 0 (MLP blocks are not implemented; pure Mamba-2 stacks only)")
         if self.attn_layer_idx:
             raise ConfigError("attn_layer_idx must be empty (hybrid attention layers are not implemented)")
-        for name in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1 (got {getattr(self, name)})")
-        for name in ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size"):
-            if m[name] < 1:
-                raise ConfigError(f"{name} must be >= 1 (got {m[name]})")
+        sizes = {name: getattr(self, name) for name in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple")}
+        sizes.update({name: m[name] for name in ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size",
+                                                  "quadratic_max_len")})
+        for name, value in sizes.items():  # (a config.json may hold anything)
+            if not _is_int(value):
+                raise ConfigError(f"{name} must be a whole number (got {value!r})")
+            if value < 1 and name != "quadratic_max_len":
+                raise ConfigError(f"{name} must be >= 1 (got {value})")
+        for name in ("dt_min", "dt_max", "A_init_range", "dt_limit"):
+            values = m[name] if isinstance(m[name], (list, tuple)) else [m[name]]
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                raise ConfigError(f"{name} must be numbers (got {m[name]!r})")
         for name in ("save_chunk_states", "recompute_norm_output"):
             if not isinstance(m[name], bool):
                 raise ConfigError(f"{name} must be true or false (got {m[name]!r})")
@@ -174,6 +180,10 @@ class MambaConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
     # config.json is written and read in one place: models/checkpoint.py (official_config, read_config)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _divisor_hint(n: int) -> str:

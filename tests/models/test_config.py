@@ -89,6 +89,11 @@ def test_init_follows_official():
         ({"ssm_cfg": {"quadratic_max_len": -1}}, "quadratic_max_len must be >= 0"),
         ({"ssm_cfg": {"save_chunk_states": "yes"}}, "save_chunk_states must be true or false"),
         ({"ssm_cfg": {"recompute_norm_output": 1}}, "recompute_norm_output must be true or false"),
+        # what a hand-edited config.json may hold: one line, not a TypeError from a comparison or a layer
+        ({"d_model": "x"}, r"d_model must be a whole number \(got 'x'\)"),
+        ({"n_layer": 2.5}, r"n_layer must be a whole number \(got 2.5\)"),
+        ({"ssm_cfg": {"d_state": "16"}}, r"d_state must be a whole number \(got '16'\)"),
+        ({"ssm_cfg": {"dt_limit": ["a", 1.0]}}, r"dt_limit must be numbers \(got \['a', 1.0\]\)"),
     ],
 )
 def test_bad_config_says_what_to_change(kwargs, fragment):
