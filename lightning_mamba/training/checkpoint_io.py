@@ -107,8 +107,8 @@ def check_intact(checkpoint: dict, path: str) -> None:
     writes: a hand-edited or damaged field is one line that names it, not a traceback from the code that reads it."""
     problem = _damage(checkpoint)
     if problem:
-        raise ConfigError(f"checkpoint {path} is damaged: {problem}: resume from another one (e.g. a step=*.ckpt "
-                          f"beside it), or start without --ckpt_path")
+        raise ConfigError(f"checkpoint {path} is damaged: {problem}: use another one (e.g. a step=*.ckpt beside "
+                          f"it)")
 
 
 def _damage(ckpt: dict) -> str | None:
@@ -273,6 +273,7 @@ def read_lightning_checkpoint(path: str) -> dict:
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ConfigError(f"{path} is not a Lightning checkpoint (no state_dict): pass a .ckpt or a directory "
                           "with config.json")
+    check_intact(ckpt, path)
     return ckpt
 
 

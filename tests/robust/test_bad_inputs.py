@@ -180,6 +180,11 @@ def test_damaged_checkpoint_field_is_one_line(setup, capsys, tmp_path, field, va
     set_field(path, field, value)
     message = one_line_error(capsys, ["fit", "--config", setup["config"], "--ckpt_path", path])
     assert f"checkpoint {path} is damaged: {fragment}" in message
+    # read as a model (analyze, export, --model.pretrained): the same line
+    with pytest.raises(SystemExit):
+        main(["analyze", "--ckpt", path, "--out", str(tmp_path / "analysis"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"checkpoint {path} is damaged: {fragment}" in err[0], err
 
 
 def fit_in_python(setup, d_state: int, ckpt_path: str) -> None:
