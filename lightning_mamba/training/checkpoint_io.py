@@ -300,6 +300,9 @@ def pretrained_meta(path: str) -> dict:
         meta_path = os.path.join(path, META)
         meta = dict(read_json(meta_path)) if os.path.isfile(meta_path) else {}
         meta["mamba_config"] = read_config(path)[0].to_dict()
+        spec = load_tokenizer_spec(path)
+        if spec is not None:  # a tokenizer.json that is JSON but no tokenizer: refused now, not in the run's setup
+            tokenizer_from_spec(spec)
         return meta
     if not os.path.isfile(path):
         raise ConfigError(f"model.pretrained={path} does not exist: give a run's .ckpt (runs/<name>/version_<n>/"

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from lightning_mamba.cli import main
+from lightning_mamba.data.tokenization import ByteTokenizer
 from lightning_mamba.models.checkpoint import load_pretrained, load_tokenizer_spec
 from lightning_mamba.training.checkpoint_io import load_model
 from tests.models.test_checkpoint import IDS, logits, make_ckpt
 
-SPEC = {"kind": "json", "json": '{"model": {"type": "WordLevel", "vocab": {"a": 0}}}'}
+SPEC = {"kind": "json", "json": ByteTokenizer().to_hf().to_str()}
 
 
 @pytest.fixture(scope="module")

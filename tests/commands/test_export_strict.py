@@ -10,13 +10,14 @@ import torch
 
 from lightning_mamba.atomic import atomic_write_json
 from lightning_mamba.cli import main
+from lightning_mamba.data.tokenization import ByteTokenizer
 from lightning_mamba.models import MambaConfig, MambaLM
 from lightning_mamba.models.checkpoint import load_pretrained, official_config, save_pretrained
 from lightning_mamba.models.config import MIXER_DEFAULTS, NO_DT_LIMIT
 from lightning_mamba.training.checkpoint_io import load_model
 from tests.models.test_checkpoint import IDS, logits, make_ckpt
 
-SPEC = {"kind": "json", "json": '{"model": {"type": "WordLevel", "vocab": {"a": 0}}}'}
+SPEC = {"kind": "json", "json": ByteTokenizer().to_hf().to_str()}
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from lightning_mamba.data.tokenization import ByteTokenizer
 from lightning_mamba.models import ConfigError, MambaConfig, MambaLM
 from lightning_mamba.models.checkpoint import load_pretrained, load_tokenizer_spec, save_pretrained
 from lightning_mamba.training.checkpoint_io import load_model
@@ -222,7 +223,7 @@ def test_missing_directory_or_config_is_a_one_line_error(tmp_path):
 
 
 def test_json_tokenizer_is_written_to_tokenizer_json(tmp_path):
-    spec = {"kind": "json", "json": '{"model": {"type": "WordLevel", "vocab": {"a": 0}}}'}
+    spec = {"kind": "json", "json": ByteTokenizer().to_hf().to_str()}
     save_pretrained(tiny(), str(tmp_path), tokenizer_spec=spec, extra={"seq_len": 64})
     assert (tmp_path / "tokenizer.json").read_text() == spec["json"]
     assert load_tokenizer_spec(str(tmp_path)) == spec
@@ -266,7 +267,7 @@ def make_ckpt(directory, spec=None) -> tuple[str, MambaLitModule]:
 
 
 def test_lightning_ckpt_loads_with_its_metadata(tmp_path):
-    spec = {"kind": "json", "json": '{"model": {"type": "WordLevel", "vocab": {"a": 0}}}'}
+    spec = {"kind": "json", "json": ByteTokenizer().to_hf().to_str()}
     path, module = make_ckpt(tmp_path, spec)
     model, meta = load_model(path, backend="torch")
     assert meta["tokenizer"] == spec and meta["seq_len"] == 16 and meta["mamba_config"]["ssm_cfg"]["ngroups"] == 2

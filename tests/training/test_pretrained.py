@@ -196,12 +196,13 @@ def json_tokenizer_dir(tmp_path):
 
 DAMAGED_FILES = [  # (file, its new text, fragment of the one line)
     ("tokenizer.json", "zz\n", "tokenizer.json cannot be read as a tokenizer (Expecting value: line 1 column 1"),
+    ("tokenizer.json", '{"a": 1}', "cannot be read as a tokenizer ("),
     ("config.json", "[1, 2]", "config.json: expected a JSON object, got list [1, 2]"),
     ("config.json", "ssm_cfg", "config.json: ssm_cfg must be an object of the mixer's settings (got 'x')"),
 ]
 
 
-@pytest.mark.parametrize("file,text,fragment", DAMAGED_FILES, ids=["tok-garbage", "list", "ssm_cfg"])
+@pytest.mark.parametrize("file,text,fragment", DAMAGED_FILES, ids=["tok-garbage", "tok-not-a-tokenizer", "list", "ssm_cfg"])
 def test_a_damaged_checkpoint_directory_is_one_line(tmp_path, corpus, json_tokenizer_dir, capsys, file, text,
                                                     fragment):
     """analyze and --model.pretrained read the directory the same way (load_model): one line naming the file, before
@@ -211,7 +212,8 @@ def test_a_damaged_checkpoint_directory_is_one_line(tmp_path, corpus, json_token
         text = json.dumps({**json.loads(path.read_text()), "ssm_cfg": "x"})
     path.write_text(text)
     with pytest.raises(SystemExit) as e:
-        main(["analyze", "--ckpt", str(json_tokenizer_dir), "--out", str(tmp_path / "analysis"), "--device", "cpu"])
+        main(["analyze", "--ckpt", str(json_tokenizer_dir), "--out", str(tmp_path / "analysis"), "--device", "cpu",
+              "--seq_len", "16", "--length", "64"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "Traceback" not in err and fragment in err and len(err.strip().splitlines()) == 1
     config = run_config(tmp_path, corpus, "x", d_state=16, n_layer=2, seq_len=64, steps=1)
