@@ -54,10 +54,11 @@ class CheckpointOnSigterm(L.Callback):
         return trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args, **kwargs) -> None:
-        if self._fit_validation(trainer) and trainer.received_sigterm:
-            # Lightning's evaluation loop raises after this hook when the flag is set (Trainer.received_sigterm
-            # reads its signal connector's attribute): clear it until on_validation_end
-            trainer._signal_connector.received_sigterm = False
+        # Lightning's evaluation loop raises after this hook when the flag is set (Trainer.received_sigterm reads its
+        # signal connector's attribute, private: where it is missing, Lightning's own stop happens)
+        connector = getattr(trainer, "_signal_connector", None)
+        if self._fit_validation(trainer) and trainer.received_sigterm and hasattr(connector, "received_sigterm"):
+            connector.received_sigterm = False  # until on_validation_end
             self._held = True
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -65,7 +66,8 @@ class CheckpointOnSigterm(L.Callback):
             return
         # every process decides alike: saving a checkpoint is collective
         if trainer.strategy.reduce_boolean_decision(self._held or trainer.received_sigterm, all=False):
-            trainer._signal_connector.received_sigterm = True
+            if self._held:
+                trainer._signal_connector.received_sigterm = True
             self.saved = last_checkpoint_path(trainer)
             if self.saved is not None:
                 trainer.save_checkpoint(self.saved)
