@@ -234,7 +234,8 @@ def _model_from_hparams(hparams: dict | None, backend: str, path: str) -> MambaL
 def load_model(path: str, backend: str = "auto", dtype: torch.dtype = torch.float32) -> tuple[MambaLM, dict]:
     """A Lightning .ckpt of this project or a checkpoint directory -> (model, meta).
 
-    meta: ``mamba_config`` and, where recorded, ``seq_len`` and ``tokenizer`` (a spec dict)."""
+    meta: ``mamba_config`` and, where recorded, ``seq_len``, ``tokenizer`` (a spec dict), ``trained_steps`` and
+    ``trained_tokens`` (training_done)."""
     if os.path.isfile(path) and os.path.basename(path) in (CONFIG, WEIGHTS, SAFETENSORS):
         path = os.path.dirname(path) or "."
     if os.path.isdir(path):
@@ -247,7 +248,7 @@ def load_model(path: str, backend: str = "auto", dtype: torch.dtype = torch.floa
             meta["tokenizer"] = spec
     elif os.path.isfile(path):
         ckpt = read_lightning_checkpoint(path)
-        meta = dict(ckpt.get("lightning_mamba") or {})
+        meta = {**(ckpt.get("lightning_mamba") or {}), **training_done(ckpt)}
         if "mamba_config" in meta:
             model = MambaLM(MambaConfig.from_dict(meta["mamba_config"]), backend=backend)
         else:
@@ -308,15 +309,18 @@ def pretrained_meta(path: str) -> dict:
         raise ConfigError(f"model.pretrained={path} does not exist: give a run's .ckpt (runs/<name>/version_<n>/"
                           f"checkpoints/last.ckpt) or a directory with config.json")
     ckpt = read_lightning_checkpoint(path)
-    meta = dict(ckpt.get("lightning_mamba") or {})
+    meta = {**(ckpt.get("lightning_mamba") or {}), **training_done(ckpt)}
     if "mamba_config" not in meta:
         hparams = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if isinstance(k, str)}
         meta["mamba_config"] = model_config(**hparams).to_dict()
-    if "global_step" in ckpt:  # the run's training state, beside the model's metadata
-        meta["trained_steps"] = ckpt["global_step"]
-    if "tokens_trained" in ckpt:
-        meta["trained_tokens"] = ckpt["tokens_trained"]
     return meta
+
+
+def training_done(ckpt: dict) -> dict:
+    """A .ckpt's training so far (its run's global_step and tokens_trained, beside the model's metadata) as
+    ``trained_steps`` / ``trained_tokens``: what --model.pretrained's line reports, and an export keeps."""
+    done = {"trained_steps": ckpt.get("global_step"), "trained_tokens": ckpt.get("tokens_trained")}
+    return {k: v for k, v in done.items() if v is not None}
 
 
 def _count(n: int) -> str:

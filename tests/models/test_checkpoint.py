@@ -284,7 +284,8 @@ def test_lightning_ckpt_loads_with_its_metadata(tmp_path):
 def test_lightning_ckpt_without_datamodule(tmp_path):
     path, module = make_ckpt(tmp_path)
     model, meta = load_model(path, backend="torch", dtype=torch.float64)
-    assert set(meta) == {"mamba_config"} and model.lm_head.weight.dtype == torch.float64
+    assert set(meta) == {"mamba_config", "trained_steps", "trained_tokens"}  # no data module's seq_len, tokenizer
+    assert model.lm_head.weight.dtype == torch.float64
     torch.testing.assert_close(logits(model, IDS).float(), logits(module.model, IDS), rtol=1e-5, atol=1e-5)
 
 

@@ -221,3 +221,14 @@ def test_a_damaged_checkpoint_directory_is_one_line(tmp_path, corpus, json_token
         main(["fit", "--config", config, "--model.pretrained", str(json_tokenizer_dir)])
     assert fragment in e.value.code and "\n" not in e.value.code and "Traceback" not in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "runs")
+
+
+def test_an_export_keeps_the_training_done(tmp_path, base):
+    """An exported directory records its run's steps and tokens (lightning_mamba.json): --model.pretrained's line
+    reports them as for the .ckpt, not "an unrecorded number of steps"."""
+    from lightning_mamba.commands.export import export
+
+    export(str(base), str(tmp_path / "exported"))
+    line = describe_pretrained(str(tmp_path / "exported"), pretrained_meta(str(tmp_path / "exported")))
+    assert line.endswith("trained 2 steps, 256 tokens at seq_len 64")
+    assert line == describe_pretrained(str(tmp_path / "exported"), pretrained_meta(str(base)))
