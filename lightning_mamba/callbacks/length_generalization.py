@@ -243,8 +243,8 @@ class LengthGeneralizationCallback(PeriodicAnalysis):
         super().__init__(every_n_validations, figures_every_n_runs)
         if not multiples or min(multiples) < 1:
             raise ValueError(f"multiples must be positive integers (got {multiples})")
-        if threshold_problem(threshold):
-            raise ValueError(f"threshold {threshold_problem(threshold)}")
+        if problem := threshold_problem(threshold):
+            raise ValueError(f"threshold {problem}")
         if min_length is not None and (type(min_length) is not int or min_length < 1):
             raise ValueError(f"min_length must be a positive number of tokens, or null (got {min_length!r})")
         if min_length and max_eval_tokens and min_length > max_eval_tokens:

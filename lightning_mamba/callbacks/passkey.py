@@ -58,8 +58,8 @@ class PasskeyEvalCallback(PeriodicAnalysis):
             raise ValueError(f"multiples must be positive (got {multiples})")
         if n_samples < 1 or n_depths < 1:
             raise ValueError(f"n_samples and n_depths must be >= 1 (got {n_samples}, {n_depths})")
-        if recall_threshold_problem(threshold):
-            raise ValueError(f"threshold {recall_threshold_problem(threshold)}")
+        if problem := recall_threshold_problem(threshold):
+            raise ValueError(f"threshold {problem}")
         self.multiples = tuple(sorted(float(m) for m in multiples))
         self.depths = default_depths(n_depths)
         self.n_samples, self.threshold, self.piece_len = n_samples, threshold, piece_len

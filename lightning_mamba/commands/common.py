@@ -66,8 +66,7 @@ def add_heldout_args(p: ArgumentParser) -> None:
 
 def check_threshold(threshold: float) -> None:
     """--threshold of the forgetting criterion (analysis.criterion.threshold_problem)."""
-    problem = threshold_problem(threshold)
-    if problem:
+    if problem := threshold_problem(threshold):
         raise CommandError(f"--threshold {problem}")
 
 

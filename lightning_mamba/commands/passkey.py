@@ -77,8 +77,7 @@ def run(args) -> dict:
     lengths = [parse_length(x) for x in args.lengths] if args.lengths else None
     if args.n_samples < 1:
         raise PasskeyCommandError(f"--n_samples must be >= 1 (got {args.n_samples})")
-    problem = recall_threshold_problem(args.threshold)
-    if problem:
+    if problem := recall_threshold_problem(args.threshold):
         raise PasskeyCommandError(f"--threshold {problem}")
     check_out_dir(default_out(args.out, args.ckpt, "passkey"))
     model, meta = open_checkpoint(args)

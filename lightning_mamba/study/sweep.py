@@ -153,7 +153,8 @@ class Study:
               f"eval_multiple >= 2 or eval_tokens > {max(self.lens)}")
         check(self.bucket is None or 1 <= self.bucket <= min(self.lens), f"bucket={self.bucket} must be between 1 and "
               f"the smallest LEN ({min(self.lens)})")
-        check(threshold_problem(self.threshold) is None, f"threshold {threshold_problem(self.threshold)}")
+        problem = threshold_problem(self.threshold)
+        check(problem is None, f"threshold {problem}")
         check(self.passkey_template is None or os.path.isfile(self.passkey_template), f"passkey_template "
               f"{self.passkey_template} does not exist: give a YAML file like configs/passkey/code.yaml, or null")
         for key, what in (("seq_len", "lens"), ("batch_size", "tokens_per_batch")):
