@@ -165,3 +165,15 @@ def test_bad_input_is_one_clear_line(tmp_path, corpus, capsys, override, fragmen
     assert fragment in message
     assert "Traceback" not in message
     assert not glob.glob(str(tmp_path / "cache" / "*.tmp*"))  # no half-written cache
+
+
+def test_fit_without_a_logger_runs_with_the_default_config(tmp_path, corpus, capsys, caplog):
+    """`--trainer.logger false` on configs/train.yaml: its LearningRateMonitor (which Lightning refuses without a
+    logger, after the sanity check) is left out with a line, and the run's files go to trainer.default_root_dir."""
+    root = tmp_path / "root"
+    caplog.set_level("INFO")
+    main(["fit", *tiny_args(tmp_path, corpus), "--trainer.logger", "false", "--trainer.default_root_dir", str(root),
+          "--trainer.max_steps", "3"])
+    assert "LearningRateMonitor callback is left out" in caplog.text
+    assert "fit done at step 3" in capsys.readouterr().out
+    assert (root / "checkpoints" / "last.ckpt").exists() and (root / "val" / "step_3.json").exists()

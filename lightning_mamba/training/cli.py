@@ -13,7 +13,7 @@ import warnings
 
 import lightning as L
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
@@ -125,6 +125,7 @@ class MambaCLI(LightningCLI):
         # every Trainer this CLI builds, `lightning-mamba fit` and the sweep's cells (run=False) alike
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks += [CheckpointOnSigterm(), CheckpointAtStop()]
+        drop_lr_monitor_without_logger(trainer)
         return trainer
 
     def before_fit(self) -> None:
@@ -153,6 +154,19 @@ class MambaCLI(LightningCLI):
         # The model's vocabulary is the tokenizer's: one setting, not two that can disagree.
         parser.link_arguments("data.vocab_size_for_model", "model.init_args.vocab_size" if self.subclass_mode_model
                               else "model.vocab_size", apply_on="instantiate")
+
+
+def drop_lr_monitor_without_logger(trainer: L.Trainer) -> None:
+    """``--trainer.logger false``: the LearningRateMonitor of configs/train.yaml would stop the run after the sanity
+    check ("Cannot use `LearningRateMonitor` callback with `Trainer` that has no logger"), and a list item cannot be
+    taken out of trainer.callbacks on the command line; it logs nothing without a logger, so it is left out, with a
+    line that says so."""
+    if trainer.loggers:
+        return
+    monitors = [cb for cb in trainer.callbacks if isinstance(cb, LearningRateMonitor)]
+    if monitors:
+        trainer.callbacks = [cb for cb in trainer.callbacks if not isinstance(cb, LearningRateMonitor)]
+        rank_zero_info("trainer.logger is off: the LearningRateMonitor callback is left out (it logs only to a logger)")
 
 
 def ints_before_floats(parser, prefix: str) -> None:
