@@ -177,3 +177,23 @@ def test_fit_without_a_logger_runs_with_the_default_config(tmp_path, corpus, cap
     assert "LearningRateMonitor callback is left out" in caplog.text
     assert "fit done at step 3" in capsys.readouterr().out
     assert (root / "checkpoints" / "last.ckpt").exists() and (root / "val" / "step_3.json").exists()
+
+
+def test_default_root_dir_moves_the_run_directory(tmp_path):
+    """`--trainer.default_root_dir DIR` (typed or from a config file) is where configs/train.yaml's logger writes,
+    DIR/<name>/version_<n>; a typed logger save_dir wins. Lightning reads it only where no logger is set, so it
+    used to do nothing."""
+    root = tmp_path / "root"
+    base = ["--config", os.path.join(ROOT, "configs/train.yaml"), "--data.tokenizer", "byte",
+            "--data.cache_dir", str(tmp_path / "cache")]
+    cli = lightning_cli([*base, "--trainer.default_root_dir", str(root)], run=False)
+    assert cli.trainer.logger.save_dir == str(root) and cli.trainer.default_root_dir == str(root)
+    overlay = tmp_path / "root.yaml"
+    overlay.write_text(f"trainer:\n  default_root_dir: {root}\n")
+    cli = lightning_cli([*base, "--config", str(overlay)], run=False)
+    assert cli.trainer.logger.save_dir == str(root)
+    cli = lightning_cli([*base, "--trainer.default_root_dir", str(root),
+                         "--trainer.logger.init_args.save_dir", str(tmp_path / "logs")], run=False)
+    assert cli.trainer.logger.save_dir == str(tmp_path / "logs")
+    cli = lightning_cli(base, run=False)
+    assert cli.trainer.logger.save_dir == "runs"  # the config's, without default_root_dir

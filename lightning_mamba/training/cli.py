@@ -63,6 +63,7 @@ class MambaCLI(LightningCLI):
         except UnicodeDecodeError as e:  # a --config that is not text: jsonargparse's reader fails with a traceback
             raise not_text_config(self._argv, e) from None
         sub = self.config.get("subcommand")
+        follow_default_root_dir(self.config[sub] if sub else self.config, self._argv)
         check_settings(self.config[sub] if sub else self.config)  # what the Trainer would answer with a traceback
 
     def _run_subcommand(self, subcommand: str) -> None:
@@ -154,6 +155,24 @@ class MambaCLI(LightningCLI):
         # The model's vocabulary is the tokenizer's: one setting, not two that can disagree.
         parser.link_arguments("data.vocab_size_for_model", "model.init_args.vocab_size" if self.subclass_mode_model
                               else "model.vocab_size", apply_on="instantiate")
+
+
+def follow_default_root_dir(config: Namespace, argv: list[str]) -> None:
+    """``trainer.default_root_dir DIR`` (typed or from a config file) moves the run directory to
+    ``DIR/<name>/version_<n>``: the logger's ``save_dir`` (configs/train.yaml: ``runs``) follows it, unless
+    ``--trainer.logger.init_args.save_dir`` is typed. Lightning uses default_root_dir only where no logger sets the
+    place, so with the config's logger the option did nothing at all. (A config printed with --print_config holds
+    default_root_dir, so ``fit --config`` of it goes to the same place.)"""
+    trainer = config.get("trainer")
+    if trainer is None or "trainer.logger.save_dir" in typed_options(argv):
+        return
+    root = trainer.get("default_root_dir")
+    loggers = trainer.get("logger")
+    loggers = loggers if isinstance(loggers, list) else [loggers]
+    for logger in loggers:
+        init = logger.get("init_args") if isinstance(logger, Namespace) else None
+        if root is not None and isinstance(init, Namespace) and "save_dir" in init:
+            init.save_dir = root
 
 
 def drop_lr_monitor_without_logger(trainer: L.Trainer) -> None:
