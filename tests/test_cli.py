@@ -70,6 +70,11 @@ def test_fit_writes_events_config_and_checkpoint_then_resumes_validates_tests_an
     cli = lightning_cli(["predict", *tiny_args(tmp_path, corpus), "--ckpt_path", ckpt, "--trainer.limit_predict_batches", "1"])
     out = cli.trainer.predict_loop.predictions
     assert out and out[0]["token_losses"].shape == (4, 64) and torch.isfinite(out[0]["token_losses"]).all()
+    # ... and predict keeps them: LightningCLI drops what trainer.predict returns, so a prediction writer saves them
+    (written,) = glob.glob(str(tmp_path / "runs" / "tiny" / "version_*" / "token_losses.pt"))
+    record = torch.load(written, weights_only=True)
+    assert torch.equal(record["token_losses"], out[0]["token_losses"]) and record["sample_indices"] == [0, 1, 2, 3]
+    assert record["ckpt_path"] == ckpt
 
 
 def test_fit_trains_with_the_quadratic_scan(tmp_path, corpus):

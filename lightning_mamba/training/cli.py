@@ -13,7 +13,7 @@ import warnings
 
 import lightning as L
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
@@ -24,6 +24,7 @@ from ..models.config import SPEED_ONLY_SETTINGS
 from .checkpoint_io import check_resume, settle_pretrained
 from .module import MambaLitModule
 from .nan_guard import NanGuard
+from .predictions import TokenLossWriter
 from .run_checks import (
     OneLineErrorParser,
     SettingError,
@@ -143,6 +144,12 @@ class MambaCLI(LightningCLI):
 
     def before_test(self) -> None:
         check_fresh_log_version(self.trainer, self.config["test"])
+
+    def before_predict(self) -> None:
+        # LightningCLI drops what trainer.predict returns: without a writer of the user's, the per-token losses are
+        # written to the run directory (training/predictions.py)
+        if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
+            self.trainer.callbacks.append(TokenLossWriter())
 
     def after_fit(self) -> None:
         if self.trainer.is_global_zero:

@@ -301,7 +301,8 @@ class MambaLitModule(L.LightningModule):
         self.log("test/loss", loss, sync_dist=True)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        """Per-token next-token losses (b, seq_len) of a batch: `lightning-mamba predict` returns them."""
+        """Per-token next-token losses (b, seq_len) of a batch: `lightning-mamba predict` writes them to the run
+        directory's token_losses.pt (training/predictions.py)."""
         logits, _ = self.model(batch["input_ids"], seq_idx=batch.get("seq_idx"), return_state=False)
         losses = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), reduction="none")
         return {"token_losses": losses.view_as(batch["labels"]).cpu()}
