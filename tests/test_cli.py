@@ -65,8 +65,12 @@ def test_fit_writes_events_config_and_checkpoint_then_resumes_validates_tests_an
 
     # validate, test and predict run on the checkpoint
     ckpt = str(run / "checkpoints" / "last.ckpt")
-    for sub in ("validate", "test"):
-        main([sub, *tiny_args(tmp_path, corpus), "--ckpt_path", ckpt])
+    # the run's own config.yaml (which, resumed, records version 0): the evaluation gets a version of its own
+    config, events = (run / "config.yaml").read_bytes(), sorted(glob.glob(str(run / "events.out.tfevents.*")))
+    main(["validate", "--config", str(run / "config.yaml"), "--ckpt_path", ckpt])
+    assert (run / "config.yaml").read_bytes() == config and sorted(glob.glob(str(run / "events.*"))) == events
+    assert (tmp_path / "runs" / "tiny" / "version_1" / "config.yaml").exists()
+    main(["test", *tiny_args(tmp_path, corpus), "--ckpt_path", ckpt])
     cli = lightning_cli(["predict", *tiny_args(tmp_path, corpus), "--ckpt_path", ckpt, "--trainer.limit_predict_batches", "1"])
     out = cli.trainer.predict_loop.predictions
     assert out and out[0]["token_losses"].shape == (4, 64) and torch.isfinite(out[0]["token_losses"]).all()

@@ -65,6 +65,8 @@ class MambaCLI(LightningCLI):
             raise not_text_config(self._argv, e) from None
         sub = self.config.get("subcommand")
         follow_default_root_dir(self.config[sub] if sub else self.config, self._argv)
+        if sub in ("validate", "test", "predict"):
+            evaluate_into_a_new_version(self.config[sub], self._argv)
         check_settings(self.config[sub] if sub else self.config)  # what the Trainer would answer with a traceback
 
     def _run_subcommand(self, subcommand: str) -> None:
@@ -180,6 +182,27 @@ def follow_default_root_dir(config: Namespace, argv: list[str]) -> None:
         init = logger.get("init_args") if isinstance(logger, Namespace) else None
         if root is not None and isinstance(init, Namespace) and "save_dir" in init:
             init.save_dir = root
+
+
+def evaluate_into_a_new_version(config: Namespace, argv: list[str]) -> None:
+    """validate / test / predict given a run's own config.yaml log to the next free version of its name, as they do
+    before the run is resumed. A resumed fit records its version in config.yaml (resume_into_run_directory), and the
+    evaluation went into that run's directory: its config.yaml overwritten by the evaluation's, its TensorBoard
+    curves given points at step 0. A typed --trainer.logger.init_args.version is kept."""
+    if "trainer.logger.version" in typed_options(argv):
+        return
+    loggers = (config.get("trainer") or Namespace()).get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        init = logger.get("init_args") if isinstance(logger, Namespace) else None
+        version = init.get("version") if isinstance(init, Namespace) else None
+        if version in (None, "") or init.get("save_dir") is None:
+            continue
+        folder = os.path.join(str(init.save_dir), str(init.get("name") or ""),
+                              version if isinstance(version, str) else f"version_{version}")
+        if os.path.isdir(folder) and os.listdir(folder):
+            rank_zero_info(f"{folder} holds a run: this evaluation logs to the next free version of its name "
+                           f"(--trainer.logger.init_args.version picks one)")
+            init.version = None
 
 
 def drop_lr_monitor_without_logger(trainer: L.Trainer) -> None:
