@@ -69,7 +69,13 @@ def test_fit_writes_events_config_and_checkpoint_then_resumes_validates_tests_an
     config, events = (run / "config.yaml").read_bytes(), sorted(glob.glob(str(run / "events.out.tfevents.*")))
     main(["validate", "--config", str(run / "config.yaml"), "--ckpt_path", ckpt])
     assert (run / "config.yaml").read_bytes() == config and sorted(glob.glob(str(run / "events.*"))) == events
-    assert (tmp_path / "runs" / "tiny" / "version_1" / "config.yaml").exists()
+    evaluation = tmp_path / "runs" / "tiny" / "version_1"
+    assert (evaluation / "config.yaml").exists()
+    # ... filed under the checkpoint's step (Lightning's validate counts from 0), its TensorBoard points too
+    assert sorted(os.listdir(evaluation / "lengthgen")) == ["step_8.csv", "step_8.json"]
+    acc = EventAccumulator(str(evaluation))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("val/loss")] == [8] and [e.step for e in acc.Scalars("lengthgen/loss@1x")] == [8]
     main(["test", *tiny_args(tmp_path, corpus), "--ckpt_path", ckpt])
     cli = lightning_cli(["predict", *tiny_args(tmp_path, corpus), "--ckpt_path", ckpt, "--trainer.limit_predict_batches", "1"])
     out = cli.trainer.predict_loop.predictions

@@ -86,6 +86,7 @@ class MambaCLI(LightningCLI):
             typed = typed_options(self._argv)
             kept = tuple(k for k in ("lr", "replan_schedule", *SPEED_ONLY_SETTINGS) if f"model.{k}" in typed)
             step = check_resume(self.config[sub].ckpt_path, given, kept=kept)
+            self._ckpt_step = step
             lr = given.get("lr") if "lr" in kept else None
             typed_wins = {k: given[k] for k in kept if k != "lr"}  # lr: below, with its own line
         if sub == "fit" and step is not None:
@@ -143,15 +144,18 @@ class MambaCLI(LightningCLI):
 
     def before_validate(self) -> None:
         check_fresh_log_version(self.trainer, self.config["validate"])  # the CSVLogger would delete a run's metrics
+        at_checkpoint_step(self.trainer, getattr(self, "_ckpt_step", None))
 
     def before_test(self) -> None:
         check_fresh_log_version(self.trainer, self.config["test"])
+        at_checkpoint_step(self.trainer, getattr(self, "_ckpt_step", None))
 
     def before_predict(self) -> None:
         # LightningCLI drops what trainer.predict returns: without a writer of the user's, the per-token losses are
         # written to the run directory (training/predictions.py)
         if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
             self.trainer.callbacks.append(TokenLossWriter())
+        at_checkpoint_step(self.trainer, getattr(self, "_ckpt_step", None))
 
     def after_fit(self) -> None:
         if self.trainer.is_global_zero:
@@ -182,6 +186,20 @@ def follow_default_root_dir(config: Namespace, argv: list[str]) -> None:
         init = logger.get("init_args") if isinstance(logger, Namespace) else None
         if root is not None and isinstance(init, Namespace) and "save_dir" in init:
             init.save_dir = root
+
+
+def at_checkpoint_step(trainer: L.Trainer, step: int | None) -> None:
+    """validate / test / predict of a --ckpt_path: the trainer's step is the checkpoint's, so the forgetting records
+    (``lengthgen/step_<N>.json``, ``state_stats/...``), the TensorBoard points and the logged metrics say which step's
+    weights they measured. Lightning restores the step counters only in fit, so they read step 0 (a step-200
+    checkpoint's verdict was filed as ``step_0``). Only these two counters of the fit loop are set: the number of
+    optimizer steps (``trainer.global_step``) and the step the loggers use."""
+    if not step:
+        return
+    loop = trainer.fit_loop.epoch_loop
+    loop.automatic_optimization.optim_progress.optimizer.step.total.completed = step
+    loop.manual_optimization.optim_step_progress.total.completed = 0
+    loop._batches_that_stepped = step
 
 
 def evaluate_into_a_new_version(config: Namespace, argv: list[str]) -> None:
