@@ -65,8 +65,8 @@ def user_error(e: BaseException) -> BaseException | None:
         if isinstance(e, (UserError, MisconfigurationException)):
             return e
         if isinstance(e, ModuleNotFoundError) and str(e).startswith("Requirement "):
-            # Lightning's accelerators and strategies name the package they lack, e.g. tpu -> torch_xla
-            return ModuleNotFoundError(f"{e} (needed by the chosen trainer.accelerator / trainer.strategy)")
+            # Lightning's accelerators, strategies and precisions name the package they lack, e.g. tpu -> torch_xla
+            return ModuleNotFoundError(f"{e} (needed by the chosen trainer.accelerator, trainer.strategy or trainer.precision)")
         seen.add(id(e))
         e = e.__cause__ or e.__context__
     return None

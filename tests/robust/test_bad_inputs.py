@@ -98,6 +98,9 @@ CASES = [  # (id, arguments after `fit --config CONFIG`, fragment of the message
     ("trainer-choice", ["--trainer.precision", "13"], "trainer.precision"),
     ("trainer-range", ["--trainer.max_steps", "-5"], "max_steps` must be a non-negative integer or -1"),
     ("accelerator-missing-package", ["--trainer.accelerator", "tpu"], "needed by the chosen trainer.accelerator"),
+    ("precision-missing-package", ["--trainer.precision", "transformer-engine"],
+     "transformer_engine>=0.11.0' not met. HINT: Try running `pip install -U 'transformer_engine>=0.11.0'` (needed by "
+     "the chosen trainer.accelerator, trainer.strategy or trainer.precision)"),
     ("accelerator-unknown", ["--trainer.accelerator", "banana"],
      "trainer.accelerator='banana' is unknown: use one of auto, gpu, cpu"),
     ("strategy-unknown", ["--trainer.strategy", "banana"], "trainer.strategy='banana' is unknown: use one of auto"),
