@@ -376,8 +376,23 @@ class MambaLitModule(L.LightningModule):
             else:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
             self.log_step("train/grad_norm", grad_norm)
-        elif gradient_clip_val:
+            return
+        if root is None:  # (under FSDP a rank's own norm is its shard's: the root's clip above gives the global one)
+            self._log_unclipped_grad_norm()
+        if gradient_clip_val:
             torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
+
+    def _log_unclipped_grad_norm(self) -> None:
+        """Without norm clipping (trainer.gradient_clip_val 0 or null, or gradient_clip_algorithm value) the gradient
+        norm is still logged as train/grad_norm (before a value clip): the NaN guard's, else computed at the logging
+        steps only. It used to vanish from TensorBoard and callback_metrics when clipping was turned off."""
+        offered, self._offered_grad_norm = self._offered_grad_norm, None
+        if offered is not None and offered[0] == self.trainer.global_step:
+            self.log_step("train/grad_norm", offered[1])
+        elif self.trainer._logger_connector.should_update_logs:
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            if grads:
+                self.log_step("train/grad_norm", torch.nn.utils.get_total_norm(grads))
 
     # ---- throughput --------------------------------------------------------------------
     @property

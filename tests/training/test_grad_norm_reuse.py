@@ -57,3 +57,34 @@ def test_a_norm_offered_for_another_step_is_not_used(tmp_path, corpus, monkeypat
 
     _, _, clips = train(tmp_path, corpus, [OfferStale()], monkeypatch)
     assert clips == 5
+
+
+@pytest.mark.parametrize("clip", [{"gradient_clip_val": 0}, {"gradient_clip_val": None},
+                                  {"gradient_clip_val": 1e-3, "gradient_clip_algorithm": "value"}],
+                         ids=["clip-0", "clip-null", "clip-by-value"])
+@pytest.mark.parametrize("guarded", [False, True], ids=["no-guard", "guard"])
+def test_the_gradient_norm_is_logged_without_norm_clipping(tmp_path, corpus, clip, guarded):
+    """train/grad_norm is the gradients' norm (before a value clip) whether or not norm clipping is on: turning the
+    clip off used to take the curve out of TensorBoard and callback_metrics."""
+    class Norms(L.Callback):
+        def __init__(self):
+            self.logged, self.true = [], []
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            self.true.append(float(torch.nn.utils.get_total_norm(grads)))
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.logged.append(float(trainer.callback_metrics["train/grad_norm"]))
+
+    torch.manual_seed(0)
+    module = MambaLitModule(d_model=32, n_layer=2, d_state=16, headdim=16, chunk_size=32, vocab_size=257,
+                            backend="torch", warmup_steps=1)
+    norms = Norms()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        log_every_n_steps=1, callbacks=[*([NanGuard()] if guarded else []), norms], **clip)
+    data = TextDataModule(source=corpus, tokenizer="byte", seq_len=32, batch_size=4, val_fraction=0.2,
+                          cache_dir=str(tmp_path / "cache"))
+    trainer.fit(module, datamodule=data)
+    assert norms.logged == pytest.approx(norms.true, rel=1e-6) and len(norms.logged) == 3
