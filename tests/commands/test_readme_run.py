@@ -39,6 +39,24 @@ def test_the_run_writes_what_the_readme_lists(tmp_path, corpus):
         assert glob.glob(str(run / pattern)), f"README lists {RUN}/{name}, the run wrote no {pattern}"
     assert f"last checkpoint: {RUN}/checkpoints/last.ckpt" in text
 
+    # every length-generalization scalar the run shows in TensorBoard is one "Watching forgetting" names
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    written = {t for t in acc.Tags()["scalars"] if t.startswith("lengthgen/")}
+    watching = text[text.index("## Watching forgetting"):text.index("\n## ", text.index("## Watching forgetting"))]
+    named = [tag_pattern(t) for t in re.findall(r"`(lengthgen/[^`]+)`", watching)]
+    assert written and not [t for t in written if not any(p.fullmatch(t) for p in named)]
+
+
+def tag_pattern(name: str) -> re.Pattern:
+    """A tag as the README writes it, ``lengthgen/loss@{1,2,...}x`` or ``lengthgen/ratio_far{,_lo,_hi}``, as a regex."""
+    parts = re.split(r"(\{[^}]*\})", name)
+    return re.compile("".join(
+        ("[^/]+" if "..." in p else "(" + "|".join(map(re.escape, p[1:-1].split(","))) + ")") if p.startswith("{")
+        else re.escape(p) for p in parts))
+
 
 def test_data_help_lists_the_data_options(capsys):
     assert "lightning-mamba fit --data.help TextDataModule" in readme()
