@@ -29,7 +29,7 @@ PRECISION = $(if $(filter 1,$(HAS_GPU)),bf16-mixed,32-true)
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
-	@echo "  Knobs: STATE=$(strip $(STATE)) LEN=$(strip $(LEN)) STEPS=$(strip $(STEPS)) TOKENS_PER_BATCH=$(strip $(TOKENS_PER_BATCH)) NAME=... ARGS='...'"
+	@echo "  Knobs: STATE=$(strip $(STATE)) LEN=$(strip $(LEN)) STEPS=$(strip $(STEPS)) TOKENS_PER_BATCH=$(strip $(TOKENS_PER_BATCH)) CONFIG=$(strip $(CONFIG)) NAME=... ARGS='...'"
 
 venv: $(STAMP) ## Create .venv and install the project (re-runs when pyproject.toml changes)
 
