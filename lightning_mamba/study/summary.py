@@ -419,5 +419,5 @@ def summary_lines(summary: dict) -> list[str]:
     lines += onset_lines(summary.get("onset") or {"cells": {}, "t_forget_by_step": {}})
     lines += [f"note: {n}" for n in summary["notes"]]
     lines.append(f"written to {summary['out']} (results.csv, summary.json, *.png, summary/; per cell "
-                 "cells/<cell>/along_training.png, decays.csv)")
+                 "cells/<cell>/along_training.png, decays.csv where their records exist)")
     return lines
