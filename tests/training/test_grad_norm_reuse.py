@@ -18,22 +18,28 @@ class RecordGradNorm(L.Callback):
         self.norms.append(float(trainer.callback_metrics["train/grad_norm"]))
 
 
+def fit_tiny(tmp_path, corpus, callbacks, max_steps, **trainer_args) -> MambaLitModule:
+    """A 2-layer byte-level model fitted for ``max_steps`` on the CPU, the norm logged at every step."""
+    torch.manual_seed(0)
+    module = MambaLitModule(d_model=32, n_layer=2, d_state=16, headdim=16, chunk_size=32, vocab_size=257,
+                            backend="torch", warmup_steps=1)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        log_every_n_steps=1, callbacks=callbacks, **trainer_args)
+    data = TextDataModule(source=corpus, tokenizer="byte", seq_len=32, batch_size=4, val_fraction=0.2,
+                          cache_dir=str(tmp_path / "cache"))
+    trainer.fit(module, datamodule=data)
+    return module
+
+
 def train(tmp_path, corpus, callbacks, monkeypatch) -> tuple[dict, list, int]:
     """5 clipped steps (the clip is active: max norm 0.05); returns the weights, the logged norms and how many times
     clip_grad_norm_ (the clip that computes its own norm) ran."""
     calls = []
     clip = torch.nn.utils.clip_grad_norm_
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: calls.append(1) or clip(*a, **k))
-    torch.manual_seed(0)
-    module = MambaLitModule(d_model=32, n_layer=2, d_state=16, headdim=16, chunk_size=32, vocab_size=257,
-                            backend="torch", warmup_steps=1)
     record = RecordGradNorm()
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=5, limit_val_batches=0, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        gradient_clip_val=0.05, log_every_n_steps=1, callbacks=[*callbacks, record])
-    data = TextDataModule(source=corpus, tokenizer="byte", seq_len=32, batch_size=4, val_fraction=0.2,
-                          cache_dir=str(tmp_path / "cache"))
-    trainer.fit(module, datamodule=data)
+    module = fit_tiny(tmp_path, corpus, [*callbacks, record], 5, gradient_clip_val=0.05)
     return {k: v.clone() for k, v in module.state_dict().items()}, record.norms, len(calls)
 
 
@@ -77,14 +83,6 @@ def test_the_gradient_norm_is_logged_without_norm_clipping(tmp_path, corpus, cli
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.logged.append(float(trainer.callback_metrics["train/grad_norm"]))
 
-    torch.manual_seed(0)
-    module = MambaLitModule(d_model=32, n_layer=2, d_state=16, headdim=16, chunk_size=32, vocab_size=257,
-                            backend="torch", warmup_steps=1)
     norms = Norms()
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, limit_val_batches=0, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        log_every_n_steps=1, callbacks=[*([NanGuard()] if guarded else []), norms], **clip)
-    data = TextDataModule(source=corpus, tokenizer="byte", seq_len=32, batch_size=4, val_fraction=0.2,
-                          cache_dir=str(tmp_path / "cache"))
-    trainer.fit(module, datamodule=data)
+    fit_tiny(tmp_path, corpus, [*([NanGuard()] if guarded else []), norms], 3, **clip)
     assert norms.logged == pytest.approx(norms.true, rel=1e-6) and len(norms.logged) == 3
