@@ -56,7 +56,8 @@ class Study:
             LengthGeneralizationCallback(s) (their min_length), along training. At a small LEN, 64 x LEN is short and a
             slow rise crosses the 2x line only further out. null: no floor (the callbacks keep the base config's).
         eval_n_rows: Held-out rows (prompts) averaged; the paper used 128.
-        bucket: Positions per bucket of the criterion's curve; null: LEN // 8 (at least 16).
+        bucket: Positions per bucket of the criterion's curve, at most half the smallest LEN; null: LEN // 8
+            (at least 16, at most LEN // 2).
         threshold: The paper's criterion: fails if a bucket exceeds threshold x the max within LEN.
         passkey: Also score passkey retrieval (lengths passkey_multiples x LEN) for T_recall.
         passkey_multiples: Passkey prompt lengths in units of LEN.
@@ -151,8 +152,10 @@ class Study:
               f"eval_min_tokens must be a positive number of tokens, e.g. 32768, or null (got {self.eval_min_tokens!r})")
         check(self.eval_length(max(self.lens)) > max(self.lens), "the evaluation must go past LEN: use "
               f"eval_multiple >= 2 or eval_tokens > {max(self.lens)}")
-        check(self.bucket is None or 1 <= self.bucket <= min(self.lens), f"bucket={self.bucket} must be between 1 and "
-              f"the smallest LEN ({min(self.lens)})")
+        # the criterion leaves the first bucket out, so a judged bucket must end within LEN: 2 x bucket <= LEN
+        check(self.bucket is None or 1 <= self.bucket <= min(self.lens) // 2, f"bucket={self.bucket} must be between "
+              f"1 and half the smallest LEN ({min(self.lens) // 2}): the criterion leaves the first bucket out and needs "
+              f"another one ending within LEN for its reference")
         problem = threshold_problem(self.threshold)
         check(problem is None, f"threshold {problem}")
         check(self.passkey_template is None or os.path.isfile(self.passkey_template), f"passkey_template "
