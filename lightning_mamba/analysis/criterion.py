@@ -24,6 +24,15 @@ def threshold_problem(threshold: float) -> str | None:
             f"the largest loss within T_train (the paper's is 2)")
 
 
+def bucket_problem(bucket: int, seq_len: int) -> str | None:
+    """Why ``bucket`` cannot be the criterion's bucket at T_train ``seq_len`` (None when it can): the first bucket is
+    left out, so the reference needs a second one ending within T_train."""
+    if type(bucket) is int and 1 <= bucket <= seq_len // 2:
+        return None
+    return (f"must be a whole number between 1 and half the training length, {seq_len // 2} (got {bucket}): the "
+            f"criterion leaves the first bucket out, and its reference needs another one ending within {seq_len}")
+
+
 @dataclass
 class ForgettingVerdict:
     # True: no judged bucket exceeds threshold x max_in_window (passes, "learned to forget"); False: one does;

@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ..analysis import plots
-from ..analysis.criterion import threshold_problem, verdict_text, verdict_word
+from ..analysis.criterion import bucket_problem, threshold_problem, verdict_text, verdict_word
 from ..analysis.evaluator import eval_rows, write_position_losses_csv
 from ..analysis.forgetting import (
     DEFAULT_EVAL_ROWS,
@@ -23,6 +23,7 @@ from ..analysis.forgetting import (
     multiples_up_to,
 )
 from ..atomic import atomic_write_json
+from ..models.config import ConfigError
 from ..training.sharding import fsdp_root, unsharded_copy
 from ..training.validation import validation_due
 
@@ -255,6 +256,12 @@ class LengthGeneralizationCallback(PeriodicAnalysis):
         self.min_length = min_length
         self.last_result: dict | None = None  # {"step", "verdict"} of this run's latest evaluation (the fit summary)
         self._noted = False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # a bucket the criterion cannot use would stop the run at its first evaluation, after training to it
+        T = getattr(getattr(trainer.datamodule, "hparams", None), "seq_len", None)
+        if self.bucket is not None and T and (problem := bucket_problem(self.bucket, int(T))):
+            raise ConfigError(f"LengthGeneralizationCallback's bucket {problem} (data.seq_len)")
 
     def eval_length(self, T: int) -> int:
         """max(multiples) x T_train, at least ``min_length``, at most ``max_eval_tokens``."""

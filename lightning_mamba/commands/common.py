@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from jsonargparse import ArgumentParser
 
-from ..analysis.criterion import threshold_problem
+from ..analysis.criterion import bucket_problem, threshold_problem
 from ..analysis.evaluator import eval_rows, resolve_dtype
 from ..analysis.forgetting import DEFAULT_EVAL_ROWS, DEFAULT_MAX_MULTIPLE
 from ..errors import UserError
@@ -234,6 +234,8 @@ def load_inputs(args, check_length: Callable[[int, int], None]) -> Inputs:
         raise CommandError("the checkpoint does not record its training length: pass --seq_len T_train "
                            "(8192 for the official Mamba-2 checkpoints)")
     T = int(T)
+    if args.bucket is not None and (problem := bucket_problem(args.bucket, T)):
+        raise CommandError(f"--bucket {problem}")
     length = args.length or DEFAULT_MAX_MULTIPLE * T
     check_length(length, T)
     tokenizer = open_tokenizer(args, meta, model)

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..analysis.criterion import threshold_problem, verdict_word
+from ..analysis.criterion import bucket_problem, threshold_problem, verdict_word
 from ..analysis.forgetting import DEFAULT_EVAL_ROWS, DEFAULT_MAX_MULTIPLE
 from ..atomic import atomic_write_json
 from ..errors import UserError
@@ -152,10 +152,8 @@ class Study:
               f"eval_min_tokens must be a positive number of tokens, e.g. 32768, or null (got {self.eval_min_tokens!r})")
         check(self.eval_length(max(self.lens)) > max(self.lens), "the evaluation must go past LEN: use "
               f"eval_multiple >= 2 or eval_tokens > {max(self.lens)}")
-        # the criterion leaves the first bucket out, so a judged bucket must end within LEN: 2 x bucket <= LEN
-        check(self.bucket is None or 1 <= self.bucket <= min(self.lens) // 2, f"bucket={self.bucket} must be between "
-              f"1 and half the smallest LEN ({min(self.lens) // 2}): the criterion leaves the first bucket out and needs "
-              f"another one ending within LEN for its reference")
+        problem = None if self.bucket is None else bucket_problem(self.bucket, min(self.lens))
+        check(problem is None, f"bucket {problem} (the smallest LEN)")
         problem = threshold_problem(self.threshold)
         check(problem is None, f"threshold {problem}")
         check(self.passkey_template is None or os.path.isfile(self.passkey_template), f"passkey_template "

@@ -83,3 +83,20 @@ def test_default_bucket_leaves_a_judged_bucket_within_train_length():
     from lightning_mamba.analysis import default_bucket
 
     assert [default_bucket(t) for t in (4096, 512, 128, 32, 16, 8, 2, 1)] == [512, 64, 16, 16, 8, 4, 1, 1]
+
+
+@pytest.mark.parametrize("bucket,seq_len,ok", [(1, 2, True), (16, 32, True), (17, 32, False), (0, 32, False),
+                                               (32, 32, False), (1, 1, False), (8.0, 32, False), (-4, 32, False)])
+def test_bucket_problem_asks_for_a_judged_bucket_within_the_training_length(bucket, seq_len, ok):
+    """The first bucket is not judged, so the reference needs a second bucket ending within T_train: 2 x bucket <=
+    T_train; and a bucket is a whole number of positions."""
+    from lightning_mamba.analysis.criterion import bucket_problem
+
+    problem = bucket_problem(bucket, seq_len)
+    assert (problem is None) == ok
+    if not ok:
+        assert problem.startswith(f"must be a whole number between 1 and half the training length, {seq_len // 2} "
+                                  f"(got {bucket})")
+        if seq_len >= 2 and type(bucket) is int and 1 <= bucket <= seq_len:
+            with pytest.raises(ValueError, match="no bucket but the first ends within"):  # what judge_forgetting says
+                judge_forgetting(np.arange(1, 5) * bucket, np.ones(4), seq_len, bucket=bucket)

@@ -155,3 +155,28 @@ def test_a_threshold_that_cannot_judge_is_refused(threshold):
     with pytest.raises(ValueError, match=r"threshold must be in \[0, 1\) \(got "):
         PasskeyEvalCallback(threshold=bad_recall)
     PasskeyEvalCallback(threshold=0.0)
+
+
+def test_a_bucket_the_criterion_cannot_use_stops_the_fit_before_training(tmp_path):
+    """A bucket above half of data.seq_len (the criterion leaves the first bucket out, so its reference needs a
+    second one within T_train) is refused at setup, in one line naming the setting, before any step trains (it used
+    to fail at the first evaluation); half of seq_len is accepted."""
+    from lightning_mamba.models.config import ConfigError
+
+    steps = []
+
+    class CountSteps(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            steps.append(trainer.global_step)
+
+    module = MambaLitModule(d_model=32, n_layer=2, d_state=16, headdim=16, chunk_size=32, vocab_size=257,
+                            backend="torch", warmup_steps=1)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with pytest.raises(ConfigError, match=r"^LengthGeneralizationCallback's bucket must be a whole number between 1 "
+                                          r"and half the training length, 16 \(got 17\).*\(data.seq_len\)$"):
+        fit_observed(tmp_path / "a", module, [LengthGeneralizationCallback(bucket=17, n_rows=1), CountSteps()], 2, 0)
+    assert steps == []
+    trainer, _ = fit_observed(tmp_path / "b", module, [LengthGeneralizationCallback(bucket=16, n_rows=1,
+                                                                                   multiples=[1, 2, 4])], 2, 0)
+    assert (tmp_path / "b" / "run" / "version_0" / "lengthgen" / "step_2.json").is_file()

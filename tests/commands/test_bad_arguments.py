@@ -93,3 +93,20 @@ def test_analyze_refuses_a_text_without_text(checkpoint, tmp_path, capsys, conte
     assert line == (f"--text {text} holds no text (only whitespace or nothing): give a file, or a directory of "
                     ".txt/.md/.text files, with held-out text")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["analyze", "mitigate"])
+def test_a_bucket_the_criterion_cannot_use_is_refused_before_the_loss_pass(checkpoint, tmp_path, capsys, monkeypatch,
+                                                                         command):
+    """--bucket above half of T_train (the criterion leaves the first bucket out, so its reference needs a second one
+    ending within T_train): one line once T_train is known, before the model is run on the held-out rows."""
+    path, text = checkpoint
+    runs = []
+    for module, name in ((analyze, "measure_forgetting"), (mitigate, "compare_mitigations")):  # watched, not replaced
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _name=name, _real=real, **k: runs.append(_name) or _real(*a, **k))
+    line = error_line(capsys, command, ["--ckpt", str(path), "--seq_len", "16", "--length", "64", "--bucket", "9",
+                                        "--text", str(text), "--out", str(tmp_path / "out")])
+    assert line == ("--bucket must be a whole number between 1 and half the training length, 8 (got 9): the criterion "
+                    "leaves the first bucket out, and its reference needs another one ending within 16")
+    assert runs == []

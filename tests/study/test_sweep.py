@@ -93,8 +93,9 @@ def test_cell_args_give_every_cell_the_same_tokens_per_step():
     ({"trainer_overrides": {"max_steps": 5}}, "trainer_overrides.max_steps"),
     ({"model_overrides": {"d_state": 8}}, "conflicts with states"),
     ({"bucket": 4096}, "bucket"),
-    ({"bucket": 128}, "half the smallest LEN"),  # the criterion would refuse it after training: no judged bucket in LEN
-    ({"bucket": 65}, "half the smallest LEN"),
+    # the criterion would refuse these after training: no judged bucket within LEN
+    ({"bucket": 128}, "half the training length, 64 .* within 128 \\(the smallest LEN\\)"),
+    ({"bucket": 65}, "half the training length, 64 \\(got 65\\)"),
     ({"eval_multiple": 1}, "must go past LEN"),
     ({"models": [{"n_layer": 2}, {"n_layer": 2}]}, "share a name"),
     ({"time_per_cell": "1h"}, "time_per_cell must be DD:HH:MM:SS"),
