@@ -135,6 +135,9 @@ class MambaConfig:
             raise ConfigError("d_intermediate must be 0 (MLP blocks are not implemented; pure Mamba-2 stacks only)")
         if self.attn_layer_idx:
             raise ConfigError("attn_layer_idx must be empty (hybrid attention layers are not implemented)")
+        if self.rms_norm is not True:
+            raise ConfigError(f"rms_norm must be true (got {self.rms_norm!r}): with rms_norm=false the official model "
+                              "uses LayerNorm blocks, which are not implemented (RMSNorm only)")
         sizes = {name: getattr(self, name) for name in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple")}
         sizes.update({name: m[name] for name in ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size",
                                                   "quadratic_max_len")})

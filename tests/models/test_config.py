@@ -198,3 +198,10 @@ def test_matmul_params_are_the_built_models(ssm):
     model = MambaLM(cfg)
     proj = sum(p.numel() for n, p in model.named_parameters() if n.endswith("proj.weight"))
     assert matmul_params(cfg) == proj + model.lm_head.weight.numel()
+
+
+def test_rms_norm_false_is_refused_not_built_as_rmsnorm():
+    # official MambaConfig(rms_norm=False) builds LayerNorm blocks (weight and bias); building RMSNorm instead gave a
+    # model that its own config.json describes wrongly (official from_pretrained then fails on the missing biases)
+    with pytest.raises(ConfigError, match="rms_norm must be true"):
+        MambaConfig(d_model=64, n_layer=1, vocab_size=16, rms_norm=False)
