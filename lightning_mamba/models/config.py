@@ -69,7 +69,9 @@ SPEED_ONLY_SETTINGS = ("chunk_size", "quadratic_max_len", "save_chunk_states", "
 # This project's mixer settings that the official Mamba2 does not take: left out of an official config.json.
 PROJECT_MIXER_KEYS = ("quadratic_max_len", "save_chunk_states", "recompute_norm_output")
 
-# Official keys that only concern fused kernels; accepted and ignored.
+# Official keys accepted and ignored: fused kernels and parallelism (use_mem_eff_path, sequence_parallel), init only
+# (conv_init), Mamba2Simple's (learnable_init_states, activation); d_ssm and D_has_hdim change the weights away from
+# their defaults, so MambaConfig.validate refuses other values.
 IGNORED_MIXER_KEYS = {"layer", "use_mem_eff_path", "D_has_hdim", "d_ssm", "sequence_parallel", "conv_init", "learnable_init_states", "activation"}
 
 
@@ -161,6 +163,16 @@ class MambaConfig:
                 f"headdim={m['headdim']} must divide d_inner = expand*d_model = {self.d_inner}: pick a headdim such as "
                 f"{_divisor_hint(self.d_inner)}"
             )
+        # official Mamba2 settings that are otherwise ignored (IGNORED_MIXER_KEYS) but change the weights away from
+        # their defaults: refused there, so a model never differs from what its config.json says
+        d_ssm = self.ssm_cfg.get("d_ssm")
+        if d_ssm is not None and d_ssm != self.d_inner:
+            raise ConfigError(f"ssm_cfg.d_ssm={d_ssm!r} is not supported: the SSM runs on all d_inner = expand*d_model "
+                              f"= {self.d_inner} channels (official Mamba2 puts a gated MLP on the rest, not "
+                              "implemented); leave d_ssm out")
+        if self.ssm_cfg.get("D_has_hdim", False) is not False:
+            raise ConfigError(f"ssm_cfg.D_has_hdim={self.ssm_cfg['D_has_hdim']!r} is not supported: D has one value "
+                              "per head (the official default, false)")
         if self.nheads % m["ngroups"]:
             raise ConfigError(f"ngroups={m['ngroups']} must divide the number of heads ({self.nheads})")
         if not 0 < m["dt_min"] <= m["dt_max"]:

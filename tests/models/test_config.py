@@ -205,3 +205,19 @@ def test_rms_norm_false_is_refused_not_built_as_rmsnorm():
     # model that its own config.json describes wrongly (official from_pretrained then fails on the missing biases)
     with pytest.raises(ConfigError, match="rms_norm must be true"):
         MambaConfig(d_model=64, n_layer=1, vocab_size=16, rms_norm=False)
+
+
+@pytest.mark.parametrize("ssm_cfg,fragment", [({"D_has_hdim": True}, "D_has_hdim"), ({"d_ssm": 64}, "d_ssm=64")])
+def test_official_mixer_settings_that_change_the_weights_are_refused(ssm_cfg, fragment):
+    # official Mamba2 gives D one value per channel with D_has_hdim, and with d_ssm < d_inner a gated MLP beside the
+    # SSM: other weights than ours. These were dropped, so the model did not match its own config.json.
+    with pytest.raises(ConfigError, match=fragment):
+        MambaConfig(d_model=64, n_layer=1, vocab_size=16, ssm_cfg={"layer": "Mamba2", "headdim": 16, **ssm_cfg})
+
+
+def test_official_mixer_settings_spelled_out_at_their_defaults_are_accepted():
+    cfg = MambaConfig(d_model=64, n_layer=1, vocab_size=16,
+                      ssm_cfg={"layer": "Mamba2", "headdim": 16, "D_has_hdim": False, "d_ssm": 128})
+    assert MambaLM(cfg).backbone.layers[0].mixer.D.shape == (8,)
+    cfg = MambaConfig(d_model=64, n_layer=1, vocab_size=16, ssm_cfg={"layer": "Mamba2", "headdim": 16, "d_ssm": None})
+    assert MambaLM(cfg).backbone.layers[0].mixer.d_inner == 128
