@@ -18,6 +18,7 @@ class SSMConfig:
 
     d_state: int = 128
     d_conv: int = 4
+    conv_init: float | None = None  # the conv weights' init: U(-conv_init, conv_init), or nn.Conv1d's default when None
     expand: int = 2
     headdim: int = 64
     ngroups: int = 1
@@ -69,10 +70,10 @@ SPEED_ONLY_SETTINGS = ("chunk_size", "quadratic_max_len", "save_chunk_states", "
 # This project's mixer settings that the official Mamba2 does not take: left out of an official config.json.
 PROJECT_MIXER_KEYS = ("quadratic_max_len", "save_chunk_states", "recompute_norm_output")
 
-# Official keys accepted and ignored: fused kernels and parallelism (use_mem_eff_path, sequence_parallel), init only
-# (conv_init), Mamba2Simple's (learnable_init_states, activation); d_ssm and D_has_hdim change the weights away from
-# their defaults, so MambaConfig.validate refuses other values.
-IGNORED_MIXER_KEYS = {"layer", "use_mem_eff_path", "D_has_hdim", "d_ssm", "sequence_parallel", "conv_init", "learnable_init_states", "activation"}
+# Official keys accepted and ignored: fused kernels and parallelism (use_mem_eff_path, sequence_parallel), Mamba2Simple's
+# (learnable_init_states, activation); d_ssm and D_has_hdim change the weights away from their defaults, so
+# MambaConfig.validate refuses other values.
+IGNORED_MIXER_KEYS = {"layer", "use_mem_eff_path", "D_has_hdim", "d_ssm", "sequence_parallel", "learnable_init_states", "activation"}
 
 
 class ConfigError(UserError, ValueError):
@@ -152,6 +153,11 @@ class MambaConfig:
             values = m[name] if isinstance(m[name], (list, tuple)) else [m[name]]
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
                 raise ConfigError(f"{name} must be numbers (got {m[name]!r})")
+        conv_init = m["conv_init"]
+        if conv_init is not None and not (isinstance(conv_init, (int, float)) and not isinstance(conv_init, bool)
+                                          and conv_init > 0):
+            raise ConfigError(f"conv_init must be a positive number or null (got {conv_init!r}): the conv weights' "
+                              "init is U(-conv_init, conv_init), or nn.Conv1d's default when null")
         for name in ("save_chunk_states", "recompute_norm_output"):
             if not isinstance(m[name], bool):
                 raise ConfigError(f"{name} must be true or false (got {m[name]!r})")

@@ -44,6 +44,7 @@ class Mamba2(nn.Module):
         quadratic_max_len: int = SSM_DEFAULTS.quadratic_max_len,
         save_chunk_states: bool = SSM_DEFAULTS.save_chunk_states,
         recompute_norm_output: bool = SSM_DEFAULTS.recompute_norm_output,
+        conv_init: float | None = SSM_DEFAULTS.conv_init,
         layer_idx: int | None = None,
         backend: str = "auto",
     ):
@@ -72,6 +73,8 @@ class Mamba2(nn.Module):
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * ngroups * d_state + self.nheads, bias=bias)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv - 1, bias=conv_bias)
+        if conv_init is not None:  # official Mamba2's option; else nn.Conv1d's default init
+            nn.init.uniform_(self.conv1d.weight, -conv_init, conv_init)
 
         dt = torch.exp(torch.rand(self.nheads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
         dt = torch.clamp(dt, min=dt_init_floor)

@@ -153,7 +153,7 @@ def test_shape_fields_are_config_fields():
 # a valid other value of every mixer setting outside SSM_SHAPE_FIELDS (rmsnorm, norm_before_gate: fixed by validate)
 OTHER_VALUES = {"A_init_range": (2.0, 3.0), "dt_min": 0.01, "dt_max": 0.05, "dt_init_floor": 1e-3,
                 "dt_limit": (0.0, 1.0), "chunk_size": 8, "quadratic_max_len": 64, "save_chunk_states": True,
-                "recompute_norm_output": True}
+                "recompute_norm_output": True, "conv_init": 0.05}
 
 
 def test_settings_outside_the_shape_lists_change_no_weight():
@@ -221,3 +221,15 @@ def test_official_mixer_settings_spelled_out_at_their_defaults_are_accepted():
     assert MambaLM(cfg).backbone.layers[0].mixer.D.shape == (8,)
     cfg = MambaConfig(d_model=64, n_layer=1, vocab_size=16, ssm_cfg={"layer": "Mamba2", "headdim": 16, "d_ssm": None})
     assert MambaLM(cfg).backbone.layers[0].mixer.d_inner == 128
+
+
+def test_conv_init_sets_the_conv_weights_range_as_official_mamba2():
+    # official Mamba2(conv_init=c) draws the conv weights from U(-c, c); it was dropped (nn.Conv1d's bound 1/sqrt(d_conv))
+    ssm = {"layer": "Mamba2", "headdim": 16, "d_state": 16}
+    torch.manual_seed(0)
+    conv = MambaLM(MambaConfig(d_model=64, n_layer=1, vocab_size=16, ssm_cfg={**ssm, "conv_init": 0.01})).backbone.layers[0].mixer.conv1d
+    assert conv.weight.abs().max() <= 0.01 and conv.weight.abs().max() > 0.009
+    default = MambaLM(MambaConfig(d_model=64, n_layer=1, vocab_size=16, ssm_cfg={**ssm, "conv_init": None}))
+    assert default.backbone.layers[0].mixer.conv1d.weight.abs().max() > 0.1
+    with pytest.raises(ConfigError, match="conv_init must be a positive number"):
+        MambaConfig(d_model=64, n_layer=1, vocab_size=16, ssm_cfg={**ssm, "conv_init": "x"})
