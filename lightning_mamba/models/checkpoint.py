@@ -97,8 +97,14 @@ def save_pretrained(model: MambaLM, directory: str, tokenizer_spec: dict | None 
     os.makedirs(directory, exist_ok=True)
     paths = [os.path.join(directory, name) for name in (CONFIG, WEIGHTS)]
     atomic_write_json(paths[0], official_config(model.config), indent=2, allow_nan=False)
-    # Tied weights stay one shared tensor under two keys, as the official torch.save(state_dict()) has them.
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # Tied weights stay one shared tensor under two keys, as the official torch.save(state_dict()) has them (one
+    # copy to the CPU per storage: moving each key apart would store a CUDA model's tied embedding twice).
+    state, moved = {}, {}
+    for k, v in model.state_dict().items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()), v.dtype)
+        if key not in moved:
+            moved[key] = v.detach().cpu().contiguous()
+        state[k] = moved[key]
     atomic_write(paths[1], lambda f: torch.save(state, f))
     spec = tokenizer_spec
     if spec is not None and spec.get("kind") == "json" and "json" in spec:

@@ -77,6 +77,24 @@ def test_files_are_what_the_official_from_pretrained_reads(tmp_path):
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
 
+def test_a_device_models_tied_weights_are_stored_once(tmp_path, monkeypatch):
+    """Saved from a GPU, the tied embedding and lm_head are still one tensor under two keys in the file (moving each
+    key to the CPU apart gave two copies: a file with the embedding twice). Here Tensor.cpu copies, as it does from a
+    device (on CUDA the test runs for real)."""
+    model = tiny()
+    if torch.cuda.is_available():
+        model = model.cuda()
+    else:
+        monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: self.clone())
+    save_pretrained(model, str(tmp_path))
+    monkeypatch.undo()
+    state = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
+    head, embedding = state["lm_head.weight"], state["backbone.embedding.weight"]
+    assert head.device.type == "cpu" and head.untyped_storage().data_ptr() == embedding.untyped_storage().data_ptr()
+    loaded = load_pretrained(str(tmp_path), backend="torch")
+    torch.testing.assert_close(logits(loaded, IDS), logits(tiny(), IDS), rtol=0, atol=0)
+
+
 def test_project_scan_settings_stay_out_of_the_official_config(tmp_path):
     """Project-only settings (quadratic_max_len, save_chunk_states, recompute_norm_output): official mamba_ssm's Mamba2(**ssm_cfg) would
     refuse them, and they change no result."""
