@@ -90,7 +90,8 @@ class DecayDynamicsCallback(L.Callback):
     ``heads_alpha_T_bias_gt_{threshold}`` (a count), ``heads``; with the probe ``dt_mean_median``,
     ``alpha_T_median``, ``heads_alpha_T_gt_{threshold}``; histograms (TensorBoard) ``dynamics/log10_neg_A``,
     ``dynamics/log10_dt`` and ``dynamics/alpha_T``; and every layer's per-head values to
-    ``<log_dir>/dynamics/step_<n>.json``. Runs on rank 0 (under FSDP every rank gathers A_log and dt_bias, and
+    ``<log_dir>/dynamics/step_<n>.json``. A run resumed at a step whose file is there does not measure it again
+    (one point per step in TensorBoard). Runs on rank 0 (under FSDP every rank gathers A_log and dt_bias, and
     the probe is skipped).
 
     Args:
@@ -113,8 +114,20 @@ class DecayDynamicsCallback(L.Callback):
         self._last_step: int | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_step % self.every_n_steps == 0:
+        if trainer.global_step % self.every_n_steps == 0 and not self._recorded(trainer):
             self._run(trainer, pl_module)
+
+    def _recorded(self, trainer: L.Trainer) -> bool:
+        """Resumed at a step whose measurement this run directory already holds (the interrupted run made it from
+        the same weights): measuring again would log a second point at that step."""
+        if trainer.ckpt_path is None or trainer.global_step == 0:
+            return False
+        done = trainer.is_global_zero and os.path.exists(self.result_path(trainer, trainer.global_step))
+        return trainer.strategy.broadcast(done, src=0) if trainer.world_size > 1 else done
+
+    def result_path(self, trainer: L.Trainer, step: int) -> str:
+        log_dir = trainer.loggers[0].log_dir if trainer.loggers else None  # the logger's: no broadcast
+        return os.path.join(log_dir or trainer.default_root_dir, self.name, f"step_{step}.json")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         if trainer.global_step % self.every_n_steps == 0:
@@ -158,7 +171,5 @@ class DecayDynamicsCallback(L.Callback):
                                                                                    else "dt_bias_softplus")), step)
                 logger.experiment.add_histogram("dynamics/alpha_T", flat("alpha_T" if "alpha_T" in dyn
                                                                          else "alpha_T_bias"), step)
-        log_dir = trainer.loggers[0].log_dir if trainer.loggers else None  # the logger's: no broadcast
-        folder = os.path.join(log_dir or trainer.default_root_dir, self.name)
-        atomic_write_json(os.path.join(folder, f"step_{step}.json"),
+        atomic_write_json(self.result_path(trainer, step),
                           {"step": step, "threshold": self.threshold, "summary": metrics, **dyn})

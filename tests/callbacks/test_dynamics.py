@@ -1,12 +1,18 @@
 """DecayDynamicsCallback's measurements: A, dt and alpha_T per head, checked against hand-set parameters."""
 
 import math
+import os
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 
-from lightning_mamba.callbacks.dynamics import decay_dynamics, mixers, summarize
+from lightning_mamba.callbacks.dynamics import DecayDynamicsCallback, decay_dynamics, mixers, summarize
+from lightning_mamba.data import TextDataModule
+from lightning_mamba.training.module import MambaLitModule
 from tests.tiny import tiny_lm
 
 
@@ -49,3 +55,52 @@ def test_the_probe_measures_the_dt_the_model_uses():
     assert np.allclose(dyn["dt_mean"], dyn["dt_bias_softplus"], rtol=1e-6)
     assert np.allclose(dyn["alpha_T"], dyn["alpha_T_bias"], rtol=1e-6)
     assert dyn["probe_tokens"] == 64 and lm.training
+
+
+# ---- along training: one record per step, also across a resume ------------------------------------------------
+class CountingDynamics(DecayDynamicsCallback):
+    """Records the steps it measured."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.measured: list[int] = []
+
+    def _measure(self, trainer, model, T, step, rows):
+        self.measured.append(step)
+        super()._measure(trainer, model, T, step, rows)
+
+
+def fit_tiny(folder, max_steps: int, ckpt_path=None) -> tuple[CountingDynamics, str]:
+    corpus = folder / "corpus"
+    if not corpus.exists():
+        corpus.mkdir()
+        for d in range(8):
+            (corpus / f"doc{d}.txt").write_text("".join(f"{d} line {i}: the cat sat on the mat.\n" for i in range(30)))
+    torch.manual_seed(0)
+    module = MambaLitModule(d_model=32, n_layer=2, d_state=16, headdim=16, chunk_size=32, vocab_size=257,
+                            backend="torch", warmup_steps=1)
+    data = TextDataModule(source=str(corpus), tokenizer="byte", seq_len=32, batch_size=4, val_fraction=0.25,
+                          cache_dir=str(folder / "cache"))
+    dynamics = CountingDynamics(every_n_steps=2, histograms=False)
+    logger = CSVLogger(folder / "runs", name="tiny", version=0)  # the resumed run logs into the same directory
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, limit_val_batches=0, logger=logger,
+                        callbacks=[ModelCheckpoint(dirpath=folder / "ckpt", every_n_train_steps=2, save_last=True),
+                                   dynamics],
+                        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return dynamics, logger.log_dir
+
+
+def test_a_resume_does_not_measure_the_checkpoints_step_again(tmp_path):
+    first, log_dir = fit_tiny(tmp_path, 4)
+    assert first.measured == [0, 2, 4]
+    second, _ = fit_tiny(tmp_path, 6, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert second.measured == [6]  # step 4 was measured (from these weights) by the first run
+    assert sorted(os.listdir(os.path.join(log_dir, "dynamics"))) == [f"step_{s}.json" for s in (0, 2, 4, 6)]
+
+
+def test_a_resume_measures_the_checkpoints_step_when_its_record_is_missing(tmp_path):
+    _, log_dir = fit_tiny(tmp_path, 4)
+    os.remove(os.path.join(log_dir, "dynamics", "step_4.json"))  # killed before it was written
+    second, _ = fit_tiny(tmp_path, 6, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert second.measured == [4, 6]
