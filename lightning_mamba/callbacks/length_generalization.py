@@ -108,7 +108,7 @@ class PeriodicAnalysis(L.Callback):
         self._last_step = trainer.global_step
         if self._disabled:
             return
-        self._figures_due = final or self._runs % self.figures_every_n_runs == 0
+        self._figures_due = final or self._runs % self.figures_every_n_runs == 0 or last_step_of_fit(trainer)
         self._runs += 1
         self._published = {}
         self._analyze_on_rank_zero(trainer, pl_module)
@@ -187,6 +187,16 @@ class PeriodicAnalysis(L.Callback):
     def result_path(self, trainer: L.Trainer, step: int) -> str:
         """The file an analysis at ``step`` writes last (its presence says the analysis is complete)."""
         return os.path.join(self.out_dir(trainer, create=False), f"step_{step}.json")
+
+
+def last_step_of_fit(trainer: L.Trainer) -> bool:
+    """Whether training ends at this step (``max_steps`` reached, or the last batch of the last epoch): a validation
+    there is the end of fit's analysis, and on_fit_end does not run it again."""
+    if trainer.max_steps is not None and trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+        return True
+    epochs = trainer.max_epochs
+    return bool(epochs is not None and epochs > 0 and trainer.current_epoch + 1 >= epochs
+                and getattr(trainer, "is_last_batch", False))
 
 
 class LengthGeneralizationCallback(PeriodicAnalysis):
