@@ -52,7 +52,7 @@ from .packed import (
     split_documents,
 )
 from .sampler import RandomWindowSampler, ResumableSampler
-from .sources import load_documents, source_identity
+from .sources import HF_CACHE_SUBDIR, load_documents, source_identity
 from .streams import LaneSampler, TextLanes
 from .tokenization import MIN_BPE_VOCAB, Tokenizer, build_tokenizer, check_tokenizer_spec
 
@@ -89,7 +89,8 @@ class TextDataModule(L.LightningDataModule):
             Batches then carry ``state_reset`` (b,): True where a row starts afresh (each epoch start, and with
             reset_at_document_boundaries where a chunk starts a new document). Validation is unchanged.
         num_workers: DataLoader worker processes (0: load in the main process; samples are cheap slices).
-        cache_dir: Folder for the trained tokenizer and the token caches (safe to delete).
+        cache_dir: Folder for the trained tokenizer and the token caches (safe to delete). It may be, or lie in, a
+            local ``source`` folder: the files written there are never read as documents.
         seed: Seed of the train/val document split and of the training-sample shuffle.
         text_field: Field holding the text in .jsonl/.json/.parquet files and hub datasets.
         sampling: ``blocks``: an epoch is a seeded shuffle of the stream's fixed non-overlapping seq_len + 1 blocks.
@@ -199,7 +200,7 @@ class TextDataModule(L.LightningDataModule):
         h = self.hparams
         if self._code_settings is not None:
             return fingerprint(code_identity(self._code_settings))  # val_fraction and seed are in its settings
-        return fingerprint(source_identity(h.source, h.text_field), h.val_fraction, h.seed)
+        return fingerprint(source_identity(h.source, h.text_field, h.cache_dir), h.val_fraction, h.seed)
 
     @cached_property
     def stream_key(self) -> str:
@@ -221,8 +222,8 @@ class TextDataModule(L.LightningDataModule):
             local = os.path.exists(os.path.expanduser(h.source))
             if local:
                 check_cache_dir(h.cache_dir)  # a failed write of that Arrow copy is no fault of data.source
-            docs = load_documents(h.source, h.text_field,
-                                  hf_cache_dir=os.path.join(h.cache_dir, "hf_datasets") if local else None)
+            docs = load_documents(h.source, h.text_field, cache_dir=h.cache_dir,
+                                  hf_cache_dir=os.path.join(h.cache_dir, HF_CACHE_SUBDIR) if local else None)
             train, val = split_documents(len(docs), h.val_fraction, h.seed)
             self._documents = {"train": [docs[i] for i in train], "val": [docs[i] for i in val]}
         return self._documents

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import socket
 import warnings
 from urllib.parse import urlparse
@@ -29,6 +30,10 @@ from .errors import DataError
 # suffix -> HF datasets builder
 FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _COMPRESSED = (".gz",)
+# what the data module writes into data.cache_dir (token caches, their sidecars, the corpus manifest, trained BPEs, the
+# Arrow copy of local files): never documents, also where the source folder holds (or is) the cache folder
+_CACHE_FILE = re.compile(r"^(tokens-[0-9a-f]+-[a-z]+\.(npy|json)|tokenizer-bpe\d+-[0-9a-f]+\.json)$")
+HF_CACHE_SUBDIR = "hf_datasets"
 
 
 def file_format(path: str) -> str | None:
@@ -43,14 +48,18 @@ def looks_like_path(source: str) -> bool:
     return source.startswith(("/", ".", "~")) or source.count("/") > 1 or file_format(source) is not None
 
 
-def local_files(path: str) -> list[str]:
-    """The loadable files at ``path``: itself, or those under it (recursively, sorted, hidden ones skipped)."""
+def local_files(path: str, cache_dir: str | None = None) -> list[str]:
+    """The loadable files at ``path``: itself, or those under it (recursively, sorted, hidden ones skipped, and in
+    ``cache_dir`` the files the data module writes there)."""
     if os.path.isfile(path):
         return [path]  # named explicitly: loaded as text unless its suffix says otherwise
+    own = os.path.realpath(cache_dir) if cache_dir else None
     files = []
     for folder, dirs, names in os.walk(path):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        files += [os.path.join(folder, n) for n in sorted(names) if not n.startswith(".") and file_format(n)]
+        ours = own is not None and os.path.realpath(folder) == own
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (ours and d == HF_CACHE_SUBDIR))
+        files += [os.path.join(folder, n) for n in sorted(names)
+                  if not n.startswith(".") and file_format(n) and not (ours and _CACHE_FILE.match(n))]
     if not files:
         raise DataError(f"data.source {path}: no {'/'.join(FORMATS)} files in this directory")
     return files
@@ -74,12 +83,14 @@ def _quiet_datasets_errors():
         logger.setLevel(level)
 
 
-def load_local(path: str, text_field: str = "text", hf_cache_dir: str | None = None) -> list[str]:
-    """Documents from local files, grouped by format (text, json, parquet), files in sorted order."""
+def load_local(path: str, text_field: str = "text", hf_cache_dir: str | None = None,
+               cache_dir: str | None = None) -> list[str]:
+    """Documents from local files, grouped by format (text, json, parquet), files in sorted order (``cache_dir``'s
+    own files left out)."""
     import datasets
 
     groups: dict[str, list[str]] = {}
-    for f in local_files(path):
+    for f in local_files(path, cache_dir):
         groups.setdefault(file_format(f) or "text", []).append(f)
     documents = []
     for builder in ("text", "json", "parquet"):
@@ -172,17 +183,19 @@ def load_hub(source: str, text_field: str = "text") -> list[str]:
     return _texts(dataset, text_field, f"hub dataset '{source}'")
 
 
-def load_documents(source: str, text_field: str = "text", hf_cache_dir: str | None = None) -> list[str]:
+def load_documents(source: str, text_field: str = "text", hf_cache_dir: str | None = None,
+                   cache_dir: str | None = None) -> list[str]:
     """The documents of ``source`` (see the module docstring), in a deterministic order, empty ones dropped.
 
-    ``hf_cache_dir`` is where ``datasets`` keeps its Arrow copy of local files (None: its default)."""
+    ``hf_cache_dir`` is where ``datasets`` keeps its Arrow copy of local files (None: its default); the files the
+    data module writes into ``cache_dir`` (data.cache_dir) are never documents, if the source folder holds it."""
     if source == "default":
         documents = default_corpus_documents()
     elif source == CODE_SOURCE:
         corpus = load_code_corpus(CodeSettings())
         documents = corpus.documents["train"] + corpus.documents["val"]
     elif os.path.exists(os.path.expanduser(source)):
-        documents = load_local(os.path.expanduser(source), text_field, hf_cache_dir)
+        documents = load_local(os.path.expanduser(source), text_field, hf_cache_dir, cache_dir)
     elif looks_like_path(source):
         raise DataError(f"data.source {source} does not exist: give an existing file or directory, "
                         f"'default', or a hub dataset name")
@@ -193,15 +206,16 @@ def load_documents(source: str, text_field: str = "text", hf_cache_dir: str | No
     return documents
 
 
-def source_identity(source: str, text_field: str = "text") -> dict:
+def source_identity(source: str, text_field: str = "text", cache_dir: str | None = None) -> dict:
     """What the documents depend on, for cache fingerprints: package versions for the embedded corpus,
-    each file's path, size and modification time for local data, the name for hub data."""
+    each file's path, size and modification time for local data (``cache_dir``'s own files left out, as in
+    :func:`load_documents`), the name for hub data."""
     if source == "default":
         return default_corpus_identity()
     if source == CODE_SOURCE:
         return code_identity(CodeSettings())
     path = os.path.expanduser(source)
     if os.path.exists(path):
-        stats = [(os.path.abspath(f), os.stat(f)) for f in local_files(path)]
+        stats = [(os.path.abspath(f), os.stat(f)) for f in local_files(path, cache_dir)]
         return {"files": [[f, s.st_size, s.st_mtime_ns] for f, s in stats], "text_field": text_field}
     return {"hub": source, "text_field": text_field}  # no revision known offline; delete the cache to refresh

@@ -79,6 +79,23 @@ def test_settings_that_change_tokens_change_the_cache(text_dir, tmp_path):
     assert make(text_dir, tmp_path).stream_key != base.stream_key  # a changed file changes the source
 
 
+@pytest.mark.parametrize("cache", ["corpus", "corpus/cache"], ids=["the-source-folder", "inside-the-source"])
+def test_a_cache_dir_in_the_source_folder_is_not_read_as_text(text_dir, tmp_path, sample_documents, cache):
+    """Texts kept in data/ itself (the default cache_dir) or a source folder holding the cache folder: the second run
+    must neither read the first one's caches, tokenizer and Arrow copy as documents (json files without a text
+    field: an error) nor see a changed source (a rebuild every run)."""
+    options = dict(tokenizer="bpe", bpe_vocab_size=300, cache_dir=str(tmp_path / cache))
+    first = ready(make(text_dir, tmp_path, **options))
+    assert {"hf_datasets"} <= set(os.listdir(first.hparams.cache_dir)) and cache_files(first)
+    again = make(text_dir, tmp_path, **options)
+    assert again.stream_key == first.stream_key
+    ready(again)
+    assert again._documents is None  # the caches were reused, nothing was loaded
+    np.testing.assert_array_equal(again.train_tokens(), first.train_tokens())
+    (tmp_path / cache / "notes.txt").write_text("The user's own text beside the caches is a document.\n")
+    assert make(text_dir, tmp_path, **options).stream_key != first.stream_key
+
+
 def test_damaged_cache_is_rebuilt(text_dir, tmp_path):
     dm = ready(make(text_dir, tmp_path))
     expected = np.array(dm.train_tokens())
