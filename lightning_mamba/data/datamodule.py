@@ -28,6 +28,7 @@ from functools import cached_property
 
 import lightning as L
 import numpy as np
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from ..atomic import atomic_write_json
@@ -72,8 +73,8 @@ class TextDataModule(L.LightningDataModule):
             ``name[:config]`` (needs the network).
         tokenizer: ``byte`` (vocabulary 257), ``bpe`` (byte-level BPE trained on the training split and
             cached), or the path of a ``tokenizer.json`` file.
-        bpe_vocab_size: Vocabulary size of the ``bpe`` tokenizer (ignored otherwise); the model's vocabulary
-            follows the tokenizer's.
+        bpe_vocab_size: Vocabulary size of the ``bpe`` tokenizer (ignored otherwise) and, with it, of the model; a
+            corpus too small for it gives a smaller BPE, and a warning names the size to set.
         seq_len: Training length in tokens (T_train): the state is carried over this span and starts from
             zero at each sample.
         batch_size: Samples per batch.
@@ -169,6 +170,12 @@ class TextDataModule(L.LightningDataModule):
             self._tokenizer = build_tokenizer(self.hparams.tokenizer, self.hparams.bpe_vocab_size,
                                               train_docs=lambda: self.documents["train"],
                                               cache_dir=self.hparams.cache_dir, cache_key=self.split_key)
+            wanted, got = self.hparams.bpe_vocab_size, self._tokenizer.vocab_size
+            if self.hparams.tokenizer == "bpe" and got < wanted:
+                # the model was sized by vocab_size_for_model before the BPE existed: it has the rows asked for
+                rank_zero_warn(f"data.bpe_vocab_size={wanted}, but the corpus gives the BPE only {got} tokens: the "
+                               f"model's embedding and output layer have {wanted - got} rows no token uses: set "
+                               f"data.bpe_vocab_size {got}")
         return self._tokenizer
 
     @property

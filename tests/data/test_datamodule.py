@@ -1,5 +1,6 @@
 import os
 import re
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -67,6 +68,24 @@ def test_bpe_end_to_end_and_cache_reuse(text_dir, tmp_path, capsys):
     assert {f: os.stat(os.path.join(dm.hparams.cache_dir, f)).st_mtime_ns for f in files} == stamps
     np.testing.assert_array_equal(again.val_tokens(), dm.val_tokens())
     assert "data:" not in capsys.readouterr().err  # nothing to do, nothing said
+
+
+def test_a_bpe_smaller_than_asked_for_says_so(tmp_path):
+    """A corpus too small for bpe_vocab_size: the model (sized before the BPE is trained) has rows no token uses."""
+    corpus = tmp_path / "small"
+    corpus.mkdir()
+    for d in range(4):
+        (corpus / f"doc{d}.txt").write_text(f"document {d}: the cat sat on the mat.\n")
+    dm = make(str(corpus), tmp_path, tokenizer="bpe", bpe_vocab_size=5000, seq_len=8, batch_size=1, val_fraction=0.25)
+    assert dm.vocab_size_for_model == 5000
+    with pytest.warns(UserWarning, match=r"data.bpe_vocab_size=5000, but the corpus gives the BPE only (\d+) tokens.*"
+                                         r"set data.bpe_vocab_size \1$"):
+        ready(dm)
+    assert dm.tokenizer.vocab_size < 5000
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a BPE of the size asked for: nothing to say
+        ready(make(str(corpus), tmp_path, tokenizer="bpe", bpe_vocab_size=dm.tokenizer.vocab_size, seq_len=8,
+                   batch_size=1, val_fraction=0.25))
 
 
 def test_settings_that_change_tokens_change_the_cache(text_dir, tmp_path):
