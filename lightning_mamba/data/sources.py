@@ -4,7 +4,7 @@
 - ``default``: the embedded corpus (:mod:`.corpus`);
 - ``code``: the Python source of the installed packages (:mod:`.code_corpus`; here with its default settings,
   training and held-out files together: ``TextDataModule`` splits it by package);
-- a local file or directory (searched recursively): ``.txt``/``.md``/``.text`` files are one document each,
+- a local file or directory (searched recursively, symlinked folders followed): ``.txt``/``.md``/``.text`` files are one document each,
   ``.jsonl``/``.json``/``.parquet`` files hold one document per record in ``text_field``; ``.gz`` works too;
 - otherwise a hub dataset ``name`` or ``name:config`` (its ``train`` split), which needs the network.
 Local files go through HF ``datasets`` like hub data, so both behave the same; bytes that are not UTF-8 are
@@ -49,15 +49,18 @@ def looks_like_path(source: str) -> bool:
 
 
 def local_files(path: str, cache_dir: str | None = None) -> list[str]:
-    """The loadable files at ``path``: itself, or those under it (recursively, sorted, hidden ones skipped, and in
-    ``cache_dir`` the files the data module writes there)."""
+    """The loadable files at ``path``: itself, or those under it (recursively, symlinked folders followed once each,
+    sorted, hidden ones skipped, and in ``cache_dir`` the files the data module writes there)."""
     if os.path.isfile(path):
         return [path]  # named explicitly: loaded as text unless its suffix says otherwise
     own = os.path.realpath(cache_dir) if cache_dir else None
-    files = []
-    for folder, dirs, names in os.walk(path):
+    files, seen = [], {os.path.realpath(path)}
+    # symlinked folders are followed (a corpus assembled from links is common), each real folder once: no loops
+    for folder, dirs, names in os.walk(path, followlinks=True):
         ours = own is not None and os.path.realpath(folder) == own
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (ours and d == HF_CACHE_SUBDIR))
+        real = [os.path.realpath(os.path.join(folder, d)) for d in dirs]
+        dirs[:] = [d for d, r in zip(dirs, real) if r not in seen and not seen.add(r)]
         files += [os.path.join(folder, n) for n in sorted(names)
                   if not n.startswith(".") and file_format(n) and not (ours and _CACHE_FILE.match(n))]
     if not files:

@@ -42,6 +42,24 @@ def test_directories_recurse_in_sorted_order_and_skip_other_files(tmp_path):
     assert [f[0].rsplit("/", 1)[1] for f in ids["files"]] == ["a.txt", "b.jsonl", "c.txt"]
 
 
+def test_symlinked_folders_are_followed_once(tmp_path):
+    """A corpus folder assembled from links: a linked folder's files are documents (os.walk skipped them silently),
+    a link back up does not loop, and a folder reached twice is read once."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "s1.txt").write_text("S1")
+    (shared / "s2.txt").write_text("S2")
+    root = tmp_path / "src"
+    root.mkdir()
+    (root / "a.txt").write_text("A")
+    (root / "linked").symlink_to(shared, target_is_directory=True)
+    (root / "again").symlink_to(shared, target_is_directory=True)
+    (shared / "up").symlink_to(root, target_is_directory=True)  # a loop
+    assert load(root, tmp_path) == ["A", "S1", "S2"]
+    ids = source_identity(str(root))
+    assert [f[0].rsplit("/", 1)[1] for f in ids["files"]] == ["a.txt", "s1.txt", "s2.txt"]
+
+
 def test_non_utf8_bytes_are_replaced(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("café au lait".encode("latin-1"))
     assert load(tmp_path / "latin1.txt", tmp_path) == ["caf\ufffd au lait"]
