@@ -73,6 +73,11 @@ def check_tokenizer(checkpoint: dict, datamodule: Any, path: str) -> None:
         return
     theirs = tokenizer_from_spec(spec)
     if theirs.fingerprint != mine.fingerprint:
+        if (theirs.name, theirs.vocab_size) == (mine.name, mine.vocab_size):  # e.g. two bpe-8192 of other corpora
+            raise DataError(f"checkpoint {path} was trained with another {theirs.name} tokenizer than data.tokenizer "
+                            f"gives here (same name and vocabulary {mine.vocab_size}, other ids: a BPE trained on other "
+                            f"text): set data.source (and data.val_fraction, data.seed) to what the checkpoint's run "
+                            f"used")
         raise DataError(f"checkpoint {path} was trained with the tokenizer {theirs.name} (vocabulary "
                         f"{theirs.vocab_size}), but data.tokenizer gives {mine.name} (vocabulary {mine.vocab_size}): "
                         f"set data.tokenizer (and data.bpe_vocab_size, data.source) to what the checkpoint's run used")
