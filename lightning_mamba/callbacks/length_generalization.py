@@ -84,8 +84,15 @@ class PeriodicAnalysis(L.Callback):
     def _count_validation(self, trainer: L.Trainer, pl_module: L.LightningModule, unless_done: bool = False) -> None:
         self._validations += 1
         self._validated_step = trainer.global_step
-        if self._validations % self.every_n_validations == 0 and not (unless_done and self._done(trainer)):
-            self._run(trainer, pl_module)
+        if self._validations % self.every_n_validations != 0:
+            return
+        if unless_done and self._done(trainer):
+            # the interrupted run finished this analysis after its checkpoint was written: count it, so that the
+            # figures keep the cadence of an uninterrupted run
+            self._runs += 1
+            self._last_step = trainer.global_step
+            return
+        self._run(trainer, pl_module)
 
     def _done(self, trainer: L.Trainer) -> bool:
         """Whether this run's directory holds the result for the current step (rank 0 looks; all ranks agree)."""

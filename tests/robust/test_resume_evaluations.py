@@ -120,3 +120,5 @@ def test_a_finished_evaluation_is_not_redone_and_a_fresh_run_evaluates_nothing_a
     val_record = os.path.join(log_dir, "val", "step_4.json")
     assert os.path.exists(val_record)  # nor is the validation loss: its record is there
     assert again._validations == 3  # 2 before, counted by the checkpoint (the one at 4 too), 1 after
+    # and so is the analysis of step 4 counted, which sets the figures' cadence (figures_every_n_runs): as uninterrupted
+    assert again.state_dict()["runs"] == 3
