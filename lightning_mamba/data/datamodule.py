@@ -148,6 +148,9 @@ class TextDataModule(L.LightningDataModule):
             code_packages, code_val_packages, code_min_file_bytes, code_max_file_bytes, code_max_bytes, val_fraction,
             seed) if source == CODE_SOURCE else None  # checks the code_* settings
         self.save_hyperparameters(ignore=["tokenizer"])
+        # "~/cache" in a config file (no shell expands it): the token caches went to a folder named "~" in the working
+        # directory, while datasets put its Arrow copy of local files under the home folder
+        self.hparams.cache_dir = os.path.expanduser(cache_dir)
         self.hparams.tokenizer = tokenizer if self._tokenizer is None else self._tokenizer.name
         self._documents: dict[str, list[str]] | None = None
         self._streams: dict[str, np.ndarray] | None = None

@@ -217,6 +217,7 @@ def _train_bpe(train_docs: Callable[[], Sequence[str]], vocab_size: int) -> BPET
 def check_tokenizer_spec(spec: str) -> None:
     if spec in ("byte", "bpe"):
         return
+    spec = os.path.expanduser(spec)
     if spec.endswith(".json") and not os.path.isfile(spec):
         raise DataError(f"data.tokenizer {spec} does not exist: give the path of a tokenizer.json file")
     if not os.path.isfile(spec):
@@ -228,7 +229,7 @@ def load_tokenizer(spec: str) -> Tokenizer:
     if spec == "bpe":
         raise DataError("the bpe tokenizer is trained by the data module: give the tokenizer.json it saved")
     check_tokenizer_spec(spec)
-    return ByteTokenizer() if spec == "byte" else FileTokenizer(spec)
+    return ByteTokenizer() if spec == "byte" else FileTokenizer(os.path.expanduser(spec))
 
 
 def build_tokenizer(spec: str | Tokenizer, vocab_size: int = 8192,

@@ -130,6 +130,21 @@ def test_val_max_tokens_caps_validation_only(text_dir, tmp_path):
     assert len(dm.val_tokens()) > 200  # the evaluation stream stays whole
 
 
+def test_a_home_relative_cache_dir_and_tokenizer_are_expanded(text_dir, tmp_path, monkeypatch):
+    """``cache_dir: ~/cache`` in a config file (no shell expands it) went to a folder named "~" in the working directory,
+    the Arrow copy of the local files to the home folder; ``tokenizer: ~/tok.json`` was said not to exist."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    ByteTokenizer().save(str(home / "tok.json"))
+    dm = ready(make(text_dir, tmp_path, cache_dir="~/cache", tokenizer="~/tok.json"))
+    assert dm.hparams.cache_dir == str(home / "cache")
+    assert cache_files(dm) and "hf_datasets" in os.listdir(home / "cache")
+    assert not (tmp_path / "~").exists()
+    assert dm.tokenizer.vocab_size == 257
+
+
 def test_tokenizer_object_is_accepted(text_dir, tmp_path):
     dm = ready(make(text_dir, tmp_path, tokenizer=ByteTokenizer()))
     assert dm.hparams.tokenizer == "byte" and dm.vocab_size_for_model == 257
