@@ -199,6 +199,9 @@ def load_documents(source: str, text_field: str = "text", hf_cache_dir: str | No
         documents = corpus.documents["train"] + corpus.documents["val"]
     elif os.path.exists(os.path.expanduser(source)):
         documents = load_local(os.path.expanduser(source), text_field, hf_cache_dir, cache_dir)
+    elif any(c in source for c in "*?["):  # a shell would have expanded it; a config file does not
+        raise DataError(f"data.source {source} does not exist (patterns are not expanded): give a file, or the "
+                        f"directory holding the files (read recursively)")
     elif looks_like_path(source):
         raise DataError(f"data.source {source} does not exist: give an existing file or directory, "
                         f"'default', or a hub dataset name")

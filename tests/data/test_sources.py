@@ -70,6 +70,10 @@ def test_missing_path_is_named(tmp_path):
         load(tmp_path / "nope", tmp_path)
     with pytest.raises(DataError, match="does not exist"):
         load_documents("./no/such/corpus.txt")
+    (tmp_path / "a.txt").write_text("some text")  # a pattern that a shell would have matched: not expanded here
+    with pytest.raises(DataError, match=r"\*\.txt does not exist \(patterns are not expanded\): give a file, or the "
+                                        r"directory holding the files"):
+        load_documents(f"{tmp_path}/*.txt")
 
 
 def test_empty_sources_fail(tmp_path):
