@@ -141,6 +141,8 @@ class Study:
             check(bool(self.states) and all(n >= 1 for n in self.states), f"states must be non-empty, each >= 1 "
                   f"(got {self.states})")
             check("d_state" not in self.model_overrides, "model_overrides.d_state conflicts with states: remove one")
+        check(type(self.tokens_per_batch) is int and self.tokens_per_batch >= 1, f"tokens_per_batch must be a positive "
+              f"number of tokens per optimizer step, e.g. {math.lcm(*self.lens)} (got {self.tokens_per_batch!r})")
         bad = [t for t in self.lens if self.tokens_per_batch % t]
         check(not bad, f"tokens_per_batch={self.tokens_per_batch} must be a multiple of every LEN (not of {bad}), so "
               f"every cell sees the same tokens per step: use e.g. {math.lcm(*self.lens)}")

@@ -89,6 +89,9 @@ def test_cell_args_give_every_cell_the_same_tokens_per_step():
 @pytest.mark.parametrize("change, message", [
     ({"tokens_per_batch": 1000}, "multiple of every LEN"),
     ({"tokens_per_cell": 10}, "less than one step"),
+    # was a ZeroDivisionError traceback (steps = tokens_per_cell // tokens_per_batch), and -256 read "less than one step"
+    ({"tokens_per_batch": 0}, "tokens_per_batch must be a positive number of tokens per optimizer step, e.g. 256"),
+    ({"tokens_per_batch": -256}, "tokens_per_batch must be a positive number"),
     ({"data_overrides": {"seq_len": 64}}, "data_overrides.seq_len"),
     ({"trainer_overrides": {"max_steps": 5}}, "trainer_overrides.max_steps"),
     ({"model_overrides": {"d_state": 8}}, "conflicts with states"),
