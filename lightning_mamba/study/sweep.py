@@ -189,6 +189,20 @@ def check(ok: bool, message: str) -> None:
         raise SweepError(message)
 
 
+def check_device(device: str | None) -> None:
+    """The evaluation device, checked before any cell trains (it is first used after the first cell's training)."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SweepError(f"device={device!r} is not a torch device: give cpu, cuda or cuda:<i>, or null (the one "
+                         f"the cells train on)") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise SweepError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s): give cpu, "
+                         f"another index, or null (the one the cells train on)")
+
+
 def shard_of(text: str) -> tuple[int, int]:
     """'i/n' -> (i, n) with 0 <= i < n."""
     m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
@@ -516,6 +530,7 @@ def update_plan(out: str, plan: dict) -> None:
 def run_study(study: Study, log: Callable[[str], None] = print) -> list[dict]:
     """Every cell of this shard, in order; records the plan in <out>/study.json first (:func:`record_plan`)."""
     study.validate()
+    check_device(study.device)  # here, not in validate: --summarize_only and --merge may run where it is missing
     os.makedirs(os.path.join(study.out, "cells"), exist_ok=True)
     cells = make_cells(study)
     record_plan(study, cells)

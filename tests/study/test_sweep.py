@@ -7,14 +7,18 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
+from lightning_mamba.study import sweep
 from lightning_mamba.study.summary import summarize, summary_lines
 from lightning_mamba.study.sweep import (
     Study,
     SweepError,
     cell_args,
+    check_device,
     make_cells,
     record_plan,
+    run_study,
     shard_cells,
     shard_of,
     write_json,
@@ -107,6 +111,23 @@ def test_cell_args_give_every_cell_the_same_tokens_per_step():
 def test_settings_that_cannot_work_are_refused(change, message):
     with pytest.raises(SweepError, match=message):
         Study(**{"lens": [128, 256], **change}).validate()
+
+
+def test_an_evaluation_device_that_cannot_work_is_refused_before_training(tmp_path, monkeypatch):
+    """The device is first used by the final evaluation: a typo (gpu) or a GPU the machine lacks was a traceback
+    after the first cell had trained."""
+    def train(*args, **kwargs):
+        raise AssertionError("a cell started training")
+
+    monkeypatch.setattr(sweep, "run_cell", train)
+    with pytest.raises(SweepError, match="device='gpu' is not a torch device"):
+        run_study(Study(lens=[128], device="gpu", out=str(tmp_path / "a")))
+    missing = f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(SweepError, match=f"device='{missing}': this machine has"):
+        run_study(Study(lens=[128], device=missing, out=str(tmp_path / "b")))
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+    Study(lens=[128], device="gpu").validate()  # a summary (--summarize_only, --merge) does not use it
+    check_device("cpu")
 
 
 # ---- the summary from result.json files ------------------------------------------------------------------
