@@ -416,14 +416,36 @@ def run_cell(study: Study, cell: Cell, log: Callable[[str], None] = print) -> di
     result = None
     if trainer.is_global_zero:
         val = trainer.callback_metrics.get("val/loss")
+        val = recorded_val_loss(folder, trainer.global_step) if val is None else float(val)
         result = evaluate_cell(study, cell, lit.model, dm, log)
-        result.update(train_seconds=train_seconds, val_loss=None if val is None else float(val),
+        result.update(train_seconds=train_seconds, val_loss=val,
                       world_size=trainer.world_size, resumed_from=resume)
         write_json(done, result)
         log(f"sweep: {cell.name}: {verdict_word(result['verdict'], reason=True)} "
             f"(evaluated to {result['eval']['length']}), written {done}")
     trainer.strategy.barrier()  # the other ranks wait while rank 0 evaluates
     return result
+
+
+def recorded_val_loss(folder: str, step: int) -> float | None:
+    """The val/loss of the cell's newest validation at or before ``step``, from its ``val/step_<N>.json`` records.
+    A cell resumed from a last.ckpt at its final step (killed, or failed, during its final evaluation) trains no
+    further and Lightning does not validate again, so the loss is not in the trainer's metrics then."""
+    from ..training.validation import RECORD_DIR
+
+    records = {}
+    for name in os.listdir(os.path.join(folder, RECORD_DIR)) if os.path.isdir(os.path.join(folder, RECORD_DIR)) else []:
+        m = re.fullmatch(r"step_(\d+)\.json", name)
+        if m and int(m[1]) <= step:
+            records[int(m[1])] = os.path.join(folder, RECORD_DIR, name)
+    if not records:
+        return None
+    try:
+        with open(records[max(records)]) as f:
+            value = json.load(f).get("val/loss")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def out_of_time(trainer) -> bool:

@@ -97,6 +97,23 @@ def test_a_killed_cell_resumes_from_its_last_checkpoint(tmp_path, corpus, capsys
     assert torch.load(cell / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 8
 
 
+def test_a_cell_resumed_at_its_last_step_keeps_its_validation_loss(tmp_path, corpus, capsys):
+    """A cell killed (or failed) during its final evaluation resumes from last.ckpt at its last step: nothing is
+    trained, Lightning does not validate again, and result.json had val_loss None where the uninterrupted run had a
+    number. It is read back from the cell's val/step_<N>.json record."""
+    out = tmp_path / "study"
+    one_cell = ["--states", "[8]", "--lens", "[32]"]
+    assert cmd.main(micro_args(tmp_path, corpus, out, *one_cell)) == 0
+    done = out / "cells" / "state8_len32" / "result.json"
+    first = json.loads(done.read_text())
+    assert first["val_loss"] is not None
+    done.unlink()  # as after a kill during the final evaluation
+    assert cmd.main(micro_args(tmp_path, corpus, out, *one_cell)) == 0
+    assert "resuming from" in capsys.readouterr().out
+    again = json.loads(done.read_text())
+    assert again["val_loss"] == first["val_loss"] and again["verdict"] == first["verdict"]
+
+
 def test_bad_settings_are_one_line_errors(tmp_path, corpus, capsys):
     assert cmd.main(micro_args(tmp_path, corpus, tmp_path / "o", "--tokens_per_batch", "100")) == 2
     assert "sweep: error: tokens_per_batch=100 must be a multiple of every LEN" in capsys.readouterr().err
