@@ -12,6 +12,7 @@ is not bitwise deterministic, and a marginal onset can show in one run and not i
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import math
@@ -391,10 +392,54 @@ def run_cell(study: Study, cell: Cell, log: Callable[[str], None] = print) -> di
     cell whose time budget (the Trainer's max_time) ran out first: it is left to be resumed, and the sweep goes on."""
     folder = cell_dir(study, cell)
     done = os.path.join(folder, "result.json")
-    if os.path.exists(done):
-        log(f"sweep: {cell.name}: done already ({done}), skipped")
-        with open(done) as f:
-            return json.load(f)
+    with claim_cell(study, cell) as lock:
+        if os.path.exists(done):  # looked at once the cell is ours: another process may have just finished it
+            log(f"sweep: {cell.name}: done already ({done}), skipped")
+            with open(done) as f:
+                return json.load(f)
+        if lock is None:
+            log(f"sweep: {cell.name}: another sweep is training it in this folder (it holds {cell_lock_path(study, cell)}"
+                f"), skipped; the summary written last includes it")
+            return None
+        return train_cell(study, cell, log)
+
+
+def cell_lock_path(study: Study, cell: Cell) -> str:
+    return os.path.join(study.out, "cells", f".{cell.name}.lock")
+
+
+@contextlib.contextmanager
+def claim_cell(study: Study, cell: Cell):
+    """The cell for this process alone while it trains and evaluates it: an exclusive ``flock`` on
+    ``<out>/cells/.<cell>.lock``, yielding the lock's path, or None when another process holds it (two sweeps started
+    on one folder then share its cells, as shards do, instead of training each cell twice into the same run
+    directory). The kernel releases it when the process ends, by kill -9 too, so a lock file left behind blocks
+    nothing. The other ranks of a multi-device cell (started by Lightning, re-running this command) follow rank 0
+    and take no lock."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) != 0:
+        yield cell_lock_path(study, cell)
+        return
+    path = cell_lock_path(study, cell)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield None
+            return
+        try:
+            yield path
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def train_cell(study: Study, cell: Cell, log: Callable[[str], None] = print) -> dict | None:
+    """:func:`run_cell` once the cell is this process's and not done: train (resuming from last.ckpt), evaluate,
+    write result.json."""
+    folder = cell_dir(study, cell)
+    done = os.path.join(folder, "result.json")
     cli = build_cli(study, cell)
     trainer, lit, dm = cli.trainer, cli.model, cli.datamodule
     last = os.path.join(folder, "checkpoints", "last.ckpt")

@@ -316,3 +316,29 @@ def test_a_built_cell_keeps_the_noise_filters(tmp_path):
         warnings.warn("an unrelated warning", UserWarning, stacklevel=1)
     assert [str(w.message) for w in seen if "AccumulateGrad" in str(w.message)] == []
     assert any("an unrelated warning" in str(w.message) for w in seen)
+
+
+def test_a_cell_another_sweep_is_training_is_skipped_not_trained_twice(tmp_path, monkeypatch):
+    """Two sweeps started on one --out both trained every cell into the same run directory (twice the work, two
+    TensorBoard runs in one folder, each process resuming from the other's checkpoints). A cell whose lock another
+    process holds is skipped; once it is released (the process ended, even by kill -9) the cell is taken."""
+    class Built(Exception):
+        pass
+
+    def build(*args, **kwargs):
+        raise Built
+
+    monkeypatch.setattr(sweep, "build_cli", build)
+    study = Study(states=[8], lens=[32], out=str(tmp_path))
+    cell = make_cells(study)[0]
+    lines = []
+    with sweep.claim_cell(study, cell) as held:  # another process, as far as flock goes (its own open file)
+        assert held == sweep.cell_lock_path(study, cell)
+        assert sweep.run_cell(study, cell, lines.append) is None
+    assert "another sweep is training it in this folder" in lines[-1] and "skipped" in lines[-1]
+    with pytest.raises(Built):  # released: this process trains it
+        sweep.run_cell(study, cell, lines.append)
+    (tmp_path / "cells" / cell.name).mkdir(parents=True)
+    write_json(str(tmp_path / "cells" / cell.name / "result.json"), {"cell": cell.name})
+    with sweep.claim_cell(study, cell):  # finished by the other process meanwhile: done, whoever holds the lock
+        assert sweep.run_cell(study, cell, lines.append) == {"cell": cell.name}
