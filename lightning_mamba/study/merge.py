@@ -19,12 +19,8 @@ import os
 import shutil
 from dataclasses import asdict
 
-from .sweep import PLAN_LISTS, Study, SweepError, update_plan
+from .sweep import MUST_AGREE, PLAN_LISTS, Study, SweepError, update_plan
 
-# Settings a merged cell must share with the study: what it trained on and how it was judged.
-MUST_AGREE = ("base_config", "model_overrides", "data_overrides", "models", "tokens_per_batch", "eval_multiple",
-              "eval_tokens", "eval_min_tokens", "eval_n_rows", "bucket", "threshold", "precision", "seed",
-              "piece_len", "passkey", "passkey_template")
 LEFT_OUT = ("*.ckpt",)  # checkpoints: large, and a merged folder is for the summary
 
 

@@ -559,6 +559,11 @@ def passkey_cell(study: Study, cell: Cell, model, dm, device, log) -> dict | Non
     return grid.to_dict()
 
 
+# Settings every cell of one study folder shares: what it trained on and how it was judged. A merged folder
+# (study.merge) and a sweep run again on an existing --out (record_plan) must agree with the study on them.
+MUST_AGREE = ("base_config", "model_overrides", "data_overrides", "models", "tokens_per_batch", "eval_multiple",
+              "eval_tokens", "eval_min_tokens", "eval_n_rows", "bucket", "threshold", "precision", "seed",
+              "piece_len", "passkey", "passkey_template")
 PLAN_LISTS = ("states", "lens", "seeds")  # the grid's axes in study.json, joined like its cells
 PLAN_NAMES = ("cells", "merged_from")  # lists kept in order, those of the plan already there first
 
@@ -568,13 +573,24 @@ def record_plan(study: Study, cells: list[Cell]) -> None:
     of one grid run as separate invocations (``--states '[512]' --lens '[64]'`` beside ``--states '[256]' ...``, at
     once or one after another) add their cells to those already there, so that ``--summarize_only`` sees the
     union, not the last invocation's slice (:func:`update_plan`)."""
-    update_plan(study.out, {**asdict(study), "cells": [c.name for c in cells]})
+    update_plan(study.out, {**asdict(study), "cells": [c.name for c in cells]}, must_agree=MUST_AGREE)
 
 
-def update_plan(out: str, plan: dict) -> None:
+def _comparable(key: str, value: Any) -> str:
+    """A setting as compared between a folder's plan and a new invocation: JSON (tuples and lists alike); the
+    speed-only model settings, which a resumed cell may change (docs/study.md, Resume), left out."""
+    if key == "model_overrides" and isinstance(value, dict):
+        from ..models.config import SPEED_ONLY_SETTINGS
+
+        value = {k: v for k, v in value.items() if k not in SPEED_ONLY_SETTINGS}
+    return json.dumps(value, sort_keys=True)
+
+
+def update_plan(out: str, plan: dict, must_agree: tuple[str, ...] = ()) -> None:
     """Writes ``plan`` as <out>/study.json joined with the plan already there: its cells (and the folders merged in)
     first, then the new ones, and each axis of the grid the union of both. A lock file serialises invocations
-    starting together."""
+    starting together. A setting of ``must_agree`` that differs from the plan already there is refused: the folder's
+    cells were trained and judged with that one, and a done cell is not run again."""
     path = os.path.join(out, "study.json")
     plan = dict(plan)
     with open(path + ".lock", "w") as lock:
@@ -585,6 +601,11 @@ def update_plan(out: str, plan: dict) -> None:
         except (OSError, ValueError):
             earlier = {}
         if isinstance(earlier, dict):
+            for key in must_agree:
+                if key in earlier and key in plan and _comparable(key, earlier[key]) != _comparable(key, plan[key]):
+                    raise SweepError(f"{out} holds a study with {key} {earlier[key]!r} (its study.json), not "
+                                     f"{plan[key]!r}: its cells were trained and judged with that; give the same "
+                                     f"setting, or a new --out for this one")
             for key in PLAN_NAMES:
                 if earlier.get(key) or plan.get(key):
                     plan[key] = list(dict.fromkeys([*(earlier.get(key) or []), *(plan.get(key) or [])]))

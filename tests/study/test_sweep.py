@@ -4,6 +4,7 @@ from result.json files (T_forget, lower bounds, incomplete rows, fits, figures).
 import csv
 import json
 import os
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -57,6 +58,31 @@ def test_slices_run_as_separate_invocations_add_up_in_the_plan(tmp_path):
     (tmp_path / "study.json").write_text("{not json")  # a damaged plan is replaced, not a crash
     record_plan(Study(states=[16], lens=[32], out=out), make_cells(Study(states=[16], lens=[32])))
     assert json.load(open(tmp_path / "study.json"))["cells"] == ["state16_len32"]
+
+
+def test_a_sweep_with_other_settings_on_an_existing_folder_is_refused(tmp_path, monkeypatch):
+    """Run again on a study's folder with another threshold (or corpus, model, evaluation...), every done cell was
+    skipped and summarized as if judged with the new setting, and study.json took the new settings over. Refused in
+    one line, before anything is written; the grid's axes, budgets, shard and the speed-only model settings may
+    differ."""
+    def train(*args, **kwargs):
+        raise AssertionError("a cell started training")
+
+    monkeypatch.setattr(sweep, "run_cell", train)
+    out = str(tmp_path)
+    first = Study(states=[8], lens=[32], tokens_per_batch=256, out=out, model_overrides={"d_model": 32})
+    record_plan(first, make_cells(first))
+    before = (tmp_path / "study.json").read_text()
+    for change, key in (({"threshold": 1.5}, "threshold"), ({"eval_multiple": 16}, "eval_multiple"),
+                        ({"model_overrides": {"d_model": 64}}, "model_overrides"),
+                        ({"data_overrides": {"source": "code"}}, "data_overrides")):
+        with pytest.raises(SweepError, match=f"holds a study with {key} .* not .*: its cells were trained and judged"):
+            run_study(Study(**{**asdict(first), **change}))
+        assert (tmp_path / "study.json").read_text() == before
+    same = {"states": [16], "lens": [32, 64], "time_per_cell": "00:00:10:00", "tokens_per_cell": 512,
+            "model_overrides": {"d_model": 32, "chunk_size": 16}, "shard": "0/2"}
+    record_plan(Study(**{**asdict(first), **same}), make_cells(Study(**{**asdict(first), **same})))
+    assert json.load(open(tmp_path / "study.json"))["states"] == [8, 16]
 
 
 def test_shards_partition_the_grid():
