@@ -159,6 +159,9 @@ class Study:
         check(problem is None, f"bucket {problem} (the smallest LEN)")
         problem = threshold_problem(self.threshold)
         check(problem is None, f"threshold {problem}")
+        check(not self.passkey or (bool(self.passkey_multiples) and all(m > 0 for m in self.passkey_multiples)),
+              f"passkey_multiples must be a non-empty list of positive multiples of LEN, e.g. [0.5, 1, 2, 4, 8, 16] "
+              f"(got {self.passkey_multiples}), or passkey: false")
         check(self.passkey_template is None or os.path.isfile(self.passkey_template), f"passkey_template "
               f"{self.passkey_template} does not exist: give a YAML file like configs/passkey/code.yaml, or null")
         for key, what in (("seq_len", "lens"), ("batch_size", "tokens_per_batch")):

@@ -132,6 +132,9 @@ def test_cell_args_give_every_cell_the_same_tokens_per_step():
     ({"eval_multiple": 1}, "must go past LEN"),
     ({"models": [{"n_layer": 2}, {"n_layer": 2}]}, "share a name"),
     ({"time_per_cell": "1h"}, "time_per_cell must be DD:HH:MM:SS"),
+    # every cell skipped its passkey grid after training, and the summary said passkey had not run
+    ({"passkey": True, "passkey_multiples": []}, "passkey_multiples must be a non-empty list of positive multiples"),
+    ({"passkey": True, "passkey_multiples": [1, -2]}, "passkey_multiples must be a non-empty list"),
     ({"time_per_cell": "00:01:00:00", "trainer_overrides": {"max_time": "00:02:00:00"}}, "keep one"),
 ])
 def test_settings_that_cannot_work_are_refused(change, message):
