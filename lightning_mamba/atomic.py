@@ -6,6 +6,7 @@ import contextlib
 import glob
 import json
 import os
+import re
 import tempfile
 import time
 import uuid
@@ -102,3 +103,16 @@ def _alive(pid: int) -> bool:
     except OSError:
         pass  # exists, owned by someone else
     return True
+
+
+TEMPORARY = re.compile(r"\.(.+)\.(\d+)\.[0-9a-f]{8}\.tmp")  # atomic_write's .<name>.<pid>.<random>.tmp
+
+
+def remove_stale_temporaries_in(folder: str, min_age_seconds: float = 0.0) -> None:
+    """:func:`remove_stale_temporaries` for every target in ``folder`` at once: the temporary files of killed writes
+    of any file there."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            m = TEMPORARY.fullmatch(name)
+            if m:
+                remove_stale_temporaries(os.path.join(folder, m[1]), min_age_seconds)

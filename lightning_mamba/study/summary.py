@@ -23,7 +23,8 @@ import os
 from ..analysis import plots
 from ..analysis.criterion import VERDICT_WORDS, verdict_word
 from ..analysis.fits import N_S_UNIT, PAPER_T_FORGET, PAPER_T_RECALL, T_UNIT, fit_exponential, fit_linear
-from ..atomic import atomic_write_text
+from ..atomic import atomic_write_text, remove_stale_temporaries_in
+from ..data.cache import STALE_TEMPORARY_SECONDS
 from .cell_records import write_cell_records
 from .onset import onset_summary
 from .provisional import provisional_mark, provisional_note, provisional_results, provisional_text
@@ -270,6 +271,9 @@ def onset_lines(onset: dict) -> list[str]:
     return lines
 
 
+RECORD_FOLDERS = ("lengthgen", "state_stats", "dynamics", "val", "passkey")  # a cell's records along training
+
+
 def summarize(out: str, tensorboard: bool = True) -> dict:
     """Write results.csv, summary.json, PNGs and (optionally) the TensorBoard run ``<out>/summary``."""
     plan = load_plan(out)
@@ -277,6 +281,10 @@ def summarize(out: str, tensorboard: bool = True) -> dict:
     if plan is None and not results:
         raise SweepError(f"no study under {out}: neither study.json nor cells/*/result.json (wrong --out?)")
     cells = cells_of(plan, results, out)
+    # the temporary files of writes killed mid-way (a summary's figures and tables, a cell's result.json or records):
+    # nothing else removes them. A margin of age, since a folder shared between machines may hold a live writer's.
+    for folder in [out, *(os.path.join(out, "cells", name, sub) for name in cells for sub in ("", *RECORD_FOLDERS))]:
+        remove_stale_temporaries_in(folder, STALE_TEMPORARY_SECONDS)
     onset = onset_summary(os.path.join(out, "cells"), cells, (plan or {}).get("tokens_per_batch"))
     for name, (_, seq_len) in cells.items():  # along_training.png, decays.csv: the cells' own records, per cell
         if os.path.isdir(os.path.join(out, "cells", name)):

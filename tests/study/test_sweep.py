@@ -371,3 +371,31 @@ def test_a_cell_another_sweep_is_training_is_skipped_not_trained_twice(tmp_path,
     write_json(str(tmp_path / "cells" / cell.name / "result.json"), {"cell": cell.name})
     with sweep.claim_cell(study, cell):  # finished by the other process meanwhile: done, whoever holds the lock
         assert sweep.run_cell(study, cell, lines.append) == {"cell": cell.name}
+
+
+def test_the_summary_removes_what_killed_writes_left_behind(tmp_path):
+    """A sweep killed (kill -9) while the summary or a cell wrote a file leaves atomic_write's temporary file beside
+    it (.<name>.<pid>.<random>.tmp); nothing removed those, run after run. The summary removes the ones whose writer
+    is gone and that have not been touched for a while, and leaves a live writer's."""
+    import subprocess
+    import sys
+    import time
+
+    from lightning_mamba.data.cache import STALE_TEMPORARY_SECONDS
+
+    write_study(tmp_path)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    cell = tmp_path / "cells" / "state16_len512"
+    (cell / "lengthgen").mkdir()
+    stale = [tmp_path / f".summary.json.{gone}.0123abcd.tmp", cell / f".along_training.png.{gone}.deadbeef.tmp",
+             cell / f".result.json.{gone}.00ff00ff.tmp", cell / "lengthgen" / f".step_8.json.{gone}.12345678.tmp"]
+    kept = [tmp_path / f".results.csv.{os.getpid()}.0123abcd.tmp",  # its writer is alive
+            tmp_path / f".loss_curves.png.{gone}.0123abcd.tmp"]  # too recent: maybe another machine's live writer
+    old = time.time() - STALE_TEMPORARY_SECONDS - 10
+    for path in stale + kept:
+        path.write_bytes(b"half a file")
+        if path != kept[1]:
+            os.utime(path, (old, old))
+    summarize(str(tmp_path), tensorboard=False)
+    assert [p.name for p in stale if p.exists()] == [] and all(p.exists() for p in kept)
