@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
         end_process_group()
     except SIGTERMException as e:  # a SystemExit of code None (exit 0): a run cut short is no success
         print(f"error: {e.code or 'stopped by SIGTERM'}", file=sys.stderr)
-        sys.exit(128 + signal.SIGTERM)
+        sys.exit(getattr(e, "exit_status", 128 + signal.SIGTERM))  # (Ctrl-C: 130)
     except Exception as e:
         cause = user_error(e)
         if cause is None:

@@ -20,7 +20,7 @@ def run_command(name: str, work: Callable[[], Iterable[str]], errors: tuple[type
         return 2
     except SIGTERMException as e:  # Lightning's SystemExit of code None (exit 0): a run cut short is no success
         print(f"{name}: error: {e.code or 'stopped by SIGTERM'}", file=sys.stderr)
-        return 128 + signal.SIGTERM
+        return getattr(e, "exit_status", 128 + signal.SIGTERM)  # (Ctrl-C: 130)
     if lines:
         print("\n".join(lines))
     return 0

@@ -5,6 +5,9 @@ study's time_per_cell)."""
 from __future__ import annotations
 
 import shlex
+import signal
+import sys
+import threading
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint, Timer
@@ -31,16 +34,46 @@ class CheckpointOnSigterm(L.Callback):
     A SIGTERM during a fit's validation: Lightning would stop after that validation batch, with nothing saved since
     the step before (a study cell validates every few hundred steps, and its evaluation takes seconds: a signal often
     lands there). The validation is finished instead (the signal held back until its end), then last.ckpt is saved
-    with the validation done, as ModelCheckpoint's own end-of-validation saves are, and the run stops."""
+    with the validation done, as ModelCheckpoint's own end-of-validation saves are, and the run stops.
+
+    Ctrl-C (SIGINT) during a fit takes the same path (exit 130): Lightning would stop at once with nothing saved, up to
+    a checkpoint interval lost. A second Ctrl-C stops at once, as before."""
 
     def __init__(self):
         self.saved: str | None = None
         self._config = "CONFIG"
         self.resume: str | None = None  # how to resume, when not `lightning-mamba fit --ckpt_path` (a sweep's cell)
         self._held = False  # a SIGTERM held back until the end of this validation
+        self.interrupted = False  # the stop came from Ctrl-C (SIGINT), not SIGTERM
+        self._sigint_before = None  # Python's SIGINT handler while this fit's is installed
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._config = run_config_path(trainer)
+
+    # ---- Ctrl-C: the first stops as SIGTERM does (at the step's end, last.ckpt saved), a second at once ----------
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # only over Python's own handler (not one a user set, not SIGINT ignored), from the main thread (signal's rule)
+        connector = getattr(trainer, "_signal_connector", None)
+        if (threading.current_thread() is threading.main_thread() and hasattr(connector, "received_sigterm")
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self._sigint_before = signal.default_int_handler
+
+            def first_ctrl_c(signum, frame):
+                self._restore_sigint()  # a second Ctrl-C raises KeyboardInterrupt at once
+                self.interrupted = True
+                connector.received_sigterm = True  # Lightning's SIGTERM path: stop after this step
+                print("Ctrl-C: stopping after this step with last.ckpt saved (Ctrl-C again to stop at once, "
+                      "without it)", file=sys.stderr, flush=True)
+
+            signal.signal(signal.SIGINT, first_ctrl_c)
+
+    def _restore_sigint(self) -> None:
+        if self._sigint_before is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._sigint_before)
+            self._sigint_before = None
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore_sigint()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         # every process decides alike: saving a checkpoint is collective
@@ -74,6 +107,7 @@ class CheckpointOnSigterm(L.Callback):
             raise SIGTERMException
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore_sigint()
         if isinstance(exception, SIGTERMException):
             if self.saved and self.resume:
                 todo = f"{self.saved} saved: {self.resume}"
@@ -83,7 +117,9 @@ class CheckpointOnSigterm(L.Callback):
             else:
                 todo = ("no checkpoint was saved then (checkpointing is off, or no step had finished): resume "
                         "from the newest one")
-            exception.code = f"stopped by SIGTERM at global step {trainer.global_step}: {todo}"
+            cause = "Ctrl-C (SIGINT)" if self.interrupted else "SIGTERM"
+            exception.code = f"stopped by {cause} at global step {trainer.global_step}: {todo}"
+            exception.exit_status = 128 + (signal.SIGINT if self.interrupted else signal.SIGTERM)
 
 
 class CheckpointAtStop(L.Callback):

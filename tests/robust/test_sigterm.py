@@ -49,17 +49,19 @@ class ValidationProgress(L.Callback):
 
 
 def sigterm_mid_run(argv: list[str], progress: str, env: dict | None = None,
-                    ready: tuple[str, ...] = ("3", "4", "5")) -> tuple[int, str]:
-    """Start ``argv`` in ROOT, send SIGTERM once ``progress`` (a Progress callback's file) reads one of ``ready``
-    (steps 3-5), and return its exit status and stderr."""
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                    ready: tuple[str, ...] = ("3", "4", "5"), sig: int = signal.SIGTERM) -> tuple[int, str]:
+    """Start ``argv`` in ROOT, send ``sig`` once ``progress`` (a Progress callback's file) reads one of ``ready``
+    (steps 3-5), and return its exit status and stderr. The child starts with SIGINT's default disposition (a test
+    run in a background job inherits it ignored), so Python installs its own handler, as in a terminal."""
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     try:
         while not (os.path.isfile(progress) and open(progress).read().strip() in ready):
             assert proc.poll() is None, proc.stderr.read()[-2000:]
             assert time.monotonic() < deadline, "the run did not reach the step"
             time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
@@ -100,6 +102,24 @@ def test_sigterm_saves_a_checkpoint_exits_nonzero_and_resumes_exactly(tmp_path, 
     resumed = logged_losses(folder, version=str(folder / "runs" / "tiny" / "version_1"))
     assert sorted(resumed) == list(range(stopped_at, STEPS))
     assert resumed == {s: reference[s] for s in resumed}  # exact, no tolerance
+
+
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint(tmp_path, corpus, cache_dir):
+    """Ctrl-C (SIGINT) mid-fit: the step finishes, last.ckpt is saved there and the run exits 130 with the line that
+    says how to resume (Lightning stopped at once with nothing saved: up to a checkpoint interval lost)."""
+    folder, progress = tmp_path / "run", str(tmp_path / "progress")
+    cfg = config(folder, corpus, cache_dir, progress)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    code, err = sigterm_mid_run([sys.executable, "-m", "lightning_mamba.cli", "fit", "--config", cfg], progress, env,
+                                sig=signal.SIGINT)
+    assert code == 128 + signal.SIGINT, err[-2000:]
+    assert "Ctrl-C: stopping after this step with last.ckpt saved" in err
+    last = folder / "ckpt" / "last.ckpt"
+    stopped_at = torch.load(last, weights_only=True)["global_step"]
+    assert 3 <= stopped_at < STEPS
+    line = next(line for line in err.splitlines() if line.startswith("error: "))
+    assert line == (f"error: stopped by Ctrl-C (SIGINT) at global step {stopped_at}: resume with: lightning-mamba fit "
+                    f"--config {folder / 'runs' / 'tiny' / 'version_0' / 'config.yaml'} --ckpt_path {last}")
 
 
 def test_sigterm_during_validation_finishes_it_then_saves(tmp_path, corpus, cache_dir):
