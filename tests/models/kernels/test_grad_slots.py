@@ -114,6 +114,41 @@ def test_a_slot_is_handed_out_once_and_in_its_dtype():
     assert claim(None, torch.float32) is None
 
 
+class ReshapedDoubling(torch.autograd.Function):
+    """As Doubling, but its backward writes through a (rows, width) view of the slot and returns that view reshaped
+    back, as the gated norm's backward does: where a dimension has size 1 the returned tensor's stride there may
+    differ from the slot's, though it is the slot."""
+
+    @staticmethod
+    def forward(ctx, x, slot):
+        ctx.slot = slot
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, dy):
+        dx = claim(ctx.slot, dy.dtype)
+        rows = dy.reshape(-1, dy.size(-1))
+        dx = torch.empty_like(rows) if dx is None else dx.view(rows.shape)
+        torch.mul(rows, 2, out=dx)
+        return dx.view(dy.shape), None
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 1), (1, 3)], ids=["one_row_one_token", "one_token", "one_row"])
+def test_a_slot_returned_with_other_strides_on_size_one_dimensions_is_not_copied(shape):
+    """A backward that returns its slot viewed as (rows, width) and back (strides of its size-1 dimensions changed)
+    wrote the slot itself: no copy, and no error (b = l = 1 made the split's copy_ of the slot onto itself raise
+    "some elements of the input tensor and the written-to tensor refer to a single memory location")."""
+    t = torch.randn(*shape, 12, requires_grad=True)
+    pieces = split_last(t, SIZES)
+    loss = ReshapedDoubling.apply(pieces[0], slot_of(pieces[0])).square().sum() + pieces[2].sum()
+    copies = [c for c in copy_destinations(loss.backward) if c != tuple(t.shape)]
+    assert copies == [tuple(pieces[2].shape)]  # only the piece its backward did not write
+    expected = torch.zeros_like(t)
+    expected[..., :2] = 8 * t.detach()[..., :2]
+    expected[..., 8:] = 1
+    assert torch.equal(t.grad, expected)
+
+
 def test_a_second_backward_through_the_same_graph():
     t = torch.randn(2, 5, 12, requires_grad=True)
     pieces = split_last(t, SIZES)
@@ -185,6 +220,38 @@ def test_on_the_triton_path_every_backward_writes_in_place(mamba_kernels, monkey
     # (Triton's interpreter also copies each kernel's arguments, flat: not the splits)
     assert [c for c in copies if c[:2] == (2, 40)] == [], copies
     assert len(state_passes) == (0 if quadratic_max_len else 1 if save_chunk_states else 2)
+    tol = 1e-4 if DEVICE == "cpu" else 2e-3  # on CUDA mamba_ssm's fp32 dots take TF32
+    assert rel_err(outs["auto"], outs["torch"]) < tol
+    for k, g in grads["torch"].items():
+        assert rel_err(grads["auto"][k], g) < tol, k
+
+
+@pytest.mark.parametrize("quadratic_max_len", [0, 64], ids=["chunked", "attention_form"])
+@pytest.mark.parametrize("b, l", [(1, 1), (2, 1), (1, 3)], ids=["one_row_one_token", "one_token", "one_row"])
+def test_on_the_triton_path_rows_of_one_token(mamba_kernels, monkeypatch, quadratic_max_len, b, l):
+    """The mixer on the Triton path on the shortest inputs (one token; batch 1): the same output and gradients as
+    the torch backend, and no split gradient copied in (the gated norm's backward hands its slot back viewed
+    through (rows, width), which with b x l = 1 changed its size-1 strides: the split copied the slot onto itself,
+    and with b = l = 1 that copy_ raised)."""
+    from lightning_mamba.models.kernels import backend
+
+    if DEVICE == "cpu":
+        monkeypatch.setattr(backend, "uses_triton", lambda name, x: name != "torch")  # the Triton path on the CPU
+    torch.manual_seed(0)
+    mixers = {name: Mamba2(d_model=32, d_state=16, headdim=16, chunk_size=16, quadratic_max_len=quadratic_max_len,
+                           backend=name).to(DEVICE) for name in ("auto", "torch")}
+    mixers["torch"].load_state_dict(mixers["auto"].state_dict())
+    u = torch.randn(b, l, 32, device=DEVICE)
+    outs, grads, copies = {}, {}, []
+    for name, mixer in mixers.items():
+        x = u.clone().requires_grad_()
+        out, _ = mixer(x, return_state=False)
+        shapes = copy_destinations(out.square().sum().backward)
+        copies += shapes if name == "auto" else []
+        outs[name] = out.detach()
+        grads[name] = {"u": x.grad, **{k: p.grad for k, p in mixer.named_parameters()}}
+    # (Triton's interpreter also copies each kernel's arguments, flat: not the splits)
+    assert [c for c in copies if c[:2] == (b, l)] == [], copies
     tol = 1e-4 if DEVICE == "cpu" else 2e-3  # on CUDA mamba_ssm's fp32 dots take TF32
     assert rel_err(outs["auto"], outs["torch"]) < tol
     for k, g in grads["torch"].items():
