@@ -338,6 +338,20 @@ def clean(obj: Any) -> Any:
     return obj
 
 
+def check_rows(study: Study, cells: list[Cell]) -> None:
+    """Each row's cell arguments parsed and its model's settings checked, before any cell trains (a bad row of
+    ``models`` was found only when its turn came, after the rows before it had trained)."""
+    from ..training.cli import SettingsOnlyCLI, lightning_cli
+
+    firsts = {}
+    for cell in cells:
+        firsts.setdefault(cell.model, cell)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*args parameter is intended")
+        for cell in firsts.values():
+            lightning_cli(cell_args(study, cell), run=False, cli_class=SettingsOnlyCLI)
+
+
 def build_cli(study: Study, cell: Cell):
     """The cell's LightningCLI (not run). A cell on several devices is built again with its batch split."""
     from lightning.pytorch.callbacks import Timer
@@ -622,10 +636,11 @@ def run_study(study: Study, log: Callable[[str], None] = print) -> list[dict]:
     """Every cell of this shard, in order; records the plan in <out>/study.json first (:func:`record_plan`)."""
     study.validate()
     check_device(study.device)  # here, not in validate: --summarize_only and --merge may run where it is missing
-    os.makedirs(os.path.join(study.out, "cells"), exist_ok=True)
     cells = make_cells(study)
-    record_plan(study, cells)
     mine = shard_cells(cells, study.shard)
+    check_rows(study, mine)
+    os.makedirs(os.path.join(study.out, "cells"), exist_ok=True)
+    record_plan(study, cells)
     log(f"sweep: {len(cells)} cells in the grid, {len(mine)} in shard {study.shard}; study directory {study.out}")
     results, stopped = [], []
     for cell in mine:

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from ..data import TextDataModule
 from ..errors import UserError
 from ..models.config import SPEED_ONLY_SETTINGS
-from .checkpoint_io import check_resume, settle_pretrained
+from .checkpoint_io import check_resume, model_config, settle_pretrained
 from .module import MambaLitModule
 from .nan_guard import NanGuard
 from .predictions import TokenLossWriter
@@ -355,9 +355,20 @@ def quiet_lightning() -> None:
             log.addFilter(_DropTips())
 
 
-def lightning_cli(args=None, run: bool = True, description: str = "Train and study Mamba-2 LMs.") -> MambaCLI:
+class SettingsOnlyCLI(MambaCLI):
+    """The CLI's parse and its checks of the settings, with nothing built: the model's shape is checked as its
+    config (no weights allocated). A sweep asks it of every row of its grid before the first cell trains."""
+
+    def instantiate_classes(self) -> None:
+        model = self.config.get("model") or Namespace()
+        if not model.get("pretrained"):  # (a pretrained model's shape is its file's, checked when it loads)
+            model_config(**model.as_dict())
+
+
+def lightning_cli(args=None, run: bool = True, description: str = "Train and study Mamba-2 LMs.",
+                  cli_class: type[MambaCLI] = MambaCLI) -> MambaCLI:
     quiet_lightning()
-    return MambaCLI(
+    return cli_class(
         MambaLitModule,
         TextDataModule,
         subclass_mode_data=True,  # TextDataModule by default; experiments may pick e.g. PasskeyDataModule

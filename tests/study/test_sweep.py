@@ -399,3 +399,27 @@ def test_the_summary_removes_what_killed_writes_left_behind(tmp_path):
             os.utime(path, (old, old))
     summarize(str(tmp_path), tensorboard=False)
     assert [p.name for p in stale if p.exists()] == [] and all(p.exists() for p in kept)
+
+
+@pytest.mark.parametrize("row,message", [({"name": "b", "bogus": 1}, "bogus"),
+                                         ({"name": "b", "d_model": 64, "headdim": 7}, "headdim=7 must divide")])
+def test_a_bad_row_of_models_is_refused_before_any_cell_trains(tmp_path, monkeypatch, capsys, row, message):
+    """Every row's cell arguments are parsed and its model's settings checked up front: a bad second row of
+    ``models`` was refused only when its turn came, after the first row's cells had trained."""
+    trained = []
+    monkeypatch.setattr(sweep, "run_cell", lambda study, cell, log=print: trained.append(cell.name))
+    study = Study(models=[{"name": "a", "n_layer": 1, "d_model": 64}, row], lens=[64], out=str(tmp_path / "out"),
+                  model_overrides={"d_state": 16})
+    with pytest.raises((SystemExit, Exception)) as refused:
+        run_study(study)
+    assert trained == [] and not os.path.exists(study.out)
+    err = capsys.readouterr().err
+    if isinstance(refused.value, SystemExit):  # the CLI parser's line (and its hint where the options are)
+        assert refused.value.code == 2 and message in err.splitlines()[0], err
+    else:
+        from lightning_mamba.cli import user_error
+
+        assert message in str(refused.value) and user_error(refused.value) is not None  # the CLI prints one line
+    study.models = study.models[:1]
+    run_study(study)
+    assert trained == ["a_len64"]
