@@ -180,6 +180,38 @@ def test_in_place_false_is_torch_split_and_restores():
     assert grad_slots._in_place and slot_of(split_last(t, SIZES)[0]) is not None
 
 
+def on_both_paths(monkeypatch, b: int, l: int, **settings) -> tuple[dict, dict, list]:
+    """A mixer (``settings``) on the Triton path ('auto', on the CPU through the interpreter) and on the torch
+    backend with the same weights, run on one (b, l) input: their outputs, their gradients (input and parameters),
+    and the (b, l, ...) copies the Triton path's backward made (a split gradient copied in; Triton's interpreter
+    also copies each kernel's arguments, flat: not these)."""
+    from lightning_mamba.models.kernels import backend
+
+    if DEVICE == "cpu":
+        monkeypatch.setattr(backend, "uses_triton", lambda name, x: name != "torch")  # the Triton path on the CPU
+    torch.manual_seed(0)
+    mixers = {name: Mamba2(d_model=32, d_state=16, headdim=16, chunk_size=16, backend=name, **settings).to(DEVICE)
+              for name in ("auto", "torch")}
+    mixers["torch"].load_state_dict(mixers["auto"].state_dict())
+    u = torch.randn(b, l, 32, device=DEVICE)
+    outs, grads, copies = {}, {}, []
+    for name, mixer in mixers.items():
+        x = u.clone().requires_grad_()
+        out, _ = mixer(x, return_state=False)
+        shapes = copy_destinations(out.square().sum().backward)
+        copies += shapes if name == "auto" else []
+        outs[name] = out.detach()
+        grads[name] = {"u": x.grad, **{k: p.grad for k, p in mixer.named_parameters()}}
+    return outs, grads, [c for c in copies if c[:2] == (b, l)]
+
+
+def assert_paths_agree(outs: dict, grads: dict) -> None:
+    tol = 1e-4 if DEVICE == "cpu" else 2e-3  # on CUDA mamba_ssm's fp32 dots take TF32
+    assert rel_err(outs["auto"], outs["torch"]) < tol
+    for k, g in grads["torch"].items():
+        assert rel_err(grads["auto"][k], g) < tol, k
+
+
 @pytest.mark.parametrize("quadratic_max_len, dt_limit, save_chunk_states",
                          [(0, NO_DT_LIMIT, False), (0, (0.004, 0.03), False), (0, NO_DT_LIMIT, True),
                           (64, NO_DT_LIMIT, False)],
@@ -191,34 +223,14 @@ def test_on_the_triton_path_every_backward_writes_in_place(mamba_kernels, monkey
     installed, else ours; our gated norm) against the torch backend in fp32: the same output and gradients
     (dt_bias's, A_log's too), and the splits copy in no gradient (both forms take the raw dt). On CUDA, or on the
     CPU under Triton's interpreter (triton_env.mamba_kernels)."""
-    from lightning_mamba.models.kernels import backend
-
-    if DEVICE == "cpu":
-        monkeypatch.setattr(backend, "uses_triton", lambda name, x: name != "torch")  # the Triton path on the CPU
-    torch.manual_seed(0)
-    mixers = {name: Mamba2(d_model=32, d_state=16, headdim=16, chunk_size=16, quadratic_max_len=quadratic_max_len,
-                           dt_limit=dt_limit, save_chunk_states=save_chunk_states, backend=name).to(DEVICE)
-              for name in ("auto", "torch")}
-    mixers["torch"].load_state_dict(mixers["auto"].state_dict())
-    u = torch.randn(2, 40, 32, device=DEVICE)
-    outs, grads, copies = {}, {}, []
     state_passes = []  # mamba_ssm's state-passing forwards: the forward's, and its backward's recomputation
     monkeypatch.setattr(mamba_kernels, "_state_passing_fwd",
                         lambda *a, _fn=mamba_kernels._state_passing_fwd, **k: state_passes.append(1) or _fn(*a, **k))
-    for name, mixer in mixers.items():
-        x = u.clone().requires_grad_()
-        out, _ = mixer(x, return_state=False)
-        shapes = copy_destinations(out.square().sum().backward)
-        copies += shapes if name == "auto" else []
-        outs[name] = out.detach()
-        grads[name] = {"u": x.grad, **{k: p.grad for k, p in mixer.named_parameters()}}
-    # (Triton's interpreter also copies each kernel's arguments, flat: not the splits)
-    assert [c for c in copies if c[:2] == (2, 40)] == [], copies
+    outs, grads, copies = on_both_paths(monkeypatch, 2, 40, quadratic_max_len=quadratic_max_len, dt_limit=dt_limit,
+                                        save_chunk_states=save_chunk_states)
+    assert copies == [], copies
     assert len(state_passes) == (0 if quadratic_max_len else 1 if save_chunk_states else 2)
-    tol = 1e-4 if DEVICE == "cpu" else 2e-3  # on CUDA mamba_ssm's fp32 dots take TF32
-    assert rel_err(outs["auto"], outs["torch"]) < tol
-    for k, g in grads["torch"].items():
-        assert rel_err(grads["auto"][k], g) < tol, k
+    assert_paths_agree(outs, grads)
 
 
 @pytest.mark.parametrize("quadratic_max_len", [0, 64], ids=["chunked", "attention_form"])
@@ -228,26 +240,6 @@ def test_on_the_triton_path_rows_of_one_token(mamba_kernels, monkeypatch, quadra
     the torch backend, and no split gradient copied in (the gated norm's backward hands its slot back viewed
     through (rows, width), which with b x l = 1 changed its size-1 strides: the split copied the slot onto itself,
     and with b = l = 1 that copy_ raised)."""
-    from lightning_mamba.models.kernels import backend
-
-    if DEVICE == "cpu":
-        monkeypatch.setattr(backend, "uses_triton", lambda name, x: name != "torch")  # the Triton path on the CPU
-    torch.manual_seed(0)
-    mixers = {name: Mamba2(d_model=32, d_state=16, headdim=16, chunk_size=16, quadratic_max_len=quadratic_max_len,
-                           backend=name).to(DEVICE) for name in ("auto", "torch")}
-    mixers["torch"].load_state_dict(mixers["auto"].state_dict())
-    u = torch.randn(b, l, 32, device=DEVICE)
-    outs, grads, copies = {}, {}, []
-    for name, mixer in mixers.items():
-        x = u.clone().requires_grad_()
-        out, _ = mixer(x, return_state=False)
-        shapes = copy_destinations(out.square().sum().backward)
-        copies += shapes if name == "auto" else []
-        outs[name] = out.detach()
-        grads[name] = {"u": x.grad, **{k: p.grad for k, p in mixer.named_parameters()}}
-    # (Triton's interpreter also copies each kernel's arguments, flat: not the splits)
-    assert [c for c in copies if c[:2] == (b, l)] == [], copies
-    tol = 1e-4 if DEVICE == "cpu" else 2e-3  # on CUDA mamba_ssm's fp32 dots take TF32
-    assert rel_err(outs["auto"], outs["torch"]) < tol
-    for k, g in grads["torch"].items():
-        assert rel_err(grads["auto"][k], g) < tol, k
+    outs, grads, copies = on_both_paths(monkeypatch, b, l, quadratic_max_len=quadratic_max_len)
+    assert copies == [], copies
+    assert_paths_agree(outs, grads)
