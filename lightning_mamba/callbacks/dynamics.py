@@ -21,6 +21,7 @@ from ..analysis.decays import over_heads
 from ..analysis.evaluator import eval_rows
 from ..atomic import atomic_write_json
 from ..training.sharding import fsdp_root
+from ..training.validation import exists_on_rank_zero
 
 
 def mixers(model) -> list:
@@ -122,8 +123,7 @@ class DecayDynamicsCallback(L.Callback):
         the same weights): measuring again would log a second point at that step."""
         if trainer.ckpt_path is None or trainer.global_step == 0:
             return False
-        done = trainer.is_global_zero and os.path.exists(self.result_path(trainer, trainer.global_step))
-        return trainer.strategy.broadcast(done, src=0) if trainer.world_size > 1 else done
+        return exists_on_rank_zero(trainer, self.result_path(trainer, trainer.global_step))
 
     def result_path(self, trainer: L.Trainer, step: int) -> str:
         log_dir = trainer.loggers[0].log_dir if trainer.loggers else None  # the logger's: no broadcast

@@ -25,7 +25,7 @@ from ..analysis.forgetting import (
 from ..atomic import atomic_write_json
 from ..models.config import ConfigError
 from ..training.sharding import fsdp_root, unsharded_copy
-from ..training.validation import validation_due
+from ..training.validation import exists_on_rank_zero, validation_due
 
 # Significant digits of the floats in the step JSONs of the periodic analyses (curves computed in float32: ~7 are
 # real; six keep the files of a 40-evaluation study cell at ~1/2 the size)
@@ -96,8 +96,7 @@ class PeriodicAnalysis(L.Callback):
 
     def _done(self, trainer: L.Trainer) -> bool:
         """Whether this run's directory holds the result for the current step (rank 0 looks; all ranks agree)."""
-        done = trainer.is_global_zero and os.path.exists(self.result_path(trainer, trainer.global_step))
-        return trainer.strategy.broadcast(done, src=0) if trainer.world_size > 1 else done
+        return exists_on_rank_zero(trainer, self.result_path(trainer, trainer.global_step))
 
     def state_dict(self) -> dict:
         return {"validations": self._validations, "validated_step": self._validated_step, "runs": self._runs}

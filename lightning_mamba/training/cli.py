@@ -176,16 +176,20 @@ def follow_default_root_dir(config: Namespace, argv: list[str]) -> None:
     ``--trainer.logger.init_args.save_dir`` is typed. Lightning uses default_root_dir only where no logger sets the
     place, so with the config's logger the option did nothing at all. (A config printed with --print_config holds
     default_root_dir, so ``fit --config`` of it goes to the same place.)"""
-    trainer = config.get("trainer")
-    if trainer is None or "trainer.logger.save_dir" in typed_options(argv):
+    root = (config.get("trainer") or Namespace()).get("default_root_dir")
+    if root is None or "trainer.logger.save_dir" in typed_options(argv):
         return
-    root = trainer.get("default_root_dir")
-    loggers = trainer.get("logger")
-    loggers = loggers if isinstance(loggers, list) else [loggers]
-    for logger in loggers:
-        init = logger.get("init_args") if isinstance(logger, Namespace) else None
-        if root is not None and isinstance(init, Namespace) and "save_dir" in init:
+    for init in logger_init_args(config):
+        if "save_dir" in init:
             init.save_dir = root
+
+
+def logger_init_args(config: Namespace) -> list[Namespace]:
+    """The init_args of each logger the config gives by class_path (trainer.logger: one or a list)."""
+    loggers = (config.get("trainer") or Namespace()).get("logger")
+    loggers = loggers if isinstance(loggers, list) else [loggers]
+    inits = [logger.get("init_args") if isinstance(logger, Namespace) else None for logger in loggers]
+    return [init for init in inits if isinstance(init, Namespace)]
 
 
 def at_checkpoint_step(trainer: L.Trainer, step: int | None) -> None:
@@ -209,10 +213,8 @@ def evaluate_into_a_new_version(config: Namespace, argv: list[str]) -> None:
     curves given points at step 0. A typed --trainer.logger.init_args.version is kept."""
     if "trainer.logger.version" in typed_options(argv):
         return
-    loggers = (config.get("trainer") or Namespace()).get("logger")
-    for logger in loggers if isinstance(loggers, list) else [loggers]:
-        init = logger.get("init_args") if isinstance(logger, Namespace) else None
-        version = init.get("version") if isinstance(init, Namespace) else None
+    for init in logger_init_args(config):
+        version = init.get("version")
         if version in (None, "") or init.get("save_dir") is None:
             continue
         folder = os.path.join(str(init.save_dir), str(init.get("name") or ""),

@@ -353,6 +353,11 @@ class MambaLitModule(L.LightningModule):
         the two norms cost ~0.6 + ~0.5 ms of host time per step of the study's small cell, ~5.8 ms in all)."""
         self._offered_grad_norm = (self.trainer.global_step, grad_norm)
 
+    def _take_offered_grad_norm(self) -> torch.Tensor | None:
+        """This step's offered norm (offer_grad_norm), used once; None when none was offered for this step."""
+        offered, self._offered_grad_norm = self._offered_grad_norm, None
+        return offered[1] if offered is not None and offered[0] == self.trainer.global_step else None
+
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         if gradient_clip_val is not None and not gradient_clip_val >= 0:  # NaN too
             # a negative max norm flips every gradient (clip_grad_norm_ scales by max_norm / norm): the loss climbs
@@ -369,9 +374,8 @@ class MambaLitModule(L.LightningModule):
         if self.trainer.precision == "16-mixed":
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         if gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm":
-            offered, self._offered_grad_norm = self._offered_grad_norm, None
-            if offered is not None and offered[0] == self.trainer.global_step:
-                grad_norm = offered[1]
+            grad_norm = self._take_offered_grad_norm()
+            if grad_norm is not None:
                 torch.nn.utils.clip_grads_with_norm_(self.parameters(), gradient_clip_val, grad_norm)
             else:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
@@ -386,9 +390,9 @@ class MambaLitModule(L.LightningModule):
         """Without norm clipping (trainer.gradient_clip_val 0 or null, or gradient_clip_algorithm value) the gradient
         norm is still logged as train/grad_norm (before a value clip): the NaN guard's, else computed at the logging
         steps only. It used to vanish from TensorBoard and callback_metrics when clipping was turned off."""
-        offered, self._offered_grad_norm = self._offered_grad_norm, None
-        if offered is not None and offered[0] == self.trainer.global_step:
-            self.log_step("train/grad_norm", offered[1])
+        grad_norm = self._take_offered_grad_norm()
+        if grad_norm is not None:
+            self.log_step("train/grad_norm", grad_norm)
         elif self.trainer._logger_connector.should_update_logs:
             grads = [p.grad for p in self.parameters() if p.grad is not None]
             if grads:

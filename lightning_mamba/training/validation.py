@@ -46,14 +46,19 @@ def write_record(trainer: L.Trainer, metrics: dict[str, float]) -> None:
     atomic_write_json(path, {"step": trainer.global_step, **{k: float(v) for k, v in metrics.items()}})
 
 
+def exists_on_rank_zero(trainer: L.Trainer, path: str) -> bool:
+    """Whether rank 0 sees the file ``path`` (a run's records are written by rank 0); every rank gets its answer."""
+    found = trainer.is_global_zero and os.path.exists(path)
+    return trainer.strategy.broadcast(found, src=0) if trainer.world_size > 1 else found
+
+
 def lost_on_resume(trainer: L.Trainer) -> bool:
     """Resumed at a validation step whose validation left no record (all ranks agree)."""
     step = trainer.global_step
     if trainer.ckpt_path is None or step == 0 or not validation_due(trainer):
         return False
     path = record_path(trainer, step)
-    lost = trainer.is_global_zero and path is not None and not os.path.exists(path)
-    return trainer.strategy.broadcast(lost, src=0) if trainer.world_size > 1 else lost
+    return path is not None and not exists_on_rank_zero(trainer, path)
 
 
 def limited_batches(trainer: L.Trainer, available: int) -> int:
