@@ -80,14 +80,21 @@ def test_callbacks_log_tags_and_files(tmp_path):
     assert module.model.training
 
 
-def test_figures_every_n_runs_draws_first_nth_and_last(tmp_path):
-    """Figures at the first run, every N-th and the end of fit; scalars and JSON at every run."""
+def fit_with_figure_cadences(tmp_path, max_steps: int):
+    """A fit validating every 2 steps whose observers draw figures every 2nd (lengthgen) and 3rd (state) run; returns
+    the LengthGeneralizationCallback and the run's events."""
     torch.manual_seed(0)
     module = MambaLitModule(d_model=32, n_layer=1, d_state=16, headdim=16, chunk_size=32, vocab_size=257,
                             backend="torch", warmup_steps=1)
     lengthgen = LengthGeneralizationCallback(multiples=(1, 2, 4), n_rows=1, piece_len=256, figures_every_n_runs=2)
     stats = StateStatsCallback(multiples=(1, 4), stride=32, probes=("text",), figures_every_n_runs=3)
-    _, acc = fit_observed(tmp_path, module, [lengthgen, stats], max_steps=7, num_sanity_val_steps=0)
+    _, acc = fit_observed(tmp_path, module, [lengthgen, stats], max_steps=max_steps, num_sanity_val_steps=0)
+    return lengthgen, acc
+
+
+def test_figures_every_n_runs_draws_first_nth_and_last(tmp_path):
+    """Figures at the first run, every N-th and the end of fit; scalars and JSON at every run."""
+    lengthgen, acc = fit_with_figure_cadences(tmp_path, max_steps=7)
     # validations at 2, 4, 6, then the end of fit at 7: runs 0-3
     assert [e.step for e in acc.Scalars("lengthgen/loss@4x")] == [2, 4, 6, 7]
     assert [e.step for e in acc.Images("lengthgen/loss_vs_position")] == [2, 6, 7]  # runs 0, 2 and the end
@@ -103,12 +110,7 @@ def test_figures_every_n_runs_draws_first_nth_and_last(tmp_path):
 def test_figures_at_the_end_when_the_last_validation_ends_fit(tmp_path):
     """max_steps a multiple of val_check_interval: the validation at max_steps is the end of fit (on_fit_end does not
     run the analysis again), so its figures are drawn whatever the cadence."""
-    torch.manual_seed(0)
-    module = MambaLitModule(d_model=32, n_layer=1, d_state=16, headdim=16, chunk_size=32, vocab_size=257,
-                            backend="torch", warmup_steps=1)
-    lengthgen = LengthGeneralizationCallback(multiples=(1, 2, 4), n_rows=1, piece_len=256, figures_every_n_runs=2)
-    stats = StateStatsCallback(multiples=(1, 4), stride=32, probes=("text",), figures_every_n_runs=3)
-    _, acc = fit_observed(tmp_path, module, [lengthgen, stats], max_steps=8, num_sanity_val_steps=0)
+    lengthgen, acc = fit_with_figure_cadences(tmp_path, max_steps=8)
     assert [e.step for e in acc.Scalars("lengthgen/loss@4x")] == [2, 4, 6, 8]  # runs 0-3, the last at the end
     assert [e.step for e in acc.Images("lengthgen/loss_vs_position")] == [2, 6, 8]
     assert [e.step for e in acc.Images("state/norm_vs_position")] == [2, 8]
