@@ -136,6 +136,8 @@ class Study:
         return max(self.eval_tokens or self.eval_multiple * seq_len, self.eval_min_tokens or 0)
 
     def validate(self) -> None:
+        check(self.models is None or bool(self.models), "models is an empty list: give at least one model override, "
+              "e.g. [{n_layer: 12, d_model: 768}], or models: null to sweep states")
         check(bool(self.lens) and all(t >= 2 for t in self.lens),
               f"lens must be non-empty, each >= 2 (got {self.lens})")
         if self.axis == "states":

@@ -131,6 +131,8 @@ def test_cell_args_give_every_cell_the_same_tokens_per_step():
     ({"bucket": 65}, "half the training length, 64 \\(got 65\\)"),
     ({"eval_multiple": 1}, "must go past LEN"),
     ({"models": [{"n_layer": 2}, {"n_layer": 2}]}, "share a name"),
+    # was the states axis, silently: a typo'd row list trained the default grid
+    ({"models": []}, "models is an empty list"),
     ({"time_per_cell": "1h"}, "time_per_cell must be DD:HH:MM:SS"),
     # every cell skipped its passkey grid after training, and the summary said passkey had not run
     ({"passkey": True, "passkey_multiples": []}, "passkey_multiples must be a non-empty list of positive multiples"),
