@@ -177,6 +177,8 @@ def rows_of(results: list[dict], plan: dict | None, provisional: list[dict] | No
         recalls = [(r.get("passkey") or {}).get("t_recall") for rs in runs.values() for r in rs if r.get("passkey")]
         entry["t_recall"] = max((x for x in recalls if x is not None), default=None) if recalls else None
         entry["passkey_ran"] = bool(recalls)
+        # a cell whose passkey lengths were all shorter than the template records passkey: null (sweep.passkey_cell)
+        entry["passkey_skipped"] = any("passkey" in r and r["passkey"] is None for rs in runs.values() for r in rs)
         rows.append(entry)
     return rows
 
@@ -198,7 +200,7 @@ def fit_entry(fit, n: int, paper: dict, min_points: int, provisional_rows: list[
     return entry
 
 
-def fits_of(rows: list[dict]) -> dict:
+def fits_of(rows: list[dict], passkey_planned: bool = False) -> dict:
     """T_forget (K tokens) vs N_S (M), both N_S conventions; T_recall likewise when passkey ran. A row whose
     T_forget is provisional (``t_forget_provisional``) is a point of the fit, which then says so; a bound resting
     on a provisional verdict says so too."""
@@ -226,7 +228,14 @@ def fits_of(rows: list[dict]) -> dict:
             xr = [r[key] / N_S_UNIT for r in recall]
             out["t_recall"][label] = fit_entry(fit_exponential(xr, yr), len(xr), PAPER_T_RECALL, 3)
     else:
-        out["t_recall"] = {"fit": None, "reason": "passkey did not run (study.passkey: false)", "paper": PAPER_T_RECALL}
+        if any(r.get("passkey_skipped") for r in rows):
+            reason = ("passkey did not run: every passkey length (passkey_multiples x LEN) was shorter than the "
+                      "passkey template; raise passkey_multiples")
+        elif passkey_planned:
+            reason = "passkey did not run yet: no finished cell has its passkey grid"
+        else:
+            reason = "passkey did not run (study.passkey: false)"
+        out["t_recall"] = {"fit": None, "reason": reason, "paper": PAPER_T_RECALL}
     return out
 
 
@@ -293,7 +302,7 @@ def summarize(out: str, tensorboard: bool = True) -> dict:
     rows = rows_of(results, plan, early)
     order = {r["row"]: i for i, r in enumerate(rows)}
     results.sort(key=lambda r: (order[r["row"]], r["seq_len"], seed_of(r["cell"]) or 0))
-    fits = fits_of(rows)
+    fits = fits_of(rows, bool((plan or {}).get("passkey")))
     budgets = sorted({r["tokens"] for r in results})
     notes = []
     if len(budgets) > 1:

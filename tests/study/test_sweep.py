@@ -326,6 +326,19 @@ def test_a_row_passing_at_the_shortest_len_is_an_upper_bound_not_a_measurement()
     assert fits["t_forget"]["paper_convention"]["n_points"] == 1  # the upper bound stays out of the fit
 
 
+def test_the_summary_says_why_passkey_did_not_run():
+    """A study with passkey on whose every passkey length was shorter than the template said "study.passkey: false"."""
+    from lightning_mamba.study.summary import fits_of, rows_of
+
+    skipped = {**fake_result("state16", 512, True, 1e5), "passkey": None}  # sweep.passkey_cell's record of a skip
+    reason = fits_of(rows_of([skipped], None), passkey_planned=True)["t_recall"]["reason"]
+    assert "shorter than the passkey template; raise passkey_multiples" in reason
+    unfinished = fits_of(rows_of([fake_result("state16", 512, True, 1e5)], None), passkey_planned=True)
+    assert "did not run yet" in unfinished["t_recall"]["reason"]
+    off = fits_of(rows_of([fake_result("state16", 512, True, 1e5)], None))
+    assert "study.passkey: false" in off["t_recall"]["reason"]
+
+
 def test_a_built_cell_keeps_the_noise_filters(tmp_path):
     """torch's AccumulateGrad stream note under model.cuda_graph is off in a cell's run as in `fit` (a
     catch_warnings around the cell's build once restored the filters and it printed into every cell's log)."""
