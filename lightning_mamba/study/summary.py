@@ -336,10 +336,8 @@ def summarize(out: str, tensorboard: bool = True) -> dict:
     os.makedirs(out, exist_ok=True)
     summary = clean(summary)
     along = summary["onset"]  # every cell's evaluations along training
-    for name, figure in (("onset", plot_onset(along)), ("decays", plot_decays(along)),
-                         ("grid_map", plot_grid_map(along["grid"]))):
-        if figure is not None:
-            plots.save_png(figure, os.path.join(out, f"{name}.png"))
+    along_figures = {name: figure for name, figure in (("onset", plot_onset(along)), ("decays", plot_decays(along)),
+                                                       ("grid_map", plot_grid_map(along["grid"]))) if figure is not None}
     write_json(os.path.join(out, "summary.json"), summary)
     table = io.StringIO(newline="")
     w = csv.DictWriter(table, fieldnames=CSV_FIELDS)
@@ -347,17 +345,24 @@ def summarize(out: str, tensorboard: bool = True) -> dict:
     w.writerows(clean([csv_row(r) for r in results]))
     atomic_write_text(os.path.join(out, "results.csv"), table.getvalue())
     if results or early:
-        write_figures(out, results, rows, fits, tensorboard)
+        write_figures(out, results, rows, fits, tensorboard, along_figures)
+    else:
+        for name, figure in along_figures.items():
+            plots.save_png(figure, os.path.join(out, f"{name}.png"))
     return summary
 
 
-def write_figures(out: str, results: list[dict], rows: list[dict], fits: dict, tensorboard: bool) -> None:
+def write_figures(out: str, results: list[dict], rows: list[dict], fits: dict, tensorboard: bool,
+                  along_figures: dict | None = None) -> None:
+    """The summary's PNGs and, with ``tensorboard``, the run ``<out>/summary`` (scalars, table and every figure,
+    ``along_figures`` (onset, decays, grid map: the cells' records along training) among them)."""
     figures = {"t_forget_vs_state_size": plot_t_forget(rows, fits)}
     if results:  # a provisional cell has no final curve
         figures["loss_curves"] = plot_curve_grid(results, rows)
     pk = plot_passkey_grid(results, rows)
     if pk is not None:
         figures["passkey_heatmaps"] = pk
+    figures.update(along_figures or {})
     writer = None
     if tensorboard:
         from torch.utils.tensorboard import SummaryWriter

@@ -98,7 +98,7 @@ def test_the_summary_follows_started_cells_outside_the_plan_and_draws_the_onset(
 
     out = tmp_path / "study"
     write_study(out, ["state64_len64"], {"state64_len64": [1.0, 1.4, 2.6], "state256_len64": [1.0, 1.1, 1.0]})
-    summary = summarize(str(out), tensorboard=False)
+    summary = summarize(str(out))
     assert set(summary["onset"]["cells"]) == {"state64_len64", "state256_len64"}
     assert summary["onset"]["cells"]["state64_len64"]["onset"]["step"] == 1500
     assert (out / "onset.png").stat().st_size > 0
@@ -110,6 +110,11 @@ def test_the_summary_follows_started_cells_outside_the_plan_and_draws_the_onset(
                             "steps_min": 1500, "steps_max": 1500}}}
     assert (out / "grid_map.png").stat().st_size > 0
     assert plot_onset({"cells": {"c": {"history": [{"step": 1, "forgets": True}]}}}) is None  # no ratio: no figure
+    # the figures along training are in the study's TensorBoard run too, beside the T_forget figure (were PNGs only)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "summary")).Reload()
+    assert {"study/onset", "study/grid_map", "study/t_forget_vs_state_size"} <= set(events.Tags()["images"])
 
 
 def test_results_csv_carries_the_ratio_and_its_interval():
