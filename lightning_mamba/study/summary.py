@@ -178,7 +178,8 @@ def rows_of(results: list[dict], plan: dict | None, provisional: list[dict] | No
         entry["t_recall"] = max((x for x in recalls if x is not None), default=None) if recalls else None
         entry["passkey_ran"] = bool(recalls)
         # a cell whose passkey lengths were all shorter than the template records passkey: null (sweep.passkey_cell)
-        entry["passkey_skipped"] = any("passkey" in r and r["passkey"] is None for rs in runs.values() for r in rs)
+        if any("passkey" in r and r["passkey"] is None for rs in runs.values() for r in rs):
+            entry["passkey_skipped"] = True  # only then: a row's keys stay those of earlier summaries otherwise
         rows.append(entry)
     return rows
 
