@@ -62,6 +62,7 @@ def test_fit_writes_events_config_and_checkpoint_then_resumes_validates_tests_an
     assert sorted(os.listdir(tmp_path / "runs" / "tiny")) == ["version_0"]  # no version_1
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 8
     assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]
+    assert not [w for w in recwarn if "exists and is not empty" in str(w.message)]  # its own folder: no warning
 
     # validate, test and predict run on the checkpoint
     ckpt = str(run / "checkpoints" / "last.ckpt")

@@ -316,6 +316,8 @@ def resume_into_run_directory(config: Namespace) -> None:
         return
     init.version = int(match.group(1))
     logger.init_args = init
+    # ModelCheckpoint warns that this run's checkpoints folder "exists and is not empty": going on there is the point
+    warnings.filterwarnings("ignore", message=rf"Checkpoint directory .*{re.escape(checkpoints)} exists and is not empty")
 
 
 def fit_summary(trainer: L.Trainer) -> list[str]:
