@@ -71,7 +71,11 @@ def profile(model, loss_fn, cfg, device, steps: int, top: int, ops: int = 0) -> 
     d_model, n_layer, d_state, vocab, batch, seq_len, headdim = cfg
     dtype = torch.bfloat16 if device == "cuda" else None
     bare_loop(model, batch, seq_len, vocab, 2, 1, device, dtype, loss_fn)  # compile Triton kernels first
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     wall = bare_loop(model, batch, seq_len, vocab, steps, 0, device, dtype, loss_fn) * 1e3
+    # the eager step's peak (weights, optimizer state, activations): a memory A/B in the same process as the times
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     activity = ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU
     with torch_profile(activities=[activity]) as prof:
         bare_loop(model, batch, seq_len, vocab, steps, 0, device, dtype, loss_fn)
@@ -87,7 +91,7 @@ def profile(model, loss_fn, cfg, device, steps: int, top: int, ops: int = 0) -> 
         groups[group_of(name)] += ms
     # kernel time well below the wall time: the GPU waits for the CPU (launch / Python overhead)
     print(f"  {'GPU kernel' if device == 'cuda' else 'CPU op'} time per step: {total:.1f} ms; wall time per step "
-          f"without the profiler: {wall:.1f} ms")
+          f"without the profiler: {wall:.1f} ms" + (f"; peak memory {peak:.2f} GiB (eager)" if peak is not None else ""))
     for g, ms in sorted(groups.items(), key=lambda kv: -kv[1]):
         print(f"  {g:>22}: {ms:8.2f} ms  {ms / total:6.1%}")
     print(f"  top {top} kernels (ms/step, group, name):")
@@ -100,7 +104,7 @@ def profile(model, loss_fn, cfg, device, steps: int, top: int, ops: int = 0) -> 
         print(f"  top {ops} torch ops by their own {'CUDA' if device == 'cuda' else 'CPU'} time ({steps} steps):")
         print(prof.key_averages(group_by_input_shape=True).table(
             sort_by=key, row_limit=ops, max_name_column_width=48, max_shapes_column_width=90))
-    return dict(groups, total=total, wall=wall)
+    return dict(groups, total=total, wall=wall, **({"peak_gib": peak} if peak is not None else {}))
 
 
 def main(argv: list[str] | None = None) -> dict:
