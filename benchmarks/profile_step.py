@@ -12,7 +12,7 @@
 Same models, batch, precision and loss as ``train_throughput.py`` (its builders are reused; ours trains
 with MambaLM.loss). Prints, per contender,
 the CUDA time per step in each group (SSD scan, conv, norms, matmuls, loss, optimizer, the rest) and the
-costliest kernels, so a fusion can be aimed at what actually costs time. ``--config cell`` is the study's 4 x 256
+costliest kernels, so a fusion can be aimed at what actually costs time, and (CUDA) the eager step's peak memory. ``--config cell`` is the study's 4 x 256
 byte-level model at 16,384 tokens per step (``--d_state``, ``--seq_len``, ``--tokens_per_step`` pick the cell; ours
 takes ``--chunk_size``, ``--quadratic_max_len``, ``--save_chunk_states`` and ``--recompute_norm_output``). On the CPU (a smoke run) it groups the ops' own CPU time.
 """
