@@ -180,4 +180,20 @@ def load_state_norms(path: str) -> Tensor:
     if thresholds is None:
         raise ValueError(f"{path} has no state-norm thresholds: write them with save_state_norms, or use the "
                          "verdict.json of an `analyze --state_norm calibrate` run")
-    return torch.tensor(thresholds, dtype=torch.float32)
+    return checked_thresholds(thresholds, path)
+
+
+def checked_thresholds(thresholds, path) -> Tensor:
+    """``thresholds`` as a (n_layer, nheads) fp32 tensor of finite norms >= 0: anything else (text, ragged rows, a
+    NaN, which never clips, or a negative norm, which would flip the state's sign) is a ValueError naming ``path``."""
+    try:
+        t = torch.tensor(thresholds, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path}: the state-norm thresholds must be rows of numbers, one per layer ({e})") from None
+    if t.dim() != 2:
+        raise ValueError(f"{path}: the state-norm thresholds must be (n_layer, nheads) rows of numbers; got shape "
+                         f"{tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all() and (t >= 0).all()):
+        raise ValueError(f"{path}: the state-norm thresholds must be finite norms >= 0 (a NaN never clips, a negative "
+                         f"norm flips the state)")
+    return t

@@ -110,3 +110,18 @@ def test_a_bucket_the_criterion_cannot_use_is_refused_before_the_loss_pass(check
     assert line == ("--bucket must be a whole number between 1 and half the training length, 8 (got 9): the criterion "
                     "leaves the first bucket out, and its reference needs another one ending within 16")
     assert runs == []
+
+
+@pytest.mark.parametrize("thresholds,why", [
+    ('"abc"', "must be rows of numbers"),  # was a TypeError traceback
+    ("[1.0, 2.0]", "must be (n_layer, nheads) rows"),
+    ("[[-1.0, -1.0], [-1.0, -1.0]]", "must be finite norms >= 0"),  # was taken: each state's sign flipped
+    ("[[NaN, 1.0], [1.0, 1.0]]", "must be finite norms >= 0"),  # was taken: that head never clipped
+], ids=["text", "one-row", "negative", "nan"])
+def test_analyze_refuses_state_norm_thresholds_that_are_no_norms(checkpoint, tmp_path, capsys, no_loading,
+                                                                   thresholds, why):
+    path, _ = checkpoint
+    norms = tmp_path / "norms.json"
+    norms.write_text(f'{{"thresholds": {thresholds}}}')
+    line = error_line(capsys, "analyze", ["--ckpt", str(path), "--state_norm", str(norms)])
+    assert line.startswith(f"--state_norm {norms} is not a thresholds JSON ({norms}: the state-norm thresholds {why}")
