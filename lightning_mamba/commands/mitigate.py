@@ -71,6 +71,10 @@ def mitigate(args) -> dict:
         other, other_meta = load_checkpoint(path, args.backend)
         if other_meta.get("tokenizer") and inp.meta.get("tokenizer") and other_meta["tokenizer"] != inp.meta["tokenizer"]:
             raise CommandError(f"--compare {name}: {path} uses another tokenizer than --ckpt: the losses would not compare")
+        if inp.tokenizer.vocab_size > other.config.padded_vocab_size:  # (a checkpoint that records no tokenizer)
+            raise CommandError(f"--compare {name}: {path} has an embedding of {other.config.padded_vocab_size} ids, "
+                               f"fewer than the tokenizer of --ckpt ({inp.tokenizer.vocab_size}): compare checkpoints "
+                               f"trained with the same tokenizer")
         others[name] = other.to(inp.device)
     T = inp.seq_len
     bucket = args.bucket or default_bucket(T)

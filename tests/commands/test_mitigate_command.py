@@ -62,3 +62,25 @@ def test_the_table_names_where_the_search_scored(checkpoint, tmp_path, capsys):
     assert "| model | setting (searched by loss at 8 x T) |" in captured.out
     assert (out / "mitigation.md").read_text().startswith("| model | setting (searched by loss at 8 x T) |")
     assert any("loss@8x" in line for line in captured.err.splitlines())
+
+
+def test_a_compared_checkpoint_with_a_smaller_embedding_is_refused_before_the_search(checkpoint, tmp_path, capsys,
+                                                                                     monkeypatch):
+    """--compare of a directory that records no tokenizer (an official or hand-made one) whose embedding holds fewer
+    ids than --ckpt's tokenizer: one line before the search (it was an IndexError traceback at its evaluation, after
+    the whole search had run)."""
+    from lightning_mamba.models.checkpoint import save_pretrained
+    from tests.tiny import tiny_lm
+
+    path, text = checkpoint
+    small = tmp_path / "small"
+    save_pretrained(tiny_lm(vocab_size=64), str(small))  # no tokenizer recorded
+    searched = []
+    monkeypatch.setattr(cmd, "compare_mitigations", lambda *a, **k: searched.append(1) or [])
+    assert cmd.main(run_args(path, text, tmp_path / "out", "--compare", json.dumps({"small": str(small)}))) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and searched == []
+    assert err.strip().splitlines()[-1] == (f"mitigate: error: --compare small: {small} has an embedding of 64 ids, "
+                                            "fewer than the tokenizer of --ckpt (257): compare checkpoints trained "
+                                            "with the same tokenizer")
+    assert not (tmp_path / "out").exists()
