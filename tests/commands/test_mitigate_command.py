@@ -84,3 +84,19 @@ def test_a_compared_checkpoint_with_a_smaller_embedding_is_refused_before_the_se
                                             "fewer than the tokenizer of --ckpt (257): compare checkpoints trained "
                                             "with the same tokenizer")
     assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_is_one_line_and_exit_130(checkpoint, tmp_path, capsys, monkeypatch):
+    """Ctrl-C mid-search (KeyboardInterrupt wherever it lands): one line and exit status 130, nothing written; it was
+    a traceback through the scan it hit."""
+    path, text = checkpoint
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cmd, "compare_mitigations", interrupted)
+    assert cmd.main(run_args(path, text, tmp_path / "out")) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == ("mitigate: error: stopped by Ctrl-C (files already written are kept; none "
+                                            "is half-written)")
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
