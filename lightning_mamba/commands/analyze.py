@@ -22,7 +22,7 @@ from ..analysis.forgetting import measure_forgetting
 from ..analysis.state_stats import newline_probe, state_statistics
 from ..atomic import atomic_write_json
 from ..mitigations.interventions import apply_interventions, load_state_norms, parse_rri
-from ..mitigations.search import add_intervention_args, interventions_from_args
+from ..mitigations.search import add_intervention_args, interventions_from_args, state_norm_piece_len
 from ..progress import phase
 from . import run_command
 from .common import (
@@ -64,9 +64,13 @@ def analyze(args) -> dict:
     stride = args.stride or bucket
 
     mitigations, intervention = interventions_from_args(args, model, rows, T, dtype, device, args.batch_size)
+    # the state norm is checked as each piece ends: as often as `mitigate` checks it, whatever --piece_len
+    piece_len = state_norm_piece_len(args.piece_len, T) if "state_norm" in mitigations else args.piece_len
+    if "state_norm" in mitigations:
+        intervention["piece_len"] = piece_len
     with apply_interventions(model, **mitigations):  # everything below the model as mitigated, if asked
         with phase(f"analyze: loss vs position on {rows.size(0)} rows x {length} tokens"):
-            report = measure_forgetting(model, rows, T, bucket, args.threshold, piece_len=args.piece_len, dtype=dtype,
+            report = measure_forgetting(model, rows, T, bucket, args.threshold, piece_len=piece_len, dtype=dtype,
                                         device=device, batch_size=args.batch_size)
         with phase(f"analyze: state statistics ({', '.join(args.probes)})"):
             stats = _state_stats(args, model, rows, tokenizer, T, length, stride, dtype, device)

@@ -24,6 +24,12 @@ from .interventions import apply_interventions, calibrate_state_norms, describe,
 CALIBRATION_STRIDE = 16  # tokens between the states whose norms set the thresholds
 
 
+def state_norm_piece_len(piece_len: int, seq_len: int) -> int:
+    """Tokens per forward when state normalization is on: the state is checked as each piece ends, so at least every
+    T_train / 4 tokens (at the default 2048 a T_train of 64 would be checked once in 32 x T_train, as good as off)."""
+    return max(1, min(piece_len, seq_len // 4))
+
+
 def evaluate_with(
     model,
     tokens: Tensor,
@@ -116,7 +122,7 @@ def add_intervention_args(parser) -> None:
                         "tokens per layer (state difference).")
     parser.add_argument("--state_norm", type=str | None, default=None, help="Evaluate with state normalization: a "
                         "thresholds JSON, or 'calibrate' (max norms within T_train on the evaluation text); the state "
-                        "is checked every --piece_len tokens.")
+                        "is checked every --piece_len tokens, at least every T_train / 4 (as in `mitigate`).")
 
 
 def interventions_from_args(args, model, rows: Tensor, seq_len: int, dtype, device, batch_size=None) -> tuple[dict, dict]:
@@ -235,7 +241,7 @@ def compare_mitigations(model, rows: Tensor, seq_len: int, bucket: int, methods=
     add("as trained", model, {})
     for method in methods:
         if method == "state_norm":  # nothing to search: thresholds from the norms within T_train
-            add("state norm", model, {"state_norm": "calibrate"}, pl=max(1, min(piece_len, seq_len // 4)))
+            add("state norm", model, {"state_norm": "calibrate"}, pl=state_norm_piece_len(piece_len, seq_len))
             continue
         grid = default_grid(method, seq_len)
         log(f"{method}: searching {len(grid)} settings by the loss at {at_multiple} x T")

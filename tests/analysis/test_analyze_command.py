@@ -72,6 +72,23 @@ def test_analyze_needs_a_training_length(stubbed, capsys):
     assert "n/a" in capsys.readouterr().out
 
 
+def test_state_norm_is_checked_as_often_as_mitigate_checks_it(stubbed, monkeypatch):
+    """--state_norm: the state is checked as each piece of the evaluation ends, so analyze runs pieces of at most
+    T_train / 4 tokens, as mitigate does (it ran --piece_len 2048 pieces: at T_train 32 one check in 64 x T_train, and
+    the loss past T_train was that of the model without the fix, where mitigate reported it fixed)."""
+    ckpt, text, _ = stubbed
+    pieces = []
+    real = cmd.measure_forgetting
+    monkeypatch.setattr(cmd, "measure_forgetting", lambda *a, **k: pieces.append(k["piece_len"]) or real(*a, **k))
+    out = ckpt.parent / "out"
+    assert cmd.main(["--ckpt", str(ckpt), "--text", str(text), "--length", "128", "--probes", "[text]",
+                     "--out", str(out)]) == 0
+    assert cmd.main(["--ckpt", str(ckpt), "--text", str(text), "--length", "128", "--probes", "[text]",
+                     "--out", str(out), "--state_norm", "calibrate"]) == 0
+    assert pieces == [2048, 8]  # without the state norm: --piece_len as given
+    assert json.loads((out / "verdict.json").read_text())["intervention"]["piece_len"] == 8
+
+
 def test_missing_inputs_are_one_line_errors(stubbed, capsys, tmp_path):
     ckpt, _, _ = stubbed
     assert cmd.main(["--ckpt", str(tmp_path / "nope.ckpt")]) == 2
