@@ -111,12 +111,17 @@ def resolve_device(name: str | None) -> torch.device:
 
 def check_checkpoint_args(args) -> None:
     """The numbers of :func:`add_checkpoint_args` must be positive (--seq_len 0 would otherwise mean "the
-    checkpoint's", silently)."""
+    checkpoint's", silently), and a --tokenizer file must exist (checked before the checkpoint is loaded, and named
+    by this flag: the data module's message names data.tokenizer)."""
     for flag in ("seq_len", "piece_len", "batch_size"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             raise CommandError(f"--{flag} must be >= 1 (got {value})" + (
                 ": leave it out for the one the checkpoint records" if flag == "seq_len" else ""))
+    tokenizer = getattr(args, "tokenizer", None)
+    if tokenizer not in (None, "byte", "bpe") and not os.path.isfile(os.path.expanduser(tokenizer)):
+        raise CommandError(f"--tokenizer {tokenizer} is no file: give 'byte' or the path of a tokenizer.json (leave "
+                           f"it out for the one the checkpoint records)")
 
 
 # ---- loading --------------------------------------------------------------------------------------------

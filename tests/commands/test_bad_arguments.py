@@ -62,6 +62,11 @@ CASES = [  # (id, command, arguments after --ckpt, the message's start)
                                                                                      "(got 5.0)"),
     ("passkey-threshold-one", "passkey", ["--threshold", "1", "--lengths", "128"], "--threshold must be in [0, 1)"),
     ("passkey-out-file", "passkey", ["--out", F, "--lengths", "128"], f"--out {F} is a file: give a directory path"),
+    ("analyze-tokenizer-missing", "analyze", ["--tokenizer", "nope.json"], "--tokenizer nope.json is no file: give "
+                                                                            "'byte' or the path of a tokenizer.json"),
+    ("mitigate-tokenizer-missing", "mitigate", ["--tokenizer", "nope"], "--tokenizer nope is no file: give 'byte'"),
+    ("passkey-tokenizer-missing", "passkey", ["--tokenizer", "nope.json", "--lengths", "128"],
+     "--tokenizer nope.json is no file: give 'byte'"),
     ("export-out-file", "export", ["--out", F], f"--out {F} is a file: give a directory path"),
     ("export-out-under-file", "export", ["--out", F + "/sub"], f"--out {F}/sub lies under {F}, which is a file: give "
                                                                "a directory path"),
