@@ -77,6 +77,8 @@ def run(args) -> dict:
     lengths = [parse_length(x) for x in args.lengths] if args.lengths else None
     if args.n_samples < 1:
         raise PasskeyCommandError(f"--n_samples must be >= 1 (got {args.n_samples})")
+    if args.seed < 0:  # numpy's seeding said only "expected non-negative integer", after the model was loaded
+        raise PasskeyCommandError(f"--seed must be >= 0 (got {args.seed}): it seeds the keys")
     if problem := recall_threshold_problem(args.threshold):
         raise PasskeyCommandError(f"--threshold {problem}")
     check_out_dir(default_out(args.out, args.ckpt, "passkey"))

@@ -61,6 +61,8 @@ CASES = [  # (id, command, arguments after --ckpt, the message's start)
     ("passkey-threshold-above", "passkey", ["--threshold", "5", "--lengths", "128"], "--threshold must be in [0, 1) "
                                                                                      "(got 5.0)"),
     ("passkey-threshold-one", "passkey", ["--threshold", "1", "--lengths", "128"], "--threshold must be in [0, 1)"),
+    ("passkey-seed-negative", "passkey", ["--seed", "-1", "--lengths", "128"], "--seed must be >= 0 (got -1): it "
+                                                                                 "seeds the keys"),
     ("passkey-out-file", "passkey", ["--out", F, "--lengths", "128"], f"--out {F} is a file: give a directory path"),
     ("analyze-tokenizer-missing", "analyze", ["--tokenizer", "nope.json"], "--tokenizer nope.json is no file: give "
                                                                             "'byte' or the path of a tokenizer.json"),
