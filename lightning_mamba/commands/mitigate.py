@@ -22,7 +22,7 @@ from jsonargparse import ArgumentParser
 from ..analysis import plots
 from ..analysis.criterion import default_bucket
 from ..atomic import atomic_write_json, atomic_write_text
-from ..mitigations.search import compare_mitigations, markdown_table
+from ..mitigations.search import AS_TRAINED, METHOD_NAMES, compare_mitigations, markdown_table
 from . import run_command
 from .common import (
     CommandError,
@@ -56,7 +56,11 @@ def mitigate(args) -> dict:
         raise CommandError(f"--at_multiple must be >= 1 (got {args.at_multiple}): the search scores the loss at this "
                            f"multiple of T_train (the paper's is 4)")
     check_out_dir(default_out(args.out, args.ckpt, "mitigation"))
-    for path in args.compare.values():
+    taken = [AS_TRAINED, *METHOD_NAMES.values()]
+    for name, path in args.compare.items():
+        if name in taken:  # two rows of one name, and the plot kept one curve of the two "as trained"
+            raise CommandError(f"--compare {name}: {name!r} names one of mitigate's own rows ({', '.join(taken)}): "
+                               f"give the checkpoint another name")
         if not os.path.exists(path):
             raise CommandError(f"{path} does not exist (--compare)")
     k = args.at_multiple

@@ -216,6 +216,10 @@ def curve_metrics(report: ForgettingReport, losses: Tensor) -> dict:
             "ratio_16_64x": v.ratio_16_64x, "ratio_16_64x_lo": v.ratio_16_64x_lo, "ratio_16_64x_hi": v.ratio_16_64x_hi}
 
 
+AS_TRAINED = "as trained"  # the entry names compare_mitigations gives; ``others`` must use other names
+METHOD_NAMES = {"rri": "RRI", "dt_scale": "dt scaling", "window": "sliding window", "state_norm": "state norm"}
+
+
 def compare_mitigations(model, rows: Tensor, seq_len: int, bucket: int, methods=("rri", "dt_scale", "window", "state_norm"),
                         others: dict | None = None, at_multiple: int = 4, threshold: float = 2.0, piece_len: int = 2048,
                         dtype: str | torch.dtype = torch.float32, device=None, batch_size: int | None = None,
@@ -238,10 +242,10 @@ def compare_mitigations(model, rows: Tensor, seq_len: int, bucket: int, methods=
         log(f"{name}: {entries[-1]['setting']}: {verdict_word(report.verdict.to_dict(), reason=True)} "
             f"({time.perf_counter() - t0:.1f} s)")
 
-    add("as trained", model, {})
+    add(AS_TRAINED, model, {})
     for method in methods:
         if method == "state_norm":  # nothing to search: thresholds from the norms within T_train
-            add("state norm", model, {"state_norm": "calibrate"}, pl=state_norm_piece_len(piece_len, seq_len))
+            add(METHOD_NAMES["state_norm"], model, {"state_norm": "calibrate"}, pl=state_norm_piece_len(piece_len, seq_len))
             continue
         grid = default_grid(method, seq_len)
         log(f"{method}: searching {len(grid)} settings by the loss at {at_multiple} x T")
@@ -255,7 +259,7 @@ def compare_mitigations(model, rows: Tensor, seq_len: int, bucket: int, methods=
         setting = {k: v for k, v in best.items() if k not in ("tag", "loss")}
         table = [{"setting": r["tag"], "loss": r["loss"]} for r in result.table]
         table += [{"setting": r["tag"], "loss": r["loss"], "past_grid_edge": True} for r in past_edge]
-        add({"rri": "RRI", "dt_scale": "dt scaling", "window": "sliding window"}[method], model, setting, table)
+        add(METHOD_NAMES[method], model, setting, table)
     for name, other in (others or {}).items():
         add(name, other, {})
     return entries

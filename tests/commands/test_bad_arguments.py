@@ -55,6 +55,11 @@ CASES = [  # (id, command, arguments after --ckpt, the message's start)
     ("analyze-out-file", "analyze", ["--out", F], f"--out {F} is a file: give a directory path"),
     ("mitigate-at_multiple", "mitigate", ["--at_multiple", "0"], "--at_multiple must be >= 1 (got 0)"),
     ("mitigate-threshold", "mitigate", ["--threshold", "0.5"], "--threshold must be a finite number > 1 (got 0.5)"),
+    ("mitigate-compare-as-trained", "mitigate", ["--compare", '{"as trained": "' + F + '"}'],
+     "--compare as trained: 'as trained' names one of mitigate's own rows (as trained, RRI, dt scaling, sliding "
+     "window, state norm): give the checkpoint another name"),  # the plot kept one of the two curves
+    ("mitigate-compare-method-name", "mitigate", ["--compare", '{"RRI": "' + F + '"}'], "--compare RRI: 'RRI' names "
+                                                                                       "one of mitigate's own rows"),
     ("mitigate-out-file", "mitigate", ["--out", F], f"--out {F} is a file: give a directory path"),
     ("passkey-threshold-negative", "passkey", ["--threshold", "-1", "--lengths", "128"],
      "--threshold must be in [0, 1) (got -1.0): T_recall is the longest length with accuracy > threshold"),
