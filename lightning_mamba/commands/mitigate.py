@@ -55,6 +55,8 @@ def mitigate(args) -> dict:
     if args.at_multiple < 1:
         raise CommandError(f"--at_multiple must be >= 1 (got {args.at_multiple}): the search scores the loss at this "
                            f"multiple of T_train (the paper's is 4)")
+    if len(set(args.methods)) < len(args.methods):  # each was searched and evaluated again, into a second equal row
+        raise CommandError(f"--methods {'[' + ', '.join(args.methods) + ']'} names a method twice: give each once")
     check_out_dir(default_out(args.out, args.ckpt, "mitigation"))
     taken = [AS_TRAINED, *METHOD_NAMES.values()]
     for name, path in args.compare.items():

@@ -60,6 +60,8 @@ CASES = [  # (id, command, arguments after --ckpt, the message's start)
      "window, state norm): give the checkpoint another name"),  # the plot kept one of the two curves
     ("mitigate-compare-method-name", "mitigate", ["--compare", '{"RRI": "' + F + '"}'], "--compare RRI: 'RRI' names "
                                                                                        "one of mitigate's own rows"),
+    ("mitigate-methods-twice", "mitigate", ["--methods", "[rri, window, rri]"], "--methods [rri, window, rri] names "
+                                                                                 "a method twice: give each once"),
     ("mitigate-out-file", "mitigate", ["--out", F], f"--out {F} is a file: give a directory path"),
     ("passkey-threshold-negative", "passkey", ["--threshold", "-1", "--lengths", "128"],
      "--threshold must be in [0, 1) (got -1.0): T_recall is the longest length with accuracy > threshold"),
