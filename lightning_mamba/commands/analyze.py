@@ -7,6 +7,7 @@ retention statistics, as PNG + JSON (and optionally TensorBoard) next to the che
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
 import time
@@ -138,6 +139,9 @@ def _state_stats(args, model, rows, tokenizer, T: int, length: int, stride: int,
     return stats
 
 
+FIGURE_PREFIXES = ("loss_vs_position", "state_norm_", "log_retention_", "retention_heatmap_")  # write_outputs' PNGs
+
+
 def write_outputs(args, result: dict, report, stats: dict) -> None:
     # a mitigated run gets its own directory, so it never overwrites the plain analysis
     name = "analysis" + (f"-{result['intervention']['tag']}" if result.get("intervention") else "")
@@ -161,6 +165,13 @@ def write_outputs(args, result: dict, report, stats: dict) -> None:
             figures[f"retention_heatmap_{p}"] = plots.plot_retention_heatmap(
                 s.retention_T, T, title=f"{p} probe: first-token retention over T_train = {T}",
                 log_retention=s.log_retention_T)
+    # an analysis run again into its folder replaces the last one: its figures of probes not run now (beside a
+    # state_stats.json that no longer holds them) and its TensorBoard events (a second point at step 0) go
+    for stale in glob.glob(os.path.join(out, "*.png")):
+        if os.path.basename(stale)[:-4] not in figures and os.path.basename(stale).startswith(FIGURE_PREFIXES):
+            os.unlink(stale)
+    for old in glob.glob(os.path.join(out, "tensorboard", "events.out.tfevents.*")):
+        os.unlink(old)
     writer = None
     if args.tensorboard:
         from torch.utils.tensorboard import SummaryWriter

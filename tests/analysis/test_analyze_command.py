@@ -56,6 +56,12 @@ def test_analyze_writes_verdict_curve_stats_and_pngs(stubbed, capsys):
     acc.Reload()
     assert {"lengthgen/ratio_16_64x", "lengthgen/ratio_16_64x_lo", "lengthgen/ratio_16_64x_hi",
             "lengthgen/ratio_4_16x", "lengthgen/loss@64x"} <= set(acc.Tags()["scalars"])
+    # run again into the same folder with one probe: the newline probe's figures and the first events go (they
+    # stayed beside a state_stats.json without that probe, and TensorBoard drew two points at step 0)
+    (out / "notes.png").write_bytes(b"")  # a file of the user's own is not ours to remove
+    assert cmd.main(["--ckpt", str(ckpt), "--text", str(text), "--tensorboard", "--probes", "[text]"]) == 0
+    assert not list(out.glob("*_newlines.png")) and (out / "state_norm_text.png").exists() and (out / "notes.png").exists()
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1
 
 
 def test_analyze_needs_a_training_length(stubbed, capsys):
