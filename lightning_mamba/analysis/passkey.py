@@ -114,12 +114,14 @@ def distance_label(lo: float, hi: float | None) -> str:
 
 def distance_buckets(depths, lengths, seq_len: int, edges=DISTANCE_EDGES) -> dict[str, np.ndarray]:
     """{bucket: (depths, lengths) mask} by how far the needle sits before the question, (1 - depth) x length, in
-    units of ``seq_len``: buckets 0-1x, 1-2x, ... and the last edge upwards; empty buckets are left out."""
+    units of ``seq_len``: buckets 0-1x, 1-2x, ... and the last edge upwards; empty buckets are left out. The first
+    bucket holds distance 0 too (depth 1: the needle right before the question)."""
     distance = np.outer(1.0 - np.asarray(depths), np.asarray(lengths)) / seq_len  # (depths, lengths)
     bounds = [0.0, *edges, None]
     out = {}
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        cells = (distance > lo) & (distance <= hi if hi is not None else True)
+        above = distance >= lo if lo == 0 else distance > lo
+        cells = above & (distance <= hi if hi is not None else True)
         if cells.any():
             out[distance_label(lo, hi)] = cells
     return out

@@ -171,3 +171,11 @@ def test_a_64k_token_prompt_runs_in_pieces():
     a = score_samples(model, [sample], piece_len=4096)[0]
     b = score_samples(model, [sample], piece_len=16384)[0]
     assert a.predicted == b.predicted and len(a.predicted) == 6
+
+
+def test_accuracy_by_distance_counts_needles_at_depth_one():
+    # depth 1.0 (a documented depth: the needle right before the question) is distance 0: in the first bucket, so
+    # that the buckets hold every prompt of the grid (they left these out)
+    correct = np.array([[[1, 0]], [[1, 1]]])  # depths 0.5 and 1.0 at length 100
+    grid = PasskeyGrid([100], [0.5, 1.0], correct.astype(bool), np.zeros(correct.shape))
+    assert grid.accuracy_by_distance(100) == {"0-1x": (0.75, 4)}
