@@ -180,7 +180,10 @@ def read_config(directory: str) -> tuple[MambaConfig, dict[str, str]]:
     if layer != "Mamba2":
         raise ConfigError(f"{path}: ssm_cfg.layer is {layer!r}: this is not a Mamba-2 checkpoint "
                           "(only Mamba-2 layers are implemented)")
-    return MambaConfig.from_dict({**raw, "ssm_cfg": _from_json(ssm_cfg)}), {}
+    try:
+        return MambaConfig.from_dict({**raw, "ssm_cfg": _from_json(ssm_cfg)}), {}
+    except ConfigError as e:  # name the file the setting is in
+        raise ConfigError(f"{path}: {e}") from e
 
 
 def _from_json(ssm_cfg: dict[str, Any]) -> dict[str, Any]:

@@ -130,6 +130,12 @@ class MambaConfig:
 
     # ---- checks ----------------------------------------------------------
     def validate(self) -> None:
+        if not isinstance(self.ssm_cfg, dict):
+            raise ConfigError(f"ssm_cfg must be an object of the mixer's settings (got {self.ssm_cfg!r:.40})")
+        unknown = sorted(set(self.ssm_cfg) - set(MIXER_DEFAULTS) - IGNORED_MIXER_KEYS, key=str)
+        if unknown:  # Mamba2(**mixer) would fail on them with a TypeError
+            raise ConfigError(f"ssm_cfg has settings the Mamba2 mixer does not take: {', '.join(map(str, unknown))}: "
+                              f"remove them (or fix their names; the mixer's: {', '.join(MIXER_DEFAULTS)})")
         m = self.mixer
         layer = self.ssm_cfg.get("layer", "Mamba2")
         if layer != "Mamba2":

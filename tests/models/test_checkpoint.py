@@ -240,6 +240,16 @@ def test_missing_directory_or_config_is_a_one_line_error(tmp_path):
         load_model(str(tmp_path / "run.ckpt"))
 
 
+def test_unknown_mixer_setting_in_config_json_is_a_one_line_error(tmp_path):
+    # a misspelt or foreign ssm_cfg key reached Mamba2(**mixer): a TypeError traceback from every command
+    save_pretrained(tiny(), str(tmp_path))
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["ssm_cfg"]["d_stat"] = 32
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"config.json: ssm_cfg has settings the Mamba2 mixer does not take: d_stat"):
+        load_pretrained(str(tmp_path), backend="torch")
+
+
 def test_json_tokenizer_is_written_to_tokenizer_json(tmp_path):
     spec = {"kind": "json", "json": ByteTokenizer().to_hf().to_str()}
     save_pretrained(tiny(), str(tmp_path), tokenizer_spec=spec, extra={"seq_len": 64})
