@@ -20,6 +20,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from ..analysis.decays import over_heads
 from ..analysis.evaluator import eval_rows
 from ..atomic import atomic_write_json
+from ..training.run_checks import SettingError
 from ..training.sharding import fsdp_root
 from ..training.validation import exists_on_rank_zero
 
@@ -106,11 +107,11 @@ class DecayDynamicsCallback(L.Callback):
 
     def __init__(self, every_n_steps: int = 50, threshold: float = 0.99, probe_rows: int = 1, histograms: bool = True):
         if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1 (got {every_n_steps})")
+            raise SettingError(f"{type(self).__name__}: every_n_steps must be >= 1 (got {every_n_steps})")
         if not 0 < threshold < 1:
-            raise ValueError(f"threshold must be in (0, 1) (got {threshold})")
+            raise SettingError(f"{type(self).__name__}: threshold must be in (0, 1) (got {threshold})")
         if probe_rows < 0:
-            raise ValueError(f"probe_rows must be >= 0 (got {probe_rows})")
+            raise SettingError(f"{type(self).__name__}: probe_rows must be >= 0 (got {probe_rows})")
         self.every_n_steps, self.threshold, self.probe_rows, self.histograms = every_n_steps, threshold, probe_rows, histograms
         self._last_step: int | None = None
 

@@ -24,6 +24,7 @@ from ..analysis.forgetting import (
 )
 from ..atomic import atomic_write_json
 from ..models.config import ConfigError
+from ..training.run_checks import SettingError
 from ..training.sharding import fsdp_root, unsharded_copy
 from ..training.validation import exists_on_rank_zero, validation_due
 
@@ -51,9 +52,10 @@ class PeriodicAnalysis(L.Callback):
 
     def __init__(self, every_n_validations: int = 1, figures_every_n_runs: int = 1):
         if every_n_validations < 1:
-            raise ValueError(f"every_n_validations must be >= 1 (got {every_n_validations})")
+            raise SettingError(f"{type(self).__name__}: every_n_validations must be >= 1 (got {every_n_validations})")
         if type(figures_every_n_runs) is not int or figures_every_n_runs < 1:
-            raise ValueError(f"figures_every_n_runs must be an integer >= 1 (got {figures_every_n_runs!r})")
+            raise SettingError(f"{type(self).__name__}: figures_every_n_runs must be an integer >= 1 "
+                               f"(got {figures_every_n_runs!r})")
         self.every_n_validations = every_n_validations
         self.figures_every_n_runs = figures_every_n_runs
         self._runs = 0  # analyses run so far (kept in checkpoints: the figures' cadence survives a resume)
@@ -259,13 +261,15 @@ class LengthGeneralizationCallback(PeriodicAnalysis):
     ):
         super().__init__(every_n_validations, figures_every_n_runs)
         if not multiples or min(multiples) < 1:
-            raise ValueError(f"multiples must be positive integers (got {multiples})")
+            raise SettingError(f"{type(self).__name__}: multiples must be positive integers (got {multiples})")
         if problem := threshold_problem(threshold):
-            raise ValueError(f"threshold {problem}")
+            raise SettingError(f"{type(self).__name__}: threshold {problem}")
         if min_length is not None and (type(min_length) is not int or min_length < 1):
-            raise ValueError(f"min_length must be a positive number of tokens, or null (got {min_length!r})")
+            raise SettingError(f"{type(self).__name__}: min_length must be a positive number of tokens, or null "
+                               f"(got {min_length!r})")
         if min_length and max_eval_tokens and min_length > max_eval_tokens:
-            raise ValueError(f"min_length={min_length} is above max_eval_tokens={max_eval_tokens}: lower one of them")
+            raise SettingError(f"{type(self).__name__}: min_length={min_length} is above max_eval_tokens="
+                               f"{max_eval_tokens}: lower one of them")
         self.multiples = tuple(sorted(int(m) for m in multiples))
         self.n_rows, self.bucket, self.piece_len = n_rows, bucket, piece_len
         self.max_eval_tokens, self.dtype, self.threshold = max_eval_tokens, dtype, threshold

@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from ..analysis.passkey import evaluate_passkey, plot_passkey_curve, plot_passkey_heatmap, recall_threshold_problem
 from ..atomic import atomic_write_json
 from ..data.passkey import PasskeyGenerator, default_depths
+from ..training.run_checks import SettingError
 from .length_generalization import PeriodicAnalysis
 
 
@@ -55,11 +56,12 @@ class PasskeyEvalCallback(PeriodicAnalysis):
     ):
         super().__init__(every_n_validations, figures_every_n_runs)
         if not multiples or min(multiples) <= 0:
-            raise ValueError(f"multiples must be positive (got {multiples})")
+            raise SettingError(f"{type(self).__name__}: multiples must be positive (got {multiples})")
         if n_samples < 1 or n_depths < 1:
-            raise ValueError(f"n_samples and n_depths must be >= 1 (got {n_samples}, {n_depths})")
+            raise SettingError(f"{type(self).__name__}: n_samples and n_depths must be >= 1 "
+                               f"(got {n_samples}, {n_depths})")
         if problem := recall_threshold_problem(threshold):
-            raise ValueError(f"threshold {problem}")
+            raise SettingError(f"{type(self).__name__}: threshold {problem}")
         self.multiples = tuple(sorted(float(m) for m in multiples))
         self.depths = default_depths(n_depths)
         self.n_samples, self.threshold, self.piece_len = n_samples, threshold, piece_len

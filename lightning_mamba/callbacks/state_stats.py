@@ -14,6 +14,7 @@ from ..analysis.criterion import default_bucket
 from ..analysis.evaluator import eval_rows
 from ..analysis.state_stats import newline_probe, state_statistics
 from ..atomic import atomic_write_json
+from ..training.run_checks import SettingError
 from .length_generalization import JSON_DIGITS, PeriodicAnalysis
 
 PROBES = ("text", "newlines")
@@ -63,7 +64,7 @@ class StateStatsCallback(PeriodicAnalysis):
         super().__init__(every_n_validations, figures_every_n_runs)
         unknown = set(probes) - set(PROBES)
         if unknown:
-            raise ValueError(f"unknown probes {sorted(unknown)}: use {', '.join(PROBES)}")
+            raise SettingError(f"{type(self).__name__}: unknown probes {sorted(unknown)}: use {', '.join(PROBES)}")
         self.multiples = tuple(sorted(int(m) for m in multiples))
         self.n_rows, self.stride, self.probes = n_rows, stride, tuple(probes)
         self.max_eval_tokens, self.dtype = max_eval_tokens, dtype

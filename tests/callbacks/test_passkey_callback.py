@@ -88,3 +88,20 @@ def test_passkey_experiment_config_overlays_the_default_run(config):
     assert cli.model.hparams.vocab_size == dm.vocab_size_for_model
     names = [type(c).__name__ for c in cli.trainer.callbacks]
     assert "PasskeyEvalCallback" in names and "LengthGeneralizationCallback" in names  # appended, not replaced
+
+
+@pytest.mark.parametrize("override,fragment", [
+    (["--trainer.callbacks.n_samples", "0"], "PasskeyEvalCallback: n_samples and n_depths must be >= 1 (got 0, 5)"),
+    (["--trainer.callbacks.multiples", "[]"], "PasskeyEvalCallback: multiples must be positive"),
+    (["--trainer.callbacks.threshold", "1.0"], "PasskeyEvalCallback: threshold must be in [0, 1)"),
+])
+def test_bad_callback_argument_is_one_line(capsys, override, fragment):
+    # a ValueError from the callback's __init__ came out of jsonargparse as two tracebacks and a dump of every callback
+    from lightning_mamba.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", os.path.join(ROOT, "configs/train.yaml"), "--config",
+              os.path.join(ROOT, "configs/experiment/passkey.yaml"), "--trainer.logger", "false", *override])
+    message = str(e.value.code)
+    assert message.startswith("error: ") and fragment in message and "\n" not in message
+    assert "Traceback" not in capsys.readouterr().err
