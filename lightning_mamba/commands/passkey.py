@@ -9,6 +9,7 @@ its T_recall, as PNG + JSON.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 
@@ -64,7 +65,7 @@ def parse_length(text: str) -> int:
         value = float(s[:-1]) * UNITS[s[-1]] if s and s[-1] in UNITS else float(s)
     except ValueError:
         raise PasskeyCommandError(f"--lengths {text!r} is not a length: use tokens, e.g. 4096, 4K or 1M") from None
-    if value != int(value) or value < 1:
+    if not math.isfinite(value) or value != int(value) or value < 1:  # (int() of inf raised OverflowError)
         raise PasskeyCommandError(f"--lengths {text!r} must be a positive whole number of tokens")
     return int(value)
 

@@ -99,6 +99,9 @@ def test_official_layout_directory_with_its_tokenizer_json(tmp_path, capsys):
 @pytest.mark.parametrize("args, words", [
     (["--lengths", "10"], ["shorter than the template"]),
     (["--lengths", "4x"], ["4x", "4K"]),
+    (["--lengths", "inf"], ["'inf' must be a positive whole number of tokens"]),  # was an OverflowError traceback
+    (["--lengths", "1e400"], ["'1e400' must be a positive whole number of tokens"]),
+    (["--lengths", "nan"], ["'nan' must be a positive whole number of tokens"]),
     (["--lengths", "300", "--depths", "1.5"], ["outside [0, 1]"]),
     (["--lengths", "300", "--n_samples", "0"], ["--n_samples"]),
     (["--lengths", "300", "--template.needle", "no key here"], ["{key}"]),
