@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import Any
@@ -55,8 +56,8 @@ class PasskeyEvalCallback(PeriodicAnalysis):
         figures_every_n_runs: int = 1,
     ):
         super().__init__(every_n_validations, figures_every_n_runs)
-        if not multiples or min(multiples) <= 0:
-            raise SettingError(f"{type(self).__name__}: multiples must be positive (got {multiples})")
+        if not multiples or not all(math.isfinite(m) and m > 0 for m in multiples):  # (inf failed after training)
+            raise SettingError(f"{type(self).__name__}: multiples must be positive finite numbers (got {multiples})")
         if n_samples < 1 or n_depths < 1:
             raise SettingError(f"{type(self).__name__}: n_samples and n_depths must be >= 1 "
                                f"(got {n_samples}, {n_depths})")

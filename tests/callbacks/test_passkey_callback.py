@@ -91,17 +91,27 @@ def test_passkey_experiment_config_overlays_the_default_run(config):
 
 
 @pytest.mark.parametrize("override,fragment", [
-    (["--trainer.callbacks.n_samples", "0"], "PasskeyEvalCallback: n_samples and n_depths must be >= 1 (got 0, 5)"),
+    (["--trainer.callbacks.n_samples", "0"], "PasskeyEvalCallback: n_samples and n_depths must be >= 1 (got 0, 1)"),
     (["--trainer.callbacks.multiples", "[]"], "PasskeyEvalCallback: multiples must be positive"),
+    (["--trainer.callbacks.multiples", "[1, 1e400]"], "PasskeyEvalCallback: multiples must be positive finite"),
+    (["--trainer.callbacks.multiples", "[.nan]"], "PasskeyEvalCallback: multiples must be positive finite"),
     (["--trainer.callbacks.threshold", "1.0"], "PasskeyEvalCallback: threshold must be in [0, 1)"),
 ])
-def test_bad_callback_argument_is_one_line(capsys, override, fragment):
-    # a ValueError from the callback's __init__ came out of jsonargparse as two tracebacks and a dump of every callback
+def test_bad_callback_argument_is_one_line(tmp_path, capsys, override, fragment):
+    # a ValueError from the callback's __init__ came out of jsonargparse as two tracebacks and a dump of every callback;
+    # an infinite multiple was a traceback after training, at the first evaluation (hence a tiny run here)
     from lightning_mamba.cli import main
 
+    corpus = passkey_data(tmp_path).hparams.source
+    tiny = ["--model.d_model", "32", "--model.n_layer", "2", "--model.d_state", "16", "--model.headdim", "16",
+            "--model.backend", "torch", "--data.source", corpus, "--data.tokenizer", "byte", "--data.batch_size", "2",
+            "--data.val_fraction", "0.25", "--data.cache_dir", str(tmp_path / "cache"), "--trainer.max_steps", "1",
+            "--trainer.val_check_interval", "1", "--trainer.limit_val_batches", "1", "--trainer.logger", "false",
+            "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.enable_progress_bar", "false",
+            "--trainer.callbacks.n_depths", "1", "--trainer.callbacks.n_samples", "1"]
     with pytest.raises(SystemExit) as e:
         main(["fit", "--config", os.path.join(ROOT, "configs/train.yaml"), "--config",
-              os.path.join(ROOT, "configs/experiment/passkey.yaml"), "--trainer.logger", "false", *override])
+              os.path.join(ROOT, "configs/experiment/passkey.yaml"), *tiny, *override])
     message = str(e.value.code)
     assert message.startswith("error: ") and fragment in message and "\n" not in message
     assert "Traceback" not in capsys.readouterr().err
