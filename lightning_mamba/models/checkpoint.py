@@ -232,8 +232,12 @@ def read_weights(directory: str) -> dict[str, Tensor]:
     for name in (WEIGHTS, SAFETENSORS):
         index = os.path.join(directory, f"{name}.index.json")
         if os.path.isfile(index):
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise ConfigError(f"{index}: expected a weight_map object (weight name -> shard file), got "
+                                  f"{weight_map!r:.40}: restore the file, or download the checkpoint again")
             state: dict[str, Tensor] = {}
-            for shard in sorted(set(read_json(index)["weight_map"].values())):
+            for shard in sorted(set(weight_map.values())):
                 state.update(_load_file(os.path.join(directory, shard)))
             return state
     raise ConfigError(f"{directory}: no weights found (expected {WEIGHTS} or {SAFETENSORS})")

@@ -250,6 +250,16 @@ def test_unknown_mixer_setting_in_config_json_is_a_one_line_error(tmp_path):
         load_pretrained(str(tmp_path), backend="torch")
 
 
+@pytest.mark.parametrize("index", [{"metadata": {}}, {"weight_map": ["model-1.bin"]}])
+def test_sharded_index_without_a_weight_map_is_a_one_line_error(tmp_path, index):
+    # a KeyError / AttributeError traceback before
+    save_pretrained(tiny(), str(tmp_path))
+    os.remove(tmp_path / "pytorch_model.bin")
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    with pytest.raises(ConfigError, match=r"pytorch_model.bin.index.json: expected a weight_map object"):
+        load_pretrained(str(tmp_path), backend="torch")
+
+
 def test_json_tokenizer_is_written_to_tokenizer_json(tmp_path):
     spec = {"kind": "json", "json": ByteTokenizer().to_hf().to_str()}
     save_pretrained(tiny(), str(tmp_path), tokenizer_spec=spec, extra={"seq_len": 64})
