@@ -272,6 +272,18 @@ def load_pretrained(directory: str, backend: str = "auto", dtype: torch.dtype = 
     return load_weights(MambaLM(config, backend=backend).to(dtype), state, directory)
 
 
+def read_meta(directory: str) -> dict[str, Any]:
+    """lightning_mamba.json of a checkpoint directory ({} when it has none), its training length checked: the
+    commands and --model.pretrained compute with it (a hand-edited "seq_len": "2K" was a traceback there)."""
+    path = os.path.join(directory, META)
+    meta = dict(read_json(path)) if os.path.isfile(path) else {}
+    seq_len = meta.get("seq_len")
+    if seq_len is not None and (type(seq_len) is not int or seq_len < 1):
+        raise ConfigError(f"{path}: seq_len must be the training length in tokens, a whole number >= 1, or null when "
+                          f"unknown (got {seq_len!r:.40}): fix it, or re-export the checkpoint directory")
+    return meta
+
+
 def load_tokenizer_spec(directory: str) -> dict | None:
     """The tokenizer spec lightning_mamba.json records, else tokenizer.json (e.g. NeoX's next to an official download)."""
     meta_path, tok_path = os.path.join(directory, META), os.path.join(directory, TOKENIZER)

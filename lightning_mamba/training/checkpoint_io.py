@@ -28,14 +28,13 @@ from ..data.tokenization import tokenizer_from_spec
 from ..models import ConfigError, MambaConfig, MambaLM
 from ..models.checkpoint import (
     CONFIG,
-    META,
     SAFETENSORS,
     WEIGHTS,
     load_pretrained,
     load_tokenizer_spec,
     load_weights,
     read_config,
-    read_json,
+    read_meta,
     torch_load,
 )
 from ..models.config import SHAPE_FIELDS, SPEED_ONLY_SETTINGS, SSM_DEFAULTS, SSM_SHAPE_FIELDS, TRAIN_DEFAULTS
@@ -249,8 +248,7 @@ def load_model(path: str, backend: str = "auto", dtype: torch.dtype = torch.floa
         path = os.path.dirname(path) or "."
     if os.path.isdir(path):
         model = load_pretrained(path, backend, dtype)
-        meta_path = os.path.join(path, META)
-        meta = dict(read_json(meta_path)) if os.path.isfile(meta_path) else {}
+        meta = read_meta(path)
         meta.pop("tokenizer", None)
         spec = load_tokenizer_spec(path)
         if spec is not None:
@@ -307,8 +305,7 @@ def pretrained_meta(path: str) -> dict:
     if os.path.isfile(path) and os.path.basename(path) in (CONFIG, WEIGHTS, SAFETENSORS):
         path = os.path.dirname(path) or "."
     if os.path.isdir(path):
-        meta_path = os.path.join(path, META)
-        meta = dict(read_json(meta_path)) if os.path.isfile(meta_path) else {}
+        meta = read_meta(path)
         meta["mamba_config"] = read_config(path)[0].to_dict()
         spec = load_tokenizer_spec(path)
         if spec is not None:  # a tokenizer.json that is JSON but no tokenizer: refused now, not in the run's setup

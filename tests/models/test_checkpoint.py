@@ -260,6 +260,18 @@ def test_sharded_index_without_a_weight_map_is_a_one_line_error(tmp_path, index)
         load_pretrained(str(tmp_path), backend="torch")
 
 
+@pytest.mark.parametrize("seq_len", ["2K", 2.5, 0, True])
+def test_damaged_seq_len_in_lightning_mamba_json_is_a_one_line_error(tmp_path, seq_len):
+    # the commands computed with it (passkey: "can't multiply sequence by non-int" traceback) and --model.pretrained
+    # handed it to data.seq_len (a jsonargparse dump)
+    from lightning_mamba.training.checkpoint_io import pretrained_meta
+
+    save_pretrained(tiny(), str(tmp_path), extra={"seq_len": seq_len})
+    for load in (load_model, pretrained_meta):
+        with pytest.raises(ConfigError, match=r"lightning_mamba.json: seq_len must be the training length in tokens"):
+            load(str(tmp_path))
+
+
 def test_json_tokenizer_is_written_to_tokenizer_json(tmp_path):
     spec = {"kind": "json", "json": ByteTokenizer().to_hf().to_str()}
     save_pretrained(tiny(), str(tmp_path), tokenizer_spec=spec, extra={"seq_len": 64})
