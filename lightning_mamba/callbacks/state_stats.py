@@ -65,6 +65,15 @@ class StateStatsCallback(PeriodicAnalysis):
         unknown = set(probes) - set(PROBES)
         if unknown:
             raise SettingError(f"{type(self).__name__}: unknown probes {sorted(unknown)}: use {', '.join(PROBES)}")
+        # each was accepted here and failed at the first evaluation, after training (multiples [0]: no positions)
+        name = type(self).__name__
+        if not multiples or not all(type(m) is int and m >= 1 for m in multiples):
+            raise SettingError(f"{name}: multiples must be whole multiples of LEN >= 1, e.g. [1, 16] (got {multiples})")
+        if n_rows < 1 or (stride is not None and stride < 1):
+            raise SettingError(f"{name}: n_rows and stride must be >= 1 (got {n_rows}, {stride})")
+        if not 0 < retention_threshold < 1 or not 0 < top_fraction <= 1:
+            raise SettingError(f"{name}: retention_threshold must be in (0, 1) and top_fraction in (0, 1] "
+                               f"(got {retention_threshold}, {top_fraction})")
         self.multiples = tuple(sorted(int(m) for m in multiples))
         self.n_rows, self.stride, self.probes = n_rows, stride, tuple(probes)
         self.max_eval_tokens, self.dtype = max_eval_tokens, dtype

@@ -162,7 +162,7 @@ def check_resume(path: str, given: dict, kept: tuple[str, ...] = ()) -> int | No
     if path.split(":")[0] in LIGHTNING_CKPT_ALIASES or "://" in path:
         return None  # resolved by Lightning itself
     if os.path.isdir(path):  # e.g. an exported directory: its weights start a run through --model.pretrained
-        raise ConfigError(f"checkpoint {path} is a directory: --ckpt_path resumes from a .ckpt written by a run "
+        raise ConfigError(f"checkpoint {path} is a directory: --ckpt_path takes a .ckpt written by a run "
                           f"(e.g. runs/<name>/version_<n>/checkpoints/last.ckpt); to start from the weights of a "
                           f"checkpoint directory, give it as --model.pretrained {path}")
     if not os.path.isfile(path):

@@ -159,6 +159,19 @@ def test_lengthgen_logs_ratio_16_64x_with_its_interval(tmp_path):
     assert record["metrics"]["lengthgen/ratio_16_64x"] == v["ratio_16_64x"]
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"multiples": [0]}, "multiples must be whole multiples of LEN >= 1"), ({"multiples": []}, "multiples"),
+    ({"n_rows": 0}, "n_rows and stride"), ({"stride": 0}, "n_rows and stride"),
+    ({"retention_threshold": 1.0}, "retention_threshold"), ({"top_fraction": 0.0}, "top_fraction")])
+def test_state_stats_settings_that_cannot_work_are_refused_before_training(kwargs, message):
+    """(Each was taken and failed at the first evaluation, after training.)"""
+    from lightning_mamba.callbacks import StateStatsCallback
+
+    with pytest.raises(ValueError, match=f"^StateStatsCallback: .*{message}"):
+        StateStatsCallback(**kwargs)
+    StateStatsCallback(multiples=[1, 4], stride=2)
+
+
 @pytest.mark.parametrize("threshold", [1.0, 0.5, -1.0, float("inf"), float("nan")])
 def test_a_threshold_that_cannot_judge_is_refused(threshold):
     """The criterion's factor is a loss ratio > 1 (the commands and the sweep say the same); T_recall's lies in [0, 1)."""

@@ -130,7 +130,7 @@ CASES = [  # (id, arguments after `fit --config CONFIG`, fragment of the message
     ("missing-checkpoint", ["--ckpt_path", "/nonexistent/last.ckpt"], "checkpoint /nonexistent/last.ckpt does not "
                                                                        "exist"),
     ("directory-checkpoint", ["--ckpt_path", B + "/no_text_files"],  # was "does not exist", of a folder that does
-     "no_text_files is a directory: --ckpt_path resumes from a .ckpt written by a run"),
+     "no_text_files is a directory: --ckpt_path takes a .ckpt written by a run"),
     ("garbage-checkpoint", ["--ckpt_path", B + "/garbage.ckpt"], "garbage.ckpt cannot be read"),
     ("truncated-checkpoint", ["--ckpt_path", B + "/truncated.ckpt"], "truncated.ckpt cannot be read"),
     ("steps-zero", ["--trainer.max_steps", "0"], "trainer.max_steps=0 trains nothing: give a number of steps > 0"),
