@@ -74,7 +74,10 @@ def mitigate(args) -> dict:
     inp = load_inputs(args, check_length)
     others = {}
     for name, path in args.compare.items():
-        other, other_meta = load_checkpoint(path, args.backend)
+        try:
+            other, other_meta = load_checkpoint(path, args.backend)
+        except (ValueError, OSError) as e:  # (the loader's line says what is wrong with the file, not which flag)
+            raise CommandError(f"--compare {name}: {e}") from None
         if other_meta.get("tokenizer") and inp.meta.get("tokenizer") and other_meta["tokenizer"] != inp.meta["tokenizer"]:
             raise CommandError(f"--compare {name}: {path} uses another tokenizer than --ckpt: the losses would not compare")
         if inp.tokenizer.vocab_size > other.config.padded_vocab_size:  # (a checkpoint that records no tokenizer)

@@ -51,6 +51,9 @@ def test_mitigate_bad_inputs_are_one_line_errors(checkpoint, tmp_path, capsys):
     assert len(err) == 2 and all(line.startswith("mitigate: error:") for line in err)
     assert "4 x T_train" in err[0] and "/no/such/ckpt" in err[1]
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    (tmp_path / "empty").mkdir()  # a directory that is no checkpoint: the line names the flag and the row
+    assert cmd.main(run_args(path, text, tmp_path / "c", "--compare", json.dumps({"x": str(tmp_path / "empty")}))) == 2
+    assert capsys.readouterr().err.strip().startswith("mitigate: error: --compare x: ")
 
 
 def test_the_table_names_where_the_search_scored(checkpoint, tmp_path, capsys):
