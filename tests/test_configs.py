@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from lightning_mamba.cli import MambaCLI, lightning_cli
+from lightning_mamba.cli import MambaCLI, lightning_cli, main
 from lightning_mamba.commands import sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,3 +84,20 @@ def test_the_regime_evaluates_to_at_least_32k_tokens():
         study = sweep.study_from(sweep.build_parser().parse_args(["--config", path]))
         regime = os.path.basename(path).startswith("regime")
         assert study.eval_min_tokens == (32768 if regime else None), path
+
+
+def test_two_overlays_that_both_add_a_callback_are_refused_in_one_line(tmp_path, capsys):
+    """passkey.yaml and passkey_keep.yaml each append a PasskeyEvalCallback (trainer.callbacks+): stacked, or with a
+    --trainer.callbacks+= of a callback train.yaml already has, Lightning stopped with a RuntimeError traceback when
+    the Trainer was built. One line now, and no run directory."""
+    experiment = os.path.join(ROOT, "configs", "experiment")
+    stacked = ["--config", os.path.join(experiment, "passkey.yaml"), "--config", os.path.join(experiment, "passkey_keep.yaml")]
+    appended = ["--trainer.callbacks+=LengthGeneralizationCallback"]
+    for extra, name in ((stacked, "PasskeyEvalCallback"), (appended, "LengthGeneralizationCallback")):
+        runs = tmp_path / name
+        with pytest.raises(SystemExit) as e:
+            main(["fit", "--config", TRAIN, *extra, "--trainer.logger.init_args.save_dir", str(runs),
+                  "--data.cache_dir", str(tmp_path / "cache"), "--data.tokenizer", "byte"])
+        assert str(e.value.code).startswith(f"error: trainer.callbacks holds two {name} ")
+        assert "\n" not in str(e.value.code) and "keep one" in str(e.value.code)
+        assert not runs.exists()

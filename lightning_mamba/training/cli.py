@@ -29,6 +29,7 @@ from .run_checks import (
     OneLineErrorParser,
     SettingError,
     check_fresh_log_version,
+    check_one_of_each_callback,
     check_output_folders,
     check_settings,
     not_text_config,
@@ -128,6 +129,7 @@ class MambaCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         # every Trainer this CLI builds, `lightning-mamba fit` and the sweep's cells (run=False) alike
+        check_one_of_each_callback((self._get(self.config_init, "trainer", default={}) or {}).get("callbacks") or [])
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks += [CheckpointOnSigterm(), CheckpointAtStop()]
         drop_lr_monitor_without_logger(trainer)

@@ -175,6 +175,26 @@ def check_settings(config: Namespace) -> None:
         raise SettingError(f"model.lr must be a finite number > 0 (got {lr})")
 
 
+def check_one_of_each_callback(callbacks) -> None:
+    """Two callbacks that keep their state in the checkpoint under the same key (two experiment overlays that both
+    append a PasskeyEvalCallback, a ``--trainer.callbacks+=`` of one the config already has): Lightning stops with a
+    traceback when the Trainer is built; say which one, and what to drop."""
+    from lightning.pytorch import Callback
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    seen: dict = {}
+    for cb in callbacks if isinstance(callbacks, list) else [callbacks]:
+        if not isinstance(cb, Callback) or not is_overridden("state_dict", instance=cb, parent=Callback):
+            continue
+        if cb.state_key in seen:
+            name = type(cb).__name__
+            raise SettingError(f"trainer.callbacks holds two {name} that a checkpoint cannot tell apart (it keeps "
+                               f"one state per callback): keep one (two config files that both add it, e.g. two "
+                               f"experiment overlays, or a --trainer.callbacks+={name} over a config that has one: "
+                               f"set that one's init_args in a config file instead)")
+        seen[cb.state_key] = cb
+
+
 # ---- where the run writes --------------------------------------------------------------------------------------
 def check_output_folders(trainer) -> None:
     """The loggers' and checkpoints' folders must take files: say which setting to change, before training."""
