@@ -67,16 +67,23 @@ OVERRIDES = ("model_overrides", "data_overrides", "trainer_overrides")
 def parse_args(argv: list[str]):
     """The command's arguments. An ``--*_overrides`` dict typed after ``--config`` is merged into the config's
     (jsonargparse would replace it whole: ``--model_overrides '{quadratic_max_len: 64}'`` would drop the regime's
-    a_lr_mult 10 without a word); a key typed as null is removed."""
+    a_lr_mult 10 without a word); a key typed as null is removed. ``--print_config`` prints the merged dicts."""
     parser = build_parser()
-    args = parser.parse_args(argv)
     given = typed_options(argv)
     typed = [k for k in OVERRIDES if k in given]
+    printing = [a for a in argv if a == "--print_config" or a.startswith("--print_config=")]
+    if typed and printing:  # jsonargparse would print the typed dict alone
+        argv = [a for a in argv if a not in printing]
+    args = parser.parse_args(argv)
     if typed:
         base = parser.parse_args(_without(argv, typed))
         for key in typed:
             merged = {**(base[key] or {}), **(args[key] or {})}
             setattr(args, key, {k: v for k, v in merged.items() if v is not None})
+    if typed and printing:
+        flags = printing[-1].partition("=")[2].split(",")
+        print(parser.dump(args, skip_default="skip_default" in flags, skip_none="skip_null" in flags), end="")
+        sys.exit(0)
     return args
 
 

@@ -313,3 +313,20 @@ def test_typed_overrides_merge_into_the_configs(capsys):
     assert "--data.source code " in untyped and "--model.chunk_size 64 " in untyped
     assert "--model.quadratic_max_len 256 " in untyped  # the regime's attention form for short rows
     assert "--model.save_chunk_states true " in untyped
+
+
+def test_print_config_shows_the_merged_overrides(capsys):
+    """`--print_config` printed the typed `--model_overrides` dict alone (jsonargparse's replacement), not the merged
+    one the cells train with: the regime's a_lr_mult 10 looked dropped. It prints the merged dicts now."""
+    import yaml
+
+    regime = os.path.join(ROOT, "configs", "study", "regime.yaml")
+    for flag in ("--print_config", "--print_config=skip_null"):
+        with pytest.raises(SystemExit) as e:
+            cmd.main(["--config", regime, "--model_overrides", "{quadratic_max_len: 32, chunk_size: null}", flag])
+        assert e.value.code == 0
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert printed["model_overrides"]["a_lr_mult"] == 10.0 and printed["model_overrides"]["quadratic_max_len"] == 32
+        assert "chunk_size" not in printed["model_overrides"]
+        assert printed["data_overrides"]["source"] == "code"
+        assert ("eval_tokens" in printed) == (flag == "--print_config")
