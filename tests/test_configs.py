@@ -52,11 +52,14 @@ def test_default_run_config_validates(tmp_path):
 # configs/experiment/ holds overlays of a whole `fit` run; configs/study/ holds the files `sweep --config` reads.
 # Each folder's files parse with their own reader and are refused by the other one.
 @pytest.mark.parametrize("path", group_files("experiment"), ids=os.path.basename)
-def test_experiment_overlays_are_fit_configs(path, tmp_path):
+def test_experiment_overlays_are_fit_configs(path, tmp_path, capsys):
     cli = lightning_cli(["--config", TRAIN, "--config", path, "--trainer.logger", "false"], run=False)
     assert cli.model is not None and cli.datamodule is not None and cli.trainer is not None
     with pytest.raises(SystemExit):
         sweep.build_parser().parse_args(["--config", path])
+    with pytest.raises(SystemExit):
+        sweep.parse_args(["--config", path])
+    assert f"error: --config {path} is a run config, read by `lightning-mamba fit --config`" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("path", group_files("study"), ids=os.path.basename)
@@ -65,8 +68,9 @@ def test_study_files_are_sweep_configs(path, capsys):
     study.validate()
     for base in study.base_config:  # repo-relative, as `make sweep` runs from the repo root
         assert os.path.isfile(os.path.join(ROOT, base)), base
-    with pytest.raises(SystemExit):
-        lightning_cli(["--config", TRAIN, "--config", path, "--trainer.logger", "false"], run=False)
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", TRAIN, "--config", path, "--trainer.logger", "false"])
+    assert e.value.code == f"error: --config {path} is a study file: run it with `lightning-mamba sweep --config {path}`"
 
 
 def test_each_config_folder_has_files():
@@ -101,3 +105,24 @@ def test_two_overlays_that_both_add_a_callback_are_refused_in_one_line(tmp_path,
         assert str(e.value.code).startswith(f"error: trainer.callbacks holds two {name} ")
         assert "\n" not in str(e.value.code) and "keep one" in str(e.value.code)
         assert not runs.exists()
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "validate"])
+def test_a_config_file_of_another_kind_is_named_with_where_it_goes(subcommand):
+    """`fit --config` of a group file, a passkey template or an overlay without the run under it: jsonargparse said
+    "does not accept option 'd_model'" or "trainer.logger: expected a bool or null, got {'init_args': ...}" (make
+    train CONFIG=configs/experiment/passkey.yaml). One line now, with the option or the stacking that takes it."""
+    cases = {
+        "model/small.yaml": "holds model settings only: give it as --model {p}, after a whole run config",
+        "data/byte.yaml": "holds data settings only: give it as --data {p}",
+        "trainer/cpu.yaml": "holds trainer settings only: give it as --trainer {p}",
+        "passkey/code.yaml": "is a passkey template: give it as --data.passkey_template {p}",
+        "experiment/passkey.yaml": "is an overlay (its trainer.logger names no class): give it after a whole run config, "
+                                   "e.g. --config configs/train.yaml --config {p}",
+    }
+    for name, says in cases.items():
+        path = os.path.join(ROOT, "configs", name)
+        with pytest.raises(SystemExit) as e:
+            main([subcommand, "--config", path])
+        assert str(e.value.code).startswith(f"error: --config {path} " + says.format(p=path)), e.value.code
+        assert "\n" not in str(e.value.code)

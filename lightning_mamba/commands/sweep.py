@@ -24,7 +24,7 @@ from dataclasses import fields
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from ..study.sweep import Study, SweepError, build_cli, cell_args, make_cells, run_study, shard_cells
-from ..training.run_checks import typed_options
+from ..training.run_checks import RUN_KEYS, STUDY_KEYS, config_files, config_mapping, typed_options
 from . import run_command
 from .common import CommandParser
 from .mps import MPSError, private_daemon, time_slicing_note
@@ -69,6 +69,11 @@ def parse_args(argv: list[str]):
     (jsonargparse would replace it whole: ``--model_overrides '{quadratic_max_len: 64}'`` would drop the regime's
     a_lr_mult 10 without a word); a key typed as null is removed. ``--print_config`` prints the merged dicts."""
     parser = build_parser()
+    for path in config_files(argv):  # jsonargparse: "Option 'trainer.max_steps' is not accepted"
+        keys = set(config_mapping(path) or {})
+        if keys & set(RUN_KEYS) and not keys & set(STUDY_KEYS):
+            parser.error(f"--config {path} is a run config, read by `lightning-mamba fit --config`: a study file "
+                         f"(configs/study/) names it in base_config")
     given = typed_options(argv)
     typed = [k for k in OVERRIDES if k in given]
     printing = [a for a in argv if a == "--print_config" or a.startswith("--print_config=")]

@@ -28,6 +28,7 @@ from .predictions import TokenLossWriter
 from .run_checks import (
     OneLineErrorParser,
     SettingError,
+    check_config_kinds,
     check_fresh_log_version,
     check_one_of_each_callback,
     check_output_folders,
@@ -60,6 +61,7 @@ class MambaCLI(LightningCLI):
         for key in typed_options(self._argv):  # before jsonargparse, which asks for a typed class's own arguments
             if key.split(".")[0] in LIGHTNING_OPTIMIZER_KEYS:
                 raise not_our_optimizer(key.split(".")[0])
+        check_config_kinds(self._argv, {"model": MambaLitModule, "data": TextDataModule, "trainer": L.Trainer})
         try:
             super().parse_arguments(parser, args)
         except UnicodeDecodeError as e:  # a --config that is not text: jsonargparse's reader fails with a traceback

@@ -138,6 +138,57 @@ def not_text_config(argv: list[str], error: UnicodeDecodeError) -> SettingError:
     return SettingError(f"a config file is not UTF-8 text ({error.reason} at offset {error.start}): give YAML files")
 
 
+# ---- a config file of another kind -----------------------------------------------------------------------------
+RUN_KEYS = ("seed_everything", "trainer", "model", "data", "nan_guard", "ckpt_path", "fit", "validate", "test", "predict")
+STUDY_KEYS = ("states", "lens", "models", "tokens_per_cell", "base_config", "model_overrides")
+TEMPLATE_KEYS = ("instruction", "filler", "needle", "question", "answer")
+
+
+def config_mapping(path: str) -> dict | None:
+    """The top-level mapping of a YAML file, or None where it cannot be read as one (jsonargparse then says why)."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def check_config_kinds(argv: list[str], groups: dict[str, type]) -> None:
+    """The ``--config`` files of fit/validate/test/predict are whole run configs (configs/train.yaml, a run's
+    config.yaml) or overlays stacked after one (configs/experiment/). jsonargparse answers a file of another kind
+    with an option it does not accept, or a logger it cannot build: say which kind it is and where it goes.
+    ``groups``: argument group -> the class whose parameters it takes (a configs/model/ file is ``--model FILE``)."""
+    import inspect
+
+    logger = "trainer.logger" in typed_options(argv)  # a config file or the command line gave trainer.logger a class
+    for path in config_files(argv):
+        data = config_mapping(path)
+        if not data:
+            continue
+        keys = set(data)
+        if keys & set(RUN_KEYS):
+            trainer = data.get("trainer") if isinstance(data.get("trainer"), dict) else {}
+            given = trainer.get("logger")
+            if isinstance(given, dict) and "class_path" not in given and not logger:
+                raise SettingError(f"--config {path} is an overlay (its trainer.logger names no class): give it after "
+                                   f"a whole run config, e.g. --config configs/train.yaml --config {path}")
+            logger = logger or (isinstance(given, dict) and "class_path" in given) or isinstance(given, list)
+            continue
+        if keys & set(STUDY_KEYS):
+            raise SettingError(f"--config {path} is a study file: run it with `lightning-mamba sweep --config {path}`")
+        if keys <= set(TEMPLATE_KEYS):
+            raise SettingError(f"--config {path} is a passkey template: give it as --data.passkey_template {path} "
+                               f"(with a PasskeyDataModule, e.g. configs/experiment/passkey.yaml), or to "
+                               f"`lightning-mamba passkey --template {path}`")
+        for group, cls in groups.items():
+            if keys <= set(inspect.signature(cls).parameters):
+                raise SettingError(f"--config {path} holds {group} settings only: give it as --{group} {path}, after "
+                                   f"a whole run config (e.g. --config configs/train.yaml --{group} {path})")
+
+
 # ---- settings Lightning answers with a traceback -----------------------------------------------------------------
 def check_settings(config: Namespace) -> None:
     """Trainer and model settings checked before anything is built: unknown accelerator or strategy names,
