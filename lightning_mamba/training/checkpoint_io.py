@@ -82,6 +82,20 @@ def check_tokenizer(checkpoint: dict, datamodule: Any, path: str) -> None:
                         f"set data.tokenizer (and data.bpe_vocab_size, data.source) to what the checkpoint's run used")
 
 
+def check_tokenizer_kind(spec: dict | None, tokenizer: str | None, path: str) -> None:
+    """Before anything is built: a byte-level checkpoint with a BPE run or the other way round can be told from the
+    settings alone (check_tokenizer compares the ids once the run's tokenizer exists, after a BPE has been trained
+    and the corpus tokenized: minutes on a large corpus, for a run that cannot start)."""
+    kind = spec.get("kind") if isinstance(spec, dict) else None
+    if kind is None or tokenizer is None:
+        return
+    if (kind == "byte") != (str(tokenizer) == "byte"):
+        theirs = "the byte tokenizer" if kind == "byte" else f"the tokenizer {spec.get('name', 'tokenizer.json')}"
+        fix = "--data.tokenizer byte" if kind == "byte" else "data.tokenizer (and data.bpe_vocab_size, data.source)"
+        raise DataError(f"model.pretrained={path} was trained with {theirs}, but data.tokenizer is {tokenizer}: set "
+                        f"{fix} to what the checkpoint's run used")
+
+
 def _first_mismatch(state: dict, mine: dict) -> str | None:
     for key, want in mine.items():
         got = state.get(key)
@@ -372,6 +386,7 @@ def settle_pretrained(path: str, model: dict, data: dict, typed: set[str], state
         raise ConfigError(f"model.pretrained={path} fixes the model's shape: {detail}: drop "
                           f"{' '.join('--model.' + k for k in wrong)} (or start without --model.pretrained)")
     model_updates = {k: theirs[k] for k in differ}
+    check_tokenizer_kind(meta.get("tokenizer"), data.get("tokenizer"), path)
     lines = [describe_pretrained(path, meta)]
     lines += [f"model.{k}={_plain(model[k])} as typed (the checkpoint's: {_plain(theirs[k])}; the scan's speed only)"
               for k in faster]

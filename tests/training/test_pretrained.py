@@ -104,6 +104,24 @@ def test_a_typed_length_that_differs(tmp_path, corpus, base, capsys):
     assert (cli.model.hparams.d_state, cli.model.hparams.n_layer, cli.model.hparams.d_model) == (16, 2, 32)
 
 
+def test_a_tokenizer_of_another_kind_is_refused_before_anything_is_built(tmp_path, corpus, base, monkeypatch):
+    """A byte-level checkpoint fine-tuned with data.tokenizer bpe: refused from the settings alone (it was refused only
+    after a BPE had been trained and the corpus tokenized)."""
+    from lightning_mamba.data import datamodule
+
+    def no_tokenizer(*args, **kwargs):
+        raise AssertionError("a tokenizer was built")
+
+    monkeypatch.setattr(datamodule, "build_tokenizer", no_tokenizer)
+    config = run_config(tmp_path, corpus, "tuned", d_state=16, n_layer=2, seq_len=64, steps=1)
+    with pytest.raises(SystemExit, match=r"model.pretrained=.* was trained with the byte tokenizer, but data.tokenizer "
+                                         r"is bpe: set --data.tokenizer byte"):
+        main(["fit", "--config", config, "--model.pretrained", str(base), "--data.tokenizer", "bpe"])
+    meta = {"mamba_config": pretrained_meta(str(base))["mamba_config"], "tokenizer": {"kind": "json", "name": "bpe-512"}}
+    with pytest.raises(UserError, match=r"trained with the tokenizer bpe-512, but data.tokenizer is byte"):
+        settle_pretrained("dir", {}, {"tokenizer": "byte"}, set(), False, meta)
+
+
 def test_settle_pretrained_without_a_recorded_length():
     """An official download records no training length: the run's stays, and the line says it is unknown."""
     meta = {"mamba_config": {"d_model": 64, "n_layer": 3, "vocab_size": 100,
