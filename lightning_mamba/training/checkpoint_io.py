@@ -91,9 +91,9 @@ def check_tokenizer_kind(spec: dict | None, tokenizer: str | None, path: str) ->
         return
     if (kind == "byte") != (str(tokenizer) == "byte"):
         theirs = "the byte tokenizer" if kind == "byte" else f"the tokenizer {spec.get('name', 'tokenizer.json')}"
-        fix = "--data.tokenizer byte" if kind == "byte" else "data.tokenizer (and data.bpe_vocab_size, data.source)"
-        raise DataError(f"model.pretrained={path} was trained with {theirs}, but data.tokenizer is {tokenizer}: set "
-                        f"{fix} to what the checkpoint's run used")
+        fix = ("set --data.tokenizer byte" if kind == "byte" else
+               "set data.tokenizer (and data.bpe_vocab_size, data.source) to what the checkpoint's run used")
+        raise DataError(f"model.pretrained={path} was trained with {theirs}, but data.tokenizer is {tokenizer}: {fix}")
 
 
 def _first_mismatch(state: dict, mine: dict) -> str | None:
