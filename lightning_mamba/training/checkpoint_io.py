@@ -82,7 +82,7 @@ def check_tokenizer(checkpoint: dict, datamodule: Any, path: str) -> None:
                         f"set data.tokenizer (and data.bpe_vocab_size, data.source) to what the checkpoint's run used")
 
 
-def check_tokenizer_kind(spec: dict | None, tokenizer: str | None, path: str) -> None:
+def check_tokenizer_kind(spec: dict | None, tokenizer: str | None, what: str) -> None:
     """Before anything is built: a byte-level checkpoint with a BPE run or the other way round can be told from the
     settings alone (check_tokenizer compares the ids once the run's tokenizer exists, after a BPE has been trained
     and the corpus tokenized: minutes on a large corpus, for a run that cannot start)."""
@@ -93,7 +93,7 @@ def check_tokenizer_kind(spec: dict | None, tokenizer: str | None, path: str) ->
         theirs = "the byte tokenizer" if kind == "byte" else f"the tokenizer {spec.get('name', 'tokenizer.json')}"
         fix = ("set --data.tokenizer byte" if kind == "byte" else
                "set data.tokenizer (and data.bpe_vocab_size, data.source) to what the checkpoint's run used")
-        raise DataError(f"model.pretrained={path} was trained with {theirs}, but data.tokenizer is {tokenizer}: {fix}")
+        raise DataError(f"{what} was trained with {theirs}, but data.tokenizer is {tokenizer}: {fix}")
 
 
 def _first_mismatch(state: dict, mine: dict) -> str | None:
@@ -165,7 +165,7 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def check_resume(path: str, given: dict, kept: tuple[str, ...] = ()) -> int | None:
+def check_resume(path: str, given: dict, kept: tuple[str, ...] = (), tokenizer: str | None = None) -> int | None:
     """``--ckpt_path`` must be a readable checkpoint of a model with the shape the run's settings give; returns the
     step it was saved at (None for Lightning's aliases, which Lightning resolves).
 
@@ -193,6 +193,8 @@ def check_resume(path: str, given: dict, kept: tuple[str, ...] = ()) -> int | No
         raise ConfigError(f"checkpoint {path} is not a Lightning checkpoint (no state_dict): give a .ckpt written "
                           f"by lightning-mamba fit")
     check_intact(checkpoint, path)
+    # ``tokenizer``: the run's data.tokenizer; byte against BPE is told here, before a BPE is trained for nothing
+    check_tokenizer_kind((checkpoint.get("lightning_mamba") or {}).get("tokenizer"), tokenizer, f"checkpoint {path}")
     saved = checkpoint.get("hyper_parameters") or {}
     # (not model.pretrained: a resume takes the checkpoint's weights, so the file a fine-tune started from is a record)
     shape = [k for k in (*SHAPE_SETTINGS, *SSM_SHAPE_SETTINGS) if k != "vocab_size"]
@@ -386,7 +388,7 @@ def settle_pretrained(path: str, model: dict, data: dict, typed: set[str], state
         raise ConfigError(f"model.pretrained={path} fixes the model's shape: {detail}: drop "
                           f"{' '.join('--model.' + k for k in wrong)} (or start without --model.pretrained)")
     model_updates = {k: theirs[k] for k in differ}
-    check_tokenizer_kind(meta.get("tokenizer"), data.get("tokenizer"), path)
+    check_tokenizer_kind(meta.get("tokenizer"), data.get("tokenizer"), f"model.pretrained={path}")
     lines = [describe_pretrained(path, meta)]
     lines += [f"model.{k}={_plain(model[k])} as typed (the checkpoint's: {_plain(theirs[k])}; the scan's speed only)"
               for k in faster]

@@ -88,7 +88,8 @@ class MambaCLI(LightningCLI):
             # so do replan_schedule and the scan's speed-only settings (a resumed study cell takes a faster scan)
             typed = typed_options(self._argv)
             kept = tuple(k for k in ("lr", "replan_schedule", *SPEED_ONLY_SETTINGS) if f"model.{k}" in typed)
-            step = check_resume(self.config[sub].ckpt_path, given, kept=kept)
+            tokenizer = data_settings(self.config[sub]).get("tokenizer")
+            step = check_resume(self.config[sub].ckpt_path, given, kept=kept, tokenizer=tokenizer)
             self._ckpt_step = step
             lr = given.get("lr") if "lr" in kept else None
             typed_wins = {k: given[k] for k in kept if k != "lr"}  # lr: below, with its own line
@@ -280,11 +281,16 @@ def check_steps_left(config: Namespace, step: int) -> None:
                        f"nothing more: give more than {step} (e.g. --trainer.max_steps {2 * step})")
 
 
+def data_settings(config: Namespace) -> Namespace:
+    """The data module's settings, whether the config names its class (class_path + init_args) or not."""
+    return config.data.init_args if config.data.get("class_path") else config.data
+
+
 def apply_pretrained(config: Namespace, argv: list[str]) -> list[str]:
     """--model.pretrained: the run's model settings become the checkpoint's (a typed one that differs is refused) and
     its data.seq_len the one the checkpoint was trained at unless typed (checkpoint_io.settle_pretrained). Returns
     the lines to print once the weights are loaded."""
-    data = config.data.init_args if config.data.get("class_path") else config.data
+    data = data_settings(config)
     typed = {k for k in typed_options(argv) if k.startswith(("model.", "data."))}
     passing = bool(data.get("state_passing")) or config.model.get("initial_state") == "passed"
     model, data_updates, lines = settle_pretrained(str(config.model.pretrained), config.model.as_dict(),

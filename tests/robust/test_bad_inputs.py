@@ -124,7 +124,8 @@ CASES = [  # (id, arguments after `fit --config CONFIG`, fragment of the message
     # checkpoints
     ("tokenizer-vs-checkpoint", ["--ckpt_path", "{ckpt}", "--trainer.max_steps", "4", "--data.tokenizer", "bpe",
                                  "--data.bpe_vocab_size", "300"],
-     "was trained with the tokenizer byte (vocabulary 257), but data.tokenizer gives bpe-300"),
+     # told from the settings, before a BPE is trained (checkpoint_io.check_tokenizer_kind)
+     "was trained with the byte tokenizer, but data.tokenizer is bpe: set --data.tokenizer byte"),
     ("shape-vs-checkpoint", ["--ckpt_path", "{ckpt}", "--model.d_state", "32"],
      "was saved for a different model shape: model.d_state=16 there, 32 here"),
     ("missing-checkpoint", ["--ckpt_path", "/nonexistent/last.ckpt"], "checkpoint /nonexistent/last.ckpt does not "
