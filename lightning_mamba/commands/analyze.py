@@ -66,9 +66,9 @@ def analyze(args) -> dict:
 
     mitigations, intervention = interventions_from_args(args, model, rows, T, dtype, device, args.batch_size)
     # the state norm is checked as each piece ends: as often as `mitigate` checks it, whatever --piece_len
-    piece_len = state_norm_piece_len(args.piece_len, T) if "state_norm" in mitigations else args.piece_len
+    piece_len = args.piece_len
     if "state_norm" in mitigations:
-        intervention["piece_len"] = piece_len
+        piece_len = intervention["piece_len"] = state_norm_piece_len(args.piece_len, T)
     with apply_interventions(model, **mitigations):  # everything below the model as mitigated, if asked
         with phase(f"analyze: loss vs position on {rows.size(0)} rows x {length} tokens"):
             report = measure_forgetting(model, rows, T, bucket, args.threshold, piece_len=piece_len, dtype=dtype,
