@@ -248,7 +248,14 @@ def load_weights(model: MambaLM, state: dict[str, Tensor], source: str) -> Mamba
     expected = model.state_dict()
     state = dict(state)
     if model.config.tie_embeddings and "backbone.embedding.weight" in state:
-        state["lm_head.weight"] = state["backbone.embedding.weight"]  # one tensor; the embedding decides
+        embedding, head = state["backbone.embedding.weight"], state.get("lm_head.weight")
+        # official checkpoints save the tied head too, equal to the embedding; a different one is an untied model
+        # whose config says tied, and taking the embedding for it would change every logit without a word
+        if head is not None and not (head.shape == embedding.shape and torch.equal(head, embedding.to(head.dtype))):
+            raise ConfigError(f"{source}: the config ties the embeddings (tie_embeddings / tie_word_embeddings: true) "
+                              "but lm_head.weight differs from backbone.embedding.weight: set it to false in "
+                              "config.json if the model was trained with its own output head")
+        state["lm_head.weight"] = embedding  # one tensor
     hint = (f"check that its config ({', '.join(SHAPE_FIELDS)}, ssm_cfg: {', '.join(SSM_SHAPE_FIELDS)}) is the one "
             f"it was trained with")
     for key, want in expected.items():

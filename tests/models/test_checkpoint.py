@@ -209,6 +209,22 @@ def test_hf_transformers_model_gives_the_same_logits(tmp_path):
         torch.testing.assert_close(logits(ours, IDS), expected, rtol=tol, atol=tol)
 
 
+def test_an_untied_head_under_a_tied_config_is_refused(tmp_path):
+    """config.json says tied but the weights hold their own lm_head: taking the embedding for it changed every logit
+    silently; now one line that says which setting to change. A tied model's saved copy of its head loads."""
+    save_pretrained(tiny(tie=False), str(tmp_path))
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["tie_embeddings"] = True
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"config ties the embeddings .* but lm_head.weight differs from "
+                                          r"backbone.embedding.weight: set it to false in config.json"):
+        load_pretrained(str(tmp_path), backend="torch")
+    model = tiny(tie=True)
+    save_pretrained(model, str(tmp_path / "tied"))  # writes lm_head.weight too, equal to the embedding
+    torch.testing.assert_close(logits(load_pretrained(str(tmp_path / "tied"), backend="torch"), IDS),
+                               logits(model, IDS), rtol=0, atol=0)
+
+
 def test_wrong_shape_names_the_key(tmp_path):
     save_pretrained(tiny(), str(tmp_path))
     config = json.loads((tmp_path / "config.json").read_text())
