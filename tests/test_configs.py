@@ -107,6 +107,23 @@ def test_two_overlays_that_both_add_a_callback_are_refused_in_one_line(tmp_path,
         assert not runs.exists()
 
 
+def test_a_logger_option_without_a_logger_class_says_where_the_class_comes_from(capsys):
+    """`fit --trainer.logger.init_args.name foo` without a config: jsonargparse said "trainer.logger: expected a bool
+    or null, got NestedArg(key='name', val='foo')". One line now, naming the option typed; with the run config
+    (whose logger is TensorBoard) or the class typed, the option is taken."""
+    for option in (["--trainer.logger.init_args.name", "foo"], ["--trainer.logger.name=foo"]):
+        with pytest.raises(SystemExit) as e:
+            main(["fit", *option])
+        assert str(e.value.code) == (f"error: {option[0].split('=')[0]}: no logger class to take it: give a run "
+                                     "config first (--config configs/train.yaml, whose logger is TensorBoard) or the "
+                                     "class (--trainer.logger TensorBoardLogger)")
+    for given in (["--config", TRAIN], ["--trainer.logger", "TensorBoardLogger"]):
+        with pytest.raises(SystemExit) as e:
+            main(["fit", *given, "--trainer.logger.init_args.name", "foo", "--print_config"])
+        logger = yaml.safe_load(capsys.readouterr().out)["trainer"]["logger"]
+        assert e.value.code in (0, None) and logger["init_args"]["name"] == "foo", logger
+
+
 @pytest.mark.parametrize("subcommand", ["fit", "validate"])
 def test_a_config_file_of_another_kind_is_named_with_where_it_goes(subcommand):
     """`fit --config` of a group file, a passkey template or an overlay without the run under it: jsonargparse said

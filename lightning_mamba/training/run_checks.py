@@ -187,6 +187,13 @@ def check_config_kinds(argv: list[str], groups: dict[str, type]) -> None:
             if keys <= set(inspect.signature(cls).parameters):
                 raise SettingError(f"--config {path} holds {group} settings only: give it as --{group} {path}, after "
                                    f"a whole run config (e.g. --config configs/train.yaml --{group} {path})")
+    # a logger's own option with no logger class anywhere: jsonargparse said "trainer.logger: expected a bool or
+    # null, got NestedArg(key='name', val='foo')" (Lightning's default logger is True, which takes no options)
+    nested = [a.split("=", 1)[0] for a in argv if a.startswith("--trainer.logger.")]
+    if nested and not logger:
+        raise SettingError(f"{nested[0]}: no logger class to take it: give a run config first (--config "
+                           f"configs/train.yaml, whose logger is TensorBoard) or the class (--trainer.logger "
+                           f"TensorBoardLogger)")
 
 
 # ---- settings Lightning answers with a traceback -----------------------------------------------------------------
