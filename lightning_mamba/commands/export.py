@@ -1,7 +1,8 @@
 """``lightning-mamba export``: a training checkpoint -> the official directory layout.
 
 Writes config.json + pytorch_model.bin (what mamba_ssm's ``MambaLMHeadModel.from_pretrained(DIR)`` reads), the
-tokenizer (tokenizer.json when it is a tokenizers-library one) and lightning_mamba.json (tokenizer spec, seq_len).
+tokenizer (tokenizer.json when it is a tokenizers-library one) and lightning_mamba.json (tokenizer spec, seq_len;
+the passkey prompt of a passkey run, which ``lightning-mamba passkey`` scores it with).
 The JSON files are strict JSON (no NaN/Infinity): ``ssm_cfg`` holds only the settings that differ from the defaults.
 
     lightning-mamba export --ckpt runs/state64_len512/version_0/checkpoints/last.ckpt   # -> .../checkpoints/exported/

@@ -259,7 +259,7 @@ def load_model(path: str, backend: str = "auto", dtype: torch.dtype = torch.floa
     """A Lightning .ckpt of this project or a checkpoint directory -> (model, meta).
 
     meta: ``mamba_config`` and, where recorded, ``seq_len``, ``tokenizer`` (a spec dict), ``trained_steps`` and
-    ``trained_tokens`` (training_done)."""
+    ``trained_tokens`` (training_done), and ``passkey`` (trained_passkey; an export keeps it)."""
     if os.path.isfile(path) and os.path.basename(path) in (CONFIG, WEIGHTS, SAFETENSORS):
         path = os.path.dirname(path) or "."
     if os.path.isdir(path):
@@ -271,7 +271,7 @@ def load_model(path: str, backend: str = "auto", dtype: torch.dtype = torch.floa
             meta["tokenizer"] = spec
     elif os.path.isfile(path):
         ckpt = read_lightning_checkpoint(path)
-        meta = {**(ckpt.get("lightning_mamba") or {}), **training_done(ckpt)}
+        meta = {**(ckpt.get("lightning_mamba") or {}), **training_done(ckpt), **trained_passkey(ckpt)}
         if "mamba_config" in meta:
             model = MambaLM(MambaConfig.from_dict(meta["mamba_config"]), backend=backend)
         else:
@@ -343,6 +343,16 @@ def training_done(ckpt: dict) -> dict:
     ``trained_steps`` / ``trained_tokens``: what --model.pretrained's line reports, and an export keeps."""
     done = {"trained_steps": ckpt.get("global_step"), "trained_tokens": ckpt.get("tokens_trained")}
     return {k: v for k, v in done.items() if v is not None}
+
+
+def trained_passkey(ckpt: dict) -> dict:
+    """The passkey prompt a .ckpt's run trained on (its data module's data.passkey_template and data.passkey_digits,
+    which Lightning keeps in datamodule_hyper_parameters) as ``passkey``: what ``lightning-mamba passkey`` scores the
+    model with by default. {} for a run without passkey training data."""
+    data = ckpt.get("datamodule_hyper_parameters") or {}
+    if "passkey_template" not in data:
+        return {}
+    return {"passkey": {"template": data["passkey_template"], "digits": data.get("passkey_digits", 5)}}
 
 
 def _count(n: int) -> str:
