@@ -183,6 +183,60 @@ def test_bad_input_is_one_clear_line(tmp_path, corpus, capsys, override, fragmen
     assert not glob.glob(str(tmp_path / "cache" / "*.tmp*"))  # no half-written cache
 
 
+def refused(argv: list[str]) -> str:
+    """Run the CLI; it must end in a one-line error: return it."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert isinstance(e.value.code, str) and "\n" not in e.value.code
+    return e.value.code
+
+
+# data settings found bad only when the data module sets up or builds its loaders: after the logger made its folder
+REFUSED_BY_THE_DATA = [["--data.seq_len", "100000"], ["--data.batch_size", "5000"]]
+
+
+def test_a_refused_fit_leaves_no_run_directory(tmp_path, corpus):
+    """Its version folder (events, hparams.yaml, config.yaml, no step) is taken back: the next run is version_0, and
+    a refusal after it leaves that run as it was."""
+    runs = tmp_path / "runs" / "tiny"
+    assert "is larger than the validation split" in refused(["fit", *tiny_args(tmp_path, corpus),
+                                                              *REFUSED_BY_THE_DATA[0]])
+    assert os.listdir(runs) == []
+    main(["fit", *tiny_args(tmp_path, corpus), "--trainer.max_steps", "3"])
+    assert os.listdir(runs) == ["version_0"]
+    files = {p: os.path.getmtime(p) for p in glob.glob(str(runs / "version_0" / "**"), recursive=True)}
+    for bad in REFUSED_BY_THE_DATA:
+        assert "is larger than the" in refused(["fit", *tiny_args(tmp_path, corpus), *bad])
+    assert os.listdir(runs) == ["version_0"]
+    assert {p: os.path.getmtime(p) for p in glob.glob(str(runs / "version_0" / "**"), recursive=True)} == files
+
+
+def test_a_fit_stopped_at_its_first_step_keeps_its_run_directory(tmp_path, corpus):
+    """A non-finite first step (global step 0, nothing checkpointed) stops a run that has started training: its folder
+    stays, unlike a refused one's before it."""
+    runs = tmp_path / "runs" / "tiny"
+    refused(["fit", *tiny_args(tmp_path, corpus), *REFUSED_BY_THE_DATA[1]])
+    message = refused(["fit", *tiny_args(tmp_path, corpus), "--trainer.callbacks+=tests.robust.helpers.PoisonParameter",
+                       "--trainer.callbacks.step", "0", "--trainer.callbacks.name", "model.backbone.layers.1.mixer.D"])
+    assert "global step 0" in message
+    assert os.listdir(runs) == ["version_0"]
+    assert glob.glob(str(runs / "version_0" / "events.out.tfevents.*")) and (runs / "version_0" / "config.yaml").exists()
+
+
+def test_a_refused_resume_keeps_the_run_directory_it_resumes(tmp_path, corpus):
+    """--ckpt_path into version_0 goes on in that folder (resume_into_run_directory): refused, the folder and its
+    checkpoint stay; a refused fresh run beside it leaves no version_1."""
+    runs = tmp_path / "runs" / "tiny"
+    main(["fit", *tiny_args(tmp_path, corpus), "--trainer.max_steps", "3"])
+    ckpt = runs / "version_0" / "checkpoints" / "last.ckpt"
+    saved = ckpt.read_bytes()
+    refused(["fit", *tiny_args(tmp_path, corpus), *REFUSED_BY_THE_DATA[1]])
+    assert "is larger than the" in refused(["fit", *tiny_args(tmp_path, corpus), *REFUSED_BY_THE_DATA[1],
+                                            "--ckpt_path", str(ckpt)])
+    assert os.listdir(runs) == ["version_0"]
+    assert ckpt.read_bytes() == saved and glob.glob(str(runs / "version_0" / "events.out.tfevents.*"))
+
+
 def test_fit_without_a_logger_runs_with_the_default_config(tmp_path, corpus, capsys, caplog):
     """`--trainer.logger false` on configs/train.yaml: its LearningRateMonitor (which Lightning refuses without a
     logger, after the sanity check) is left out with a line, and the run's files go to trainer.default_root_dir."""

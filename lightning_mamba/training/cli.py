@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import sys
 import typing
 import warnings
@@ -54,6 +55,32 @@ class ResumeAtLr(L.Callback):
                 group["initial_lr"] *= ratio
 
 
+class RefusedFitCleanup(L.Callback):
+    """A fit refused before its first training step leaves no run directory behind. Some settings are found bad only
+    when the data module sets up or builds its loaders (a seq_len or batch_size the corpus cannot fill) or the model
+    sets up (model.cuda_graph on a CPU): after the logger made ``<name>/version_<n>/`` (events, config.yaml), a
+    version without a step that pushed the next run to ``version_<n+1>``. Checking them all before the Trainer runs
+    would build the data twice, so the folder is taken back instead: only one that did not exist when the fit began
+    (all in it is this run's: never an earlier run's, nor the one a --ckpt_path resume goes on in), and only while no
+    training batch has started (nothing of a step logged or checkpointed)."""
+
+    def __init__(self, trainer: L.Trainer):
+        # log_dir fixes the next free version now, the one the logger would take a moment later (only rank 0's
+        # loggers write)
+        folders = [getattr(logger, "log_dir", None) for logger in trainer.loggers] if trainer.is_global_zero else []
+        self.folders = [d for d in folders if d and not os.path.exists(d)]
+        self.trained = False
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        self.trained = True
+
+    def remove(self) -> None:
+        if self.trained:
+            return
+        for folder in self.folders:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 class MambaCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         # what was typed, as opposed to what a config file or a default gave (see _parse_ckpt_path)
@@ -73,7 +100,15 @@ class MambaCLI(LightningCLI):
         check_settings(self.config[sub] if sub else self.config)  # what the Trainer would answer with a traceback
 
     def _run_subcommand(self, subcommand: str) -> None:
-        run_guarded(lambda: super(MambaCLI, self)._run_subcommand(subcommand), self.trainer)  # a full disk: one line
+        from ..cli import user_error  # (lightning_mamba.cli imports this module)
+
+        self._cleanup = None  # before_fit sets it
+        try:
+            run_guarded(lambda: super(MambaCLI, self)._run_subcommand(subcommand), self.trainer)  # a full disk: one line
+        except Exception as e:
+            if self._cleanup is not None and user_error(e) is not None:  # a refused fit: no run directory left
+                self._cleanup.remove()
+            raise
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI replaces the model settings by the checkpoint's: refuse a different shape instead of
@@ -144,6 +179,8 @@ class MambaCLI(LightningCLI):
                 logger._default_hp_metric = False
         check_output_folders(self.trainer)
         check_fresh_log_version(self.trainer, self.config["fit"])
+        self._cleanup = RefusedFitCleanup(self.trainer)
+        self.trainer.callbacks.append(self._cleanup)
         if getattr(self, "_resume_at_lr", False):
             self.trainer.callbacks.append(ResumeAtLr())
 

@@ -145,10 +145,13 @@ def test_bad_input_is_one_clear_line(setup, capsys, args, fragment):
     args = [a.replace(B, str(setup["bad"])).replace("{ckpt}", setup["ckpt"]) for a in args]
     kept = digest([setup["ckpt"], *glob.glob(os.path.join(setup["corpus"], "*")),
                    *glob.glob(os.path.join(setup["cache_dir"], "*"))])
+    runs = os.path.join(setup["root"], "next", "runs", "tiny", "*")
+    folders = sorted(glob.glob(runs))
     message = one_line_error(capsys, ["fit", "--config", setup["config"], *args])
     assert fragment in message
     assert digest(kept) == kept  # nothing lost or rewritten
     assert not glob.glob(os.path.join(setup["cache_dir"], "*.tmp"))
+    assert sorted(glob.glob(runs)) == folders  # no run directory left behind (e.g. by a refusal when the data sets up)
 
 
 def test_val_check_interval_zero_makes_no_run_directory(setup, capsys, tmp_path):
