@@ -6,11 +6,10 @@ import importlib
 import signal
 import sys
 
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from .errors import UserError
 from .training.cli import MambaCLI, lightning_cli
+from .training.run_checks import user_error
 
 # Commands beyond Lightning's: name -> module with a ``main(argv)``.
 COMMANDS = {
@@ -56,20 +55,6 @@ def end_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # no process closes it while another still uses it
         dist.destroy_process_group()
-
-
-def user_error(e: BaseException) -> BaseException | None:
-    """The user-facing error (bad setting, non-finite step) behind ``e`` (jsonargparse wraps errors raised while instantiating classes)."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, (UserError, MisconfigurationException)):
-            return e
-        if isinstance(e, ModuleNotFoundError) and str(e).startswith("Requirement "):
-            # Lightning's accelerators, strategies and precisions name the package they lack, e.g. tpu -> torch_xla
-            return ModuleNotFoundError(f"{e} (needed by the chosen trainer.accelerator, trainer.strategy or trainer.precision)")
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from .run_checks import (
     not_text_config,
     run_guarded,
     typed_options,
+    user_error,
 )
 from .stops import CheckpointAtStop, CheckpointOnSigterm
 
@@ -100,8 +101,6 @@ class MambaCLI(LightningCLI):
         check_settings(self.config[sub] if sub else self.config)  # what the Trainer would answer with a traceback
 
     def _run_subcommand(self, subcommand: str) -> None:
-        from ..cli import user_error  # (lightning_mamba.cli imports this module)
-
         self._cleanup = None  # before_fit sets it
         try:
             run_guarded(lambda: super(MambaCLI, self)._run_subcommand(subcommand), self.trainer)  # a full disk: one line

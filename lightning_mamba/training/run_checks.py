@@ -12,6 +12,7 @@ import sys
 from typing import Any, NoReturn
 
 from jsonargparse import Namespace
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser
 
@@ -22,6 +23,20 @@ from .nan_guard import MODES as NAN_GUARD_MODES
 
 class SettingError(UserError, ValueError):
     """A fit/validate/test setting that cannot work; one line that names it and what to change."""
+
+
+def user_error(e: BaseException) -> BaseException | None:
+    """The user-facing error (bad setting, non-finite step) behind ``e`` (jsonargparse wraps errors raised while instantiating classes)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, (UserError, MisconfigurationException)):
+            return e
+        if isinstance(e, ModuleNotFoundError) and str(e).startswith("Requirement "):
+            # Lightning's accelerators, strategies and precisions name the package they lack, e.g. tpu -> torch_xla
+            return ModuleNotFoundError(f"{e} (needed by the chosen trainer.accelerator, trainer.strategy or trainer.precision)")
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 # ---- argument errors: one line, not the usage ------------------------------------------------------------------
