@@ -204,8 +204,10 @@ def check_config_kinds(argv: list[str], groups: dict[str, type]) -> None:
                                    f"a whole run config (e.g. --config configs/train.yaml --{group} {path})")
     # a logger's own option with no logger class anywhere: jsonargparse said "trainer.logger: expected a bool or
     # null, got NestedArg(key='name', val='foo')" (Lightning's default logger is True, which takes no options)
+    # A --config that is no file (a typo'd path, or YAML given inline) may name the class: jsonargparse says why
+    # it cannot be read (a missing base_config of a sweep read "no logger class", not "File does not exist")
     nested = [a.split("=", 1)[0] for a in argv if a.startswith("--trainer.logger.")]
-    if nested and not logger:
+    if nested and not logger and all(os.path.isfile(path) for path in config_files(argv)):
         raise SettingError(f"{nested[0]}: no logger class to take it: give a run config first (--config "
                            f"configs/train.yaml, whose logger is TensorBoard) or the class (--trainer.logger "
                            f"TensorBoardLogger)")
