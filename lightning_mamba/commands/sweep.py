@@ -23,7 +23,7 @@ from dataclasses import fields
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from ..study.sweep import Study, SweepError, build_cli, cell_args, make_cells, run_study, shard_cells
+from ..study.sweep import Study, SweepError, build_cli, cell_args, check_out, make_cells, run_study, shard_cells
 from ..training.run_checks import RUN_KEYS, STUDY_KEYS, config_files, config_mapping, typed_options
 from . import run_command
 from .common import CommandParser
@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.map_summaries is not None:
             from ..study.summary_map import write_summary_map
 
+            check_out(study.out)
             return write_summary_map(args.map_summaries, study.out, args.map_min_evaluated_to)
         study.validate()
         if args.dry_run:
@@ -190,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.mps and (args.processes < 2 or gpus == 0):
             raise SweepError("--mps true runs several shards at once on a CUDA GPU: it needs --processes 2 or more "
                              f"and a GPU (got --processes {args.processes}, {gpus} GPU(s)): drop --mps")
+        if not args.summarize_only:  # (a summary of a folder that is no study's says so)
+            check_out(study.out)
         failure = None
         if args.merge is not None:
             from ..study.merge import merge_studies

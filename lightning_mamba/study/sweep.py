@@ -209,6 +209,17 @@ def check_device(device: str | None) -> None:
                          f"another index, or null (the one the cells train on)")
 
 
+def check_out(out: str) -> None:
+    """The study folder must be a folder, checked before anything is written there (and without making it: a study
+    refused later leaves none): an --out that names a file read "[Errno 20] Not a directory: 'README.md/cells'"."""
+    path = os.path.normpath(out)
+    while path and not os.path.exists(path):  # the part of it that exists
+        path = os.path.dirname(path)
+    if path and not os.path.isdir(path):
+        raise SweepError(f"out={out!r} is not a folder ({path} is a file): give --out a folder, e.g. "
+                         f"runs/study/forget_threshold")
+
+
 def shard_of(text: str) -> tuple[int, int]:
     """'i/n' -> (i, n) with 0 <= i < n."""
     m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
@@ -638,6 +649,7 @@ def run_study(study: Study, log: Callable[[str], None] = print) -> list[dict]:
     """Every cell of this shard, in order; records the plan in <out>/study.json first (:func:`record_plan`)."""
     study.validate()
     check_device(study.device)  # here, not in validate: --summarize_only and --merge may run where it is missing
+    check_out(study.out)
     cells = make_cells(study)
     mine = shard_cells(cells, study.shard)
     check_rows(study, mine)

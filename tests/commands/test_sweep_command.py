@@ -121,6 +121,21 @@ def test_bad_settings_are_one_line_errors(tmp_path, corpus, capsys):
     assert "sweep: error: threshold must be a finite number > 1 (got 0.5): it is a loss ratio" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra", [[], ["--processes", "2"], ["--merge", "[a, b]"], ["--map_summaries", "[a.json]"]])
+@pytest.mark.parametrize("below", [False, True])
+def test_an_out_that_is_a_file_is_one_line_before_anything_runs(tmp_path, capsys, extra, below):
+    """--out README.md (or a folder under a file) was "sweep: error: [Errno 20] Not a directory: 'README.md/cells'",
+    which does not say which setting to change."""
+    file = tmp_path / "notes.txt"
+    file.write_text("not a study")
+    out = file / "study" if below else file
+    assert cmd.main(micro_args(tmp_path, str(tmp_path / "corpus"), out, *extra)) == 2
+    err = capsys.readouterr().err
+    assert err == f"sweep: error: out={str(out)!r} is not a folder ({file} is a file): give --out a folder, e.g. " \
+                  "runs/study/forget_threshold\n"
+    assert file.read_text() == "not a study"
+
+
 @pytest.mark.parametrize("path", [MICRO, GPU])
 def test_shipped_study_configs_validate_and_their_cells_build(path, tmp_path, capsys):
     args = cmd.build_parser().parse_args(["--config", path, "--out", str(tmp_path / "o"),
