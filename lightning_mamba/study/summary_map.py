@@ -171,6 +171,11 @@ def write_summary_map(paths: list[str], out: str, min_evaluated_to: int = 32768)
     seeds = t_forget_per_seed(summaries, min_evaluated_to)
     fits = fits_per_seed(seeds)
     lines = [f"map of {runs} evaluated run(s) from {len(paths)} summaries: {png}, {data}"]
+    if not seeds:  # every evaluation under the floor: the fit's "0 finite point(s)" alone read as no verdict at all
+        furthest = max((h.get("evaluated_to") or 0 for summary in summaries.values()
+                        for cell in summary["onset"]["cells"].values() for h in cell["history"]), default=0)
+        lines.append(f"T_forget seed by seed: no evaluation reached {min_evaluated_to} tokens (the furthest: "
+                     f"{furthest}): give a lower --map_min_evaluated_to to read these runs' verdicts")
     shown = _figure_rows(seeds)
     if shown:
         seeds_png = os.path.join(out, "t_forget_per_seed.png")

@@ -130,6 +130,22 @@ def test_t_forget_per_seed_over_slices_and_its_fit(tmp_path, capsys):
     assert (out / "t_forget_per_seed.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_floor_no_evaluation_reaches_is_said_not_read_as_no_verdict(tmp_path, capsys):
+    """Every evaluation under --map_min_evaluated_to (a study evaluated to 64 x LEN only): the command printed just
+    "no fit: 0 finite point(s)", as if no run had a verdict; it names the floor and the furthest evaluation now."""
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(summary_of({"state64_len32": (None, [(500, False, 2048)]),
+                                           "state64_len64": (None, [(500, True, 4096)])}, {"state64": 100_000})))
+    out = tmp_path / "map"
+    assert main(["--out", str(out), "--map_summaries", json.dumps([str(path)])]) == 0
+    printed = capsys.readouterr().out
+    assert ("T_forget seed by seed: no evaluation reached 32768 tokens (the furthest: 4096): give a lower "
+            "--map_min_evaluated_to to read these runs' verdicts") in printed
+    assert main(["--out", str(out), "--map_summaries", json.dumps([str(path)]), "--map_min_evaluated_to", "2048"]) == 0
+    printed = capsys.readouterr().out
+    assert "no evaluation reached" not in printed and "state64 seed 0: T_forget 64" in printed
+
+
 def test_summaries_not_evaluated_to_64x_get_one_line(tmp_path, capsys):
     """Evaluations that stopped short of 64 x LEN (a CPU study's) have no ratio mean[16T,64T] / mean[T/2,T] to draw."""
     path = study_with(tmp_path / "a", {"state64_len64": [1.0, 2.6]})
