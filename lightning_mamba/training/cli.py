@@ -251,12 +251,13 @@ def evaluate_into_a_new_version(config: Namespace, argv: list[str]) -> None:
     """validate / test / predict given a run's own config.yaml log to the next free version of its name, as they do
     before the run is resumed. A resumed fit records its version in config.yaml (resume_into_run_directory), and the
     evaluation went into that run's directory: its config.yaml overwritten by the evaluation's, its TensorBoard
-    curves given points at step 0. A typed --trainer.logger.init_args.version is kept."""
+    curves given points at step 0. So did a sweep cell's, whose version '' is the name's own folder, the cell's.
+    A typed --trainer.logger.init_args.version is kept."""
     if "trainer.logger.version" in typed_options(argv):
         return
     for init in logger_init_args(config):
         version = init.get("version")
-        if version in (None, "") or init.get("save_dir") is None:
+        if version is None or init.get("save_dir") is None:
             continue
         folder = os.path.join(str(init.save_dir), str(init.get("name") or ""),
                               version if isinstance(version, str) else f"version_{version}")

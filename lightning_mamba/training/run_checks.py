@@ -299,15 +299,16 @@ def check_fresh_log_version(trainer, config: Namespace) -> None:
             continue
         version = (logger.get("init_args") or Namespace()).get("version")
         csv = isinstance(trainer.loggers[i], CSVLogger)
-        if version in (None, "") or (config.get("ckpt_path") and not csv):
-            continue  # the next free version; the name's own folder (the sweep's cells); a resume that appends
+        # version '' is the name's own folder: a sweep cell's config.yaml (the sweep trains it without this check)
+        if version is None or (config.get("ckpt_path") and not csv):
+            continue  # the next free version; a resume that appends
         log_dir = getattr(trainer.loggers[i], "log_dir", None)
         if log_dir and os.path.isdir(log_dir) and os.listdir(log_dir):
             why = ("the CSVLogger would delete its metrics.csv" if csv else "a new run would mix its logs with that "
                    "run's")
             raise SettingError(f"the logger's version {version!r} already holds a run ({log_dir} is not empty) and "
                                f"{why}: choose another trainer.logger.init_args.version (or null for the next free "
-                               f"one) or another name" + ("" if csv else ", or resume that run with --ckpt_path"))
+                               f"one) or another name or save_dir" + ("" if csv else ", or resume that run with --ckpt_path"))
 
 
 def disk_full(e: BaseException, trainer) -> DiskFullError | None:

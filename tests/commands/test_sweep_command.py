@@ -13,7 +13,7 @@ import lightning as L
 import pytest
 import torch
 
-from lightning_mamba.cli import lightning_cli
+from lightning_mamba.cli import lightning_cli, main
 from lightning_mamba.commands import sweep as cmd
 from lightning_mamba.study.sweep import build_cli, make_cells
 
@@ -112,6 +112,29 @@ def test_a_cell_resumed_at_its_last_step_keeps_its_validation_loss(tmp_path, cor
     assert "resuming from" in capsys.readouterr().out
     again = json.loads(done.read_text())
     assert again["val_loss"] == first["val_loss"] and again["verdict"] == first["verdict"]
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+def test_a_cells_config_yaml_runs_beside_the_cell_not_into_it(tmp_path, corpus, capsys):
+    """`fit --config <cell>/config.yaml` (docs/study.md: it reproduces the cell) trained into the cell's own folder
+    (its logger version '' is that folder): a second events file, last-v1.ckpt, its records along training
+    rewritten; `validate` with it replaced the cell's config.yaml. fit is refused now, validate logs to a version of
+    its own, and fit with another save_dir reproduces the cell."""
+    out = tmp_path / "study"
+    assert cmd.main(micro_args(tmp_path, corpus, out, "--states", "[8]", "--lens", "[32]")) == 0
+    cell = out / "cells" / "state8_len32"
+    config = cell / "config.yaml"
+    before = {p.name: p.read_bytes() for p in cell.iterdir() if p.is_file()}
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(config)])
+    assert "already holds a run" in str(e.value.code) and "save_dir" in str(e.value.code)
+    main(["validate", "--config", str(config), "--ckpt_path", str(cell / "checkpoints" / "last.ckpt")])
+    assert {p.name: p.read_bytes() for p in cell.iterdir() if p.is_file()} == before
+    assert sorted(os.listdir(cell / "checkpoints")) == ["last.ckpt"]
+    capsys.readouterr()
+    main(["fit", "--config", str(config), "--trainer.logger.init_args.save_dir", str(tmp_path / "repro")])
+    again = tmp_path / "repro" / "state8_len32" / "val" / "step_4.json"
+    assert json.loads(again.read_text()) == json.loads((cell / "val" / "step_4.json").read_text())
 
 
 def test_bad_settings_are_one_line_errors(tmp_path, corpus, capsys):
