@@ -424,7 +424,8 @@ def lightning_cli(args=None, run: bool = True, description: str = "Train and stu
         TextDataModule,
         subclass_mode_data=True,  # TextDataModule by default; experiments may pick e.g. PasskeyDataModule
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": description},
+        # run=False (a sweep's cells) parses fit's options with no subcommand: its errors point at fit's --help
+        parser_kwargs={"description": description, **({} if run else {"prog": "lightning-mamba fit"})},
         parser_class=OneLineErrorParser,  # an argument error is one line, not the usage first
         args=args,
         run=run,

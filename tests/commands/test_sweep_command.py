@@ -368,3 +368,13 @@ def test_print_config_shows_the_merged_overrides(capsys):
         assert "chunk_size" not in printed["model_overrides"]
         assert printed["data_overrides"]["source"] == "code"
         assert ("eval_tokens" in printed) == (flag == "--print_config")
+
+
+def test_an_unknown_model_override_points_at_fits_options(tmp_path, corpus, capsys):
+    """A model_overrides key fit does not take: one line before any cell trains, pointing at `lightning-mamba fit
+    --help` (where the model's options are), not at the bare `lightning-mamba --help`, which lists commands."""
+    with pytest.raises(SystemExit) as e:
+        cmd.main(micro_args(tmp_path, corpus, tmp_path / "o", "--model_overrides", "{bogus: 1}"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "unrecognized arguments: --model.bogus 1" in err, err
+    assert "(the options: `lightning-mamba fit --help`)" in err and not (tmp_path / "o" / "cells").exists()
