@@ -251,7 +251,9 @@ def load_weights(model: MambaLM, state: dict[str, Tensor], source: str) -> Mamba
         embedding, head = state["backbone.embedding.weight"], state.get("lm_head.weight")
         # official checkpoints save the tied head too, equal to the embedding; a different one is an untied model
         # whose config says tied, and taking the embedding for it would change every logit without a word
-        if head is not None and not (head.shape == embedding.shape and torch.equal(head, embedding.to(head.dtype))):
+        same = head is None or head.shape == embedding.shape and torch.allclose(
+            head, embedding.to(head.dtype), rtol=0, atol=0, equal_nan=True)  # (a diverged model's NaNs are equal)
+        if not same:
             raise ConfigError(f"{source}: the config ties the embeddings (tie_embeddings / tie_word_embeddings: true) "
                               "but lm_head.weight differs from backbone.embedding.weight: set it to false in "
                               "config.json if the model was trained with its own output head")
