@@ -80,6 +80,12 @@ class TokenThroughputMonitor(ThroughputMonitor):
     def load_state_dict(self, state_dict: dict) -> None:
         self._resumed = dict(state_dict)
 
+    def training_seconds(self) -> float | None:
+        """Seconds of training so far over every run of this fit, resumed ones included (validation left out): the
+        clock the checkpoints carry. None before training started here or in a checkpoint."""
+        seconds = self.state_dict().get("time")
+        return None if seconds is None else float(seconds)
+
     def _start(self, trainer: L.Trainer) -> None:
         super()._start(trainer)
         stage = trainer.state.stage

@@ -36,7 +36,8 @@ from .t_forget import lens_deciding, t_forget_of
 CSV_FIELDS = ("cell", "row", "d_state", "n_layer", "d_model", "seq_len", "seed", "batch_size", "steps", "tokens", "params",
               "n_s", "n_s_ssm_only", "forgets", "blowup_position", "blowup_over_len", "max_in_window",
               "ratio_4_16x", "ratio_16_64x", "ratio_16_64x_lo", "ratio_16_64x_hi", "ratio_far", "ratio_far_lo",
-              "ratio_far_hi", "evaluated_to", "val_loss", "t_recall", "train_seconds", "eval_seconds")
+              "ratio_far_hi", "evaluated_to", "val_loss", "t_recall", "train_seconds",
+              "train_seconds_all_runs", "eval_seconds")
 FAR_KEYS = ("ratio_far", "ratio_far_lo", "ratio_far_hi")  # result.json's metrics (none in a result from before them)
 MODEL_KEYS = ("d_state", "n_layer", "d_model", "n_s", "n_s_ssm_only", "params")  # the model a row names (rows_of)
 

@@ -487,13 +487,16 @@ def train_cell(study: Study, cell: Cell, log: Callable[[str], None] = print) -> 
         log(f"sweep: {stopped}: its time budget (trainer max_time) is spent; the summary reads its last evaluation "
             f"along training as a provisional verdict, and re-running resumes it")
         return {"cell": cell.name, "stopped_at_step": trainer.global_step}
-    train_seconds = time.perf_counter() - t0
+    train_seconds = time.perf_counter() - t0  # this process's fit only
+    # every run's training of this cell (a resumed cell's train_seconds is its last run's): the throughput
+    # monitor's clock, which checkpoints carry (validation left out); None without that callback
+    all_runs = next((c.training_seconds() for c in trainer.callbacks if hasattr(c, "training_seconds")), None)
     result = None
     if trainer.is_global_zero:
         val = trainer.callback_metrics.get("val/loss")
         val = recorded_val_loss(folder, trainer.global_step) if val is None else float(val)
         result = evaluate_cell(study, cell, lit.model, dm, log)
-        result.update(train_seconds=train_seconds, val_loss=val,
+        result.update(train_seconds=train_seconds, train_seconds_all_runs=all_runs, val_loss=val,
                       world_size=trainer.world_size, resumed_from=resume)
         write_json(done, result)
         log(f"sweep: {cell.name}: {verdict_word(result['verdict'], reason=True)} "

@@ -2,6 +2,7 @@
 output; a re-run skips finished cells; a cell killed mid-training resumes from its last.ckpt. The shipped study
 configs validate and their cells build."""
 
+import csv
 import json
 import os
 import re
@@ -378,3 +379,28 @@ def test_an_unknown_model_override_points_at_fits_options(tmp_path, corpus, caps
     err = capsys.readouterr().err
     assert e.value.code == 2 and "unrecognized arguments: --model.bogus 1" in err, err
     assert "(the options: `lightning-mamba fit --help`)" in err and not (tmp_path / "o" / "cells").exists()
+
+
+def test_a_resumed_cell_records_the_training_time_of_every_run(tmp_path, corpus, capsys):
+    """result.json's train_seconds is the last run's fit only (a cell resumed at its last steps read ~0 s);
+    train_seconds_all_runs adds the earlier runs' training, from the throughput monitor's clock in last.ckpt."""
+    out = tmp_path / "study"
+    checkpoint = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                  "init_args": {"save_last": True, "every_n_train_steps": 2}}
+    monitor = {"class_path": "lightning_mamba.callbacks.TokenThroughputMonitor"}
+    slow = {"class_path": f"{__name__}.SlowSteps", "init_args": {"seconds": 0.2}}
+    crash = {"class_path": f"{__name__}.Crash", "init_args": {"at_step": 5}}
+    trainer = {"enable_progress_bar": False, "enable_model_summary": False, "limit_val_batches": 0}
+    one_cell = ["--states", "[8]", "--lens", "[32]", "--tokens_per_cell", "2048"]  # 8 steps: killed at 5
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        cmd.main(micro_args(tmp_path, corpus, out, *one_cell, "--trainer_overrides",
+                            json.dumps({**trainer, "callbacks": [checkpoint, monitor, slow, crash]})))
+    assert cmd.main(micro_args(tmp_path, corpus, out, *one_cell, "--trainer_overrides",
+                               json.dumps({**trainer, "callbacks": [checkpoint, monitor, slow]}))) == 0
+    r = json.loads((out / "cells" / "state8_len32" / "result.json").read_text())
+    # 4 slow steps before the checkpoint the resume starts from, 4 after it: >= 8 x 0.2 s in all, the first
+    # run's 0.8 s included (the second run alone trained 4 steps)
+    assert r["resumed_from"] and r["train_seconds_all_runs"] >= 8 * 0.2 * 0.95, r
+    with open(out / "results.csv") as f:
+        row = next(csv.DictReader(f))
+    assert float(row["train_seconds_all_runs"]) == pytest.approx(r["train_seconds_all_runs"])

@@ -213,7 +213,7 @@ def test_without_seeds_the_summary_keeps_its_structure(tmp_path):
         "cell", "row", "d_state", "n_layer", "d_model", "seq_len", "batch_size", "steps", "tokens", "params", "n_s",
         "n_s_ssm_only", "forgets", "blowup_position", "blowup_over_len", "max_in_window", "ratio_4_16x",
         "ratio_16_64x", "ratio_16_64x_lo", "ratio_16_64x_hi", "ratio_far", "ratio_far_lo", "ratio_far_hi",
-        "evaluated_to", "val_loss", "t_recall", "train_seconds", "eval_seconds"]
+        "evaluated_to", "val_loss", "t_recall", "train_seconds", "train_seconds_all_runs", "eval_seconds"]
     assert [r["seed"] for r in table] == ["0", "0"]
 
 

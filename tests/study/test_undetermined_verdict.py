@@ -100,7 +100,7 @@ def test_t_forget_along_training_leaves_out_a_step_with_an_undetermined_len():
 def test_the_sweep_log_says_undetermined(tmp_path, monkeypatch):
     study = Study(states=[16], lens=[64], tokens_per_batch=256, tokens_per_cell=512, out=str(tmp_path))
     (cell,) = make_cells(study)
-    trainer = SimpleNamespace(world_size=1, global_step=2, is_global_zero=True, callback_metrics={},
+    trainer = SimpleNamespace(world_size=1, global_step=2, is_global_zero=True, callback_metrics={}, callbacks=[],
                               fit=lambda *a, **kw: None, strategy=SimpleNamespace(barrier=lambda: None))
     cli = SimpleNamespace(trainer=trainer, model=SimpleNamespace(model=None),
                           datamodule=SimpleNamespace(hparams=SimpleNamespace(batch_size=4)))
