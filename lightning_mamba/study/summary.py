@@ -379,8 +379,9 @@ def write_figures(out: str, results: list[dict], rows: list[dict], fits: dict, t
             step = int(round(r["n_s"] / 1000))
             if r["t_forget"] is not None:
                 writer.add_scalar("study/t_forget", r["t_forget"], step)
-            if r["t_forget_lower_bound"] is not None:
-                writer.add_scalar("study/t_forget_lower_bound", r["t_forget_lower_bound"], step)
+            for bound in ("t_forget_lower_bound", "t_forget_upper_bound"):  # "> max LEN", "<= min LEN"
+                if r.get(bound) is not None:
+                    writer.add_scalar(f"study/{bound}", r[bound], step)
             if r["t_recall"] is not None:
                 writer.add_scalar("study/t_recall", r["t_recall"], step)
         writer.add_text("study/summary", "\n".join(markdown_table(rows)), 0)

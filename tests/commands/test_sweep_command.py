@@ -65,6 +65,16 @@ def test_micro_study_writes_everything_and_a_rerun_skips_finished_cells(tmp_path
     for png in ("t_forget_vs_state_size", "loss_curves"):
         assert (out / f"{png}.png").stat().st_size > 0
     assert list((out / "summary").glob("events.out.tfevents.*"))
+    # every row's T_forget, or its bound either way ("> max LEN", "<= min LEN"), is a scalar over N_S (the upper
+    # bound had none: in a study whose rows all forget at their shortest LEN the summary run held no scalar)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "summary")).Reload()
+    keys = ("t_forget", "t_forget_lower_bound", "t_forget_upper_bound")
+    wanted = sorted((f"study/{k}", r[k]) for r in summary["rows"] for k in keys if r.get(k) is not None)
+    drawn = sorted((tag, e.value) for tag in events.Tags()["scalars"] if tag.startswith("study/t_forget")
+                   for e in events.Scalars(tag))
+    assert drawn == wanted and len(wanted) == len(summary["rows"]), (drawn, summary["rows"])
 
     mtimes = {n: (out / "cells" / n / "result.json").stat().st_mtime_ns for n in names}
     assert cmd.main(micro_args(tmp_path, corpus, out)) == 0
