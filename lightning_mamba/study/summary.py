@@ -19,6 +19,7 @@ import glob
 import io
 import json
 import os
+import re
 
 from ..analysis import plots
 from ..analysis.criterion import VERDICT_WORDS, verdict_word
@@ -101,7 +102,7 @@ def t_forget_text(entry: dict, why_incomplete: str = "", provisional: str = "") 
 
 
 def rows_of(results: list[dict], plan: dict | None, provisional: list[dict] | None = None) -> list[dict]:
-    """One entry per row of the grid (a state size, or a model), in plan order: T_forget = the shortest LEN that
+    """One entry per row of the grid (a state size, by size; or a model, in plan order): T_forget = the shortest LEN that
     forgets above the longest one that fails (:func:`t_forget_of`).
     A cell whose verdict is undetermined (``forgets`` None: a non-finite loss) counts as missing, as one without a
     result does; ``undetermined_lens`` names those LENs. With seeds, a LEN's verdict is its seeds' majority
@@ -119,6 +120,9 @@ def rows_of(results: list[dict], plan: dict | None, provisional: list[dict] | No
     done = {r["cell"] for r in results}
     runs_all = [*results, *(p for p in provisional or [] if p["cell"] not in done)]  # a final result wins
     order = list(dict.fromkeys([*planned, *(r["row"] for r in runs_all)]))
+    sizes = [re.fullmatch(r"state(\d+)", name) for name in order]
+    if all(sizes):  # the states axis by state size, whatever order slices or merged folders planned them in
+        order = [name for _, name in sorted(zip((int(m[1]) for m in sizes), order))]
     rows = []
     for name in order:
         runs: dict[int, list[dict]] = {}  # LEN -> its finished (or provisional) runs, in seed order

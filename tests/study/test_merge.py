@@ -91,3 +91,13 @@ def test_what_cannot_be_merged_is_refused_before_anything_is_copied(tmp_path, ca
     with pytest.raises(SweepError, match=why):
         merge_studies(Study(**SETTINGS, out=str(out)), sources)
     assert case == "out among sources" or not out.exists()
+
+
+def test_rows_come_by_state_size_whatever_order_the_slices_were_merged_in(tmp_path):
+    """The summary's rows (table, loss curves) went in the order the merged folders were given (a later slice of
+    small states came last); a states axis is now read by state size, as one folder's grid is."""
+    later_small, earlier_large = halves(tmp_path)
+    out = tmp_path / "all"
+    merge_studies(Study(**SETTINGS, out=str(out)), [earlier_large, later_small], log=lambda _: None)
+    rows = [r["row"] for r in summarize(str(out), tensorboard=False)["rows"]]
+    assert rows == sorted(rows, key=lambda name: int(name.removeprefix("state"))) and len(rows) == len(ROWS), rows
