@@ -229,12 +229,17 @@ def test_a_refused_resume_keeps_the_run_directory_it_resumes(tmp_path, corpus):
     runs = tmp_path / "runs" / "tiny"
     main(["fit", *tiny_args(tmp_path, corpus), "--trainer.max_steps", "3"])
     ckpt = runs / "version_0" / "checkpoints" / "last.ckpt"
+    run = runs / "version_0"
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}  # events, config.yaml, hparams.yaml
     saved = ckpt.read_bytes()
     refused(["fit", *tiny_args(tmp_path, corpus), *REFUSED_BY_THE_DATA[1]])
     assert "is larger than the" in refused(["fit", *tiny_args(tmp_path, corpus), *REFUSED_BY_THE_DATA[1],
                                             "--ckpt_path", str(ckpt)])
     assert os.listdir(runs) == ["version_0"]
     assert ckpt.read_bytes() == saved and glob.glob(str(runs / "version_0" / "events.out.tfevents.*"))
+    # the run's own files as they were: no second events file, its config.yaml not the refused settings
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    assert {"config.yaml", "hparams.yaml"} <= set(before)
 
 
 def test_fit_without_a_logger_runs_with_the_default_config(tmp_path, corpus, capsys, caplog):

@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
+from ..atomic import atomic_write
 from ..data import TextDataModule
 from ..errors import UserError
 from ..models.config import SPEED_ONLY_SETTINGS
@@ -57,19 +58,26 @@ class ResumeAtLr(L.Callback):
 
 
 class RefusedFitCleanup(L.Callback):
-    """A fit refused before its first training step leaves no run directory behind. Some settings are found bad only
-    when the data module sets up or builds its loaders (a seq_len or batch_size the corpus cannot fill) or the model
-    sets up (model.cuda_graph on a CPU): after the logger made ``<name>/version_<n>/`` (events, config.yaml), a
-    version without a step that pushed the next run to ``version_<n+1>``. Checking them all before the Trainer runs
-    would build the data twice, so the folder is taken back instead: only one that did not exist when the fit began
-    (all in it is this run's: never an earlier run's, nor the one a --ckpt_path resume goes on in), and only while no
-    training batch has started (nothing of a step logged or checkpointed)."""
+    """A fit refused before its first training step leaves the run directories as they were. Some settings are found
+    bad only when the data module sets up or builds its loaders (a seq_len or batch_size the corpus cannot fill) or
+    the model sets up (model.cuda_graph on a CPU): after the logger made ``<name>/version_<n>/`` (events,
+    config.yaml), a version without a step that pushed the next run to ``version_<n+1>``; and a refused --ckpt_path
+    resume, which goes on in its run's folder, left an events file there and that run's config.yaml and
+    hparams.yaml overwritten by the refused settings. Checking them all before the Trainer runs would build the data
+    twice, so the folders are put back instead, while no training batch has started (nothing of a step logged or
+    checkpointed): a folder that did not exist when the fit began is removed, all in it being this run's; in one
+    that did, the files this run added are removed and the two it rewrites restored."""
+
+    REWRITTEN = ("config.yaml", "hparams.yaml")  # LightningCLI's SaveConfigCallback, the logger's hyperparameters
 
     def __init__(self, trainer: L.Trainer):
         # log_dir fixes the next free version now, the one the logger would take a moment later (only rank 0's
         # loggers write)
         folders = [getattr(logger, "log_dir", None) for logger in trainer.loggers] if trainer.is_global_zero else []
         self.folders = [d for d in folders if d and not os.path.exists(d)]
+        self.existing = {d: (set(os.listdir(d)), {name: _read_bytes(os.path.join(d, name)) for name in self.REWRITTEN
+                                                  if os.path.isfile(os.path.join(d, name))})
+                         for d in folders if d and os.path.isdir(d)}
         self.trained = False
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
@@ -80,6 +88,17 @@ class RefusedFitCleanup(L.Callback):
             return
         for folder in self.folders:
             shutil.rmtree(folder, ignore_errors=True)
+        for folder, (names, kept) in self.existing.items():
+            for name in set(os.listdir(folder)) - names:
+                if os.path.isfile(os.path.join(folder, name)):  # this run's events file, a config.yaml it added
+                    os.unlink(os.path.join(folder, name))
+            for name, data in kept.items():
+                atomic_write(os.path.join(folder, name), lambda f, data=data: f.write(data))
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 class MambaCLI(LightningCLI):
