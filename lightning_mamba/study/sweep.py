@@ -653,6 +653,10 @@ def run_study(study: Study, log: Callable[[str], None] = print) -> list[dict]:
     study.validate()
     check_device(study.device)  # here, not in validate: --summarize_only and --merge may run where it is missing
     check_out(study.out)
+    missing = [path for path in study.base_config if not os.path.isfile(path)]  # (jsonargparse named it "config")
+    if missing:
+        raise SweepError(f"base_config {missing[0]!r} is not a file: give the run config(s) every cell starts from, "
+                         f"e.g. [configs/train.yaml] (a relative path is read from the folder the command runs in)")
     cells = make_cells(study)
     mine = shard_cells(cells, study.shard)
     check_rows(study, mine)

@@ -414,3 +414,12 @@ def test_a_resumed_cell_records_the_training_time_of_every_run(tmp_path, corpus,
     with open(out / "results.csv") as f:
         row = next(csv.DictReader(f))
     assert float(row["train_seconds_all_runs"]) == pytest.approx(r["train_seconds_all_runs"])
+
+
+def test_a_missing_base_config_is_named_as_such(tmp_path, corpus, capsys):
+    """jsonargparse named a base_config that is no file "config: File does not exist" (the cells' --config)."""
+    out = tmp_path / "o"
+    assert cmd.main([*micro_args(tmp_path, corpus, out), "--base_config", json.dumps(["nope.yaml"])]) == 2
+    err = capsys.readouterr().err
+    assert "sweep: error: base_config 'nope.yaml' is not a file: give the run config(s) every cell starts from" in err
+    assert len(err.strip().splitlines()) == 1 and not (out / "cells").exists()
