@@ -55,6 +55,15 @@ def unwritable_dir(folder: str) -> str | None:
     return None
 
 
+def file_in_the_way(folder: str) -> str | None:
+    """The file that stands where ``folder``, or a folder above it, would go (so it cannot be made), as the path
+    of that file in ``folder``'s own form (relative stays relative); None when ``folder`` is or can become one."""
+    path = os.path.normpath(folder)
+    while path and not os.path.exists(path):  # the part of it that exists
+        path = os.path.dirname(path)
+    return path if path and not os.path.isdir(path) else None
+
+
 def atomic_write_text(path: str, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 

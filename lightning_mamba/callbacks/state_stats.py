@@ -62,11 +62,11 @@ class StateStatsCallback(PeriodicAnalysis):
         figures_every_n_runs: int = 1,
     ):
         super().__init__(every_n_validations, figures_every_n_runs)
+        name = type(self).__name__
         unknown = set(probes) - set(PROBES)
         if unknown:
-            raise SettingError(f"{type(self).__name__}: unknown probes {sorted(unknown)}: use {', '.join(PROBES)}")
+            raise SettingError(f"{name}: unknown probes {sorted(unknown)}: use {', '.join(PROBES)}")
         # each was accepted here and failed at the first evaluation, after training (multiples [0]: no positions)
-        name = type(self).__name__
         if not multiples or not all(type(m) is int and m >= 1 for m in multiples):
             raise SettingError(f"{name}: multiples must be whole multiples of LEN >= 1, e.g. [1, 16] (got {multiples})")
         if n_rows < 1 or (stride is not None and stride < 1):

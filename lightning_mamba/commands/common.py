@@ -16,6 +16,7 @@ from jsonargparse import ArgumentParser
 from ..analysis.criterion import bucket_problem, threshold_problem
 from ..analysis.evaluator import eval_rows, resolve_dtype
 from ..analysis.forgetting import DEFAULT_EVAL_ROWS, DEFAULT_MAX_MULTIPLE
+from ..atomic import file_in_the_way
 from ..errors import UserError
 from ..training.run_checks import OneLineErrors
 
@@ -73,10 +74,8 @@ def check_threshold(threshold: float) -> None:
 def check_out_dir(out: str, flag: str = "--out") -> None:
     """The output directory (``out``: --out or its default) is a directory or can be made one: one line, before any
     work, when a file stands where it or a folder above it would go."""
-    path = os.path.abspath(out)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    if not os.path.isdir(path):
+    path = file_in_the_way(os.path.abspath(out))
+    if path is not None:
         where = "is a file" if path == os.path.abspath(out) else f"lies under {path}, which is a file"
         raise CommandError(f"{flag} {out} {where}: give a directory path (it is made if needed)")
 

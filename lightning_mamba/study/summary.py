@@ -19,7 +19,6 @@ import glob
 import io
 import json
 import os
-import re
 
 from ..analysis import plots
 from ..analysis.criterion import VERDICT_WORDS, verdict_word
@@ -30,7 +29,7 @@ from .cell_records import write_cell_records
 from .onset import onset_summary
 from .provisional import provisional_mark, provisional_note, provisional_results, provisional_text
 from .summary_plots import plot_curve_grid, plot_decays, plot_grid_map, plot_onset, plot_passkey_grid, plot_t_forget
-from .sweep import SweepError, clean, parse_cell_name, seed_of, write_json
+from .sweep import SweepError, clean, parse_cell_name, seed_of, state_of_row, write_json
 from .t_forget import lens_deciding, t_forget_of
 
 # seed: the seed_everything the cell trained with (result.json has it for every cell, replicate or not)
@@ -120,9 +119,8 @@ def rows_of(results: list[dict], plan: dict | None, provisional: list[dict] | No
     done = {r["cell"] for r in results}
     runs_all = [*results, *(p for p in provisional or [] if p["cell"] not in done)]  # a final result wins
     order = list(dict.fromkeys([*planned, *(r["row"] for r in runs_all)]))
-    sizes = [re.fullmatch(r"state(\d+)", name) for name in order]
-    if all(sizes):  # the states axis by state size, whatever order slices or merged folders planned them in
-        order = [name for _, name in sorted(zip((int(m[1]) for m in sizes), order))]
+    if all(state_of_row(name) is not None for name in order):  # the states axis by state size, whatever order
+        order.sort(key=state_of_row)  # slices or merged folders planned them in
     rows = []
     for name in order:
         runs: dict[int, list[dict]] = {}  # LEN -> its finished (or provisional) runs, in seed order

@@ -29,7 +29,7 @@ import torch
 
 from ..analysis.criterion import bucket_problem, threshold_problem, verdict_word
 from ..analysis.forgetting import DEFAULT_EVAL_ROWS, DEFAULT_MAX_MULTIPLE
-from ..atomic import atomic_write_json
+from ..atomic import atomic_write_json, file_in_the_way
 from ..errors import UserError
 
 
@@ -212,10 +212,8 @@ def check_device(device: str | None) -> None:
 def check_out(out: str) -> None:
     """The study folder must be a folder, checked before anything is written there (and without making it: a study
     refused later leaves none): an --out that names a file read "[Errno 20] Not a directory: 'README.md/cells'"."""
-    path = os.path.normpath(out)
-    while path and not os.path.exists(path):  # the part of it that exists
-        path = os.path.dirname(path)
-    if path and not os.path.isdir(path):
+    path = file_in_the_way(out)
+    if path is not None:
         raise SweepError(f"out={out!r} is not a folder ({path} is a file): give --out a folder, e.g. "
                          f"runs/study/forget_threshold")
 
@@ -249,6 +247,12 @@ def parse_cell_name(name: str) -> tuple[str, int, int | None] | None:
     """``Cell.name`` back to (row, LEN, seed or None); None for a name that is not a cell's."""
     m = CELL_NAME.fullmatch(name)
     return None if m is None else (m[1], int(m[2]), None if m[3] is None else int(m[3]))
+
+
+def state_of_row(row: str) -> int | None:
+    """The d_state a row of the states axis is named for (``state<n>``, :func:`make_cells`); None for a model's row."""
+    m = re.fullmatch(r"state(\d+)", row)
+    return None if m is None else int(m[1])
 
 
 def seed_of(name: str) -> int | None:
