@@ -28,7 +28,16 @@ from ..data.cache import STALE_TEMPORARY_SECONDS
 from .cell_records import write_cell_records
 from .onset import onset_summary
 from .provisional import provisional_mark, provisional_note, provisional_results, provisional_text
-from .summary_plots import plot_curve_grid, plot_decays, plot_grid_map, plot_onset, plot_passkey_grid, plot_t_forget
+from .summary_plots import (
+    N_S_UNITS,
+    axis_unit,
+    plot_curve_grid,
+    plot_decays,
+    plot_grid_map,
+    plot_onset,
+    plot_passkey_grid,
+    plot_t_forget,
+)
 from .sweep import SweepError, clean, parse_cell_name, seed_of, state_of_row, write_json
 from .t_forget import lens_deciding, t_forget_of
 
@@ -399,10 +408,12 @@ def markdown_table(rows: list[dict]) -> list[str]:
     """One line per row; with seeds its T_forget is the majority's, each seed's beside it, and a LEN reads
     ``32: fails 2/3`` (seeds failing / seeds finished). A provisional verdict (a cell's last evaluation along
     training) reads ``32:FAILS (provisional, step 7,101)``; the T_forget text names those it rests on."""
-    lines = ["| row | N_S (M) | N_S SSM-only (M) | T_forget | forgets per LEN |", "|---|---|---|---|---|"]
+    # N_S in the unit the plots use (millions, or thousands for the CPU's miniature models, which read 0.000 M)
+    scale, unit = axis_unit([r["n_s"] for r in rows if "n_s" in r], N_S_UNITS)
+    lines = [f"| row | N_S ({unit}) | N_S SSM-only ({unit}) | T_forget | forgets per LEN |", "|---|---|---|---|---|"]
     for r in rows:
-        ns = f"{r['n_s'] / N_S_UNIT:.3f}" if "n_s" in r else "-"
-        ssm = f"{r['n_s_ssm_only'] / N_S_UNIT:.3f}" if "n_s" in r else "-"
+        ns = f"{r['n_s'] / scale:.3f}" if "n_s" in r else "-"
+        ssm = f"{r['n_s_ssm_only'] / scale:.3f}" if "n_s" in r else "-"
         t_forget = r["t_forget_text"]
         if "seeds" in r:
             t_forget += " (" + ", ".join(f"seed {e['seed']}: {e['t_forget_text']}" for e in r["t_forget_per_seed"]) + ")"

@@ -258,12 +258,14 @@ def _natural(name: str) -> tuple:
 
 
 def _steps_text(entry: dict) -> str:
-    """'\n3.5K steps' or '\n1.4-6.1K steps' (the runs' last evaluations); '' when unknown."""
+    """'\n3.5K steps' or '\n1.4-6.1K steps' (the runs' last evaluations), '\n40 steps' or '\n40-60 steps' under
+    1K (a miniature run read 0.0K); '' when unknown."""
     lo, hi = entry.get("steps_min"), entry.get("steps_max")
     if lo is None:
         return ""
-    k = lambda s: f"{s / 1000:.1f}"  # noqa: E731
-    return f"\n{k(lo)}K steps" if k(lo) == k(hi) else f"\n{k(lo)}-{k(hi)}K steps"
+    k = (lambda s: f"{s / 1000:.1f}") if hi >= 1000 else str  # noqa: E731
+    unit = "K steps" if hi >= 1000 else " steps"
+    return f"\n{k(lo)}{unit}" if k(lo) == k(hi) else f"\n{k(lo)}-{k(hi)}{unit}"
 
 
 def plot_grid_map(grid: dict[str, dict[str, dict]]) -> plt.Figure | None:

@@ -152,3 +152,18 @@ def test_the_grid_map_counts_seeds_and_keeps_a_recovered_rise():
     figure = plot_grid_map(grid)
     assert any(t.get_text().endswith("fail 1/2/3\n1.5-2.0K steps") for t in figure.axes[0].texts)
     assert plot_grid_map({}) is None
+
+
+def test_the_grid_map_counts_a_miniature_runs_steps_as_steps():
+    """A CPU run of a few dozen steps read '0.0K steps' on the map; under 1K steps the count is shown as it is."""
+    from lightning_mamba.study.onset import grid_map
+    from lightning_mamba.study.summary_plots import plot_grid_map
+
+    def cell(steps):
+        return {"row": "state8", "seq_len": 32, "history": [{"step": s, "ratio_16_64x": 1.0, "forgets": True}
+                                                             for s in steps]}
+
+    texts = [t.get_text() for t in plot_grid_map(grid_map({"a": cell([20, 40]), "b": cell([30, 60])})).axes[0].texts]
+    assert any(t.endswith("\n40-60 steps") for t in texts), texts
+    texts = [t.get_text() for t in plot_grid_map(grid_map({"a": cell([20, 40])})).axes[0].texts]
+    assert any(t.endswith("\n40 steps") for t in texts), texts

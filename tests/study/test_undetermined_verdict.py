@@ -111,3 +111,14 @@ def test_the_sweep_log_says_undetermined(tmp_path, monkeypatch):
     sweep.run_cell(study, cell, messages.append)
     (line,) = [m for m in messages if "written" in m]
     assert line.startswith(f"sweep: state16_len64: undetermined ({REASON}) (evaluated to 1024)"), line
+
+
+def test_the_table_gives_a_miniature_models_state_size_in_thousands():
+    """The CPU study's models (a few thousand state entries) read '0.016' in millions: the table takes the unit the
+    plots take, thousands there, millions for the real study."""
+    (row,) = rows_of([fake_result("a", 32, True, 16384)], None)
+    table = markdown_table([row])
+    assert table[0].startswith("| row | N_S (thousands) | N_S SSM-only (thousands) |")
+    assert table[-1].startswith("| a | 16.384 | 14.745 |")
+    (row,) = rows_of([fake_result("a", 32, True, 2.5e6)], None)
+    assert markdown_table([row])[0].startswith("| row | N_S (millions) |")
