@@ -34,6 +34,7 @@ _COMPRESSED = (".gz",)
 # Arrow copy of local files): never documents, also where the source folder holds (or is) the cache folder
 _CACHE_FILE = re.compile(r"^(tokens-[0-9a-f]+-[a-z]+\.(npy|json)|tokenizer-bpe\d+-[0-9a-f]+\.json)$")
 HF_CACHE_SUBDIR = "hf_datasets"
+CACHE_README = "README.md"  # the repo's data/ (the default cache_dir) explains itself in one: not a document
 
 
 def file_format(path: str) -> str | None:
@@ -50,7 +51,7 @@ def looks_like_path(source: str) -> bool:
 
 def local_files(path: str, cache_dir: str | None = None) -> list[str]:
     """The loadable files at ``path``: itself, or those under it (recursively, symlinked folders followed once each,
-    sorted, hidden ones skipped, and in ``cache_dir`` the files the data module writes there)."""
+    sorted, hidden ones skipped, and in ``cache_dir`` the files the data module writes there and its README.md)."""
     if os.path.isfile(path):
         return [path]  # named explicitly: loaded as text unless its suffix says otherwise
     own = os.path.realpath(cache_dir) if cache_dir else None
@@ -62,7 +63,11 @@ def local_files(path: str, cache_dir: str | None = None) -> list[str]:
         real = [os.path.realpath(os.path.join(folder, d)) for d in dirs]
         dirs[:] = [d for d, r in zip(dirs, real) if r not in seen and not seen.add(r)]
         files += [os.path.join(folder, n) for n in sorted(names)
-                  if not n.startswith(".") and file_format(n) and not (ours and _CACHE_FILE.match(n))]
+                  if not n.startswith(".") and file_format(n)
+                  and not (ours and (_CACHE_FILE.match(n) or n == CACHE_README))]
+    if not files and own is not None and os.path.realpath(path) == own:
+        raise DataError(f"data.source {path} is the cache folder (data.cache_dir), which holds no text of yours: "
+                        "point data.source at your text files")
     if not files:
         raise DataError(f"data.source {path}: no {'/'.join(FORMATS)} files in this directory")
     return files

@@ -90,3 +90,23 @@ def test_unreachable_hub_fails_fast_with_a_hint():
     # online, the made-up name fails as unknown. Either way: one line pointing at local files.
     with pytest.raises(DataError, match="local file or directory"):
         load_documents("lightning-mamba-tests/no-such-dataset")
+
+
+def test_the_cache_folders_readme_is_no_document(tmp_path):
+    """data/ (the default cache_dir) holds the repo's README.md on what the folder is: texts kept there read it as a
+    document, and data.source pointed at the cache folder itself trained on that README."""
+    from lightning_mamba.data.sources import local_files
+
+    cache = tmp_path / "data"
+    cache.mkdir()
+    (cache / "README.md").write_text("Token caches are written here.\n")
+    (cache / "tokens-0123abcd-train.npy").write_bytes(b"")
+    with pytest.raises(DataError, match=r"^data.source .* is the cache folder \(data.cache_dir\).*point data.source"):
+        local_files(str(cache), cache_dir=str(cache))
+    (cache / "notes.txt").write_text("The user's own text.\n")
+    assert local_files(str(cache), cache_dir=str(cache)) == [str(cache / "notes.txt")]
+    # elsewhere a README.md is a document like any other
+    other = tmp_path / "corpus"
+    other.mkdir()
+    (other / "README.md").write_text("A text.\n")
+    assert local_files(str(other), cache_dir=str(cache)) == [str(other / "README.md")]
