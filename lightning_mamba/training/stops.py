@@ -80,7 +80,8 @@ class CheckpointOnSigterm(L.Callback):
         if self.saved is None and trainer.strategy.reduce_boolean_decision(trainer.received_sigterm, all=False):
             self.saved = last_checkpoint_path(trainer)
             if self.saved is not None:
-                trainer.save_checkpoint(self.saved)
+                # a whole checkpoint to resume from (left None, Lightning logs that it defaults to this)
+                trainer.save_checkpoint(self.saved, weights_only=False)
 
     @staticmethod
     def _fit_validation(trainer: L.Trainer) -> bool:
@@ -103,7 +104,7 @@ class CheckpointOnSigterm(L.Callback):
                 trainer._signal_connector.received_sigterm = True
             self.saved = last_checkpoint_path(trainer)
             if self.saved is not None:
-                trainer.save_checkpoint(self.saved)
+                trainer.save_checkpoint(self.saved, weights_only=False)
             raise SIGTERMException
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
@@ -140,7 +141,7 @@ class CheckpointAtStop(L.Callback):
             return  # finished as planned (ModelCheckpoint's schedule applies), or nothing new to save
         path = last_checkpoint_path(trainer, save_last_only=True)
         if path is not None:  # every rank decides alike (saving is collective)
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)
 
 
 class BudgetPerRun(Timer):
