@@ -116,7 +116,7 @@ causal-conv1d: ## On a GPU node: build and install wheelhouse/'s causal-conv1d f
 	CAUSAL_CONV1D_FORCE_BUILD=TRUE MAX_JOBS=$$(nproc) $(PYTHON) -m pip wheel --no-build-isolation --no-deps -w $(CURDIR)/wheelhouse .; \
 	$(PYTHON) -m pip install --no-index --no-deps --force-reinstall $(CURDIR)/wheelhouse/causal_conv1d-1.7.0-*.whl; \
 	rm -rf $$src
-	$(PYTHON) -c "import causal_conv1d_cuda, causal_conv1d; print('causal-conv1d', causal_conv1d.__version__, 'installed')"
+	$(PYTHON) -c "import torch, causal_conv1d_cuda, causal_conv1d; print('causal-conv1d', causal_conv1d.__version__, 'installed')"
 
 # ---- the T_forget study (docs/study.md) ----
 STUDY ?= configs/study/forget_threshold.yaml
