@@ -211,6 +211,15 @@ def test_a_refused_fit_leaves_no_run_directory(tmp_path, corpus):
     assert {p: os.path.getmtime(p) for p in glob.glob(str(runs / "version_0" / "**"), recursive=True)} == files
 
 
+def test_a_refused_fit_with_a_tensorboard_sub_dir_leaves_no_version_folder(tmp_path, corpus):
+    """With the logger's sub_dir the events go to version_<n>/<sub_dir>/: taking back only that left an empty
+    version_<n> that pushed the next run to n+1."""
+    runs = tmp_path / "runs" / "tiny"
+    assert "is larger than the" in refused(["fit", *tiny_args(tmp_path, corpus), "--trainer.logger.init_args.sub_dir",
+                                            "tb", *REFUSED_BY_THE_DATA[0]])
+    assert os.listdir(runs) == []
+
+
 def test_a_fit_stopped_at_its_first_step_keeps_its_run_directory(tmp_path, corpus):
     """A non-finite first step (global step 0, nothing checkpointed) stops a run that has started training: its folder
     stays, unlike a refused one's before it."""

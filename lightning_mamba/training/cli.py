@@ -74,7 +74,8 @@ class RefusedFitCleanup(L.Callback):
         # log_dir fixes the next free version now, the one the logger would take a moment later (only rank 0's
         # loggers write)
         folders = [getattr(logger, "log_dir", None) for logger in trainer.loggers] if trainer.is_global_zero else []
-        self.folders = [d for d in folders if d and not os.path.exists(d)]
+        self.folders = [_new_top(d, getattr(logger, "root_dir", None)) for d, logger in zip(folders, trainer.loggers)
+                        if d and not os.path.exists(d)]
         self.existing = {d: (set(os.listdir(d)), {name: _read_bytes(os.path.join(d, name)) for name in self.REWRITTEN
                                                   if os.path.isfile(os.path.join(d, name))})
                          for d in folders if d and os.path.isdir(d)}
@@ -94,6 +95,17 @@ class RefusedFitCleanup(L.Callback):
                     os.unlink(os.path.join(folder, name))
             for name, data in kept.items():
                 atomic_write(os.path.join(folder, name), lambda f, data=data: f.write(data))
+
+
+def _new_top(log_dir: str, root_dir: str | None) -> str:
+    """The outermost folder of ``log_dir`` that does not exist yet, below the logger's root (``<save_dir>/<name>``,
+    never itself, which other runs share): with TensorBoard's sub_dir, ``version_<n>`` rather than its sub-folder."""
+    root = os.path.abspath(root_dir) if root_dir else None
+    top = os.path.abspath(log_dir)
+    while root is not None and os.path.dirname(top) != root and os.path.dirname(top).startswith(root + os.sep) \
+            and not os.path.exists(os.path.dirname(top)):
+        top = os.path.dirname(top)
+    return top
 
 
 def _read_bytes(path: str) -> bytes:
