@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 from typing import Any
 
 import torch
@@ -82,10 +83,11 @@ def check_tokenizer(checkpoint: dict, datamodule: Any, path: str) -> None:
                         f"set data.tokenizer (and data.bpe_vocab_size, data.source) to what the checkpoint's run used")
 
 
-def check_tokenizer_kind(spec: dict | None, tokenizer: str | None, what: str) -> None:
-    """Before anything is built: a byte-level checkpoint with a BPE run or the other way round can be told from the
-    settings alone (check_tokenizer compares the ids once the run's tokenizer exists, after a BPE has been trained
-    and the corpus tokenized: minutes on a large corpus, for a run that cannot start)."""
+def check_tokenizer_kind(spec: dict | None, tokenizer: str | None, what: str, bpe_vocab_size: int | None = None) -> None:
+    """Before anything is built: a byte-level checkpoint with a BPE run or the other way round, and a BPE trained
+    here at another vocabulary than the checkpoint's (``bpe_vocab_size``: the run's data.bpe_vocab_size), can be told
+    from the settings alone (check_tokenizer compares the ids once the run's tokenizer exists, after a BPE has been
+    trained and the corpus tokenized: minutes on a large corpus, for a run that cannot start)."""
     kind = spec.get("kind") if isinstance(spec, dict) else None
     if kind is None or tokenizer is None:
         return
@@ -94,6 +96,11 @@ def check_tokenizer_kind(spec: dict | None, tokenizer: str | None, what: str) ->
         fix = ("set --data.tokenizer byte" if kind == "byte" else
                "set data.tokenizer (and data.bpe_vocab_size, data.source) to what the checkpoint's run used")
         raise DataError(f"{what} was trained with {theirs}, but data.tokenizer is {tokenizer}: {fix}")
+    trained = re.fullmatch(r"bpe-(\d+)", str(spec.get("name", "")))  # a BPE this project trained, named by its size
+    if str(tokenizer) == "bpe" and trained and bpe_vocab_size is not None and int(trained[1]) != int(bpe_vocab_size):
+        raise DataError(f"{what} was trained with a BPE of vocabulary {trained[1]}, but data.bpe_vocab_size is "
+                        f"{bpe_vocab_size}: set --data.bpe_vocab_size {trained[1]} (and data.source to the corpus "
+                        f"it was trained on)")
 
 
 def _first_mismatch(state: dict, mine: dict) -> str | None:
@@ -165,7 +172,8 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def check_resume(path: str, given: dict, kept: tuple[str, ...] = (), tokenizer: str | None = None) -> int | None:
+def check_resume(path: str, given: dict, kept: tuple[str, ...] = (), tokenizer: str | None = None,
+                 bpe_vocab_size: int | None = None) -> int | None:
     """``--ckpt_path`` must be a readable checkpoint of a model with the shape the run's settings give; returns the
     step it was saved at (None for Lightning's aliases, which Lightning resolves).
 
@@ -194,7 +202,8 @@ def check_resume(path: str, given: dict, kept: tuple[str, ...] = (), tokenizer: 
                           f"by lightning-mamba fit")
     check_intact(checkpoint, path)
     # ``tokenizer``: the run's data.tokenizer; byte against BPE is told here, before a BPE is trained for nothing
-    check_tokenizer_kind((checkpoint.get("lightning_mamba") or {}).get("tokenizer"), tokenizer, f"checkpoint {path}")
+    check_tokenizer_kind((checkpoint.get("lightning_mamba") or {}).get("tokenizer"), tokenizer, f"checkpoint {path}",
+                         bpe_vocab_size)
     saved = checkpoint.get("hyper_parameters") or {}
     # (not model.pretrained: a resume takes the checkpoint's weights, so the file a fine-tune started from is a record)
     shape = [k for k in (*SHAPE_SETTINGS, *SSM_SHAPE_SETTINGS) if k != "vocab_size"]
@@ -398,7 +407,8 @@ def settle_pretrained(path: str, model: dict, data: dict, typed: set[str], state
         raise ConfigError(f"model.pretrained={path} fixes the model's shape: {detail}: drop "
                           f"{' '.join('--model.' + k for k in wrong)} (or start without --model.pretrained)")
     model_updates = {k: theirs[k] for k in differ}
-    check_tokenizer_kind(meta.get("tokenizer"), data.get("tokenizer"), f"model.pretrained={path}")
+    check_tokenizer_kind(meta.get("tokenizer"), data.get("tokenizer"), f"model.pretrained={path}",
+                         data.get("bpe_vocab_size"))
     lines = [describe_pretrained(path, meta)]
     lines += [f"model.{k}={_plain(model[k])} as typed (the checkpoint's: {_plain(theirs[k])}; the scan's speed only)"
               for k in faster]

@@ -153,8 +153,9 @@ class MambaCLI(LightningCLI):
             # so do replan_schedule and the scan's speed-only settings (a resumed study cell takes a faster scan)
             typed = typed_options(self._argv)
             kept = tuple(k for k in ("lr", "replan_schedule", *SPEED_ONLY_SETTINGS) if f"model.{k}" in typed)
-            tokenizer = data_settings(self.config[sub]).get("tokenizer")
-            step = check_resume(self.config[sub].ckpt_path, given, kept=kept, tokenizer=tokenizer)
+            data = data_settings(self.config[sub])
+            step = check_resume(self.config[sub].ckpt_path, given, kept=kept, tokenizer=data.get("tokenizer"),
+                                bpe_vocab_size=data.get("bpe_vocab_size"))
             self._ckpt_step = step
             lr = given.get("lr") if "lr" in kept else None
             typed_wins = {k: given[k] for k in kept if k != "lr"}  # lr: below, with its own line

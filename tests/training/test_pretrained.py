@@ -120,6 +120,13 @@ def test_a_tokenizer_of_another_kind_is_refused_before_anything_is_built(tmp_pat
     meta = {"mamba_config": pretrained_meta(str(base))["mamba_config"], "tokenizer": {"kind": "json", "name": "bpe-512"}}
     with pytest.raises(UserError, match=r"trained with the tokenizer bpe-512, but data.tokenizer is byte"):
         settle_pretrained("dir", {}, {"tokenizer": "byte"}, set(), False, meta)
+    # a BPE trained here at another vocabulary: told by its name, before a BPE of the run's size is trained
+    with pytest.raises(UserError, match=r"^model.pretrained=dir was trained with a BPE of vocabulary 512, but "
+                                        r"data.bpe_vocab_size is 300: set --data.bpe_vocab_size 512 "):
+        settle_pretrained("dir", {}, {"tokenizer": "bpe", "bpe_vocab_size": 300}, set(), False, meta)
+    settle_pretrained("dir", {}, {"tokenizer": "bpe", "bpe_vocab_size": 512}, set(), False, meta)  # ids compared later
+    other = {**meta, "tokenizer": {"kind": "json", "name": "tokenizer.json"}}  # a downloaded one: its size not named
+    settle_pretrained("dir", {}, {"tokenizer": "bpe", "bpe_vocab_size": 300}, set(), False, other)
 
 
 def test_settle_pretrained_without_a_recorded_length():
@@ -250,3 +257,22 @@ def test_an_export_keeps_the_training_done(tmp_path, base):
     line = describe_pretrained(str(tmp_path / "exported"), pretrained_meta(str(tmp_path / "exported")))
     assert line.endswith("trained 2 steps, 256 tokens at seq_len 64")
     assert line == describe_pretrained(str(tmp_path / "exported"), pretrained_meta(str(base)))
+
+
+def test_resuming_a_bpe_run_at_another_vocabulary_is_refused_before_a_bpe_is_trained(tmp_path, corpus, monkeypatch):
+    """--ckpt_path of a run that trained a 300-entry BPE with data.bpe_vocab_size 400: refused in one line from the
+    settings (it was refused only after a 400-entry BPE had been trained and the corpus tokenized)."""
+    from lightning_mamba.data import datamodule
+
+    config = run_config(tmp_path, corpus, "bpe", d_state=16, n_layer=2, seq_len=64, steps=1)
+    main(["fit", "--config", config, "--data.tokenizer", "bpe", "--data.bpe_vocab_size", "300"])
+    (ckpt,) = (tmp_path / "runs" / "bpe" / "version_0" / "checkpoints").glob("last*.ckpt")
+
+    def no_tokenizer(*args, **kwargs):
+        raise AssertionError("a tokenizer was built")
+
+    monkeypatch.setattr(datamodule, "build_tokenizer", no_tokenizer)
+    with pytest.raises(SystemExit, match=r"^error: checkpoint .* was trained with a BPE of vocabulary 300, but "
+                                         r"data.bpe_vocab_size is 400: set --data.bpe_vocab_size 300 "):
+        main(["fit", "--config", config, "--data.tokenizer", "bpe", "--data.bpe_vocab_size", "400",
+              "--trainer.max_steps", "2", "--ckpt_path", str(ckpt)])
