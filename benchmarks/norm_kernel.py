@@ -191,18 +191,20 @@ def sweep(shapes: list[Shape], device: str, dtype) -> int:
         for shape in shapes:
             for norm in ("add", "gated"):
                 best = None
+                # the plan this shape's rows take (the gated norm over narrow groups has its own)
+                key = norm_triton.plan_key(norm, shape.d_model if norm == "add" else shape.group_size)
                 for plan in itertools.product(*SWEEP.values()):
-                    norm_triton.PLANS[norm] = norm_triton.TilePlan(**dict(zip(SWEEP, plan)))
+                    norm_triton.PLANS[key] = norm_triton.TilePlan(**dict(zip(SWEEP, plan)))
                     ok, text = check(fns[norm], norm, shape, device)
                     failed |= not ok
                     fwd, both = time_norm(fns[norm], norm, shape, device, dtype, measure) if ok else (float("nan"),) * 2
-                    mark = " (default)" if norm_triton.PLANS[norm] == default[norm] else ""
+                    mark = " (default)" if norm_triton.PLANS[key] == default[key] else ""
                     pref = "yes" if plan[3] else "no"
                     print(f"{shape.name:<6} {norm:<6} {plan[0]:>5} {plan[1]:>8} {plan[2]:>6} {pref:>4} {text:<16} "
                           f"{fwd:9.1f} {both - fwd:9.1f}{mark}")
                     if ok and (best is None or both - fwd < best[0]):
                         best = (both - fwd, plan)
-                norm_triton.PLANS[norm] = default[norm]
+                norm_triton.PLANS[key] = default[key]
                 if best is not None:
                     print(f"{shape.name:<6} {norm:<6} fastest backward: {best[0]:.1f} us at tile {best[1][0]}, "
                           f"{best[1][1]} programs/SM, {best[1][2]} elements/thread, "

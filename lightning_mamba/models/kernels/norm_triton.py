@@ -39,14 +39,28 @@ class TilePlan(NamedTuple):
 # Per norm, from benchmarks/norm_kernel.py --sweep (each plan replayed from a CUDA graph) at the 130m shapes on an
 # H200: the add norm's backward took 120.6 us at (2048, 16, 16) (163.6 at the earlier shared 4096 / 8 / 16), the
 # gated norm's 209.4 us at (2048, 8, 8) (285.3 at 4096 / 8 / 16, 236.8 at the add norm's plan; docs/performance.md).
-PLANS = {"add": TilePlan(2048, 16, 16), "gated": TilePlan(2048, 8, 8)}
+# The gated norm over narrow groups (the study's cells: 512 channels) takes its own plan: on an H100 its backward took
+# 97.5 us at the 130m plan and 54.4 at (2048, 8, 16, prefetch) (norm_kernel.py --shape cell --sweep, 2026-12-05); the
+# add norm's plan was already the fastest there (38.8 against 38.6 us).
+PLANS = {"add": TilePlan(2048, 16, 16), "gated": TilePlan(2048, 8, 8), "gated_narrow": TilePlan(2048, 8, 16, True)}
+NARROW_BLOCK = 512  # a gated norm whose groups pad to at most this many channels takes "gated_narrow"
+
+
+def _block(width: int) -> int:
+    """A row's tile width: ``width`` rounded up to a power of two."""
+    return 1 << max(width - 1, 0).bit_length()
+
+
+def plan_key(norm: str, width: int) -> str:
+    """The key in PLANS of ``norm`` ("add" or "gated") over rows (groups) of ``width`` channels."""
+    return "gated_narrow" if norm == "gated" and _block(width) <= NARROW_BLOCK else norm
 
 
 def tile_plan(n_rows: int, width: int, device: torch.device, norm: str = "add") -> tuple[int, int, int, int]:
     """(block width, rows per tile, backward programs, tiles per backward program) for ``n_rows`` rows of
-    ``width`` channels under ``norm``'s plan."""
-    plan = PLANS[norm]
-    block = 1 << max(width - 1, 0).bit_length()
+    ``width`` channels under the plan of ``norm`` at that width (plan_key)."""
+    plan = PLANS[plan_key(norm, width)]
+    block = _block(width)
     rows = max(1, min(16, plan.tile_elements // block))
     tiles = -(-n_rows // rows)
     if device.type == "cuda":
@@ -64,10 +78,10 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _warps(block: int, rows: int, norm: str = "add") -> int:
-    """About the plan's elements per thread of a tile (the backward holds several fp32 tiles at once; more per thread
-    would spill registers), 4 to 16 warps."""
-    return max(4, min(16, block * rows // (32 * PLANS[norm].elements_per_thread)))
+def _warps(block: int, rows: int, key: str = "add") -> int:
+    """About the elements per thread of plan ``key`` (in PLANS) in a tile (the backward holds several fp32 tiles at
+    once; more per thread would spill registers), 4 to 16 warps."""
+    return max(4, min(16, block * rows // (32 * PLANS[key].elements_per_thread)))
 
 
 if triton is not None:
@@ -322,9 +336,10 @@ class GatedRMSNorm(torch.autograd.Function):
         out = torch.empty_like(y2)
         rstd = torch.empty(n_rows, n_groups, dtype=torch.float32, device=y.device)
         block, rows, _, _ = tile_plan(n_rows, group_size, y.device, "gated")
+        key = plan_key("gated", group_size)
         _gated_rmsnorm_fwd_kernel[(triton.cdiv(n_rows, rows), n_groups)](
             y2, z2, weight, out, rstd, n_rows, group_size, n_groups, y2.stride(0), z2.stride(0), out.stride(0), eps,
-            ROWS=rows, BLOCK=block, num_warps=_warps(block, rows, "gated"))
+            ROWS=rows, BLOCK=block, num_warps=_warps(block, rows, key))
         ctx.save_for_backward(y2, z2, weight, rstd)
         ctx.group_size, ctx.z_slot = group_size, z_slot
         ctx.dtypes = (y.dtype, z.dtype)
@@ -342,11 +357,12 @@ class GatedRMSNorm(torch.autograd.Function):
         dz = claim(ctx.z_slot, ctx.dtypes[1])  # z's columns of the in_proj split's gradient buffer, when it has one
         dz = torch.empty(n_rows, width, dtype=ctx.dtypes[1], device=y.device) if dz is None else dz.view(n_rows, width)
         block, rows, programs, per_program = tile_plan(n_rows, group_size, y.device, "gated")
+        key = plan_key("gated", group_size)
         dw = torch.empty(programs, width, dtype=torch.float32, device=y.device)
         _gated_rmsnorm_bwd_kernel[(programs, n_groups)](
             y, z, weight, rstd, dout2, dy, dz, dw, n_rows, group_size, n_groups, y.stride(0), z.stride(0),
             dout2.stride(0), dy.stride(0), dz.stride(0), TILES_PER_PROGRAM=per_program, ROWS=rows, BLOCK=block,
-            PREFETCH=PLANS["gated"].prefetch, num_warps=_warps(block, rows, "gated"))
+            PREFETCH=PLANS[key].prefetch, num_warps=_warps(block, rows, key))
         return dy.view(shape), dz.view(shape), dw.sum(0).to(weight.dtype), None, None, None
 
 

@@ -18,9 +18,10 @@ TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
 @pytest.fixture(params=[False, True], ids=["loads_in_step", "prefetch"])
 def prefetch(request, monkeypatch):
-    """Both norms' plans with and without the backward's prefetch of its next tile."""
-    for norm in ("add", "gated"):
-        monkeypatch.setitem(kernels.PLANS, norm, kernels.PLANS[norm]._replace(prefetch=request.param))
+    """Every plan (both norms, the gated one's narrow groups too) with and without the backward's prefetch of its next
+    tile."""
+    for key in list(kernels.PLANS):
+        monkeypatch.setitem(kernels.PLANS, key, kernels.PLANS[key]._replace(prefetch=request.param))
     return request.param
 
 
@@ -104,6 +105,11 @@ def test_the_backward_walks_several_tiles_per_program():  # the plan alone: runs
     assert kernels.tile_plan(32768, 1536, torch.device("cpu"), "gated")[:2] == (2048, 1)
     # each norm its own plan: the warps follow its elements per thread
     assert kernels._warps(2048, 1, "add") == 4 and kernels._warps(2048, 1, "gated") == 8
+    # the gated norm over the study cells' groups of 512 takes the plan timed fastest there: 16 elements per thread
+    assert kernels.plan_key("gated", 512) == "gated_narrow" and kernels.plan_key("gated", 1536) == "gated"
+    assert kernels.plan_key("add", 256) == kernels.plan_key("add", 768) == "add"
+    assert kernels.tile_plan(16384, 512, torch.device("cpu"), "gated")[:2] == (512, 4)
+    assert kernels._warps(512, 4, kernels.plan_key("gated", 512)) == 4 and kernels._warps(512, 4, "gated") == 8
 
 
 def test_a_width_the_groups_do_not_divide_is_refused():  # before any kernel: runs without triton
