@@ -33,7 +33,7 @@ class TilePlan(NamedTuple):
     tile_elements: int
     programs_per_sm: int
     elements_per_thread: int
-    prefetch: bool = False  # the backward loads its next tile before working on this one (not yet timed on a GPU)
+    prefetch: bool = False  # the backward loads its next tile before working on this one (timed: docs/performance.md)
 
 
 # Per norm, from benchmarks/norm_kernel.py --sweep (each plan replayed from a CUDA graph) at the 130m shapes on an
