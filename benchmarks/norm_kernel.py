@@ -171,7 +171,8 @@ SWEEP = dict(tile_elements=(2048, 4096, 8192), programs_per_sm=(4, 8, 16), eleme
 
 def sweep(shapes: list[Shape], device: str, dtype) -> int:
     """Our kernels under every plan of SWEEP (norm_triton.TilePlan: tile size, backward programs per SM, elements per
-    thread, the backward's prefetch of its next tile), per norm: each plan checked in fp32, then timed from a CUDA
+    thread, the backward's prefetch of its next tile), per norm, in the PLANS entry the shape takes (the plan column:
+    norm_triton.plan_key): each plan checked in fp32, then timed from a CUDA
     graph (graph_timer); the backward alone is
     fwd+bwd - fwd. The module's plans are restored."""
     import itertools
@@ -185,7 +186,7 @@ def sweep(shapes: list[Shape], device: str, dtype) -> int:
     measure = graph_timer if device == "cuda" else wall_timer
     default = dict(norm_triton.PLANS)
     failed = False
-    print(f"{'shape':<6} {'norm':<6} {'tile':>5} {'progs/SM':>8} {'el/thr':>6} {'pref':>4} {'check (fp32)':<16} "
+    print(f"{'shape':<6} {'plan':<12} {'tile':>5} {'progs/SM':>8} {'el/thr':>6} {'pref':>4} {'check (fp32)':<16} "
           f"{'fwd us':>9} {'bwd us':>9}")
     try:
         for shape in shapes:
@@ -200,13 +201,13 @@ def sweep(shapes: list[Shape], device: str, dtype) -> int:
                     fwd, both = time_norm(fns[norm], norm, shape, device, dtype, measure) if ok else (float("nan"),) * 2
                     mark = " (default)" if norm_triton.PLANS[key] == default[key] else ""
                     pref = "yes" if plan[3] else "no"
-                    print(f"{shape.name:<6} {norm:<6} {plan[0]:>5} {plan[1]:>8} {plan[2]:>6} {pref:>4} {text:<16} "
+                    print(f"{shape.name:<6} {key:<12} {plan[0]:>5} {plan[1]:>8} {plan[2]:>6} {pref:>4} {text:<16} "
                           f"{fwd:9.1f} {both - fwd:9.1f}{mark}")
                     if ok and (best is None or both - fwd < best[0]):
                         best = (both - fwd, plan)
                 norm_triton.PLANS[key] = default[key]
                 if best is not None:
-                    print(f"{shape.name:<6} {norm:<6} fastest backward: {best[0]:.1f} us at tile {best[1][0]}, "
+                    print(f"{shape.name:<6} {key:<12} fastest backward: {best[0]:.1f} us at tile {best[1][0]}, "
                           f"{best[1][1]} programs/SM, {best[1][2]} elements/thread, "
                           f"prefetch {'on' if best[1][3] else 'off'}")
     finally:
