@@ -110,6 +110,9 @@ CAUSAL_CONV1D_SDIST := wheelhouse/causal_conv1d-1.7.0.tar.gz
 causal-conv1d: ## On a GPU node: build and install wheelhouse/'s causal-conv1d for CUDA_ARCH only (make causal-conv1d CUDA_ARCH=90)
 	@[[ '$(strip $(CUDA_ARCH))' =~ ^[1-9][0-9]+$$ ]] || { echo "CUDA_ARCH=$(strip $(CUDA_ARCH)) is no compute capability: give its digits, e.g. make causal-conv1d CUDA_ARCH=90"; exit 2; }
 	@[ -f $(CAUSAL_CONV1D_SDIST) ] || { echo "$(CAUSAL_CONV1D_SDIST) is missing: run make wheelhouse where PyPI is reachable and copy wheelhouse/ here"; exit 2; }
+	@$(PYTHON) -c "import torch" 2>/dev/null || { echo "PYTHON=$(PYTHON) cannot import torch: give the interpreter that holds the node's torch, e.g. make causal-conv1d PYTHON=/path/to/venv/bin/python"; exit 2; }
+	@$(PYTHON) -c "import sys, torch; sys.exit(torch.version.cuda is None)" || { echo "PYTHON=$(PYTHON) holds a CPU build of torch: give the interpreter that holds the node's CUDA build"; exit 2; }
+	@$(PYTHON) -c "from torch.utils.cpp_extension import CUDA_HOME; import os, sys; sys.exit(not (CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, 'bin', 'nvcc'))))" 2>/dev/null || { echo "no CUDA toolkit found (nvcc): install it or point CUDA_HOME at it, e.g. CUDA_HOME=/usr/local/cuda make causal-conv1d"; exit 2; }
 	set -e; src=$$(mktemp -d); tar xzf $(CAUSAL_CONV1D_SDIST) -C $$src; cd $$src/causal_conv1d-1.7.0; \
 	sed -i 's/^    # HACK: The compiler flag/    cc_flag = ["-gencode", "arch=compute_$(strip $(CUDA_ARCH)),code=sm_$(strip $(CUDA_ARCH))"]  # make causal-conv1d\n&/' setup.py; \
 	grep -q 'make causal-conv1d' setup.py || { echo "causal-conv1d's setup.py changed: its architecture list was not cut"; exit 2; }; \
