@@ -11,6 +11,7 @@ checkpoints). Every tokenizer ends documents with its EOS id and can be recorded
 from __future__ import annotations
 
 import os
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
@@ -183,7 +184,18 @@ class BPETokenizer(HFTokenizer):
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS],
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
         hf.train_from_iterator(documents, trainer=trainer, length=len(documents))
-        return cls(hf, f"bpe-{vocab_size}")
+        return cls(hf, bpe_name(vocab_size))
+
+
+def bpe_name(vocab_size: int) -> str:
+    """The name of a BPE trained here (recorded in checkpoints with the tokenizer): its data.bpe_vocab_size."""
+    return f"bpe-{vocab_size}"
+
+
+def trained_bpe_size(name: str) -> int | None:
+    """The data.bpe_vocab_size a BPE named by :func:`bpe_name` was trained at; None for other tokenizers' names."""
+    match = re.fullmatch(r"bpe-(\d+)", name)
+    return int(match[1]) if match else None
 
 
 def cached_bpe(vocab_size: int, train_docs: Callable[[], Sequence[str]], cache_dir: str | None,
@@ -195,7 +207,7 @@ def cached_bpe(vocab_size: int, train_docs: Callable[[], Sequence[str]], cache_d
     path = os.path.join(cache_dir, f"tokenizer-bpe{vocab_size}-{fingerprint(cache_key, vocab_size, BPE_VERSION)}.json")
     if os.path.isfile(path):
         try:
-            tok = BPETokenizer(tokenizers.Tokenizer.from_file(path), f"bpe-{vocab_size}")
+            tok = BPETokenizer(tokenizers.Tokenizer.from_file(path), bpe_name(vocab_size))
             if tok.vocab_size <= vocab_size:
                 return tok
         except Exception:  # damaged file: fall through and retrain

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import re
 from typing import Any
 
 import torch
@@ -25,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from ..atomic import atomic_write, remove_stale_temporaries
 from ..data.errors import DataError
 from ..data.sampler import POSITION_KEYS
-from ..data.tokenization import tokenizer_from_spec
+from ..data.tokenization import tokenizer_from_spec, trained_bpe_size
 from ..models import ConfigError, MambaConfig, MambaLM
 from ..models.checkpoint import (
     CONFIG,
@@ -96,10 +95,10 @@ def check_tokenizer_kind(spec: dict | None, tokenizer: str | None, what: str, bp
         fix = ("set --data.tokenizer byte" if kind == "byte" else
                "set data.tokenizer (and data.bpe_vocab_size, data.source) to what the checkpoint's run used")
         raise DataError(f"{what} was trained with {theirs}, but data.tokenizer is {tokenizer}: {fix}")
-    trained = re.fullmatch(r"bpe-(\d+)", str(spec.get("name", "")))  # a BPE this project trained, named by its size
-    if str(tokenizer) == "bpe" and trained and bpe_vocab_size is not None and int(trained[1]) != int(bpe_vocab_size):
-        raise DataError(f"{what} was trained with a BPE of vocabulary {trained[1]}, but data.bpe_vocab_size is "
-                        f"{bpe_vocab_size}: set --data.bpe_vocab_size {trained[1]} (and data.source to the corpus "
+    trained = trained_bpe_size(str(spec.get("name", "")))  # a BPE this project trained (None: another tokenizer)
+    if str(tokenizer) == "bpe" and trained is not None and bpe_vocab_size is not None and trained != int(bpe_vocab_size):
+        raise DataError(f"{what} was trained with a BPE of vocabulary {trained}, but data.bpe_vocab_size is "
+                        f"{bpe_vocab_size}: set --data.bpe_vocab_size {trained} (and data.source to the corpus "
                         f"it was trained on)")
 
 

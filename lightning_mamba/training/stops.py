@@ -16,6 +16,10 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .nan_guard import run_config_path
 
+# save_checkpoint's weights_only: the stop's checkpoint is written whole (optimizer, loops, callbacks) to resume from.
+# This is a save: nothing is loaded. Left None, Lightning logs a line that it defaults to this.
+WHOLE = False
+
 
 def last_checkpoint_path(trainer: L.Trainer, save_last_only: bool = False) -> str | None:
     """Where the run's ModelCheckpoint writes last.ckpt (the first one with a folder; with ``save_last_only``, one
@@ -80,8 +84,7 @@ class CheckpointOnSigterm(L.Callback):
         if self.saved is None and trainer.strategy.reduce_boolean_decision(trainer.received_sigterm, all=False):
             self.saved = last_checkpoint_path(trainer)
             if self.saved is not None:
-                # a whole checkpoint to resume from (left None, Lightning logs that it defaults to this)
-                trainer.save_checkpoint(self.saved, weights_only=False)
+                trainer.save_checkpoint(self.saved, weights_only=WHOLE)
 
     @staticmethod
     def _fit_validation(trainer: L.Trainer) -> bool:
@@ -104,7 +107,7 @@ class CheckpointOnSigterm(L.Callback):
                 trainer._signal_connector.received_sigterm = True
             self.saved = last_checkpoint_path(trainer)
             if self.saved is not None:
-                trainer.save_checkpoint(self.saved, weights_only=False)
+                trainer.save_checkpoint(self.saved, weights_only=WHOLE)
             raise SIGTERMException
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
@@ -141,7 +144,7 @@ class CheckpointAtStop(L.Callback):
             return  # finished as planned (ModelCheckpoint's schedule applies), or nothing new to save
         path = last_checkpoint_path(trainer, save_last_only=True)
         if path is not None:  # every rank decides alike (saving is collective)
-            trainer.save_checkpoint(path, weights_only=False)
+            trainer.save_checkpoint(path, weights_only=WHOLE)
 
 
 class BudgetPerRun(Timer):
