@@ -140,8 +140,8 @@ def _grad_cb(x, dt, dA_cumsum, dout, seq_idx, ngroups):
 def chunk_scan_backward(dy, x, dt_raw, A, B, C, chunk_size, D, dt_bias, initial_states, dfinal, seq_idx, dt_limit,
                         saved=None, dx=None, ddt_raw=None, dB=None, dC=None):
     """Gradients (x, dt_raw, A, B, C, D, dt_bias, initial_states) of mamba_ssm's chunked scan (no z), its
-    _mamba_chunk_scan_combined_bwd with the same arguments. ``saved``: the forward's (dt, dA_cumsum, states) to use
-    instead of recomputing them; ``dx``, ``ddt_raw``, ``dB``, ``dC``: where to write those gradients, or None."""
+    _mamba_chunk_scan_combined_bwd with the same arguments. ``saved``: the forward's (dt, dA_cumsum, states, CB or None)
+    to use instead of recomputing them; ``dx``, ``ddt_raw``, ``dB``, ``dC``: where to write those gradients, or None."""
     m = _mamba()
     k = m.combined
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
@@ -163,8 +163,9 @@ def chunk_scan_backward(dy, x, dt_raw, A, B, C, chunk_size, D, dt_bias, initial_
                                          seq_idx=seq_idx, chunk_size=chunk_size)
         states = unflat(states)
     else:
-        dt, dA_cumsum, states = saved
-    CB = k._bmm_chunk_fwd(C, B, chunk_size, seq_idx=seq_idx, output_dtype=torch.float32)
+        dt, dA_cumsum, states, CB = saved
+    if saved is None or CB is None:
+        CB = k._bmm_chunk_fwd(C, B, chunk_size, seq_idx=seq_idx, output_dtype=torch.float32)
     # the states' gradients in fp32, as mamba_ssm has them (it asks for its recomputed states' dtype, fp32)
     dstates = k._chunk_scan_bwd_dstates(C, dA_cumsum, dy, seq_idx=seq_idx, dtype=torch.float32)
     dstates, ddA_chunk_cumsum, dinitial, states = k._state_passing_bwd(

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..config import NO_DT_LIMIT
 from .grad_slots import claim, slot_of
-from .ssd_chunked_backward import chunk_scan_backward
+from .ssd_chunked_backward import _mamba, chunk_scan_backward
 
 TESTED_VERSIONS = ("2.3.",)  # mamba_ssm versions whose kernels' argument lists ssd_chunked_backward.py follows
 
@@ -53,6 +53,37 @@ def entries():
     return _mamba_chunk_scan_combined_fwd
 
 
+def _forward(x, dt, A, B, C, chunk_size, D, dt_bias, initial_states, seq_idx, dt_limit):
+    """``_mamba_chunk_scan_combined_fwd(x, dt, A, B, C, chunk_size, D, dt_bias=dt_bias, initial_states, seq_idx,
+    dt_softplus=dt_bias is not None, dt_limit)`` kernel for kernel (no z), launched from here so the forward hands on
+    the chunks' scores C B^T it makes too: (y, dt, dA_cumsum, states, final_states, CB)."""
+    k = _mamba().combined
+    d_state = B.size(-1)
+    B, C, x = (t if t.stride(-1) == 1 else t.contiguous() for t in (B, C, x))  # as mamba_ssm's forward asks
+    D = D if D is None or D.stride(-1) == 1 else D.contiguous()
+    dA_cumsum, dt = k._chunk_cumsum_fwd(dt, A, chunk_size, dt_bias=dt_bias, dt_softplus=dt_bias is not None,
+                                        dt_limit=dt_limit)
+    states = k._chunk_state_fwd(B, x, dt, dA_cumsum, seq_idx=seq_idx, states_in_fp32=True)
+    states, final_states = k._state_passing_fwd(
+        states.flatten(-2), dA_cumsum[:, :, :, -1], initial_states=None if initial_states is None else
+        initial_states.flatten(-2), seq_idx=seq_idx, chunk_size=chunk_size, out_dtype=C.dtype)
+    states, final_states = (t.unflatten(-1, (-1, d_state)) for t in (states, final_states))
+    CB = k._bmm_chunk_fwd(C, B, chunk_size, seq_idx=seq_idx, output_dtype=torch.float32)
+    y, _ = k._chunk_scan_fwd(CB, x, dt, dA_cumsum, C, states, D=D, seq_idx=seq_idx)
+    return y, dt, dA_cumsum, states, final_states, CB
+
+
+# With save_states the backward also takes the forward's scores C B^T (fp32, batch x chunks x groups x chunk^2) where
+# they cost at most this fraction of the kept states' bytes: the study's cells (d_state 512, chunk 128: 1/8), not
+# the 130m model (its scores outweigh its states), whose memory target the ~0.8 GB would break. Same values either way.
+CB_KEPT_UP_TO = 0.25
+
+
+def keeps_cb(CB: Tensor, states: Tensor) -> bool:
+    """Whether the backward takes the forward's scores ``CB`` rather than making them again (:data:`CB_KEPT_UP_TO`)."""
+    return CB.numel() * CB.element_size() <= CB_KEPT_UP_TO * states.numel() * states.element_size()
+
+
 class _ChunkScan(torch.autograd.Function):
     """(y, final state) of mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D, dt_bias, initial_states, seq_idx,
     dt_softplus=dt_bias is not None, dt_limit); saves what its Function saves, and with ``save_states`` the
@@ -60,11 +91,9 @@ class _ChunkScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, chunk_size, D, dt_bias, initial_states, seq_idx, dt_limit, slots, save_states):
-        y, _y_x, dt_chunks, dA_cumsum, states, final_states, *_ = entries()(
-            x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, initial_states=initial_states, seq_idx=seq_idx,
-            dt_softplus=dt_bias is not None, dt_limit=dt_limit,
-        )
-        kept = (dt_chunks, dA_cumsum, states) if save_states else ()
+        y, dt_chunks, dA_cumsum, states, final_states, CB = _forward(
+            x, dt, A, B, C, chunk_size, D, dt_bias, initial_states, seq_idx, dt_limit)
+        kept = (dt_chunks, dA_cumsum, states, CB if keeps_cb(CB, states) else None) if save_states else ()
         ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, initial_states, seq_idx, *kept)
         ctx.chunk_size, ctx.dt_limit, ctx.slots = chunk_size, dt_limit, slots
         ctx.set_materialize_grads(False)  # an unused final state sends None, not zeros through the state backward

@@ -134,16 +134,21 @@ def _counting(monkeypatch, module, names):
     return calls
 
 
+@pytest.mark.parametrize("keep_cb", [False, True], ids=["scores_remade", "scores_kept"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_saved_states_backward_equals_mamba_ssms_and_recomputes_nothing(mamba_kernels, monkeypatch, dtype):
+def test_saved_states_backward_equals_mamba_ssms_and_recomputes_nothing(mamba_kernels, monkeypatch, dtype, keep_cb):
     """save_states: the backward runs on the forward's states, dt and dA cumsum (no chunk-state, state-passing or
-    cumsum forward in it) and gives mamba_ssm's own backward's gradients: all equal in fp32; in bf16 all but the
-    decay's (dt_raw, A, dt_bias), whose state term reads the states in bf16 where mamba_ssm recomputes them in fp32,
-    equal, and those close. Documents, a carried state, dt_limit."""
+    cumsum forward in it), and on its scores C B^T where they are kept (keeps_cb: a small fraction of the states'
+    bytes), and gives mamba_ssm's own backward's gradients: all equal in fp32; in bf16 all but the decay's (dt_raw,
+    A, dt_bias), whose state term reads the states in bf16 where mamba_ssm recomputes them in fp32, equal, and those
+    close. Documents, a carried state, dt_limit."""
     base = scan_inputs(seed=3)
     seq_idx = torch.zeros(2, 40, dtype=torch.int32, device=DEVICE)
     seq_idx[:, 21:] = 1
-    calls = _counting(monkeypatch, mamba_kernels, ["_chunk_cumsum_fwd", "_chunk_state_fwd", "_state_passing_fwd"])
+    # at this shape the scores weigh more than the states: kept only with the fraction raised
+    monkeypatch.setattr(ssd_chunked_mamba, "CB_KEPT_UP_TO", 100.0 if keep_cb else 0.25)
+    names = ["_chunk_cumsum_fwd", "_chunk_state_fwd", "_state_passing_fwd", "_bmm_chunk_fwd"]
+    calls = _counting(monkeypatch, mamba_kernels, names)
     grads = {}
     for save in (False, True):
         t = {k: (v.detach().to(dtype) if k in ("x", "B", "C") else v.detach()).requires_grad_() for k, v in base.items()}
@@ -151,7 +156,9 @@ def test_saved_states_backward_equals_mamba_ssms_and_recomputes_nothing(mamba_ke
                                                 seq_idx, dt_bias=t["dt_bias"], dt_limit=(0.0, 0.1), save_states=save)
         assert calls == dict.fromkeys(calls, 1)  # the forward's
         (y.float().square().sum() + final.square().sum() / 7).backward()
-        assert calls == dict.fromkeys(calls, 1 if save else 2), calls  # mamba_ssm's backward recomputes all three
+        remade = dict.fromkeys(calls, 1 if save else 2)  # mamba_ssm's backward recomputes all four
+        remade["_bmm_chunk_fwd"] = 1 if save and keep_cb else 2
+        assert calls == remade, calls
         calls.update(dict.fromkeys(calls, 0))
         grads[save] = {k: v.grad for k, v in t.items()}
     for k in grads[False]:
@@ -225,3 +232,20 @@ def test_another_mamba_ssm_version_is_not_run_through_our_backward(mamba_kernels
             assert ssd_chunked_mamba.entries() is None
     finally:
         ssd_chunked_mamba.entries.cache_clear()
+
+
+def test_the_scores_are_kept_at_the_study_cells_and_not_at_130m():
+    """keeps_cb: the forward's fp32 scores C B^T (batch x chunks x groups x chunk^2) go to the backward where they
+    are at most CB_KEPT_UP_TO of the kept states' bytes (batch x chunks x heads x headdim x d_state, bf16): at the
+    study's d_state 512 / LEN 1024 cell (chunk 128: 8.4 MB against 67 MB a layer), not at 130m (d_state 128, chunk
+    256: 34 MB against 25 MB a layer, ~0.8 GB over 24 layers)."""
+    def kept(batch, seq_len, chunk, nheads, headdim, d_state):
+        chunks = seq_len // chunk
+        CB = torch.empty(batch, chunks, 1, chunk, chunk, dtype=torch.float32, device="meta")
+        states = torch.empty(batch, chunks, nheads, headdim, d_state, dtype=torch.bfloat16, device="meta")
+        return ssd_chunked_mamba.keeps_cb(CB, states)
+
+    assert kept(16, 1024, 128, 16, 32, 512)  # the cell
+    assert kept(64, 256, 64, 16, 32, 64)  # d_state 64, LEN 256, chunk 64: 1/4
+    assert not kept(64, 256, 64, 16, 32, 32)  # d_state 32: 1/2
+    assert not kept(16, 2048, 256, 24, 64, 128)  # 130m
