@@ -22,6 +22,12 @@ import types
 import torch
 from torch import Tensor
 
+try:  # CI machines have no triton: the module must still import
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
 
 @functools.cache
 def _mamba():
@@ -77,7 +83,7 @@ def _bc_buffers(m, device, batch, seqlen, nheads, nchunks, chunk_size, dstate, n
 
 def _grad_b(x, dt, dA_cumsum, dstates, seq_idx, B, ngroups):
     """mamba_ssm's _chunk_state_bwd_db(x, dt, dA_cumsum, dstates, seq_idx, B=B, ngroups): (grad B in fp32, the
-    decay's gradient from it)."""
+    decay's gradient from it before its cumulative sum over each chunk)."""
     m = _mamba()
     batch, seqlen, nheads, headdim = x.shape
     _, _, nchunks, chunk_size = dt.shape
@@ -92,9 +98,8 @@ def _grad_b(x, dt, dA_cumsum, dstates, seq_idx, B, ngroups):
             HAS_DDA_CS=True, HAS_SEQ_IDX=seq_idx is not None, DETERMINISTIC_REDUCTION=deterministic,
             BLOCK_SIZE_K=max(m.triton.next_power_of_2(headdim), 16),
         )
-    ddA = m.determinism.finalize_tile_workspace(ddA, deterministic)
-    torch.cumsum(ddA, dim=-1, out=ddA)  # (mamba_ssm's: its first element is zero, so all of it may be summed)
-    return _sum_splits(dB), ddA
+    # its cumulative sum is taken in _decay_grad (mamba_ssm's launcher takes it here)
+    return _sum_splits(dB), m.determinism.finalize_tile_workspace(ddA, deterministic)
 
 
 def _grad_c(prev_states, dA_cumsum, dout, seq_idx, C, ngroups):
@@ -135,6 +140,63 @@ def _grad_cb(x, dt, dA_cumsum, dout, seq_idx, ngroups):
             HAS_DDA_CS=False, HAS_SEQ_IDX=seq_idx is not None, BLOCK_SIZE_K=max(m.triton.next_power_of_2(headdim), 16),
         )
     return _sum_splits(dcb)
+
+
+def _decay_grad(x, dt, dA_cumsum, dout, CB, ddA_next, ddA_prev, ddA_chunk):
+    """The gradient of dA_cumsum, as mamba_ssm's backward sums it from its parts: _chunk_scan_bwd_ddAcs_stable's
+    (summed over its row blocks) + the cumulative sum of grad B's part over each chunk + the reverse cumulative sum of
+    grad C's part, whose last position also takes state passing's part (``ddA_chunk``: batch x heads x chunks). Its
+    kernel is launched here so its row blocks are summed in one Triton pass with the rest: one kernel where
+    mamba_ssm's launchers and sums make eight (the study's cells: ~30 small kernels a step fewer). The same sums in
+    another order: equal to rounding."""
+    m = _mamba()
+    batch, seqlen, nheads, headdim = x.shape
+    _, _, nchunks, chunk_size = dt.shape
+    kernel = m.scan._chunk_scan_bwd_ddAcs_stable_kernel
+    parts = torch.empty(batch, nheads, nchunks, m.triton.cdiv(chunk_size, 32), chunk_size, device=x.device,
+                        dtype=torch.float32)  # a part per block of rows, as mamba_ssm allocates them (blocks >= 32)
+    grid = lambda META: (m.triton.cdiv(chunk_size, META["BLOCK_SIZE_M"]), batch * nchunks, nheads)  # noqa: E731
+    with torch.cuda.device(x.device.index):
+        kernel[grid](
+            x, dout, dt, dA_cumsum, CB, parts, chunk_size, headdim, batch, seqlen, nheads // CB.size(2),
+            *x.stride(), *dout.stride(), *_dt_strides(dt), *_dt_strides(dA_cumsum), *CB.stride(),
+            parts.stride(0), parts.stride(2), parts.stride(1), parts.stride(3), parts.stride(4),
+            BLOCK_SIZE_K=max(m.triton.next_power_of_2(headdim), 16),
+        )
+    n_parts = m.triton.cdiv(chunk_size, kernel.best_config.kwargs["BLOCK_SIZE_M"])
+    ddA_next, ddA_prev, ddA_chunk = (t.contiguous() for t in (ddA_next, ddA_prev, ddA_chunk))
+    ddA = torch.empty(batch, nheads, nchunks, chunk_size, device=x.device, dtype=torch.float32)
+    rows = batch * nheads * nchunks
+    block_c = m.triton.next_power_of_2(chunk_size)
+    block_r = max(1, 1024 // block_c)
+    with torch.cuda.device(x.device.index):
+        _decay_grad_kernel[(m.triton.cdiv(rows, block_r),)](
+            ddA, parts, ddA_next, ddA_prev, ddA_chunk, rows, n_parts, chunk_size, parts.stride(2), parts.stride(3),
+            BLOCK_R=block_r, BLOCK_C=block_c,
+        )
+    return ddA
+
+
+if triton is not None:
+
+    @triton.jit
+    def _decay_grad_kernel(out_ptr, parts_ptr, next_ptr, prev_ptr, chunk_ptr, n_rows, n_parts, chunk_size,
+                           stride_parts_row, stride_parts_part, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        # rows: (batch, head, chunk) flattened; out, next and prev are contiguous (rows, chunk_size)
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_C)
+        mask = (rows < n_rows)[:, None] & (cols < chunk_size)[None, :]
+        at = rows[:, None] * chunk_size + cols[None, :]
+        from_scan = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+        for k in range(n_parts):
+            from_scan += tl.load(parts_ptr + rows[:, None] * stride_parts_row + k * stride_parts_part + cols[None, :],
+                                 mask=mask, other=0.0)
+        from_b = tl.load(next_ptr + at, mask=mask, other=0.0)
+        from_c = tl.load(prev_ptr + at, mask=mask, other=0.0)
+        last = tl.load(chunk_ptr + rows, mask=rows < n_rows, other=0.0)
+        from_c += tl.where(cols[None, :] == chunk_size - 1, last[:, None], 0.0)
+        total = from_scan + (tl.cumsum(from_b, axis=1) + tl.cumsum(from_c, axis=1, reverse=True))
+        tl.store(out_ptr + at, total, mask=mask)
 
 
 def chunk_scan_backward(dy, x, dt_raw, A, B, C, chunk_size, D, dt_bias, initial_states, dfinal, seq_idx, dt_limit,
@@ -182,9 +244,7 @@ def chunk_scan_backward(dy, x, dt_raw, A, B, C, chunk_size, D, dt_bias, initial_
     dC = torch.empty_like(C) if dC is None else dC
     k._bmm_chunk_bwd(C, dCB, residual=dB_part, out=dB)
     k._bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC_part, out=dC)
-    ddA_cumsum_prev[..., -1] += ddA_chunk_cumsum
-    ddA = k._chunk_scan_bwd_ddAcs_stable(x, dt, dA_cumsum, dy, CB)
-    ddA += ddA_next + ddA_cumsum_prev.flip([-1]).cumsum(dim=-1).flip([-1])
+    ddA = _decay_grad(x, dt, dA_cumsum, dy, CB, ddA_next, ddA_cumsum_prev, ddA_chunk_cumsum)
     ddt_raw, dA, ddt_bias = k._chunk_cumsum_bwd(ddA, ddt, dt_raw, A, dt_bias=dt_bias, dt_softplus=softplus,
                                                  dt_limit=dt_limit, ddt=ddt_raw)
     return dx, ddt_raw, dA, dB, dC, dD, ddt_bias, dinitial
