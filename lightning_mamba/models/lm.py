@@ -122,7 +122,8 @@ class MambaLM(nn.Module):
         return_state: bool = True,
     ) -> tuple[Tensor, State | None]:
         """As :meth:`forward`, but the final-norm hidden states (b, l, d_model) instead of the logits."""
-        h, residual, new_state = self.backbone.embedding(input_ids), None, []
+        h = kernels.embedding(self.mixers[0].backend, input_ids, self.backbone.embedding.weight)
+        residual, new_state = None, []
         for i, layer in enumerate(self.backbone.layers):
             rec = None
             if record is not None:

@@ -19,7 +19,7 @@ from torch import Tensor
 from ..config import NO_DT_LIMIT, ConfigError
 from ..conv import causal_conv1d, conv_step
 from ..ssd import positive_dt, ssd_chunked, ssd_quadratic
-from . import conv_cc1d, ssd_blocked_triton, ssd_chunked_mamba, ssd_quadratic_triton
+from . import conv_cc1d, embedding_triton, ssd_blocked_triton, ssd_chunked_mamba, ssd_quadratic_triton
 
 BACKENDS = ("auto", "torch", "triton")
 NORM_KERNELS = ("mamba_ssm", "ours")  # the Triton path's norms: mamba_ssm's, or models/kernels/norm_triton.py
@@ -247,6 +247,16 @@ def conv_kernel_name(backend: str = "auto", device: str | torch.device = "cuda")
     if backend == "torch" or torch.device(device).type != "cuda" or _triton_scan()[0] is None:
         return "torch"
     return "causal_conv1d" if conv_cc1d.available() else "triton"
+
+
+def embedding(backend: str, ids: Tensor, weight: Tensor) -> Tensor:
+    """weight[ids] (F.embedding). On the Triton path, while the weight takes a gradient, a vocabulary of at most
+    embedding_triton.MAX_VOCAB rows (the study's byte-level models) has its backward in our kernel instead of torch's
+    sort of the ids (embedding_triton.py)."""
+    if (torch.is_grad_enabled() and weight.requires_grad and uses_triton(backend, weight)
+            and embedding_triton.supports(weight)):
+        return embedding_triton.embedding(ids, weight)
+    return F.embedding(ids, weight)
 
 
 def _our_add_norm(backend: str, h: Tensor) -> bool:
