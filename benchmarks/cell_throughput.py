@@ -54,6 +54,11 @@ Contenders:
   <any 1cell name>_savestates  that contender with the model's save_chunk_states on: mamba_ssm's chunked scan keeps
                    its forward's per-chunk states for the backward instead of recomputing them (e.g.
                    graph_1cell,graph_1cell_savestates); after or before _splitcat.
+  <any 1cell name>_torchembedding  the embedding's backward in torch (it sorts the ids) where the model takes our
+                   Triton kernel (a vocabulary of at most 1024 rows): the A/B of models/kernels/embedding_triton.py.
+  <any 1cell name>_remadescores  with _savestates: the backward makes the chunked scan's scores C B^T again where the
+                   model keeps them from the forward (ssd_chunked_mamba.keeps_cb): that A/B (e.g.
+                   graph_1cell_savestates,graph_1cell_savestates_remadescores). The modifiers go in any order.
 
 Each graphed contender first checks itself against an eager copy of the model on the same batches (--check_steps
 steps from the same weights): the losses must agree and the parameters must have moved alike; a failed check is
@@ -739,7 +744,7 @@ def parse_args(argv=None):
     unknown = [c for c in args.contenders if contender_setting(c)[0] not in CONTENDERS]
     if unknown:
         p.error(f"unknown contender(s) {', '.join(unknown)}: use {', '.join(CONTENDERS)} (a *_1cell one may end in "
-                f"{QUADRATIC}, {QUADRATIC_TORCH}, then {SPLITCAT} and {SAVESTATES})")
+                f"{QUADRATIC}, {QUADRATIC_TORCH}, then any of {', '.join(MODIFIERS)})")
     n_cells = any(c.endswith(("_Ncells", "_Nstreams")) for c in args.contenders)
     for length in [args.seq_len] + (args.lens if n_cells else []):
         if args.tokens_per_step % length:
@@ -751,13 +756,15 @@ def parse_args(argv=None):
 
 
 QUADRATIC, QUADRATIC_TORCH = "_quadratic", "_quadratic_torch"
-SPLITCAT, SAVESTATES = "_splitcat", "_savestates"  # the last suffixes of a 1-cell contender, in either order
+SPLITCAT, SAVESTATES = "_splitcat", "_savestates"  # the last suffixes of a 1-cell contender, in any order
+TORCHEMBEDDING, REMADESCORES = "_torchembedding", "_remadescores"  # and these two A/Bs of one change each
+MODIFIERS = (SPLITCAT, SAVESTATES, TORCHEMBEDDING, REMADESCORES)
 
 
 def _modifiers(name: str) -> tuple[str, set[str]]:
-    """A 1-cell contender's name without its trailing _splitcat / _savestates, and those found (else name, none)."""
+    """A 1-cell contender's name without its trailing modifiers (MODIFIERS), and those found (else name, none)."""
     base, found = name, set()
-    while suffix := next((s for s in (SPLITCAT, SAVESTATES) if s not in found and base.endswith(s)), None):
+    while suffix := next((s for s in MODIFIERS if s not in found and base.endswith(s)), None):
         base, found = base.removesuffix(suffix), found | {suffix}
     return (base, found) if found and "_1cell" in base else (name, set())
 
@@ -791,6 +798,23 @@ def splits_in_place(name: str) -> bool:
     return SPLITCAT not in _modifiers(name)[1]
 
 
+def kernel_choices(name: str) -> contextlib.ExitStack:
+    """The kernel switches a 1-cell contender runs under: the attention form's code (quadratic_kernel_of), the
+    splits (splits_in_place), the small-vocabulary embedding backward (torch's for a name with ``_torchembedding``)
+    and the chunked scan's scores (made again in the backward for ``_remadescores``)."""
+    from lightning_mamba.models.kernels.backend import embedding_kernels, quadratic_kernels
+    from lightning_mamba.models.kernels.grad_slots import in_place
+    from lightning_mamba.models.kernels.ssd_chunked_mamba import scores_kept
+
+    found = _modifiers(name)[1]
+    stack = contextlib.ExitStack()
+    stack.enter_context(quadratic_kernels(quadratic_kernel_of(name)))
+    stack.enter_context(in_place(splits_in_place(name)))
+    stack.enter_context(embedding_kernels("torch" if TORCHEMBEDDING in found else "ours"))
+    stack.enter_context(scores_kept(REMADESCORES not in found))
+    return stack
+
+
 def with_settings(args, name: str):
     """args for one 1-cell contender: a quadratic one trains with quadratic_max_len at least its LEN, one ending in
     ``_savestates`` with save_chunk_states."""
@@ -808,9 +832,6 @@ def write_json(path: str, args, env: dict, skipped: dict, rows: list[dict]) -> N
 
 
 def main(argv=None) -> int:
-    from lightning_mamba.models.kernels.backend import quadratic_kernels
-    from lightning_mamba.models.kernels.grad_slots import in_place
-
     sys.stdout.reconfigure(line_buffering=True)  # each line as it comes, also into a file or pipe
     args = parse_args(argv)
     env = environment(args)
@@ -832,7 +853,7 @@ def main(argv=None) -> int:
         if n == "1cell":
             cell_args = with_settings(args, name)
             try:
-                with quadratic_kernels(quadratic_kernel_of(name)), in_place(splits_in_place(name)):
+                with kernel_choices(name):
                     cells = [run_fit(cell_args) if kind == "fit"
                              else run_cell(cell_args, kind, args.d_state, args.seq_len)]
                 cells[0]["quadratic_max_len"] = cell_args.quadratic_max_len

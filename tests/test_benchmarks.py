@@ -251,6 +251,32 @@ def test_cell_throughput_splitcat_contenders_run_torch_splits(monkeypatch):
     assert grad_slots._in_place
 
 
+def test_cell_throughput_torchembedding_and_remadescores_contenders_switch_one_kernel_each(monkeypatch):
+    """<1-cell contender>_torchembedding runs with torch's embedding backward (backend.embedding_kernels("torch")),
+    _remadescores with the chunked scan's scores made again in the backward (ssd_chunked_mamba.scores_kept(False)),
+    in any order with the other modifiers; the defaults are back afterwards."""
+    from lightning_mamba.models.kernels import backend, ssd_chunked_mamba
+
+    bench = load_benchmark("cell_throughput")
+    assert bench.contender_setting("graph_1cell_savestates_remadescores_torchembedding") == ("graph_1cell", False)
+    assert bench.contender_setting("graph_1cell_quadratic_torchembedding") == ("graph_1cell", True)
+    assert bench.contender_setting("graph_Ncells_torchembedding") == ("graph_Ncells_torchembedding", False)  # refused
+    kept = ssd_chunked_mamba.CB_KEPT_UP_TO
+    seen = []
+
+    def run_cell(args, kind, d_state, seq_len):
+        seen.append((backend._embedding_kernel, ssd_chunked_mamba.CB_KEPT_UP_TO, args.save_chunk_states))
+        raise RuntimeError("recorded")
+
+    monkeypatch.setattr(bench, "run_cell", run_cell)
+    bench.main([*CELL_SMOKE, "--contenders", "eager_1cell_torchembedding,eager_1cell_remadescores_savestates,"
+                "eager_1cell_savestates_torchembedding_remadescores,eager_1cell"])
+    assert seen == [("torch", kept, False), ("ours", 0.0, True), ("torch", 0.0, True), ("ours", kept, False)]
+    assert backend._embedding_kernel == "ours" and ssd_chunked_mamba.CB_KEPT_UP_TO == kept > 0
+    with pytest.raises(SystemExit):
+        bench.main([*CELL_SMOKE, "--contenders", "graph_Ncells_remadescores"])
+
+
 def test_cell_throughput_savestates_contenders_save_the_chunk_states(monkeypatch):
     """<1-cell contender>_savestates builds its model with save_chunk_states, before or after _splitcat and beside
     the quadratic suffixes; --save_chunk_states turns it on for every contender. The models built are checked."""

@@ -86,6 +86,26 @@ def quadratic_kernels(name: str):
         _quadratic_kernel = before
 
 
+# the Triton path's embedding backward for small vocabularies: ours (embedding_triton.py) or torch's (sorts the ids)
+EMBEDDING_KERNELS = ("ours", "torch")
+_embedding_kernel = "ours"
+
+
+@contextlib.contextmanager
+def embedding_kernels(name: str):
+    """Inside the block a small vocabulary's embedding backward on the Triton path runs ``name``'s code (``torch``:
+    F.embedding's), so a benchmark can time both in one process (benchmarks/cell_throughput.py's
+    ``<contender>_torchembedding``)."""
+    global _embedding_kernel
+    if name not in EMBEDDING_KERNELS:
+        raise ConfigError(f"unknown embedding kernels {name!r}: use one of {', '.join(EMBEDDING_KERNELS)}")
+    before, _embedding_kernel = _embedding_kernel, name
+    try:
+        yield
+    finally:
+        _embedding_kernel = before
+
+
 @functools.cache
 def _triton_scan():
     """Import ``mamba_chunk_scan_combined``; returns (function or None, reason it is missing)."""
@@ -253,8 +273,8 @@ def embedding(backend: str, ids: Tensor, weight: Tensor) -> Tensor:
     """weight[ids] (F.embedding). On the Triton path, while the weight takes a gradient, a vocabulary of at most
     embedding_triton.MAX_VOCAB rows (the study's byte-level models) has its backward in our kernel instead of torch's
     sort of the ids (embedding_triton.py)."""
-    if (torch.is_grad_enabled() and weight.requires_grad and uses_triton(backend, weight)
-            and embedding_triton.supports(weight)):
+    if (_embedding_kernel == "ours" and torch.is_grad_enabled() and weight.requires_grad
+            and uses_triton(backend, weight) and embedding_triton.supports(weight)):
         return embedding_triton.embedding(ids, weight)
     return F.embedding(ids, weight)
 

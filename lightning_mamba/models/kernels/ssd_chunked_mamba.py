@@ -18,6 +18,7 @@ import, backend.ssd calls the public function and the split copies the gradients
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import warnings
@@ -77,6 +78,19 @@ def _forward(x, dt, A, B, C, chunk_size, D, dt_bias, initial_states, seq_idx, dt
 # they cost at most this fraction of the kept states' bytes: the study's cells (d_state 512, chunk 128: 1/8), not
 # the 130m model (its scores outweigh its states), whose memory target the ~0.8 GB would break. Same values either way.
 CB_KEPT_UP_TO = 0.25
+
+
+@contextlib.contextmanager
+def scores_kept(on: bool):
+    """Inside ``scores_kept(False)`` the backward makes the scores again everywhere (as mamba_ssm does), so a benchmark
+    can time both in one process (benchmarks/cell_throughput.py's ``<contender>_remadescores``)."""
+    global CB_KEPT_UP_TO
+    before = CB_KEPT_UP_TO
+    CB_KEPT_UP_TO = before if on else 0.0
+    try:
+        yield
+    finally:
+        CB_KEPT_UP_TO = before
 
 
 def keeps_cb(CB: Tensor, states: Tensor) -> bool:

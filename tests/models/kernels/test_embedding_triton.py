@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_mamba.models.kernels import embedding_triton
+from lightning_mamba.models.config import ConfigError
+from lightning_mamba.models.kernels import backend, embedding_triton
 
 from .test_grad_slots import rel_err
 from .triton_env import DEVICE, needs_triton
@@ -79,7 +80,11 @@ def test_the_model_takes_it_on_the_gpu_for_a_small_vocabulary():
         m = MambaLM(MambaConfig(d_model=64, n_layer=1, vocab_size=vocab,
                                 ssm_cfg={"layer": "Mamba2", "d_state": 16, "headdim": 16})).cuda()
         seen = {}
-        m.backbone.layers[0].register_forward_pre_hook(lambda mod, args: seen.setdefault("h", args[0]))
+
+        def keep_input(module, args):  # returns None: the layer's inputs are left as they are
+            seen["h"] = args[0]
+
+        m.backbone.layers[0].register_forward_pre_hook(keep_input)
         with torch.set_grad_enabled(grad):
             m.hidden_states(torch.randint(0, vocab, (2, 32), device="cuda"), return_state=False)
         return type(seen["h"].grad_fn).__name__ if seen["h"].grad_fn is not None else None
@@ -87,3 +92,12 @@ def test_the_model_takes_it_on_the_gpu_for_a_small_vocabulary():
     assert lookup_grad_fn(257) == "_EmbeddingBackward"
     assert lookup_grad_fn(4096) == "EmbeddingBackward0"
     assert lookup_grad_fn(257, grad=False) is None
+    with backend.embedding_kernels("torch"):  # the benchmark's A/B
+        assert lookup_grad_fn(257) == "EmbeddingBackward0"
+
+
+def test_the_embedding_kernels_switch_names_its_choices():
+    with pytest.raises(ConfigError, match="unknown embedding kernels 'fast': use one of ours, torch"):
+        with backend.embedding_kernels("fast"):
+            pass
+    assert backend._embedding_kernel == "ours"
