@@ -1,8 +1,10 @@
 """The backward of mamba_ssm's chunked SSD scan: its kernels, in the order and with the arguments of its
-``_mamba_chunk_scan_combined_bwd`` (without z), launched from here for two changes that leave every value as it is:
+``_mamba_chunk_scan_combined_bwd`` (without z), launched from here for two changes that leave every value as it is,
+and one that sums the same terms in another order (:func:`_decay_grad`: the decay's gradient in one kernel):
 
-- The states entering each chunk, dt and dt's cumulative sums come from the forward when it kept them
-  (``saved``: SSMConfig.save_chunk_states), else they are recomputed as mamba_ssm recomputes them.
+- The states entering each chunk, dt and dt's cumulative sums (and the scores C B^T, where it kept them) come from
+  the forward when it kept them (``saved``: SSMConfig.save_chunk_states), else they are recomputed as mamba_ssm
+  recomputes them.
 - Three of its kernels (grad B, grad C, grad CB) write fp32 results per split of a group's heads, which its
   launchers then sum over the splits. A program takes ceil(batch x chunks x heads / SMs) of a group's heads, so
   once batch x chunks x groups is about the SM count or more there is one split and that sum is a copy (the 130m

@@ -3,14 +3,16 @@ the conv split's gradient buffer and grad dt_raw into in_proj's (grad_slots.py),
 them its one buffer. Given ``dt_bias``, the kernels take the raw dt and apply dt_bias, the softplus and dt_limit
 themselves (mamba_ssm's dt_softplus, as its fused path): no elementwise passes over dt either way.
 
-The forward is ``_mamba_chunk_scan_combined_fwd``, the call ``mamba_chunk_scan_combined`` and mamba_ssm's own fused
-path make; the backward is its ``_mamba_chunk_scan_combined_bwd`` kernel for kernel, launched by
-ssd_chunked_backward.py, which writes into the buffers, skips the sums over a single split of heads and, with
+The forward is ``_mamba_chunk_scan_combined_fwd`` (the call ``mamba_chunk_scan_combined`` and mamba_ssm's own fused
+path make) kernel for kernel, launched from here so it can hand on its scores C B^T; the backward is its
+``_mamba_chunk_scan_combined_bwd`` kernel for kernel, launched by ssd_chunked_backward.py, which writes into the
+buffers, skips the sums over a single split of heads, sums the decay's gradient in one kernel and, with
 ``save_states`` (SSMConfig.save_chunk_states), reuses the forward's per-chunk states, dt and dt's cumulative sums
 instead of recomputing them: b x chunks x heads x headdim x d_state values a layer kept in the inputs' dtype (as
-the forward's output read them) for two passes fewer. The one numeric difference that brings: the states' own
-gradient term (state passing's sum of states x their gradient, in dt's and A's gradients) reads them in that dtype,
-where the recomputation has them in fp32; in fp32 the two agree exactly.
+the forward's output read them) for two passes fewer, and the scores where they are small beside them
+(:func:`keeps_cb`). The one numeric difference that brings: the states' own gradient term (state passing's sum of
+states x their gradient, in dt's and A's gradients) reads them in that dtype, where the recomputation has them in
+fp32; in fp32 the two agree exactly.
 
 Both are written against mamba_ssm 2.3.x (the kernels' argument lists); with another version, or where they do not
 import, backend.ssd calls the public function and the split copies the gradients in.
