@@ -221,13 +221,13 @@ def test_cell_throughput_quadratic_torch_contenders_run_the_torch_form(monkeypat
     seen = []
 
     def run_cell(args, kind, d_state, seq_len):
-        seen.append((kind, args.quadratic_max_len, backend._quadratic_kernel))
+        seen.append((kind, args.quadratic_max_len, backend._kernel_choice["attention-form"]))
         raise RuntimeError("recorded")  # the benchmark reports a contender's failure and goes on
 
     monkeypatch.setattr(bench, "run_cell", run_cell)
     bench.main([*CELL_SMOKE, "--contenders", "eager_1cell,eager_1cell_quadratic,eager_1cell_quadratic_torch"])
     assert seen == [("eager", 0, "ours"), ("eager", 32, "ours"), ("eager", 32, "torch")]
-    assert backend._quadratic_kernel == "ours"
+    assert backend._kernel_choice["attention-form"] == "ours"
 
 
 def test_cell_throughput_splitcat_contenders_run_torch_splits(monkeypatch):
@@ -242,7 +242,7 @@ def test_cell_throughput_splitcat_contenders_run_torch_splits(monkeypatch):
     seen = []
 
     def run_cell(args, kind, d_state, seq_len):
-        seen.append((kind, args.quadratic_max_len, backend._quadratic_kernel, grad_slots._in_place))
+        seen.append((kind, args.quadratic_max_len, backend._kernel_choice["attention-form"], grad_slots._in_place))
         raise RuntimeError("recorded")
 
     monkeypatch.setattr(bench, "run_cell", run_cell)
@@ -265,14 +265,14 @@ def test_cell_throughput_torchembedding_and_remadescores_contenders_switch_one_k
     seen = []
 
     def run_cell(args, kind, d_state, seq_len):
-        seen.append((backend._embedding_kernel, ssd_chunked_mamba.CB_KEPT_UP_TO, args.save_chunk_states))
+        seen.append((backend._kernel_choice["embedding"], ssd_chunked_mamba.CB_KEPT_UP_TO, args.save_chunk_states))
         raise RuntimeError("recorded")
 
     monkeypatch.setattr(bench, "run_cell", run_cell)
     bench.main([*CELL_SMOKE, "--contenders", "eager_1cell_torchembedding,eager_1cell_remadescores_savestates,"
                 "eager_1cell_savestates_torchembedding_remadescores,eager_1cell"])
     assert seen == [("torch", kept, False), ("ours", 0.0, True), ("torch", 0.0, True), ("ours", kept, False)]
-    assert backend._embedding_kernel == "ours" and ssd_chunked_mamba.CB_KEPT_UP_TO == kept > 0
+    assert backend._kernel_choice["embedding"] == "ours" and ssd_chunked_mamba.CB_KEPT_UP_TO == kept > 0
     with pytest.raises(SystemExit):
         bench.main([*CELL_SMOKE, "--contenders", "graph_Ncells_remadescores"])
 

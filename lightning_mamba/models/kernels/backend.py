@@ -66,44 +66,37 @@ def norm_output_kept(backend: str, out: Tensor, residual: Tensor, norm, recomput
     return saved_as_recomputed(out, lambda: rmsnorm_out(residual, weight, eps, dtype))
 
 
-# the Triton path's attention form: ours (ssd_quadratic_triton.py, ssd_blocked_triton.py) or ssd.py's torch einsums
-QUADRATIC_KERNELS = ("ours", "torch")
-_quadratic_kernel = "ours"
+# Kernel choices a benchmark can switch for an A/B in one process, each "ours" by default: the Triton path's attention
+# form (ours: ssd_quadratic_triton.py, ssd_blocked_triton.py; torch: ssd.py's einsums) and a small vocabulary's
+# embedding backward (ours: embedding_triton.py; torch: F.embedding's, which sorts the ids)
+KERNEL_CHOICES = {"attention-form": ("ours", "torch"), "embedding": ("ours", "torch")}
+_kernel_choice = {kind: "ours" for kind in KERNEL_CHOICES}
 
 
 @contextlib.contextmanager
+def _chosen(kind: str, name: str):
+    """Inside the block ``kind``'s kernels are ``name``'s."""
+    if name not in KERNEL_CHOICES[kind]:
+        raise ConfigError(f"unknown {kind} kernels {name!r}: use one of {', '.join(KERNEL_CHOICES[kind])}")
+    before, _kernel_choice[kind] = _kernel_choice[kind], name
+    try:
+        yield
+    finally:
+        _kernel_choice[kind] = before
+
+
 def quadratic_kernels(name: str):
     """Inside the block the Triton path's short rows in the attention form run ``name``'s code (``torch``: the
     einsums of ssd.ssd_quadratic), so a benchmark can time both in one process (benchmarks/cell_throughput.py's
     ``<contender>_quadratic_torch``)."""
-    global _quadratic_kernel
-    if name not in QUADRATIC_KERNELS:
-        raise ConfigError(f"unknown attention-form kernels {name!r}: use one of {', '.join(QUADRATIC_KERNELS)}")
-    before, _quadratic_kernel = _quadratic_kernel, name
-    try:
-        yield
-    finally:
-        _quadratic_kernel = before
+    return _chosen("attention-form", name)
 
 
-# the Triton path's embedding backward for small vocabularies: ours (embedding_triton.py) or torch's (sorts the ids)
-EMBEDDING_KERNELS = ("ours", "torch")
-_embedding_kernel = "ours"
-
-
-@contextlib.contextmanager
 def embedding_kernels(name: str):
     """Inside the block a small vocabulary's embedding backward on the Triton path runs ``name``'s code (``torch``:
     F.embedding's), so a benchmark can time both in one process (benchmarks/cell_throughput.py's
     ``<contender>_torchembedding``)."""
-    global _embedding_kernel
-    if name not in EMBEDDING_KERNELS:
-        raise ConfigError(f"unknown embedding kernels {name!r}: use one of {', '.join(EMBEDDING_KERNELS)}")
-    before, _embedding_kernel = _embedding_kernel, name
-    try:
-        yield
-    finally:
-        _embedding_kernel = before
+    return _chosen("embedding", name)
 
 
 @functools.cache
@@ -191,7 +184,7 @@ def ssd(
     for the backward instead of recomputing them (ssd_chunked_mamba.py): less time, more memory."""
     attention_form = bool(quadratic_max_len) and x.size(1) <= quadratic_max_len and initial_state is None
     chunked_in_kernels = not attention_form and uses_triton(backend, x)
-    attention_kernels = (attention_form and not return_final_state and _quadratic_kernel == "ours"
+    attention_kernels = (attention_form and not return_final_state and _kernel_choice["attention-form"] == "ours"
                          and uses_triton(backend, x))
     # rows of one tile in our kernels, which take dt raw when no dt_limit is set (checked before it is made positive)
     one_tile = (attention_kernels and tuple(dt_limit) == NO_DT_LIMIT
@@ -273,7 +266,7 @@ def embedding(backend: str, ids: Tensor, weight: Tensor) -> Tensor:
     """weight[ids] (F.embedding). On the Triton path, while the weight takes a gradient, a vocabulary of at most
     embedding_triton.MAX_VOCAB rows (the study's byte-level models) has its backward in our kernel instead of torch's
     sort of the ids (embedding_triton.py)."""
-    if (_embedding_kernel == "ours" and torch.is_grad_enabled() and weight.requires_grad
+    if (_kernel_choice["embedding"] == "ours" and torch.is_grad_enabled() and weight.requires_grad
             and uses_triton(backend, weight) and embedding_triton.supports(weight)):
         return embedding_triton.embedding(ids, weight)
     return F.embedding(ids, weight)

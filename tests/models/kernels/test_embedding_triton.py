@@ -100,4 +100,4 @@ def test_the_embedding_kernels_switch_names_its_choices():
     with pytest.raises(ConfigError, match="unknown embedding kernels 'fast': use one of ours, torch"):
         with backend.embedding_kernels("fast"):
             pass
-    assert backend._embedding_kernel == "ours"
+    assert backend._kernel_choice["embedding"] == "ours"

@@ -183,13 +183,13 @@ def test_quadratic_kernels_restores_the_default_and_refuses_an_unknown_name():
     from lightning_mamba.models.config import ConfigError
     from lightning_mamba.models.kernels import backend
 
-    assert backend._quadratic_kernel == "ours"
+    assert backend._kernel_choice["attention-form"] == "ours"
     with backend.quadratic_kernels("torch"):
-        assert backend._quadratic_kernel == "torch"
-    assert backend._quadratic_kernel == "ours"
+        assert backend._kernel_choice["attention-form"] == "torch"
+    assert backend._kernel_choice["attention-form"] == "ours"
     with pytest.raises(ConfigError, match="use one of ours, torch"), backend.quadratic_kernels("cuda"):
         pass
-    assert backend._quadratic_kernel == "ours"
+    assert backend._kernel_choice["attention-form"] == "ours"
 
 
 @needs_triton
