@@ -23,7 +23,9 @@ except ImportError:
 
 MAX_VOCAB = 1024  # larger vocabularies keep torch's backward (the one-hot work grows with the vocabulary)
 BLOCK_T, BLOCK_V, BLOCK_D = 64, 64, 64  # tokens per step of a program's loop; vocabulary rows; features
-TOKENS_PER_PROGRAM = 512  # a program's slice of the tokens: 32 partial sums at 16,384 tokens
+TOKENS_PER_PROGRAM = 512  # a program's slice of the tokens (at least): 32 partial sums at 16,384 tokens
+MAX_PARTS = 32  # at most this many partial sums (parts x vocabulary x d fp32: 8.4 MB at the study's cells); larger
+# batches give each program more tokens, a power of two (one compile per size)
 
 
 def supports(weight: Tensor) -> bool:
@@ -81,11 +83,12 @@ def embedding_backward(ids: Tensor, grad: Tensor, vocab: int) -> Tensor:
     if grad.stride(-1) != 1:
         grad = grad.contiguous()
     n = ids.numel()
-    splits = max(1, triton.cdiv(n, TOKENS_PER_PROGRAM))
+    tokens = max(TOKENS_PER_PROGRAM, triton.next_power_of_2(triton.cdiv(n, MAX_PARTS)))
+    splits = max(1, triton.cdiv(n, tokens))
     parts = torch.empty(splits, vocab, d, device=grad.device, dtype=torch.float32)
     grid = (splits, triton.cdiv(vocab, BLOCK_V), triton.cdiv(d, BLOCK_D))
     _embedding_bwd_kernel[grid](ids, grad, parts, n, vocab, d, grad.stride(0), parts.stride(0),
-                                TOKENS=TOKENS_PER_PROGRAM, BLOCK_T=BLOCK_T, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D,
+                                TOKENS=tokens, BLOCK_T=BLOCK_T, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D,
                                 HALF_DOT=grad.is_cuda)
     return parts.sum(0) if splits > 1 else parts[0]
 

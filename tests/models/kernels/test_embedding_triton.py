@@ -25,14 +25,18 @@ def skewed_ids(n, vocab, gen):
 
 
 @needs_triton
+@pytest.mark.parametrize("max_parts", [32, 2], ids=["slices_of_128", "at_most_two_parts"])
 @pytest.mark.parametrize("shape", [(3, 250, 80, 257), (2, 64, 64, 64), (1, 5, 16, 1024)],
                          ids=["partial_blocks", "one_block", "widest_vocab"])
-def test_the_backward_sums_grad_rows_by_id_as_torch(monkeypatch, shape):
-    """Against F.embedding's backward in fp64: tokens over several programs' slices (the last one partial), a
-    vocabulary and features that are no multiple of a block, grad values over a wide range of magnitudes (each enters
-    as three bf16 pieces on CUDA: a lost piece would show as a ~4e-3 or ~1.5e-5 relative error; the interpreter
-    takes one fp32 product)."""
+def test_the_backward_sums_grad_rows_by_id_as_torch(monkeypatch, shape, max_parts):
+    """Against F.embedding's backward in fp64: tokens over several programs' slices (the last one partial; with at
+    most two partial sums, slices of 512 tokens), a vocabulary and features that are no multiple of a block, grad
+    values over a wide range of magnitudes (each enters as three bf16 pieces on CUDA: a lost piece would show as a
+    ~4e-3 or ~1.5e-5 relative error; the interpreter takes one fp32 product)."""
     monkeypatch.setattr(embedding_triton, "TOKENS_PER_PROGRAM", 128)  # several slices at these small shapes
+    monkeypatch.setattr(embedding_triton, "MAX_PARTS", max_parts)
+    made = []
+    monkeypatch.setattr(embedding_triton.torch, "empty", lambda *a, **k: made.append(a) or torch.ones(*a, **k))
     b, l, d, vocab = shape
     gen = torch.Generator().manual_seed(0)
     ids = skewed_ids(b * l, vocab, gen).view(b, l)
@@ -40,6 +44,8 @@ def test_the_backward_sums_grad_rows_by_id_as_torch(monkeypatch, shape):
     weight = torch.randn(vocab, d, generator=gen, dtype=torch.float64, requires_grad=True)
     F.embedding(ids, weight).backward(grad.double())
     got = embedding_triton.embedding_backward(ids.to(DEVICE), grad.to(DEVICE), vocab)
+    monkeypatch.undo()
+    assert made == [(-(-b * l // (128 if max_parts == 32 else 512)), vocab, d)]  # the partial sums' buffer
     assert got.dtype == torch.float32 and got.shape == (vocab, d)
     assert rel_err(got.cpu(), weight.grad) < 1e-6
     untouched = torch.ones(vocab, dtype=torch.bool)
