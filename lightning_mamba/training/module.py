@@ -14,7 +14,7 @@ from ..models import ConfigError, MambaConfig, MambaLM
 from ..models.config import SPEED_ONLY_SETTINGS, SSM_DEFAULTS, TRAIN_DEFAULTS
 from ..models.flops import train_flops_per_token
 from ..models.kernels.backend import check_backend
-from . import validation
+from . import tensorboard_resume, validation
 from .checkpoint_io import check_intact, check_model_shape, check_tokenizer, flat_settings, model_config
 from .cuda_graph import GraphedLoss
 from .initial_states import NEEDS_LANES, InitialStates
@@ -281,9 +281,11 @@ class MambaLitModule(L.LightningModule):
         return {"val/loss": loss, "val/ppl": torch.exp(loss), "val/loss_best": self.val_loss_best.compute()}
 
     def on_train_start(self) -> None:
+        trainer = self.trainer
+        # Resumed: TensorBoard hides the interrupted run's steps past the checkpoint, which this run logs again
+        tensorboard_resume.hide_replayed_steps(trainer)
         # Resumed from a checkpoint written just before a validation the interrupted run did not finish: Lightning
         # does not redo it, so the validation loss of that step is computed and logged here (training/validation.py).
-        trainer = self.trainer
         if trainer.datamodule is None or not validation.lost_on_resume(trainer):
             return
         validation.redo_validation_loss(trainer, self, trainer.datamodule.val_dataloader())
