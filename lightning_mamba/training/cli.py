@@ -102,8 +102,7 @@ def _new_top(log_dir: str, root_dir: str | None) -> str:
     never itself, which other runs share): with TensorBoard's sub_dir, ``version_<n>`` rather than its sub-folder."""
     root = os.path.abspath(root_dir) if root_dir else None
     top = os.path.abspath(log_dir)
-    while root is not None and os.path.dirname(top) != root and os.path.dirname(top).startswith(root + os.sep) \
-            and not os.path.exists(os.path.dirname(top)):
+    while root is not None and os.path.dirname(top).startswith(root + os.sep) and not os.path.exists(os.path.dirname(top)):
         top = os.path.dirname(top)
     return top
 

@@ -16,19 +16,16 @@ import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 
 
-def hide_replayed_steps(trainer: L.Trainer) -> int | None:
+def hide_replayed_steps(trainer: L.Trainer) -> None:
     """On a resume (``fit --ckpt_path``) at step N > 0, write TensorBoard's session start at step N + 1 into every
-    TensorBoard logger's event file (rank 0). Returns that step, or None when nothing was written."""
+    TensorBoard logger's event file (rank 0)."""
     if trainer.ckpt_path is None or trainer.global_step == 0 or not trainer.is_global_zero:
-        return None
+        return
     from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
-    step = trainer.global_step + 1
-    written = False
+    start = Event(step=trainer.global_step + 1, session_log=SessionLog(status=SessionLog.START))
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             writer = logger.experiment  # torch's SummaryWriter: its file writer exists once it is made
-            writer.file_writer.add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
+            writer.file_writer.add_event(start)
             writer.flush()
-            written = True
-    return step if written else None

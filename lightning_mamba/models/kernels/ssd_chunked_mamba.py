@@ -37,8 +37,9 @@ TESTED_VERSIONS = ("2.3.",)  # mamba_ssm versions whose kernels' argument lists 
 
 @functools.cache
 def entries():
-    """mamba_ssm's chunked-scan forward (``_mamba_chunk_scan_combined_fwd``), or None where it does not import or
-    mamba_ssm is a version the backward was not written for (then with a warning). Call only where mamba_ssm
+    """Whether this module's forward and backward can run: mamba_ssm's chunked-scan forward
+    (``_mamba_chunk_scan_combined_fwd``, whose kernels :func:`_forward` launches), or None where it does not import or
+    mamba_ssm is a version the launchers were not written for (then with a warning). Call only where mamba_ssm
     imports (backend.py)."""
     try:
         from mamba_ssm.ops.triton.ssd_combined import _mamba_chunk_scan_combined_fwd
