@@ -58,7 +58,11 @@ Contenders:
                    Triton kernel (a vocabulary of at most 1024 rows): the A/B of models/kernels/embedding_triton.py.
   <any 1cell name>_remadescores  with _savestates: the backward makes the chunked scan's scores C B^T again where the
                    model keeps them from the forward (ssd_chunked_mamba.keeps_cb): that A/B (e.g.
-                   graph_1cell_savestates,graph_1cell_savestates_remadescores). The modifiers go in any order.
+                   graph_1cell_savestates,graph_1cell_savestates_remadescores).
+  <any 1cell name>_splitheads  with _quadratic: the fused attention form splits each group's heads over several
+                   programs where a launch has few rows (ssd_quadratic_triton.head_splits; the model takes one program
+                   per row and group): that A/B (e.g. graph_1cell_quadratic,graph_1cell_quadratic_splitheads). The
+                   modifiers go in any order.
 
 Each graphed contender first checks itself against an eager copy of the model on the same batches (--check_steps
 steps from the same weights): the losses must agree and the parameters must have moved alike; a failed check is
@@ -757,8 +761,9 @@ def parse_args(argv=None):
 
 QUADRATIC, QUADRATIC_TORCH = "_quadratic", "_quadratic_torch"
 SPLITCAT, SAVESTATES = "_splitcat", "_savestates"  # the last suffixes of a 1-cell contender, in any order
-TORCHEMBEDDING, REMADESCORES = "_torchembedding", "_remadescores"  # and these two A/Bs of one change each
-MODIFIERS = (SPLITCAT, SAVESTATES, TORCHEMBEDDING, REMADESCORES)
+# and these A/Bs of one change each
+TORCHEMBEDDING, REMADESCORES, SPLITHEADS = "_torchembedding", "_remadescores", "_splitheads"
+MODIFIERS = (SPLITCAT, SAVESTATES, TORCHEMBEDDING, REMADESCORES, SPLITHEADS)
 
 
 def _modifiers(name: str) -> tuple[str, set[str]]:
@@ -801,10 +806,12 @@ def splits_in_place(name: str) -> bool:
 def kernel_choices(name: str) -> contextlib.ExitStack:
     """The kernel switches a 1-cell contender runs under: the attention form's code (quadratic_kernel_of), the
     splits (splits_in_place), the small-vocabulary embedding backward (torch's for a name with ``_torchembedding``)
-    and the chunked scan's scores (made again in the backward for ``_remadescores``)."""
+    the chunked scan's scores (made again in the backward for ``_remadescores``) and the attention form's head splits
+    (on for ``_splitheads``)."""
     from lightning_mamba.models.kernels.backend import embedding_kernels, quadratic_kernels
     from lightning_mamba.models.kernels.grad_slots import in_place
     from lightning_mamba.models.kernels.ssd_chunked_mamba import scores_kept
+    from lightning_mamba.models.kernels.ssd_quadratic_triton import heads_split
 
     found = _modifiers(name)[1]
     stack = contextlib.ExitStack()
@@ -812,6 +819,7 @@ def kernel_choices(name: str) -> contextlib.ExitStack:
     stack.enter_context(in_place(splits_in_place(name)))
     stack.enter_context(embedding_kernels("torch" if TORCHEMBEDDING in found else "ours"))
     stack.enter_context(scores_kept(REMADESCORES not in found))
+    stack.enter_context(heads_split(SPLITHEADS in found))
     return stack
 
 

@@ -254,25 +254,30 @@ def test_cell_throughput_splitcat_contenders_run_torch_splits(monkeypatch):
 def test_cell_throughput_torchembedding_and_remadescores_contenders_switch_one_kernel_each(monkeypatch):
     """<1-cell contender>_torchembedding runs with torch's embedding backward (backend.embedding_kernels("torch")),
     _remadescores with the chunked scan's scores made again in the backward (ssd_chunked_mamba.scores_kept(False)),
-    in any order with the other modifiers; the defaults are back afterwards."""
-    from lightning_mamba.models.kernels import backend, ssd_chunked_mamba
+    _splitheads with the attention form's heads split over programs (ssd_quadratic_triton.heads_split(True)), in any order
+    with the other modifiers; the defaults are back afterwards."""
+    from lightning_mamba.models.kernels import backend, ssd_chunked_mamba, ssd_quadratic_triton
 
     bench = load_benchmark("cell_throughput")
     assert bench.contender_setting("graph_1cell_savestates_remadescores_torchembedding") == ("graph_1cell", False)
     assert bench.contender_setting("graph_1cell_quadratic_torchembedding") == ("graph_1cell", True)
+    assert bench.contender_setting("graph_1cell_quadratic_splitheads") == ("graph_1cell", True)
     assert bench.contender_setting("graph_Ncells_torchembedding") == ("graph_Ncells_torchembedding", False)  # refused
     kept = ssd_chunked_mamba.CB_KEPT_UP_TO
     seen = []
 
     def run_cell(args, kind, d_state, seq_len):
-        seen.append((backend._kernel_choice["embedding"], ssd_chunked_mamba.CB_KEPT_UP_TO, args.save_chunk_states))
+        seen.append((backend._kernel_choice["embedding"], ssd_chunked_mamba.CB_KEPT_UP_TO, args.save_chunk_states,
+                     ssd_quadratic_triton.SPLIT_HEADS))
         raise RuntimeError("recorded")
 
     monkeypatch.setattr(bench, "run_cell", run_cell)
     bench.main([*CELL_SMOKE, "--contenders", "eager_1cell_torchembedding,eager_1cell_remadescores_savestates,"
-                "eager_1cell_savestates_torchembedding_remadescores,eager_1cell"])
-    assert seen == [("torch", kept, False), ("ours", 0.0, True), ("torch", 0.0, True), ("ours", kept, False)]
+                "eager_1cell_savestates_torchembedding_remadescores,eager_1cell,eager_1cell_quadratic_splitheads"])
+    assert seen == [("torch", kept, False, False), ("ours", 0.0, True, False), ("torch", 0.0, True, False),
+                    ("ours", kept, False, False), ("ours", kept, False, True)]
     assert backend._kernel_choice["embedding"] == "ours" and ssd_chunked_mamba.CB_KEPT_UP_TO == kept > 0
+    assert not ssd_quadratic_triton.SPLIT_HEADS
     with pytest.raises(SystemExit):
         bench.main([*CELL_SMOKE, "--contenders", "graph_Ncells_remadescores"])
 
@@ -323,3 +328,50 @@ def test_train_throughput_setting_contenders_train_with_their_model_settings(mon
                     {"save_chunk_states": True, "recompute_norm_output": True}]
     assert "lightning_graph_savestates_recompute:" in capsys.readouterr().out
 
+
+
+def test_attention_form_kernel_check_catches_a_wrong_or_failing_contender():
+    """benchmarks/attention_form_kernel.py's check: the torch form passes against itself in fp32; a form off by 1e-3
+    relative in y or in grad x only, or one that raises, is a FAIL with its figure or error (no triton needed)."""
+    import torch
+
+    class GradOff(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.view_as(t)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * 1.001
+
+    bench = load_benchmark("attention_form_kernel")
+    assert bench.check(bench.torch_form, 16, 8, "cpu") == (True, "ok (0.0e+00)")
+    for wrong in (lambda **kw: bench.torch_form(**kw) * 1.001,
+                  lambda x, **kw: bench.torch_form(GradOff.apply(x), **kw)):
+        ok, text = bench.check(wrong, 16, 8, "cpu")
+        assert not ok and text.startswith("FAIL (") and "Error" not in text
+    ok, text = bench.check(lambda **kw: 1 / 0, 16, 8, "cpu")
+    assert not ok and "ZeroDivisionError" in text
+    with pytest.raises(SystemExit, match="d_state/LEN"):
+        bench.parse_cell("64x64")
+    with pytest.raises(SystemExit, match="LEN must be 1-64"):
+        bench.parse_cell("64/128")
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="our attention form runs here only in Triton's "
+                    "interpreter")
+def test_attention_form_kernel_times_every_plan_with_its_split_and_puts_the_settings_back(capsys, monkeypatch):
+    """A smoke run of one row: the torch form, ours, ours with heads split and (--sweep) each plan of SWEEP are checked
+    and timed, each with the split count it was asked for; the kernels' module settings are as before afterwards."""
+    from lightning_mamba.models.kernels import ssd_quadratic_triton as q
+
+    bench = load_benchmark("attention_form_kernel")
+    monkeypatch.setattr(bench, "SWEEP", [bench.Plan(2, 4), bench.Plan(1, None, 1)])
+    before = {k: getattr(q, k) for k in ("SPLIT_HEADS", "MIN_PROGRAMS", "SPLIT_MAX_STATE", "NUM_WARPS", "NUM_STAGES")}
+    assert bench.main(["--device", "cpu", "--cells", "16/8", "--tokens", "8", "--dtype", "fp32", "--sweep"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("16/8 ")]
+    assert [r[1] for r in rows] == ["torch", "ours", "ours,", "ours,", "ours,", "fastest:"]
+    assert all(" ".join(r).count(" ok (") == 1 for r in rows[:-1])
+    # (splits, warps, stages) as launched: one row, 16 heads: the module's split is 16 programs a row
+    assert [r[-10:-7] for r in rows[1:5]] == [["1", "-", "-"], ["16", "-", "-"], ["2", "4", "-"], ["1", "-", "1"]]
+    assert {k: getattr(q, k) for k in before} == before
