@@ -21,7 +21,9 @@ and its output, new conv state and grads of u, weight and bias are compared with
 run in fp32 on the same values (TF32 off); the error is max |a - ref| / max |ref|. A FAIL (or a contender that
 raises) makes the exit status 1; the timings are still printed.
 
-Rows (times in microseconds, triton.testing.do_bench, inputs in --dtype, bf16 by default):
+Rows (times in microseconds, triton.testing.do_bench, or with ``--timer graph`` replayed from a CUDA graph: GPU
+work only, as a graphed training step sees it, where do_bench also counts a call's launches and autograd
+bookkeeping; inputs in --dtype, bf16 by default):
 
 Every contender returns the new conv state, which the mixer hands on. causal_conv1d is
 models/kernels/conv_cc1d.py's adapter, as backend.conv1d_silu calls it:
@@ -315,6 +317,9 @@ def wall_timer(fn, reps: int = 2) -> float:
     return (time.perf_counter() - start) / reps * 1e3
 
 
+TIMERS = {"bench": cuda_timer, "graph": graph_timer}
+
+
 def time_training(timer, fn, inp: Inputs, case: str) -> tuple[float, float]:
     """(fwd, fwd+bwd) in milliseconds."""
     state, seq = case_args(inp, case)
@@ -584,6 +589,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="what the timings run in")
     p.add_argument("--check_dtype", choices=sorted(DTYPES), default="fp32", help="what the correctness check runs in")
     p.add_argument("--sweep", action="store_true", help="also time other Triton tile sizes (every shape chosen)")
+    p.add_argument("--timer", choices=sorted(TIMERS), default="bench",
+                   help="the table's timer: bench (triton's do_bench) or graph (CUDA graph replays, GPU time only)")
     return p.parse_args(argv)
 
 
@@ -594,12 +601,12 @@ def main(argv=None) -> int:
     shapes = select_shapes(args)
     lib, lib_why = load_causal_conv1d()
 
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, timings in {args.dtype}, checks in "
-          f"{args.check_dtype}, causal_conv1d {lib_why}; times in us; the model's conv kernel: "
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, timings in {args.dtype} ({args.timer} "
+          f"timer), checks in {args.check_dtype}, causal_conv1d {lib_why}; times in us; the model's conv kernel: "
           f"{conv_kernel_name('auto', 'cuda')}")
     for s in shapes:
         print(f"# {s.name}: b {s.batch}, l {s.seq_len}, d {s.conv_dim} (row stride {s.width}), k {s.d_conv}")
-    status = run(shapes, "cuda", DTYPES[args.dtype], DTYPES[args.check_dtype], cuda_timer, lib)
+    status = run(shapes, "cuda", DTYPES[args.dtype], DTYPES[args.check_dtype], TIMERS[args.timer], lib)
     from lightning_mamba.models.kernels import conv_triton
 
     if conv_triton.available():

@@ -254,8 +254,9 @@ def test_cell_throughput_splitcat_contenders_run_torch_splits(monkeypatch):
 def test_cell_throughput_torchembedding_and_remadescores_contenders_switch_one_kernel_each(monkeypatch):
     """<1-cell contender>_torchembedding runs with torch's embedding backward (backend.embedding_kernels("torch")),
     _remadescores with the chunked scan's scores made again in the backward (ssd_chunked_mamba.scores_kept(False)),
-    _splitheads with the attention form's heads split over programs (ssd_quadratic_triton.heads_split(True)), in any order
-    with the other modifiers; the defaults are back afterwards."""
+    _splitheads with the attention form's heads split over programs (ssd_quadratic_triton.heads_split(True)),
+    _tritonconv with our conv at every row length (backend.ours_conv_max_len), in any order with the other modifiers;
+    the defaults are back afterwards."""
     from lightning_mamba.models.kernels import backend, ssd_chunked_mamba, ssd_quadratic_triton
 
     bench = load_benchmark("cell_throughput")
@@ -268,16 +269,19 @@ def test_cell_throughput_torchembedding_and_remadescores_contenders_switch_one_k
 
     def run_cell(args, kind, d_state, seq_len):
         seen.append((backend._kernel_choice["embedding"], ssd_chunked_mamba.CB_KEPT_UP_TO, args.save_chunk_states,
-                     ssd_quadratic_triton.SPLIT_HEADS))
+                     ssd_quadratic_triton.SPLIT_HEADS, backend.OURS_CONV_MAX_LEN))
         raise RuntimeError("recorded")
 
     monkeypatch.setattr(bench, "run_cell", run_cell)
     bench.main([*CELL_SMOKE, "--contenders", "eager_1cell_torchembedding,eager_1cell_remadescores_savestates,"
-                "eager_1cell_savestates_torchembedding_remadescores,eager_1cell,eager_1cell_quadratic_splitheads"])
-    assert seen == [("torch", kept, False, False), ("ours", 0.0, True, False), ("torch", 0.0, True, False),
-                    ("ours", kept, False, False), ("ours", kept, False, True)]
+                "eager_1cell_savestates_torchembedding_remadescores,eager_1cell,eager_1cell_quadratic_splitheads,"
+                "eager_1cell_quadratic_tritonconv"])
+    conv = backend.OURS_CONV_MAX_LEN
+    assert seen == [("torch", kept, False, False, conv), ("ours", 0.0, True, False, conv),
+                    ("torch", 0.0, True, False, conv), ("ours", kept, False, False, conv),
+                    ("ours", kept, False, True, conv), ("ours", kept, False, False, 1 << 30)]
     assert backend._kernel_choice["embedding"] == "ours" and ssd_chunked_mamba.CB_KEPT_UP_TO == kept > 0
-    assert not ssd_quadratic_triton.SPLIT_HEADS
+    assert not ssd_quadratic_triton.SPLIT_HEADS and backend.OURS_CONV_MAX_LEN == conv == 16
     with pytest.raises(SystemExit):
         bench.main([*CELL_SMOKE, "--contenders", "graph_Ncells_remadescores"])
 

@@ -139,3 +139,12 @@ def test_tile_sweep_checks_each_plan_and_puts_the_tiles_back(capsys, monkeypatch
     monkeypatch.setattr(conv_triton, "GATHER_MAX_LEN", 0)
     assert not bench.sweep(inp, torch.float32, DEVICE, bench.wall_timer, [(32, 64, 4, 1)])
     assert "FAIL" in capsys.readouterr().out
+
+
+def test_the_table_timer_is_do_bench_unless_graph_is_asked():
+    """--timer picks the table's timer: triton's do_bench by default, CUDA graph replays (GPU time only) for graph;
+    an unknown timer is refused by the parser."""
+    assert bench.TIMERS[bench.parse_args([]).timer] is bench.cuda_timer
+    assert bench.TIMERS[bench.parse_args(["--timer", "graph"]).timer] is bench.graph_timer
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--timer", "wall"])

@@ -34,6 +34,19 @@ OURS_CONV_MAX_LEN = 16
 
 
 @contextlib.contextmanager
+def ours_conv_max_len(max_len: int):
+    """Inside the block rows of at most ``max_len`` tokens take our Triton conv where causal_conv1d is installed
+    (OURS_CONV_MAX_LEN), so a benchmark can time both in one process (benchmarks/cell_throughput.py's
+    ``<contender>_tritonconv``)."""
+    global OURS_CONV_MAX_LEN
+    before, OURS_CONV_MAX_LEN = OURS_CONV_MAX_LEN, max_len
+    try:
+        yield
+    finally:
+        OURS_CONV_MAX_LEN = before
+
+
+@contextlib.contextmanager
 def norm_kernels(name: str | None = None, *, add: str | None = None, gated: str | None = None):
     """Inside the block the Triton path's norms run ``name``'s kernels (both norms), or ``add``'s for the residual
     add + RMSNorm and ``gated``'s for the gated RMSNorm (an unnamed one keeps its kernels), so a benchmark can time
