@@ -48,6 +48,9 @@ Contenders:
                    graph_1cell,graph_1cell_quadratic).
   <any>_1cell_quadratic_torch  the same with the attention form in torch (models/ssd.py ssd_quadratic's einsums):
                    the fused kernels' A/B (e.g. graph_1cell_quadratic_torch,graph_1cell_quadratic).
+  <any>_1cell_quadratic_blocked  the same with the 64-token-block kernels (ssd_blocked_triton.py) on rows of 64 or
+                   fewer tokens too, which the model gives the one-tile kernels: that A/B (e.g.
+                   graph_1cell_quadratic,graph_1cell_quadratic_blocked).
   <any 1cell name>_splitcat  that contender with the mixer's splits as torch.split's (their backward concatenates
                    the pieces' gradients) instead of models/kernels/grad_slots.py's in-place writes: their A/B
                    (e.g. graph_1cell_quadratic,graph_1cell_quadratic_splitcat).
@@ -750,7 +753,7 @@ def parse_args(argv=None):
     unknown = [c for c in args.contenders if contender_setting(c)[0] not in CONTENDERS]
     if unknown:
         p.error(f"unknown contender(s) {', '.join(unknown)}: use {', '.join(CONTENDERS)} (a *_1cell one may end in "
-                f"{QUADRATIC}, {QUADRATIC_TORCH}, then any of {', '.join(MODIFIERS)})")
+                f"{QUADRATIC}, {QUADRATIC_TORCH}, {QUADRATIC_BLOCKED}, then any of {', '.join(MODIFIERS)})")
     n_cells = any(c.endswith(("_Ncells", "_Nstreams")) for c in args.contenders)
     for length in [args.seq_len] + (args.lens if n_cells else []):
         if args.tokens_per_step % length:
@@ -761,7 +764,7 @@ def parse_args(argv=None):
     return args
 
 
-QUADRATIC, QUADRATIC_TORCH = "_quadratic", "_quadratic_torch"
+QUADRATIC, QUADRATIC_TORCH, QUADRATIC_BLOCKED = "_quadratic", "_quadratic_torch", "_quadratic_blocked"
 SPLITCAT, SAVESTATES = "_splitcat", "_savestates"  # the last suffixes of a 1-cell contender, in any order
 # and these A/Bs of one change each
 TORCHEMBEDDING, REMADESCORES, SPLITHEADS, TRITONCONV = "_torchembedding", "_remadescores", "_splitheads", "_tritonconv"
@@ -785,7 +788,7 @@ def contender_setting(name: str) -> tuple[str, bool]:
     ``graph_1cell_quadratic_torch`` and ``graph_1cell_quadratic_splitcat`` -> (graph_1cell, True). Only 1-cell
     contenders take the suffixes (an unknown name is left whole, for parse_args to refuse)."""
     stripped = _without_splitcat(name)
-    for suffix in (QUADRATIC_TORCH, QUADRATIC):
+    for suffix in (QUADRATIC_TORCH, QUADRATIC_BLOCKED, QUADRATIC):
         base = stripped.removesuffix(suffix)
         if base != stripped and base.endswith("_1cell"):
             return base, True
@@ -794,9 +797,10 @@ def contender_setting(name: str) -> tuple[str, bool]:
 
 def quadratic_kernel_of(name: str) -> str:
     """The attention form's code for a contender: ``torch`` (ssd.ssd_quadratic's einsums) for a name ending in
-    ``_quadratic_torch`` (then perhaps ``_splitcat``), else ``ours`` (the fused Triton kernels, the model's default
-    on CUDA)."""
-    return "torch" if _without_splitcat(name).endswith(QUADRATIC_TORCH) else "ours"
+    ``_quadratic_torch`` (then perhaps modifiers), ``blocked`` (the 64-token-block kernels at every row length) for
+    ``_quadratic_blocked``, else ``ours`` (the fused Triton kernels, the model's default on CUDA)."""
+    base = _without_splitcat(name)
+    return "torch" if base.endswith(QUADRATIC_TORCH) else "blocked" if base.endswith(QUADRATIC_BLOCKED) else "ours"
 
 
 def splits_in_place(name: str) -> bool:

@@ -211,12 +211,14 @@ CELL_SMOKE = ["--device", "cpu", "--backend", "torch", "--d_state", "16", "--seq
 
 
 def test_cell_throughput_quadratic_torch_contenders_run_the_torch_form(monkeypatch, capsys):
-    """<contender>_quadratic_torch runs the attention form in torch (backend.quadratic_kernels("torch")) and
-    <contender>_quadratic the fused kernels, each with quadratic_max_len raised to its LEN."""
+    """<contender>_quadratic_torch runs the attention form in torch (backend.quadratic_kernels("torch")),
+    <contender>_quadratic_blocked in the 64-token-block kernels ("blocked") and <contender>_quadratic the fused
+    kernels, each with quadratic_max_len raised to its LEN."""
     from lightning_mamba.models.kernels import backend
 
     bench = load_benchmark("cell_throughput")
     assert bench.contender_setting("graph_1cell_quadratic_torch") == ("graph_1cell", True)
+    assert bench.contender_setting("graph_1cell_quadratic_blocked_splitheads") == ("graph_1cell", True)
     assert bench.contender_setting("graph_Ncells_quadratic_torch") == ("graph_Ncells_quadratic_torch", False)
     seen = []
 
@@ -225,8 +227,9 @@ def test_cell_throughput_quadratic_torch_contenders_run_the_torch_form(monkeypat
         raise RuntimeError("recorded")  # the benchmark reports a contender's failure and goes on
 
     monkeypatch.setattr(bench, "run_cell", run_cell)
-    bench.main([*CELL_SMOKE, "--contenders", "eager_1cell,eager_1cell_quadratic,eager_1cell_quadratic_torch"])
-    assert seen == [("eager", 0, "ours"), ("eager", 32, "ours"), ("eager", 32, "torch")]
+    bench.main([*CELL_SMOKE, "--contenders", "eager_1cell,eager_1cell_quadratic,eager_1cell_quadratic_torch,"
+                "eager_1cell_quadratic_blocked"])
+    assert seen == [("eager", 0, "ours"), ("eager", 32, "ours"), ("eager", 32, "torch"), ("eager", 32, "blocked")]
     assert backend._kernel_choice["attention-form"] == "ours"
 
 
@@ -365,8 +368,9 @@ def test_attention_form_kernel_check_catches_a_wrong_or_failing_contender():
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="our attention form runs here only in Triton's "
                     "interpreter")
 def test_attention_form_kernel_times_every_plan_with_its_split_and_puts_the_settings_back(capsys, monkeypatch):
-    """A smoke run of one row: the torch form, ours, ours with heads split and (--sweep) each plan of SWEEP are checked
-    and timed, each with the split count it was asked for; the kernels' module settings are as before afterwards."""
+    """A smoke run of one row: the torch form, ours, ours with heads split, the blocked kernels and (--sweep) each plan
+    of SWEEP are checked and timed, each with the split count it was asked for; the kernels' module settings are as
+    before afterwards."""
     from lightning_mamba.models.kernels import ssd_quadratic_triton as q
 
     bench = load_benchmark("attention_form_kernel")
@@ -374,8 +378,9 @@ def test_attention_form_kernel_times_every_plan_with_its_split_and_puts_the_sett
     before = {k: getattr(q, k) for k in ("SPLIT_HEADS", "MIN_PROGRAMS", "SPLIT_MAX_STATE", "NUM_WARPS", "NUM_STAGES")}
     assert bench.main(["--device", "cpu", "--cells", "16/8", "--tokens", "8", "--dtype", "fp32", "--sweep"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("16/8 ")]
-    assert [r[1] for r in rows] == ["torch", "ours", "ours,", "ours,", "ours,", "fastest:"]
+    assert [r[1] for r in rows] == ["torch", "ours", "ours,", "blocked", "ours,", "ours,", "fastest:"]
     assert all(" ".join(r).count(" ok (") == 1 for r in rows[:-1])
     # (splits, warps, stages) as launched: one row, 16 heads: the module's split is 16 programs a row
-    assert [r[-10:-7] for r in rows[1:5]] == [["1", "-", "-"], ["16", "-", "-"], ["2", "4", "-"], ["1", "-", "1"]]
+    assert [r[-10:-7] for r in rows[1:3] + rows[4:6]] == [["1", "-", "-"], ["16", "-", "-"], ["2", "4", "-"],
+                                                          ["1", "-", "1"]]
     assert {k: getattr(q, k) for k in before} == before

@@ -80,9 +80,10 @@ def norm_output_kept(backend: str, out: Tensor, residual: Tensor, norm, recomput
 
 
 # Kernel choices a benchmark can switch for an A/B in one process, each "ours" by default: the Triton path's attention
-# form (ours: ssd_quadratic_triton.py, ssd_blocked_triton.py; torch: ssd.py's einsums) and a small vocabulary's
-# embedding backward (ours: embedding_triton.py; torch: F.embedding's, which sorts the ids)
-KERNEL_CHOICES = {"attention-form": ("ours", "torch"), "embedding": ("ours", "torch")}
+# form (ours: ssd_quadratic_triton.py, ssd_blocked_triton.py past its rows; blocked: ssd_blocked_triton.py at every
+# row length; torch: ssd.py's einsums) and a small vocabulary's embedding backward (ours: embedding_triton.py; torch:
+# F.embedding's, which sorts the ids)
+KERNEL_CHOICES = {"attention-form": ("ours", "torch", "blocked"), "embedding": ("ours", "torch")}
 _kernel_choice = {kind: "ours" for kind in KERNEL_CHOICES}
 
 
@@ -100,8 +101,9 @@ def _chosen(kind: str, name: str):
 
 def quadratic_kernels(name: str):
     """Inside the block the Triton path's short rows in the attention form run ``name``'s code (``torch``: the
-    einsums of ssd.ssd_quadratic), so a benchmark can time both in one process (benchmarks/cell_throughput.py's
-    ``<contender>_quadratic_torch``)."""
+    einsums of ssd.ssd_quadratic; ``blocked``: the 64-token-block kernels at every row length), so a benchmark can
+    time them in one process (benchmarks/cell_throughput.py's ``<contender>_quadratic_torch`` and
+    ``<contender>_quadratic_blocked``)."""
     return _chosen("attention-form", name)
 
 
@@ -197,17 +199,18 @@ def ssd(
     for the backward instead of recomputing them (ssd_chunked_mamba.py): less time, more memory."""
     attention_form = bool(quadratic_max_len) and x.size(1) <= quadratic_max_len and initial_state is None
     chunked_in_kernels = not attention_form and uses_triton(backend, x)
-    attention_kernels = (attention_form and not return_final_state and _kernel_choice["attention-form"] == "ours"
+    attention_kernels = (attention_form and not return_final_state and _kernel_choice["attention-form"] != "torch"
                          and uses_triton(backend, x))
+    one_tile_kernels = attention_kernels and _kernel_choice["attention-form"] == "ours"
     # rows of one tile in our kernels, which take dt raw when no dt_limit is set (checked before it is made positive)
-    one_tile = (attention_kernels and tuple(dt_limit) == NO_DT_LIMIT
+    one_tile = (one_tile_kernels and tuple(dt_limit) == NO_DT_LIMIT
                 and ssd_quadratic_triton.supports(x, dt, B, C, raw_dt=dt_bias is not None))
     # the kernels that take the raw dt: mamba_ssm's chunked ones and our one-tile ones
     if dt_bias is not None and not (one_tile or (chunked_in_kernels and ssd_chunked_mamba.entries() is not None)):
         dt, dt_bias = positive_dt(dt, dt_bias, dt_limit), None
     if attention_form:
         if attention_kernels:
-            if one_tile or ssd_quadratic_triton.supports(x, dt, B, C):  # rows of one tile
+            if one_tile or (one_tile_kernels and ssd_quadratic_triton.supports(x, dt, B, C)):  # rows of one tile
                 return ssd_quadratic_triton.ssd_quadratic_fused(x, dt, A, B, C, D=D, seq_idx=seq_idx,
                                                                 dt_bias=dt_bias), None
             if ssd_blocked_triton.supports(x, dt, B, C):  # longer rows, in 64-token blocks

@@ -192,8 +192,9 @@ def test_fused_attention_form_in_bf16_is_as_close_to_fp32_as_the_torch_form():
 
 @needs_triton
 def test_the_backend_takes_the_fused_form_only_for_training_rows(monkeypatch):
-    """backend.ssd on the Triton path: rows <= quadratic_max_len without a final state asked -> the fused kernels;
-    a final state asked, rows longer than the kernels take, or quadratic_kernels("torch") -> the torch form."""
+    """backend.ssd on the Triton path: rows <= quadratic_max_len without a final state asked -> the fused kernels
+    (rows longer than they take, or quadratic_kernels("blocked"): the blocked kernels); a final state asked, or
+    quadratic_kernels("torch") -> the torch form."""
     from lightning_mamba.models.kernels import backend, ssd_quadratic_triton
 
     monkeypatch.setattr(backend, "uses_triton", lambda name, x: name != "torch")  # the Triton path, on any device
@@ -209,9 +210,12 @@ def test_the_backend_takes_the_fused_form_only_for_training_rows(monkeypatch):
     name, state = form(return_final_state=True)
     assert name != "_SSDQuadraticBackward" and state is not None and state.shape == (2, 2, 16, 16)
     with backend.quadratic_kernels("torch"):
-        assert form(return_final_state=False)[0] != "_SSDQuadraticBackward"
+        assert form(return_final_state=False)[0] not in ("_SSDQuadraticBackward", "_SSDBlockedBackward")
+    with backend.quadratic_kernels("blocked"):  # the 64-token-block kernels, on rows of one tile too
+        assert form(return_final_state=False)[0] == "_SSDBlockedBackward"
+        assert form(return_final_state=True)[0] not in ("_SSDQuadraticBackward", "_SSDBlockedBackward")
     monkeypatch.setattr(ssd_quadratic_triton, "MAX_LEN", 8)
-    assert form(return_final_state=False)[0] != "_SSDQuadraticBackward"
+    assert form(return_final_state=False)[0] == "_SSDBlockedBackward"  # (the blocked kernels take longer rows)
 
 
 def test_supports_refuses_long_rows_and_fp64():
@@ -235,7 +239,7 @@ def test_quadratic_kernels_restores_the_default_and_refuses_an_unknown_name():
     with backend.quadratic_kernels("torch"):
         assert backend._kernel_choice["attention-form"] == "torch"
     assert backend._kernel_choice["attention-form"] == "ours"
-    with pytest.raises(ConfigError, match="use one of ours, torch"), backend.quadratic_kernels("cuda"):
+    with pytest.raises(ConfigError, match="use one of ours, torch, blocked"), backend.quadratic_kernels("cuda"):
         pass
     assert backend._kernel_choice["attention-form"] == "ours"
 
