@@ -811,7 +811,7 @@ def splits_in_place(name: str) -> bool:
 
 def kernel_choices(name: str) -> contextlib.ExitStack:
     """The kernel switches a 1-cell contender runs under: the attention form's code (quadratic_kernel_of), the
-    splits (splits_in_place), the small-vocabulary embedding backward (torch's for a name with ``_torchembedding``)
+    splits (splits_in_place), the small-vocabulary embedding backward (torch's for a name with ``_torchembedding``),
     the chunked scan's scores (made again in the backward for ``_remadescores``), the attention form's head splits
     (on for ``_splitheads``) and the conv (ours at every row length for ``_tritonconv``)."""
     from lightning_mamba.models.kernels.backend import embedding_kernels, ours_conv_max_len, quadratic_kernels
