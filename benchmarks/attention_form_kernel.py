@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conv_kernel import _rel_err, graph_timer, wall_timer  # noqa: E402
 
 from lightning_mamba.models.kernels import ssd_quadratic_triton as q  # noqa: E402
+from lightning_mamba.models.kernels.overrides import overridden  # noqa: E402
 from lightning_mamba.models.ssd import positive_dt, ssd_quadratic  # noqa: E402
 
 D_INNER, HEADDIM = 512, 32  # the study's 4 x 256 model: expand 2, 16 heads of 32, one group
@@ -114,22 +115,17 @@ def blocked(x, dt_raw, A, B, C, D, dt_bias):
     return ssd_blocked(x, positive_dt(dt_raw, dt_bias), A, B, C, D=D)
 
 
-@contextlib.contextmanager
-def plan_applied(plan: Plan | None, rows: int, split: bool = False):
+def plan_applied(plan: Plan | None, rows: int, split: bool = False) -> contextlib.ExitStack:
     """The module's settings for ``plan`` (None: its own, with its head splits on if ``split``); restored after."""
-    names = ("SPLIT_HEADS", "MIN_PROGRAMS", "SPLIT_MAX_STATE", "NUM_WARPS", "NUM_STAGES")
-    before = {k: getattr(q, k) for k in names}
-    try:
-        if plan is None:
-            q.SPLIT_HEADS = split
-        else:
-            # splits forced: as many programs per row as the plan's splits, at any d_state
-            q.SPLIT_HEADS, q.MIN_PROGRAMS, q.SPLIT_MAX_STATE = plan.splits > 1, rows * plan.splits, 1 << 30
-            q.NUM_WARPS, q.NUM_STAGES = plan.warps, plan.stages
-        yield
-    finally:
-        for k, v in before.items():
-            setattr(q, k, v)
+    if plan is None:
+        settings = {"SPLIT_HEADS": split}
+    else:  # splits forced: as many programs per row as the plan's splits, at any d_state
+        settings = {"SPLIT_HEADS": plan.splits > 1, "MIN_PROGRAMS": rows * plan.splits, "SPLIT_MAX_STATE": 1 << 30,
+                    "NUM_WARPS": plan.warps, "NUM_STAGES": plan.stages}
+    stack = contextlib.ExitStack()
+    for name, value in settings.items():
+        stack.enter_context(overridden(q, name, value))
+    return stack
 
 
 def forward_backward(fn, inputs: dict) -> list:

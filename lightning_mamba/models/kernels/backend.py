@@ -20,6 +20,7 @@ from ..config import NO_DT_LIMIT, ConfigError
 from ..conv import causal_conv1d, conv_step
 from ..ssd import positive_dt, ssd_chunked, ssd_quadratic
 from . import conv_cc1d, embedding_triton, ssd_blocked_triton, ssd_chunked_mamba, ssd_quadratic_triton
+from .overrides import overridden
 
 BACKENDS = ("auto", "torch", "triton")
 NORM_KERNELS = ("mamba_ssm", "ours")  # the Triton path's norms: mamba_ssm's, or models/kernels/norm_triton.py
@@ -33,17 +34,11 @@ _norm_kernel = {"add": "ours", "gated": "ours"}
 OURS_CONV_MAX_LEN = 16
 
 
-@contextlib.contextmanager
 def ours_conv_max_len(max_len: int):
     """Inside the block rows of at most ``max_len`` tokens take our Triton conv where causal_conv1d is installed
     (OURS_CONV_MAX_LEN), so a benchmark can time both in one process (benchmarks/cell_throughput.py's
     ``<contender>_tritonconv``)."""
-    global OURS_CONV_MAX_LEN
-    before, OURS_CONV_MAX_LEN = OURS_CONV_MAX_LEN, max_len
-    try:
-        yield
-    finally:
-        OURS_CONV_MAX_LEN = before
+    return overridden(sys.modules[__name__], "OURS_CONV_MAX_LEN", max_len)
 
 
 @contextlib.contextmanager

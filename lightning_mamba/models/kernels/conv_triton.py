@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..conv import carried_inputs
 from .grad_slots import claim, slot_of
+from .layout import last_dim_contiguous
 
 try:  # CI machines have no triton: the module must still import
     import triton
@@ -358,8 +359,7 @@ def _backward(grad_out, u, weight, bias, conv_state, seq_idx, grad_u=None) -> tu
     None (a new contiguous one)."""
     b, l, d = u.shape
     k = weight.size(-1)
-    if grad_out.stride(-1) != 1:
-        grad_out = grad_out.contiguous()
+    grad_out = last_dim_contiguous(grad_out)
     tile, tiles, rows = time_tiles(l, BWD_BLOCK_L, BWD_BLOCKS)
     grid = (triton.cdiv(l, tile * tiles), triton.cdiv(d, BWD_BLOCK_D), triton.cdiv(b, rows))
     n_parts = grid[0] * grid[2]  # programs along time and rows: one slot of partial sums each

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .layout import last_dim_contiguous
+
 try:  # CI machines have no triton: the module must still import
     import triton
     import triton.language as tl
@@ -79,9 +81,7 @@ if triton is not None:
 def embedding_backward(ids: Tensor, grad: Tensor, vocab: int) -> Tensor:
     """grad weight (vocab, d) in fp32 of an embedding lookup: the rows of ``grad`` (..., d) summed by ``ids`` (...)."""
     d = grad.size(-1)
-    ids, grad = ids.reshape(-1).contiguous(), grad.reshape(-1, d)
-    if grad.stride(-1) != 1:
-        grad = grad.contiguous()
+    ids, grad = ids.reshape(-1).contiguous(), last_dim_contiguous(grad.reshape(-1, d))
     n = ids.numel()
     tokens = max(TOKENS_PER_PROGRAM, triton.next_power_of_2(triton.cdiv(n, MAX_PARTS)))
     splits = max(1, triton.cdiv(n, tokens))

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .grad_slots import claim, slot_of
+from .layout import last_dim_contiguous
 
 try:  # CI machines have no triton: the module must still import
     import triton
@@ -254,8 +255,7 @@ if triton is not None:
 
 def _rows(t: Tensor) -> Tensor:
     """(rows, width) view with unit stride along the width (a copy only when the last dim is strided)."""
-    t = t.reshape(-1, t.shape[-1])
-    return t if t.stride(-1) == 1 else t.contiguous()
+    return last_dim_contiguous(t.reshape(-1, t.shape[-1]))
 
 
 class AddRMSNorm(torch.autograd.Function):

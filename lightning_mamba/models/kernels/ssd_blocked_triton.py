@@ -38,6 +38,7 @@ from torch import Tensor
 from ..precision import HALF_DTYPES
 from . import ssd_quadratic_triton
 from .grad_slots import claim, slot_of
+from .layout import last_dim_contiguous
 
 try:  # CI machines have no triton: the module must still import
     import triton
@@ -341,7 +342,7 @@ def ssd_blocked(
     x (b, l, h, p) and B, C (b, l, g, n) with a contiguous last dimension (any other strides); dt (b, l, h) fp32,
     positive; A, D (h,); seq_idx (b, l) or None; l <= MAX_LEN (``supports``). Differentiable in x, dt, A, B, C, D."""
     x_slot, B_slot, C_slot = (slot_of(t) for t in (x, B, C))  # (a copy made below passes its gradient on unchanged)
-    x, B, C = (ssd_quadratic_triton.last_dim_contiguous(t) for t in (x, B, C))
+    x, B, C = (last_dim_contiguous(t) for t in (x, B, C))
     dt = dt.contiguous()
     cs = torch.cumsum(dt * A.to(dt.dtype), dim=1)  # (b, l, h); its gradient reaches dt and A through autograd
     return _SSDBlocked.apply(x, dt, cs, B, C, None if D is None else D.contiguous(), seq_idx, x_slot,

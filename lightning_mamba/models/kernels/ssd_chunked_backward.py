@@ -24,6 +24,8 @@ import types
 import torch
 from torch import Tensor
 
+from .layout import last_dim_contiguous
+
 try:  # CI machines have no triton: the module must still import
     import triton
     import triton.language as tl
@@ -208,7 +210,7 @@ def chunk_scan_backward(dy, x, dt_raw, A, B, C, chunk_size, D, dt_bias, initial_
     to use instead of recomputing them; ``dx``, ``ddt_raw``, ``dB``, ``dC``: where to write those gradients, or None."""
     m = _mamba()
     k = m.combined
-    dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+    dy = last_dim_contiguous(dy)
     d_state = B.size(-1)
     ngroups = B.size(2)
     softplus = dt_bias is not None

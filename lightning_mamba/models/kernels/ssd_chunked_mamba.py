@@ -20,9 +20,9 @@ import, backend.ssd calls the public function and the split copies the gradients
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.metadata
+import sys
 import warnings
 
 import torch
@@ -30,6 +30,8 @@ from torch import Tensor
 
 from ..config import NO_DT_LIMIT
 from .grad_slots import claim, slot_of
+from .layout import last_dim_contiguous
+from .overrides import overridden
 from .ssd_chunked_backward import _mamba, chunk_scan_backward
 
 TESTED_VERSIONS = ("2.3.",)  # mamba_ssm versions whose kernels' argument lists ssd_chunked_backward.py follows
@@ -63,8 +65,8 @@ def _forward(x, dt, A, B, C, chunk_size, D, dt_bias, initial_states, seq_idx, dt
     the chunks' scores C B^T it makes too: (y, dt, dA_cumsum, states, final_states, CB)."""
     k = _mamba().combined
     d_state = B.size(-1)
-    B, C, x = (t if t.stride(-1) == 1 else t.contiguous() for t in (B, C, x))  # as mamba_ssm's forward asks
-    D = D if D is None or D.stride(-1) == 1 else D.contiguous()
+    B, C, x = (last_dim_contiguous(t) for t in (B, C, x))  # as mamba_ssm's forward asks
+    D = None if D is None else last_dim_contiguous(D)
     dA_cumsum, dt = k._chunk_cumsum_fwd(dt, A, chunk_size, dt_bias=dt_bias, dt_softplus=dt_bias is not None,
                                         dt_limit=dt_limit)
     states = k._chunk_state_fwd(B, x, dt, dA_cumsum, seq_idx=seq_idx, states_in_fp32=True)
@@ -83,17 +85,10 @@ def _forward(x, dt, A, B, C, chunk_size, D, dt_bias, initial_states, seq_idx, dt
 CB_KEPT_UP_TO = 0.25
 
 
-@contextlib.contextmanager
 def scores_kept(on: bool):
     """Inside ``scores_kept(False)`` the backward makes the scores again everywhere (as mamba_ssm does), so a benchmark
     can time both in one process (benchmarks/cell_throughput.py's ``<contender>_remadescores``)."""
-    global CB_KEPT_UP_TO
-    before = CB_KEPT_UP_TO
-    CB_KEPT_UP_TO = before if on else 0.0
-    try:
-        yield
-    finally:
-        CB_KEPT_UP_TO = before
+    return overridden(sys.modules[__name__], "CB_KEPT_UP_TO", CB_KEPT_UP_TO if on else 0.0)
 
 
 def keeps_cb(CB: Tensor, states: Tensor) -> bool:

@@ -22,12 +22,14 @@ program holds several l x l tiles, and longer rows would spill registers.
 
 from __future__ import annotations
 
-import contextlib
+import sys
 
 import torch
 from torch import Tensor
 
 from .grad_slots import claim, slot_of
+from .layout import last_dim_contiguous
+from .overrides import overridden
 
 try:  # CI machines have no triton: the module must still import
     import triton
@@ -231,10 +233,6 @@ if triton is not None:
                   t, t < l, tl.program_id(2) * BLOCK_N, sbl, scl, sgl, N, BLOCK_N, DOT)
 
 
-def last_dim_contiguous(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _launch_args(x: Tensor, dt: Tensor, B: Tensor, C: Tensor, seq_idx: Tensor | None) -> tuple[tuple, dict, tuple]:
     """The inputs' strides (both kernels take them first; y, dy, dx and grad B, C pass their own after), the
     constexprs and the grid: one program per (batch row, group, split of the group's heads)."""
@@ -266,17 +264,10 @@ def head_splits(rows: int, groups: int, heads_per_group: int, d_state: int) -> i
     return splits
 
 
-@contextlib.contextmanager
 def heads_split(on: bool):
     """Inside ``heads_split(on)`` SPLIT_HEADS is ``on``, so a benchmark can time both in one process
     (benchmarks/cell_throughput.py's ``<contender>_splitheads``) and the tests can run both."""
-    global SPLIT_HEADS
-    before = SPLIT_HEADS
-    SPLIT_HEADS = on
-    try:
-        yield
-    finally:
-        SPLIT_HEADS = before
+    return overridden(sys.modules[__name__], "SPLIT_HEADS", on)
 
 
 def dot_precision(x: Tensor, B: Tensor, C: Tensor) -> str:
