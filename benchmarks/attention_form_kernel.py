@@ -121,7 +121,7 @@ def plan_applied(plan: Plan | None, rows: int, split: bool = False) -> contextli
         settings = {"SPLIT_HEADS": split}
     else:  # splits forced: as many programs per row as the plan's splits, at any d_state
         settings = {"SPLIT_HEADS": plan.splits > 1, "MIN_PROGRAMS": rows * plan.splits, "SPLIT_MAX_STATE": 1 << 30,
-                    "NUM_WARPS": plan.warps, "NUM_STAGES": plan.stages}
+                    "NUM_WARPS": plan.warps or q.NUM_WARPS, "NUM_STAGES": plan.stages}
     stack = contextlib.ExitStack()
     for name, value in settings.items():
         stack.enter_context(overridden(q, name, value))

@@ -46,9 +46,9 @@ BLOCK_N = 64  # d_state columns per step of the C B^T and grad B, C products
 SPLIT_HEADS = False
 MIN_PROGRAMS = 1024
 SPLIT_MAX_STATE = 128
-# Warps per program (None: 8 for 64-token tiles, else 4) and software-pipelining stages (None: Triton's default);
-# benchmarks/attention_form_kernel.py --sweep times others.
-NUM_WARPS: int | None = None
+# Warps per program and software-pipelining stages (None: Triton's default); benchmarks/attention_form_kernel.py
+# --sweep times others. 4 warps: on an H100, 8 warps for 64-token tiles took 1.2-1.7x longer (cells 64/64, 128/64).
+NUM_WARPS = 4
 NUM_STAGES: int | None = None
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -245,7 +245,7 @@ def _launch_args(x: Tensor, dt: Tensor, B: Tensor, C: Tensor, seq_idx: Tensor | 
     splits = head_splits(b, g, h // g, n)
     meta = dict(R=h // g, RP=h // g // splits, P=p, N=n, HAS_SEQ=seq_idx is not None, BLOCK_L=block_l,
                 DOT=dot_precision(x, B, C), BLOCK_P=block_p(p), BLOCK_N=block_n(n),
-                num_warps=NUM_WARPS or (8 if block_l >= 64 else 4), **launch_stages())
+                num_warps=NUM_WARPS, **launch_stages())
     return strides, meta, (b, g, splits)
 
 
