@@ -539,6 +539,7 @@ def sweep(inp: Inputs, check_dtype=torch.float32, device="cuda", timer=cuda_time
     name, ok, best = inp.shape.name, True, None
     fwd_base = ct.FWD_BLOCK_L, ct.FWD_BLOCK_D, ct.FWD_WARPS
     bwd_base = ct.BWD_BLOCK_L, ct.BWD_BLOCK_D, ct.BWD_WARPS, ct.BWD_BLOCKS
+    gather_base = ct.GATHER_MAX_LEN
     try:
         for cfg in [(64, 128, 8), (32, 128, 4), (32, 64, 4), (128, 64, 8)]:
             ct.FWD_BLOCK_L, ct.FWD_BLOCK_D, ct.FWD_WARPS = cfg
@@ -548,24 +549,29 @@ def sweep(inp: Inputs, check_dtype=torch.float32, device="cuda", timer=cuda_time
         for cfg in plans or BWD_SWEEP:
             ct.BWD_BLOCK_L, ct.BWD_BLOCK_D, ct.BWD_WARPS, ct.BWD_BLOCKS = cfg
             plan = ct.time_tiles(inp.shape.seq_len, cfg[0], cfg[3])
-            checks = [safely(check_training, triton_conv, ref_inp, case)
-                      for case in CASES]
-            if all(c[0] for c in checks):
-                try:
-                    fwd_ms, both_ms = time_training(timer, triton_conv, inp, "plain")
-                    us = f"fwd+bwd {both_ms * 1e3:.0f} us, bwd {(both_ms - fwd_ms) * 1e3:.0f} us"
-                    best = min(best or (both_ms, cfg), (both_ms, cfg))
-                except RuntimeError as err:  # a launch that cannot be captured in a CUDA graph
-                    us = f"not timed: {str(err).splitlines()[0]}"
-            else:
-                ok, us = False, "FAIL " + "; ".join(c[1] for c in checks if not c[0])
-            mark = " (default)" if cfg == bwd_base else ""
-            print(f"{name}: bwd tiles {cfg} (tile, tiles, rows per program {plan}): {us}{mark}")
+            # a row in one tile: also with g gathered along it (GATHER_MAX_LEN) rather than recomputed at each lag
+            for gather in (False, True) if plan[1] == 1 and inp.shape.seq_len <= plan[0] else (False,):
+                ct.GATHER_MAX_LEN = 1 << 30 if gather else 0
+                checks = [safely(check_training, triton_conv, ref_inp, case) for case in CASES]
+                if all(c[0] for c in checks):
+                    try:
+                        fwd_ms, both_ms = time_training(timer, triton_conv, inp, "plain")
+                        us = f"fwd+bwd {both_ms * 1e3:.0f} us, bwd {(both_ms - fwd_ms) * 1e3:.0f} us"
+                        best = min(best or (both_ms, cfg, gather), (both_ms, cfg, gather))
+                    except RuntimeError as err:  # a launch that cannot be captured in a CUDA graph
+                        us = f"not timed: {str(err).splitlines()[0]}"
+                else:
+                    ok, us = False, "FAIL " + "; ".join(c[1] for c in checks if not c[0])
+                is_default = cfg == bwd_base and gather == (inp.shape.seq_len <= gather_base)
+                mark = (" gathered" if gather else "") + (" (default)" if is_default else "")
+                print(f"{name}: bwd tiles {cfg} (tile, tiles, rows per program {plan}){mark}: {us}")
         if best is not None:
-            print(f"{name}: fastest fwd+bwd {best[0] * 1e3:.0f} us at bwd tiles {best[1]}")
+            print(f"{name}: fastest fwd+bwd {best[0] * 1e3:.0f} us at bwd tiles {best[1]}"
+                  + (" gathered" if best[2] else ""))
     finally:
         ct.FWD_BLOCK_L, ct.FWD_BLOCK_D, ct.FWD_WARPS = fwd_base
         ct.BWD_BLOCK_L, ct.BWD_BLOCK_D, ct.BWD_WARPS, ct.BWD_BLOCKS = bwd_base
+        ct.GATHER_MAX_LEN = gather_base
     return ok
 
 
@@ -619,13 +625,15 @@ def main(argv=None) -> int:
     from lightning_mamba.models.kernels import conv_triton
 
     if conv_triton.available():
+        timer = TIMERS[args.timer]
         for s in shapes:
             print_backward_alone(make_inputs(s, "cuda", DTYPES[args.dtype]))
         for s in shapes:
             if s.seq_len < conv_triton.BWD_BLOCK_L * conv_triton.BWD_BLOCKS:  # short rows: their own tiles
                 print_short_row_tiles(make_inputs(s, "cuda", DTYPES[args.dtype]))
             if s.seq_len <= conv_triton.BWD_BLOCK_L:  # a row in one backward tile: g gathered, or recomputed
-                if not print_gathered_rows(make_inputs(s, "cuda", DTYPES[args.dtype]), DTYPES[args.check_dtype]):
+                if not print_gathered_rows(make_inputs(s, "cuda", DTYPES[args.dtype]), DTYPES[args.check_dtype],
+                                           timer=timer):
                     status = 1
         if args.sweep:
             print("# sweep: each plan timed from a CUDA graph (GPU time only, no launch or autograd overhead)")

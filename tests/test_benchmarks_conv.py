@@ -125,15 +125,17 @@ def test_tile_sweep_checks_each_plan_and_puts_the_tiles_back(capsys, monkeypatch
     from lightning_mamba.models.kernels import conv_triton
 
     before = (conv_triton.BWD_BLOCK_L, conv_triton.BWD_BLOCK_D, conv_triton.BWD_WARPS, conv_triton.BWD_BLOCKS,
-              conv_triton.FWD_BLOCK_L, conv_triton.FWD_BLOCK_D, conv_triton.FWD_WARPS)
+              conv_triton.FWD_BLOCK_L, conv_triton.FWD_BLOCK_D, conv_triton.FWD_WARPS, conv_triton.GATHER_MAX_LEN)
     inp = bench.make_inputs(TINY, DEVICE, torch.float32)
     plans = [(32, 64, 4, 1), (16, 32, 2, 2)]
     assert bench.sweep(inp, torch.float32, DEVICE, bench.wall_timer, plans)
     out = capsys.readouterr().out
     assert "tiny: bwd tiles (32, 64, 4, 1) (tile, tiles, rows per program (32, 1, 1)): fwd+bwd" in out, out
+    assert "(32, 1, 1)) gathered: fwd+bwd" in out, out  # a row in one tile: also g gathered along it
     assert "(16, 32, 2, 2) (tile, tiles, rows per program (16, 2, 1))" in out and "FAIL" not in out
+    assert "(16, 2, 1)) gathered" not in out  # a row over two tiles has nothing to gather
     after = (conv_triton.BWD_BLOCK_L, conv_triton.BWD_BLOCK_D, conv_triton.BWD_WARPS, conv_triton.BWD_BLOCKS,
-             conv_triton.FWD_BLOCK_L, conv_triton.FWD_BLOCK_D, conv_triton.FWD_WARPS)
+             conv_triton.FWD_BLOCK_L, conv_triton.FWD_BLOCK_D, conv_triton.FWD_WARPS, conv_triton.GATHER_MAX_LEN)
     assert after == before
     monkeypatch.setattr(conv_triton, "_bwd_row", conv_triton._bwd_whole_row)  # a wrong body
     monkeypatch.setattr(conv_triton, "GATHER_MAX_LEN", 0)
