@@ -486,7 +486,7 @@ def print_short_row_tiles(inp: Inputs) -> None:
     finally:
         ct.time_tiles = ours
     plan = ", ".join(f"{what} {ours(inp.shape.seq_len, bl, bs)}" for what, bl, bs in
-                     (("fwd", ct.FWD_BLOCK_L, 1), ("bwd", ct.BWD_BLOCK_L, ct.BWD_BLOCKS)))
+                     (("fwd", ct.FWD_BLOCK_L, 1), ("bwd", ct.BWD_BLOCK_L, ct.backward_plan(inp.shape.seq_len)[2])))
     print(f"short-row tiles ({inp.shape.name}; tile, tiles, rows per program: {plan}): fwd {now[0] * 1e3:.0f} us "
           f"vs {before[0] * 1e3:.0f} us with long-row tiles ({before[0] / now[0]:.2f}x), fwd+bwd {now[1] * 1e3:.0f} "
           f"vs {before[1] * 1e3:.0f} us ({before[1] / now[1]:.2f}x)")
@@ -519,7 +519,8 @@ def print_gathered_rows(inp: Inputs, check_dtype, device="cuda", timer=cuda_time
     return ok
 
 
-# (BWD_BLOCK_L, BWD_BLOCK_D, BWD_WARPS, BWD_BLOCKS) plans --sweep times; the first is the default. On short rows
+# (BWD_BLOCK_L, BWD_BLOCK_D, BWD_WARPS, BWD_BLOCKS) plans --sweep times (for rows that fit one tile the last three
+# stand for conv_triton.ONE_TILE_BWD); the first is the long-row default, (32, 32, 2, 2) the one-tile one. On short rows
 # time_tiles turns BLOCK_L x BLOCKS into the rows a program takes (LEN 32: 128 / 32 = 4), so the last ones vary that
 # (one or two rows per program: more programs, less serial work each) and the channel tile and warps.
 BWD_SWEEP = [(32, 64, 4, 4), (32, 64, 4, 8), (64, 64, 8, 2), (32, 128, 8, 4), (16, 128, 4, 8),
@@ -539,7 +540,8 @@ def sweep(inp: Inputs, check_dtype=torch.float32, device="cuda", timer=cuda_time
     name, ok, best = inp.shape.name, True, None
     fwd_base = ct.FWD_BLOCK_L, ct.FWD_BLOCK_D, ct.FWD_WARPS
     bwd_base = ct.BWD_BLOCK_L, ct.BWD_BLOCK_D, ct.BWD_WARPS, ct.BWD_BLOCKS
-    gather_base = ct.GATHER_MAX_LEN
+    one_tile_base, gather_base = ct.ONE_TILE_BWD, ct.GATHER_MAX_LEN
+    default = (ct.BWD_BLOCK_L, *ct.backward_plan(inp.shape.seq_len))  # the plan these rows take
     try:
         for cfg in [(64, 128, 8), (32, 128, 4), (32, 64, 4), (128, 64, 8)]:
             ct.FWD_BLOCK_L, ct.FWD_BLOCK_D, ct.FWD_WARPS = cfg
@@ -548,6 +550,7 @@ def sweep(inp: Inputs, check_dtype=torch.float32, device="cuda", timer=cuda_time
         ref_inp = make_inputs(inp.shape, device, check_dtype)
         for cfg in plans or BWD_SWEEP:
             ct.BWD_BLOCK_L, ct.BWD_BLOCK_D, ct.BWD_WARPS, ct.BWD_BLOCKS = cfg
+            ct.ONE_TILE_BWD = cfg[1:]  # rows that fit one tile take the plan too
             plan = ct.time_tiles(inp.shape.seq_len, cfg[0], cfg[3])
             # a row in one tile: also with g gathered along it (GATHER_MAX_LEN) rather than recomputed at each lag
             for gather in (False, True) if plan[1] == 1 and inp.shape.seq_len <= plan[0] else (False,):
@@ -562,7 +565,7 @@ def sweep(inp: Inputs, check_dtype=torch.float32, device="cuda", timer=cuda_time
                         us = f"not timed: {str(err).splitlines()[0]}"
                 else:
                     ok, us = False, "FAIL " + "; ".join(c[1] for c in checks if not c[0])
-                is_default = cfg == bwd_base and gather == (inp.shape.seq_len <= gather_base)
+                is_default = cfg == default and gather == (inp.shape.seq_len <= gather_base)
                 mark = (" gathered" if gather else "") + (" (default)" if is_default else "")
                 print(f"{name}: bwd tiles {cfg} (tile, tiles, rows per program {plan}){mark}: {us}")
         if best is not None:
@@ -571,7 +574,7 @@ def sweep(inp: Inputs, check_dtype=torch.float32, device="cuda", timer=cuda_time
     finally:
         ct.FWD_BLOCK_L, ct.FWD_BLOCK_D, ct.FWD_WARPS = fwd_base
         ct.BWD_BLOCK_L, ct.BWD_BLOCK_D, ct.BWD_WARPS, ct.BWD_BLOCKS = bwd_base
-        ct.GATHER_MAX_LEN = gather_base
+        ct.ONE_TILE_BWD, ct.GATHER_MAX_LEN = one_tile_base, gather_base
     return ok
 
 

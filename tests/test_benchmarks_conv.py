@@ -109,11 +109,12 @@ def test_gathered_rows_are_checked_on_every_case_then_timed_both_ways(capsys, mo
     back, and a kernel that gets it wrong fails the check."""
     from lightning_mamba.models.kernels import conv_triton
 
+    before = conv_triton.GATHER_MAX_LEN
     inp = bench.make_inputs(TINY, DEVICE, torch.float32)
     assert bench.print_gathered_rows(inp, torch.float32, DEVICE, bench.wall_timer)
     out = capsys.readouterr().out
     assert "whole rows gathered (tiny): check plain ok" in out and "state+seq_idx ok" in out and "x)" in out
-    assert conv_triton.GATHER_MAX_LEN == 16
+    assert conv_triton.GATHER_MAX_LEN == before
     monkeypatch.setattr(conv_triton, "_bwd_whole_row", conv_triton._bwd_row)  # a wrong body: its arguments differ
     assert not bench.print_gathered_rows(inp, torch.float32, DEVICE, bench.wall_timer)
 
@@ -125,7 +126,8 @@ def test_tile_sweep_checks_each_plan_and_puts_the_tiles_back(capsys, monkeypatch
     from lightning_mamba.models.kernels import conv_triton
 
     before = (conv_triton.BWD_BLOCK_L, conv_triton.BWD_BLOCK_D, conv_triton.BWD_WARPS, conv_triton.BWD_BLOCKS,
-              conv_triton.FWD_BLOCK_L, conv_triton.FWD_BLOCK_D, conv_triton.FWD_WARPS, conv_triton.GATHER_MAX_LEN)
+              conv_triton.FWD_BLOCK_L, conv_triton.FWD_BLOCK_D, conv_triton.FWD_WARPS, conv_triton.GATHER_MAX_LEN,
+              conv_triton.ONE_TILE_BWD)
     inp = bench.make_inputs(TINY, DEVICE, torch.float32)
     plans = [(32, 64, 4, 1), (16, 32, 2, 2)]
     assert bench.sweep(inp, torch.float32, DEVICE, bench.wall_timer, plans)
@@ -135,7 +137,8 @@ def test_tile_sweep_checks_each_plan_and_puts_the_tiles_back(capsys, monkeypatch
     assert "(16, 32, 2, 2) (tile, tiles, rows per program (16, 2, 1))" in out and "FAIL" not in out
     assert "(16, 2, 1)) gathered" not in out  # a row over two tiles has nothing to gather
     after = (conv_triton.BWD_BLOCK_L, conv_triton.BWD_BLOCK_D, conv_triton.BWD_WARPS, conv_triton.BWD_BLOCKS,
-             conv_triton.FWD_BLOCK_L, conv_triton.FWD_BLOCK_D, conv_triton.FWD_WARPS, conv_triton.GATHER_MAX_LEN)
+             conv_triton.FWD_BLOCK_L, conv_triton.FWD_BLOCK_D, conv_triton.FWD_WARPS, conv_triton.GATHER_MAX_LEN,
+              conv_triton.ONE_TILE_BWD)
     assert after == before
     monkeypatch.setattr(conv_triton, "_bwd_row", conv_triton._bwd_whole_row)  # a wrong body
     monkeypatch.setattr(conv_triton, "GATHER_MAX_LEN", 0)

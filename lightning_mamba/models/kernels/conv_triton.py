@@ -33,12 +33,16 @@ except ImportError:
 # Tile sizes (time x channels); channels are the contiguous dimension of u.
 FWD_BLOCK_L, FWD_BLOCK_D, FWD_WARPS = 64, 128, 8
 BWD_BLOCK_L, BWD_BLOCK_D, BWD_WARPS, BWD_BLOCKS = 32, 64, 4, 4  # BWD_BLOCKS time blocks per program
+# The backward of rows that fit one tile (l <= BWD_BLOCK_L): (BLOCK_D, warps, blocks); narrower, lighter programs of
+# fewer rows. On an H100 (benchmarks/conv_kernel.py --shape cells --sweep, CUDA-graph time, g gathered) forward +
+# backward took 305 / 485 / 879 us at d_state 512 / 1024 / 2048 and LEN 32 / 32 / 16, against 451 / 726 / 1422 us
+# with the long-row plan; the 2048 / 16 cell's step ran 1.30x the steps/s.
+ONE_TILE_BWD = (32, 2, 2)
 MIN_BLOCK_L = 16  # the shortest time tile: rows shorter than a tile take one of their own length (rounded up)
 # A row that fits in one backward tile can compute its SiLU gradient g once and take g at the K-1 later times from
 # it (tl.gather along time) instead of recomputing the conv and its sigmoid at each lag. Rows of at most this many
-# times do (0: none). On an H200 (benchmarks/conv_kernel.py --shape cells, "whole rows gathered") it made forward +
-# backward 1.13x faster at LEN 16 (d_state 2048, two runs); at LEN 32 0.95-1.23x by shape and run, so not there.
-GATHER_MAX_LEN = 16
+# times do (0: none). In the H100 sweep above, gathering made every one-tile plan faster at LEN 16 and 32 (1.02-1.44x).
+GATHER_MAX_LEN = 32
 
 
 def available() -> bool:
@@ -329,6 +333,12 @@ def _kernel_args(u: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Ten
     return ptrs, strides, flags
 
 
+def backward_plan(l: int) -> tuple[int, int, int]:
+    """(BLOCK_D, warps, time blocks per program) of the backward for rows of length l: ONE_TILE_BWD for rows that fit
+    one tile, else the long-row plan."""
+    return ONE_TILE_BWD if l <= BWD_BLOCK_L else (BWD_BLOCK_D, BWD_WARPS, BWD_BLOCKS)
+
+
 def time_tiles(l: int, block_l: int, blocks: int) -> tuple[int, int, int]:
     """(time tile, tiles per program, batch rows per program) for rows of length l, given the tile and tiles per
     program that suit long rows. A short row gets a tile no longer than itself (a power of two, at least
@@ -360,8 +370,9 @@ def _backward(grad_out, u, weight, bias, conv_state, seq_idx, grad_u=None) -> tu
     b, l, d = u.shape
     k = weight.size(-1)
     grad_out = last_dim_contiguous(grad_out)
-    tile, tiles, rows = time_tiles(l, BWD_BLOCK_L, BWD_BLOCKS)
-    grid = (triton.cdiv(l, tile * tiles), triton.cdiv(d, BWD_BLOCK_D), triton.cdiv(b, rows))
+    block_d, warps, blocks = backward_plan(l)
+    tile, tiles, rows = time_tiles(l, BWD_BLOCK_L, blocks)
+    grid = (triton.cdiv(l, tile * tiles), triton.cdiv(d, block_d), triton.cdiv(b, rows))
     n_parts = grid[0] * grid[2]  # programs along time and rows: one slot of partial sums each
     if grad_u is None or grad_u.stride(-1) != 1:
         grad_u = torch.empty(b, l, d, device=u.device, dtype=u.dtype)
@@ -374,9 +385,9 @@ def _backward(grad_out, u, weight, bias, conv_state, seq_idx, grad_u=None) -> tu
         dy_strides = grad_out.stride(0), grad_out.stride(1), grad_u.stride(0) // du_unit, grad_u.stride(1) // du_unit
         _conv_bwd_kernel[grid](
             *ptrs, grad_out, grad_u, dw_part, db_part, b, l, d, *strides, *dy_strides, DU_UNIT=du_unit,
-            **flags, BLOCK_L=tile, BLOCK_D=BWD_BLOCK_D, BLOCKS=tiles, ROWS=rows,
+            **flags, BLOCK_L=tile, BLOCK_D=block_d, BLOCKS=tiles, ROWS=rows,
             K_POW2=triton.next_power_of_2(k), WHOLE_ROW=tiles == 1 and l <= min(tile, GATHER_MAX_LEN),
-            num_warps=BWD_WARPS,
+            num_warps=warps,
         )
     grad_w = dw_part.sum(0).t().reshape(d, 1, k).to(weight.dtype)
     grad_b = None if bias is None else db_part.sum(0).to(bias.dtype)

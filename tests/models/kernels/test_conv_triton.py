@@ -119,6 +119,14 @@ def test_backward_programs_of_several_blocks(blocks, monkeypatch):
     check(make_inputs(2, 70, 200, 4, torch.bfloat16, True, True, seq_idx, strided=True), 1e-2)
 
 
+def test_rows_that_fit_one_tile_take_the_one_tile_plan(monkeypatch):
+    """The backward's (channels, warps, blocks): ONE_TILE_BWD up to BWD_BLOCK_L times a row, the long-row plan past."""
+    monkeypatch.setattr(conv_triton, "ONE_TILE_BWD", (16, 1, 3))
+    long_plan = (conv_triton.BWD_BLOCK_D, conv_triton.BWD_WARPS, conv_triton.BWD_BLOCKS)
+    assert conv_triton.backward_plan(1) == conv_triton.backward_plan(conv_triton.BWD_BLOCK_L) == (16, 1, 3)
+    assert conv_triton.backward_plan(conv_triton.BWD_BLOCK_L + 1) == long_plan != (16, 1, 3)
+
+
 def test_time_tiles_fit_short_rows():
     """Long rows keep the tuned tiles; a short row gets a tile of its own length and programs of several rows."""
     assert conv_triton.time_tiles(2048, 32, 4) == (32, 4, 1)
