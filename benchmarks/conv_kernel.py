@@ -296,7 +296,8 @@ def graph_timer(fn, reps: int = 50) -> float:
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    # thread_local: the backward runs on autograd's worker thread, which global capture mode forbids
+    # thread_local: only this thread's CUDA calls are checked while capturing, not those of autograd's worker thread,
+    # which runs the backward (cell_throughput.py captures so too)
     with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         fn()
     for _ in range(5):

@@ -138,7 +138,7 @@ def test_tile_sweep_checks_each_plan_and_puts_the_tiles_back(capsys, monkeypatch
     assert "(16, 2, 1)) gathered" not in out  # a row over two tiles has nothing to gather
     after = (conv_triton.BWD_BLOCK_L, conv_triton.BWD_BLOCK_D, conv_triton.BWD_WARPS, conv_triton.BWD_BLOCKS,
              conv_triton.FWD_BLOCK_L, conv_triton.FWD_BLOCK_D, conv_triton.FWD_WARPS, conv_triton.GATHER_MAX_LEN,
-              conv_triton.ONE_TILE_BWD)
+             conv_triton.ONE_TILE_BWD)
     assert after == before
     monkeypatch.setattr(conv_triton, "_bwd_row", conv_triton._bwd_whole_row)  # a wrong body
     monkeypatch.setattr(conv_triton, "GATHER_MAX_LEN", 0)
