@@ -523,9 +523,11 @@ def print_gathered_rows(inp: Inputs, check_dtype, device="cuda", timer=cuda_time
 # (BWD_BLOCK_L, BWD_BLOCK_D, BWD_WARPS, BWD_BLOCKS) plans --sweep times (for rows that fit one tile the last three
 # stand for conv_triton.ONE_TILE_BWD); the first is the long-row default, (32, 32, 2, 2) the one-tile one. On short rows
 # time_tiles turns BLOCK_L x BLOCKS into the rows a program takes (LEN 32: 128 / 32 = 4), so the last ones vary that
-# (one or two rows per program: more programs, less serial work each) and the channel tile and warps.
+# (one or two rows per program: more programs, less serial work each) and the channel tile and warps. The last three
+# make rows of 33-64 one tile too (gathered and not): the one-tile plan's A/B at LEN 64.
 BWD_SWEEP = [(32, 64, 4, 4), (32, 64, 4, 8), (64, 64, 8, 2), (32, 128, 8, 4), (16, 128, 4, 8),
-             (32, 64, 4, 1), (32, 64, 4, 2), (32, 32, 2, 2), (32, 32, 4, 1), (32, 128, 4, 1), (32, 64, 8, 2)]
+             (32, 64, 4, 1), (32, 64, 4, 2), (32, 32, 2, 2), (32, 32, 4, 1), (32, 128, 4, 1), (32, 64, 8, 2),
+             (64, 32, 2, 1), (64, 32, 4, 1), (64, 64, 4, 1)]
 
 
 def sweep(inp: Inputs, check_dtype=torch.float32, device="cuda", timer=cuda_timer, plans=None) -> bool:
