@@ -154,6 +154,20 @@ def test_programs_of_several_short_rows(l, gather, monkeypatch):
 
 
 @needs_triton
+@pytest.mark.parametrize("gather", [False, True], ids=["recomputed", "gathered"])
+def test_rows_of_64_as_one_tile_of_64(gather, monkeypatch):
+    """The sweep's BLOCK_L 64 plans (benchmarks/conv_kernel.py): rows of 64 (and 40) in one tile of 64 under the
+    one-tile plan, g recomputed or gathered, with carried states and document boundaries, and without."""
+    monkeypatch.setattr(conv_triton, "BWD_BLOCK_L", 64)
+    monkeypatch.setattr(conv_triton, "ONE_TILE_BWD", (32, 2, 1))
+    monkeypatch.setattr(conv_triton, "GATHER_MAX_LEN", 1 << 30 if gather else 0)
+    for l in (64, 40):
+        seq_idx = torch.stack([docs(l, 5, 37), docs(l, 1)])
+        check(make_inputs(2, l, 40, 4, torch.float32, True, True, seq_idx, strided=True), FP32)
+        check(make_inputs(3, l, 72, 4, torch.float32, False, False, None, seed=3), FP32)  # the row's end alone
+
+
+@needs_triton
 @pytest.mark.parametrize("case", ["l1_state_seq", "l3_state_seq", "k2_docs", "k8_docs"])
 def test_whole_rows_gathered_match_torch_fp32(case, monkeypatch):
     """The gathered backward on the small cases whose rows fit one tile, and on one that does not (k2_docs, 130
