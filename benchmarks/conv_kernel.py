@@ -332,6 +332,11 @@ def time_training(timer, fn, inp: Inputs, case: str) -> tuple[float, float]:
     return fwd, both
 
 
+def uncapturable(err: RuntimeError) -> str:
+    """Why a timing raised (e.g. a kernel a CUDA graph cannot capture), in one line: the run goes on without it."""
+    return f"not timed: {str(err).splitlines()[0]}"
+
+
 def time_step(timer, fn, inp: Inputs) -> float:
     state = inp.step_state.clone()  # causal_conv1d_update shifts it in place, call after call: harmless for timing
     with torch.no_grad():
@@ -384,8 +389,8 @@ def run(shapes: list[Shape], device, dtype, check_dtype, timer, lib=None) -> int
                 if callable(fn) and check[0]:  # only what computed the right thing is timed
                     try:
                         t = (time_step(timer, fn, inp),) if case == "decode" else time_training(timer, fn, inp, case)
-                    except RuntimeError as err:  # e.g. a kernel that cannot be captured in a CUDA graph
-                        print(f"# {shape.name} {case} {name}: not timed: {str(err).splitlines()[0]}")
+                    except RuntimeError as err:
+                        print(f"# {shape.name} {case} {name}: {uncapturable(err)}")
                         t = ("untimed",) * len(modes)
                     for m, ms in zip(modes, t):
                         us[m][name] = ms * 1e3 if isinstance(ms, float) else ms
@@ -564,8 +569,8 @@ def sweep(inp: Inputs, check_dtype=torch.float32, device="cuda", timer=cuda_time
                         fwd_ms, both_ms = time_training(timer, triton_conv, inp, "plain")
                         us = f"fwd+bwd {both_ms * 1e3:.0f} us, bwd {(both_ms - fwd_ms) * 1e3:.0f} us"
                         best = min(best or (both_ms, cfg, gather), (both_ms, cfg, gather))
-                    except RuntimeError as err:  # a launch that cannot be captured in a CUDA graph
-                        us = f"not timed: {str(err).splitlines()[0]}"
+                    except RuntimeError as err:
+                        us = uncapturable(err)
                 else:
                     ok, us = False, "FAIL " + "; ".join(c[1] for c in checks if not c[0])
                 is_default = cfg == default and gather == (inp.shape.seq_len <= gather_base)

@@ -70,6 +70,26 @@ def test_run_without_causal_conv1d_prints_every_row(capsys):
     assert "which to use where" in out
 
 
+def test_a_timing_that_raises_is_reported_untimed_and_the_run_goes_on(capsys):
+    """A contender the timer cannot time (on a GPU: a kernel a CUDA graph cannot capture) is named with the error's
+    first line and shown as untimed; the others are still timed and a correct contender is not a FAIL."""
+    def timer(fn):
+        if timer.calls == 0:
+            timer.calls += 1
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
+        return bench.wall_timer(fn)
+
+    timer.calls = 0
+    status = bench.run([TINY], "cpu", torch.float32, torch.float32, timer, lib=None)
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "# tiny plain torch: not timed: CUDA error: operation not permitted when stream is capturing" in out, out
+    assert "more detail" not in out
+    plain = [line for line in out.splitlines() if line.startswith("tiny") and " plain " in line]
+    assert len(plain) == 2 and all("untimed" in line for line in plain), plain
+    assert not any("untimed" in line for line in out.splitlines() if line.startswith("tiny") and "seq_idx" in line)
+
+
 def test_main_without_cuda_exits_with_one_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="run it on a machine with a GPU"):
