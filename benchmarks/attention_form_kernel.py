@@ -1,7 +1,7 @@
 """Our fused attention-form SSD kernels (models/kernels/ssd_quadratic_triton.py, what the study's short rows run on
 the GPU) against the torch form they replaced (models/ssd.py's ssd_quadratic), same process, forward and forward +
-backward, at the study's cells; ``--sweep``: ours under other launch plans (heads split over programs, warps,
-pipelining stages), to choose the module's settings by measurement.
+backward, at the study's cells; ``--sweep``: ours under other launch plans (warps, pipelining stages), to choose
+the module's settings by measurement.
 
     python benchmarks/attention_form_kernel.py                          # GPU: cells 16/32, 64/64, 128/64, bf16
     python benchmarks/attention_form_kernel.py --cells 64/64,512/32 --sweep
@@ -11,8 +11,7 @@ A cell ``d_state/LEN`` is the study's 4 x 256 model's mixer (16 heads of 32, one
 (batch = tokens / LEN rows). The inputs are laid out as the mixer hands them over: x, B and C column slices of the
 conv's output (b, l, 512 + 2 d_state), the raw dt a column slice of a wider tensor with dt_bias beside it (the
 kernels take the softplus), in --dtype. Contenders: ``torch form`` (positive_dt, then ssd_quadratic plus the D skip;
-under bf16 autocast on CUDA, as the model runs it), ``ours`` (the module's settings) and ``ours, heads split``
-(``heads_split(True)``: the A/B that decides SPLIT_HEADS) and ``blocked kernels`` (ssd_blocked_triton.py, what rows
+under bf16 autocast on CUDA, as the model runs it), ``ours`` (the module's settings) and ``blocked kernels`` (ssd_blocked_triton.py, what rows
 of 65-1024 tokens run: programs per row, head and 64-token block, the scores kept in memory; dt made positive in
 torch first). ``--sweep`` adds every plan of SWEEP.
 
@@ -28,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,19 +48,17 @@ CHECK_ROWS = 8
 
 @dataclass(frozen=True)
 class Plan:
-    """A launch plan of our kernels: the programs each group's heads are split over, warps, pipelining stages
-    (None: the module's own choice)."""
+    """A launch plan of our kernels: warps, pipelining stages (None: the module's own choice)."""
 
-    splits: int | None = None
     warps: int | None = None
     stages: int | None = None
 
     def label(self) -> str:
-        return " ".join(f"{v if v is not None else '-':>6}" for v in (self.splits, self.warps, self.stages))
+        return " ".join(f"{v if v is not None else '-':>6}" for v in (self.warps, self.stages))
 
 
-# --sweep: every splits x warps plan at the default stages, and the stages at one program per group
-SWEEP = [Plan(s, w) for s, w in itertools.product((1, 2, 4, 8), (4, 8))] + [Plan(1, None, st) for st in (1, 2, 3)]
+# --sweep: 2, 4 and 8 warps at the default stages, and the stages 1-3 at the module's warps
+SWEEP = [Plan(w) for w in (2, 4, 8)] + [Plan(None, st) for st in (1, 2, 3)]
 
 
 def parse_cell(text: str) -> tuple[int, int]:
@@ -115,13 +111,9 @@ def blocked(x, dt_raw, A, B, C, D, dt_bias):
     return ssd_blocked(x, positive_dt(dt_raw, dt_bias), A, B, C, D=D)
 
 
-def plan_applied(plan: Plan | None, rows: int, split: bool = False) -> contextlib.ExitStack:
-    """The module's settings for ``plan`` (None: its own, with its head splits on if ``split``); restored after."""
-    if plan is None:
-        settings = {"SPLIT_HEADS": split}
-    else:  # splits forced: as many programs per row as the plan's splits, at any d_state
-        settings = {"SPLIT_HEADS": plan.splits > 1, "MIN_PROGRAMS": rows * plan.splits, "SPLIT_MAX_STATE": 1 << 30,
-                    "NUM_WARPS": plan.warps or q.NUM_WARPS, "NUM_STAGES": plan.stages}
+def plan_applied(plan: Plan | None) -> contextlib.ExitStack:
+    """The module's settings for ``plan`` (None: its own); restored after."""
+    settings = {} if plan is None else {"NUM_WARPS": plan.warps or q.NUM_WARPS, "NUM_STAGES": plan.stages}
     stack = contextlib.ExitStack()
     for name, value in settings.items():
         stack.enter_context(overridden(q, name, value))
@@ -163,7 +155,7 @@ def time_contender(fn, inputs: dict, measure) -> tuple[float, float]:
 def run(cells: list[tuple[int, int]], tokens: int, device: str, dtype, sweep: bool) -> int:
     measure = graph_timer if device == "cuda" else wall_timer
     failed = False
-    print(f"{'cell':<9} {'contender':<20} {'splits':>6} {'warps':>6} {'stages':>6} {'check (fp32)':<16} "
+    print(f"{'cell':<9} {'contender':<20} {'warps':>6} {'stages':>6} {'check (fp32)':<16} "
           f"{'fwd us':>9} {'bwd us':>9} {'fwd+bwd':>9} {'x torch':>8} {'x ours':>7}")
     for d_state, seq_len in cells:
         if tokens % seq_len:
@@ -171,21 +163,16 @@ def run(cells: list[tuple[int, int]], tokens: int, device: str, dtype, sweep: bo
         rows = tokens // seq_len
         inputs = make_inputs(d_state, seq_len, rows, device, dtype)
         cell = f"{d_state}/{seq_len}"
-        contenders = [("torch form", torch_form, None, False), ("ours", ours, None, False),
-                      ("ours, heads split", ours, None, True), ("blocked kernels", blocked, None, False)]
+        contenders = [("torch form", torch_form, None), ("ours", ours, None), ("blocked kernels", blocked, None)]
         if sweep:
-            contenders += [("ours, plan", ours, plan, False) for plan in SWEEP]
+            contenders += [("ours, plan", ours, plan) for plan in SWEEP]
         base = default = None
         best = None
-        for name, fn, plan, split in contenders:
-            with plan_applied(plan, rows, split):
-                splits = q.head_splits(rows, 1, D_INNER // HEADDIM, d_state)
-            shown = Plan(splits, plan.warps if plan else None, plan.stages if plan else None)
-            # checked at fewer rows with the split count it is timed with
-            with plan_applied(shown if fn is ours else None, CHECK_ROWS):
+        for name, fn, plan in contenders:
+            shown = Plan(plan.warps or q.NUM_WARPS, plan.stages) if plan else Plan(q.NUM_WARPS, q.NUM_STAGES)
+            with plan_applied(plan):  # checked at fewer rows, then timed, under the plan
                 ok, text = check(fn, d_state, seq_len, device)
-            failed |= not ok
-            with plan_applied(plan, rows, split):
+                failed |= not ok
                 fwd, both = time_contender(fn, inputs, measure) if ok else (float("nan"),) * 2
             if name == "torch form":
                 base = both
@@ -193,13 +180,12 @@ def run(cells: list[tuple[int, int]], tokens: int, device: str, dtype, sweep: bo
                 default = both if name == "ours" else default
                 if ok and (best is None or both < best[0]):
                     best = (both, name, shown if fn is ours else None)
-            print(f"{cell:<9} {name:<20} {shown.label() if fn is ours else ' ' * 20} {text:<16} {fwd:9.1f} "
+            print(f"{cell:<9} {name:<20} {shown.label() if fn is ours else ' ' * 13} {text:<16} {fwd:9.1f} "
                   f"{both - fwd:9.1f} {both:9.1f} {base / both:8.2f} "
                   + (f"{default / both:7.2f}" if default is not None else f"{'':>7}"))
         if best is not None and default is not None:
             plan = best[2]
-            how = "" if plan is None else (f" (splits {plan.splits}, warps {plan.warps or 'default'}, stages "
-                                           f"{plan.stages or 'default'})")
+            how = "" if plan is None else f" (warps {plan.warps}, stages {plan.stages or 'default'})"
             print(f"{cell:<9} fastest: {best[1]}{how}: {best[0]:.1f} us fwd+bwd, {default / best[0]:.2f}x ours")
     return 1 if failed else 0
 

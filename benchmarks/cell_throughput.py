@@ -62,9 +62,6 @@ Contenders:
   <any 1cell name>_remadescores  with _savestates: the backward makes the chunked scan's scores C B^T again where the
                    model keeps them from the forward (ssd_chunked_mamba.keeps_cb): that A/B (e.g.
                    graph_1cell_savestates,graph_1cell_savestates_remadescores).
-  <any 1cell name>_splitheads  with _quadratic: the fused attention form splits each group's heads over several
-                   programs where a launch has few rows (ssd_quadratic_triton.head_splits; the model takes one program
-                   per row and group): that A/B (e.g. graph_1cell_quadratic,graph_1cell_quadratic_splitheads).
   <any 1cell name>_tritonconv  our Triton conv at every row length, where the model takes causal_conv1d's kernels
                    (when installed) for rows of more than backend.OURS_CONV_MAX_LEN tokens: that A/B (e.g.
                    graph_1cell_quadratic,graph_1cell_quadratic_tritonconv). The modifiers go in any order.
@@ -767,8 +764,8 @@ def parse_args(argv=None):
 QUADRATIC, QUADRATIC_TORCH, QUADRATIC_BLOCKED = "_quadratic", "_quadratic_torch", "_quadratic_blocked"
 SPLITCAT, SAVESTATES = "_splitcat", "_savestates"  # the last suffixes of a 1-cell contender, in any order
 # and these A/Bs of one change each
-TORCHEMBEDDING, REMADESCORES, SPLITHEADS, TRITONCONV = "_torchembedding", "_remadescores", "_splitheads", "_tritonconv"
-MODIFIERS = (SPLITCAT, SAVESTATES, TORCHEMBEDDING, REMADESCORES, SPLITHEADS, TRITONCONV)
+TORCHEMBEDDING, REMADESCORES, TRITONCONV = "_torchembedding", "_remadescores", "_tritonconv"
+MODIFIERS = (SPLITCAT, SAVESTATES, TORCHEMBEDDING, REMADESCORES, TRITONCONV)
 
 
 def _modifiers(name: str) -> tuple[str, set[str]]:
@@ -812,12 +809,11 @@ def splits_in_place(name: str) -> bool:
 def kernel_choices(name: str) -> contextlib.ExitStack:
     """The kernel switches a 1-cell contender runs under: the attention form's code (quadratic_kernel_of), the
     splits (splits_in_place), the small-vocabulary embedding backward (torch's for a name with ``_torchembedding``),
-    the chunked scan's scores (made again in the backward for ``_remadescores``), the attention form's head splits
-    (on for ``_splitheads``) and the conv (ours at every row length for ``_tritonconv``)."""
+    the chunked scan's scores (made again in the backward for ``_remadescores``) and the conv (ours at every row
+    length for ``_tritonconv``)."""
     from lightning_mamba.models.kernels.backend import embedding_kernels, ours_conv_max_len, quadratic_kernels
     from lightning_mamba.models.kernels.grad_slots import in_place
     from lightning_mamba.models.kernels.ssd_chunked_mamba import scores_kept
-    from lightning_mamba.models.kernels.ssd_quadratic_triton import heads_split
 
     found = _modifiers(name)[1]
     stack = contextlib.ExitStack()
@@ -825,7 +821,6 @@ def kernel_choices(name: str) -> contextlib.ExitStack:
     stack.enter_context(in_place(splits_in_place(name)))
     stack.enter_context(embedding_kernels("torch" if TORCHEMBEDDING in found else "ours"))
     stack.enter_context(scores_kept(REMADESCORES not in found))
-    stack.enter_context(heads_split(SPLITHEADS in found))
     if TRITONCONV in found:
         stack.enter_context(ours_conv_max_len(1 << 30))
     return stack

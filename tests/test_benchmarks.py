@@ -218,7 +218,7 @@ def test_cell_throughput_quadratic_torch_contenders_run_the_torch_form(monkeypat
 
     bench = load_benchmark("cell_throughput")
     assert bench.contender_setting("graph_1cell_quadratic_torch") == ("graph_1cell", True)
-    assert bench.contender_setting("graph_1cell_quadratic_blocked_splitheads") == ("graph_1cell", True)
+    assert bench.contender_setting("graph_1cell_quadratic_blocked_tritonconv") == ("graph_1cell", True)
     assert bench.contender_setting("graph_Ncells_quadratic_torch") == ("graph_Ncells_quadratic_torch", False)
     seen = []
 
@@ -257,34 +257,31 @@ def test_cell_throughput_splitcat_contenders_run_torch_splits(monkeypatch):
 def test_cell_throughput_torchembedding_and_remadescores_contenders_switch_one_kernel_each(monkeypatch):
     """<1-cell contender>_torchembedding runs with torch's embedding backward (backend.embedding_kernels("torch")),
     _remadescores with the chunked scan's scores made again in the backward (ssd_chunked_mamba.scores_kept(False)),
-    _splitheads with the attention form's heads split over programs (ssd_quadratic_triton.heads_split(True)),
     _tritonconv with our conv at every row length (backend.ours_conv_max_len), in any order with the other modifiers;
     the defaults are back afterwards."""
-    from lightning_mamba.models.kernels import backend, ssd_chunked_mamba, ssd_quadratic_triton
+    from lightning_mamba.models.kernels import backend, ssd_chunked_mamba
 
     bench = load_benchmark("cell_throughput")
     assert bench.contender_setting("graph_1cell_savestates_remadescores_torchembedding") == ("graph_1cell", False)
     assert bench.contender_setting("graph_1cell_quadratic_torchembedding") == ("graph_1cell", True)
-    assert bench.contender_setting("graph_1cell_quadratic_splitheads") == ("graph_1cell", True)
+    assert bench.contender_setting("graph_1cell_quadratic_tritonconv") == ("graph_1cell", True)
     assert bench.contender_setting("graph_Ncells_torchembedding") == ("graph_Ncells_torchembedding", False)  # refused
     kept = ssd_chunked_mamba.CB_KEPT_UP_TO
     seen = []
 
     def run_cell(args, kind, d_state, seq_len):
         seen.append((backend._kernel_choice["embedding"], ssd_chunked_mamba.CB_KEPT_UP_TO, args.save_chunk_states,
-                     ssd_quadratic_triton.SPLIT_HEADS, backend.OURS_CONV_MAX_LEN))
+                     backend.OURS_CONV_MAX_LEN))
         raise RuntimeError("recorded")
 
     monkeypatch.setattr(bench, "run_cell", run_cell)
     bench.main([*CELL_SMOKE, "--contenders", "eager_1cell_torchembedding,eager_1cell_remadescores_savestates,"
-                "eager_1cell_savestates_torchembedding_remadescores,eager_1cell,eager_1cell_quadratic_splitheads,"
-                "eager_1cell_quadratic_tritonconv"])
+                "eager_1cell_savestates_torchembedding_remadescores,eager_1cell,eager_1cell_quadratic_tritonconv"])
     conv = backend.OURS_CONV_MAX_LEN
-    assert seen == [("torch", kept, False, False, conv), ("ours", 0.0, True, False, conv),
-                    ("torch", 0.0, True, False, conv), ("ours", kept, False, False, conv),
-                    ("ours", kept, False, True, conv), ("ours", kept, False, False, 1 << 30)]
+    assert seen == [("torch", kept, False, conv), ("ours", 0.0, True, conv), ("torch", 0.0, True, conv),
+                    ("ours", kept, False, conv), ("ours", kept, False, 1 << 30)]
     assert backend._kernel_choice["embedding"] == "ours" and ssd_chunked_mamba.CB_KEPT_UP_TO == kept > 0
-    assert not ssd_quadratic_triton.SPLIT_HEADS and backend.OURS_CONV_MAX_LEN == conv == 16
+    assert backend.OURS_CONV_MAX_LEN == conv == 16
     with pytest.raises(SystemExit):
         bench.main([*CELL_SMOKE, "--contenders", "graph_Ncells_remadescores"])
 
@@ -367,20 +364,20 @@ def test_attention_form_kernel_check_catches_a_wrong_or_failing_contender():
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="our attention form runs here only in Triton's "
                     "interpreter")
-def test_attention_form_kernel_times_every_plan_with_its_split_and_puts_the_settings_back(capsys, monkeypatch):
-    """A smoke run of one row: the torch form, ours, ours with heads split, the blocked kernels and (--sweep) each plan
-    of SWEEP are checked and timed, each with the split count it was asked for; the kernels' module settings are as
-    before afterwards."""
+def test_attention_form_kernel_times_every_plan_and_puts_the_settings_back(capsys, monkeypatch):
+    """A smoke run of one row: the torch form, ours, the blocked kernels and (--sweep) each plan of SWEEP are checked
+    and timed, each with the warps and stages it was asked for; the kernels' module settings are as before
+    afterwards."""
     from lightning_mamba.models.kernels import ssd_quadratic_triton as q
 
     bench = load_benchmark("attention_form_kernel")
-    monkeypatch.setattr(bench, "SWEEP", [bench.Plan(2, 4), bench.Plan(1, None, 1)])
-    before = {k: getattr(q, k) for k in ("SPLIT_HEADS", "MIN_PROGRAMS", "SPLIT_MAX_STATE", "NUM_WARPS", "NUM_STAGES")}
+    monkeypatch.setattr(bench, "SWEEP", [bench.Plan(2), bench.Plan(None, 1)])
+    before = {k: getattr(q, k) for k in ("NUM_WARPS", "NUM_STAGES")}
     assert bench.main(["--device", "cpu", "--cells", "16/8", "--tokens", "8", "--dtype", "fp32", "--sweep"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("16/8 ")]
-    assert [r[1] for r in rows] == ["torch", "ours", "ours,", "blocked", "ours,", "ours,", "fastest:"]
+    assert [r[1] for r in rows] == ["torch", "ours", "blocked", "ours,", "ours,", "fastest:"]
     assert all(" ".join(r).count(" ok (") == 1 for r in rows[:-1])
-    # (splits, warps, stages) as launched: one row, 16 heads: the module's split is 16 programs a row
-    assert [r[-10:-7] for r in rows[1:3] + rows[4:6]] == [["1", "-", "-"], ["16", "-", "-"], ["2", "4", "-"],
-                                                          ["1", "-", "1"]]
+    # (warps, stages) as launched: the module's, then each plan's (its missing field the module's)
+    assert [r[-9:-7] for r in (rows[1], rows[3], rows[4])] == [[str(q.NUM_WARPS), "-"], ["2", "-"],
+                                                               [str(q.NUM_WARPS), "1"]]
     assert {k: getattr(q, k) for k in before} == before

@@ -9,12 +9,9 @@ it is a chain of einsums, masks, exps and copies of (rows x heads x l x l) tenso
 more than half the GPU time of a d_state 512, LEN 32 training step (benchmarks/profile_step.py --config cell).
 Here one program per (batch row, group) computes C B^T once (l x l, over d_state), then walks the group's heads
 with everything in registers; the backward recomputes the same and writes grad x, dt, B, C, and per-row partial
-sums of grad A and D (summed after: deterministic, no atomics). With ``heads_split(True)`` (off by default until
-timed on a GPU) a launch of few rows (the study's 16,384 tokens in rows of 64 are 256 programs, for an H100's 132
-SMs) splits each group's heads over several programs (``head_splits``), each making C B^T again for its heads (cheap at
-small d_state); their backwards then write their parts of grad C B^T and a second kernel sums them, in a fixed
-order, into grad B and C. Products of fp32 inputs run in fp32, so results
-agree with the torch form to rounding; under bf16 autocast they run on TF32 tensor cores (the torch form feeds its
+sums of grad A and D (summed after: deterministic, no atomics). (Splitting a group's heads over several
+programs, each making C B^T again, was timed on an H100 and ran 0.83-0.99x the one-program speed: not kept.)
+Products of fp32 inputs run in fp32, so results agree with the torch form to rounding; under bf16 autocast they run on TF32 tensor cores (the torch form feeds its
 matmuls bf16).
 No final state: training asks for none (the torch form builds it when asked). Rows up to MAX_LEN tokens: the
 program holds several l x l tiles, and longer rows would spill registers.
@@ -22,14 +19,11 @@ program holds several l x l tiles, and longer rows would spill registers.
 
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import Tensor
 
 from .grad_slots import claim, slot_of
 from .layout import last_dim_contiguous
-from .overrides import overridden
 
 try:  # CI machines have no triton: the module must still import
     import triton
@@ -39,13 +33,6 @@ except ImportError:
 
 MAX_LEN = 64  # rows longer than this take the torch form (the kernels' l x l tiles would spill registers)
 BLOCK_N = 64  # d_state columns per step of the C B^T and grad B, C products
-# With SPLIT_HEADS, a group's heads are split over programs (halved, while they divide) until a launch has
-# MIN_PROGRAMS programs, so that the GPU has several programs per SM to hide each one's loads; only at d_state <=
-# SPLIT_MAX_STATE, where the C B^T each program makes again costs about two heads' products or less. Off until an
-# A/B on a GPU says it pays (benchmarks/cell_throughput.py's <contender>_splitheads).
-SPLIT_HEADS = False
-MIN_PROGRAMS = 1024
-SPLIT_MAX_STATE = 128
 # Warps per program and software-pipelining stages (None: Triton's default); benchmarks/attention_form_kernel.py
 # --sweep times others. 4 warps: on an H100, 8 warps for 64-token tiles took 1.2-1.7x longer (cells 64/64, 128/64).
 NUM_WARPS = 4
@@ -111,7 +98,7 @@ if triton is not None:
         """This program's batch row and group, its times and headdim columns with their masks, the offsets of its B
         and C rows, C B^T and the pairs that contribute."""
         bi = tl.program_id(0).to(tl.int64)
-        gi = tl.program_id(1)  # (program 2 is the split of the group's heads)
+        gi = tl.program_id(1)
         t = tl.arange(0, BLOCK_L)
         t_ok = t < l
         p = tl.arange(0, BLOCK_P)
@@ -125,7 +112,7 @@ if triton is not None:
     def _ssd_attention_fwd_kernel(
         x_ptr, dt_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, y_ptr, l,
         sxb, sxl, sxh, sdb, sdl, sbb, sbl, sbg, scb, scl, scg, ssb, ssl, syb, syl, syh,
-        R: tl.constexpr, RP: tl.constexpr, P: tl.constexpr, N: tl.constexpr, HAS_D: tl.constexpr,
+        R: tl.constexpr, P: tl.constexpr, N: tl.constexpr, HAS_D: tl.constexpr,
         HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr,
         BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
     ):
@@ -134,8 +121,8 @@ if triton is not None:
         bi, gi, t, t_ok, p, tp_ok, _row_b, _row_c, cb, keep = _row_group(
             B_ptr, C_ptr, seq_ptr, l, sbb, sbl, sbg, scb, scl, scg, ssb, ssl, P, N, HAS_SEQ, BLOCK_L, BLOCK_P, BLOCK_N, DOT,
         )
-        for r in range(RP):  # this program's RP of the group's R heads share C B^T
-            hd = gi * R + tl.program_id(2) * RP + r
+        for r in range(R):  # the group's R heads share C B^T
+            hd = gi * R + r
             dt, a, decay, _v = _head_decay(dt_ptr, bias_ptr, A_ptr, bi * sdb, hd, t, t_ok, sdl, keep, HAS_BIAS)
             x = tl.load(x_ptr + bi * sxb + hd * sxh + t[:, None] * sxl + p[None, :], mask=tp_ok, other=0.0)
             x = x.to(tl.float32)
@@ -148,23 +135,20 @@ if triton is not None:
     @triton.jit
     def _ssd_attention_bwd_kernel(
         x_ptr, dt_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, dy_ptr, dx_ptr, ddt_ptr, dB_ptr, dC_ptr,
-        dA_part_ptr, dD_part_ptr, dbias_part_ptr, dcb_part_ptr, l, H,
+        dA_part_ptr, dD_part_ptr, dbias_part_ptr, l, H,
         sxb, sxl, sxh, sdb, sdl, sbb, sbl, sbg, scb, scl, scg, ssb, ssl, syb, syl, syh,
         sob, sol, soh, sgb, sgl, sgg, sgdb, sgdl,
-        R: tl.constexpr, RP: tl.constexpr, P: tl.constexpr, N: tl.constexpr, HAS_D: tl.constexpr,
+        R: tl.constexpr, P: tl.constexpr, N: tl.constexpr, HAS_D: tl.constexpr,
         HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr,
         BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
     ):
-        """grad x (strides so*), dt (dt's layout), per-row grad A and D (b, H); grad B and C (both strides sg*) when
-        one program takes the group's heads (RP == R), else this program's part of grad C B^T in dcb_part (splits, b,
-        groups, BLOCK_L, BLOCK_L), which _ssd_attention_grad_bc_kernel sums."""
+        """grad x (strides so*), dt (dt's layout), per-row grad A and D (b, H); grad B and C (both strides sg*)."""
         bi, gi, t, t_ok, p, tp_ok, row_b, row_c, cb, keep = _row_group(
             B_ptr, C_ptr, seq_ptr, l, sbb, sbl, sbg, scb, scl, scg, ssb, ssl, P, N, HAS_SEQ, BLOCK_L, BLOCK_P, BLOCK_N, DOT,
         )
-        si = tl.program_id(2)
         dcb = tl.zeros((BLOCK_L, BLOCK_L), dtype=tl.float32)
-        for r in range(RP):
-            hd = gi * R + si * RP + r
+        for r in range(R):
+            hd = gi * R + r
             dt, a, decay, v = _head_decay(dt_ptr, bias_ptr, A_ptr, bi * sdb, hd, t, t_ok, sdl, keep, HAS_BIAS)
             x_off = bi * sxb + hd * sxh + t[:, None] * sxl + p[None, :]
             x = tl.load(x_ptr + x_off, mask=tp_ok, other=0.0).to(tl.float32)
@@ -192,13 +176,9 @@ if triton is not None:
                 tl.store(dbias_part_ptr + bi * H + hd, tl.sum(ddt, axis=0))
             tl.store(ddt_ptr + bi * sgdb + t * sgdl + hd, ddt.to(ddt_ptr.dtype.element_ty), mask=t_ok)
             tl.store(dA_part_ptr + bi * H + hd, tl.sum(dda * dt, axis=0))
-        if RP == R:
-            for n0 in range(0, N, BLOCK_N):
-                _grad_b_c(dcb, B_ptr, C_ptr, dB_ptr, dC_ptr, row_b, row_c, bi * sgb + gi * sgg, t, t_ok, n0, sbl, scl,
-                          sgl, N, BLOCK_N, DOT)
-        else:
-            tile = ((si * tl.num_programs(0) + bi) * tl.num_programs(1) + gi) * BLOCK_L * BLOCK_L
-            tl.store(dcb_part_ptr + tile + t[:, None] * BLOCK_L + t[None, :], dcb)
+        for n0 in range(0, N, BLOCK_N):
+            _grad_b_c(dcb, B_ptr, C_ptr, dB_ptr, dC_ptr, row_b, row_c, bi * sgb + gi * sgg, t, t_ok, n0, sbl, scl,
+                      sgl, N, BLOCK_N, DOT)
 
     @triton.jit
     def _grad_b_c(dcb, B_ptr, C_ptr, dB_ptr, dC_ptr, row_b, row_c, row_g, t, t_ok, n0, sbl, scl, sgl,
@@ -214,60 +194,25 @@ if triton is not None:
         tl.store(dC_ptr + g_off, dc.to(dC_ptr.dtype.element_ty), mask=m)
         tl.store(dB_ptr + g_off, db.to(dB_ptr.dtype.element_ty), mask=m)
 
-    @triton.jit
-    def _ssd_attention_grad_bc_kernel(
-        B_ptr, C_ptr, dB_ptr, dC_ptr, dcb_part_ptr, l, sbb, sbl, sbg, scb, scl, scg, sgb, sgl, sgg,
-        SPLITS: tl.constexpr, N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
-    ):
-        """grad B and C of one row, group and BLOCK_N d_state columns from the head splits' parts of grad C B^T,
-        summed in split order."""
-        bi = tl.program_id(0).to(tl.int64)
-        gi = tl.program_id(1)
-        t = tl.arange(0, BLOCK_L)
-        rows, groups = tl.num_programs(0), tl.num_programs(1)
-        dcb = tl.zeros((BLOCK_L, BLOCK_L), dtype=tl.float32)
-        for si in range(SPLITS):
-            tile = ((si * rows + bi) * groups + gi) * BLOCK_L * BLOCK_L
-            dcb += tl.load(dcb_part_ptr + tile + t[:, None] * BLOCK_L + t[None, :])
-        _grad_b_c(dcb, B_ptr, C_ptr, dB_ptr, dC_ptr, bi * sbb + gi * sbg, bi * scb + gi * scg, bi * sgb + gi * sgg,
-                  t, t < l, tl.program_id(2) * BLOCK_N, sbl, scl, sgl, N, BLOCK_N, DOT)
-
 
 def _launch_args(x: Tensor, dt: Tensor, B: Tensor, C: Tensor, seq_idx: Tensor | None) -> tuple[tuple, dict, tuple]:
     """The inputs' strides (both kernels take them first; y, dy, dx and grad B, C pass their own after), the
-    constexprs and the grid: one program per (batch row, group, split of the group's heads)."""
+    constexprs and the grid: one program per (batch row, group)."""
     b, l, h, p = x.shape
     g, n = B.size(2), B.size(3)
     block_l = max(16, triton.next_power_of_2(l))
     seq = (0, 0) if seq_idx is None else seq_idx.stride()
     strides = (x.stride(0), x.stride(1), x.stride(2), dt.stride(0), dt.stride(1),
                B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2), *seq)
-    splits = head_splits(b, g, h // g, n)
-    meta = dict(R=h // g, RP=h // g // splits, P=p, N=n, HAS_SEQ=seq_idx is not None, BLOCK_L=block_l,
+    meta = dict(R=h // g, P=p, N=n, HAS_SEQ=seq_idx is not None, BLOCK_L=block_l,
                 DOT=dot_precision(x, B, C), BLOCK_P=block_p(p), BLOCK_N=block_n(n),
                 num_warps=NUM_WARPS, **launch_stages())
-    return strides, meta, (b, g, splits)
+    return strides, meta, (b, g)
 
 
 def launch_stages() -> dict:
     """num_stages for a launch when NUM_STAGES is set (else none: Triton's default)."""
     return {} if NUM_STAGES is None else {"num_stages": NUM_STAGES}
-
-
-def head_splits(rows: int, groups: int, heads_per_group: int, d_state: int) -> int:
-    """Programs over which each group's heads are split: 1 unless SPLIT_HEADS; then halved while the launch has
-    fewer than MIN_PROGRAMS programs, the heads divide and d_state <= SPLIT_MAX_STATE."""
-    splits = 1
-    while (SPLIT_HEADS and d_state <= SPLIT_MAX_STATE and rows * groups * splits < MIN_PROGRAMS
-           and heads_per_group % (2 * splits) == 0):
-        splits *= 2
-    return splits
-
-
-def heads_split(on: bool):
-    """Inside ``heads_split(on)`` SPLIT_HEADS is ``on``, so a benchmark can time both in one process
-    (benchmarks/cell_throughput.py's ``<contender>_splitheads``) and the tests can run both."""
-    return overridden(sys.modules[__name__], "SPLIT_HEADS", on)
 
 
 def dot_precision(x: Tensor, B: Tensor, C: Tensor) -> str:
@@ -321,23 +266,12 @@ class _SSDQuadratic(torch.autograd.Function):
         dD_part = parts[1] if D is not None else dA_part
         dbias_part = parts[-1] if dt_bias is not None else dA_part
         strides, meta, grid = _launch_args(x, dt, B, C, seq_idx)
-        splits, block_l = grid[2], meta["BLOCK_L"]
-        # the splits' parts of grad C B^T (none when one program takes a group's heads)
-        dcb_part = torch.empty((splits, *grid[:2], block_l, block_l) if splits > 1 else (1,), device=x.device,
-                               dtype=torch.float32)
         _ssd_attention_bwd_kernel[grid](
             x, dt, dt if dt_bias is None else dt_bias, A, B, C, x if D is None else D,
-            x if seq_idx is None else seq_idx, dy, dx, ddt, dB, dC, dA_part, dD_part, dbias_part, dcb_part, x.size(1),
+            x if seq_idx is None else seq_idx, dy, dx, ddt, dB, dC, dA_part, dD_part, dbias_part, x.size(1),
             h, *strides, *dy.stride()[:3], *dx.stride()[:3], *dB.stride()[:3], ddt.stride(0), ddt.stride(1),
             HAS_D=D is not None, HAS_BIAS=dt_bias is not None, **meta,
         )
-        if splits > 1:
-            n, block_n = B.size(3), meta["BLOCK_N"]
-            _ssd_attention_grad_bc_kernel[(*grid[:2], triton.cdiv(n, block_n))](
-                B, C, dB, dC, dcb_part, x.size(1), *B.stride()[:3], *C.stride()[:3], *dB.stride()[:3],
-                SPLITS=splits, N=n, BLOCK_L=block_l, BLOCK_N=block_n, DOT=meta["DOT"],
-                num_warps=meta["num_warps"], **launch_stages(),
-            )
         sums = parts.sum(1)
         dA = sums[0].to(A.dtype)
         dD = None if D is None else sums[1].to(D.dtype)

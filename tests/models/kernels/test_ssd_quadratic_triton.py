@@ -69,56 +69,8 @@ NAMES = ("x", "dt", "A", "B", "C", "D")
     (2, 5, 2, 16, 1, 16, True, False),      # a row shorter than the 16-wide tile, no D
     (1, 64, 2, 32, 1, 64, True, True),      # the longest row the kernels take
 ])
-@pytest.mark.parametrize("split", [True, False], ids=["heads split", "one program per group"])
-def test_fused_attention_form_equals_the_torch_form_in_fp32(b, l, h, p, g, n, docs, with_d, split):
-    from lightning_mamba.models.kernels.ssd_quadratic_triton import heads_split
-
-    with heads_split(split):  # (these launches are small: split, each program takes one head or two)
-        assert_equals_the_torch_form(fused, (b, l, h, p, g, n), docs, with_d)
-
-
-@needs_triton
-@pytest.mark.parametrize("min_programs", [4, 8, 16], ids=["2 splits", "4 splits", "8 splits"])
-def test_heads_split_over_programs_give_the_values_and_gradients_of_one_program(monkeypatch, min_programs):
-    """Two rows, one group of 8 heads, d_state 96 (two column blocks of grad B and C), documents: the group's heads
-    split over 2, 4 or 8 programs (the backward's parts of grad C B^T summed by the second kernel) give what one
-    program per group gives, to fp32 rounding."""
-    from lightning_mamba.models.kernels import ssd_quadratic_triton as q
-
-    shape = (2, 20, 8, 16, 1, 96)
-    monkeypatch.setattr(q, "MIN_PROGRAMS", min_programs)
-    x, dt, A, B, C, D, seq_idx = make_inputs(*shape, docs=True)
-    grad_y = torch.randn(*shape[:4], generator=torch.Generator().manual_seed(4)).to(DEVICE)
-    with q.heads_split(True):
-        assert q._launch_args(x, dt, B, C, seq_idx)[2] == (2, 1, min_programs // 2)  # (rows, groups, splits)
-        y, grads = values_and_grads(fused, (x, dt, A, B, C, D), seq_idx, grad_y)
-    with q.heads_split(False):
-        assert q._launch_args(x, dt, B, C, seq_idx)[2] == (2, 1, 1)
-        y_one, grads_one = values_and_grads(fused, (x, dt, A, B, C, D), seq_idx, grad_y)
-    assert_rel_close(y, y_one, 1e-6, "y")
-    for name, got, want in zip(NAMES, grads, grads_one):
-        assert_rel_close(got, want, 1e-6, f"grad {name}")
-
-
-def test_head_splits_halve_until_the_launch_is_wide_enough():
-    from lightning_mamba.models.kernels import ssd_quadratic_triton as q
-    from lightning_mamba.models.kernels.ssd_quadratic_triton import head_splits, heads_split
-
-    assert not q.SPLIT_HEADS and head_splits(256, 1, 16, 64) == 1  # off by default (not yet timed on a GPU)
-    with heads_split(True):
-        assert_head_splits()
-    assert not q.SPLIT_HEADS
-
-
-def assert_head_splits():
-    from lightning_mamba.models.kernels.ssd_quadratic_triton import MIN_PROGRAMS, SPLIT_MAX_STATE, head_splits
-
-    assert MIN_PROGRAMS == 1024 and SPLIT_MAX_STATE == 128
-    assert head_splits(256, 1, 16, 64) == 4  # the study's d_state 64 at LEN 64: 256 rows -> 1024 programs
-    assert head_splits(512, 1, 16, 32) == 2
-    assert head_splits(1024, 1, 16, 16) == 1  # wide enough already
-    assert head_splits(2, 1, 6, 16) == 2  # the heads must divide: 6 -> 3 per program, not 1.5
-    assert head_splits(256, 1, 16, 256) == 1  # at large d_state each program's own C B^T would cost too much
+def test_fused_attention_form_equals_the_torch_form_in_fp32(b, l, h, p, g, n, docs, with_d):
+    assert_equals_the_torch_form(fused, (b, l, h, p, g, n), docs, with_d)
 
 
 @needs_triton
