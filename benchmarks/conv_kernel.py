@@ -10,6 +10,7 @@ On the GPU node (causal-conv1d 1.7.0 installed, see the README), one run answers
     python benchmarks/conv_kernel.py --shape cells   # the regime study's large states at LEN 16-32
     python benchmarks/conv_kernel.py --sweep         # also try other Triton tile sizes (every shape chosen)
     python benchmarks/conv_kernel.py --shape cells --sweep   # ... at the study's short rows
+    python benchmarks/conv_kernel.py --shape mixed --timer graph --scan   # the time-walking kernels' plans
 
 Shapes: ``130m`` is the 130M model's conv (b 16, l 2048, conv_dim 1792, in_proj row stride 3352); ``study`` is the
 forgetting study's cell (d_model 256, headdim 32, expand 2) at d_state 64 and 256 and LEN 32, 64, 512 with
@@ -114,6 +115,8 @@ SHAPES = {
     # the regime study's large-state, short-LEN cells (configs/study/regime.yaml), where the conv's backward was
     # most of the step before short rows got their own tiles
     "cells": [_study(ds, l) for ds, l in ((2048, 16), (1024, 32), (512, 32))],
+    # the eight mixed cells cell_throughput.py runs together (--states 128,256,512,1024 --lens 32,64)
+    "mixed": [_study(ds, l) for ds, l in ((128, 32), (256, 64), (512, 32), (1024, 64))],
 }
 
 
@@ -586,6 +589,61 @@ def sweep(inp: Inputs, check_dtype=torch.float32, device="cuda", timer=cuda_time
     return ok
 
 
+# (BLOCK_D, ROWS, warps) plans of the time-walking kernels (conv_scan_triton.py) --scan times, forward and backward
+# alike; the first is the module's.
+SCAN_SWEEP = [(128, 4, 4), (64, 4, 2), (128, 2, 2), (256, 4, 4), (256, 2, 8)]
+
+
+def scan_sweep(inp: Inputs, check_dtype=torch.float32, device="cuda", timer=cuda_timer, lib=None,
+               plans=None) -> bool:
+    """The time-walking kernels (conv_triton.SCAN_MAX_LEN raised) under each plan (``plans``, default SCAN_SWEEP)
+    against our tile kernels and causal_conv1d (the model's adapter, when installed and the layout suits it), same
+    process. The first plan is checked in ``check_dtype`` on every training case, the others on state+seq_idx (the
+    same code, other tiles); a plan that passes is timed (plain fwd and fwd+bwd; seq_idx fwd+bwd for the first).
+    The module's settings are put back. Returns whether every check passed."""
+    from lightning_mamba.models.kernels import conv_scan_triton as cs, conv_triton as ct
+
+    name, ok, best = inp.shape.name, True, None
+    baselines = {"tiles": triton_conv}
+    if lib is not None and not conv_cc1d.unsupported(inp.u, inp.weight):
+        baselines["cc1d"] = functools.partial(conv_cc1d.conv1d_silu, lib=lib)
+    base = {}
+    for label, fn in baselines.items():
+        base[label] = time_training(timer, fn, inp, "plain")
+        seq_both = time_training(timer, fn, inp, "seq_idx")[1]
+        print(f"{name}: {label}: plain fwd {base[label][0] * 1e3:.0f} us, fwd+bwd {base[label][1] * 1e3:.0f} us; "
+              f"seq_idx fwd+bwd {seq_both * 1e3:.0f} us")
+    ref_inp = make_inputs(inp.shape, device, check_dtype)
+    saved = ct.SCAN_MAX_LEN, cs.FWD_PLAN, cs.BWD_PLAN
+    try:
+        ct.SCAN_MAX_LEN = 1 << 30
+        for i, plan in enumerate(plans or SCAN_SWEEP):
+            cs.FWD_PLAN = cs.BWD_PLAN = plan
+            checks = [safely(check_training, triton_conv, ref_inp, case) for case in (CASES if i == 0 else
+                                                                                      ("state+seq_idx",))]
+            if not all(c[0] for c in checks):
+                ok = False
+                print(f"{name}: scan {plan}: FAIL " + "; ".join(c[1] for c in checks if not c[0]))
+                continue
+            try:
+                fwd_ms, both_ms = time_training(timer, triton_conv, inp, "plain")
+            except RuntimeError as err:
+                print(f"{name}: scan {plan}: {uncapturable(err)}")
+                continue
+            vs = ", ".join(f"{base[k][1] / both_ms:.2f}x {k}" for k in base)
+            seq = (f"; seq_idx fwd+bwd {time_training(timer, triton_conv, inp, 'seq_idx')[1] * 1e3:.0f} us"
+                   if i == 0 else "")
+            print(f"{name}: scan {plan} (times a program {cs.time_chunk(inp.shape.seq_len)}): plain fwd "
+                  f"{fwd_ms * 1e3:.0f} us, fwd+bwd {both_ms * 1e3:.0f} us ({vs}){seq}")
+            best = min(best or (both_ms, plan), (both_ms, plan))
+        if best is not None:
+            vs = ", ".join(f"{base[k][1] / best[0]:.2f}x {k}" for k in base)
+            print(f"{name}: fastest scan plan {best[1]}: fwd+bwd {best[0] * 1e3:.0f} us ({vs})")
+    finally:
+        ct.SCAN_MAX_LEN, cs.FWD_PLAN, cs.BWD_PLAN = saved
+    return ok
+
+
 def load_causal_conv1d():
     """(the causal_conv1d module or None, its version or NOT_INSTALLED); says why an installed one is not used."""
     lib, why = conv_cc1d.load()
@@ -615,6 +673,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="what the timings run in")
     p.add_argument("--check_dtype", choices=sorted(DTYPES), default="fp32", help="what the correctness check runs in")
     p.add_argument("--sweep", action="store_true", help="also time other Triton tile sizes (every shape chosen)")
+    p.add_argument("--scan", action="store_true", help="only the time-walking kernels' plans (conv_scan_triton.py) "
+                   "against our tile kernels and causal_conv1d, every shape chosen (no table)")
     p.add_argument("--timer", choices=sorted(TIMERS), default="bench",
                    help="the table's timer: bench (triton's do_bench) or graph (CUDA graph replays, GPU time only)")
     return p.parse_args(argv)
@@ -632,6 +692,11 @@ def main(argv=None) -> int:
           f"{conv_kernel_name('auto', 'cuda')}")
     for s in shapes:
         print(f"# {s.name}: b {s.batch}, l {s.seq_len}, d {s.conv_dim} (row stride {s.width}), k {s.d_conv}")
+    if args.scan:
+        print("# scan: the time-walking kernels' plans (BLOCK_D, ROWS, warps), forward and backward alike")
+        ok = all([scan_sweep(make_inputs(s, "cuda", DTYPES[args.dtype]), DTYPES[args.check_dtype],
+                             timer=TIMERS[args.timer], lib=lib) for s in shapes])
+        return 0 if ok else 1
     status = run(shapes, "cuda", DTYPES[args.dtype], DTYPES[args.check_dtype], TIMERS[args.timer], lib)
     from lightning_mamba.models.kernels import conv_triton
 

@@ -173,3 +173,26 @@ def test_the_table_timer_is_do_bench_unless_graph_is_asked():
     assert bench.TIMERS[bench.parse_args(["--timer", "graph"]).timer] is bench.graph_timer
     with pytest.raises(SystemExit):
         bench.parse_args(["--timer", "wall"])
+
+
+@needs_triton
+def test_scan_sweep_checks_each_plan_against_tiles_and_the_library_and_puts_the_settings_back(capsys, monkeypatch):
+    """--scan: the tile kernels and causal_conv1d (here the torch stand-in behind the model's adapter) are timed as
+    baselines, each plan of the time-walking kernels is checked, then timed with its ratios, the module's settings
+    are put back, and a walk that computes the wrong thing is a FAIL."""
+    from lightning_mamba.models.kernels import conv_scan_triton, conv_triton
+
+    before = conv_triton.SCAN_MAX_LEN, conv_scan_triton.FWD_PLAN, conv_scan_triton.BWD_PLAN
+    inp = bench.make_inputs(TINY, DEVICE, torch.float32)
+    plans = [(16, 2, 1), (32, 1, 2)]
+    assert bench.scan_sweep(inp, torch.float32, DEVICE, bench.wall_timer, stand_in_library(), plans)
+    out = capsys.readouterr().out
+    assert "tiny: tiles: plain fwd" in out and "tiny: cc1d: plain fwd" in out, out
+    assert "tiny: scan (16, 2, 1) (times a program 24): plain fwd" in out and "x tiles, " in out and "x cc1d)" in out
+    assert "; seq_idx fwd+bwd" in out.split("scan (16, 2, 1)")[1].splitlines()[0]  # the first plan: documents too
+    assert "tiny: scan (32, 1, 2)" in out and "tiny: fastest scan plan" in out and "FAIL" not in out
+    assert (conv_triton.SCAN_MAX_LEN, conv_scan_triton.FWD_PLAN, conv_scan_triton.BWD_PLAN) == before
+    walk = conv_scan_triton.forward
+    monkeypatch.setattr(conv_scan_triton, "forward", lambda *args: walk(*args) * 1.01)
+    assert not bench.scan_sweep(inp, torch.float32, DEVICE, bench.wall_timer, None, plans[:1])
+    assert "tiny: scan (16, 2, 1): FAIL" in capsys.readouterr().out

@@ -21,8 +21,9 @@ import torch
 from torch import Tensor
 
 from ..conv import carried_inputs
+from . import conv_scan_triton
 from .grad_slots import claim, slot_of
-from .layout import last_dim_contiguous
+from .layout import last_dim_contiguous, stride_unit
 
 try:  # CI machines have no triton: the module must still import
     import triton
@@ -43,6 +44,9 @@ MIN_BLOCK_L = 16  # the shortest time tile: rows shorter than a tile take one of
 # it (tl.gather along time) instead of recomputing the conv and its sigmoid at each lag. Rows of at most this many
 # times do (0: none). In the H100 sweep above, gathering made every one-tile plan faster at LEN 16 and 32 (1.02-1.44x).
 GATHER_MAX_LEN = 32
+# Rows of at most this many times take conv_scan_triton.py's kernels (time walked in registers, each input read
+# once) when their kernel width is 2-4; 0: none, until a GPU A/B (benchmarks/conv_kernel.py --sweep) says they pay.
+SCAN_MAX_LEN = 0
 
 
 def available() -> bool:
@@ -185,7 +189,7 @@ if triton is not None:
         BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
     ):
         """One (time block, channel block) tile of silu(conv) in each of ROWS batch rows; out is contiguous (b, l, d)."""
-        su_b, su_l = su_b * U_UNIT, su_l * U_UNIT  # see _stride_unit
+        su_b, su_l = su_b * U_UNIT, su_l * U_UNIT  # see layout.stride_unit
         start = tl.program_id(0) * BLOCK_L
         chans = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         times = start + tl.arange(0, BLOCK_L)
@@ -278,7 +282,7 @@ if triton is not None:
         g(t) = dy(t) * silu'(pre(t)); grad_u(t) = sum_lag w[K-1-lag] * g(t+lag) (same document, t+lag < l), with
         pre recomputed at the K later times; grad_w[tap] = sum_t g(t) * input(t-lag); grad_b = sum_t g(t).
         """
-        su_b, su_l = su_b * U_UNIT, su_l * U_UNIT  # see _stride_unit
+        su_b, su_l = su_b * U_UNIT, su_l * U_UNIT  # see layout.stride_unit
         sdu_b, sdu_l = sdu_b * DU_UNIT, sdu_l * DU_UNIT
         chans = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         dw = tl.zeros((K_POW2, BLOCK_D), dtype=tl.float32)  # row tap: sum over this program's rows and times
@@ -301,26 +305,13 @@ if triton is not None:
         _store_wb_sums(dw_part_ptr, db_part_ptr, dw, db, chans, d, K, K_POW2)
 
 
-def _stride_unit(u: Tensor) -> int:
-    """Largest power of two, up to 16 bytes' worth of elements, dividing u's (or grad u's) batch and row strides.
-
-    Triton sees only whether an integer argument is divisible by 16; u's row stride in the model (in_proj's width,
-    e.g. 3352) often is not, and then its loads are not vectorized. Strides passed in these units and multiplied
-    back by a constexpr let it prove 16-byte aligned rows.
-    """
-    unit = 16 // u.element_size()
-    while u.stride(0) % unit or u.stride(1) % unit:
-        unit //= 2
-    return unit
-
-
 def _kernel_args(u: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor | None, seq_idx: Tensor | None):
     """Pointers (u stands in for absent optional tensors), strides and constexpr flags for both kernels."""
     state = u if conv_state is None else conv_state.transpose(1, 2).contiguous()  # (b, k-1, d), tiny
     seq = u if seq_idx is None else seq_idx
     taps = weight[:, 0, :].t().float().contiguous()  # (k, d) fp32: one contiguous row of channels per tap
     ptrs = (u, taps, u if bias is None else bias, state, seq)
-    unit = _stride_unit(u)
+    unit = stride_unit(u)
     strides = (
         u.stride(0) // unit, u.stride(1) // unit,
         0 if conv_state is None else state.stride(0),
@@ -349,8 +340,15 @@ def time_tiles(l: int, block_l: int, blocks: int) -> tuple[int, int, int]:
     return tile, tiles, max(1, (block_l * blocks) // (tile * tiles))
 
 
+def scanned(l: int, k: int) -> bool:
+    """Whether rows of length l and kernel width k take the time-walking kernels (SCAN_MAX_LEN)."""
+    return l <= SCAN_MAX_LEN and conv_scan_triton.takes(k)
+
+
 def _forward(u, weight, bias, conv_state, seq_idx) -> Tensor:
     b, l, d = u.shape
+    if scanned(l, weight.size(-1)):
+        return conv_scan_triton.forward(u, weight, bias, conv_state, seq_idx)
     out = torch.empty(b, l, d, device=u.device, dtype=u.dtype)
     if out.numel() == 0:
         return out
@@ -369,6 +367,8 @@ def _backward(grad_out, u, weight, bias, conv_state, seq_idx, grad_u=None) -> tu
     None (a new contiguous one)."""
     b, l, d = u.shape
     k = weight.size(-1)
+    if scanned(l, k):
+        return conv_scan_triton.backward(grad_out, u, weight, bias, conv_state, seq_idx, grad_u)
     grad_out = last_dim_contiguous(grad_out)
     block_d, warps, blocks = backward_plan(l)
     tile, tiles, rows = time_tiles(l, BWD_BLOCK_L, blocks)
@@ -381,7 +381,7 @@ def _backward(grad_out, u, weight, bias, conv_state, seq_idx, grad_u=None) -> tu
     db_part = torch.empty(n_parts, d, device=u.device, dtype=torch.float32)
     if grad_u.numel() > 0:
         ptrs, strides, flags = _kernel_args(u, weight, bias, conv_state, seq_idx)
-        du_unit = _stride_unit(grad_u)
+        du_unit = stride_unit(grad_u)
         dy_strides = grad_out.stride(0), grad_out.stride(1), grad_u.stride(0) // du_unit, grad_u.stride(1) // du_unit
         _conv_bwd_kernel[grid](
             *ptrs, grad_out, grad_u, dw_part, db_part, b, l, d, *strides, *dy_strides, DU_UNIT=du_unit,

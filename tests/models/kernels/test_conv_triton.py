@@ -177,16 +177,60 @@ def test_whole_rows_gathered_match_torch_fp32(case, monkeypatch):
     check(make_inputs(b, l, d, k, torch.float32, bias, state, torch.stack(seq), strided), FP32)
 
 
+def walk_time(monkeypatch, chunk, plan=(16, 2, 1)):
+    """Every row through conv_scan_triton.py's kernels, at most ``chunk`` times a program, small tiles."""
+    from lightning_mamba.models.kernels import conv_scan_triton
+
+    monkeypatch.setattr(conv_triton, "SCAN_MAX_LEN", 1 << 30)
+    monkeypatch.setattr(conv_scan_triton, "TIME_CHUNK", chunk)
+    monkeypatch.setattr(conv_scan_triton, "FWD_PLAN", plan)
+    monkeypatch.setattr(conv_scan_triton, "BWD_PLAN", plan)
+
+
 @needs_triton
+@pytest.mark.parametrize("chunk", [64, 32], ids=["rows_of_one_chunk", "chunks_of_32"])
+@pytest.mark.parametrize("case", SMALL_CASES)
+def test_time_walking_kernels_match_torch_fp32(case, chunk, monkeypatch):
+    """conv_scan_triton.py's forward and backward on every small case: rows in one program's walk, or cut into
+    chunks of 32 whose edges fall on document boundaries (32, 64, 128); kernel widths 2-4 (8 takes the tiles)."""
+    walk_time(monkeypatch, chunk)
+    b, l, d, k, bias, state, seq, strided = SMALL_CASES[case]
+    seq_idx = None if seq is None else torch.stack(seq)
+    check(make_inputs(b, l, d, k, torch.float32, bias, state, seq_idx, strided), FP32)
+
+
+@needs_triton
+def test_time_walking_kernels_bf16_rows_and_channels_past_the_tiles(monkeypatch):
+    """bf16, int32 documents, a grad of y with channel stride != 1, and a batch and channel count that the plan's
+    rows (4) and channels (16) do not divide."""
+    walk_time(monkeypatch, 64, plan=(16, 4, 2))
+    seq_idx = torch.stack([docs(21, 2, 17, dtype=torch.int32), docs(21, 9, dtype=torch.int32)] * 3)[:5]
+    inputs = make_inputs(5, 21, 40, 4, torch.bfloat16, True, True, seq_idx, strided=True)
+    grad_out = torch.randn(5, 40, 21).to(DEVICE).transpose(1, 2)
+    check(inputs, 1e-2, grad_out)
+
+
+def test_rows_up_to_scan_max_len_walk_time_when_the_kernel_width_fits(monkeypatch):
+    monkeypatch.setattr(conv_triton, "SCAN_MAX_LEN", 32)
+    assert conv_triton.scanned(32, 4) and conv_triton.scanned(1, 2)
+    assert not conv_triton.scanned(33, 4) and not conv_triton.scanned(16, 5)  # longer rows, wider kernels: tiles
+    monkeypatch.setattr(conv_triton, "SCAN_MAX_LEN", 0)
+    assert not conv_triton.scanned(1, 4)
+
+
+@needs_triton
+@pytest.mark.parametrize("walk", [False, True], ids=["tiles", "walking_time"])
 @pytest.mark.parametrize("l", [12, 130], ids=["whole_row", "blocks"])
-def test_grad_u_is_written_into_the_splits_buffer(l):
+def test_grad_u_is_written_into_the_splits_buffer(l, walk, monkeypatch):
     """u as the mixer has it, a piece of grad_slots.split_last (odd row stride, columns 7..): the backward writes
-    grad u into the split's gradient buffer in place (no copy of u's columns after it), on both backward paths, and
-    the gradients are the reference's."""
+    grad u into the split's gradient buffer in place (no copy of u's columns after it), on every backward path (the
+    tiles' two, the time-walking one), and the gradients are the reference's."""
     from lightning_mamba.models.kernels.grad_slots import split_last
 
     from ...op_watch import copy_destinations
 
+    if walk:
+        walk_time(monkeypatch, 64)
     b, d, k, width = 2, 40, 4, 63
     wide = torch.randn(b, l, width, generator=torch.Generator().manual_seed(0)).to(DEVICE).requires_grad_()
     _, weight, bias, _, _ = make_inputs(b, l, d, k, torch.float32)
