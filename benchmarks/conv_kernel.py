@@ -300,8 +300,10 @@ def graph_timer(fn, reps: int = 50) -> float:
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     # thread_local: only this thread's CUDA calls are checked while capturing, not those of autograd's worker thread,
-    # which runs the backward (cell_throughput.py captures so too)
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+    # which runs the backward (cell_throughput.py captures so too). Captured on the warm-up's stream: the libraries'
+    # per-stream set-up (cuBLAS, cuDNN handles) happened there, not during the capture (the first capture of a run on
+    # torch's own capture stream failed: "would make the legacy stream depend on a capturing blocking stream").
+    with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
         fn()
     for _ in range(5):
         graph.replay()
@@ -609,8 +611,13 @@ def scan_sweep(inp: Inputs, check_dtype=torch.float32, device="cuda", timer=cuda
         baselines["cc1d"] = functools.partial(conv_cc1d.conv1d_silu, lib=lib)
     base = {}
     for label, fn in baselines.items():
-        base[label] = time_training(timer, fn, inp, "plain")
-        seq_both = time_training(timer, fn, inp, "seq_idx")[1]
+        try:
+            base[label] = time_training(timer, fn, inp, "plain")
+            seq_both = time_training(timer, fn, inp, "seq_idx")[1]
+        except RuntimeError as err:
+            print(f"{name}: {label}: {uncapturable(err)}")
+            base.pop(label, None)
+            continue
         print(f"{name}: {label}: plain fwd {base[label][0] * 1e3:.0f} us, fwd+bwd {base[label][1] * 1e3:.0f} us; "
               f"seq_idx fwd+bwd {seq_both * 1e3:.0f} us")
     ref_inp = make_inputs(inp.shape, device, check_dtype)

@@ -192,6 +192,13 @@ def test_scan_sweep_checks_each_plan_against_tiles_and_the_library_and_puts_the_
     assert "; seq_idx fwd+bwd" in out.split("scan (16, 2, 1)")[1].splitlines()[0]  # the first plan: documents too
     assert "tiny: scan (32, 1, 2)" in out and "tiny: fastest scan plan" in out and "FAIL" not in out
     assert (conv_triton.SCAN_MAX_LEN, conv_scan_triton.FWD_PLAN, conv_scan_triton.BWD_PLAN) == before
+
+    def uncapturable(fn):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    assert bench.scan_sweep(inp, torch.float32, DEVICE, uncapturable, None, plans[:1])  # untimed is not a FAIL
+    out = capsys.readouterr().out
+    assert "tiny: tiles: not timed: CUDA error" in out and "tiny: scan (16, 2, 1): not timed: CUDA error" in out, out
     walk = conv_scan_triton.forward
     monkeypatch.setattr(conv_scan_triton, "forward", lambda *args: walk(*args) * 1.01)
     assert not bench.scan_sweep(inp, torch.float32, DEVICE, bench.wall_timer, None, plans[:1])
