@@ -45,7 +45,7 @@ MIN_BLOCK_L = 16  # the shortest time tile: rows shorter than a tile take one of
 # times do (0: none). In the H100 sweep above, gathering made every one-tile plan faster at LEN 16 and 32 (1.02-1.44x).
 GATHER_MAX_LEN = 32
 # Rows of at most this many times take conv_scan_triton.py's kernels (time walked in registers, each input read
-# once) when their kernel width is 2-4; 0: none, until a GPU A/B (benchmarks/conv_kernel.py --sweep) says they pay.
+# once) when their kernel width is 2-4; 0: none, until a GPU A/B (benchmarks/conv_kernel.py --scan) says they pay.
 SCAN_MAX_LEN = 0
 
 
