@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .conv_common import grad_u_buffer, kernel_args, weight_bias_grads
 from .layout import last_dim_contiguous, stride_unit
 
 try:  # CI machines have no triton: the module must still import
@@ -227,21 +228,6 @@ if triton is not None:
         tl.store(dw_row + 3 * d, tl.sum(dw3, axis=0), mask=chan_ok)
 
 
-def _kernel_args(u: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor | None, seq_idx: Tensor | None):
-    """Pointers (u stands in for absent optional tensors), strides and constexpr flags for both kernels."""
-    d, k = weight.size(0), weight.size(-1)
-    state = u if conv_state is None else conv_state.transpose(1, 2).contiguous()  # (b, k-1, d), tiny
-    taps = torch.zeros(KW, d, device=u.device, dtype=torch.float32)
-    taps[KW - k:] = weight[:, 0, :].t()  # the padded taps first: they multiply the inputs that are never there
-    unit = stride_unit(u)
-    ptrs = (u, taps, u if bias is None else bias, state, u if seq_idx is None else seq_idx)
-    strides = (u.stride(0) // unit, u.stride(1) // unit, 0 if conv_state is None else state.stride(0),
-               *((0, 0) if seq_idx is None else seq_idx.stride()))
-    flags = dict(K=k, HAS_BIAS=bias is not None, HAS_STATE=conv_state is not None, HAS_SEQ=seq_idx is not None,
-                 U_UNIT=unit)
-    return ptrs, strides, flags
-
-
 def forward(u: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor | None,
             seq_idx: Tensor | None) -> Tensor:
     """silu(conv) (b, l, d) contiguous in u's dtype; u (b, l, d) with unit channel stride."""
@@ -249,7 +235,7 @@ def forward(u: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor |
     out = torch.empty(b, l, d, device=u.device, dtype=u.dtype)
     if out.numel() == 0:
         return out
-    ptrs, strides, flags = _kernel_args(u, weight, bias, conv_state, seq_idx)
+    ptrs, strides, flags = kernel_args(u, weight, bias, conv_state, seq_idx, KW)  # taps padded to KW
     block_d, rows, warps = FWD_PLAN
     chunk = time_chunk(l)
     grid = (triton.cdiv(l, chunk), triton.cdiv(d, block_d), triton.cdiv(b, rows))
@@ -262,22 +248,18 @@ def backward(grad_out: Tensor, u: Tensor, weight: Tensor, bias: Tensor | None, c
              seq_idx: Tensor | None, grad_u: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """(grad u, grad weight, grad bias); ``grad_u``: where to write grad u (unit channel stride), or None (new)."""
     b, l, d = u.shape
-    k = weight.size(-1)
     grad_out = last_dim_contiguous(grad_out)
     block_d, rows, warps = BWD_PLAN
     chunk = time_chunk(l)
     grid = (triton.cdiv(l, chunk), triton.cdiv(d, block_d), triton.cdiv(b, rows))
-    if grad_u is None or grad_u.stride(-1) != 1:
-        grad_u = torch.empty(b, l, d, device=u.device, dtype=u.dtype)
+    grad_u = grad_u_buffer(grad_u, u)
     # every program writes its whole slot, so no fill
     dw_part = torch.empty(grid[0] * grid[2], KW, d, device=u.device, dtype=torch.float32)
     db_part = torch.empty(grid[0] * grid[2], d, device=u.device, dtype=torch.float32)
     if grad_u.numel() > 0:
-        ptrs, strides, flags = _kernel_args(u, weight, bias, conv_state, seq_idx)
+        ptrs, strides, flags = kernel_args(u, weight, bias, conv_state, seq_idx, KW)
         du_unit = stride_unit(grad_u)
         more = (grad_out.stride(0), grad_out.stride(1), grad_u.stride(0) // du_unit, grad_u.stride(1) // du_unit)
         _scan_bwd_kernel[grid](*ptrs, grad_out, grad_u, dw_part, db_part, b, l, d, *strides, *more, DU_UNIT=du_unit,
                                **flags, T=chunk, BLOCK_D=block_d, ROWS=rows, num_warps=warps)
-    grad_w = dw_part.sum(0)[KW - k:].t().reshape(d, 1, k).to(weight.dtype)
-    grad_b = None if bias is None else db_part.sum(0).to(bias.dtype)
-    return grad_u, grad_w, grad_b
+    return grad_u, *weight_bias_grads(dw_part, db_part, weight, bias)

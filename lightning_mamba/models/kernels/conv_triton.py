@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..conv import carried_inputs
 from . import conv_scan_triton
+from .conv_common import grad_u_buffer, kernel_args, weight_bias_grads
 from .grad_slots import claim, slot_of
 from .layout import last_dim_contiguous, stride_unit
 
@@ -305,25 +306,6 @@ if triton is not None:
         _store_wb_sums(dw_part_ptr, db_part_ptr, dw, db, chans, d, K, K_POW2)
 
 
-def _kernel_args(u: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor | None, seq_idx: Tensor | None):
-    """Pointers (u stands in for absent optional tensors), strides and constexpr flags for both kernels."""
-    state = u if conv_state is None else conv_state.transpose(1, 2).contiguous()  # (b, k-1, d), tiny
-    seq = u if seq_idx is None else seq_idx
-    taps = weight[:, 0, :].t().float().contiguous()  # (k, d) fp32: one contiguous row of channels per tap
-    ptrs = (u, taps, u if bias is None else bias, state, seq)
-    unit = stride_unit(u)
-    strides = (
-        u.stride(0) // unit, u.stride(1) // unit,
-        0 if conv_state is None else state.stride(0),
-        *((0, 0) if seq_idx is None else seq_idx.stride()),
-    )
-    flags = dict(
-        K=weight.size(-1), HAS_BIAS=bias is not None, HAS_STATE=conv_state is not None, HAS_SEQ=seq_idx is not None,
-        U_UNIT=unit,
-    )
-    return ptrs, strides, flags
-
-
 def backward_plan(l: int) -> tuple[int, int, int]:
     """(BLOCK_D, warps, time blocks per program) of the backward for rows of length l: ONE_TILE_BWD for rows that fit
     one tile, else the long-row plan."""
@@ -352,7 +334,7 @@ def _forward(u, weight, bias, conv_state, seq_idx) -> Tensor:
     out = torch.empty(b, l, d, device=u.device, dtype=u.dtype)
     if out.numel() == 0:
         return out
-    ptrs, strides, flags = _kernel_args(u, weight, bias, conv_state, seq_idx)
+    ptrs, strides, flags = kernel_args(u, weight, bias, conv_state, seq_idx)
     tile, _, rows = time_tiles(l, FWD_BLOCK_L, 1)
     grid = (triton.cdiv(l, tile), triton.cdiv(d, FWD_BLOCK_D), triton.cdiv(b, rows))
     _conv_fwd_kernel[grid](
@@ -374,13 +356,12 @@ def _backward(grad_out, u, weight, bias, conv_state, seq_idx, grad_u=None) -> tu
     tile, tiles, rows = time_tiles(l, BWD_BLOCK_L, blocks)
     grid = (triton.cdiv(l, tile * tiles), triton.cdiv(d, block_d), triton.cdiv(b, rows))
     n_parts = grid[0] * grid[2]  # programs along time and rows: one slot of partial sums each
-    if grad_u is None or grad_u.stride(-1) != 1:
-        grad_u = torch.empty(b, l, d, device=u.device, dtype=u.dtype)
+    grad_u = grad_u_buffer(grad_u, u)
     # every program writes its whole slot (zeros for its times past l), so no fill
     dw_part = torch.empty(n_parts, k, d, device=u.device, dtype=torch.float32)
     db_part = torch.empty(n_parts, d, device=u.device, dtype=torch.float32)
     if grad_u.numel() > 0:
-        ptrs, strides, flags = _kernel_args(u, weight, bias, conv_state, seq_idx)
+        ptrs, strides, flags = kernel_args(u, weight, bias, conv_state, seq_idx)
         du_unit = stride_unit(grad_u)
         dy_strides = grad_out.stride(0), grad_out.stride(1), grad_u.stride(0) // du_unit, grad_u.stride(1) // du_unit
         _conv_bwd_kernel[grid](
@@ -389,9 +370,7 @@ def _backward(grad_out, u, weight, bias, conv_state, seq_idx, grad_u=None) -> tu
             K_POW2=triton.next_power_of_2(k), WHOLE_ROW=tiles == 1 and l <= min(tile, GATHER_MAX_LEN),
             num_warps=warps,
         )
-    grad_w = dw_part.sum(0).t().reshape(d, 1, k).to(weight.dtype)
-    grad_b = None if bias is None else db_part.sum(0).to(bias.dtype)
-    return grad_u, grad_w, grad_b
+    return grad_u, *weight_bias_grads(dw_part, db_part, weight, bias)
 
 
 class _CausalConv1dSiLU(torch.autograd.Function):

@@ -11,8 +11,8 @@ Here one program per (batch row, group) computes C B^T once (l x l, over d_state
 with everything in registers; the backward recomputes the same and writes grad x, dt, B, C, and per-row partial
 sums of grad A and D (summed after: deterministic, no atomics). (Splitting a group's heads over several
 programs, each making C B^T again, was timed on an H100 and ran 0.83-0.99x the one-program speed: not kept.)
-Products of fp32 inputs run in fp32, so results agree with the torch form to rounding; under bf16 autocast they run on TF32 tensor cores (the torch form feeds its
-matmuls bf16).
+Products of fp32 inputs run in fp32, so results agree with the torch form to rounding; under bf16 autocast they
+run on TF32 tensor cores (the torch form feeds its matmuls bf16).
 No final state: training asks for none (the torch form builds it when asked). Rows up to MAX_LEN tokens: the
 program holds several l x l tiles, and longer rows would spill registers.
 """
