@@ -591,9 +591,9 @@ def sweep(inp: Inputs, check_dtype=torch.float32, device="cuda", timer=cuda_time
     return ok
 
 
-# (BLOCK_D, ROWS, warps) plans of the time-walking kernels (conv_scan_triton.py) --scan times, forward and backward
-# alike; the first is the module's.
-SCAN_SWEEP = [(128, 4, 4), (64, 4, 2), (128, 2, 2), (256, 4, 4), (256, 2, 8)]
+# (BLOCK_D, ROWS, warps, unroll) plans of the time-walking kernels (conv_scan_triton.py) --scan times, forward and
+# backward alike; the first is the module's.
+SCAN_SWEEP = [(128, 4, 4, 4), (128, 4, 4, 1), (128, 4, 4, 8), (64, 4, 2, 4), (128, 2, 2, 4), (256, 2, 8, 4)]
 
 
 def scan_sweep(inp: Inputs, check_dtype=torch.float32, device="cuda", timer=cuda_timer, lib=None,
@@ -700,7 +700,7 @@ def main(argv=None) -> int:
     for s in shapes:
         print(f"# {s.name}: b {s.batch}, l {s.seq_len}, d {s.conv_dim} (row stride {s.width}), k {s.d_conv}")
     if args.scan:
-        print("# scan: the time-walking kernels' plans (BLOCK_D, ROWS, warps), forward and backward alike")
+        print("# scan: the time-walking kernels' plans (BLOCK_D, ROWS, warps, unroll), forward and backward alike")
         ok = all([scan_sweep(make_inputs(s, "cuda", DTYPES[args.dtype]), DTYPES[args.check_dtype],
                              timer=TIMERS[args.timer], lib=lib) for s in shapes])
         return 0 if ok else 1

@@ -184,13 +184,13 @@ def test_scan_sweep_checks_each_plan_against_tiles_and_the_library_and_puts_the_
 
     before = conv_triton.SCAN_MAX_LEN, conv_scan_triton.FWD_PLAN, conv_scan_triton.BWD_PLAN
     inp = bench.make_inputs(TINY, DEVICE, torch.float32)
-    plans = [(16, 2, 1), (32, 1, 2)]
+    plans = [(16, 2, 1, 3), (32, 1, 2, 1)]
     assert bench.scan_sweep(inp, torch.float32, DEVICE, bench.wall_timer, stand_in_library(), plans)
     out = capsys.readouterr().out
     assert "tiny: tiles: plain fwd" in out and "tiny: cc1d: plain fwd" in out, out
-    assert "tiny: scan (16, 2, 1) (times a program 24): plain fwd" in out and "x tiles, " in out and "x cc1d)" in out
-    assert "; seq_idx fwd+bwd" in out.split("scan (16, 2, 1)")[1].splitlines()[0]  # the first plan: documents too
-    assert "tiny: scan (32, 1, 2)" in out and "tiny: fastest scan plan" in out and "FAIL" not in out
+    assert "tiny: scan (16, 2, 1, 3) (times a program 24): plain fwd" in out and "x tiles, " in out and "x cc1d)" in out
+    assert "; seq_idx fwd+bwd" in out.split("scan (16, 2, 1, 3)")[1].splitlines()[0]  # the first plan: documents too
+    assert "tiny: scan (32, 1, 2, 1)" in out and "tiny: fastest scan plan" in out and "FAIL" not in out
     assert (conv_triton.SCAN_MAX_LEN, conv_scan_triton.FWD_PLAN, conv_scan_triton.BWD_PLAN) == before
 
     def uncapturable(fn):
@@ -198,8 +198,8 @@ def test_scan_sweep_checks_each_plan_against_tiles_and_the_library_and_puts_the_
 
     assert bench.scan_sweep(inp, torch.float32, DEVICE, uncapturable, None, plans[:1])  # untimed is not a FAIL
     out = capsys.readouterr().out
-    assert "tiny: tiles: not timed: CUDA error" in out and "tiny: scan (16, 2, 1): not timed: CUDA error" in out, out
+    assert "tiny: tiles: not timed: CUDA error" in out and "tiny: scan (16, 2, 1, 3): not timed: CUDA error" in out, out
     walk = conv_scan_triton.forward
     monkeypatch.setattr(conv_scan_triton, "forward", lambda *args: walk(*args) * 1.01)
     assert not bench.scan_sweep(inp, torch.float32, DEVICE, bench.wall_timer, None, plans[:1])
-    assert "tiny: scan (16, 2, 1): FAIL" in capsys.readouterr().out
+    assert "tiny: scan (16, 2, 1, 3): FAIL" in capsys.readouterr().out

@@ -29,9 +29,10 @@ except ImportError:
 
 KW = 4  # the window: kernels of width 2..KW, taps padded with zeros at the front
 TIME_CHUNK = 64  # times a program walks at most (a row of l <= TIME_CHUNK is one chunk of l)
-# (BLOCK_D, ROWS, warps): channels and batch rows of a program
-FWD_PLAN = (128, 4, 4)
-BWD_PLAN = (128, 4, 4)
+# (BLOCK_D, ROWS, warps, unroll): channels and batch rows of a program, and how many of its time steps the compiler
+# unrolls (a walk unrolled whole, 67 steps, took ~70 s to compile the backward)
+FWD_PLAN = (128, 4, 4, 4)
+BWD_PLAN = (128, 4, 4, 4)
 
 
 def takes(k: int) -> bool:
@@ -94,7 +95,7 @@ if triton is not None:
         u_ptr, w_ptr, bias_ptr, state_ptr, seq_ptr, out_ptr, b, l, d,
         su_b, su_l, ss_b, sq_b, sq_l,
         K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_SEQ: tl.constexpr, U_UNIT: tl.constexpr,
-        T: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
+        T: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, UNROLL: tl.constexpr,
     ):
         """silu(conv) at T times from chunk start t0 of ROWS rows x BLOCK_D channels; out contiguous (b, l, d)."""
         su_b, su_l = su_b * U_UNIT, su_l * U_UNIT  # see layout.stride_unit
@@ -116,7 +117,7 @@ if triton is not None:
             d1 = _doc_at(seq_base, t0 - 1, l, row_ok, sq_l).to(tl.int32)
             d2 = _doc_at(seq_base, t0 - 2, l, row_ok, sq_l).to(tl.int32)
             d3 = _doc_at(seq_base, t0 - 3, l, row_ok, sq_l).to(tl.int32)
-        for i in tl.static_range(T):
+        for i in tl.range(0, T, loop_unroll_factor=UNROLL):
             t = t0 + i
             x0 = _x_at(u_base, st_base, t, l, d, ok, su_l, K, HAS_STATE, False)
             d0 = d1
@@ -138,7 +139,8 @@ if triton is not None:
         u_ptr, w_ptr, bias_ptr, state_ptr, seq_ptr, dy_ptr, du_ptr, dw_part_ptr, db_part_ptr, b, l, d,
         su_b, su_l, ss_b, sq_b, sq_l, sy_b, sy_l, sdu_b, sdu_l,
         K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_SEQ: tl.constexpr, U_UNIT: tl.constexpr,
-        DU_UNIT: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
+        DU_UNIT: tl.constexpr, KW_: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
+        UNROLL: tl.constexpr,
     ):
         """grad u at T times from chunk start t0 of ROWS rows x BLOCK_D channels, and the program's partial sums of
         grad weight (KW taps) and bias.
@@ -182,10 +184,10 @@ if triton is not None:
         dw2 = g1
         dw3 = g1
         dbias = g1
-        for j in tl.static_range(T + 3):
+        for j in tl.range(0, T + 3, loop_unroll_factor=UNROLL):
             t = top - j
-            # j >= T is i = T + 2 - j < 3: only then can t - 3 be negative (when t0 is 0)
-            xa3 = _x_at(u_base, st_base, t - 3, l, d, ok, su_l, K, HAS_STATE, j >= T)
+            # only at the walk's last three steps can t - 3 be negative (when t0 is 0): the state's
+            xa3 = _x_at(u_base, st_base, t - 3, l, d, ok, su_l, K, HAS_STATE, True)
             da3 = da2
             if HAS_SEQ:
                 da3 = _doc_at(seq_base, t - 3, l, row_ok, sq_l).to(tl.int32)
@@ -196,15 +198,17 @@ if triton is not None:
             dy = tl.load(dy_base + t.to(tl.int64) * sy_l, mask=ok & (t < l), other=0.0).to(tl.float32)
             sig = tl.sigmoid(pre)
             g = dy * sig * (1.0 + pre * (1.0 - sig))  # zero past the end (dy is)
-            if j >= 3:  # a time of the chunk
-                du = w3 * g + w2 * _same(db1 == da0, g1, HAS_SEQ) + w1 * _same(db2 == da0, g2, HAS_SEQ) \
-                    + w0 * _same(db3 == da0, g3, HAS_SEQ)
-                tl.store(du_base + t.to(tl.int64) * sdu_l, du.to(du_ptr.dtype.element_ty), mask=ok & (t < l))
-                dw3 += g * xa0
-                dw2 += g * xm1
-                dw1 += g * xm2
-                dw0 += g * xm3
-                dbias += g
+            # the first three steps (times past the chunk) only make the g that grad u needs
+            in_chunk = j >= 3
+            du = w3 * g + w2 * _same(db1 == da0, g1, HAS_SEQ) + w1 * _same(db2 == da0, g2, HAS_SEQ) \
+                + w0 * _same(db3 == da0, g3, HAS_SEQ)
+            tl.store(du_base + t.to(tl.int64) * sdu_l, du.to(du_ptr.dtype.element_ty), mask=ok & (t < l) & in_chunk)
+            gc = tl.where(in_chunk, g, 0.0)
+            dw3 += gc * xa0
+            dw2 += gc * xm1
+            dw1 += gc * xm2
+            dw0 += gc * xm3
+            dbias += gc
             g3 = g2
             g2 = g1
             g1 = g
@@ -221,7 +225,7 @@ if triton is not None:
         part = tl.program_id(0).to(tl.int64) * tl.num_programs(2) + tl.program_id(2)
         chan_ok = chans < d
         tl.store(db_part_ptr + part * d + chans, tl.sum(dbias, axis=0), mask=chan_ok)
-        dw_row = dw_part_ptr + part * KW * d + chans
+        dw_row = dw_part_ptr + part * KW_ * d + chans  # KW_: KW (a kernel sees no plain globals)
         tl.store(dw_row, tl.sum(dw0, axis=0), mask=chan_ok)
         tl.store(dw_row + d, tl.sum(dw1, axis=0), mask=chan_ok)
         tl.store(dw_row + 2 * d, tl.sum(dw2, axis=0), mask=chan_ok)
@@ -236,11 +240,11 @@ def forward(u: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor |
     if out.numel() == 0:
         return out
     ptrs, strides, flags = kernel_args(u, weight, bias, conv_state, seq_idx, KW)  # taps padded to KW
-    block_d, rows, warps = FWD_PLAN
+    block_d, rows, warps, unroll = FWD_PLAN
     chunk = time_chunk(l)
     grid = (triton.cdiv(l, chunk), triton.cdiv(d, block_d), triton.cdiv(b, rows))
     _scan_fwd_kernel[grid](*ptrs, out, b, l, d, *strides, **flags, T=chunk, BLOCK_D=block_d, ROWS=rows,
-                           num_warps=warps)
+                           UNROLL=unroll, num_warps=warps)
     return out
 
 
@@ -249,7 +253,7 @@ def backward(grad_out: Tensor, u: Tensor, weight: Tensor, bias: Tensor | None, c
     """(grad u, grad weight, grad bias); ``grad_u``: where to write grad u (unit channel stride), or None (new)."""
     b, l, d = u.shape
     grad_out = last_dim_contiguous(grad_out)
-    block_d, rows, warps = BWD_PLAN
+    block_d, rows, warps, unroll = BWD_PLAN
     chunk = time_chunk(l)
     grid = (triton.cdiv(l, chunk), triton.cdiv(d, block_d), triton.cdiv(b, rows))
     grad_u = grad_u_buffer(grad_u, u)
@@ -261,5 +265,6 @@ def backward(grad_out: Tensor, u: Tensor, weight: Tensor, bias: Tensor | None, c
         du_unit = stride_unit(grad_u)
         more = (grad_out.stride(0), grad_out.stride(1), grad_u.stride(0) // du_unit, grad_u.stride(1) // du_unit)
         _scan_bwd_kernel[grid](*ptrs, grad_out, grad_u, dw_part, db_part, b, l, d, *strides, *more, DU_UNIT=du_unit,
-                               **flags, T=chunk, BLOCK_D=block_d, ROWS=rows, num_warps=warps)
+                               KW_=KW, **flags, T=chunk, BLOCK_D=block_d, ROWS=rows, UNROLL=unroll,
+                               num_warps=warps)
     return grad_u, *weight_bias_grads(dw_part, db_part, weight, bias)

@@ -177,7 +177,7 @@ def test_whole_rows_gathered_match_torch_fp32(case, monkeypatch):
     check(make_inputs(b, l, d, k, torch.float32, bias, state, torch.stack(seq), strided), FP32)
 
 
-def walk_time(monkeypatch, chunk, plan=(16, 2, 1)):
+def walk_time(monkeypatch, chunk, plan=(16, 2, 1, 3)):
     """Every row through conv_scan_triton.py's kernels, at most ``chunk`` times a program, small tiles."""
     from lightning_mamba.models.kernels import conv_scan_triton
 
@@ -203,7 +203,7 @@ def test_time_walking_kernels_match_torch_fp32(case, chunk, monkeypatch):
 def test_time_walking_kernels_bf16_rows_and_channels_past_the_tiles(monkeypatch):
     """bf16, int32 documents, a grad of y with channel stride != 1, and a batch and channel count that the plan's
     rows (4) and channels (16) do not divide."""
-    walk_time(monkeypatch, 64, plan=(16, 4, 2))
+    walk_time(monkeypatch, 64, plan=(16, 4, 2, 1))
     seq_idx = torch.stack([docs(21, 2, 17, dtype=torch.int32), docs(21, 9, dtype=torch.int32)] * 3)[:5]
     inputs = make_inputs(5, 21, 40, 4, torch.bfloat16, True, True, seq_idx, strided=True)
     grad_out = torch.randn(5, 40, 21).to(DEVICE).transpose(1, 2)
