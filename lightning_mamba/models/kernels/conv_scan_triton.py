@@ -110,9 +110,12 @@ if triton is not None:
         x1 = _x_at(u_base, st_base, t0 - 1, l, d, ok, su_l, K, HAS_STATE, True)
         x2 = _x_at(u_base, st_base, t0 - 2, l, d, ok, su_l, K, HAS_STATE, True)
         x3 = _x_at(u_base, st_base, t0 - 3, l, d, ok, su_l, K, HAS_STATE, True)
-        d1 = tl.zeros((ROWS,), dtype=tl.int32)  # (no documents: never read)
-        d2 = d1
-        d3 = d1
+        # (no documents: never read). Each loop-carried value starts as its own tensor: Triton's compiler carries a
+        # name through a loop only if its value changes, so of names that start as one tensor and pass it along
+        # inside the loop (d3 = d2), only the first would be carried (the interpreter runs it right either way)
+        d1 = tl.zeros((ROWS,), dtype=tl.int32)
+        d2 = tl.zeros((ROWS,), dtype=tl.int32)
+        d3 = tl.zeros((ROWS,), dtype=tl.int32)
         if HAS_SEQ:
             d1 = _doc_at(seq_base, t0 - 1, l, row_ok, sq_l).to(tl.int32)
             d2 = _doc_at(seq_base, t0 - 2, l, row_ok, sq_l).to(tl.int32)
@@ -166,24 +169,25 @@ if triton is not None:
         xa2 = _x_at(u_base, st_base, top - 2, l, d, ok, su_l, K, HAS_STATE, False)
         # g one, two and three steps later (g1, g2, g3); past the walk's start they are never used (times >= l or
         # in the three extra steps)
+        # each its own tensor, as the forward's d1..d3 (why there)
         g1 = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
-        g2 = g1
-        g3 = g1
+        g2 = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+        g3 = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
         da0 = tl.zeros((ROWS,), dtype=tl.int32)  # documents at the walk's times (da) and later (db)
-        da1 = da0
-        da2 = da0
-        db1 = da0
-        db2 = da0
-        db3 = da0
+        da1 = tl.zeros((ROWS,), dtype=tl.int32)
+        da2 = tl.zeros((ROWS,), dtype=tl.int32)
+        db1 = tl.zeros((ROWS,), dtype=tl.int32)
+        db2 = tl.zeros((ROWS,), dtype=tl.int32)
+        db3 = tl.zeros((ROWS,), dtype=tl.int32)
         if HAS_SEQ:
             da0 = _doc_at(seq_base, top, l, row_ok, sq_l).to(tl.int32)
             da1 = _doc_at(seq_base, top - 1, l, row_ok, sq_l).to(tl.int32)
             da2 = _doc_at(seq_base, top - 2, l, row_ok, sq_l).to(tl.int32)
-        dw0 = g1  # the sums over the program's rows and times (zeros)
-        dw1 = g1
-        dw2 = g1
-        dw3 = g1
-        dbias = g1
+        dw0 = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)  # the sums over the program's rows and times
+        dw1 = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+        dw2 = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+        dw3 = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+        dbias = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
         for j in tl.range(0, T + 3, loop_unroll_factor=UNROLL):
             t = top - j
             # only at the walk's last three steps can t - 3 be negative (when t0 is 0): the state's

@@ -1,9 +1,14 @@
-"""Every Triton kernel of ours reads only the module globals Triton's compiler accepts.
+"""Two rules of Triton's compiler that its interpreter does not enforce, checked on every kernel's source.
 
-Triton's interpreter runs a kernel as Python, so a kernel that reads a plain module constant (``KW = 4``) passes
-every interpreter test and fails only when compiled for a GPU ("Cannot access global variable KW from within
-@jit'ed function"). This walks each kernel's source instead: a name it reads that is not its own (an argument or an
-assignment) must be a module, another kernel or helper, a ``tl.constexpr`` or a builtin."""
+Triton's interpreter runs a kernel as Python, so these pass every interpreter test and go wrong only when compiled
+for a GPU:
+
+- a kernel that reads a plain module constant (``KW = 4``) does not compile ("Cannot access global variable KW from
+  within @jit'ed function"): a name a kernel reads that is not its own (an argument or an assignment) must be a
+  module, another kernel or helper, a ``tl.constexpr`` or a builtin;
+- a loop carries a name only if the loop changes its value, so names that start as ONE tensor (``g2 = g1``) and pass
+  it along inside the loop (``g3 = g2; g2 = g1; g1 = g``) are not all carried: the compiled kernel silently computes
+  something else (grad u of conv_scan_triton.py's backward did). Each loop-carried name starts as its own tensor."""
 
 import ast
 import builtins
@@ -67,6 +72,22 @@ def bad_globals(fn, source: str | None = None) -> list[str]:
     return sorted(set(bad))
 
 
+def aliased_loop_names(fn, source: str | None = None) -> list[str]:
+    """``x = y`` before a loop of ``fn`` where the loop assigns both x and y: names that may start as one tensor."""
+    tree = ast.parse(inspect.cleandoc("\n" + (source or inspect.getsource(fn))))
+    loops = [node for node in ast.walk(tree) if isinstance(node, (ast.For, ast.While))]
+    bad = set()
+    for loop in loops:
+        inside = {id(node) for node in ast.walk(loop)}
+        stored = {node.id for node in ast.walk(loop) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)}
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Assign) and id(node) not in inside and node.lineno < loop.lineno
+                    and isinstance(node.value, ast.Name) and node.value.id in stored):
+                bad.update(f"{t.id} = {node.value.id}" for t in node.targets
+                           if isinstance(t, ast.Name) and t.id in stored)
+    return sorted(bad)
+
+
 KERNELS = _jit_functions()
 
 
@@ -78,6 +99,24 @@ def test_the_kernels_are_found():
 @pytest.mark.parametrize("name,kernel", KERNELS, ids=[name for name, _ in KERNELS])
 def test_kernel_reads_only_compilable_globals(name, kernel):
     assert bad_globals(kernel.fn) == [], f"{name} reads plain module globals; pass them as tl.constexpr arguments"
+
+
+@pytest.mark.parametrize("name,kernel", KERNELS, ids=[name for name, _ in KERNELS])
+def test_loop_carried_names_start_as_their_own_tensors(name, kernel):
+    assert aliased_loop_names(kernel.fn) == [], f"{name}: give each loop-carried name its own initial tensor"
+
+
+def test_names_passed_along_a_loop_from_one_tensor_are_caught():
+    source = ("def kernel(x_ptr, N: tl.constexpr):\n"
+              "    g1 = tl.zeros((N,), dtype=tl.float32)\n"
+              "    g2 = g1\n"
+              "    acc = tl.zeros((N,), dtype=tl.float32)\n"
+              "    fixed = acc\n"
+              "    for i in range(N):\n"
+              "        acc += g2 + fixed\n"
+              "        g2 = g1\n"
+              "        g1 = tl.load(x_ptr + i)\n")
+    assert aliased_loop_names(lambda: None, source) == ["g2 = g1"]  # fixed is never reassigned: not carried
 
 
 def test_a_plain_global_is_caught():
