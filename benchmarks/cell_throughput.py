@@ -64,7 +64,10 @@ Contenders:
                    graph_1cell_savestates,graph_1cell_savestates_remadescores).
   <any 1cell name>_tritonconv  our Triton conv at every row length, where the model takes causal_conv1d's kernels
                    (when installed) for rows of more than backend.OURS_CONV_MAX_LEN tokens: that A/B (e.g.
-                   graph_1cell_quadratic,graph_1cell_quadratic_tritonconv). The modifiers go in any order.
+                   graph_1cell_quadratic,graph_1cell_quadratic_tritonconv).
+  <any 1cell name>_libconv  the other way: causal_conv1d's kernels (when installed) at every row length, where the
+                   model takes ours for rows of at most backend.OURS_CONV_MAX_LEN tokens (e.g.
+                   graph_1cell_quadratic_libconv,graph_1cell_quadratic at LEN 32). The modifiers go in any order.
 
 Each graphed contender first checks itself against an eager copy of the model on the same batches (--check_steps
 steps from the same weights): the losses must agree and the parameters must have moved alike; a failed check is
@@ -764,8 +767,8 @@ def parse_args(argv=None):
 QUADRATIC, QUADRATIC_TORCH, QUADRATIC_BLOCKED = "_quadratic", "_quadratic_torch", "_quadratic_blocked"
 SPLITCAT, SAVESTATES = "_splitcat", "_savestates"  # the last suffixes of a 1-cell contender, in any order
 # and these A/Bs of one change each
-TORCHEMBEDDING, REMADESCORES, TRITONCONV = "_torchembedding", "_remadescores", "_tritonconv"
-MODIFIERS = (SPLITCAT, SAVESTATES, TORCHEMBEDDING, REMADESCORES, TRITONCONV)
+TORCHEMBEDDING, REMADESCORES, TRITONCONV, LIBCONV = "_torchembedding", "_remadescores", "_tritonconv", "_libconv"
+MODIFIERS = (SPLITCAT, SAVESTATES, TORCHEMBEDDING, REMADESCORES, TRITONCONV, LIBCONV)
 
 
 def _modifiers(name: str) -> tuple[str, set[str]]:
@@ -810,7 +813,7 @@ def kernel_choices(name: str) -> contextlib.ExitStack:
     """The kernel switches a 1-cell contender runs under: the attention form's code (quadratic_kernel_of), the
     splits (splits_in_place), the small-vocabulary embedding backward (torch's for a name with ``_torchembedding``),
     the chunked scan's scores (made again in the backward for ``_remadescores``) and the conv (ours at every row
-    length for ``_tritonconv``)."""
+    length for ``_tritonconv``, causal_conv1d's for ``_libconv``)."""
     from lightning_mamba.models.kernels.backend import embedding_kernels, ours_conv_max_len, quadratic_kernels
     from lightning_mamba.models.kernels.grad_slots import in_place
     from lightning_mamba.models.kernels.ssd_chunked_mamba import scores_kept
@@ -821,8 +824,8 @@ def kernel_choices(name: str) -> contextlib.ExitStack:
     stack.enter_context(in_place(splits_in_place(name)))
     stack.enter_context(embedding_kernels("torch" if TORCHEMBEDDING in found else "ours"))
     stack.enter_context(scores_kept(REMADESCORES not in found))
-    if TRITONCONV in found:
-        stack.enter_context(ours_conv_max_len(1 << 30))
+    if TRITONCONV in found or LIBCONV in found:
+        stack.enter_context(ours_conv_max_len(1 << 30 if TRITONCONV in found else 0))
     return stack
 
 

@@ -70,6 +70,7 @@ from torch import Tensor
 from lightning_mamba.models.conv import causal_conv1d, conv_step
 from lightning_mamba.models.kernels import conv_cc1d
 from lightning_mamba.models.kernels.backend import conv_kernel_name
+from lightning_mamba.models.kernels.overrides import overridden
 
 CASES = ("plain", "seq_idx", "state", "state+seq_idx")  # the training form; "decode" is the one-token step
 TIE = 1.03  # causal_conv1d within 3% of ours counts as "as fast": the issue says to use the library then
@@ -190,6 +191,14 @@ def triton_conv(u, weight, bias, conv_state, seq_idx):
 
 
 # ---- decode: (x (b, d), conv_state (b, d, k-1), weight, bias) -> (silu(conv) (b, d), new state) ------------------
+def tiles_only():
+    """Our conv with its tile kernels at every row length (none walking time: conv_scan_triton.py), inside a block
+    or a function it decorates: for the sections that study the tiles."""
+    from lightning_mamba.models.kernels import conv_triton as ct
+
+    return overridden(ct, "SCAN_MAX_LEN", 0)
+
+
 def torch_step(x, conv_state, weight, bias):
     """The model's decode step without causal_conv1d (backend.conv1d_silu_step's torch path)."""
     out, state = conv_step(x, conv_state, weight, bias)
@@ -484,6 +493,7 @@ def print_backward_alone(inp: Inputs) -> None:
     print(f"triton backward alone ({inp.shape.name}): " + ", ".join(parts))
 
 
+@tiles_only()
 def print_short_row_tiles(inp: Inputs) -> None:
     """Our kernels with the tile plan they run (conv_triton.time_tiles) against the long-row plan they ran before
     (the tuned tiles, one batch row per program, whatever the row's length), same process, plain case."""
@@ -503,6 +513,7 @@ def print_short_row_tiles(inp: Inputs) -> None:
           f"vs {before[1] * 1e3:.0f} us ({before[1] / now[1]:.2f}x)")
 
 
+@tiles_only()
 def print_gathered_rows(inp: Inputs, check_dtype, device="cuda", timer=cuda_timer) -> bool:
     """The backward that gathers g along a row that fits one tile (conv_triton.GATHER_MAX_LEN: the default for rows
     of up to 16) against the one that recomputes it at every lag, same process: first its check in ``check_dtype``
@@ -540,6 +551,7 @@ BWD_SWEEP = [(32, 64, 4, 4), (32, 64, 4, 8), (64, 64, 8, 2), (32, 128, 8, 4), (1
              (64, 32, 2, 1), (64, 32, 4, 1), (64, 64, 4, 1)]
 
 
+@tiles_only()
 def sweep(inp: Inputs, check_dtype=torch.float32, device="cuda", timer=cuda_timer, plans=None) -> bool:
     """Other tile sizes of our kernels for one shape, plain case: the forward's, then each backward plan (``plans``,
     default BWD_SWEEP) checked in ``check_dtype`` on every training case and, if it passes, its forward + backward
@@ -598,7 +610,7 @@ SCAN_SWEEP = [(128, 4, 4, 4), (128, 4, 4, 1), (128, 4, 4, 8), (64, 4, 2, 4), (12
 
 def scan_sweep(inp: Inputs, check_dtype=torch.float32, device="cuda", timer=cuda_timer, lib=None,
                plans=None) -> bool:
-    """The time-walking kernels (conv_triton.SCAN_MAX_LEN raised) under each plan (``plans``, default SCAN_SWEEP)
+    """The time-walking kernels (at every row length) under each plan (``plans``, default SCAN_SWEEP)
     against our tile kernels and causal_conv1d (the model's adapter, when installed and the layout suits it), same
     process. The first plan is checked in ``check_dtype`` on every training case, the others on state+seq_idx (the
     same code, other tiles); a plan that passes is timed (plain fwd and fwd+bwd; seq_idx fwd+bwd for the first).
@@ -612,8 +624,9 @@ def scan_sweep(inp: Inputs, check_dtype=torch.float32, device="cuda", timer=cuda
     base = {}
     for label, fn in baselines.items():
         try:
-            base[label] = time_training(timer, fn, inp, "plain")
-            seq_both = time_training(timer, fn, inp, "seq_idx")[1]
+            with tiles_only():
+                base[label] = time_training(timer, fn, inp, "plain")
+                seq_both = time_training(timer, fn, inp, "seq_idx")[1]
         except RuntimeError as err:
             print(f"{name}: {label}: {uncapturable(err)}")
             base.pop(label, None)
@@ -621,9 +634,9 @@ def scan_sweep(inp: Inputs, check_dtype=torch.float32, device="cuda", timer=cuda
         print(f"{name}: {label}: plain fwd {base[label][0] * 1e3:.0f} us, fwd+bwd {base[label][1] * 1e3:.0f} us; "
               f"seq_idx fwd+bwd {seq_both * 1e3:.0f} us")
     ref_inp = make_inputs(inp.shape, device, check_dtype)
-    saved = ct.SCAN_MAX_LEN, cs.FWD_PLAN, cs.BWD_PLAN
+    saved = ct.SCAN_MIN_LEN, ct.SCAN_MAX_LEN, cs.FWD_PLAN, cs.BWD_PLAN
     try:
-        ct.SCAN_MAX_LEN = 1 << 30
+        ct.SCAN_MIN_LEN, ct.SCAN_MAX_LEN = 1, 1 << 30
         for i, plan in enumerate(plans or SCAN_SWEEP):
             cs.FWD_PLAN = cs.BWD_PLAN = plan
             checks = [safely(check_training, triton_conv, ref_inp, case) for case in (CASES if i == 0 else
@@ -647,7 +660,7 @@ def scan_sweep(inp: Inputs, check_dtype=torch.float32, device="cuda", timer=cuda
             vs = ", ".join(f"{base[k][1] / best[0]:.2f}x {k}" for k in base)
             print(f"{name}: fastest scan plan {best[1]}: fwd+bwd {best[0] * 1e3:.0f} us ({vs})")
     finally:
-        ct.SCAN_MAX_LEN, cs.FWD_PLAN, cs.BWD_PLAN = saved
+        ct.SCAN_MIN_LEN, ct.SCAN_MAX_LEN, cs.FWD_PLAN, cs.BWD_PLAN = saved
     return ok
 
 

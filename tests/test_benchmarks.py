@@ -257,7 +257,8 @@ def test_cell_throughput_splitcat_contenders_run_torch_splits(monkeypatch):
 def test_cell_throughput_torchembedding_and_remadescores_contenders_switch_one_kernel_each(monkeypatch):
     """<1-cell contender>_torchembedding runs with torch's embedding backward (backend.embedding_kernels("torch")),
     _remadescores with the chunked scan's scores made again in the backward (ssd_chunked_mamba.scores_kept(False)),
-    _tritonconv with our conv at every row length (backend.ours_conv_max_len), in any order with the other modifiers;
+    _tritonconv with our conv at every row length (backend.ours_conv_max_len), _libconv with causal_conv1d's at every
+    length, in any order with the other modifiers;
     the defaults are back afterwards."""
     from lightning_mamba.models.kernels import backend, ssd_chunked_mamba
 
@@ -276,12 +277,13 @@ def test_cell_throughput_torchembedding_and_remadescores_contenders_switch_one_k
 
     monkeypatch.setattr(bench, "run_cell", run_cell)
     bench.main([*CELL_SMOKE, "--contenders", "eager_1cell_torchembedding,eager_1cell_remadescores_savestates,"
-                "eager_1cell_savestates_torchembedding_remadescores,eager_1cell,eager_1cell_quadratic_tritonconv"])
+                "eager_1cell_savestates_torchembedding_remadescores,eager_1cell,eager_1cell_quadratic_tritonconv,"
+                "eager_1cell_quadratic_libconv"])
     conv = backend.OURS_CONV_MAX_LEN
     assert seen == [("torch", kept, False, conv), ("ours", 0.0, True, conv), ("torch", 0.0, True, conv),
-                    ("ours", kept, False, conv), ("ours", kept, False, 1 << 30)]
+                    ("ours", kept, False, conv), ("ours", kept, False, 1 << 30), ("ours", kept, False, 0)]
     assert backend._kernel_choice["embedding"] == "ours" and ssd_chunked_mamba.CB_KEPT_UP_TO == kept > 0
-    assert backend.OURS_CONV_MAX_LEN == conv == 16
+    assert backend.OURS_CONV_MAX_LEN == conv == 32
     with pytest.raises(SystemExit):
         bench.main([*CELL_SMOKE, "--contenders", "graph_Ncells_remadescores"])
 

@@ -28,10 +28,10 @@ NORM_KERNELS = ("mamba_ssm", "ours")  # the Triton path's norms: mamba_ssm's, or
 # both of ours than with both of mamba_ssm's, and the 130m step 1.01x faster than with ours for the add norm and
 # mamba_ssm's gated one (docs/performance.md)
 _norm_kernel = {"add": "ours", "gated": "ours"}
-# causal_conv1d's kernels lose to ours on rows this short (forward + backward 1.36-1.73x slower at LEN 16 in every
-# training case, d_state 2048) and are as fast or faster in six of eight cases at LEN 32 (benchmarks/conv_kernel.py
-# --shape cells, H200)
-OURS_CONV_MAX_LEN = 16
+# causal_conv1d's kernels lose to ours on rows this short: to the tiles at LEN 16 (forward + backward 1.36-1.73x slower
+# in every training case, d_state 2048; benchmarks/conv_kernel.py --shape cells, H200), to the walk through time
+# (conv_triton.SCAN_MAX_LEN) at LEN 32 (the whole step 1.14x the steps/s at d_state 512; H100)
+OURS_CONV_MAX_LEN = 32
 
 
 def ours_conv_max_len(max_len: int):

@@ -145,7 +145,9 @@ def test_programs_of_several_short_rows(l, gather, monkeypatch):
     """Short rows, several per program (a batch that the rows per program do not divide): values and the grad
     weight and bias summed over rows that share a program, with carried states and document boundaries; the
     backward's g at later times recomputed, or gathered from a whole row's g (GATHER_MAX_LEN raised or 0: rows of
-    16, 24 and 32 fit one tile; 64 does not and keeps the recomputing path)."""
+    16, 24 and 32 fit one tile; 64 does not and keeps the recomputing path). The tiles at every length (rows of 17-32
+    otherwise walk time: conv_scan_triton.py)."""
+    monkeypatch.setattr(conv_triton, "SCAN_MAX_LEN", 0)
     monkeypatch.setattr(conv_triton, "GATHER_MAX_LEN", 1 << 30 if gather else 0)
     b = 11
     seq_idx = torch.stack([docs(l, *(s for s in (1 + i % 5, 9 + i % 7) if s < l)) for i in range(b)])
@@ -181,6 +183,7 @@ def walk_time(monkeypatch, chunk, plan=(16, 2, 1, 3)):
     """Every row through conv_scan_triton.py's kernels, at most ``chunk`` times a program, small tiles."""
     from lightning_mamba.models.kernels import conv_scan_triton
 
+    monkeypatch.setattr(conv_triton, "SCAN_MIN_LEN", 1)
     monkeypatch.setattr(conv_triton, "SCAN_MAX_LEN", 1 << 30)
     monkeypatch.setattr(conv_scan_triton, "TIME_CHUNK", chunk)
     monkeypatch.setattr(conv_scan_triton, "FWD_PLAN", plan)
@@ -210,12 +213,13 @@ def test_time_walking_kernels_bf16_rows_and_channels_past_the_tiles(monkeypatch)
     check(inputs, 1e-2, grad_out)
 
 
-def test_rows_up_to_scan_max_len_walk_time_when_the_kernel_width_fits(monkeypatch):
+def test_rows_from_scan_min_to_max_len_walk_time_when_the_kernel_width_fits(monkeypatch):
     monkeypatch.setattr(conv_triton, "SCAN_MAX_LEN", 32)
-    assert conv_triton.scanned(32, 4) and conv_triton.scanned(1, 2)
-    assert not conv_triton.scanned(33, 4) and not conv_triton.scanned(16, 5)  # longer rows, wider kernels: tiles
+    assert conv_triton.scanned(32, 4) and conv_triton.scanned(17, 2)
+    assert not conv_triton.scanned(33, 4) and not conv_triton.scanned(24, 5)  # longer rows, wider kernels: tiles
+    assert not conv_triton.scanned(16, 4) and not conv_triton.scanned(1, 4)  # rows of 16 or fewer: one tile
     monkeypatch.setattr(conv_triton, "SCAN_MAX_LEN", 0)
-    assert not conv_triton.scanned(1, 4)
+    assert not conv_triton.scanned(20, 4)
 
 
 @needs_triton
