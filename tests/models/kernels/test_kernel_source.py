@@ -52,8 +52,7 @@ def _own_names(tree: ast.AST) -> set[str]:
 def _allowed(value) -> bool:
     import triton.language as tl
 
-    return (isinstance(value, (types.ModuleType, tl.constexpr)) or _is_jit(value)
-            or value in (None, True, False))
+    return isinstance(value, (types.ModuleType, tl.constexpr)) or _is_jit(value)
 
 
 def bad_globals(fn, source: str | None = None) -> list[str]:
@@ -122,9 +121,9 @@ def test_names_passed_along_a_loop_from_one_tensor_are_caught():
 def test_a_plain_global_is_caught():
     import triton.language as tl
 
-    namespace = {"triton": triton, "tl": tl, "WIDTH": 4, "HALF": tl.constexpr(2)}
+    namespace = {"triton": triton, "tl": tl, "WIDTH": 4, "HALF": tl.constexpr(2), "ON": False}
     source = ("def kernel(x_ptr, N: tl.constexpr):\n"
               "    y = tl.arange(0, N) * HALF\n"
-              "    tl.store(x_ptr + y, WIDTH * 1.0 + len([]) + undefined)\n")
+              "    tl.store(x_ptr + y, WIDTH * 1.0 + len([]) + undefined + ON)\n")
     exec(compile(source, "<kernel>", "exec"), namespace)  # noqa: S102  (this test's fixed source)
-    assert bad_globals(namespace["kernel"], source) == ["WIDTH", "undefined"]
+    assert bad_globals(namespace["kernel"], source) == ["ON", "WIDTH", "undefined"]
