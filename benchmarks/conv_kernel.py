@@ -190,7 +190,6 @@ def triton_conv(u, weight, bias, conv_state, seq_idx):
     return causal_conv1d_silu(u, weight, bias, conv_state, seq_idx)
 
 
-# ---- decode: (x (b, d), conv_state (b, d, k-1), weight, bias) -> (silu(conv) (b, d), new state) ------------------
 def tiles_only():
     """Our conv with its tile kernels at every row length (none walking time: conv_scan_triton.py), inside a block
     or a function it decorates: for the sections that study the tiles."""
@@ -199,6 +198,7 @@ def tiles_only():
     return overridden(ct, "SCAN_MAX_LEN", 0)
 
 
+# ---- decode: (x (b, d), conv_state (b, d, k-1), weight, bias) -> (silu(conv) (b, d), new state) ------------------
 def torch_step(x, conv_state, weight, bias):
     """The model's decode step without causal_conv1d (backend.conv1d_silu_step's torch path)."""
     out, state = conv_step(x, conv_state, weight, bias)
