@@ -195,7 +195,7 @@ def tiles_only():
     or a function it decorates: for the sections that study the tiles."""
     from lightning_mamba.models.kernels import conv_triton as ct
 
-    return overridden(ct, "SCAN_MAX_LEN", 0)
+    return overridden(ct, "SCAN_LENS", range(0))
 
 
 # ---- decode: (x (b, d), conv_state (b, d, k-1), weight, bias) -> (silu(conv) (b, d), new state) ------------------
@@ -634,9 +634,9 @@ def scan_sweep(inp: Inputs, check_dtype=torch.float32, device="cuda", timer=cuda
         print(f"{name}: {label}: plain fwd {base[label][0] * 1e3:.0f} us, fwd+bwd {base[label][1] * 1e3:.0f} us; "
               f"seq_idx fwd+bwd {seq_both * 1e3:.0f} us")
     ref_inp = make_inputs(inp.shape, device, check_dtype)
-    saved = ct.SCAN_MIN_LEN, ct.SCAN_MAX_LEN, cs.FWD_PLAN, cs.BWD_PLAN
+    saved = ct.SCAN_LENS, cs.FWD_PLAN, cs.BWD_PLAN
     try:
-        ct.SCAN_MIN_LEN, ct.SCAN_MAX_LEN = 1, 1 << 30
+        ct.SCAN_LENS = range(1, 1 << 30)  # every row walks time
         for i, plan in enumerate(plans or SCAN_SWEEP):
             cs.FWD_PLAN = cs.BWD_PLAN = plan
             checks = [safely(check_training, triton_conv, ref_inp, case) for case in (CASES if i == 0 else
@@ -660,7 +660,7 @@ def scan_sweep(inp: Inputs, check_dtype=torch.float32, device="cuda", timer=cuda
             vs = ", ".join(f"{base[k][1] / best[0]:.2f}x {k}" for k in base)
             print(f"{name}: fastest scan plan {best[1]}: fwd+bwd {best[0] * 1e3:.0f} us ({vs})")
     finally:
-        ct.SCAN_MIN_LEN, ct.SCAN_MAX_LEN, cs.FWD_PLAN, cs.BWD_PLAN = saved
+        ct.SCAN_LENS, cs.FWD_PLAN, cs.BWD_PLAN = saved
     return ok
 
 

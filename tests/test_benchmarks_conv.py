@@ -182,7 +182,7 @@ def test_scan_sweep_checks_each_plan_against_tiles_and_the_library_and_puts_the_
     are put back, and a walk that computes the wrong thing is a FAIL."""
     from lightning_mamba.models.kernels import conv_scan_triton, conv_triton
 
-    before = conv_triton.SCAN_MIN_LEN, conv_triton.SCAN_MAX_LEN, conv_scan_triton.FWD_PLAN, conv_scan_triton.BWD_PLAN
+    before = conv_triton.SCAN_LENS, conv_scan_triton.FWD_PLAN, conv_scan_triton.BWD_PLAN
     inp = bench.make_inputs(TINY, DEVICE, torch.float32)
     plans = [(16, 2, 1, 3), (32, 1, 2, 1)]
     assert bench.scan_sweep(inp, torch.float32, DEVICE, bench.wall_timer, stand_in_library(), plans)
@@ -191,8 +191,7 @@ def test_scan_sweep_checks_each_plan_against_tiles_and_the_library_and_puts_the_
     assert "tiny: scan (16, 2, 1, 3) (times a program 24): plain fwd" in out and "x tiles, " in out and "x cc1d)" in out
     assert "; seq_idx fwd+bwd" in out.split("scan (16, 2, 1, 3)")[1].splitlines()[0]  # the first plan: documents too
     assert "tiny: scan (32, 1, 2, 1)" in out and "tiny: fastest scan plan" in out and "FAIL" not in out
-    assert (conv_triton.SCAN_MIN_LEN, conv_triton.SCAN_MAX_LEN, conv_scan_triton.FWD_PLAN,
-            conv_scan_triton.BWD_PLAN) == before
+    assert (conv_triton.SCAN_LENS, conv_scan_triton.FWD_PLAN, conv_scan_triton.BWD_PLAN) == before
 
     def uncapturable(fn):
         raise RuntimeError("CUDA error: operation not permitted when stream is capturing")

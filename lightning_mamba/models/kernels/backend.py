@@ -30,7 +30,7 @@ NORM_KERNELS = ("mamba_ssm", "ours")  # the Triton path's norms: mamba_ssm's, or
 _norm_kernel = {"add": "ours", "gated": "ours"}
 # causal_conv1d's kernels lose to ours on rows this short: to the tiles at LEN 16 (forward + backward 1.36-1.73x slower
 # in every training case, d_state 2048; benchmarks/conv_kernel.py --shape cells, H200), to the walk through time
-# (conv_triton.SCAN_MAX_LEN) at LEN 32 (the whole step 1.14x the steps/s at d_state 512; H100)
+# (conv_triton.SCAN_LENS) at LEN 32 (the whole step 1.14x the steps/s at d_state 512; H100)
 OURS_CONV_MAX_LEN = 32
 
 

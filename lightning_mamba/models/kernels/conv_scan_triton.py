@@ -10,7 +10,7 @@ into chunks whose edges re-read K - 1 inputs (forward) or recompute K - 1 gradie
 The same sums as conv_triton.py: taps padded to KW = 4 (zeros first), so one kernel serves kernel widths 2-4
 (Mamba's d_conv is 4); inputs of an earlier document contribute 0 (negative times belong to the document at time
 0: the carried state's); grad weight and bias as fp32 partial sums, one per program, summed after (deterministic).
-Which rows take these kernels is conv_triton.py's choice (``SCAN_MAX_LEN``).
+Which rows take these kernels is conv_triton.py's choice (``SCAN_LENS``).
 """
 
 from __future__ import annotations

@@ -45,12 +45,11 @@ MIN_BLOCK_L = 16  # the shortest time tile: rows shorter than a tile take one of
 # it (tl.gather along time) instead of recomputing the conv and its sigmoid at each lag. Rows of at most this many
 # times do (0: none). In the H100 sweep above, gathering made every one-tile plan faster at LEN 16 and 32 (1.02-1.44x).
 GATHER_MAX_LEN = 32
-# Rows of SCAN_MIN_LEN to SCAN_MAX_LEN times take conv_scan_triton.py's kernels (time walked in registers, each input
-# read once) when their kernel width is 2-4. The whole graphed step against causal_conv1d's kernels, same process (H100,
+# Rows whose length is in SCAN_LENS take conv_scan_triton.py's kernels (time walked in registers, each input read
+# once) when their kernel width is 2-4. The whole graphed step against causal_conv1d's kernels, same process (H100,
 # benchmarks/cell_throughput.py ..._quadratic,..._quadratic_tritonconv): 296.5 vs 260.9 steps/s at d_state 512 LEN 32,
 # but 320.4 vs 343.0 at 256 / 64; rows of 16 keep the one-tile plan measured there (the walk is not measured at 16).
-SCAN_MIN_LEN = 17
-SCAN_MAX_LEN = 32
+SCAN_LENS = range(17, 33)
 
 
 def available() -> bool:
@@ -326,8 +325,8 @@ def time_tiles(l: int, block_l: int, blocks: int) -> tuple[int, int, int]:
 
 
 def scanned(l: int, k: int) -> bool:
-    """Whether rows of length l and kernel width k take the time-walking kernels (SCAN_MIN_LEN to SCAN_MAX_LEN)."""
-    return SCAN_MIN_LEN <= l <= SCAN_MAX_LEN and conv_scan_triton.takes(k)
+    """Whether rows of length l and kernel width k take the time-walking kernels (SCAN_LENS)."""
+    return l in SCAN_LENS and conv_scan_triton.takes(k)
 
 
 def _forward(u, weight, bias, conv_state, seq_idx) -> Tensor:

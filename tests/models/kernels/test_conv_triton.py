@@ -147,7 +147,7 @@ def test_programs_of_several_short_rows(l, gather, monkeypatch):
     backward's g at later times recomputed, or gathered from a whole row's g (GATHER_MAX_LEN raised or 0: rows of
     16, 24 and 32 fit one tile; 64 does not and keeps the recomputing path). The tiles at every length (rows of 17-32
     otherwise walk time: conv_scan_triton.py)."""
-    monkeypatch.setattr(conv_triton, "SCAN_MAX_LEN", 0)
+    monkeypatch.setattr(conv_triton, "SCAN_LENS", range(0))
     monkeypatch.setattr(conv_triton, "GATHER_MAX_LEN", 1 << 30 if gather else 0)
     b = 11
     seq_idx = torch.stack([docs(l, *(s for s in (1 + i % 5, 9 + i % 7) if s < l)) for i in range(b)])
@@ -183,8 +183,7 @@ def walk_time(monkeypatch, chunk, plan=(16, 2, 1, 3)):
     """Every row through conv_scan_triton.py's kernels, at most ``chunk`` times a program, small tiles."""
     from lightning_mamba.models.kernels import conv_scan_triton
 
-    monkeypatch.setattr(conv_triton, "SCAN_MIN_LEN", 1)
-    monkeypatch.setattr(conv_triton, "SCAN_MAX_LEN", 1 << 30)
+    monkeypatch.setattr(conv_triton, "SCAN_LENS", range(1, 1 << 30))
     monkeypatch.setattr(conv_scan_triton, "TIME_CHUNK", chunk)
     monkeypatch.setattr(conv_scan_triton, "FWD_PLAN", plan)
     monkeypatch.setattr(conv_scan_triton, "BWD_PLAN", plan)
@@ -213,12 +212,12 @@ def test_time_walking_kernels_bf16_rows_and_channels_past_the_tiles(monkeypatch)
     check(inputs, 1e-2, grad_out)
 
 
-def test_rows_from_scan_min_to_max_len_walk_time_when_the_kernel_width_fits(monkeypatch):
-    monkeypatch.setattr(conv_triton, "SCAN_MAX_LEN", 32)
+def test_rows_of_scan_lens_walk_time_when_the_kernel_width_fits(monkeypatch):
+    monkeypatch.setattr(conv_triton, "SCAN_LENS", range(17, 33))
     assert conv_triton.scanned(32, 4) and conv_triton.scanned(17, 2)
     assert not conv_triton.scanned(33, 4) and not conv_triton.scanned(24, 5)  # longer rows, wider kernels: tiles
     assert not conv_triton.scanned(16, 4) and not conv_triton.scanned(1, 4)  # rows of 16 or fewer: one tile
-    monkeypatch.setattr(conv_triton, "SCAN_MAX_LEN", 0)
+    monkeypatch.setattr(conv_triton, "SCAN_LENS", range(0))
     assert not conv_triton.scanned(20, 4)
 
 
@@ -292,7 +291,7 @@ def test_matches_torch_realistic_shape(dtype):
 def test_time_walking_kernels_match_torch_realistic_shape(dtype, l, monkeypatch):
     """The time-walking kernels at the module's own plans on the GPU: a study cell's conv (d_state 1024, LEN 64:
     2560 channels of a 3088-wide in_proj output) and the 130m shape's long rows in chunks of TIME_CHUNK."""
-    monkeypatch.setattr(conv_triton, "SCAN_MAX_LEN", 1 << 30)
+    monkeypatch.setattr(conv_triton, "SCAN_LENS", range(1, 1 << 30))
     b, d, width = (32, 2560, 3088) if l == 64 else (2, 1792, 3352)
     seq_idx = torch.stack([docs(l, 2, l // 3, l // 2 + 1), docs(l, l - 5)] * (b // 2))
     inputs = make_inputs(b, l, d, 4, dtype, True, True, seq_idx, strided=True, width=width)
