@@ -48,20 +48,23 @@ CHECK_ROWS = 8
 
 @dataclass(frozen=True)
 class Plan:
-    """A launch plan of our kernels: warps, pipelining stages, d_state columns per product step (BLOCK_N; None:
-    the module's own choice)."""
+    """A launch plan of our kernels: warps, pipelining stages, d_state columns per product step (BLOCK_N), a cap on
+    registers per thread (MAXNREG; None: the module's own choice)."""
 
     warps: int | None = None
     stages: int | None = None
     block_n: int | None = None
+    maxnreg: int | None = None
 
     def label(self) -> str:
-        return " ".join(f"{v if v is not None else '-':>6}" for v in (self.warps, self.stages, self.block_n))
+        return " ".join(f"{v if v is not None else '-':>6}"
+                        for v in (self.warps, self.stages, self.block_n, self.maxnreg))
 
 
-# --sweep: 2, 4 and 8 warps, the stages 1-3 and 32 or 128 d_state columns a step, each beside the module's others
+# --sweep: 2, 4 and 8 warps, the stages 1-3, 32 or 128 d_state columns a step and a cap of 128 or 168 registers
+# (four or three programs an SM at 4 warps), each beside the module's others
 SWEEP = ([Plan(w) for w in (2, 4, 8)] + [Plan(None, st) for st in (1, 2, 3)]
-         + [Plan(None, None, n) for n in (32, 128)])
+         + [Plan(None, None, n) for n in (32, 128)] + [Plan(None, None, None, r) for r in (128, 168)])
 
 
 def parse_cell(text: str) -> tuple[int, int]:
@@ -117,7 +120,7 @@ def blocked(x, dt_raw, A, B, C, D, dt_bias):
 def plan_applied(plan: Plan | None) -> contextlib.ExitStack:
     """The module's settings for ``plan`` (None: its own); restored after."""
     settings = {} if plan is None else {"NUM_WARPS": plan.warps or q.NUM_WARPS, "NUM_STAGES": plan.stages,
-                                        "BLOCK_N": plan.block_n or q.BLOCK_N}
+                                        "BLOCK_N": plan.block_n or q.BLOCK_N, "MAXNREG": plan.maxnreg}
     stack = contextlib.ExitStack()
     for name, value in settings.items():
         stack.enter_context(overridden(q, name, value))
@@ -159,7 +162,7 @@ def time_contender(fn, inputs: dict, measure) -> tuple[float, float]:
 def run(cells: list[tuple[int, int]], tokens: int, device: str, dtype, sweep: bool) -> int:
     measure = graph_timer if device == "cuda" else wall_timer
     failed = False
-    print(f"{'cell':<9} {'contender':<20} {'warps':>6} {'stages':>6} {'cols':>6} {'check (fp32)':<16} "
+    print(f"{'cell':<9} {'contender':<20} {'warps':>6} {'stages':>6} {'cols':>6} {'regs':>6} {'check (fp32)':<16} "
           f"{'fwd us':>9} {'bwd us':>9} {'fwd+bwd':>9} {'x torch':>8} {'x ours':>7}")
     for d_state, seq_len in cells:
         if tokens % seq_len:
@@ -174,7 +177,8 @@ def run(cells: list[tuple[int, int]], tokens: int, device: str, dtype, sweep: bo
         best = None
         for name, fn, plan in contenders:
             with plan_applied(plan):  # checked at fewer rows, then timed, under the plan
-                shown = Plan(q.NUM_WARPS, q.NUM_STAGES, q.BLOCK_N)  # the settings the launches read
+                # the settings the launches read
+                shown = Plan(q.num_warps(q.block_l(seq_len)), q.NUM_STAGES, q.BLOCK_N, q.MAXNREG)
                 ok, text = check(fn, d_state, seq_len, device)
                 failed |= not ok
                 fwd, both = time_contender(fn, inputs, measure) if ok else (float("nan"),) * 2
@@ -184,13 +188,13 @@ def run(cells: list[tuple[int, int]], tokens: int, device: str, dtype, sweep: bo
                 default = both if name == "ours" else default
                 if ok and (best is None or both < best[0]):
                     best = (both, name, shown if fn is ours else None)
-            print(f"{cell:<9} {name:<20} {shown.label() if fn is ours else ' ' * 20} {text:<16} {fwd:9.1f} "
+            print(f"{cell:<9} {name:<20} {shown.label() if fn is ours else ' ' * 27} {text:<16} {fwd:9.1f} "
                   f"{both - fwd:9.1f} {both:9.1f} {base / both:8.2f} "
                   + (f"{default / both:7.2f}" if default is not None else f"{'':>7}"))
         if best is not None and default is not None:
             plan = best[2]
             how = "" if plan is None else (f" (warps {plan.warps}, stages {plan.stages or 'default'}, "
-                                           f"{plan.block_n} columns a step)")
+                                           f"{plan.block_n} columns a step, registers {plan.maxnreg or 'default'})")
             print(f"{cell:<9} fastest: {best[1]}{how}: {best[0]:.1f} us fwd+bwd, {default / best[0]:.2f}x ours")
     return 1 if failed else 0
 

@@ -373,14 +373,17 @@ def test_attention_form_kernel_times_every_plan_and_puts_the_settings_back(capsy
     from lightning_mamba.models.kernels import ssd_quadratic_triton as q
 
     bench = load_benchmark("attention_form_kernel")
-    monkeypatch.setattr(bench, "SWEEP", [bench.Plan(2), bench.Plan(None, 1), bench.Plan(None, None, 16)])
-    before = {k: getattr(q, k) for k in ("NUM_WARPS", "NUM_STAGES", "BLOCK_N")}
+    monkeypatch.setattr(bench, "SWEEP", [bench.Plan(4), bench.Plan(None, 1), bench.Plan(None, None, 16),
+                                         bench.Plan(None, None, None, 128)])
+    before = {k: getattr(q, k) for k in ("NUM_WARPS", "NUM_STAGES", "BLOCK_N", "MAXNREG")}
     assert bench.main(["--device", "cpu", "--cells", "16/8", "--tokens", "8", "--dtype", "fp32", "--sweep"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("16/8 ")]
-    assert [r[1] for r in rows] == ["torch", "ours", "blocked", "ours,", "ours,", "ours,", "fastest:"]
+    assert [r[1] for r in rows] == ["torch", "ours", "blocked", "ours,", "ours,", "ours,", "ours,", "fastest:"]
     assert all(" ".join(r).count(" ok (") == 1 for r in rows[:-1])
-    # (warps, stages, columns) as launched: the module's, then each plan's (its missing fields the module's)
-    warps, cols = str(q.NUM_WARPS), str(q.BLOCK_N)
-    assert [r[-10:-7] for r in (rows[1], rows[3], rows[4], rows[5])] == [[warps, "-", cols], ["2", "-", cols],
-                                                                         [warps, "1", cols], [warps, "-", "16"]]
+    # (warps, stages, columns, registers) as launched: the module's, then each plan's (its missing fields the module's)
+    warps, cols = str(q.num_warps(q.block_l(8))), str(q.BLOCK_N)  # rows of 8: a 16-time tile's warps (2)
+    assert warps == "2"
+    assert [r[-11:-7] for r in (rows[1], *rows[3:7])] == [
+        [warps, "-", cols, "-"], ["4", "-", cols, "-"], [warps, "1", cols, "-"], [warps, "-", "16", "-"],
+        [warps, "-", cols, "128"]]
     assert {k: getattr(q, k) for k in before} == before

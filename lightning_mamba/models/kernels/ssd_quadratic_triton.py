@@ -33,10 +33,16 @@ except ImportError:
 
 MAX_LEN = 64  # rows longer than this take the torch form (the kernels' l x l tiles would spill registers)
 BLOCK_N = 64  # d_state columns per step of the C B^T and grad B, C products
-# Warps per program and software-pipelining stages (None: Triton's default); benchmarks/attention_form_kernel.py
-# --sweep times others. 4 warps: on an H100, 8 warps for 64-token tiles took 1.2-1.7x longer (cells 64/64, 128/64).
-NUM_WARPS = 4
+# Warps per program by tile length (NUM_WARPS, when set, for every tile) and software-pipelining stages (None:
+# Triton's default); benchmarks/attention_form_kernel.py --sweep times others. On an H100: 2 warps for tiles of 32
+# made fwd+bwd 1.41-1.54x faster than 4 (cells 256/32, 512/32); for 64-token tiles 4 warps beat 2 (1.45x, 1024/64)
+# and 8 (1.2-1.7x, 64/64, 128/64). Tiles of 16 follow those of 32 (not timed apart).
+WARPS_BY_TILE = {16: 2, 32: 2, 64: 4}
+NUM_WARPS: int | None = None
 NUM_STAGES: int | None = None
+# A cap on registers per thread (None: the compiler's choice; the backward takes all 255 at 4 warps, so two programs
+# share an SM): a lower cap lets more programs run at once, at the cost of spilling to local memory.
+MAXNREG: int | None = None
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -78,6 +84,22 @@ if triton is not None:
         return keep
 
     @triton.jit
+    def _load_tile(base, offs, mask, EVEN: tl.constexpr):
+        """A (time, headdim) tile at base + offs; masked unless EVEN (the rows fill the tile: no mask to hold)."""
+        if EVEN:
+            tile = tl.load(base + offs)
+        else:
+            tile = tl.load(base + offs, mask=mask, other=0.0)
+        return tile
+
+    @triton.jit
+    def _store_tile(base, offs, value, mask, EVEN: tl.constexpr):
+        if EVEN:
+            tl.store(base + offs, value)
+        else:
+            tl.store(base + offs, value, mask=mask)
+
+    @triton.jit
     def _head_decay(dt_ptr, bias_ptr, A_ptr, row_dt, hd, t, t_ok, sdl, keep, HAS_BIAS: tl.constexpr):
         """dt (BLOCK_L,), A of head hd and its decay exp(cs_i - cs_j) on the kept pairs, zero elsewhere; and the
         softplus's argument v (with HAS_BIAS dt = softplus(v), v = raw dt + dt_bias, threshold 20 as mamba_ssm's)."""
@@ -113,7 +135,7 @@ if triton is not None:
         x_ptr, dt_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, y_ptr, l,
         sxb, sxl, sxh, sdb, sdl, sbb, sbl, sbg, scb, scl, scg, ssb, ssl, syb, syl, syh,
         R: tl.constexpr, P: tl.constexpr, N: tl.constexpr, HAS_D: tl.constexpr,
-        HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
         BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
     ):
         # (no name is bound both before the loop and in it with another type: Triton's compiler refuses that for a
@@ -121,16 +143,16 @@ if triton is not None:
         bi, gi, t, t_ok, p, tp_ok, _row_b, _row_c, cb, keep = _row_group(
             B_ptr, C_ptr, seq_ptr, l, sbb, sbl, sbg, scb, scl, scg, ssb, ssl, P, N, HAS_SEQ, BLOCK_L, BLOCK_P, BLOCK_N, DOT,
         )
+        x_tp = t[:, None] * sxl + p[None, :]
+        y_tp = t[:, None] * syl + p[None, :]
         for r in range(R):  # the group's R heads share C B^T
             hd = gi * R + r
             dt, a, decay, _v = _head_decay(dt_ptr, bias_ptr, A_ptr, bi * sdb, hd, t, t_ok, sdl, keep, HAS_BIAS)
-            x = tl.load(x_ptr + bi * sxb + hd * sxh + t[:, None] * sxl + p[None, :], mask=tp_ok, other=0.0)
-            x = x.to(tl.float32)
+            x = _load_tile(x_ptr + (bi * sxb + hd * sxh), x_tp, tp_ok, EVEN).to(tl.float32)
             y = tl.dot(cb * decay * dt[None, :], x, input_precision=DOT)
             if HAS_D:
                 y += tl.load(D_ptr + hd).to(tl.float32) * x
-            tl.store(y_ptr + bi * syb + hd * syh + t[:, None] * syl + p[None, :], y.to(y_ptr.dtype.element_ty),
-                     mask=tp_ok)
+            _store_tile(y_ptr + (bi * syb + hd * syh), y_tp, y.to(y_ptr.dtype.element_ty), tp_ok, EVEN)
 
     @triton.jit
     def _ssd_attention_bwd_kernel(
@@ -139,28 +161,30 @@ if triton is not None:
         sxb, sxl, sxh, sdb, sdl, sbb, sbl, sbg, scb, scl, scg, ssb, ssl, syb, syl, syh,
         sob, sol, soh, sgb, sgl, sgg, sgdb, sgdl,
         R: tl.constexpr, P: tl.constexpr, N: tl.constexpr, HAS_D: tl.constexpr,
-        HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
         BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
     ):
         """grad x (strides so*), dt (dt's layout), per-row grad A and D (b, H); grad B and C (both strides sg*)."""
         bi, gi, t, t_ok, p, tp_ok, row_b, row_c, cb, keep = _row_group(
             B_ptr, C_ptr, seq_ptr, l, sbb, sbl, sbg, scb, scl, scg, ssb, ssl, P, N, HAS_SEQ, BLOCK_L, BLOCK_P, BLOCK_N, DOT,
         )
+        # in-row offsets of the (time, headdim) tiles in int32 (a row's base is added as a scalar): half the
+        # registers of int64 offsets, which spilled
+        x_tp = t[:, None] * sxl + p[None, :]
+        dy_tp = t[:, None] * syl + p[None, :]
+        dx_tp = t[:, None] * sol + p[None, :]
         dcb = tl.zeros((BLOCK_L, BLOCK_L), dtype=tl.float32)
         for r in range(R):
             hd = gi * R + r
             dt, a, decay, v = _head_decay(dt_ptr, bias_ptr, A_ptr, bi * sdb, hd, t, t_ok, sdl, keep, HAS_BIAS)
-            x_off = bi * sxb + hd * sxh + t[:, None] * sxl + p[None, :]
-            x = tl.load(x_ptr + x_off, mask=tp_ok, other=0.0).to(tl.float32)
-            dy_off = bi * syb + hd * syh + t[:, None] * syl + p[None, :]
-            dy = tl.load(dy_ptr + dy_off, mask=tp_ok, other=0.0).to(tl.float32)
+            x = _load_tile(x_ptr + (bi * sxb + hd * sxh), x_tp, tp_ok, EVEN).to(tl.float32)
+            dy = _load_tile(dy_ptr + (bi * syb + hd * syh), dy_tp, tp_ok, EVEN).to(tl.float32)
             w = decay * dt[None, :]  # y = (cb * w) @ x
             dx = tl.dot(tl.trans(cb * w), dy, input_precision=DOT)
             if HAS_D:
                 dx += tl.load(D_ptr + hd).to(tl.float32) * dy
                 tl.store(dD_part_ptr + bi * H + hd, tl.sum(tl.sum(dy * x, axis=1), axis=0))
-            dx_off = bi * sob + hd * soh + t[:, None] * sol + p[None, :]
-            tl.store(dx_ptr + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=tp_ok)
+            _store_tile(dx_ptr + (bi * sob + hd * soh), dx_tp, dx.to(dx_ptr.dtype.element_ty), tp_ok, EVEN)
             ds = tl.dot(dy, tl.trans(x), input_precision=DOT)  # grad of the scores cb * w
             dcb += ds * w
             q = ds * cb * decay  # grad of w over dt_j
@@ -200,25 +224,36 @@ def _launch_args(x: Tensor, dt: Tensor, B: Tensor, C: Tensor, seq_idx: Tensor | 
     constexprs and the grid: one program per (batch row, group)."""
     b, l, h, p = x.shape
     g, n = B.size(2), B.size(3)
-    block_l = max(16, triton.next_power_of_2(l))
+    tile = block_l(l)
     seq = (0, 0) if seq_idx is None else seq_idx.stride()
     strides = (x.stride(0), x.stride(1), x.stride(2), dt.stride(0), dt.stride(1),
                B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2), *seq)
-    meta = dict(R=h // g, P=p, N=n, HAS_SEQ=seq_idx is not None, BLOCK_L=block_l,
+    meta = dict(R=h // g, P=p, N=n, HAS_SEQ=seq_idx is not None, BLOCK_L=tile, EVEN=l == tile and p == block_p(p),
                 DOT=dot_precision(x, B, C), BLOCK_P=block_p(p), BLOCK_N=block_n(n),
-                num_warps=NUM_WARPS, **launch_stages())
+                num_warps=num_warps(tile), **launch_stages())
     return strides, meta, (b, g)
 
 
 def launch_stages() -> dict:
-    """num_stages for a launch when NUM_STAGES is set (else none: Triton's default)."""
-    return {} if NUM_STAGES is None else {"num_stages": NUM_STAGES}
+    """num_stages and maxnreg for a launch where NUM_STAGES and MAXNREG are set (else Triton's defaults)."""
+    return {**({} if NUM_STAGES is None else {"num_stages": NUM_STAGES}),
+            **({} if MAXNREG is None else {"maxnreg": MAXNREG})}
 
 
 def dot_precision(x: Tensor, B: Tensor, C: Tensor) -> str:
     """fp32 inputs (tests, fp32 training): exact fp32 products; half inputs (bf16 autocast): TF32 tensor cores, which
     hold bf16 values exactly and round the fp32 scores to 10 mantissa bits (the torch form's matmuls take bf16)."""
     return "ieee" if x.dtype == B.dtype == C.dtype == torch.float32 else "tf32"
+
+
+def block_l(l: int) -> int:
+    """times of a tile: the row's length padded to a power of two, at least 16 (tl.dot's least)."""
+    return max(16, triton.next_power_of_2(l))
+
+
+def num_warps(tile: int) -> int:
+    """Warps per program for tiles of ``tile`` times: NUM_WARPS when set, else WARPS_BY_TILE's."""
+    return NUM_WARPS if NUM_WARPS is not None else WARPS_BY_TILE[tile]
 
 
 def block_p(p: int) -> int:
