@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .conv_common import grad_u_buffer, kernel_args, weight_bias_grads
+from .conv_common import grad_u_buffer, kernel_args, partial_sums, weight_bias_grads
 from .layout import last_dim_contiguous, stride_unit
 
 try:  # CI machines have no triton: the module must still import
@@ -30,9 +30,11 @@ except ImportError:
 KW = 4  # the window: kernels of width 2..KW, taps padded with zeros at the front
 TIME_CHUNK = 64  # times a program walks at most (a row of l <= TIME_CHUNK is one chunk of l)
 # (BLOCK_D, ROWS, warps, unroll): channels and batch rows of a program, and how many of its time steps the compiler
-# unrolls (a walk unrolled whole, 67 steps, took ~70 s to compile the backward)
-FWD_PLAN = (128, 4, 4, 4)
-BWD_PLAN = (128, 4, 4, 4)
+# unrolls (a walk unrolled whole, 67 steps, took ~70 s to compile the backward). Two rows and two warps: fwd+bwd
+# 185 us against (128, 4, 4, 4)'s 206 at d_state 512 LEN 32, 121 against 161 at 256 / 64, the forward alone even
+# (benchmarks/conv_kernel.py --shape mixed --timer graph --scan, H100)
+FWD_PLAN = (128, 2, 2, 4)
+BWD_PLAN = (128, 2, 2, 4)
 
 
 def takes(k: int) -> bool:
@@ -139,7 +141,7 @@ if triton is not None:
 
     @triton.jit
     def _scan_bwd_kernel(
-        u_ptr, w_ptr, bias_ptr, state_ptr, seq_ptr, dy_ptr, du_ptr, dw_part_ptr, db_part_ptr, b, l, d,
+        u_ptr, w_ptr, bias_ptr, state_ptr, seq_ptr, dy_ptr, du_ptr, part_ptr, b, l, d,
         su_b, su_l, ss_b, sq_b, sq_l, sy_b, sy_l, sdu_b, sdu_l,
         K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_SEQ: tl.constexpr, U_UNIT: tl.constexpr,
         DU_UNIT: tl.constexpr, KW_: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
@@ -225,11 +227,11 @@ if triton is not None:
             da0 = da1
             da1 = da2
             da2 = da3
-        # this program's partial sums, in slot (chunk, row block) of dw_part (., KW, d) and db_part (., d)
+        # this program's partial sums, in slot (chunk, row block) of the parts (., KW + 1, d): KW tap rows, then bias
         part = tl.program_id(0).to(tl.int64) * tl.num_programs(2) + tl.program_id(2)
         chan_ok = chans < d
-        tl.store(db_part_ptr + part * d + chans, tl.sum(dbias, axis=0), mask=chan_ok)
-        dw_row = dw_part_ptr + part * KW_ * d + chans  # KW_: KW (a kernel sees no plain globals)
+        dw_row = part_ptr + part * (KW_ + 1) * d + chans  # KW_: KW (a kernel sees no plain globals)
+        tl.store(dw_row + KW_ * d, tl.sum(dbias, axis=0), mask=chan_ok)
         tl.store(dw_row, tl.sum(dw0, axis=0), mask=chan_ok)
         tl.store(dw_row + d, tl.sum(dw1, axis=0), mask=chan_ok)
         tl.store(dw_row + 2 * d, tl.sum(dw2, axis=0), mask=chan_ok)
@@ -261,14 +263,12 @@ def backward(grad_out: Tensor, u: Tensor, weight: Tensor, bias: Tensor | None, c
     chunk = time_chunk(l)
     grid = (triton.cdiv(l, chunk), triton.cdiv(d, block_d), triton.cdiv(b, rows))
     grad_u = grad_u_buffer(grad_u, u)
-    # every program writes its whole slot, so no fill
-    dw_part = torch.empty(grid[0] * grid[2], KW, d, device=u.device, dtype=torch.float32)
-    db_part = torch.empty(grid[0] * grid[2], d, device=u.device, dtype=torch.float32)
+    parts = partial_sums(grid[0] * grid[2], KW, d, u.device)
     if grad_u.numel() > 0:
         ptrs, strides, flags = kernel_args(u, weight, bias, conv_state, seq_idx, KW)
         du_unit = stride_unit(grad_u)
         more = (grad_out.stride(0), grad_out.stride(1), grad_u.stride(0) // du_unit, grad_u.stride(1) // du_unit)
-        _scan_bwd_kernel[grid](*ptrs, grad_out, grad_u, dw_part, db_part, b, l, d, *strides, *more, DU_UNIT=du_unit,
+        _scan_bwd_kernel[grid](*ptrs, grad_out, grad_u, parts, b, l, d, *strides, *more, DU_UNIT=du_unit,
                                KW_=KW, **flags, T=chunk, BLOCK_D=block_d, ROWS=rows, UNROLL=unroll,
                                num_warps=warps)
-    return grad_u, *weight_bias_grads(dw_part, db_part, weight, bias)
+    return grad_u, *weight_bias_grads(parts, weight, bias)

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..conv import carried_inputs
 from . import conv_scan_triton
-from .conv_common import grad_u_buffer, kernel_args, weight_bias_grads
+from .conv_common import grad_u_buffer, kernel_args, partial_sums, weight_bias_grads
 from .grad_slots import claim, slot_of
 from .layout import last_dim_contiguous, stride_unit
 
@@ -48,8 +48,9 @@ GATHER_MAX_LEN = 32
 # Rows whose length is in SCAN_LENS take conv_scan_triton.py's kernels (time walked in registers, each input read
 # once) when their kernel width is 2-4. The whole graphed step against causal_conv1d's kernels, same process (H100,
 # benchmarks/cell_throughput.py ..._quadratic,..._quadratic_tritonconv): 296.5 vs 260.9 steps/s at d_state 512 LEN 32,
-# but 320.4 vs 343.0 at 256 / 64; rows of 16 keep the one-tile plan measured there (the walk is not measured at 16).
-SCAN_LENS = range(17, 33)
+# but 320.4 vs 343.0 at 256 / 64. Rows of 16 too: at d_state 2048 LEN 16 the walk ran 157.9 steps/s against the
+# one-tile plan's 137.1 (separate processes, H100); shorter rows are not measured and follow them.
+SCAN_LENS = range(1, 33)
 
 
 def available() -> bool:
@@ -175,14 +176,15 @@ if triton is not None:
         return dw, db
 
     @triton.jit
-    def _store_wb_sums(dw_part_ptr, db_part_ptr, dw, db, chans, d, K: tl.constexpr, K_POW2: tl.constexpr):
-        """This program's partial sums, in slot (batch rows, program along time) of dw_part (., K, d), db_part (., d)."""
+    def _store_wb_sums(part_ptr, dw, db, chans, d, K: tl.constexpr, K_POW2: tl.constexpr):
+        """This program's partial sums, in slot (batch rows, program along time) of the parts (., K + 1, d): its K
+        tap rows, then its bias row (conv_common.partial_sums)."""
         taps = tl.arange(0, K_POW2)
         chan_ok = chans < d
         part = tl.program_id(2).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
-        tl.store(db_part_ptr + part * d + chans, db, mask=chan_ok)
-        dw_offs = (part * K + taps[:, None]) * d + chans[None, :]
-        tl.store(dw_part_ptr + dw_offs, dw, mask=(taps < K)[:, None] & chan_ok[None, :])
+        slot = part_ptr + part * (K + 1) * d
+        tl.store(slot + K * d + chans, db, mask=chan_ok)
+        tl.store(slot + taps[:, None] * d + chans[None, :], dw, mask=(taps < K)[:, None] & chan_ok[None, :])
 
     @triton.jit
     def _conv_fwd_kernel(
@@ -273,7 +275,7 @@ if triton is not None:
 
     @triton.jit
     def _conv_bwd_kernel(
-        u_ptr, w_ptr, bias_ptr, state_ptr, seq_ptr, dy_ptr, du_ptr, dw_part_ptr, db_part_ptr, b, l, d,
+        u_ptr, w_ptr, bias_ptr, state_ptr, seq_ptr, dy_ptr, du_ptr, part_ptr, b, l, d,
         su_b, su_l, ss_b, sq_b, sq_l, sy_b, sy_l, sdu_b, sdu_l,
         K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_SEQ: tl.constexpr, U_UNIT: tl.constexpr,
         BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCKS: tl.constexpr, ROWS: tl.constexpr, K_POW2: tl.constexpr,
@@ -305,7 +307,7 @@ if triton is not None:
                         dy_ptr + row * sy_b, du_ptr + row * sdu_b, dw, db, chans, l, d, su_l, sq_l, sy_l, sdu_l,
                         K, HAS_BIAS, HAS_STATE, HAS_SEQ, BLOCK_L, BLOCK_D, BLOCKS, K_POW2,
                     )
-        _store_wb_sums(dw_part_ptr, db_part_ptr, dw, db, chans, d, K, K_POW2)
+        _store_wb_sums(part_ptr, dw, db, chans, d, K, K_POW2)
 
 
 def backward_plan(l: int) -> tuple[int, int, int]:
@@ -359,20 +361,18 @@ def _backward(grad_out, u, weight, bias, conv_state, seq_idx, grad_u=None) -> tu
     grid = (triton.cdiv(l, tile * tiles), triton.cdiv(d, block_d), triton.cdiv(b, rows))
     n_parts = grid[0] * grid[2]  # programs along time and rows: one slot of partial sums each
     grad_u = grad_u_buffer(grad_u, u)
-    # every program writes its whole slot (zeros for its times past l), so no fill
-    dw_part = torch.empty(n_parts, k, d, device=u.device, dtype=torch.float32)
-    db_part = torch.empty(n_parts, d, device=u.device, dtype=torch.float32)
+    parts = partial_sums(n_parts, k, d, u.device)  # (a program past l writes zeros in its slot)
     if grad_u.numel() > 0:
         ptrs, strides, flags = kernel_args(u, weight, bias, conv_state, seq_idx)
         du_unit = stride_unit(grad_u)
         dy_strides = grad_out.stride(0), grad_out.stride(1), grad_u.stride(0) // du_unit, grad_u.stride(1) // du_unit
         _conv_bwd_kernel[grid](
-            *ptrs, grad_out, grad_u, dw_part, db_part, b, l, d, *strides, *dy_strides, DU_UNIT=du_unit,
+            *ptrs, grad_out, grad_u, parts, b, l, d, *strides, *dy_strides, DU_UNIT=du_unit,
             **flags, BLOCK_L=tile, BLOCK_D=block_d, BLOCKS=tiles, ROWS=rows,
             K_POW2=triton.next_power_of_2(k), WHOLE_ROW=tiles == 1 and l <= min(tile, GATHER_MAX_LEN),
             num_warps=warps,
         )
-    return grad_u, *weight_bias_grads(dw_part, db_part, weight, bias)
+    return grad_u, *weight_bias_grads(parts, weight, bias)
 
 
 class _CausalConv1dSiLU(torch.autograd.Function):

@@ -287,12 +287,13 @@ def test_matches_torch_realistic_shape(dtype):
 @pytest.mark.gpu  # realistic shapes: CUDA only
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("l", [64, 2048], ids=["study_1024_64", "130m"])
+@pytest.mark.parametrize("l", [32, 64, 2048], ids=["study_512_32", "study_1024_64", "130m"])
 def test_time_walking_kernels_match_torch_realistic_shape(dtype, l, monkeypatch):
-    """The time-walking kernels at the module's own plans on the GPU: a study cell's conv (d_state 1024, LEN 64:
-    2560 channels of a 3088-wide in_proj output) and the 130m shape's long rows in chunks of TIME_CHUNK."""
+    """The time-walking kernels at the module's own plans on the GPU: study cells' convs (d_state 512, LEN 32: 1536
+    channels of a 2064-wide in_proj output, 34 rows, which two-row programs share; d_state 1024, LEN 64: 2560 of
+    3088) and the 130m shape's long rows in chunks of TIME_CHUNK."""
     monkeypatch.setattr(conv_triton, "SCAN_LENS", range(1, 1 << 30))
-    b, d, width = (32, 2560, 3088) if l == 64 else (2, 1792, 3352)
+    b, d, width = {32: (34, 1536, 2064), 64: (32, 2560, 3088), 2048: (2, 1792, 3352)}[l]
     seq_idx = torch.stack([docs(l, 2, l // 3, l // 2 + 1), docs(l, l - 5)] * (b // 2))
     inputs = make_inputs(b, l, d, 4, dtype, True, True, seq_idx, strided=True, width=width)
     check(inputs, FP32 if dtype == torch.float32 else 1e-2)
