@@ -61,9 +61,9 @@ class Plan:
                         for v in (self.warps, self.stages, self.block_n, self.maxnreg))
 
 
-# --sweep: 2, 4 and 8 warps, the stages 1-3, 32 or 128 d_state columns a step and a cap of 128 or 168 registers
+# --sweep: 1, 2, 4 and 8 warps, the stages 1-3, 32 or 128 d_state columns a step and a cap of 128 or 168 registers
 # (four or three programs an SM at 4 warps), each beside the module's others
-SWEEP = ([Plan(w) for w in (2, 4, 8)] + [Plan(None, st) for st in (1, 2, 3)]
+SWEEP = ([Plan(w) for w in (1, 2, 4, 8)] + [Plan(None, st) for st in (1, 2, 3)]
          + [Plan(None, None, n) for n in (32, 128)] + [Plan(None, None, None, r) for r in (128, 168)])
 
 
