@@ -381,8 +381,8 @@ def test_attention_form_kernel_times_every_plan_and_puts_the_settings_back(capsy
     assert [r[1] for r in rows] == ["torch", "ours", "blocked", "ours,", "ours,", "ours,", "ours,", "fastest:"]
     assert all(" ".join(r).count(" ok (") == 1 for r in rows[:-1])
     # (warps, stages, columns, registers) as launched: the module's, then each plan's (its missing fields the module's)
-    warps, cols = str(q.num_warps(q.block_l(8))), str(q.BLOCK_N)  # rows of 8: a 16-time tile's warps (2)
-    assert warps == "2"
+    warps, cols = str(q.num_warps(q.block_l(8))), str(q.BLOCK_N)  # rows of 8: a 16-time tile's warps (1)
+    assert warps == "1"
     assert [r[-11:-7] for r in (rows[1], *rows[3:7])] == [
         [warps, "-", cols, "-"], ["4", "-", cols, "-"], [warps, "1", cols, "-"], [warps, "-", "16", "-"],
         [warps, "-", cols, "128"]]

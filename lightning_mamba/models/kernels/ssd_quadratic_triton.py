@@ -35,9 +35,10 @@ MAX_LEN = 64  # rows longer than this take the torch form (the kernels' l x l ti
 BLOCK_N = 64  # d_state columns per step of the C B^T and grad B, C products
 # Warps per program by tile length (NUM_WARPS, when set, for every tile) and software-pipelining stages (None:
 # Triton's default); benchmarks/attention_form_kernel.py --sweep times others. On an H100: 2 warps for tiles of 32
-# made fwd+bwd 1.41-1.54x faster than 4 (cells 256/32, 512/32); for 64-token tiles 4 warps beat 2 (1.45x, 1024/64)
-# and 8 (1.2-1.7x, 64/64, 128/64). Tiles of 16 follow those of 32 (not timed apart).
-WARPS_BY_TILE = {16: 2, 32: 2, 64: 4}
+# made fwd+bwd 1.41-1.54x faster than 4 (cells 256/32, 512/32; 1 warp 0.93x at 128/32); for 64-token tiles 4 warps
+# beat 2 (1.45x, 1024/64) and 8 (1.2-1.7x, 64/64, 128/64); for tiles of 16, 1 warp beat 2 (1.13x, 2048/16; the whole
+# step 192.8 against 187.2 steps/s).
+WARPS_BY_TILE = {16: 1, 32: 2, 64: 4}
 NUM_WARPS: int | None = None
 NUM_STAGES: int | None = None
 # A cap on registers per thread (None: the compiler's choice; the backward takes all 255 at 4 warps, so two programs
