@@ -5,6 +5,7 @@ columns per step of the C B^T and grad B, C products), to choose the module's se
 
     python benchmarks/attention_form_kernel.py                          # GPU: cells 16/32, 64/64, 128/64, bf16
     python benchmarks/attention_form_kernel.py --cells 64/64,512/32 --sweep
+    python benchmarks/attention_form_kernel.py --cells 512/128,1024/256 --sweep     # the blocked kernels' warps
     TRITON_INTERPRET=1 python benchmarks/attention_form_kernel.py --device cpu --cells 16/16 --tokens 64   # smoke
 
 A cell ``d_state/LEN`` is the study's 4 x 256 model's mixer (16 heads of 32, one group) at --tokens tokens a step
@@ -13,7 +14,9 @@ conv's output (b, l, 512 + 2 d_state), the raw dt a column slice of a wider tens
 kernels take the softplus), in --dtype. Contenders: ``torch form`` (positive_dt, then ssd_quadratic plus the D skip;
 under bf16 autocast on CUDA, as the model runs it), ``ours`` (the module's settings) and ``blocked kernels`` (ssd_blocked_triton.py, what rows
 of 65-1024 tokens run: programs per row, head and 64-token block, the scores kept in memory; dt made positive in
-torch first). ``--sweep`` adds every plan of SWEEP.
+torch first). ``--sweep`` adds every plan of SWEEP. Past the one-tile kernels' rows (LEN 65-1024) only the torch form
+and the blocked kernels run, and ``--sweep`` times the blocked kernels at the warps of BLOCKED_SWEEP; ``x ours`` is
+then over the blocked kernels' default.
 
 Correctness first: every contender runs once in fp32 at up to 8 rows of the cell and its y and gradients (x, the raw
 dt, A, B, C, D, dt_bias) are compared with the torch form's in fp32 (max |a - ref| / max |ref|; FAIL above 1e-4, or
@@ -37,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conv_kernel import _rel_err, graph_timer, wall_timer  # noqa: E402
 
+from lightning_mamba.models.kernels import ssd_blocked_triton as blocks  # noqa: E402
 from lightning_mamba.models.kernels import ssd_quadratic_triton as q  # noqa: E402
 from lightning_mamba.models.kernels.overrides import overridden  # noqa: E402
 from lightning_mamba.models.ssd import positive_dt, ssd_quadratic  # noqa: E402
@@ -65,6 +69,8 @@ class Plan:
 # (four or three programs an SM at 4 warps), each beside the module's others
 SWEEP = ([Plan(w) for w in (1, 2, 4, 8)] + [Plan(None, st) for st in (1, 2, 3)]
          + [Plan(None, None, n) for n in (32, 128)] + [Plan(None, None, None, r) for r in (128, 168)])
+# --sweep at rows past the one-tile kernels' (the blocked kernels' only): their warps
+BLOCKED_SWEEP = [Plan(w) for w in (4, 8)]
 
 
 def parse_cell(text: str) -> tuple[int, int]:
@@ -72,8 +78,9 @@ def parse_cell(text: str) -> tuple[int, int]:
         d_state, seq_len = (int(v) for v in text.split("/"))
     except ValueError:
         raise SystemExit(f"--cells: {text!r} is not d_state/LEN (e.g. 64/64)") from None
-    if not 1 <= seq_len <= q.MAX_LEN or d_state < 1:
-        raise SystemExit(f"--cells: {text!r}: LEN must be 1-{q.MAX_LEN} (the kernels' rows) and d_state positive")
+    if not 1 <= seq_len <= blocks.MAX_LEN or d_state < 1:
+        raise SystemExit(f"--cells: {text!r}: LEN must be 1-{blocks.MAX_LEN} (the blocked kernels' rows; ours take "
+                         f"1-{q.MAX_LEN}) and d_state positive")
     return d_state, seq_len
 
 
@@ -117,14 +124,26 @@ def blocked(x, dt_raw, A, B, C, D, dt_bias):
     return ssd_blocked(x, positive_dt(dt_raw, dt_bias), A, B, C, D=D)
 
 
-def plan_applied(plan: Plan | None) -> contextlib.ExitStack:
-    """The module's settings for ``plan`` (None: its own); restored after."""
-    settings = {} if plan is None else {"NUM_WARPS": plan.warps or q.NUM_WARPS, "NUM_STAGES": plan.stages,
-                                        "BLOCK_N": plan.block_n or q.BLOCK_N, "MAXNREG": plan.maxnreg}
+def plan_applied(plan: Plan | None, fn=None) -> contextlib.ExitStack:
+    """The settings of ``fn``'s module for ``plan`` (None: its own); restored after. The blocked kernels take only
+    the plan's warps."""
+    if fn is blocked:
+        module, settings = blocks, {} if plan is None else {"NUM_WARPS": plan.warps or blocks.NUM_WARPS}
+    else:
+        module, settings = q, {} if plan is None else {"NUM_WARPS": plan.warps or q.NUM_WARPS,
+                                                       "NUM_STAGES": plan.stages, "BLOCK_N": plan.block_n or q.BLOCK_N,
+                                                       "MAXNREG": plan.maxnreg}
     stack = contextlib.ExitStack()
     for name, value in settings.items():
-        stack.enter_context(overridden(q, name, value))
+        stack.enter_context(overridden(module, name, value))
     return stack
+
+
+def launched(fn, seq_len: int) -> Plan | None:
+    """The settings ``fn``'s launches read now (None for the torch form)."""
+    if fn is ours:
+        return Plan(q.num_warps(q.block_l(seq_len)), q.NUM_STAGES, q.BLOCK_N, q.MAXNREG)
+    return Plan(blocks.NUM_WARPS) if fn is blocked else None
 
 
 def forward_backward(fn, inputs: dict) -> list:
@@ -170,32 +189,36 @@ def run(cells: list[tuple[int, int]], tokens: int, device: str, dtype, sweep: bo
         rows = tokens // seq_len
         inputs = make_inputs(d_state, seq_len, rows, device, dtype)
         cell = f"{d_state}/{seq_len}"
-        contenders = [("torch form", torch_form, None), ("ours", ours, None), ("blocked kernels", blocked, None)]
+        one_tile = seq_len <= q.MAX_LEN  # past it only the blocked kernels take the rows ("x ours": theirs)
+        contenders = [("torch form", torch_form, None)] + ([("ours", ours, None)] if one_tile else [])
+        contenders += [("blocked kernels", blocked, None)]
         if sweep:
-            contenders += [("ours, plan", ours, plan) for plan in SWEEP]
+            contenders += ([("ours, plan", ours, plan) for plan in SWEEP] if one_tile
+                           else [("blocked, plan", blocked, plan) for plan in BLOCKED_SWEEP])
         base = default = None
         best = None
         for name, fn, plan in contenders:
-            with plan_applied(plan):  # checked at fewer rows, then timed, under the plan
-                # the settings the launches read
-                shown = Plan(q.num_warps(q.block_l(seq_len)), q.NUM_STAGES, q.BLOCK_N, q.MAXNREG)
+            with plan_applied(plan, fn):  # checked at fewer rows, then timed, under the plan
+                shown = launched(fn, seq_len)
                 ok, text = check(fn, d_state, seq_len, device)
                 failed |= not ok
                 fwd, both = time_contender(fn, inputs, measure) if ok else (float("nan"),) * 2
             if name == "torch form":
                 base = both
             else:  # the fastest of our kernels' contenders, the default plan's included
-                default = both if name == "ours" else default
+                default = both if name == ("ours" if one_tile else "blocked kernels") else default
                 if ok and (best is None or both < best[0]):
-                    best = (both, name, shown if fn is ours else None)
-            print(f"{cell:<9} {name:<20} {shown.label() if fn is ours else ' ' * 27} {text:<16} {fwd:9.1f} "
+                    best = (both, name, shown, fn)
+            print(f"{cell:<9} {name:<20} {shown.label() if shown is not None else ' ' * 27} {text:<16} {fwd:9.1f} "
                   f"{both - fwd:9.1f} {both:9.1f} {base / both:8.2f} "
                   + (f"{default / both:7.2f}" if default is not None else f"{'':>7}"))
         if best is not None and default is not None:
-            plan = best[2]
-            how = "" if plan is None else (f" (warps {plan.warps}, stages {plan.stages or 'default'}, "
-                                           f"{plan.block_n} columns a step, registers {plan.maxnreg or 'default'})")
-            print(f"{cell:<9} fastest: {best[1]}{how}: {best[0]:.1f} us fwd+bwd, {default / best[0]:.2f}x ours")
+            _, label, plan, fn = best
+            how = (f" (warps {plan.warps})" if fn is blocked else
+                   f" (warps {plan.warps}, stages {plan.stages or 'default'}, {plan.block_n} columns a step, "
+                   f"registers {plan.maxnreg or 'default'})")
+            print(f"{cell:<9} fastest: {label}{how}: {best[0]:.1f} us fwd+bwd, {default / best[0]:.2f}x "
+                  f"{'ours' if one_tile else 'the blocked kernels'}")
     return 1 if failed else 0
 
 

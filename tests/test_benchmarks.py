@@ -360,8 +360,9 @@ def test_attention_form_kernel_check_catches_a_wrong_or_failing_contender():
     assert not ok and "ZeroDivisionError" in text
     with pytest.raises(SystemExit, match="d_state/LEN"):
         bench.parse_cell("64x64")
-    with pytest.raises(SystemExit, match="LEN must be 1-64"):
-        bench.parse_cell("64/128")
+    with pytest.raises(SystemExit, match="LEN must be 1-1024"):
+        bench.parse_cell("64/2048")
+    assert bench.parse_cell("64/128") == (64, 128)  # the blocked kernels' rows
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="our attention form runs here only in Triton's "
@@ -387,3 +388,22 @@ def test_attention_form_kernel_times_every_plan_and_puts_the_settings_back(capsy
         [warps, "-", cols, "-"], ["4", "-", cols, "-"], [warps, "1", cols, "-"], [warps, "-", "16", "-"],
         [warps, "-", cols, "128"]]
     assert {k: getattr(q, k) for k in before} == before
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the blocked kernels run here only in Triton's "
+                    "interpreter")
+def test_attention_form_kernel_times_the_blocked_kernels_warps_past_the_one_tile_rows(capsys, monkeypatch):
+    """Rows longer than the one-tile kernels take (72 tokens: two 64-token blocks): only the torch form and the
+    blocked kernels run, --sweep times the blocked kernels at each warp count of BLOCKED_SWEEP, each checked, and
+    their module's warps are as before afterwards."""
+    from lightning_mamba.models.kernels import ssd_blocked_triton as blocks
+
+    bench = load_benchmark("attention_form_kernel")
+    monkeypatch.setattr(bench, "BLOCKED_SWEEP", [bench.Plan(4)])
+    before = blocks.NUM_WARPS
+    assert bench.main(["--device", "cpu", "--cells", "16/72", "--tokens", "72", "--dtype", "fp32", "--sweep"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("16/72 ")]
+    assert [r[1] for r in rows] == ["torch", "blocked", "blocked,", "fastest:"]
+    assert all(" ".join(r).count(" ok (") == 1 for r in rows[:-1])
+    assert [r[-11] for r in rows[1:3]] == [str(before), "4"]  # the warps each launched with
+    assert rows[-1][-1] == "kernels" and blocks.NUM_WARPS == before

@@ -50,6 +50,10 @@ BLOCK_T = 64  # tokens per block
 # the throughput issue's longest cell rows; the pairs (and the kept scores) grow with the square of the blocks, so
 # whether the form pays at a length and d_state is for benchmarks/cell_throughput.py to say (quadratic_max_len)
 MAX_LEN = 1024
+# Warps per program, every kernel here. 8 as first written; not yet timed against 4, which made the one-tile kernels'
+# 64-token tiles 1.2-1.7x faster (ssd_quadratic_triton.WARPS_BY_TILE): benchmarks/attention_form_kernel.py --cells
+# 512/128 --sweep times 4 and 8 at rows past 64.
+NUM_WARPS = 8
 
 
 def supports(x: Tensor, dt: Tensor, B: Tensor, C: Tensor) -> bool:
@@ -270,7 +274,7 @@ def _launch_meta(x: Tensor, B: Tensor, C: Tensor) -> dict:
     """The constexprs every kernel here takes (tile sizes and products as ssd_quadratic_triton's)."""
     l, p = x.size(1), x.size(3)
     return dict(P=p, NB=triton.cdiv(l, BLOCK_T), BLOCK_T=BLOCK_T, BLOCK_P=ssd_quadratic_triton.block_p(p),
-                DOT=ssd_quadratic_triton.dot_precision(x, B, C), num_warps=8)
+                DOT=ssd_quadratic_triton.dot_precision(x, B, C), num_warps=NUM_WARPS)
 
 
 class _SSDBlocked(torch.autograd.Function):
