@@ -40,8 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conv_kernel import _rel_err, graph_timer, wall_timer  # noqa: E402
 
-from lightning_mamba.models.kernels import ssd_blocked_triton as blocks  # noqa: E402
-from lightning_mamba.models.kernels import ssd_quadratic_triton as q  # noqa: E402
+from lightning_mamba.models.kernels import (
+    ssd_blocked_triton as blocks,  # noqa: E402
+    ssd_quadratic_triton as q,  # noqa: E402
+)
 from lightning_mamba.models.kernels.overrides import overridden  # noqa: E402
 from lightning_mamba.models.ssd import positive_dt, ssd_quadratic  # noqa: E402
 
