@@ -604,13 +604,20 @@ def sweep(inp: Inputs, check_dtype=torch.float32, device="cuda", timer=cuda_time
 
 
 # (BLOCK_D, ROWS, warps, unroll) plans of the time-walking kernels (conv_scan_triton.py) --scan times, forward and
-# backward alike; the first is the module's.
+# backward alike, after the module's own (scan_plans)
 SCAN_SWEEP = [(128, 4, 4, 4), (128, 4, 4, 1), (128, 4, 4, 8), (64, 4, 2, 4), (128, 2, 2, 4), (256, 2, 8, 4)]
+
+
+def scan_plans() -> list[tuple[int, int, int, int]]:
+    """The module's backward plan first (checked on every case), then SCAN_SWEEP's others."""
+    from lightning_mamba.models.kernels import conv_scan_triton as cs
+
+    return [cs.BWD_PLAN, *(plan for plan in SCAN_SWEEP if plan != cs.BWD_PLAN)]
 
 
 def scan_sweep(inp: Inputs, check_dtype=torch.float32, device="cuda", timer=cuda_timer, lib=None,
                plans=None) -> bool:
-    """The time-walking kernels (at every row length) under each plan (``plans``, default SCAN_SWEEP)
+    """The time-walking kernels (at every row length) under each plan (``plans``, default scan_plans())
     against our tile kernels and causal_conv1d (the model's adapter, when installed and the layout suits it), same
     process. The first plan is checked in ``check_dtype`` on every training case, the others on state+seq_idx (the
     same code, other tiles); a plan that passes is timed (plain fwd and fwd+bwd; seq_idx fwd+bwd for the first).
@@ -634,33 +641,29 @@ def scan_sweep(inp: Inputs, check_dtype=torch.float32, device="cuda", timer=cuda
         print(f"{name}: {label}: plain fwd {base[label][0] * 1e3:.0f} us, fwd+bwd {base[label][1] * 1e3:.0f} us; "
               f"seq_idx fwd+bwd {seq_both * 1e3:.0f} us")
     ref_inp = make_inputs(inp.shape, device, check_dtype)
-    saved = ct.SCAN_LENS, cs.FWD_PLAN, cs.BWD_PLAN
-    try:
-        ct.SCAN_LENS = range(1, 1 << 30)  # every row walks time
-        for i, plan in enumerate(plans or SCAN_SWEEP):
-            cs.FWD_PLAN = cs.BWD_PLAN = plan
-            checks = [safely(check_training, triton_conv, ref_inp, case) for case in (CASES if i == 0 else
-                                                                                      ("state+seq_idx",))]
-            if not all(c[0] for c in checks):
-                ok = False
-                print(f"{name}: scan {plan}: FAIL " + "; ".join(c[1] for c in checks if not c[0]))
-                continue
-            try:
-                fwd_ms, both_ms = time_training(timer, triton_conv, inp, "plain")
-            except RuntimeError as err:
-                print(f"{name}: scan {plan}: {uncapturable(err)}")
-                continue
-            vs = ", ".join(f"{base[k][1] / both_ms:.2f}x {k}" for k in base)
-            seq = (f"; seq_idx fwd+bwd {time_training(timer, triton_conv, inp, 'seq_idx')[1] * 1e3:.0f} us"
-                   if i == 0 else "")
-            print(f"{name}: scan {plan} (times a program {cs.time_chunk(inp.shape.seq_len)}): plain fwd "
-                  f"{fwd_ms * 1e3:.0f} us, fwd+bwd {both_ms * 1e3:.0f} us ({vs}){seq}")
-            best = min(best or (both_ms, plan), (both_ms, plan))
-        if best is not None:
-            vs = ", ".join(f"{base[k][1] / best[0]:.2f}x {k}" for k in base)
-            print(f"{name}: fastest scan plan {best[1]}: fwd+bwd {best[0] * 1e3:.0f} us ({vs})")
-    finally:
-        ct.SCAN_LENS, cs.FWD_PLAN, cs.BWD_PLAN = saved
+    with overridden(ct, "SCAN_LENS", range(1, 1 << 30)):  # every row walks time
+        for i, plan in enumerate(plans or scan_plans()):
+            with overridden(cs, "FWD_PLAN", plan), overridden(cs, "BWD_PLAN", plan):
+                checks = [safely(check_training, triton_conv, ref_inp, case) for case in (CASES if i == 0 else
+                                                                                          ("state+seq_idx",))]
+                if not all(c[0] for c in checks):
+                    ok = False
+                    print(f"{name}: scan {plan}: FAIL " + "; ".join(c[1] for c in checks if not c[0]))
+                    continue
+                try:
+                    fwd_ms, both_ms = time_training(timer, triton_conv, inp, "plain")
+                except RuntimeError as err:
+                    print(f"{name}: scan {plan}: {uncapturable(err)}")
+                    continue
+                vs = ", ".join(f"{base[k][1] / both_ms:.2f}x {k}" for k in base)
+                seq = (f"; seq_idx fwd+bwd {time_training(timer, triton_conv, inp, 'seq_idx')[1] * 1e3:.0f} us"
+                       if i == 0 else "")
+                print(f"{name}: scan {plan} (times a program {cs.time_chunk(inp.shape.seq_len)}): plain fwd "
+                      f"{fwd_ms * 1e3:.0f} us, fwd+bwd {both_ms * 1e3:.0f} us ({vs}){seq}")
+                best = min(best or (both_ms, plan), (both_ms, plan))
+    if best is not None:
+        vs = ", ".join(f"{base[k][1] / best[0]:.2f}x {k}" for k in base)
+        print(f"{name}: fastest scan plan {best[1]}: fwd+bwd {best[0] * 1e3:.0f} us ({vs})")
     return ok
 
 

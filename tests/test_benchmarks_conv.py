@@ -203,3 +203,14 @@ def test_scan_sweep_checks_each_plan_against_tiles_and_the_library_and_puts_the_
     monkeypatch.setattr(conv_scan_triton, "forward", lambda *args: walk(*args) * 1.01)
     assert not bench.scan_sweep(inp, torch.float32, DEVICE, bench.wall_timer, None, plans[:1])
     assert "tiny: scan (16, 2, 1, 3): FAIL" in capsys.readouterr().out
+
+
+def test_the_scan_sweep_starts_with_the_modules_own_plan(monkeypatch):
+    """--scan checks the plan the model runs on every case: the module's, whatever it is, then the sweep's others once
+    each."""
+    from lightning_mamba.models.kernels import conv_scan_triton
+
+    for plan in (conv_scan_triton.BWD_PLAN, (8, 1, 1, 1), bench.SCAN_SWEEP[-1]):
+        monkeypatch.setattr(conv_scan_triton, "BWD_PLAN", plan)
+        plans = bench.scan_plans()
+        assert plans[0] == plan and len(plans) == len(set(plans)) and set(bench.SCAN_SWEEP) <= set(plans)

@@ -232,11 +232,11 @@ def _launch_args(x: Tensor, dt: Tensor, B: Tensor, C: Tensor, seq_idx: Tensor | 
                B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2), *seq)
     meta = dict(R=h // g, P=p, N=n, HAS_SEQ=seq_idx is not None, BLOCK_L=tile, EVEN=l == tile and p == block_p(p),
                 DOT=dot_precision(x, B, C), BLOCK_P=block_p(p), BLOCK_N=block_n(n),
-                num_warps=num_warps(tile), **launch_stages())
+                num_warps=num_warps(tile), **launch_options())
     return strides, meta, (b, g)
 
 
-def launch_stages() -> dict:
+def launch_options() -> dict:
     """num_stages and maxnreg for a launch where NUM_STAGES and MAXNREG are set (else Triton's defaults)."""
     return {**({} if NUM_STAGES is None else {"num_stages": NUM_STAGES}),
             **({} if MAXNREG is None else {"maxnreg": MAXNREG})}

@@ -303,3 +303,13 @@ def test_module_imports_without_triton_or_cuda():
     assert isinstance(conv_triton.available(), bool)
     if DEVICE != "cuda":
         assert not conv_triton.available()
+
+
+def test_the_rows_ours_takes_beside_the_library_are_the_rows_that_walk_time():
+    """With causal_conv1d installed the model keeps our conv for rows of at most backend.OURS_CONV_MAX_LEN tokens,
+    measured as the walk through time beating the library there: the walk must take exactly those rows (from one
+    token), or some of them would run on the tiles that lost."""
+    from lightning_mamba.models.kernels import backend
+
+    assert conv_triton.SCAN_LENS == range(1, backend.OURS_CONV_MAX_LEN + 1)
+    assert conv_triton.scanned(1, 4) and conv_triton.scanned(backend.OURS_CONV_MAX_LEN, 4)

@@ -124,3 +124,13 @@ def test_a_model_trains_through_the_blocked_form_as_through_the_torch_backend(mo
     # (dt's softplus is taken in torch for these rows: its gradient is copied in)
     assert_trains_as_the_torch_backend(quadratic_max_len=128, rows=2, length=100, doc_starts={1: 70}, dt_copied=True)
     assert len(calls) == 2  # one per layer
+
+
+@needs_triton
+def test_the_blocked_kernels_launch_settings_take_the_modules_warps(monkeypatch):
+    from lightning_mamba.models.kernels import ssd_blocked_triton
+
+    x, _, _, B, C, _, _ = make_inputs(1, 72, 2, 16, 1, 16)
+    for warps in (ssd_blocked_triton.NUM_WARPS, 4):
+        monkeypatch.setattr(ssd_blocked_triton, "NUM_WARPS", warps)
+        assert ssd_blocked_triton._launch_meta(x, B, C)["num_warps"] == warps

@@ -240,3 +240,22 @@ def assert_trains_as_the_torch_backend(quadratic_max_len: int, rows: int, length
     assert_rel_close(losses["auto"], losses["torch"], 1e-5, "loss")
     for k, g in grads["torch"].items():
         assert_rel_close(grads["auto"][k], g, 1e-4, f"grad {k}")
+
+
+@needs_triton
+def test_launches_take_the_warps_of_their_tile_and_masks_only_where_rows_do_not_fill_it(monkeypatch):
+    """Warps per program by tile length (WARPS_BY_TILE, NUM_WARPS over every tile when set), a register cap only when
+    MAXNREG is set, and the unmasked tiles (EVEN) only when the rows and headdim fill the tile."""
+    from lightning_mamba.models.kernels import ssd_quadratic_triton
+
+    def meta(l, p=32):
+        x, dt, _, B, C, _, _ = make_inputs(1, l, 2, p, 1, 16)
+        return ssd_quadratic_triton._launch_args(x, dt, B, C, None)[1]
+
+    for l, tile in ((5, 16), (16, 16), (24, 32), (32, 32), (64, 64)):
+        assert meta(l)["num_warps"] == ssd_quadratic_triton.WARPS_BY_TILE[tile]
+    assert [meta(l)["EVEN"] for l in (16, 32, 64, 24, 5)] == [True, True, True, False, False]
+    assert not meta(32, p=24)["EVEN"] and "maxnreg" not in meta(32)
+    monkeypatch.setattr(ssd_quadratic_triton, "NUM_WARPS", 8)
+    monkeypatch.setattr(ssd_quadratic_triton, "MAXNREG", 128)
+    assert meta(16)["num_warps"] == meta(64)["num_warps"] == 8 and meta(32)["maxnreg"] == 128
