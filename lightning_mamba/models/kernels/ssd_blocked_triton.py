@@ -50,10 +50,10 @@ BLOCK_T = 64  # tokens per block
 # the throughput issue's longest cell rows; the pairs (and the kept scores) grow with the square of the blocks, so
 # whether the form pays at a length and d_state is for benchmarks/cell_throughput.py to say (quadratic_max_len)
 MAX_LEN = 1024
-# Warps per program, every kernel here. 8 as first written; not yet timed against 4, which made the one-tile kernels'
-# 64-token tiles 1.2-1.7x faster (ssd_quadratic_triton.WARPS_BY_TILE): benchmarks/attention_form_kernel.py --cells
-# 512/128 --sweep times 4 and 8 at rows past 64.
-NUM_WARPS = 8
+# Warps per program, every kernel here. 4: on an H100 the kernels alone ran 1.23x faster than at 8 (512/128 and
+# 1024/256, benchmarks/attention_form_kernel.py --sweep), a whole graphed step 1.11-1.13x, though compiled for
+# sm_90 they spill a few registers (none at 8).
+NUM_WARPS = 4
 
 
 def supports(x: Tensor, dt: Tensor, B: Tensor, C: Tensor) -> bool:

@@ -131,6 +131,6 @@ def test_the_blocked_kernels_launch_settings_take_the_modules_warps(monkeypatch)
     from lightning_mamba.models.kernels import ssd_blocked_triton
 
     x, _, _, B, C, _, _ = make_inputs(1, 72, 2, 16, 1, 16)
-    for warps in (ssd_blocked_triton.NUM_WARPS, 4):
+    for warps in (ssd_blocked_triton.NUM_WARPS, 8):
         monkeypatch.setattr(ssd_blocked_triton, "NUM_WARPS", warps)
         assert ssd_blocked_triton._launch_meta(x, B, C)["num_warps"] == warps
