@@ -376,25 +376,17 @@ def test_attention_form_kernel_times_every_plan_and_puts_the_settings_back(capsy
     bench = load_benchmark("attention_form_kernel")
     monkeypatch.setattr(bench, "SWEEP", [bench.Plan(4), bench.Plan(None, 1), bench.Plan(None, None, 16),
                                          bench.Plan(None, None, None, 128)])
-    before = {k: getattr(q, k) for k in ("NUM_WARPS", "NUM_STAGES", "BLOCK_N", "MAXNREG", "GRAD_BC_APART_FROM_N")}
+    before = {k: getattr(q, k) for k in ("NUM_WARPS", "NUM_STAGES", "BLOCK_N", "MAXNREG")}
     assert bench.main(["--device", "cpu", "--cells", "16/8", "--tokens", "8", "--dtype", "fp32", "--sweep"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("16/8 ")]
     assert [r[1] for r in rows] == ["torch", "ours", "blocked", "ours,", "ours,", "ours,", "ours,", "fastest:"]
     assert all(" ".join(r).count(" ok (") == 1 for r in rows[:-1])
-    # (warps, stages, columns, registers, grad B, C) as launched: the module's, then each plan's (its missing fields
-    # the module's; d_state 16 keeps grad B, C in the one kernel)
+    # (warps, stages, columns, registers) as launched: the module's, then each plan's (its missing fields the module's)
     warps, cols = str(q.num_warps(q.block_l(8))), str(q.BLOCK_N)  # rows of 8: a 16-time tile's warps (1)
     assert warps == "1"
-    assert [r[-12:-7] for r in (rows[1], *rows[3:7])] == [
-        [warps, "-", cols, "-", "fused"], ["4", "-", cols, "-", "fused"], [warps, "1", cols, "-", "fused"],
-        [warps, "-", "16", "-", "fused"], [warps, "-", cols, "128", "fused"]]
-    assert {k: getattr(q, k) for k in before} == before
-    # --sweep bc: the backward with grad B, C in its one kernel, then apart, both checked; the setting put back
-    assert bench.main(["--device", "cpu", "--cells", "16/8", "--tokens", "8", "--dtype", "fp32", "--sweep", "bc"]) == 0
-    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("16/8 ")]
-    assert [r[1] for r in rows] == ["torch", "ours", "blocked", "ours,", "ours,", "fastest:"]
-    assert all(" ".join(r).count(" ok (") == 1 for r in rows[:-1])
-    assert [r[-8] for r in rows[3:5]] == ["fused", "apart"]
+    assert [r[-11:-7] for r in (rows[1], *rows[3:7])] == [
+        [warps, "-", cols, "-"], ["4", "-", cols, "-"], [warps, "1", cols, "-"], [warps, "-", "16", "-"],
+        [warps, "-", cols, "128"]]
     assert {k: getattr(q, k) for k in before} == before
 
 
@@ -413,5 +405,5 @@ def test_attention_form_kernel_times_the_blocked_kernels_warps_past_the_one_tile
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("16/72 ")]
     assert [r[1] for r in rows] == ["torch", "blocked", "blocked,", "fastest:"]
     assert all(" ".join(r).count(" ok (") == 1 for r in rows[:-1])
-    assert [r[-12] for r in rows[1:3]] == [str(before), "4"]  # the warps each launched with
+    assert [r[-11] for r in rows[1:3]] == [str(before), "4"]  # the warps each launched with
     assert rows[-1][-1] == "kernels" and blocks.NUM_WARPS == before

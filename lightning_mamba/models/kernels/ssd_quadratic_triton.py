@@ -10,7 +10,9 @@ more than half the GPU time of a d_state 512, LEN 32 training step (benchmarks/p
 Here one program per (batch row, group) computes C B^T once (l x l, over d_state), then walks the group's heads
 with everything in registers; the backward recomputes the same and writes grad x, dt, B, C, and per-row partial
 sums of grad A and D (summed after: deterministic, no atomics). (Splitting a group's heads over several
-programs, each making C B^T again, was timed on an H100 and ran 0.83-0.99x the one-program speed: not kept.)
+programs, each making C B^T again, was timed on an H100 and ran 0.83-0.99x the one-program speed: not kept. So was
+grad B, C in a kernel of its own, more programs at once from grad C B^T written out: fewer spilled registers, but
+0.93-0.98x fwd+bwd at d_state 128-2048.)
 Products of fp32 inputs run in fp32, so results agree with the torch form to rounding; under bf16 autocast they
 run on TF32 tensor cores (the torch form feeds its matmuls bf16).
 No final state: training asks for none (the torch form builds it when asked). Rows up to MAX_LEN tokens: the
@@ -44,11 +46,6 @@ NUM_STAGES: int | None = None
 # A cap on registers per thread (None: the compiler's choice; the backward takes all 255 at 4 warps, so two programs
 # share an SM): a lower cap lets more programs run at once, at the cost of spilling to local memory.
 MAXNREG: int | None = None
-# d_state from which the backward writes grad C B^T to memory and grad B, C run in a kernel of their own, one program
-# per (batch row, group, BLOCK_N columns), rather than in the row's one program after its heads (None: never). At
-# large d_state those products are most of the backward's work and one program per row and group runs too few at
-# once; the scratch is one l x l fp32 tile per row and group.
-GRAD_BC_APART_FROM_N: int | None = 256
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -164,16 +161,14 @@ if triton is not None:
     @triton.jit
     def _ssd_attention_bwd_kernel(
         x_ptr, dt_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, dy_ptr, dx_ptr, ddt_ptr, dB_ptr, dC_ptr,
-        dA_part_ptr, dD_part_ptr, dbias_part_ptr, dcb_ptr, l, H,
+        dA_part_ptr, dD_part_ptr, dbias_part_ptr, l, H,
         sxb, sxl, sxh, sdb, sdl, sbb, sbl, sbg, scb, scl, scg, ssb, ssl, syb, syl, syh,
         sob, sol, soh, sgb, sgl, sgg, sgdb, sgdl,
         R: tl.constexpr, P: tl.constexpr, N: tl.constexpr, HAS_D: tl.constexpr,
         HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
         BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
-        BC_APART: tl.constexpr,
     ):
-        """grad x (strides so*), dt (dt's layout), per-row grad A and D (b, H); grad B and C (both strides sg*), or
-        with BC_APART grad C B^T into dcb_ptr (b, groups, BLOCK_L, BLOCK_L) for _ssd_attention_grad_bc_kernel."""
+        """grad x (strides so*), dt (dt's layout), per-row grad A and D (b, H); grad B and C (both strides sg*)."""
         bi, gi, t, t_ok, p, tp_ok, row_b, row_c, cb, keep = _row_group(
             B_ptr, C_ptr, seq_ptr, l, sbb, sbl, sbg, scb, scl, scg, ssb, ssl, P, N, HAS_SEQ, BLOCK_L, BLOCK_P, BLOCK_N, DOT,
         )
@@ -209,28 +204,9 @@ if triton is not None:
                 tl.store(dbias_part_ptr + bi * H + hd, tl.sum(ddt, axis=0))
             tl.store(ddt_ptr + bi * sgdb + t * sgdl + hd, ddt.to(ddt_ptr.dtype.element_ty), mask=t_ok)
             tl.store(dA_part_ptr + bi * H + hd, tl.sum(dda * dt, axis=0))
-        if BC_APART:
-            tile = (bi * tl.num_programs(1) + gi) * (BLOCK_L * BLOCK_L)
-            tl.store(dcb_ptr + tile + t[:, None] * BLOCK_L + t[None, :], dcb)
-        else:
-            for n0 in range(0, N, BLOCK_N):
-                _grad_b_c(dcb, B_ptr, C_ptr, dB_ptr, dC_ptr, row_b, row_c, bi * sgb + gi * sgg, t, t_ok, n0, sbl,
-                          scl, sgl, N, BLOCK_N, DOT)
-
-    @triton.jit
-    def _ssd_attention_grad_bc_kernel(
-        B_ptr, C_ptr, dcb_ptr, dB_ptr, dC_ptr, l, sbb, sbl, sbg, scb, scl, scg, sgb, sgl, sgg,
-        N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
-    ):
-        """grad B and C of one row and group at d_state columns BLOCK_N * program_id(2) + (0..BLOCK_N), from the
-        backward's grad C B^T tile."""
-        bi = tl.program_id(0).to(tl.int64)
-        gi = tl.program_id(1)
-        t = tl.arange(0, BLOCK_L)
-        tile = (bi * tl.num_programs(1) + gi) * (BLOCK_L * BLOCK_L)
-        dcb = tl.load(dcb_ptr + tile + t[:, None] * BLOCK_L + t[None, :])
-        _grad_b_c(dcb, B_ptr, C_ptr, dB_ptr, dC_ptr, bi * sbb + gi * sbg, bi * scb + gi * scg, bi * sgb + gi * sgg,
-                  t, t < l, tl.program_id(2) * BLOCK_N, sbl, scl, sgl, N, BLOCK_N, DOT)
+        for n0 in range(0, N, BLOCK_N):
+            _grad_b_c(dcb, B_ptr, C_ptr, dB_ptr, dC_ptr, row_b, row_c, bi * sgb + gi * sgg, t, t_ok, n0, sbl, scl,
+                      sgl, N, BLOCK_N, DOT)
 
     @triton.jit
     def _grad_b_c(dcb, B_ptr, C_ptr, dB_ptr, dC_ptr, row_b, row_c, row_g, t, t_ok, n0, sbl, scl, sgl,
@@ -284,11 +260,6 @@ def num_warps(tile: int) -> int:
     return NUM_WARPS if NUM_WARPS is not None else WARPS_BY_TILE[tile]
 
 
-def grad_bc_apart(n: int) -> bool:
-    """Whether the backward runs grad B, C in their own kernel at d_state ``n`` (GRAD_BC_APART_FROM_N)."""
-    return GRAD_BC_APART_FROM_N is not None and n >= GRAD_BC_APART_FROM_N
-
-
 def block_p(p: int) -> int:
     """headdim columns of a tile: p padded to a power of two, at least 16 (tl.dot's least)."""
     return max(16, triton.next_power_of_2(p))
@@ -334,21 +305,12 @@ class _SSDQuadratic(torch.autograd.Function):
         dD_part = parts[1] if D is not None else dA_part
         dbias_part = parts[-1] if dt_bias is not None else dA_part
         strides, meta, grid = _launch_args(x, dt, B, C, seq_idx)
-        apart = grad_bc_apart(B.size(3))
-        tile = meta["BLOCK_L"]
-        dcb = torch.empty(*grid, tile, tile, device=x.device, dtype=torch.float32) if apart else parts
         _ssd_attention_bwd_kernel[grid](
             x, dt, dt if dt_bias is None else dt_bias, A, B, C, x if D is None else D,
-            x if seq_idx is None else seq_idx, dy, dx, ddt, dB, dC, dA_part, dD_part, dbias_part, dcb, x.size(1),
+            x if seq_idx is None else seq_idx, dy, dx, ddt, dB, dC, dA_part, dD_part, dbias_part, x.size(1),
             h, *strides, *dy.stride()[:3], *dx.stride()[:3], *dB.stride()[:3], ddt.stride(0), ddt.stride(1),
-            HAS_D=D is not None, HAS_BIAS=dt_bias is not None, BC_APART=apart, **meta,
+            HAS_D=D is not None, HAS_BIAS=dt_bias is not None, **meta,
         )
-        if apart:
-            n_blocks = triton.cdiv(B.size(3), meta["BLOCK_N"])
-            _ssd_attention_grad_bc_kernel[(*grid, n_blocks)](
-                B, C, dcb, dB, dC, x.size(1), *B.stride()[:3], *C.stride()[:3], *dB.stride()[:3], N=B.size(3),
-                BLOCK_L=tile, BLOCK_N=meta["BLOCK_N"], DOT=meta["DOT"], num_warps=meta["num_warps"],
-            )
         sums = parts.sum(1)
         dA = sums[0].to(A.dtype)
         dD = None if D is None else sums[1].to(D.dtype)

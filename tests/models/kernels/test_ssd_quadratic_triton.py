@@ -74,27 +74,6 @@ def test_fused_attention_form_equals_the_torch_form_in_fp32(b, l, h, p, g, n, do
 
 
 @needs_triton
-@pytest.mark.parametrize("shape, docs", [((3, 24, 4, 16, 2, 80), True), ((2, 64, 2, 32, 1, 64), False)])
-def test_grad_b_and_c_in_their_own_kernel_equal_the_torch_form(monkeypatch, shape, docs):
-    """The backward with grad C B^T written out and grad B, C made by a kernel of their own (GRAD_BC_APART_FROM_N
-    reached): the same values and gradients as the torch form, d_state past one column step included."""
-    from lightning_mamba.models.kernels import ssd_quadratic_triton
-
-    monkeypatch.setattr(ssd_quadratic_triton, "GRAD_BC_APART_FROM_N", shape[-1])
-    assert ssd_quadratic_triton.grad_bc_apart(shape[-1])
-    assert_equals_the_torch_form(fused, shape, docs, with_d=True)
-
-
-def test_grad_b_and_c_run_apart_from_the_setting_on(monkeypatch):
-    from lightning_mamba.models.kernels import ssd_quadratic_triton
-
-    monkeypatch.setattr(ssd_quadratic_triton, "GRAD_BC_APART_FROM_N", 256)
-    assert [ssd_quadratic_triton.grad_bc_apart(n) for n in (16, 255, 256, 2048)] == [False, False, True, True]
-    monkeypatch.setattr(ssd_quadratic_triton, "GRAD_BC_APART_FROM_N", None)
-    assert not ssd_quadratic_triton.grad_bc_apart(2048)
-
-
-@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_raw_dt_with_dt_bias_equals_the_softplus_taken_first(dtype):
     """dt given raw (a strided piece of a wider tensor, as in_proj's output is split) with dt_bias: the kernels'
