@@ -1,11 +1,13 @@
 """Our fused attention-form SSD kernels (models/kernels/ssd_quadratic_triton.py, what the study's short rows run on
 the GPU) against the torch form they replaced (models/ssd.py's ssd_quadratic), same process, forward and forward +
 backward, at the study's cells; ``--sweep``: ours under other launch plans (warps, pipelining stages, d_state
-columns per step of the C B^T and grad B, C products), to choose the module's settings by measurement.
+columns per step of the C B^T and grad B, C products), to choose the module's settings by measurement; ``--sweep
+scores``: ours with C B^T kept from the forward for the backward and made again there (KEEP_SCORES).
 
     python benchmarks/attention_form_kernel.py                          # GPU: cells 16/32, 64/64, 128/64, bf16
     python benchmarks/attention_form_kernel.py --cells 64/64,512/32 --sweep
     python benchmarks/attention_form_kernel.py --cells 512/128,1024/256 --sweep     # the blocked kernels' warps
+    python benchmarks/attention_form_kernel.py --cells 256/32,1024/64 --sweep scores  # C B^T kept or made again
     TRITON_INTERPRET=1 python benchmarks/attention_form_kernel.py --device cpu --cells 16/16 --tokens 64   # smoke
 
 A cell ``d_state/LEN`` is the study's 4 x 256 model's mixer (16 heads of 32, one group) at --tokens tokens a step
@@ -55,16 +57,18 @@ CHECK_ROWS = 8
 @dataclass(frozen=True)
 class Plan:
     """A launch plan of our kernels: warps, pipelining stages, d_state columns per product step (BLOCK_N), a cap on
-    registers per thread (MAXNREG; None: the module's own choice)."""
+    registers per thread (MAXNREG), C B^T kept from the forward or made again (None: the module's own choice)."""
 
     warps: int | None = None
     stages: int | None = None
     block_n: int | None = None
     maxnreg: int | None = None
+    keep_scores: bool | None = None
 
     def label(self) -> str:
+        scores = "-" if self.keep_scores is None else "kept" if self.keep_scores else "made"
         return " ".join(f"{v if v is not None else '-':>6}"
-                        for v in (self.warps, self.stages, self.block_n, self.maxnreg))
+                        for v in (self.warps, self.stages, self.block_n, self.maxnreg, scores))
 
 
 # --sweep: 1, 2, 4 and 8 warps, the stages 1-3, 32 or 128 d_state columns a step and a cap of 128 or 168 registers
@@ -73,6 +77,8 @@ SWEEP = ([Plan(w) for w in (1, 2, 4, 8)] + [Plan(None, st) for st in (1, 2, 3)]
          + [Plan(None, None, n) for n in (32, 128)] + [Plan(None, None, None, r) for r in (128, 168)])
 # --sweep at rows past the one-tile kernels' (the blocked kernels' only): their warps
 BLOCKED_SWEEP = [Plan(w) for w in (4, 8)]
+# --sweep scores: the backward makes C B^T again, or reads the forward's
+SCORES_SWEEP = [Plan(keep_scores=False), Plan(keep_scores=True)]
 
 
 def parse_cell(text: str) -> tuple[int, int]:
@@ -135,6 +141,8 @@ def plan_applied(plan: Plan | None, fn=None) -> contextlib.ExitStack:
         module, settings = q, {} if plan is None else {"NUM_WARPS": plan.warps or q.NUM_WARPS,
                                                        "NUM_STAGES": plan.stages, "BLOCK_N": plan.block_n or q.BLOCK_N,
                                                        "MAXNREG": plan.maxnreg}
+        if plan is not None and plan.keep_scores is not None:
+            settings["KEEP_SCORES"] = plan.keep_scores
     stack = contextlib.ExitStack()
     for name, value in settings.items():
         stack.enter_context(overridden(module, name, value))
@@ -144,7 +152,7 @@ def plan_applied(plan: Plan | None, fn=None) -> contextlib.ExitStack:
 def launched(fn, seq_len: int) -> Plan | None:
     """The settings ``fn``'s launches read now (None for the torch form)."""
     if fn is ours:
-        return Plan(q.num_warps(q.block_l(seq_len)), q.NUM_STAGES, q.BLOCK_N, q.MAXNREG)
+        return Plan(q.num_warps(q.block_l(seq_len)), q.NUM_STAGES, q.BLOCK_N, q.MAXNREG, q.KEEP_SCORES)
     return Plan(blocks.NUM_WARPS) if fn is blocked else None
 
 
@@ -180,10 +188,10 @@ def time_contender(fn, inputs: dict, measure) -> tuple[float, float]:
     return 1e3 * measure(fwd), 1e3 * measure(lambda: forward_backward(fn, inputs))
 
 
-def run(cells: list[tuple[int, int]], tokens: int, device: str, dtype, sweep: bool) -> int:
+def run(cells: list[tuple[int, int]], tokens: int, device: str, dtype, sweep: str | None) -> int:
     measure = graph_timer if device == "cuda" else wall_timer
     failed = False
-    print(f"{'cell':<9} {'contender':<20} {'warps':>6} {'stages':>6} {'cols':>6} {'regs':>6} {'check (fp32)':<16} "
+    print(f"{'cell':<9} {'contender':<20} {'warps':>6} {'stages':>6} {'cols':>6} {'regs':>6} {'scores':>6} {'check (fp32)':<16} "
           f"{'fwd us':>9} {'bwd us':>9} {'fwd+bwd':>9} {'x torch':>8} {'x ours':>7}")
     for d_state, seq_len in cells:
         if tokens % seq_len:
@@ -195,7 +203,8 @@ def run(cells: list[tuple[int, int]], tokens: int, device: str, dtype, sweep: bo
         contenders = [("torch form", torch_form, None)] + ([("ours", ours, None)] if one_tile else [])
         contenders += [("blocked kernels", blocked, None)]
         if sweep:
-            contenders += ([("ours, plan", ours, plan) for plan in SWEEP] if one_tile
+            plans = SCORES_SWEEP if sweep == "scores" else SWEEP
+            contenders += ([("ours, plan", ours, plan) for plan in plans] if one_tile
                            else [("blocked, plan", blocked, plan) for plan in BLOCKED_SWEEP])
         base = default = None
         best = None
@@ -211,14 +220,14 @@ def run(cells: list[tuple[int, int]], tokens: int, device: str, dtype, sweep: bo
                 default = both if name == ("ours" if one_tile else "blocked kernels") else default
                 if ok and (best is None or both < best[0]):
                     best = (both, name, shown, fn)
-            print(f"{cell:<9} {name:<20} {shown.label() if shown is not None else ' ' * 27} {text:<16} {fwd:9.1f} "
+            print(f"{cell:<9} {name:<20} {shown.label() if shown is not None else ' ' * 34} {text:<16} {fwd:9.1f} "
                   f"{both - fwd:9.1f} {both:9.1f} {base / both:8.2f} "
                   + (f"{default / both:7.2f}" if default is not None else f"{'':>7}"))
         if best is not None and default is not None:
             _, label, plan, fn = best
             how = (f" (warps {plan.warps})" if fn is blocked else
                    f" (warps {plan.warps}, stages {plan.stages or 'default'}, {plan.block_n} columns a step, "
-                   f"registers {plan.maxnreg or 'default'})")
+                   f"registers {plan.maxnreg or 'default'}, C B^T {'kept' if plan.keep_scores else 'made again'})")
             print(f"{cell:<9} fastest: {label}{how}: {best[0]:.1f} us fwd+bwd, {default / best[0]:.2f}x "
                   f"{'ours' if one_tile else 'the blocked kernels'}")
     return 1 if failed else 0
@@ -230,7 +239,8 @@ def main(argv=None) -> int:
     p.add_argument("--cells", default="16/32,64/64,128/64", help="comma list of d_state/LEN")
     p.add_argument("--tokens", type=int, default=16384, help="tokens a step (rows = tokens / LEN)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="what the timings run in")
-    p.add_argument("--sweep", action="store_true", help="also time ours under every plan of SWEEP")
+    p.add_argument("--sweep", nargs="?", const="launch", choices=("launch", "scores"),
+                   help="also time ours under every plan of SWEEP (scores: of SCORES_SWEEP)")
     args = p.parse_args(argv)
     if q.triton is None:
         print("# triton is not installed: our kernels cannot run")

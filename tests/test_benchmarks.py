@@ -376,17 +376,27 @@ def test_attention_form_kernel_times_every_plan_and_puts_the_settings_back(capsy
     bench = load_benchmark("attention_form_kernel")
     monkeypatch.setattr(bench, "SWEEP", [bench.Plan(4), bench.Plan(None, 1), bench.Plan(None, None, 16),
                                          bench.Plan(None, None, None, 128)])
-    before = {k: getattr(q, k) for k in ("NUM_WARPS", "NUM_STAGES", "BLOCK_N", "MAXNREG")}
+    before = {k: getattr(q, k) for k in ("NUM_WARPS", "NUM_STAGES", "BLOCK_N", "MAXNREG", "KEEP_SCORES")}
     assert bench.main(["--device", "cpu", "--cells", "16/8", "--tokens", "8", "--dtype", "fp32", "--sweep"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("16/8 ")]
     assert [r[1] for r in rows] == ["torch", "ours", "blocked", "ours,", "ours,", "ours,", "ours,", "fastest:"]
     assert all(" ".join(r).count(" ok (") == 1 for r in rows[:-1])
-    # (warps, stages, columns, registers) as launched: the module's, then each plan's (its missing fields the module's)
+    # (warps, stages, columns, registers, C B^T) as launched: the module's, then each plan's (its missing fields the
+    # module's)
     warps, cols = str(q.num_warps(q.block_l(8))), str(q.BLOCK_N)  # rows of 8: a 16-time tile's warps (1)
+    scores = "kept" if q.KEEP_SCORES else "made"
     assert warps == "1"
-    assert [r[-11:-7] for r in (rows[1], *rows[3:7])] == [
-        [warps, "-", cols, "-"], ["4", "-", cols, "-"], [warps, "1", cols, "-"], [warps, "-", "16", "-"],
-        [warps, "-", cols, "128"]]
+    assert [r[-12:-7] for r in (rows[1], *rows[3:7])] == [
+        [warps, "-", cols, "-", scores], ["4", "-", cols, "-", scores], [warps, "1", cols, "-", scores],
+        [warps, "-", "16", "-", scores], [warps, "-", cols, "128", scores]]
+    assert {k: getattr(q, k) for k in before} == before
+    # --sweep scores: C B^T made again in the backward, then kept from the forward, both checked; the setting put back
+    assert bench.main(["--device", "cpu", "--cells", "16/8", "--tokens", "8", "--dtype", "fp32", "--sweep",
+                       "scores"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("16/8 ")]
+    assert [r[1] for r in rows] == ["torch", "ours", "blocked", "ours,", "ours,", "fastest:"]
+    assert all(" ".join(r).count(" ok (") == 1 for r in rows[:-1])
+    assert [r[-8] for r in rows[3:5]] == ["made", "kept"]
     assert {k: getattr(q, k) for k in before} == before
 
 
@@ -405,5 +415,5 @@ def test_attention_form_kernel_times_the_blocked_kernels_warps_past_the_one_tile
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("16/72 ")]
     assert [r[1] for r in rows] == ["torch", "blocked", "blocked,", "fastest:"]
     assert all(" ".join(r).count(" ok (") == 1 for r in rows[:-1])
-    assert [r[-11] for r in rows[1:3]] == [str(before), "4"]  # the warps each launched with
+    assert [r[-12] for r in rows[1:3]] == [str(before), "4"]  # the warps each launched with
     assert rows[-1][-1] == "kernels" and blocks.NUM_WARPS == before

@@ -46,6 +46,9 @@ NUM_STAGES: int | None = None
 # A cap on registers per thread (None: the compiler's choice; the backward takes all 255 at 4 warps, so two programs
 # share an SM): a lower cap lets more programs run at once, at the cost of spilling to local memory.
 MAXNREG: int | None = None
+# The forward writes C B^T (one l x l fp32 tile per row and group) for the backward, which then reads it rather than
+# making it again over d_state: at large d_state that product is a fair part of the backward's work.
+KEEP_SCORES = True
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -118,11 +121,12 @@ if triton is not None:
         return dt, a, decay, v
 
     @triton.jit
-    def _row_group(B_ptr, C_ptr, seq_ptr, l, sbb, sbl, sbg, scb, scl, scg, ssb, ssl, P: tl.constexpr, N: tl.constexpr,
-                   HAS_SEQ: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                   DOT: tl.constexpr):
+    def _row_group(B_ptr, C_ptr, seq_ptr, cb_ptr, l, sbb, sbl, sbg, scb, scl, scg, ssb, ssl, P: tl.constexpr,
+                   N: tl.constexpr, HAS_SEQ: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr,
+                   BLOCK_N: tl.constexpr, DOT: tl.constexpr, CB: tl.constexpr):
         """This program's batch row and group, its times and headdim columns with their masks, the offsets of its B
-        and C rows, C B^T and the pairs that contribute."""
+        and C rows, C B^T and the pairs that contribute. CB: 0 make C B^T, 1 make it and write it to cb_ptr (b,
+        groups, BLOCK_L, BLOCK_L), 2 read it from there."""
         bi = tl.program_id(0).to(tl.int64)
         gi = tl.program_id(1)
         t = tl.arange(0, BLOCK_L)
@@ -130,22 +134,29 @@ if triton is not None:
         p = tl.arange(0, BLOCK_P)
         tp_ok = t_ok[:, None] & (p < P)[None, :]
         row_b, row_c = bi * sbb + gi * sbg, bi * scb + gi * scg
-        cb = _c_bt(B_ptr, C_ptr, row_b, row_c, t, t_ok, sbl, scl, N, BLOCK_L, BLOCK_N, DOT)
+        cb_tile = cb_ptr + (bi * tl.num_programs(1) + gi) * (BLOCK_L * BLOCK_L) + t[:, None] * BLOCK_L + t[None, :]
+        if CB == 2:
+            cb = tl.load(cb_tile)
+        else:
+            cb = _c_bt(B_ptr, C_ptr, row_b, row_c, t, t_ok, sbl, scl, N, BLOCK_L, BLOCK_N, DOT)
+            if CB == 1:
+                tl.store(cb_tile, cb)
         keep = _causal_same_doc(seq_ptr, bi * ssb, t, t_ok, ssl, HAS_SEQ)
         return bi, gi, t, t_ok, p, tp_ok, row_b, row_c, cb, keep
 
     @triton.jit
     def _ssd_attention_fwd_kernel(
-        x_ptr, dt_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, y_ptr, l,
+        x_ptr, dt_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, cb_ptr, y_ptr, l,
         sxb, sxl, sxh, sdb, sdl, sbb, sbl, sbg, scb, scl, scg, ssb, ssl, syb, syl, syh,
         R: tl.constexpr, P: tl.constexpr, N: tl.constexpr, HAS_D: tl.constexpr,
         HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
-        BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
+        BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, CB: tl.constexpr,
     ):
         # (no name is bound both before the loop and in it with another type: Triton's compiler refuses that for a
         # loop-carried variable, which the interpreter does not check; `_` was, and failed to compile on the GPU)
         bi, gi, t, t_ok, p, tp_ok, _row_b, _row_c, cb, keep = _row_group(
-            B_ptr, C_ptr, seq_ptr, l, sbb, sbl, sbg, scb, scl, scg, ssb, ssl, P, N, HAS_SEQ, BLOCK_L, BLOCK_P, BLOCK_N, DOT,
+            B_ptr, C_ptr, seq_ptr, cb_ptr, l, sbb, sbl, sbg, scb, scl, scg, ssb, ssl, P, N, HAS_SEQ, BLOCK_L, BLOCK_P,
+            BLOCK_N, DOT, CB,
         )
         x_tp = t[:, None] * sxl + p[None, :]
         y_tp = t[:, None] * syl + p[None, :]
@@ -160,17 +171,18 @@ if triton is not None:
 
     @triton.jit
     def _ssd_attention_bwd_kernel(
-        x_ptr, dt_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, dy_ptr, dx_ptr, ddt_ptr, dB_ptr, dC_ptr,
+        x_ptr, dt_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, cb_ptr, dy_ptr, dx_ptr, ddt_ptr, dB_ptr, dC_ptr,
         dA_part_ptr, dD_part_ptr, dbias_part_ptr, l, H,
         sxb, sxl, sxh, sdb, sdl, sbb, sbl, sbg, scb, scl, scg, ssb, ssl, syb, syl, syh,
         sob, sol, soh, sgb, sgl, sgg, sgdb, sgdl,
         R: tl.constexpr, P: tl.constexpr, N: tl.constexpr, HAS_D: tl.constexpr,
         HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
-        BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
+        BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, CB: tl.constexpr,
     ):
         """grad x (strides so*), dt (dt's layout), per-row grad A and D (b, H); grad B and C (both strides sg*)."""
         bi, gi, t, t_ok, p, tp_ok, row_b, row_c, cb, keep = _row_group(
-            B_ptr, C_ptr, seq_ptr, l, sbb, sbl, sbg, scb, scl, scg, ssb, ssl, P, N, HAS_SEQ, BLOCK_L, BLOCK_P, BLOCK_N, DOT,
+            B_ptr, C_ptr, seq_ptr, cb_ptr, l, sbb, sbl, sbg, scb, scl, scg, ssb, ssl, P, N, HAS_SEQ, BLOCK_L, BLOCK_P,
+            BLOCK_N, DOT, CB,
         )
         # in-row offsets of the (time, headdim) tiles in int32, a row's base added as a scalar: half the registers of
         # int64 offsets (with the unmasked tiles, ptxas's spill stores at a 32-token tile, 4 warps: 156 -> 96 B)
@@ -278,18 +290,22 @@ class _SSDQuadratic(torch.autograd.Function):
     def forward(ctx, x, dt, A, B, C, D, seq_idx, dt_bias, slots):
         y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
         strides, meta, grid = _launch_args(x, dt, B, C, seq_idx)
+        tile = meta["BLOCK_L"]
+        # C B^T for the backward: only where one will run
+        cb = (torch.empty(*grid, tile, tile, device=x.device, dtype=torch.float32)
+              if KEEP_SCORES and any(ctx.needs_input_grad) else None)
         _ssd_attention_fwd_kernel[grid](
             x, dt, dt if dt_bias is None else dt_bias, A, B, C, x if D is None else D,
-            x if seq_idx is None else seq_idx, y, x.size(1), *strides, *y.stride()[:3], HAS_D=D is not None,
-            HAS_BIAS=dt_bias is not None, **meta,
+            x if seq_idx is None else seq_idx, y if cb is None else cb, y, x.size(1), *strides, *y.stride()[:3],
+            HAS_D=D is not None, HAS_BIAS=dt_bias is not None, CB=0 if cb is None else 1, **meta,
         )
-        ctx.save_for_backward(x, dt, A, B, C, D, seq_idx, dt_bias)
+        ctx.save_for_backward(x, dt, A, B, C, D, seq_idx, dt_bias, cb)
         ctx.slots = slots
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, dt, A, B, C, D, seq_idx, dt_bias = ctx.saved_tensors
+        x, dt, A, B, C, D, seq_idx, dt_bias, cb = ctx.saved_tensors
         b, h = x.size(0), x.size(2)
         dy = last_dim_contiguous(dy)
         # into x's, dt's, B's and C's columns of the splits' gradient buffers when they are their pieces (grad_slots.py)
@@ -307,9 +323,9 @@ class _SSDQuadratic(torch.autograd.Function):
         strides, meta, grid = _launch_args(x, dt, B, C, seq_idx)
         _ssd_attention_bwd_kernel[grid](
             x, dt, dt if dt_bias is None else dt_bias, A, B, C, x if D is None else D,
-            x if seq_idx is None else seq_idx, dy, dx, ddt, dB, dC, dA_part, dD_part, dbias_part, x.size(1),
-            h, *strides, *dy.stride()[:3], *dx.stride()[:3], *dB.stride()[:3], ddt.stride(0), ddt.stride(1),
-            HAS_D=D is not None, HAS_BIAS=dt_bias is not None, **meta,
+            x if seq_idx is None else seq_idx, x if cb is None else cb, dy, dx, ddt, dB, dC, dA_part, dD_part,
+            dbias_part, x.size(1), h, *strides, *dy.stride()[:3], *dx.stride()[:3], *dB.stride()[:3], ddt.stride(0),
+            ddt.stride(1), HAS_D=D is not None, HAS_BIAS=dt_bias is not None, CB=0 if cb is None else 2, **meta,
         )
         sums = parts.sum(1)
         dA = sums[0].to(A.dtype)

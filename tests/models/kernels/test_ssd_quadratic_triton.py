@@ -74,6 +74,23 @@ def test_fused_attention_form_equals_the_torch_form_in_fp32(b, l, h, p, g, n, do
 
 
 @needs_triton
+@pytest.mark.parametrize("keep", [True, False])
+def test_the_backward_reads_the_forwards_scores_or_makes_them_again_alike(monkeypatch, keep):
+    """KEEP_SCORES: the forward writes C B^T (one tile per row and group, fp32) and the backward reads it; without, the
+    backward makes it again. Either way the torch form's values and gradients (two groups, documents, d_state past
+    one column step)."""
+    from lightning_mamba.models.kernels import ssd_quadratic_triton
+
+    monkeypatch.setattr(ssd_quadratic_triton, "KEEP_SCORES", keep)
+    b, l, h, p, g, n = 3, 24, 4, 16, 2, 80
+    x, dt, A, B, C, D, seq_idx = make_inputs(b, l, h, p, g, n, docs=True)
+    y = ssd_quadratic_triton.ssd_quadratic_fused(*(t.requires_grad_() for t in (x, dt, A, B, C, D)), seq_idx=seq_idx)
+    kept = y.grad_fn.saved_tensors[-1]
+    assert (kept.shape, kept.dtype) == ((b, g, 32, 32), torch.float32) if keep else kept is None
+    assert_equals_the_torch_form(fused, (b, l, h, p, g, n), docs=True, with_d=True)
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_raw_dt_with_dt_bias_equals_the_softplus_taken_first(dtype):
     """dt given raw (a strided piece of a wider tensor, as in_proj's output is split) with dt_bias: the kernels'
