@@ -2,7 +2,7 @@
 the GPU) against the torch form they replaced (models/ssd.py's ssd_quadratic), same process, forward and forward +
 backward, at the study's cells; ``--sweep``: ours under other launch plans (warps, pipelining stages, d_state
 columns per step of the C B^T and grad B, C products), to choose the module's settings by measurement; ``--sweep
-scores``: ours with C B^T kept from the forward for the backward and made again there (KEEP_SCORES).
+scores``: ours with C B^T kept from the forward for the backward and made again there (KEEP_SCORES_FROM_N).
 
     python benchmarks/attention_form_kernel.py                          # GPU: cells 16/32, 64/64, 128/64, bf16
     python benchmarks/attention_form_kernel.py --cells 64/64,512/32 --sweep
@@ -141,18 +141,19 @@ def plan_applied(plan: Plan | None, fn=None) -> contextlib.ExitStack:
         module, settings = q, {} if plan is None else {"NUM_WARPS": plan.warps or q.NUM_WARPS,
                                                        "NUM_STAGES": plan.stages, "BLOCK_N": plan.block_n or q.BLOCK_N,
                                                        "MAXNREG": plan.maxnreg}
-        if plan is not None and plan.keep_scores is not None:
-            settings["KEEP_SCORES"] = plan.keep_scores
+        if plan is not None and plan.keep_scores is not None:  # at every tile and d_state, or none
+            settings["KEEP_SCORES_FROM_N"] = dict.fromkeys(q.WARPS_BY_TILE, 1 if plan.keep_scores else None)
     stack = contextlib.ExitStack()
     for name, value in settings.items():
         stack.enter_context(overridden(module, name, value))
     return stack
 
 
-def launched(fn, seq_len: int) -> Plan | None:
+def launched(fn, d_state: int, seq_len: int) -> Plan | None:
     """The settings ``fn``'s launches read now (None for the torch form)."""
     if fn is ours:
-        return Plan(q.num_warps(q.block_l(seq_len)), q.NUM_STAGES, q.BLOCK_N, q.MAXNREG, q.KEEP_SCORES)
+        tile = q.block_l(seq_len)
+        return Plan(q.num_warps(tile), q.NUM_STAGES, q.BLOCK_N, q.MAXNREG, q.keep_scores(tile, d_state))
     return Plan(blocks.NUM_WARPS) if fn is blocked else None
 
 
@@ -210,7 +211,7 @@ def run(cells: list[tuple[int, int]], tokens: int, device: str, dtype, sweep: st
         best = None
         for name, fn, plan in contenders:
             with plan_applied(plan, fn):  # checked at fewer rows, then timed, under the plan
-                shown = launched(fn, seq_len)
+                shown = launched(fn, d_state, seq_len)
                 ok, text = check(fn, d_state, seq_len, device)
                 failed |= not ok
                 fwd, both = time_contender(fn, inputs, measure) if ok else (float("nan"),) * 2

@@ -376,7 +376,7 @@ def test_attention_form_kernel_times_every_plan_and_puts_the_settings_back(capsy
     bench = load_benchmark("attention_form_kernel")
     monkeypatch.setattr(bench, "SWEEP", [bench.Plan(4), bench.Plan(None, 1), bench.Plan(None, None, 16),
                                          bench.Plan(None, None, None, 128)])
-    before = {k: getattr(q, k) for k in ("NUM_WARPS", "NUM_STAGES", "BLOCK_N", "MAXNREG", "KEEP_SCORES")}
+    before = {k: getattr(q, k) for k in ("NUM_WARPS", "NUM_STAGES", "BLOCK_N", "MAXNREG", "KEEP_SCORES_FROM_N")}
     assert bench.main(["--device", "cpu", "--cells", "16/8", "--tokens", "8", "--dtype", "fp32", "--sweep"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("16/8 ")]
     assert [r[1] for r in rows] == ["torch", "ours", "blocked", "ours,", "ours,", "ours,", "ours,", "fastest:"]
@@ -384,7 +384,7 @@ def test_attention_form_kernel_times_every_plan_and_puts_the_settings_back(capsy
     # (warps, stages, columns, registers, C B^T) as launched: the module's, then each plan's (its missing fields the
     # module's)
     warps, cols = str(q.num_warps(q.block_l(8))), str(q.BLOCK_N)  # rows of 8: a 16-time tile's warps (1)
-    scores = "kept" if q.KEEP_SCORES else "made"
+    scores = "kept" if q.keep_scores(16, 16) else "made"
     assert warps == "1"
     assert [r[-12:-7] for r in (rows[1], *rows[3:7])] == [
         [warps, "-", cols, "-", scores], ["4", "-", cols, "-", scores], [warps, "1", cols, "-", scores],

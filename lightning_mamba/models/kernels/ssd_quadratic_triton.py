@@ -46,9 +46,11 @@ NUM_STAGES: int | None = None
 # A cap on registers per thread (None: the compiler's choice; the backward takes all 255 at 4 warps, so two programs
 # share an SM): a lower cap lets more programs run at once, at the cost of spilling to local memory.
 MAXNREG: int | None = None
-# The forward writes C B^T (one l x l fp32 tile per row and group) for the backward, which then reads it rather than
-# making it again over d_state: at large d_state that product is a fair part of the backward's work.
-KEEP_SCORES = True
+# d_state from which the forward writes C B^T (one l x l fp32 tile per row and group) for the backward, which then
+# reads it rather than making it again over d_state, by tile length (None: never). On an H100 (fwd+bwd, kept against
+# made again): tiles of 32 0.98x at d_state 128, 1.00x at 256, 1.05x at 512, 1.11x at 1024; of 16 1.17x at 2048 (the
+# whole step 199.5 against 192.4 steps/s); of 64 0.90x at 256 and 0.99x at 1024. Tiles of 16 below 2048 are unmeasured.
+KEEP_SCORES_FROM_N = {16: 512, 32: 512, 64: None}
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -272,6 +274,13 @@ def num_warps(tile: int) -> int:
     return NUM_WARPS if NUM_WARPS is not None else WARPS_BY_TILE[tile]
 
 
+def keep_scores(tile: int, n: int) -> bool:
+    """Whether the backward reads the forward's C B^T at tiles of ``tile`` times and d_state ``n``
+    (KEEP_SCORES_FROM_N)."""
+    least = KEEP_SCORES_FROM_N.get(tile)
+    return least is not None and n >= least
+
+
 def block_p(p: int) -> int:
     """headdim columns of a tile: p padded to a power of two, at least 16 (tl.dot's least)."""
     return max(16, triton.next_power_of_2(p))
@@ -293,7 +302,7 @@ class _SSDQuadratic(torch.autograd.Function):
         tile = meta["BLOCK_L"]
         # C B^T for the backward: only where one will run
         cb = (torch.empty(*grid, tile, tile, device=x.device, dtype=torch.float32)
-              if KEEP_SCORES and any(ctx.needs_input_grad) else None)
+              if keep_scores(tile, B.size(3)) and any(ctx.needs_input_grad) else None)
         _ssd_attention_fwd_kernel[grid](
             x, dt, dt if dt_bias is None else dt_bias, A, B, C, x if D is None else D,
             x if seq_idx is None else seq_idx, y if cb is None else cb, y, x.size(1), *strides, *y.stride()[:3],

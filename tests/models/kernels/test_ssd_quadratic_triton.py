@@ -76,12 +76,12 @@ def test_fused_attention_form_equals_the_torch_form_in_fp32(b, l, h, p, g, n, do
 @needs_triton
 @pytest.mark.parametrize("keep", [True, False])
 def test_the_backward_reads_the_forwards_scores_or_makes_them_again_alike(monkeypatch, keep):
-    """KEEP_SCORES: the forward writes C B^T (one tile per row and group, fp32) and the backward reads it; without, the
-    backward makes it again. Either way the torch form's values and gradients (two groups, documents, d_state past
-    one column step)."""
+    """From d_state KEEP_SCORES_FROM_N[tile] the forward writes C B^T (one tile per row and group, fp32) and the
+    backward reads it; below, the backward makes it again. Either way the torch form's values and gradients (two
+    groups, documents, d_state past one column step)."""
     from lightning_mamba.models.kernels import ssd_quadratic_triton
 
-    monkeypatch.setattr(ssd_quadratic_triton, "KEEP_SCORES", keep)
+    monkeypatch.setattr(ssd_quadratic_triton, "KEEP_SCORES_FROM_N", {32: 80 if keep else 81})
     b, l, h, p, g, n = 3, 24, 4, 16, 2, 80
     x, dt, A, B, C, D, seq_idx = make_inputs(b, l, h, p, g, n, docs=True)
     y = ssd_quadratic_triton.ssd_quadratic_fused(*(t.requires_grad_() for t in (x, dt, A, B, C, D)), seq_idx=seq_idx)
@@ -276,3 +276,15 @@ def test_launches_take_the_warps_of_their_tile_and_masks_only_where_rows_do_not_
     monkeypatch.setattr(ssd_quadratic_triton, "NUM_WARPS", 8)
     monkeypatch.setattr(ssd_quadratic_triton, "MAXNREG", 128)
     assert meta(16)["num_warps"] == meta(64)["num_warps"] == 8 and meta(32)["maxnreg"] == 128
+
+
+def test_the_scores_are_kept_from_their_tiles_d_state_on(monkeypatch):
+    """keep_scores: from KEEP_SCORES_FROM_N's d_state for the tile on, never where it says None; every tile the
+    kernels launch has an entry."""
+    from lightning_mamba.models.kernels import ssd_quadratic_triton as q
+
+    assert set(q.KEEP_SCORES_FROM_N) == set(q.WARPS_BY_TILE)
+    monkeypatch.setattr(q, "KEEP_SCORES_FROM_N", {16: 512, 32: 1024, 64: None})
+    assert [q.keep_scores(16, n) for n in (256, 511, 512, 2048)] == [False, False, True, True]
+    assert [q.keep_scores(32, n) for n in (512, 1024)] == [False, True]
+    assert not q.keep_scores(64, 4096)
