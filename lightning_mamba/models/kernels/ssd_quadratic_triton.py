@@ -8,8 +8,9 @@ Why: the study trains 4 x 256 models on rows of 16-64 tokens, where ``quadratic_
 it is a chain of einsums, masks, exps and copies of (rows x heads x l x l) tensors: on an H200 those copies were
 more than half the GPU time of a d_state 512, LEN 32 training step (benchmarks/profile_step.py --config cell).
 Here one program per (batch row, group) computes C B^T once (l x l, over d_state), then walks the group's heads
-with everything in registers; the backward recomputes the same and writes grad x, dt, B, C, and per-row partial
-sums of grad A and D (summed after: deterministic, no atomics). (Splitting a group's heads over several
+with everything in registers; the backward recomputes the same (C B^T read back where the forward kept it:
+KEEP_SCORES_FROM_N) and writes grad x, dt, B, C, and per-row partial sums of grad A and D (summed after:
+deterministic, no atomics). (Splitting a group's heads over several
 programs, each making C B^T again, was timed on an H100 and ran 0.83-0.99x the one-program speed: not kept. So was
 grad B, C in a kernel of its own, more programs at once from grad C B^T written out: fewer spilled registers, but
 0.93-0.98x fwd+bwd at d_state 128-2048.)
@@ -292,8 +293,8 @@ def block_n(n: int) -> int:
 
 
 class _SSDQuadratic(torch.autograd.Function):
-    """y = attention-form SSD + D x; saves the inputs and recomputes everything else in backward. With dt_bias, dt is
-    the raw projection (the kernels apply dt_bias and the softplus)."""
+    """y = attention-form SSD + D x; saves the inputs (and C B^T where keep_scores says) and recomputes everything else
+    in backward. With dt_bias, dt is the raw projection (the kernels apply dt_bias and the softplus)."""
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, seq_idx, dt_bias, slots):
