@@ -754,6 +754,10 @@ def parse_args(argv=None):
     if unknown:
         p.error(f"unknown contender(s) {', '.join(unknown)}: use {', '.join(CONTENDERS)} (a *_1cell one may end in "
                 f"{QUADRATIC}, {QUADRATIC_TORCH}, {QUADRATIC_BLOCKED}, then any of {', '.join(MODIFIERS)})")
+    both_convs = [c for c in args.contenders if {TRITONCONV, LIBCONV} <= _modifiers(c)[1]]
+    if both_convs:
+        p.error(f"contender(s) {', '.join(both_convs)} ask for two convs: keep one of {TRITONCONV} (ours at every row "
+                f"length) and {LIBCONV} (causal_conv1d's)")
     n_cells = any(c.endswith(("_Ncells", "_Nstreams")) for c in args.contenders)
     for length in [args.seq_len] + (args.lens if n_cells else []):
         if args.tokens_per_step % length:

@@ -288,6 +288,15 @@ def test_cell_throughput_torchembedding_and_remadescores_contenders_switch_one_k
         bench.main([*CELL_SMOKE, "--contenders", "graph_Ncells_remadescores"])
 
 
+def test_cell_throughput_refuses_a_contender_asking_for_both_convs(capsys):
+    bench = load_benchmark("cell_throughput")
+    with pytest.raises(SystemExit):
+        bench.parse_args([*CELL_SMOKE, "--contenders", "eager_1cell,eager_1cell_quadratic_libconv_tritonconv"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "eager_1cell_quadratic_libconv_tritonconv ask for two convs" in err and "eager_1cell," not in err
+    assert bench.parse_args([*CELL_SMOKE, "--contenders", "eager_1cell_libconv,eager_1cell_tritonconv"])
+
+
 def test_cell_throughput_savestates_contenders_save_the_chunk_states(monkeypatch):
     """<1-cell contender>_savestates builds its model with save_chunk_states, before or after _splitcat and beside
     the quadratic suffixes; --save_chunk_states turns it on for every contender. The models built are checked."""
