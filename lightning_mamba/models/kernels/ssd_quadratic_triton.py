@@ -10,10 +10,9 @@ more than half the GPU time of a d_state 512, LEN 32 training step (benchmarks/p
 Here one program per (batch row, group) computes C B^T once (l x l, over d_state), then walks the group's heads
 with everything in registers; the backward recomputes the same (C B^T read back where the forward kept it:
 KEEP_SCORES_FROM_N) and writes grad x, dt, B, C, and per-row partial sums of grad A and D (summed after:
-deterministic, no atomics). (Splitting a group's heads over several
-programs, each making C B^T again, was timed on an H100 and ran 0.83-0.99x the one-program speed: not kept. So was
-grad B, C in a kernel of its own, more programs at once from grad C B^T written out: fewer spilled registers, but
-0.93-0.98x fwd+bwd at d_state 128-2048.)
+deterministic, no atomics). (Splitting a group's heads over several programs, each making C B^T again, was timed
+on an H100 and ran 0.83-0.99x the one-program speed: not kept. So was grad B, C in a kernel of its own, more
+programs at once from grad C B^T written out: fewer spilled registers, but 0.93-0.98x fwd+bwd at d_state 128-2048.)
 Products of fp32 inputs run in fp32, so results agree with the torch form to rounding; under bf16 autocast they
 run on TF32 tensor cores (the torch form feeds its matmuls bf16).
 No final state: training asks for none (the torch form builds it when asked). Rows up to MAX_LEN tokens: the
@@ -297,13 +296,13 @@ class _SSDQuadratic(torch.autograd.Function):
     in backward. With dt_bias, dt is the raw projection (the kernels apply dt_bias and the softplus)."""
 
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, seq_idx, dt_bias, slots):
+    def forward(ctx, x, dt, A, B, C, D, seq_idx, dt_bias, slots, grads):
         y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
         strides, meta, grid = _launch_args(x, dt, B, C, seq_idx)
         tile = meta["BLOCK_L"]
-        # C B^T for the backward: only where one will run
+        # C B^T for the backward: only where one will run (grads: autograd records this call)
         cb = (torch.empty(*grid, tile, tile, device=x.device, dtype=torch.float32)
-              if keep_scores(tile, B.size(3)) and any(ctx.needs_input_grad) else None)
+              if grads and keep_scores(tile, B.size(3)) else None)
         _ssd_attention_fwd_kernel[grid](
             x, dt, dt if dt_bias is None else dt_bias, A, B, C, x if D is None else D,
             x if seq_idx is None else seq_idx, y if cb is None else cb, y, x.size(1), *strides, *y.stride()[:3],
@@ -341,7 +340,7 @@ class _SSDQuadratic(torch.autograd.Function):
         dA = sums[0].to(A.dtype)
         dD = None if D is None else sums[1].to(D.dtype)
         dbias = None if dt_bias is None else sums[-1].to(dt_bias.dtype)
-        return dx, ddt, dA, dB, dC, dD, None, dbias, None
+        return dx, ddt, dA, dB, dC, dD, None, dbias, None, None
 
 
 def ssd_quadratic_fused(
@@ -359,5 +358,6 @@ def ssd_quadratic_fused(
     slots = tuple(slot_of(t) for t in (x, dt, B, C))  # (a copy made below passes its gradient on unchanged)
     x, B, C = (last_dim_contiguous(t) for t in (x, B, C))
     dt = last_dim_contiguous(dt) if dt_bias is not None else dt.contiguous()
+    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, dt, A, B, C, D, dt_bias))
     return _SSDQuadratic.apply(x, dt, A.contiguous(), B, C, None if D is None else D.contiguous(), seq_idx,
-                               None if dt_bias is None else dt_bias.contiguous(), slots)
+                               None if dt_bias is None else dt_bias.contiguous(), slots, grads)

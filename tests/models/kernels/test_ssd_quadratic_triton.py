@@ -87,6 +87,19 @@ def test_the_backward_reads_the_forwards_scores_or_makes_them_again_alike(monkey
     y = ssd_quadratic_triton.ssd_quadratic_fused(*(t.requires_grad_() for t in (x, dt, A, B, C, D)), seq_idx=seq_idx)
     kept = y.grad_fn.saved_tensors[-1]
     assert (kept.shape, kept.dtype) == ((b, g, 32, 32), torch.float32) if keep else kept is None
+    # nothing kept where no backward will run: the forward kernel told to make C B^T only
+    kernel, modes = ssd_quadratic_triton._ssd_attention_fwd_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: modes.append(kw["CB"]) or kernel[grid](*args, **kw)
+
+    monkeypatch.setattr(ssd_quadratic_triton, "_ssd_attention_fwd_kernel", Spy())
+    with torch.no_grad():
+        ssd_quadratic_triton.ssd_quadratic_fused(x, dt, A, B, C, D, seq_idx=seq_idx)
+    ssd_quadratic_triton.ssd_quadratic_fused(x, dt, A, B, C, D, seq_idx=seq_idx)
+    assert modes == [0, 1 if keep else 0]
+    monkeypatch.setattr(ssd_quadratic_triton, "_ssd_attention_fwd_kernel", kernel)
     assert_equals_the_torch_form(fused, (b, l, h, p, g, n), docs=True, with_d=True)
 
 
