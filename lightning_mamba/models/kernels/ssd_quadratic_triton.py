@@ -49,7 +49,8 @@ MAXNREG: int | None = None
 # d_state from which the forward writes C B^T (one l x l fp32 tile per row and group) for the backward, which then
 # reads it rather than making it again over d_state, by tile length (None: never). On an H100 (fwd+bwd, kept against
 # made again): tiles of 32 0.98x at d_state 128, 1.00x at 256, 1.05x at 512, 1.11x at 1024; of 16 1.17x at 2048 (the
-# whole step 199.5 against 192.4 steps/s); of 64 0.90x at 256 and 0.99x at 1024. Tiles of 16 below 2048 are unmeasured.
+# whole step 199.5 against 192.4 steps/s); of 64 0.90x at 256 and 0.99x at 1024 (read from memory, C B^T makes the
+# compiler compute the l x l decay in two layouts there, docs/performance.md). Tiles of 16 below 2048 are unmeasured.
 KEEP_SCORES_FROM_N = {16: 512, 32: 512, 64: None}
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
