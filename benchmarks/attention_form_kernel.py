@@ -142,7 +142,7 @@ def plan_applied(plan: Plan | None, fn=None) -> contextlib.ExitStack:
                                                        "NUM_STAGES": plan.stages, "BLOCK_N": plan.block_n or q.BLOCK_N,
                                                        "MAXNREG": plan.maxnreg}
         if plan is not None and plan.keep_scores is not None:  # at every tile and d_state, or none
-            settings["KEEP_SCORES_FROM_N"] = dict.fromkeys(q.WARPS_BY_TILE, 1 if plan.keep_scores else None)
+            settings["KEEP_SCORES_FROM_N"] = dict.fromkeys(q.KEEP_SCORES_FROM_N, 1 if plan.keep_scores else None)
     stack = contextlib.ExitStack()
     for name, value in settings.items():
         stack.enter_context(overridden(module, name, value))
