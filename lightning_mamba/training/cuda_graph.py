@@ -1,16 +1,22 @@
-"""The training loss's forward and backward captured as CUDA graphs, replayed every step.
+"""The training loss's forward and backward captured as one CUDA graph, replayed every step.
 
 At the 130M size a training step on an H200 is bound by the host CPU: enqueueing its ~1,000 kernels (Python,
 autograd, Triton launches with dozens of arguments) takes as long as the GPU takes to run them
-(`benchmarks/step_timeline.py`, docs/performance.md). A CUDA graph enqueues all of a forward's or a backward's
-kernels in one launch. ``torch.cuda.make_graphed_callables`` captures them once, after warm-up iterations (which
-also let Triton compile and autotune), and replays them with the next batch copied into the captured input
-tensors; parameters are read in place, so optimizer updates between replays are seen.
+(`benchmarks/step_timeline.py`, docs/performance.md). A CUDA graph enqueues all of them in one launch. The first
+call runs warm-up iterations on a side stream (Triton compiles and autotunes there), then captures the loss and
+``torch.autograd.grad`` of it with respect to the parameters: the gradients land in buffers of the graph's memory
+pool, which every replay overwrites. A replay runs the forward and the backward at once; the returned loss's
+``backward()`` then only hands those buffers to the parameters (``p.grad`` becomes the buffer, or the buffer is
+added to a gradient already there) and scales them by the incoming gradient. So a graphed step costs the host
+one replay, not an autograd pass: ``torch.cuda.make_graphed_callables`` (two graphs, the backward replayed from
+autograd, which then accumulates every parameter's gradient) cost the study's small cells ~1.2 ms of host time a
+step, more than the GPU needed for the whole step (docs/performance.md).
 
 Limits: one batch shape per graph (a batch of another shape or dtype, such as a short last batch, runs eagerly),
-zero initial states, one device (no DDP/FSDP), gradients set to None between steps (as ``zero_grad`` does by
-default) and no gradient accumulation (a parameter's .grad may alias the graph's static gradient buffer); the
-capture holds the step's activations in a private memory pool for the rest of the run.
+zero initial states, one device (no DDP/FSDP), no fp16 autocast (its loss scaling would enter the backward: such
+calls run eagerly), gradients set to None between steps (as ``zero_grad`` does by default) and no gradient
+accumulation across replays (a parameter's .grad is the graph's buffer, overwritten by the next replay); the capture
+holds the step's activations in a private memory pool for the rest of the run.
 
 The capture runs in CUDA's "thread_local" mode, not torch's default "global": under "global" a CUDA call from any
 other thread invalidates the capture, and a DataLoader with ``pin_memory=True`` keeps a thread that allocates and
@@ -20,73 +26,96 @@ That thread never touches the captured stream, so its calls have no place in the
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..models import MambaLM
 from ..models.precision import autocast_dtype
-
-
-class _Loss(nn.Module):
-    """model.loss as a module of tensors only (what make_graphed_callables takes); seq_idx optional."""
-
-    def __init__(self, model: MambaLM):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: Tensor, labels: Tensor, seq_idx: Tensor | None = None) -> Tensor:
-        return self.model.loss(input_ids, labels, seq_idx=seq_idx, return_state=False)[0]
-
-
-class _ThreadLocalGraph(torch.cuda.graph):
-    """torch.cuda.graph that always captures in "thread_local" mode (module docstring)."""
-
-    def __init__(self, cuda_graph, pool=None, stream=None, capture_error_mode="thread_local", **kwargs):
-        super().__init__(cuda_graph, pool=pool, stream=stream, capture_error_mode="thread_local", **kwargs)
-
-
-@contextlib.contextmanager
-def thread_local_capture():
-    """While open, ``torch.cuda.graph`` (which make_graphed_callables calls for its captures and exposes no mode
-    for) is _ThreadLocalGraph."""
-    original = torch.cuda.graph
-    torch.cuda.graph = _ThreadLocalGraph
-    try:
-        yield
-    finally:
-        torch.cuda.graph = original
 
 
 def _signature(args: tuple[Tensor, ...]) -> tuple:
     return tuple((a.shape, a.dtype, a.device) for a in args), autocast_dtype("cuda")  # None: autocast off
 
 
+def _laid_out_like(p: Tensor, g: Tensor) -> Tensor:
+    """g in p's strides and dtype (a copy, inside the graph, where they differ), as autograd's accumulation leaves a
+    gradient: fused optimizers refuse a gradient laid out otherwise than its parameter."""
+    if g.stride() == p.stride() and g.dtype == p.dtype:
+        return g
+    return torch.empty_like(p).copy_(g)
+
+
+class _ReplayedLoss(torch.autograd.Function):
+    """The replayed loss, made differentiable: its backward hands the replay's gradients to the parameters."""
+
+    @staticmethod
+    def forward(ctx, loss: Tensor, anchor: Tensor, graphed: GraphedLoss) -> Tensor:
+        ctx.graphed = graphed
+        return loss.clone()  # the graph's output is rewritten by the next replay
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        ctx.graphed._hand_gradients(grad)
+        return None, None, None
+
+
 class GraphedLoss:
     """``GraphedLoss(model)(input_ids, labels, seq_idx=None)`` equals ``model.loss(...)[0]`` with its gradients;
-    the first call captures the graphs, later calls with inputs of the same shapes replay them."""
+    the first call captures the graph, later calls with inputs of the same shapes replay it."""
 
     def __init__(self, model: MambaLM, warmup_iters: int = 3):
         self.model = model
         self.warmup_iters = warmup_iters
         self.signature = None
-        self._graphed: nn.Module | None = None
-        self.replays = 0  # steps that ran from the graphs (for tests and logs)
+        self.replays = 0  # steps that ran from the graph (for tests and logs)
+        self._graph: torch.cuda.CUDAGraph | None = None
+
+    def _loss(self, input_ids: Tensor, labels: Tensor, seq_idx: Tensor | None = None) -> Tensor:
+        return self.model.loss(input_ids, labels, seq_idx=seq_idx, return_state=False)[0]
 
     def __call__(self, input_ids: Tensor, labels: Tensor, seq_idx: Tensor | None = None) -> Tensor:
         args = (input_ids, labels) if seq_idx is None else (input_ids, labels, seq_idx)
-        if not input_ids.is_cuda or not torch.is_grad_enabled():
-            return self.model.loss(input_ids, labels, seq_idx=seq_idx, return_state=False)[0]
+        if not input_ids.is_cuda or not torch.is_grad_enabled() or autocast_dtype("cuda") == torch.float16:
+            return self._loss(*args)
         signature = _signature(args)
-        if self._graphed is None:  # (autocast must run with cache_enabled=False, as Lightning's does)
-            with thread_local_capture():
-                self._graphed = torch.cuda.make_graphed_callables(
-                    _Loss(self.model), tuple(a.detach().clone() for a in args),
-                    num_warmup_iters=self.warmup_iters, allow_unused_input=True,
-                )
+        if self._graph is None:  # (autocast must run with cache_enabled=False, as Lightning's does)
+            self._capture(args)
             self.signature = signature
         if signature != self.signature:
-            return self.model.loss(input_ids, labels, seq_idx=seq_idx, return_state=False)[0]
+            return self._loss(*args)
+        for static, a in zip(self._inputs, args):
+            static.copy_(a)
+        self._graph.replay()
         self.replays += 1
-        return self._graphed(*args)
+        return _ReplayedLoss.apply(self._static_loss, self._anchor, self)
+
+    def _capture(self, args: tuple[Tensor, ...]) -> None:
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
+        self._inputs = tuple(a.detach().clone() for a in args)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the default stream, as torch's recipe does
+            for _ in range(self.warmup_iters):
+                torch.autograd.grad(self._loss(*self._inputs), self._params, allow_unused=True)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # module docstring
+            loss = self._loss(*self._inputs)
+            grads = torch.autograd.grad(loss, self._params, allow_unused=True)
+            grads = [None if g is None else _laid_out_like(p, g) for p, g in zip(self._params, grads)]
+        self._graph, self._static_loss = graph, loss.detach()
+        self._grads = [(p, g) for p, g in zip(self._params, grads) if g is not None]  # unused: no gradient, as eager
+        self._buffers = [g for _, g in self._grads]
+        self._anchor = torch.zeros((), device=loss.device, requires_grad=True)  # makes the replayed loss need grad
+
+    @torch.no_grad()
+    def _hand_gradients(self, grad: Tensor) -> None:
+        """The last replay's gradients, times ``grad`` (d output / d loss: 1 for ``loss.backward()``), as autograd
+        would leave them: a parameter without a gradient gets the buffer itself, one with a gradient gets it added."""
+        torch._foreach_mul_(self._buffers, grad)
+        for p, g in self._grads:
+            if p.grad is None:
+                p.grad = g
+            elif p.grad is not g:
+                p.grad.add_(g)

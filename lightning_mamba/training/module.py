@@ -85,10 +85,11 @@ class MambaLitModule(L.LightningModule):
         replan_schedule: On a resume (--ckpt_path) plan the lr schedule over the new run's length (e.g. a larger
             --trainer.max_steps). Off: the schedule keeps the length the run started with (it is in the
             checkpoint), so the lr does not jump back up; past its end it stays at its final value.
-        cuda_graph: Capture the training loss's forward and backward as CUDA graphs at the first training step and
-            replay them at every later one (training/cuda_graph.py): removes the CPU cost of launching the
-            step's kernels, which bounds the step time of small and mid-size models on a GPU. One CUDA device,
-            zero initial states, no gradient accumulation; a batch of another shape runs eagerly.
+        cuda_graph: Capture the training loss's forward and backward as one CUDA graph at the first training step
+            and replay it at every later one (training/cuda_graph.py): removes the CPU cost of launching the
+            step's kernels and of autograd, which bounds the step time of small and mid-size models on a GPU. One
+            CUDA device, zero initial states, bf16-mixed or 32-true, no gradient accumulation; a batch of another
+            shape runs eagerly.
     """
 
     def __init__(
@@ -192,13 +193,16 @@ class MambaLitModule(L.LightningModule):
     def _check_cuda_graph(self) -> None:
         trainer = self.trainer
         if trainer.accumulate_grad_batches > 1:
-            # the replayed backward hands autograd its static gradient buffers, which a parameter's .grad may then
-            # alias (autograd steals them): the next replay would overwrite the gradient being accumulated
+            # a parameter's .grad is the graph's gradient buffer: the next replay would overwrite the gradient being
+            # accumulated
             raise ConfigError(f"model.cuda_graph needs --trainer.accumulate_grad_batches 1 (got "
                               f"{trainer.accumulate_grad_batches}): raise data.batch_size instead, or drop it")
         if trainer.strategy.root_device.type != "cuda":
             raise ConfigError(f"model.cuda_graph needs a CUDA device (the trainer runs on "
                               f"{trainer.strategy.root_device.type}): use --trainer.accelerator gpu or drop it")
+        if trainer.precision == "16-mixed":  # its loss scale multiplies the backward's input, changing every step
+            raise ConfigError("model.cuda_graph trains under bf16-mixed or 32-true (got --trainer.precision 16-mixed, "
+                              "whose loss scaling the captured backward cannot take): use bf16-mixed or drop it")
         if trainer.world_size > 1:
             raise ConfigError(f"model.cuda_graph works on one device ({trainer.world_size} processes here): "
                               f"use --trainer.devices 1 or drop model.cuda_graph")
