@@ -53,7 +53,6 @@ def _parts():
 
     from lightning_mamba.data.packed import PackedTextDataset
     from lightning_mamba.models import MambaLM
-    from lightning_mamba.training import module, nan_guard
     from lightning_mamba.training.cuda_graph import GraphedLoss
 
     return [
@@ -68,8 +67,8 @@ def _parts():
         ("model.loss forward (CPU: its math; GPU: only at the capture)", MambaLM, "loss"),
         ("backward (CPU: its math; GPU: the replayed gradients handed over)", torch.autograd, "backward"),
         ("clip_grad_norm_ (its own norm: no NaN guard offered one)", torch.nn.utils, "clip_grad_norm_"),
-        ("clipping by the NaN guard's norm (training/grad_norm.py clip_with_norm_)", module, "clip_with_norm_"),
-        ("NaN guard: its total norm (training/grad_norm.py total_norm)", nan_guard, "total_norm"),
+        ("clipping by the NaN guard's norm (clip_grads_with_norm_)", torch.nn.utils, "clip_grads_with_norm_"),
+        ("NaN guard: get_total_norm", torch.nn.utils, "get_total_norm"),
         ("optimizer: AdamW.step's own code", torch.optim.AdamW, "step"),
         ("AdamW update (CPU: its math; GPU: the fused kernels' launch)", importlib.import_module("torch.optim.adam"),
          "adam"),

@@ -17,7 +17,6 @@ from ..models.kernels.backend import check_backend
 from . import tensorboard_resume, validation
 from .checkpoint_io import check_intact, check_model_shape, check_tokenizer, flat_settings, model_config
 from .cuda_graph import GraphedLoss
-from .grad_norm import clip_with_norm_, total_norm
 from .initial_states import NEEDS_LANES, InitialStates
 from .schedule import SCHEDULES, lr_factor
 from .sharding import fsdp_root, unwrapped_name
@@ -383,7 +382,7 @@ class MambaLitModule(L.LightningModule):
         if gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm":
             grad_norm = self._take_offered_grad_norm()
             if grad_norm is not None:
-                clip_with_norm_([p.grad for p in self.parameters() if p.grad is not None], gradient_clip_val, grad_norm)
+                torch.nn.utils.clip_grads_with_norm_(self.parameters(), gradient_clip_val, grad_norm)
             else:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
             self.log_step("train/grad_norm", grad_norm)
@@ -403,7 +402,7 @@ class MambaLitModule(L.LightningModule):
         elif self.trainer._logger_connector.should_update_logs:
             grads = [p.grad for p in self.parameters() if p.grad is not None]
             if grads:
-                self.log_step("train/grad_norm", total_norm(grads))
+                self.log_step("train/grad_norm", torch.nn.utils.get_total_norm(grads))
 
     # ---- throughput --------------------------------------------------------------------
     @property

@@ -14,7 +14,6 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ..errors import UserError
-from .grad_norm import total_norm
 
 MODES = ("stop", "skip")
 ASIDE = ".nonfinite"  # suffix of the checkpoints put aside: kept for a look, never picked up as *.ckpt
@@ -80,15 +79,15 @@ class NanGuard(L.Callback):
         losses, self._losses = self._losses, []
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         check_grads = getattr(trainer.precision_plugin, "scaler", None) is None
-        checks = [_all_finite(losses)] if losses else []
-        grad_norm = total_norm(grads) if grads and check_grads else None
+        checks = [torch.stack(losses).isfinite().all()] if losses else []
+        grad_norm = torch.nn.utils.get_total_norm(grads) if grads and check_grads else None
         if grad_norm is not None:
             checks.append(grad_norm.isfinite())
         if checks and check_grads and trainer.world_size == 1 and _takes_found_inf(optimizer):
             self._check_later(trainer, pl_module, optimizer, losses, grad_norm, checks)
             _offer_grad_norm(pl_module, grad_norm)  # the gradients stay as they are: the optimizer skips a bad step
             return
-        bad = bool(checks) and not _both(checks, pl_module.device)
+        bad = bool(checks) and not torch.stack([c.to(pl_module.device) for c in checks]).all()
         # Each rank sees its own losses (and under FSDP its own shard of the gradients): one rank's non-finite
         # step is every rank's, so that all stop or skip together.
         if not trainer.strategy.reduce_boolean_decision(bad, all=False):
@@ -103,7 +102,7 @@ class NanGuard(L.Callback):
                      checks) -> None:
         """The deferred check (class docstring): the optimizer skips this step on the device if it is not finite;
         the verdict of the step before, long computed by now, is read and acted on."""
-        bad = ~_both(checks, pl_module.device)
+        bad = ~torch.stack([c.to(pl_module.device) for c in checks]).all()
         _unwrap(optimizer).found_inf = bad.float()
         self._resolve(trainer, pl_module)
         self._log_skipped(trainer, pl_module)
@@ -271,21 +270,6 @@ def _checkpoint_may_follow(trainer: L.Trainer) -> bool:
         if (every and step % every == 0) or getattr(cb, "_train_time_interval", None) is not None:
             return True
     return False
-
-
-def _all_finite(losses: list[torch.Tensor]) -> torch.Tensor:
-    """Whether every loss is finite (a device bool; one step's one loss needs no stack: fewer launches)."""
-    if len(losses) == 1 and losses[0].dim() == 0:
-        return losses[0].isfinite()
-    return torch.stack(losses).isfinite().all()
-
-
-def _both(checks: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """The checks (device bools) and-ed together on ``device``."""
-    result = checks[0].to(device)
-    for check in checks[1:]:
-        result = result & check.to(device)
-    return result
 
 
 def _unwrap(optimizer):
