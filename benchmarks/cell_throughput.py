@@ -67,7 +67,10 @@ Contenders:
                    graph_1cell_quadratic,graph_1cell_quadratic_tritonconv).
   <any 1cell name>_libconv  the other way: causal_conv1d's kernels (when installed) at every row length, where the
                    model takes ours for rows of at most backend.OURS_CONV_MAX_LEN tokens (e.g.
-                   graph_1cell_quadratic_libconv,graph_1cell_quadratic at LEN 32). The modifiers go in any order.
+                   graph_1cell_quadratic_libconv,graph_1cell_quadratic at LEN 32).
+  fit_1cell_graphupdate  the fit with --model.cuda_graph_update true: the NaN guard's check, clipping and AdamW
+                   replayed as a second graph after the loss's (training/cuda_graph.py GraphedUpdate), the A/B of
+                   fit_1cell in one process. The modifiers go in any order.
 
 Each graphed contender first checks itself against an eager copy of the model on the same batches (--check_steps
 steps from the same weights): the losses must agree and the parameters must have moved alike; a failed check is
@@ -539,6 +542,7 @@ def fit_argv(args, save_dir: str, warmup: int) -> list[str]:
         "model.expand": args.expand, "model.d_state": args.d_state, "model.chunk_size": args.chunk_size,
         "model.quadratic_max_len": args.quadratic_max_len, "model.save_chunk_states": str(args.save_chunk_states).lower(),
         "model.backend": args.backend, "model.cuda_graph": str(cuda).lower(),
+        "model.cuda_graph_update": str(cuda and getattr(args, "cuda_graph_update", False)).lower(),
         "data.source": args.fit_source, "data.tokenizer": "byte", "data.sampling": "random_windows",
         "data.seq_len": args.seq_len, "data.batch_size": args.tokens_per_step // args.seq_len,
         "data.cache_dir": args.fit_cache_dir,
@@ -758,6 +762,10 @@ def parse_args(argv=None):
     if both_convs:
         p.error(f"contender(s) {', '.join(both_convs)} ask for two convs: keep one of {TRITONCONV} (ours at every row "
                 f"length) and {LIBCONV} (causal_conv1d's)")
+    not_fit = [c for c in args.contenders if GRAPHUPDATE in _modifiers(c)[1] and contender_setting(c)[0] != "fit_1cell"]
+    if not_fit:
+        p.error(f"contender(s) {', '.join(not_fit)}: {GRAPHUPDATE} is a setting of the fit (fit_1cell{GRAPHUPDATE}); "
+                f"graph_1cell graphs its whole step already")
     n_cells = any(c.endswith(("_Ncells", "_Nstreams")) for c in args.contenders)
     for length in [args.seq_len] + (args.lens if n_cells else []):
         if args.tokens_per_step % length:
@@ -772,7 +780,8 @@ QUADRATIC, QUADRATIC_TORCH, QUADRATIC_BLOCKED = "_quadratic", "_quadratic_torch"
 SPLITCAT, SAVESTATES = "_splitcat", "_savestates"  # the last suffixes of a 1-cell contender, in any order
 # and these A/Bs of one change each
 TORCHEMBEDDING, REMADESCORES, TRITONCONV, LIBCONV = "_torchembedding", "_remadescores", "_tritonconv", "_libconv"
-MODIFIERS = (SPLITCAT, SAVESTATES, TORCHEMBEDDING, REMADESCORES, TRITONCONV, LIBCONV)
+GRAPHUPDATE = "_graphupdate"  # fit_1cell only: --model.cuda_graph_update true
+MODIFIERS = (SPLITCAT, SAVESTATES, TORCHEMBEDDING, REMADESCORES, TRITONCONV, LIBCONV, GRAPHUPDATE)
 
 
 def _modifiers(name: str) -> tuple[str, set[str]]:
@@ -835,11 +844,13 @@ def kernel_choices(name: str) -> contextlib.ExitStack:
 
 def with_settings(args, name: str):
     """args for one 1-cell contender: a quadratic one trains with quadratic_max_len at least its LEN, one ending in
-    ``_savestates`` with save_chunk_states."""
+    ``_savestates`` with save_chunk_states, a fit ending in ``_graphupdate`` with model.cuda_graph_update."""
     quadratic = contender_setting(name)[1]
+    found = _modifiers(name)[1]
     return argparse.Namespace(**{
         **vars(args), "quadratic_max_len": max(args.quadratic_max_len, args.seq_len) if quadratic else
-        args.quadratic_max_len, "save_chunk_states": args.save_chunk_states or SAVESTATES in _modifiers(name)[1]})
+        args.quadratic_max_len, "save_chunk_states": args.save_chunk_states or SAVESTATES in found,
+        "cuda_graph_update": GRAPHUPDATE in found})
 
 
 def write_json(path: str, args, env: dict, skipped: dict, rows: list[dict]) -> None:

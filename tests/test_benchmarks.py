@@ -297,6 +297,24 @@ def test_cell_throughput_refuses_a_contender_asking_for_both_convs(capsys):
     assert bench.parse_args([*CELL_SMOKE, "--contenders", "eager_1cell_libconv,eager_1cell_tritonconv"])
 
 
+def test_cell_throughput_graphupdate_is_the_fits_setting(capsys):
+    """fit_1cell_graphupdate runs the fit with --model.cuda_graph_update true on CUDA (off on a CPU, where the fit has
+    no graphs); the suffix on another contender is refused with one line."""
+    bench = load_benchmark("cell_throughput")
+    args = bench.parse_args([*CELL_SMOKE, "--contenders", "fit_1cell,fit_1cell_graphupdate"])
+    flags = {}
+    for name in args.contenders:
+        for device in ("cuda", "cpu"):
+            argv = bench.fit_argv(bench.with_settings(bench.argparse.Namespace(**{**vars(args), "device": device}),
+                                                      name), "/tmp/x", 1)
+            flags[name, device] = argv[argv.index("--model.cuda_graph_update") + 1]
+    assert flags == {("fit_1cell", "cuda"): "false", ("fit_1cell", "cpu"): "false",
+                     ("fit_1cell_graphupdate", "cuda"): "true", ("fit_1cell_graphupdate", "cpu"): "false"}
+    with pytest.raises(SystemExit):
+        bench.parse_args([*CELL_SMOKE, "--contenders", "lossgraph_1cell_graphupdate"])
+    assert "_graphupdate is a setting of the fit" in capsys.readouterr().err
+
+
 def test_cell_throughput_savestates_contenders_save_the_chunk_states(monkeypatch):
     """<1-cell contender>_savestates builds its model with save_chunk_states, before or after _splitcat and beside
     the quadratic suffixes; --save_chunk_states turns it on for every contender. The models built are checked."""

@@ -7,6 +7,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.trainer import call
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric, MinMetric
 
@@ -16,7 +17,7 @@ from ..models.flops import train_flops_per_token
 from ..models.kernels.backend import check_backend
 from . import tensorboard_resume, validation
 from .checkpoint_io import check_intact, check_model_shape, check_tokenizer, flat_settings, model_config
-from .cuda_graph import GraphedLoss
+from .cuda_graph import GraphedLoss, GraphedUpdate, plain_optimizer_state
 from .initial_states import NEEDS_LANES, InitialStates
 from .schedule import SCHEDULES, lr_factor
 from .sharding import fsdp_root, unwrapped_name
@@ -90,6 +91,13 @@ class MambaLitModule(L.LightningModule):
             step's kernels and of autograd, which bounds the step time of small and mid-size models on a GPU. One
             CUDA device, zero initial states, bf16-mixed or 32-true, no gradient accumulation; a batch of another
             shape runs eagerly.
+        cuda_graph_update: With cuda_graph, also replay what follows the backward as a CUDA graph: the NaN guard's
+            finiteness check, norm clipping (trainer.gradient_clip_algorithm norm) and the fused AdamW update
+            (training/cuda_graph.py GraphedUpdate), captured after the first step. On the study's small cells the
+            eager update costs the host more time per step than the GPU needs for the whole step. The
+            on_before_optimizer_step hooks then run after the update was enqueued (they see clipped gradients).
+            New on 2026-12-06: its GPU tests (tests/training/test_cuda_graph.py) were written before a GPU ran
+            them; docs/performance.md says when they have.
     """
 
     def __init__(
@@ -128,6 +136,7 @@ class MambaLitModule(L.LightningModule):
         noise_calibrate_every: int = 50,
         cuda_graph: bool = False,
         replan_schedule: bool = False,
+        cuda_graph_update: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -162,7 +171,12 @@ class MambaLitModule(L.LightningModule):
         if cuda_graph and initial_state != "zero":
             raise ConfigError(f"model.cuda_graph needs model.initial_state zero (got {initial_state!r}): the graphs "
                               f"capture a step from zero states; drop one of the two")
+        if cuda_graph_update and not cuda_graph:
+            raise ConfigError("model.cuda_graph_update replays the update after the loss's graph: it needs "
+                              "model.cuda_graph true (or drop it)")
         self._graphed_loss = GraphedLoss(self.model) if cuda_graph else None
+        self._graphed_update: GraphedUpdate | None = None  # set up for fit (setup)
+        self.graphed_update_verdict: tuple | None = None  # (global step, bad, norm) of a graphed update: NanGuard
         self._schedule_total: int | None = None  # the lr schedule's length in steps (kept in checkpoints)
         self._tokens_trained = 0  # training tokens of this run, all processes (kept in checkpoints)
         self._offered_grad_norm: tuple[int, torch.Tensor] | None = None  # (global step, norm): offer_grad_norm
@@ -181,6 +195,8 @@ class MambaLitModule(L.LightningModule):
             check_tokenizer({"lightning_mamba": self._pretrained_meta}, dm, self.hparams.pretrained)
         if stage == "fit" and self._graphed_loss is not None:
             self._check_cuda_graph()
+            if self.hparams.get("cuda_graph_update"):
+                self._graphed_update = GraphedUpdate(self._graphed_loss, self.trainer.gradient_clip_val)
         if stage != "fit" or dm is None:
             return
         lanes = getattr(dm.hparams, "state_passing", False)
@@ -197,6 +213,10 @@ class MambaLitModule(L.LightningModule):
             # accumulated
             raise ConfigError(f"model.cuda_graph needs --trainer.accumulate_grad_batches 1 (got "
                               f"{trainer.accumulate_grad_batches}): raise data.batch_size instead, or drop it")
+        if self.hparams.get("cuda_graph_update") and (trainer.gradient_clip_algorithm or "norm") != "norm":
+            raise ConfigError(f"model.cuda_graph_update clips by norm in its graph (got --trainer.gradient_clip_algorithm "
+                              f"{getattr(trainer.gradient_clip_algorithm, 'value', trainer.gradient_clip_algorithm)}): "
+                              f"use norm, or drop cuda_graph_update")
         if trainer.strategy.root_device.type != "cuda":
             raise ConfigError(f"model.cuda_graph needs a CUDA device (the trainer runs on "
                               f"{trainer.strategy.root_device.type}): use --trainer.accelerator gpu or drop it")
@@ -353,6 +373,24 @@ class MambaLitModule(L.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """Lightning's step, or with model.cuda_graph_update: the closure (training_step, zero_grad, backward and
+        their hooks), then the update as a graph replay, then the on_before_optimizer_step hooks (the NaN guard reads
+        the graph's verdict; clipping ran in the graph, so configure_gradient_clipping does not run)."""
+        update = self._graphed_update
+        if update is None or optimizer_closure is None:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        loss = optimizer_closure()
+        inner = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the torch one
+        if not update.ready(inner):  # the first step (no optimizer state yet), or a loss that ran eagerly
+            return optimizer.step(closure=lambda: loss)  # Lightning's way, the closure's work already done
+        update.step(inner)
+        trainer = self.trainer
+        self.graphed_update_verdict = (trainer.global_step, update.bad, update.norm)
+        call._call_callback_hooks(trainer, "on_before_optimizer_step", optimizer)
+        call._call_lightning_module_hook(trainer, "on_before_optimizer_step", optimizer)
+        self.log_step("train/grad_norm", update.norm)
+
     def offer_grad_norm(self, grad_norm: torch.Tensor) -> None:
         """This step's total 2-norm over all gradients, computed before clipping by someone who leaves the gradients
         as they are (the NaN guard): norm clipping then scales by it instead of computing it again (on an H200 host
@@ -430,6 +468,9 @@ class MambaLitModule(L.LightningModule):
             if hasattr(dm, "split_settings"):
                 meta["data"] = dm.split_settings()  # the held-out split analyze/mitigate evaluate on by default
         checkpoint["lightning_mamba"] = meta
+        if self._graphed_update is not None:  # lr tensors and capturable groups: back to the usual state
+            for state in checkpoint.get("optimizer_states") or []:
+                plain_optimizer_state(state)
         if self._schedule_total is not None:  # training state, beside the model's metadata
             checkpoint["lr_schedule"] = {"total_steps": self._schedule_total}
         checkpoint["tokens_trained"] = self._tokens_trained  # with global_step: --model.pretrained's line tells them

@@ -77,6 +77,13 @@ class NanGuard(L.Callback):
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         losses, self._losses = self._losses, []
+        graphed = getattr(pl_module, "graphed_update_verdict", None)
+        if graphed is not None and graphed[0] == trainer.global_step:
+            # the update ran as a CUDA graph (model.cuda_graph_update) with this check in it: a non-finite step was
+            # skipped on the device, as the deferred check does; its verdict and norm are rewritten by the next
+            # replay, so the norm is copied for the message
+            self._defer(trainer, pl_module, graphed[1], losses, graphed[2].clone())
+            return
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         check_grads = getattr(trainer.precision_plugin, "scaler", None) is None
         checks = [torch.stack(losses).isfinite().all()] if losses else []
@@ -104,6 +111,10 @@ class NanGuard(L.Callback):
         the verdict of the step before, long computed by now, is read and acted on."""
         bad = ~torch.stack([c.to(pl_module.device) for c in checks]).all()
         _unwrap(optimizer).found_inf = bad.float()
+        self._defer(trainer, pl_module, bad, losses, grad_norm)
+
+    def _defer(self, trainer: L.Trainer, pl_module: L.LightningModule, bad: torch.Tensor, losses, grad_norm) -> None:
+        """Keep this step's verdict ``bad`` (a device bool) to read one step later; act on the step before's."""
         self._resolve(trainer, pl_module)
         self._log_skipped(trainer, pl_module)
         host = bad.to("cpu", non_blocking=True) if bad.is_cuda else bad

@@ -84,6 +84,11 @@ CASES = [  # (id, arguments after `fit --config CONFIG`, fragment of the message
     ("cuda-graph-on-cpu", ["--model.cuda_graph", "true"], "model.cuda_graph needs a CUDA device"),
     ("cuda-graph-with-noise", ["--model.cuda_graph", "true", "--model.initial_state", "noise"],
      "model.cuda_graph needs model.initial_state zero"),
+    ("cuda-graph-update-alone", ["--model.cuda_graph_update", "true"],
+     "model.cuda_graph_update replays the update after the loss's graph: it needs model.cuda_graph true"),
+    ("cuda-graph-update-value-clip", ["--model.cuda_graph", "true", "--model.cuda_graph_update", "true",
+                                      "--trainer.gradient_clip_algorithm", "value"],
+     "model.cuda_graph_update clips by norm in its graph (got --trainer.gradient_clip_algorithm value): use norm"),
     # data group: types and ranges
     ("data-type", ["--data.batch_size", "many"], "error: data.batch_size: expected an int, got 'many'\n"),
     ("data-seq_len", ["--data.seq_len", "1"], "data.seq_len must be >= 2 (got 1)"),

@@ -231,3 +231,66 @@ def test_fp16_autocast_runs_eagerly_and_the_trainer_refuses_it(tmp_path):
                         enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
     with pytest.raises(ConfigError, match="model.cuda_graph trains under bf16-mixed or 32-true .*16-mixed"):
         trainer.fit(tiny_module(cuda_graph=True), torch.utils.data.DataLoader(RandomTokens(), batch_size=4))
+
+
+def _fit(tmp_path, callbacks=(), max_steps=8, **module_kwargs):
+    """A real Trainer fit of the tiny module (bf16-mixed, norm clipping that bites, the NaN guard); returns the
+    module, the trainer and the losses of every step."""
+    from lightning_mamba.training.nan_guard import NanGuard
+
+    torch.manual_seed(0)
+    module = tiny_module(**module_kwargs)
+    losses = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, *_):
+            losses.append(outputs["loss"].item())
+
+    trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=max_steps, gradient_clip_val=0.05,
+                        logger=False, enable_progress_bar=False, callbacks=[Record(), NanGuard(), *callbacks],
+                        default_root_dir=tmp_path, enable_checkpointing=any(
+                            isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks))
+    trainer.fit(module, torch.utils.data.DataLoader(RandomTokens(n=128), batch_size=8))
+    return module, trainer, losses
+
+
+@pytest.mark.gpu
+def test_graphed_update_trains_like_the_eager_update(tmp_path):
+    """model.cuda_graph_update: the NaN guard's check, clipping (0.05: it scales every step) and fused AdamW replayed
+    from a graph after one eager step give the eager update's losses, weights and lr schedule (the lr a device tensor
+    the schedule fills), and train/grad_norm."""
+    eager, eager_trainer, want = _fit(tmp_path / "eager", cuda_graph=True)
+    graphed, trainer, got = _fit(tmp_path / "graphed", cuda_graph=True, cuda_graph_update=True)
+    assert graphed._graphed_update.replays == 7 and graphed._graphed_loss.replays == 8
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=2e-3, atol=2e-3)
+    for (name, a), b in zip(graphed.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3, msg=name)
+    lrs = [float(g["lr"]) for g in trainer.optimizers[0].param_groups]
+    assert lrs == pytest.approx([float(g["lr"]) for g in eager_trainer.optimizers[0].param_groups], rel=1e-6)
+    assert torch.is_tensor(trainer.optimizers[0].param_groups[0]["lr"])
+    norm = float(trainer.callback_metrics["train/grad_norm"])
+    assert norm == pytest.approx(float(eager_trainer.callback_metrics["train/grad_norm"]), rel=2e-2) and norm > 0.05
+
+
+@pytest.mark.gpu
+def test_graphed_update_checkpoints_hold_the_usual_optimizer_state(tmp_path):
+    """A checkpoint written during a graphed-update run keeps each group's lr as a float and capturable off (the
+    live optimizer keeps its tensors), so a run resumed from it starts as any other."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    _, trainer, _ = _fit(tmp_path, callbacks=[ckpt], max_steps=4, cuda_graph=True, cuda_graph_update=True)
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    for group in state["optimizer_states"][0]["param_groups"]:
+        assert isinstance(group["lr"], float) and group["capturable"] is False
+    assert torch.is_tensor(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_graphed_update_needs_the_loss_graph_and_norm_clipping(tmp_path):
+    with pytest.raises(ConfigError, match="model.cuda_graph_update replays the update after the loss's graph"):
+        tiny_module(cuda_graph_update=True)
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, gradient_clip_val=1.0, gradient_clip_algorithm="value",
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    with pytest.raises(ConfigError, match="clips by norm in its graph \\(got --trainer.gradient_clip_algorithm value\\)"):
+        trainer.fit(tiny_module(cuda_graph=True, cuda_graph_update=True),
+                    torch.utils.data.DataLoader(RandomTokens(), batch_size=4))
