@@ -122,10 +122,6 @@ def test_noise_is_off_and_verdicts_read_in_words():
     with warnings.catch_warnings(record=True) as caught:
         LeafSpec()
     assert not [w for w in caught if "LeafSpec" in str(w.message)]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.warn("The AccumulateGrad node's stream does not match the stream of the node that produced the "
-                      "incoming gradient.", UserWarning, stacklevel=1)
-    assert not caught
     v = {"forgets": False, "blowup_position": -1, "seq_len": 64, "ratio_long_over_in": 2.5}
     assert verdict_text(v) == "FAILS to forget (blow-up at position none, ratio [4T,16T]/[T/2,T] 2.500)"
     assert verdict_text({**v, "forgets": True}).startswith("forgets (blow-up: none")

@@ -423,14 +423,9 @@ class _DropTips(logging.Filter):
 
 
 def quiet_lightning() -> None:
-    """Off by default: Lightning's litlogger advertisement, torch's ``LeafSpec`` deprecation warning (raised by
-    Lightning's own code, printed into the progress bar) and its AccumulateGrad stream note under CUDA graphs; none
-    is about the run."""
+    """Off by default: Lightning's litlogger advertisement and torch's ``LeafSpec`` deprecation warning (raised by
+    Lightning's own code, printed into the progress bar); neither is about the run."""
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
-    # model.cuda_graph: the replayed backward hands the gradients over from the capture's side stream, and torch
-    # warns (once, in the middle of the first steps' log) that this may cost a sync; the graphed step's results are
-    # checked against the eager step (tests/training/test_cuda_graph.py, benchmarks/cell_throughput.py)
-    warnings.filterwarnings("ignore", message=r"The AccumulateGrad node's stream does not match", category=UserWarning)
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         log = logging.getLogger(name)
         if not any(isinstance(f, _DropTips) for f in log.filters):
