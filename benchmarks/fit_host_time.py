@@ -53,7 +53,7 @@ def _parts():
 
     from lightning_mamba.data.packed import PackedTextDataset
     from lightning_mamba.models import MambaLM
-    from lightning_mamba.training.cuda_graph import GraphedLoss
+    from lightning_mamba.training.cuda_graph import GraphedLoss, GraphedUpdate
 
     return [
         ("data: DataLoader next (sampler, collate)", dataloader._BaseDataLoaderIter, "__next__"),
@@ -64,6 +64,7 @@ def _parts():
         ("Lightning: logging-step metrics (logger connector)", _LoggerConnector, "update_train_step_metrics"),
         ("Lightning: closure", Closure, "__call__"),
         ("loss: GraphedLoss (input copy, the forward + backward replay)", GraphedLoss, "__call__"),
+        ("update: GraphedUpdate's replay (--cuda_graph_update)", GraphedUpdate, "step"),
         ("model.loss forward (CPU: its math; GPU: only at the capture)", MambaLM, "loss"),
         ("backward (CPU: its math; GPU: the replayed gradients handed over)", torch.autograd, "backward"),
         ("clip_grad_norm_ (its own norm: no NaN guard offered one)", torch.nn.utils, "clip_grad_norm_"),
@@ -209,6 +210,8 @@ def main(argv=None) -> int:
     p.add_argument("--fit_cache_dir", default="data")
     p.add_argument("--syncs", action="store_true", help="CUDA: list the syncs of the timed steps")
     p.add_argument("--no_timers", action="store_true", help="the step time alone (the timers cost host time too)")
+    p.add_argument("--cuda_graph_update", action="store_true",
+                   help="the fit with --model.cuda_graph_update true (its update replayed as a graph; CUDA)")
     p.add_argument("--clock", default="wall", choices=("wall", "cpu"),
                    help="the parts' clock: wall time, or this thread's CPU time (steadier on a shared machine)")
     a, rest = p.parse_known_args(argv)  # the rest: cell_throughput's shape options (--d_model, --d_state, ...)
@@ -218,6 +221,7 @@ def main(argv=None) -> int:
     args = ct.parse_args(["--device", a.device, "--steps", str(a.steps), "--window", str(a.steps), "--warmup",
                           str(a.warmup), "--fit_source", a.fit_source, "--fit_cache_dir", a.fit_cache_dir]
                          + shape + rest)
+    args.cuda_graph_update = a.cuda_graph_update
     from lightning_mamba.training.cli import lightning_cli
 
     undo = [] if a.no_timers else [wrap(*part) for part in _parts()]

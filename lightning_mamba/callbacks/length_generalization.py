@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -27,6 +28,7 @@ from ..models.config import ConfigError
 from ..training.run_checks import SettingError
 from ..training.sharding import fsdp_root, unsharded_copy
 from ..training.validation import exists_on_rank_zero, validation_due
+from .figure_process import FigureQueue
 
 # Significant digits of the floats in the step JSONs of the periodic analyses (curves computed in float32: ~7 are
 # real; six keep the files of a 40-evaluation study cell at ~1/2 the size)
@@ -45,8 +47,10 @@ class PeriodicAnalysis(L.Callback):
     ``<log_dir>/<name>/step_<step>.json`` is missing, the analysis it was due for runs at the start of training.
 
     Figures are drawn at the first run, then every ``figures_every_n_runs``-th, and at the end of fit; scalars and
-    JSON every run. Drawing is host time the GPU waits through (~0.1-0.3 s a figure on a CPU core): a small model
-    trained many short steps evaluates often, and its figures can cost as much as the evaluation itself."""
+    JSON every run. Drawing is host time (~0.1-0.3 s a figure on a CPU core), so a figure given as a picklable recipe
+    (``functools.partial`` of a plotting function) is drawn in a process of its own (figure_process.py) and written
+    into TensorBoard at its step when done: finished ones after each training batch, the rest before the loggers
+    close."""
 
     name = "analysis"
 
@@ -65,6 +69,7 @@ class PeriodicAnalysis(L.Callback):
         self._validated_step: int | None = None  # the step of the last validation counted
         self._last_step: int | None = None
         self._disabled = False
+        self._figures = FigureQueue()
 
     def analyze(self, trainer: L.Trainer, model, data: Any, step: int) -> None:
         raise NotImplementedError
@@ -111,6 +116,18 @@ class PeriodicAnalysis(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._last_step != trainer.global_step:
             self._run(trainer, pl_module, final=True)
+        self.flush_figures()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        self._figures.collect()  # the figures drawn by now, at their steps
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.flush_figures()  # before the loggers close (validate runs end here too)
+
+    def flush_figures(self) -> None:
+        """Wait for the figures still being drawn and write them (``analyze`` called outside a Trainer needs it)."""
+        self._figures.collect(wait=True)
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool = False) -> None:
         self._last_step = trainer.global_step
@@ -175,14 +192,12 @@ class PeriodicAnalysis(L.Callback):
 
     def log_figure(self, trainer: L.Trainer, tag: str, make_figure: Callable[[], Any], step: int) -> None:
         """Draws ``make_figure()`` into every TensorBoard logger, when this run's figures are due (else nothing is
-        drawn: the figure is built only here)."""
+        drawn: the figure is built only here), in the drawing process if ``make_figure`` pickles (class docstring)."""
         if not self._figures_due:
             return
-        fig = make_figure()
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_figure(tag, fig, global_step=step, close=False)
-        plots.close(fig)
+        writers = [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+        if writers:
+            self._figures.submit(make_figure, tag, step, writers)
 
     def out_dir(self, trainer: L.Trainer, create: bool = True) -> str:
         # Only rank 0 gets here: trainer.log_dir broadcasts across ranks (and would hang), the logger's does not.
@@ -308,7 +323,7 @@ class LengthGeneralizationCallback(PeriodicAnalysis):
         if verdict.forgets is False:
             title += f", blow-up at {verdict.blowup_position}"
         self.log_figure(trainer, "lengthgen/loss_vs_position",
-                        lambda: plots.plot_forgetting_report(report, self.threshold, f"step {step}: {title}"), step)
+                        partial(plots.plot_forgetting_report, report, self.threshold, f"step {step}: {title}"), step)
 
         out = os.path.join(self.out_dir(trainer), f"step_{step}")
         write_position_losses_csv(out + ".csv", report.per_position)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -101,8 +102,8 @@ class PasskeyEvalCallback(PeriodicAnalysis):
         metrics.update({f"passkey/by_distance/{k}": a for k, (a, _) in grid.accuracy_by_distance(T).items()})
         self.log_scalars(trainer, metrics, step)
         self.log_figure(trainer, "passkey/accuracy_heatmap",
-                        lambda: plot_passkey_heatmap(grid, T, title=f"step {step}: passkey accuracy"), step)
-        self.log_figure(trainer, "passkey/accuracy_vs_length", lambda: plot_passkey_curve(grid, T, self.threshold),
+                        partial(plot_passkey_heatmap, grid, T, title=f"step {step}: passkey accuracy"), step)
+        self.log_figure(trainer, "passkey/accuracy_vs_length", partial(plot_passkey_curve, grid, T, self.threshold),
                         step)
         atomic_write_json(os.path.join(self.out_dir(trainer), f"step_{step}.json"),
                           {"step": step, "seq_len": T, "metrics": metrics, "dtype": self.dtype,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -113,13 +114,14 @@ class StateStatsCallback(PeriodicAnalysis):
                                 summary.get(f"frac_heads_above_{self.retention_threshold}"),
                             f"{r}/max_first_token": summary.get("max_first_token")})
             self.log_scalars(trainer, metrics, step)
-            self.log_figure(trainer, f"{s}/norm_vs_position", lambda: plots.plot_state_norm(
-                stats.positions, stats.rms, T, title=f"{probe}: state RMS, step {step}"), step)
-            self.log_figure(trainer, f"{r}/log_retention_vs_position", lambda: plots.plot_log_retention(
-                stats.positions, stats.log_retention, T, title=f"{probe}: first-token retention, step {step}"), step)
+            self.log_figure(trainer, f"{s}/norm_vs_position", partial(
+                plots.plot_state_norm, stats.positions, stats.rms, T, title=f"{probe}: state RMS, step {step}"), step)
+            self.log_figure(trainer, f"{r}/log_retention_vs_position", partial(
+                plots.plot_log_retention, stats.positions, stats.log_retention, T,
+                title=f"{probe}: first-token retention, step {step}"), step)
             if stats.retention_T is not None:
-                self.log_figure(trainer, f"{r}/heatmap", lambda: plots.plot_retention_heatmap(
-                    stats.retention_T, T, title=f"{probe}: alpha_(1:{T}), step {step}",
+                self.log_figure(trainer, f"{r}/heatmap", partial(
+                    plots.plot_retention_heatmap, stats.retention_T, T, title=f"{probe}: alpha_(1:{T}), step {step}",
                     log_retention=stats.log_retention_T), step)
             dump[probe] = {"summary": summary, "stats": stats.to_dict()}
         dump["seconds"] = time.perf_counter() - t0

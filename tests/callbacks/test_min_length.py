@@ -105,6 +105,7 @@ def test_the_verdict_covers_the_evaluated_range(tmp_path, monkeypatch, min_lengt
     trainer, data, model = fixture_run(tmp_path, 10000)
     cb = LengthGeneralizationCallback(n_rows=2, min_length=min_length)
     cb.analyze(trainer, model, data, 0)
+    cb.flush_figures()  # drawn in the figure process: written once done
     r = record(tmp_path)
     v, m = r["verdict"], r["metrics"]
     assert v["ratio_16_64x"] == pytest.approx(1.0)

@@ -5,6 +5,7 @@ import json
 from types import SimpleNamespace
 
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_mamba.analysis import plots
 from lightning_mamba.callbacks import LengthGeneralizationCallback
@@ -34,10 +35,11 @@ def test_lengthgen_on_a_diverged_model_is_undetermined(tmp_path, monkeypatch):
 
     monkeypatch.setattr(plots, "plot_loss_curve", recording_plot)
     logger = RecordingLogger(tmp_path)
-    trainer = SimpleNamespace(loggers=[logger], default_root_dir=str(tmp_path))
+    trainer = SimpleNamespace(loggers=[logger, TensorBoardLogger(tmp_path / "tb")], default_root_dir=str(tmp_path))
     data = SimpleNamespace(hparams=SimpleNamespace(seq_len=T), val_tokens=lambda: torch.randint(0, 64, (4 * T * 2 + 2,)),
                            tokenizer=SimpleNamespace(eos_id=None))
     callback = LengthGeneralizationCallback(multiples=(1, 2, 4), n_rows=2, piece_len=32)
+    callback._figures.in_process = True  # the recording plot is this process's: draw here
     callback.analyze(trainer, model, data, step=7)
 
     assert titles == ["step 7: undetermined (the loss is not finite)"]  # was "FAILS to forget, blow-up at None"
