@@ -139,10 +139,11 @@ class GraphedUpdate:
     cost one launch.
 
     Captured at the first step where :meth:`ready` holds: the loss graph replayed and holds every gradient, and the
-    optimizer (fused, one device) has its state (so one eager step comes first). The capture makes the optimizer's
-    groups ``capturable`` with their lr in a device tensor, which the lr schedule fills in place (a Python float
-    would be frozen into the graph); :func:`plain_optimizer_state` gives checkpoints the usual floats back.
-    After a replay, ``norm`` and ``bad`` hold that step's total norm (before clipping) and verdict."""
+    optimizer (fused, one device) has its state (so one eager step comes first). The optimizer is captured with its
+    groups ``capturable`` and each lr in a device tensor (a Python float would be frozen into the graph), then its
+    groups are put back as they were: the lr schedule, the lr monitor and checkpoints keep seeing floats, and each
+    replay first copies the groups' lr into those tensors. After a replay, ``norm`` and ``bad`` hold that step's
+    total norm (before clipping) and verdict."""
 
     def __init__(self, graphed_loss: GraphedLoss, clip_val: float | None):
         self.graphed_loss = graphed_loss
@@ -152,6 +153,7 @@ class GraphedUpdate:
         self.bad: Tensor | None = None
         self._graph: torch.cuda.CUDAGraph | None = None
         self._optimizer: torch.optim.Optimizer | None = None
+        self._lrs: list[Tensor] = []  # each group's lr as the graph reads it
 
     def ready(self, optimizer: torch.optim.Optimizer) -> bool:
         if optimizer is not self._optimizer:  # another fit's optimizer: the graph steps the one it captured
@@ -164,36 +166,32 @@ class GraphedUpdate:
         """This step's update (capturing the graph first, the first time)."""
         if self._graph is None:
             self._capture(optimizer)
+        for group, lr in zip(optimizer.param_groups, self._lrs):
+            lr.fill_(group["lr"])  # this step's lr, as the schedule set it
         self._graph.replay()
         self.replays += 1
 
     def _capture(self, optimizer: torch.optim.Optimizer) -> None:
         grads = self.graphed_loss._buffers
-        device = grads[0].device
-        for group in optimizer.param_groups:
-            group["capturable"] = True
-            if not torch.is_tensor(group["lr"]):
-                group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            norm = torch.nn.utils.get_total_norm(grads)
-            bad = ~(self.graphed_loss._static_loss.isfinite() & norm.isfinite())
-            optimizer.found_inf = bad.float()
-            if self.clip_val is not None:
-                torch._foreach_mul_(grads, torch.clamp(self.clip_val / (norm + 1e-6), max=1.0))
-            optimizer.step()
-        del optimizer.found_inf  # an eager step must not read this graph's verdict (the NaN guard sets its own)
+        groups = optimizer.param_groups
+        saved = [(group["lr"], group.get("capturable", False)) for group in groups]
+        self._lrs = [torch.tensor(float(lr), dtype=torch.float32, device=grads[0].device) for lr, _ in saved]
+        for group, lr in zip(groups, self._lrs):
+            group["lr"], group["capturable"] = lr, True
+        try:
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                norm = torch.nn.utils.get_total_norm(grads)
+                bad = ~(self.graphed_loss._static_loss.isfinite() & norm.isfinite())
+                optimizer.found_inf = bad.float()
+                if self.clip_val is not None:
+                    torch._foreach_mul_(grads, torch.clamp(self.clip_val / (norm + 1e-6), max=1.0))
+                optimizer.step()
+        finally:
+            for group, (lr, capturable) in zip(groups, saved):
+                group["lr"], group["capturable"] = lr, capturable
+            if hasattr(optimizer, "found_inf"):  # an eager step must not read this graph's verdict
+                del optimizer.found_inf
         self._graph, self._optimizer, self.norm, self.bad = graph, optimizer, norm, bad
 
-
-def plain_optimizer_state(state: dict) -> dict:
-    """An optimizer's state_dict as an optimizer without :class:`GraphedUpdate` keeps it: each group's lr a float
-    and ``capturable`` off (in place; the live optimizer is not touched). A run resumed from it, graphed or not,
-    starts from the usual state."""
-    for group in state.get("param_groups", []):
-        if torch.is_tensor(group.get("lr")):
-            group["lr"] = float(group["lr"])
-        if "capturable" in group:
-            group["capturable"] = False
-    return state

@@ -17,7 +17,7 @@ from ..models.flops import train_flops_per_token
 from ..models.kernels.backend import check_backend
 from . import tensorboard_resume, validation
 from .checkpoint_io import check_intact, check_model_shape, check_tokenizer, flat_settings, model_config
-from .cuda_graph import GraphedLoss, GraphedUpdate, plain_optimizer_state
+from .cuda_graph import GraphedLoss, GraphedUpdate
 from .initial_states import NEEDS_LANES, InitialStates
 from .schedule import SCHEDULES, lr_factor
 from .sharding import fsdp_root, unwrapped_name
@@ -468,9 +468,6 @@ class MambaLitModule(L.LightningModule):
             if hasattr(dm, "split_settings"):
                 meta["data"] = dm.split_settings()  # the held-out split analyze/mitigate evaluate on by default
         checkpoint["lightning_mamba"] = meta
-        if self._graphed_update is not None:  # lr tensors and capturable groups: back to the usual state
-            for state in checkpoint.get("optimizer_states") or []:
-                plain_optimizer_state(state)
         if self._schedule_total is not None:  # training state, beside the model's metadata
             checkpoint["lr_schedule"] = {"total_steps": self._schedule_total}
         checkpoint["tokens_trained"] = self._tokens_trained  # with global_step: --model.pretrained's line tells them

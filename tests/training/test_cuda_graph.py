@@ -257,25 +257,26 @@ def _fit(tmp_path, callbacks=(), max_steps=8, **module_kwargs):
 @pytest.mark.gpu
 def test_graphed_update_trains_like_the_eager_update(tmp_path):
     """model.cuda_graph_update: the NaN guard's check, clipping (0.05: it scales every step) and fused AdamW replayed
-    from a graph after one eager step give the eager update's losses, weights and lr schedule (the lr a device tensor
-    the schedule fills), and train/grad_norm."""
+    from a graph after one eager step give the eager update's losses, weights and lr schedule (the groups keep float
+    lrs, which each replay copies into the graph's), and train/grad_norm."""
     eager, eager_trainer, want = _fit(tmp_path / "eager", cuda_graph=True)
     graphed, trainer, got = _fit(tmp_path / "graphed", cuda_graph=True, cuda_graph_update=True)
     assert graphed._graphed_update.replays == 7 and graphed._graphed_loss.replays == 8
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=2e-3, atol=2e-3)
     for (name, a), b in zip(graphed.named_parameters(), eager.parameters()):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3, msg=name)
-    lrs = [float(g["lr"]) for g in trainer.optimizers[0].param_groups]
-    assert lrs == pytest.approx([float(g["lr"]) for g in eager_trainer.optimizers[0].param_groups], rel=1e-6)
-    assert torch.is_tensor(trainer.optimizers[0].param_groups[0]["lr"])
+    groups = trainer.optimizers[0].param_groups
+    assert [g["lr"] for g in groups] == [g["lr"] for g in eager_trainer.optimizers[0].param_groups]
+    assert all(isinstance(g["lr"], float) and g["capturable"] is False for g in groups)
+    assert [float(t) for t in graphed._graphed_update._lrs] == pytest.approx([g["lr"] for g in groups], rel=1e-6)
     norm = float(trainer.callback_metrics["train/grad_norm"])
     assert norm == pytest.approx(float(eager_trainer.callback_metrics["train/grad_norm"]), rel=2e-2) and norm > 0.05
 
 
 @pytest.mark.gpu
 def test_graphed_update_checkpoints_hold_the_usual_optimizer_state(tmp_path):
-    """A checkpoint written during a graphed-update run keeps each group's lr as a float and capturable off (the
-    live optimizer keeps its tensors), so a run resumed from it starts as any other."""
+    """A checkpoint written during a graphed-update run holds the optimizer as any other run's: each group's lr a
+    float and capturable off, so a run resumed from it, graphed or not, starts as usual."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
@@ -283,7 +284,7 @@ def test_graphed_update_checkpoints_hold_the_usual_optimizer_state(tmp_path):
     state = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
     for group in state["optimizer_states"][0]["param_groups"]:
         assert isinstance(group["lr"], float) and group["capturable"] is False
-    assert torch.is_tensor(trainer.optimizers[0].param_groups[0]["lr"])
+    assert trainer.lightning_module._graphed_update.replays == 3
 
 
 def test_graphed_update_needs_the_loss_graph_and_norm_clipping(tmp_path):
