@@ -123,7 +123,6 @@ class GraphedLoss:
             elif p.grad is not g:
                 p.grad.add_(g)
 
-
     def holds_gradients(self) -> bool:
         """Whether every parameter's gradient is this graph's buffer (after a replay's backward with the gradients
         set to None before it): what a graph reading them, :class:`GraphedUpdate`, needs."""
