@@ -86,7 +86,7 @@ def write_png(writer, tag: str, png: bytes, height: int, width: int, step: int) 
 
 class FigureQueue:
     """A callback's figures in flight: ``submit`` hands one to the drawing process (``in_process``: draw it here),
-    ``collect`` writes those finished (all of them, waiting, with ``wait``)."""
+    ``collect`` writes those finished (all of them, waiting and then flushing the event files, with ``wait``)."""
 
     def __init__(self, in_process: bool = False):
         self.in_process = in_process
@@ -105,8 +105,10 @@ class FigureQueue:
         self._pending.append((future, make_figure, tag, step, writers))
 
     def collect(self, wait: bool = False) -> None:
+        written = {}
         while self._pending and (wait or self._pending[0][0].done()):
             future, make_figure, tag, step, writers = self._pending.pop(0)
+            written.update((id(writer), writer) for writer in writers)
             try:
                 png, height, width = future.result()
             except Exception:  # noqa: BLE001 - not picklable, or the worker failed: the training process draws it
@@ -114,6 +116,9 @@ class FigureQueue:
                 continue
             for writer in writers:
                 write_png(writer, tag, png, height, width, step)
+        if wait:  # on the disk now: a reader (or a process ending without closing the writer) sees them all
+            for writer in written.values():
+                writer.flush()
 
 
 def _draw_here(make_figure: Callable[[], Any], tag: str, step: int, writers: list) -> None:
