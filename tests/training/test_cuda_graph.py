@@ -247,7 +247,8 @@ def _fit(tmp_path, callbacks=(), max_steps=8, **module_kwargs):
             losses.append(outputs["loss"].item())
 
     trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=max_steps, gradient_clip_val=0.05,
-                        logger=False, enable_progress_bar=False, callbacks=[Record(), NanGuard(), *callbacks],
+                        log_every_n_steps=1, logger=False, enable_progress_bar=False,
+                        callbacks=[Record(), NanGuard(), *callbacks],
                         default_root_dir=tmp_path, enable_checkpointing=any(
                             isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks))
     trainer.fit(module, torch.utils.data.DataLoader(RandomTokens(n=128), batch_size=8))
