@@ -444,3 +444,15 @@ def test_attention_form_kernel_times_the_blocked_kernels_warps_past_the_one_tile
     assert all(" ".join(r).count(" ok (") == 1 for r in rows[:-1])
     assert [r[-12] for r in rows[1:3]] == [str(before), "4"]  # the warps each launched with
     assert rows[-1][-1] == "kernels" and blocks.NUM_WARPS == before
+
+
+def test_figure_cost_times_the_training_process_with_and_without_the_drawing_process(capsys):
+    """benchmarks/figure_cost.py: both contenders time every round, the in-process baseline named in the ratio; the
+    drawing process keeps the training process busy for less time than drawing there."""
+    bench = load_benchmark("figure_cost")
+    assert bench.main(["--rounds", "2", "--positions", "16"]) == 0
+    out = capsys.readouterr().out
+    busy = {line.split()[0]: float(line.split()[1]) for line in out.splitlines()
+            if line.startswith(("in_process ", "drawing_process "))}
+    assert set(busy) == {"in_process", "drawing_process"} and busy["drawing_process"] < busy["in_process"]
+    assert "ratio in_process/drawing_process" in out

@@ -4,8 +4,8 @@ Drawing a figure is host time (~0.1-0.3 s each: matplotlib's text layout, Agg, P
 waits through it, and the study's small cells evaluate every few seconds (six state-statistics figures took ~1.3-2.4
 s of a ~4 s span between evaluations on an H100 host, docs/performance.md). Here a callback hands the figure's
 recipe (a picklable callable: ``functools.partial`` of a plotting function and its arrays) to one worker process,
-which draws it and returns the PNG exactly as TensorBoard's ``add_figure`` encodes it; the training process only
-writes the finished image into the logger's event file, at the step it belongs to. The callbacks collect finished
+which draws it and builds the image summary with TensorBoard's own functions, as ``add_figure`` does; the training
+process only writes that summary into the logger's event file, at the step it belongs to. The callbacks collect finished
 figures after every training batch and wait for the rest before the loggers close. A recipe that cannot be pickled,
 or a worker that cannot start or fails, is drawn in the training process as before."""
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import io
 import multiprocessing
 import os
 import sys
@@ -27,25 +26,13 @@ _pool: concurrent.futures.ProcessPoolExecutor | None = None  # one worker a proc
 _pool_failed = False
 
 
-def render_png(make_figure: Callable[[], Any]) -> tuple[bytes, int, int]:
-    """The figure ``make_figure()`` returns as PNG bytes, its height and width: the pixels of TensorBoard's
-    ``add_figure`` (its Agg canvas, RGB), encoded as its ``add_image`` encodes them (PIL)."""
-    import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from PIL import Image
+def render_summary(make_figure: Callable[[], Any], tag: str) -> bytes:
+    """The figure ``make_figure()`` returns as a serialized image summary: what ``SummaryWriter.add_figure`` builds
+    (``figure_to_image``, then ``summary.image``), made in the drawing process."""
+    from torch.utils.tensorboard._utils import figure_to_image
+    from torch.utils.tensorboard.summary import image
 
-    from ..analysis import plots
-
-    fig = make_figure()
-    try:
-        canvas = FigureCanvasAgg(fig)
-        canvas.draw()
-        rgb = np.ascontiguousarray(np.asarray(canvas.buffer_rgba())[:, :, :3])
-    finally:
-        plots.close(fig)
-    buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="PNG")
-    return buffer.getvalue(), rgb.shape[0], rgb.shape[1]
+    return image(tag, figure_to_image(make_figure(), close=True), dataformats="CHW").SerializeToString()
 
 
 @contextlib.contextmanager
@@ -76,12 +63,11 @@ def _worker() -> concurrent.futures.ProcessPoolExecutor | None:
     return _pool
 
 
-def write_png(writer, tag: str, png: bytes, height: int, width: int, step: int) -> None:
-    """An encoded image into a torch SummaryWriter's event file, as ``add_image`` writes one."""
+def write_summary(writer, summary: bytes, step: int) -> None:
+    """A serialized summary into a torch SummaryWriter's event file, as ``add_image`` writes one."""
     from tensorboard.compat.proto.summary_pb2 import Summary
 
-    image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=png)
-    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+    writer._get_file_writer().add_summary(Summary.FromString(summary), step)
 
 
 class FigureQueue:
@@ -98,7 +84,7 @@ class FigureQueue:
             _draw_here(make_figure, tag, step, writers)
             return
         try:
-            future = pool.submit(render_png, make_figure)
+            future = pool.submit(render_summary, make_figure, tag)
         except Exception:  # noqa: BLE001 - a broken or shut-down pool: draw here
             _draw_here(make_figure, tag, step, writers)
             return
@@ -110,12 +96,12 @@ class FigureQueue:
             future, make_figure, tag, step, writers = self._pending.pop(0)
             written.update((id(writer), writer) for writer in writers)
             try:
-                png, height, width = future.result()
+                summary = future.result()
             except Exception:  # noqa: BLE001 - not picklable, or the worker failed: the training process draws it
                 _draw_here(make_figure, tag, step, writers)
                 continue
             for writer in writers:
-                write_png(writer, tag, png, height, width, step)
+                write_summary(writer, summary, step)
         if wait:  # on the disk now: a reader (or a process ending without closing the writer) sees them all
             for writer in written.values():
                 writer.flush()

@@ -116,14 +116,13 @@ class PeriodicAnalysis(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._last_step != trainer.global_step:
             self._run(trainer, pl_module, final=True)
-        self.flush_figures()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
         self._figures.collect()  # the figures drawn by now, at their steps
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.flush_figures()  # before the loggers close (validate runs end here too)
+        self.flush_figures()  # after on_fit_end's final figures, before the loggers close (validate runs too)
 
     def flush_figures(self) -> None:
         """Wait for the figures still being drawn and write them (``analyze`` called outside a Trainer needs it)."""

@@ -93,23 +93,23 @@ class GraphedLoss:
         return _ReplayedLoss.apply(self._static_loss, self._anchor, self)
 
     def _capture(self, args: tuple[Tensor, ...]) -> None:
-        self._params = [p for p in self.model.parameters() if p.requires_grad]
+        params = [p for p in self.model.parameters() if p.requires_grad]
         self._inputs = tuple(a.detach().clone() for a in args)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up off the default stream, as torch's recipe does
             for _ in range(self.warmup_iters):
-                torch.autograd.grad(self._loss(*self._inputs), self._params, allow_unused=True)
+                torch.autograd.grad(self._loss(*self._inputs), params, allow_unused=True)
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # module docstring
             loss = self._loss(*self._inputs)
-            grads = torch.autograd.grad(loss, self._params, allow_unused=True)
-            grads = [None if g is None else _laid_out_like(p, g) for p, g in zip(self._params, grads)]
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            grads = [None if g is None else _laid_out_like(p, g) for p, g in zip(params, grads)]
         self._graph, self._static_loss = graph, loss.detach()
-        self._grads = [(p, g) for p, g in zip(self._params, grads) if g is not None]  # unused: no gradient, as eager
-        self._buffers = [g for _, g in self._grads]
+        self._grads = [(p, g) for p, g in zip(params, grads) if g is not None]  # unused: no gradient, as eager
+        self._buffers = [g for _, g in self._grads]  # the same, as one list for each step's foreach
         self._anchor = torch.zeros((), device=loss.device, requires_grad=True)  # makes the replayed loss need grad
 
     @torch.no_grad()

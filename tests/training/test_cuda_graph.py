@@ -296,3 +296,19 @@ def test_graphed_update_needs_the_loss_graph_and_norm_clipping(tmp_path):
     with pytest.raises(ConfigError, match="clips by norm in its graph \\(got --trainer.gradient_clip_algorithm value\\)"):
         trainer.fit(tiny_module(cuda_graph=True, cuda_graph_update=True),
                     torch.utils.data.DataLoader(RandomTokens(), batch_size=4))
+
+
+@pytest.mark.gpu
+def test_graphed_update_stops_at_a_non_finite_step(tmp_path):
+    """A step whose loss is not finite under model.cuda_graph_update: the graph's check skips it on the device and the
+    NaN guard (reading that verdict a step later) stops the run naming the step."""
+    from lightning_mamba.training.nan_guard import NonFiniteError
+
+    class Poison(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 3:
+                with torch.no_grad():
+                    pl_module.model.backbone.embedding.weight.fill_(float("nan"))
+
+    with pytest.raises(NonFiniteError, match="global step 3 .*parameter model.backbone.embedding.weight"):
+        _fit(tmp_path, callbacks=[Poison()], cuda_graph=True, cuda_graph_update=True)
