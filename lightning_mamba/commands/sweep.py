@@ -134,6 +134,10 @@ def run_shards(study: Study, argv: list[str], processes: int, log=print, mps: bo
     return _launch(study, argv, processes, gpus, {}, log)
 
 
+# this module by name: under `python -m` its __name__ is "__main__", which a shard's `-m` cannot find
+_MODULE = "lightning_mamba.commands.sweep"
+
+
 def _launch(study: Study, argv: list[str], processes: int, gpus: int, extra_env: dict[str, str], log) -> str | None:
     folder = os.path.join(study.out, "logs")
     os.makedirs(folder, exist_ok=True)
@@ -143,7 +147,7 @@ def _launch(study: Study, argv: list[str], processes: int, gpus: int, extra_env:
         if gpus > 1:
             env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
         path = os.path.join(folder, f"shard_{i}.log")
-        cmd = [sys.executable, "-m", __name__, *argv, "--shard", f"{i}/{processes}",
+        cmd = [sys.executable, "-m", _MODULE, *argv, "--shard", f"{i}/{processes}",
                "--processes", "1", "--mps", "false", "--tensorboard", "false"]
         with open(path, "w") as out:
             running.append((i, path, subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)))
@@ -204,11 +208,13 @@ def main(argv: list[str] | None = None) -> int:
             run_study(study)
         if not is_rank_zero():
             return []
-        lines = summary_lines(summarize(study.out, tensorboard=args.tensorboard))
         if failure:
-            print("\n".join(lines))  # what the other shards finished, before the error line
+            try:  # what the other shards finished, before the error line (there may be nothing yet)
+                print("\n".join(summary_lines(summarize(study.out, tensorboard=args.tensorboard))))
+            except (SweepError, ValueError, OSError):
+                pass
             raise SweepError(failure)
-        return lines
+        return summary_lines(summarize(study.out, tensorboard=args.tensorboard))
 
     # ValueError includes ConfigError and DataError: one line each
     return run_command("sweep", work, (SweepError, MPSError, OSError, ValueError))

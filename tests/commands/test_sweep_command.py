@@ -423,3 +423,22 @@ def test_a_missing_base_config_is_named_as_such(tmp_path, corpus, capsys):
     err = capsys.readouterr().err
     assert "sweep: error: base_config 'nope.yaml' is not a file: give the run config(s) every cell starts from" in err
     assert len(err.strip().splitlines()) == 1 and not (out / "cells").exists()
+
+
+def test_processes_under_python_dash_m_start_shards_that_run_and_every_shard_failing_is_the_error_line(tmp_path,
+                                                                                                        corpus):
+    """`python -m lightning_mamba.commands.sweep --processes N` started each shard as `python -m __main__`, which
+    Python cannot find: every shard died before our code ran, and the summary's "no study under" hid that. Here both
+    cells' folders are taken by files, so each shard runs and fails on its own cell."""
+    out = tmp_path / "study"
+    os.makedirs(out / "cells")
+    for name in ("state8_len32", "state8_len64"):
+        (out / "cells" / name).write_text("a file where the cell's folder goes")
+    args = micro_args(tmp_path, corpus, out, "--states", "[8]", "--processes", "2")
+    run = subprocess.run([os.sys.executable, "-m", "lightning_mamba.commands.sweep", *args], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode != 0 and "2 shards started" in run.stdout
+    assert run.stderr.strip().splitlines()[-1].startswith("sweep: error: 2 of 2 shards failed (shard 0: ")
+    for i in range(2):
+        log = (out / "logs" / f"shard_{i}.log").read_text()
+        assert "__spec__" not in log and f"state8_len{32 * (i + 1)}" in log, log[-2000:]
