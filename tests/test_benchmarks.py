@@ -4,6 +4,7 @@ beside the bare eager baseline, in one process."""
 import importlib.util
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -456,3 +457,31 @@ def test_figure_cost_times_the_training_process_with_and_without_the_drawing_pro
             if line.startswith(("in_process ", "drawing_process "))}
     assert set(busy) == {"in_process", "drawing_process"} and busy["drawing_process"] < busy["in_process"]
     assert "ratio in_process/drawing_process" in out
+
+
+def test_sweep_speed_reads_a_study_folders_record_times_and_a_listing_alike(tmp_path, capsys):
+    """Two cells evaluated every 500 steps: a at 100 steps/s from t=20.5, b at 50 steps/s from t=30 (its first record
+    late, as a cell compiling beside others); a stopped by its budget at step 4,250. The first record and the stop's
+    are left out; together they trained 150 steps/s over t=40..55.5, where both were past their first evaluation."""
+    bench = load_benchmark("sweep_speed")
+    times = {"state8_len32": [(20.5 + 5 * k, 500 * (k + 1)) for k in range(8)] + [(57.5, 4250)],
+             "state16_len32": [(30 + 10 * k, 500 * (k + 1)) for k in range(5)]}
+    lines = []
+    for cell, rows in times.items():
+        folder = tmp_path / "study" / "cells" / cell / "lengthgen"
+        folder.mkdir(parents=True)
+        for when, step in rows:
+            path = folder / f"step_{step}.json"
+            path.write_text("{}")
+            os.utime(path, (1.8e9 + when, 1.8e9 + when))
+            lines.append(f"{int(1.8e9 + when)} 00:00:{when % 60:05.2f} {path}")  # the form `stat -c '%Y %y'` gives
+    listing = tmp_path / "times.txt"
+    listing.write_text("# a header line\n" + "\n".join(lines) + "\n")
+    for argv in ([str(tmp_path / "study")], ["--listing", str(listing)]):
+        assert bench.main([*argv, "--tokens_per_step", "1000"]) == 0
+        printed = capsys.readouterr().out
+        assert re.search(r"state8_len32 +100\.0 steps/s +0\.10M tokens/s +\(3,000 steps in 30\.0 s\)", printed)
+        assert re.search(r"state16_len32 +50\.0 steps/s +0\.05M tokens/s +\(1,500 steps in 30\.0 s\)", printed)
+        assert re.search(r"2 cells at once +150\.0 steps/s +0\.15M tokens/s .*the 15\.5 s", printed)
+    with pytest.raises(SystemExit, match="no cells/"):
+        bench.main([str(tmp_path)])
