@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
 import types
 
@@ -121,6 +122,10 @@ def _triton_scan():
         # mamba-ssm 2.3.2 imports its Mamba-1 CUDA extension eagerly; Mamba-2 never calls it, and the
         # pure-Python build (MAMBA_SKIP_CUDA_BUILD) lacks it. An empty placeholder lets the import run.
         sys.modules["selective_scan_cuda"] = types.ModuleType("selective_scan_cuda")
+    # mamba_ssm's scan kernels autotune per shape in every process; Triton keeps the choices on disk when this is on
+    # as their decorators run (at this import). A second process's first 32K-token evaluation at d_state 512 took
+    # 1.98 s against the first's 49.3 s (H100, docs/performance.md). TRITON_CACHE_AUTOTUNING=0 turns it off.
+    os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
     try:
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
     except Exception as e:  # ImportError, or a broken install

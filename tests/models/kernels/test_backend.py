@@ -135,3 +135,24 @@ def test_export_loads_in_official_mamba_ssm(tmp_path):
         official_logits = official(ids).logits
     assert official_logits.shape == ours_logits.shape
     assert rel_err(official_logits, ours_logits) < 1e-3
+
+
+@pytest.mark.parametrize("setting", [None, "0"])
+def test_mamba_ssms_autotuning_is_kept_on_disk_unless_the_user_said_no(setting):
+    """Imported through the backend switch, mamba_ssm's autotuned kernels cache their choices (Triton reads
+    TRITON_CACHE_AUTOTUNING as each decorator runs); a user's TRITON_CACHE_AUTOTUNING=0 stays. A fresh process: the
+    test session may have imported mamba_ssm already."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_CACHE_AUTOTUNING"}
+    if setting is not None:
+        env["TRITON_CACHE_AUTOTUNING"] = setting
+    code = ("from lightning_mamba.models.kernels.backend import _triton_scan\n"
+            "assert _triton_scan()[0] is not None, _triton_scan()[1]\n"
+            "from mamba_ssm.ops.triton.ssd_chunk_state import _chunk_state_fwd_kernel as k\n"
+            "print(k.cache_results)")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split()[-1] == ("True" if setting is None else "False")

@@ -1,0 +1,77 @@
+"""What the first length-generalization evaluation of a process costs against the ones after it.
+
+    python benchmarks/first_evaluation.py                                   # a study cell: d_state 512, 32K tokens
+    python benchmarks/first_evaluation.py --d_state 128 --length 4096 --profile 30
+
+The regime cells' callback evaluates 32 held-out rows of 32K tokens in fp32, 2,048 tokens at a time, carrying the
+state. The first time a process does that on a GPU, mamba_ssm's scan kernels are compiled for the evaluation's shapes
+(once per machine: Triton keeps compiled kernels on disk) and autotuned (once per process, unless Triton keeps the
+choices too: TRITON_CACHE_AUTOTUNING, which the backend switch turns on). Run it twice to see a second process.
+The baseline is the same evaluation run again in the same process. ``--profile N`` prints the first call's N
+costliest Python functions (cProfile, cumulative): compilers and autotuning show there by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--d_state", type=int, default=512)
+    p.add_argument("--seq_len", type=int, default=32, help="T_train (the report's windows)")
+    p.add_argument("--length", type=int, default=32768, help="tokens per evaluated row")
+    p.add_argument("--rows", type=int, default=32)
+    p.add_argument("--piece_len", type=int, default=2048)
+    p.add_argument("--d_model", type=int, default=256)
+    p.add_argument("--n_layer", type=int, default=4)
+    p.add_argument("--device", default=None, help="default: cuda when available")
+    p.add_argument("--profile", type=int, default=0, help="print the first call's N costliest functions")
+    args = p.parse_args(argv)
+
+    t0 = time.perf_counter()
+    import torch
+
+    from lightning_mamba.analysis.forgetting import measure_forgetting
+    from lightning_mamba.models import MambaConfig, MambaLM
+
+    print(f"imports {time.perf_counter() - t0:.1f} s; TRITON_CACHE_AUTOTUNING="
+          f"{os.environ.get('TRITON_CACHE_AUTOTUNING', '(unset; the backend switch sets 1)')}", flush=True)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    config = MambaConfig(d_model=args.d_model, n_layer=args.n_layer, vocab_size=257,
+                         ssm_cfg={"layer": "Mamba2", "d_state": args.d_state, "headdim": 64, "expand": 2,
+                                  "chunk_size": 64, "quadratic_max_len": 256, "save_chunk_states": True})
+    model = MambaLM(config, backend="auto").to(device).eval()
+    rows = torch.randint(0, 256, (args.rows, args.length + 1), generator=torch.Generator().manual_seed(0))
+
+    def once() -> float:
+        t = time.perf_counter()
+        measure_forgetting(model, rows, args.seq_len, piece_len=args.piece_len, dtype="float32")
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    profile = cProfile.Profile()
+    profile.enable()
+    first = once()
+    profile.disable()
+    later = [once(), once()]
+    print(f"first evaluation {first:.2f} s; then {later[0]:.3f} s, {later[1]:.3f} s (baseline: the same evaluation "
+          f"again, same process): x {first / min(later):.1f}")
+    if args.profile:
+        out = io.StringIO()
+        pstats.Stats(profile, stream=out).sort_stats("cumtime").print_stats(args.profile)
+        print("\n".join(line[:200] for line in out.getvalue().splitlines() if line.strip()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
