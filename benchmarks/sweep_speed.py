@@ -104,7 +104,9 @@ def report(name: str, records: list[tuple[float, str]], tokens_per_step: int) ->
         print(f"  {cell:24s} {rate:8.1f} steps/s  {rate * tokens_per_step / 1e6:6.2f}M tokens/s  "
               f"({steps:,} steps in {seconds:.1f} s)")
     if together is None:
-        return next(iter(per_cell.values()))[0] if len(per_cell) == 1 else sum(r for r, _, _ in per_cell.values())
+        if len(per_cell) > 1:
+            print("  (the cells ran one after another: their mean is the figure compared)")
+        return sum(r for r, _, _ in per_cell.values()) / len(per_cell)
     rate, seconds = together
     print(f"  {len(per_cell)} cells at once          {rate:8.1f} steps/s  {rate * tokens_per_step / 1e6:6.2f}M tokens/s  "
           f"(in all, over the {seconds:.1f} s every cell was past its first evaluation)")

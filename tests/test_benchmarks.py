@@ -485,6 +485,16 @@ def test_sweep_speed_reads_a_study_folders_record_times_and_a_listing_alike(tmp_
         assert re.search(r"2 cells at once +150\.0 steps/s +0\.15M tokens/s .*the 15\.5 s", printed)
     with pytest.raises(SystemExit, match="no cells/"):
         bench.main([str(tmp_path)])
+    # one cell after the other (--processes 1): no span together; the baseline line compares their mean
+    after = tmp_path / "after.txt"
+    after.write_text("".join(f"{100 + 10 * k} cells/state{d}_len32/lengthgen/step_{500 * (k + 1)}.json\n"
+                             for k in range(3) for d in (8,)) +
+                     "".join(f"{200 + 5 * k} cells/state{d}_len32/lengthgen/step_{500 * (k + 1)}.json\n"
+                             for k in range(3) for d in (16,)))
+    assert bench.main(["--listing", str(after), "--baseline_listing", str(listing)]) == 0
+    printed = capsys.readouterr().out
+    assert "one after another" in printed and "cells at once" in printed  # the baseline's two ran together
+    assert printed.strip().endswith("x baseline: 0.50")  # mean of 50 and 100 steps/s against 150 together
 
 
 def test_first_evaluation_times_the_first_and_later_evaluations_of_a_process(capsys):
