@@ -147,6 +147,8 @@ def test_mamba_ssms_autotuning_is_kept_on_disk_unless_the_user_said_no(setting):
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_CACHE_AUTOTUNING"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)  # installed or not
     if setting is not None:
         env["TRITON_CACHE_AUTOTUNING"] = setting
     code = ("from lightning_mamba.models.kernels.backend import _triton_scan\n"
