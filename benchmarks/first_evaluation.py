@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--length", type=int, default=32768, help="tokens per evaluated row")
     p.add_argument("--rows", type=int, default=32)
     p.add_argument("--piece_len", type=int, default=2048)
+    p.add_argument("--chunk_size", type=int, default=64, help="the scan's chunk (the regime config's 64); the "
+                   "evaluation's long rows run the chunked scan in it, so this is its A/B")
     p.add_argument("--d_model", type=int, default=256)
     p.add_argument("--n_layer", type=int, default=4)
     p.add_argument("--device", default=None, help="default: cuda when available")
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     config = MambaConfig(d_model=args.d_model, n_layer=args.n_layer, vocab_size=257,
                          ssm_cfg={"layer": "Mamba2", "d_state": args.d_state, "headdim": 64, "expand": 2,
-                                  "chunk_size": 64, "quadratic_max_len": 256, "save_chunk_states": True})
+                                  "chunk_size": args.chunk_size, "quadratic_max_len": 256, "save_chunk_states": True})
     model = MambaLM(config, backend="auto").to(device).eval()
     rows = torch.randint(0, 256, (args.rows, args.length + 1), generator=torch.Generator().manual_seed(0))
 
