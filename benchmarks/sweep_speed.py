@@ -1,7 +1,7 @@
 """How fast `lightning-mamba sweep` trained its cells, evaluations and all, from the times its evaluation records were
 written (no GPU needed; read a study folder where it ran, or a listing of the records' times brought back from there).
 
-    python benchmarks/sweep_speed.py runs/study/regime                 # the records' modification times
+    python benchmarks/sweep_speed.py runs/study/regime                 # the times written in the records
     python benchmarks/sweep_speed.py --listing times.txt               # lines "<unix time> [HH:MM:SS.ff] <path>"
     python benchmarks/sweep_speed.py --listing a.txt --baseline_listing b.txt   # and a x (this / baseline) line
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import re
 import sys
@@ -27,10 +28,21 @@ RECORD = re.compile(r"cells/(?P<cell>[^/]+)/lengthgen/step_(?P<step>\d+)\.json$"
 
 
 def from_folder(study: str) -> list[tuple[float, str]]:
+    """Each record's ``written_at_ms`` (the wall clock the callback wrote in it; a copied study keeps it), else the
+    file's modification time (records written before that field)."""
     paths = glob.glob(os.path.join(study, "cells", "*", "lengthgen", "step_*.json"))
     if not paths:
         raise SystemExit(f"sweep_speed: no cells/*/lengthgen/step_*.json under {study}: give the sweep's --out folder")
-    return [(os.stat(p).st_mtime, p) for p in paths]
+    return [(written_at(p), p) for p in paths]
+
+
+def written_at(path: str) -> float:
+    try:
+        with open(path) as f:
+            when = json.load(f).get("written_at_ms")
+    except (OSError, ValueError, AttributeError):
+        when = None
+    return when / 1000 if isinstance(when, int) else os.stat(path).st_mtime
 
 
 def from_listing(path: str) -> list[tuple[float, str]]:

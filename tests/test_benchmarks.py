@@ -474,10 +474,13 @@ def test_sweep_speed_reads_a_study_folders_record_times_and_a_listing_alike(tmp_
             path = folder / f"step_{step}.json"
             path.write_text("{}")
             os.utime(path, (1.8e9 + when, 1.8e9 + when))
+            copied = tmp_path / "copied" / "cells" / cell / "lengthgen" / path.name  # a copy: new mtimes, written_at
+            copied.parent.mkdir(parents=True, exist_ok=True)
+            copied.write_text(json.dumps({"step": step, "written_at_ms": int((1.8e9 + when) * 1000)}))
             lines.append(f"{int(1.8e9 + when)} 00:00:{when % 60:05.2f} {path}")  # the form `stat -c '%Y %y'` gives
     listing = tmp_path / "times.txt"
     listing.write_text("# a header line\n" + "\n".join(lines) + "\n")
-    for argv in ([str(tmp_path / "study")], ["--listing", str(listing)]):
+    for argv in ([str(tmp_path / "study")], ["--listing", str(listing)], [str(tmp_path / "copied")]):
         assert bench.main([*argv, "--tokens_per_step", "1000"]) == 0
         printed = capsys.readouterr().out
         assert re.search(r"state8_len32 +100\.0 steps/s +0\.10M tokens/s +\(3,000 steps in 30\.0 s\)", printed)

@@ -254,7 +254,8 @@ class LengthGeneralizationCallback(PeriodicAnalysis):
     ``lengthgen/ratio_16_64x_lo`` and ``_hi``, ``lengthgen/ratio_far`` (the mean over the last quarter of the
     evaluated positions / mean[T/2,T], see :func:`..analysis.forgetting.far_ratio`) with ``_lo`` and ``_hi``, the figure
     ``lengthgen/loss_vs_position``, and ``<log_dir>/lengthgen/step_<step>.json`` (verdict with the ratios, rows and
-    evaluated_to, ``far_window`` [lo, hi]: ratio_far's positions (lo, hi], bucket curve) and ``.csv`` (position, loss
+    evaluated_to, ``far_window`` [lo, hi]: ratio_far's positions (lo, hi], bucket curve, ``seconds`` it took,
+    ``written_at_ms`` the wall clock) and ``.csv`` (position, loss
     averaged over rows: the per-position curve, written once; ``analysis.evaluator.read_position_losses_csv``).
     """
 
@@ -331,7 +332,10 @@ class LengthGeneralizationCallback(PeriodicAnalysis):
             "verdict": verdict.to_dict(), "metrics": metrics, "far_window": list(far),
             "bucket_positions": report.positions.tolist(), "bucket_loss": report.curve.tolist(),
             # the per-position curve is the CSV's alone: twice it was most of a study's disk (~0.8 MB an evaluation)
-            "per_position_csv": os.path.basename(out) + ".csv", "seconds": time.perf_counter() - t0},
+            "per_position_csv": os.path.basename(out) + ".csv", "seconds": time.perf_counter() - t0,
+            # unix time in ms (an int: float_digits rounds floats): how fast the run went, for
+            # benchmarks/sweep_speed.py, in copies of the folder too
+            "written_at_ms": int(time.time() * 1000)},
             float_digits=JSON_DIGITS)
 
     def summary_line(self) -> str:

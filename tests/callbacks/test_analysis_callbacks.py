@@ -1,6 +1,7 @@
 """The forgetting callbacks inside a real Trainer: TensorBoard tags, files, cadence, finite curves."""
 
 import json
+import time
 
 import lightning as L
 import numpy as np
@@ -61,6 +62,8 @@ def test_callbacks_log_tags_and_files(tmp_path):
     out = tmp_path / "run" / "version_0"
     record = json.loads((out / "lengthgen" / "step_5.json").read_text())
     assert record["seq_len"] == SEQ_LEN and record["rows"]["rows"] == 2
+    earlier = json.loads((out / "lengthgen" / "step_4.json").read_text())
+    assert earlier["written_at_ms"] < record["written_at_ms"] <= time.time() * 1000  # each record's wall clock
     assert "per_position_loss" not in record and record["per_position_csv"] == "step_5.csv"  # the curve once
     per_pos = read_position_losses_csv(str(out / "lengthgen" / record["per_position_csv"]))
     assert per_pos.shape == (16 * SEQ_LEN,) and np.isfinite(per_pos).all()
