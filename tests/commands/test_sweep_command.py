@@ -8,6 +8,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 import time
 
 import lightning as L
@@ -435,7 +436,7 @@ def test_processes_under_python_dash_m_start_shards_that_run_and_every_shard_fai
     for name in ("state8_len32", "state8_len64"):
         (out / "cells" / name).write_text("a file where the cell's folder goes")
     args = micro_args(tmp_path, corpus, out, "--states", "[8]", "--processes", "2")
-    run = subprocess.run([os.sys.executable, "-m", "lightning_mamba.commands.sweep", *args], cwd=ROOT,
+    run = subprocess.run([sys.executable, "-m", "lightning_mamba.commands.sweep", *args], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode != 0 and "2 shards started" in run.stdout
     assert run.stderr.strip().splitlines()[-1].startswith("sweep: error: 2 of 2 shards failed (shard 0: ")
