@@ -1,6 +1,7 @@
 """What the first length-generalization evaluation of a process costs against the ones after it.
 
     python benchmarks/first_evaluation.py                                   # a study cell: d_state 512, 32K tokens
+    python benchmarks/first_evaluation.py --headdim 64 --profile 45        # the model of the recorded H100 figures
     python benchmarks/first_evaluation.py --d_state 128 --length 4096 --profile 30
 
 The regime cells' callback evaluates 32 held-out rows of 32K tokens in fp32, 2,048 tokens at a time, carrying the
@@ -22,6 +23,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cell_throughput's build_model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,27 +33,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--length", type=int, default=32768, help="tokens per evaluated row")
     p.add_argument("--rows", type=int, default=32)
     p.add_argument("--piece_len", type=int, default=2048)
-    p.add_argument("--chunk_size", type=int, default=64, help="the scan's chunk (the regime config's 64); the "
-                   "evaluation's long rows run the chunked scan in it, so this is its A/B")
+    # the model: the study's cell (configs/experiment/regime.yaml), built by cell_throughput.py's build_model
     p.add_argument("--d_model", type=int, default=256)
     p.add_argument("--n_layer", type=int, default=4)
+    p.add_argument("--headdim", type=int, default=32)
+    p.add_argument("--expand", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=257)
+    p.add_argument("--chunk_size", type=int, default=64, help="the scan's chunk (the regime config's 64); the "
+                   "evaluation's long rows run the chunked scan in it, so this is its A/B")
+    p.add_argument("--quadratic_max_len", type=int, default=256)
     p.add_argument("--device", default=None, help="default: cuda when available")
     p.add_argument("--profile", type=int, default=0, help="print the first call's N costliest functions")
     args = p.parse_args(argv)
 
     t0 = time.perf_counter()
     import torch
+    from cell_throughput import build_model
 
     from lightning_mamba.analysis.forgetting import measure_forgetting
-    from lightning_mamba.models import MambaConfig, MambaLM
 
     print(f"imports {time.perf_counter() - t0:.1f} s; TRITON_CACHE_AUTOTUNING="
           f"{os.environ.get('TRITON_CACHE_AUTOTUNING', '(unset; the backend switch sets 1)')}", flush=True)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    config = MambaConfig(d_model=args.d_model, n_layer=args.n_layer, vocab_size=257,
-                         ssm_cfg={"layer": "Mamba2", "d_state": args.d_state, "headdim": 64, "expand": 2,
-                                  "chunk_size": args.chunk_size, "quadratic_max_len": 256, "save_chunk_states": True})
-    model = MambaLM(config, backend="auto").to(device).eval()
+    args.backend, args.save_chunk_states = "auto", True  # the study config's
+    model = build_model(args, args.d_state, device).eval()
     rows = torch.randint(0, 256, (args.rows, args.length + 1), generator=torch.Generator().manual_seed(0))
 
     def once() -> float:

@@ -184,8 +184,8 @@ class GraphedUpdate:
                 norm = torch.nn.utils.get_total_norm(grads)
                 bad = ~(self.graphed_loss._static_loss.isfinite() & norm.isfinite())
                 optimizer.found_inf = bad.float()
-                if self.clip_val is not None:
-                    torch._foreach_mul_(grads, torch.clamp(self.clip_val / (norm + 1e-6), max=1.0))
+                if self.clip_val is not None:  # p.grad is the buffer (ready() checked), as eager clipping finds it
+                    torch.nn.utils.clip_grads_with_norm_([p for p, _ in self.graphed_loss._grads], self.clip_val, norm)
                 optimizer.step()
         finally:
             for group, (lr, capturable) in zip(groups, saved):

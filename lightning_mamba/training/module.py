@@ -96,8 +96,6 @@ class MambaLitModule(L.LightningModule):
             (training/cuda_graph.py GraphedUpdate), captured after the first step. On the study's small cells the
             eager update costs the host more time per step than the GPU needs for the whole step. The
             on_before_optimizer_step hooks then run after the update was enqueued (they see clipped gradients).
-            New on 2026-12-06: its GPU tests (tests/training/test_cuda_graph.py) were written before a GPU ran
-            them; docs/performance.md says when they have.
     """
 
     def __init__(
