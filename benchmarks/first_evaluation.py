@@ -3,6 +3,7 @@
     python benchmarks/first_evaluation.py                                   # a study cell: d_state 512, 32K tokens
     python benchmarks/first_evaluation.py --headdim 64 --profile 45        # the model of the recorded H100 figures
     python benchmarks/first_evaluation.py --d_state 128 --length 4096 --profile 30
+    python benchmarks/first_evaluation.py --kernels 25                      # where a later call's GPU time goes
 
 The regime cells' callback evaluates 32 held-out rows of 32K tokens in fp32, 2,048 tokens at a time, carrying the
 state. The first time a process does that on a GPU, mamba_ssm's scan kernels are compiled for the evaluation's shapes
@@ -44,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quadratic_max_len", type=int, default=256)
     p.add_argument("--device", default=None, help="default: cuda when available")
     p.add_argument("--profile", type=int, default=0, help="print the first call's N costliest functions")
+    p.add_argument("--kernels", type=int, default=0, help="print a later call's N costliest operators on the "
+                   "device (torch.profiler, self time): where an evaluation's GPU time goes")
     args = p.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -77,7 +80,21 @@ def main(argv: list[str] | None = None) -> int:
         out = io.StringIO()
         pstats.Stats(profile, stream=out).sort_stats("cumtime").print_stats(args.profile)
         print("\n".join(line[:200] for line in out.getvalue().splitlines() if line.strip()))
+    if args.kernels:
+        print(kernel_table(once, device, args.kernels))
     return 0
+
+
+def kernel_table(run, device: str, rows: int) -> str:
+    """``run()`` once under torch.profiler; its ``rows`` operators with the most self time on the device (the CPU's
+    when there is no GPU), as torch's table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run()
+    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
 
 
 if __name__ == "__main__":
