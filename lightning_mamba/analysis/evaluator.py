@@ -266,10 +266,15 @@ def token_losses(
     out = torch.empty(tokens.size(0), tokens.size(1) - 1, dtype=torch.float32)
     for r in range(0, tokens.size(0), batch_size or tokens.size(0)):
         rows = tokens[r:r + (batch_size or tokens.size(0))]
+        # the losses stay on the model's device until the rows are done: one copy back, not a wait per piece
+        losses = None
         for p in iter_pieces(model, rows[:, :-1], piece_len, dtype, device):
-            targets = rows[:, p.start + 1:p.end + 1].to(p.logits.device)
-            loss = F.cross_entropy(p.logits.float().transpose(1, 2), targets, reduction="none")
-            out[r:r + rows.size(0), p.start:p.end] = loss.cpu()
+            if losses is None:
+                losses = torch.empty(rows.size(0), rows.size(1) - 1, dtype=torch.float32, device=p.logits.device)
+                targets = rows.to(p.logits.device)
+            losses[:, p.start:p.end] = F.cross_entropy(p.logits.float().transpose(1, 2),
+                                                       targets[:, p.start + 1:p.end + 1], reduction="none")
+        out[r:r + rows.size(0)] = losses.cpu()
     return out
 
 
