@@ -4,6 +4,7 @@
     python benchmarks/first_evaluation.py --headdim 64 --profile 45        # the model of the recorded H100 figures
     python benchmarks/first_evaluation.py --d_state 128 --length 4096 --profile 30
     python benchmarks/first_evaluation.py --kernels 25                      # where a later call's GPU time goes
+    python benchmarks/first_evaluation.py --variants chunk=128,chunk=256,tf32  # same-process A/B of later calls
 
 The regime cells' callback evaluates 32 held-out rows of 32K tokens in fp32, 2,048 tokens at a time, carrying the
 state. The first time a process does that on a GPU, mamba_ssm's scan kernels are compiled for the evaluation's shapes
@@ -16,6 +17,7 @@ costliest Python functions (cProfile, cumulative): compilers and autotuning show
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import os
@@ -45,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quadratic_max_len", type=int, default=256)
     p.add_argument("--device", default=None, help="default: cuda when available")
     p.add_argument("--profile", type=int, default=0, help="print the first call's N costliest functions")
+    p.add_argument("--variants", default="", help="comma-separated, each timed in this process against the "
+                   "later calls: chunk=N (the scan's chunk for the evaluation only), tf32 (float32 matmuls on TF32 "
+                   "tensor cores, as mamba_ssm's Triton scan already runs its fp32 dot products); with the largest "
+                   "change of a position's loss, ratio_16_64x and ratio_far against the baseline")
     p.add_argument("--kernels", type=int, default=0, help="print a later call's N costliest operators on the "
                    "device (torch.profiler, self time): where an evaluation's GPU time goes")
     args = p.parse_args(argv)
@@ -62,11 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(args, args.d_state, device).eval()
     rows = torch.randint(0, 256, (args.rows, args.length + 1), generator=torch.Generator().manual_seed(0))
 
-    def once() -> float:
-        t = time.perf_counter()
-        measure_forgetting(model, rows, args.seq_len, piece_len=args.piece_len, dtype="float32")
+    def evaluate():
+        report = measure_forgetting(model, rows, args.seq_len, piece_len=args.piece_len, dtype="float32")
         if device == "cuda":
             torch.cuda.synchronize()
+        return report
+
+    def once() -> float:
+        t = time.perf_counter()
+        evaluate()
         return time.perf_counter() - t
 
     profile = cProfile.Profile()
@@ -76,6 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     later = [once(), once()]
     print(f"first evaluation {first:.2f} s; then {later[0]:.3f} s, {later[1]:.3f} s (baseline: the same evaluation "
           f"again, same process): x {first / min(later):.1f}")
+    if args.variants:
+        baseline = evaluate()
+        for variant in args.variants.split(","):
+            with applied(variant, model):
+                evaluate()  # compiles and autotunes for new shapes
+                times = [once(), once()]
+                report = evaluate()
+            print(f"variant {variant}: {min(times):.3f} s, x {min(later) / min(times):.2f} the baseline's speed; "
+                  + differences(baseline, report))
     if args.profile:
         out = io.StringIO()
         pstats.Stats(profile, stream=out).sort_stats("cumtime").print_stats(args.profile)
@@ -83,6 +102,41 @@ def main(argv: list[str] | None = None) -> int:
     if args.kernels:
         print(kernel_table(once, device, args.kernels))
     return 0
+
+
+@contextlib.contextmanager
+def applied(variant: str, model):
+    """The evaluation changed by ``variant`` (chunk=N or tf32) inside the block, restored after."""
+    import torch
+
+    name, _, value = variant.partition("=")
+    if name == "chunk":
+        before = [m.chunk_size for m in model.mixers]
+        for m in model.mixers:
+            m.chunk_size = int(value)
+        try:
+            yield
+        finally:
+            for m, c in zip(model.mixers, before):
+                m.chunk_size = c
+    elif name == "tf32":
+        before = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(before)
+    else:
+        raise SystemExit(f"--variants: {variant!r} is none of chunk=N, tf32")
+
+
+def differences(a, b) -> str:
+    """How far report ``b`` is from ``a``: the largest change of a position's mean loss, and of the two ratios."""
+    worst = float(abs(a.per_position - b.per_position).max())
+    ratio = (a.verdict.ratio_16_64x, b.verdict.ratio_16_64x)
+    far = (a.far["ratio_far"], b.far["ratio_far"])
+    return (f"largest change of a position's loss {worst:.2e}; ratio_16_64x {ratio[0]:.6f} -> {ratio[1]:.6f}; "
+            f"ratio_far {far[0]:.6f} -> {far[1]:.6f}")
 
 
 def kernel_table(run, device: str, rows: int) -> str:
