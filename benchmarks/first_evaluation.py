@@ -133,10 +133,11 @@ def applied(variant: str, model):
 def differences(a, b) -> str:
     """How far report ``b`` is from ``a``: the largest change of a position's mean loss, and of the two ratios."""
     worst = float(abs(a.per_position - b.per_position).max())
-    ratio = (a.verdict.ratio_16_64x, b.verdict.ratio_16_64x)
-    far = (a.far["ratio_far"], b.far["ratio_far"])
-    return (f"largest change of a position's loss {worst:.2e}; ratio_16_64x {ratio[0]:.6f} -> {ratio[1]:.6f}; "
-            f"ratio_far {far[0]:.6f} -> {far[1]:.6f}")
+    def moved(x, y) -> str:
+        return "-" if x is None or y is None else f"{x:.6f} -> {y:.6f}"  # None: rows shorter than 64 T
+
+    return (f"largest change of a position's loss {worst:.2e}; ratio_16_64x "
+            f"{moved(a.verdict.ratio_16_64x, b.verdict.ratio_16_64x)}; ratio_far {moved(a.far['ratio_far'], b.far['ratio_far'])}")
 
 
 def kernel_table(run, device: str, rows: int) -> str:
