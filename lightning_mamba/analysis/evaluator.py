@@ -10,6 +10,7 @@ which gives the same numbers as one forward over the whole row (the pieces are e
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,14 +24,19 @@ from ..atomic import atomic_write_text
 from ..models.mixer import LayerState
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+          "float16": torch.float16, "fp16": torch.float16, "tf32": torch.float32}
+# float32 tensors whose matmuls run on TF32 tensor cores (10-bit mantissa) on a GPU that has them; the same as
+# float32 on a CPU. On CUDA, mamba_ssm's Triton scan already takes its float32 dot products in TF32 (Triton's
+# default), so this moves the projections and the output layer to the scan's precision.
+TF32 = "tf32"
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is unknown: use float32 (the paper's analysis precision) or bfloat16")
+        raise ValueError(f"dtype={dtype!r} is unknown: use float32 (the paper's analysis precision), tf32 (float32 "
+                         f"with TF32 matmuls on a GPU) or bfloat16")
     return DTYPES[dtype]
 
 
@@ -38,12 +44,27 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def precision_context(device: torch.device, dtype: torch.dtype):
+@contextlib.contextmanager
+def precision_context(device: torch.device, dtype: str | torch.dtype):
     """fp32: autocast explicitly off (analysis runs may be called from inside a bf16-mixed trainer);
-    bf16/fp16: autocast to that dtype (dt and alpha stay fp32 inside the mixer either way)."""
-    if dtype == torch.float32:
-        return torch.autocast(device_type=device.type, enabled=False)
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    ``"tf32"``: the same, with float32 matmuls on TF32 tensor cores for the block (torch's matmul precision
+    "high", the caller's restored after); bf16/fp16: autocast to that dtype (dt and alpha stay fp32 inside the
+    mixer either way)."""
+    resolved = resolve_dtype(dtype)
+    tf32 = isinstance(dtype, str) and dtype == TF32
+    before = torch.get_float32_matmul_precision()
+    if tf32:
+        torch.set_float32_matmul_precision("high")
+    try:
+        if resolved == torch.float32:
+            with torch.autocast(device_type=device.type, enabled=False):
+                yield
+        else:
+            with torch.autocast(device_type=device.type, dtype=resolved):
+                yield
+    finally:
+        if tf32:
+            torch.set_float32_matmul_precision(before)
 
 
 @dataclass
@@ -66,16 +87,19 @@ def iter_pieces(
     record: bool = False,
     extra_ends: tuple[int, ...] = (),
     logits: bool = True,
+    chunk_size: int | None = None,
 ) -> Iterator[Piece]:
     """Run ``model`` over ``input_ids`` (b, L) ``piece_len`` tokens at a time, carrying the state.
 
     Pieces also end at each of ``extra_ends`` (e.g. T_train, so a state is seen exactly there).
     ``logits=False`` skips the output layer (most of a small model's work) for callers that only read states.
+    ``chunk_size``: the scan's chunk for these pieces (:func:`run_carried`).
     Yields after each piece; nothing of earlier pieces is kept, so memory does not grow with L."""
     if piece_len < 1:
         raise ValueError(f"piece_len must be >= 1 (got {piece_len})")
     ends = sample_ends(input_ids.size(1), piece_len, extra_ends)
-    for start, end, out, state, rec in run_carried(model, input_ids, ends, dtype, device, record, logits):
+    for start, end, out, state, rec in run_carried(model, input_ids, ends, dtype, device, record, logits,
+                                                   chunk_size=chunk_size):
         yield Piece(start, end, out, state, rec)
 
 
@@ -94,6 +118,7 @@ def run_carried(
     record: bool = False,
     logits: bool = True,
     states_every: int | None = None,
+    chunk_size: int | None = None,
 ) -> Iterator[tuple[int, int, Tensor | None, list, list[dict] | None]]:
     """The state-carrying loop of :func:`iter_pieces` and :func:`iter_state_samples`: run ``model`` on
     ``input_ids[:, start:end]`` for consecutive ``ends`` (increasing, the last one the length), each run starting
@@ -101,10 +126,14 @@ def run_carried(
     or None) after each. ``states_every``: each run's mixers also keep their SSM state every that many tokens from
     the run's start, and after its last token, in ``record[layer]["states"]`` (``Mamba2.states_every``; set for the
     run only, never while the caller holds a yield); the carried SSM and conv states are then copied out of the
-    scan's per-chunk tensors, so carrying them keeps nothing else of the run alive."""
-    dtype = resolve_dtype(dtype)
+    scan's per-chunk tensors, so carrying them keeps nothing else of the run alive. ``chunk_size``: the scan's chunk
+    for each run (the model's otherwise; set like ``states_every``). It changes the speed, not the results beyond
+    float rounding: a long run of a large state is faster in larger chunks (fewer chunk states to write and pass)."""
+    if chunk_size is not None and (type(chunk_size) is not int or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a whole number >= 1, or None for the model's (got {chunk_size!r})")
     device = torch.device(device) if device is not None else _model_device(model)
-    mixers = model.mixers if states_every else ()
+    mixers = model.mixers if states_every or chunk_size else ()
+    model_chunks = [m.chunk_size for m in mixers]
     state, start = None, 0
     with torch.no_grad(), precision_context(device, dtype):
         for end in ends:
@@ -113,14 +142,15 @@ def run_carried(
             try:
                 for m in mixers:
                     m.states_every = states_every
+                    m.chunk_size = chunk_size or m.chunk_size
                 if logits:
                     out, state = model(ids, state=state, record=rec)
                 else:
                     _, state = model.hidden_states(ids, state=state, record=rec)
                     out = None
             finally:
-                for m in mixers:
-                    m.states_every = None
+                for m, chunk in zip(mixers, model_chunks):
+                    m.states_every, m.chunk_size = None, chunk
             if states_every:
                 state = [s._replace(conv=_owned(s.conv), ssm=_owned(s.ssm)) for s in state]
             yield start, end, out, state, rec
@@ -254,12 +284,14 @@ def token_losses(
     dtype: str | torch.dtype = torch.float32,
     device: torch.device | str | None = None,
     batch_size: int | None = None,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """Per-position next-token loss (b, L-1), fp32, on CPU, for rows ``tokens`` (b, L).
 
     Entry [r, i] is the loss of predicting tokens[r, i+1] from tokens[r, :i+1] (position i+1).
-    ``dtype`` float32 is the paper's analysis precision; bfloat16 runs under autocast. ``batch_size`` rows
-    go through the model at a time (default: all); logits take batch_size x piece_len x vocab floats."""
+    ``dtype`` float32 is the paper's analysis precision (tf32: its matmuls on TF32 tensor cores); bfloat16 runs
+    under autocast. ``batch_size`` rows go through the model at a time (default: all); logits take batch_size x
+    piece_len x vocab floats. ``chunk_size``: the scan's chunk (:func:`run_carried`; default the model's)."""
     if tokens.dim() != 2 or tokens.size(1) < 2:
         raise ValueError(f"tokens must be (batch, length >= 2); got shape {tuple(tokens.shape)}")
     tokens = tokens.long()
@@ -268,7 +300,7 @@ def token_losses(
         rows = tokens[r:r + (batch_size or tokens.size(0))]
         # the losses stay on the model's device until the rows are done: one copy back, not a wait per piece
         losses = None
-        for p in iter_pieces(model, rows[:, :-1], piece_len, dtype, device):
+        for p in iter_pieces(model, rows[:, :-1], piece_len, dtype, device, chunk_size=chunk_size):
             if losses is None:
                 losses = torch.empty(rows.size(0), rows.size(1) - 1, dtype=torch.float32, device=p.logits.device)
                 targets = rows.to(p.logits.device)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..data.passkey import PasskeyGenerator, PasskeySample, passkey_grid
-from .evaluator import iter_pieces, precision_context, resolve_dtype
+from .evaluator import iter_pieces, precision_context
 from .plots import plt, text_color_on
 
 
@@ -81,7 +81,7 @@ def greedy_generate(model: torch.nn.Module, prompt: torch.Tensor, n_tokens: int,
     *_, last = iter_pieces(model, prompt, piece_len, dtype, device)
     token = last.logits[:, -1, :vocab].argmax(-1)
     state, out = last.state, [token]
-    with precision_context(token.device, resolve_dtype(dtype)):
+    with precision_context(token.device, dtype):
         for _ in range(n_tokens - 1):
             logits, state = model.step(token, state)
             token = logits[:, :vocab].argmax(-1)

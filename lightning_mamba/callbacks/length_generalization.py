@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from ..analysis import plots
 from ..analysis.criterion import bucket_problem, threshold_problem, verdict_text, verdict_word
-from ..analysis.evaluator import eval_rows, write_position_losses_csv
+from ..analysis.evaluator import eval_rows, resolve_dtype, write_position_losses_csv
 from ..analysis.forgetting import (
     DEFAULT_EVAL_ROWS,
     DEFAULT_MAX_MULTIPLE,
@@ -211,6 +211,15 @@ class PeriodicAnalysis(L.Callback):
         return os.path.join(self.out_dir(trainer, create=False), f"step_{step}.json")
 
 
+def check_dtype(owner: str, dtype: str) -> None:
+    """An analysis callback's ``dtype`` is one the evaluator knows: said when the callback is built, not at its first
+    run after hundreds of training steps."""
+    try:
+        resolve_dtype(dtype)
+    except ValueError as e:
+        raise SettingError(f"{owner}: {e}") from None
+
+
 def last_step_of_fit(trainer: L.Trainer) -> bool:
     """Whether training ends at this step (``max_steps`` reached, or the last batch of the last epoch): a validation
     there is the end of fit's analysis, and on_fit_end does not run it again."""
@@ -238,7 +247,10 @@ class LengthGeneralizationCallback(PeriodicAnalysis):
         piece_len: Tokens per forward; the state is carried between pieces (default 2048 on GPU, 512 on CPU,
             where smaller pieces are faster).
         max_eval_tokens: Cap on the evaluated length (multiples beyond it are skipped).
-        dtype: float32 (the paper's analysis precision) or bfloat16.
+        dtype: float32 (the paper's analysis precision), tf32 (float32 with its matmuls on TF32 tensor cores, as
+            mamba_ssm's Triton scan already takes its dot products on a GPU) or bfloat16.
+        chunk_size: The scan's chunk for the evaluated rows (default: the model's). Speed only: the losses agree to
+            float rounding. Long rows of a large state run faster in larger chunks than a short training LEN's.
         threshold: The criterion's factor: fails if a judged bucket exceeds threshold x the max within T_train.
         min_length: A floor, in tokens, on the evaluated length: evaluate to max(max(multiples) x T_train,
             min_length) (not past ``max_eval_tokens``). At a small T_train, 64 x T is short (2,048 tokens at 32),
@@ -273,8 +285,13 @@ class LengthGeneralizationCallback(PeriodicAnalysis):
         threshold: float = 2.0,
         min_length: int | None = None,
         figures_every_n_runs: int = 1,
+        chunk_size: int | None = None,
     ):
         super().__init__(every_n_validations, figures_every_n_runs)
+        check_dtype(type(self).__name__, dtype)
+        if chunk_size is not None and (type(chunk_size) is not int or chunk_size < 1):
+            raise SettingError(f"{type(self).__name__}: chunk_size must be a whole number of tokens >= 1, or null for "
+                               f"the model's (got {chunk_size!r})")
         if not multiples or min(multiples) < 1:
             raise SettingError(f"{type(self).__name__}: multiples must be positive integers (got {multiples})")
         if problem := threshold_problem(threshold):
@@ -288,7 +305,7 @@ class LengthGeneralizationCallback(PeriodicAnalysis):
         self.multiples = tuple(sorted(int(m) for m in multiples))
         self.n_rows, self.bucket, self.piece_len = n_rows, bucket, piece_len
         self.max_eval_tokens, self.dtype, self.threshold = max_eval_tokens, dtype, threshold
-        self.min_length = min_length
+        self.min_length, self.chunk_size = min_length, chunk_size
         self.last_result: dict | None = None  # {"step", "verdict"} of this run's latest evaluation (the fit summary)
         self._noted = False
 
@@ -311,7 +328,8 @@ class LengthGeneralizationCallback(PeriodicAnalysis):
         if info["note"]:
             rank_zero_warn(f"lengthgen: {info['note']}")
         report = measure_forgetting(model, rows, T, self.bucket, self.threshold, self.multiples,
-                                    piece_len=self.piece_len or self.default_piece_len(model), dtype=self.dtype)
+                                    piece_len=self.piece_len or self.default_piece_len(model), dtype=self.dtype,
+                                    chunk_size=self.chunk_size)
         verdict = report.verdict
         metrics = {**report.scalars("lengthgen/"), **report.far_metrics("lengthgen/")}
         far = report.far_window

@@ -15,7 +15,7 @@ from ..analysis.passkey import evaluate_passkey, plot_passkey_curve, plot_passke
 from ..atomic import atomic_write_json
 from ..data.passkey import PasskeyGenerator, default_depths
 from ..training.run_checks import SettingError
-from .length_generalization import PeriodicAnalysis
+from .length_generalization import PeriodicAnalysis, check_dtype
 
 
 class PasskeyEvalCallback(PeriodicAnalysis):
@@ -30,7 +30,7 @@ class PasskeyEvalCallback(PeriodicAnalysis):
         threshold: T_recall is the longest length with accuracy > threshold (the paper: 0.95).
         piece_len: Tokens per forward; the state is carried between pieces (default 2048 on GPU, 512 on CPU).
         batch_size: Prompts per forward.
-        dtype: float32 (the paper's analysis precision) or bfloat16.
+        dtype: float32 (the paper's analysis precision), tf32 (float32 with TF32 matmuls on a GPU) or bfloat16.
         seed: Seed of the keys.
         figures_every_n_runs: Draw the figures at the first run, every N-th, and at the end of fit (scalars and
             JSON every run).
@@ -57,6 +57,7 @@ class PasskeyEvalCallback(PeriodicAnalysis):
         figures_every_n_runs: int = 1,
     ):
         super().__init__(every_n_validations, figures_every_n_runs)
+        check_dtype(type(self).__name__, dtype)
         if not multiples or not all(math.isfinite(m) and m > 0 for m in multiples):  # (inf failed after training)
             raise SettingError(f"{type(self).__name__}: multiples must be positive finite numbers (got {multiples})")
         if n_samples < 1 or n_depths < 1:

@@ -16,7 +16,7 @@ from ..analysis.evaluator import eval_rows
 from ..analysis.state_stats import newline_probe, state_statistics
 from ..atomic import atomic_write_json
 from ..training.run_checks import SettingError
-from .length_generalization import JSON_DIGITS, PeriodicAnalysis
+from .length_generalization import JSON_DIGITS, PeriodicAnalysis, check_dtype
 
 PROBES = ("text", "newlines")
 
@@ -33,7 +33,7 @@ class StateStatsCallback(PeriodicAnalysis):
         stride: Tokens between state samples (default T_train // 8, at least 16).
         probes: ``text`` (held-out text) and/or ``newlines`` (skipped, with a warning, when '\\n' is not one token).
         max_eval_tokens: Cap on the evaluated length.
-        dtype: float32 (the paper's analysis precision) or bfloat16.
+        dtype: float32 (the paper's analysis precision), tf32 (float32 with TF32 matmuls on a GPU) or bfloat16.
         retention_threshold: A head "never forgets the first token" when alpha_{1:T_train} exceeds this.
         top_fraction: Outlier channels = this top share of a head's state entries.
         figures_every_n_runs: Draw the figures at the first run, every N-th, and at the end of fit (scalars and
@@ -64,6 +64,7 @@ class StateStatsCallback(PeriodicAnalysis):
     ):
         super().__init__(every_n_validations, figures_every_n_runs)
         name = type(self).__name__
+        check_dtype(name, dtype)
         unknown = set(probes) - set(PROBES)
         if unknown:
             raise SettingError(f"{name}: unknown probes {sorted(unknown)}: use {', '.join(PROBES)}")

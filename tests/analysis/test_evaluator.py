@@ -27,6 +27,36 @@ def test_bf16_option_runs_close_to_fp32(lm):
         token_losses(lm, tokens, dtype="int8")
 
 
+@pytest.mark.parametrize("chunk_size", [4, 64])
+def test_the_evaluations_own_chunk_gives_the_same_losses_and_is_given_back(lm, chunk_size):
+    tokens = torch.randint(0, 64, (2, 97))
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append(m.chunk_size)) for m in lm.mixers]
+    try:
+        own = token_losses(lm, tokens, piece_len=32, chunk_size=chunk_size)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert set(seen) == {chunk_size} and len(seen) == len(lm.mixers) * 3  # every piece (96 / 32) of every layer
+    assert {m.chunk_size for m in lm.mixers} == {16}  # the model's again
+    torch.testing.assert_close(own, token_losses(lm, tokens, piece_len=32), atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="chunk_size must be a whole number >= 1"):
+        token_losses(lm, tokens, chunk_size=0)
+
+
+def test_tf32_is_float32_with_tf32_matmuls_for_the_run_only(lm):
+    tokens = torch.randint(0, 64, (1, 40))
+    seen = []
+    hook = lm.mixers[0].register_forward_pre_hook(lambda m, args: seen.append(torch.get_float32_matmul_precision()))
+    before = torch.get_float32_matmul_precision()
+    try:
+        tf32 = token_losses(lm, tokens, piece_len=16, dtype="tf32")
+    finally:
+        hook.remove()
+    assert set(seen) == {"high"} and torch.get_float32_matmul_precision() == before == "highest"
+    assert torch.equal(tf32, token_losses(lm, tokens, piece_len=16))  # a CPU's matmuls take no TF32
+
+
 def test_bucket_curve_averages_rows_then_buckets():
     losses = torch.tensor([[1.0, 2, 3, 4, 5], [3.0, 4, 5, 6, 7]])  # row mean: 2,3,4,5,6
     pos, curve = bucket_curve(losses, 2)

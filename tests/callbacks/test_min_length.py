@@ -135,3 +135,18 @@ def test_a_long_curve_is_drawn_thin_with_a_log_binned_mean():
     short = plot_forgetting_report(forgetting_report(losses[:, :2048], 32), 2.0, "short").axes[0]  # 128 buckets
     assert short.lines[0].get_marker() == "." and "mean over log-spaced bins" not in [
         line.get_label() for line in short.lines]
+
+
+def test_the_callbacks_chunk_runs_the_scan_and_bad_settings_are_refused_when_built(tmp_path):
+    trainer, data, model = fixture_run(tmp_path, 3000)
+    seen = []
+    hook = model.mixers[0].register_forward_pre_hook(lambda m, args: seen.append(m.chunk_size))
+    LengthGeneralizationCallback(n_rows=1, piece_len=512, chunk_size=64).analyze(trainer, model, data, 0)
+    hook.remove()
+    assert set(seen) == {64} and model.mixers[0].chunk_size == 16  # the evaluation's chunk, then the model's
+    assert record(tmp_path)["verdict"]["evaluated_to"] == 1024
+    for bad in (0, 2.5, "64"):
+        with pytest.raises(ValueError, match="chunk_size must be a whole number of tokens >= 1, or null"):
+            LengthGeneralizationCallback(chunk_size=bad)
+    with pytest.raises(ValueError, match="dtype='fp8' is unknown: use float32 .* tf32"):
+        LengthGeneralizationCallback(dtype="fp8")
