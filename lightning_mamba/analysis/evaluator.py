@@ -87,7 +87,7 @@ def iter_pieces(
     record: bool = False,
     extra_ends: tuple[int, ...] = (),
     logits: bool = True,
-    chunk_size: int | None = None,
+    chunk_size: int | str | None = None,
 ) -> Iterator[Piece]:
     """Run ``model`` over ``input_ids`` (b, L) ``piece_len`` tokens at a time, carrying the state.
 
@@ -118,7 +118,7 @@ def run_carried(
     record: bool = False,
     logits: bool = True,
     states_every: int | None = None,
-    chunk_size: int | None = None,
+    chunk_size: int | str | None = None,
 ) -> Iterator[tuple[int, int, Tensor | None, list, list[dict] | None]]:
     """The state-carrying loop of :func:`iter_pieces` and :func:`iter_state_samples`: run ``model`` on
     ``input_ids[:, start:end]`` for consecutive ``ends`` (increasing, the last one the length), each run starting
@@ -127,11 +127,10 @@ def run_carried(
     the run's start, and after its last token, in ``record[layer]["states"]`` (``Mamba2.states_every``; set for the
     run only, never while the caller holds a yield); the carried SSM and conv states are then copied out of the
     scan's per-chunk tensors, so carrying them keeps nothing else of the run alive. ``chunk_size``: the scan's chunk
-    for each run (the model's otherwise; set like ``states_every``). It changes the speed, not the results beyond
+    for each run (:func:`evaluation_chunk`: a number, "auto", or None for the model's; set like ``states_every``). It changes the speed, not the results beyond
     float rounding: a long run of a large state is faster in larger chunks (fewer chunk states to write and pass)."""
-    if chunk_size is not None and (type(chunk_size) is not int or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a whole number >= 1, or None for the model's (got {chunk_size!r})")
     device = torch.device(device) if device is not None else _model_device(model)
+    chunk_size = evaluation_chunk(model, chunk_size, device)
     mixers = model.mixers if states_every or chunk_size else ()
     model_chunks = [m.chunk_size for m in mixers]
     state, start = None, 0
@@ -155,6 +154,26 @@ def run_carried(
                 state = [s._replace(conv=_owned(s.conv), ssm=_owned(s.ssm)) for s in state]
             yield start, end, out, state, rec
             start = end
+
+
+AUTO_CHUNK = "auto"
+
+
+def evaluation_chunk(model: torch.nn.Module, chunk_size: int | str | None, device: torch.device) -> int | None:
+    """The scan's chunk for an evaluation run: ``chunk_size`` itself, None for the model's, or for ``"auto"`` on CUDA
+    256 when the state is large (d_state >= 512) and 128 otherwise, the model's on a CPU. Speed only. What "auto"
+    rests on (H100, a 4 x 256 model of headdim 32, 32 rows of 32K tokens in pieces of 2,048, fp32; chunk 128 and 256
+    against 64, ``benchmarks/first_evaluation.py --variants``): d_state 128 1.04x / 0.78x, 256 1.10x / 0.96x,
+    512 1.14x / 1.27x, 1024 1.18x / 1.26x, 2048 1.26x / 1.37x. Larger chunks write and pass fewer chunk states
+    (most of the work at a large state) and cost more within each chunk."""
+    if chunk_size == AUTO_CHUNK:
+        if device.type != "cuda":
+            return None
+        return 256 if max(m.d_state for m in model.mixers) >= 512 else 128
+    if chunk_size is not None and (type(chunk_size) is not int or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a whole number >= 1, {AUTO_CHUNK!r}, or None for the model's "
+                         f"(got {chunk_size!r})")
+    return chunk_size
 
 
 def _owned(t: Tensor) -> Tensor:
@@ -284,14 +303,14 @@ def token_losses(
     dtype: str | torch.dtype = torch.float32,
     device: torch.device | str | None = None,
     batch_size: int | None = None,
-    chunk_size: int | None = None,
+    chunk_size: int | str | None = None,
 ) -> Tensor:
     """Per-position next-token loss (b, L-1), fp32, on CPU, for rows ``tokens`` (b, L).
 
     Entry [r, i] is the loss of predicting tokens[r, i+1] from tokens[r, :i+1] (position i+1).
     ``dtype`` float32 is the paper's analysis precision (tf32: its matmuls on TF32 tensor cores); bfloat16 runs
     under autocast. ``batch_size`` rows go through the model at a time (default: all); logits take batch_size x
-    piece_len x vocab floats. ``chunk_size``: the scan's chunk (:func:`run_carried`; default the model's)."""
+    piece_len x vocab floats. ``chunk_size``: the scan's chunk (:func:`evaluation_chunk`; default the model's)."""
     if tokens.dim() != 2 or tokens.size(1) < 2:
         raise ValueError(f"tokens must be (batch, length >= 2); got shape {tuple(tokens.shape)}")
     tokens = tokens.long()

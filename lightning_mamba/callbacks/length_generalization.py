@@ -6,7 +6,7 @@ import os
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from ..analysis import plots
 from ..analysis.criterion import bucket_problem, threshold_problem, verdict_text, verdict_word
-from ..analysis.evaluator import eval_rows, resolve_dtype, write_position_losses_csv
+from ..analysis.evaluator import AUTO_CHUNK, eval_rows, resolve_dtype, write_position_losses_csv
 from ..analysis.forgetting import (
     DEFAULT_EVAL_ROWS,
     DEFAULT_MAX_MULTIPLE,
@@ -250,7 +250,9 @@ class LengthGeneralizationCallback(PeriodicAnalysis):
         dtype: float32 (the paper's analysis precision), tf32 (float32 with its matmuls on TF32 tensor cores, as
             mamba_ssm's Triton scan already takes its dot products on a GPU) or bfloat16.
         chunk_size: The scan's chunk for the evaluated rows (default: the model's). Speed only: the losses agree to
-            float rounding. Long rows of a large state run faster in larger chunks than a short training LEN's.
+            float rounding. Long rows of a large state run faster in larger chunks than a short training LEN's;
+            ``auto`` picks by the state's size on a GPU (``analysis.evaluator.evaluation_chunk``: 256 from d_state
+            512, else 128), the model's on a CPU.
         threshold: The criterion's factor: fails if a judged bucket exceeds threshold x the max within T_train.
         min_length: A floor, in tokens, on the evaluated length: evaluate to max(max(multiples) x T_train,
             min_length) (not past ``max_eval_tokens``). At a small T_train, 64 x T is short (2,048 tokens at 32),
@@ -285,13 +287,13 @@ class LengthGeneralizationCallback(PeriodicAnalysis):
         threshold: float = 2.0,
         min_length: int | None = None,
         figures_every_n_runs: int = 1,
-        chunk_size: int | None = None,
+        chunk_size: int | Literal["auto"] | None = None,
     ):
         super().__init__(every_n_validations, figures_every_n_runs)
         check_dtype(type(self).__name__, dtype)
-        if chunk_size is not None and (type(chunk_size) is not int or chunk_size < 1):
-            raise SettingError(f"{type(self).__name__}: chunk_size must be a whole number of tokens >= 1, or null for "
-                               f"the model's (got {chunk_size!r})")
+        if chunk_size not in (None, AUTO_CHUNK) and (type(chunk_size) is not int or chunk_size < 1):
+            raise SettingError(f"{type(self).__name__}: chunk_size must be a whole number of tokens >= 1, auto, or "
+                               f"null for the model's (got {chunk_size!r})")
         if not multiples or min(multiples) < 1:
             raise SettingError(f"{type(self).__name__}: multiples must be positive integers (got {multiples})")
         if problem := threshold_problem(threshold):

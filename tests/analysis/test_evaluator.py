@@ -44,6 +44,19 @@ def test_the_evaluations_own_chunk_gives_the_same_losses_and_is_given_back(lm, c
         token_losses(lm, tokens, chunk_size=0)
 
 
+def test_auto_picks_the_chunk_by_the_states_size_on_a_gpu_and_keeps_the_models_on_a_cpu(lm):
+    from lightning_mamba.analysis.evaluator import evaluation_chunk
+    from tests.tiny import tiny_lm
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # no GPU needed: the rule only reads the device's type
+    assert evaluation_chunk(lm, "auto", cuda) == 128 and evaluation_chunk(lm, "auto", cpu) is None  # d_state 16
+    assert evaluation_chunk(tiny_lm(n_layer=1, d_state=512), "auto", cuda) == 256
+    assert evaluation_chunk(lm, None, cuda) is None and evaluation_chunk(lm, 32, cpu) == 32
+    for bad in ("big", 1.5, -1):
+        with pytest.raises(ValueError, match="chunk_size must be a whole number >= 1, 'auto', or None"):
+            evaluation_chunk(lm, bad, cpu)
+
+
 def test_tf32_is_float32_with_tf32_matmuls_for_the_run_only(lm):
     tokens = torch.randint(0, 64, (1, 40))
     seen = []
