@@ -556,7 +556,8 @@ def evaluate_cell(study: Study, cell: Cell, model, dm, log: Callable[[str], None
     if info["note"]:
         log(f"sweep: {cell.name}: note: {info['note']}")
     report = measure_forgetting(model, rows, T, study.bucket, study.threshold, piece_len=study.piece_len,
-                                dtype=torch.float32, device=device, batch_size=study.eval_batch_size)
+                                dtype=torch.float32, device=device, batch_size=study.eval_batch_size,
+                                chunk_size="auto")  # speed only (analysis.evaluator.evaluation_chunk)
     cfg = model.config
     result = {
         "cell": cell.name, "row": cell.row, "axis": study.axis, "model_overrides": dict(cell.model),
