@@ -136,8 +136,9 @@ def differences(a, b) -> str:
     def moved(x, y) -> str:
         return "-" if x is None or y is None else f"{x:.6f} -> {y:.6f}"  # None: rows shorter than 64 T
 
-    return (f"largest change of a position's loss {worst:.2e}; ratio_16_64x "
-            f"{moved(a.verdict.ratio_16_64x, b.verdict.ratio_16_64x)}; ratio_far {moved(a.far['ratio_far'], b.far['ratio_far'])}")
+    return (f"largest change of a position's loss {worst:.2e}; "
+            f"ratio_16_64x {moved(a.verdict.ratio_16_64x, b.verdict.ratio_16_64x)}; "
+            f"ratio_far {moved(a.far['ratio_far'], b.far['ratio_far'])}")
 
 
 def kernel_table(run, device: str, rows: int) -> str:

@@ -25,8 +25,8 @@ from ..models.mixer import LayerState
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "tf32": torch.float32}
-# float32 tensors whose matmuls run on TF32 tensor cores (10-bit mantissa) on a GPU that has them; the same as
-# float32 on a CPU. On CUDA, mamba_ssm's Triton scan already takes its float32 dot products in TF32 (Triton's
+# float32 tensors whose matmuls run on TF32 tensor cores (10-bit mantissa) on a GPU that has them; on a CPU without
+# such units, plain float32. On CUDA, mamba_ssm's Triton scan already takes its float32 dot products in TF32 (Triton's
 # default), so this moves the projections and the output layer to the scan's precision.
 TF32 = "tf32"
 
@@ -127,8 +127,8 @@ def run_carried(
     the run's start, and after its last token, in ``record[layer]["states"]`` (``Mamba2.states_every``; set for the
     run only, never while the caller holds a yield); the carried SSM and conv states are then copied out of the
     scan's per-chunk tensors, so carrying them keeps nothing else of the run alive. ``chunk_size``: the scan's chunk
-    for each run (:func:`evaluation_chunk`: a number, "auto", or None for the model's; set like ``states_every``). It changes the speed, not the results beyond
-    float rounding: a long run of a large state is faster in larger chunks (fewer chunk states to write and pass)."""
+    for each run (:func:`evaluation_chunk`: a number, "auto", or None for the model's; set like ``states_every``).
+    It changes the speed, not the results beyond float rounding."""
     device = torch.device(device) if device is not None else _model_device(model)
     chunk_size = evaluation_chunk(model, chunk_size, device)
     mixers = model.mixers if states_every or chunk_size else ()
@@ -170,10 +170,17 @@ def evaluation_chunk(model: torch.nn.Module, chunk_size: int | str | None, devic
         if device.type != "cuda":
             return None
         return 256 if max(m.d_state for m in model.mixers) >= 512 else 128
-    if chunk_size is not None and (type(chunk_size) is not int or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a whole number >= 1, {AUTO_CHUNK!r}, or None for the model's "
-                         f"(got {chunk_size!r})")
+    if problem := chunk_size_problem(chunk_size):
+        raise ValueError(problem)
     return chunk_size
+
+
+def chunk_size_problem(chunk_size) -> str | None:
+    """Why ``chunk_size`` is no evaluation chunk (None when it is one)."""
+    if chunk_size in (None, AUTO_CHUNK) or (type(chunk_size) is int and chunk_size >= 1):
+        return None
+    return (f"chunk_size must be a whole number >= 1, {AUTO_CHUNK!r}, or None (null in a config) for the model's "
+            f"(got {chunk_size!r})")
 
 
 def _owned(t: Tensor) -> Tensor:

@@ -191,7 +191,7 @@ def measure_forgetting(
     chunk_size: int | str | None = None,
 ) -> ForgettingReport:
     """``model`` on held-out ``rows`` (b, L + 1) tokens, state carried ``piece_len`` tokens at a time, the scan in
-    chunks of ``chunk_size`` (default the model's; "auto": :func:`.evaluator.evaluation_chunk`; speed only) (:func:`.evaluator.token_losses`), then
-    :func:`forgetting_report` of its per-position losses."""
+    chunks of ``chunk_size`` (:func:`.evaluator.evaluation_chunk`; speed only) (:func:`.evaluator.token_losses`),
+    then :func:`forgetting_report` of its per-position losses."""
     losses = token_losses(model, rows, piece_len, dtype, device, batch_size, chunk_size)
     return forgetting_report(losses, seq_len, bucket, threshold, multiples)

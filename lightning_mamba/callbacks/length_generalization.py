@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from ..analysis import plots
 from ..analysis.criterion import bucket_problem, threshold_problem, verdict_text, verdict_word
-from ..analysis.evaluator import AUTO_CHUNK, eval_rows, resolve_dtype, write_position_losses_csv
+from ..analysis.evaluator import chunk_size_problem, eval_rows, resolve_dtype, write_position_losses_csv
 from ..analysis.forgetting import (
     DEFAULT_EVAL_ROWS,
     DEFAULT_MAX_MULTIPLE,
@@ -291,9 +291,8 @@ class LengthGeneralizationCallback(PeriodicAnalysis):
     ):
         super().__init__(every_n_validations, figures_every_n_runs)
         check_dtype(type(self).__name__, dtype)
-        if chunk_size not in (None, AUTO_CHUNK) and (type(chunk_size) is not int or chunk_size < 1):
-            raise SettingError(f"{type(self).__name__}: chunk_size must be a whole number of tokens >= 1, auto, or "
-                               f"null for the model's (got {chunk_size!r})")
+        if problem := chunk_size_problem(chunk_size):
+            raise SettingError(f"{type(self).__name__}: {problem}")
         if not multiples or min(multiples) < 1:
             raise SettingError(f"{type(self).__name__}: multiples must be positive integers (got {multiples})")
         if problem := threshold_problem(threshold):

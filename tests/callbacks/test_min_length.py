@@ -146,7 +146,7 @@ def test_the_callbacks_chunk_runs_the_scan_and_bad_settings_are_refused_when_bui
     assert set(seen) == {64} and model.mixers[0].chunk_size == 16  # the evaluation's chunk, then the model's
     assert record(tmp_path)["verdict"]["evaluated_to"] == 1024
     for bad in (0, 2.5, "64"):
-        with pytest.raises(ValueError, match="chunk_size must be a whole number of tokens >= 1, auto, or null"):
+        with pytest.raises(ValueError, match="chunk_size must be a whole number >= 1, 'auto', or None"):
             LengthGeneralizationCallback(chunk_size=bad)
     LengthGeneralizationCallback(chunk_size="auto")  # the model's on this CPU (evaluation_chunk's own test)
     with pytest.raises(ValueError, match="dtype='fp8' is unknown: use float32 .* tf32"):
