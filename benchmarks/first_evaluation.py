@@ -17,7 +17,6 @@ costliest Python functions (cProfile, cumulative): compilers and autotuning show
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
 import io
 import os
@@ -48,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="default: cuda when available")
     p.add_argument("--profile", type=int, default=0, help="print the first call's N costliest functions")
     p.add_argument("--variants", default="", help="comma-separated, each timed in this process against the "
-                   "later calls: chunk=N (the scan's chunk for the evaluation only), tf32 (float32 matmuls on TF32 "
+                   "later calls: chunk=N (the evaluation's chunk_size), tf32 (its dtype: float32 matmuls on TF32 "
                    "tensor cores, as mamba_ssm's Triton scan already runs its fp32 dot products); with the largest "
                    "change of a position's loss, ratio_16_64x and ratio_far against the baseline")
     p.add_argument("--kernels", type=int, default=0, help="print a later call's N costliest operators on the "
@@ -68,15 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(args, args.d_state, device).eval()
     rows = torch.randint(0, 256, (args.rows, args.length + 1), generator=torch.Generator().manual_seed(0))
 
-    def evaluate():
-        report = measure_forgetting(model, rows, args.seq_len, piece_len=args.piece_len, dtype="float32")
+    def evaluate(**settings):
+        settings = {"dtype": "float32", **settings}
+        report = measure_forgetting(model, rows, args.seq_len, piece_len=args.piece_len, **settings)
         if device == "cuda":
             torch.cuda.synchronize()
         return report
 
-    def once() -> float:
+    def once(**settings) -> float:
         t = time.perf_counter()
-        evaluate()
+        evaluate(**settings)
         return time.perf_counter() - t
 
     profile = cProfile.Profile()
@@ -89,10 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.variants:
         baseline = evaluate()
         for variant in args.variants.split(","):
-            with applied(variant, model):
-                evaluate()  # compiles and autotunes for new shapes
-                times = [once(), once()]
-                report = evaluate()
+            settings = variant_settings(variant)
+            evaluate(**settings)  # compiles and autotunes for new shapes
+            times = [once(**settings), once(**settings)]
+            report = evaluate(**settings)
             print(f"variant {variant}: {min(times):.3f} s, x {min(later) / min(times):.2f} the baseline's speed; "
                   + differences(baseline, report))
     if args.profile:
@@ -104,35 +104,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def applied(variant: str, model):
-    """The evaluation changed by ``variant`` (chunk=N or tf32) inside the block, restored after."""
-    import torch
-
+def variant_settings(variant: str) -> dict:
+    """``measure_forgetting``'s settings for ``variant``: chunk=N (its ``chunk_size``) or tf32 (its ``dtype``), the
+    callbacks' own settings of those names."""
     name, _, value = variant.partition("=")
-    if name == "chunk":
-        before = [m.chunk_size for m in model.mixers]
-        for m in model.mixers:
-            m.chunk_size = int(value)
-        try:
-            yield
-        finally:
-            for m, c in zip(model.mixers, before):
-                m.chunk_size = c
-    elif name == "tf32":
-        before = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("high")
-        try:
-            yield
-        finally:
-            torch.set_float32_matmul_precision(before)
-    else:
-        raise SystemExit(f"--variants: {variant!r} is none of chunk=N, tf32")
+    if name == "chunk" and value.isdigit():
+        return {"chunk_size": int(value)}
+    if variant == "tf32":
+        return {"dtype": "tf32"}
+    raise SystemExit(f"--variants: {variant!r} is none of chunk=N, tf32")
 
 
 def differences(a, b) -> str:
     """How far report ``b`` is from ``a``: the largest change of a position's mean loss, and of the two ratios."""
     worst = float(abs(a.per_position - b.per_position).max())
+
     def moved(x, y) -> str:
         return "-" if x is None or y is None else f"{x:.6f} -> {y:.6f}"  # None: rows shorter than 64 T
 

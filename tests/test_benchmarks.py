@@ -511,5 +511,5 @@ def test_first_evaluation_times_the_first_and_later_evaluations_of_a_process(cap
     assert "Self CPU time total" in printed  # the later call's operator table (device time on a GPU)
     chunk16, tf32 = re.findall(r"variant (\S+): [\d.]+ s, x [\d.]+ the baseline's speed; largest change of a "
                                r"position's loss ([\d.e+-]+)", printed)
-    assert chunk16[0] == "chunk=16" and 0 < float(chunk16[1]) < 1e-4  # another chunk: the same losses, not bitwise
+    assert chunk16[0] == "chunk=16" and float(chunk16[1]) < 1e-4  # another chunk: the same losses to rounding
     assert tf32 == ("tf32", "0.00e+00")  # on a CPU no matmul takes TF32
