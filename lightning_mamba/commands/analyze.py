@@ -79,7 +79,7 @@ def analyze(args) -> dict:
     cfg = model.config
     result = {
         "ckpt": os.path.abspath(args.ckpt), "seq_len": T, "length": length, "bucket": bucket, "stride": stride,
-        "dtype": str(dtype).replace("torch.", ""), "rows": inp.rows_info,
+        "dtype": dtype, "rows": inp.rows_info,
         "state_size": cfg.state_size(), "state_size_ssm_only": cfg.state_size(ssm_only=True),
         "verdict": report.verdict.to_dict(), "metrics": report.metrics(),
         "intervention": intervention if intervention["tag"] else None,

@@ -93,7 +93,7 @@ def mitigate(args) -> dict:
     out = default_out(args.out, args.ckpt, "mitigation")
     result = {"ckpt": os.path.abspath(args.ckpt), "compare": {k: os.path.abspath(v) for k, v in args.compare.items()},
               "seq_len": T, "length": inp.length, "bucket": bucket, "rows": inp.rows_info, "at_multiple": k,
-              "dtype": str(inp.dtype).replace("torch.", ""), "entries": entries, "out": out,
+              "dtype": inp.dtype, "entries": entries, "out": out,
               "seconds": time.perf_counter() - t0}
     write_outputs(result)
     return result

@@ -110,7 +110,8 @@ def trained_prompt(meta: dict) -> dict:
 
 def run(args) -> dict:
     check_checkpoint_args(args)
-    dtype = resolve_dtype(args.dtype)
+    dtype = args.dtype
+    resolve_dtype(dtype)  # one the evaluator knows (the evaluation takes the name: tf32 is float32 and a setting)
     device = resolve_device(args.device)
     depths = [check_depth(d) for d in args.depths] if args.depths else default_depths(args.n_depths)
     lengths = [parse_length(x) for x in args.lengths] if args.lengths else None

@@ -64,6 +64,25 @@ def test_analyze_writes_verdict_curve_stats_and_pngs(stubbed, capsys):
     assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1
 
 
+def test_analyze_in_tf32_runs_float32_with_tf32_matmuls_and_says_so(stubbed, capsys, monkeypatch):
+    ckpt, text, _ = stubbed
+    seen = []
+    real = common.load_checkpoint
+
+    def watched(path, backend):
+        model, meta = real(path, backend)
+        model.mixers[0].register_forward_pre_hook(lambda m, args: seen.append(torch.get_float32_matmul_precision()))
+        return model, meta
+
+    monkeypatch.setattr(common, "load_checkpoint", watched)
+    assert cmd.main(["--ckpt", str(ckpt), "--text", str(text), "--dtype", "tf32", "--probes", "[text]"]) == 0
+    r = json.loads((ckpt.parent / "analysis" / "verdict.json").read_text())
+    assert r["dtype"] == "tf32" and "tf32)" in capsys.readouterr().out
+    assert seen and set(seen) == {"high"} and torch.get_float32_matmul_precision() == "highest"
+    with pytest.raises(SystemExit):  # the CLI's choices
+        cmd.main(["--ckpt", str(ckpt), "--text", str(text), "--dtype", "fp8"])
+
+
 def test_analyze_needs_a_training_length(stubbed, capsys):
     ckpt, text, meta = stubbed
     del meta["seq_len"]
