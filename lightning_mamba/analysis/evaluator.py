@@ -51,9 +51,8 @@ def precision_context(device: torch.device, dtype: str | torch.dtype):
     "high", the caller's restored after); bf16/fp16: autocast to that dtype (dt and alpha stay fp32 inside the
     mixer either way)."""
     resolved = resolve_dtype(dtype)
-    tf32 = isinstance(dtype, str) and dtype == TF32
-    before = torch.get_float32_matmul_precision()
-    if tf32:
+    before = torch.get_float32_matmul_precision() if dtype == TF32 else None
+    if before is not None:
         torch.set_float32_matmul_precision("high")
     try:
         if resolved == torch.float32:
@@ -63,7 +62,7 @@ def precision_context(device: torch.device, dtype: str | torch.dtype):
             with torch.autocast(device_type=device.type, dtype=resolved):
                 yield
     finally:
-        if tf32:
+        if before is not None:
             torch.set_float32_matmul_precision(before)
 
 

@@ -124,8 +124,8 @@ def _triton_scan():
         sys.modules["selective_scan_cuda"] = types.ModuleType("selective_scan_cuda")
     # mamba_ssm's scan kernels autotune per shape in every process; Triton keeps the choices on disk when this is on
     # as their decorators run (at this import). With them and the compiled kernels on disk, a second process's first
-    # 32K-token evaluation at d_state 512 (headdim 64) took 1.98 s against the first's 49.3 s; the choices alone saved a sweep
-    # cell ~4-7 s (H100, docs/performance.md). TRITON_CACHE_AUTOTUNING=0 turns it off.
+    # 32K-token evaluation at d_state 512 (headdim 64) took 1.98 s against the first's 49.3 s; the choices alone
+    # saved a sweep cell ~4-7 s (H100, docs/performance.md). TRITON_CACHE_AUTOTUNING=0 turns it off.
     os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
     try:
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
