@@ -4,7 +4,7 @@
     python benchmarks/first_evaluation.py --headdim 64 --profile 45        # the model of the recorded H100 figures
     python benchmarks/first_evaluation.py --d_state 128 --length 4096 --profile 30
     python benchmarks/first_evaluation.py --kernels 25                      # where a later call's GPU time goes
-    python benchmarks/first_evaluation.py --variants chunk=128,chunk=256,tf32  # same-process A/B of later calls
+    python benchmarks/first_evaluation.py --variants chunk=128,chunk=256,tf32,chunk=256+tf32  # same-process A/B
 
 The regime cells' callback evaluates 32 held-out rows of 32K tokens in fp32, 2,048 tokens at a time, carrying the
 state. The first time a process does that on a GPU, mamba_ssm's scan kernels are compiled for the evaluation's shapes
@@ -47,9 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="default: cuda when available")
     p.add_argument("--profile", type=int, default=0, help="print the first call's N costliest functions")
     p.add_argument("--variants", default="", help="comma-separated, each timed in this process against the "
-                   "later calls: chunk=N (the evaluation's chunk_size), tf32 (its dtype: float32 matmuls on TF32 "
-                   "tensor cores, as mamba_ssm's Triton scan already runs its fp32 dot products); with the largest "
-                   "change of a position's loss, ratio_16_64x and ratio_far against the baseline")
+                   "later calls: chunk=N (the evaluation's chunk_size), tf32 or bf16 (its dtype: float32 matmuls on "
+                   "TF32 tensor cores, as mamba_ssm's Triton scan already runs its fp32 dot products, or the whole "
+                   "evaluation in bfloat16), or several joined by '+' (chunk=256+tf32); with the largest change of a "
+                   "position's loss, ratio_16_64x and ratio_far against the baseline")
     p.add_argument("--kernels", type=int, default=0, help="print a later call's N costliest operators on the "
                    "device (torch.profiler, self time): where an evaluation's GPU time goes")
     args = p.parse_args(argv)
@@ -105,14 +106,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def variant_settings(variant: str) -> dict:
-    """``measure_forgetting``'s settings for ``variant``: chunk=N (its ``chunk_size``) or tf32 (its ``dtype``), the
-    callbacks' own settings of those names."""
-    name, _, value = variant.partition("=")
-    if name == "chunk" and value.isdigit():
-        return {"chunk_size": int(value)}
-    if variant == "tf32":
-        return {"dtype": "tf32"}
-    raise SystemExit(f"--variants: {variant!r} is none of chunk=N, tf32")
+    """``measure_forgetting``'s settings for ``variant``: chunk=N (its ``chunk_size``), tf32 or bf16 (its
+    ``dtype``), or several of them joined by '+': the callbacks' own settings of those names."""
+    settings: dict = {}
+    for part in variant.split("+"):
+        name, _, value = part.partition("=")
+        if name == "chunk" and value.isdigit() and "chunk_size" not in settings:
+            settings["chunk_size"] = int(value)
+        elif part in ("tf32", "bf16") and "dtype" not in settings:
+            settings["dtype"] = part
+        else:
+            raise SystemExit(f"--variants: {variant!r} is none of chunk=N, tf32, bf16 or '+' of a chunk and a dtype")
+    return settings
 
 
 def differences(a, b) -> str:

@@ -504,12 +504,13 @@ def test_first_evaluation_times_the_first_and_later_evaluations_of_a_process(cap
     bench = load_benchmark("first_evaluation")
     assert bench.main(["--device", "cpu", "--d_state", "16", "--length", "256", "--rows", "2", "--piece_len", "128",
                        "--d_model", "32", "--n_layer", "1", "--chunk_size", "32", "--profile", "5",
-                       "--kernels", "4", "--variants", "chunk=16,tf32"]) == 0
+                       "--kernels", "4", "--variants", "chunk=16,tf32,chunk=16+bf16"]) == 0
     printed = capsys.readouterr().out
     first, later = re.search(r"first evaluation ([\d.]+) s; then ([\d.]+) s", printed).groups()
     assert float(first) > 0 and float(later) > 0 and "measure_forgetting" in printed
     assert "Self CPU time total" in printed  # the later call's operator table (device time on a GPU)
-    chunk16, tf32 = re.findall(r"variant (\S+): [\d.]+ s, x [\d.]+ the baseline's speed; largest change of a "
-                               r"position's loss ([\d.e+-]+)", printed)
+    chunk16, tf32, both = re.findall(r"variant (\S+): [\d.]+ s, x [\d.]+ the baseline's speed; largest change of "
+                                     r"a position's loss ([\d.e+-]+)", printed)
     assert chunk16[0] == "chunk=16" and float(chunk16[1]) < 1e-4  # another chunk: the same losses to rounding
     assert tf32 == ("tf32", "0.00e+00")  # on a CPU no matmul takes TF32
+    assert both[0] == "chunk=16+bf16" and float(both[1]) > 1e-4  # both settings taken: bf16 moves the losses
