@@ -75,33 +75,33 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.synchronize()
         return report
 
-    def once(**settings) -> float:
+    def timed(**settings):
+        """One evaluation: (seconds, its report)."""
         t = time.perf_counter()
-        evaluate(**settings)
-        return time.perf_counter() - t
+        report = evaluate(**settings)
+        return time.perf_counter() - t, report
 
     profile = cProfile.Profile()
     profile.enable()
-    first = once()
+    first, _ = timed()
     profile.disable()
-    later = [once(), once()]
+    runs = [timed(), timed()]
+    later, baseline = [t for t, _ in runs], runs[-1][1]  # the variants' results are compared with this report
     print(f"first evaluation {first:.2f} s; then {later[0]:.3f} s, {later[1]:.3f} s (baseline: the same evaluation "
           f"again, same process): x {first / min(later):.1f}")
-    if args.variants:
-        baseline = evaluate()
-        for variant in args.variants.split(","):
-            settings = variant_settings(variant)
-            evaluate(**settings)  # compiles and autotunes for new shapes
-            times = [once(**settings), once(**settings)]
-            report = evaluate(**settings)
-            print(f"variant {variant}: {min(times):.3f} s, x {min(later) / min(times):.2f} the baseline's speed; "
-                  + differences(baseline, report))
+    for variant in filter(None, args.variants.split(",")):
+        settings = variant_settings(variant)
+        evaluate(**settings)  # compiles and autotunes for new shapes
+        runs = [timed(**settings), timed(**settings)]
+        times = [t for t, _ in runs]
+        print(f"variant {variant}: {min(times):.3f} s, x {min(later) / min(times):.2f} the baseline's speed; "
+              + differences(baseline, runs[-1][1]))
     if args.profile:
         out = io.StringIO()
         pstats.Stats(profile, stream=out).sort_stats("cumtime").print_stats(args.profile)
         print("\n".join(line[:200] for line in out.getvalue().splitlines() if line.strip()))
     if args.kernels:
-        print(kernel_table(once, device, args.kernels))
+        print(kernel_table(timed, device, args.kernels))
     return 0
 
 
